@@ -1,0 +1,149 @@
+"""The seam between the sampler and the backends: a denoiser returns the noise prediction.
+
+A denoiser is any callable `denoiser(x, t, cond, guidance, control=None) -> eps`, with `x` a batch of
+latents, `t` an integer timestep, `cond` the text conditioning and `guidance` the classical
+classifier-free guidance scale (1 = no guidance). PyTorch UNets, ONNX Runtime sessions and TensorRT
+engines each implement it; the sampler never knows which one it drives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+GUIDANCE_EMBEDDING_DIM = 512
+
+
+@dataclass
+class PromptEmbedding:
+    """Encoded text: per-token hidden states and, for SDXL, the pooled embedding."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbedding:
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return PromptEmbedding(self.hidden_states.to(device, dtype), pooled)
+
+
+@dataclass
+class Conditioning:
+    """What a UNet is conditioned on besides latents and timestep.
+
+    `negative` is only needed by real (two-pass) classifier-free guidance; `time_ids` only by SDXL.
+    """
+
+    prompt: PromptEmbedding
+    negative: PromptEmbedding | None = None
+    time_ids: torch.Tensor | None = None
+
+    def with_prompt(self, prompt: PromptEmbedding) -> Conditioning:
+        return replace(self, prompt=prompt)
+
+
+class Denoiser(Protocol):
+    def __call__(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+    ) -> torch.Tensor: ...
+
+
+def guidance_scale_embedding(
+    guidance: torch.Tensor, embedding_dim: int = GUIDANCE_EMBEDDING_DIM, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The `timestep_cond` of guidance-distilled UNets for classical guidance scales `guidance` (B,).
+
+    A sinusoidal embedding (sin half, then cos half, max period 10000) of (w - 1) * 1000: the same
+    function as diffusers' LCM pipelines apply to their guidance scale.
+    """
+    if guidance.ndim != 1:
+        raise ValueError(f"guidance must be a 1-d tensor, got shape {tuple(guidance.shape)}")
+    half = embedding_dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    angles = ((guidance.to(dtype) - 1.0) * 1000.0)[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if embedding_dim % 2:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding
+
+
+def _expand(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] != 1:
+        raise ValueError(f"conditioning batch {tensor.shape[0]} does not match latent batch {batch}")
+    return tensor.expand(batch, *tensor.shape[1:])
+
+
+class UNetDenoiser:
+    """A diffusers `UNet2DConditionModel` behind the denoiser interface.
+
+    Guidance-distilled UNets (`time_cond_proj_dim` set) take w through `timestep_cond` and run one
+    batch-1 evaluation per step. Other UNets run real classifier-free guidance with a batch of two
+    on guided steps only.
+    """
+
+    backend = "torch"
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.guidance_dim: int | None = unet.config.time_cond_proj_dim
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return self.guidance_dim is not None
+
+    def _evaluate(
+        self,
+        x: torch.Tensor,
+        t: int,
+        prompt: PromptEmbedding,
+        time_ids: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
+        control: Any | None,
+    ) -> torch.Tensor:
+        param = next(self.unet.parameters())
+        batch = x.shape[0]
+        added = None
+        if prompt.pooled is not None:
+            if time_ids is None:
+                raise ValueError("SDXL conditioning needs time_ids")
+            added = {
+                "text_embeds": _expand(prompt.pooled, batch).to(param.device, param.dtype),
+                "time_ids": _expand(time_ids, batch).to(param.device, param.dtype),
+            }
+        with torch.no_grad():
+            eps = self.unet(
+                x.to(param.device, param.dtype),
+                torch.full((batch,), t, device=param.device, dtype=torch.long),
+                encoder_hidden_states=_expand(prompt.hidden_states, batch).to(param.device, param.dtype),
+                timestep_cond=None if timestep_cond is None else timestep_cond.to(param.device, param.dtype),
+                added_cond_kwargs=added,
+                cross_attention_kwargs=None if control is None else {"control": control},
+                return_dict=False,
+            )[0]
+        return eps.to(x.dtype)
+
+    def __call__(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+    ) -> torch.Tensor:
+        if self.guidance_dim is not None:
+            w = torch.full((x.shape[0],), float(guidance))
+            embedding = guidance_scale_embedding(w, self.guidance_dim)
+            return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding, control)
+        if guidance == 1.0:
+            return self._evaluate(x, t, cond.prompt, cond.time_ids, None, control)
+        if cond.negative is None:
+            raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
+        batch = x.shape[0]
+        pair = PromptEmbedding(
+            torch.cat([_expand(cond.negative.hidden_states, batch), _expand(cond.prompt.hidden_states, batch)]),
+            None
+            if cond.prompt.pooled is None
+            else torch.cat([_expand(cond.negative.pooled, batch), _expand(cond.prompt.pooled, batch)]),
+        )
+        time_ids = None if cond.time_ids is None else torch.cat([_expand(cond.time_ids, batch)] * 2)
+        eps_uncond, eps_cond = self._evaluate(torch.cat([x, x]), t, pair, time_ids, None, control).chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)

@@ -1,0 +1,148 @@
+"""Samplers of iCD and of the DDIM baseline: short pure functions over a denoiser and a schedule.
+
+Every step, in either direction, is a DDIM jump with the model's noise prediction. The iCD
+samplers jump between the boundaries of the model's segments; the DDIM baseline walks Stable
+Diffusion's evenly spaced timesteps with a teacher UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .denoiser import Conditioning, Denoiser
+from .schedule import (
+    CLEAN,
+    NoiseSchedule,
+    ddim_timesteps,
+    forward_pairs,
+    is_guided,
+    reverse_pairs,
+)
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+"""Called after each step with (step index, timestep reached, latents)."""
+
+
+def ddim_jump(x: torch.Tensor, eps: torch.Tensor, t: int, s: int, schedule: NoiseSchedule) -> torch.Tensor:
+    """Move x_t to x_s (s above or below t) along the DDIM trajectory of the predicted noise."""
+    x0 = (x - schedule.noise(t) * eps) / schedule.signal(t)
+    return schedule.signal(s) * x0 + schedule.noise(s) * eps
+
+
+def step_guidance(t: int, guidance: float, tau: float) -> float:
+    """The dynamic-guidance step function: `guidance` at t <= tau * 1000, no guidance above."""
+    return guidance if is_guided(t, tau) else 1.0
+
+
+def _run_pairs(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    cond_at: Callable[[int], Conditioning],
+    guidance_at: Callable[[int], float],
+    schedule: NoiseSchedule,
+    callback: StepCallback | None,
+    eval_at_target: bool = False,
+) -> torch.Tensor:
+    for index, (t, s) in enumerate(pairs):
+        t_eval = s if eval_at_target else t
+        eps = denoiser(x, t_eval, cond_at(t_eval), guidance_at(t_eval))
+        x = ddim_jump(x, eps, t, s, schedule)
+        if callback is not None:
+            callback(index, s, x)
+    return x
+
+
+def icd_encode(
+    forward: Denoiser,
+    x0: torch.Tensor,
+    cond: Conditioning,
+    forward_boundaries: tuple[int, ...],
+    noise: torch.Tensor,
+    schedule: NoiseSchedule,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Invert clean latents into x_999: noise them to t = 19, then unguided forward-model jumps."""
+    pairs = forward_pairs(forward_boundaries)
+    x = schedule.add_noise(x0, noise, pairs[0][0])
+    return _run_pairs(forward, x, pairs, lambda t: cond, lambda t: 1.0, schedule, callback)
+
+
+def icd_decode(
+    reverse: Denoiser,
+    x: torch.Tensor,
+    cond: Conditioning,
+    reverse_boundaries: tuple[int, ...],
+    guidance: float,
+    tau: float,
+    schedule: NoiseSchedule,
+    unguided_cond: Conditioning | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Decode x_999 to clean latents with reverse-model jumps under dynamic guidance.
+
+    Steps above tau * 1000 run unguided with `unguided_cond` (the source prompt, when editing by
+    prompt swap); the guided ones use `cond`.
+    """
+    fallback = cond if unguided_cond is None else unguided_cond
+    return _run_pairs(
+        reverse,
+        x,
+        reverse_pairs(reverse_boundaries),
+        lambda t: cond if is_guided(t, tau) else fallback,
+        lambda t: step_guidance(t, guidance, tau),
+        schedule,
+        callback,
+    )
+
+
+def ddim_invert(
+    teacher: Denoiser,
+    x0: torch.Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    schedule: NoiseSchedule,
+    guidance: float = 1.0,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DDIM inversion from clean latents up to the last DDIM timestep (981 for 50 steps).
+
+    Each jump evaluates the teacher at the timestep it moves to, with the latents it moves from:
+    the usual approximation eps(x_s, s) ~ eps(x_t, s) of DDIM inversion.
+    """
+    timesteps = ddim_timesteps(num_steps)
+    pairs = list(zip([CLEAN] + timesteps[:-1], timesteps, strict=True))
+    return _run_pairs(teacher, x0, pairs, lambda t: cond, lambda t: guidance, schedule, callback, eval_at_target=True)
+
+
+def ddim_sample(
+    teacher: Denoiser,
+    x: torch.Tensor,
+    cond: Conditioning,
+    num_steps: int,
+    schedule: NoiseSchedule,
+    guidance: float = 1.0,
+    tau: float = 1.0,
+    unguided_cond: Conditioning | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DDIM sampling from the last DDIM timestep down to clean latents, with optional dynamic guidance."""
+    timesteps = ddim_timesteps(num_steps)[::-1]
+    pairs = list(zip(timesteps, timesteps[1:] + [CLEAN], strict=True))
+    fallback = cond if unguided_cond is None else unguided_cond
+    return _run_pairs(
+        teacher,
+        x,
+        pairs,
+        lambda t: cond if is_guided(t, tau) else fallback,
+        lambda t: step_guidance(t, guidance, tau),
+        schedule,
+        callback,
+    )
+
+
+def ddim_start_timestep(num_steps: int) -> int:
+    """The timestep DDIM inversion ends on and DDIM sampling starts from."""
+    return ddim_timesteps(num_steps)[-1]
