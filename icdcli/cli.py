@@ -1,0 +1,575 @@
+"""The `icd` command line. Heavy libraries (torch, diffusers) are imported inside the commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+
+PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("icd")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn icd's own errors into one-line click errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import ICDError
+
+        try:
+            return command(*args, **kwargs)
+        except ICDError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--model",
+            "model",
+            default=None,
+            metavar="NAME|PATH",
+            help=f"Model folder (icd.json inside) or preset ({PRESET_NAMES}). Default: the embedded model.",
+        ),
+        click.option("--base", default=None, metavar="DIR", help="Diffusers base pipeline folder (with LoRA files)."),
+        click.option(
+            "--teacher",
+            default=None,
+            metavar="FILE",
+            help="Guidance-distilled teacher UNet state dict (.safetensors, or .pt loaded weights-only).",
+        ),
+        click.option(
+            "--forward-lora",
+            default=None,
+            metavar="FILE",
+            help="Forward LoRA, e.g. forward-19-259-519-779.safetensors.",
+        ),
+        click.option(
+            "--reverse-lora",
+            default=None,
+            metavar="FILE",
+            help="Reverse LoRA, e.g. reverse-259-519-779-999.safetensors.",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+            default="auto",
+            show_default=True,
+            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE stays fp32.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed of the noise added before inversion."
+        ),
+        click.option(
+            "--sampler",
+            type=click.Choice(["icd", "ddim"]),
+            default="icd",
+            show_default=True,
+            help="icd: the forward/reverse consistency models. ddim: the teacher's DDIM baseline.",
+        ),
+        click.option(
+            "--ddim-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Steps of --sampler ddim."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load(ctx_options: dict[str, Any], need_teacher: bool):
+    """Load the requested model onto its device; returns (model, seconds)."""
+    import torch
+
+    from .models import resolve_device
+    from .sources import ModelRequest, load_requested_model
+
+    start = time.perf_counter()
+    request = ModelRequest(
+        ctx_options["model"],
+        ctx_options["base"],
+        ctx_options["teacher"],
+        ctx_options["forward_lora"],
+        ctx_options["reverse_lora"],
+    )
+    device = resolve_device(ctx_options["device"])
+    precision = ctx_options["precision"]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
+    model.to(device, dtype)
+    return model, request.label, time.perf_counter() - start
+
+
+def _check_prompt(value: str, flag: str) -> str:
+    if not value or not value.strip():
+        raise click.ClickException(f"{flag} is empty: give a prompt that describes the image")
+    return value
+
+
+def _check_writable_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise click.ClickException(f"output folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.ClickException(f"output folder {folder} is not writable: choose another with -o")
+
+
+def _unique(path: Path, taken: set[Path]) -> Path:
+    candidate, counter = path, 1
+    while candidate.resolve() in taken or candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Path]:
+    """Where each input's result goes: never onto an input, and default names never replace any file.
+
+    `output` is a file for one input, a folder for several (or when it ends in a separator or is
+    an existing folder); a missing output folder is created when its parent exists.
+    """
+    input_set = {path.resolve() for path in inputs}
+    if output is not None:
+        target = Path(output)
+        if not (target.is_dir() or len(inputs) > 1 or output.endswith(("/", os.sep))):
+            _check_writable_folder(target.parent)
+            if target.resolve() in input_set:
+                raise click.ClickException(
+                    f"-o {output} is one of the inputs: choose another name, inputs are never replaced"
+                )
+            return [target]
+        if not target.exists() and target.parent.is_dir():
+            target.mkdir()
+        _check_writable_folder(target)
+    taken, planned = set(input_set), []
+    for path in inputs:
+        folder = Path(output) if output is not None else path.parent
+        _check_writable_folder(folder)
+        chosen = _unique(folder / f"{path.stem}{suffix}", taken)
+        taken.add(chosen.resolve())
+        planned.append(chosen)
+    return planned
+
+
+def _emit(as_json: bool, record: dict[str, Any]) -> None:
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        _say(f"wrote {record['output']}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="icd")
+def main() -> None:
+    """Edit real photos from text in about 8 network evaluations (invertible Consistency Distillation).
+
+    A forward consistency model encodes a photo into noise in 3-4 steps; a reverse one decodes it
+    under a new prompt in 3-4 steps with dynamic classifier-free guidance.
+
+    \b
+    Examples:
+      icd edit photo.jpg --src "a cat" --tgt "a dog"
+      icd invert photo.jpg --prompt "a cat" --reconstruct check.png
+      icd generate "a red circle on a blue background" -o circle.png
+      icd info
+    """
+    _setup_logging()
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--src", "source", required=True, help="Prompt that describes the input image.")
+@click.option("--tgt", "target", required=True, help="Prompt that describes the wanted result.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Output file (one input) or folder. Default: IMAGE-edit.png beside each input, never replacing a file.",
+)
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Classical CFG scale w (1 = none). Default: the model's.",
+)
+@click.option(
+    "--tau",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's.",
+)
+@sampler_options
+@model_options
+@_reports_errors
+def edit(
+    images: tuple[Path, ...],
+    source: str,
+    target: str,
+    output: str | None,
+    guidance: float | None,
+    tau: float | None,
+    seed: int,
+    sampler: str,
+    ddim_steps: int,
+    as_json: bool,
+    **model_opts: Any,
+) -> None:
+    """Edit IMAGE(s) from the --src description to the --tgt description.
+
+    The image is inverted with the source prompt by the forward model, then decoded with the
+    target prompt by the reverse model (the source prompt at the unguided steps). Images of any
+    size are resized to the model's native area, edited, and returned at their own size.
+    """
+    started = time.perf_counter()
+    _check_prompt(source, "--src")
+    _check_prompt(target, "--tgt")
+    inputs = list(images)
+    outputs = plan_outputs(inputs, output, "-edit.png")
+    present = [(i, o) for i, o in zip(inputs, outputs, strict=True) if _exists_or_report(i)]
+    failures = len(inputs) - len(present)
+    if present:
+        failures += _run_edits(
+            present, source, target, guidance, tau, seed, sampler, ddim_steps, as_json, model_opts, started
+        )
+    if failures:
+        raise click.ClickException(
+            f"{failures} of {len(inputs)} inputs failed" if len(inputs) > 1 else "the edit failed"
+        )
+
+
+def _exists_or_report(path: Path) -> bool:
+    if path.is_file():
+        return True
+    _say(f"Error: {path}: {'is a folder, not an image' if path.is_dir() else 'no such file'}")
+    return False
+
+
+def _run_edits(pairs, source, target, guidance, tau, seed, sampler, ddim_steps, as_json, model_opts, started) -> int:
+    from tqdm import tqdm
+
+    from .editing import SamplerSettings, Timings, edit
+    from .errors import ICDError
+    from .images import load_image, save_image
+
+    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
+    settings = SamplerSettings(sampler, ddim_steps, seed)
+    w = (
+        guidance
+        if guidance is not None
+        else (model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance)
+    )
+    t = tau if tau is not None else (model.info.tau if sampler == "icd" else 1.0)
+    failures, mark = 0, started
+    for path, out in tqdm(pairs, desc="editing", unit="image", disable=len(pairs) < 2 or None, file=sys.stderr):
+        timings = Timings({"load": load_seconds})
+        try:
+            with timings.stage("read"):
+                image = load_image(path)
+            result = edit(model, image, source, target, w, t, settings, timings)
+            with timings.stage("write"):
+                save_image(result, out, {"icd": json.dumps({"src": source, "tgt": target, "seed": seed})})
+        except ICDError as error:
+            _say(f"Error: {error}")
+            failures += 1
+            continue
+        now = time.perf_counter()
+        timings.seconds["total"] = now - mark
+        mark = now
+        _emit(
+            as_json,
+            {
+                "input": str(path),
+                "output": str(out),
+                "model": label,
+                "backend": "torch",
+                "seed": seed,
+                "sampler": sampler,
+                "guidance": w,
+                "tau": t,
+                "steps": model.info.num_steps if sampler == "icd" else ddim_steps,
+                "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
+            },
+        )
+    return failures
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt that describes the image.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Latent file to write (.safetensors). Default: IMAGE.latent.safetensors beside the image.",
+)
+@click.option(
+    "--reconstruct",
+    type=click.Path(),
+    default=None,
+    help="Also decode the latent back with the same prompt and write this image.",
+)
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=1.0,
+    show_default=True,
+    help="CFG scale of the reconstruction (1 = unguided, the faithful choice).",
+)
+@click.option(
+    "--tau",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Dynamic guidance of the reconstruction. Default: the model's.",
+)
+@sampler_options
+@model_options
+@_reports_errors
+def invert(
+    image: Path,
+    prompt: str,
+    output: str | None,
+    reconstruct: str | None,
+    guidance: float,
+    tau: float | None,
+    seed: int,
+    sampler: str,
+    ddim_steps: int,
+    as_json: bool,
+    **model_opts: Any,
+) -> None:
+    """Invert IMAGE into noise latents with the forward model (or DDIM on the teacher).
+
+    Writes the latents as safetensors with their prompt, size and settings in the metadata;
+    --reconstruct decodes them back, which shows how faithful the inversion is.
+    """
+    started = time.perf_counter()
+    _check_prompt(prompt, "--prompt")
+    if output is not None and not output.endswith(".safetensors"):
+        raise click.ClickException(f"-o {output}: the latent file must end in .safetensors")
+    latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
+    recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+    if not _exists_or_report(image):
+        raise click.ClickException("the inversion failed")
+
+    from safetensors.torch import save_file
+
+    from .editing import SamplerSettings, Timings, decode
+    from .editing import invert as run_invert
+    from .images import atomic_path, load_image, save_image, tensor_to_image
+
+    picture = load_image(image)
+    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
+    timings = Timings({"load": load_seconds})
+    settings = SamplerSettings(sampler, ddim_steps, seed)
+    with timings.stage("encode"):
+        inversion = run_invert(model, picture, prompt, settings)
+    metadata = {
+        "prompt": prompt,
+        "model": label,
+        "sampler": sampler,
+        "seed": str(seed),
+        "width": str(inversion.size[0]),
+        "height": str(inversion.size[1]),
+        "original_width": str(picture.width),
+        "original_height": str(picture.height),
+        "forward_boundaries": json.dumps(list(model.info.forward_boundaries)),
+        "icd_version": __version__,
+    }
+    with atomic_path(latent_path) as temporary:
+        save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
+    record = {"input": str(image), "output": str(latent_path), "model": label, "backend": "torch", "seed": seed}
+    if recon_path is not None:
+        t = tau if tau is not None else (model.info.tau if sampler == "icd" else 1.0)
+        with timings.stage("decode"):
+            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, t, settings)
+            save_image(tensor_to_image(pixels, picture.size), recon_path)
+        record["reconstruction"] = str(recon_path)
+    timings.seconds["total"] = time.perf_counter() - started
+    record["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
+    _emit(as_json, record)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
+
+
+@main.command()
+@click.argument("prompt")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Image to write. Default: a name made from the prompt, in the current folder.",
+)
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Classical CFG scale w. Default: the model's (8 for SD).",
+)
+@click.option(
+    "--tau",
+    type=click.FloatRange(0.0, 1.0),
+    default=1.0,
+    show_default=True,
+    help="Dynamic guidance threshold; 1 guides every step.",
+)
+@click.option(
+    "--width", type=click.IntRange(min=8), default=None, help="Width in pixels. Default: the model's native size."
+)
+@click.option(
+    "--height", type=click.IntRange(min=8), default=None, help="Height in pixels. Default: the model's native size."
+)
+@sampler_options
+@model_options
+@_reports_errors
+def generate(
+    prompt: str,
+    output: str | None,
+    guidance: float | None,
+    tau: float,
+    width: int | None,
+    height: int | None,
+    seed: int,
+    sampler: str,
+    ddim_steps: int,
+    as_json: bool,
+    **model_opts: Any,
+) -> None:
+    """Generate an image from PROMPT in the reverse model's 3-4 steps."""
+    started = time.perf_counter()
+    _check_prompt(prompt, "PROMPT")
+    if output is None:
+        target = _unique(Path(f"{_slug(prompt)}-s{seed}.png"), set())
+    else:
+        target = Path(output)
+        _check_writable_folder(target.parent)
+
+    from .editing import SamplerSettings, Timings
+    from .editing import generate as run_generate
+    from .images import save_image
+
+    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
+    multiple = model.info.size_multiple
+    size = (width or model.info.native_size, height or model.info.native_size)
+    if size[0] % multiple or size[1] % multiple:
+        raise click.ClickException(f"--width and --height must be multiples of {multiple} for this model")
+    timings = Timings({"load": load_seconds})
+    w = guidance if guidance is not None else model.info.generate_guidance
+    with timings.stage("decode"):
+        image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
+    save_image(image, target, {"icd": json.dumps({"prompt": prompt, "seed": seed, "guidance": w})})
+    timings.seconds["total"] = time.perf_counter() - started
+    _emit(
+        as_json,
+        {
+            "input": prompt,
+            "output": str(target),
+            "model": label,
+            "backend": "torch",
+            "seed": seed,
+            "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
+        },
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(as_json: bool) -> None:
+    """Show the version, torch and CUDA, which backends can run, and where models are cached."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    from .models import cache_root
+    from .sources import DEFAULT_MODEL_DIR, MODEL_JSON, PRESETS
+
+    def version_of(distribution: str) -> str | None:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    report: dict[str, Any] = {"icd": __version__, "python": platform.python_version()}
+    import torch
+
+    report["torch"] = torch.__version__
+    report["cuda"] = {
+        "available": torch.cuda.is_available(),
+        "version": torch.version.cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    backends = {"torch": {"importable": True, "version": torch.__version__}}
+    for name, module, distribution in (
+        ("onnxruntime", "onnxruntime", "onnxruntime"),
+        ("onnxruntime-gpu", "onnxruntime", "onnxruntime-gpu"),
+        ("tensorrt", "tensorrt", "tensorrt"),
+    ):
+        version = version_of(distribution)
+        backends[name] = {
+            "importable": version is not None and importlib.util.find_spec(module) is not None,
+            "version": version,
+        }
+    report["backends"] = backends
+    cache = cache_root()
+    merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
+    report["cache"] = {"root": str(cache), "fused_models": merged}
+    report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
+    report["presets"] = {name: preset.description for name, preset in PRESETS.items()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"icd {report['icd']} (python {report['python']}, torch {report['torch']})")
+    cuda = report["cuda"]
+    click.echo(f"CUDA: {'yes, ' + ', '.join(cuda['devices']) if cuda['available'] else 'not available'}")
+    for name, entry in backends.items():
+        click.echo(f"backend {name}: {'yes ' + entry['version'] if entry['importable'] else 'not installed'}")
+    click.echo(f"cache: {cache} ({len(merged)} fused models)")
+    click.echo(f"default model: {report['default_model'] or 'not embedded in this installation'}")
+    for name, description in report["presets"].items():
+        click.echo(f"preset {name}: {description}")
+
+
+if __name__ == "__main__":
+    main()

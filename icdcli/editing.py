@@ -1,0 +1,180 @@
+"""Inversion, reconstruction, prompt-swap editing and generation on a loaded model.
+
+These functions tie the model (text, VAE, denoisers) to the pure samplers. Attention control
+(Prompt-to-Prompt) plugs in through the denoiser's `control` argument and is not used here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .denoiser import Conditioning
+from .images import fit_size, image_to_tensor, tensor_to_image
+from .models import ICDModel
+from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode
+from .schedule import NoiseSchedule
+
+SAMPLERS = ("icd", "ddim")
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, accumulated."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class SamplerSettings:
+    """How to invert and decode: the iCD models, or the DDIM baseline on the teacher."""
+
+    sampler: str = "icd"
+    ddim_steps: int = 50
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+
+
+@dataclass
+class Inversion:
+    """The result of inverting an image: its noise latents and what they were made with."""
+
+    latents: torch.Tensor
+    prompt: str
+    size: tuple[int, int]
+    original_size: tuple[int, int]
+    settings: SamplerSettings
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal noise from a CPU generator, so a seed means the same noise on every device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def working_size(model: ICDModel, image: Image.Image) -> tuple[int, int]:
+    return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
+
+
+def _conditioning(model: ICDModel, prompt: str, size: tuple[int, int], guidance: float) -> Conditioning:
+    width, height = size
+    return model.conditioning(prompt, height, width, with_negative=model.needs_negative(guidance))
+
+
+def invert(
+    model: ICDModel,
+    image: Image.Image,
+    prompt: str,
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> Inversion:
+    """Encode an image into the noise latents that decode back to it under `prompt`."""
+    size = working_size(model, image)
+    pixels = image_to_tensor(image, size)
+    x0 = model.encode_image(pixels)
+    cond = _conditioning(model, prompt, size, 1.0)
+    schedule = NoiseSchedule.stable_diffusion()
+    if settings.sampler == "ddim":
+        latents = ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=callback)
+    else:
+        noise = seeded_noise(tuple(x0.shape), settings.seed).to(x0.device)
+        latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, callback)
+    return Inversion(latents, prompt, size, image.size, settings)
+
+
+def decode(
+    model: ICDModel,
+    latents: torch.Tensor,
+    prompt: str,
+    size: tuple[int, int],
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    unguided_prompt: str | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Decode noise latents to pixels under `prompt`; steps above tau use `unguided_prompt` if given."""
+    cond = _conditioning(model, prompt, size, guidance)
+    unguided = None if unguided_prompt is None else _conditioning(model, unguided_prompt, size, 1.0)
+    schedule = NoiseSchedule.stable_diffusion()
+    if settings.sampler == "ddim":
+        x0 = ddim_sample(
+            model.teacher_denoiser, latents, cond, settings.ddim_steps, schedule, guidance, tau, unguided, callback
+        )
+    else:
+        x0 = icd_decode(
+            model.reverse_denoiser,
+            latents,
+            cond,
+            model.info.reverse_boundaries,
+            guidance,
+            tau,
+            schedule,
+            unguided,
+            callback,
+        )
+    return model.decode_latents(x0)
+
+
+def edit(
+    model: ICDModel,
+    image: Image.Image,
+    source_prompt: str,
+    target_prompt: str,
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    timings: Timings | None = None,
+) -> Image.Image:
+    """Prompt-swap editing: invert with the source prompt, decode with the target prompt.
+
+    The unguided steps (t > tau * 1000) keep the source prompt, which holds the layout in place.
+    """
+    timings = timings or Timings()
+    with timings.stage("encode"):
+        inversion = invert(model, image, source_prompt, settings)
+    with timings.stage("decode"):
+        pixels = decode(
+            model,
+            inversion.latents,
+            target_prompt,
+            inversion.size,
+            guidance,
+            tau,
+            settings,
+            unguided_prompt=source_prompt,
+        )
+        return tensor_to_image(pixels, image.size)
+
+
+def generate(
+    model: ICDModel,
+    prompt: str,
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Text-to-image from seeded noise in the reverse model's steps (or DDIM on the teacher)."""
+    width, height = size or (model.info.native_size, model.info.native_size)
+    factor = model.vae_scale_factor
+    channels = model.reverse_unet.config.in_channels
+    noise = seeded_noise((1, channels, height // factor, width // factor), settings.seed).to(model.device)
+    return tensor_to_image(decode(model, noise, prompt, (width, height), guidance, tau, settings))

@@ -1,0 +1,532 @@
+"""iCD models: text encoders, VAE, forward/reverse (and teacher) UNets, and their metadata.
+
+Sources that load:
+- this tool's model folder, `icd.json` beside the components, in one of two layouts:
+  `"format": "merged"` (fused UNets in `forward_unet/`, `reverse_unet/`, optional `teacher_unet/`,
+  plus `vae/`, `text_encoder/`, `tokenizer/` and for SDXL `text_encoder_2/`, `tokenizer_2/`), or
+  `"format": "lora"` (a base pipeline, a teacher state dict and two LoRA files, by relative path);
+- a diffusers base pipeline + guidance-distilled teacher state dict + forward/reverse LoRA files in
+  the released PEFT layout, fused on load and cached on disk as a merged folder;
+- named presets of the released checkpoints (see `presets.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+from .errors import ModelSourceError
+from .lora import boundaries_from_filename, fuse_lora, read_lora
+from .schedule import validate_boundaries
+
+logger = logging.getLogger("icd")
+
+MODEL_JSON = "icd.json"
+FORMAT_VERSION = 1
+SD15, SDXL = "sd15", "sdxl"
+COND_PROJ_KEY = "time_embedding.cond_proj.weight"
+
+
+def cache_root() -> Path:
+    """Where fused models (and later, exported graphs and engines) are cached."""
+    if os.environ.get("ICD_CACHE_DIR"):
+        return Path(os.environ["ICD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icd"
+
+
+@dataclass
+class ModelInfo:
+    """What a checkpoint is: its boundaries, guidance mode, latent scaling and defaults."""
+
+    name: str
+    family: str
+    forward_boundaries: tuple[int, ...]
+    reverse_boundaries: tuple[int, ...]
+    guidance_distilled: bool
+    scaling_factor: float
+    native_size: int
+    size_multiple: int
+    edit_guidance: float
+    tau: float
+    generate_guidance: float = 8.0
+    made_from: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.forward_boundaries = tuple(int(b) for b in self.forward_boundaries)
+        self.reverse_boundaries = tuple(int(b) for b in self.reverse_boundaries)
+        validate_boundaries(self.forward_boundaries, self.reverse_boundaries)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.reverse_boundaries)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["forward_boundaries"] = list(self.forward_boundaries)
+        data["reverse_boundaries"] = list(self.reverse_boundaries)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def default_edit_settings(family: str, num_steps: int) -> tuple[float, float]:
+    """(guidance, tau) from the paper: SD1.5 19.0 with tau 0.8 at 4 steps (0.7 at 3), SDXL 8.0 with 0.7."""
+    if family == SDXL:
+        return 8.0, 0.7
+    return 19.0, 0.8 if num_steps >= 4 else 0.7
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ModelSourceError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("--device cuda was asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    return resolved
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class ICDModel:
+    """Text encoder(s) and tokenizer(s), VAE, forward and reverse UNets, optional teacher, metadata.
+
+    The VAE and text encoders are shared by all UNets. The VAE stays in float32 (SDXL's overflows
+    in float16); UNets and text encoders use `dtype`.
+    """
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        vae: torch.nn.Module,
+        text_encoders: list[torch.nn.Module],
+        tokenizers: list[Any],
+        forward_unet: torch.nn.Module,
+        reverse_unet: torch.nn.Module,
+        teacher_unet: torch.nn.Module | None = None,
+        source: str = "",
+    ):
+        self.info = info
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.forward_unet = forward_unet
+        self.reverse_unet = reverse_unet
+        self.teacher_unet = teacher_unet
+        self.source = source
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        for module in self._modules():
+            module.eval().requires_grad_(False)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        unets = [self.forward_unet, self.reverse_unet] + ([self.teacher_unet] if self.teacher_unet else [])
+        return [self.vae, *self.text_encoders, *unets]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ICDModel:
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.vae.to(self.device, torch.float32)
+        for module in self._modules()[1:]:
+            module.to(self.device, self.dtype)
+        return self
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def forward_denoiser(self) -> UNetDenoiser:
+        return UNetDenoiser(self.forward_unet)
+
+    @property
+    def reverse_denoiser(self) -> UNetDenoiser:
+        return UNetDenoiser(self.reverse_unet)
+
+    @property
+    def teacher_denoiser(self) -> UNetDenoiser:
+        if self.teacher_unet is None:
+            raise ModelSourceError(
+                f"model {self.info.name!r} has no teacher UNet, so --sampler ddim cannot run: "
+                "use --sampler icd, or a model folder that includes teacher_unet/"
+            )
+        return UNetDenoiser(self.teacher_unet)
+
+    # --- text -------------------------------------------------------------------------------
+
+    def prompt_token_count(self, text: str) -> tuple[int, int]:
+        """(tokens the prompt needs, tokens the first text encoder takes), specials included."""
+        tokenizer = self.tokenizers[0]
+        return len(tokenizer(text, truncation=False).input_ids), tokenizer.model_max_length
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str) -> PromptEmbedding:
+        needed, limit = self.prompt_token_count(text)
+        if needed > limit:
+            logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, text)
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
+            if self.info.family == SDXL:
+                output = encoder(ids, output_hidden_states=True)
+                hidden.append(output.hidden_states[-2])
+                pooled = output[0]
+            else:
+                hidden.append(encoder(ids)[0])
+        return PromptEmbedding(torch.cat(hidden, dim=-1), pooled)
+
+    def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
+        """Conditioning for images of `height` x `width` pixels; a negative (empty) prompt when asked."""
+        embedding = self.encode_prompt(prompt)
+        negative = None
+        if with_negative:
+            if self.info.family == SDXL:
+                negative = PromptEmbedding(
+                    torch.zeros_like(embedding.hidden_states), torch.zeros_like(embedding.pooled)
+                )
+            else:
+                negative = self.encode_prompt("")
+        time_ids = None
+        if self.info.family == SDXL:
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        return Conditioning(embedding, negative, time_ids)
+
+    def needs_negative(self, guidance: float) -> bool:
+        return not self.info.guidance_distilled and guidance != 1.0
+
+    # --- images -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> clean latents: VAE posterior mean times scaling factor."""
+        posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return posterior.mean * self.info.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> pixels in [-1, 1]."""
+        return self.vae.decode(latents.to(self.device, torch.float32) / self.info.scaling_factor).sample.clamp(-1, 1)
+
+    # --- saving -----------------------------------------------------------------------------
+
+    def save_merged(self, folder: str | Path, include_teacher: bool = True) -> Path:
+        """Write this model as a merged folder, atomically (a temporary folder renamed at the end)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
+            parts["reverse_unet"] = self.reverse_unet
+            if include_teacher and self.teacher_unet is not None:
+                parts["teacher_unet"] = self.teacher_unet
+            suffixes = [""] if len(self.text_encoders) == 1 else ["", "_2"]
+            for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.tokenizers, strict=True):
+                parts[f"text_encoder{suffix}"] = encoder
+                parts[f"tokenizer{suffix}"] = tokenizer
+            for name, part in parts.items():
+                if isinstance(part, torch.nn.Module):
+                    part.save_pretrained(staging / name, safe_serialization=True)
+                else:
+                    part.save_pretrained(staging / name)
+            (staging / MODEL_JSON).write_text(
+                json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
+            )
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
+
+# --- loading components -----------------------------------------------------------------------
+
+
+def _family_of(base: Path) -> str:
+    return SDXL if (base / "text_encoder_2").is_dir() else SD15
+
+
+def _load_text_stack(folder: Path, family: str) -> tuple[list[torch.nn.Module], list[Any]]:
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    suffixes = ["", "_2"] if family == SDXL else [""]
+    encoders, tokenizers = [], []
+    for index, suffix in enumerate(suffixes):
+        cls = CLIPTextModelWithProjection if index == 1 else CLIPTextModel
+        encoders.append(cls.from_pretrained(folder / f"text_encoder{suffix}", use_safetensors=True))
+        tokenizers.append(AutoTokenizer.from_pretrained(folder / f"tokenizer{suffix}"))
+    return encoders, tokenizers
+
+
+def _load_vae(folder: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+
+
+def _load_unet(folder: Path) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+
+
+def _describe(info_json: dict[str, Any], unet: torch.nn.Module, vae: torch.nn.Module, family: str) -> dict[str, Any]:
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample_size = unet.config.sample_size
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    info_json.setdefault("family", family)
+    info_json.setdefault("scaling_factor", float(vae.config.scaling_factor))
+    info_json.setdefault("native_size", int(sample_size * vae_scale))
+    info_json.setdefault("size_multiple", int(vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)))
+    info_json.setdefault("guidance_distilled", unet.config.time_cond_proj_dim is not None)
+    return info_json
+
+
+def load_merged(folder: str | Path, need_teacher: bool = False) -> ICDModel:
+    folder = Path(folder)
+    data = _read_model_json(folder)
+    if data.get("format") != "merged":
+        raise ModelSourceError(f"{folder / MODEL_JSON} is not a merged model (format {data.get('format')!r})")
+    family = data.get("family", _family_of(folder))
+    try:
+        vae = _load_vae(folder)
+        encoders, tokenizers = _load_text_stack(folder, family)
+        forward = _load_unet(folder / "forward_unet")
+        reverse = _load_unet(folder / "reverse_unet")
+        teacher = None
+        if need_teacher and (folder / "teacher_unet").is_dir():
+            teacher = _load_unet(folder / "teacher_unet")
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelSourceError(f"cannot load the model folder {folder}: {error}".splitlines()[0]) from error
+    info = ModelInfo.from_json(_describe(dict(data), reverse, vae, family))
+    return ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher, source=str(folder))
+
+
+def _read_model_json(folder: Path) -> dict[str, Any]:
+    path = folder / MODEL_JSON
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ModelSourceError(f"{folder} is not an icd model folder (no {MODEL_JSON})") from error
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{path} is not valid JSON ({error}): re-create the model folder") from error
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A UNet state dict from safetensors or a pickled `.pt` (loaded with weights_only=True)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a bad or unsafe pickle
+        raise ModelSourceError(f"cannot read {path} as a weights-only torch checkpoint: {error}") from error
+    while isinstance(loaded, dict) and len(loaded) == 1 and next(iter(loaded)) in ("state_dict", "model", "unet"):
+        loaded = next(iter(loaded.values()))
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ModelSourceError(f"{path} does not hold a plain UNet state dict")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def build_teacher_unet(base: Path, teacher: str | Path | None) -> torch.nn.Module:
+    """The base pipeline's UNet architecture with the teacher's weights (`time_cond_proj_dim` if present)."""
+    from diffusers import UNet2DConditionModel
+
+    if teacher is None:
+        return _load_unet(base / "unet")
+    state = load_state_dict(teacher)
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    config["time_cond_proj_dim"] = state[COND_PROJ_KEY].shape[1] if COND_PROJ_KEY in state else None
+    unet = UNet2DConditionModel.from_config(config)
+    result = unet.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        names = (result.missing_keys + result.unexpected_keys)[:3]
+        raise ModelSourceError(
+            f"teacher {teacher} does not fit the base UNet in {base}: "
+            f"{len(result.missing_keys)} missing and {len(result.unexpected_keys)} unexpected keys ({', '.join(names)})"
+        )
+    return unet
+
+
+@dataclass
+class LoraSources:
+    """A base pipeline folder, an optional teacher state dict and the two LoRA files."""
+
+    base: Path
+    teacher: Path | None
+    forward_lora: Path
+    reverse_lora: Path
+    name: str = ""
+    edit_guidance: float | None = None
+    tau: float | None = None
+    generate_guidance: float | None = None
+
+    def boundaries(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        try:
+            kind_f, forward = boundaries_from_filename(self.forward_lora)
+            kind_r, reverse = boundaries_from_filename(self.reverse_lora)
+        except ValueError as error:
+            raise ModelSourceError(str(error)) from error
+        if (kind_f, kind_r) != ("forward", "reverse"):
+            raise ModelSourceError(
+                f"--forward-lora {self.forward_lora.name} and --reverse-lora {self.reverse_lora.name} look swapped"
+            )
+        try:
+            validate_boundaries(forward, reverse)
+        except ValueError as error:
+            raise ModelSourceError(f"the LoRA files do not belong together: {error}") from error
+        return forward, reverse
+
+    def cache_key(self) -> str:
+        """Identity of the inputs by path, size and modification time: cheap to recompute on every load."""
+        items = []
+        for path in (self.base / "model_index.json", self.teacher, self.forward_lora, self.reverse_lora):
+            if path is None:
+                items.append(None)
+                continue
+            stat = path.stat()
+            items.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        blob = json.dumps([FORMAT_VERSION, items]).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def fuse_lora_model(
+    sources: LoraSources, keep_teacher: bool = True, progress: Callable[[str], None] | None = None
+) -> ICDModel:
+    """Build forward and reverse UNets by fusing the LoRA files into copies of the teacher."""
+    for label, path in (("--base", sources.base), ("--forward-lora", sources.forward_lora)):
+        if not Path(path).exists():
+            raise ModelSourceError(f"{label} {path} does not exist")
+    if not sources.reverse_lora.exists():
+        raise ModelSourceError(f"--reverse-lora {sources.reverse_lora} does not exist")
+    if sources.teacher is not None and not sources.teacher.exists():
+        raise ModelSourceError(f"--teacher {sources.teacher} does not exist")
+    if not (sources.base / "vae").is_dir():
+        raise ModelSourceError(f"--base {sources.base} is not a diffusers pipeline folder (no vae/ inside)")
+    forward_bounds, reverse_bounds = sources.boundaries()
+    family = _family_of(sources.base)
+    say = progress or (lambda message: None)
+    say("loading the base pipeline and teacher")
+    vae = _load_vae(sources.base)
+    encoders, tokenizers = _load_text_stack(sources.base, family)
+    teacher = build_teacher_unet(sources.base, sources.teacher)
+    unets = {}
+    for role, path in (("forward", sources.forward_lora), ("reverse", sources.reverse_lora)):
+        say(f"fusing the {role} LoRA")
+        try:
+            unets[role] = fuse_lora(copy.deepcopy(teacher), read_lora(path))
+        except (ValueError, OSError) as error:
+            raise ModelSourceError(f"cannot fuse {path}: {error}") from error
+    guidance, tau = default_edit_settings(family, len(reverse_bounds))
+    made_from = {"base": str(sources.base)}
+    for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
+        if path is not None:
+            made_from[label] = file_digest(path)
+    made_from["reverse_lora"] = file_digest(sources.reverse_lora)
+    info_json = {
+        "name": sources.name or sources.forward_lora.parent.name,
+        "forward_boundaries": forward_bounds,
+        "reverse_boundaries": reverse_bounds,
+        "edit_guidance": sources.edit_guidance if sources.edit_guidance is not None else guidance,
+        "tau": sources.tau if sources.tau is not None else tau,
+        "generate_guidance": sources.generate_guidance if sources.generate_guidance is not None else 8.0,
+        "made_from": made_from,
+    }
+    info = ModelInfo.from_json(_describe(info_json, teacher, vae, family))
+    return ICDModel(
+        info,
+        vae,
+        encoders,
+        tokenizers,
+        unets["forward"],
+        unets["reverse"],
+        teacher if keep_teacher else None,
+        source=str(sources.forward_lora.parent),
+    )
+
+
+def load_lora_cached(
+    sources: LoraSources, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+) -> ICDModel:
+    """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it."""
+    cached = cache_root() / "merged" / sources.cache_key()
+    if (cached / MODEL_JSON).is_file():
+        try:
+            return load_merged(cached, need_teacher=need_teacher)
+        except ModelSourceError as error:
+            logger.warning("ignoring a broken fused-model cache at %s (%s); fusing again", cached, error)
+    model = fuse_lora_model(sources, keep_teacher=True, progress=progress)
+    try:
+        model.save_merged(cached)
+    except OSError as error:
+        logger.warning("could not cache the fused model in %s: %s", cached, error)
+    if not need_teacher:
+        model.teacher_unet = None
+    return model
+
+
+def load_lora_folder(
+    folder: Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+) -> ICDModel:
+    """A folder whose icd.json has `"format": "lora"` and names its parts by relative path."""
+    data = _read_model_json(folder)
+    try:
+        sources = LoraSources(
+            base=folder / data["base"],
+            teacher=folder / data["teacher"] if data.get("teacher") else None,
+            forward_lora=folder / data["forward_lora"],
+            reverse_lora=folder / data["reverse_lora"],
+            name=data.get("name", folder.name),
+            edit_guidance=data.get("edit_guidance"),
+            tau=data.get("tau"),
+            generate_guidance=data.get("generate_guidance"),
+        )
+    except KeyError as error:
+        raise ModelSourceError(f"{folder / MODEL_JSON} lacks the key {error}") from error
+    return load_lora_cached(sources, need_teacher=need_teacher, progress=progress)
+
+
+def load_model_folder(
+    folder: str | Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+) -> ICDModel:
+    folder = Path(folder)
+    data = _read_model_json(folder)
+    if data.get("format") == "lora":
+        return load_lora_folder(folder, need_teacher, progress)
+    return load_merged(folder, need_teacher)
