@@ -51,7 +51,7 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraAdapter:
     up: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        for key in handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
             module, part = _module_name(key)
             (down if part == "A" else up)[module] = handle.get_tensor(key)
     if not down or down.keys() != up.keys():

@@ -374,13 +374,17 @@ def build_teacher_unet(base: Path, teacher: str | Path | None) -> torch.nn.Modul
     config = dict(UNet2DConditionModel.load_config(base / "unet"))
     config["time_cond_proj_dim"] = state[COND_PROJ_KEY].shape[1] if COND_PROJ_KEY in state else None
     unet = UNet2DConditionModel.from_config(config)
-    result = unet.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        names = (result.missing_keys + result.unexpected_keys)[:3]
+    expected = unet.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshapen = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        names = (missing + unexpected + misshapen)[:3]
         raise ModelSourceError(
-            f"teacher {teacher} does not fit the base UNet in {base}: "
-            f"{len(result.missing_keys)} missing and {len(result.unexpected_keys)} unexpected keys ({', '.join(names)})"
+            f"teacher {teacher} does not fit the base UNet in {base}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(misshapen)} misshapen weights ({', '.join(names)})"
         )
+    unet.load_state_dict(state, strict=True)
     return unet
 
 

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test sees its own fused-model cache, never the user's."""
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("icd-cache")))
+
+
+@pytest.fixture(scope="session")
+def sd15_parts(tmp_path_factory):
+    from tiny import make_parts
+
+    return make_parts(tmp_path_factory.mktemp("sd15-parts"), "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_parts(tmp_path_factory):
+    from tiny import make_parts
+
+    return make_parts(tmp_path_factory.mktemp("sdxl-parts"), "sdxl")
+
+
+@pytest.fixture(scope="session")
+def merged_dir(sd15_parts, tmp_path_factory) -> Path:
+    """A merged-model folder (with teacher) made from the tiny SD1.5 parts."""
+    from icdcli.models import LoraSources, fuse_lora_model
+
+    sources = LoraSources(sd15_parts.base, sd15_parts.teacher_pt, sd15_parts.forward_lora, sd15_parts.reverse_lora)
+    folder = tmp_path_factory.mktemp("merged") / "tiny-sd15"
+    fuse_lora_model(sources, keep_teacher=True).save_merged(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def merged_model(merged_dir):
+    from icdcli.models import load_merged
+
+    return load_merged(merged_dir, need_teacher=True)
