@@ -28,9 +28,20 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # read by the libraries when (lazily) imported: keep their warnings and bars off our stderr
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries() -> None:
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def _say(message: str) -> None:
@@ -123,6 +134,7 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool):
     from .models import resolve_device
     from .sources import ModelRequest, load_requested_model
 
+    _quiet_libraries()
     start = time.perf_counter()
     request = ModelRequest(
         ctx_options["model"],
@@ -264,50 +276,55 @@ def edit(
     _check_prompt(target, "--tgt")
     inputs = list(images)
     outputs = plan_outputs(inputs, output, "-edit.png")
-    present = [(i, o) for i, o in zip(inputs, outputs, strict=True) if _exists_or_report(i)]
-    failures = len(inputs) - len(present)
-    if present:
-        failures += _run_edits(
-            present, source, target, guidance, tau, seed, sampler, ddim_steps, as_json, model_opts, started
-        )
+    failures = _run_edits(
+        list(zip(inputs, outputs, strict=True)), source, target, guidance, tau, seed, sampler, ddim_steps, as_json,
+        model_opts, started,
+    )  # fmt: skip
     if failures:
-        raise click.ClickException(
-            f"{failures} of {len(inputs)} inputs failed" if len(inputs) > 1 else "the edit failed"
-        )
+        raise click.ClickException(f"{failures} of {len(inputs)} inputs failed")
 
 
-def _exists_or_report(path: Path) -> bool:
-    if path.is_file():
-        return True
-    _say(f"Error: {path}: {'is a folder, not an image' if path.is_dir() else 'no such file'}")
-    return False
+def _edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
+    """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
+    if sampler == "ddim":
+        return (guidance if guidance is not None else model.info.generate_guidance), (1.0 if tau is None else tau)
+    return (guidance if guidance is not None else model.info.edit_guidance), (model.info.tau if tau is None else tau)
 
 
 def _run_edits(pairs, source, target, guidance, tau, seed, sampler, ddim_steps, as_json, model_opts, started) -> int:
+    """Edit each (input, output) pair; the model loads on the first readable image.
+
+    With one input its error is raised as the command's error; with several, each failure is
+    reported on its own line and counted, and the others go on.
+    """
     from tqdm import tqdm
 
     from .editing import SamplerSettings, Timings, edit
     from .errors import ICDError
     from .images import load_image, save_image
 
-    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
     settings = SamplerSettings(sampler, ddim_steps, seed)
-    w = (
-        guidance
-        if guidance is not None
-        else (model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance)
-    )
-    t = tau if tau is not None else (model.info.tau if sampler == "icd" else 1.0)
+    loaded = None
     failures, mark = 0, started
     for path, out in tqdm(pairs, desc="editing", unit="image", disable=len(pairs) < 2 or None, file=sys.stderr):
-        timings = Timings({"load": load_seconds})
         try:
-            with timings.stage("read"):
-                image = load_image(path)
+            read_start = time.perf_counter()
+            image = load_image(path)
+            read_seconds = time.perf_counter() - read_start
+            if loaded is None:  # a model that cannot load ends the whole run
+                try:
+                    loaded = _load(model_opts, need_teacher=sampler == "ddim")
+                except ICDError as error:
+                    raise click.ClickException(str(error)) from None
+            model, label, load_seconds = loaded
+            timings = Timings({"load": load_seconds, "read": read_seconds})
+            w, t = _edit_settings(model, sampler, guidance, tau)
             result = edit(model, image, source, target, w, t, settings, timings)
             with timings.stage("write"):
                 save_image(result, out, {"icd": json.dumps({"src": source, "tgt": target, "seed": seed})})
         except ICDError as error:
+            if len(pairs) == 1:
+                raise
             _say(f"Error: {error}")
             failures += 1
             continue
@@ -388,9 +405,6 @@ def invert(
         raise click.ClickException(f"-o {output}: the latent file must end in .safetensors")
     latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
     recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
-    if not _exists_or_report(image):
-        raise click.ClickException("the inversion failed")
-
     from safetensors.torch import save_file
 
     from .editing import SamplerSettings, Timings, decode
@@ -419,7 +433,7 @@ def invert(
         save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
     record = {"input": str(image), "output": str(latent_path), "model": label, "backend": "torch", "seed": seed}
     if recon_path is not None:
-        t = tau if tau is not None else (model.info.tau if sampler == "icd" else 1.0)
+        _, t = _edit_settings(model, sampler, guidance, tau)
         with timings.stage("decode"):
             pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, t, settings)
             save_image(tensor_to_image(pixels, picture.size), recon_path)

@@ -78,6 +78,11 @@ def fit_size(width: int, height: int, native_size: int, multiple: int) -> tuple[
     scale = math.sqrt(native_size * native_size / (width * height))
     fitted_w = max(multiple, round(width * scale / multiple) * multiple)
     fitted_h = max(multiple, round(height * scale / multiple) * multiple)
+    budget = native_size * native_size
+    if min(fitted_w, fitted_h) == multiple and fitted_w * fitted_h > 1.25 * budget:
+        # a very thin photo: the short side is at its minimum, so shorten the long side to keep the area
+        long_side = max(multiple, budget // multiple // multiple * multiple)
+        fitted_w, fitted_h = (long_side, multiple) if fitted_w > fitted_h else (multiple, long_side)
     return fitted_w, fitted_h
 
 

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from icdcli.images import ImageInputError, atomic_path, fit_size, image_to_tensor, load_image, save_image, tensor_to_image
+
+
+def _gradient(width=40, height=24):
+    x = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
+    return np.stack([x, x[:, ::-1], np.full_like(x, 90)], axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "native", "multiple", "expected"),
+    [(512, 512, 512, 64, (512, 512)), (1024, 768, 512, 64, (576, 448)), (3000, 1000, 512, 64, (896, 320)),
+     (10, 2000, 512, 64, (64, 4096)), (1920, 1080, 1024, 64, (1344, 768)), (40, 24, 32, 16, (48, 32))],
+)  # fmt: skip
+def test_fit_size_keeps_area_aspect_and_multiples(width, height, native, multiple, expected):
+    fitted = fit_size(width, height, native, multiple)
+    assert fitted == expected
+    assert fitted[0] % multiple == 0 and fitted[1] % multiple == 0
+
+
+def test_modes_become_rgb(tmp_path):
+    rgb = Image.fromarray(_gradient())
+    cases = {
+        "gray.png": rgb.convert("L"),
+        "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"),
+        "cmyk.jpg": rgb.convert("CMYK"),
+        "la.png": rgb.convert("LA"),
+        "bw.png": rgb.convert("1"),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        loaded = load_image(tmp_path / name)
+        assert loaded.mode == "RGB" and loaded.size == (40, 24), name
+
+
+def test_sixteen_bit_is_rescaled_not_clipped(tmp_path):
+    array = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    Image.fromarray(array).save(tmp_path / "deep.png")
+    loaded = np.asarray(load_image(tmp_path / "deep.png"))
+    assert loaded.min() == 0 and loaded.max() == 255 and len(np.unique(loaded[..., 0])) > 200
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    clear = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.fromarray(_gradient(40, 24))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (24, 40)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    (tmp_path / "text.jpg").write_text("this is not an image")
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    cases = {
+        "missing.png": "no such file",
+        "text.jpg": "not an image",
+        "truncated.jpg": "damaged",
+        "dot.png": "too small",
+    }
+    for name, expected in cases.items():
+        with pytest.raises(ImageInputError, match=expected):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageInputError, match="folder"):
+        load_image(tmp_path)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    Image.new("RGB", (400, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr("icdcli.images.MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(ImageInputError, match="decompression bomb"):
+        load_image(tmp_path / "big.png")
+
+
+def test_tensor_round_trip_is_lossless_at_same_size():
+    image = Image.fromarray(_gradient())
+    tensor = image_to_tensor(image, image.size)
+    assert tensor.shape == (1, 3, 24, 40) and tensor.min() >= -1 and tensor.max() <= 1
+    assert np.array_equal(np.asarray(tensor_to_image(tensor)), np.asarray(image))
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    save_image(Image.fromarray(_gradient()), target, {"icd": "{}"})
+    assert Image.open(target).text["icd"] == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
