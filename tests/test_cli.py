@@ -1,0 +1,193 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from icdcli.cli import main
+
+
+def _photo(path, width=40, height=24, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from click.testing import CliRunner; from icdcli.cli import main;"
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output;"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'tensorrt') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["edit", "invert", "generate", "info"])
+def test_every_command_explains_itself(command):
+    result = _run(command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_edit_json_record_and_output(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.jpg")
+    result = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip())
+    assert {"input", "output", "model", "backend", "seed", "seconds"} <= record.keys()
+    assert {"load", "encode", "decode", "total"} <= record["seconds"].keys()
+    assert record["backend"] == "torch" and record["seed"] == 0 and record["steps"] == 4
+    assert record["output"] == str(tmp_path / "photo-edit.png")
+    edited = Image.open(record["output"])
+    assert edited.size == (40, 24) and json.loads(edited.text["icd"])["tgt"] == "a dog"
+    assert _listing(tmp_path) == ["photo-edit.png", "photo.jpg"]
+
+
+def test_edit_is_deterministic_and_never_overwrites(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    for _ in range(2):
+        assert _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir).exit_code == 0
+    assert _listing(tmp_path) == ["photo-edit-1.png", "photo-edit.png", "photo.png"]
+    first, second = (np.asarray(Image.open(tmp_path / n)) for n in ("photo-edit.png", "photo-edit-1.png"))
+    assert np.array_equal(first, second)
+    other_seed = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--seed", 7, "-o",
+                      tmp_path / "seed7.png")  # fmt: skip
+    assert other_seed.exit_code == 0
+    refused = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", photo)
+    assert refused.exit_code != 0 and "one of the inputs" in refused.output
+
+
+def test_edit_many_into_a_folder_with_a_bad_one(merged_dir, tmp_path):
+    good = [_photo(tmp_path / f"p{i}.png", 32 + 8 * i, 32, seed=i) for i in range(2)]
+    (tmp_path / "broken.png").write_text("not a png")
+    out = tmp_path / "out"
+    result = _run("edit", *good, tmp_path / "broken.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,
+                  "-o", out, "--json")  # fmt: skip
+    assert result.exit_code == 1
+    assert _listing(out) == ["p0-edit.png", "p1-edit.png"]
+    assert len(result.stdout.strip().splitlines()) == 2
+    assert "broken.png: not an image" in result.stderr and "1 of 3 inputs failed" in result.stderr
+    assert Image.open(out / "p1-edit.png").size == (40, 32)
+
+
+def test_edit_with_ddim_baseline(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    result = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--sampler", "ddim",
+                  "--ddim-steps", 5, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["sampler"], record["steps"], record["guidance"], record["tau"]) == ("ddim", 5, 8.0, 1.0)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_edit_from_released_format_parts(family, request, tmp_path):
+    parts = request.getfixturevalue(f"{family}_parts")
+    photo = _photo(tmp_path / "photo.png", 48, 32)
+    result = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--base", parts.base, "--teacher",
+                  parts.teacher_pt, "--forward-lora", parts.forward_lora, "--reverse-lora", parts.reverse_lora,
+                  "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(json.loads(result.stdout)["output"]).size == (48, 32)
+
+
+def test_invert_and_reconstruct(merged_dir, tmp_path):
+    from safetensors import safe_open
+
+    photo = _photo(tmp_path / "photo.png")
+    result = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "--reconstruct", tmp_path / "back.png",
+                  "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["output"] == str(tmp_path / "photo.latent.safetensors")
+    with safe_open(record["output"], "pt") as handle:
+        metadata = handle.metadata()
+        latents = handle.get_tensor("latents")
+    assert metadata["prompt"] == "a cat" and json.loads(metadata["forward_boundaries"]) == [19, 259, 519, 779]
+    # 40x24 fits the tiny model's 16x16 area as 20x12 pixels -> 10x6 latents (VAE factor 2)
+    assert tuple(latents.shape) == (1, 4, 6, 10)
+    assert Image.open(tmp_path / "back.png").size == (40, 24)
+    bad = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "-o", tmp_path / "latent.bin")
+    assert bad.exit_code != 0 and ".safetensors" in bad.output
+
+
+def test_generate(merged_dir, tmp_path):
+    result = _run("generate", "a red circle", "--model", merged_dir, "-o", tmp_path / "g.png", "--width", 24,
+                  "--height", 16, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "g.png").size == (24, 16)
+    odd = _run("generate", "a red circle", "--model", merged_dir, "-o", tmp_path / "h.png", "--width", 18)
+    assert odd.exit_code != 0 and "multiples of 4" in odd.output
+
+
+def test_info_json():
+    result = _run("info", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["backends"]["torch"]["importable"] is True
+    assert {"sd15", "sd15-3step", "sdxl"} <= report["presets"].keys()
+    assert "root" in report["cache"]
+
+
+def _bad_input_cases(tmp_path):
+    (tmp_path / "notes.jpg").write_text("plain text, not a photo")
+    noise = np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    good = str(_photo(tmp_path / "good.png"))
+    return {
+        "missing file": ([str(tmp_path / "nope.png"), "--src", "a cat", "--tgt", "a dog"], "no such file"),
+        "non-image": ([str(tmp_path / "notes.jpg"), "--src", "a cat", "--tgt", "a dog"], "not an image"),
+        "truncated jpeg": ([str(tmp_path / "cut.jpg"), "--src", "a cat", "--tgt", "a dog"], "damaged"),
+        "1x1 image": ([str(tmp_path / "dot.png"), "--src", "a cat", "--tgt", "a dog"], "too small"),
+        "empty prompt": ([good, "--src", "a cat", "--tgt", "  "], "--tgt is empty"),
+        "missing output folder": (
+            [good, "--src", "a cat", "--tgt", "a dog", "-o", str(tmp_path / "no" / "where.png")], "does not exist"
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing file", "non-image", "truncated jpeg", "1x1 image", "empty prompt", "missing output folder"]
+)
+def test_bad_input_is_one_line_error_and_leaves_nothing(case, merged_dir, tmp_path):
+    args, expected = _bad_input_cases(tmp_path)[case]
+    before = _listing(tmp_path)
+    result = _run("edit", *args, "--model", merged_dir)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert _listing(tmp_path) == before
+
+
+def test_unwritable_output_folder(merged_dir, tmp_path, monkeypatch):
+    import os
+
+    photo = _photo(tmp_path / "photo.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr("os.access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    result = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", locked / "x.png")
+    assert result.exit_code == 1 and "not writable" in result.stderr
+    assert _listing(locked) == []
+
+
+def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr("icdcli.sources.DEFAULT_MODEL_DIR", tmp_path / "absent")
+    result = _run("edit", _photo(tmp_path / "p.png"), "--src", "a cat", "--tgt", "a dog")
+    assert result.exit_code == 1 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
