@@ -155,7 +155,8 @@ def _bad_input_cases(tmp_path):
         "1x1 image": ([str(tmp_path / "dot.png"), "--src", "a cat", "--tgt", "a dog"], "too small"),
         "empty prompt": ([good, "--src", "a cat", "--tgt", "  "], "--tgt is empty"),
         "missing output folder": (
-            [good, "--src", "a cat", "--tgt", "a dog", "-o", str(tmp_path / "no" / "where.png")], "does not exist"
+            [good, "--src", "a cat", "--tgt", "a dog", "-o", str(tmp_path / "no" / "where.png")],
+            "does not exist",
         ),
     }
 

@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icdcli.images import ImageInputError, atomic_path, fit_size, image_to_tensor, load_image, save_image, tensor_to_image
+from icdcli.images import (
+    ImageInputError,
+    atomic_path,
+    fit_size,
+    image_to_tensor,
+    load_image,
+    save_image,
+    tensor_to_image,
+)
 
 
 def _gradient(width=40, height=24):

@@ -31,7 +31,10 @@ def _probe(model, unet, family):
     x = torch.randn(1, 4, 8, 8, generator=generator)
     hidden = 64 if family == "sdxl" else 32
     cond = Conditioning(
-        PromptEmbedding(torch.randn(1, 12, hidden, generator=generator), torch.randn(1, 32, generator=generator) if family == "sdxl" else None),
+        PromptEmbedding(
+            torch.randn(1, 12, hidden, generator=generator),
+            torch.randn(1, 32, generator=generator) if family == "sdxl" else None,
+        ),
         time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]]) if family == "sdxl" else None,
     )
     from icdcli.denoiser import UNetDenoiser
@@ -151,7 +154,9 @@ def test_bad_sources_give_clear_errors(sd15_parts, sdxl_parts, tmp_path):
     unnamed.write_bytes(sd15_parts.forward_lora.read_bytes())
     with pytest.raises(ModelSourceError, match="cannot read boundaries"):
         load_requested_model(
-            ModelRequest(base=str(sd15_parts.base), forward_lora=str(unnamed), reverse_lora=str(sd15_parts.reverse_lora))
+            ModelRequest(
+                base=str(sd15_parts.base), forward_lora=str(unnamed), reverse_lora=str(sd15_parts.reverse_lora)
+            )
         )
     with pytest.raises(ModelSourceError, match="neither a model folder nor a preset"):
         load_requested_model(ModelRequest(model="no-such-model"))

@@ -133,7 +133,8 @@ def make_peft_lora(teacher, seed: int, rank: int = 4, alpha: float = 8.0):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        copy.deepcopy(teacher), LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True)
+        copy.deepcopy(teacher),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True),
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
