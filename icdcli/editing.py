@@ -175,6 +175,5 @@ def generate(
     """Text-to-image from seeded noise in the reverse model's steps (or DDIM on the teacher)."""
     width, height = size or (model.info.native_size, model.info.native_size)
     factor = model.vae_scale_factor
-    channels = model.reverse_unet.config.in_channels
-    noise = seeded_noise((1, channels, height // factor, width // factor), settings.seed).to(model.device)
+    noise = seeded_noise((1, model.latent_channels, height // factor, width // factor), settings.seed).to(model.device)
     return tensor_to_image(decode(model, noise, prompt, (width, height), guidance, tau, settings))

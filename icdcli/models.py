@@ -167,6 +167,10 @@ class ICDModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
     def forward_denoiser(self) -> UNetDenoiser:
         return UNetDenoiser(self.forward_unet)
 
