@@ -73,9 +73,26 @@ def working_size(model: ICDModel, image: Image.Image) -> tuple[int, int]:
     return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
 
 
-def _conditioning(model: ICDModel, prompt: str, size: tuple[int, int], guidance: float) -> Conditioning:
+def _conditioning(model: ICDModel, prompt: str | list[str], size: tuple[int, int], guidance: float) -> Conditioning:
     width, height = size
     return model.conditioning(prompt, height, width, with_negative=model.needs_negative(guidance))
+
+
+def invert_latents(
+    model: ICDModel,
+    x0: torch.Tensor,
+    prompt: str | list[str],
+    size: tuple[int, int],
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Clean latents (a batch, one prompt each or one for all) -> the noise latents that decode back to them."""
+    cond = _conditioning(model, prompt, size, 1.0)
+    schedule = NoiseSchedule.stable_diffusion()
+    if settings.sampler == "ddim":
+        return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=callback)
+    noise = seeded_noise(tuple(x0.shape), settings.seed).to(x0.device)
+    return icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, callback)
 
 
 def invert(
@@ -87,27 +104,20 @@ def invert(
 ) -> Inversion:
     """Encode an image into the noise latents that decode back to it under `prompt`."""
     size = working_size(model, image)
-    pixels = image_to_tensor(image, size)
-    x0 = model.encode_image(pixels)
-    cond = _conditioning(model, prompt, size, 1.0)
-    schedule = NoiseSchedule.stable_diffusion()
-    if settings.sampler == "ddim":
-        latents = ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=callback)
-    else:
-        noise = seeded_noise(tuple(x0.shape), settings.seed).to(x0.device)
-        latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, callback)
+    x0 = model.encode_image(image_to_tensor(image, size))
+    latents = invert_latents(model, x0, prompt, size, settings, callback)
     return Inversion(latents, prompt, size, image.size, settings)
 
 
 def decode(
     model: ICDModel,
     latents: torch.Tensor,
-    prompt: str,
+    prompt: str | list[str],
     size: tuple[int, int],
     guidance: float,
     tau: float,
     settings: SamplerSettings,
-    unguided_prompt: str | None = None,
+    unguided_prompt: str | list[str] | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Decode noise latents to pixels under `prompt`; steps above tau use `unguided_prompt` if given."""

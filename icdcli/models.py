@@ -195,10 +195,12 @@ class ICDModel:
         return len(tokenizer(text, truncation=False).input_ids), tokenizer.model_max_length
 
     @torch.no_grad()
-    def encode_prompt(self, text: str) -> PromptEmbedding:
-        needed, limit = self.prompt_token_count(text)
-        if needed > limit:
-            logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, text)
+    def encode_prompt(self, text: str | list[str]) -> PromptEmbedding:
+        """Encode one prompt, or a list of prompts as a batch."""
+        for prompt in [text] if isinstance(text, str) else text:
+            needed, limit = self.prompt_token_count(prompt)
+            if needed > limit:
+                logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, prompt)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenizer(
@@ -212,14 +214,16 @@ class ICDModel:
                 hidden.append(encoder(ids)[0])
         return PromptEmbedding(torch.cat(hidden, dim=-1), pooled)
 
-    def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
+    def conditioning(
+        self, prompt: str | list[str], height: int, width: int, with_negative: bool = False
+    ) -> Conditioning:
         """Conditioning for images of `height` x `width` pixels; a negative (empty) prompt when asked."""
         embedding = self.encode_prompt(prompt)
         negative = None
         if with_negative:
             if self.info.family == SDXL:
                 negative = PromptEmbedding(
-                    torch.zeros_like(embedding.hidden_states), torch.zeros_like(embedding.pooled)
+                    torch.zeros_like(embedding.hidden_states[:1]), torch.zeros_like(embedding.pooled[:1])
                 )
             else:
                 negative = self.encode_prompt("")
