@@ -1,0 +1,204 @@
+"""What every backend shares: graph runners behind the denoiser interface, text encoding and the VAE.
+
+A *runner* is any callable `runner(feeds: dict[str, Tensor]) -> dict[str, Tensor]` over one exported graph
+(an onnxruntime session, a TensorRT engine). The classes here turn runners into the pieces `AcceleratedModel`
+swaps into an `ICDModel`: denoisers, a prompt encoder, VAE encode/decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from icdcli.denoiser import Conditioning, Denoiser, PromptEmbedding, guidance_scale_embedding
+from icdcli.errors import ICDError
+from icdcli.export.manifest import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GraphSpec
+
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class ShapeNotCovered(ICDError):
+    """A backend cannot run these shapes (for TensorRT: outside every engine's optimisation profile)."""
+
+
+def expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] != 1:
+        raise ValueError(f"conditioning batch {tensor.shape[0]} does not match latent batch {batch}")
+    return tensor.expand(batch, *tensor.shape[1:])
+
+
+def unet_feeds(
+    spec: GraphSpec, x: torch.Tensor, t: int, prompt: PromptEmbedding, time_ids: torch.Tensor | None,
+    timestep_cond: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The named inputs of a UNet graph for latents `x` at timestep `t`."""
+    batch = x.shape[0]
+    feeds = {
+        "sample": x,
+        "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=x.device),
+        "encoder_hidden_states": expand_batch(prompt.hidden_states, batch),
+    }
+    if spec.input("timestep_cond") is not None:
+        if timestep_cond is None:
+            raise ValueError(f"{spec.name} takes timestep_cond")
+        feeds["timestep_cond"] = timestep_cond
+    if spec.input("text_embeds") is not None:
+        if prompt.pooled is None or time_ids is None:
+            raise ValueError("SDXL conditioning needs a pooled embedding and time_ids")
+        feeds["text_embeds"] = expand_batch(prompt.pooled, batch)
+        feeds["time_ids"] = expand_batch(time_ids, batch)
+    return feeds
+
+
+class GraphDenoiser:
+    """An exported UNet graph behind the denoiser interface `denoiser(x, t, cond, guidance, control)`.
+
+    Guidance follows the graph (see `icdcli.export.onnx`): "embedding" graphs take w as `timestep_cond`
+    (one batch-1 evaluation per step), "folded" graphs are the unguided forward model (w must be 1),
+    "cfg" graphs run real classifier-free guidance with a batch of two on guided steps only.
+    Attention control (Prompt-to-Prompt) cannot run inside a graph: it goes to `fallback` (the torch UNet).
+    """
+
+    backend = "graph"
+
+    def __init__(self, runner: Runner, spec: GraphSpec, fallback: Denoiser | None = None):
+        self.runner = runner
+        self.spec = spec
+        self.fallback = fallback
+        cond = spec.input("timestep_cond")
+        self.guidance_dim = None if cond is None else int(cond.shape[-1])
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return self.spec.guidance in (GUIDANCE_EMBEDDING, GUIDANCE_FOLDED)
+
+    def _evaluate(self, x, t, prompt, time_ids, timestep_cond) -> torch.Tensor:
+        return self.runner(unet_feeds(self.spec, x, t, prompt, time_ids, timestep_cond))["eps"].to(x.dtype)
+
+    def _fall_back(self, why: str, x, t, cond, guidance, control) -> torch.Tensor:
+        if self.fallback is None:
+            raise ICDError(f"{why} cannot run on the {self.backend} backend: use --backend torch")
+        return self.fallback(x, t, cond, guidance, control)
+
+    def __call__(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+    ) -> torch.Tensor:
+        if control is not None:
+            return self._fall_back("attention control (Prompt-to-Prompt)", x, t, cond, guidance, control)
+        try:
+            return self._guided(x, t, cond, guidance)
+        except ShapeNotCovered as error:
+            return self._fall_back(str(error), x, t, cond, guidance, None)
+
+    def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float) -> torch.Tensor:
+        mode = self.spec.guidance
+        if mode == GUIDANCE_EMBEDDING:
+            w = torch.full((x.shape[0],), float(guidance))
+            embedding = guidance_scale_embedding(w, self.guidance_dim).to(x.device)
+            return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding)
+        if mode == GUIDANCE_FOLDED:
+            if guidance != 1.0:
+                raise ValueError(f"{self.spec.name} has w = 1 folded in; it cannot run at guidance {guidance}")
+            return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
+        if mode != GUIDANCE_CFG:
+            raise ValueError(f"{self.spec.name}: unknown guidance mode {mode!r}")
+        if guidance == 1.0:
+            return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
+        if cond.negative is None:
+            raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
+        batch = x.shape[0]
+        pair = PromptEmbedding(
+            torch.cat([expand_batch(cond.negative.hidden_states, batch), expand_batch(cond.prompt.hidden_states, batch)]),
+            None
+            if cond.prompt.pooled is None
+            else torch.cat([expand_batch(cond.negative.pooled, batch), expand_batch(cond.prompt.pooled, batch)]),
+        )
+        time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
+        eps_uncond, eps_cond = self._evaluate(torch.cat([x, x]), t, pair, time_ids, None).chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@dataclass
+class BackendParts:
+    """Everything a backend runs for an `AcceleratedModel`. `teacher` is None when it was not exported."""
+
+    name: str
+    forward: Denoiser
+    reverse: Denoiser
+    teacher: Denoiser | None
+    text_encoders: list[Runner]
+    vae_encoder: Runner
+    vae_decoder: Runner
+
+
+def encode_ids(text_runners: list[Runner], ids: list[torch.Tensor]) -> PromptEmbedding:
+    """Run the text graphs on token ids: hidden states concatenated, the last encoder's pooled embedding."""
+    hidden, pooled = [], None
+    for runner, token_ids in zip(text_runners, ids, strict=True):
+        outputs = runner({"input_ids": token_ids})
+        hidden.append(outputs["hidden_states"])
+        pooled = outputs.get("pooled", pooled)
+    return PromptEmbedding(torch.cat(hidden, dim=-1), pooled)
+
+
+def latent_axes(shape: tuple[int, ...]) -> dict[str, int]:
+    return {"batch": shape[0], "latent_height": shape[2], "latent_width": shape[3]}
+
+
+def resolve_shape(spec_shape: list[int | str], axes: dict[str, int], vae_scale_factor: int) -> tuple[int, ...]:
+    """A concrete shape for a symbolic one, given the axis sizes read off the inputs.
+
+    Pixel axes follow from latent ones (and back) through the VAE's scale factor.
+    """
+    known = dict(axes)
+    for pixel, latent in (("height", "latent_height"), ("width", "latent_width")):
+        if latent in known and pixel not in known:
+            known[pixel] = known[latent] * vae_scale_factor
+        if pixel in known and latent not in known:
+            known[latent] = known[pixel] // vae_scale_factor
+    return tuple(known[dim] if isinstance(dim, str) else int(dim) for dim in spec_shape)
+
+
+def axes_of(spec_inputs: list, feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Axis sizes named by the graph's symbolic input shapes, read off the actual inputs."""
+    axes: dict[str, int] = {}
+    for spec in spec_inputs:
+        tensor = feeds[spec.name]
+        for dim, size in zip(spec.shape, tensor.shape, strict=True):
+            if isinstance(dim, str):
+                axes[dim] = int(size)
+    return axes
+
+
+def assemble_parts(
+    name: str,
+    manifest: Any,
+    make_runner: Callable[[GraphSpec], Runner],
+    denoiser_class: type[GraphDenoiser],
+    fallbacks: dict[str, Denoiser | None],
+) -> BackendParts:
+    """Runners for every graph of an export, wrapped as the pieces of `BackendParts`."""
+    from icdcli.export.manifest import FORWARD, REVERSE, TEACHER, VAE_DECODER, VAE_ENCODER
+
+    graphs = manifest.graphs
+
+    def denoiser(role: str) -> GraphDenoiser | None:
+        if role not in graphs:
+            return None
+        return denoiser_class(make_runner(graphs[role]), graphs[role], fallbacks.get(role))
+
+    text_names = sorted(graph for graph in graphs if graph.startswith("text_encoder"))
+    return BackendParts(
+        name=name,
+        forward=denoiser(FORWARD),
+        reverse=denoiser(REVERSE),
+        teacher=denoiser(TEACHER),
+        text_encoders=[make_runner(graphs[graph]) for graph in text_names],
+        vae_encoder=make_runner(graphs[VAE_ENCODER]),
+        vae_decoder=make_runner(graphs[VAE_DECODER]),
+    )

@@ -1,0 +1,120 @@
+"""ONNX Runtime sessions over exported graphs: the CPU provider, or CUDA (with I/O binding) where present.
+
+On CUDA the sessions run on torch's current stream (`user_compute_stream`) and read and write torch tensors
+in place through I/O binding, so no tensor leaves the GPU between the sampler and the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icdcli.errors import ICDError
+from icdcli.export.manifest import GraphSpec, Manifest
+
+from .base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
+
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+def is_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def has_cuda_provider() -> bool:
+    return is_importable() and CUDA_EP in available_providers()
+
+
+def providers_for(device: torch.device) -> list[Any]:
+    """CUDA (on torch's current stream) then CPU for a CUDA device with onnxruntime-gpu; else CPU only."""
+    if device.type != "cuda" or not has_cuda_provider():
+        return [CPU_EP]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    options = {"device_id": index, "has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+    return [(CUDA_EP, options), CPU_EP]
+
+
+class OrtGraph:
+    """One onnxruntime session behind the runner interface: named torch tensors in and out."""
+
+    def __init__(self, path: Path, spec: GraphSpec, device: torch.device, vae_scale_factor: int):
+        import numpy as np
+        import onnxruntime as ort
+
+        self.spec, self.device, self.vae_scale_factor = spec, device, vae_scale_factor
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs
+            raise ICDError(f"onnxruntime cannot load {path.name}: {str(error).splitlines()[0]}") from error
+        self.binding = device.type == "cuda" and CUDA_EP in self.session.get_providers()
+        self.numpy_dtypes = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+        self.output_names = [output.name for output in spec.outputs]
+
+    def _inputs(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target = self.device if self.binding else torch.device("cpu")
+        return {s.name: feeds[s.name].to(target, TORCH_DTYPES[s.dtype]).contiguous() for s in self.spec.inputs}
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = self._inputs(feeds)
+        if self.binding:
+            return self._run_bound(inputs)
+        arrays = self.session.run(self.output_names, {name: tensor.numpy() for name, tensor in inputs.items()})
+        return {name: torch.from_numpy(array).to(self.device) for name, array in zip(self.output_names, arrays)}
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        binding = self.session.io_binding()
+        for spec in self.spec.inputs:
+            tensor = inputs[spec.name]
+            binding.bind_input(
+                spec.name, "cuda", index, self.numpy_dtypes[spec.dtype], list(tensor.shape), tensor.data_ptr()
+            )
+        axes = axes_of(self.spec.inputs, inputs)
+        outputs = {}
+        for spec in self.spec.outputs:
+            shape = resolve_shape(spec.shape, axes, self.vae_scale_factor)
+            tensor = torch.empty(shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            binding.bind_output(spec.name, "cuda", index, self.numpy_dtypes[spec.dtype], list(shape), tensor.data_ptr())
+            outputs[spec.name] = tensor
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+class OnnxRuntimeDenoiser(GraphDenoiser):
+    """An exported UNet on onnxruntime, behind the exact denoiser interface (see `GraphDenoiser`)."""
+
+    backend = "onnxruntime"
+
+
+def check_runnable(manifest: Manifest, device: torch.device) -> None:
+    """fp16 graphs need the CUDA provider: the CPU provider has no fp16 kernels for most of their ops."""
+    if manifest.precision == "fp16" and not (device.type == "cuda" and has_cuda_provider()):
+        raise ICDError(
+            "this fp16 ONNX export needs onnxruntime's CUDA provider (pip install onnxruntime-gpu) on a CUDA "
+            "device: on the CPU export in fp32 (icd export without --fp16)"
+        )
+
+
+def load_parts(folder: Path, manifest: Manifest, device: torch.device, fallbacks: dict[str, Any]) -> BackendParts:
+    """onnxruntime sessions for every graph of an export folder."""
+    check_runnable(manifest, device)
+
+    def make_runner(spec: GraphSpec) -> OrtGraph:
+        return OrtGraph(folder / spec.file, spec, device, manifest.vae_scale_factor)
+
+    return assemble_parts("onnxruntime", manifest, make_runner, OnnxRuntimeDenoiser, fallbacks)

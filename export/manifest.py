@@ -1,0 +1,195 @@
+"""The export manifest: which graphs a folder holds, their inputs and outputs, and what they were made from.
+
+`manifest.json` sits beside the `.onnx` files. A folder is reused only when its manifest names the same
+source model (fingerprint), precision, opset and export format; anything else means export again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from icdcli.models import ICDModel
+
+MANIFEST = "manifest.json"
+EXPORT_FORMAT = 1
+"""Bump when graph signatures change: every cached export then counts as stale."""
+DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+
+FORWARD, REVERSE, TEACHER = "forward_unet", "reverse_unet", "teacher_unet"
+VAE_ENCODER, VAE_DECODER = "vae_encoder", "vae_decoder"
+UNET_GRAPHS = (FORWARD, REVERSE, TEACHER)
+
+# How a UNet graph takes guidance: a `timestep_cond` input, w = 1 folded into the graph, or real CFG by batch.
+GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GUIDANCE_CFG = "embedding", "folded", "cfg"
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output. Shape entries are ints (static) or axis names (dynamic)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    guidance: str | None = None
+    sha256: str = ""
+    external_data: str | None = None
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GraphSpec:
+        specs = {key: [TensorSpec(**item) for item in data[key]] for key in ("inputs", "outputs")}
+        return cls(**{**data, **specs})
+
+
+@dataclass
+class Manifest:
+    model_key: str
+    fingerprint: str
+    precision: str
+    opset: int
+    info: dict[str, Any]
+    vae_scale_factor: int
+    latent_channels: int
+    text_length: int
+    graphs: dict[str, GraphSpec]
+    versions: dict[str, str | None] = field(default_factory=dict)
+    export_format: int = EXPORT_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        graphs = {name: GraphSpec.from_json(graph) for name, graph in data["graphs"].items()}
+        return cls(**{**data, "graphs": graphs})
+
+    def path_of(self, folder: Path, graph: str) -> Path:
+        return folder / self.graphs[graph].file
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest.to_json(), indent=2))
+    return path
+
+
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The folder's manifest, or None when it is missing or unreadable (an interrupted or foreign folder)."""
+    path = Path(folder) / MANIFEST
+    try:
+        return Manifest.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stale_reason(
+    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False
+) -> str | None:
+    """Why an existing export cannot serve this model, or None when it can."""
+    if manifest is None:
+        return "no export yet"
+    checks = (
+        (manifest.export_format != EXPORT_FORMAT, f"export format {manifest.export_format} != {EXPORT_FORMAT}"),
+        (manifest.fingerprint != fingerprint, "the source model changed"),
+        (manifest.precision != precision, f"precision {manifest.precision} != {precision}"),
+        (manifest.opset != opset, f"opset {manifest.opset} != {opset}"),
+        (need_teacher and TEACHER not in manifest.graphs, "the export has no teacher UNet"),
+    )
+    return next((reason for failed, reason in checks if failed), None)
+
+
+# --- identity of a source model ----------------------------------------------------------------------
+
+
+def _digest_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def folder_stat_fingerprint(folder: Path) -> str:
+    """Cheap identity of a model folder: its icd.json and every file's relative path, size and mtime."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        entries.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
+    return _digest_json(entries)
+
+
+def weights_fingerprint(modules: list[Any]) -> str:
+    """Identity by content: sha256 over every tensor's name, dtype, shape and bytes."""
+    import torch
+
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{index}:{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: ICDModel) -> str:
+    """What a cached export must match to be reused.
+
+    In order of preference: the sha256 digests of the files a fused model was made from (recorded in
+    its info by the fusion, and the same whether the model was just fused or read from the fused cache);
+    else the files of the model folder it was loaded from; else the weights themselves (slow for SD-size
+    models, used only for models built in memory).
+    """
+    info = model.info.to_json()
+    if any(str(value).startswith("sha256:") for value in info.get("made_from", {}).values()):
+        return _digest_json({"info": info})
+    source = Path(model.source) if model.source else None
+    if source is not None and (source / "icd.json").is_file():
+        return _digest_json({"info": info, "files": folder_stat_fingerprint(source)})
+    modules = [model.vae, *model.text_encoders, model.forward_unet, model.reverse_unet]
+    return _digest_json({"info": info, "weights": weights_fingerprint(modules)})
+
+
+def model_key(name: str, fingerprint: str, precision: str) -> str:
+    """Folder name of an export: readable model name, fingerprint prefix, precision."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:40] or "model"
+    return f"{slug}-{fingerprint[:16]}-{precision}"
+
+
+def export_root() -> Path:
+    from icdcli.models import cache_root
+
+    return cache_root() / "onnx"
+
+
+def default_export_dir(model: ICDModel, precision: str) -> Path:
+    return export_root() / model_key(model.info.name, model_fingerprint(model), precision)
+
+
+def versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    from icdcli import __version__
+
+    found: dict[str, str | None] = {"icd": __version__}
+    for distribution in ("torch", "onnx", "onnxruntime", "diffusers", "transformers"):
+        try:
+            found[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            found[distribution] = None
+    return found

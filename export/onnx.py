@@ -1,0 +1,386 @@
+"""ONNX export of an `ICDModel`: forward/reverse (and teacher) UNets, VAE encoder and decoder, text encoders.
+
+Graph signatures (batch and spatial axes dynamic; the text length is the tokenizer's, static):
+
+- UNets: `sample` (B, C, h, w), `timestep` (B,) float32, `encoder_hidden_states` (B, L, D); for SDXL also
+  `text_embeds` (B, P) and `time_ids` (B, 6); output `eps`. Guidance, per graph ("per-guidance graphs"):
+  - the forward UNet is always unguided: for a guidance-distilled model its graph computes the constant
+    `guidance_scale_embedding(w=1)` inside and has no `timestep_cond` input ("folded");
+  - a guidance-distilled reverse (or teacher) UNet takes `timestep_cond` (B, 512): the sinusoidal embedding
+    of the classical scale w, computed by the caller with `icdcli.denoiser.guidance_scale_embedding`
+    ("embedding");
+  - a UNet without guidance distillation takes no guidance input; real CFG runs it at batch 2 and unguided
+    steps at batch 1 through the dynamic batch axis ("cfg").
+- `vae_encoder`: `images` (B, 3, H, W) in [-1, 1] -> `latents`: posterior mean *times the scaling factor*
+  (the clean latents the samplers use, exactly `ICDModel.encode_image`).
+- `vae_decoder`: `latents` (scaled, as the samplers produce them) -> `images` in [-1, 1], clamped
+  (exactly `ICDModel.decode_latents`). The VAE graphs are always float32 (SDXL's VAE overflows in fp16).
+- `text_encoder` (and `text_encoder_2` for SDXL): `input_ids` (B, L) int32 -> `hidden_states` (the last
+  layer for SD1.5, the penultimate for SDXL) and, for SDXL's second encoder, `pooled` (the projected text
+  embedding).
+
+fp16 export (`precision="fp16"`) is meant for TensorRT strongly typed networks and ONNX Runtime's CUDA
+execution provider; onnxruntime's CPU provider lacks fp16 kernels for most of these ops, so it need not run
+there. Graph clean-up: the TorchScript exporter's constant folding, then (fp32) onnxruntime's offline
+basic-level optimisation (constant folding, redundant-node removal; provider independent), then onnx shape
+inference. Graphs over 2 GB keep their weights in one external `<graph>.onnx.data` file.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .files import atomic_folder, folder_size, sha256_files
+from .manifest import (
+    DEFAULT_OPSET,
+    FORWARD,
+    GUIDANCE_CFG,
+    GUIDANCE_EMBEDDING,
+    GUIDANCE_FOLDED,
+    PRECISIONS,
+    REVERSE,
+    TEACHER,
+    VAE_DECODER,
+    VAE_ENCODER,
+    GraphSpec,
+    Manifest,
+    TensorSpec,
+    model_fingerprint,
+    model_key,
+    versions,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from icdcli.models import ICDModel
+
+logger = logging.getLogger("icd")
+
+PROTOBUF_LIMIT = 2_000_000_000
+"""Above this many bytes of weights a graph keeps them in an external data file (protobuf's 2 GB cap)."""
+EXAMPLE_LATENT = 8
+BATCH, LATENT_H, LATENT_W, HEIGHT, WIDTH = "batch", "latent_height", "latent_width", "height", "width"
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {value: key for key, value in TORCH_DTYPES.items()}[dtype]
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.float16 if precision == "fp16" else torch.float32
+
+
+# --- graph wrappers -------------------------------------------------------------------------------------
+
+
+class UNetGraph(torch.nn.Module):
+    """A UNet with named positional inputs, and w = 1 folded in when `guidance` is "folded"."""
+
+    def __init__(self, unet: torch.nn.Module, input_names: list[str], guidance: str):
+        super().__init__()
+        from icdcli.denoiser import guidance_scale_embedding
+
+        self.unet = unet
+        self.input_names = input_names
+        self.folded = guidance == GUIDANCE_FOLDED
+        if self.folded:
+            dim = unet.config.time_cond_proj_dim
+            folded = guidance_scale_embedding(torch.ones(1), dim).to(unet.dtype)
+            self.register_buffer("folded_cond", folded, persistent=False)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        sample = feeds["sample"]
+        cond = self.folded_cond.expand(sample.shape[0], -1) if self.folded else feeds.get("timestep_cond")
+        added = None
+        if "text_embeds" in feeds:
+            added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]}
+        return self.unet(
+            sample,
+            feeds["timestep"],
+            encoder_hidden_states=feeds["encoder_hidden_states"],
+            timestep_cond=cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, scaling_factor: float):
+        super().__init__()
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, scaling_factor: float):
+        super().__init__()
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """What `ICDModel.encode_prompt` takes from one encoder: last (SD1.5) or penultimate (SDXL) hidden states."""
+
+    def __init__(self, encoder: torch.nn.Module, penultimate: bool, pooled: bool):
+        super().__init__()
+        self.encoder, self.penultimate, self.pooled = encoder, penultimate, pooled
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        output = self.encoder(input_ids, output_hidden_states=self.penultimate)
+        hidden = output.hidden_states[-2] if self.penultimate else output[0]
+        return (hidden, output[0]) if self.pooled else hidden
+
+
+# --- what each graph looks like ---------------------------------------------------------------------------
+
+
+def unet_guidance_mode(role: str, guidance_distilled: bool) -> str:
+    """How a UNet graph takes guidance: see the module docstring."""
+    if not guidance_distilled:
+        return GUIDANCE_CFG
+    return GUIDANCE_FOLDED if role == FORWARD else GUIDANCE_EMBEDDING
+
+
+def unet_specs(
+    unet: torch.nn.Module, role: str, latent_channels: int, text_length: int, dtype: torch.dtype
+) -> tuple[list[TensorSpec], list[TensorSpec], str]:
+    config = unet.config
+    distilled = config.time_cond_proj_dim is not None
+    guidance = unet_guidance_mode(role, distilled)
+    fp = dtype_name(dtype)
+    latent = [BATCH, latent_channels, LATENT_H, LATENT_W]
+    inputs = [
+        TensorSpec("sample", fp, latent),
+        TensorSpec("timestep", "float32", [BATCH]),
+        TensorSpec("encoder_hidden_states", fp, [BATCH, text_length, int(config.cross_attention_dim)]),
+    ]
+    if guidance == GUIDANCE_EMBEDDING:
+        inputs.append(TensorSpec("timestep_cond", fp, [BATCH, int(config.time_cond_proj_dim)]))
+    if config.addition_embed_type == "text_time":
+        pooled = int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+        inputs += [TensorSpec("text_embeds", fp, [BATCH, pooled]), TensorSpec("time_ids", fp, [BATCH, 6])]
+    return inputs, [TensorSpec("eps", fp, list(latent))], guidance
+
+
+def vae_specs(latent_channels: int) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+    images = TensorSpec("images", "float32", [BATCH, 3, HEIGHT, WIDTH])
+    latents = TensorSpec("latents", "float32", [BATCH, latent_channels, LATENT_H, LATENT_W])
+    return {VAE_ENCODER: ([images], [latents]), VAE_DECODER: ([latents], [images])}
+
+
+def text_specs(encoder: torch.nn.Module, text_length: int, pooled: bool, dtype: torch.dtype):
+    fp = dtype_name(dtype)
+    hidden = TensorSpec("hidden_states", fp, [BATCH, text_length, int(encoder.config.hidden_size)])
+    outputs = [hidden]
+    if pooled:
+        outputs.append(TensorSpec("pooled", fp, [BATCH, int(encoder.config.projection_dim)]))
+    return [TensorSpec("input_ids", "int32", [BATCH, text_length])], outputs
+
+
+def example_inputs(inputs: list[TensorSpec], sizes: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Tensors of the right dtype and shape to trace with (batch 2, so the batch axis cannot be specialised)."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    tensors = []
+    for spec in inputs:
+        shape = [sizes[dim] if isinstance(dim, str) else dim for dim in spec.shape]
+        if spec.name == "input_ids":
+            tensor = torch.randint(0, 8, shape, generator=generator)
+        elif spec.name == "timestep":
+            tensor = torch.full(shape, 500.0)
+        else:
+            tensor = torch.randn(shape, generator=generator)
+        tensors.append(tensor.to(device, TORCH_DTYPES[spec.dtype]))
+    return tuple(tensors)
+
+
+def dynamic_axes(specs: list[TensorSpec]) -> dict[str, dict[int, str]]:
+    axes = {spec.name: {i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)} for spec in specs}
+    return {name: dims for name, dims in axes.items() if dims}
+
+
+# --- export steps ---------------------------------------------------------------------------------------
+
+
+def torch_export(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec],
+    path: Path, opset: int,
+) -> None:  # fmt: skip
+    """torch.onnx.export through the TorchScript tracer (dynamo=False): dependable for diffusers UNets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[spec.name for spec in inputs],
+            output_names=[spec.name for spec in outputs],
+            dynamic_axes=dynamic_axes(inputs + outputs),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def ort_optimize(source: Path, target: Path, large: bool) -> None:
+    """onnxruntime's offline basic-level optimisation (constant folding, redundant nodes): portable to any EP."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    if large:
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", target.name + ".data"
+        )
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def save_graph(source: Path, target: Path, large: bool) -> str | None:
+    """Write `source` (with any external data beside it) as `target`, weights in one external file if large,
+    then run onnx shape inference on the result. Returns the external data file name, if any."""
+    import onnx
+
+    proto = onnx.load(str(source), load_external_data=True)
+    external = target.name + ".data" if large else None
+    onnx.save_model(
+        proto, str(target), save_as_external_data=large, all_tensors_to_one_file=True, location=external,
+        size_threshold=1024,
+    )  # fmt: skip
+    del proto
+    onnx.shape_inference.infer_shapes_path(str(target), str(target))
+    return external
+
+
+def export_graph(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, folder: Path, opset: int,
+    optimize: bool,
+) -> GraphSpec:  # fmt: skip
+    """Trace, clean up and save one graph into `folder`; fill in its file hash."""
+    work = folder / f".work-{spec.name}"
+    try:
+        raw = work / "raw" / "model.onnx"
+        torch_export(module, args, spec.inputs, spec.outputs, raw, opset)
+        large = folder_size(raw.parent) > PROTOBUF_LIMIT
+        source = raw
+        if optimize:
+            source = work / "optimized" / "model.onnx"
+            source.parent.mkdir()
+            ort_optimize(raw, source, large)
+        target = folder / spec.file
+        spec.external_data = save_graph(source, target, large)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    files = [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
+    spec.sha256 = sha256_files(files)
+    return spec
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The module in `dtype`, copied only when the model holds it in another dtype (never modify the caller's)."""
+    current = next(module.parameters()).dtype
+    return module if current == dtype else copy.deepcopy(module).to(dtype)
+
+
+def plan_graphs(model: ICDModel, precision: str, include_teacher: bool) -> list[tuple[GraphSpec, Callable[[], Any]]]:
+    """(spec, module factory) for every graph of the model; modules are built lazily, one at a time."""
+    dtype = precision_dtype(precision)
+    text_length = int(model.tokenizers[0].model_max_length)
+    channels = model.latent_channels
+    planned: list[tuple[GraphSpec, Callable[[], Any]]] = []
+    unets = [(FORWARD, model.forward_unet), (REVERSE, model.reverse_unet)]
+    if include_teacher and model.teacher_unet is not None:
+        unets.append((TEACHER, model.teacher_unet))
+    for role, unet in unets:
+        inputs, outputs, guidance = unet_specs(unet, role, channels, text_length, dtype)
+        names = [spec.name for spec in inputs]
+        spec = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance)
+        planned.append((spec, lambda u=unet, n=names, g=guidance: UNetGraph(_cast(u, dtype), n, g)))
+    scaling = float(model.info.scaling_factor)
+    for name, (inputs, outputs) in vae_specs(channels).items():
+        cls = VaeEncoderGraph if name == VAE_ENCODER else VaeDecoderGraph
+        vae_graph = GraphSpec(name, f"{name}.onnx", inputs, outputs)
+        planned.append((vae_graph, lambda c=cls: c(_cast(model.vae, torch.float32), scaling)))
+    xl = len(model.text_encoders) > 1
+    for index, encoder in enumerate(model.text_encoders):
+        name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+        pooled = xl and index == len(model.text_encoders) - 1
+        inputs, outputs = text_specs(encoder, text_length, pooled, dtype)
+        planned.append(
+            (
+                GraphSpec(name, f"{name}.onnx", inputs, outputs),
+                lambda e=encoder, p=pooled: TextEncoderGraph(_cast(e, dtype), xl, p),
+            )
+        )
+    return planned
+
+
+def export_model(
+    model: ICDModel,
+    out_dir: str | Path | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    include_teacher: bool = True,
+    optimize: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
+
+    `optimize` (default: fp32 only) runs onnxruntime's offline basic optimisation, which needs CPU kernels
+    for every op and so cannot load most fp16 graphs.
+    """
+    say = progress or (lambda message: None)
+    precision_dtype(precision)
+    fingerprint = model_fingerprint(model)
+    key = model_key(model.info.name, fingerprint, precision)
+    if out_dir is None:
+        from .manifest import export_root
+
+        out_dir = export_root() / key
+    optimize = precision == "fp32" if optimize is None else optimize
+    device = model.device
+    text_length = int(model.tokenizers[0].model_max_length)
+    factor = model.vae_scale_factor
+    sizes = {BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
+    sizes |= {HEIGHT: EXAMPLE_LATENT * factor, WIDTH: EXAMPLE_LATENT * factor}
+    graphs: dict[str, GraphSpec] = {}
+    with atomic_folder(out_dir) as staging:
+        for spec, build in plan_graphs(model, precision, include_teacher):
+            say(f"exporting {spec.name} ({precision}, opset {opset})")
+            module = build().eval()
+            graphs[spec.name] = export_graph(
+                module, example_inputs(spec.inputs, sizes, device), spec, staging, opset, optimize
+            )
+            del module
+        manifest = Manifest(
+            model_key=key,
+            fingerprint=fingerprint,
+            precision=precision,
+            opset=opset,
+            info=model.info.to_json(),
+            vae_scale_factor=factor,
+            latent_channels=model.latent_channels,
+            text_length=text_length,
+            graphs=graphs,
+            versions=versions(),
+        )
+        write_manifest(staging, manifest)
+    say(f"exported {len(graphs)} graphs to {out_dir}")
+    return Path(out_dir)

@@ -1,0 +1,228 @@
+"""Run a loaded `ICDModel` on ONNX Runtime or TensorRT: backend choice, export on first use, the wrapper.
+
+`AcceleratedModel` replaces the denoisers, prompt encoding and VAE of a model with backend-run versions and
+delegates everything else, so `icdcli.editing.edit/invert/generate` run on it unchanged:
+
+    backend = select_backend("auto", model.device)
+    model = accelerate(model, backend, progress=say)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .denoiser import Conditioning, Denoiser, PromptEmbedding
+from .errors import ICDError
+from .models import ICDModel
+
+logger = logging.getLogger("icd")
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+# --- backend choice ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendFacts:
+    """What this process can run, probed once; `choose_backend` is a pure function of it."""
+
+    cuda: bool
+    tensorrt: bool
+    onnxruntime: bool
+    onnxruntime_cuda: bool
+    onnx: bool
+
+
+def probe_backends(device: torch.device | str | None = None) -> BackendFacts:
+    """Importability of each backend (without importing TensorRT) and whether `device` is a CUDA GPU."""
+    from icdcli.engines import onnxruntime as ort_engine
+
+    device = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    found = {name: importlib.util.find_spec(name) is not None for name in ("tensorrt", "onnxruntime", "onnx")}
+    return BackendFacts(
+        cuda=cuda,
+        tensorrt=found["tensorrt"],
+        onnxruntime=found["onnxruntime"],
+        onnxruntime_cuda=found["onnxruntime"] and cuda and ort_engine.has_cuda_provider(),
+        onnx=found["onnx"],
+    )
+
+
+def backend_problem(name: str, facts: BackendFacts) -> str | None:
+    """Why backend `name` cannot run here, with what to install or change; None when it can."""
+    if name == "torch":
+        return None
+    if name == "onnxruntime":
+        if not (facts.onnxruntime and facts.onnx):
+            gpu = " (or onnxruntime-gpu on a CUDA machine)" if facts.cuda else ""
+            return f"--backend onnxruntime needs onnxruntime and onnx: pip install 'icd[onnx]'{gpu}"
+        return None
+    if name == "tensorrt":
+        if not facts.cuda:
+            return "--backend tensorrt needs an NVIDIA GPU that torch can see (--device cuda): use --backend onnxruntime"
+        if not (facts.tensorrt and facts.onnx):
+            return "--backend tensorrt needs TensorRT 10 and onnx: pip install 'icd[tensorrt]'"
+        return None
+    raise ICDError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def choose_backend(name: str, facts: BackendFacts) -> str:
+    """The backend to run: `name` itself if it can run (else ICDError), or for "auto" the fastest present.
+
+    auto: TensorRT on a CUDA device when importable; else onnxruntime (on CUDA only with its CUDA provider,
+    since a CPU session would be slower than torch on the GPU); else torch.
+    """
+    if name != "auto":
+        problem = backend_problem(name, facts)
+        if problem:
+            raise ICDError(problem)
+        return name
+    if facts.cuda:
+        if backend_problem("tensorrt", facts) is None:
+            return "tensorrt"
+        return "onnxruntime" if facts.onnxruntime_cuda and facts.onnx else "torch"
+    return "onnxruntime" if backend_problem("onnxruntime", facts) is None else "torch"
+
+
+def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
+    """"auto"|"tensorrt"|"onnxruntime"|"torch" -> the backend that will run; ICDError if a named one cannot."""
+    return choose_backend(name, probe_backends(device))
+
+
+# --- export on first use ----------------------------------------------------------------------------------
+
+
+def default_precision(model: ICDModel) -> str:
+    return "fp16" if model.device.type == "cuda" and model.dtype == torch.float16 else "fp32"
+
+
+def ensure_exported(
+    model: ICDModel,
+    precision: str | None = None,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, Any]:
+    """The model's ONNX export folder and manifest, exporting it first when missing or stale.
+
+    A file lock keeps two processes from exporting the same model at once; the second one waits and
+    then finds the first one's export.
+    """
+    from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
+    from icdcli.export.files import file_lock
+    from icdcli.export.manifest import model_fingerprint
+
+    precision = precision or default_precision(model)
+    folder = Path(out_dir) if out_dir is not None else default_export_dir(model, precision)
+    fingerprint = model_fingerprint(model)
+    need_teacher = model.teacher_unet is not None
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        manifest = None if force else read_manifest(folder)
+        reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
+        if reason is not None:
+            why = "first use" if reason == "no export yet" else reason
+            logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
+            export_model(model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress)
+            manifest = read_manifest(folder)
+    return folder, manifest
+
+
+# --- the wrapper ------------------------------------------------------------------------------------------
+
+
+class AcceleratedModel:
+    """An `ICDModel` whose denoisers, text encoders and VAE run on a backend; everything else is delegated."""
+
+    def __init__(self, model: ICDModel, parts: Any):
+        self.model = model
+        self.parts = parts
+        self.backend: str = parts.name
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes this class does not define: info, tokenizers, device, dtype, ...
+        return getattr(self.__dict__["model"], name)
+
+    def to(self, *args: Any, **kwargs: Any) -> AcceleratedModel:
+        raise ICDError("move the model with .to() before accelerating it: backend sessions are bound to a device")
+
+    @property
+    def forward_denoiser(self) -> Denoiser:
+        return self.parts.forward
+
+    @property
+    def reverse_denoiser(self) -> Denoiser:
+        return self.parts.reverse
+
+    @property
+    def teacher_denoiser(self) -> Denoiser:
+        return self.parts.teacher if self.parts.teacher is not None else self.model.teacher_denoiser
+
+    def encode_prompt(self, text: str) -> PromptEmbedding:
+        from icdcli.engines.base import encode_ids
+
+        needed, limit = self.model.prompt_token_count(text)
+        if needed > limit:
+            logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, text)
+        ids = [
+            tokenizer(
+                text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.model.device)
+            for tokenizer in self.model.tokenizers
+        ]
+        return encode_ids(self.parts.text_encoders, ids)
+
+    def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
+        # ICDModel's own logic, with this object's encode_prompt
+        return ICDModel.conditioning(self, prompt, height, width, with_negative)  # type: ignore[arg-type]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> clean latents (posterior mean times scaling factor, inside the graph)."""
+        return self.parts.vae_encoder({"images": pixels.to(self.model.device, torch.float32)})["latents"]
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> pixels in [-1, 1]."""
+        return self.parts.vae_decoder({"latents": latents.to(self.model.device, torch.float32)})["images"]
+
+
+def torch_fallbacks(model: ICDModel) -> dict[str, Denoiser]:
+    """The torch denoisers the graphs hand attention control (and uncovered shapes) to."""
+    fallbacks: dict[str, Denoiser] = {"forward_unet": model.forward_denoiser, "reverse_unet": model.reverse_denoiser}
+    if model.teacher_unet is not None:
+        fallbacks["teacher_unet"] = model.teacher_denoiser
+    return fallbacks
+
+
+def accelerate(
+    model: ICDModel,
+    backend: str,
+    progress: Callable[[str], None] | None = None,
+    export_dir: str | Path | None = None,
+    **tensorrt_options: Any,
+) -> ICDModel | AcceleratedModel:
+    """`model` on `backend` (as returned by `select_backend`); torch returns the model itself.
+
+    Exports to ONNX on first use, and for TensorRT builds engines on first use (both cached).
+    """
+    if backend == "torch":
+        return model
+    if backend == "onnxruntime":
+        from icdcli.engines import onnxruntime as ort_engine
+
+        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
+        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, torch_fallbacks(model)))
+    if backend == "tensorrt":
+        from icdcli.engines import tensorrt as trt_engine
+
+        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
+        parts = trt_engine.load_parts(folder, manifest, model, torch_fallbacks(model), progress=progress, **tensorrt_options)
+        return AcceleratedModel(model, parts)
+    raise ICDError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
