@@ -112,11 +112,12 @@ class GraphDenoiser:
         if cond.negative is None:
             raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
         batch = x.shape[0]
+        negative, positive = cond.negative, cond.prompt
         pair = PromptEmbedding(
-            torch.cat([expand_batch(cond.negative.hidden_states, batch), expand_batch(cond.prompt.hidden_states, batch)]),
+            torch.cat([expand_batch(negative.hidden_states, batch), expand_batch(positive.hidden_states, batch)]),
             None
-            if cond.prompt.pooled is None
-            else torch.cat([expand_batch(cond.negative.pooled, batch), expand_batch(cond.prompt.pooled, batch)]),
+            if positive.pooled is None
+            else torch.cat([expand_batch(negative.pooled, batch), expand_batch(positive.pooled, batch)]),
         )
         time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
         eps_uncond, eps_cond = self._evaluate(torch.cat([x, x]), t, pair, time_ids, None).chunk(2)

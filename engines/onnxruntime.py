@@ -74,7 +74,8 @@ class OrtGraph:
         if self.binding:
             return self._run_bound(inputs)
         arrays = self.session.run(self.output_names, {name: tensor.numpy() for name, tensor in inputs.items()})
-        return {name: torch.from_numpy(array).to(self.device) for name, array in zip(self.output_names, arrays)}
+        pairs = zip(self.output_names, arrays, strict=True)
+        return {name: torch.from_numpy(array).to(self.device) for name, array in pairs}
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()

@@ -68,7 +68,7 @@ def backend_problem(name: str, facts: BackendFacts) -> str | None:
         return None
     if name == "tensorrt":
         if not facts.cuda:
-            return "--backend tensorrt needs an NVIDIA GPU that torch can see (--device cuda): use --backend onnxruntime"
+            return "--backend tensorrt needs an NVIDIA GPU that torch sees (--device cuda): use --backend onnxruntime"
         if not (facts.tensorrt and facts.onnx):
             return "--backend tensorrt needs TensorRT 10 and onnx: pip install 'icd[tensorrt]'"
         return None
@@ -94,7 +94,7 @@ def choose_backend(name: str, facts: BackendFacts) -> str:
 
 
 def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
-    """"auto"|"tensorrt"|"onnxruntime"|"torch" -> the backend that will run; ICDError if a named one cannot."""
+    """The backend that will run for auto, tensorrt, onnxruntime or torch; ICDError if a named one cannot."""
     return choose_backend(name, probe_backends(device))
 
 
@@ -223,6 +223,7 @@ def accelerate(
         from icdcli.engines import tensorrt as trt_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        parts = trt_engine.load_parts(folder, manifest, model, torch_fallbacks(model), progress=progress, **tensorrt_options)
+        fallbacks = torch_fallbacks(model)
+        parts = trt_engine.load_parts(folder, manifest, model, fallbacks, progress=progress, **tensorrt_options)
         return AcceleratedModel(model, parts)
     raise ICDError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
