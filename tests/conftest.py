@@ -5,7 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+# The test models are tiny: more threads only add synchronisation (and oversubscribe a shared CPU).
+torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from icdcli.training.bench import bench_inversion, bench_shapes_edit, classify, edit_pairs, markdown_table
+from icdcli.training.scenes import EDIT_KINDS, change_mask
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_classify_recovers_the_rendered_attribute_under_noise(kind):
+    rng = np.random.default_rng(0)
+    hits = 0
+    pairs = [p for p in edit_pairs(20) if p[2] == kind]
+    for _, target, _ in pairs:
+        image = target.render(32).astype(np.float64) + rng.normal(0, 20, (32, 32, 3))
+        attribute = {"colour": target.colour, "shape": target.shape, "background": target.background}[kind]
+        hits += classify(np.clip(image, 0, 255), target, kind) == attribute
+    assert hits == len(pairs)
+
+
+def test_classify_rejects_the_unedited_source():
+    wrong = 0
+    for source, target, kind in edit_pairs(20):
+        attribute = {"colour": target.colour, "shape": target.shape, "background": target.background}[kind]
+        wrong += classify(source.render(32).astype(np.float64), target, kind) != attribute
+    assert wrong == 60
+
+
+def test_edit_pairs_change_exactly_one_attribute():
+    for source, target, kind in edit_pairs(30):
+        differs = [a for a in ("colour", "shape", "background") if getattr(source, a) != getattr(target, a)]
+        assert differs == [kind]
+        assert change_mask(source, target).any()
+
+
+def test_benches_run_end_to_end_on_a_tiny_model(merged_model):
+    inversion = bench_inversion({"cd4+lf+lr": merged_model}, merged_model, count=4, batch=4)
+    names = [row["config"] for row in inversion["rows"]]
+    assert names == ["ddim50", "cd4+lf+lr", "ddim50-w8", "ddim50-w8-dcfg", "cd4+lf+lr-w8-dcfg"]
+    assert "cd2" in inversion["skipped"] and inversion["n_images"] == 4
+    assert all(np.isfinite(row["psnr"]) and row["mse"] >= 0 for row in inversion["rows"])
+    edits = bench_shapes_edit(merged_model, count=2, batch=6)
+    assert [(r["method"], r["kind"]) for r in edits["rows"]][:4] == [
+        ("icd4-swap", "colour"), ("icd4-swap", "shape"), ("icd4-swap", "background"), ("icd4-swap", "all")
+    ]  # fmt: skip
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in edits["rows"])
+    assert "| method |" in markdown_table(edits["rows"], ["method", "kind", "accuracy"])
