@@ -1,0 +1,137 @@
+"""`icd export`: ONNX export (and TensorRT engine builds) ahead of time; `describe_cache` for `icd info`.
+
+Registered on the main group by `icdcli.cli` (`main.add_command(export)`, at the end of cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import _load, _reports_errors, _say, model_options
+
+
+@click.command("export")
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="onnxruntime: write the ONNX graphs. tensorrt: also build TensorRT engines (needs a GPU and TensorRT).",
+)
+@click.option(
+    "--fp16", is_flag=True, help="Export UNets and text encoders in fp16 (for TensorRT / CUDA; the VAE stays fp32)."
+)
+@click.option(
+    "--height", type=click.IntRange(min=8), default=None, help="TensorRT: image height the engines are tuned for."
+)
+@click.option(
+    "--width", type=click.IntRange(min=8), default=None, help="TensorRT: image width the engines are tuned for."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="TensorRT: largest batch (default 2 for CFG models, else 1).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the ONNX graphs. Default: the cache (icd info shows where), used by --backend on later runs.",
+)
+@click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
+@model_options
+@_reports_errors
+def export(
+    backend: str,
+    fp16: bool,
+    height: int | None,
+    width: int | None,
+    batch: int | None,
+    out: Path | None,
+    force: bool,
+    **model_opts: Any,
+) -> None:
+    """Export the model's UNets, VAE and text encoders to ONNX, and optionally build TensorRT engines.
+
+    The forward UNet is exported with w = 1 folded in; a guidance-distilled reverse UNet takes the
+    guidance embedding as `timestep_cond`. Graphs go to a temporary folder that is renamed when complete,
+    with a manifest.json that records the model, precision, opset and versions. Later runs with
+    --backend onnxruntime/tensorrt find the export in the cache; without it they export on first use.
+
+    \b
+    Examples:
+      icd export                                   # the embedded model, fp32 ONNX in the cache
+      icd export --model sd15 --backend tensorrt --fp16 --height 512 --width 512
+      icd export --model ./my-model --out ./my-model-onnx
+    """
+    from .accelerated import ensure_exported, select_backend
+
+    if backend == "tensorrt":
+        if not fp16 and model_opts.get("precision") == "auto":
+            fp16 = True
+        select_backend("tensorrt", model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
+    else:
+        select_backend("onnxruntime")
+    model, label, _ = _load(model_opts, need_teacher=True)
+    precision = "fp16" if fp16 else "fp32"
+    _say(f"exporting {label} ({precision}) ...")
+    folder, manifest = ensure_exported(model, precision, out_dir=out, force=force, progress=_say)
+    _say(f"ONNX export: {folder}")
+    if backend == "tensorrt":
+        from .accelerated import torch_fallbacks
+        from .engines import tensorrt as trt_engine
+
+        trt_engine.load_parts(
+            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width, max_batch=batch
+        )
+        _say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
+
+
+def _entries(folder: Path, pattern: str) -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def describe_cache() -> dict[str, Any]:
+    """ONNX exports and TensorRT engines in the cache, for `icd info`."""
+    from .export.files import folder_size
+    from .export.manifest import export_root, read_manifest
+    from .models import cache_root
+
+    exports = []
+    for folder in _entries(export_root(), "*"):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        manifest = read_manifest(folder)
+        exports.append(
+            {
+                "path": str(folder),
+                "model": manifest.info.get("name") if manifest else None,
+                "precision": manifest.precision if manifest else None,
+                "graphs": sorted(manifest.graphs) if manifest else [],
+                "complete": manifest is not None,
+                "bytes": folder_size(folder),
+            }
+        )
+    engines = []
+    for meta_path in _entries(cache_root() / "engines", "*/*.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        plan = meta_path.with_suffix(".plan")
+        engines.append(
+            {
+                "path": str(plan),
+                "graph": meta.get("graph"),
+                "kind": meta.get("kind"),
+                "tensorrt": meta.get("tensorrt"),
+                "compute_capability": meta.get("compute_capability"),
+                "bytes": plan.stat().st_size if plan.is_file() else 0,
+            }
+        )
+    return {"onnx": exports, "engines": engines}

@@ -1,0 +1,274 @@
+"""ONNX export: graph signatures, the manifest, and onnxruntime outputs against PyTorch on the tiny models.
+
+Tolerance for fp32 graphs on onnxruntime vs PyTorch: |ort - torch| <= 1e-4 * (1 + max|torch|). Both sides
+compute in float32 with the same weights; they differ only in summation order (onnxruntime fuses
+attention, group norm and convolution differently), which moves results by ~1e-6 relative on these tiny
+models. 1e-4 leaves headroom for other CPUs' SIMD widths while still catching any real graph error (a
+wrong input, a missing scaling factor or guidance embedding changes results by O(1)).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (pip install 'icd[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="comparisons need onnxruntime (pip install 'icd[onnx]')")
+
+from icdcli.denoiser import guidance_scale_embedding  # noqa: E402
+from icdcli.export import export_model, model_fingerprint, read_manifest, stale_reason  # noqa: E402
+from icdcli.export.files import atomic_folder, file_lock  # noqa: E402
+from icdcli.export.manifest import DEFAULT_OPSET, GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED  # noqa: E402
+from icdcli.export.onnx import save_graph  # noqa: E402
+
+RTOL = 1e-4
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The error relative to the tolerance (<= 1 passes)."""
+    error = (actual.float() - expected.float()).abs().max().item()
+    return error / (RTOL * (1.0 + expected.abs().max().item()))
+
+
+def exported(tmp_path_factory, model, name: str, precision: str = "fp32") -> Path:
+    """Export once per test session (shared by test_export and test_engines through the session's basetemp)."""
+    folder = tmp_path_factory.getbasetemp() / "icd-exports" / f"{name}-{precision}"
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        if read_manifest(folder) is None:
+            export_model(model, folder, precision)
+    return folder
+
+
+def sdxl_model(sdxl_parts):
+    from icdcli.models import LoraSources, fuse_lora_model
+
+    parts = sdxl_parts
+    return fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
+
+
+def cfg_model(merged_model):
+    """An SD1.5 model whose UNets have no guidance distillation (real CFG, batch 2 on guided steps)."""
+    from tiny import make_teacher
+
+    from icdcli.models import ICDModel, ModelInfo
+
+    info = ModelInfo.from_json({**merged_model.info.to_json(), "guidance_distilled": False, "name": "tiny-cfg"})
+    forward, reverse = make_teacher("sd15", 21, False), make_teacher("sd15", 22, False)
+    teacher = make_teacher("sd15", 23, False)
+    m = merged_model
+    return ICDModel(info, m.vae, m.text_encoders, m.tokenizers, forward, reverse, teacher, source="")
+
+
+@pytest.fixture(scope="module")
+def sd15_export(merged_model, tmp_path_factory):
+    return exported(tmp_path_factory, merged_model, "sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl_setup(sdxl_parts, tmp_path_factory):
+    model = sdxl_model(sdxl_parts)
+    return model, exported(tmp_path_factory, model, "sdxl")
+
+
+def session(folder: Path, graph: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(folder / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+
+
+def run(folder: Path, graph: str, **feeds: torch.Tensor) -> list[torch.Tensor]:
+    outputs = session(folder, graph).run(None, {name: tensor.numpy() for name, tensor in feeds.items()})
+    return [torch.from_numpy(array) for array in outputs]
+
+
+def onnx_inputs(path: Path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {item.name: item.type.tensor_type.elem_type for item in graph.input}
+
+
+# --- signatures and manifest ------------------------------------------------------------------------------
+
+
+def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
+    forward = onnx_inputs(sd15_export / "forward_unet.onnx")
+    reverse = onnx_inputs(sd15_export / "reverse_unet.onnx")
+    assert list(forward) == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(reverse) == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    manifest = read_manifest(sd15_export)
+    assert manifest.graphs["forward_unet"].guidance == GUIDANCE_FOLDED
+    assert manifest.graphs["reverse_unet"].guidance == GUIDANCE_EMBEDDING
+    assert manifest.graphs["reverse_unet"].input("timestep_cond").shape == ["batch", 512]
+
+
+def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merged_model):
+    from icdcli.export.files import sha256_files
+
+    data = json.loads((sd15_export / "manifest.json").read_text())
+    assert data["precision"] == "fp32" and data["opset"] == DEFAULT_OPSET
+    assert data["info"]["reverse_boundaries"] == list(merged_model.info.reverse_boundaries)
+    assert data["info"]["scaling_factor"] == merged_model.info.scaling_factor
+    assert data["info"]["guidance_distilled"] is True
+    assert data["fingerprint"] == model_fingerprint(merged_model)
+    assert data["versions"]["torch"] and data["versions"]["onnx"] and data["versions"]["icd"]
+    assert set(data["graphs"]) == {
+        "forward_unet", "reverse_unet", "teacher_unet", "vae_encoder", "vae_decoder", "text_encoder"
+    }  # fmt: skip
+    for graph in data["graphs"].values():
+        assert graph["sha256"] == sha256_files([sd15_export / graph["file"]])
+        assert graph["external_data"] is None
+    sample = data["graphs"]["reverse_unet"]["inputs"][0]
+    assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]}
+
+
+def test_sdxl_graphs_take_text_embeds_and_time_ids(sdxl_setup):
+    _, folder = sdxl_setup
+    assert list(onnx_inputs(folder / "forward_unet.onnx")) == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"
+    ]  # fmt: skip
+    assert "timestep_cond" in onnx_inputs(folder / "reverse_unet.onnx")
+    manifest = read_manifest(folder)
+    assert [o.name for o in manifest.graphs["text_encoder_2"].outputs] == ["hidden_states", "pooled"]
+    assert [o.name for o in manifest.graphs["text_encoder"].outputs] == ["hidden_states"]
+
+
+def test_stale_reasons():
+    from icdcli.export.manifest import Manifest
+
+    manifest = Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, {})
+    assert stale_reason(None, "abc", "fp32", DEFAULT_OPSET) == "no export yet"
+    assert stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET) is None
+    assert "source model" in stale_reason(manifest, "xyz", "fp32", DEFAULT_OPSET)
+    assert "precision" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET)
+    assert "opset" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET + 1)
+    assert "teacher" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET, need_teacher=True)
+
+
+def test_fingerprint_is_the_same_for_a_fused_and_a_cached_model(sd15_parts, merged_model):
+    from icdcli.models import LoraSources, fuse_lora_model
+
+    parts = sd15_parts
+    fused = fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
+    assert model_fingerprint(fused) == model_fingerprint(merged_model)
+
+
+def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "export"
+    with pytest.raises(RuntimeError), atomic_folder(target) as staging:
+        (staging / "half.onnx").write_text("partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(target) as staging:
+        (staging / "done").write_text("ok")
+    with atomic_folder(target) as staging:
+        (staging / "again").write_text("ok")
+    assert [p.name for p in target.iterdir()] == ["again"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_external_data_round_trip(sd15_export, tmp_path):
+    """Graphs over 2 GB keep weights in one external file: the same code path, forced on a small graph."""
+    target = tmp_path / "vae_decoder.onnx"
+    assert save_graph(sd15_export / "vae_decoder.onnx", target, large=True) == "vae_decoder.onnx.data"
+    assert (tmp_path / "vae_decoder.onnx.data").stat().st_size > target.stat().st_size
+    latents = torch.randn(1, 4, 8, 8)
+    (expected,) = run(sd15_export, "vae_decoder", latents=latents)
+    (actual,) = run(tmp_path, "vae_decoder", latents=latents)
+    assert torch.equal(actual, expected)
+
+
+# --- onnxruntime vs PyTorch, graph by graph ---------------------------------------------------------------
+
+
+def unet_reference(unet, sample, t, hidden, cond=None, pooled=None, time_ids=None):
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=hidden, timestep_cond=cond, added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("batch, latent_hw", [(1, (8, 8)), (2, (16, 8))])
+def test_unet_graphs_match_torch(family, batch, latent_hw, merged_model, sd15_export, sdxl_setup):
+    model, folder = (merged_model, sd15_export) if family == "sd15" else sdxl_setup
+    generator = torch.Generator().manual_seed(batch)
+    sample = torch.randn(batch, 4, *latent_hw, generator=generator)
+    timestep = torch.tensor([999.0, 259.0][:batch])
+    cond = model.conditioning("a red circle", latent_hw[0] * 2, latent_hw[1] * 2)
+    hidden = cond.prompt.hidden_states.expand(batch, -1, -1)
+    extra, pooled, time_ids = {}, None, None
+    if family == "sdxl":
+        pooled, time_ids = cond.prompt.pooled.expand(batch, -1), cond.time_ids.expand(batch, -1)
+        extra = {"text_embeds": pooled, "time_ids": time_ids}
+    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden, **extra}
+    folded = guidance_scale_embedding(torch.ones(batch))
+    expected = unet_reference(model.forward_unet, sample, timestep, hidden, folded, pooled, time_ids)
+    assert close(run(folder, "forward_unet", **feeds)[0], expected) <= 1
+    embedding = guidance_scale_embedding(torch.tensor([8.0, 3.0][:batch]))
+    for graph, unet in (("reverse_unet", model.reverse_unet), ("teacher_unet", model.teacher_unet)):
+        expected = unet_reference(unet, sample, timestep, hidden, embedding, pooled, time_ids)
+        assert close(run(folder, graph, **feeds, timestep_cond=embedding)[0], expected) <= 1
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_vae_and_text_graphs_match_torch(family, merged_model, sd15_export, sdxl_setup):
+    model, folder = (merged_model, sd15_export) if family == "sd15" else sdxl_setup
+    pixels = torch.rand(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    (latents,) = run(folder, "vae_encoder", images=pixels)
+    assert close(latents, model.encode_image(pixels)) <= 1
+    (images,) = run(folder, "vae_decoder", latents=latents)
+    assert close(images, model.decode_latents(latents)) <= 1
+    expected = model.encode_prompt("a blue square on a white background")
+    tokenizer = model.tokenizers[0]
+    ids = tokenizer("a blue square on a white background", padding="max_length", return_tensors="pt").input_ids
+    outputs = [run(folder, name, input_ids=ids.to(torch.int32)) for name in sorted(read_manifest(folder).graphs)
+               if name.startswith("text_encoder")]  # fmt: skip
+    hidden = torch.cat([output[0] for output in outputs], dim=-1)
+    assert close(hidden, expected.hidden_states) <= 1
+    if family == "sdxl":
+        assert close(outputs[-1][1], expected.pooled) <= 1
+
+
+def test_cfg_unet_graph_serves_batch_one_and_two(merged_model, tmp_path_factory):
+    model = cfg_model(merged_model)
+    folder = exported(tmp_path_factory, model, "sd15-cfg")
+    manifest = read_manifest(folder)
+    assert {manifest.graphs[g].guidance for g in ("forward_unet", "reverse_unet")} == {GUIDANCE_CFG}
+    assert "timestep_cond" not in onnx_inputs(folder / "reverse_unet.onnx")
+    hidden = model.encode_prompt("a cat")
+    for batch in (1, 2):
+        sample = torch.randn(batch, 4, 8, 8)
+        feeds = dict(
+            sample=sample,
+            timestep=torch.full((batch,), 500.0),
+            encoder_hidden_states=hidden.hidden_states.expand(batch, -1, -1),
+        )
+        expected = unet_reference(model.reverse_unet, sample, feeds["timestep"], feeds["encoder_hidden_states"])
+        assert close(run(folder, "reverse_unet", **feeds)[0], expected) <= 1
+
+
+def test_fp16_export_types(merged_model, tmp_path_factory):
+    """fp16 graphs are for TensorRT / CUDA: UNets and text encoders in fp16, the VAE stays fp32.
+
+    Not run here: onnxruntime's CPU provider has no fp16 kernels for most of these ops."""
+    folder = exported(tmp_path_factory, merged_model, "sd15", "fp16")
+    float16, float32, int32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
+    assert onnx_inputs(folder / "reverse_unet.onnx") == {
+        "sample": float16, "timestep": float32, "encoder_hidden_states": float16, "timestep_cond": float16
+    }  # fmt: skip
+    assert onnx_inputs(folder / "vae_decoder.onnx") == {"latents": float32}
+    assert onnx_inputs(folder / "text_encoder.onnx") == {"input_ids": int32}
+    onnx.checker.check_model(str(folder / "forward_unet.onnx"))
+    assert read_manifest(folder).precision == "fp16"
+    assert next(merged_model.forward_unet.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+def test_export_measured_error_is_tiny(merged_model, sd15_export):
+    """Documents the measured fp32 error (docs/engines.md quotes it): far below the tolerance."""
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    hidden = merged_model.encode_prompt("a cat").hidden_states
+    embedding = guidance_scale_embedding(torch.tensor([8.0]))
+    feeds = dict(sample=sample, timestep=torch.tensor([519.0]), encoder_hidden_states=hidden)
+    expected = unet_reference(merged_model.reverse_unet, sample, feeds["timestep"], hidden, embedding)
+    actual = run(sd15_export, "reverse_unet", **feeds, timestep_cond=embedding)[0]
+    assert np.abs((actual - expected).numpy()).max() < 1e-4
