@@ -540,6 +540,78 @@ def generate(
     )
 
 
+@main.group()
+def bench() -> None:
+    """Measure the model on held-out procedural scenes (the embedded model's world)."""
+
+
+def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Held-out scenes."),
+        click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True, help="Images per batch."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the scenes and the noise."),
+        click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"n_images": N, "rows": [...]}.'),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@bench.command("inversion")
+@click.option(
+    "--variants",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of model variants named like the rows (cd2, cd3, cd4, cd4+lf); --model is cd4+lf+lr.",
+)
+@bench_options
+@model_options
+@_reports_errors
+def bench_inversion_command(
+    variants: Path | None, limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any
+) -> None:
+    """Reconstruction quality (MSE, PSNR, SSIM) in the shape of the paper's Table 2.
+
+    Unguided decoding: fDDIM50|DDIM50 on the teacher, fCD|CD with 2, 3 and 4 steps, +L_f, +L_f+L_r.
+    Guided decoding at w=8: DDIM50 without and with dynamic guidance, fCD4|CD4 likewise, +L_f,
+    +L_f+L_r. Rows whose model variant is absent are listed as skipped.
+    """
+    from .models import load_model_folder
+    from .training.bench import bench_inversion, load_variants, markdown_table
+
+    model, _, _ = _load(model_opts, need_teacher=True)
+    found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
+    found.setdefault("cd4+lf+lr", model)
+    result = bench_inversion(found, model if model.teacher_unet is not None else None, limit, batch, seed, _say)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(markdown_table(result["rows"], ["config", "mse", "psnr", "ssim"]))
+    if result["skipped"]:
+        click.echo(f"\nskipped (no such variant): {', '.join(result['skipped'])}")
+
+
+@bench.command("shapes-edit")
+@bench_options
+@model_options
+@_reports_errors
+def bench_shapes_edit_command(limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any) -> None:
+    """Edit held-out scenes to a copy with one attribute changed and compare with its exact rendering.
+
+    For each kind (colour, shape, background): PSNR to the target, PSNR of the unchanged region to
+    the source, and attribute accuracy. Methods: icd4-swap (the model) and ddim50-swap (its teacher,
+    DDIM50 inversion + prompt swap at w=8).
+    """
+    from .training.bench import bench_shapes_edit, markdown_table
+
+    model, _, _ = _load(model_opts, need_teacher=True)
+    result = bench_shapes_edit(model, limit, batch, seed, progress=_say)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(markdown_table(result["rows"], ["method", "kind", "psnr_target", "psnr_background", "accuracy"]))
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:

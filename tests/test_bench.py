@@ -44,3 +44,21 @@ def test_benches_run_end_to_end_on_a_tiny_model(merged_model):
     ]  # fmt: skip
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in edits["rows"])
     assert "| method |" in markdown_table(edits["rows"], ["method", "kind", "accuracy"])
+
+
+def test_bench_commands_print_json(merged_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from icdcli.cli import main
+
+    inversion = CliRunner().invoke(main, ["bench", "inversion", "--model", str(merged_dir), "--limit", "2", "--json"])
+    assert inversion.exit_code == 0, inversion.output
+    report = json.loads(inversion.stdout)
+    assert report["n_images"] == 2 and {"config", "mse", "psnr", "ssim"} <= report["rows"][0].keys()
+    edits = CliRunner().invoke(main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--json"])
+    assert edits.exit_code == 0, edits.output
+    rows = json.loads(edits.stdout)["rows"]
+    assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap"}
+    assert {row["kind"] for row in rows} == {"colour", "shape", "background", "all"}
