@@ -105,6 +105,16 @@ def default_precision(model: ICDModel) -> str:
     return "fp16" if model.device.type == "cuda" and model.dtype == torch.float16 else "fp32"
 
 
+def lock_path(folder: Path) -> Path:
+    """A lock file in the cache for an export folder, so no lock file is left beside a user's --out folder."""
+    import hashlib
+
+    from .models import cache_root
+
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    return cache_root() / "locks" / f"{digest}.lock"
+
+
 def ensure_exported(
     model: ICDModel,
     precision: str | None = None,
@@ -125,7 +135,7 @@ def ensure_exported(
     folder = Path(out_dir) if out_dir is not None else default_export_dir(model, precision)
     fingerprint = model_fingerprint(model)
     need_teacher = model.teacher_unet is not None
-    with file_lock(folder.parent / f".{folder.name}.lock"):
+    with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
         reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
         if reason is not None:

@@ -1,0 +1,379 @@
+"""Backends: AcceleratedModel on onnxruntime against PyTorch, backend selection, TensorRT's pure logic.
+
+Edit tolerance, in pixels: at most 2 levels of 255 anywhere in the image. Every graph agrees with PyTorch to
+~1e-6 relative (see test_export); eight UNet evaluations, the DDIM jumps and the VAE decoder carry that
+into pixel values that differ by ~1e-5 of a level, and quantising to uint8 can then flip a value that sits on
+a rounding boundary by one level. 2 levels is that plus headroom; a real error (wrong guidance, prompt or
+scaling) moves pixels by tens of levels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icdcli.accelerated import AcceleratedModel, BackendFacts, accelerate, choose_backend, select_backend
+from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+from icdcli.editing import SamplerSettings, edit, generate
+from icdcli.engines import tensorrt as trt_engine
+from icdcli.engines.base import GraphDenoiser, ShapeNotCovered
+from icdcli.errors import ICDError
+from icdcli.export.manifest import GraphSpec, Manifest, TensorSpec
+
+PIXEL_LEVELS = 2
+
+
+def scene() -> Image.Image:
+    pixels = np.full((32, 32, 3), (30, 60, 200), dtype=np.uint8)
+    pixels[8:24, 8:24] = (220, 40, 40)
+    return Image.fromarray(pixels)
+
+
+def pixel_gap(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+
+
+# --- onnxruntime end to end -------------------------------------------------------------------------------
+
+onnx_needed = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="needs onnxruntime and onnx (pip install 'icd[onnx]')",
+)
+
+
+@pytest.fixture(scope="module")
+def ort_sd15(merged_model, tmp_path_factory):
+    from test_export import exported
+
+    return accelerate(merged_model, "onnxruntime", export_dir=exported(tmp_path_factory, merged_model, "sd15"))
+
+
+@onnx_needed
+def test_accelerated_model_delegates_and_reports_backend(ort_sd15, merged_model):
+    assert isinstance(ort_sd15, AcceleratedModel) and ort_sd15.backend == "onnxruntime"
+    assert ort_sd15.info is merged_model.info and ort_sd15.tokenizers is merged_model.tokenizers
+    assert ort_sd15.forward_denoiser.backend == "onnxruntime"
+    assert ort_sd15.teacher_denoiser.backend == "onnxruntime"
+    with pytest.raises(ICDError):
+        ort_sd15.to("cpu")
+
+
+@onnx_needed
+@pytest.mark.parametrize("sampler", ["icd", "ddim"])
+def test_edit_on_onnxruntime_matches_torch(ort_sd15, merged_model, sampler):
+    settings = SamplerSettings(sampler, ddim_steps=10, seed=3)
+    args = (scene(), "a red square on a blue background", "a green square on a blue background", 7.0, 0.8, settings)
+    assert pixel_gap(edit(ort_sd15, *args), edit(merged_model, *args)) <= PIXEL_LEVELS
+
+
+@onnx_needed
+def test_generate_on_onnxruntime_matches_torch(ort_sd15, merged_model):
+    args = ("a cat", 8.0, 1.0, SamplerSettings(seed=1))
+    assert pixel_gap(generate(ort_sd15, *args), generate(merged_model, *args)) <= PIXEL_LEVELS
+
+
+@onnx_needed
+def test_sdxl_edit_on_onnxruntime_matches_torch(sdxl_parts, tmp_path_factory):
+    from test_export import exported, sdxl_model
+
+    model = sdxl_model(sdxl_parts)
+    fast = accelerate(model, "onnxruntime", export_dir=exported(tmp_path_factory, model, "sdxl"))
+    args = (scene(), "a red square", "a green square", 8.0, 0.7, SamplerSettings(seed=0))
+    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= PIXEL_LEVELS
+
+
+@onnx_needed
+def test_cfg_model_runs_batch_two_on_guided_steps(merged_model, tmp_path_factory):
+    from test_export import cfg_model, exported
+
+    model = cfg_model(merged_model)
+    fast = accelerate(model, "onnxruntime", export_dir=exported(tmp_path_factory, model, "sd15-cfg"))
+    batches = []
+    runner = fast.reverse_denoiser.runner
+    fast.reverse_denoiser.runner = lambda feeds: batches.append(feeds["sample"].shape[0]) or runner(feeds)
+    cond = fast.conditioning("a cat", 16, 16, with_negative=True)
+    x = torch.randn(1, 4, 8, 8)
+    for guidance in (1.0, 4.0):
+        expected = UNetDenoiser(model.reverse_unet)(x, 500, cond, guidance)
+        actual = fast.reverse_denoiser(x, 500, cond, guidance)
+        assert (actual - expected).abs().max() <= 1e-4 * (1 + expected.abs().max())
+    assert batches == [1, 2]
+    args = (scene(), "a red square", "a green square", 4.0, 0.8, SamplerSettings(seed=0))
+    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= PIXEL_LEVELS
+
+
+@onnx_needed
+def test_export_on_first_use_only(merged_model, caplog, monkeypatch, tmp_path):
+    import icdcli.accelerated as accelerated
+    from icdcli import export as export_package
+    from icdcli.models import ICDModel
+
+    calls = []
+
+    original = export_package.export_model
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(export_package, "export_model", counting)
+    m = merged_model  # without its teacher: a smaller export
+    model = ICDModel(m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, None, m.source)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        folder, _ = accelerated.ensure_exported(model)
+        again, _ = accelerated.ensure_exported(model)
+    assert len(calls) == 1 and folder == again
+    assert "to ONNX (first use)" in caplog.text
+    assert folder.parent.name == "onnx" and folder.name.endswith("-fp32")
+    from icdcli.cli_export import describe_cache
+
+    listed = describe_cache()["onnx"]
+    assert [entry["path"] for entry in listed] == [str(folder)] and listed[0]["complete"]
+
+
+# --- denoiser seam with fake runners ----------------------------------------------------------------------
+
+
+def fake_spec(guidance: str, inputs: tuple[str, ...] = ("sample", "timestep", "encoder_hidden_states")) -> GraphSpec:
+    specs = [TensorSpec(name, "float32", ["batch"]) for name in inputs]
+    if guidance == "embedding":
+        specs.append(TensorSpec("timestep_cond", "float32", ["batch", 512]))
+    return GraphSpec("reverse_unet", "reverse_unet.onnx", specs, [TensorSpec("eps", "float32", ["batch"])], guidance)
+
+
+def test_attention_control_goes_to_the_torch_fallback():
+    seen = []
+    fallback = lambda x, t, cond, guidance, control: seen.append(control) or x * 0  # noqa: E731
+    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
+    cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
+    x = torch.ones(1, 4, 2, 2)
+    assert torch.equal(denoiser(x, 999, cond, 8.0), x)
+    assert torch.equal(denoiser(x, 999, cond, 8.0, control="p2p"), x * 0) and seen == ["p2p"]
+    with pytest.raises(ICDError, match="torch"):
+        GraphDenoiser(denoiser.runner, fake_spec("embedding"))(x, 999, cond, 8.0, control="p2p")
+
+
+def test_uncovered_shapes_fall_back_and_folded_graph_refuses_guidance():
+    def uncovered(feeds):
+        raise ShapeNotCovered("outside every profile")
+
+    fallback = lambda x, t, cond, guidance, control: x + 1  # noqa: E731
+    cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
+    x = torch.zeros(1, 4, 2, 2)
+    assert torch.equal(GraphDenoiser(uncovered, fake_spec("folded"), fallback)(x, 19, cond), x + 1)
+    folded = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("folded"))
+    assert torch.equal(folded(x, 19, cond, 1.0), x)
+    with pytest.raises(ValueError, match="folded"):
+        folded(x, 19, cond, 3.0)
+
+
+def test_embedding_graph_gets_the_guidance_embedding():
+    from icdcli.denoiser import guidance_scale_embedding
+
+    captured = {}
+    denoiser = GraphDenoiser(lambda feeds: captured.update(feeds) or {"eps": feeds["sample"]}, fake_spec("embedding"))
+    denoiser(torch.zeros(1, 4, 2, 2), 259, Conditioning(PromptEmbedding(torch.zeros(1, 3, 2))), 19.0)
+    assert torch.equal(captured["timestep_cond"], guidance_scale_embedding(torch.tensor([19.0])))
+    assert captured["timestep"].tolist() == [259.0] and captured["timestep"].dtype == torch.float32
+
+
+# --- backend selection ------------------------------------------------------------------------------------
+
+
+def facts(**overrides) -> BackendFacts:
+    values = dict(cuda=False, tensorrt=False, onnxruntime=True, onnxruntime_cuda=False, onnx=True)
+    return BackendFacts(**{**values, **overrides})
+
+
+def test_auto_picks_the_fastest_backend_present():
+    assert choose_backend("auto", facts()) == "onnxruntime"
+    assert choose_backend("auto", facts(onnxruntime=False)) == "torch"
+    assert choose_backend("auto", facts(cuda=True, tensorrt=True)) == "tensorrt"
+    assert choose_backend("auto", facts(cuda=True)) == "torch"  # a CPU session would be slower than the GPU
+    assert choose_backend("auto", facts(cuda=True, onnxruntime_cuda=True)) == "onnxruntime"
+    assert choose_backend("auto", facts(tensorrt=True)) == "onnxruntime"  # TensorRT without CUDA cannot run
+
+
+def test_named_backends_that_cannot_run_say_what_to_do():
+    assert choose_backend("torch", facts(onnxruntime=False)) == "torch"
+    with pytest.raises(ICDError, match="pip install 'icd\\[onnx\\]'"):
+        choose_backend("onnxruntime", facts(onnxruntime=False))
+    with pytest.raises(ICDError, match="NVIDIA GPU"):
+        choose_backend("tensorrt", facts(tensorrt=True))
+    with pytest.raises(ICDError, match="pip install 'icd\\[tensorrt\\]'"):
+        choose_backend("tensorrt", facts(cuda=True))
+    with pytest.raises(ICDError, match="unknown backend"):
+        choose_backend("openvino", facts())
+
+
+def test_select_backend_here():
+    assert select_backend("torch", "cpu") == "torch"
+    if not torch.cuda.is_available():
+        with pytest.raises(ICDError):
+            select_backend("tensorrt", "cpu")
+
+
+# --- TensorRT: pure logic ---------------------------------------------------------------------------------
+
+
+def tiny_manifest(guidance_distilled: bool = True) -> Manifest:
+    from tiny import _text_encoder, make_teacher
+
+    from icdcli.export.onnx import text_specs, unet_specs, vae_specs
+    from icdcli.training.tokenizer import build_word_tokenizer
+
+    unet = make_teacher("sd15", guidance_distilled=guidance_distilled)
+    graphs = {}
+    for role in ("forward_unet", "reverse_unet"):
+        inputs, outputs, guidance = unet_specs(unet, role, 4, 12, torch.float32)
+        graphs[role] = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance, sha256=f"{role}-hash")
+    for name, (inputs, outputs) in vae_specs(4).items():
+        graphs[name] = GraphSpec(name, f"{name}.onnx", inputs, outputs, sha256=f"{name}-hash")
+    encoder = _text_encoder(build_word_tokenizer(["a"], 12), False, 0)
+    inputs, outputs = text_specs(encoder, 12, False, torch.float32)
+    graphs["text_encoder"] = GraphSpec("text_encoder", "text_encoder.onnx", inputs, outputs, sha256="t")
+    info = {"native_size": 512, "size_multiple": 64}
+    return Manifest("tiny-0123-fp16", "0123", "fp16", 17, info, 8, 4, 12, graphs)
+
+
+def test_build_mode_follows_the_tensorrt_version():
+    strongly, flag = trt_engine.BuildMode(True, False), trt_engine.BuildMode(False, True)
+    assert trt_engine.build_mode("10.12.0.36", "fp16") == strongly
+    assert trt_engine.build_mode("10.13.1", "fp16") == strongly
+    assert trt_engine.build_mode("10.11.0", "fp16") == flag
+    assert trt_engine.build_mode("10.0.1.6", "fp16") == flag
+    assert trt_engine.build_mode("10.12.0", "fp32") == trt_engine.BuildMode(False, False)
+
+
+def test_plan_engines_static_fast_path_and_dynamic_profiles():
+    requests = trt_engine.plan_engines(tiny_manifest())
+    kinds = {(r.graph, r.kind) for r in requests}
+    assert ("forward_unet", "static") in kinds and ("reverse_unet", "dynamic") in kinds
+    assert ("vae_decoder", "static") not in kinds and ("text_encoder", "dynamic") in kinds
+    static = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "static")
+    assert static.profile["sample"] == ((1, 4, 64, 64),) * 3
+    assert static.profile["timestep_cond"] == ((1, 512),) * 3
+    dynamic = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "dynamic")
+    assert dynamic.profile["sample"] == ((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 96, 96))
+    decoder = next(r for r in requests if r.graph == "vae_decoder")
+    assert decoder.profile["latents"][2] == (1, 4, 96, 96)
+    text = next(r for r in requests if r.graph == "text_encoder")
+    assert text.profile["input_ids"] == ((1, 12), (1, 12), (1, 12))
+
+
+def test_cfg_models_get_batch_two_profiles_and_requested_sizes():
+    requests = trt_engine.plan_engines(tiny_manifest(False), height=768, width=384)
+    dynamic = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "dynamic")
+    assert dynamic.profile["sample"] == ((1, 4, 32, 32), (2, 4, 96, 48), (2, 4, 96, 96))
+    static = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "static")
+    assert static.profile["sample"][1] == (1, 4, 96, 48)
+
+
+def test_engine_choice_prefers_the_static_engine():
+    requests = [r for r in trt_engine.plan_engines(tiny_manifest(False)) if r.graph == "reverse_unet"]
+    candidates = [(r.kind, r.profile) for r in requests]
+    shapes = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 12, 32)}
+    assert candidates[trt_engine.choose_engine(candidates, shapes)][0] == "static"
+    batch_two = {name: (2, *shape[1:]) for name, shape in shapes.items()}
+    assert candidates[trt_engine.choose_engine(candidates, batch_two)][0] == "dynamic"
+    thin = {**shapes, "sample": (1, 4, 8, 512)}
+    assert trt_engine.choose_engine(candidates, thin) is None
+
+
+def test_engine_cache_key_changes_with_every_input():
+    profile = trt_engine.plan_engines(tiny_manifest())[0].profile
+    mode = trt_engine.BuildMode(True, False)
+    base = trt_engine.engine_cache_key("onnx-a", profile, mode, "10.12.0", "9.0")
+    assert base == trt_engine.engine_cache_key("onnx-a", dict(reversed(profile.items())), mode, "10.12.0", "9.0")
+    other_profile = {**profile, "sample": ((1, 4, 8, 8),) * 3}
+    variants = [
+        trt_engine.engine_cache_key("onnx-b", profile, mode, "10.12.0", "9.0"),
+        trt_engine.engine_cache_key("onnx-a", other_profile, mode, "10.12.0", "9.0"),
+        trt_engine.engine_cache_key("onnx-a", profile, trt_engine.BuildMode(False, True), "10.12.0", "9.0"),
+        trt_engine.engine_cache_key("onnx-a", profile, mode, "10.13.0", "9.0"),
+        trt_engine.engine_cache_key("onnx-a", profile, mode, "10.12.0", "8.9"),
+    ]
+    assert len({base, *variants}) == 6
+
+
+def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
+    import json
+
+    request = trt_engine.plan_engines(tiny_manifest())[0]
+    plan = trt_engine.engine_file(tmp_path, request, "f" * 64)
+    assert plan.name.startswith(f"{request.graph}-{request.kind}-ffff")
+    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
+    plan.write_bytes(b"engine")
+    plan.with_suffix(".json").write_text(json.dumps({"key": "e" * 64}))
+    assert "other" in trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64)
+    plan.with_suffix(".json").write_text(json.dumps({"key": "f" * 64}))
+    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) is None
+    plan.unlink()  # metadata without its engine (an interrupted copy) counts as not built
+    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
+
+
+def test_spatial_range_and_version_parsing():
+    assert trt_engine.spatial_range(512, 64) == (256, 512, 768)
+    assert trt_engine.spatial_range(1024, 64, 1600) == (512, 1600, 1600)
+    assert trt_engine.spatial_range(32, 16) == (16, 32, 48)
+    assert trt_engine.parse_version("10.12.0.36") == (10, 12, 0)
+    assert trt_engine.parse_version("10.0.1b") == (10, 0, 1)
+
+
+def test_tensorrt_backend_without_library_or_gpu_is_a_clear_error(merged_model):
+    with pytest.raises(ICDError):
+        accelerate(merged_model, "tensorrt")
+
+
+# --- TensorRT: real builds (only where the library and a GPU exist) ---------------------------------------
+
+
+@pytest.mark.skipif(
+    not (trt_engine.is_importable() and torch.cuda.is_available()),
+    reason="needs TensorRT (pip install 'icd[tensorrt]') and a CUDA GPU; neither is required elsewhere",
+)
+def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
+    from icdcli.models import load_merged
+
+    model = load_merged(merged_dir, need_teacher=False).to("cuda", torch.float16)
+    fast = accelerate(model, "tensorrt")
+    args = (scene(), "a red square", "a green square", 7.0, 0.8, SamplerSettings(seed=0))
+    # fp16 engines against fp16 torch: kernels differ, so allow what fp16 rounding moves through 8 steps
+    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= 8
+
+
+# --- icd export -------------------------------------------------------------------------------------------
+
+
+def test_export_command_help_and_tensorrt_error():
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+
+    runner = CliRunner()
+    result = runner.invoke(export, ["--help"])
+    assert result.exit_code == 0 and "--backend" in result.output and "timestep_cond" in result.output
+    if not (trt_engine.is_importable() and torch.cuda.is_available()):
+        result = runner.invoke(export, ["--backend", "tensorrt"])
+        assert result.exit_code != 0 and "tensorrt" in result.output.lower()
+
+
+@onnx_needed
+def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+    from icdcli.export import read_manifest
+
+    out = tmp_path / "onnx-out"
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest is not None and "teacher_unet" in manifest.graphs
+    assert "ONNX export" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx-out"]  # no staging folder left behind
