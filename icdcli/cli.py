@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,15 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--ddim-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Steps of --sampler ddim."
         ),
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]),
+            default="auto",
+            show_default=True,
+            envvar="ICD_BACKEND",
+            help="Where the networks run. auto: TensorRT on a GPU when installed, else ONNX Runtime when installed, "
+            "else PyTorch (the first accelerated run exports the model to ONNX). Env: ICD_BACKEND.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
     ]
     for option in reversed(options):
@@ -139,8 +149,18 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _load(ctx_options: dict[str, Any], need_teacher: bool):
-    """Load the requested model onto its device; returns (model, seconds)."""
+@dataclass
+class Loaded:
+    """A model ready to run, what the user called it, how long loading took, and the backend it runs on."""
+
+    model: Any
+    label: str
+    seconds: float
+    backend: str = "torch"
+
+
+def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
+    """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
     import torch
 
     from .models import resolve_device
@@ -160,7 +180,15 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
     model.to(device, dtype)
-    return model, request.label, time.perf_counter() - start
+    chosen = "torch"
+    if backend is not None:
+        from .accelerated import accelerate, select_backend
+
+        chosen = select_backend(backend, model.device)
+        if backend == "auto":
+            _say(f"backend: {chosen} (auto)")
+        model = accelerate(model, chosen, progress=_say)
+    return Loaded(model, request.label, time.perf_counter() - start, chosen)
 
 
 def _check_prompt(value: str, flag: str) -> str:
@@ -325,11 +353,11 @@ def _run_edits(pairs, source, target, guidance, tau, seed, sampler, ddim_steps, 
             read_seconds = time.perf_counter() - read_start
             if loaded is None:  # a model that cannot load ends the whole run
                 try:
-                    loaded = _load(model_opts, need_teacher=sampler == "ddim")
+                    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
                 except ICDError as error:
                     raise click.ClickException(str(error)) from None
-            model, label, load_seconds = loaded
-            timings = Timings({"load": load_seconds, "read": read_seconds})
+            model = loaded.model
+            timings = Timings({"load": loaded.seconds, "read": read_seconds})
             w, t = _edit_settings(model, sampler, guidance, tau)
             result = edit(model, image, source, target, w, t, settings, timings)
             with timings.stage("write"):
@@ -348,8 +376,8 @@ def _run_edits(pairs, source, target, guidance, tau, seed, sampler, ddim_steps, 
             {
                 "input": str(path),
                 "output": str(out),
-                "model": label,
-                "backend": "torch",
+                "model": loaded.label,
+                "backend": loaded.backend,
                 "seed": seed,
                 "sampler": sampler,
                 "guidance": w,
@@ -424,8 +452,9 @@ def invert(
     from .images import atomic_path, load_image, save_image, tensor_to_image
 
     picture = load_image(image)
-    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
-    timings = Timings({"load": load_seconds})
+    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+    model, label = loaded.model, loaded.label
+    timings = Timings({"load": loaded.seconds})
     settings = SamplerSettings(sampler, ddim_steps, seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
@@ -443,7 +472,7 @@ def invert(
     }
     with atomic_path(latent_path) as temporary:
         save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
-    record = {"input": str(image), "output": str(latent_path), "model": label, "backend": "torch", "seed": seed}
+    record = {"input": str(image), "output": str(latent_path), "model": label, "backend": loaded.backend, "seed": seed}
     if recon_path is not None:
         _, t = _edit_settings(model, sampler, guidance, tau)
         with timings.stage("decode"):
@@ -516,12 +545,13 @@ def generate(
     from .editing import generate as run_generate
     from .images import save_image
 
-    model, label, load_seconds = _load(model_opts, need_teacher=sampler == "ddim")
+    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+    model, label = loaded.model, loaded.label
     multiple = model.info.size_multiple
     size = (width or model.info.native_size, height or model.info.native_size)
     if size[0] % multiple or size[1] % multiple:
         raise click.ClickException(f"--width and --height must be multiples of {multiple} for this model")
-    timings = Timings({"load": load_seconds})
+    timings = Timings({"load": loaded.seconds})
     w = guidance if guidance is not None else model.info.generate_guidance
     with timings.stage("decode"):
         image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
@@ -533,7 +563,7 @@ def generate(
             "input": prompt,
             "output": str(target),
             "model": label,
-            "backend": "torch",
+            "backend": loaded.backend,
             "seed": seed,
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
         },
@@ -579,7 +609,7 @@ def bench_inversion_command(
     from .models import load_model_folder
     from .training.bench import bench_inversion, load_variants, markdown_table
 
-    model, _, _ = _load(model_opts, need_teacher=True)
+    model = _load(model_opts, need_teacher=True).model
     found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
     found.setdefault("cd4+lf+lr", model)
     result = bench_inversion(found, model if model.teacher_unet is not None else None, limit, batch, seed, _say)
@@ -604,7 +634,7 @@ def bench_shapes_edit_command(limit: int, batch: int, seed: int, as_json: bool, 
     """
     from .training.bench import bench_shapes_edit, markdown_table
 
-    model, _, _ = _load(model_opts, need_teacher=True)
+    model = _load(model_opts, need_teacher=True).model
     result = bench_shapes_edit(model, limit, batch, seed, progress=_say)
     if as_json:
         click.echo(json.dumps(result))
@@ -652,7 +682,9 @@ def info(as_json: bool) -> None:
     report["backends"] = backends
     cache = cache_root()
     merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
-    report["cache"] = {"root": str(cache), "fused_models": merged}
+    from .cli_export import describe_cache
+
+    report["cache"] = {"root": str(cache), "fused_models": merged, **describe_cache()}
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
     report["presets"] = {name: preset.description for name, preset in PRESETS.items()}
     if as_json:
@@ -664,10 +696,18 @@ def info(as_json: bool) -> None:
     for name, entry in backends.items():
         click.echo(f"backend {name}: {'yes ' + entry['version'] if entry['importable'] else 'not installed'}")
     click.echo(f"cache: {cache} ({len(merged)} fused models)")
+    for entry in report["cache"].get("onnx", []):
+        click.echo(f"  onnx export: {entry['path']} ({entry['model']}, {entry['precision']})")
+    for entry in report["cache"].get("engines", []):
+        click.echo(f"  tensorrt engine: {entry.get('path', entry)}")
     click.echo(f"default model: {report['default_model'] or 'not embedded in this installation'}")
     for name, description in report["presets"].items():
         click.echo(f"preset {name}: {description}")
 
+
+from .cli_export import export as _export_command  # noqa: E402  (it imports helpers defined above)
+
+main.add_command(_export_command)
 
 if __name__ == "__main__":
     main()

@@ -77,7 +77,8 @@ def export(
         select_backend("tensorrt", model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
     else:
         select_backend("onnxruntime")
-    model, label, _ = _load(model_opts, need_teacher=True)
+    loaded = _load(model_opts, need_teacher=True)
+    model, label = loaded.model, loaded.label
     precision = "fp16" if fp16 else "fp32"
     _say(f"exporting {label} ({precision}) ...")
     folder, manifest = ensure_exported(model, precision, out_dir=out, force=force, progress=_say)

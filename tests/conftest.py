@@ -16,8 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test sees its own fused-model cache, never the user's."""
+    """Every test sees its own fused-model cache, never the user's, and runs on PyTorch unless it says otherwise."""
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("icd-cache")))
+    monkeypatch.setenv("ICD_BACKEND", "torch")
 
 
 @pytest.fixture(scope="session")

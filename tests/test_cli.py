@@ -192,3 +192,27 @@ def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setattr("icdcli.sources.DEFAULT_MODEL_DIR", tmp_path / "absent")
     result = _run("edit", _photo(tmp_path / "p.png"), "--src", "a cat", "--tgt", "a dog")
     assert result.exit_code == 1 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_edit_on_onnxruntime_matches_torch_and_says_so(merged_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    photo = _photo(tmp_path / "photo.png")
+    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json"]
+    on_torch = _run(*args, "-o", tmp_path / "torch.png", "--backend", "torch")
+    on_ort = _run(*args, "-o", tmp_path / "ort.png", "--backend", "auto")
+    assert on_ort.exit_code == 0, on_ort.output
+    assert json.loads(on_ort.stdout)["backend"] == "onnxruntime" and json.loads(on_torch.stdout)["backend"] == "torch"
+    assert "backend: onnxruntime (auto)" in on_ort.stderr and "ONNX (first use)" in on_ort.stderr
+    # fp32 graphs differ from PyTorch only in summation order (~1e-6): at most a rounding flip in uint8
+    difference = np.abs(
+        np.asarray(Image.open(tmp_path / "torch.png"), dtype=int)
+        - np.asarray(Image.open(tmp_path / "ort.png"), dtype=int)
+    )
+    assert difference.max() <= 2
+
+
+def test_naming_a_backend_that_cannot_run_is_a_clear_error(merged_dir, tmp_path):
+    result = _run("edit", _photo(tmp_path / "p.png"), "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,
+                  "--backend", "tensorrt")  # fmt: skip
+    assert result.exit_code == 1 and "--backend tensorrt needs" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
