@@ -128,10 +128,10 @@ class ConsistencyConfig:
             forward_lr=2e-3,
             reverse_lr=2e-3,
             train_scenes=256,
-            batch_size=8,
-            steps=30,
+            batch_size=4,
+            steps=20,
             time_budget_s=None,
-            checkpoint_every=15,
+            checkpoint_every=10,
             log_every=3,
             show_progress=False,
         )
@@ -382,13 +382,13 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
                 forward_model, x0, hidden, torch.ones(batch), t, [forward_boundary(ti, forward_b) for ti in t], gen
             )
             total = loss
-            losses["forward"] = float(loss)
+            losses["forward"] = loss.item()
             if config.forward_preservation > 0:
                 pairs = [segments[i] for i in torch.randint(len(segments), (batch,), generator=gen).tolist()]
                 low, high = [a for a, _ in pairs], [b for _, b in pairs]
                 kept = preservation_loss(forward_model, reverse_model, high, low, x0, hidden, gen)
                 total = total + config.forward_preservation * kept
-                losses["forward_preservation"] = float(kept)
+                losses["forward_preservation"] = kept.item()
         update(forward_model, forward_opt, total)
 
         # Reverse model: guided with w from the discrete set, starts anywhere on the grid.
@@ -397,13 +397,13 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         with accelerator.autocast():
             loss = consistency_loss(reverse_model, x0, hidden, w, t, [reverse_boundary(ti, reverse_b) for ti in t], gen)
             total = loss
-            losses["reverse"] = float(loss)
+            losses["reverse"] = loss.item()
             if config.reverse_preservation > 0:
                 pairs = [segments[i] for i in torch.randint(len(segments), (batch,), generator=gen).tolist()]
                 low, high = [a for a, _ in pairs], [b for _, b in pairs]
                 kept = preservation_loss(reverse_model, forward_model, low, high, x0, hidden, gen)
                 total = total + config.reverse_preservation * kept
-                losses["reverse_preservation"] = float(kept)
+                losses["reverse_preservation"] = kept.item()
         update(reverse_model, reverse_opt, total)
         return losses
 

@@ -64,8 +64,8 @@ class GuidanceConfig:
     def smoke(cls) -> GuidanceConfig:
         return cls(
             train_scenes=256,
-            batch_size=16,
-            steps=40,
+            batch_size=8,
+            steps=30,
             time_budget_s=None,
             lr=5e-4,
             warmup_steps=2,
@@ -140,7 +140,7 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
         accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
-        return {"loss": float(loss)}
+        return {"loss": loss.item()}
 
     started = time.monotonic()
     steps = run_steps(

@@ -69,7 +69,7 @@ class VAEConfig:
         return cls(
             train_scenes=256,
             batch_size=16,
-            steps=60,
+            steps=40,
             time_budget_s=None,
             lr=2e-3,
             warmup_steps=5,
@@ -108,7 +108,7 @@ class TeacherConfig:
         return cls(
             train_scenes=256,
             batch_size=16,
-            steps=60,
+            steps=40,
             time_budget_s=None,
             lr=1e-3,
             text_lr=1e-3,
@@ -254,7 +254,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
         accelerator.backward(losses["loss"])
         optimizer.step()
         schedule.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.item() for k, v in losses.items()}
 
     started = time.monotonic()
     vae.train()
@@ -368,7 +368,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         schedule.step()
         for ema, model in zip(emas, (unet, text_encoder), strict=False):
             ema.update(accelerator.unwrap_model(model))
-        return {"loss": float(loss)}
+        return {"loss": loss.item()}
 
     started = time.monotonic()
     unet.train()
