@@ -642,6 +642,38 @@ def bench_shapes_edit_command(limit: int, batch: int, seed: int, as_json: bool, 
     click.echo(markdown_table(result["rows"], ["method", "kind", "psnr_target", "psnr_background", "accuracy"]))
 
 
+@bench.command("latency")
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Timed edits per row.")
+@click.option("--size", type=click.IntRange(min=8), default=None, help="Image side in pixels. Default: the model's.")
+@click.option(
+    "--backends", default="torch,onnxruntime,tensorrt", show_default=True, help="Comma-separated backends to time."
+)
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"device", "rows", "speedup"}.')
+@model_options
+@_reports_errors
+def bench_latency_command(limit: int, size: int | None, backends: str, as_json: bool, **model_opts: Any) -> None:
+    """Seconds per edit on each backend, for iCD and the 50-step baseline (DDIM inversion + 50 guided steps).
+
+    Each row is the median of --limit whole edits after a warm-up; exports and engine builds happen
+    before timing. Backends that cannot run here are skipped with the reason. Time on an idle machine.
+    """
+    from .engines.latency import measure_latency
+
+    model = _load(model_opts, need_teacher=True).model
+    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    from .training.bench import markdown_table
+
+    click.echo(f"device: {result['device']}; model {result['model']}; image {result['image']}")
+    click.echo(markdown_table(result["rows"], ["backend", "method", "seconds_per_edit"]))
+    for name, value in result["speedup"].items():
+        click.echo(f"{name}: {value:.2f}x")
+    for name, reason in result["skipped"].items():
+        click.echo(f"skipped {name}: {reason}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:

@@ -62,3 +62,24 @@ def test_bench_commands_print_json(merged_dir):
     rows = json.loads(edits.stdout)["rows"]
     assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap"}
     assert {row["kind"] for row in rows} == {"colour", "shape", "background", "all"}
+
+
+def test_bench_latency_json(merged_dir):
+    import json
+
+    import pytest
+    from click.testing import CliRunner
+
+    from icdcli.cli import main
+
+    pytest.importorskip("onnxruntime")
+    args = ["bench", "latency", "--model", str(merged_dir), "--limit", "1", "--backends", "torch,onnxruntime,tensorrt"]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {(row["backend"], row["method"]) for row in report["rows"]} == {
+        ("torch", "icd4"), ("torch", "ddim50"), ("onnxruntime", "icd4"), ("onnxruntime", "ddim50")
+    }  # fmt: skip
+    assert all(row["seconds_per_edit"] > 0 for row in report["rows"])
+    assert {"onnxruntime_vs_torch", "icd_vs_ddim50"} <= report["speedup"].keys()
+    assert "tensorrt" in report["skipped"] and report["device"]
