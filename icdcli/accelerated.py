@@ -20,7 +20,7 @@ import torch
 
 from .denoiser import Conditioning, Denoiser, PromptEmbedding
 from .errors import ICDError
-from .models import ICDModel
+from .models import ICDModel, warn_if_truncated
 
 logger = logging.getLogger("icd")
 
@@ -179,9 +179,7 @@ class AcceleratedModel:
     def encode_prompt(self, text: str) -> PromptEmbedding:
         from icdcli.engines.base import encode_ids
 
-        needed, limit = self.model.prompt_token_count(text)
-        if needed > limit:
-            logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, text)
+        warn_if_truncated(self.model, text)
         ids = [
             tokenizer(
                 text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

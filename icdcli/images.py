@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -17,6 +20,9 @@ from .errors import ICDError
 
 MAX_IMAGE_PIXELS = 100_000_000
 MIN_SIDE = 16
+# decode a JPEG at 1/2, 1/4 or 1/8 scale when it holds over this many times the pixels the model works at
+DRAFT_FACTOR = 4
+ORIGINAL_SIZE = "icd_original_size"
 OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
@@ -27,11 +33,15 @@ class ImageInputError(ICDError):
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparency is composited over white, 16-bit and float rescaled."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F" and array.max() <= 1.0:
+        array = np.asarray(image, dtype=np.float32)
+        peak = float(np.nanmax(array)) if array.size and not np.isnan(array).all() else 0.0
+        high = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+        if image.mode == "F" and peak <= 1.0:
             high = 1.0
-        image = Image.fromarray(np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        array = np.nan_to_num(array, nan=0.0, posinf=high, neginf=0.0)
+        array *= 255.0 / high
+        array += 0.5
+        image = Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -41,9 +51,36 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open any image as 8-bit RGB with EXIF orientation applied; ImageInputError if it cannot be used."""
-    path = Path(path)
+def _draft_scale(opened: Image.Image, work_pixels: int | None) -> float:
+    """How far below full size a JPEG may be decoded and still hold twice the model's working sides."""
+    if work_pixels is None or opened.format != "JPEG":
+        return 1.0
+    pixels = opened.width * opened.height
+    if pixels <= DRAFT_FACTOR * work_pixels:
+        return 1.0
+    return min(1.0, 2.0 * math.sqrt(work_pixels / pixels))
+
+
+def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
+    with Image.open(path) as opened:
+        full_size = opened.size
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        scale = _draft_scale(opened, work_pixels)
+        if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
+            wanted = tuple(min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
+            opened.draft("RGB", wanted)
+        opened.load()
+        reduced = opened.size != full_size
+        image = ImageOps.exif_transpose(opened) or opened
+        image = _to_8bit_rgb(image)
+    if reduced:
+        image.info[ORIGINAL_SIZE] = (full_size[1], full_size[0]) if turned else full_size
+    return image
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn whatever reading `path` raises into an ImageInputError that says what is wrong."""
     if not path.exists():
         raise ImageInputError(f"{path}: no such file")
     if path.is_dir():
@@ -52,25 +89,77 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened) or opened
-                image = _to_8bit_rgb(image)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageInputError(
             f"{path}: over {MAX_IMAGE_PIXELS // 1_000_000} megapixels, refused as a possible decompression bomb; "
             "downscale it first"
         ) from error
     except PermissionError as error:
-        raise ImageInputError(f"{path}: not readable (permission denied)") from error
+        raise ImageInputError(f"{path}: not readable (permission denied); check its permissions") from error
     except Image.UnidentifiedImageError as error:
         raise ImageInputError(f"{path}: not an image file that can be read") from error
-    except (OSError, SyntaxError, ValueError) as error:
+    except MemoryError as error:
+        raise ImageInputError(f"{path}: too large to decode in the memory available; downscale it first") from error
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageInputError(f"{path}: damaged or unreadable image ({reason})") from error
-    if min(image.size) < MIN_SIDE:
-        raise ImageInputError(f"{path}: {image.width}x{image.height} is too small; both sides need >= {MIN_SIDE} px")
+
+
+def _check_sides(path: Path, size: tuple[int, int]) -> None:
+    if min(size) < MIN_SIDE:
+        raise ImageInputError(f"{path}: {size[0]}x{size[1]} is too small; both sides need >= {MIN_SIDE} px")
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """The size an image file declares, from its header alone; ImageInputError when it is not a usable image."""
+    path = Path(path)
+    with _reading(path), Image.open(path) as opened:
+        size = opened.size
+    _check_sides(path, size)
+    return size
+
+
+def load_image(path: str | Path, work_pixels: int | None = None) -> Image.Image:
+    """Open any image as 8-bit RGB with EXIF orientation applied; ImageInputError if it cannot be used.
+
+    With `work_pixels` (the pixels the model works at), a JPEG far larger than that is decoded at
+    a reduced scale, so memory stays bounded; `original_size` tells the size it had.
+    """
+    path = Path(path)
+    with _reading(path):
+        image = _open_decoded(path, work_pixels)
+    _check_sides(path, original_size(image))
     return image
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """The size the image file had (larger than `image.size` when it was decoded at reduced scale)."""
+    return tuple(image.info.get(ORIGINAL_SIZE, image.size))  # type: ignore[return-value]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_record(path: str | Path, key: str = "icd") -> dict | None:
+    """The JSON parameter record a PNG written by icd carries in its `key` text chunk; None if none."""
+    try:
+        with Image.open(path) as opened:
+            text = opened.info.get(key)
+            if text is None and opened.format == "PNG":
+                text = opened.text.get(key)
+    except Exception:  # anything unreadable simply has no record
+        return None
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def fit_size(width: int, height: int, native_size: int, multiple: int) -> tuple[int, int]:

@@ -99,6 +99,69 @@ def file_digest(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` is not a whole safetensors file (None if its header and sizes add up); reads only the header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            size = os.fstat(handle.fileno()).st_size
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, 100_000_000):
+                return "its header runs past the end of the file (truncated, or not safetensors)"
+            header = json.loads(handle.read(length))
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not safetensors JSON (a different or damaged file)"
+    if not isinstance(header, dict):
+        return "its header is not safetensors JSON (a different or damaged file)"
+    ends = [entry.get("data_offsets", [0, 0])[1] for key, entry in header.items() if key != "__metadata__"]
+    if any(not isinstance(end, int) for end in ends) or max(ends, default=0) != size - 8 - length:
+        return f"holds {size} bytes where its header describes {8 + length + max(ends, default=0)} (truncated)"
+    return None
+
+
+def check_weights(path: str | Path) -> None:
+    """ModelSourceError naming the file and what to do, when a safetensors file is damaged or foreign."""
+    problem = safetensors_problem(path)
+    if problem is None:
+        return
+    path = Path(path)
+    if cache_root() in path.absolute().parents:
+        advice = f"delete the cached folder {path.parent} and run again to make it anew"
+    else:
+        advice = "download it again, or delete the model folder from icd's cache (icd info shows where) if it is there"
+    raise ModelSourceError(f"weights file {path} is damaged: {problem}; {advice}")
+
+
+def _check_folder_weights(folder: Path) -> None:
+    for path in sorted(folder.glob("*/*.safetensors")):
+        check_weights(path)
+
+
+def warn_if_truncated(model: Any, text: str) -> None:
+    """Warn once per prompt that the text encoder cuts it, and say after which words."""
+    needed, limit = model.prompt_token_count(text)
+    warned = model.__dict__.setdefault("_warned_prompts", set())
+    if needed <= limit or text in warned:
+        return
+    warned.add(text)
+    tokenizer = model.tokenizers[0]
+    ids = tokenizer(text, truncation=True, max_length=limit).input_ids
+    kept = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    tail = " ".join(kept.split()[-6:])
+    logger.warning(
+        "prompt is %d tokens, the text encoder takes %d: cut after %r (%d words kept); shorten it: %r",
+        needed,
+        limit,
+        tail,
+        len(kept.split()),
+        text[:80] + ("..." if len(text) > 80 else ""),
+    )
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -198,9 +261,7 @@ class ICDModel:
     def encode_prompt(self, text: str | list[str]) -> PromptEmbedding:
         """Encode one prompt, or a list of prompts as a batch."""
         for prompt in [text] if isinstance(text, str) else text:
-            needed, limit = self.prompt_token_count(prompt)
-            if needed > limit:
-                logger.warning("prompt is %d tokens, the text encoder takes %d: truncated: %r", needed, limit, prompt)
+            warn_if_truncated(self, prompt)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenizer(
@@ -330,6 +391,7 @@ def load_merged(folder: str | Path, need_teacher: bool = False) -> ICDModel:
     if data.get("format") != "merged":
         raise ModelSourceError(f"{folder / MODEL_JSON} is not a merged model (format {data.get('format')!r})")
     family = data.get("family", _family_of(folder))
+    _check_folder_weights(folder)
     try:
         vae = _load_vae(folder)
         encoders, tokenizers = _load_text_stack(folder, family)
@@ -360,6 +422,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_weights(path)
         return load_file(str(path))
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -461,6 +524,7 @@ def fuse_lora_model(
     unets = {}
     for role, path in (("forward", sources.forward_lora), ("reverse", sources.reverse_lora)):
         say(f"fusing the {role} LoRA")
+        check_weights(path)
         try:
             unets[role] = fuse_lora(copy.deepcopy(teacher), read_lora(path))
         except (ValueError, OSError) as error:

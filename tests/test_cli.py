@@ -55,17 +55,22 @@ def test_edit_json_record_and_output(merged_dir, tmp_path):
     assert _listing(tmp_path) == ["photo-edit.png", "photo.jpg"]
 
 
-def test_edit_is_deterministic_and_never_overwrites(merged_dir, tmp_path):
+def test_edit_is_deterministic_skips_a_done_output_and_never_replaces_silently(merged_dir, tmp_path):
     photo = _photo(tmp_path / "photo.png")
-    for _ in range(2):
-        assert _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir).exit_code == 0
-    assert _listing(tmp_path) == ["photo-edit-1.png", "photo-edit.png", "photo.png"]
-    first, second = (np.asarray(Image.open(tmp_path / n)) for n in ("photo-edit.png", "photo-edit-1.png"))
-    assert np.array_equal(first, second)
-    other_seed = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--seed", 7, "-o",
-                      tmp_path / "seed7.png")  # fmt: skip
-    assert other_seed.exit_code == 0
-    refused = _run("edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", photo)
+    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir]
+    assert _run(*args).exit_code == 0
+    first = np.asarray(Image.open(tmp_path / "photo-edit.png"))
+    again = _run(*args)  # same parameters: the output is found and skipped
+    assert again.exit_code == 0 and "skipped" in again.stderr
+    assert _listing(tmp_path) == ["photo-edit.png", "photo.png"]
+    other = _run(*args, "-o", tmp_path / "copy.png")  # the same edit elsewhere gives the same pixels
+    assert other.exit_code == 0 and np.array_equal(first, np.asarray(Image.open(tmp_path / "copy.png")))
+    changed = _run(*args, "--seed", 7)  # other parameters onto an existing output: refused, not replaced
+    assert changed.exit_code == 1 and "--overwrite" in changed.stderr and "seed" in changed.stderr
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "photo-edit.png")))
+    assert _run(*args, "--seed", 7, "--overwrite").exit_code == 0
+    assert not np.array_equal(first, np.asarray(Image.open(tmp_path / "photo-edit.png")))
+    refused = _run(*args, "-o", photo)
     assert refused.exit_code != 0 and "one of the inputs" in refused.output
 
 
@@ -77,7 +82,8 @@ def test_edit_many_into_a_folder_with_a_bad_one(merged_dir, tmp_path):
                   "-o", out, "--json")  # fmt: skip
     assert result.exit_code == 1
     assert _listing(out) == ["p0-edit.png", "p1-edit.png"]
-    assert len(result.stdout.strip().splitlines()) == 2
+    statuses = [json.loads(line)["status"] for line in result.stdout.strip().splitlines()]
+    assert statuses == ["done", "done", "failed", "summary"]
     assert "broken.png: not an image" in result.stderr and "1 of 3 inputs failed" in result.stderr
     assert Image.open(out / "p1-edit.png").size == (40, 32)
 

@@ -1,0 +1,446 @@
+"""Batch editing as pure logic: which items, with what settings, written where, by which shard, and
+whether an existing output is already done.
+
+Nothing here loads a model or decodes an image: `icd edit` (in `cli.py`) drives these functions.
+
+- Inputs: image paths, folders (image extensions only; `recursive` descends) and spec files
+  (`.jsonl` or `.csv`, one edit per row) become `Item`s. A row that cannot be used becomes an item
+  with an `error`, so it fails on its own and the others still run.
+- Outputs: `<stem>-edit.png` beside the input, or under `-o FOLDER` mirroring the input's path
+  relative to the folder it was found in. Outputs are deterministic (a rerun finds them) and never
+  land on an input.
+- Shards: an item belongs to shard `sha256(item.key) mod N`; every process of a sharded run
+  computes the same split from the same arguments, so N shards cover every item exactly once.
+- Resume: each output PNG carries its parameter record (`icd` text chunk); a rerun skips an item
+  whose record matches, refuses to replace one that differs unless told to overwrite.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+EDIT_SUFFIX = "-edit.png"
+SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output")
+RECORD_KEY = "icd"
+METHOD = "swap"
+# the fields of a record that decide the pixels of an output (backend, precision and version only round)
+MATCH_FIELDS = ("model_hash", "method", "sampler", "steps", "src", "tgt", "guidance", "tau", "seed", "input_sha256")
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be read at all (rows with problems become failed items instead)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One edit to make: its input, the settings its row gives, and where its output goes."""
+
+    label: str
+    key: str
+    image: Path | None = None
+    relative: Path | None = None
+    src: str | None = None
+    tgt: str | None = None
+    guidance: float | None = None
+    tau: float | None = None
+    seed: int | None = None
+    output: Path | None = None
+    row: int | None = None
+    error: str | None = None
+
+
+def display(path: str | os.PathLike[str]) -> str:
+    """A path as printable UTF-8: bytes that are not UTF-8 (Linux names) appear as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_folder(folder: Path, recursive: bool) -> list[Path]:
+    """Image files in `folder` (and below it when `recursive`), sorted; hidden files and folders skipped."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found.extend(Path(root) / name for name in files if is_image_name(Path(name)))
+    return sorted(found, key=lambda path: os.fsencode(path))
+
+
+def _path_item(path: Path, relative: Path) -> Item:
+    return Item(label=display(path), key=display(path.absolute()), image=path, relative=relative)
+
+
+def expand_inputs(
+    paths: Iterable[Path], recursive: bool, skip: Callable[[Path], bool] | None = None
+) -> tuple[list[Item], bool]:
+    """Items for image paths and folders, and whether any folder was given.
+
+    Files named explicitly are taken whatever their extension (a bad one fails on its own);
+    folders contribute their image files, except those `skip` rejects (icd's own outputs).
+    """
+    items: list[Item] = []
+    any_folder = False
+    for path in paths:
+        if path.is_dir():
+            any_folder = True
+            for found in list_folder(path, recursive):
+                if skip is None or not skip(found):
+                    items.append(_path_item(found, found.relative_to(path)))
+        else:
+            items.append(_path_item(path, Path(path.name)))
+    return items, any_folder
+
+
+# --- spec files ------------------------------------------------------------------------------
+
+
+def _number(value: Any, name: str, kind: type) -> float | int | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    try:
+        number = kind(float(value)) if kind is float else int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}") from None
+    if kind is float and not (number == number and abs(number) != float("inf")):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
+def spec_row(raw: Any, row: int, spec: Path) -> Item:
+    """One spec row as an Item; a row that cannot be used becomes an Item with an error."""
+    label = f"{display(spec)}:{row}"
+    key = f"{display(spec.absolute())}:{row}"
+    if not isinstance(raw, Mapping):
+        return Item(label, key, row=row, error=f"{label}: a row must be an object with image, src, tgt")
+    unknown = sorted(set(raw) - set(SPEC_FIELDS))
+    if unknown:
+        return Item(
+            label, key, row=row, error=f"{label}: unknown field {unknown[0]!r}; fields: {', '.join(SPEC_FIELDS)}"
+        )
+    image = raw.get("image")
+    if not isinstance(image, str) or not image.strip():
+        return Item(label, key, row=row, error=f"{label}: no image; every row needs an image path")
+    for name in ("src", "tgt", "output"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
+    try:
+        guidance = _number(raw.get("guidance"), "guidance", float)
+        tau = _number(raw.get("tau"), "tau", float)
+        seed = _number(raw.get("seed"), "seed", int)
+    except ValueError as error:
+        return Item(label, key, row=row, error=f"{label}: {error}")
+    if guidance is not None and guidance < 0:
+        return Item(label, key, row=row, error=f"{label}: guidance must be >= 0, not {guidance}")
+    if tau is not None and not 0.0 <= tau <= 1.0:
+        return Item(label, key, row=row, error=f"{label}: tau must be within 0..1, not {tau}")
+    image_path = spec.parent / image.strip()
+    try:
+        relative = image_path.relative_to(spec.parent)
+    except ValueError:  # an absolute path elsewhere
+        relative = Path(image_path.name)
+    if ".." in relative.parts:
+        relative = Path(image_path.name)
+    output = raw.get("output")
+    return Item(
+        label=label,
+        key=key,
+        image=image_path,
+        relative=relative,
+        src=raw.get("src") or None,
+        tgt=raw.get("tgt") or None,
+        guidance=guidance,
+        tau=tau,
+        seed=seed,
+        output=Path(output.strip()) if output and output.strip() else None,
+        row=row,
+    )
+
+
+def _jsonl_rows(text: str) -> Iterable[tuple[int, Any]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            yield number, error
+
+
+def _csv_rows(text: str, spec: Path) -> Iterable[tuple[int, Any]]:
+    reader = csv.DictReader(text.splitlines())
+    fields = [name.strip() for name in reader.fieldnames or []]
+    unknown = [name for name in fields if name not in SPEC_FIELDS]
+    if not fields or unknown or "image" not in fields:
+        found = ", ".join(fields) or "none"
+        raise SpecError(
+            f"{display(spec)}: the first line must name the columns: image, src, tgt and optionally guidance, "
+            f"tau, seed, output (found: {found})"
+        )
+    reader.fieldnames = fields
+    for raw in reader:
+        if None in raw:
+            yield reader.line_num, ValueError(f"more cells than the {len(fields)} columns")
+            continue
+        yield reader.line_num, {key: value for key, value in raw.items() if value is not None and value.strip()}
+
+
+def read_spec(spec: Path) -> list[Item]:
+    """The rows of a `.jsonl` or `.csv` spec file; relative image paths resolve against its folder."""
+    if spec.suffix.lower() not in (".jsonl", ".csv"):
+        raise SpecError(f"--spec {display(spec)}: use a .jsonl or .csv file")
+    try:
+        text = spec.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise SpecError(f"--spec {display(spec)}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"--spec {display(spec)}: is a folder; give a .jsonl or .csv file") from None
+    except OSError as error:
+        raise SpecError(f"--spec {display(spec)}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"--spec {display(spec)}: not UTF-8 text; save it as UTF-8") from None
+    rows = _jsonl_rows(text) if spec.suffix.lower() == ".jsonl" else _csv_rows(text, spec)
+    items = []
+    for number, raw in rows:
+        if isinstance(raw, Exception):
+            label = f"{display(spec)}:{number}"
+            items.append(Item(label, f"{display(spec.absolute())}:{number}", row=number, error=f"{label}: {raw}"))
+        else:
+            items.append(spec_row(raw, number, spec))
+    return items
+
+
+def with_prompts(item: Item, src: str | None, tgt: str | None) -> Item:
+    """The item with the command line's prompts where its row gives none; an error if one is still missing."""
+    if item.error is not None:
+        return item
+    merged = replace(item, src=item.src or src, tgt=item.tgt or tgt)
+    for flag, value in (("--src", merged.src), ("--tgt", merged.tgt)):
+        if value is None or not value.strip():
+            where = f"give {flag[2:]} in the row or {flag}" if item.row is not None else f"give {flag}"
+            return replace(merged, error=f"{item.label}: no {flag[2:]} prompt; {where}")
+    return merged
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def default_output(item: Item, folder: Path | None) -> Path:
+    """`<stem>-edit.png` beside the input, or under `folder` at the input's relative path."""
+    assert item.image is not None
+    name = f"{item.image.stem}{EDIT_SUFFIX}"
+    if folder is None:
+        return item.image.parent / name
+    relative = item.relative or Path(item.image.name)
+    return folder / relative.parent / name
+
+
+def _identity(path: Path) -> str:
+    return display(Path(os.path.abspath(path)))
+
+
+def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None = None) -> list[Item]:
+    """Every usable item with its output path decided.
+
+    A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
+    spec's folder). When several spec rows would write the same default name (one image, many
+    edits), each gets its row number (`photo-edit-3.png`). Any other clash, or an output that is an
+    input, fails the items involved.
+    """
+    inputs = {_identity(item.image) for item in items if item.image is not None}
+    planned: list[Item] = []
+    for item in items:
+        if item.error is not None:
+            planned.append(item)
+        elif item.output is not None:
+            base = folder if folder is not None else (spec_out or Path("."))
+            planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
+        else:
+            planned.append(replace(item, output=default_output(item, folder), row=item.row))
+    planned = _rename_row_clashes(planned, items)
+    seen: dict[str, Item] = {}
+    checked: list[Item] = []
+    for item in planned:
+        if item.error is None:
+            identity = _identity(item.output)
+            if identity in inputs:
+                item = replace(
+                    item, error=f"{item.label}: its output {display(item.output)} is an input; choose another -o"
+                )
+            elif identity in seen:
+                item = replace(
+                    item,
+                    error=f"{item.label}: {display(item.output)} is also the output of {seen[identity].label}; "
+                    "give the rows their own output, or edit them into different -o folders",
+                )
+            else:
+                seen[identity] = item
+        checked.append(item)
+    return checked
+
+
+def _rename_row_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
+    counts: dict[str, int] = {}
+    for item in planned:
+        if item.error is None:
+            counts[_identity(item.output)] = counts.get(_identity(item.output), 0) + 1
+    renamed = []
+    for item, before in zip(planned, original, strict=True):
+        if item.error is None and before.output is None and item.row is not None and counts[_identity(item.output)] > 1:
+            item = replace(item, output=item.output.with_name(f"{item.output.stem}-{item.row}{item.output.suffix}"))
+        renamed.append(item)
+    return renamed
+
+
+# --- shards ----------------------------------------------------------------------------------
+
+
+def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) as (I, N); `auto` reads RANK and WORLD_SIZE (set by accelerate launch, torchrun)."""
+    environ = os.environ if environ is None else environ
+    if text.strip().lower() == "auto":
+        index, count = environ.get("RANK", "0"), environ.get("WORLD_SIZE", "1")
+    else:
+        index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--shard {text}: write I/N with 0 <= I < N, e.g. 0/4, or auto") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"--shard {text}: I must be 0..N-1 (shards are numbered from 0)")
+    return shard
+
+
+def shard_of(key: str, count: int) -> int:
+    """The shard of an item: a stable hash of its identity (the same in every process and Python run)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8], "big") % count
+
+
+def select_shard(items: list[Item], index: int, count: int) -> list[Item]:
+    return [item for item in items if shard_of(item.key, count) == index]
+
+
+# --- parameter records and resume -----------------------------------------------------------
+
+
+def model_digest(info: Mapping[str, Any], weight_sizes: Mapping[str, int] | None = None) -> str:
+    """A model's identity: the sha256 digests it was made from, else its metadata and weight file sizes."""
+    made_from = {k: v for k, v in (info.get("made_from") or {}).items() if str(v).startswith("sha256:")}
+    described = {k: v for k, v in info.items() if k != "made_from"}
+    blob = {"info": described, "made_from": made_from}
+    if not made_from:
+        blob["weights"] = dict(sorted((weight_sizes or {}).items()))
+    return "sha256:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parameter_record(
+    *,
+    model: str,
+    model_hash: str,
+    backend: str,
+    precision: str,
+    sampler: str,
+    steps: int,
+    src: str,
+    tgt: str,
+    guidance: float,
+    tau: float,
+    seed: int,
+    version: str,
+    input_path: str,
+    input_size: tuple[int, int] | None,
+    input_sha256: str,
+) -> dict[str, Any]:
+    """What an output PNG records about how it was made (its `icd` text chunk)."""
+    return {
+        "icd_version": version,
+        "model": model,
+        "model_hash": model_hash,
+        "backend": backend,
+        "precision": precision,
+        "method": METHOD,
+        "sampler": sampler,
+        "steps": steps,
+        "src": src,
+        "tgt": tgt,
+        "guidance": float(guidance),
+        "tau": float(tau),
+        "seed": int(seed),
+        "input": input_path,
+        "input_size": list(input_size) if input_size else None,
+        "input_sha256": input_sha256,
+    }
+
+
+def record_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The deciding fields on which two records differ ('seed 0 -> 7', ...)."""
+    return [
+        f"{name} {existing.get(name)!r} -> {wanted.get(name)!r}"
+        for name in MATCH_FIELDS
+        if existing.get(name) != wanted.get(name)
+    ]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with an item whose output may exist: 'run', 'skip' or 'refuse', and why."""
+
+    action: str
+    reason: str = ""
+
+
+def decide(exists: bool, existing: Mapping[str, Any] | None, wanted: Mapping[str, Any], overwrite: bool) -> Decision:
+    """Run a missing output; skip one made with the same parameters; refuse to replace any other."""
+    if not exists:
+        return Decision("run")
+    if overwrite:
+        return Decision("run", "replacing the existing output (--overwrite)")
+    if existing is None:
+        return Decision(
+            "refuse", "exists and was not made by icd edit; pass --overwrite to replace it, or choose another -o"
+        )
+    differences = record_differences(existing, wanted)
+    if not differences:
+        return Decision("skip", "already made with these parameters")
+    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    return Decision(
+        "refuse", f"exists with other parameters ({shown}); pass --overwrite to replace it, or choose another -o"
+    )
+
+
+@dataclass
+class Tally:
+    """Counts of a batch run, for its summary."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def summary(self, seconds: float, load_seconds: float) -> dict[str, Any]:
+        return {
+            "status": "summary",
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(seconds, 3),
+            "load_seconds": round(load_seconds, 3),
+            "images_per_second": round(self.done / seconds, 4) if seconds > 0 else 0.0,
+        }
+
+    def line(self, seconds: float, interrupted: bool = False) -> str:
+        rate = self.done / seconds if seconds > 0 else 0.0
+        head = "interrupted: " if interrupted else ""
+        return (
+            f"{head}{self.done} done, {self.skipped} skipped, {self.failed} failed in {seconds:.1f} s "
+            f"({rate:.2f} images/s)"
+        )
