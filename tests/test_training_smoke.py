@@ -216,3 +216,24 @@ def test_consistency_resumes_from_its_latest_checkpoint(smoke_run):
     assert steps[-1] == 23 and steps[-2] == 21
     metrics = json.loads((smoke_run.consistency / "train_config.json").read_text())["metrics"]
     assert metrics["resumed_from"] == 20 and metrics["steps"] == 23
+
+
+def test_gradient_checkpointing_changes_memory_not_losses(smoke_run, tmp_path):
+    from icdcli.training.consistency import ConsistencyConfig, distill_consistency
+
+    logs = []
+    for checkpointing in (False, True):
+        config = replace(
+            ConsistencyConfig.smoke(), steps=2, log_every=1, checkpoint_every=0, gradient_checkpointing=checkpointing
+        )
+        out = distill_consistency(config, smoke_run.guidance, tmp_path / f"gc-{checkpointing}")
+        logs.append([{k: v for k, v in r.items() if k != "time"} for r in read_log(out / "losses.jsonl")])
+    assert logs[0] == pytest.approx(logs[1])
+
+
+def test_stages_in_one_process_may_change_precision():
+    from icdcli.training.common import make_accelerator
+
+    assert make_accelerator().mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator().mixed_precision == "no"

@@ -30,9 +30,23 @@ def setup_torch() -> None:
     torch.set_flush_denormal(True)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The random stream of one training step: a pure function of (seed, step)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """An `accelerate.Accelerator`; stages in one process may each ask for their own precision.
+
+    Accelerate keeps one process-wide state and refuses a second precision, so a state left by an
+    earlier stage with another setting is reset (the distributed setup itself is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The random stream of one training step on one process: a pure function of (seed, step, rank)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 1_000_000_007)
 
 
 def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ from .common import (
     PromptCache,
     build_latent_bank,
     huber_c,
+    make_accelerator,
     pseudo_huber,
     run_steps,
     save_config,
@@ -285,14 +286,12 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out_dir: str | Path) -> Path:
     """Train the forward and reverse LoRA adapters; return `out_dir`."""
-    from accelerate import Accelerator
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     forward_b, reverse_b, tau = config.resolved_boundaries()
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision)
     device = accelerator.device
 
     pipeline = load_teacher(guidance_dir)
@@ -368,7 +367,7 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         optimizer.step()
 
     def step(index: int) -> dict[str, float]:
-        gen = step_generator(config.seed, index)
+        gen = step_generator(config.seed, index, accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, gen)
         x0 = latents.to(device)
         hidden = prompts(captions).to(device)
@@ -429,7 +428,7 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         log_every=config.log_every,
         time_budget_s=config.time_budget_s,
         desc="consistency",
-        show_progress=config.show_progress,
+        show_progress=config.show_progress and accelerator.is_local_main_process,
         on_step_end=save_checkpoint,
     )
     accelerator.wait_for_everyone()

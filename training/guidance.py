@@ -34,6 +34,7 @@ from .common import (
     LossLog,
     PromptCache,
     build_latent_bank,
+    make_accelerator,
     run_steps,
     save_config,
     setup_torch,
@@ -99,13 +100,11 @@ def cfg_target(
 
 def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: str | Path) -> Path:
     """Train the guidance-distilled UNet from the teacher pipeline at `teacher_dir`."""
-    from accelerate import Accelerator
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision)
     pipeline = load_teacher(teacher_dir)
     teacher = pipeline.unet.to(accelerator.device)
     student = guided_student(teacher).train()
@@ -119,7 +118,7 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
     device = accelerator.device
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index)
+        generator = step_generator(config.seed, index, accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, generator)
         batch = latents.shape[0]
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
@@ -151,7 +150,7 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
         log_every=config.log_every,
         time_budget_s=config.time_budget_s,
         desc="guidance",
-        show_progress=config.show_progress,
+        show_progress=config.show_progress and accelerator.is_local_main_process,
     )
     student = accelerator.unwrap_model(student).eval()
     if accelerator.is_main_process:

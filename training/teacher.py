@@ -33,6 +33,7 @@ from .common import (
     LossLog,
     build_latent_bank,
     encode_posteriors,
+    make_accelerator,
     run_steps,
     save_config,
     setup_torch,
@@ -232,13 +233,11 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 256) -> float:
 
 def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     """Train the autoencoder, set its scaling factor and save it to `out_dir`."""
-    from accelerate import Accelerator
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     vae = build_vae(config)
     images, _ = render_batch(scenes("train", config.train_scenes, config.seed), config.image_size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
@@ -247,7 +246,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     log = LossLog(out / LOG_NAME, accelerator.is_main_process)
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index)
+        generator = step_generator(config.seed, index, accelerator.process_index)
         batch = images[torch.randint(len(images), (config.batch_size,), generator=generator)].to(accelerator.device)
         losses = vae_loss(vae, batch, config, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -266,7 +265,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
         log_every=config.log_every,
         time_budget_s=config.time_budget_s,
         desc="vae",
-        show_progress=config.show_progress,
+        show_progress=config.show_progress and accelerator.is_local_main_process,
     )
     vae = accelerator.unwrap_model(vae).eval()
     mean, std = encode_posteriors(vae, images[: config.scaling_scenes])
@@ -325,13 +324,11 @@ def save_pipeline(out_dir: str | Path, vae: Any, text_encoder: Any, tokenizer: A
 
 def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Path) -> Path:
     """Train text encoder + UNet on VAE latents of training scenes; save the pipeline to `out_dir`."""
-    from accelerate import Accelerator
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(config.mixed_precision)
     vae = load_vae(vae_dir)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(config, tokenizer)
@@ -351,7 +348,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     log = LossLog(out / LOG_NAME, accelerator.is_main_process)
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index)
+        generator = step_generator(config.seed, index, accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator) < config.empty_caption_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -381,7 +378,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         log_every=config.log_every,
         time_budget_s=config.time_budget_s,
         desc="teacher",
-        show_progress=config.show_progress,
+        show_progress=config.show_progress and accelerator.is_local_main_process,
     )
     unet, text_encoder = (accelerator.unwrap_model(m).eval() for m in (unet, text_encoder))
     for ema, model in zip(emas, (unet, text_encoder), strict=False):
