@@ -253,9 +253,10 @@ def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None =
     """Every usable item with its output path decided.
 
     A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
-    spec's folder). When several spec rows would write the same default name (one image, many
-    edits), each gets its row number (`photo-edit-3.png`). Any other clash, or an output that is an
-    input, fails the items involved.
+    spec's folder). When several items would write the same default name, spec rows (one image,
+    many edits) add their row number (`photo-edit-3.png`) and files their extension
+    (`photo-jpg-edit.png`, `photo-png-edit.png`). Any other clash, or an output that is an input,
+    fails the items involved.
     """
     inputs = {_identity(item.image) for item in items if item.image is not None}
     planned: list[Item] = []
@@ -266,8 +267,8 @@ def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None =
             base = folder if folder is not None else (spec_out or Path("."))
             planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
         else:
-            planned.append(replace(item, output=default_output(item, folder), row=item.row))
-    planned = _rename_row_clashes(planned, items)
+            planned.append(replace(item, output=default_output(item, folder)))
+    planned = _rename_clashes(planned, items)
     seen: dict[str, Item] = {}
     checked: list[Item] = []
     for item in planned:
@@ -289,15 +290,20 @@ def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None =
     return checked
 
 
-def _rename_row_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
+def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
+    """Default outputs that several items would share: spec rows add their row number, files their extension."""
     counts: dict[str, int] = {}
     for item in planned:
         if item.error is None:
             counts[_identity(item.output)] = counts.get(_identity(item.output), 0) + 1
     renamed = []
     for item, before in zip(planned, original, strict=True):
-        if item.error is None and before.output is None and item.row is not None and counts[_identity(item.output)] > 1:
-            item = replace(item, output=item.output.with_name(f"{item.output.stem}-{item.row}{item.output.suffix}"))
+        if item.error is None and before.output is None and counts[_identity(item.output)] > 1:
+            if item.row is not None:
+                name = f"{item.output.stem}-{item.row}{item.output.suffix}"
+            else:
+                name = f"{item.image.stem}-{item.image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
+            item = replace(item, output=item.output.with_name(name))
         renamed.append(item)
     return renamed
 

@@ -87,6 +87,7 @@ def _reading(path: Path) -> Iterator[None]:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoders warn about damaged metadata they skip: not the user's concern
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

@@ -130,6 +130,9 @@ def test_one_image_many_rows_get_row_numbers_and_clashes_fail(tmp_path):
     items = plan_outputs([with_prompts(i, "s", "t") for i in read_spec(spec)], None, tmp_path)
     assert [i.output.name for i in items[:3]] == ["a-edit-1.png", "a-edit-2.png", "same.png"]
     assert "also the output of" in items[3].error and "is an input" in items[4].error
+    files, _ = expand_inputs([tmp_path / "photo.jpg", tmp_path / "photo.png", tmp_path / "other.png"], False)
+    names = [item.output.name for item in plan_outputs([with_prompts(i, "s", "t") for i in files], tmp_path / "o")]
+    assert names == ["photo-jpg-edit.png", "photo-png-edit.png", "other-edit.png"]
 
 
 def test_shards_cover_every_item_exactly_once():
