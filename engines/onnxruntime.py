@@ -60,7 +60,10 @@ class OrtGraph:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs
-            raise ICDError(f"onnxruntime cannot load {path.name}: {str(error).splitlines()[0]}") from error
+            raise ICDError(
+                f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]}): the file is damaged or not "
+                f"an icd export; delete the folder {path.parent} and run again to export anew, or use --backend torch"
+            ) from error
         self.binding = device.type == "cuda" and CUDA_EP in self.session.get_providers()
         self.numpy_dtypes = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
         self.output_names = [output.name for output in spec.outputs]

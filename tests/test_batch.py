@@ -360,3 +360,17 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tm
     final = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (final["skipped"], final["done"], final["failed"]) == (len(made), 12 - len(made), 0)
     assert len(_files(out)) == 12
+
+
+def test_damaged_onnx_file_says_what_to_do(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from icdcli.engines.onnxruntime import OrtGraph
+    from icdcli.errors import ICDError
+
+    junk = tmp_path / "export" / "reverse_unet.onnx"
+    junk.parent.mkdir()
+    junk.write_bytes(b"\x08\x07 not a graph")
+    with pytest.raises(ICDError, match="delete the folder .*export and run again"):
+        OrtGraph(junk, None, torch.device("cpu"), 8)
