@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
-from icdcli.sampler import ddim_sample, icd_decode, icd_encode
+from icdcli.sampler import ddim_invert, ddim_sample, icd_decode, icd_encode
 from icdcli.schedule import NoiseSchedule
 
 from .common import PromptCache, setup_torch
@@ -108,8 +108,9 @@ def icd_quality(
 ) -> dict[str, float]:
     """Inversion and colour edits with the trained forward/reverse adapters on held-out scenes.
 
-    Reconstruction: encode with the forward model, decode unguided with the reverse model, PSNR
-    against the image and against the VAE's own reconstruction (the ceiling). Edit: decode under
+    Reconstruction: encode with the forward model, decode unguided with the reverse model; PSNR
+    against the image, beside the VAE's own reconstruction (the ceiling) and the guidance-distilled
+    teacher's DDIM50 inversion + DDIM50 sampling at w = 1 (the baseline). Edit: decode under
     a caption with another shape colour (prompt swap, dynamic guidance), then check the colour
     came out right and the unchanged pixels stayed (PSNR outside the change mask).
     """
@@ -134,6 +135,9 @@ def icd_quality(
     inverted = icd_encode(forward, x0, cond, forward_b, noise, schedule)
     reconstruction = _decode(pipeline.vae, icd_decode(reverse, inverted, cond, reverse_b, 1.0, tau, schedule))
     ceiling = _decode(pipeline.vae, x0)
+    baseline = UNetDenoiser(teacher)
+    ddim_noise = ddim_invert(baseline, x0, cond, 50, schedule)
+    ddim = _decode(pipeline.vae, ddim_sample(baseline, ddim_noise, cond, 50, schedule))
 
     targets = [edit_scene(s, "colour", split_rng("heldout", i, seed + 1)) for i, s in enumerate(sources)]
     target_cond = _conditioning(prompts, [t.caption() for t in targets])
@@ -146,6 +150,7 @@ def icd_quality(
     return {
         "reconstruction_psnr_db": float(psnr(reconstruction, images).mean()),
         "vae_ceiling_psnr_db": float(psnr(ceiling, images).mean()),
+        "ddim50_reconstruction_psnr_db": float(psnr(ddim, images).mean()),
         "edit_colour_accuracy": _hits(found, [(t.shape, t.colour, t.background) for t in targets])["colour"],
         "edit_unchanged_psnr_db": float((10 * torch.log10(4.0 / kept_error.clamp_min(1e-10))).mean()),
     }
