@@ -147,12 +147,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_record(path: str | Path, key: str = "icd") -> dict | None:
-    """The JSON parameter record a PNG written by icd carries in its `key` text chunk; None if none."""
+    """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment); None if none."""
     try:
         with Image.open(path) as opened:
             text = opened.info.get(key)
             if text is None and opened.format == "PNG":
                 text = opened.text.get(key)
+            if text is None and opened.format == "JPEG" and isinstance(opened.info.get("comment"), bytes):
+                text = opened.info["comment"].decode("utf-8", "replace")
     except Exception:  # anything unreadable simply has no record
         return None
     try:
@@ -211,7 +213,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | None = None) -> Path:
-    """Write `image` atomically; PNG outputs carry `text` as tEXt chunks."""
+    """Write `image` atomically; PNG outputs carry `text` as tEXt chunks, JPEGs a single entry as their comment."""
     target = Path(target)
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
@@ -224,6 +226,8 @@ def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | No
         options["pnginfo"] = info
     if fmt == "JPEG":
         options["quality"] = 95
+        if text and len(text) == 1:  # a JPEG has one comment: the record travels there
+            options["comment"] = next(iter(text.values())).encode()
     with atomic_path(target) as temporary:
         image.save(temporary, format=fmt, **options)
     return target

@@ -110,3 +110,15 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     save_image(Image.fromarray(_gradient()), target, {"icd": "{}"})
     assert Image.open(target).text["icd"] == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
+    from icdcli.images import read_record
+
+    image = Image.fromarray(_gradient())
+    for name in ("out.png", "out.jpg"):
+        save_image(image, tmp_path / name, {"icd": '{"seed": 3}'})
+        assert read_record(tmp_path / name) == {"seed": 3}
+    save_image(image, tmp_path / "plain.webp", {"icd": '{"seed": 3}'})
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert read_record(tmp_path / "plain.webp") is None and read_record(tmp_path / "junk.png") is None
