@@ -1153,6 +1153,3 @@ def info(as_json: bool) -> None:
 from .cli_export import export as _export_command  # noqa: E402  (it imports helpers defined above)
 
 main.add_command(_export_command)
-
-if __name__ == "__main__":
-    main()
