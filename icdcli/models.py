@@ -440,7 +440,7 @@ def build_teacher_unet(base: Path, teacher: str | Path | None) -> torch.nn.Modul
     from diffusers import UNet2DConditionModel
 
     if teacher is None:
-        return _load_unet(base / "unet")
+        return _load_unet(base / "unet").float()  # stored weights may be half: fuse LoRAs in float32
     state = load_state_dict(teacher)
     config = dict(UNet2DConditionModel.load_config(base / "unet"))
     config["time_cond_proj_dim"] = state[COND_PROJ_KEY].shape[1] if COND_PROJ_KEY in state else None

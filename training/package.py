@@ -1,0 +1,83 @@
+"""Package a training run as an icd model folder (`"format": "lora"`) that `icd --model DIR` loads.
+
+The folder holds the guidance-distilled pipeline (the teacher: VAE, text encoder, tokenizer and the
+UNet with `time_cond_proj_dim`) and the two LoRA adapters; icd fuses them on first load and caches
+the fused UNets. `half=True` stores the UNet and adapters in float16 to halve the size (they are
+upcast to float32 before fusing), which is how the embedded default model stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PIPELINE = "pipeline"
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
+
+
+def _copy_half(source: Path, target: Path, half: bool) -> None:
+    """Copy a safetensors file, storing floating tensors as float16 when `half`; metadata is kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata=metadata)
+
+
+def package_model(
+    guidance_dir: str | Path,
+    consistency_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    edit_guidance: float,
+    tau: float | None = None,
+    generate_guidance: float = 8.0,
+    half: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model folder atomically (a temporary folder renamed at the end) and return it."""
+    guidance_dir, consistency_dir, out = Path(guidance_dir), Path(consistency_dir), Path(out_dir)
+    summary = json.loads((consistency_dir / "icd_lora.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipeline = staging / PIPELINE
+        pipeline.mkdir()
+        for part in PIPELINE_PARTS:
+            source = guidance_dir / part
+            if source.is_dir():
+                shutil.copytree(source, pipeline / part)
+            elif source.is_file():
+                shutil.copy2(source, pipeline / part)
+        (pipeline / "unet").mkdir()
+        shutil.copy2(guidance_dir / "unet" / "config.json", pipeline / "unet" / "config.json")
+        weights = "diffusion_pytorch_model.safetensors"
+        _copy_half(guidance_dir / "unet" / weights, pipeline / "unet" / weights, half)
+        for role in ("forward", "reverse"):
+            _copy_half(consistency_dir / summary[role], staging / summary[role], half)
+        manifest = {
+            "format": "lora",
+            "name": name,
+            "base": PIPELINE,
+            "forward_lora": summary["forward"],
+            "reverse_lora": summary["reverse"],
+            "edit_guidance": edit_guidance,
+            "tau": summary["tau"] if tau is None else tau,
+            "generate_guidance": generate_guidance,
+            **(extra or {}),
+        }
+        (staging / "icd.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
