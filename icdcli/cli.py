@@ -1151,5 +1151,7 @@ def info(as_json: bool) -> None:
 
 
 from .cli_export import export as _export_command  # noqa: E402  (it imports helpers defined above)
+from .cli_train import train as _train_command  # noqa: E402
 
 main.add_command(_export_command)
+main.add_command(_train_command)

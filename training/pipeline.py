@@ -27,7 +27,7 @@ class PipelineConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    consistency: ConsistencyConfig | None = field(default_factory=ConsistencyConfig)
 
     @classmethod
     def smoke(cls) -> PipelineConfig:
@@ -60,7 +60,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, force: bool = Fals
         train_teacher(config.teacher, paths.vae, paths.teacher)
     if pending(paths.guidance):
         distill_guidance(config.guidance, paths.teacher, paths.guidance)
-    if pending(paths.consistency):
+    if config.consistency is not None and pending(paths.consistency):  # None: stop after guidance
         consistency = config.consistency
         if not force and consistency.resume is None and (paths.consistency / "checkpoints").exists():
             consistency = replace(consistency, resume="latest")
