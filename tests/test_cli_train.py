@@ -42,9 +42,10 @@ def test_train_smoke_packages_a_model_that_edits(tmp_path):
     photo = tmp_path / "scene.png"
     Image.fromarray(Scene("circle", "red", "blue", 0.5, 0.5, 0.5).render(32)).save(photo)
     for folder in (run / "model", run / "variants" / "cd2"):
+        out = str(tmp_path / f"{folder.name}.png")
         edited = CliRunner().invoke(
             main, ["edit", str(photo), "--src", "a red circle on a blue background", "--tgt",
-                   "a green circle on a blue background", "--model", str(folder), "-o", str(tmp_path / f"{folder.name}.png")],
+                   "a green circle on a blue background", "--model", str(folder), "-o", out],
         )  # fmt: skip
         assert edited.exit_code == 0, edited.output
         assert Image.open(tmp_path / f"{folder.name}.png").size == (32, 32)
