@@ -75,6 +75,13 @@ def test_dataset_yields_images_in_range_with_captions():
         data.scene(4)
 
 
+def test_classifier_reads_rendered_scenes():
+    from icdcli.training.evaluate import classify_image
+
+    for scene in scenes("heldout", 60):
+        assert classify_image(scene.render(32)) == (scene.shape, scene.colour, scene.background)
+
+
 # ---- multi-boundary timesteps ---------------------------------------------------------------------
 
 
