@@ -74,6 +74,7 @@ def package_model(
             **(extra or {}),
         }
         (staging / "icd.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp makes it private
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
