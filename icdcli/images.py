@@ -6,8 +6,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from .atomic import atomic_path
 from .errors import ICDError
 
 MAX_IMAGE_PIXELS = 100_000_000
@@ -195,21 +194,6 @@ def tensor_to_image(pixels, size: tuple[int, int] | None = None) -> Image.Image:
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     return image
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
-    target = Path(target)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.replace(temporary, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
 
 
 def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | None = None) -> Path:

@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
@@ -314,17 +313,15 @@ class ICDModel:
     def save_merged(self, folder: str | Path, include_teacher: bool = True) -> Path:
         """Write this model as a merged folder, atomically (a temporary folder renamed at the end)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
-            parts["reverse_unet"] = self.reverse_unet
-            if include_teacher and self.teacher_unet is not None:
-                parts["teacher_unet"] = self.teacher_unet
-            suffixes = [""] if len(self.text_encoders) == 1 else ["", "_2"]
-            for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.tokenizers, strict=True):
-                parts[f"text_encoder{suffix}"] = encoder
-                parts[f"tokenizer{suffix}"] = tokenizer
+        parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
+        parts["reverse_unet"] = self.reverse_unet
+        if include_teacher and self.teacher_unet is not None:
+            parts["teacher_unet"] = self.teacher_unet
+        suffixes = [""] if len(self.text_encoders) == 1 else ["", "_2"]
+        for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.tokenizers, strict=True):
+            parts[f"text_encoder{suffix}"] = encoder
+            parts[f"tokenizer{suffix}"] = tokenizer
+        with atomic_folder(folder) as staging:
             for name, part in parts.items():
                 if isinstance(part, torch.nn.Module):
                     part.save_pretrained(staging / name, safe_serialization=True)
@@ -333,12 +330,6 @@ class ICDModel:
             (staging / MODEL_JSON).write_text(
                 json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
             )
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return folder
 
 

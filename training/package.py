@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from icdcli.atomic import atomic_folder
 
 PIPELINE = "pipeline"
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
@@ -45,9 +46,7 @@ def package_model(
     """Write the model folder atomically (a temporary folder renamed at the end) and return it."""
     guidance_dir, consistency_dir, out = Path(guidance_dir), Path(consistency_dir), Path(out_dir)
     summary = json.loads((consistency_dir / "icd_lora.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         pipeline = staging / PIPELINE
         pipeline.mkdir()
         for part in PIPELINE_PARTS:
@@ -74,11 +73,4 @@ def package_model(
             **(extra or {}),
         }
         (staging / "icd.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
