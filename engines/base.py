@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from icdcli.denoiser import Conditioning, Denoiser, PromptEmbedding, guidance_scale_embedding
+from icdcli.denoiser import Conditioning, Denoiser, PromptEmbedding, expand_batch, guidance_scale_embedding, real_cfg
 from icdcli.errors import ICDError
 from icdcli.export.manifest import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GraphSpec
 
@@ -22,14 +22,6 @@ Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 class ShapeNotCovered(ICDError):
     """A backend cannot run these shapes (for TensorRT: outside every engine's optimisation profile)."""
-
-
-def expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] != 1:
-        raise ValueError(f"conditioning batch {tensor.shape[0]} does not match latent batch {batch}")
-    return tensor.expand(batch, *tensor.shape[1:])
 
 
 def unet_feeds(
@@ -109,19 +101,7 @@ class GraphDenoiser:
             raise ValueError(f"{self.spec.name}: unknown guidance mode {mode!r}")
         if guidance == 1.0:
             return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
-        if cond.negative is None:
-            raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
-        batch = x.shape[0]
-        negative, positive = cond.negative, cond.prompt
-        pair = PromptEmbedding(
-            torch.cat([expand_batch(negative.hidden_states, batch), expand_batch(positive.hidden_states, batch)]),
-            None
-            if positive.pooled is None
-            else torch.cat([expand_batch(negative.pooled, batch), expand_batch(positive.pooled, batch)]),
-        )
-        time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
-        eps_uncond, eps_cond = self._evaluate(torch.cat([x, x]), t, pair, time_ids, None).chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        return real_cfg(lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None), x, cond, guidance)
 
 
 @dataclass

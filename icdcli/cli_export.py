@@ -1,6 +1,6 @@
 """`icd export`: ONNX export (and TensorRT engine builds) ahead of time; `describe_cache` for `icd info`.
 
-Registered on the main group by `icdcli.cli` (`main.add_command(export)`, at the end of cli.py).
+Registered on the main group by `icdcli.cli` (`main.add_command(export)`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli import _load, _reports_errors, _say, model_options
+from .cli_common import _load, _reports_errors, _say, model_options
 
 
 @click.command("export")

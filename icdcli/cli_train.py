@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .cli import _reports_errors, _say
+from .cli_common import _reports_errors, _say
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)

@@ -9,6 +9,7 @@ engines each implement it; the sampler never knows which one it drives.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -69,12 +70,38 @@ def guidance_scale_embedding(
     return embedding
 
 
-def _expand(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+def expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """`tensor` with batch `batch`: as it is, or its single row repeated."""
     if tensor.shape[0] == batch:
         return tensor
     if tensor.shape[0] != 1:
         raise ValueError(f"conditioning batch {tensor.shape[0]} does not match latent batch {batch}")
     return tensor.expand(batch, *tensor.shape[1:])
+
+
+def real_cfg(
+    evaluate: Callable[[torch.Tensor, PromptEmbedding, torch.Tensor | None], torch.Tensor],
+    x: torch.Tensor,
+    cond: Conditioning,
+    guidance: float,
+) -> torch.Tensor:
+    """Two-pass classifier-free guidance as one batch of two: eps_u + w (eps_c - eps_u).
+
+    `evaluate(x, prompt, time_ids) -> eps` runs the network once on a batch.
+    """
+    if cond.negative is None:
+        raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
+    batch = x.shape[0]
+    negative, positive = cond.negative, cond.prompt
+    pair = PromptEmbedding(
+        torch.cat([expand_batch(negative.hidden_states, batch), expand_batch(positive.hidden_states, batch)]),
+        None
+        if positive.pooled is None
+        else torch.cat([expand_batch(negative.pooled, batch), expand_batch(positive.pooled, batch)]),
+    )
+    time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
+    eps_uncond, eps_cond = evaluate(torch.cat([x, x]), pair, time_ids).chunk(2)
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 class UNetDenoiser:
@@ -111,14 +138,14 @@ class UNetDenoiser:
             if time_ids is None:
                 raise ValueError("SDXL conditioning needs time_ids")
             added = {
-                "text_embeds": _expand(prompt.pooled, batch).to(param.device, param.dtype),
-                "time_ids": _expand(time_ids, batch).to(param.device, param.dtype),
+                "text_embeds": expand_batch(prompt.pooled, batch).to(param.device, param.dtype),
+                "time_ids": expand_batch(time_ids, batch).to(param.device, param.dtype),
             }
         with torch.no_grad():
             eps = self.unet(
                 x.to(param.device, param.dtype),
                 torch.full((batch,), t, device=param.device, dtype=torch.long),
-                encoder_hidden_states=_expand(prompt.hidden_states, batch).to(param.device, param.dtype),
+                encoder_hidden_states=expand_batch(prompt.hidden_states, batch).to(param.device, param.dtype),
                 timestep_cond=None if timestep_cond is None else timestep_cond.to(param.device, param.dtype),
                 added_cond_kwargs=added,
                 cross_attention_kwargs=None if control is None else {"control": control},
@@ -135,15 +162,6 @@ class UNetDenoiser:
             return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding, control)
         if guidance == 1.0:
             return self._evaluate(x, t, cond.prompt, cond.time_ids, None, control)
-        if cond.negative is None:
-            raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
-        batch = x.shape[0]
-        pair = PromptEmbedding(
-            torch.cat([_expand(cond.negative.hidden_states, batch), _expand(cond.prompt.hidden_states, batch)]),
-            None
-            if cond.prompt.pooled is None
-            else torch.cat([_expand(cond.negative.pooled, batch), _expand(cond.prompt.pooled, batch)]),
+        return real_cfg(
+            lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None, control), x, cond, guidance
         )
-        time_ids = None if cond.time_ids is None else torch.cat([_expand(cond.time_ids, batch)] * 2)
-        eps_uncond, eps_cond = self._evaluate(torch.cat([x, x]), t, pair, time_ids, None, control).chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)

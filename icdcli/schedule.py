@@ -5,6 +5,7 @@ Everything here is pure: tensors in, tensors out, no model state.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,12 @@ def alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+@functools.cache
+def _stable_diffusion_alpha_bar() -> torch.Tensor:
+    """Computed once per process: every inversion and decoding asks for it."""
+    return alphas_cumprod()
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """a_t = sqrt(alpha_bar_t) and s_t = sqrt(1 - alpha_bar_t), with t = 0 meaning the clean sample."""
@@ -32,7 +39,7 @@ class NoiseSchedule:
 
     @classmethod
     def stable_diffusion(cls) -> NoiseSchedule:
-        return cls(alphas_cumprod())
+        return cls(_stable_diffusion_alpha_bar())
 
     def signal(self, t: int) -> float:
         return 1.0 if t == CLEAN else float(self.alpha_bar[t].sqrt())

@@ -1,0 +1,189 @@
+"""Pieces shared by every `icd` command module: logging, error reporting, model options and loading.
+
+Command modules (cli.py, cli_export.py, cli_train.py) import from here, never from each other, so
+any of them can be imported first.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners swap it between invocations)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("icd")
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    # read by the libraries when (lazily) imported: keep their warnings and bars off our stderr
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries() -> None:
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn icd's own errors into one-line click errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import ICDError
+
+        try:
+            return command(*args, **kwargs)
+        except ICDError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--model",
+            "model",
+            default=None,
+            metavar="NAME|PATH",
+            help=f"Model folder (icd.json inside) or preset ({PRESET_NAMES}). Default: the embedded model.",
+        ),
+        click.option("--base", default=None, metavar="DIR", help="Diffusers base pipeline folder (with LoRA files)."),
+        click.option(
+            "--teacher",
+            default=None,
+            metavar="FILE",
+            help="Guidance-distilled teacher UNet state dict (.safetensors, or .pt loaded weights-only).",
+        ),
+        click.option(
+            "--forward-lora",
+            default=None,
+            metavar="FILE",
+            help="Forward LoRA, e.g. forward-19-259-519-779.safetensors.",
+        ),
+        click.option(
+            "--reverse-lora",
+            default=None,
+            metavar="FILE",
+            help="Reverse LoRA, e.g. reverse-259-519-779-999.safetensors.",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+            default="auto",
+            show_default=True,
+            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE stays fp32.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed of the noise added before inversion."
+        ),
+        click.option(
+            "--sampler",
+            type=click.Choice(["icd", "ddim"]),
+            default="icd",
+            show_default=True,
+            help="icd: the forward/reverse consistency models. ddim: the teacher's DDIM baseline.",
+        ),
+        click.option(
+            "--ddim-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Steps of --sampler ddim."
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]),
+            default="auto",
+            show_default=True,
+            envvar="ICD_BACKEND",
+            help="Where the networks run. auto: TensorRT on a GPU when installed, else ONNX Runtime when installed, "
+            "else PyTorch (the first accelerated run exports the model to ONNX). Env: ICD_BACKEND.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, what the user called it, how long loading took, and the backend it runs on."""
+
+    model: Any
+    label: str
+    seconds: float
+    backend: str = "torch"
+
+
+def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
+    """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
+    import torch
+
+    from .models import resolve_device
+    from .sources import ModelRequest, load_requested_model
+
+    _quiet_libraries()
+    start = time.perf_counter()
+    request = ModelRequest(
+        ctx_options["model"],
+        ctx_options["base"],
+        ctx_options["teacher"],
+        ctx_options["forward_lora"],
+        ctx_options["reverse_lora"],
+    )
+    device = resolve_device(ctx_options["device"])
+    precision = ctx_options["precision"]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
+    model.to(device, dtype)
+    chosen = "torch"
+    if backend is not None:
+        from .accelerated import accelerate, select_backend
+
+        chosen = select_backend(backend, model.device)
+        if backend == "auto":
+            _say(f"backend: {chosen} (auto)")
+        model = accelerate(model, chosen, progress=_say)
+    return Loaded(model, request.label, time.perf_counter() - start, chosen)
