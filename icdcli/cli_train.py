@@ -57,6 +57,13 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.option(
     "--minutes", type=click.FloatRange(min=0.1), default=None, help="Cap on the consistency stage's wall time."
 )
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Consistency steps to train. Given without --minutes it lifts the default 25-minute cap, so that "
+    "runs (ablation variants, say) train exactly the same number of steps on any machine.",
+)
 @click.option("--edit-guidance", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
 @click.option("--name", default=None, help="Name recorded in the packaged model. Default: the run folder's name.")
@@ -68,6 +75,7 @@ def train(
     force: bool,
     variant: str | None,
     minutes: float | None,
+    steps: int | None,
     edit_guidance: float,
     name: str | None,
 ) -> None:
@@ -83,6 +91,8 @@ def train(
     from .training.pipeline import PipelineConfig, run_pipeline
 
     config = (PipelineConfig.smoke() if smoke else PipelineConfig()).with_seed(seed)
+    if steps is not None:
+        config = replace(config, consistency=replace(config.consistency, steps=steps, time_budget_s=None))
     if minutes is not None:
         config = replace(config, consistency=replace(config.consistency, time_budget_s=minutes * 60))
     if variant is None:

@@ -314,8 +314,8 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         accelerator.load_state(str(checkpoint))
         start_step = json.loads((checkpoint / "step.json").read_text())["step"]
 
-    prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder)
-    vae = pipeline.vae
+    prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder.to(device))
+    vae = pipeline.vae.to(device)
     bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
     schedule = NoiseSchedule.stable_diffusion()
     grid = solver_timesteps(config.solver_steps)

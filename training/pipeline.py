@@ -5,7 +5,8 @@ Entry point:
     run_pipeline(config: PipelineConfig, out_dir, force: bool = False) -> PipelineOutputs
 
 It writes `vae/`, `teacher/`, `guidance/` and `consistency/` under `out_dir`. A stage whose folder
-already holds its `train_config.json` is finished and is skipped, unless `force`; an interrupted
+already holds its `train_config.json` is finished and is skipped, unless `force`, and so are the
+stages before it (a run folder holding only `guidance/` can train consistency stages); an interrupted
 consistency stage resumes from its latest checkpoint. `PipelineConfig.smoke()` runs the chain in
 about a minute on two CPU cores.
 """
@@ -54,11 +55,13 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, force: bool = Fals
     def pending(path: Path) -> bool:
         return force or not (path / DONE).exists()
 
-    if pending(paths.vae):
-        train_vae(config.vae, paths.vae)
-    if pending(paths.teacher):
-        train_teacher(config.teacher, paths.vae, paths.teacher)
+    # An earlier stage is needed only to train a later one: a finished guidance stage is all that
+    # consistency distillation (and its ablation variants) reads.
     if pending(paths.guidance):
+        if pending(paths.teacher):
+            if pending(paths.vae):
+                train_vae(config.vae, paths.vae)
+            train_teacher(config.teacher, paths.vae, paths.teacher)
         distill_guidance(config.guidance, paths.teacher, paths.guidance)
     if config.consistency is not None and pending(paths.consistency):  # None: stop after guidance
         consistency = config.consistency
