@@ -13,7 +13,17 @@ from typing import Any
 
 import torch
 
-from icdcli.denoiser import Conditioning, Denoiser, PromptEmbedding, expand_batch, guidance_scale_embedding, real_cfg
+from icdcli.denoiser import (
+    Conditioning,
+    Denoiser,
+    Guidance,
+    PromptEmbedding,
+    expand_batch,
+    guidance_scale_embedding,
+    is_unguided,
+    real_cfg,
+    row_guidance,
+)
 from icdcli.errors import ICDError
 from icdcli.export.manifest import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GraphSpec
 
@@ -78,7 +88,7 @@ class GraphDenoiser:
         return self.fallback(x, t, cond, guidance, control)
 
     def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
     ) -> torch.Tensor:
         if control is not None:
             return self._fall_back("attention control (Prompt-to-Prompt)", x, t, cond, guidance, control)
@@ -87,19 +97,18 @@ class GraphDenoiser:
         except ShapeNotCovered as error:
             return self._fall_back(str(error), x, t, cond, guidance, None)
 
-    def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance) -> torch.Tensor:
         mode = self.spec.guidance
         if mode == GUIDANCE_EMBEDDING:
-            w = torch.full((x.shape[0],), float(guidance))
-            embedding = guidance_scale_embedding(w, self.guidance_dim).to(x.device)
+            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim).to(x.device)
             return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding)
         if mode == GUIDANCE_FOLDED:
-            if guidance != 1.0:
+            if not is_unguided(guidance):
                 raise ValueError(f"{self.spec.name} has w = 1 folded in; it cannot run at guidance {guidance}")
             return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
         if mode != GUIDANCE_CFG:
             raise ValueError(f"{self.spec.name}: unknown guidance mode {mode!r}")
-        if guidance == 1.0:
+        if is_unguided(guidance):
             return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
         return real_cfg(lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None), x, cond, guidance)
 

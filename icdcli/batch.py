@@ -32,7 +32,9 @@ SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output")
 RECORD_KEY = "icd"
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
-MATCH_FIELDS = ("model_hash", "method", "sampler", "steps", "src", "tgt", "guidance", "tau", "seed", "input_sha256")
+MATCH_FIELDS = (
+    "model_hash", "method", "p2p", "sampler", "steps", "src", "tgt", "guidance", "tau", "seed", "input_sha256"
+)  # fmt: skip
 
 
 class SpecError(ValueError):
@@ -366,15 +368,19 @@ def parameter_record(
     input_path: str,
     input_size: tuple[int, int] | None,
     input_sha256: str,
+    method: str = METHOD,
+    p2p: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What an output PNG records about how it was made (its `icd` text chunk)."""
+    """What an output PNG records about how it was made (its `icd` text chunk); `p2p` holds the
+    Prompt-to-Prompt settings of a `p2p` edit."""
     return {
         "icd_version": version,
         "model": model,
         "model_hash": model_hash,
         "backend": backend,
         "precision": precision,
-        "method": METHOD,
+        "method": method,
+        "p2p": p2p,
         "sampler": sampler,
         "steps": steps,
         "src": src,

@@ -152,6 +152,41 @@ def main() -> None:
     default=None,
     help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "p2p", "swap"]),
+    default="auto",
+    show_default=True,
+    help="p2p: Prompt-to-Prompt, the target's attention taken from the source's (keeps layout and background). "
+    "swap: decode with the target prompt alone. auto: p2p for SD1.5-family models, swap for SDXL.",
+)
+@click.option(
+    "--cross-replace",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.8,
+    show_default=True,
+    help="p2p: fraction of the steps whose cross-attention follows the source.",
+)
+@click.option(
+    "--self-replace",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.4,
+    show_default=True,
+    help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
+)
+@click.option(
+    "--blend",
+    "blend_words",
+    multiple=True,
+    metavar="WORD",
+    help="p2p local blend: only the region of these words may change (words of either prompt; repeatable).",
+)
+@click.option(
+    "--amplify",
+    multiple=True,
+    metavar="WORD=FACTOR",
+    help="p2p reweight: multiply the target's attention to WORD by FACTOR (repeatable), e.g. --amplify red=2.",
+)
 @sampler_options
 @model_options
 @_reports_errors
@@ -167,6 +202,11 @@ def edit(
     shard: str | None,
     guidance: float | None,
     tau: float | None,
+    method: str,
+    cross_replace: float,
+    self_replace: float,
+    blend_words: tuple[str, ...],
+    amplify: tuple[str, ...],
     seed: int,
     sampler: str,
     ddim_steps: int,
@@ -175,16 +215,20 @@ def edit(
 ) -> None:
     """Edit IMAGE(s) from the --src description to the --tgt description.
 
-    The image is inverted with the source prompt by the forward model, then decoded with the
-    target prompt by the reverse model (the source prompt at the unguided steps). Images of any
-    size are resized to the model's native area, edited, and returned at their own size.
+    The image is inverted with the source prompt by the forward model, then decoded by the reverse
+    model. With --method p2p (Prompt-to-Prompt) the source and target branches are decoded together
+    and the target's attention maps are taken from the source's, so layout and background stay;
+    prompts of equal word counts replace word for word, others are aligned token by token. With
+    --method swap the target prompt alone decodes (the source prompt at the unguided steps). Images
+    of any size are resized to the model's native area, edited, and returned at their own size.
 
     IMAGE may be a file or a folder (image files inside; -r descends). Each output PNG records its
     parameters; a rerun skips outputs already made with the same ones. Ctrl-C stops after the
     current image (twice: at once), exit code 130.
     """
     started = time.perf_counter()
-    settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps)
+    p2p = _p2p_settings(cross_replace, self_replace, blend_words, amplify)
+    settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
     expected_hash = None
     if from_record is not None:
         if spec is not None:
@@ -226,6 +270,46 @@ class _EditFlags:
     seed: int
     sampler: str
     ddim_steps: int
+    method: str = "auto"
+    p2p: Any = None  # icdcli.p2p.P2PSettings
+
+
+def _p2p_settings(
+    cross_replace: float, self_replace: float, blend_words: tuple[str, ...], amplify: tuple[str, ...]
+) -> Any:
+    """The P2P settings of the command line (--blend also takes several words in one value)."""
+    from .p2p import P2PSettings
+
+    factors = []
+    for entry in amplify:
+        word, sep, factor = entry.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if not sep or not word.strip() or value is None or value < 0:
+            raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
+        factors.append((word.strip(), value))
+    words = tuple(w for value in blend_words for w in value.split())
+    return P2PSettings(cross_replace, self_replace, words, tuple(factors))
+
+
+def _edit_method(model: Any, method: str) -> str:
+    """auto: Prompt-to-Prompt for SD1.5-family models, prompt swap for SDXL (as the paper edits)."""
+    if method != "auto":
+        return method
+    from .models import SDXL
+
+    return "swap" if model.info.family == SDXL else "p2p"
+
+
+def _p2p_record(settings: Any) -> dict[str, Any]:
+    return {
+        "cross_replace": settings.cross_replace,
+        "self_replace": settings.self_replace,
+        "blend": list(settings.blend),
+        "amplify": {word: factor for word, factor in settings.amplify},
+    }
 
 
 _MODEL_FLAGS = ("model", "base", "teacher", "forward_lora", "reverse_lora")
@@ -257,7 +341,21 @@ def _apply_record(
         "seed": flags.seed if _given("seed") else int(record["seed"]),
         "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
         "ddim_steps": flags.ddim_steps,
+        "method": flags.method if _given("method") else record.get("method", "swap"),
+        "p2p": flags.p2p,
     }
+    recorded_p2p = record.get("p2p")
+    if isinstance(recorded_p2p, dict) and not any(
+        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "amplify")
+    ):
+        from .p2p import P2PSettings
+
+        values["p2p"] = P2PSettings(
+            float(recorded_p2p.get("cross_replace", 0.8)),
+            float(recorded_p2p.get("self_replace", 0.4)),
+            tuple(recorded_p2p.get("blend", ())),
+            tuple((str(w), float(f)) for w, f in dict(recorded_p2p.get("amplify", {})).items()),
+        )
     if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
         values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))
     expected_hash = None
@@ -490,7 +588,10 @@ class _EditRun:
             item.guidance if item.guidance is not None else flags.guidance,
             item.tau if item.tau is not None else flags.tau,
         )
+        method = _edit_method(model, flags.method)
         return parameter_record(
+            method=method,
+            p2p=_p2p_record(flags.p2p) if method == "p2p" else None,
             model=self.model_ref,
             model_hash=self.model_hash,
             backend=loaded.backend,
@@ -511,9 +612,10 @@ class _EditRun:
     def _edit_one(self, item: Any) -> dict[str, Any] | str:
         """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
         from .batch import decide, display
-        from .editing import SamplerSettings, Timings, edit
+        from .editing import SamplerSettings, Timings, edit, edit_p2p
         from .errors import ICDError
         from .images import file_sha256, load_image, original_size, probe_image, read_record, save_image
+        from .p2p import P2PError
 
         if item.error is not None:
             raise _ItemFailed(item.error)
@@ -542,9 +644,13 @@ class _EditRun:
             size = original_size(image)
             record = {**wanted, "input_size": list(size)}
             settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
-            result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
-                          timings)  # fmt: skip
-        except ICDError as error:
+            if record["method"] == "p2p":
+                result = edit_p2p(model, image, record["src"], record["tgt"], record["guidance"], record["tau"],
+                                  settings, self.flags.p2p, timings)  # fmt: skip
+            else:
+                result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
+                              timings)  # fmt: skip
+        except (ICDError, P2PError) as error:
             raise _ItemFailed(str(error)) from None
         if result.size != size:
             from PIL import Image
@@ -570,6 +676,7 @@ class _EditRun:
             "backend": self.loaded.backend,
             "seed": record["seed"],
             "sampler": record["sampler"],
+            "method": record["method"],
             "guidance": record["guidance"],
             "tau": record["tau"],
             "steps": record["steps"],

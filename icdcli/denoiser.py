@@ -2,7 +2,9 @@
 
 A denoiser is any callable `denoiser(x, t, cond, guidance, control=None) -> eps`, with `x` a batch of
 latents, `t` an integer timestep, `cond` the text conditioning and `guidance` the classical
-classifier-free guidance scale (1 = no guidance). PyTorch UNets, ONNX Runtime sessions and TensorRT
+classifier-free guidance scale (1 = no guidance), one for the batch or a (B,) tensor, one per row
+(Prompt-to-Prompt decodes an unguided source row beside a guided target row). `control` is the
+attention control of one step (`icdcli.p2p.StepControl`). PyTorch UNets, ONNX Runtime sessions and TensorRT
 engines each implement it; the sampler never knows which one it drives.
 """
 
@@ -45,10 +47,26 @@ class Conditioning:
         return replace(self, prompt=prompt)
 
 
+Guidance = float | torch.Tensor
+
+
 class Denoiser(Protocol):
     def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
     ) -> torch.Tensor: ...
+
+
+def row_guidance(guidance: Guidance, batch: int) -> torch.Tensor:
+    """Guidance as a (batch,) float tensor."""
+    if isinstance(guidance, torch.Tensor):
+        return expand_batch(guidance.float().reshape(-1).cpu(), batch)
+    return torch.full((batch,), float(guidance))
+
+
+def is_unguided(guidance: Guidance) -> bool:
+    if isinstance(guidance, torch.Tensor):
+        return bool((guidance == 1.0).all())
+    return guidance == 1.0
 
 
 def guidance_scale_embedding(
@@ -83,7 +101,7 @@ def real_cfg(
     evaluate: Callable[[torch.Tensor, PromptEmbedding, torch.Tensor | None], torch.Tensor],
     x: torch.Tensor,
     cond: Conditioning,
-    guidance: float,
+    guidance: Guidance,
 ) -> torch.Tensor:
     """Two-pass classifier-free guidance as one batch of two: eps_u + w (eps_c - eps_u).
 
@@ -101,7 +119,8 @@ def real_cfg(
     )
     time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
     eps_uncond, eps_cond = evaluate(torch.cat([x, x]), pair, time_ids).chunk(2)
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
+    w = row_guidance(guidance, batch).to(eps_cond.device, eps_cond.dtype).view(-1, *[1] * (x.ndim - 1))
+    return eps_uncond + w * (eps_cond - eps_uncond)
 
 
 class UNetDenoiser:
@@ -133,6 +152,11 @@ class UNetDenoiser:
     ) -> torch.Tensor:
         param = next(self.unet.parameters())
         batch = x.shape[0]
+        if control is not None:
+            from .p2p import install_p2p_processors
+
+            install_p2p_processors(self.unet)
+            control = control.to(param.device, param.dtype)
         added = None
         if prompt.pooled is not None:
             if time_ids is None:
@@ -154,13 +178,12 @@ class UNetDenoiser:
         return eps.to(x.dtype)
 
     def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: float = 1.0, control: Any | None = None
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
     ) -> torch.Tensor:
         if self.guidance_dim is not None:
-            w = torch.full((x.shape[0],), float(guidance))
-            embedding = guidance_scale_embedding(w, self.guidance_dim)
+            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim)
             return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding, control)
-        if guidance == 1.0:
+        if is_unguided(guidance):
             return self._evaluate(x, t, cond.prompt, cond.time_ids, None, control)
         return real_cfg(
             lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None, control), x, cond, guidance

@@ -1,11 +1,12 @@
 """Inversion, reconstruction, prompt-swap editing and generation on a loaded model.
 
-These functions tie the model (text, VAE, denoisers) to the pure samplers. Attention control
-(Prompt-to-Prompt) plugs in through the denoiser's `control` argument and is not used here.
+These functions tie the model (text, VAE, denoisers) to the pure samplers. Prompt-to-Prompt
+editing (`edit_p2p`) passes its attention control through the denoiser's `control` argument.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ from PIL import Image
 from .denoiser import Conditioning
 from .images import fit_size, image_to_tensor, tensor_to_image
 from .models import ICDModel
-from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode
+from .p2p import REFINE, P2PSettings, make_plan, prompt_words
+from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("icd", "ddim")
+METHODS = ("swap", "p2p")
 DEFAULT_SEED = 0
 
 
@@ -170,6 +173,59 @@ def edit(
             tau,
             settings,
             unguided_prompt=source_prompt,
+        )
+        return tensor_to_image(pixels, image.size)
+
+
+def decode_p2p(
+    model: ICDModel,
+    latents: torch.Tensor,
+    source_prompt: str,
+    target_prompt: str,
+    size: tuple[int, int],
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    p2p: P2PSettings,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Decode one image's noise latents as a P2P edit; returns the target branch's pixels (1, 3, H, W)."""
+    if latents.shape[0] != 1:
+        raise ValueError(f"P2P decodes one image at a time, got a batch of {latents.shape[0]}")
+    pairs = p2p_pairs(None if settings.sampler == "ddim" else model.info.reverse_boundaries, settings.ddim_steps)
+    denoiser = model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser
+    plan = make_plan(model.tokenizers[0], source_prompt, target_prompt, p2p, len(pairs), latents.shape[-1])
+    if plan.mode == REFINE and p2p.mode == "auto":
+        logging.getLogger("icd").info(
+            "the prompts have %d and %d words, so P2P cannot replace word for word: it refines instead "
+            "(aligns their tokens; words new in the target keep their own attention)",
+            len(prompt_words(source_prompt)),
+            len(prompt_words(target_prompt)),
+        )
+    cond = _conditioning(model, [source_prompt, target_prompt], size, guidance)
+    both = p2p_decode(denoiser, latents, cond, pairs, guidance, tau, NoiseSchedule.stable_diffusion(), plan, callback)
+    return model.decode_latents(both[1:])
+
+
+def edit_p2p(
+    model: ICDModel,
+    image: Image.Image,
+    source_prompt: str,
+    target_prompt: str,
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    p2p: P2PSettings,
+    timings: Timings | None = None,
+) -> Image.Image:
+    """Prompt-to-Prompt editing: invert with the source prompt, then decode source and target
+    branches together, the target's attention taken from the source's (see `icdcli.p2p`)."""
+    timings = timings or Timings()
+    with timings.stage("encode"):
+        inversion = invert(model, image, source_prompt, settings)
+    with timings.stage("decode"):
+        pixels = decode_p2p(
+            model, inversion.latents, source_prompt, target_prompt, inversion.size, guidance, tau, settings, p2p
         )
         return tensor_to_image(pixels, image.size)
 

@@ -8,6 +8,7 @@ Diffusion's evenly spaced timesteps with a teacher UNet.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -146,3 +147,42 @@ def ddim_sample(
 def ddim_start_timestep(num_steps: int) -> int:
     """The timestep DDIM inversion ends on and DDIM sampling starts from."""
     return ddim_timesteps(num_steps)[-1]
+
+
+def p2p_pairs(reverse_boundaries: tuple[int, ...] | None, ddim_steps: int | None) -> list[tuple[int, int]]:
+    """The decoding steps of a P2P edit: the reverse model's boundary jumps, or DDIM's timesteps."""
+    if reverse_boundaries is not None:
+        return reverse_pairs(reverse_boundaries)
+    if ddim_steps is None:
+        raise ValueError("P2P decoding needs the reverse model's boundaries or a number of DDIM steps")
+    timesteps = ddim_timesteps(ddim_steps)[::-1]
+    return list(zip(timesteps, timesteps[1:] + [CLEAN], strict=True))
+
+
+def p2p_decode(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    cond: Conditioning,
+    pairs: list[tuple[int, int]],
+    guidance: float,
+    tau: float,
+    schedule: NoiseSchedule,
+    plan: Any,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Decode one latent into two branches under Prompt-to-Prompt control; returns both (source, target).
+
+    `cond` holds the source and target prompts as a batch of two. The source branch runs unguided;
+    the target branch under dynamic guidance. Each step the plan (an `icdcli.p2p.P2PPlan`) gives the
+    attention control, collects the cross-attention maps and applies local blend.
+    """
+    x = torch.cat([x[:1], x[:1]])
+    for index, (t, s) in enumerate(pairs):
+        control = plan.step(index)
+        w = torch.tensor([1.0, step_guidance(t, guidance, tau)])
+        eps = denoiser(x, t, cond, w, control)
+        plan.add_maps(control.maps)
+        x = plan.blend(ddim_jump(x, eps, t, s, schedule))
+        if callback is not None:
+            callback(index, s, x)
+    return x
