@@ -182,6 +182,13 @@ def main() -> None:
     help="p2p local blend: only the region of these words may change (words of either prompt; repeatable).",
 )
 @click.option(
+    "--blend-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.3,
+    show_default=True,
+    help="p2p local blend: part of its maximum above which a word's attention counts as its region.",
+)
+@click.option(
     "--amplify",
     multiple=True,
     metavar="WORD=FACTOR",
@@ -206,6 +213,7 @@ def edit(
     cross_replace: float,
     self_replace: float,
     blend_words: tuple[str, ...],
+    blend_threshold: float,
     amplify: tuple[str, ...],
     seed: int,
     sampler: str,
@@ -227,7 +235,7 @@ def edit(
     current image (twice: at once), exit code 130.
     """
     started = time.perf_counter()
-    p2p = _p2p_settings(cross_replace, self_replace, blend_words, amplify)
+    p2p = _p2p_settings(cross_replace, self_replace, blend_words, amplify, blend_threshold)
     settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
     expected_hash = None
     if from_record is not None:
@@ -275,7 +283,11 @@ class _EditFlags:
 
 
 def _p2p_settings(
-    cross_replace: float, self_replace: float, blend_words: tuple[str, ...], amplify: tuple[str, ...]
+    cross_replace: float,
+    self_replace: float,
+    blend_words: tuple[str, ...],
+    amplify: tuple[str, ...],
+    blend_threshold: float = 0.3,
 ) -> Any:
     """The P2P settings of the command line (--blend also takes several words in one value)."""
     from .p2p import P2PSettings
@@ -291,7 +303,7 @@ def _p2p_settings(
             raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
         factors.append((word.strip(), value))
     words = tuple(w for value in blend_words for w in value.split())
-    return P2PSettings(cross_replace, self_replace, words, tuple(factors))
+    return P2PSettings(cross_replace, self_replace, words, tuple(factors), blend_threshold=blend_threshold)
 
 
 def _edit_method(model: Any, method: str) -> str:
@@ -308,6 +320,7 @@ def _p2p_record(settings: Any) -> dict[str, Any]:
         "cross_replace": settings.cross_replace,
         "self_replace": settings.self_replace,
         "blend": list(settings.blend),
+        "blend_threshold": settings.blend_threshold,
         "amplify": {word: factor for word, factor in settings.amplify},
     }
 
@@ -346,7 +359,7 @@ def _apply_record(
     }
     recorded_p2p = record.get("p2p")
     if isinstance(recorded_p2p, dict) and not any(
-        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "amplify")
+        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "blend_threshold", "amplify")
     ):
         from .p2p import P2PSettings
 
@@ -355,6 +368,7 @@ def _apply_record(
             float(recorded_p2p.get("self_replace", 0.4)),
             tuple(recorded_p2p.get("blend", ())),
             tuple((str(w), float(f)) for w, f in dict(recorded_p2p.get("amplify", {})).items()),
+            blend_threshold=float(recorded_p2p.get("blend_threshold", 0.3)),
         )
     if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
         values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))

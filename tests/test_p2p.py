@@ -1,0 +1,294 @@
+"""Prompt-to-Prompt: the step schedule, token mapping, the attention rewrite, and whole edits on the
+embedded default model (PyTorch)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from icdcli.cli import main
+from icdcli.editing import SamplerSettings, _conditioning, decode, invert
+from icdcli.p2p import (
+    P2PError,
+    P2PSettings,
+    StepControl,
+    align_tokens,
+    blend_mask,
+    blend_resolution,
+    cross_replace_steps,
+    edit_probabilities,
+    install_p2p_processors,
+    local_blend,
+    make_plan,
+    refinement_mapper,
+    replacement_mapper,
+    self_replace_steps,
+    word_token_spans,
+)
+from icdcli.sampler import p2p_decode, p2p_pairs
+from icdcli.schedule import NoiseSchedule
+from icdcli.sources import DEFAULT_MODEL_DIR
+
+SOURCE = "a red circle on a blue background"
+EXAMPLE = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
+
+
+def _control(length: int = 5, cross: float = 1.0, self_flag: float = 1.0, **tensors) -> StepControl:
+    return StepControl(
+        cross_alpha=tensors.get("cross_alpha", torch.full((length,), cross)),
+        refine=tensors.get("refine", torch.ones(length)),
+        mapper=tensors.get("mapper", torch.eye(length)),
+        reweight=tensors.get("reweight", torch.ones(length)),
+        self_replace=torch.tensor([self_flag]),
+    )
+
+
+def _probs(batch: int, heads: int, queries: int, keys: int, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(batch, heads, queries, keys, generator=torch.Generator().manual_seed(seed)), -1)
+
+
+# --- the step schedule ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("steps", "fraction", "expected"),
+    [
+        (4, 1.0, [True] * 4),
+        (4, 0.8, [True] * 4),  # int(5 * 0.8) = 4
+        (4, 0.6, [True, True, True, False]),  # int(3.0)
+        (4, 0.4, [True, True, False, False]),
+        (4, 0.2, [True, False, False, False]),
+        (4, 0.1, [False] * 4),  # int(0.5) = 0
+        (3, 0.5, [True, True, False]),  # int(4 * 0.5) = 2
+        (3, 0.8, [True, True, True]),  # int(3.2) = 3
+        (3, 0.2, [False] * 3),
+    ],
+)
+def test_cross_replace_covers_a_five_row_table_for_four_steps(steps, fraction, expected):
+    assert cross_replace_steps(steps, fraction) == expected
+
+
+@pytest.mark.parametrize(
+    ("steps", "fraction", "expected"),
+    [
+        (4, 0.4, [True, False, False, False]),  # int(4 * 0.4) = 1
+        (4, 0.5, [True, True, False, False]),
+        (4, 1.0, [True] * 4),
+        (4, 0.2, [False] * 4),
+        (3, 0.7, [True, True, False]),  # int(2.1) = 2
+        (3, 0.3, [False] * 3),
+    ],
+)
+def test_self_replace_steps(steps, fraction, expected):
+    assert self_replace_steps(steps, fraction) == expected
+
+
+def test_blend_resolution_is_sixteen_for_sd15_at_512():
+    assert blend_resolution(64) == 16 and blend_resolution(128) == 32 and blend_resolution(8) == 8
+
+
+# --- token mapping --------------------------------------------------------------------------
+
+
+def test_replacement_mapper_maps_word_to_word_and_spreads_split_words():
+    # "a cat" -> "a dalmatian" where the new word takes three tokens; bos at 0, tails after the words
+    mapper = replacement_mapper([(1, 2), (2, 3)], [(1, 2), (2, 5)], 8)
+    assert torch.equal(mapper[:, 0], torch.eye(8)[0]) and mapper[1, 1] == 1
+    assert [mapper[2, j].item() for j in (2, 3, 4)] == [1.0, 1.0, 1.0]  # cat's map for each dalmatian token
+    assert mapper[3, 5] == 1 and mapper[4, 6] == 1 and mapper[5, 7] == 1  # end-of-text and padding follow
+    two_to_one = replacement_mapper([(1, 3)], [(1, 2)], 6)
+    assert torch.allclose(two_to_one[1:3, 1], torch.tensor([0.5, 0.5]))  # the mean of the split word's maps
+    with pytest.raises(P2PError, match="equal word counts"):
+        replacement_mapper([(1, 2)], [(1, 2), (2, 3)], 6)
+
+
+def test_alignment_of_equal_and_inserted_tokens():
+    assert align_tokens([1, 5, 6, 3], [1, 5, 6, 3]) == [0, 1, 2, 3]
+    assert align_tokens([1, 5, 6, 3], [1, 5, 9, 6, 3]) == [0, 1, -1, 2, 3]
+    mapper, alphas = refinement_mapper([1, 5, 6, 3], [1, 5, 9, 6, 3], 8)
+    assert alphas.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+    assert mapper[2, 3] == 1 and mapper[3, 4] == 1  # source "6" and eos moved one to the right
+    assert mapper[4, 5] == 1 and mapper[6, 7] == 1  # padding follows
+
+
+def test_word_spans_and_plan_on_the_default_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
+    assert word_token_spans(tokenizer, SOURCE) == [(i, i + 1) for i in range(1, 8)]
+    plan = make_plan(tokenizer, SOURCE, "a yellow circle on a blue background", P2PSettings(blend=("circle",)), 4, 8)
+    assert plan.mode == "replace" and torch.equal(plan.mapper, torch.eye(tokenizer.model_max_length))
+    assert plan.blend_tokens[0].nonzero().flatten().tolist() == [3] == plan.blend_tokens[1].nonzero().flatten().tolist()
+    refine = make_plan(tokenizer, SOURCE, "a big red circle on a blue background", P2PSettings(), 4, 8)
+    assert refine.mode == "refine" and refine.refine[2] == 0 and refine.refine.sum() == tokenizer.model_max_length - 1
+    with pytest.raises(P2PError, match="neither prompt"):
+        make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(blend=("dog",)), 4, 8)
+    with pytest.raises(P2PError, match="not in the target prompt"):
+        make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(amplify=(("dog", 2.0),)), 4, 8)
+    with pytest.raises(P2PError, match="equal word counts"):
+        make_plan(tokenizer, SOURCE, "a big red circle on a blue background", P2PSettings(mode="replace"), 4, 8)
+
+
+# --- the attention rewrite ------------------------------------------------------------------
+
+
+def test_cross_replace_gives_the_target_the_source_maps_and_leaves_other_rows():
+    probs = _probs(4, 2, 6, 5)  # [source uncond, target uncond, source, target]
+    out = edit_probabilities(probs, True, _control())
+    assert torch.equal(out[-1], probs[-2]) and torch.equal(out[:3], probs[:3])
+    assert torch.equal(edit_probabilities(probs, True, _control(cross=0.0)), probs)  # outside the steps
+
+
+def test_cross_mapping_refine_and_reweight():
+    probs = _probs(2, 1, 3, 4, seed=1)
+    swap = torch.eye(4)[[0, 2, 1, 3]]  # source token 1 -> target token 2 and back
+    mapped = edit_probabilities(probs, True, _control(4, mapper=swap))
+    assert torch.equal(mapped[1][..., 2], probs[0][..., 1]) and torch.equal(mapped[1][..., 1], probs[0][..., 2])
+    refine = torch.tensor([1.0, 1.0, 0.0, 1.0])  # token 2 is new: it keeps the target's own map
+    refined = edit_probabilities(probs, True, _control(4, refine=refine))
+    assert torch.equal(refined[1][..., 2], probs[1][..., 2]) and torch.equal(refined[1][..., 0], probs[0][..., 0])
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    amplified = edit_probabilities(probs, True, _control(4, reweight=weights))
+    assert torch.allclose(amplified[1][..., 1], 3 * probs[0][..., 1])
+
+
+def test_self_replace_only_within_its_steps_and_on_small_maps():
+    probs = _probs(2, 2, 16, 16)
+    assert torch.equal(edit_probabilities(probs, False, _control(self_flag=1.0))[1], probs[0])
+    assert torch.equal(edit_probabilities(probs, False, _control(self_flag=0.0)), probs)
+    large = _probs(2, 1, 32 * 32 + 1, 8)
+    assert torch.equal(edit_probabilities(large, False, _control(self_flag=1.0)), large)
+
+
+def test_local_blend_keeps_the_source_outside_the_words_region():
+    size = 4
+    maps = torch.zeros(2, size * size, 5)
+    maps[0, 5, 2] = 1.0  # source word (token 2) at query (1, 1)
+    maps[1, 10, 3] = 1.0  # target word (token 3) at query (2, 2)
+    tokens = torch.zeros(2, 5)
+    tokens[0, 2] = tokens[1, 3] = 1.0
+    mask = blend_mask(maps, tokens, size, (4, 4), 0.3)
+    expected = torch.zeros(4, 4)
+    expected[0:3, 0:3] = 1  # 3x3 max-pool around (1, 1) ...
+    expected[1:4, 1:4] = 1  # ... united with the one around (2, 2)
+    assert torch.equal(mask[0, 0], expected)
+    x = torch.randn(2, 4, 4, 4)
+    blended = local_blend(x, mask)
+    assert torch.equal(blended[0], x[0]) and torch.equal(blended[1][:, 3, 0], x[0][:, 3, 0])
+    assert torch.allclose(blended[1][:, 1, 1], x[1][:, 1, 1])
+
+
+def test_processors_without_control_are_the_fused_attention(merged_model):
+    unet = merged_model.reverse_unet
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 12, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 500])
+    cond = torch.zeros(2, unet.config.time_cond_proj_dim) if unet.config.time_cond_proj_dim else None
+    with torch.no_grad():
+        before = unet(x, t, hidden, timestep_cond=cond).sample
+        install_p2p_processors(unet)
+        after = unet(x, t, hidden, timestep_cond=cond).sample
+        explicit = unet(x, t, hidden, timestep_cond=cond, cross_attention_kwargs={"control": _control(12, 0.0, 0.0)})
+    assert torch.equal(before, after)
+    assert torch.allclose(explicit.sample, before, atol=1e-5)  # explicit softmax path, no edit
+
+
+# --- whole edits on the default model -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from icdcli.sources import ModelRequest, load_requested_model
+
+    return load_requested_model(ModelRequest(None, None, None, None, None), need_teacher=True)
+
+
+def _branches(model, target: str, guidance: float, settings: P2PSettings, sampler: SamplerSettings = None):
+    sampler = sampler or SamplerSettings()
+    image = Image.open(EXAMPLE).convert("RGB")
+    inversion = invert(model, image, SOURCE, sampler)
+    pairs = p2p_pairs(None if sampler.sampler == "ddim" else model.info.reverse_boundaries, sampler.ddim_steps)
+    denoiser = model.teacher_denoiser if sampler.sampler == "ddim" else model.reverse_denoiser
+    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+    cond = _conditioning(model, [SOURCE, target], inversion.size, guidance)
+    schedule = NoiseSchedule.stable_diffusion()
+    both = p2p_decode(denoiser, inversion.latents, cond, pairs, guidance, 0.8, schedule, plan)
+    return inversion, both
+
+
+def test_identical_prompts_with_full_replace_decode_the_target_as_the_source(default_model):
+    full = P2PSettings(cross_replace=1.0, self_replace=1.0)
+    inversion, both = _branches(default_model, SOURCE, 1.0, full)
+    assert torch.allclose(both[1], both[0], atol=1e-5)
+    plain = decode(default_model, inversion.latents, SOURCE, inversion.size, 1.0, 0.8, SamplerSettings())
+    assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)  # the source is untouched
+
+
+def test_the_source_branch_ignores_the_target_and_its_guidance(default_model):
+    inversion, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings())
+    plain = decode(default_model, inversion.latents, SOURCE, inversion.size, 1.0, 0.8, SamplerSettings())
+    assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)
+    assert (both[1] - both[0]).abs().max() > 0.1  # the target did change
+
+
+def test_local_blend_holds_the_unmasked_latents_exactly(default_model):
+    target = "a yellow circle on a blue background"
+    # This small model's word maps are nearly flat (0.8-1.0 of their maximum everywhere), so at P2P's
+    # threshold of 0.3 the mask is the whole image; a threshold near 1 keeps part of it.
+    _, both = _branches(default_model, target, 4.0, P2PSettings(blend=("circle",), blend_threshold=0.95))
+    same = (both[1] - both[0]).abs().amax(0) == 0
+    assert 0 < same.float().mean() < 1  # part of the latent kept exactly, part edited
+    _, flat = _branches(default_model, target, 4.0, P2PSettings(blend=("circle",)))
+    assert ((flat[1] - flat[0]).abs().amax(0) > 0).all()
+
+
+def test_ddim_baseline_p2p_runs_fifty_steps(default_model):
+    sampler = SamplerSettings("ddim", 10)
+    _, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings(), sampler)
+    assert both.shape[0] == 2 and torch.isfinite(both).all()
+
+
+def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
+    out = tmp_path / "edit.png"
+    args = ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", "a yellow circle on a blue background", "-o", str(out),
+            "--blend", "circle", "--amplify", "yellow=1.5", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[0])
+    assert line["method"] == "p2p"
+    from icdcli.images import read_record
+
+    record = read_record(out)
+    assert record["p2p"] == {"cross_replace": 0.8, "self_replace": 0.4, "blend": ["circle"],
+                             "blend_threshold": 0.3, "amplify": {"yellow": 1.5}}  # fmt: skip
+    edited = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
+    assert edited[:16, :16].reshape(-1, 3).mean(0)[2] > 150  # the blue background stays blue
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and json.loads(again.stdout.strip().splitlines()[0])["status"] == "skipped"
+    refine = CliRunner().invoke(
+        main, ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", "a big red circle on a blue background", "-o",
+               str(tmp_path / "big.png")],
+    )  # fmt: skip
+    assert refine.exit_code == 0 and "refines instead" in refine.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--blend", "dog"], "--blend word 'dog' is in neither prompt"),
+        (["--amplify", "red"], "expected WORD=FACTOR"),
+        (["--amplify", "dog=2"], "not in the target prompt"),
+    ],
+)
+def test_cli_p2p_errors_are_one_line(tmp_path, extra, message):
+    out = tmp_path / "edit.png"
+    result = CliRunner().invoke(
+        main, ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", SOURCE, "-o", str(out), *extra]
+    )  # fmt: skip
+    assert result.exit_code == 1 and message in result.output and not out.exists()
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
