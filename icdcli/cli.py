@@ -995,20 +995,29 @@ def bench_inversion_command(
 
 
 @bench.command("shapes-edit")
+@click.option(
+    "--method",
+    type=click.Choice(["all", "swap", "p2p"]),
+    default="all",
+    show_default=True,
+    help="Editing methods to compare: prompt swap, Prompt-to-Prompt, or both.",
+)
 @bench_options
 @model_options
 @_reports_errors
-def bench_shapes_edit_command(limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any) -> None:
+def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any) -> None:
     """Edit held-out scenes to a copy with one attribute changed and compare with its exact rendering.
 
     For each kind (colour, shape, background): PSNR to the target, PSNR of the unchanged region to
-    the source, and attribute accuracy. Methods: icd4-swap (the model) and ddim50-swap (its teacher,
-    DDIM50 inversion + prompt swap at w=8).
+    the source, and attribute accuracy. Methods: icd4-swap and icd4-p2p (the model: prompt swap and
+    Prompt-to-Prompt with cross-replace 0.8, self-replace 0.4), ddim50-swap and ddim50-p2p (its
+    teacher: DDIM50 inversion, then 50 steps at w=8).
     """
-    from .training.bench import bench_shapes_edit, markdown_table
+    from .training.bench import EDIT_METHODS, bench_shapes_edit, markdown_table
 
     model = _load(model_opts, need_teacher=True).model
-    result = bench_shapes_edit(model, limit, batch, seed, progress=_say)
+    methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
+    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=_say)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from icdcli.editing import SamplerSettings, decode, invert_latents
+from icdcli.editing import SamplerSettings, decode, decode_p2p, invert_latents
 from icdcli.metrics import mse, psnr, ssim
 from icdcli.models import ICDModel
+from icdcli.p2p import P2PSettings
 
 from .scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, change_mask, edit_scene, render_batch, scenes, split_rng
 
@@ -74,6 +75,28 @@ def roundtrip(
         latents = invert_latents(model, x0, captions, size, settings)
         unguided = captions if target_captions is not None else None
         return decode(model, latents, target_captions or captions, size, guidance, tau, settings, unguided)
+
+
+def p2p_roundtrip(
+    model: ICDModel,
+    pixels: torch.Tensor,
+    captions: list[str],
+    settings: SamplerSettings,
+    guidance: float,
+    tau: float,
+    target_captions: list[str],
+    p2p: P2PSettings,
+) -> torch.Tensor:
+    """Invert a batch with its captions, then Prompt-to-Prompt edit each image to its target caption."""
+    size = (pixels.shape[-1], pixels.shape[-2])
+    with torch.no_grad():
+        latents = invert_latents(model, model.encode_image(pixels), captions, size, settings)
+        return torch.cat(
+            [
+                decode_p2p(model, latents[i : i + 1], source, target, size, guidance, tau, settings, p2p)
+                for i, (source, target) in enumerate(zip(captions, target_captions, strict=True))
+            ]
+        )
 
 
 def heldout_scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -146,11 +169,14 @@ class EditMethod:
     sampler: str
     guidance: float | None  # None: the model's own edit guidance
     tau: float | None  # None: the model's own tau
+    editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with P2PSettings' defaults)
 
 
 EDIT_METHODS: tuple[EditMethod, ...] = (
     EditMethod("icd4-swap", "icd", None, None),
     EditMethod("ddim50-swap", "ddim", GUIDED_W, 1.0),
+    EditMethod("icd4-p2p", "icd", None, None, "p2p"),
+    EditMethod("ddim50-p2p", "ddim", GUIDED_W, 1.0, "p2p"),
 )
 
 
@@ -188,7 +214,11 @@ def bench_shapes_edit(
         for chunk in _batches(pairs, batch):
             pixels, captions = render_batch([source for source, _, _ in chunk], size)
             targets = [target.caption() for _, target, _ in chunk]
-            edited = to_unit(roundtrip(model, pixels, captions, settings, guidance, tau, targets))
+            if method.editing == "p2p":
+                edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, P2PSettings())
+            else:
+                edited = roundtrip(model, pixels, captions, settings, guidance, tau, targets)
+            edited = to_unit(edited)
             for index, (source, target, kind) in enumerate(chunk):
                 image = edited[index : index + 1]
                 target_pixels = torch.from_numpy(target.render(size)).permute(2, 0, 1)[None].double() / 255
