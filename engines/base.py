@@ -25,7 +25,13 @@ from icdcli.denoiser import (
     row_guidance,
 )
 from icdcli.errors import ICDError
-from icdcli.export.manifest import GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GraphSpec
+from icdcli.export.manifest import (
+    GUIDANCE_CFG,
+    GUIDANCE_EMBEDDING,
+    GUIDANCE_FOLDED,
+    P2P_CONTROL_INPUTS,
+    GraphSpec,
+)
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -63,15 +69,23 @@ class GraphDenoiser:
     Guidance follows the graph (see `icdcli.export.onnx`): "embedding" graphs take w as `timestep_cond`
     (one batch-1 evaluation per step), "folded" graphs are the unguided forward model (w must be 1),
     "cfg" graphs run real classifier-free guidance with a batch of two on guided steps only.
-    Attention control (Prompt-to-Prompt) cannot run inside a graph: it goes to `fallback` (the torch UNet).
+    Attention control (Prompt-to-Prompt) runs in `p2p` (the runner of the reverse P2P graph, with its
+    spec) when there is one for these shapes; otherwise it goes to `fallback` (the torch UNet).
     """
 
     backend = "graph"
 
-    def __init__(self, runner: Runner, spec: GraphSpec, fallback: Denoiser | None = None):
+    def __init__(
+        self,
+        runner: Runner,
+        spec: GraphSpec,
+        fallback: Denoiser | None = None,
+        p2p: tuple[Runner, GraphSpec] | None = None,
+    ):
         self.runner = runner
         self.spec = spec
         self.fallback = fallback
+        self.p2p = p2p
         cond = spec.input("timestep_cond")
         self.guidance_dim = None if cond is None else int(cond.shape[-1])
 
@@ -91,11 +105,49 @@ class GraphDenoiser:
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
     ) -> torch.Tensor:
         if control is not None:
-            return self._fall_back("attention control (Prompt-to-Prompt)", x, t, cond, guidance, control)
+            reason = self._p2p_mismatch(x)
+            if reason is not None:
+                return self._fall_back(reason, x, t, cond, guidance, control)
+            return self._p2p_guided(x, t, cond, guidance, control)
         try:
             return self._guided(x, t, cond, guidance)
         except ShapeNotCovered as error:
             return self._fall_back(str(error), x, t, cond, guidance, None)
+
+    def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
+        """Why these latents cannot run in the P2P graph, or None when they can."""
+        if self.p2p is None:
+            return "attention control (Prompt-to-Prompt) without an exported P2P graph"
+        sample = self.p2p[1].input("sample")
+        if list(x.shape[2:]) != list(sample.shape[2:]):
+            return f"Prompt-to-Prompt at latents {tuple(x.shape[2:])}: the P2P graph was exported at the native size"
+        return None
+
+    def _p2p_guided(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any
+    ) -> torch.Tensor:
+        runner, spec = self.p2p
+        feeds_control = {name: getattr(control, name) for name in P2P_CONTROL_INPUTS}
+        collected: list[torch.Tensor] = []
+
+        def evaluate(
+            xx: torch.Tensor, prompt: PromptEmbedding, time_ids: torch.Tensor | None, timestep_cond: torch.Tensor | None
+        ) -> torch.Tensor:
+            feeds = unet_feeds(spec, xx, t, prompt, time_ids, timestep_cond)
+            outputs = runner({**feeds, **{k: v.to(xx.device) for k, v in feeds_control.items()}})
+            collected.append(outputs["blend_maps"])
+            return outputs["eps"].to(xx.dtype)
+
+        if spec.guidance == GUIDANCE_EMBEDDING:
+            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim).to(x.device)
+            eps = evaluate(x, cond.prompt, cond.time_ids, embedding)
+        elif is_unguided(guidance):
+            eps = evaluate(x, cond.prompt, cond.time_ids, None)
+        else:
+            eps = real_cfg(lambda xx, prompt, time_ids: evaluate(xx, prompt, time_ids, None), x, cond, guidance)
+        if control.blend_queries is not None:
+            control.maps.extend(collected)
+        return eps
 
     def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance) -> torch.Tensor:
         mode = self.spec.guidance
@@ -173,14 +225,17 @@ def assemble_parts(
     fallbacks: dict[str, Denoiser | None],
 ) -> BackendParts:
     """Runners for every graph of an export, wrapped as the pieces of `BackendParts`."""
-    from icdcli.export.manifest import FORWARD, REVERSE, TEACHER, VAE_DECODER, VAE_ENCODER
+    from icdcli.export.manifest import FORWARD, REVERSE, REVERSE_P2P, TEACHER, VAE_DECODER, VAE_ENCODER
 
     graphs = manifest.graphs
 
     def denoiser(role: str) -> GraphDenoiser | None:
         if role not in graphs:
             return None
-        return denoiser_class(make_runner(graphs[role]), graphs[role], fallbacks.get(role))
+        p2p = None
+        if role == REVERSE and REVERSE_P2P in graphs:
+            p2p = (make_runner(graphs[REVERSE_P2P]), graphs[REVERSE_P2P])
+        return denoiser_class(make_runner(graphs[role]), graphs[role], fallbacks.get(role), p2p)
 
     text_names = sorted(graph for graph in graphs if graph.startswith("text_encoder"))
     return BackendParts(

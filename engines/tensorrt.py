@@ -32,7 +32,7 @@ import torch
 
 from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
-from icdcli.export.manifest import GUIDANCE_CFG, UNET_GRAPHS, GraphSpec, Manifest
+from icdcli.export.manifest import GUIDANCE_CFG, P2P_BATCH, UNET_GRAPHS, GraphSpec, Manifest
 
 from .base import BackendParts, GraphDenoiser, ShapeNotCovered, assemble_parts
 
@@ -141,6 +141,7 @@ def plan_engines(
             ranges = axis_ranges(
                 native, multiple, manifest.vae_scale_factor, height, width, max_batch, opt_batch, kind == STATIC
             )
+            ranges[P2P_BATCH] = (2, 4, 4) if cfg else (2, 2, 2)  # source + target rows (and real CFG's uncond)
             requests.append(EngineRequest(name, kind, profile_shapes(spec, ranges)))
     return requests
 

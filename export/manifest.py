@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from icdcli.models import ICDModel
 
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 """Bump when graph signatures change: every cached export then counts as stale."""
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
@@ -25,6 +25,10 @@ PRECISIONS = ("fp32", "fp16")
 FORWARD, REVERSE, TEACHER = "forward_unet", "reverse_unet", "teacher_unet"
 VAE_ENCODER, VAE_DECODER = "vae_encoder", "vae_decoder"
 UNET_GRAPHS = (FORWARD, REVERSE, TEACHER)
+REVERSE_P2P = "reverse_unet_p2p"
+"""The reverse UNet with Prompt-to-Prompt control as inputs and blend maps as an output (see export.onnx)."""
+P2P_CONTROL_INPUTS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
+P2P_BATCH = "p2p_batch"
 
 # How a UNet graph takes guidance: a `timestep_cond` input, w = 1 folded into the graph, or real CFG by batch.
 GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GUIDANCE_CFG = "embedding", "folded", "cfg"

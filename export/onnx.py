@@ -11,6 +11,13 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
     ("embedding");
   - a UNet without guidance distillation takes no guidance input; real CFG runs it at batch 2 and unguided
     steps at batch 1 through the dynamic batch axis ("cfg").
+- `reverse_unet_p2p` (SD1.5-family models): the reverse UNet with Prompt-to-Prompt inside. Its attention
+  layers take the control of one step as inputs - `cross_alpha` (L,), `refine` (L,), `mapper` (L, L),
+  `reweight` (L,), `self_replace` (1,), see `icdcli.p2p.StepControl` - and edit the last two rows of the
+  batch (source, target; real CFG's unconditional rows come first and are left alone). A second output,
+  `blend_maps` (2, R*R, L), is the sum over layers of the head-averaged cross-attention maps at local
+  blend's resolution R. Its spatial size is static (the model's native latents: which layers P2P touches
+  depends on it); the batch is 2, or 2 and 4 for real CFG.
 - `vae_encoder`: `images` (B, 3, H, W) in [-1, 1] -> `latents`: posterior mean *times the scaling factor*
   (the clean latents the samplers use, exactly `ICDModel.encode_image`).
 - `vae_decoder`: `latents` (scaled, as the samplers produce them) -> `images` in [-1, 1], clamped
@@ -45,8 +52,11 @@ from .manifest import (
     GUIDANCE_CFG,
     GUIDANCE_EMBEDDING,
     GUIDANCE_FOLDED,
+    P2P_BATCH,
+    P2P_CONTROL_INPUTS,
     PRECISIONS,
     REVERSE,
+    REVERSE_P2P,
     TEACHER,
     VAE_DECODER,
     VAE_ENCODER,
@@ -116,6 +126,41 @@ class UNetGraph(torch.nn.Module):
         )[0]
 
 
+class P2PUNetGraph(torch.nn.Module):
+    """The reverse UNet under Prompt-to-Prompt control given as inputs; outputs eps and the blend maps."""
+
+    def __init__(self, unet: torch.nn.Module, input_names: list[str], blend_size: int, text_length: int):
+        super().__init__()
+        from icdcli.p2p import install_p2p_processors
+
+        install_p2p_processors(unet)
+        self.unet, self.input_names = unet, input_names
+        self.blend_size, self.text_length = blend_size, text_length
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from icdcli.p2p import StepControl
+
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        control = StepControl(*(feeds[name] for name in P2P_CONTROL_INPUTS), blend_queries=self.blend_size**2, maps=[])
+        added = None
+        if "text_embeds" in feeds:
+            added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]}
+        eps = self.unet(
+            feeds["sample"],
+            feeds["timestep"],
+            encoder_hidden_states=feeds["encoder_hidden_states"],
+            timestep_cond=feeds.get("timestep_cond"),
+            added_cond_kwargs=added,
+            cross_attention_kwargs={"control": control},
+            return_dict=False,
+        )[0]
+        if control.maps:
+            maps = torch.stack(control.maps).sum(0)
+        else:  # no cross-attention at the blend resolution: local blend sees no maps
+            maps = eps.new_zeros(2, self.blend_size**2, self.text_length)
+        return eps, maps
+
+
 class VaeEncoderGraph(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module, scaling_factor: float):
         super().__init__()
@@ -178,6 +223,26 @@ def unet_specs(
     return inputs, [TensorSpec("eps", fp, list(latent))], guidance
 
 
+def p2p_unet_specs(
+    unet: torch.nn.Module, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
+) -> tuple[list[TensorSpec], list[TensorSpec], str, int]:
+    """Inputs and outputs of the reverse P2P graph at `latent_side` (static), and its blend resolution."""
+    from icdcli.p2p import blend_resolution
+
+    inputs, outputs, guidance = unet_specs(unet, REVERSE, latent_channels, text_length, dtype)
+    fp = dtype_name(dtype)
+
+    def fixed(spec: TensorSpec) -> TensorSpec:
+        sizes = {BATCH: P2P_BATCH, LATENT_H: latent_side, LATENT_W: latent_side}
+        return TensorSpec(spec.name, spec.dtype, [sizes.get(dim, dim) for dim in spec.shape])
+
+    control_shapes = {"mapper": [text_length, text_length], "self_replace": [1]}
+    control = [TensorSpec(name, fp, control_shapes.get(name, [text_length])) for name in P2P_CONTROL_INPUTS]
+    blend = blend_resolution(latent_side)
+    maps = TensorSpec("blend_maps", fp, [2, blend * blend, text_length])
+    return [fixed(spec) for spec in inputs] + control, [fixed(outputs[0]), maps], guidance, blend
+
+
 def vae_specs(latent_channels: int) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     images = TensorSpec("images", "float32", [BATCH, 3, HEIGHT, WIDTH])
     latents = TensorSpec("latents", "float32", [BATCH, latent_channels, LATENT_H, LATENT_W])
@@ -203,6 +268,8 @@ def example_inputs(inputs: list[TensorSpec], sizes: dict[str, int], device: torc
             tensor = torch.randint(0, 8, shape, generator=generator)
         elif spec.name == "timestep":
             tensor = torch.full(shape, 500.0)
+        elif spec.name in P2P_CONTROL_INPUTS:
+            tensor = torch.rand(shape, generator=generator)
         else:
             tensor = torch.randn(shape, generator=generator)
         tensors.append(tensor.to(device, TORCH_DTYPES[spec.dtype]))
@@ -299,8 +366,14 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module if current == dtype else copy.deepcopy(module).to(dtype)
 
 
-def plan_graphs(model: ICDModel, precision: str, include_teacher: bool) -> list[tuple[GraphSpec, Callable[[], Any]]]:
-    """(spec, module factory) for every graph of the model; modules are built lazily, one at a time."""
+def plan_graphs(
+    model: ICDModel, precision: str, include_teacher: bool, p2p: bool | None = None
+) -> list[tuple[GraphSpec, Callable[[], Any]]]:
+    """(spec, module factory) for every graph of the model; modules are built lazily, one at a time.
+
+    `p2p` (default: for SD1.5-family models, whose edits default to Prompt-to-Prompt) adds the
+    reverse P2P graph at the model's native size.
+    """
     dtype = precision_dtype(precision)
     text_length = int(model.tokenizers[0].model_max_length)
     channels = model.latent_channels
@@ -313,6 +386,16 @@ def plan_graphs(model: ICDModel, precision: str, include_teacher: bool) -> list[
         names = [spec.name for spec in inputs]
         spec = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance)
         planned.append((spec, lambda u=unet, n=names, g=guidance: UNetGraph(_cast(u, dtype), n, g)))
+    from icdcli.models import SDXL
+
+    if p2p if p2p is not None else model.info.family != SDXL:
+        latent_side = model.info.native_size // model.vae_scale_factor
+        inputs, outputs, guidance, blend = p2p_unet_specs(model.reverse_unet, channels, text_length, dtype, latent_side)
+        names = [spec.name for spec in inputs]
+        spec = GraphSpec(REVERSE_P2P, f"{REVERSE_P2P}.onnx", inputs, outputs, guidance)
+        planned.append(
+            (spec, lambda n=names, b=blend: P2PUNetGraph(_cast(model.reverse_unet, dtype), n, b, text_length))
+        )
     scaling = float(model.info.scaling_factor)
     for name, (inputs, outputs) in vae_specs(channels).items():
         cls = VaeEncoderGraph if name == VAE_ENCODER else VaeDecoderGraph
@@ -340,6 +423,7 @@ def export_model(
     include_teacher: bool = True,
     optimize: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    p2p: bool | None = None,
 ) -> Path:
     """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
 
@@ -358,11 +442,11 @@ def export_model(
     device = model.device
     text_length = int(model.tokenizers[0].model_max_length)
     factor = model.vae_scale_factor
-    sizes = {BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
+    sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
     sizes |= {HEIGHT: EXAMPLE_LATENT * factor, WIDTH: EXAMPLE_LATENT * factor}
     graphs: dict[str, GraphSpec] = {}
     with atomic_folder(out_dir) as staging:
-        for spec, build in plan_graphs(model, precision, include_teacher):
+        for spec, build in plan_graphs(model, precision, include_teacher, p2p):
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()
             graphs[spec.name] = export_graph(

@@ -86,6 +86,16 @@ def _edit_all(
     return outcomes, None
 
 
+def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict[str, Any]]:
+    """The metrics of every item's output, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    from .pie import score_item
+
+    bar = tqdm(items, desc="scoring", unit="image", file=sys.stderr, disable=None, dynamic_ncols=True)
+    return [score_item(item, root, folder, scorers) for item in bar]
+
+
 @click.command("pie")
 @click.option(
     "--root",
@@ -206,7 +216,6 @@ def pie(
         parse_types,
         present_metrics,
         read_mapping,
-        score_item,
         select_items,
         summarise,
         wanted_record,
@@ -230,6 +239,8 @@ def pie(
     guidance, tau = edit_defaults(model.info, sampler, guidance, tau)
     plan = EditPlan(method, sampler, steps, float(guidance), float(tau), seed, cross_replace, self_replace)
     folder = (out if out is not None else root / "output") / (name or method_name(sampler, steps, method))
+    if folder.resolve() == root.resolve():
+        raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
     label = loaded.label
     model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
     model_hash = model_digest(model.info.to_json(), _weight_sizes(model))
@@ -248,7 +259,7 @@ def pie(
     outcomes, stopped = _edit_all(items, root, folder, record_for, _edit_function(method, model, plan), overwrite)
     edit_seconds = time.perf_counter() - edit_started
     finished = {o.key for o in outcomes if o.status in ("done", "skipped")}
-    rows = [score_item(item, root, folder, scorers) for item in items if item.key in finished]
+    rows = _score_all([item for item in items if item.key in finished], root, folder, scorers)
     metrics = present_metrics(scorers)
     summary = summarise(rows, metrics)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
@@ -270,7 +281,7 @@ def pie(
             "not_run": len(items) - len(outcomes),
             "seconds": round(edit_seconds, 3),
             "load_seconds": round(loaded.seconds, 3),
-            "seconds_per_edit": round(edit_seconds / counts["done"], 4) if counts["done"] else None,
+            "images_per_second": round(counts["done"] / edit_seconds, 4) if counts["done"] else None,
         },
         "metrics": metrics,
         "skipped_metrics": scorers.skipped,
