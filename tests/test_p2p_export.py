@@ -1,0 +1,127 @@
+"""Prompt-to-Prompt inside the exported reverse graph: ONNX Runtime against PyTorch on the default model.
+
+Tolerance: 1e-4 on latents and pixels in [-1, 1]. Each graph agrees with PyTorch to ~1e-6 (float32 sums in
+another order); four guided steps of two branches, local blend and the VAE decoder keep the gap near 3e-6.
+A wrong control (a branch swapped, a flag ignored, maps from the wrong layers) moves values by 0.1 or more.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from icdcli.editing import SamplerSettings, _conditioning, decode_p2p, invert
+from icdcli.export.manifest import P2P_CONTROL_INPUTS, REVERSE_P2P, GraphSpec
+from icdcli.p2p import P2PSettings, make_plan
+from icdcli.sampler import p2p_decode, p2p_pairs
+from icdcli.schedule import NoiseSchedule
+from icdcli.sources import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="needs onnxruntime and onnx (pip install 'icd[onnx]')",
+)
+
+SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
+EXAMPLE = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
+SETTINGS = P2PSettings(blend=("circle",), blend_threshold=0.95, amplify=(("yellow", 1.5),))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from icdcli.accelerated import accelerate
+    from icdcli.export.onnx import export_model
+    from icdcli.sources import ModelRequest, load_requested_model
+
+    model = load_requested_model(ModelRequest(None, None, None, None, None))
+    folder = tmp_path_factory.mktemp("default-export") / "fp32"
+    export_model(model, folder, include_teacher=False)
+    return model, accelerate(model, "onnxruntime", export_dir=folder)
+
+
+@pytest.fixture(scope="module")
+def inversion(models):
+    return invert(models[0], Image.open(EXAMPLE).convert("RGB"), SOURCE, SamplerSettings())
+
+
+def _decode(model, inversion, settings: P2PSettings):
+    pairs = p2p_pairs(model.info.reverse_boundaries, None)
+    plan = make_plan(model.tokenizers[0], SOURCE, TARGET, settings, len(pairs), inversion.latents.shape[-1])
+    cond = _conditioning(model, [SOURCE, TARGET], inversion.size, 4.0)
+    schedule = NoiseSchedule.stable_diffusion()
+    both = p2p_decode(model.reverse_denoiser, inversion.latents, cond, pairs, 4.0, 0.8, schedule, plan)
+    return both, plan
+
+
+def test_the_export_holds_a_p2p_graph_with_control_inputs_and_blend_maps(models):
+    spec = models[1].reverse_denoiser.p2p[1]
+    assert isinstance(spec, GraphSpec) and spec.name == REVERSE_P2P
+    assert set(P2P_CONTROL_INPUTS) <= set(spec.input_names) and "timestep_cond" in spec.input_names
+    assert spec.input("sample").shape == ["p2p_batch", 4, 8, 8]  # static spatial size: the native latents
+    assert [o.name for o in spec.outputs] == ["eps", "blend_maps"] and spec.outputs[1].shape == [2, 64, 16]
+
+
+def test_p2p_on_onnxruntime_matches_pytorch_with_every_control(models, inversion):
+    model, fast = models
+    torch_both, torch_plan = _decode(model, inversion, SETTINGS)
+    ort_both, ort_plan = _decode(fast, inversion, SETTINGS)
+    assert torch.allclose(torch_both, ort_both, atol=1e-4), (torch_both - ort_both).abs().max()
+    assert torch.allclose(torch_plan.map_sum, ort_plan.map_sum, atol=1e-4)
+    pixels_torch = decode_p2p(model, inversion.latents, SOURCE, TARGET, inversion.size, 4.0, 0.8, SamplerSettings(),
+                              SETTINGS)  # fmt: skip
+    pixels_ort = decode_p2p(fast, inversion.latents, SOURCE, TARGET, inversion.size, 4.0, 0.8, SamplerSettings(),
+                            SETTINGS)  # fmt: skip
+    assert torch.allclose(pixels_torch, pixels_ort, atol=1e-4)
+    plain, _ = _decode(fast, inversion, P2PSettings(cross_replace=0.0, self_replace=0.0))
+    assert (plain - ort_both).abs().max() > 0.05  # the control inputs really act inside the graph
+
+
+def test_p2p_runs_in_the_graph_without_any_pytorch_unet(models, inversion):
+    model, fast = models
+    denoiser = fast.reverse_denoiser
+    fallback, denoiser.fallback = denoiser.fallback, None
+    try:
+        graph_only, _ = _decode(fast, inversion, SETTINGS)
+    finally:
+        denoiser.fallback = fallback
+    reference, _ = _decode(model, inversion, SETTINGS)
+    assert torch.allclose(graph_only, reference, atol=1e-4)
+
+
+def test_other_sizes_fall_back_to_pytorch_attention(models):
+    model, fast = models
+    image = Image.open(EXAMPLE).convert("RGB").resize((48, 48))
+    wide = replace(model.info, native_size=48)
+    original = model.info
+    try:
+        model.info = wide  # 12x12 latents: not the P2P graph's 8x8
+        inverted = invert(fast, image, SOURCE, SamplerSettings())
+        assert fast.reverse_denoiser._p2p_mismatch(inverted.latents) is not None
+        ort = decode_p2p(fast, inverted.latents, SOURCE, TARGET, inverted.size, 4.0, 0.8, SamplerSettings(), SETTINGS)
+        ref = decode_p2p(model, inverted.latents, SOURCE, TARGET, inverted.size, 4.0, 0.8, SamplerSettings(), SETTINGS)
+    finally:
+        model.info = original
+    assert torch.allclose(ort, ref, atol=1e-4)
+
+
+def test_tensorrt_profiles_of_the_p2p_graph():
+    from test_engines import tiny_manifest
+    from tiny import make_teacher
+
+    from icdcli.engines import tensorrt as trt_engine
+    from icdcli.export.onnx import p2p_unet_specs
+
+    for distilled, batch in ((True, (2, 2, 2)), (False, (2, 4, 4))):
+        manifest = tiny_manifest(distilled)
+        unet = make_teacher("sd15", guidance_distilled=distilled)
+        inputs, outputs, guidance, blend = p2p_unet_specs(unet, 4, 12, torch.float32, 64)
+        manifest.graphs[REVERSE_P2P] = GraphSpec(REVERSE_P2P, "p2p.onnx", inputs, outputs, guidance, sha256="p")
+        requests = [r for r in trt_engine.plan_engines(manifest) if r.graph == REVERSE_P2P]
+        assert [r.kind for r in requests] == ["dynamic"] and blend == 16
+        profile = requests[0].profile
+        assert profile["sample"] == tuple((b, 4, 64, 64) for b in batch)
+        assert profile["mapper"] == ((12, 12),) * 3 and profile["self_replace"] == ((1,),) * 3
