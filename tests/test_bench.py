@@ -60,8 +60,12 @@ def test_bench_commands_print_json(merged_dir):
     edits = CliRunner().invoke(main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--json"])
     assert edits.exit_code == 0, edits.output
     rows = json.loads(edits.stdout)["rows"]
-    assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap"}
+    assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap", "icd4-p2p", "ddim50-p2p"}
     assert {row["kind"] for row in rows} == {"colour", "shape", "background", "all"}
+    p2p_only = CliRunner().invoke(
+        main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--method", "p2p", "--json"]
+    )
+    assert {row["method"] for row in json.loads(p2p_only.stdout)["rows"]} == {"icd4-p2p", "ddim50-p2p"}
 
 
 def test_bench_latency_json(merged_dir):

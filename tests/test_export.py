@@ -113,7 +113,8 @@ def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merge
     assert data["fingerprint"] == model_fingerprint(merged_model)
     assert data["versions"]["torch"] and data["versions"]["onnx"] and data["versions"]["icd"]
     assert set(data["graphs"]) == {
-        "forward_unet", "reverse_unet", "teacher_unet", "vae_encoder", "vae_decoder", "text_encoder"
+        "forward_unet", "reverse_unet", "teacher_unet", "reverse_unet_p2p", "vae_encoder", "vae_decoder",
+        "text_encoder"
     }  # fmt: skip
     for graph in data["graphs"].values():
         assert graph["sha256"] == sha256_files([sd15_export / graph["file"]])

@@ -383,17 +383,26 @@ def test_runner_end_to_end_resumes_and_prints_json(tmp_path, dino_dir, clip_dir)
     assert "seed 0 -> 7" in refused.output and "--overwrite" in refused.output
 
 
-def test_markdown_output_and_the_ddim_baseline(tmp_path):
+def test_markdown_output_the_ddim_baseline_and_jpeg_items(tmp_path):
     root = tmp_path / "pie"
-    write_fixture(root, 2)
-    result = _invoke(["--root", str(root), "--sampler", "ddim", "--ddim-steps", "2", "--types", "1", "--out",
-                      str(tmp_path / "runs")])  # fmt: skip
+    mapping = write_fixture(root, 2)
+    key = "100000000001"  # PIE-Bench's images are JPEGs: this one too, and its output keeps the .jpg name
+    png = root / "annotation_images" / mapping[key]["image_path"]
+    Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+    mapping[key]["image_path"] = str(Path(mapping[key]["image_path"]).with_suffix(".jpg"))
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    runs = tmp_path / "runs"
+    result = _invoke(
+        ["--root", str(root), "--sampler", "ddim", "--ddim-steps", "2", "--types", "1", "--out", str(runs)]
+    )
     assert result.exit_code == 0, result.output
     assert "| type | edit | items | PSNR | MSE ×10⁴ | SSIM ×10² | s/edit |" in result.stdout
     assert "| 1 | change object | 1 |" in result.stdout
     assert "skipped lpips" in result.stdout and "skipped clip_whole, clip_edited" in result.stdout
-    record = read_record(output_path(tmp_path / "runs" / "ddim2-swap", read_mapping(root)[1]))
-    assert record["sampler"] == "ddim" and record["steps"] == 2 and record["tau"] == 1.0
+    output = runs / "ddim2-swap" / "annotation_images" / mapping[key]["image_path"]
+    assert output.suffix == ".jpg" and Image.open(output).format == "JPEG"
+    record = read_record(output)
+    assert record["sampler"] == "ddim" and record["steps"] == 2 and record["tau"] == 1.0 and record["pie"]["key"] == key
 
 
 def test_bad_arguments_fail_in_one_line(tmp_path):
@@ -427,3 +436,22 @@ def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(pie, ["--root", str(root), "--method", "p2p"])
     assert result.exit_code == 1
     assert "--method p2p needs Prompt-to-Prompt" in result.output and "--method swap" in result.output
+
+
+def test_fixture_accuracy_tells_the_target_from_the_source(tmp_path):
+    from icdcli.training.pie_fixture import fixture_accuracy, target_scene
+
+    root = tmp_path / "pie"
+    write_fixture(root, 8)
+    perfect, unchanged = tmp_path / "perfect", tmp_path / "unchanged"
+    for item in read_mapping(root):
+        source = scene_at("heldout", 50_000 + int(item.key[1:]))
+        target, kind = target_scene(source, item.target_prompt)
+        assert kind in {"1": ("shape",), "6": ("colour",), "8": ("background",)}.get(item.editing_type_id, (kind,))
+        for folder, scene in ((perfect, target), (unchanged, source)):
+            path = output_path(folder, item)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scene.render(32)).save(path)
+    assert fixture_accuracy(root, perfect)["overall"] == {"n": 8, "accuracy": 1.0}
+    assert fixture_accuracy(root, unchanged)["overall"] == {"n": 8, "accuracy": 0.0}
+    assert sorted(fixture_accuracy(root, perfect)["per_type"]) == ["0", "1", "6", "8"]
