@@ -1,4 +1,10 @@
-"""Per-edit latency of each backend, iCD against the 50-step teacher baseline, in one run on one machine."""
+"""Per-edit latency of each backend, iCD against the 50-step teacher baseline, in one run on one machine.
+
+Methods: `icd4` (prompt swap) and `icd4-p2p` (Prompt-to-Prompt) with the iCD models; `ddim50`, DDIM50
+inversion + 50 guided steps on the teacher as it is (guidance-distilled: one evaluation per step), and
+`ddim50-cfg`, the same with real classifier-free guidance (two evaluations per guided step), which is
+what the baseline costs with a teacher that is not guidance-distilled, as in the paper's comparison.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icdcli.editing import SamplerSettings, edit
+from icdcli.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
+from icdcli.editing import SamplerSettings, edit, edit_p2p
+from icdcli.p2p import P2PSettings
 
 SOURCE = "a red square on a blue background"
 TARGET = "a green square on a blue background"
@@ -24,16 +32,66 @@ def sample_image(size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def seconds_per_edit(model: Any, image: Image.Image, sampler: str, repeats: int) -> float:
-    """Median wall time of a whole edit (VAE, text, inversion, decoding) after one warm-up edit."""
+class RealCFGDenoiser:
+    """Any denoiser's guided steps as real classifier-free guidance: a batch of two (unconditional and
+    conditional) evaluated at w = 1 and combined. The cost of a teacher without guidance distillation."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+
+    def __call__(self, x: Any, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None) -> Any:
+        if is_unguided(guidance):
+            return self.inner(x, t, cond, 1.0, control)
+
+        def evaluate(xx: Any, prompt: PromptEmbedding, time_ids: Any) -> Any:
+            return self.inner(xx, t, Conditioning(prompt, None, time_ids), 1.0)
+
+        return real_cfg(evaluate, x, cond, guidance)
+
+
+class RealCFGBaseline:
+    """A model whose teacher runs real classifier-free guidance (for the `ddim50-cfg` row)."""
+
+    def __init__(self, model: Any):
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    @property
+    def teacher_denoiser(self) -> RealCFGDenoiser:
+        return RealCFGDenoiser(self._model.teacher_denoiser)
+
+    def needs_negative(self, guidance: float) -> bool:
+        return guidance != 1.0
+
+
+METHODS = ("icd", "icd-p2p", "ddim", "ddim-cfg")
+
+
+def seconds_per_edit(model: Any, image: Image.Image, method: str, repeats: int) -> float:
+    """Median wall time of a whole edit (VAE, text, inversion, decoding) after one warm-up edit.
+
+    `method`: icd (prompt swap), icd-p2p (Prompt-to-Prompt), ddim (the teacher as it is) or ddim-cfg
+    (the teacher under real classifier-free guidance).
+    """
+    sampler = "icd" if method.startswith("icd") else "ddim"
     settings = SamplerSettings(sampler, ddim_steps=DDIM_STEPS, seed=0)
     guidance = model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance
     tau = model.info.tau if sampler == "icd" else 1.0
-    edit(model, image, SOURCE, TARGET, guidance, tau, settings)  # warm-up: sessions, allocations, CUDA graphs
+    runnable = RealCFGBaseline(model) if method == "ddim-cfg" else model
+
+    def run() -> None:
+        if method == "icd-p2p":
+            edit_p2p(runnable, image, SOURCE, TARGET, guidance, tau, settings, P2PSettings())
+        else:
+            edit(runnable, image, SOURCE, TARGET, guidance, tau, settings)
+
+    run()  # warm-up: sessions, allocations, CUDA graphs
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        edit(model, image, SOURCE, TARGET, guidance, tau, settings)
+        run()
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
 
@@ -58,6 +116,7 @@ def measure_latency(
     repeats: int = 5,
     size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:
     """Rows of seconds per edit for each runnable backend and method, and the speed-ups between them."""
     from icdcli.accelerated import accelerate, backend_problem, probe_backends
@@ -73,23 +132,29 @@ def measure_latency(
             skipped[backend] = problem
             continue
         runnable = accelerate(model, backend, progress=say)
-        for sampler, method in (("icd", icd_method), ("ddim", f"ddim{DDIM_STEPS}")):
-            say(f"timing {backend} {method}")
-            rows.append(
-                {
-                    "backend": backend,
-                    "method": method,
-                    "seconds_per_edit": seconds_per_edit(runnable, image, sampler, repeats),
-                }
-            )
+        for method in methods:
+            name = method.replace("icd", icd_method).replace("ddim", f"ddim{DDIM_STEPS}")
+            say(f"timing {backend} {name}")
+            seconds = seconds_per_edit(runnable, image, method, repeats)
+            rows.append({"backend": backend, "method": name, "seconds_per_edit": seconds})
     table = {(row["backend"], row["method"]): row["seconds_per_edit"] for row in rows}
+    ddim, cfg, p2p = f"ddim{DDIM_STEPS}", f"ddim{DDIM_STEPS}-cfg", f"{icd_method}-p2p"
     speedup = {}
     for backend in ("onnxruntime", "tensorrt"):
         if (backend, icd_method) in table and ("torch", icd_method) in table:
             speedup[f"{backend}_vs_torch"] = table[("torch", icd_method)] / table[(backend, icd_method)]
-    for backend in backends:
-        if (backend, icd_method) in table and (backend, f"ddim{DDIM_STEPS}") in table:
-            speedup.setdefault("icd_vs_ddim50", table[(backend, f"ddim{DDIM_STEPS}")] / table[(backend, icd_method)])
+        if (backend, p2p) in table and ("torch", p2p) in table:
+            speedup[f"{backend}_vs_torch_p2p"] = table[("torch", p2p)] / table[(backend, p2p)]
+    for backend in backends:  # the first backend with both rows gives the iCD-vs-baseline ratios
+        if (backend, icd_method) in table and (backend, ddim) in table:
+            speedup.setdefault("icd_vs_ddim50", table[(backend, ddim)] / table[(backend, icd_method)])
+        if (backend, icd_method) in table and (backend, cfg) in table:
+            speedup.setdefault("icd_vs_ddim50_cfg", table[(backend, cfg)] / table[(backend, icd_method)])
+    overhead = {
+        f"p2p_over_swap_{backend}": table[(backend, p2p)] / table[(backend, icd_method)]
+        for backend in backends
+        if (backend, p2p) in table and (backend, icd_method) in table
+    }
     return {
         "device": device_description(model.device),
         "model": model.info.name,
@@ -97,5 +162,6 @@ def measure_latency(
         "repeats": repeats,
         "rows": rows,
         "speedup": speedup,
+        "overhead": overhead,
         "skipped": skipped,
     }

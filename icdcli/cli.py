@@ -1034,7 +1034,8 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
 @model_options
 @_reports_errors
 def bench_latency_command(limit: int, size: int | None, backends: str, as_json: bool, **model_opts: Any) -> None:
-    """Seconds per edit on each backend, for iCD and the 50-step baseline (DDIM inversion + 50 guided steps).
+    """Seconds per edit on each backend: iCD by prompt swap and by Prompt-to-Prompt, and the 50-step baseline
+    (DDIM inversion + 50 guided steps) with the teacher as it is and under real classifier-free guidance.
 
     Each row is the median of --limit whole edits after a warm-up; exports and engine builds happen
     before timing. Backends that cannot run here are skipped with the reason. Time on an idle machine.
@@ -1050,7 +1051,7 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
 
     click.echo(f"device: {result['device']}; model {result['model']}; image {result['image']}")
     click.echo(markdown_table(result["rows"], ["backend", "method", "seconds_per_edit"]))
-    for name, value in result["speedup"].items():
+    for name, value in {**result["speedup"], **result["overhead"]}.items():
         click.echo(f"{name}: {value:.2f}x")
     for name, reason in result["skipped"].items():
         click.echo(f"skipped {name}: {reason}")
