@@ -26,6 +26,7 @@ from .cli_common import (
     sampler_options,
 )
 from .cli_export import export as _export_command
+from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
 
 
@@ -1122,3 +1123,4 @@ def info(as_json: bool) -> None:
 
 main.add_command(_export_command)
 main.add_command(_train_command)
+bench.add_command(_pie_command)
