@@ -292,3 +292,30 @@ def test_cli_p2p_errors_are_one_line(tmp_path, extra, message):
     )  # fmt: skip
     assert result.exit_code == 1 and message in result.output and not out.exists()
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
+    """Identical prompts unguided: the branches agree; another prompt under guidance: they differ."""
+    if family == "sdxl":
+        from test_export import sdxl_model
+
+        model = sdxl_model(sdxl_parts)
+    else:
+        model = merged_model
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    source, target = "a red cat on a blue background", "a green dog on a blue background"
+    x0 = model.encode_image(pixels)
+    from icdcli.editing import invert_latents
+
+    latents = invert_latents(model, x0, source, (32, 32), SamplerSettings())
+    pairs = p2p_pairs(model.info.reverse_boundaries, None)
+    schedule = NoiseSchedule.stable_diffusion()
+    results = []
+    for tgt, guidance in ((source, 1.0), (target, 6.0)):
+        blend = ("cat",) if tgt == source else ("cat", "dog")
+        plan = make_plan(model.tokenizers[0], source, tgt, P2PSettings(blend=blend), len(pairs), latents.shape[-1])
+        cond = _conditioning(model, [source, tgt], (32, 32), guidance)
+        results.append(p2p_decode(model.reverse_denoiser, latents, cond, pairs, guidance, 0.8, schedule, plan))
+    assert torch.allclose(results[0][0], results[0][1], atol=1e-5)
+    assert (results[1][1] - results[1][0]).abs().max() > 1e-3 and torch.isfinite(results[1]).all()
