@@ -60,7 +60,6 @@ EDIT_TYPES: dict[str, str] = {
     "9": "change style",
 }
 ITEM_FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_type_id", "mask")
-METHODS = ("swap", "p2p")
 METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
 # the benchmark's tables print these scaled (LPIPS x 10^3, ...); JSON keeps the raw values
 SCALES: dict[str, tuple[float, str]] = {
@@ -288,6 +287,13 @@ def _write_error(error: OSError, out: Path) -> str:
     return f"{display(out)}: cannot write it ({error.strerror or error}); check the folder or choose another --out"
 
 
+def recorded_seconds(record: Mapping[str, Any] | None) -> float | None:
+    """The seconds of the edit (inversion + decoding) an output's record holds, if any."""
+    seconds = record.get("seconds") if isinstance(record, Mapping) else None
+    value = seconds.get("edit") if isinstance(seconds, Mapping) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 EditFunction = Callable[[Any, PieItem, Any], Any]
 """(PIL image, item, editing.Timings) -> the edited PIL image."""
 RecordFunction = Callable[[PieItem, Path, str, tuple[int, int]], dict[str, Any]]
@@ -315,8 +321,7 @@ def edit_item(
     existing = read_record(out) if exists and not overwrite else None
     decision = decide(exists, existing, wanted, overwrite)
     if decision.action == "skip":
-        seconds = (existing or {}).get("seconds", {}).get("edit")
-        return Outcome(item.key, "skipped", str(out), seconds=seconds)
+        return Outcome(item.key, "skipped", str(out), seconds=recorded_seconds(existing))
     if decision.action == "refuse":
         return Outcome(item.key, "failed", str(out), error=f"{display(out)} {decision.reason}")
     timings = Timings()
@@ -663,8 +668,7 @@ def score_item(item: PieItem, root: Path, folder: Path, scorers: Scorers) -> dic
         row["clip_whole"] = scorers.clip(edited, item.target_prompt)
         region = (edited * mask[..., None]).astype(np.uint8)
         row["clip_edited"] = scorers.clip(region, item.target_prompt) if mask.any() else None
-    seconds = ((read_record(out) or {}).get("seconds") or {}).get("edit")
-    row["seconds_per_edit"] = float(seconds) if isinstance(seconds, (int, float)) else None
+    row["seconds_per_edit"] = recorded_seconds(read_record(out))
     return row
 
 

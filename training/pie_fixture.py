@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,56 @@ def write_fixture(root: Path, count: int, seed: int = 0, size: int = 32) -> dict
     return mapping
 
 
+def target_scene(source: Scene, target_prompt: str) -> tuple[Scene, str]:
+    """The scene an item's target prompt describes, and the attribute (an edit kind) that differs from `source`."""
+    words = target_prompt.split()  # "a {colour} {shape} on a {background} background"
+    target = replace(source, colour=words[1], shape=words[2], background=words[5])
+    kind = next(kind for kind in EDIT_KINDS if getattr(source, kind) != getattr(target, kind))
+    return target, kind
+
+
+def fixture_accuracy(root: Path, folder: Path, seed: int = 0) -> dict[str, Any]:
+    """Edit success on a fixture, which PIE-Bench scores with CLIP: does the output show the target's attribute?
+
+    Each output is matched to every rendering of its target scene with the edited attribute varied
+    (training.bench.classify); accuracy is the share of outputs closest to the right one, per type
+    and overall. Only fixture folders written by `write_fixture` have the scenes this needs.
+    """
+    from icdcli.pie import output_path, read_mapping
+
+    from .bench import classify
+
+    hits: dict[str, list[bool]] = {}
+    for item in read_mapping(root):
+        out = output_path(folder, item)
+        if not out.is_file():
+            continue
+        source = scene_at(SPLIT, FIRST_INDEX + int(item.key[1:]), seed)
+        target, kind = target_scene(source, item.target_prompt)
+        image = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
+        hits.setdefault(item.editing_type_id, []).append(classify(image, target, kind) == getattr(target, kind))
+    everything = [hit for values in hits.values() for hit in values]
+    per_type = {type_id: {"n": len(v), "accuracy": float(np.mean(v))} for type_id, v in sorted(hits.items())}
+    overall = {"n": len(everything), "accuracy": float(np.mean(everything)) if everything else None}
+    return {"overall": overall, "per_type": per_type}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a PIE-Bench-format folder of procedural scene edits.")
     parser.add_argument("root", type=Path, help="folder to write (mapping_file.json and annotation_images/)")
     parser.add_argument("--count", type=int, default=100, help="items (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes (default 0)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32, the model's)")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        metavar="RUN",
+        help="instead of writing: print the edit accuracy (JSON) of the outputs in RUN (OUT/NAME of icd bench pie)",
+    )
     args = parser.parse_args(argv)
+    if args.accuracy is not None:
+        print(json.dumps(fixture_accuracy(args.root, args.accuracy, args.seed)))
+        return
     if args.count < 1 or args.size < 16:
         parser.error("--count must be >= 1 and --size >= 16")
     write_fixture(args.root, args.count, args.seed, args.size)
