@@ -968,12 +968,20 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Folder of model variants named like the rows (cd2, cd3, cd4, cd4+lf); --model is cd4+lf+lr.",
 )
+@click.option(
+    "--lpips",
+    "lpips_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LPIPS-squeeze weights (a local state dict of lpips.LPIPS(net='squeeze')): adds an lpips column.",
+)
 @bench_options
 @model_options
 @_reports_errors
 def bench_inversion_command(
-    variants: Path | None, limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any
-) -> None:
+    variants: Path | None, lpips_path: Path | None, limit: int, batch: int, seed: int, as_json: bool,
+    **model_opts: Any,
+) -> None:  # fmt: skip
     """Reconstruction quality (MSE, PSNR, SSIM) in the shape of the paper's Table 2.
 
     Unguided decoding: fDDIM50|DDIM50 on the teacher, fCD|CD with 2, 3 and 4 steps, +L_f, +L_f+L_r.
@@ -986,11 +994,17 @@ def bench_inversion_command(
     model = _load(model_opts, need_teacher=True).model
     found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
     found.setdefault("cd4+lf+lr", model)
-    result = bench_inversion(found, model if model.teacher_unet is not None else None, limit, batch, seed, _say)
+    lpips = None
+    if lpips_path is not None:
+        from .pie import load_lpips
+
+        lpips = load_lpips(lpips_path)
+    teacher = model if model.teacher_unet is not None else None
+    result = bench_inversion(found, teacher, limit, batch, seed, _say, lpips=lpips)
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(markdown_table(result["rows"], ["config", "mse", "psnr", "ssim"]))
+    click.echo(markdown_table(result["rows"], ["config", "mse", "psnr", "ssim"] + (["lpips"] if lpips else [])))
     if result["skipped"]:
         click.echo(f"\nskipped (no such variant): {', '.join(result['skipped'])}")
 

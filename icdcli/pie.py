@@ -471,6 +471,23 @@ def load_lpips(path: Path):
     return network.eval().requires_grad_(False)
 
 
+LPIPS_MIN_SIDE = 64
+
+
+def lpips_distance(network, a, b):
+    """LPIPS of image batches in [-1, 1], one value per image. Images with a side under 64 px are first
+    upsampled (bilinear) to 64: SqueezeNet's pooling leaves nothing of smaller ones."""
+    import torch
+    import torch.nn.functional as F
+
+    side = min(a.shape[-2:])
+    if side < LPIPS_MIN_SIDE:
+        size = [round(d * LPIPS_MIN_SIDE / side) for d in a.shape[-2:]]
+        a, b = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in (a, b))
+    with torch.no_grad():
+        return network(a, b).reshape(-1)
+
+
 def lpips_background(network, source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> float | None:
     """LPIPS of the unedited region: both images times (1 - mask), mapped to [-1, 1], as the benchmark does."""
     import torch
@@ -481,8 +498,7 @@ def lpips_background(network, source: np.ndarray, edited: np.ndarray, mask: np.n
     weight = torch.from_numpy(keep.astype(np.float32))[None, None]
     a = _unit(source).float() * weight * 2 - 1
     b = _unit(edited).float() * weight * 2 - 1
-    with torch.no_grad():
-        return float(network(a, b)[0])
+    return float(lpips_distance(network, a, b)[0])
 
 
 # --- DINO structure distance ------------------------------------------------------------------------

@@ -87,3 +87,22 @@ def test_bench_latency_json(merged_dir):
     assert all(row["seconds_per_edit"] > 0 for row in report["rows"])
     assert {"onnxruntime_vs_torch", "icd_vs_ddim50"} <= report["speedup"].keys()
     assert "tensorrt" in report["skipped"] and report["device"]
+
+
+def test_bench_inversion_lpips_column(merged_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from test_pie import _lpips_file
+
+    from icdcli.cli import main
+
+    weights = _lpips_file(tmp_path)
+    result = CliRunner().invoke(
+        main, ["bench", "inversion", "--model", str(merged_dir), "--limit", "2", "--lpips", str(weights), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert all(row["lpips"] >= 0 for row in rows) and len({round(row["lpips"], 9) for row in rows}) > 1
+    missing = CliRunner().invoke(main, ["bench", "inversion", "--model", str(merged_dir), "--lpips", "nope.pth"])
+    assert missing.exit_code == 1 and "--lpips" in missing.output

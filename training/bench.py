@@ -114,8 +114,12 @@ def bench_inversion(
     batch: int = 50,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    lpips: Any = None,
 ) -> dict[str, Any]:
-    """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped."""
+    """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
+
+    `lpips` (a network from `icdcli.pie.load_lpips`) adds an `lpips` column.
+    """
     say = progress or (lambda message: None)
     anchor = teacher_model or next(iter(variants.values()))
     size = anchor.info.native_size
@@ -131,6 +135,8 @@ def bench_inversion(
         settings = SamplerSettings(sampler, config.steps, seed)
         tau = model.info.tau if config.dynamic else 1.0
         scores: dict[str, list[torch.Tensor]] = {"mse": [], "psnr": [], "ssim": []}
+        if lpips is not None:
+            scores["lpips"] = []
         for chunk in _batches(items, batch):
             pixels, captions = render_batch(chunk, size)
             recon = to_unit(roundtrip(model, pixels, captions, settings, config.guidance, tau))
@@ -138,6 +144,10 @@ def bench_inversion(
             scores["mse"].append(mse(recon, original))
             scores["psnr"].append(psnr(recon, original))
             scores["ssim"].append(ssim(recon, original))
+            if lpips is not None:
+                from icdcli.pie import lpips_distance
+
+                scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
         rows.append({"config": config.name, **{k: float(torch.cat(v).mean()) for k, v in scores.items()}})
     return {"n_images": len(items), "rows": rows, "skipped": skipped}
 
