@@ -69,12 +69,9 @@ class RealCFGBaseline:
 METHODS = ("icd", "icd-p2p", "ddim", "ddim-cfg")
 
 
-def seconds_per_edit(model: Any, image: Image.Image, method: str, repeats: int) -> float:
-    """Median wall time of a whole edit (VAE, text, inversion, decoding) after one warm-up edit.
-
-    `method`: icd (prompt swap), icd-p2p (Prompt-to-Prompt), ddim (the teacher as it is) or ddim-cfg
-    (the teacher under real classifier-free guidance).
-    """
+def edit_runner(model: Any, image: Image.Image, method: str) -> Callable[[], None]:
+    """One whole edit (VAE, text, inversion, decoding) of `image` by `method`: icd (prompt swap), icd-p2p
+    (Prompt-to-Prompt), ddim (the teacher as it is) or ddim-cfg (the teacher under real CFG)."""
     sampler = "icd" if method.startswith("icd") else "ddim"
     settings = SamplerSettings(sampler, ddim_steps=DDIM_STEPS, seed=0)
     guidance = model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance
@@ -87,13 +84,24 @@ def seconds_per_edit(model: Any, image: Image.Image, method: str, repeats: int) 
         else:
             edit(runnable, image, SOURCE, TARGET, guidance, tau, settings)
 
-    run()  # warm-up: sessions, allocations, CUDA graphs
-    timings = []
+    return run
+
+
+def interleaved_medians(runners: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, float]:
+    """Median seconds of each runner over `repeats` rounds, after one warm-up call each.
+
+    Each round calls every runner once in turn, so a machine that speeds up or slows down during the
+    measurement shifts every row alike and the ratios between rows stay fair.
+    """
+    for run in runners.values():
+        run()  # warm-up: sessions, allocations, CUDA graphs
+    timings: dict[Any, list[float]] = {key: [] for key in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            timings[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in timings.items()}
 
 
 def device_description(device: Any) -> str:
@@ -125,7 +133,7 @@ def measure_latency(
     facts = probe_backends(model.device)
     image = sample_image(size or model.info.native_size)
     icd_method = f"icd{model.info.num_steps}"
-    rows, skipped = [], {}
+    runners, skipped = {}, {}
     for backend in backends:
         problem = backend_problem(backend, facts)
         if problem:
@@ -134,9 +142,13 @@ def measure_latency(
         runnable = accelerate(model, backend, progress=say)
         for method in methods:
             name = method.replace("icd", icd_method).replace("ddim", f"ddim{DDIM_STEPS}")
-            say(f"timing {backend} {name}")
-            seconds = seconds_per_edit(runnable, image, method, repeats)
-            rows.append({"backend": backend, "method": name, "seconds_per_edit": seconds})
+            runners[(backend, name)] = edit_runner(runnable, image, method)
+    rows = []
+    for backend in dict.fromkeys(b for b, _ in runners):  # one backend at a time: their thread pools differ
+        say(f"timing {backend}: {len(methods)} methods, {repeats} interleaved rounds")
+        own = {key: run for key, run in runners.items() if key[0] == backend}
+        medians = interleaved_medians(own, repeats)
+        rows += [{"backend": b, "method": m, "seconds_per_edit": seconds} for (b, m), seconds in medians.items()]
     table = {(row["backend"], row["method"]): row["seconds_per_edit"] for row in rows}
     ddim, cfg, p2p = f"ddim{DDIM_STEPS}", f"ddim{DDIM_STEPS}-cfg", f"{icd_method}-p2p"
     speedup = {}

@@ -1052,8 +1052,9 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     """Seconds per edit on each backend: iCD by prompt swap and by Prompt-to-Prompt, and the 50-step baseline
     (DDIM inversion + 50 guided steps) with the teacher as it is and under real classifier-free guidance.
 
-    Each row is the median of --limit whole edits after a warm-up; exports and engine builds happen
-    before timing. Backends that cannot run here are skipped with the reason. Time on an idle machine.
+    Each row is the median of --limit whole edits after a warm-up, the rows timed in interleaved rounds
+    (so drift of the machine shifts every row alike); exports and engine builds happen before timing.
+    Backends that cannot run here are skipped with the reason. Time on an idle machine.
     """
     from .engines.latency import measure_latency
 

@@ -81,11 +81,15 @@ def test_bench_latency_json(merged_dir):
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    methods = ("icd4", "icd4-p2p", "ddim50", "ddim50-cfg")
     assert {(row["backend"], row["method"]) for row in report["rows"]} == {
-        ("torch", "icd4"), ("torch", "ddim50"), ("onnxruntime", "icd4"), ("onnxruntime", "ddim50")
-    }  # fmt: skip
+        (backend, method) for backend in ("torch", "onnxruntime") for method in methods
+    }
     assert all(row["seconds_per_edit"] > 0 for row in report["rows"])
-    assert {"onnxruntime_vs_torch", "icd_vs_ddim50"} <= report["speedup"].keys()
+    assert {"onnxruntime_vs_torch", "onnxruntime_vs_torch_p2p", "icd_vs_ddim50", "icd_vs_ddim50_cfg"} <= report[
+        "speedup"
+    ].keys()
+    assert {"p2p_over_swap_torch", "p2p_over_swap_onnxruntime"} == report["overhead"].keys()
     assert "tensorrt" in report["skipped"] and report["device"]
 
 
