@@ -23,6 +23,7 @@ from .cli_common import (
     _say,
     _setup_logging,
     model_options,
+    p2p_step_options,
     sampler_options,
 )
 from .cli_export import export as _export_command
@@ -161,20 +162,7 @@ def main() -> None:
     help="p2p: Prompt-to-Prompt, the target's attention taken from the source's (keeps layout and background). "
     "swap: decode with the target prompt alone. auto: p2p for SD1.5-family models, swap for SDXL.",
 )
-@click.option(
-    "--cross-replace",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.8,
-    show_default=True,
-    help="p2p: fraction of the steps whose cross-attention follows the source.",
-)
-@click.option(
-    "--self-replace",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.4,
-    show_default=True,
-    help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
-)
+@p2p_step_options
 @click.option(
     "--blend",
     "blend_words",

@@ -187,3 +187,26 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
             _say(f"backend: {chosen} (auto)")
         model = accelerate(model, chosen, progress=_say)
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
+
+
+def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--cross-replace and --self-replace: the Prompt-to-Prompt step fractions (see icdcli.p2p)."""
+    options = [
+        click.option(
+            "--cross-replace",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.8,
+            show_default=True,
+            help="p2p: fraction of the steps whose cross-attention follows the source.",
+        ),
+        click.option(
+            "--self-replace",
+            type=click.FloatRange(0.0, 1.0),
+            default=0.4,
+            show_default=True,
+            help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .cli_common import _load, _reports_errors, _say, model_options, sampler_options
+from .cli_common import _load, _reports_errors, _say, model_options, p2p_step_options, sampler_options
 
 
 def _weight_sizes(model: Any) -> dict[str, int]:
@@ -136,20 +136,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
     default=None,
     help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
 )
-@click.option(
-    "--cross-replace",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.8,
-    show_default=True,
-    help="p2p: fraction of the steps whose cross-attention follows the source.",
-)
-@click.option(
-    "--self-replace",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.4,
-    show_default=True,
-    help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
-)
+@p2p_step_options
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @click.option(
     "--lpips",
