@@ -7,6 +7,7 @@ swaps into an `ICDModel`: denoisers, a prompt encoder, VAE encode/decode.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,7 @@ class GraphDenoiser:
         self.spec = spec
         self.fallback = fallback
         self.p2p = p2p
+        self._told: set[str] = set()
         cond = spec.input("timestep_cond")
         self.guidance_dim = None if cond is None else int(cond.shape[-1])
 
@@ -99,6 +101,9 @@ class GraphDenoiser:
     def _fall_back(self, why: str, x, t, cond, guidance, control) -> torch.Tensor:
         if self.fallback is None:
             raise ICDError(f"{why} cannot run on the {self.backend} backend: use --backend torch")
+        if why not in self._told:
+            self._told.add(why)
+            logging.getLogger("icd").info("%s: these steps of %s run on PyTorch", why, self.spec.name)
         return self.fallback(x, t, cond, guidance, control)
 
     def __call__(
