@@ -1,7 +1,7 @@
 """Batch editing as pure logic: which items, with what settings, written where, by which shard, and
 whether an existing output is already done.
 
-Nothing here loads a model or decodes an image: `icd edit` (in `cli.py`) drives these functions.
+Nothing here loads a model or decodes an image: `icd edit` (in `edit_run.py`) drives these functions.
 
 - Inputs: image paths, folders (image extensions only; `recursive` descends) and spec files
   (`.jsonl` or `.csv`, one edit per row) become `Item`s. A row that cannot be used becomes an item

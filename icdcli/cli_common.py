@@ -1,7 +1,7 @@
 """Pieces shared by every `icd` command module: logging, error reporting, model options and loading.
 
-Command modules (cli.py, cli_export.py, cli_train.py) import from here, never from each other, so
-any of them can be imported first.
+Command modules (cli.py, cli_export.py, cli_train.py) and the edit runner (edit_run.py) import from here,
+never from each other, so any of them can be imported first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -145,6 +146,20 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _check_writable_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise click.ClickException(f"output folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.ClickException(f"output folder {folder} is not writable: choose another with -o")
+
+
+def _edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
+    """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
+    if sampler == "ddim":
+        return (guidance if guidance is not None else model.info.generate_guidance), (1.0 if tau is None else tau)
+    return (guidance if guidance is not None else model.info.edit_guidance), (model.info.tau if tau is None else tau)
 
 
 @dataclass

@@ -1,0 +1,509 @@
+"""The batch runner of `icd edit`: reads the inputs (files, folders, a --spec, a --from record), plans
+every output, then edits the items one after another with one model, reporting each and a summary.
+
+The click command itself (its options and help) stays in cli.py and drives these pieces. Heavy imports
+(torch, diffusers) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+
+
+@dataclass(frozen=True)
+class _EditFlags:
+    """The edit settings the command line gives (per-row values of a spec override them)."""
+
+    source: str | None
+    target: str | None
+    guidance: float | None
+    tau: float | None
+    seed: int
+    sampler: str
+    ddim_steps: int
+    method: str = "auto"
+    p2p: Any = None  # icdcli.p2p.P2PSettings
+
+
+def _p2p_settings(
+    cross_replace: float,
+    self_replace: float,
+    blend_words: tuple[str, ...],
+    amplify: tuple[str, ...],
+    blend_threshold: float = 0.3,
+) -> Any:
+    """The P2P settings of the command line (--blend also takes several words in one value)."""
+    from .p2p import P2PSettings
+
+    factors = []
+    for entry in amplify:
+        word, sep, factor = entry.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if not sep or not word.strip() or value is None or value < 0:
+            raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
+        factors.append((word.strip(), value))
+    words = tuple(w for value in blend_words for w in value.split())
+    return P2PSettings(cross_replace, self_replace, words, tuple(factors), blend_threshold=blend_threshold)
+
+
+def _edit_method(model: Any, method: str) -> str:
+    """auto: Prompt-to-Prompt for SD1.5-family models, prompt swap for SDXL (as the paper edits)."""
+    if method != "auto":
+        return method
+    from .models import SDXL
+
+    return "swap" if model.info.family == SDXL else "p2p"
+
+
+def _p2p_record(settings: Any) -> dict[str, Any]:
+    return {
+        "cross_replace": settings.cross_replace,
+        "self_replace": settings.self_replace,
+        "blend": list(settings.blend),
+        "blend_threshold": settings.blend_threshold,
+        "amplify": {word: factor for word, factor in settings.amplify},
+    }
+
+
+_MODEL_FLAGS = ("model", "base", "teacher", "forward_lora", "reverse_lora")
+
+
+def _given(name: str) -> bool:
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _apply_record(
+    path: Path, images: tuple[Path, ...], flags: _EditFlags, model_opts: dict[str, Any]
+) -> tuple[tuple[Path, ...], _EditFlags, str | None]:
+    """The inputs and settings of `icd edit --from OUTPUT.png`: the record's, except where flags are given."""
+    from .batch import display
+    from .images import read_record
+    from .sources import DEFAULT_MODEL, PRESETS
+
+    record = read_record(path) if path.is_file() else None
+    if record is None or not {"src", "tgt", "seed"} <= record.keys():
+        raise click.ClickException(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
+    values = {
+        "source": flags.source if _given("source") else record["src"],
+        "target": flags.target if _given("target") else record["tgt"],
+        "guidance": flags.guidance if _given("guidance") else record.get("guidance"),
+        "tau": flags.tau if _given("tau") else record.get("tau"),
+        "seed": flags.seed if _given("seed") else int(record["seed"]),
+        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
+        "ddim_steps": flags.ddim_steps,
+        "method": flags.method if _given("method") else record.get("method", "swap"),
+        "p2p": flags.p2p,
+    }
+    recorded_p2p = record.get("p2p")
+    if isinstance(recorded_p2p, dict) and not any(
+        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "blend_threshold", "amplify")
+    ):
+        from .p2p import P2PSettings
+
+        values["p2p"] = P2PSettings(
+            float(recorded_p2p.get("cross_replace", 0.8)),
+            float(recorded_p2p.get("self_replace", 0.4)),
+            tuple(recorded_p2p.get("blend", ())),
+            tuple((str(w), float(f)) for w, f in dict(recorded_p2p.get("amplify", {})).items()),
+            blend_threshold=float(recorded_p2p.get("blend_threshold", 0.3)),
+        )
+    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
+        values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))
+    expected_hash = None
+    if not any(_given(name) for name in _MODEL_FLAGS):
+        model = str(record.get("model", DEFAULT_MODEL))
+        if model not in PRESETS and model != DEFAULT_MODEL and not Path(model).is_dir():
+            raise click.ClickException(
+                f"--from {display(path)}: its model {model!r} is not a preset or a folder here; "
+                "give --model (or --base/--teacher/--forward-lora/--reverse-lora)"
+            )
+        model_opts["model"] = None if model == DEFAULT_MODEL else model
+        expected_hash = record.get("model_hash")
+    if not images:
+        recorded = Path(str(record.get("input", "")))
+        if not recorded.is_file():
+            raise click.ClickException(
+                f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
+            )
+        images = (recorded,)
+    return images, _EditFlags(**values), expected_hash
+
+
+def _is_icd_output(path: Path) -> bool:
+    from .images import read_record
+
+    if path.suffix.lower() != ".png":
+        return False
+    record = read_record(path)
+    return record is not None and "method" in record and "src" in record
+
+
+def _collect_items(images: list[Path], spec: Path | None, recursive: bool, flags: _EditFlags) -> tuple[list, bool]:
+    """The items to edit (folder outputs of icd itself are left out) and whether this is a batch."""
+    from .batch import expand_inputs, read_spec, with_prompts
+
+    items, any_folder = expand_inputs(images, recursive, skip=_is_icd_output)
+    if spec is not None:
+        items += read_spec(spec)
+    items = [with_prompts(item, flags.source, flags.target) for item in items]
+    if not items:
+        raise click.ClickException("no images found: folders are searched for image files (-r descends)")
+    return items, any_folder or spec is not None or len(items) > 1
+
+
+def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool) -> list:
+    """Decide every output. -o is a file only for a single input; a folder is created when its parent exists."""
+    from dataclasses import replace
+
+    from .batch import display, plan_outputs
+
+    spec_folder = spec.parent if spec is not None else None
+    if output is None:
+        return plan_outputs(items, None, spec_folder)
+    target = Path(output)
+    if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
+        _check_writable_folder(target.parent)
+        item = items[0]
+        if item.image is not None and target.resolve() == item.image.resolve():
+            raise click.ClickException(
+                f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
+            )
+        return plan_outputs([replace(item, output=target)], None, spec_folder)
+    if not target.exists():
+        if not target.parent.is_dir():
+            raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
+        target.mkdir(exist_ok=True)  # shards may race to create it
+    _check_writable_folder(target)
+    return plan_outputs(items, target, spec_folder)
+
+
+class _ItemFailed(Exception):
+    """One item cannot be made; `fatal` stops the whole run (a full disk, say)."""
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
+
+
+class _Interrupts:
+    """First Ctrl-C: finish the current item, then stop. Second: stop at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread: leave Ctrl-C as it is
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _say("stopping after the current image (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _write_failure(error: OSError, out: Path) -> _ItemFailed:
+    import errno
+
+    from .batch import display
+
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _ItemFailed(
+            f"{display(out)}: no space left on the device; free space and run again (finished outputs are kept "
+            "and will be skipped)",
+            fatal=True,
+        )
+    if error.errno == errno.EROFS:
+        return _ItemFailed(f"{display(out)}: the file system is read-only; choose another -o", fatal=True)
+    reason = error.strerror or str(error)
+    return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
+
+
+def _weight_sizes(model: Any) -> dict[str, int]:
+    folder = Path(str(getattr(model, "source", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return {}
+    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.glob("*/*.safetensors"))}
+
+
+class _EditRun:
+    """Edits items one after another with one model; reports each result and a summary."""
+
+    def __init__(
+        self,
+        flags: _EditFlags,
+        model_opts: dict[str, Any],
+        as_json: bool,
+        batch: bool,
+        overwrite: bool,
+        started: float,
+        expected_hash: str | None = None,
+    ):
+        from .batch import Tally
+
+        self.flags = flags
+        self.model_opts = model_opts
+        self.as_json = as_json
+        self.batch = batch
+        self.overwrite = overwrite
+        self.started = started
+        self.expected_hash = expected_hash
+        self.loaded: Loaded | None = None
+        self.model_hash = ""
+        self.model_ref = ""
+        self.tally = Tally()
+        self.bar: Any = None
+        self.mark = started
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def _text(self, message: str) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            _say(message)
+
+    def _json(self, record: dict[str, Any]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(record))
+
+    def _failed(self, item: Any, message: str) -> None:
+        self.tally.failed += 1
+        output = None if item.output is None else str(item.output)
+        self._json({"status": "failed", "input": None if item.image is None else str(item.image), "item": item.label,
+                    "output": output, "error": message})  # fmt: skip
+        if self.batch:
+            self._text(f"Error: {message}")
+
+    # --- the model ------------------------------------------------------------------------
+
+    def _model(self) -> Loaded:
+        if self.loaded is None:
+            from .batch import model_digest
+            from .errors import ICDError
+
+            opts = dict(self.model_opts)
+            if opts.pop("_cuda_if_present", False):
+                import torch
+
+                if not torch.cuda.is_available():
+                    opts["device"] = "auto"
+            try:
+                self.loaded = _load(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
+            except ICDError as error:  # a model that cannot load ends the whole run
+                raise click.ClickException(str(error)) from None
+            model = self.loaded.model
+            self.model_hash = model_digest(model.info.to_json(), _weight_sizes(model))
+            label = self.loaded.label
+            self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
+            if self.expected_hash and self.expected_hash != self.model_hash:
+                logging.getLogger("icd").warning(
+                    "the model differs from the one that made the recorded edit: the result will differ"
+                )
+        return self.loaded
+
+    # --- one item -------------------------------------------------------------------------
+
+    def _wanted(self, item: Any, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
+        from . import __version__
+        from .batch import parameter_record
+
+        loaded = self._model()
+        model = loaded.model
+        flags = self.flags
+        sampler = flags.sampler
+        w, t = _edit_settings(
+            model,
+            sampler,
+            item.guidance if item.guidance is not None else flags.guidance,
+            item.tau if item.tau is not None else flags.tau,
+        )
+        method = _edit_method(model, flags.method)
+        return parameter_record(
+            method=method,
+            p2p=_p2p_record(flags.p2p) if method == "p2p" else None,
+            model=self.model_ref,
+            model_hash=self.model_hash,
+            backend=loaded.backend,
+            precision=str(model.dtype).removeprefix("torch."),
+            sampler=sampler,
+            steps=model.info.num_steps if sampler == "icd" else flags.ddim_steps,
+            src=item.src,
+            tgt=item.tgt,
+            guidance=w,
+            tau=t,
+            seed=item.seed if item.seed is not None else flags.seed,
+            version=__version__,
+            input_path=str(item.image.absolute()),
+            input_size=size,
+            input_sha256=input_sha,
+        )
+
+    def _edit_one(self, item: Any) -> dict[str, Any] | str:
+        """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
+        from .batch import decide, display
+        from .editing import SamplerSettings, Timings, edit, edit_p2p
+        from .errors import ICDError
+        from .images import file_sha256, load_image, original_size, probe_image, read_record, save_image
+        from .p2p import P2PError
+
+        if item.error is not None:
+            raise _ItemFailed(item.error)
+        try:
+            probe_image(item.image)
+            loaded = self._model()
+            input_sha = file_sha256(item.image)
+        except ICDError as error:
+            raise _ItemFailed(str(error)) from None
+        except OSError as error:
+            raise _ItemFailed(f"{display(item.image)}: cannot be read ({error.strerror or error})") from None
+        out = item.output
+        wanted = self._wanted(item, input_sha, None)
+        exists = os.path.lexists(out)
+        existing = read_record(out) if exists and not self.overwrite else None
+        decision = decide(exists, existing, wanted, self.overwrite)
+        if decision.action == "skip":
+            return decision.reason
+        if decision.action == "refuse":
+            raise _ItemFailed(f"{display(out)} {decision.reason}")
+        model = loaded.model
+        timings = Timings({"load": loaded.seconds})
+        try:
+            with timings.stage("read"):
+                image = load_image(item.image, model.info.native_size**2)
+            size = original_size(image)
+            record = {**wanted, "input_size": list(size)}
+            settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
+            if record["method"] == "p2p":
+                result = edit_p2p(model, image, record["src"], record["tgt"], record["guidance"], record["tau"],
+                                  settings, self.flags.p2p, timings)  # fmt: skip
+            else:
+                result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
+                              timings)  # fmt: skip
+        except (ICDError, P2PError) as error:
+            raise _ItemFailed(str(error)) from None
+        if result.size != size:
+            from PIL import Image
+
+            result = result.resize(size, Image.Resampling.LANCZOS)
+        with timings.stage("write"):
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(out.parent, os.W_OK | os.X_OK):
+                    raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
+                save_image(result, out, {"icd": json.dumps(record)})
+            except ICDError as error:
+                raise _ItemFailed(str(error)) from None
+            except OSError as error:
+                raise _write_failure(error, out) from None
+        now = time.perf_counter()
+        timings.seconds["total"] = now - self.mark
+        return {
+            "status": "done",
+            "input": str(item.image),
+            "output": str(out),
+            "model": self.loaded.label,
+            "backend": self.loaded.backend,
+            "seed": record["seed"],
+            "sampler": record["sampler"],
+            "method": record["method"],
+            "guidance": record["guidance"],
+            "tau": record["tau"],
+            "steps": record["steps"],
+            "src": record["src"],
+            "tgt": record["tgt"],
+            "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
+        }
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _step(self, item: Any) -> bool:
+        """Edit one item and report it; False when the run must stop."""
+        from .batch import display
+
+        self.mark = time.perf_counter()
+        try:
+            outcome = self._edit_one(item)
+        except _ItemFailed as failure:
+            if not self.batch:
+                if self.as_json:
+                    self._failed(item, str(failure))
+                raise click.ClickException(str(failure)) from None
+            self._failed(item, str(failure))
+            return not failure.fatal
+        if isinstance(outcome, str):
+            self.tally.skipped += 1
+            self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
+            self._text(f"skipped {display(item.output)}: {outcome} (--overwrite makes it again)")
+        else:
+            self.tally.done += 1
+            self._json(outcome)
+            if not self.as_json:
+                self._text(f"wrote {display(item.output)}")
+        return True
+
+    def run(self, items: list) -> None:
+        from tqdm import tqdm
+
+        interrupted = aborted = stopped = False
+        with _Interrupts() as interrupts:
+            self.bar = tqdm(total=len(items), desc="editing", unit="image", file=sys.stderr,
+                            disable=(not self.batch) or None, dynamic_ncols=True)  # fmt: skip
+            try:
+                for item in items:
+                    if interrupts.requested:
+                        break
+                    if not self._step(item):
+                        stopped = True
+                        break
+                    self.bar.update(1)
+            except KeyboardInterrupt:
+                aborted = True
+            finally:
+                self.bar.close()
+            interrupted = interrupts.requested or aborted
+        self._finish(len(items), interrupted, stopped)
+
+    def _finish(self, total: int, interrupted: bool, stopped: bool) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.batch or interrupted:
+            load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
+            self._json(self.tally.summary(seconds, load_seconds))
+            _say(self.tally.line(seconds, interrupted))
+        if interrupted:
+            sys.exit(130)
+        if stopped:
+            raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
+        if self.tally.failed:
+            raise click.ClickException(f"{self.tally.failed} of {total} inputs failed")
