@@ -351,6 +351,14 @@ def model_digest(info: Mapping[str, Any], weight_sizes: Mapping[str, int] | None
     return "sha256:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def model_weight_sizes(model: Any) -> dict[str, int]:
+    """Sizes of the weight files of the folder a model was loaded from (for `model_digest`); {} otherwise."""
+    folder = Path(str(getattr(model, "source", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return {}
+    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.glob("*/*.safetensors"))}
+
+
 def parameter_record(
     *,
     model: str,

@@ -16,13 +16,6 @@ import click
 from .cli_common import _load, _reports_errors, _say, model_options, p2p_step_options, sampler_options
 
 
-def _weight_sizes(model: Any) -> dict[str, int]:
-    folder = Path(str(getattr(model, "source", "") or ""))
-    if not str(folder) or not folder.is_dir():
-        return {}
-    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.glob("*/*.safetensors"))}
-
-
 def _edit_function(method: str, model: Any, plan: Any) -> Any:
     """(image, item, timings) -> edited image, for prompt swap or Prompt-to-Prompt."""
     from .editing import SamplerSettings, edit
@@ -193,7 +186,7 @@ def pie(
     them to metrics.md and metrics.json beside the outputs.
     """
     from . import __version__
-    from .batch import model_digest, parameter_record
+    from .batch import model_digest, model_weight_sizes, parameter_record
     from .pie import (
         EditPlan,
         edit_defaults,
@@ -230,7 +223,7 @@ def pie(
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
     label = loaded.label
     model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
-    model_hash = model_digest(model.info.to_json(), _weight_sizes(model))
+    model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
 
     def record_for(item: Any, source: Path, sha: str, size: tuple[int, int]) -> dict[str, Any]:
         base = parameter_record(

@@ -250,13 +250,6 @@ def _write_failure(error: OSError, out: Path) -> _ItemFailed:
     return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
 
 
-def _weight_sizes(model: Any) -> dict[str, int]:
-    folder = Path(str(getattr(model, "source", "") or ""))
-    if not str(folder) or not folder.is_dir():
-        return {}
-    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.glob("*/*.safetensors"))}
-
-
 class _EditRun:
     """Edits items one after another with one model; reports each result and a summary."""
 
@@ -310,7 +303,7 @@ class _EditRun:
 
     def _model(self) -> Loaded:
         if self.loaded is None:
-            from .batch import model_digest
+            from .batch import model_digest, model_weight_sizes
             from .errors import ICDError
 
             opts = dict(self.model_opts)
@@ -324,7 +317,7 @@ class _EditRun:
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
             model = self.loaded.model
-            self.model_hash = model_digest(model.info.to_json(), _weight_sizes(model))
+            self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
             label = self.loaded.label
             self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
             if self.expected_hash and self.expected_hash != self.model_hash:

@@ -1,0 +1,52 @@
+"""Shape-edit accuracy of Prompt-to-Prompt at several cross/self-replace fractions, beside prompt swap.
+
+    python benchmarks/p2p_fractions.py --limit 100
+
+Uses the embedded default model and the held-out shape edits of `icd bench shapes-edit` (seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from icdcli.editing import SamplerSettings
+from icdcli.p2p import P2PSettings
+from icdcli.sources import ModelRequest, load_requested_model
+from icdcli.training.bench import classify, edit_pairs, p2p_roundtrip, roundtrip, to_unit
+from icdcli.training.scenes import render_batch
+
+FRACTIONS = ((0.8, 0.4), (0.8, 0.0), (0.4, 0.0), (0.0, 0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--kind", default="shape", choices=["colour", "shape", "background"])
+    args = parser.parse_args()
+    model = load_requested_model(ModelRequest(None, None, None, None, None))
+    pairs = [pair for pair in edit_pairs(args.limit, 0) if pair[2] == args.kind]
+    pixels, captions = render_batch([source for source, _, _ in pairs], model.info.native_size)
+    targets = [target.caption() for _, target, _ in pairs]
+    guidance, tau, settings = model.info.edit_guidance, model.info.tau, SamplerSettings()
+
+    def accuracy(edited: torch.Tensor) -> float:
+        images = to_unit(edited)
+        found = [
+            classify((images[i].permute(1, 2, 0).numpy() * 255).round(), target, args.kind)
+            for i, (_, target, _) in enumerate(pairs)
+        ]
+        return float(np.mean([f == getattr(t, args.kind) for f, (_, t, _) in zip(found, pairs, strict=True)]))
+
+    print(f"| method | {args.kind} accuracy ({len(pairs)} edits) |\n|---|---|")
+    print(f"| swap | {accuracy(roundtrip(model, pixels, captions, settings, guidance, tau, targets)):.2f} |")
+    for cross, self_ in FRACTIONS:
+        p2p = P2PSettings(cross, self_)
+        edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, p2p)
+        print(f"| p2p cross {cross} self {self_} | {accuracy(edited):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
