@@ -222,6 +222,11 @@ class StepControl:
     cross-replace steps); `refine` (L,): 1 where the target token has a source token; `mapper`
     (L, L); `reweight` (L,); `self_replace` (1,): 1 within the self-replace steps. Cross-attention
     maps of `blend_queries` queries are averaged over heads and appended to `maps`.
+
+    `cross_active` and `self_active` say (in Python, for PyTorch) whether the step edits cross- or
+    self-attention at all; layers a step leaves alone then keep the fused SDPA kernel. An exported
+    graph cannot branch on them: it leaves both True and computes every touched layer explicitly,
+    which gives the same result with the flags' tensors at 0.
     """
 
     cross_alpha: torch.Tensor
@@ -232,6 +237,8 @@ class StepControl:
     blend_queries: int | None = None
     self_max_queries: int = SELF_REPLACE_MAX_QUERIES
     maps: list[torch.Tensor] = field(default_factory=list)
+    cross_active: bool = True
+    self_active: bool = True
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> StepControl:
         moved = {
@@ -239,7 +246,12 @@ class StepControl:
             for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
         }
         return StepControl(
-            **moved, blend_queries=self.blend_queries, self_max_queries=self.self_max_queries, maps=self.maps
+            **moved,
+            blend_queries=self.blend_queries,
+            self_max_queries=self.self_max_queries,
+            maps=self.maps,
+            cross_active=self.cross_active,
+            self_active=self.self_active,
         )
 
 
@@ -268,6 +280,8 @@ class P2PPlan:
             reweight=self.reweight,
             self_replace=torch.tensor([1.0 if self.self_steps[index] else 0.0]),
             blend_queries=self.blend_size**2 if self.blend_tokens is not None else None,
+            cross_active=self.cross_steps[index],
+            self_active=self.self_steps[index],
         )
 
     def add_maps(self, maps: list[torch.Tensor]) -> None:
@@ -389,6 +403,13 @@ def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl
     return torch.cat([probs[:-1], new_target[None]])
 
 
+def _touches(control: StepControl, is_cross: bool, queries: int) -> bool:
+    """Whether this step rewrites (or records) the attention of a layer with `queries` queries."""
+    if is_cross:
+        return control.cross_active or control.blend_queries == queries
+    return control.self_active and queries <= control.self_max_queries
+
+
 class P2PAttnProcessor:
     """Attention with explicit probabilities that P2P can rewrite; without control it is SDPA.
 
@@ -412,7 +433,7 @@ class P2PAttnProcessor:
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
         queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-        if control is None or (not is_cross and queries > control.self_max_queries):
+        if control is None or not _touches(control, is_cross, queries):
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:

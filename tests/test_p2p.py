@@ -4,6 +4,7 @@ embedded default model (PyTorch)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -319,3 +320,23 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
         results.append(p2p_decode(model.reverse_denoiser, latents, cond, pairs, guidance, 0.8, schedule, plan))
     assert torch.allclose(results[0][0], results[0][1], atol=1e-5)
     assert (results[1][1] - results[1][0]).abs().max() > 1e-3 and torch.isfinite(results[1]).all()
+
+
+def test_layers_a_step_leaves_alone_keep_the_fused_kernel():
+    from icdcli.p2p import _touches
+
+    quiet = replace(_control(), cross_active=False, self_active=False)
+    assert not _touches(quiet, True, 64) and not _touches(quiet, False, 64)
+    assert _touches(replace(quiet, blend_queries=64), True, 64)  # local blend still reads these maps
+    assert not _touches(replace(quiet, blend_queries=64), True, 256)
+    busy = _control()
+    assert _touches(busy, True, 4096) and _touches(busy, False, 1024) and not _touches(busy, False, 1025)
+    plan_step = make_plan_for_steps().step(3)  # 4 steps, self-replace 0.4: only step 0 replaces self-attention
+    assert plan_step.cross_active and not plan_step.self_active
+
+
+def make_plan_for_steps():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
+    return make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(), 4, 8)
