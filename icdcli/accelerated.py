@@ -121,8 +121,12 @@ def ensure_exported(
     out_dir: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    p2p: bool | None = None,
 ) -> tuple[Path, Any]:
     """The model's ONNX export folder and manifest, exporting it first when missing or stale.
+
+    `p2p`: whether a new export holds the reverse Prompt-to-Prompt graph (default: for SD1.5-family
+    models; see `icdcli.export.onnx.plan_graphs`).
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
@@ -141,7 +145,7 @@ def ensure_exported(
         if reason is not None:
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
-            export_model(model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress)
+            export_model(model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p)
             manifest = read_manifest(folder)
     return folder, manifest
 

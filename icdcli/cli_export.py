@@ -43,6 +43,12 @@ from .cli_common import _load, _reports_errors, _say, model_options
     default=None,
     help="Folder for the ONNX graphs. Default: the cache (icd info shows where), used by --backend on later runs.",
 )
+@click.option(
+    "--p2p/--no-p2p",
+    default=None,
+    help="Include the reverse UNet with Prompt-to-Prompt control inside (another copy of its weights). "
+    "Default: for SD1.5-family models, whose edits default to P2P.",
+)
 @click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
 @model_options
 @_reports_errors
@@ -53,6 +59,7 @@ def export(
     width: int | None,
     batch: int | None,
     out: Path | None,
+    p2p: bool | None,
     force: bool,
     **model_opts: Any,
 ) -> None:
@@ -81,7 +88,7 @@ def export(
     model, label = loaded.model, loaded.label
     precision = "fp16" if fp16 else "fp32"
     _say(f"exporting {label} ({precision}) ...")
-    folder, manifest = ensure_exported(model, precision, out_dir=out, force=force, progress=_say)
+    folder, manifest = ensure_exported(model, precision, out_dir=out, force=force, progress=_say, p2p=p2p)
     _say(f"ONNX export: {folder}")
     if backend == "tensorrt":
         from .accelerated import torch_fallbacks

@@ -375,5 +375,11 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest is not None and "teacher_unet" in manifest.graphs
+    assert "reverse_unet_p2p" in manifest.graphs  # an SD1.5-family model: P2P by default
     assert "ONNX export" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["onnx-out"]  # no staging folder left behind
+    lean = tmp_path / "no-p2p"
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p"])
+    assert result.exit_code == 0, result.output
+    graphs = read_manifest(lean).graphs
+    assert "reverse_unet_p2p" not in graphs and "reverse_unet" in graphs
