@@ -20,10 +20,8 @@ from icdcli.denoiser import (
     Guidance,
     PromptEmbedding,
     expand_batch,
-    guidance_scale_embedding,
+    guided_eps,
     is_unguided,
-    real_cfg,
-    row_guidance,
 )
 from icdcli.errors import ICDError
 from icdcli.export.manifest import (
@@ -143,31 +141,24 @@ class GraphDenoiser:
             collected.append(outputs["blend_maps"])
             return outputs["eps"].to(xx.dtype)
 
-        if spec.guidance == GUIDANCE_EMBEDDING:
-            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim).to(x.device)
-            eps = evaluate(x, cond.prompt, cond.time_ids, embedding)
-        elif is_unguided(guidance):
-            eps = evaluate(x, cond.prompt, cond.time_ids, None)
-        else:
-            eps = real_cfg(lambda xx, prompt, time_ids: evaluate(xx, prompt, time_ids, None), x, cond, guidance)
+        eps = guided_eps(evaluate, x, cond, guidance, self.guidance_dim)
         if control.blend_queries is not None:
             control.maps.extend(collected)
         return eps
 
     def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance) -> torch.Tensor:
         mode = self.spec.guidance
-        if mode == GUIDANCE_EMBEDDING:
-            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim).to(x.device)
-            return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding)
-        if mode == GUIDANCE_FOLDED:
-            if not is_unguided(guidance):
-                raise ValueError(f"{self.spec.name} has w = 1 folded in; it cannot run at guidance {guidance}")
-            return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
-        if mode != GUIDANCE_CFG:
+        if mode not in (GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GUIDANCE_CFG):
             raise ValueError(f"{self.spec.name}: unknown guidance mode {mode!r}")
-        if is_unguided(guidance):
-            return self._evaluate(x, t, cond.prompt, cond.time_ids, None)
-        return real_cfg(lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None), x, cond, guidance)
+        if mode == GUIDANCE_FOLDED and not is_unguided(guidance):
+            raise ValueError(f"{self.spec.name} has w = 1 folded in; it cannot run at guidance {guidance}")
+        return guided_eps(
+            lambda xx, prompt, time_ids, timestep_cond: self._evaluate(xx, t, prompt, time_ids, timestep_cond),
+            x,
+            cond,
+            guidance,
+            self.guidance_dim if mode == GUIDANCE_EMBEDDING else None,
+        )
 
 
 @dataclass

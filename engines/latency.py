@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from icdcli.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
-from icdcli.editing import SamplerSettings, edit, edit_p2p
+from icdcli.editing import SamplerSettings, edit
 from icdcli.p2p import P2PSettings
 
 SOURCE = "a red square on a blue background"
@@ -77,14 +77,8 @@ def edit_runner(model: Any, image: Image.Image, method: str) -> Callable[[], Non
     guidance = model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance
     tau = model.info.tau if sampler == "icd" else 1.0
     runnable = RealCFGBaseline(model) if method == "ddim-cfg" else model
-
-    def run() -> None:
-        if method == "icd-p2p":
-            edit_p2p(runnable, image, SOURCE, TARGET, guidance, tau, settings, P2PSettings())
-        else:
-            edit(runnable, image, SOURCE, TARGET, guidance, tau, settings)
-
-    return run
+    p2p = P2PSettings() if method == "icd-p2p" else None
+    return lambda: edit(runnable, image, SOURCE, TARGET, guidance, tau, settings, p2p=p2p)
 
 
 def interleaved_medians(runners: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, float]:

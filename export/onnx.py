@@ -110,7 +110,9 @@ class UNetGraph(torch.nn.Module):
             self.register_buffer("folded_cond", folded, persistent=False)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feeds = dict(zip(self.input_names, inputs, strict=True))
+        return self.run_unet(dict(zip(self.input_names, inputs, strict=True)))
+
+    def run_unet(self, feeds: dict[str, torch.Tensor], cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         sample = feeds["sample"]
         cond = self.folded_cond.expand(sample.shape[0], -1) if self.folded else feeds.get("timestep_cond")
         added = None
@@ -122,19 +124,19 @@ class UNetGraph(torch.nn.Module):
             encoder_hidden_states=feeds["encoder_hidden_states"],
             timestep_cond=cond,
             added_cond_kwargs=added,
+            cross_attention_kwargs=cross_attention_kwargs,
             return_dict=False,
         )[0]
 
 
-class P2PUNetGraph(torch.nn.Module):
+class P2PUNetGraph(UNetGraph):
     """The reverse UNet under Prompt-to-Prompt control given as inputs; outputs eps and the blend maps."""
 
-    def __init__(self, unet: torch.nn.Module, input_names: list[str], blend_size: int, text_length: int):
-        super().__init__()
+    def __init__(self, unet: torch.nn.Module, input_names: list[str], guidance: str, blend_size: int, text_length: int):
+        super().__init__(unet, input_names, guidance)
         from icdcli.p2p import install_p2p_processors
 
         install_p2p_processors(unet)
-        self.unet, self.input_names = unet, input_names
         self.blend_size, self.text_length = blend_size, text_length
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,18 +144,7 @@ class P2PUNetGraph(torch.nn.Module):
 
         feeds = dict(zip(self.input_names, inputs, strict=True))
         control = StepControl(*(feeds[name] for name in P2P_CONTROL_INPUTS), blend_queries=self.blend_size**2, maps=[])
-        added = None
-        if "text_embeds" in feeds:
-            added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]}
-        eps = self.unet(
-            feeds["sample"],
-            feeds["timestep"],
-            encoder_hidden_states=feeds["encoder_hidden_states"],
-            timestep_cond=feeds.get("timestep_cond"),
-            added_cond_kwargs=added,
-            cross_attention_kwargs={"control": control},
-            return_dict=False,
-        )[0]
+        eps = self.run_unet(feeds, {"control": control})
         if control.maps:
             maps = torch.stack(control.maps).sum(0)
         else:  # no cross-attention at the blend resolution: local blend sees no maps
@@ -394,7 +385,12 @@ def plan_graphs(
         names = [spec.name for spec in inputs]
         spec = GraphSpec(REVERSE_P2P, f"{REVERSE_P2P}.onnx", inputs, outputs, guidance)
         planned.append(
-            (spec, lambda n=names, b=blend: P2PUNetGraph(_cast(model.reverse_unet, dtype), n, b, text_length))
+            (
+                spec,
+                lambda n=names, g=guidance, b=blend: P2PUNetGraph(
+                    _cast(model.reverse_unet, dtype), n, g, b, text_length
+                ),
+            )
         )
     scaling = float(model.info.scaling_factor)
     for name, (inputs, outputs) in vae_specs(channels).items():

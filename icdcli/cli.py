@@ -20,6 +20,7 @@ from .cli_common import (
     _reports_errors,
     _say,
     _setup_logging,
+    edit_guidance_options,
     model_options,
     p2p_step_options,
     sampler_options,
@@ -134,18 +135,7 @@ def main() -> None:
     metavar="I/N|auto",
     help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
 )
-@click.option(
-    "--guidance",
-    type=click.FloatRange(min=0.0),
-    default=None,
-    help="Classical CFG scale w (1 = none). Default: the model's.",
-)
-@click.option(
-    "--tau",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's.",
-)
+@edit_guidance_options
 @click.option(
     "--method",
     type=click.Choice(["auto", "p2p", "swap"]),

@@ -225,3 +225,25 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--guidance and --tau of an edit (defaults resolved by `_edit_settings` once the model is loaded)."""
+    options = [
+        click.option(
+            "--guidance",
+            type=click.FloatRange(min=0.0),
+            default=None,
+            help="Classical CFG scale w (1 = none). Default: the model's edit guidance (icd), its generation "
+            "guidance (ddim).",
+        ),
+        click.option(
+            "--tau",
+            type=click.FloatRange(0.0, 1.0),
+            default=None,
+            help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

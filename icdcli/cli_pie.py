@@ -13,27 +13,33 @@ from typing import Any
 
 import click
 
-from .cli_common import _load, _reports_errors, _say, model_options, p2p_step_options, sampler_options
+from .cli_common import (
+    _load,
+    _reports_errors,
+    _say,
+    edit_guidance_options,
+    model_options,
+    p2p_step_options,
+    sampler_options,
+)
 
 
 def _edit_function(method: str, model: Any, plan: Any) -> Any:
     """(image, item, timings) -> edited image, for prompt swap or Prompt-to-Prompt."""
     from .editing import SamplerSettings, edit
+    from .errors import ICDError
 
     settings = SamplerSettings(plan.sampler, plan.steps if plan.sampler == "ddim" else 50, plan.seed)
-    if method == "swap":
-        return lambda image, item, timings: edit(
-            model, image, item.source_prompt, item.target_prompt, plan.guidance, plan.tau, settings, timings
-        )
-    from .editing import edit_p2p  # checked present before the model loads
-    from .errors import ICDError
-    from .p2p import P2PError, P2PSettings
 
     def run(image: Any, item: Any, timings: Any) -> Any:
+        prompts = (item.source_prompt, item.target_prompt)
+        if method == "swap":
+            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings)
+        from .p2p import P2PError, P2PSettings  # checked present before the model loads
+
         p2p = P2PSettings(plan.cross_replace, plan.self_replace, item.blend or (), blend_threshold=plan.blend_threshold)
         try:
-            return edit_p2p(model, image, item.source_prompt, item.target_prompt, plan.guidance, plan.tau, settings,
-                            p2p, timings)  # fmt: skip
+            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings, p2p)
         except P2PError as error:  # prompts or blend words P2P cannot use: this item fails, the run goes on
             raise ICDError(f"{item.key}: {error}") from None
 
@@ -42,12 +48,10 @@ def _edit_function(method: str, model: Any, plan: Any) -> Any:
 
 def _check_p2p() -> None:
     try:
-        from .editing import edit_p2p  # noqa: F401
         from .p2p import P2PSettings  # noqa: F401
     except ImportError:
         raise click.ClickException(
-            "--method p2p needs Prompt-to-Prompt (icdcli.p2p and editing.edit_p2p), which this icd lacks: "
-            "use --method swap, or update icd"
+            "--method p2p needs Prompt-to-Prompt (icdcli.p2p), which this icd lacks: use --method swap, or update icd"
         ) from None
 
 
@@ -117,18 +121,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
     show_default=True,
     help="swap: decode with the target prompt alone. p2p: Prompt-to-Prompt, local blend on each blended_word.",
 )
-@click.option(
-    "--guidance",
-    type=click.FloatRange(min=0.0),
-    default=None,
-    help="CFG scale. Default: the model's edit guidance (icd), its generation guidance (ddim).",
-)
-@click.option(
-    "--tau",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
-)
+@edit_guidance_options
 @p2p_step_options
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @click.option(

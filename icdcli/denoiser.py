@@ -123,6 +123,26 @@ def real_cfg(
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
+Evaluate = Callable[[torch.Tensor, PromptEmbedding, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+"""`evaluate(x, prompt, time_ids, timestep_cond) -> eps`: one network evaluation on a batch."""
+
+
+def guided_eps(
+    evaluate: Evaluate, x: torch.Tensor, cond: Conditioning, guidance: Guidance, guidance_dim: int | None
+) -> torch.Tensor:
+    """The noise prediction under `guidance`, the way the network takes it.
+
+    A guidance-distilled network (`guidance_dim` set) gets w through its guidance embedding in one
+    evaluation; any other runs once on unguided steps and real CFG (a batch of two) on guided ones.
+    """
+    if guidance_dim is not None:
+        embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), guidance_dim).to(x.device)
+        return evaluate(x, cond.prompt, cond.time_ids, embedding)
+    if is_unguided(guidance):
+        return evaluate(x, cond.prompt, cond.time_ids, None)
+    return real_cfg(lambda xx, prompt, time_ids: evaluate(xx, prompt, time_ids, None), x, cond, guidance)
+
+
 class UNetDenoiser:
     """A diffusers `UNet2DConditionModel` behind the denoiser interface.
 
@@ -180,11 +200,10 @@ class UNetDenoiser:
     def __call__(
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
     ) -> torch.Tensor:
-        if self.guidance_dim is not None:
-            embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), self.guidance_dim)
-            return self._evaluate(x, t, cond.prompt, cond.time_ids, embedding, control)
-        if is_unguided(guidance):
-            return self._evaluate(x, t, cond.prompt, cond.time_ids, None, control)
-        return real_cfg(
-            lambda xx, prompt, time_ids: self._evaluate(xx, t, prompt, time_ids, None, control), x, cond, guidance
+        return guided_eps(
+            lambda xx, prompt, time_ids, timestep_cond: self._evaluate(xx, t, prompt, time_ids, timestep_cond, control),
+            x,
+            cond,
+            guidance,
+            self.guidance_dim,
         )

@@ -366,7 +366,7 @@ class _EditRun:
     def _edit_one(self, item: Any) -> dict[str, Any] | str:
         """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
         from .batch import decide, display
-        from .editing import SamplerSettings, Timings, edit, edit_p2p
+        from .editing import SamplerSettings, Timings, edit
         from .errors import ICDError
         from .images import file_sha256, load_image, original_size, probe_image, read_record, save_image
         from .p2p import P2PError
@@ -398,12 +398,9 @@ class _EditRun:
             size = original_size(image)
             record = {**wanted, "input_size": list(size)}
             settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
-            if record["method"] == "p2p":
-                result = edit_p2p(model, image, record["src"], record["tgt"], record["guidance"], record["tau"],
-                                  settings, self.flags.p2p, timings)  # fmt: skip
-            else:
-                result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
-                              timings)  # fmt: skip
+            p2p = self.flags.p2p if record["method"] == "p2p" else None
+            result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
+                          timings, p2p)  # fmt: skip
         except (ICDError, P2PError) as error:
             raise _ItemFailed(str(error)) from None
         if result.size != size:

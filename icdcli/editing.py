@@ -1,7 +1,7 @@
 """Inversion, reconstruction, prompt-swap editing and generation on a loaded model.
 
 These functions tie the model (text, VAE, denoisers) to the pure samplers. Prompt-to-Prompt
-editing (`edit_p2p`) passes its attention control through the denoiser's `control` argument.
+editing (`edit(..., p2p=...)`) passes its attention control through the denoiser's `control` argument.
 """
 
 from __future__ import annotations
@@ -155,25 +155,34 @@ def edit(
     tau: float,
     settings: SamplerSettings,
     timings: Timings | None = None,
+    p2p: P2PSettings | None = None,
 ) -> Image.Image:
-    """Prompt-swap editing: invert with the source prompt, decode with the target prompt.
+    """Edit `image` from the source prompt to the target prompt: invert with the source prompt, then decode.
 
-    The unguided steps (t > tau * 1000) keep the source prompt, which holds the layout in place.
+    Without `p2p`, prompt swap: decode with the target prompt, the unguided steps (t > tau * 1000)
+    keeping the source prompt, which holds the layout in place. With `p2p`, Prompt-to-Prompt: decode
+    source and target branches together, the target's attention taken from the source's (see
+    `icdcli.p2p`).
     """
     timings = timings or Timings()
     with timings.stage("encode"):
         inversion = invert(model, image, source_prompt, settings)
     with timings.stage("decode"):
-        pixels = decode(
-            model,
-            inversion.latents,
-            target_prompt,
-            inversion.size,
-            guidance,
-            tau,
-            settings,
-            unguided_prompt=source_prompt,
-        )
+        if p2p is not None:
+            pixels = decode_p2p(
+                model, inversion.latents, source_prompt, target_prompt, inversion.size, guidance, tau, settings, p2p
+            )
+        else:
+            pixels = decode(
+                model,
+                inversion.latents,
+                target_prompt,
+                inversion.size,
+                guidance,
+                tau,
+                settings,
+                unguided_prompt=source_prompt,
+            )
         return tensor_to_image(pixels, image.size)
 
 
@@ -205,29 +214,6 @@ def decode_p2p(
     cond = _conditioning(model, [source_prompt, target_prompt], size, guidance)
     both = p2p_decode(denoiser, latents, cond, pairs, guidance, tau, NoiseSchedule.stable_diffusion(), plan, callback)
     return model.decode_latents(both[1:])
-
-
-def edit_p2p(
-    model: ICDModel,
-    image: Image.Image,
-    source_prompt: str,
-    target_prompt: str,
-    guidance: float,
-    tau: float,
-    settings: SamplerSettings,
-    p2p: P2PSettings,
-    timings: Timings | None = None,
-) -> Image.Image:
-    """Prompt-to-Prompt editing: invert with the source prompt, then decode source and target
-    branches together, the target's attention taken from the source's (see `icdcli.p2p`)."""
-    timings = timings or Timings()
-    with timings.stage("encode"):
-        inversion = invert(model, image, source_prompt, settings)
-    with timings.stage("decode"):
-        pixels = decode_p2p(
-            model, inversion.latents, source_prompt, target_prompt, inversion.size, guidance, tau, settings, p2p
-        )
-        return tensor_to_image(pixels, image.size)
 
 
 def generate(

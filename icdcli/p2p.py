@@ -349,9 +349,8 @@ def make_plan(
     if mode == REPLACE:
         mapper, refine = replacement_mapper(source_spans, target_spans, length), torch.ones(length)
     else:
-        mapper, refine = refinement_mapper(
-            _unpadded(tokenizer, source, length), _unpadded(tokenizer, target, length), length
-        )
+        source_ids, target_ids = (tokenizer(p, max_length=length, truncation=True).input_ids for p in (source, target))
+        mapper, refine = refinement_mapper(source_ids, target_ids, length)
     blend_tokens = None
     if settings.blend:
         absent = [
@@ -375,11 +374,6 @@ def make_plan(
         blend_size=blend_resolution(latent_side),
         blend_threshold=settings.blend_threshold,
     )
-
-
-def _unpadded(tokenizer: Any, prompt: str, length: int) -> list[int]:
-    ids = tokenizer(prompt, max_length=length, truncation=True).input_ids
-    return list(ids)
 
 
 # --- the attention processor ---------------------------------------------------------------------
