@@ -122,3 +122,16 @@ def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
     save_image(image, tmp_path / "plain.webp", {"icd": '{"seed": 3}'})
     (tmp_path / "junk.png").write_bytes(b"junk")
     assert read_record(tmp_path / "plain.webp") is None and read_record(tmp_path / "junk.png") is None
+
+
+def test_atomic_writes_leave_ordinary_file_permissions(tmp_path):
+    import os
+
+    from icdcli.atomic import atomic_path
+
+    target = tmp_path / "out.png"
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
