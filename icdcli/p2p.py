@@ -17,6 +17,7 @@ PyTorch and traces into an exported graph whose inputs are those tensors (see `i
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,10 +39,14 @@ class P2PError(ValueError):
 class P2PSettings:
     """What the user asks of a P2P edit.
 
-    `cross_replace` and `self_replace` are fractions of the decoding steps; `blend` are words whose
-    region may change (looked up in both prompts); `amplify` multiplies the target's attention to
-    words. `mode` is `auto` (replace when the prompts have equal word counts, else refine),
-    `replace` or `refine`.
+    `cross_replace` and `self_replace` are fractions of the decoding steps. Local blend keeps the
+    source outside the region of its words: `blend` are looked up in both prompts, `blend_source`
+    in the source prompt only and `blend_target` in the target only (the release's per-prompt form,
+    PIE-Bench's `blended_word`). `amplify` multiplies the target's attention to chosen words,
+    `amplify_new` to every word new in the target (stopwords excepted). `mode` is `auto` (replace
+    when the prompts have equal word counts, else refine), `replace` or `refine`. With
+    `strict_blend`, a per-prompt blend word missing from its prompt is an error; without, it adds
+    no region (what the release does).
     """
 
     cross_replace: float = 0.8
@@ -50,14 +55,58 @@ class P2PSettings:
     amplify: tuple[tuple[str, float], ...] = ()
     mode: str = "auto"
     blend_threshold: float = BLEND_THRESHOLD
+    blend_source: tuple[str, ...] = ()
+    blend_target: tuple[str, ...] = ()
+    amplify_new: float = 1.0
+    strict_blend: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("cross_replace", "self_replace"):
+        for name in ("cross_replace", "self_replace", "blend_threshold"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise P2PError(f"{name.replace('_', '-')} must be a fraction of the steps in [0, 1], got {value}")
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise P2PError(f"{name.replace('_', '-')} must be a fraction in [0, 1], got {value}")
+        factors = [self.amplify_new, *(factor for _, factor in self.amplify)]
+        if not all(0.0 <= factor < 1e6 for factor in factors):
+            raise P2PError(f"amplify factors must be finite and >= 0, got {factors}")
         if self.mode not in ("auto", REPLACE, REFINE):
             raise P2PError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
+
+    @property
+    def blends(self) -> bool:
+        return bool(self.blend or self.blend_source or self.blend_target)
+
+    def to_record(self) -> dict[str, Any]:
+        """The settings as JSON values (what an output's record keeps)."""
+        return {
+            "cross_replace": self.cross_replace,
+            "self_replace": self.self_replace,
+            "mode": self.mode,
+            "blend": list(self.blend),
+            "blend_source": list(self.blend_source),
+            "blend_target": list(self.blend_target),
+            "blend_threshold": self.blend_threshold,
+            "amplify": {word: factor for word, factor in self.amplify},
+            "amplify_new": self.amplify_new,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], defaults: P2PSettings | None = None) -> P2PSettings:
+        """Settings from `to_record`'s JSON (keys absent there keep `defaults`'); raises P2PError when malformed."""
+        base = defaults or cls()
+        try:
+            return cls(
+                cross_replace=float(record.get("cross_replace", base.cross_replace)),
+                self_replace=float(record.get("self_replace", base.self_replace)),
+                blend=tuple(str(w) for w in record.get("blend", base.blend)),
+                amplify=tuple((str(w), float(f)) for w, f in dict(record.get("amplify", dict(base.amplify))).items()),
+                mode=str(record.get("mode", base.mode)),
+                blend_threshold=float(record.get("blend_threshold", base.blend_threshold)),
+                blend_source=tuple(str(w) for w in record.get("blend_source", base.blend_source)),
+                blend_target=tuple(str(w) for w in record.get("blend_target", base.blend_target)),
+                amplify_new=float(record.get("amplify_new", base.amplify_new)),
+            )
+        except (TypeError, ValueError) as error:
+            raise P2PError(f"the recorded P2P settings are malformed ({error})") from None
 
 
 # --- the step schedule ---------------------------------------------------------------------------
@@ -80,88 +129,157 @@ def self_replace_steps(num_steps: int, fraction: float) -> list[bool]:
 
 
 # --- words and tokens ----------------------------------------------------------------------------
+#
+# The token mapping follows the release's P2P controller: words are the prompt's whitespace-separated
+# words, matched exactly (case and punctuation count); refine aligns the two token sequences globally
+# and maps the target's padding position for position; replace maps changed words by their token
+# blocks. The one deliberate difference is the tail of a replace edit (see `replacement_mapper`).
+
+ENGLISH_STOPWORDS = frozenset(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
+    him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
+    who whom this that that'll these those am is are was were be been being have has had having do does did
+    doing a an the and but if or because as until while of at by for with about against between into through
+    during before after above below to from up down in out on off over under again further then once here there
+    when where why how all any both each few more most other some such no nor not only own same so than too very
+    s t can will just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn
+    didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn
+    needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+)
+"""NLTK's English stopword list, which the release leaves out of the words it amplifies."""
 
 
 def prompt_words(prompt: str) -> list[str]:
     return prompt.split()
 
 
-def _word_key(word: str) -> str:
-    return re.sub(r"[^\w]", "", word.lower())
+def _word_char_spans(prompt: str) -> list[tuple[int, int]]:
+    return [match.span() for match in re.finditer(r"\S+", prompt)]
 
 
-def word_token_spans(tokenizer: Any, prompt: str) -> list[tuple[int, int]]:
-    """Token positions [start, end) of each word of `prompt` in its padded token sequence.
+def _encode(tokenizer: Any, text: str, **kwargs: Any) -> Any:
+    return tokenizer(text, max_length=tokenizer.model_max_length, truncation=True, **kwargs)
 
-    Words are the prompt split on whitespace, each tokenized alone; the sequence starts with one
-    begin-of-text token, as CLIP tokenizers write it. Words past the tokenizer's length get empty spans.
+
+def word_token_positions(tokenizer: Any, prompt: str) -> list[list[int]]:
+    """For each word of `prompt`, its token positions in the encoded sequence (begin-of-text at 0).
+
+    Fast tokenizers place tokens by their character offsets, so a word split into several sub-word
+    tokens gets all of them and tokens never drift from their words. Slow tokenizers (no offsets)
+    count each word's tokens tokenized alone. Words past the text encoder's length get no positions.
     """
-    length = tokenizer.model_max_length
-    ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+    spans = _word_char_spans(prompt)
+    positions: list[list[int]] = [[] for _ in spans]
+    if getattr(tokenizer, "is_fast", False):
+        encoded = _encode(tokenizer, prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+        word = 0
+        for index, ((start, end), special) in enumerate(
+            zip(encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True)
+        ):
+            if special or end <= start:
+                continue
+            while word < len(spans) and spans[word][1] <= start:
+                word += 1
+            if word < len(spans) and spans[word][0] < end:
+                positions[word].append(index)
+        return positions
+    ids = _encode(tokenizer, prompt).input_ids
+    last = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id else len(ids)
     start = 1 if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id else 0
-    spans = []
-    for word in prompt_words(prompt):
-        count = len(tokenizer(word, add_special_tokens=False).input_ids)
-        end = min(start + count, length - 1)
-        spans.append((min(start, end), end))
+    for word, (a, b) in enumerate(spans):
+        count = len(tokenizer(prompt[a:b], add_special_tokens=False).input_ids)
+        positions[word] = [p for p in range(start, start + count) if p < last]
         start += count
-    return spans
+    return positions
 
 
-def _tail(spans: list[tuple[int, int]]) -> int:
-    """First position after the words: end-of-text, then padding."""
-    return spans[-1][1] if spans else 1
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids with begin- and end-of-text, without padding (cut at the encoder's length)."""
+    return list(_encode(tokenizer, prompt).input_ids)
 
 
 def replacement_mapper(
-    source_spans: list[tuple[int, int]], target_spans: list[tuple[int, int]], length: int
+    source_words: Sequence[str],
+    target_words: Sequence[str],
+    source_positions: Sequence[Sequence[int]],
+    target_positions: Sequence[Sequence[int]],
+    length: int,
+    shift_tail: bool = False,
 ) -> torch.Tensor:
-    """(length, length) matrix M with target map = source map @ M, word for word.
+    """(length, length) matrix M with target map = source map @ M, word for word (P2P's replace).
 
-    Equal token counts map token to token; a word of n source tokens onto m target tokens gives
-    each target token the mean of the source word's tokens. Begin-of-text and the tail (end-of-text,
-    padding) map position to position.
+    The release's rules: unchanged words, and changed words of equal token counts, map token to
+    token; a changed word of n source tokens onto m target tokens gives every target token the sum of
+    the source tokens' maps times 1/m. Begin-of-text maps to itself.
+
+    After the last changed word the release continues on the diagonal of the *target* position
+    (`shift_tail=True`), so when the changed words' token counts differ, every later word, the
+    end-of-text and the padding take the map of a token that many positions away. icd keeps the
+    tail aligned instead (each later token takes its own counterpart's map): see docs/p2p.md for the
+    measurement behind that choice.
     """
-    if len(source_spans) != len(target_spans):
+    if len(source_words) != len(target_words):
         raise P2PError(
-            f"replace needs prompts with equal word counts ({len(source_spans)} vs {len(target_spans)}): use refine"
+            f"replace needs prompts with equal word counts ({len(source_words)} vs {len(target_words)}): use refine"
         )
     mapper = torch.zeros(length, length)
     mapper[0, 0] = 1.0
-    for (a, b), (c, d) in zip(source_spans, target_spans, strict=True):
-        if b > a and d > c:
-            mapper[a:b, c:d] = 1.0 / (b - a)
-    source_tail, target_tail = _tail(source_spans), _tail(target_spans)
-    for offset in range(length - max(source_tail, target_tail)):
-        mapper[source_tail + offset, target_tail + offset] = 1.0
+    i = j = 1
+    changed = [k for k, (a, b) in enumerate(zip(source_words, target_words, strict=True)) if a != b]
+    last_changed = changed[-1] if changed else -1
+    for k, (source_tokens, target_tokens) in enumerate(zip(source_positions, target_positions, strict=True)):
+        if not source_tokens or not target_tokens:
+            break  # cut off by the text encoder's length
+        if shift_tail and k > last_changed:
+            break
+        if len(source_tokens) == len(target_tokens):
+            for a, b in zip(source_tokens, target_tokens, strict=True):
+                mapper[a, b] = 1.0
+        else:
+            for b in target_tokens:
+                mapper[list(source_tokens), b] = 1.0 / len(target_tokens)
+        i, j = source_tokens[-1] + 1, target_tokens[-1] + 1
+    if shift_tail:
+        while i < length and j < length:
+            mapper[j, j] = 1.0
+            i, j = i + 1, j + 1
+        return mapper
+    for offset in range(length - j):
+        mapper[min(i + offset, length - 1), j + offset] = 1.0
     return mapper
 
 
 def align_tokens(source: Sequence[int], target: Sequence[int]) -> list[int]:
-    """For each target position, the source position aligned to it, or -1 for an inserted token.
+    """For each target position, the source position aligned to it, or -1 for a token new in the target.
 
-    Global (Needleman-Wunsch) alignment scoring a match 1, a mismatch -1 and a gap 0, as P2P's
-    refinement does; ties prefer the diagonal, so equal sequences align position to position.
+    Global (Needleman-Wunsch) alignment scoring a match 1, a mismatch -1 and a gap 0, as the
+    release's refinement does, with its tie-break: where several moves reach the best score, the
+    target token counts as new first, then the source token as deleted, and only then as a match.
     """
     n, m = len(source), len(target)
     score = [[0] * (m + 1) for _ in range(n + 1)]
+    move = [[0] * (m + 1) for _ in range(n + 1)]  # 1: target token new, 2: source token deleted, 3: diagonal
+    for j in range(1, m + 1):
+        move[0][j] = 1
     for i in range(1, n + 1):
+        move[i][0] = 2
         for j in range(1, m + 1):
+            new = score[i][j - 1]
+            deleted = score[i - 1][j]
             diagonal = score[i - 1][j - 1] + (1 if source[i - 1] == target[j - 1] else -1)
-            score[i][j] = max(diagonal, score[i - 1][j], score[i][j - 1])
+            best = max(new, deleted, diagonal)
+            score[i][j] = best
+            move[i][j] = 1 if best == new else 2 if best == deleted else 3
     aligned = [-1] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        match = 1 if source[i - 1] == target[j - 1] else -1
-        if score[i][j] == score[i - 1][j - 1] + match and match == 1:
-            aligned[j - 1] = i - 1
+    while i > 0 or j > 0:
+        if move[i][j] == 3:
             i, j = i - 1, j - 1
-        elif score[i][j] == score[i - 1][j]:
-            i -= 1
-        elif score[i][j] == score[i][j - 1]:
+            aligned[j] = i
+        elif move[i][j] == 1:
             j -= 1
-        else:  # a mismatch on the diagonal: the target token is new
-            i, j = i - 1, j - 1
+        else:
+            i -= 1
     return aligned
 
 
@@ -170,7 +288,8 @@ def refinement_mapper(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mapper, alphas) for refine: aligned target tokens take their source token's map (alpha 1),
     tokens new in the target keep their own (alpha 0). `*_ids` are the token sequences up to and
-    including end-of-text; the padding after them maps position to position.
+    including end-of-text. Each target padding position takes the map of the source position with
+    the same index (the release's rule; when the source is longer, those are its last words).
     """
     aligned = align_tokens(source_ids, target_ids)
     mapper = torch.zeros(length, length)
@@ -181,32 +300,46 @@ def refinement_mapper(
             mapper[j, j] = 1.0  # unused (alpha 0); keeps every column a distribution
         else:
             mapper[i, j] = 1.0
-    for offset in range(length - max(len(source_ids), len(target_ids))):
-        mapper[len(source_ids) + offset, len(target_ids) + offset] = 1.0
+    for j in range(len(target_ids), length):
+        mapper[j, j] = 1.0
     return mapper, alphas
 
 
-def _find_word(spans: list[tuple[int, int]], words: list[str], word: str) -> list[int]:
-    key = _word_key(word)
-    return [p for (a, b), w in zip(spans, words, strict=True) if _word_key(w) == key for p in range(a, b)]
-
-
-def token_indicator(tokenizer: Any, prompt: str, words: Sequence[str]) -> torch.Tensor:
-    """(length,) 1 at the tokens of `words` in `prompt`, 0 elsewhere."""
-    spans, found = word_token_spans(tokenizer, prompt), torch.zeros(tokenizer.model_max_length)
-    for word in words:
-        for position in _find_word(spans, prompt_words(prompt), word):
-            found[position] = 1.0
+def word_indicator(tokenizer: Any, prompt: str, words: Sequence[str]) -> torch.Tensor:
+    """(length,) 1 at the tokens of every occurrence of `words` in `prompt` (exact word match), 0 elsewhere."""
+    found = torch.zeros(tokenizer.model_max_length)
+    wanted = set(words)
+    for word, positions in zip(prompt_words(prompt), word_token_positions(tokenizer, prompt), strict=True):
+        if word in wanted:
+            found[positions] = 1.0
     return found
 
 
-def reweight_vector(tokenizer: Any, prompt: str, amplify: Sequence[tuple[str, float]]) -> torch.Tensor:
-    """(length,) attention multipliers of the target prompt's tokens: 1, or the word's factor."""
-    spans, weights = word_token_spans(tokenizer, prompt), torch.ones(tokenizer.model_max_length)
+def new_words(source: str, target: str) -> list[str]:
+    """Target words that are not words of the source, English stopwords left out (what the release amplifies)."""
+    present = set(prompt_words(source))
+    return [w for w in prompt_words(target) if w not in present and w not in ENGLISH_STOPWORDS]
+
+
+def reweight_vector(
+    tokenizer: Any, source: str, target: str, amplify: Sequence[tuple[str, float]], amplify_new: float = 1.0
+) -> torch.Tensor:
+    """(length,) attention multipliers of the target prompt's tokens.
+
+    `amplify_new` multiplies every word new in the target (see `new_words`), as the release's
+    recipe does; explicit `amplify` pairs set a word's factor and must name a word of the target.
+    """
+    weights = torch.ones(tokenizer.model_max_length)
+    if amplify_new != 1.0:
+        for word in new_words(source, target):
+            weights[word_indicator(tokenizer, target, [word]).bool()] = amplify_new
     for word, factor in amplify:
-        positions = _find_word(spans, prompt_words(prompt), word)
-        if not positions:
-            raise P2PError(f"--amplify word {word!r} is not in the target prompt {prompt!r}")
+        positions = word_indicator(tokenizer, target, [word]).bool()
+        if not positions.any():
+            raise P2PError(
+                f"--amplify word {word!r} is not a word of the target prompt {target!r} "
+                f"(words match exactly: {', '.join(prompt_words(target))})"
+            )
         weights[positions] = factor
     return weights
 
@@ -339,38 +472,65 @@ def resolve_mode(settings: P2PSettings, source: str, target: str) -> str:
     return settings.mode
 
 
+def _blend_tokens(tokenizer: Any, source: str, target: str, settings: P2PSettings) -> torch.Tensor | None:
+    """(2, L) the blend words' tokens in the source and target prompts, or None without local blend."""
+    if not settings.blends:
+        return None
+    absent = [w for w in settings.blend if w not in prompt_words(source) and w not in prompt_words(target)]
+    if absent:
+        raise P2PError(f"--blend word {absent[0]!r} is in neither prompt ({source!r}, {target!r}); words match exactly")
+    for flag, words, prompt in (
+        ("--blend-src", settings.blend_source, source),
+        ("--blend-tgt", settings.blend_target, target),
+    ):
+        missing = [w for w in words if w not in prompt_words(prompt)]
+        if missing and settings.strict_blend:
+            raise P2PError(
+                f"{flag} word {missing[0]!r} is not a word of {prompt!r} (words match exactly: "
+                f"{', '.join(prompt_words(prompt))})"
+            )
+        if missing:
+            logging.getLogger("icd").warning(
+                "local blend word %r is not a word of %r: it adds no region there", missing[0], prompt
+            )
+    tokens = torch.stack(
+        [
+            word_indicator(tokenizer, source, settings.blend + settings.blend_source),
+            word_indicator(tokenizer, target, settings.blend + settings.blend_target),
+        ]
+    )
+    if not tokens.any():
+        logging.getLogger("icd").warning("local blend found none of its words: the edit keeps the source image")
+    return tokens
+
+
 def make_plan(
     tokenizer: Any, source: str, target: str, settings: P2PSettings, num_steps: int, latent_side: int
 ) -> P2PPlan:
     """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps."""
     length = tokenizer.model_max_length
     mode = resolve_mode(settings, source, target)
-    source_spans, target_spans = word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)
     if mode == REPLACE:
-        mapper, refine = replacement_mapper(source_spans, target_spans, length), torch.ones(length)
+        mapper = replacement_mapper(
+            prompt_words(source),
+            prompt_words(target),
+            word_token_positions(tokenizer, source),
+            word_token_positions(tokenizer, target),
+            length,
+        )
+        refine = torch.ones(length)
     else:
-        source_ids, target_ids = (tokenizer(p, max_length=length, truncation=True).input_ids for p in (source, target))
-        mapper, refine = refinement_mapper(source_ids, target_ids, length)
-    blend_tokens = None
-    if settings.blend:
-        absent = [
-            w
-            for w in settings.blend
-            if not token_indicator(tokenizer, source, [w]).any() and not token_indicator(tokenizer, target, [w]).any()
-        ]
-        if absent:
-            raise P2PError(f"--blend word {absent[0]!r} is in neither prompt ({source!r}, {target!r})")
-        blend_tokens = torch.stack(
-            [token_indicator(tokenizer, source, settings.blend), token_indicator(tokenizer, target, settings.blend)]
+        mapper, refine = refinement_mapper(
+            prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target), length
         )
     return P2PPlan(
         mode=mode,
         mapper=mapper,
         refine=refine,
-        reweight=reweight_vector(tokenizer, target, settings.amplify),
+        reweight=reweight_vector(tokenizer, source, target, settings.amplify, settings.amplify_new),
         cross_steps=cross_replace_steps(num_steps, settings.cross_replace),
         self_steps=self_replace_steps(num_steps, settings.self_replace),
-        blend_tokens=blend_tokens,
+        blend_tokens=_blend_tokens(tokenizer, source, target, settings),
         blend_size=blend_resolution(latent_side),
         blend_threshold=settings.blend_threshold,
     )

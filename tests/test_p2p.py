@@ -18,7 +18,6 @@ from icdcli.p2p import (
     P2PError,
     P2PSettings,
     StepControl,
-    align_tokens,
     blend_mask,
     blend_resolution,
     cross_replace_steps,
@@ -26,10 +25,8 @@ from icdcli.p2p import (
     install_p2p_processors,
     local_blend,
     make_plan,
-    refinement_mapper,
-    replacement_mapper,
     self_replace_steps,
-    word_token_spans,
+    word_token_positions,
 )
 from icdcli.sampler import p2p_decode, p2p_pairs
 from icdcli.schedule import NoiseSchedule
@@ -96,32 +93,11 @@ def test_blend_resolution_is_sixteen_for_sd15_at_512():
 # --- token mapping --------------------------------------------------------------------------
 
 
-def test_replacement_mapper_maps_word_to_word_and_spreads_split_words():
-    # "a cat" -> "a dalmatian" where the new word takes three tokens; bos at 0, tails after the words
-    mapper = replacement_mapper([(1, 2), (2, 3)], [(1, 2), (2, 5)], 8)
-    assert torch.equal(mapper[:, 0], torch.eye(8)[0]) and mapper[1, 1] == 1
-    assert [mapper[2, j].item() for j in (2, 3, 4)] == [1.0, 1.0, 1.0]  # cat's map for each dalmatian token
-    assert mapper[3, 5] == 1 and mapper[4, 6] == 1 and mapper[5, 7] == 1  # end-of-text and padding follow
-    two_to_one = replacement_mapper([(1, 3)], [(1, 2)], 6)
-    assert torch.allclose(two_to_one[1:3, 1], torch.tensor([0.5, 0.5]))  # the mean of the split word's maps
-    with pytest.raises(P2PError, match="equal word counts"):
-        replacement_mapper([(1, 2)], [(1, 2), (2, 3)], 6)
-
-
-def test_alignment_of_equal_and_inserted_tokens():
-    assert align_tokens([1, 5, 6, 3], [1, 5, 6, 3]) == [0, 1, 2, 3]
-    assert align_tokens([1, 5, 6, 3], [1, 5, 9, 6, 3]) == [0, 1, -1, 2, 3]
-    mapper, alphas = refinement_mapper([1, 5, 6, 3], [1, 5, 9, 6, 3], 8)
-    assert alphas.tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
-    assert mapper[2, 3] == 1 and mapper[3, 4] == 1  # source "6" and eos moved one to the right
-    assert mapper[4, 5] == 1 and mapper[6, 7] == 1  # padding follows
-
-
 def test_word_spans_and_plan_on_the_default_tokenizer():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
-    assert word_token_spans(tokenizer, SOURCE) == [(i, i + 1) for i in range(1, 8)]
+    assert word_token_positions(tokenizer, SOURCE) == [[i] for i in range(1, 8)]
     plan = make_plan(tokenizer, SOURCE, "a yellow circle on a blue background", P2PSettings(blend=("circle",)), 4, 8)
     assert plan.mode == "replace" and torch.equal(plan.mapper, torch.eye(tokenizer.model_max_length))
     assert plan.blend_tokens[0].nonzero().flatten().tolist() == [3] == plan.blend_tokens[1].nonzero().flatten().tolist()
@@ -129,7 +105,7 @@ def test_word_spans_and_plan_on_the_default_tokenizer():
     assert refine.mode == "refine" and refine.refine[2] == 0 and refine.refine.sum() == tokenizer.model_max_length - 1
     with pytest.raises(P2PError, match="neither prompt"):
         make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(blend=("dog",)), 4, 8)
-    with pytest.raises(P2PError, match="not in the target prompt"):
+    with pytest.raises(P2PError, match="not a word of the target prompt"):
         make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(amplify=(("dog", 2.0),)), 4, 8)
     with pytest.raises(P2PError, match="equal word counts"):
         make_plan(tokenizer, SOURCE, "a big red circle on a blue background", P2PSettings(mode="replace"), 4, 8)
@@ -283,7 +259,7 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
     [
         (["--blend", "dog"], "--blend word 'dog' is in neither prompt"),
         (["--amplify", "red"], "expected WORD=FACTOR"),
-        (["--amplify", "dog=2"], "not in the target prompt"),
+        (["--amplify", "dog=2"], "not a word of the target prompt"),
     ],
 )
 def test_cli_p2p_errors_are_one_line(tmp_path, extra, message):

@@ -125,3 +125,21 @@ def test_tensorrt_profiles_of_the_p2p_graph():
         profile = requests[0].profile
         assert profile["sample"] == tuple((b, 4, 64, 64) for b in batch)
         assert profile["mapper"] == ((12, 12),) * 3 and profile["self_replace"] == ((1,),) * 3
+
+
+def test_refine_edits_agree_on_onnxruntime_and_pytorch(models, inversion):
+    """Unequal word counts (refine), with a repeated word whose alignment follows the release's tie-break."""
+    model, fast = models
+    target = "a red circle on a red blue background"
+    settings = P2PSettings(cross_replace=0.3, self_replace=0.6, amplify_new=4.0)
+    results = []
+    for denoiser_model in (model, fast):
+        pairs = p2p_pairs(model.info.reverse_boundaries, None)
+        plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+        assert plan.mode == "refine" and plan.refine[6] == 0  # the second "red" is the new token
+        cond = _conditioning(denoiser_model, [SOURCE, target], inversion.size, 4.0)
+        schedule = NoiseSchedule.stable_diffusion()
+        results.append(
+            p2p_decode(denoiser_model.reverse_denoiser, inversion.latents, cond, pairs, 4.0, 0.8, schedule, plan)
+        )
+    assert torch.allclose(results[0], results[1], atol=1e-4), (results[0] - results[1]).abs().max()
