@@ -142,15 +142,38 @@ def main() -> None:
     default="auto",
     show_default=True,
     help="p2p: Prompt-to-Prompt, the target's attention taken from the source's (keeps layout and background). "
-    "swap: decode with the target prompt alone. auto: p2p for SD1.5-family models, swap for SDXL.",
+    "swap: decode with the target prompt, the unguided steps (t > tau*1000) with the source prompt. auto: the "
+    "model's recipe (p2p for SD1.5-family models, swap for SDXL, as the paper edits).",
 )
 @p2p_step_options
+@click.option(
+    "--p2p-mode",
+    type=click.Choice(["auto", "replace", "refine"]),
+    default=None,
+    help="p2p: replace (word for word; equal word counts), refine (align the token sequences) or auto "
+    "(replace when the word counts are equal). Default: the model's (auto).",
+)
 @click.option(
     "--blend",
     "blend_words",
     multiple=True,
     metavar="WORD",
-    help="p2p local blend: only the region of these words may change (words of either prompt; repeatable).",
+    help="p2p local blend: only the region of these words may change (words of either prompt, matched exactly; "
+    "repeatable).",
+)
+@click.option(
+    "--blend-src",
+    "blend_source",
+    multiple=True,
+    metavar="WORD",
+    help="p2p local blend: words of the source prompt whose region may change (the release's per-prompt form).",
+)
+@click.option(
+    "--blend-tgt",
+    "blend_target",
+    multiple=True,
+    metavar="WORD",
+    help="p2p local blend: words of the target prompt whose region may change.",
 )
 @click.option(
     "--blend-threshold",
@@ -164,6 +187,14 @@ def main() -> None:
     multiple=True,
     metavar="WORD=FACTOR",
     help="p2p reweight: multiply the target's attention to WORD by FACTOR (repeatable), e.g. --amplify red=2.",
+)
+@click.option(
+    "--amplify-new",
+    type=click.FloatRange(0.0, 1e6),
+    default=None,
+    metavar="FACTOR",
+    help="p2p reweight of every target word not in the source (English stopwords excepted); 1 = off. "
+    "Default: the model's (4 in the released SD1.5 recipe).",
 )
 @sampler_options
 @model_options
@@ -181,12 +212,16 @@ def edit(
     guidance: float | None,
     tau: float | None,
     method: str,
-    cross_replace: float,
-    self_replace: float,
+    cross_replace: float | None,
+    self_replace: float | None,
+    p2p_mode: str | None,
     blend_words: tuple[str, ...],
+    blend_source: tuple[str, ...],
+    blend_target: tuple[str, ...],
     blend_threshold: float,
     amplify: tuple[str, ...],
-    seed: int,
+    amplify_new: float | None,
+    seed: int | None,
     sampler: str,
     ddim_steps: int,
     as_json: bool,
@@ -206,7 +241,10 @@ def edit(
     current image (twice: at once), exit code 130.
     """
     started = time.perf_counter()
-    p2p = _p2p_settings(cross_replace, self_replace, blend_words, amplify, blend_threshold)
+    p2p = _p2p_settings(
+        cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
+        blend_threshold,
+    )  # fmt: skip
     settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
     expected_hash = None
     if from_record is not None:
@@ -277,7 +315,7 @@ def invert(
     reconstruct: str | None,
     guidance: float,
     tau: float | None,
-    seed: int,
+    seed: int | None,
     sampler: str,
     ddim_steps: int,
     as_json: bool,
@@ -304,6 +342,7 @@ def invert(
     loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
     model, label = loaded.model, loaded.label
     timings = Timings({"load": loaded.seconds})
+    seed = model.info.edit.seed if seed is None else seed
     settings = SamplerSettings(sampler, ddim_steps, seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
@@ -375,7 +414,7 @@ def generate(
     tau: float,
     width: int | None,
     height: int | None,
-    seed: int,
+    seed: int | None,
     sampler: str,
     ddim_steps: int,
     as_json: bool,
@@ -384,6 +423,7 @@ def generate(
     """Generate an image from PROMPT in the reverse model's 3-4 steps."""
     started = time.perf_counter()
     _check_prompt(prompt, "PROMPT")
+    seed = 0 if seed is None else seed
     if output is None:
         target = _unique(Path(f"{_slug(prompt)}-s{seed}.png"), set())
     else:
@@ -551,7 +591,8 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
-    """Show the version, torch and CUDA, which backends can run, and where models are cached."""
+    """Show the version, torch and CUDA, which backends can run, where models are cached, and the presets
+    of the released checkpoints with their edit recipes."""
     import importlib.metadata
     import importlib.util
     import platform
@@ -592,9 +633,9 @@ def info(as_json: bool) -> None:
 
     report["cache"] = {"root": str(cache), "fused_models": merged, **describe_cache()}
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
-    report["presets"] = {name: preset.description for name, preset in PRESETS.items()}
+    report["presets"] = [preset.to_json() for preset in PRESETS.values()]
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
         return
     click.echo(f"icd {report['icd']} (python {report['python']}, torch {report['torch']})")
     cuda = report["cuda"]
@@ -607,8 +648,13 @@ def info(as_json: bool) -> None:
     for entry in report["cache"].get("engines", []):
         click.echo(f"  tensorrt engine: {entry.get('path', entry)}")
     click.echo(f"default model: {report['default_model'] or 'not embedded in this installation'}")
-    for name, description in report["presets"].items():
-        click.echo(f"preset {name}: {description}")
+    for preset in report["presets"]:
+        p2p = f", p2p cross {preset['cross_replace']} self {preset['self_replace']} amplify {preset['amplify']}"
+        click.echo(
+            f"preset {preset['name']}: {preset['description']}\n  edits with {preset['method']}, guidance "
+            f"{preset['guidance']:g} (the release's {preset['guidance'] - 1:g}), tau {preset['tau']}"
+            f"{p2p if preset['method'] == 'p2p' else ''}, seed {preset['seed']}"
+        )
 
 
 main.add_command(_export_command)

@@ -120,7 +120,12 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
-            "--seed", type=int, default=0, show_default=True, help="Seed of the noise added before inversion."
+            "--seed",
+            type=int,
+            default=None,
+            help="Seed of the noise: added to the image before inversion (edit, invert), or the starting noise "
+            "(generate). Default: the model's edit recipe (30 for the released SD1.5 recipe, 0 for the embedded "
+            "model) for edit and invert, 0 for generate.",
         ),
         click.option(
             "--sampler",
@@ -210,16 +215,16 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--cross-replace",
             type=click.FloatRange(0.0, 1.0),
-            default=0.8,
-            show_default=True,
-            help="p2p: fraction of the steps whose cross-attention follows the source.",
+            default=None,
+            help="p2p: fraction of the steps whose cross-attention follows the source (with N steps, the first "
+            "int((N+1)*F)). Default: the model's (0.3 in the released SD1.5 recipe).",
         ),
         click.option(
             "--self-replace",
             type=click.FloatRange(0.0, 1.0),
-            default=0.4,
-            show_default=True,
-            help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
+            default=None,
+            help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's (the first "
+            "int(N*F)). Default: the model's (0.6 in the released SD1.5 recipe).",
         ),
     ]
     for option in reversed(options):
@@ -234,8 +239,9 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--guidance",
             type=click.FloatRange(min=0.0),
             default=None,
-            help="Classical CFG scale w (1 = none). Default: the model's edit guidance (icd), its generation "
-            "guidance (ddim).",
+            help="Classical CFG scale w (1 = none); the release's scripts write w - 1 (their guidance_scale 19 "
+            "is 20 here). Default: the model's edit guidance (icd; 20 for the released checkpoints), its "
+            "generation guidance (ddim).",
         ),
         click.option(
             "--tau",

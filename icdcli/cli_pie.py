@@ -35,11 +35,10 @@ def _edit_function(method: str, model: Any, plan: Any) -> Any:
         prompts = (item.source_prompt, item.target_prompt)
         if method == "swap":
             return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings)
-        from .p2p import P2PError, P2PSettings  # checked present before the model loads
+        from .p2p import P2PError  # checked present before the model loads
 
-        p2p = P2PSettings(plan.cross_replace, plan.self_replace, item.blend or (), blend_threshold=plan.blend_threshold)
         try:
-            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings, p2p)
+            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings, plan.p2p_for(item))
         except P2PError as error:  # prompts or blend words P2P cannot use: this item fails, the run goes on
             raise ICDError(f"{item.key}: {error}") from None
 
@@ -119,7 +118,9 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
     type=click.Choice(["swap", "p2p"]),
     default="swap",
     show_default=True,
-    help="swap: decode with the target prompt alone. p2p: Prompt-to-Prompt, local blend on each blended_word.",
+    help="swap: decode with the target prompt (the source prompt at the unguided steps). p2p: Prompt-to-Prompt "
+    "with the model's recipe, local blend on each blended_word (its source word in the source prompt, its target "
+    "word in the target prompt).",
 )
 @edit_guidance_options
 @p2p_step_options
@@ -157,13 +158,13 @@ def pie(
     method: str,
     guidance: float | None,
     tau: float | None,
-    cross_replace: float,
-    self_replace: float,
+    cross_replace: float | None,
+    self_replace: float | None,
     overwrite: bool,
     lpips_path: Path | None,
     dino_path: Path | None,
     clip_path: Path | None,
-    seed: int,
+    seed: int | None,
     sampler: str,
     ddim_steps: int,
     backend: str,
@@ -210,7 +211,16 @@ def pie(
     model = loaded.model
     steps = model.info.num_steps if sampler == "icd" else ddim_steps
     guidance, tau = edit_defaults(model.info, sampler, guidance, tau)
-    plan = EditPlan(method, sampler, steps, float(guidance), float(tau), seed, cross_replace, self_replace)
+    seed = model.info.edit.seed if seed is None else seed
+    p2p = None
+    if method == "p2p":
+        from .recipe import P2POptions
+
+        try:
+            p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace).resolve(model.info.edit)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+    plan = EditPlan(method, sampler, steps, float(guidance), float(tau), seed, p2p)
     folder = (out if out is not None else root / "output") / (name or method_name(sampler, steps, method))
     if folder.resolve() == root.resolve():
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")

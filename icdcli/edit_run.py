@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+from .recipe import P2POptions
 
 
 @dataclass(frozen=True)
@@ -29,23 +30,25 @@ class _EditFlags:
     target: str | None
     guidance: float | None
     tau: float | None
-    seed: int
+    seed: int | None
     sampler: str
     ddim_steps: int
     method: str = "auto"
-    p2p: Any = None  # icdcli.p2p.P2PSettings
+    p2p: P2POptions = P2POptions()
 
 
 def _p2p_settings(
-    cross_replace: float,
-    self_replace: float,
+    cross_replace: float | None,
+    self_replace: float | None,
+    mode: str | None,
     blend_words: tuple[str, ...],
+    blend_source: tuple[str, ...],
+    blend_target: tuple[str, ...],
     amplify: tuple[str, ...],
+    amplify_new: float | None,
     blend_threshold: float = 0.3,
-) -> Any:
-    """The P2P settings of the command line (--blend also takes several words in one value)."""
-    from .p2p import P2PSettings
-
+) -> P2POptions:
+    """The P2P values of the command line (a --blend value may hold several words); None: the model's."""
     factors = []
     for entry in amplify:
         word, sep, factor = entry.partition("=")
@@ -53,33 +56,38 @@ def _p2p_settings(
             value = float(factor)
         except ValueError:
             value = None
-        if not sep or not word.strip() or value is None or value < 0:
-            raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
+        if not sep or not word.strip() or value is None or not 0 <= value < 1e6:
+            raise click.ClickException(
+                f"--amplify {entry!r}: expected WORD=FACTOR with a finite factor >= 0, e.g. red=2"
+            )
         factors.append((word.strip(), value))
-    words = tuple(w for value in blend_words for w in value.split())
-    return P2PSettings(cross_replace, self_replace, words, tuple(factors), blend_threshold=blend_threshold)
+
+    def split(values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(w for value in values for w in value.split())
+
+    return P2POptions(
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+        mode=mode,
+        amplify_new=amplify_new,
+        amplify=tuple(factors),
+        blend=split(blend_words),
+        blend_source=split(blend_source),
+        blend_target=split(blend_target),
+        blend_threshold=blend_threshold,
+    )
 
 
 def _edit_method(model: Any, method: str) -> str:
-    """auto: Prompt-to-Prompt for SD1.5-family models, prompt swap for SDXL (as the paper edits)."""
-    if method != "auto":
-        return method
-    from .models import SDXL
-
-    return "swap" if model.info.family == SDXL else "p2p"
-
-
-def _p2p_record(settings: Any) -> dict[str, Any]:
-    return {
-        "cross_replace": settings.cross_replace,
-        "self_replace": settings.self_replace,
-        "blend": list(settings.blend),
-        "blend_threshold": settings.blend_threshold,
-        "amplify": {word: factor for word, factor in settings.amplify},
-    }
+    """auto: the model's recipe (Prompt-to-Prompt for SD1.5-family models, prompt swap for SDXL)."""
+    return model.info.edit.method if method == "auto" else method
 
 
 _MODEL_FLAGS = ("model", "base", "teacher", "forward_lora", "reverse_lora")
+_P2P_FLAGS = (
+    "cross_replace", "self_replace", "p2p_mode", "blend_words", "blend_source", "blend_target", "blend_threshold",
+    "amplify", "amplify_new",
+)  # fmt: skip
 
 
 def _given(name: str) -> bool:
@@ -112,18 +120,11 @@ def _apply_record(
         "p2p": flags.p2p,
     }
     recorded_p2p = record.get("p2p")
-    if isinstance(recorded_p2p, dict) and not any(
-        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "blend_threshold", "amplify")
-    ):
-        from .p2p import P2PSettings
-
-        values["p2p"] = P2PSettings(
-            float(recorded_p2p.get("cross_replace", 0.8)),
-            float(recorded_p2p.get("self_replace", 0.4)),
-            tuple(recorded_p2p.get("blend", ())),
-            tuple((str(w), float(f)) for w, f in dict(recorded_p2p.get("amplify", {})).items()),
-            blend_threshold=float(recorded_p2p.get("blend_threshold", 0.3)),
-        )
+    if isinstance(recorded_p2p, dict) and not any(_given(name) for name in _P2P_FLAGS):
+        try:
+            values["p2p"] = P2POptions.from_record(recorded_p2p)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise click.ClickException(f"--from {path}: its P2P settings are malformed ({error})") from None
     if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
         values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))
     expected_hash = None
@@ -273,6 +274,7 @@ class _EditRun:
         self.started = started
         self.expected_hash = expected_hash
         self.loaded: Loaded | None = None
+        self.p2p: Any = None  # icdcli.p2p.P2PSettings: the flags over the model's recipe, once it is loaded
         self.model_hash = ""
         self.model_ref = ""
         self.tally = Tally()
@@ -317,6 +319,10 @@ class _EditRun:
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
             model = self.loaded.model
+            try:
+                self.p2p = self.flags.p2p.resolve(model.info.edit)
+            except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
+                raise click.ClickException(str(error)) from None
             self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
             label = self.loaded.label
             self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
@@ -343,9 +349,10 @@ class _EditRun:
             item.tau if item.tau is not None else flags.tau,
         )
         method = _edit_method(model, flags.method)
+        seed = next(value for value in (item.seed, flags.seed, model.info.edit.seed) if value is not None)
         return parameter_record(
             method=method,
-            p2p=_p2p_record(flags.p2p) if method == "p2p" else None,
+            p2p=self.p2p.to_record() if method == "p2p" else None,
             model=self.model_ref,
             model_hash=self.model_hash,
             backend=loaded.backend,
@@ -356,7 +363,7 @@ class _EditRun:
             tgt=item.tgt,
             guidance=w,
             tau=t,
-            seed=item.seed if item.seed is not None else flags.seed,
+            seed=seed,
             version=__version__,
             input_path=str(item.image.absolute()),
             input_size=size,
@@ -398,7 +405,7 @@ class _EditRun:
             size = original_size(image)
             record = {**wanted, "input_size": list(size)}
             settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
-            p2p = self.flags.p2p if record["method"] == "p2p" else None
+            p2p = self.p2p if record["method"] == "p2p" else None
             result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
                           timings, p2p)  # fmt: skip
         except (ICDError, P2PError) as error:

@@ -11,7 +11,7 @@ import torch
 PEFT_DEFAULT_ALPHA = 8.0
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 _PREFIXES = ("unet.", "base_model.model.")
-_BOUNDARIES = re.compile(r"(forward|reverse)((?:-\d+)+)")
+_BOUNDARIES = re.compile(r"(forward|reverse)((?:[-_]\d+)+)", re.IGNORECASE)
 
 
 @dataclass
@@ -89,11 +89,27 @@ def fuse_lora(unet: torch.nn.Module, adapter: LoraAdapter) -> torch.nn.Module:
 
 
 def boundaries_from_filename(path: str | Path) -> tuple[str, tuple[int, ...]]:
-    """('forward', (19, 259, 519, 779)) from a released name such as `forward-19-259-519-779.safetensors`."""
+    """('forward', (19, 259, 519, 779)) from a LoRA file's name.
+
+    The release names its files `iCD-SD15-forward_19_259_519_779.safetensors` (underscores, a family
+    prefix); icd's own spelling is `forward-19-259-519-779.safetensors`. Both, and any mix of `-`
+    and `_` with or without a prefix, are read.
+    """
     match = _BOUNDARIES.search(Path(path).name)
     if match is None:
         raise ValueError(
             f"cannot read boundaries from {Path(path).name!r}: iCD LoRA files are named like "
-            "forward-19-259-519-779.safetensors / reverse-259-519-779-999.safetensors"
+            "iCD-SD15-forward_19_259_519_779.safetensors / iCD-SD15-reverse_259_519_779_999.safetensors "
+            "(or forward-19-259-519-779.safetensors)"
         )
-    return match[1], tuple(int(part) for part in match[2].strip("-").split("-"))
+    return match[1].lower(), tuple(int(part) for part in re.split(r"[-_]", match[2].strip("-_")))
+
+
+def family_from_filename(path: str | Path) -> str | None:
+    """'sd15' or 'sdxl' from a released file's family prefix (`iCD-SD15-...`, `sdxl_cfg_distill.pt`), else None."""
+    name = Path(path).name.lower()
+    if re.search(r"(?:^|[-_])(?:icd-)?sdxl(?:$|[-_.])|^sdxl", name):
+        return "sdxl"
+    if re.search(r"(?:^|[-_])(?:icd-)?sd-?1\.?5(?:$|[-_.])|^sd-?1\.?5", name):
+        return "sd15"
+    return None

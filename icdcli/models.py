@@ -28,13 +28,13 @@ from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
+from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
 
 logger = logging.getLogger("icd")
 
 MODEL_JSON = "icd.json"
 FORMAT_VERSION = 1
-SD15, SDXL = "sd15", "sdxl"
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 
 
@@ -57,8 +57,7 @@ class ModelInfo:
     scaling_factor: float
     native_size: int
     size_multiple: int
-    edit_guidance: float
-    tau: float
+    edit: EditRecipe
     generate_guidance: float = 8.0
     made_from: dict[str, str] = field(default_factory=dict)
 
@@ -71,23 +70,33 @@ class ModelInfo:
     def num_steps(self) -> int:
         return len(self.reverse_boundaries)
 
+    @property
+    def edit_guidance(self) -> float:
+        return self.edit.guidance
+
+    @property
+    def tau(self) -> float:
+        return self.edit.tau
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["forward_boundaries"] = list(self.forward_boundaries)
         data["reverse_boundaries"] = list(self.reverse_boundaries)
+        data["edit"] = self.edit.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        """Metadata from `icd.json`. The edit recipe is its `edit` object over the family's release
+        recipe; folders written before recipes existed give `edit_guidance` and `tau` at the top."""
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-
-def default_edit_settings(family: str, num_steps: int) -> tuple[float, float]:
-    """(guidance, tau) from the paper: SD1.5 19.0 with tau 0.8 at 4 steps (0.7 at 3), SDXL 8.0 with 0.7."""
-    if family == SDXL:
-        return 8.0, 0.7
-    return 19.0, 0.8 if num_steps >= 4 else 0.7
+        values = {key: value for key, value in data.items() if key in known}
+        fallback = release_recipe(data.get("family", SD15), tuple(data.get("reverse_boundaries", ())))
+        try:
+            values["edit"] = EditRecipe.from_json(_folder_recipe(data), fallback)
+        except (TypeError, ValueError) as error:
+            raise ModelSourceError(f"the model's edit recipe is malformed: {error}") from error
+        return cls(**values)
 
 
 def file_digest(path: str | Path) -> str:
@@ -415,10 +424,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         check_weights(path)
         return load_file(str(path))
+    import pickle
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a bad or unsafe pickle
-        raise ModelSourceError(f"cannot read {path} as a weights-only torch checkpoint: {error}") from error
+    except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and containers
+        raise ModelSourceError(
+            f"{path} holds Python objects besides tensors, which icd does not unpickle (loading them could run "
+            "arbitrary code): give the plain UNet state dict, or convert the file to safetensors where you trust it"
+        ) from None
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise ModelSourceError(f"cannot read {path} as a torch checkpoint of UNet weights: {error}") from error
     while isinstance(loaded, dict) and len(loaded) == 1 and next(iter(loaded)) in ("state_dict", "model", "unet"):
         loaded = next(iter(loaded.values()))
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -459,9 +475,16 @@ class LoraSources:
     forward_lora: Path
     reverse_lora: Path
     name: str = ""
-    edit_guidance: float | None = None
-    tau: float | None = None
+    edit: dict[str, Any] | None = None
     generate_guidance: float | None = None
+
+    def recipe(self, family: str, reverse: tuple[int, ...]) -> EditRecipe:
+        """The edit recipe: what the preset or folder gives (`edit`), else the family's release recipe."""
+        try:
+            return EditRecipe.from_json(self.edit, release_recipe(family, reverse))
+        except (TypeError, ValueError) as error:
+            where = self.name or self.forward_lora.parent
+            raise ModelSourceError(f"the edit recipe of {where} is malformed: {error}") from None
 
     def boundaries(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         try:
@@ -520,7 +543,6 @@ def fuse_lora_model(
             unets[role] = fuse_lora(copy.deepcopy(teacher), read_lora(path))
         except (ValueError, OSError) as error:
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
-    guidance, tau = default_edit_settings(family, len(reverse_bounds))
     made_from = {"base": str(sources.base)}
     for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
         if path is not None:
@@ -530,8 +552,7 @@ def fuse_lora_model(
         "name": sources.name or sources.forward_lora.parent.name,
         "forward_boundaries": forward_bounds,
         "reverse_boundaries": reverse_bounds,
-        "edit_guidance": sources.edit_guidance if sources.edit_guidance is not None else guidance,
-        "tau": sources.tau if sources.tau is not None else tau,
+        "edit": sources.recipe(family, reverse_bounds).to_json(),
         "generate_guidance": sources.generate_guidance if sources.generate_guidance is not None else 8.0,
         "made_from": made_from,
     }
@@ -555,7 +576,9 @@ def load_lora_cached(
     cached = cache_root() / "merged" / sources.cache_key()
     if (cached / MODEL_JSON).is_file():
         try:
-            return load_merged(cached, need_teacher=need_teacher)
+            model = load_merged(cached, need_teacher=need_teacher)
+            model.info.edit = sources.recipe(model.info.family, model.info.reverse_boundaries)  # the source's, as now
+            return model
         except ModelSourceError as error:
             logger.warning("ignoring a broken fused-model cache at %s (%s); fusing again", cached, error)
     model = fuse_lora_model(sources, keep_teacher=True, progress=progress)
@@ -566,6 +589,14 @@ def load_lora_cached(
     if not need_teacher:
         model.teacher_unet = None
     return model
+
+
+def _folder_recipe(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A folder's `edit` recipe; folders written before recipes existed give `edit_guidance` and `tau`."""
+    if isinstance(data.get("edit"), dict):
+        return data["edit"]
+    legacy = {"guidance": data.get("edit_guidance"), "tau": data.get("tau")}
+    return {key: value for key, value in legacy.items() if value is not None} or None
 
 
 def load_lora_folder(
@@ -580,8 +611,7 @@ def load_lora_folder(
             forward_lora=folder / data["forward_lora"],
             reverse_lora=folder / data["reverse_lora"],
             name=data.get("name", folder.name),
-            edit_guidance=data.get("edit_guidance"),
-            tau=data.get("tau"),
+            edit=_folder_recipe(data),
             generate_guidance=data.get("generate_guidance"),
         )
     except KeyError as error:

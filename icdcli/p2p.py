@@ -89,25 +89,6 @@ class P2PSettings:
             "amplify_new": self.amplify_new,
         }
 
-    @classmethod
-    def from_record(cls, record: dict[str, Any], defaults: P2PSettings | None = None) -> P2PSettings:
-        """Settings from `to_record`'s JSON (keys absent there keep `defaults`'); raises P2PError when malformed."""
-        base = defaults or cls()
-        try:
-            return cls(
-                cross_replace=float(record.get("cross_replace", base.cross_replace)),
-                self_replace=float(record.get("self_replace", base.self_replace)),
-                blend=tuple(str(w) for w in record.get("blend", base.blend)),
-                amplify=tuple((str(w), float(f)) for w, f in dict(record.get("amplify", dict(base.amplify))).items()),
-                mode=str(record.get("mode", base.mode)),
-                blend_threshold=float(record.get("blend_threshold", base.blend_threshold)),
-                blend_source=tuple(str(w) for w in record.get("blend_source", base.blend_source)),
-                blend_target=tuple(str(w) for w in record.get("blend_target", base.blend_target)),
-                amplify_new=float(record.get("amplify_new", base.amplify_new)),
-            )
-        except (TypeError, ValueError) as error:
-            raise P2PError(f"the recorded P2P settings are malformed ({error})") from None
-
 
 # --- the step schedule ---------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,11 @@ def method_name(sampler: str, steps: int, method: str) -> str:
 
 @dataclass(frozen=True)
 class EditPlan:
-    """How every item of a run is edited (the parts of its record that do not depend on the item)."""
+    """How every item of a run is edited (the parts of its record that do not depend on the item).
+
+    `p2p` is the run's Prompt-to-Prompt settings (the model's recipe under the flags); each item adds
+    its `blended_word` as per-prompt blend words, a missing word adding no region (as the release does).
+    """
 
     method: str
     sampler: str
@@ -239,21 +243,20 @@ class EditPlan:
     guidance: float
     tau: float
     seed: int
-    cross_replace: float = 0.8
-    self_replace: float = 0.4
-    blend_threshold: float = 0.3
+    p2p: Any = None  # icdcli.p2p.P2PSettings for --method p2p
+
+    def p2p_for(self, item: PieItem) -> Any:
+        """The item's P2P settings; None for prompt swap."""
+        if self.method != "p2p":
+            return None
+        words = item.blend or ((), ())
+        source, target = (tuple(w.split()) if isinstance(w, str) else w for w in words)
+        return replace(self.p2p, blend_source=source, blend_target=target, strict_blend=False)
 
     def p2p_record(self, item: PieItem) -> dict[str, Any] | None:
         """The Prompt-to-Prompt settings of an item's edit as `icd edit` records them; None for prompt swap."""
-        if self.method != "p2p":
-            return None
-        return {
-            "cross_replace": self.cross_replace,
-            "self_replace": self.self_replace,
-            "blend": list(item.blend or ()),
-            "blend_threshold": self.blend_threshold,
-            "amplify": {},
-        }
+        settings = self.p2p_for(item)
+        return None if settings is None else settings.to_record()
 
 
 def wanted_record(base: Mapping[str, Any], item: PieItem) -> dict[str, Any]:

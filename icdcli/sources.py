@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelSourceError
+from .lora import boundaries_from_filename, family_from_filename
 from .models import MODEL_JSON, ICDModel, LoraSources, load_lora_cached, load_model_folder
+from .recipe import SD15, SDXL, EditRecipe, release_recipe
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL = "default"
@@ -32,73 +34,80 @@ BASE_PATTERNS = [
 
 @dataclass(frozen=True)
 class Preset:
-    """A released iCD checkpoint: base pipeline, LoRA files and guidance-distilled teacher on the hub."""
+    """A released iCD checkpoint: base pipeline, LoRA files and guidance-distilled teacher on the hub.
+
+    `forward` and `reverse` are the boundary sets that name the LoRA files; `edit` is the release's
+    editing recipe for this checkpoint (see `icdcli.recipe`).
+    """
 
     name: str
     description: str
+    family: str
     base: str
     lora_repo: str
-    forward_file: str
-    reverse_file: str
+    forward: tuple[int, ...]
+    reverse: tuple[int, ...]
     teacher_repo: str | None
     teacher_file: str | None
-    edit_guidance: float
-    tau: float
 
+    @property
+    def edit(self) -> EditRecipe:
+        return release_recipe(self.family, self.reverse)
+
+    def lora_names(self, role: str) -> list[str]:
+        """The file names a LoRA of `role` may have: the release's, then icd's own spelling."""
+        bounds = self.forward if role == "forward" else self.reverse
+        prefix = "iCD-SDXL" if self.family == SDXL else "iCD-SD15"
+        return [
+            f"{prefix}-{role}_{'_'.join(map(str, bounds))}.safetensors",
+            f"{role}_{'_'.join(map(str, bounds))}.safetensors",
+            f"{role}-{'-'.join(map(str, bounds))}.safetensors",
+        ]
+
+    def to_json(self) -> dict[str, object]:
+        """What `icd info --json` lists for the preset."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "family": self.family,
+            "base": self.base,
+            "boundaries": {"forward": list(self.forward), "reverse": list(self.reverse)},
+            **self.edit.to_json(),
+        }
+
+
+SD15_BASE, SDXL_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+FAMILY_BASES = {SD15: SD15_BASE, SDXL: SDXL_BASE}
+TEACHER_FILES = {SD15: "sd15_cfg_distill.pt", SDXL: "sdxl_cfg_distill.pt"}
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset(
             "sd15",
-            "SD1.5, 4 steps, tau 0.8 (the paper's SD1.5 editing setup)",
-            "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            "dbaranchuk/icd-lora-sd15",
-            "forward-19-259-519-779.safetensors",
-            "reverse-259-519-779-999.safetensors",
-            "alexnasa/Inverse-and-Edit",
-            "sd15_cfg_distill.pt",
-            19.0,
-            0.8,
+            "SD1.5, 4 steps, tau 0.8 (the paper's SD1.5 editing setup; release tarball iCD-SD15_4steps_1)",
+            SD15, SD15_BASE, "dbaranchuk/icd-lora-sd15", (19, 259, 519, 779), (259, 519, 779, 999),
+            "alexnasa/Inverse-and-Edit", "sd15_cfg_distill.pt",
         ),
         Preset(
             "sd15-tau0.7",
-            "SD1.5, 4 steps, tau 0.7",
-            "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            "dbaranchuk/icd-lora-sd15",
-            "forward-19-249-499-699.safetensors",
-            "reverse-249-499-699-999.safetensors",
-            "alexnasa/Inverse-and-Edit",
-            "sd15_cfg_distill.pt",
-            19.0,
-            0.7,
+            "SD1.5, 4 steps, tau 0.7 (release tarball iCD-SD15_4steps_2)",
+            SD15, SD15_BASE, "dbaranchuk/icd-lora-sd15", (19, 249, 499, 699), (249, 499, 699, 999),
+            "alexnasa/Inverse-and-Edit", "sd15_cfg_distill.pt",
         ),
         Preset(
             "sd15-3step",
-            "SD1.5, 3 steps, tau 0.7",
-            "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            "dbaranchuk/icd-lora-sd15",
-            "forward-19-339-699.safetensors",
-            "reverse-339-699-999.safetensors",
-            "alexnasa/Inverse-and-Edit",
-            "sd15_cfg_distill.pt",
-            19.0,
-            0.7,
+            "SD1.5, 3 steps, tau 0.7 (release tarball iCD-SD15_3steps)",
+            SD15, SD15_BASE, "dbaranchuk/icd-lora-sd15", (19, 339, 699), (339, 699, 999),
+            "alexnasa/Inverse-and-Edit", "sd15_cfg_distill.pt",
         ),
         Preset(
             "sdxl",
-            "SDXL, 4 steps, tau 0.7 (the paper's SDXL editing setup; teacher given with --teacher)",
-            "stabilityai/stable-diffusion-xl-base-1.0",
-            "dbaranchuk/icd-lora-sdxl",
-            "forward-19-249-499-699.safetensors",
-            "reverse-249-499-699-999.safetensors",
-            None,
-            None,
-            8.0,
-            0.7,
+            "SDXL, 4 steps, tau 0.7 (the paper's SDXL editing setup, iCD-SDXL_4steps_2; teacher given with --teacher)",
+            SDXL, SDXL_BASE, "dbaranchuk/icd-lora-sdxl", (19, 249, 499, 699), (249, 499, 699, 999), None, None,
         ),
     )
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -160,6 +169,14 @@ def _local(path: str | None, flag: str) -> Path | None:
     return resolved
 
 
+def _hub_lora(preset: Preset, role: str) -> Path | None:
+    for filename in preset.lora_names(role):
+        found = _hub_file(preset.lora_repo, filename)
+        if found is not None:
+            return found
+    return None
+
+
 def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
     """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
     missing: list[str] = []
@@ -169,15 +186,18 @@ def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
         if teacher is None:
             missing.append(f"--teacher ({preset.teacher_repo}/{preset.teacher_file})")
     if teacher is None and preset.teacher_repo is None:
-        missing.append("--teacher (the guidance-distilled teacher, published by the authors as a tar.gz archive)")
+        missing.append(
+            f"--teacher ({TEACHER_FILES[preset.family]}, the guidance-distilled teacher, published by the authors "
+            "as a tar.gz archive)"
+        )
     files: dict[str, Path | None] = {}
-    for flag, given, filename in (
-        ("--forward-lora", request.forward_lora, preset.forward_file),
-        ("--reverse-lora", request.reverse_lora, preset.reverse_file),
+    for flag, given, role in (
+        ("--forward-lora", request.forward_lora, "forward"),
+        ("--reverse-lora", request.reverse_lora, "reverse"),
     ):
-        files[flag] = _local(given, flag) or _hub_file(preset.lora_repo, filename)
+        files[flag] = _local(given, flag) or _hub_lora(preset, role)
         if files[flag] is None:
-            missing.append(f"{flag} ({preset.lora_repo}/{filename})")
+            missing.append(f"{flag} ({preset.lora_repo}/{preset.lora_names(role)[0]})")
     base = _local(request.base, "--base") or _hub_pipeline(preset.base, with_unet=False)
     if base is None:
         missing.append(f"--base ({preset.base}, a diffusers pipeline folder)")
@@ -188,14 +208,94 @@ def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
             + ". Download them where a network exists, or give local paths with the flags named."
         )
     return LoraSources(
-        base,
-        teacher,
-        files["--forward-lora"],
-        files["--reverse-lora"],
-        name=preset.name,
-        edit_guidance=preset.edit_guidance,
-        tau=preset.tau,
+        base, teacher, files["--forward-lora"], files["--reverse-lora"], name=preset.name, edit=preset.edit.to_json()
     )
+
+
+# --- a folder as a release tarball unpacks ----------------------------------------------------------
+
+
+@dataclass
+class ReleaseFolder:
+    """The files of a release tarball's folder, by role."""
+
+    forward: Path
+    reverse: Path
+    teacher: Path | None
+    family: str | None
+
+
+def _candidates(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if not files:  # a tarball that unpacks into one folder of its own
+        subfolders = [p for p in folder.iterdir() if p.is_dir()]
+        if len(subfolders) == 1:
+            files = [p for p in subfolders[0].iterdir() if p.is_file()]
+    return sorted(files)
+
+
+def find_release_files(folder: Path) -> ReleaseFolder | None:
+    """The forward and reverse LoRAs and the teacher in `folder` (or its one subfolder), found by role
+    and boundaries in their names; None when it holds no LoRA file. Ambiguity is a ModelSourceError."""
+    roles: dict[str, list[Path]] = {"forward": [], "reverse": []}
+    teachers: list[Path] = []
+    for path in _candidates(folder):
+        if path.suffix == ".safetensors":
+            try:
+                role, _ = boundaries_from_filename(path)
+            except ValueError:
+                role = None
+            if role is not None:
+                roles[role].append(path)
+                continue
+        if path.suffix in (".pt", ".pth", ".bin", ".safetensors") and "distill" in path.name.lower():
+            teachers.append(path)
+    if not roles["forward"] and not roles["reverse"]:
+        return None
+    for role, found in (*roles.items(), ("teacher", teachers)):
+        if len(found) > 1:
+            raise ModelSourceError(
+                f"{folder} holds {len(found)} {role} files ({', '.join(p.name for p in found)}): keep one, "
+                f"or name it with --{role}{'-lora' if role != 'teacher' else ''}"
+            )
+        if not found and role != "teacher":
+            raise ModelSourceError(f"{folder} holds no {role} LoRA (a file named like *{role}_19_...safetensors)")
+    families = {family_from_filename(p) for p in [*roles["forward"], *roles["reverse"], *teachers]} - {None}
+    if len(families) > 1:
+        raise ModelSourceError(f"{folder} mixes files of {' and '.join(sorted(families))}: keep one family")
+    teacher = teachers[0] if teachers else None
+    return ReleaseFolder(roles["forward"][0], roles["reverse"][0], teacher, families.pop() if families else None)
+
+
+def release_folder_sources(
+    folder: Path, request: ModelRequest, progress: Callable[[str], None] | None = None
+) -> LoraSources | None:
+    """Sources of a release tarball's folder (None if `folder` is not one); says which file takes each role."""
+    found = find_release_files(folder)
+    if found is None:
+        return None
+    forward = _local(request.forward_lora, "--forward-lora") or found.forward
+    reverse = _local(request.reverse_lora, "--reverse-lora") or found.reverse
+    teacher = _local(request.teacher, "--teacher") or found.teacher
+    base = _local(request.base, "--base")
+    family = found.family
+    if base is None:
+        if family is None:
+            raise ModelSourceError(
+                f"{folder}: cannot tell SD1.5 from SDXL by the file names; give the base pipeline with --base"
+            )
+        base = _hub_pipeline(FAMILY_BASES[family], with_unet=False)
+        if base is None:
+            raise ModelSourceError(
+                f"{folder} needs its base pipeline ({FAMILY_BASES[family]}), which is neither cached nor "
+                "downloadable here: download it where a network exists, or give a local folder with --base"
+            )
+    say = progress or (lambda message: None)
+    say(
+        f"release folder {folder}: forward {forward.name}, reverse {reverse.name}, "
+        f"teacher {teacher.name if teacher else 'none (the base UNet)'}, base {base}"
+    )
+    return LoraSources(base, teacher, forward, reverse, name=folder.name)
 
 
 def _part_sources(request: ModelRequest) -> LoraSources:
@@ -223,9 +323,16 @@ def load_requested_model(
     name = request.model
     if name in PRESETS:
         return load_lora_cached(preset_sources(PRESETS[name], request), need_teacher, progress)
+    folder = Path(name).expanduser() if name not in (None, DEFAULT_MODEL) else None
+    if folder is not None and folder.is_dir() and not (folder / MODEL_JSON).is_file():
+        sources = release_folder_sources(folder, request, progress)
+        if sources is not None:
+            return load_lora_cached(sources, need_teacher, progress)
     if request.forward_lora or request.reverse_lora or request.base:
-        if name not in (None, DEFAULT_MODEL):
-            raise ModelSourceError("--base/--teacher/--forward-lora/--reverse-lora go with a preset name or no --model")
+        if folder is not None:
+            raise ModelSourceError(
+                "--base/--teacher/--forward-lora/--reverse-lora go with a preset name, a release folder or no --model"
+            )
         return load_lora_cached(_part_sources(request), need_teacher, progress)
     if name in (None, DEFAULT_MODEL):
         if not (DEFAULT_MODEL_DIR / MODEL_JSON).is_file():
@@ -234,7 +341,11 @@ def load_requested_model(
                 + ", ".join(PRESETS)
             )
         return load_model_folder(DEFAULT_MODEL_DIR, need_teacher, progress)
-    folder = Path(name).expanduser()
-    if folder.is_dir():
+    if folder is not None and folder.is_dir():
+        if not (folder / MODEL_JSON).is_file():
+            raise ModelSourceError(
+                f"--model {name}: the folder holds neither {MODEL_JSON} (an icd model folder) nor iCD LoRA files "
+                "(a release tarball's folder: *forward_19_...safetensors and *reverse_..._999.safetensors)"
+            )
         return load_model_folder(folder, need_teacher, progress)
     raise ModelSourceError(f"--model {name!r} is neither a model folder nor a preset; presets: {', '.join(PRESETS)}")

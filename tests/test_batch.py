@@ -185,7 +185,8 @@ def test_folder_batch_mirrors_layout_resumes_and_summarises(merged_dir, tmp_path
     record = json.loads(Image.open(out / "a-edit.png").text["icd"])
     assert {"model", "model_hash", "backend", "src", "tgt", "sampler", "steps", "guidance", "tau", "method", "seed",
             "icd_version", "input", "input_size", "input_sha256"} <= record.keys()  # fmt: skip
-    assert record["method"] == "p2p" and record["p2p"]["cross_replace"] == 0.8  # the default for SD1.5-family models
+    # the release's SD1.5 recipe, the default of SD1.5-family models given by parts
+    assert record["method"] == "p2p" and record["p2p"]["cross_replace"] == 0.3 and record["p2p"]["amplify_new"] == 4.0
     assert record["input_size"] == [32, 24] and record["model_hash"].startswith("sha256")
     again = _run(*args)
     assert again.exit_code == 0 and [line["status"] for line in _lines(again)][:3] == ["skipped"] * 3

@@ -6,6 +6,7 @@ import torch
 from icdcli.denoiser import Conditioning, PromptEmbedding
 from icdcli.errors import ModelSourceError
 from icdcli.models import MODEL_JSON, LoraSources, load_merged
+from icdcli.recipe import release_guidance
 from icdcli.sources import ModelRequest, load_requested_model
 
 
@@ -128,8 +129,8 @@ def test_preset_offline_names_each_missing_file_and_flag(monkeypatch, tmp_path):
         load_requested_model(ModelRequest(model="sd15"))
     message = str(caught.value)
     for expected in (
-        "--teacher", "sd15_cfg_distill.pt", "--forward-lora", "forward-19-259-519-779.safetensors",
-        "--reverse-lora", "reverse-259-519-779-999.safetensors", "--base", "stable-diffusion-v1-5",
+        "--teacher", "sd15_cfg_distill.pt", "--forward-lora", "iCD-SD15-forward_19_259_519_779.safetensors",
+        "--reverse-lora", "iCD-SD15-reverse_259_519_779_999.safetensors", "--base", "stable-diffusion-v1-5",
     ):  # fmt: skip
         assert expected in message
     assert "\n" not in message
@@ -139,7 +140,8 @@ def test_preset_offline_names_each_missing_file_and_flag(monkeypatch, tmp_path):
 
 def test_preset_takes_local_paths_for_its_parts(sd15_parts):
     model = load_requested_model(_parts_request(sd15_parts, model="sd15"))
-    assert (model.info.name, model.info.edit_guidance, model.info.tau) == ("sd15", 19.0, 0.8)
+    assert (model.info.name, model.info.edit_guidance, model.info.tau) == ("sd15", 20.0, 0.8)
+    assert release_guidance(model.info.edit_guidance) == 19.0  # the release script's guidance_scale 19
 
 
 def test_bad_sources_give_clear_errors(sd15_parts, sdxl_parts, tmp_path):
@@ -171,7 +173,7 @@ class NotWeights:
 def test_pickled_objects_are_refused(sd15_parts, tmp_path):
     evil = tmp_path / "teacher.pt"
     torch.save({"weight": NotWeights()}, evil)
-    with pytest.raises(ModelSourceError, match="weights-only"):
+    with pytest.raises(ModelSourceError, match="holds Python objects besides tensors, which icd does not unpickle"):
         load_requested_model(_parts_request(sd15_parts, teacher=evil))
 
 

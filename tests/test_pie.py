@@ -425,8 +425,10 @@ def test_p2p_runs_with_each_items_blend_words(tmp_path):
     assert report["method"] == "p2p" and report["edits"]["done"] == 2
     for item in select_items(read_mapping(root), {"1", "6"}, None):
         record = read_record(output_path(root / "output" / "icd4-p2p", item))
-        assert record["method"] == "p2p" and record["p2p"]["blend"] == list(item.blend)
-        assert record["p2p"]["cross_replace"] == 0.8 and record["p2p"]["self_replace"] == 0.4
+        source_word, target_word = item.blend
+        assert record["method"] == "p2p" and record["p2p"]["blend_source"] == [source_word]
+        assert record["p2p"]["blend_target"] == [target_word] and record["p2p"]["blend"] == []
+        assert record["p2p"]["cross_replace"] == 0.8 and record["p2p"]["self_replace"] == 0.4  # the embedded recipe
 
 
 def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):

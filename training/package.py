@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icdcli.atomic import atomic_folder
+from icdcli.recipe import EditRecipe
 
 PIPELINE = "pipeline"
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
@@ -30,6 +31,12 @@ def _copy_half(source: Path, target: Path, half: bool) -> None:
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata=metadata)
+
+
+def small_model_recipe(guidance: float, tau: float) -> EditRecipe:
+    """The edit recipe of a model trained here: P2P with its original fractions (cross 0.8, self 0.4), no
+    amplification, seed 0: the settings its benchmarks were measured with (docs/default-model.md)."""
+    return EditRecipe("p2p", guidance, tau, cross_replace=0.8, self_replace=0.4, amplify=1.0, seed=0)
 
 
 def package_model(
@@ -67,8 +74,7 @@ def package_model(
             "base": PIPELINE,
             "forward_lora": summary["forward"],
             "reverse_lora": summary["reverse"],
-            "edit_guidance": edit_guidance,
-            "tau": summary["tau"] if tau is None else tau,
+            "edit": small_model_recipe(edit_guidance, summary["tau"] if tau is None else tau).to_json(),
             "generate_guidance": generate_guidance,
             **(extra or {}),
         }

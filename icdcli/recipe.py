@@ -1,0 +1,151 @@
+"""Edit recipes: what a model edits with when no flag says otherwise.
+
+A recipe belongs to a model (its folder's `icd.json`, a preset, or the family's release defaults for
+parts given by path), never to a code path: `icd edit` reads it once the model is known, and every
+flag the user gives wins over it.
+
+Guidance convention: icd takes the classical classifier-free guidance scale w (1 = unguided,
+eps = eps_u + w * (eps_c - eps_u)), as diffusers does. The release's scripts feed their
+guidance-distilled UNets the embedding of `w_release * 1000` with 0 meaning unguided, so
+`w_release = w - 1`: the release's SD1.5 editing setup `guidance_scale 19` is `--guidance 20` here.
+
+This module imports nothing heavy: `icd info` lists the presets' recipes without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+METHODS = ("p2p", "swap")
+P2P_MODES = ("auto", "replace", "refine")
+
+
+def release_guidance(classical: float) -> float:
+    """The release scripts' number for a classical guidance scale (`w - 1`)."""
+    return classical - 1.0
+
+
+@dataclass(frozen=True)
+class EditRecipe:
+    """A model's default edit.
+
+    `guidance` is the classical scale; `tau` the dynamic-guidance threshold (steps at
+    t > tau * 1000 run unguided); `cross_replace` / `self_replace` the Prompt-to-Prompt step
+    fractions; `p2p_mode` auto (replace for equal word counts, else refine), replace or refine;
+    `amplify` the factor on the target's words that are not in the source (stopwords excepted;
+    1 = none); `seed` the seed of the noise added before inversion.
+    """
+
+    method: str = "p2p"
+    guidance: float = 20.0
+    tau: float = 0.8
+    cross_replace: float = 0.3
+    self_replace: float = 0.6
+    p2p_mode: str = "auto"
+    amplify: float = 4.0
+    seed: int = 30
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"recipe method must be one of {METHODS}, got {self.method!r}")
+        if self.p2p_mode not in P2P_MODES:
+            raise ValueError(f"recipe p2p_mode must be one of {P2P_MODES}, got {self.p2p_mode!r}")
+        for name in ("tau", "cross_replace", "self_replace"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"recipe {name} must be in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0 and 0 <= self.amplify < 1e6):
+            raise ValueError(f"recipe guidance and amplify must be finite and >= 0: {self.guidance}, {self.amplify}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, fallback: EditRecipe | None = None) -> EditRecipe:
+        """A recipe from JSON; keys it lacks keep `fallback`'s values (the family's release recipe)."""
+        base = fallback or cls()
+        if not data:
+            return base
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            values[key] = str(value) if key in ("method", "p2p_mode") else int(value) if key == "seed" else float(value)
+        return replace(base, **values)
+
+
+SD15, SDXL = "sd15", "sdxl"
+SD15_TAU08_REVERSE = (259, 519, 779, 999)
+
+
+def release_recipe(family: str, reverse_boundaries: tuple[int, ...]) -> EditRecipe:
+    """The release's editing setup for a family and boundary set.
+
+    SD1.5 (`running/sd1.5/launch_editing_iCD_sd1.5.sh` and its `edit.py`): P2P with cross 0.3 and
+    self 0.6, replace for equal word counts else refine, amplify 4 on new words, guidance 19 in the
+    release's convention (20 here), seed 30; tau 0.8 for the 4-step [259, 519, 779, 999] models and
+    0.7 for the others. SDXL (`running/sdxl/launch_editing_iCD_sdxl.sh`): prompt swap, the release's
+    guidance_scale 19.0 (20 here), tau 0.7; its seed is the item's index (0 for one image). The
+    SDXL README's interactive example uses 7.0 (8 here) instead; scripts made the paper's numbers.
+    """
+    if family == SDXL:
+        return EditRecipe(method="swap", guidance=20.0, tau=0.7, seed=0)
+    tau = 0.8 if tuple(reverse_boundaries) == SD15_TAU08_REVERSE else 0.7
+    return EditRecipe(method="p2p", guidance=20.0, tau=tau, seed=30)
+
+
+@dataclass(frozen=True)
+class P2POptions:
+    """Prompt-to-Prompt values the user gave (None: the recipe's), as flags, a spec or a record give them."""
+
+    cross_replace: float | None = None
+    self_replace: float | None = None
+    mode: str | None = None
+    amplify_new: float | None = None
+    amplify: tuple[tuple[str, float], ...] = ()
+    blend: tuple[str, ...] = ()
+    blend_source: tuple[str, ...] = ()
+    blend_target: tuple[str, ...] = ()
+    blend_threshold: float = 0.3
+    strict_blend: bool = True
+
+    def resolve(self, recipe: EditRecipe) -> Any:
+        """The `icdcli.p2p.P2PSettings` of an edit: these values where given, else the recipe's."""
+        from .p2p import P2PSettings
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return P2PSettings(
+            cross_replace=pick(self.cross_replace, recipe.cross_replace),
+            self_replace=pick(self.self_replace, recipe.self_replace),
+            blend=self.blend,
+            amplify=self.amplify,
+            mode=pick(self.mode, recipe.p2p_mode),
+            blend_threshold=self.blend_threshold,
+            blend_source=self.blend_source,
+            blend_target=self.blend_target,
+            amplify_new=pick(self.amplify_new, recipe.amplify),
+            strict_blend=self.strict_blend,
+        )
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> P2POptions:
+        """Every value of a recorded edit's P2P settings (see `P2PSettings.to_record`)."""
+
+        def number(key: str) -> float | None:
+            return None if record.get(key) is None else float(record[key])
+
+        return cls(
+            cross_replace=number("cross_replace"),
+            self_replace=number("self_replace"),
+            mode=None if record.get("mode") is None else str(record["mode"]),
+            amplify_new=number("amplify_new"),
+            amplify=tuple((str(w), float(f)) for w, f in dict(record.get("amplify") or {}).items()),
+            blend=tuple(str(w) for w in record.get("blend") or ()),
+            blend_source=tuple(str(w) for w in record.get("blend_source") or ()),
+            blend_target=tuple(str(w) for w in record.get("blend_target") or ()),
+            blend_threshold=float(record.get("blend_threshold", 0.3)),
+        )
