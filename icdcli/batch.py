@@ -28,7 +28,7 @@ from typing import Any
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EDIT_SUFFIX = "-edit.png"
-SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output")
+SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
 RECORD_KEY = "icd"
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
@@ -57,6 +57,7 @@ class Item:
     output: Path | None = None
     row: int | None = None
     error: str | None = None
+    blended_word: str | None = None  # "SOURCE_WORD TARGET_WORD": P2P local blend per prompt, as PIE-Bench writes it
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -133,7 +134,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     image = raw.get("image")
     if not isinstance(image, str) or not image.strip():
         return Item(label, key, row=row, error=f"{label}: no image; every row needs an image path")
-    for name in ("src", "tgt", "output"):
+    for name in ("src", "tgt", "output", "blended_word"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
     try:
@@ -166,6 +167,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         seed=seed,
         output=Path(output.strip()) if output and output.strip() else None,
         row=row,
+        blended_word=raw.get("blended_word") or None,
     )
 
 
@@ -187,7 +189,7 @@ def _csv_rows(text: str, spec: Path) -> Iterable[tuple[int, Any]]:
         found = ", ".join(fields) or "none"
         raise SpecError(
             f"{display(spec)}: the first line must name the columns: image, src, tgt and optionally guidance, "
-            f"tau, seed, output (found: {found})"
+            f"tau, seed, output, blended_word (found: {found})"
         )
     reader.fieldnames = fields
     for raw in reader:

@@ -334,6 +334,17 @@ class _EditRun:
 
     # --- one item -------------------------------------------------------------------------
 
+    def _item_p2p(self, item: Any) -> Any:
+        """The P2P settings of one item: a spec row's `blended_word` ("source target") adds per-prompt blend words."""
+        if not item.blended_word:
+            return self.p2p
+        from dataclasses import replace
+
+        words = item.blended_word.split()
+        if len(words) != 2:
+            raise _ItemFailed(f"{item.label}: blended_word must be two words, the source's and the target's")
+        return replace(self.p2p, blend_source=(words[0],), blend_target=(words[1],))
+
     def _wanted(self, item: Any, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
         from . import __version__
         from .batch import parameter_record
@@ -352,7 +363,7 @@ class _EditRun:
         seed = next(value for value in (item.seed, flags.seed, model.info.edit.seed) if value is not None)
         return parameter_record(
             method=method,
-            p2p=self.p2p.to_record() if method == "p2p" else None,
+            p2p=self._item_p2p(item).to_record() if method == "p2p" else None,
             model=self.model_ref,
             model_hash=self.model_hash,
             backend=loaded.backend,
@@ -405,7 +416,7 @@ class _EditRun:
             size = original_size(image)
             record = {**wanted, "input_size": list(size)}
             settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
-            p2p = self.p2p if record["method"] == "p2p" else None
+            p2p = self._item_p2p(item) if record["method"] == "p2p" else None
             result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
                           timings, p2p)  # fmt: skip
         except (ICDError, P2PError) as error:

@@ -8,6 +8,8 @@ tables below were worked out from those rules for a small sub-word tokenizer who
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -229,3 +231,30 @@ STEP_TABLE = [
 def test_step_rule_matches_the_release_table(steps, cross, self_, cross_steps, self_steps):
     assert [i for i, on in enumerate(cross_replace_steps(steps, cross)) if on] == cross_steps
     assert [i for i, on in enumerate(self_replace_steps(steps, self_)) if on] == self_steps
+
+
+def test_spec_rows_give_per_prompt_blend_words(tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli import main
+    from icdcli.images import read_record
+    from icdcli.sources import DEFAULT_MODEL_DIR
+
+    example = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
+    source = "a red circle on a blue background"
+    rows = [
+        {"image": str(example), "src": source, "tgt": "a red square on a blue background", "output": "ok.png",
+         "blended_word": "circle square"},
+        {"image": str(example), "src": source, "tgt": "a red square on a blue background", "output": "bad.png",
+         "blended_word": "circle"},
+        {"image": str(example), "src": source, "tgt": "a red square on a blue background", "output": "absent.png",
+         "blended_word": "circle triangle"},
+    ]  # fmt: skip
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    result = CliRunner().invoke(main, ["edit", "--spec", str(spec), "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1, result.output
+    record = read_record(tmp_path / "out" / "ok.png")
+    assert (record["p2p"]["blend_source"], record["p2p"]["blend_target"]) == (["circle"], ["square"])
+    assert "blended_word must be two words" in result.output and "--blend-tgt word 'triangle'" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]

@@ -22,10 +22,10 @@ def build_word_tokenizer(words: Iterable[str], max_length: int = 16):
     vocab = {PAD: 0, BOS: 1, UNK: 2, EOS: 3}
     for word in sorted({w.lower() for w in words}):
         vocab.setdefault(word, len(vocab))
-    return _clip_like(Tokenizer(WordLevel(vocab, unk_token=UNK)), vocab, max_length)
+    return clip_like(Tokenizer(WordLevel(vocab, unk_token=UNK)), vocab, max_length)
 
 
-def _clip_like(backend: Any, vocab: dict[str, int], max_length: int) -> Any:
+def clip_like(backend: Any, vocab: dict[str, int], max_length: int) -> Any:
     """Wrap a `tokenizers` model as CLIP's tokenizers behave: lower-cased, words split on whitespace and
     punctuation, begin/end-of-text around each sequence, padding to `max_length`."""
     from tokenizers import normalizers, pre_tokenizers, processors
@@ -84,7 +84,7 @@ def build_subword_tokenizer(words: Iterable[str], splits: dict[str, list[str]], 
             build(part, index == len(parts) - 1)
     backend = Tokenizer(BPE(vocab, merges, unk_token=UNK, end_of_word_suffix=suffix))
     backend.decoder = decoders.BPEDecoder(suffix=suffix)
-    tokenizer = _clip_like(backend, vocab, max_length)
+    tokenizer = clip_like(backend, vocab, max_length)
     for word, parts in pieces.items():
         got = tokenizer.tokenize(word)
         if len(got) != len(parts):
