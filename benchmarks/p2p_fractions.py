@@ -1,6 +1,6 @@
-"""Shape-edit accuracy of Prompt-to-Prompt at several cross/self-replace fractions, beside prompt swap.
+"""Edit accuracy of Prompt-to-Prompt at several cross/self-replace fractions and amplify factors, beside prompt swap.
 
-    python benchmarks/p2p_fractions.py --limit 100
+    python benchmarks/p2p_fractions.py --limit 100 --kind shape
 
 Uses the embedded default model and the held-out shape edits of `icd bench shapes-edit` (seed 0).
 """
@@ -18,7 +18,8 @@ from icdcli.sources import ModelRequest, load_requested_model
 from icdcli.training.bench import classify, edit_pairs, p2p_roundtrip, roundtrip, to_unit
 from icdcli.training.scenes import render_batch
 
-FRACTIONS = ((0.8, 0.4), (0.8, 0.0), (0.4, 0.0), (0.0, 0.0))
+# (cross, self, amplify of new words): the embedded model's recipe, ablations, and the release's SD1.5 recipe
+FRACTIONS = ((0.8, 0.4, 1.0), (0.8, 0.0, 1.0), (0.4, 0.0, 1.0), (0.0, 0.0, 1.0), (0.3, 0.6, 1.0), (0.3, 0.6, 4.0))
 
 
 def main() -> None:
@@ -42,10 +43,10 @@ def main() -> None:
 
     print(f"| method | {args.kind} accuracy ({len(pairs)} edits) |\n|---|---|")
     print(f"| swap | {accuracy(roundtrip(model, pixels, captions, settings, guidance, tau, targets)):.2f} |")
-    for cross, self_ in FRACTIONS:
-        p2p = P2PSettings(cross, self_)
+    for cross, self_, amplify in FRACTIONS:
+        p2p = P2PSettings(cross, self_, amplify_new=amplify)
         edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, p2p)
-        print(f"| p2p cross {cross} self {self_} | {accuracy(edited):.2f} |", flush=True)
+        print(f"| p2p cross {cross} self {self_} amplify {amplify:g} | {accuracy(edited):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -233,8 +233,13 @@ def edit(
     model. With --method p2p (Prompt-to-Prompt) the source and target branches are decoded together
     and the target's attention maps are taken from the source's, so layout and background stay;
     prompts of equal word counts replace word for word, others are aligned token by token. With
-    --method swap the target prompt alone decodes (the source prompt at the unguided steps). Images
-    of any size are resized to the model's native area, edited, and returned at their own size.
+    --method swap the target prompt decodes the guided steps and the source prompt the unguided ones
+    (t > tau*1000). Images of any size are resized to the model's native area, edited, and returned
+    at their own size.
+
+    Defaults come from the model's edit recipe (icd info lists the presets'): the released SD1.5
+    checkpoints edit with p2p, guidance 20 (the release's scripts write 19: they count w - 1), tau
+    0.8, cross 0.3, self 0.6, amplify 4 on new words, seed 30. Flags given always win.
 
     IMAGE may be a file or a folder (image files inside; -r descends). Each output PNG records its
     parameters; a rerun skips outputs already made with the same ones. Ctrl-C stops after the
