@@ -8,12 +8,13 @@ files it would fetch.
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelSourceError
+from .hub import fetch_command, hub_file, hub_snapshot, unavailable_reason
 from .lora import boundaries_from_filename, family_from_filename
 from .models import MODEL_JSON, ICDModel, LoraSources, load_lora_cached, load_model_folder
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
@@ -21,15 +22,7 @@ from .recipe import SD15, SDXL, EditRecipe, release_recipe
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL = "default"
 
-BASE_PATTERNS = [
-    "model_index.json",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder*/config.json",
-    "text_encoder*/model.safetensors",
-    "tokenizer*/*",
-    "unet/config.json",
-]
+TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -127,37 +120,20 @@ class ModelRequest:
         return self.model or DEFAULT_MODEL
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+def base_files(family: str) -> list[str]:
+    """The files of a base pipeline icd reads: no UNet weights (the teacher replaces them), safetensors only."""
+    suffixes = ["", "_2"] if family == SDXL else [""]
+    files = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
+    files.append("vae/diffusion_pytorch_model.safetensors")
+    for suffix in suffixes:
+        files += [f"text_encoder{suffix}/config.json", f"text_encoder{suffix}/model.safetensors"]
+        files += [f"tokenizer{suffix}/{name}" for name in TOKENIZER_FILES]
+    return files
 
 
-def _hub_file(repo: str, filename: str) -> Path | None:
-    from huggingface_hub import hf_hub_download
-
-    for local_only in (True, False):
-        if not local_only and _offline():
-            break
-        try:
-            return Path(hf_hub_download(repo, filename, local_files_only=local_only))
-        except Exception:  # not cached / no network / no such repo: all mean "not available"
-            continue
-    return None
-
-
-def _hub_pipeline(repo: str, with_unet: bool) -> Path | None:
-    from huggingface_hub import snapshot_download
-
-    patterns = BASE_PATTERNS + (["unet/diffusion_pytorch_model.safetensors"] if with_unet else [])
-    for local_only in (True, False):
-        if not local_only and _offline():
-            break
-        try:
-            folder = Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=local_only))
-        except Exception:  # not cached / no network: "not available"
-            continue
-        if (folder / "vae").is_dir():
-            return folder
-    return None
+def _hub_pipeline(repo: str, family: str) -> Path | None:
+    folder = hub_snapshot(repo, base_files(family))
+    return folder if folder is not None and (folder / "vae").is_dir() else None
 
 
 def _local(path: str | None, flag: str) -> Path | None:
@@ -171,7 +147,7 @@ def _local(path: str | None, flag: str) -> Path | None:
 
 def _hub_lora(preset: Preset, role: str) -> Path | None:
     for filename in preset.lora_names(role):
-        found = _hub_file(preset.lora_repo, filename)
+        found = hub_file(preset.lora_repo, filename)
         if found is not None:
             return found
     return None
@@ -180,17 +156,21 @@ def _hub_lora(preset: Preset, role: str) -> Path | None:
 def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
     """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
     missing: list[str] = []
+    commands: list[str] = []
+    folder = f"icd-{preset.name}"
     teacher = _local(request.teacher, "--teacher")
     if teacher is None and preset.teacher_repo is not None:
-        teacher = _hub_file(preset.teacher_repo, preset.teacher_file)
+        teacher = hub_file(preset.teacher_repo, preset.teacher_file)
         if teacher is None:
             missing.append(f"--teacher ({preset.teacher_repo}/{preset.teacher_file})")
+            commands.append(fetch_command(preset.teacher_repo, [preset.teacher_file], folder))
     if teacher is None and preset.teacher_repo is None:
         missing.append(
             f"--teacher ({TEACHER_FILES[preset.family]}, the guidance-distilled teacher, published by the authors "
             "as a tar.gz archive)"
         )
     files: dict[str, Path | None] = {}
+    lora_names = []
     for flag, given, role in (
         ("--forward-lora", request.forward_lora, "forward"),
         ("--reverse-lora", request.reverse_lora, "reverse"),
@@ -198,15 +178,23 @@ def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
         files[flag] = _local(given, flag) or _hub_lora(preset, role)
         if files[flag] is None:
             missing.append(f"{flag} ({preset.lora_repo}/{preset.lora_names(role)[0]})")
-    base = _local(request.base, "--base") or _hub_pipeline(preset.base, with_unet=False)
+            lora_names.append(preset.lora_names(role)[0])
+    if lora_names:
+        commands.append(fetch_command(preset.lora_repo, lora_names, folder))
+    base = _local(request.base, "--base") or _hub_pipeline(preset.base, preset.family)
     if base is None:
         missing.append(f"--base ({preset.base}, a diffusers pipeline folder)")
+        commands.append(fetch_command(preset.base, base_files(preset.family), f"{folder}/base"))
     if missing:
+        reason = unavailable_reason() or "they are not in the hub cache and the hub does not have them"
+        fetch = " " + " && ".join(commands)  # one line: errors stay one line, and it pastes as one command
         raise ModelSourceError(
-            f"preset {preset.name!r} needs files that are neither cached nor downloadable here: "
+            f"preset {preset.name!r} needs files that are not here ({reason}): "
             + "; ".join(missing)
-            + ". Download them where a network exists, or give local paths with the flags named."
-        )
+            + ". Give local paths with the flags named"
+            + (f", or fetch them where a network exists and pass --model {folder}"
+               f"{f' --base {folder}/base' if base is None else ''}:{fetch}" if commands else ".")
+        )  # fmt: skip
     return LoraSources(
         base, teacher, files["--forward-lora"], files["--reverse-lora"], name=preset.name, edit=preset.edit.to_json()
     )
@@ -284,11 +272,12 @@ def release_folder_sources(
             raise ModelSourceError(
                 f"{folder}: cannot tell SD1.5 from SDXL by the file names; give the base pipeline with --base"
             )
-        base = _hub_pipeline(FAMILY_BASES[family], with_unet=False)
+        base = _hub_pipeline(FAMILY_BASES[family], family)
         if base is None:
             raise ModelSourceError(
-                f"{folder} needs its base pipeline ({FAMILY_BASES[family]}), which is neither cached nor "
-                "downloadable here: download it where a network exists, or give a local folder with --base"
+                f"{folder} needs its base pipeline ({FAMILY_BASES[family]}), which is not here "
+                f"({unavailable_reason() or 'not cached'}): give a local folder with --base, or fetch it where a "
+                f"network exists: {fetch_command(FAMILY_BASES[family], base_files(family), f'{folder.name}-base')}"
             )
     say = progress or (lambda message: None)
     say(
@@ -316,6 +305,29 @@ def _part_sources(request: ModelRequest) -> LoraSources:
     )
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.fp16.safetensors"]
+
+
+def _load_hub_model(
+    repo: str, request: ModelRequest, need_teacher: bool, progress: Callable[[str], None] | None
+) -> ICDModel:
+    """`--model org/repo`: a hub repository holding an icd model folder or a release tarball's files."""
+    folder = hub_snapshot(repo, ignore=HUB_IGNORE)
+    if folder is None:
+        raise ModelSourceError(
+            f"--model {repo}: no such local folder, and the hub repository is not here "
+            f"({unavailable_reason() or 'not cached, and the hub does not have it'}); fetch it where a network "
+            f"exists: hf download {repo} --local-dir {repo.split('/')[-1]}, then pass --model {repo.split('/')[-1]}"
+        )
+    if (folder / MODEL_JSON).is_file():
+        return load_model_folder(folder, need_teacher, progress)
+    sources = release_folder_sources(folder, request, progress)
+    if sources is None:
+        raise ModelSourceError(f"hub repository {repo} holds neither {MODEL_JSON} nor iCD LoRA files")
+    return load_lora_cached(sources, need_teacher, progress)
+
+
 def load_requested_model(
     request: ModelRequest, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
@@ -328,10 +340,13 @@ def load_requested_model(
         sources = release_folder_sources(folder, request, progress)
         if sources is not None:
             return load_lora_cached(sources, need_teacher, progress)
+    if folder is not None and not folder.exists() and HUB_ID.fullmatch(name):
+        return _load_hub_model(name, request, need_teacher, progress)
     if request.forward_lora or request.reverse_lora or request.base:
         if folder is not None:
             raise ModelSourceError(
-                "--base/--teacher/--forward-lora/--reverse-lora go with a preset name, a release folder or no --model"
+                "--base/--teacher/--forward-lora/--reverse-lora go with a preset, a release folder, a hub id "
+                "or no --model"
             )
         return load_lora_cached(_part_sources(request), need_teacher, progress)
     if name in (None, DEFAULT_MODEL):
