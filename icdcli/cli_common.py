@@ -162,9 +162,10 @@ def _check_writable_folder(folder: Path) -> None:
 
 def _edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
     """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
-    if sampler == "ddim":
-        return (guidance if guidance is not None else model.info.generate_guidance), (1.0 if tau is None else tau)
-    return (guidance if guidance is not None else model.info.edit_guidance), (model.info.tau if tau is None else tau)
+    from .recipe import resolve_edit
+
+    resolved = resolve_edit(model.info.edit, model.info.generate_guidance, sampler=sampler, guidance=guidance, tau=tau)
+    return resolved.guidance, resolved.tau
 
 
 @dataclass

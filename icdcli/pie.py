@@ -216,9 +216,10 @@ def output_path(folder: Path, item: PieItem) -> Path:
 
 def edit_defaults(info: Any, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
     """Guidance and tau as `icd edit` takes them: the user's, else the model's (icd) or plain CFG (ddim)."""
-    if sampler == "ddim":
-        return float(info.generate_guidance if guidance is None else guidance), 1.0 if tau is None else float(tau)
-    return float(info.edit_guidance if guidance is None else guidance), float(info.tau if tau is None else tau)
+    from .recipe import resolve_edit
+
+    resolved = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, guidance=guidance, tau=tau)
+    return resolved.guidance, resolved.tau
 
 
 def method_name(sampler: str, steps: int, method: str) -> str:

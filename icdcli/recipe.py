@@ -149,3 +149,50 @@ class P2POptions:
             blend_target=tuple(str(w) for w in record.get("blend_target") or ()),
             blend_threshold=float(record.get("blend_threshold", 0.3)),
         )
+
+
+@dataclass(frozen=True)
+class ResolvedEdit:
+    """Everything an edit runs with, once the user's values are laid over the model's recipe."""
+
+    method: str
+    guidance: float
+    tau: float
+    seed: int
+    p2p: Any  # icdcli.p2p.P2PSettings for p2p, else None
+
+
+def resolve_edit(
+    recipe: EditRecipe,
+    generate_guidance: float,
+    *,
+    sampler: str = "icd",
+    method: str = "auto",
+    guidance: float | None = None,
+    tau: float | None = None,
+    seed: int | None = None,
+    p2p: P2POptions | None = None,
+) -> ResolvedEdit:
+    """The user's values where given, else the recipe's. The DDIM baseline (`sampler="ddim"`) runs on
+    the teacher: its default guidance is the model's generation guidance, with no dynamic guidance.
+
+    Args:
+        recipe: the model's edit recipe (`model.info.edit`).
+        generate_guidance: the model's generation guidance (`model.info.generate_guidance`).
+        sampler: `icd` or `ddim`.
+        method: `auto` (the recipe's), `p2p` or `swap`.
+        guidance, tau, seed: None for the recipe's.
+        p2p: Prompt-to-Prompt values given (None: all the recipe's).
+    """
+    chosen = recipe.method if method == "auto" else method
+    if sampler == "ddim":
+        guidance = generate_guidance if guidance is None else guidance
+        tau = 1.0 if tau is None else tau
+    settings = (p2p or P2POptions()).resolve(recipe) if chosen == "p2p" else None
+    return ResolvedEdit(
+        method=chosen,
+        guidance=float(recipe.guidance if guidance is None else guidance),
+        tau=float(recipe.tau if tau is None else tau),
+        seed=int(recipe.seed if seed is None else seed),
+        p2p=settings,
+    )
