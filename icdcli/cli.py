@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_cache import cache as _cache_command
 from .cli_common import (
     _check_writable_folder,
     _edit_settings,
@@ -663,5 +664,6 @@ def info(as_json: bool) -> None:
 
 
 main.add_command(_export_command)
+main.add_command(_cache_command)
 main.add_command(_train_command)
 bench.add_command(_pie_command)

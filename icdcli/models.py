@@ -28,6 +28,7 @@ from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
+from .paths import cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
 
@@ -36,13 +37,6 @@ logger = logging.getLogger("icd")
 MODEL_JSON = "icd.json"
 FORMAT_VERSION = 1
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
-
-
-def cache_root() -> Path:
-    """Where fused models (and later, exported graphs and engines) are cached."""
-    if os.environ.get("ICD_CACHE_DIR"):
-        return Path(os.environ["ICD_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icd"
 
 
 @dataclass
@@ -577,6 +571,7 @@ def load_lora_cached(
     if (cached / MODEL_JSON).is_file():
         try:
             model = load_merged(cached, need_teacher=need_teacher)
+            mark_used(cached)
             model.info.edit = sources.recipe(model.info.family, model.info.reverse_boundaries)  # the source's, as now
             return model
         except ModelSourceError as error:

@@ -1,0 +1,22 @@
+"""Where icd keeps things, importable without torch: the cache root and its use markers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+USED_MARKER = ".used"
+
+
+def cache_root() -> Path:
+    """Where fused models, exported graphs and engines are cached: ICD_CACHE_DIR, else XDG_CACHE_HOME/icd."""
+    if os.environ.get("ICD_CACHE_DIR"):
+        return Path(os.environ["ICD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icd"
+
+
+def mark_used(folder: Path) -> None:
+    """Record that a cache entry was used now (best effort: a read-only cache stays as it is)."""
+    with contextlib.suppress(OSError):
+        (folder / USED_MARKER).touch()
