@@ -15,6 +15,9 @@ import click
 from . import __version__
 from .cli_cache import cache as _cache_command
 from .cli_common import (
+    BACKEND_SECTION,
+    MODEL_SECTION,
+    SectionedCommand,
     _check_writable_folder,
     _edit_settings,
     _load,
@@ -100,7 +103,31 @@ def main() -> None:
     _setup_logging()
 
 
-@main.command()
+@main.command(
+    cls=SectionedCommand,
+    sections=[
+        ("Inputs and prompts", ["source", "target", "spec", "from_record", "recursive"]),
+        ("Editing", ["method", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
+        ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
+                                             "blend_source", "blend_target", "blend_threshold", "amplify",
+                                             "amplify_new"]),
+        ("Output and batch", ["output", "overwrite", "shard", "as_json"]),
+        MODEL_SECTION,
+        BACKEND_SECTION,
+    ],
+    examples=[
+        "# cat.jpg -> cat-edit.png with the model's recipe",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog"',
+        "# a folder and its subfolders into edited/, one JSON line per image",
+        'icd edit photos/ -r --src "a cat" --tgt "a dog" -o edited/ --json',
+        "# Prompt-to-Prompt local blend: only the cat's / dog's region may change",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --blend-src cat --blend-tgt dog',
+        "# one edit per row of a spec file",
+        "icd edit --spec edits.jsonl -o edited/",
+        "# the released SD1.5 checkpoint, from a release tarball's folder and a local base pipeline",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --model iCD-SD15_4steps_1/ --base sd15-base/',
+    ],
+)  # fmt: skip
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--src", "source", default=None, help="Prompt that describes the input image (or per row in --spec).")
 @click.option("--tgt", "target", default=None, help="Prompt that describes the wanted result (or per row in --spec).")
@@ -116,7 +143,8 @@ def main() -> None:
     "--spec",
     type=click.Path(path_type=Path),
     default=None,
-    help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output.",
+    help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output, "
+    "blended_word.",
 )
 @click.option(
     "--from",
@@ -282,7 +310,21 @@ def edit(
     runner.run(items)
 
 
-@main.command()
+@main.command(
+    cls=SectionedCommand,
+    sections=[
+        (
+            "Inversion",
+            ["prompt", "output", "reconstruct", "guidance", "tau", "seed", "sampler", "ddim_steps", "as_json"],
+        ),
+        MODEL_SECTION,
+        BACKEND_SECTION,
+    ],
+    examples=[
+        "# latents of cat.jpg, and their decoding with the same prompt to see how faithful it is",
+        'icd invert cat.jpg --prompt "a cat" -o cat.latent.safetensors --reconstruct cat-check.png',
+    ],
+)
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt that describes the image.")
 @click.option(
@@ -382,7 +424,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "image"
 
 
-@main.command()
+@main.command(
+    cls=SectionedCommand,
+    sections=[
+        ("Generation", ["output", "guidance", "tau", "width", "height", "seed", "sampler", "ddim_steps", "as_json"]),
+        MODEL_SECTION,
+        BACKEND_SECTION,
+    ],
+    examples=['icd generate "a red circle on a blue background" -o circle.png --seed 3'],
+)
 @click.argument("prompt")
 @click.option(
     "-o",
@@ -405,10 +455,17 @@ def _slug(text: str) -> str:
     help="Dynamic guidance threshold; 1 guides every step.",
 )
 @click.option(
-    "--width", type=click.IntRange(min=8), default=None, help="Width in pixels. Default: the model's native size."
+    "--width",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Width in pixels, a multiple of the model's size step (64 for SD1.5/SDXL, 16 for the embedded model). "
+    "Default: the model's native size.",
 )
 @click.option(
-    "--height", type=click.IntRange(min=8), default=None, help="Height in pixels. Default: the model's native size."
+    "--height",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Height in pixels, a multiple of the model's size step. Default: the model's native size.",
 )
 @sampler_options
 @model_options

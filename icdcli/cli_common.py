@@ -82,9 +82,15 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "model",
             default=None,
             metavar="NAME|PATH",
-            help=f"Model folder (icd.json inside) or preset ({PRESET_NAMES}). Default: the embedded model.",
+            help=f"A preset ({PRESET_NAMES}), an icd model folder (icd.json inside), a release tarball's folder "
+            "(its LoRA files and teacher), or a hub id (org/repo) of either. Default: the embedded model.",
         ),
-        click.option("--base", default=None, metavar="DIR", help="Diffusers base pipeline folder (with LoRA files)."),
+        click.option(
+            "--base",
+            default=None,
+            metavar="DIR",
+            help="Diffusers base pipeline folder (with LoRA files or a release folder; default: the family's hub id).",
+        ),
         click.option(
             "--teacher",
             default=None,
@@ -95,13 +101,13 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--forward-lora",
             default=None,
             metavar="FILE",
-            help="Forward LoRA, e.g. forward-19-259-519-779.safetensors.",
+            help="Forward LoRA, e.g. iCD-SD15-forward_19_259_519_779.safetensors (or forward-19-259-519-779...).",
         ),
         click.option(
             "--reverse-lora",
             default=None,
             metavar="FILE",
-            help="Reverse LoRA, e.g. reverse-259-519-779-999.safetensors.",
+            help="Reverse LoRA, e.g. iCD-SD15-reverse_259_519_779_999.safetensors.",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option(
@@ -254,3 +260,40 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+MODEL_SECTION = ("Model", ["model", "base", "teacher", "forward_lora", "reverse_lora"])
+BACKEND_SECTION = ("Backend", ["backend", "device", "precision"])
+
+
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in named sections, then examples.
+
+    `sections` is a list of (title, parameter names); options in no section are listed last.
+    """
+
+    def __init__(self, *args: Any, sections: list[tuple[str, list[str]]] = (), examples: list[str] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sections = list(sections)
+        self.examples = list(examples)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        placed: set[str | None] = set()
+        for title, names in self.sections:
+            rows = [records[name] for name in names if records.get(name)]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if record and name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.examples:
+            with formatter.section("Examples"):
+                for line in self.examples:  # commands are not re-wrapped: they must stay pastable
+                    formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+        super().format_epilog(ctx, formatter)
