@@ -203,7 +203,8 @@ def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
 def test_edit_on_onnxruntime_matches_torch_and_says_so(merged_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     photo = _photo(tmp_path / "photo.png")
-    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json"]
+    # the CPU path: on a GPU machine "auto" would pick TensorRT or the GPU, not ONNX Runtime on the CPU
+    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json", "--device", "cpu"]
     on_torch = _run(*args, "-o", tmp_path / "torch.png", "--backend", "torch")
     on_ort = _run(*args, "-o", tmp_path / "ort.png", "--backend", "auto")
     assert on_ort.exit_code == 0, on_ort.output
