@@ -105,18 +105,13 @@ def expand_inputs(
 # --- spec files ------------------------------------------------------------------------------
 
 
-def _number(value: Any, name: str, kind: type) -> float | int | None:
+def _number(value: Any, name: str) -> float | int | None:
+    """A row's number checked like the flag of the same name (icdcli.values); None when the cell is empty."""
+    from .values import check_number
+
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    try:
-        number = kind(float(value)) if kind is float else int(str(value).strip())
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}") from None
-    if kind is float and not (number == number and abs(number) != float("inf")):
-        raise ValueError(f"{name} must be a finite number, not {value!r}")
-    return number
+    return check_number(name, value)
 
 
 def spec_row(raw: Any, row: int, spec: Path) -> Item:
@@ -137,15 +132,11 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
     try:
-        guidance = _number(raw.get("guidance"), "guidance", float)
-        tau = _number(raw.get("tau"), "tau", float)
-        seed = _number(raw.get("seed"), "seed", int)
+        guidance = _number(raw.get("guidance"), "guidance")
+        tau = _number(raw.get("tau"), "tau")
+        seed = _number(raw.get("seed"), "seed")
     except ValueError as error:
         return Item(label, key, row=row, error=f"{label}: {error}")
-    if guidance is not None and guidance < 0:
-        return Item(label, key, row=row, error=f"{label}: guidance must be >= 0, not {guidance}")
-    if tau is not None and not 0.0 <= tau <= 1.0:
-        return Item(label, key, row=row, error=f"{label}: tau must be within 0..1, not {tau}")
     image_path = spec.parent / image.strip()
     try:
         relative = image_path.relative_to(spec.parent)

@@ -29,6 +29,7 @@ from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
 from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
+from .values import NumberType, strict_json
 
 
 def _check_prompt(value: str, flag: str) -> str:
@@ -76,7 +77,7 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
 
 def _emit(as_json: bool, record: dict[str, Any]) -> None:
     if as_json:
-        click.echo(json.dumps(record))
+        click.echo(strict_json(record))
     else:
         _say(f"wrote {record['output']}")
 
@@ -154,7 +155,7 @@ def main() -> None:
 )
 @click.option(
     "--blend-threshold",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("blend_threshold"),
     default=0.3,
     show_default=True,
     help="p2p local blend: part of its maximum above which a word's attention counts as its region.",
@@ -256,14 +257,14 @@ def edit(
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(min=0.0),
+    type=NumberType("guidance"),
     default=1.0,
     show_default=True,
     help="CFG scale of the reconstruction (1 = unguided, the faithful choice).",
 )
 @click.option(
     "--tau",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("tau"),
     default=None,
     help="Dynamic guidance of the reconstruction. Default: the model's.",
 )
@@ -348,22 +349,22 @@ def _slug(text: str) -> str:
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(min=0.0),
+    type=NumberType("guidance"),
     default=None,
     help="Classical CFG scale w. Default: the model's (8 for SD).",
 )
 @click.option(
     "--tau",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("tau"),
     default=1.0,
     show_default=True,
     help="Dynamic guidance threshold; 1 guides every step.",
 )
 @click.option(
-    "--width", type=click.IntRange(min=8), default=None, help="Width in pixels. Default: the model's native size."
+    "--width", type=NumberType("width"), default=None, help="Width in pixels. Default: the model's native size."
 )
 @click.option(
-    "--height", type=click.IntRange(min=8), default=None, help="Height in pixels. Default: the model's native size."
+    "--height", type=NumberType("height"), default=None, help="Height in pixels. Default: the model's native size."
 )
 @sampler_options
 @model_options
@@ -477,7 +478,7 @@ def bench_inversion_command(
     teacher = model if model.teacher_unet is not None else None
     result = bench_inversion(found, teacher, limit, batch, seed, _say, lpips=lpips)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     click.echo(markdown_table(result["rows"], ["config", "mse", "psnr", "ssim"] + (["lpips"] if lpips else [])))
     if result["skipped"]:
@@ -509,7 +510,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
     result = bench_shapes_edit(model, limit, batch, seed, methods, progress=_say)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     click.echo(markdown_table(result["rows"], ["method", "kind", "psnr_target", "psnr_background", "accuracy"]))
 
@@ -536,7 +537,7 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     model = _load(model_opts, need_teacher=True).model
     result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     from .training.bench import markdown_table
 
@@ -594,7 +595,7 @@ def info(as_json: bool) -> None:
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
     report["presets"] = {name: preset.description for name, preset in PRESETS.items()}
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(strict_json(report, indent=2))
         return
     click.echo(f"icd {report['icd']} (python {report['python']}, torch {report['torch']})")
     cuda = report["cuda"]

@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .values import NumberType
+
 PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
 
 
@@ -120,7 +122,11 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
-            "--seed", type=int, default=0, show_default=True, help="Seed of the noise added before inversion."
+            "--seed",
+            type=NumberType("seed"),
+            default=0,
+            show_default=True,
+            help="Seed of the noise added before inversion.",
         ),
         click.option(
             "--sampler",
@@ -130,7 +136,11 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="icd: the forward/reverse consistency models. ddim: the teacher's DDIM baseline.",
         ),
         click.option(
-            "--ddim-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Steps of --sampler ddim."
+            "--ddim-steps",
+            type=NumberType("ddim_steps"),
+            default=50,
+            show_default=True,
+            help="Steps of --sampler ddim.",
         ),
         click.option(
             "--backend",
@@ -209,14 +219,14 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--cross-replace",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("cross_replace"),
             default=0.8,
             show_default=True,
             help="p2p: fraction of the steps whose cross-attention follows the source.",
         ),
         click.option(
             "--self-replace",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("self_replace"),
             default=0.4,
             show_default=True,
             help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's.",
@@ -232,14 +242,14 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--guidance",
-            type=click.FloatRange(min=0.0),
+            type=NumberType("guidance"),
             default=None,
             help="Classical CFG scale w (1 = none). Default: the model's edit guidance (icd), its generation "
             "guidance (ddim).",
         ),
         click.option(
             "--tau",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("tau"),
             default=None,
             help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
         ),

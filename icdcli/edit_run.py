@@ -7,7 +7,7 @@ The click command itself (its options and help) stays in cli.py and drives these
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import sys
@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+from .values import NumberError, check_number, strict_json
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,13 @@ def _p2p_settings(
     factors = []
     for entry in amplify:
         word, sep, factor = entry.partition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = None
-        if not sep or not word.strip() or value is None or value < 0:
+        if not sep or not word.strip():
             raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
-        factors.append((word.strip(), value))
+        try:
+            value = check_number("amplify", factor)
+        except NumberError as error:
+            raise click.ClickException(f"--amplify {entry!r}: {error}") from None
+        factors.append((word.strip(), float(value)))
     words = tuple(w for value in blend_words for w in value.split())
     return P2PSettings(cross_replace, self_replace, words, tuple(factors), blend_threshold=blend_threshold)
 
@@ -89,6 +90,52 @@ def _given(name: str) -> bool:
     return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
+def _recorded_number(record: dict[str, Any], key: str, name: str | None = None) -> Any:
+    """A number of a record, checked like its flag; None when the record leaves it out."""
+    value = record.get(key)
+    return None if value is None else check_number(name or key, value)
+
+
+def _recorded_values(record: dict[str, Any], flags: _EditFlags) -> tuple[dict[str, Any], Any]:
+    """The settings of a recorded edit, flags given on the command line winning; and its P2P settings (or None)."""
+    for key in ("src", "tgt"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"{key} is not a prompt")
+    values = {
+        "source": flags.source if _given("source") else record["src"],
+        "target": flags.target if _given("target") else record["tgt"],
+        "guidance": flags.guidance if _given("guidance") else _recorded_number(record, "guidance"),
+        "tau": flags.tau if _given("tau") else _recorded_number(record, "tau"),
+        "seed": flags.seed if _given("seed") else check_number("seed", record["seed"]),
+        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
+        "ddim_steps": flags.ddim_steps,
+        "method": flags.method if _given("method") else record.get("method", "swap"),
+        "p2p": flags.p2p,
+    }
+    if values["sampler"] not in ("icd", "ddim") or values["method"] not in ("auto", "p2p", "swap"):
+        raise ValueError(f"sampler {values['sampler']!r} or method {values['method']!r} is unknown")
+    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
+        values["ddim_steps"] = _recorded_number(record, "steps", "ddim_steps") or flags.ddim_steps
+    recorded = record.get("p2p")
+    p2p_flags = ("cross_replace", "self_replace", "blend_words", "blend_threshold", "amplify")
+    if not isinstance(recorded, dict) or any(_given(name) for name in p2p_flags):
+        return values, None
+    from .p2p import P2PSettings
+
+    amplify = recorded.get("amplify") or {}
+    blend = recorded.get("blend") or ()
+    if not isinstance(amplify, dict) or not isinstance(blend, (list, tuple)):
+        raise ValueError("its p2p settings are malformed")
+    settings = P2PSettings(
+        float(check_number("cross_replace", recorded.get("cross_replace", 0.8))),
+        float(check_number("self_replace", recorded.get("self_replace", 0.4))),
+        tuple(str(word) for word in blend),
+        tuple((str(word), float(check_number("amplify", factor))) for word, factor in amplify.items()),
+        blend_threshold=float(check_number("blend_threshold", recorded.get("blend_threshold", 0.3))),
+    )
+    return values, settings
+
+
 def _apply_record(
     path: Path, images: tuple[Path, ...], flags: _EditFlags, model_opts: dict[str, Any]
 ) -> tuple[tuple[Path, ...], _EditFlags, str | None]:
@@ -100,32 +147,14 @@ def _apply_record(
     record = read_record(path) if path.is_file() else None
     if record is None or not {"src", "tgt", "seed"} <= record.keys():
         raise click.ClickException(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
-    values = {
-        "source": flags.source if _given("source") else record["src"],
-        "target": flags.target if _given("target") else record["tgt"],
-        "guidance": flags.guidance if _given("guidance") else record.get("guidance"),
-        "tau": flags.tau if _given("tau") else record.get("tau"),
-        "seed": flags.seed if _given("seed") else int(record["seed"]),
-        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
-        "ddim_steps": flags.ddim_steps,
-        "method": flags.method if _given("method") else record.get("method", "swap"),
-        "p2p": flags.p2p,
-    }
-    recorded_p2p = record.get("p2p")
-    if isinstance(recorded_p2p, dict) and not any(
-        _given(name) for name in ("cross_replace", "self_replace", "blend_words", "blend_threshold", "amplify")
-    ):
-        from .p2p import P2PSettings
-
-        values["p2p"] = P2PSettings(
-            float(recorded_p2p.get("cross_replace", 0.8)),
-            float(recorded_p2p.get("self_replace", 0.4)),
-            tuple(recorded_p2p.get("blend", ())),
-            tuple((str(w), float(f)) for w, f in dict(recorded_p2p.get("amplify", {})).items()),
-            blend_threshold=float(recorded_p2p.get("blend_threshold", 0.3)),
-        )
-    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
-        values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))
+    try:
+        values, recorded_p2p = _recorded_values(record, flags)
+    except (NumberError, TypeError, ValueError, AttributeError) as error:
+        raise click.ClickException(
+            f"--from {display(path)}: its record is not usable ({error}); give the flags"
+        ) from None
+    if recorded_p2p is not None:
+        values["p2p"] = recorded_p2p
     expected_hash = None
     if not any(_given(name) for name in _MODEL_FLAGS):
         model = str(record.get("model", DEFAULT_MODEL))
@@ -192,6 +221,9 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
         target.mkdir(exist_ok=True)  # shards may race to create it
     _check_writable_folder(target)
     return plan_outputs(items, target, spec_folder)
+
+
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
 
 
 class _ItemFailed(Exception):
@@ -289,7 +321,7 @@ class _EditRun:
 
     def _json(self, record: dict[str, Any]) -> None:
         if self.as_json:
-            click.echo(json.dumps(record))
+            click.echo(strict_json(record))
 
     def _failed(self, item: Any, message: str) -> None:
         self.tally.failed += 1
@@ -303,7 +335,7 @@ class _EditRun:
 
     def _model(self) -> Loaded:
         if self.loaded is None:
-            from .batch import model_digest, model_weight_sizes
+            from .batch import display, model_digest, model_weight_sizes
             from .errors import ICDError
 
             opts = dict(self.model_opts)
@@ -316,6 +348,12 @@ class _EditRun:
                 self.loaded = _load(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
+            except OSError as error:
+                where = f" ({display(error.filename)})" if error.filename else ""
+                raise click.ClickException(
+                    f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
+                    "ICD_CACHE_DIR (a writable cache folder)"
+                ) from None
             model = self.loaded.model
             self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
             label = self.loaded.label
@@ -373,9 +411,9 @@ class _EditRun:
 
         if item.error is not None:
             raise _ItemFailed(item.error)
+        loaded = self._model()
         try:
             probe_image(item.image)
-            loaded = self._model()
             input_sha = file_sha256(item.image)
         except ICDError as error:
             raise _ItemFailed(str(error)) from None
@@ -412,7 +450,7 @@ class _EditRun:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(result, out, {"icd": json.dumps(record)})
+                save_image(result, out, {"icd": strict_json(record)})
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:
@@ -436,6 +474,21 @@ class _EditRun:
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
         }
 
+    def _guarded(self, item: Any) -> dict[str, Any] | str:
+        """`_edit_one`, with anything unforeseen that one item raises turned into that item's one-line failure."""
+        try:
+            return self._edit_one(item)
+        except (_ItemFailed, click.ClickException):
+            raise
+        except Exception as error:  # a bug or a library's surprise: this item fails, the others still run
+            return self._unforeseen(item, error)
+
+    def _unforeseen(self, item: Any, error: Exception) -> dict[str, Any] | str:
+        logging.getLogger("icd").debug("%s failed", item.label, exc_info=error)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        fatal = isinstance(error, OSError) and error.errno in _FATAL_ERRNOS
+        raise _ItemFailed(f"{item.label}: failed ({type(error).__name__}{': ' + reason if reason else ''})", fatal)
+
     # --- the loop -------------------------------------------------------------------------
 
     def _step(self, item: Any) -> bool:
@@ -444,7 +497,7 @@ class _EditRun:
 
         self.mark = time.perf_counter()
         try:
-            outcome = self._edit_one(item)
+            outcome = self._guarded(item)
         except _ItemFailed as failure:
             if not self.batch:
                 if self.as_json:

@@ -43,8 +43,17 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _strict(text):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _lines(result):
-    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+    return [_strict(line) for line in result.stdout.strip().splitlines()]
 
 
 def _files(folder):
@@ -221,6 +230,48 @@ def test_spec_batch_with_bad_rows(merged_dir, tmp_path):
     assert "Traceback" not in result.output
     neither = _run("edit", tmp_path / "pics" / "a.png", "--model", merged_dir)
     assert neither.exit_code == 1 and "--src and --tgt are needed" in neither.stderr
+
+
+def test_bad_numbers_in_spec_rows_fail_their_row_alone(merged_dir, tmp_path):
+    _photo(tmp_path / "a.png")
+    good = {"image": "a.png", "src": "a cat", "tgt": "a dog"}
+    bad = [("seed", 99999999999999999999), ("seed", -1), ("seed", 1.5), ("seed", "1e400"), ("guidance", 1e308),
+           ("tau", "nan"), ("tau", 2), ("guidance", True), ("guidance", [1])]  # fmt: skip
+    rows = [json.dumps({**good, "output": f"bad{i}.png", name: value}) for i, (name, value) in enumerate(bad)]
+    rows.insert(4, json.dumps({**good, "output": "good.png", "seed": 2**63 - 1}))
+    rows += ['{"image": "a.png", "src": "a cat", "tgt": "a dog", "guidance": NaN, "output": "nan.png"}',
+             '{"image": "a.png", "src": "a cat", "tgt": "a dog", "tau": -Infinity, "output": "inf.png"}']  # fmt: skip
+    spec = tmp_path / "edits.jsonl"
+    spec.write_text("\n".join(rows))
+    csv_spec = tmp_path / "edits.csv"
+    csv_spec.write_text("image,src,tgt,seed,output\na.png,a cat,a dog,99999999999999999999,c1.png\n"
+                        "a.png,a cat,a dog,nan,c2.png\na.png,a cat,a dog,4,c3.png\n")  # fmt: skip
+    for path, done in ((spec, ["good.png"]), (csv_spec, ["c3.png"])):
+        result = _run("edit", "--spec", path, "--model", merged_dir, "--json", "-o", tmp_path / "out")
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = _lines(result)
+        summary = lines.pop()
+        assert summary["status"] == "summary" and summary["done"] == 1 and summary["failed"] == len(lines) - 1
+        assert [Path(line["output"]).name for line in lines if line["status"] == "done"] == done
+        for line in lines:
+            if line["status"] == "failed":
+                assert "must be" in line["error"] and "\n" not in line["error"], line
+    assert _files(tmp_path / "out") == ["c3.png", "good.png"]
+
+
+def test_a_record_with_bad_numbers_is_refused_in_one_line(merged_dir, tmp_path):
+    from PIL import PngImagePlugin
+
+    photo = _photo(tmp_path / "photo.png")
+    for key, value in (("seed", 99999999999999999999), ("guidance", float("nan")), ("tau", "x"), ("seed", None)):
+        record = {"src": "a cat", "tgt": "a dog", "seed": 1, "input": str(photo), "method": "swap", key: value}
+        info = PngImagePlugin.PngInfo()
+        info.add_text("icd", json.dumps(record))
+        Image.new("RGB", (16, 16)).save(tmp_path / "tampered.png", pnginfo=info)
+        result = _run("edit", "--from", tmp_path / "tampered.png", "--model", merged_dir, "-o", tmp_path / "o.png")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "not usable" in result.stderr, result.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_sharded_runs_cover_the_folder_exactly_once(merged_dir, tmp_path):
