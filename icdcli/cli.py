@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -82,7 +83,28 @@ def _emit(as_json: bool, record: dict[str, Any]) -> None:
         _say(f"wrote {record['output']}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The `icd` group: Ctrl-C and SIGTERM end any command with a line and exit 130 or 143, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
+        from .stopping import EXIT_TERMINATED, exit_code, handle_sigterm
+
+        previous = signal.getsignal(signal.SIGTERM)
+        handle_sigterm()
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as stop:
+            code = exit_code(stop)
+            _say("terminated" if code == EXIT_TERMINATED else "interrupted")
+            raise click.exceptions.Exit(code) from None
+        finally:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, previous)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="icd")
 def main() -> None:
     """Edit real photos from text in about 8 network evaluations (invertible Consistency Distillation).

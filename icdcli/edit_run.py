@@ -235,21 +235,27 @@ class _ItemFailed(Exception):
 
 
 class _Interrupts:
-    """First Ctrl-C: finish the current item, then stop. Second: stop at once (KeyboardInterrupt)."""
+    """First Ctrl-C: finish the current item, then stop. Second: stop at once (KeyboardInterrupt).
+
+    SIGTERM: drop the current item if it has not started writing (Terminated), else finish it; then stop
+    with exit code 143. `droppable` says whether the current item may still be dropped.
+    """
 
     def __init__(self) -> None:
+        from .stopping import EXIT_INTERRUPTED
+
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.code = EXIT_INTERRUPTED
+        self.droppable = False
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
+        import contextlib
         import signal
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
-            pass
+        for signum, handler in ((signal.SIGINT, self._handle), (signal.SIGTERM, self._terminate)):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the signals as they are
+                self._previous[signum] = signal.signal(signum, handler)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -258,11 +264,22 @@ class _Interrupts:
         self.requested = True
         _say("stopping after the current image (Ctrl-C again to stop at once)")
 
+    def _terminate(self, signum: int, frame: Any) -> None:
+        from .stopping import EXIT_TERMINATED, Terminated
+
+        first = self.code != EXIT_TERMINATED
+        self.requested, self.code = True, EXIT_TERMINATED
+        if self.droppable:
+            self.droppable = False
+            raise Terminated
+        if first:
+            _say("terminating after the current image")
+
     def __exit__(self, *exc: Any) -> None:
         import signal
 
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _write_failure(error: OSError, out: Path) -> _ItemFailed:
@@ -280,6 +297,38 @@ def _write_failure(error: OSError, out: Path) -> _ItemFailed:
         return _ItemFailed(f"{display(out)}: the file system is read-only; choose another -o", fatal=True)
     reason = error.strerror or str(error)
     return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, outermost first."""
+    from .batch import display
+
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            _remove_empty(created)
+            raise _ItemFailed(
+                f"output folder {display(path)} cannot be created ({error.strerror or error}); choose another -o"
+            ) from None
+        created.append(path)
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders `_make_folders` created, innermost first, as long as they are empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 class _EditRun:
@@ -309,6 +358,7 @@ class _EditRun:
         self.model_ref = ""
         self.tally = Tally()
         self.bar: Any = None
+        self.interrupts: _Interrupts | None = None
         self.mark = started
 
     # --- reporting ------------------------------------------------------------------------
@@ -403,11 +453,10 @@ class _EditRun:
 
     def _edit_one(self, item: Any) -> dict[str, Any] | str:
         """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
-        from .batch import decide, display
-        from .editing import SamplerSettings, Timings, edit
+        from .batch import display
+        from .claims import claim, claim_owner
         from .errors import ICDError
-        from .images import file_sha256, load_image, original_size, probe_image, read_record, save_image
-        from .p2p import P2PError
+        from .images import file_sha256, probe_image
 
         if item.error is not None:
             raise _ItemFailed(item.error)
@@ -419,6 +468,29 @@ class _EditRun:
             raise _ItemFailed(str(error)) from None
         except OSError as error:
             raise _ItemFailed(f"{display(item.image)}: cannot be read ({error.strerror or error})") from None
+        out = item.output
+        created = _make_folders(out.parent)
+        try:
+            held = claim(out)
+        except OSError as error:
+            _remove_empty(created)
+            raise _write_failure(error, out) from None
+        if held is None:
+            return f"being made by another icd run (process {claim_owner(out) or 'unknown'})"
+        try:
+            return self._make(item, loaded, input_sha)
+        finally:
+            held.release()
+            _remove_empty(created)
+
+    def _make(self, item: Any, loaded: Loaded, input_sha: str) -> dict[str, Any] | str:
+        """Decide on an output this process has claimed, and make it (the JSON record) or say why not."""
+        from .batch import decide, display
+        from .editing import SamplerSettings, Timings, edit
+        from .errors import ICDError
+        from .images import load_image, original_size, read_record, save_image
+        from .p2p import P2PError
+
         out = item.output
         wanted = self._wanted(item, input_sha, None)
         exists = os.path.lexists(out)
@@ -445,9 +517,10 @@ class _EditRun:
             from PIL import Image
 
             result = result.resize(size, Image.Resampling.LANCZOS)
+        if self.interrupts is not None:
+            self.interrupts.droppable = False  # from here the item is finished, not dropped, on SIGTERM
         with timings.stage("write"):
             try:
-                out.parent.mkdir(parents=True, exist_ok=True)
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
                 save_image(result, out, {"icd": strict_json(record)})
@@ -482,6 +555,9 @@ class _EditRun:
             raise
         except Exception as error:  # a bug or a library's surprise: this item fails, the others still run
             return self._unforeseen(item, error)
+        finally:
+            if self.interrupts is not None:
+                self.interrupts.droppable = False  # reporting the item is never cut short
 
     def _unforeseen(self, item: Any, error: Exception) -> dict[str, Any] | str:
         logging.getLogger("icd").debug("%s failed", item.label, exc_info=error)
@@ -496,6 +572,8 @@ class _EditRun:
         from .batch import display
 
         self.mark = time.perf_counter()
+        if self.interrupts is not None:
+            self.interrupts.droppable = True
         try:
             outcome = self._guarded(item)
         except _ItemFailed as failure:
@@ -508,7 +586,8 @@ class _EditRun:
         if isinstance(outcome, str):
             self.tally.skipped += 1
             self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
-            self._text(f"skipped {display(item.output)}: {outcome} (--overwrite makes it again)")
+            again = " (--overwrite makes it again)" if outcome.startswith("already made") else ""
+            self._text(f"skipped {display(item.output)}: {outcome}{again}")
         else:
             self.tally.done += 1
             self._json(outcome)
@@ -516,14 +595,32 @@ class _EditRun:
                 self._text(f"wrote {display(item.output)}")
         return True
 
+    def _sweep(self, items: list) -> None:
+        """Remove what runs killed before (SIGKILL, power loss) left in the output folders: temporary files, claims."""
+        from .batch import display
+        from .claims import sweep
+
+        folders = {item.output.parent for item in items if item.error is None and item.output is not None}
+        for folder in sorted(folders, key=str):
+            removed = sweep(folder)
+            if removed:
+                self._text(
+                    f"removed {len(removed)} unfinished file(s) of an earlier run that was killed, in {display(folder)}"
+                )
+
     def run(self, items: list) -> None:
         from tqdm import tqdm
 
+        from .stopping import EXIT_INTERRUPTED, exit_code
+
         interrupted = aborted = stopped = False
+        code = EXIT_INTERRUPTED
         with _Interrupts() as interrupts:
+            self.interrupts = interrupts
             self.bar = tqdm(total=len(items), desc="editing", unit="image", file=sys.stderr,
                             disable=(not self.batch) or None, dynamic_ncols=True)  # fmt: skip
             try:
+                self._sweep(items)
                 for item in items:
                     if interrupts.requested:
                         break
@@ -531,21 +628,27 @@ class _EditRun:
                         stopped = True
                         break
                     self.bar.update(1)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current item is dropped
                 aborted = True
+                code = exit_code(stop)
             finally:
+                interrupts.droppable = False
                 self.bar.close()
             interrupted = interrupts.requested or aborted
-        self._finish(len(items), interrupted, stopped)
+            code = max(code, interrupts.code)
+        self._finish(len(items), interrupted, stopped, code)
 
-    def _finish(self, total: int, interrupted: bool, stopped: bool) -> None:
+    def _finish(self, total: int, interrupted: bool, stopped: bool, code: int = 130) -> None:
+        from .stopping import EXIT_TERMINATED
+
         seconds = time.perf_counter() - self.started
         if self.batch or interrupted:
             load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
             self._json(self.tally.summary(seconds, load_seconds))
-            _say(self.tally.line(seconds, interrupted))
+            line = self.tally.line(seconds, interrupted)
+            _say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
         if interrupted:
-            sys.exit(130)
+            sys.exit(code)
         if stopped:
             raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.tally.failed:
