@@ -242,7 +242,14 @@ def _identity(path: Path) -> str:
     return display(Path(os.path.abspath(path)))
 
 
-def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None = None) -> list[Item]:
+def escapes(output: Path) -> bool:
+    """Whether a spec row's `output` would leave the folder it is relative to (absolute, or through `..`)."""
+    return output.is_absolute() or ".." in output.parts or output.anchor != ""
+
+
+def plan_outputs(
+    items: list[Item], folder: Path | None, spec_out: Path | None = None, anywhere: bool = False
+) -> list[Item]:
     """Every usable item with its output path decided.
 
     A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
@@ -256,6 +263,14 @@ def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None =
     for item in items:
         if item.error is not None:
             planned.append(item)
+        elif item.output is not None and escapes(item.output) and not anywhere:
+            planned.append(
+                replace(
+                    item,
+                    error=f"{item.label}: its output {display(item.output)} leaves the output folder; give a path "
+                    "inside it, or pass --any-output to allow this",
+                )
+            )
         elif item.output is not None:
             base = folder if folder is not None else (spec_out or Path("."))
             planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
@@ -393,11 +408,13 @@ def parameter_record(
     }
 
 
-def record_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+def record_differences(
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], fields: tuple[str, ...] = MATCH_FIELDS
+) -> list[str]:
     """The deciding fields on which two records differ ('seed 0 -> 7', ...)."""
     return [
         f"{name} {existing.get(name)!r} -> {wanted.get(name)!r}"
-        for name in MATCH_FIELDS
+        for name in fields
         if existing.get(name) != wanted.get(name)
     ]
 
@@ -410,17 +427,27 @@ class Decision:
     reason: str = ""
 
 
-def decide(exists: bool, existing: Mapping[str, Any] | None, wanted: Mapping[str, Any], overwrite: bool) -> Decision:
-    """Run a missing output; skip one made with the same parameters; refuse to replace any other."""
+def decide(
+    exists: bool,
+    existing: Mapping[str, Any] | None,
+    wanted: Mapping[str, Any],
+    overwrite: bool,
+    fields: tuple[str, ...] = MATCH_FIELDS,
+    maker: str = "icd edit",
+) -> Decision:
+    """Run a missing output; skip one made with the same parameters; refuse to replace any other.
+
+    The one rule of every command that writes a file: `fields` are what decide its content, `maker` the
+    command whose records carry them."""
     if not exists:
         return Decision("run")
     if overwrite:
         return Decision("run", "replacing the existing output (--overwrite)")
     if existing is None:
         return Decision(
-            "refuse", "exists and was not made by icd edit; pass --overwrite to replace it, or choose another -o"
+            "refuse", f"exists and was not made by {maker}; pass --overwrite to replace it, or choose another -o"
         )
-    differences = record_differences(existing, wanted)
+    differences = record_differences(existing, wanted, fields)
     if not differences:
         return Decision("skip", "already made with these parameters")
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")

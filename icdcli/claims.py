@@ -79,6 +79,8 @@ def temporary_beside(target: Path) -> Iterator[Path]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue
+        except OSError as error:  # about the target, not a name the user never gave
+            raise OSError(error.errno, error.strerror, str(target)) from None
         break
     else:  # pragma: no cover - a hundred random names taken
         raise FileExistsError(f"no free temporary name beside {target}")

@@ -8,12 +8,14 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
+from .claims import sweep
 from .cli_common import (
     _check_writable_folder,
     _edit_settings,
@@ -30,6 +32,15 @@ from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
 from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
+from .outputs import (
+    GENERATE_FIELDS,
+    INVERT_FIELDS,
+    RECONSTRUCT_FIELDS,
+    check_existing,
+    emit,
+    existing_record,
+    reported_failure,
+)
 from .values import NumberType, strict_json
 
 
@@ -47,8 +58,14 @@ def _unique(path: Path, taken: set[Path]) -> Path:
     return candidate
 
 
+def _made_by_icd(path: Path) -> bool:
+    from .outputs import existing_record
+
+    return existing_record(path) is not None
+
+
 def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Path]:
-    """Where each input's result goes: never onto an input, and default names never replace any file.
+    """Where each input's result goes: never onto an input, and default names never onto a file icd did not make.
 
     `output` is a file for one input, a folder for several (or when it ends in a separator or is
     an existing folder); a missing output folder is created when its parent exists.
@@ -70,17 +87,12 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
     for path in inputs:
         folder = Path(output) if output is not None else path.parent
         _check_writable_folder(folder)
-        chosen = _unique(folder / f"{path.stem}{suffix}", taken)
+        chosen = folder / f"{path.stem}{suffix}"
+        if chosen.resolve() in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
+            chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
         taken.add(chosen.resolve())
         planned.append(chosen)
     return planned
-
-
-def _emit(as_json: bool, record: dict[str, Any]) -> None:
-    if as_json:
-        click.echo(strict_json(record))
-    else:
-        _say(f"wrote {record['output']}")
 
 
 class _Group(click.Group):
@@ -158,6 +170,11 @@ def main() -> None:
     metavar="I/N|auto",
     help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
 )
+@click.option(
+    "--any-output",
+    is_flag=True,
+    help="Let a --spec row's output be any path (absolute, or leaving the output folder through ..).",
+)
 @edit_guidance_options
 @click.option(
     "--method",
@@ -201,6 +218,7 @@ def edit(
     recursive: bool,
     overwrite: bool,
     shard: str | None,
+    any_output: bool,
     guidance: float | None,
     tau: float | None,
     method: str,
@@ -251,7 +269,7 @@ def edit(
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     batch = batch or shard_index is not None
-    items = _plan_edit_outputs(items, output, spec, batch)
+    items = _plan_edit_outputs(items, output, spec, batch, any_output)
     if shard_index is not None:
         items = select_shard(items, *shard_index)
         _say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
@@ -290,6 +308,9 @@ def edit(
     default=None,
     help="Dynamic guidance of the reconstruction. Default: the model's.",
 )
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
+)
 @sampler_options
 @model_options
 @_reports_errors
@@ -300,6 +321,7 @@ def invert(
     reconstruct: str | None,
     guidance: float,
     tau: float | None,
+    overwrite: bool,
     seed: int,
     sampler: str,
     ddim_steps: int,
@@ -313,47 +335,154 @@ def invert(
     """
     started = time.perf_counter()
     _check_prompt(prompt, "--prompt")
-    if output is not None and not output.endswith(".safetensors"):
+    if output is not None and not output.endswith(".safetensors") and not Path(output).is_dir():
         raise click.ClickException(f"-o {output}: the latent file must end in .safetensors")
-    latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
-    recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+    if reconstruct is not None and Path(reconstruct).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ""):
+        raise click.ClickException(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
+    with reported_failure(as_json, str(image), output or image.parent / f"{image.stem}.latent.safetensors"):
+        latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
+        recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+        for folder in {latent_path.parent, *([recon_path.parent] if recon_path else [])}:
+            sweep(folder)
+        _invert(image, prompt, latent_path, recon_path, guidance, tau, SeedAndSampler(seed, sampler, ddim_steps),
+                as_json, overwrite, started, model_opts)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SeedAndSampler:
+    seed: int
+    sampler: str
+    ddim_steps: int
+
+
+def _invert(
+    image: Path,
+    prompt: str,
+    latent_path: Path,
+    recon_path: Path | None,
+    guidance: float,
+    tau: float | None,
+    how: SeedAndSampler,
+    as_json: bool,
+    overwrite: bool,
+    started: float,
+    model_opts: dict[str, Any],
+) -> None:
     from safetensors.torch import save_file
 
     from .editing import SamplerSettings, Timings, decode
     from .editing import invert as run_invert
-    from .images import atomic_path, load_image, save_image, tensor_to_image
+    from .images import atomic_path, file_sha256, load_image, save_image, tensor_to_image
 
     picture = load_image(image)
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
-    model, label = loaded.model, loaded.label
+    input_sha = file_sha256(image)
+    loaded = _load(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
+    model = loaded.model
+    steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
+    record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
+              "seed": how.seed, "input": str(image.absolute()), "input_sha256": input_sha}  # fmt: skip
+    latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
+    recon_record = recon_skip = None
+    if recon_path is not None:
+        _, t = _edit_settings(model, how.sampler, guidance, tau)
+        recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
+        recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
+    result = {"input": str(image), "output": str(latent_path), "model": loaded.label, "backend": loaded.backend,
+              "seed": how.seed}  # fmt: skip
+    if recon_path is not None:
+        result["reconstruction"] = str(recon_path)
+    if latent_skip is not None and (recon_path is None or recon_skip is not None):
+        emit(as_json, {"status": "skipped", **result, "reason": latent_skip})
+        return
     timings = Timings({"load": loaded.seconds})
-    settings = SamplerSettings(sampler, ddim_steps, seed)
+    settings = SamplerSettings(how.sampler, how.ddim_steps, how.seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
     metadata = {
         "prompt": prompt,
-        "model": label,
-        "sampler": sampler,
-        "seed": str(seed),
+        "model": loaded.label,
+        "sampler": how.sampler,
+        "seed": str(how.seed),
         "width": str(inversion.size[0]),
         "height": str(inversion.size[1]),
         "original_width": str(picture.width),
         "original_height": str(picture.height),
         "forward_boundaries": json.dumps(list(model.info.forward_boundaries)),
         "icd_version": __version__,
+        "icd": strict_json(record),
     }
-    with atomic_path(latent_path) as temporary:
-        save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
-    record = {"input": str(image), "output": str(latent_path), "model": label, "backend": loaded.backend, "seed": seed}
-    if recon_path is not None:
-        _, t = _edit_settings(model, sampler, guidance, tau)
+    if recon_path is not None and recon_skip is None:
         with timings.stage("decode"):
-            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, t, settings)
-            save_image(tensor_to_image(pixels, picture.size), recon_path)
-        record["reconstruction"] = str(recon_path)
+            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, recon_record["tau"], settings)
+            reconstruction = tensor_to_image(pixels, picture.size)
+    if latent_skip is None:
+        with atomic_path(latent_path) as temporary:
+            save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
+    if recon_path is not None and recon_skip is None:
+        save_image(reconstruction, recon_path, {"icd": strict_json(recon_record)})
     timings.seconds["total"] = time.perf_counter() - started
-    record["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
-    _emit(as_json, record)
+    result["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
+    emit(as_json, {"status": "done", **result})
+
+
+def _check_output_folder(folder: Path) -> None:
+    """The folder an output goes to must exist and be writable (one line saying so otherwise)."""
+    try:
+        _check_writable_folder(folder)
+    except OSError as error:
+        raise click.ClickException(f"output folder {folder}: {error.strerror or error}; choose another -o") from None
+
+
+def _memory_budget(device: str) -> int | None:
+    """Free memory where the model will run: the GPU's when it runs on one, else the machine's."""
+    from .limits import available_bytes
+
+    if device != "cpu" and not device.startswith("mps"):
+        import torch
+
+        if torch.cuda.is_available():
+            try:
+                return torch.cuda.mem_get_info(torch.device(device if device.startswith("cuda") else "cuda"))[0]
+            except (RuntimeError, ValueError):
+                return None
+    return available_bytes()
+
+
+def _check_size_before_loading(width: int | None, height: int | None, model_opts: dict[str, Any]) -> None:
+    """Refuse a size the model cannot take, or this machine cannot hold, before the model loads."""
+    from .limits import model_sizes, size_problem
+
+    if width is None and height is None:
+        return
+    sizes = model_sizes(model_opts["model"], model_opts["base"])
+    if sizes is None:  # a preset: known once loaded (_check_size)
+        return
+    problem = size_problem(width or sizes.native, height or sizes.native, sizes, _memory_budget(model_opts["device"]))
+    if problem:
+        raise click.UsageError(problem)
+
+
+def _check_size(size: tuple[int, int], model: Any) -> None:
+    from .limits import Sizes, size_problem
+
+    sizes = Sizes(model.info.native_size, model.info.size_multiple, model.vae_scale_factor)
+    problem = size_problem(*size, sizes, _memory_budget(str(model.device)))
+    if problem:
+        raise click.UsageError(problem)
+
+
+def _model_record(loaded: Any) -> dict[str, Any]:
+    """What an output records about the model that made it."""
+    from .batch import model_digest, model_weight_sizes
+
+    model = loaded.model
+    return {
+        "model": loaded.label,
+        "model_hash": model_digest(model.info.to_json(), model_weight_sizes(model)),
+        "backend": loaded.backend,
+        "precision": str(model.dtype).removeprefix("torch."),
+        "icd_version": __version__,
+    }
 
 
 def _slug(text: str) -> str:
@@ -388,6 +517,9 @@ def _slug(text: str) -> str:
 @click.option(
     "--height", type=NumberType("height"), default=None, help="Height in pixels. Default: the model's native size."
 )
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
+)
 @sampler_options
 @model_options
 @_reports_errors
@@ -398,43 +530,60 @@ def generate(
     tau: float,
     width: int | None,
     height: int | None,
+    overwrite: bool,
     seed: int,
     sampler: str,
     ddim_steps: int,
     as_json: bool,
     **model_opts: Any,
 ) -> None:
-    """Generate an image from PROMPT in the reverse model's 3-4 steps."""
+    """Generate an image from PROMPT in the reverse model's 3-4 steps.
+
+    The PNG records its parameters; an existing file is replaced only with --overwrite (one made with the
+    same parameters is skipped).
+    """
     started = time.perf_counter()
     _check_prompt(prompt, "PROMPT")
-    if output is None:
-        target = _unique(Path(f"{_slug(prompt)}-s{seed}.png"), set())
-    else:
-        target = Path(output)
-        _check_writable_folder(target.parent)
+    default_name = f"{_slug(prompt)}-s{seed}.png"
+    target = Path(output) if output is not None else Path(default_name)
+    if output is not None and (output.endswith(("/", os.sep)) or target.is_dir()):
+        target = target / default_name
+    with reported_failure(as_json, prompt, target):
+        _check_output_folder(target.parent)
+        _check_size_before_loading(width, height, model_opts)
+        sweep(target.parent)
 
-    from .editing import SamplerSettings, Timings
-    from .editing import generate as run_generate
-    from .images import save_image
+        from .editing import SamplerSettings, Timings
+        from .editing import generate as run_generate
+        from .images import save_image
 
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
-    model, label = loaded.model, loaded.label
-    multiple = model.info.size_multiple
-    size = (width or model.info.native_size, height or model.info.native_size)
-    if size[0] % multiple or size[1] % multiple:
-        raise click.ClickException(f"--width and --height must be multiples of {multiple} for this model")
-    timings = Timings({"load": loaded.seconds})
-    w = guidance if guidance is not None else model.info.generate_guidance
-    with timings.stage("decode"):
-        image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
-    save_image(image, target, {"icd": json.dumps({"prompt": prompt, "seed": seed, "guidance": w})})
+        loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+        model = loaded.model
+        size = (width or model.info.native_size, height or model.info.native_size)
+        _check_size(size, model)
+        w = guidance if guidance is not None else model.info.generate_guidance
+        steps = model.info.num_steps if sampler == "icd" else ddim_steps
+        record = {"command": "generate", **_model_record(loaded), "sampler": sampler, "steps": steps,
+                  "prompt": prompt, "guidance": float(w), "tau": float(tau), "seed": seed, "width": size[0],
+                  "height": size[1]}  # fmt: skip
+        if target.name == default_name and os.path.lexists(target) and existing_record(target) is None:
+            target = _unique(target, set())  # a default name never replaces a file icd did not make
+        reason = check_existing(target, record, GENERATE_FIELDS, overwrite)
+        if reason is not None:
+            emit(as_json, {"status": "skipped", "input": prompt, "output": str(target), "reason": reason})
+            return
+        timings = Timings({"load": loaded.seconds})
+        with timings.stage("decode"):
+            image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
+        save_image(image, target, {"icd": strict_json(record)})
     timings.seconds["total"] = time.perf_counter() - started
-    _emit(
+    emit(
         as_json,
         {
+            "status": "done",
             "input": prompt,
             "output": str(target),
-            "model": label,
+            "model": loaded.label,
             "backend": loaded.backend,
             "seed": seed,
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},

@@ -73,8 +73,17 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except ICDError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:  # the file system said no: one line with the path and the reason
+            raise click.ClickException(_os_error_line(error)) from None
 
     return wrapper
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OSError as one line: the path it concerns, the reason, and what to check."""
+    path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -159,6 +168,8 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _check_writable_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"output folder {folder} is a file, not a folder: choose another -o")
     if not folder.is_dir():
         raise click.ClickException(f"output folder {folder} does not exist: create it first")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -191,13 +191,32 @@ def _collect_items(images: list[Path], spec: Path | None, recursive: bool, flags
     items, any_folder = expand_inputs(images, recursive, skip=_is_icd_output)
     if spec is not None:
         items += read_spec(spec)
-    items = [with_prompts(item, flags.source, flags.target) for item in items]
+    items = _drop_repeats([with_prompts(item, flags.source, flags.target) for item in items])
     if not items:
         raise click.ClickException("no images found: folders are searched for image files (-r descends)")
     return items, any_folder or spec is not None or len(items) > 1
 
 
-def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool) -> list:
+def _drop_repeats(items: list) -> list:
+    """Items that are the same edit of the same file (a file named twice, or inside a folder also given)
+    become one, with a note."""
+
+    seen: dict[tuple, Any] = {}
+    kept = []
+    for item in items:
+        if item.error is not None or item.image is None:
+            kept.append(item)
+            continue
+        identity = (os.path.realpath(item.image), item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
+        if identity in seen:
+            _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
+            continue
+        seen[identity] = item
+        kept.append(item)
+    return kept
+
+
+def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool, anywhere: bool = False) -> list:
     """Decide every output. -o is a file only for a single input; a folder is created when its parent exists."""
     from dataclasses import replace
 
@@ -205,7 +224,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
 
     spec_folder = spec.parent if spec is not None else None
     if output is None:
-        return plan_outputs(items, None, spec_folder)
+        return plan_outputs(items, None, spec_folder, anywhere)
     target = Path(output)
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
         _check_writable_folder(target.parent)
@@ -214,13 +233,18 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
             raise click.ClickException(
                 f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
-        return plan_outputs([replace(item, output=target)], None, spec_folder)
+        return plan_outputs([replace(item, output=target)], None, spec_folder, anywhere=True)  # -o: the user's own path
     if not target.exists():
         if not target.parent.is_dir():
             raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
-        target.mkdir(exist_ok=True)  # shards may race to create it
+        try:
+            target.mkdir(exist_ok=True)  # shards may race to create it
+        except OSError as error:
+            raise click.ClickException(
+                f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
+            ) from None
     _check_writable_folder(target)
-    return plan_outputs(items, target, spec_folder)
+    return plan_outputs(items, target, spec_folder, anywhere)
 
 
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
