@@ -223,3 +223,94 @@ def test_naming_a_backend_that_cannot_run_is_a_clear_error(merged_dir, tmp_path)
                   "--backend", "tensorrt")  # fmt: skip
     assert result.exit_code == 1 and "--backend tensorrt needs" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _strict_lines(result):
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in result.stdout.strip().splitlines()]
+
+
+def test_generate_and_invert_replace_only_what_icd_made_with_the_same_parameters(merged_dir, tmp_path):
+    from icdcli.images import read_record
+    from icdcli.outputs import read_latent_record
+
+    photo = _photo(tmp_path / "photo.png")
+    foreign = {name: tmp_path / name for name in ("mine.png", "mine.safetensors", "back.png")}
+    for path in foreign.values():
+        path.write_bytes(b"the user's own file")
+    model = ["--model", merged_dir, "--json"]
+    attempts = [
+        ("generate", "a cat", "-o", foreign["mine.png"]),
+        ("invert", photo, "--prompt", "a cat", "-o", foreign["mine.safetensors"]),
+        ("invert", photo, "--prompt", "a cat", "-o", tmp_path / "l.safetensors", "--reconstruct", foreign["back.png"]),
+    ]
+    for attempt in attempts:
+        refused = _run(*attempt, *model)
+        assert refused.exit_code == 1 and "not made by icd" in refused.stderr and "--overwrite" in refused.stderr
+        (line,) = _strict_lines(refused)
+        assert line["status"] == "failed" and "--overwrite" in line["error"] and {"input", "output"} <= line.keys()
+    assert all(path.read_bytes() == b"the user's own file" for path in foreign.values())
+    assert not (tmp_path / "l.safetensors").exists()
+    generate = ["generate", "a cat", "-o", tmp_path / "g.png", *model]
+    invert = ["invert", photo, "--prompt", "a cat", "-o", tmp_path / "l.safetensors", "--reconstruct",
+              tmp_path / "r.png", *model]  # fmt: skip
+    for command in (generate, invert):
+        first, again = _run(*command), _run(*command)
+        assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+        assert _strict_lines(first)[0]["status"] == "done" and _strict_lines(again)[0]["status"] == "skipped"
+        other = _run(*command, "--seed", 4)
+        assert other.exit_code == 1 and "seed 0 -> 4" in other.stderr
+        assert _run(*command, "--seed", 4, "--overwrite").exit_code == 0
+    assert read_record(tmp_path / "g.png")["seed"] == 4 and read_record(tmp_path / "g.png")["command"] == "generate"
+    latent, recon = read_latent_record(tmp_path / "l.safetensors"), read_record(tmp_path / "r.png")
+    assert latent["command"] == "invert" and latent["seed"] == 4 and latent["input_sha256"].startswith("sha256:")
+    assert recon["command"] == "invert-reconstruct" and recon["guidance"] == 1.0 and recon["seed"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["photo.png", "g.png", "l.safetensors", "r.png", *foreign]
+    )
+
+
+def test_default_names_never_replace_a_file_icd_did_not_make(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    (tmp_path / "photo.latent.safetensors").write_bytes(b"someone else's")
+    result = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "--json")
+    assert result.exit_code == 0 and _strict_lines(result)[0]["output"] == str(tmp_path / "photo.latent-1.safetensors")
+    assert (tmp_path / "photo.latent.safetensors").read_bytes() == b"someone else's"
+
+
+def test_an_input_given_twice_is_one_item(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    result = _run("edit", photo, tmp_path / "." / "photo.png", tmp_path, "--src", "a cat", "--tgt", "a dog",
+                  "--model", merged_dir, "--json", "-o", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = _strict_lines(result)
+    assert [line["status"] for line in lines] == ["done", "summary"]
+    assert result.stderr.count("is the same edit as") == 2
+    assert _listing(tmp_path / "out") == ["photo-edit.png"]
+
+
+@pytest.mark.parametrize("where", ["/tmp/elsewhere.png", "../up.png", "sub/../../up.png"])
+def test_a_spec_output_may_not_leave_the_output_folder_unless_allowed(merged_dir, tmp_path, where):
+    _photo(tmp_path / "photo.png")
+    spec = tmp_path / "spec.jsonl"
+    rows = [{"image": "photo.png", "src": "a cat", "tgt": "a dog", "output": where},
+            {"image": "photo.png", "src": "a cat", "tgt": "a fox", "output": "fine.png"}]  # fmt: skip
+    spec.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "out"
+    result = _run("edit", "--spec", spec, "--model", merged_dir, "--json", "-o", out)
+    assert result.exit_code == 1
+    failed, done, summary = _strict_lines(result)
+    assert (
+        failed["status"] == "failed"
+        and "leaves the output folder" in failed["error"]
+        and "--any-output" in failed["error"]
+    )
+    assert done["status"] == "done" and summary["failed"] == 1
+    assert _listing(out) == ["fine.png"] and not (tmp_path / "up.png").exists()
+    if where.startswith("/"):
+        return  # not written outside the test's folder
+    allowed = _run("edit", "--spec", spec, "--model", merged_dir, "--json", "-o", out, "--any-output")
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "up.png").exists()
