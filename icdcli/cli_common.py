@@ -183,6 +183,22 @@ def _edit_settings(model, sampler: str, guidance: float | None, tau: float | Non
     return (guidance if guidance is not None else model.info.edit_guidance), (model.info.tau if tau is None else tau)
 
 
+def _cache_problem() -> str | None:
+    """Why icd's cache folder cannot be written (None when it can): a file is created in it and removed."""
+    import tempfile
+
+    from .models import cache_root
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".icd-write-check-"):
+            pass
+    except OSError as error:
+        return f"the cache folder {root} cannot be written ({error.strerror or type(error).__name__})"
+    return None
+
+
 @dataclass
 class Loaded:
     """A model ready to run, what the user called it, how long loading took, and the backend it runs on."""
@@ -212,6 +228,14 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
     device = resolve_device(ctx_options["device"])
     precision = ctx_options["precision"]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    cache_problem = _cache_problem()
+    if cache_problem and backend not in (None, "auto", "torch"):
+        from .errors import ICDError
+
+        raise ICDError(f"--backend {backend} keeps its graphs in the cache, but {cache_problem}: "
+                       "set ICD_CACHE_DIR to a writable folder, or use --backend torch")  # fmt: skip
+    if cache_problem:
+        _say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
     model.to(device, dtype)
     chosen = "torch"
@@ -219,7 +243,10 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
         from .accelerated import accelerate, select_backend
 
         chosen = select_backend(backend, model.device)
-        if backend == "auto":
+        if chosen != "torch" and cache_problem:
+            _say(f"note: backend torch instead of {chosen}, which needs a writable cache")
+            chosen = "torch"
+        elif backend == "auto":
             _say(f"backend: {chosen} (auto)")
         model = accelerate(model, chosen, progress=_say)
     return Loaded(model, request.label, time.perf_counter() - start, chosen)

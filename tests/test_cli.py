@@ -314,3 +314,25 @@ def test_a_spec_output_may_not_leave_the_output_folder_unless_allowed(merged_dir
     allowed = _run("edit", "--spec", spec, "--model", merged_dir, "--json", "-o", out, "--any-output")
     assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "up.png").exists()
+
+
+def test_an_unwritable_cache_says_what_to_set_and_falls_back_once(merged_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("ICD_CACHE_DIR", str(blocker / "cache"))  # cannot be created, even by root
+    monkeypatch.setenv("ICD_BACKEND", "auto")
+    photos = [_photo(tmp_path / f"p{index}.png", seed=index) for index in range(2)]
+    common = ["--model", merged_dir, "--device", "cpu", "--json"]
+    edited = _run("edit", *photos, "--src", "a cat", "--tgt", "a dog", "-o", tmp_path / "out", *common)
+    assert edited.exit_code == 0, edited.output
+    assert [line["status"] for line in _strict_lines(edited)] == ["done", "done", "summary"]
+    assert edited.stderr.count("ICD_CACHE_DIR") == 1 and edited.stderr.count("note: backend torch instead") == 1
+    for command in (["generate", "a cat", "-o", tmp_path / "g.png"],
+                    ["invert", photos[0], "--prompt", "a cat", "-o", tmp_path / "l.safetensors"]):  # fmt: skip
+        result = _run(*command, *common)
+        assert result.exit_code == 0 and "ICD_CACHE_DIR" in result.stderr and "Traceback" not in result.output
+        assert _strict_lines(result)[0]["status"] == "done"
+    named = _run("generate", "a cat", "-o", tmp_path / "h.png", *common, "--backend", "onnxruntime")
+    assert named.exit_code == 1 and "ICD_CACHE_DIR" in named.stderr and not (tmp_path / "h.png").exists()
+    assert len([line for line in named.stderr.splitlines() if line.startswith("Error")]) == 1
