@@ -336,3 +336,29 @@ def test_an_unwritable_cache_says_what_to_set_and_falls_back_once(merged_dir, tm
     named = _run("generate", "a cat", "-o", tmp_path / "h.png", *common, "--backend", "onnxruntime")
     assert named.exit_code == 1 and "ICD_CACHE_DIR" in named.stderr and not (tmp_path / "h.png").exists()
     assert len([line for line in named.stderr.splitlines() if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [((4096, 4096), "the largest square this machine can make is about"), ((18, 16), "multiples of 4")],
+)
+def test_sizes_are_checked_before_the_model_loads(merged_dir, tmp_path, monkeypatch, size, message):
+    import icdcli.sources
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(icdcli.sources, "load_requested_model", no_loading)
+    result = _run("generate", "a cat", "--model", merged_dir, "--width", size[0], "--height", size[1], "-o",
+                  tmp_path / "g.png", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+    assert _listing(tmp_path) == []
+
+
+def test_the_largest_square_fits_and_the_next_does_not():
+    from icdcli.limits import Sizes, largest_square, needed_bytes
+
+    sizes = Sizes(512, 64, 8)
+    for budget in (2**30, 16 * 2**30, 80 * 2**30):
+        side = largest_square(budget, sizes)
+        assert side % 64 == 0 and needed_bytes(side, side, 8) <= budget < needed_bytes(side + 64, side + 64, 8)
