@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .claims import temporary_beside
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,16 +22,10 @@ def _umask() -> int:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
+    with temporary_beside(target) as temporary:  # named and locked so a later run knows a dead one's leftovers
         yield temporary
-        temporary.chmod(0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+        temporary.chmod(0o666 & ~_umask())  # made private; the result is an ordinary file
         os.replace(temporary, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
 
 
 @contextlib.contextmanager

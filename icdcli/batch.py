@@ -106,18 +106,13 @@ def expand_inputs(
 # --- spec files ------------------------------------------------------------------------------
 
 
-def _number(value: Any, name: str, kind: type) -> float | int | None:
+def _number(value: Any, name: str) -> float | int | None:
+    """A row's number checked like the flag of the same name (icdcli.values); None when the cell is empty."""
+    from .values import check_number
+
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    try:
-        number = kind(float(value)) if kind is float else int(str(value).strip())
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}") from None
-    if kind is float and not (number == number and abs(number) != float("inf")):
-        raise ValueError(f"{name} must be a finite number, not {value!r}")
-    return number
+    return check_number(name, value)
 
 
 def spec_row(raw: Any, row: int, spec: Path) -> Item:
@@ -138,15 +133,11 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
     try:
-        guidance = _number(raw.get("guidance"), "guidance", float)
-        tau = _number(raw.get("tau"), "tau", float)
-        seed = _number(raw.get("seed"), "seed", int)
+        guidance = _number(raw.get("guidance"), "guidance")
+        tau = _number(raw.get("tau"), "tau")
+        seed = _number(raw.get("seed"), "seed")
     except ValueError as error:
         return Item(label, key, row=row, error=f"{label}: {error}")
-    if guidance is not None and guidance < 0:
-        return Item(label, key, row=row, error=f"{label}: guidance must be >= 0, not {guidance}")
-    if tau is not None and not 0.0 <= tau <= 1.0:
-        return Item(label, key, row=row, error=f"{label}: tau must be within 0..1, not {tau}")
     image_path = spec.parent / image.strip()
     try:
         relative = image_path.relative_to(spec.parent)
@@ -253,7 +244,14 @@ def _identity(path: Path) -> str:
     return display(Path(os.path.abspath(path)))
 
 
-def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None = None) -> list[Item]:
+def escapes(output: Path) -> bool:
+    """Whether a spec row's `output` would leave the folder it is relative to (absolute, or through `..`)."""
+    return output.is_absolute() or ".." in output.parts or output.anchor != ""
+
+
+def plan_outputs(
+    items: list[Item], folder: Path | None, spec_out: Path | None = None, anywhere: bool = False
+) -> list[Item]:
     """Every usable item with its output path decided.
 
     A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
@@ -267,6 +265,14 @@ def plan_outputs(items: list[Item], folder: Path | None, spec_out: Path | None =
     for item in items:
         if item.error is not None:
             planned.append(item)
+        elif item.output is not None and escapes(item.output) and not anywhere:
+            planned.append(
+                replace(
+                    item,
+                    error=f"{item.label}: its output {display(item.output)} leaves the output folder; give a path "
+                    "inside it, or pass --any-output to allow this",
+                )
+            )
         elif item.output is not None:
             base = folder if folder is not None else (spec_out or Path("."))
             planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
@@ -404,11 +410,13 @@ def parameter_record(
     }
 
 
-def record_differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+def record_differences(
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], fields: tuple[str, ...] = MATCH_FIELDS
+) -> list[str]:
     """The deciding fields on which two records differ ('seed 0 -> 7', ...)."""
     return [
         f"{name} {existing.get(name)!r} -> {wanted.get(name)!r}"
-        for name in MATCH_FIELDS
+        for name in fields
         if existing.get(name) != wanted.get(name)
     ]
 
@@ -421,17 +429,27 @@ class Decision:
     reason: str = ""
 
 
-def decide(exists: bool, existing: Mapping[str, Any] | None, wanted: Mapping[str, Any], overwrite: bool) -> Decision:
-    """Run a missing output; skip one made with the same parameters; refuse to replace any other."""
+def decide(
+    exists: bool,
+    existing: Mapping[str, Any] | None,
+    wanted: Mapping[str, Any],
+    overwrite: bool,
+    fields: tuple[str, ...] = MATCH_FIELDS,
+    maker: str = "icd edit",
+) -> Decision:
+    """Run a missing output; skip one made with the same parameters; refuse to replace any other.
+
+    The one rule of every command that writes a file: `fields` are what decide its content, `maker` the
+    command whose records carry them."""
     if not exists:
         return Decision("run")
     if overwrite:
         return Decision("run", "replacing the existing output (--overwrite)")
     if existing is None:
         return Decision(
-            "refuse", "exists and was not made by icd edit; pass --overwrite to replace it, or choose another -o"
+            "refuse", f"exists and was not made by {maker}; pass --overwrite to replace it, or choose another -o"
         )
-    differences = record_differences(existing, wanted)
+    differences = record_differences(existing, wanted, fields)
     if not differences:
         return Decision("skip", "already made with these parameters")
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
+from .claims import sweep
 from .cli_cache import cache as _cache_command
 from .cli_common import (
     BACKEND_SECTION,
@@ -33,6 +36,16 @@ from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
 from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
+from .outputs import (
+    GENERATE_FIELDS,
+    INVERT_FIELDS,
+    RECONSTRUCT_FIELDS,
+    check_existing,
+    emit,
+    existing_record,
+    reported_failure,
+)
+from .values import NumberType, strict_json
 
 
 def _check_prompt(value: str, flag: str) -> str:
@@ -49,8 +62,14 @@ def _unique(path: Path, taken: set[Path]) -> Path:
     return candidate
 
 
+def _made_by_icd(path: Path) -> bool:
+    from .outputs import existing_record
+
+    return existing_record(path) is not None
+
+
 def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Path]:
-    """Where each input's result goes: never onto an input, and default names never replace any file.
+    """Where each input's result goes: never onto an input, and default names never onto a file icd did not make.
 
     `output` is a file for one input, a folder for several (or when it ends in a separator or is
     an existing folder); a missing output folder is created when its parent exists.
@@ -72,20 +91,36 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
     for path in inputs:
         folder = Path(output) if output is not None else path.parent
         _check_writable_folder(folder)
-        chosen = _unique(folder / f"{path.stem}{suffix}", taken)
+        chosen = folder / f"{path.stem}{suffix}"
+        if chosen.resolve() in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
+            chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
         taken.add(chosen.resolve())
         planned.append(chosen)
     return planned
 
 
-def _emit(as_json: bool, record: dict[str, Any]) -> None:
-    if as_json:
-        click.echo(json.dumps(record))
-    else:
-        _say(f"wrote {record['output']}")
+class _Group(click.Group):
+    """The `icd` group: Ctrl-C and SIGTERM end any command with a line and exit 130 or 143, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
+        from .stopping import EXIT_TERMINATED, exit_code, handle_sigterm
+
+        previous = signal.getsignal(signal.SIGTERM)
+        handle_sigterm()
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as stop:
+            code = exit_code(stop)
+            _say("terminated" if code == EXIT_TERMINATED else "interrupted")
+            raise click.exceptions.Exit(code) from None
+        finally:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, previous)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="icd")
 def main() -> None:
     """Edit real photos from text in about 8 network evaluations (invertible Consistency Distillation).
@@ -164,6 +199,11 @@ def main() -> None:
     metavar="I/N|auto",
     help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
 )
+@click.option(
+    "--any-output",
+    is_flag=True,
+    help="Let a --spec row's output be any path (absolute, or leaving the output folder through ..).",
+)
 @edit_guidance_options
 @click.option(
     "--method",
@@ -206,7 +246,7 @@ def main() -> None:
 )
 @click.option(
     "--blend-threshold",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("blend_threshold"),
     default=0.3,
     show_default=True,
     help="p2p local blend: part of its maximum above which a word's attention counts as its region.",
@@ -219,7 +259,7 @@ def main() -> None:
 )
 @click.option(
     "--amplify-new",
-    type=click.FloatRange(0.0, 1e6),
+    type=NumberType("amplify"),
     default=None,
     metavar="FACTOR",
     help="p2p reweight of every target word not in the source (English stopwords excepted); 1 = off. "
@@ -238,6 +278,7 @@ def edit(
     recursive: bool,
     overwrite: bool,
     shard: str | None,
+    any_output: bool,
     guidance: float | None,
     tau: float | None,
     method: str,
@@ -300,7 +341,7 @@ def edit(
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     batch = batch or shard_index is not None
-    items = _plan_edit_outputs(items, output, spec, batch)
+    items = _plan_edit_outputs(items, output, spec, batch, any_output)
     if shard_index is not None:
         items = select_shard(items, *shard_index)
         _say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
@@ -342,16 +383,19 @@ def edit(
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(min=0.0),
+    type=NumberType("guidance"),
     default=1.0,
     show_default=True,
     help="CFG scale of the reconstruction (1 = unguided, the faithful choice).",
 )
 @click.option(
     "--tau",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("tau"),
     default=None,
     help="Dynamic guidance of the reconstruction. Default: the model's.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
 )
 @sampler_options
 @model_options
@@ -363,6 +407,7 @@ def invert(
     reconstruct: str | None,
     guidance: float,
     tau: float | None,
+    overwrite: bool,
     seed: int | None,
     sampler: str,
     ddim_steps: int,
@@ -376,48 +421,156 @@ def invert(
     """
     started = time.perf_counter()
     _check_prompt(prompt, "--prompt")
-    if output is not None and not output.endswith(".safetensors"):
+    if output is not None and not output.endswith(".safetensors") and not Path(output).is_dir():
         raise click.ClickException(f"-o {output}: the latent file must end in .safetensors")
-    latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
-    recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+    if reconstruct is not None and Path(reconstruct).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ""):
+        raise click.ClickException(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
+    with reported_failure(as_json, str(image), output or image.parent / f"{image.stem}.latent.safetensors"):
+        latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
+        recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+        for folder in {latent_path.parent, *([recon_path.parent] if recon_path else [])}:
+            sweep(folder)
+        _invert(image, prompt, latent_path, recon_path, guidance, tau, SeedAndSampler(seed, sampler, ddim_steps),
+                as_json, overwrite, started, model_opts)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SeedAndSampler:
+    seed: int | None
+    sampler: str
+    ddim_steps: int
+
+
+def _invert(
+    image: Path,
+    prompt: str,
+    latent_path: Path,
+    recon_path: Path | None,
+    guidance: float,
+    tau: float | None,
+    how: SeedAndSampler,
+    as_json: bool,
+    overwrite: bool,
+    started: float,
+    model_opts: dict[str, Any],
+) -> None:
     from safetensors.torch import save_file
 
     from .editing import SamplerSettings, Timings, decode
     from .editing import invert as run_invert
-    from .images import atomic_path, load_image, save_image, tensor_to_image
+    from .images import atomic_path, file_sha256, load_image, save_image, tensor_to_image
 
     picture = load_image(image)
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
-    model, label = loaded.model, loaded.label
+    input_sha = file_sha256(image)
+    loaded = _load(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
+    model = loaded.model
+    if how.seed is None:  # the model's recipe, as icd edit inverts
+        how = SeedAndSampler(model.info.edit.seed, how.sampler, how.ddim_steps)
+    steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
+    record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
+              "seed": how.seed, "input": str(image.absolute()), "input_sha256": input_sha}  # fmt: skip
+    latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
+    recon_record = recon_skip = None
+    if recon_path is not None:
+        _, t = _edit_settings(model, how.sampler, guidance, tau)
+        recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
+        recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
+    result = {"input": str(image), "output": str(latent_path), "model": loaded.label, "backend": loaded.backend,
+              "seed": how.seed}  # fmt: skip
+    if recon_path is not None:
+        result["reconstruction"] = str(recon_path)
+    if latent_skip is not None and (recon_path is None or recon_skip is not None):
+        emit(as_json, {"status": "skipped", **result, "reason": latent_skip})
+        return
     timings = Timings({"load": loaded.seconds})
-    seed = model.info.edit.seed if seed is None else seed
-    settings = SamplerSettings(sampler, ddim_steps, seed)
+    settings = SamplerSettings(how.sampler, how.ddim_steps, how.seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
     metadata = {
         "prompt": prompt,
-        "model": label,
-        "sampler": sampler,
-        "seed": str(seed),
+        "model": loaded.label,
+        "sampler": how.sampler,
+        "seed": str(how.seed),
         "width": str(inversion.size[0]),
         "height": str(inversion.size[1]),
         "original_width": str(picture.width),
         "original_height": str(picture.height),
         "forward_boundaries": json.dumps(list(model.info.forward_boundaries)),
         "icd_version": __version__,
+        "icd": strict_json(record),
     }
-    with atomic_path(latent_path) as temporary:
-        save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
-    record = {"input": str(image), "output": str(latent_path), "model": label, "backend": loaded.backend, "seed": seed}
-    if recon_path is not None:
-        _, t = _edit_settings(model, sampler, guidance, tau)
+    if recon_path is not None and recon_skip is None:
         with timings.stage("decode"):
-            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, t, settings)
-            save_image(tensor_to_image(pixels, picture.size), recon_path)
-        record["reconstruction"] = str(recon_path)
+            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, recon_record["tau"], settings)
+            reconstruction = tensor_to_image(pixels, picture.size)
+    if latent_skip is None:
+        with atomic_path(latent_path) as temporary:
+            save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
+    if recon_path is not None and recon_skip is None:
+        save_image(reconstruction, recon_path, {"icd": strict_json(recon_record)})
     timings.seconds["total"] = time.perf_counter() - started
-    record["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
-    _emit(as_json, record)
+    result["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
+    emit(as_json, {"status": "done", **result})
+
+
+def _check_output_folder(folder: Path) -> None:
+    """The folder an output goes to must exist and be writable (one line saying so otherwise)."""
+    try:
+        _check_writable_folder(folder)
+    except OSError as error:
+        raise click.ClickException(f"output folder {folder}: {error.strerror or error}; choose another -o") from None
+
+
+def _memory_budget(device: str) -> int | None:
+    """Free memory where the model will run: the GPU's when it runs on one, else the machine's."""
+    from .limits import available_bytes
+
+    if device != "cpu" and not device.startswith("mps"):
+        import torch
+
+        if torch.cuda.is_available():
+            try:
+                return torch.cuda.mem_get_info(torch.device(device if device.startswith("cuda") else "cuda"))[0]
+            except (RuntimeError, ValueError):
+                return None
+    return available_bytes()
+
+
+def _check_size_before_loading(width: int | None, height: int | None, model_opts: dict[str, Any]) -> None:
+    """Refuse a size the model cannot take, or this machine cannot hold, before the model loads."""
+    from .limits import model_sizes, size_problem
+
+    if width is None and height is None:
+        return
+    sizes = model_sizes(model_opts["model"], model_opts["base"])
+    if sizes is None:  # a preset: known once loaded (_check_size)
+        return
+    problem = size_problem(width or sizes.native, height or sizes.native, sizes, _memory_budget(model_opts["device"]))
+    if problem:
+        raise click.UsageError(problem)
+
+
+def _check_size(size: tuple[int, int], model: Any) -> None:
+    from .limits import Sizes, size_problem
+
+    sizes = Sizes(model.info.native_size, model.info.size_multiple, model.vae_scale_factor)
+    problem = size_problem(*size, sizes, _memory_budget(str(model.device)))
+    if problem:
+        raise click.UsageError(problem)
+
+
+def _model_record(loaded: Any) -> dict[str, Any]:
+    """What an output records about the model that made it."""
+    from .batch import model_digest, model_weight_sizes
+
+    model = loaded.model
+    return {
+        "model": loaded.label,
+        "model_hash": model_digest(model.info.to_json(), model_weight_sizes(model)),
+        "backend": loaded.backend,
+        "precision": str(model.dtype).removeprefix("torch."),
+        "icd_version": __version__,
+    }
 
 
 def _slug(text: str) -> str:
@@ -443,29 +596,32 @@ def _slug(text: str) -> str:
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(min=0.0),
+    type=NumberType("guidance"),
     default=None,
     help="Classical CFG scale w. Default: the model's (8 for SD).",
 )
 @click.option(
     "--tau",
-    type=click.FloatRange(0.0, 1.0),
+    type=NumberType("tau"),
     default=1.0,
     show_default=True,
     help="Dynamic guidance threshold; 1 guides every step.",
 )
 @click.option(
     "--width",
-    type=click.IntRange(min=8),
+    type=NumberType("width"),
     default=None,
     help="Width in pixels, a multiple of the model's size step (64 for SD1.5/SDXL, 16 for the embedded model). "
     "Default: the model's native size.",
 )
 @click.option(
     "--height",
-    type=click.IntRange(min=8),
+    type=NumberType("height"),
     default=None,
     help="Height in pixels, a multiple of the model's size step. Default: the model's native size.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
 )
 @sampler_options
 @model_options
@@ -477,44 +633,61 @@ def generate(
     tau: float,
     width: int | None,
     height: int | None,
+    overwrite: bool,
     seed: int | None,
     sampler: str,
     ddim_steps: int,
     as_json: bool,
     **model_opts: Any,
 ) -> None:
-    """Generate an image from PROMPT in the reverse model's 3-4 steps."""
+    """Generate an image from PROMPT in the reverse model's 3-4 steps.
+
+    The PNG records its parameters; an existing file is replaced only with --overwrite (one made with the
+    same parameters is skipped).
+    """
     started = time.perf_counter()
     _check_prompt(prompt, "PROMPT")
     seed = 0 if seed is None else seed
-    if output is None:
-        target = _unique(Path(f"{_slug(prompt)}-s{seed}.png"), set())
-    else:
-        target = Path(output)
-        _check_writable_folder(target.parent)
+    default_name = f"{_slug(prompt)}-s{seed}.png"
+    target = Path(output) if output is not None else Path(default_name)
+    if output is not None and (output.endswith(("/", os.sep)) or target.is_dir()):
+        target = target / default_name
+    with reported_failure(as_json, prompt, target):
+        _check_output_folder(target.parent)
+        _check_size_before_loading(width, height, model_opts)
+        sweep(target.parent)
 
-    from .editing import SamplerSettings, Timings
-    from .editing import generate as run_generate
-    from .images import save_image
+        from .editing import SamplerSettings, Timings
+        from .editing import generate as run_generate
+        from .images import save_image
 
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
-    model, label = loaded.model, loaded.label
-    multiple = model.info.size_multiple
-    size = (width or model.info.native_size, height or model.info.native_size)
-    if size[0] % multiple or size[1] % multiple:
-        raise click.ClickException(f"--width and --height must be multiples of {multiple} for this model")
-    timings = Timings({"load": loaded.seconds})
-    w = guidance if guidance is not None else model.info.generate_guidance
-    with timings.stage("decode"):
-        image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
-    save_image(image, target, {"icd": json.dumps({"prompt": prompt, "seed": seed, "guidance": w})})
+        loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+        model = loaded.model
+        size = (width or model.info.native_size, height or model.info.native_size)
+        _check_size(size, model)
+        w = guidance if guidance is not None else model.info.generate_guidance
+        steps = model.info.num_steps if sampler == "icd" else ddim_steps
+        record = {"command": "generate", **_model_record(loaded), "sampler": sampler, "steps": steps,
+                  "prompt": prompt, "guidance": float(w), "tau": float(tau), "seed": seed, "width": size[0],
+                  "height": size[1]}  # fmt: skip
+        if target.name == default_name and os.path.lexists(target) and existing_record(target) is None:
+            target = _unique(target, set())  # a default name never replaces a file icd did not make
+        reason = check_existing(target, record, GENERATE_FIELDS, overwrite)
+        if reason is not None:
+            emit(as_json, {"status": "skipped", "input": prompt, "output": str(target), "reason": reason})
+            return
+        timings = Timings({"load": loaded.seconds})
+        with timings.stage("decode"):
+            image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
+        save_image(image, target, {"icd": strict_json(record)})
     timings.seconds["total"] = time.perf_counter() - started
-    _emit(
+    emit(
         as_json,
         {
+            "status": "done",
             "input": prompt,
             "output": str(target),
-            "model": label,
+            "model": loaded.label,
             "backend": loaded.backend,
             "seed": seed,
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
@@ -580,7 +753,7 @@ def bench_inversion_command(
     teacher = model if model.teacher_unet is not None else None
     result = bench_inversion(found, teacher, limit, batch, seed, _say, lpips=lpips)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     click.echo(markdown_table(result["rows"], ["config", "mse", "psnr", "ssim"] + (["lpips"] if lpips else [])))
     if result["skipped"]:
@@ -612,7 +785,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
     result = bench_shapes_edit(model, limit, batch, seed, methods, progress=_say)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     click.echo(markdown_table(result["rows"], ["method", "kind", "psnr_target", "psnr_background", "accuracy"]))
 
@@ -639,7 +812,7 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     model = _load(model_opts, need_teacher=True).model
     result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(strict_json(result))
         return
     from .training.bench import markdown_table
 
@@ -698,7 +871,7 @@ def info(as_json: bool) -> None:
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
     report["presets"] = [preset.to_json() for preset in PRESETS.values()]
     if as_json:
-        click.echo(json.dumps(report, indent=2, allow_nan=False))
+        click.echo(strict_json(report, indent=2))
         return
     click.echo(f"icd {report['icd']} (python {report['python']}, torch {report['torch']})")
     cuda = report["cuda"]

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .paths import USED_MARKER, cache_root
+from .values import strict_json
 
 KINDS = {"merged": "fused model", "onnx": "onnx export", "engines": "tensorrt engines"}
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
@@ -101,7 +102,7 @@ def cache_list(as_json: bool) -> None:
     entries = cache_entries(root)
     total = sum(entry.bytes for entry in entries)
     if as_json:
-        click.echo(json.dumps({"root": str(root), "entries": [e.to_json() for e in entries], "bytes": total}))
+        click.echo(strict_json({"root": str(root), "entries": [e.to_json() for e in entries], "bytes": total}))
         return
     now = time.time()
     for entry in entries:

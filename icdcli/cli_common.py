@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .values import NumberType
+
 PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
 
 
@@ -71,8 +73,17 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except ICDError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:  # the file system said no: one line with the path and the reason
+            raise click.ClickException(_os_error_line(error)) from None
 
     return wrapper
+
+
+def _os_error_line(error: OSError) -> str:
+    """An OSError as one line: the path it concerns, the reason, and what to check."""
+    path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,7 +138,7 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--seed",
-            type=int,
+            type=NumberType("seed"),
             default=None,
             help="Seed of the noise: added to the image before inversion (edit, invert), or the starting noise "
             "(generate). Default: the model's edit recipe (30 for the released SD1.5 recipe, 0 for the embedded "
@@ -141,7 +152,11 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="icd: the forward/reverse consistency models. ddim: the teacher's DDIM baseline.",
         ),
         click.option(
-            "--ddim-steps", type=click.IntRange(1, 1000), default=50, show_default=True, help="Steps of --sampler ddim."
+            "--ddim-steps",
+            type=NumberType("ddim_steps"),
+            default=50,
+            show_default=True,
+            help="Steps of --sampler ddim.",
         ),
         click.option(
             "--backend",
@@ -160,6 +175,8 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _check_writable_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"output folder {folder} is a file, not a folder: choose another -o")
     if not folder.is_dir():
         raise click.ClickException(f"output folder {folder} does not exist: create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -172,6 +189,22 @@ def _edit_settings(model, sampler: str, guidance: float | None, tau: float | Non
 
     resolved = resolve_edit(model.info.edit, model.info.generate_guidance, sampler=sampler, guidance=guidance, tau=tau)
     return resolved.guidance, resolved.tau
+
+
+def _cache_problem() -> str | None:
+    """Why icd's cache folder cannot be written (None when it can): a file is created in it and removed."""
+    import tempfile
+
+    from .models import cache_root
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".icd-write-check-"):
+            pass
+    except OSError as error:
+        return f"the cache folder {root} cannot be written ({error.strerror or type(error).__name__})"
+    return None
 
 
 @dataclass
@@ -203,6 +236,14 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
     device = resolve_device(ctx_options["device"])
     precision = ctx_options["precision"]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    cache_problem = _cache_problem()
+    if cache_problem and backend not in (None, "auto", "torch"):
+        from .errors import ICDError
+
+        raise ICDError(f"--backend {backend} keeps its graphs in the cache, but {cache_problem}: "
+                       "set ICD_CACHE_DIR to a writable folder, or use --backend torch")  # fmt: skip
+    if cache_problem:
+        _say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
     model.to(device, dtype)
     chosen = "torch"
@@ -210,7 +251,10 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
         from .accelerated import accelerate, select_backend
 
         chosen = select_backend(backend, model.device)
-        if backend == "auto":
+        if chosen != "torch" and cache_problem:
+            _say(f"note: backend torch instead of {chosen}, which needs a writable cache")
+            chosen = "torch"
+        elif backend == "auto":
             _say(f"backend: {chosen} (auto)")
         model = accelerate(model, chosen, progress=_say)
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
@@ -221,14 +265,14 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--cross-replace",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("cross_replace"),
             default=None,
             help="p2p: fraction of the steps whose cross-attention follows the source (with N steps, the first "
             "int((N+1)*F)). Default: the model's (0.3 in the released SD1.5 recipe).",
         ),
         click.option(
             "--self-replace",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("self_replace"),
             default=None,
             help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's (the first "
             "int(N*F)). Default: the model's (0.6 in the released SD1.5 recipe).",
@@ -244,7 +288,7 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
             "--guidance",
-            type=click.FloatRange(min=0.0),
+            type=NumberType("guidance"),
             default=None,
             help="Classical CFG scale w (1 = none); the release's scripts write w - 1 (their guidance_scale 19 "
             "is 20 here). Default: the model's edit guidance (icd; 20 for the released checkpoints), its "
@@ -252,7 +296,7 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--tau",
-            type=click.FloatRange(0.0, 1.0),
+            type=NumberType("tau"),
             default=None,
             help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
         ),

@@ -7,7 +7,7 @@ The click command itself (its options and help) stays in cli.py and drives these
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import sys
@@ -20,6 +20,7 @@ import click
 
 from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
 from .recipe import P2POptions
+from .values import NumberError, check_number, strict_json
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,13 @@ def _p2p_settings(
     factors = []
     for entry in amplify:
         word, sep, factor = entry.partition("=")
+        if not sep or not word.strip():
+            raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
         try:
-            value = float(factor)
-        except ValueError:
-            value = None
-        if not sep or not word.strip() or value is None or not 0 <= value < 1e6:
-            raise click.ClickException(
-                f"--amplify {entry!r}: expected WORD=FACTOR with a finite factor >= 0, e.g. red=2"
-            )
-        factors.append((word.strip(), value))
+            value = check_number("amplify", factor)
+        except NumberError as error:
+            raise click.ClickException(f"--amplify {entry!r}: {error}") from None
+        factors.append((word.strip(), float(value)))
 
     def split(values: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(w for value in values for w in value.split())
@@ -97,6 +96,44 @@ def _given(name: str) -> bool:
     return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
+def _recorded_number(record: dict[str, Any], key: str, name: str | None = None) -> Any:
+    """A number of a record, checked like its flag; None when the record leaves it out."""
+    value = record.get(key)
+    return None if value is None else check_number(name or key, value)
+
+
+def _recorded_values(record: dict[str, Any], flags: _EditFlags) -> tuple[dict[str, Any], Any]:
+    """The settings of a recorded edit, flags given on the command line winning; and its P2P settings (or None)."""
+    for key in ("src", "tgt"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise ValueError(f"{key} is not a prompt")
+    values = {
+        "source": flags.source if _given("source") else record["src"],
+        "target": flags.target if _given("target") else record["tgt"],
+        "guidance": flags.guidance if _given("guidance") else _recorded_number(record, "guidance"),
+        "tau": flags.tau if _given("tau") else _recorded_number(record, "tau"),
+        "seed": flags.seed if _given("seed") else check_number("seed", record["seed"]),
+        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
+        "ddim_steps": flags.ddim_steps,
+        "method": flags.method if _given("method") else record.get("method", "swap"),
+        "p2p": flags.p2p,
+    }
+    if values["sampler"] not in ("icd", "ddim") or values["method"] not in ("auto", "p2p", "swap"):
+        raise ValueError(f"sampler {values['sampler']!r} or method {values['method']!r} is unknown")
+    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
+        values["ddim_steps"] = _recorded_number(record, "steps", "ddim_steps") or flags.ddim_steps
+    recorded = record.get("p2p")
+    if not isinstance(recorded, dict) or any(_given(name) for name in _P2P_FLAGS):
+        return values, None
+    options = P2POptions.from_record(recorded)
+    numbers = [("cross_replace", options.cross_replace), ("self_replace", options.self_replace),
+               ("blend_threshold", options.blend_threshold), ("amplify", options.amplify_new)]  # fmt: skip
+    for name, value in [*numbers, *(("amplify", factor) for _, factor in options.amplify)]:
+        if value is not None:
+            check_number(name, value)
+    return values, options
+
+
 def _apply_record(
     path: Path, images: tuple[Path, ...], flags: _EditFlags, model_opts: dict[str, Any]
 ) -> tuple[tuple[Path, ...], _EditFlags, str | None]:
@@ -108,25 +145,14 @@ def _apply_record(
     record = read_record(path) if path.is_file() else None
     if record is None or not {"src", "tgt", "seed"} <= record.keys():
         raise click.ClickException(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
-    values = {
-        "source": flags.source if _given("source") else record["src"],
-        "target": flags.target if _given("target") else record["tgt"],
-        "guidance": flags.guidance if _given("guidance") else record.get("guidance"),
-        "tau": flags.tau if _given("tau") else record.get("tau"),
-        "seed": flags.seed if _given("seed") else int(record["seed"]),
-        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
-        "ddim_steps": flags.ddim_steps,
-        "method": flags.method if _given("method") else record.get("method", "swap"),
-        "p2p": flags.p2p,
-    }
-    recorded_p2p = record.get("p2p")
-    if isinstance(recorded_p2p, dict) and not any(_given(name) for name in _P2P_FLAGS):
-        try:
-            values["p2p"] = P2POptions.from_record(recorded_p2p)
-        except (TypeError, ValueError, AttributeError) as error:
-            raise click.ClickException(f"--from {path}: its P2P settings are malformed ({error})") from None
-    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
-        values["ddim_steps"] = int(record.get("steps", flags.ddim_steps))
+    try:
+        values, recorded_p2p = _recorded_values(record, flags)
+    except (NumberError, TypeError, ValueError, AttributeError) as error:
+        raise click.ClickException(
+            f"--from {display(path)}: its record is not usable ({error}); give the flags"
+        ) from None
+    if recorded_p2p is not None:
+        values["p2p"] = recorded_p2p
     expected_hash = None
     if not any(_given(name) for name in _MODEL_FLAGS):
         model = str(record.get("model", DEFAULT_MODEL))
@@ -163,13 +189,32 @@ def _collect_items(images: list[Path], spec: Path | None, recursive: bool, flags
     items, any_folder = expand_inputs(images, recursive, skip=_is_icd_output)
     if spec is not None:
         items += read_spec(spec)
-    items = [with_prompts(item, flags.source, flags.target) for item in items]
+    items = _drop_repeats([with_prompts(item, flags.source, flags.target) for item in items])
     if not items:
         raise click.ClickException("no images found: folders are searched for image files (-r descends)")
     return items, any_folder or spec is not None or len(items) > 1
 
 
-def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool) -> list:
+def _drop_repeats(items: list) -> list:
+    """Items that are the same edit of the same file (a file named twice, or inside a folder also given)
+    become one, with a note."""
+
+    seen: dict[tuple, Any] = {}
+    kept = []
+    for item in items:
+        if item.error is not None or item.image is None:
+            kept.append(item)
+            continue
+        identity = (os.path.realpath(item.image), item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
+        if identity in seen:
+            _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
+            continue
+        seen[identity] = item
+        kept.append(item)
+    return kept
+
+
+def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool, anywhere: bool = False) -> list:
     """Decide every output. -o is a file only for a single input; a folder is created when its parent exists."""
     from dataclasses import replace
 
@@ -177,7 +222,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
 
     spec_folder = spec.parent if spec is not None else None
     if output is None:
-        return plan_outputs(items, None, spec_folder)
+        return plan_outputs(items, None, spec_folder, anywhere)
     target = Path(output)
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
         _check_writable_folder(target.parent)
@@ -186,13 +231,21 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
             raise click.ClickException(
                 f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
-        return plan_outputs([replace(item, output=target)], None, spec_folder)
+        return plan_outputs([replace(item, output=target)], None, spec_folder, anywhere=True)  # -o: the user's own path
     if not target.exists():
         if not target.parent.is_dir():
             raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
-        target.mkdir(exist_ok=True)  # shards may race to create it
+        try:
+            target.mkdir(exist_ok=True)  # shards may race to create it
+        except OSError as error:
+            raise click.ClickException(
+                f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
+            ) from None
     _check_writable_folder(target)
-    return plan_outputs(items, target, spec_folder)
+    return plan_outputs(items, target, spec_folder, anywhere)
+
+
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
 
 
 class _ItemFailed(Exception):
@@ -204,21 +257,27 @@ class _ItemFailed(Exception):
 
 
 class _Interrupts:
-    """First Ctrl-C: finish the current item, then stop. Second: stop at once (KeyboardInterrupt)."""
+    """First Ctrl-C: finish the current item, then stop. Second: stop at once (KeyboardInterrupt).
+
+    SIGTERM: drop the current item if it has not started writing (Terminated), else finish it; then stop
+    with exit code 143. `droppable` says whether the current item may still be dropped.
+    """
 
     def __init__(self) -> None:
+        from .stopping import EXIT_INTERRUPTED
+
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.code = EXIT_INTERRUPTED
+        self.droppable = False
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
+        import contextlib
         import signal
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        except ValueError:  # not the main thread: leave Ctrl-C as it is
-            pass
+        for signum, handler in ((signal.SIGINT, self._handle), (signal.SIGTERM, self._terminate)):
+            with contextlib.suppress(ValueError):  # not the main thread: leave the signals as they are
+                self._previous[signum] = signal.signal(signum, handler)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -227,11 +286,22 @@ class _Interrupts:
         self.requested = True
         _say("stopping after the current image (Ctrl-C again to stop at once)")
 
+    def _terminate(self, signum: int, frame: Any) -> None:
+        from .stopping import EXIT_TERMINATED, Terminated
+
+        first = self.code != EXIT_TERMINATED
+        self.requested, self.code = True, EXIT_TERMINATED
+        if self.droppable:
+            self.droppable = False
+            raise Terminated
+        if first:
+            _say("terminating after the current image")
+
     def __exit__(self, *exc: Any) -> None:
         import signal
 
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _write_failure(error: OSError, out: Path) -> _ItemFailed:
@@ -249,6 +319,38 @@ def _write_failure(error: OSError, out: Path) -> _ItemFailed:
         return _ItemFailed(f"{display(out)}: the file system is read-only; choose another -o", fatal=True)
     reason = error.strerror or str(error)
     return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, outermost first."""
+    from .batch import display
+
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as error:
+            _remove_empty(created)
+            raise _ItemFailed(
+                f"output folder {display(path)} cannot be created ({error.strerror or error}); choose another -o"
+            ) from None
+        created.append(path)
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders `_make_folders` created, innermost first, as long as they are empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 class _EditRun:
@@ -279,6 +381,7 @@ class _EditRun:
         self.model_ref = ""
         self.tally = Tally()
         self.bar: Any = None
+        self.interrupts: _Interrupts | None = None
         self.mark = started
 
     # --- reporting ------------------------------------------------------------------------
@@ -291,7 +394,7 @@ class _EditRun:
 
     def _json(self, record: dict[str, Any]) -> None:
         if self.as_json:
-            click.echo(json.dumps(record))
+            click.echo(strict_json(record))
 
     def _failed(self, item: Any, message: str) -> None:
         self.tally.failed += 1
@@ -305,7 +408,7 @@ class _EditRun:
 
     def _model(self) -> Loaded:
         if self.loaded is None:
-            from .batch import model_digest, model_weight_sizes
+            from .batch import display, model_digest, model_weight_sizes
             from .errors import ICDError
 
             opts = dict(self.model_opts)
@@ -318,6 +421,12 @@ class _EditRun:
                 self.loaded = _load(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
+            except OSError as error:
+                where = f" ({display(error.filename)})" if error.filename else ""
+                raise click.ClickException(
+                    f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
+                    "ICD_CACHE_DIR (a writable cache folder)"
+                ) from None
             model = self.loaded.model
             try:
                 self.p2p = self.flags.p2p.resolve(model.info.edit)
@@ -383,22 +492,44 @@ class _EditRun:
 
     def _edit_one(self, item: Any) -> dict[str, Any] | str:
         """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
-        from .batch import decide, display
-        from .editing import SamplerSettings, Timings, edit
+        from .batch import display
+        from .claims import claim, claim_owner
         from .errors import ICDError
-        from .images import file_sha256, load_image, original_size, probe_image, read_record, save_image
-        from .p2p import P2PError
+        from .images import file_sha256, probe_image
 
         if item.error is not None:
             raise _ItemFailed(item.error)
+        loaded = self._model()
         try:
             probe_image(item.image)
-            loaded = self._model()
             input_sha = file_sha256(item.image)
         except ICDError as error:
             raise _ItemFailed(str(error)) from None
         except OSError as error:
             raise _ItemFailed(f"{display(item.image)}: cannot be read ({error.strerror or error})") from None
+        out = item.output
+        created = _make_folders(out.parent)
+        try:
+            held = claim(out)
+        except OSError as error:
+            _remove_empty(created)
+            raise _write_failure(error, out) from None
+        if held is None:
+            return f"being made by another icd run (process {claim_owner(out) or 'unknown'})"
+        try:
+            return self._make(item, loaded, input_sha)
+        finally:
+            held.release()
+            _remove_empty(created)
+
+    def _make(self, item: Any, loaded: Loaded, input_sha: str) -> dict[str, Any] | str:
+        """Decide on an output this process has claimed, and make it (the JSON record) or say why not."""
+        from .batch import decide, display
+        from .editing import SamplerSettings, Timings, edit
+        from .errors import ICDError
+        from .images import load_image, original_size, read_record, save_image
+        from .p2p import P2PError
+
         out = item.output
         wanted = self._wanted(item, input_sha, None)
         exists = os.path.lexists(out)
@@ -425,12 +556,13 @@ class _EditRun:
             from PIL import Image
 
             result = result.resize(size, Image.Resampling.LANCZOS)
+        if self.interrupts is not None:
+            self.interrupts.droppable = False  # from here the item is finished, not dropped, on SIGTERM
         with timings.stage("write"):
             try:
-                out.parent.mkdir(parents=True, exist_ok=True)
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(result, out, {"icd": json.dumps(record)})
+                save_image(result, out, {"icd": strict_json(record)})
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:
@@ -454,6 +586,24 @@ class _EditRun:
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
         }
 
+    def _guarded(self, item: Any) -> dict[str, Any] | str:
+        """`_edit_one`, with anything unforeseen that one item raises turned into that item's one-line failure."""
+        try:
+            return self._edit_one(item)
+        except (_ItemFailed, click.ClickException):
+            raise
+        except Exception as error:  # a bug or a library's surprise: this item fails, the others still run
+            return self._unforeseen(item, error)
+        finally:
+            if self.interrupts is not None:
+                self.interrupts.droppable = False  # reporting the item is never cut short
+
+    def _unforeseen(self, item: Any, error: Exception) -> dict[str, Any] | str:
+        logging.getLogger("icd").debug("%s failed", item.label, exc_info=error)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        fatal = isinstance(error, OSError) and error.errno in _FATAL_ERRNOS
+        raise _ItemFailed(f"{item.label}: failed ({type(error).__name__}{': ' + reason if reason else ''})", fatal)
+
     # --- the loop -------------------------------------------------------------------------
 
     def _step(self, item: Any) -> bool:
@@ -461,8 +611,10 @@ class _EditRun:
         from .batch import display
 
         self.mark = time.perf_counter()
+        if self.interrupts is not None:
+            self.interrupts.droppable = True
         try:
-            outcome = self._edit_one(item)
+            outcome = self._guarded(item)
         except _ItemFailed as failure:
             if not self.batch:
                 if self.as_json:
@@ -473,7 +625,8 @@ class _EditRun:
         if isinstance(outcome, str):
             self.tally.skipped += 1
             self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
-            self._text(f"skipped {display(item.output)}: {outcome} (--overwrite makes it again)")
+            again = " (--overwrite makes it again)" if outcome.startswith("already made") else ""
+            self._text(f"skipped {display(item.output)}: {outcome}{again}")
         else:
             self.tally.done += 1
             self._json(outcome)
@@ -481,14 +634,32 @@ class _EditRun:
                 self._text(f"wrote {display(item.output)}")
         return True
 
+    def _sweep(self, items: list) -> None:
+        """Remove what runs killed before (SIGKILL, power loss) left in the output folders: temporary files, claims."""
+        from .batch import display
+        from .claims import sweep
+
+        folders = {item.output.parent for item in items if item.error is None and item.output is not None}
+        for folder in sorted(folders, key=str):
+            removed = sweep(folder)
+            if removed:
+                self._text(
+                    f"removed {len(removed)} unfinished file(s) of an earlier run that was killed, in {display(folder)}"
+                )
+
     def run(self, items: list) -> None:
         from tqdm import tqdm
 
+        from .stopping import EXIT_INTERRUPTED, exit_code
+
         interrupted = aborted = stopped = False
+        code = EXIT_INTERRUPTED
         with _Interrupts() as interrupts:
+            self.interrupts = interrupts
             self.bar = tqdm(total=len(items), desc="editing", unit="image", file=sys.stderr,
                             disable=(not self.batch) or None, dynamic_ncols=True)  # fmt: skip
             try:
+                self._sweep(items)
                 for item in items:
                     if interrupts.requested:
                         break
@@ -496,21 +667,27 @@ class _EditRun:
                         stopped = True
                         break
                     self.bar.update(1)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current item is dropped
                 aborted = True
+                code = exit_code(stop)
             finally:
+                interrupts.droppable = False
                 self.bar.close()
             interrupted = interrupts.requested or aborted
-        self._finish(len(items), interrupted, stopped)
+            code = max(code, interrupts.code)
+        self._finish(len(items), interrupted, stopped, code)
 
-    def _finish(self, total: int, interrupted: bool, stopped: bool) -> None:
+    def _finish(self, total: int, interrupted: bool, stopped: bool, code: int = 130) -> None:
+        from .stopping import EXIT_TERMINATED
+
         seconds = time.perf_counter() - self.started
         if self.batch or interrupted:
             load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
             self._json(self.tally.summary(seconds, load_seconds))
-            _say(self.tally.line(seconds, interrupted))
+            line = self.tally.line(seconds, interrupted)
+            _say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
         if interrupted:
-            sys.exit(130)
+            sys.exit(code)
         if stopped:
             raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.tally.failed:

@@ -189,6 +189,10 @@ def tensor_to_image(pixels, size: tuple[int, int] | None = None) -> Image.Image:
     """Tensor (1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB image, resized to `size` (width, height) if given."""
     if pixels.ndim == 4:
         pixels = pixels[0]
+    if not bool(pixels.isfinite().all()):
+        raise ICDError(
+            "the result holds non-finite values (NaN or infinity): nothing was written; lower --guidance or --amplify"
+        )
     array = ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().byte()
     image = Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
     if size is not None and image.size != size:

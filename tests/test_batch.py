@@ -43,8 +43,17 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _strict(text):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def _lines(result):
-    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+    return [_strict(line) for line in result.stdout.strip().splitlines()]
 
 
 def _files(folder):
@@ -224,6 +233,48 @@ def test_spec_batch_with_bad_rows(merged_dir, tmp_path):
     assert neither.exit_code == 1 and "--src and --tgt are needed" in neither.stderr
 
 
+def test_bad_numbers_in_spec_rows_fail_their_row_alone(merged_dir, tmp_path):
+    _photo(tmp_path / "a.png")
+    good = {"image": "a.png", "src": "a cat", "tgt": "a dog"}
+    bad = [("seed", 99999999999999999999), ("seed", -1), ("seed", 1.5), ("seed", "1e400"), ("guidance", 1e308),
+           ("tau", "nan"), ("tau", 2), ("guidance", True), ("guidance", [1])]  # fmt: skip
+    rows = [json.dumps({**good, "output": f"bad{i}.png", name: value}) for i, (name, value) in enumerate(bad)]
+    rows.insert(4, json.dumps({**good, "output": "good.png", "seed": 2**63 - 1}))
+    rows += ['{"image": "a.png", "src": "a cat", "tgt": "a dog", "guidance": NaN, "output": "nan.png"}',
+             '{"image": "a.png", "src": "a cat", "tgt": "a dog", "tau": -Infinity, "output": "inf.png"}']  # fmt: skip
+    spec = tmp_path / "edits.jsonl"
+    spec.write_text("\n".join(rows))
+    csv_spec = tmp_path / "edits.csv"
+    csv_spec.write_text("image,src,tgt,seed,output\na.png,a cat,a dog,99999999999999999999,c1.png\n"
+                        "a.png,a cat,a dog,nan,c2.png\na.png,a cat,a dog,4,c3.png\n")  # fmt: skip
+    for path, done in ((spec, ["good.png"]), (csv_spec, ["c3.png"])):
+        result = _run("edit", "--spec", path, "--model", merged_dir, "--json", "-o", tmp_path / "out")
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = _lines(result)
+        summary = lines.pop()
+        assert summary["status"] == "summary" and summary["done"] == 1 and summary["failed"] == len(lines) - 1
+        assert [Path(line["output"]).name for line in lines if line["status"] == "done"] == done
+        for line in lines:
+            if line["status"] == "failed":
+                assert "must be" in line["error"] and "\n" not in line["error"], line
+    assert _files(tmp_path / "out") == ["c3.png", "good.png"]
+
+
+def test_a_record_with_bad_numbers_is_refused_in_one_line(merged_dir, tmp_path):
+    from PIL import PngImagePlugin
+
+    photo = _photo(tmp_path / "photo.png")
+    for key, value in (("seed", 99999999999999999999), ("guidance", float("nan")), ("tau", "x"), ("seed", None)):
+        record = {"src": "a cat", "tgt": "a dog", "seed": 1, "input": str(photo), "method": "swap", key: value}
+        info = PngImagePlugin.PngInfo()
+        info.add_text("icd", json.dumps(record))
+        Image.new("RGB", (16, 16)).save(tmp_path / "tampered.png", pnginfo=info)
+        result = _run("edit", "--from", tmp_path / "tampered.png", "--model", merged_dir, "-o", tmp_path / "o.png")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and "not usable" in result.stderr, result.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_sharded_runs_cover_the_folder_exactly_once(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(7):
@@ -362,6 +413,117 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tm
     final = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (final["skipped"], final["done"], final["failed"]) == (len(made), 12 - len(made), 0)
     assert len(_files(out)) == 12
+
+
+def _icd_process(command, **options):
+    env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    icd = [sys.executable, "-c", "from icdcli.cli import main; main()"]
+    return subprocess.Popen([*icd, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **options)  # fmt: skip
+
+
+def _wait_for_output(process, out, count=1):
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and sum(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()) >= count):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+
+
+def test_sigterm_stops_like_ctrl_c_exit_143_and_the_rerun_does_exactly_the_rest(merged_dir, tmp_path):
+    photos = tmp_path / "photos"
+    for index in range(10):
+        _photo(photos / f"p{index:02d}.png", 640, 480, seed=index)
+    out = tmp_path / "out"
+    command = ["edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json"]
+    process = _icd_process(command)
+    _wait_for_output(process, out)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated:" in stderr
+    made = _files(out)
+    assert 1 <= len(made) < 10 and all(name.endswith("-edit.png") for name in made)  # no partial or hidden files
+    lines = _lines(type("R", (), {"stdout": stdout})())
+    summary = lines[-1]
+    assert summary["status"] == "summary" and summary["done"] == len(made) and summary["failed"] == 0
+    assert sorted(Path(line["output"]).name for line in lines[:-1] if line["status"] == "done") == made
+    rerun = _icd_process(command)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    rest = _lines(type("R", (), {"stdout": stdout})())
+    assert rest[-1]["done"] == 10 - len(made) and rest[-1]["skipped"] == len(made) and rest[-1]["failed"] == 0
+    assert sorted(Path(line["output"]).name for line in rest[:-1] if line["status"] == "skipped") == made
+    assert len(_files(out)) == 10
+
+
+def test_a_second_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tmp_path):
+    photos = tmp_path / "photos"
+    for index in range(2):
+        _photo(photos / f"p{index}.png", seed=index)
+    out = tmp_path / "out"
+    process = _icd_process(["edit", str(photos), "-o", str(out), *PROMPTS])  # the default model: fused on load
+    assert "loading" in process.stderr.readline()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr
+    assert not out.exists() or _files(out) == []
+
+
+def _dead_pid():
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(merged_dir, tmp_path):
+    photos = tmp_path / "photos"
+    for index in range(6):
+        _photo(photos / f"p{index}.png", 320, 240, seed=index)
+    out = tmp_path / "out"
+    command = ["edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json"]
+    process = _icd_process(command)
+    _wait_for_output(process, out)
+    process.kill()  # SIGKILL: no cleanup at all
+    process.communicate(timeout=60)
+    dead = _dead_pid()
+    planted = [out / f".p0-edit.png.icd-{dead}-0a1b2c3d.part", out / ".p1-edit.png.icd-claim"]
+    for path in planted:
+        path.write_bytes(b"half a file")
+    foreign = [out / ".p2-edit.png.part", out / f".notes.icd-{dead}.part", out / "p3-edit.png.icd-claim.txt"]
+    for path in foreign:
+        path.write_bytes(b"not icd's")
+    live = out / f".p4-edit.png.icd-{os.getpid()}-00ff00ff.part"  # a process that still runs: this one
+    live.write_bytes(b"being written")
+    rerun = _icd_process(command)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "unfinished file(s) of an earlier run" in stderr
+    assert not any(path.exists() for path in planted)
+    assert all(path.exists() for path in [*foreign, live])
+    for path in [*foreign, live]:
+        path.unlink()
+    assert _files(out) == [f"p{index}-edit.png" for index in range(6)]
+
+
+def test_two_processes_on_one_output_folder_do_every_item_exactly_once(merged_dir, tmp_path):
+    photos = tmp_path / "photos"
+    for index in range(8):
+        _photo(photos / f"p{index}.png", 320, 240, seed=index)
+    out = tmp_path / "out"
+    command = ["edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json"]
+    processes = [_icd_process(command) for _ in range(2)]
+    results = [(process, *process.communicate(timeout=300)) for process in processes]
+    done = []
+    for process, stdout, stderr in results:
+        assert process.returncode == 0, stderr
+        lines = _lines(type("R", (), {"stdout": stdout})())
+        summary = lines.pop()
+        assert summary["failed"] == 0 and summary["done"] + summary["skipped"] == 8
+        done += [line["output"] for line in lines if line["status"] == "done"]
+    assert sorted(done) == sorted(str(out / f"p{index}-edit.png") for index in range(8))  # each once, none twice
+    assert _files(out) == [f"p{index}-edit.png" for index in range(8)]
 
 
 def test_damaged_onnx_file_says_what_to_do(tmp_path):

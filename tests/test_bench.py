@@ -77,7 +77,9 @@ def test_bench_latency_json(merged_dir):
     from icdcli.cli import main
 
     pytest.importorskip("onnxruntime")
-    args = ["bench", "latency", "--model", str(merged_dir), "--limit", "1", "--backends", "torch,onnxruntime,tensorrt"]
+    # pinned to the CPU, where TensorRT cannot run (on a GPU it would be timed, not skipped)
+    args = ["bench", "latency", "--model", str(merged_dir), "--limit", "1", "--backends", "torch,onnxruntime,tensorrt",
+            "--device", "cpu"]  # fmt: skip
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

@@ -142,7 +142,7 @@ def test_info_json():
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["backends"]["torch"]["importable"] is True
-    assert {"sd15", "sd15-3step", "sdxl"} <= report["presets"].keys()
+    assert {"sd15", "sd15-3step", "sdxl"} <= {preset["name"] for preset in report["presets"]}
     assert "root" in report["cache"]
 
 
@@ -203,7 +203,8 @@ def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
 def test_edit_on_onnxruntime_matches_torch_and_says_so(merged_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     photo = _photo(tmp_path / "photo.png")
-    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json"]
+    # the CPU path: on a GPU machine "auto" would pick TensorRT or the GPU, not ONNX Runtime on the CPU
+    args = ["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "--json", "--device", "cpu"]
     on_torch = _run(*args, "-o", tmp_path / "torch.png", "--backend", "torch")
     on_ort = _run(*args, "-o", tmp_path / "ort.png", "--backend", "auto")
     assert on_ort.exit_code == 0, on_ort.output
@@ -222,3 +223,143 @@ def test_naming_a_backend_that_cannot_run_is_a_clear_error(merged_dir, tmp_path)
                   "--backend", "tensorrt")  # fmt: skip
     assert result.exit_code == 1 and "--backend tensorrt needs" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _strict_lines(result):
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in result.stdout.strip().splitlines()]
+
+
+def test_generate_and_invert_replace_only_what_icd_made_with_the_same_parameters(merged_dir, tmp_path):
+    from icdcli.images import read_record
+    from icdcli.outputs import read_latent_record
+
+    photo = _photo(tmp_path / "photo.png")
+    foreign = {name: tmp_path / name for name in ("mine.png", "mine.safetensors", "back.png")}
+    for path in foreign.values():
+        path.write_bytes(b"the user's own file")
+    model = ["--model", merged_dir, "--json"]
+    attempts = [
+        ("generate", "a cat", "-o", foreign["mine.png"]),
+        ("invert", photo, "--prompt", "a cat", "-o", foreign["mine.safetensors"]),
+        ("invert", photo, "--prompt", "a cat", "-o", tmp_path / "l.safetensors", "--reconstruct", foreign["back.png"]),
+    ]
+    for attempt in attempts:
+        refused = _run(*attempt, *model)
+        assert refused.exit_code == 1 and "not made by icd" in refused.stderr and "--overwrite" in refused.stderr
+        (line,) = _strict_lines(refused)
+        assert line["status"] == "failed" and "--overwrite" in line["error"] and {"input", "output"} <= line.keys()
+    assert all(path.read_bytes() == b"the user's own file" for path in foreign.values())
+    assert not (tmp_path / "l.safetensors").exists()
+    generate = ["generate", "a cat", "-o", tmp_path / "g.png", *model]
+    invert = ["invert", photo, "--prompt", "a cat", "-o", tmp_path / "l.safetensors", "--reconstruct",
+              tmp_path / "r.png", *model]  # fmt: skip
+    for command in (generate, invert):
+        first, again = _run(*command), _run(*command)
+        assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+        assert _strict_lines(first)[0]["status"] == "done" and _strict_lines(again)[0]["status"] == "skipped"
+        other = _run(*command, "--seed", 4)
+        default_seed = 0 if command is generate else 30  # invert takes the SD1.5 recipe's seed, as edit does
+        assert other.exit_code == 1 and f"seed {default_seed} -> 4" in other.stderr
+        assert _run(*command, "--seed", 4, "--overwrite").exit_code == 0
+    assert read_record(tmp_path / "g.png")["seed"] == 4 and read_record(tmp_path / "g.png")["command"] == "generate"
+    latent, recon = read_latent_record(tmp_path / "l.safetensors"), read_record(tmp_path / "r.png")
+    assert latent["command"] == "invert" and latent["seed"] == 4 and latent["input_sha256"].startswith("sha256:")
+    assert recon["command"] == "invert-reconstruct" and recon["guidance"] == 1.0 and recon["seed"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["photo.png", "g.png", "l.safetensors", "r.png", *foreign]
+    )
+
+
+def test_default_names_never_replace_a_file_icd_did_not_make(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    (tmp_path / "photo.latent.safetensors").write_bytes(b"someone else's")
+    result = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "--json")
+    assert result.exit_code == 0 and _strict_lines(result)[0]["output"] == str(tmp_path / "photo.latent-1.safetensors")
+    assert (tmp_path / "photo.latent.safetensors").read_bytes() == b"someone else's"
+
+
+def test_an_input_given_twice_is_one_item(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    result = _run("edit", photo, tmp_path / "." / "photo.png", tmp_path, "--src", "a cat", "--tgt", "a dog",
+                  "--model", merged_dir, "--json", "-o", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = _strict_lines(result)
+    assert [line["status"] for line in lines] == ["done", "summary"]
+    assert result.stderr.count("is the same edit as") == 2
+    assert _listing(tmp_path / "out") == ["photo-edit.png"]
+
+
+@pytest.mark.parametrize("where", ["/tmp/elsewhere.png", "../up.png", "sub/../../up.png"])
+def test_a_spec_output_may_not_leave_the_output_folder_unless_allowed(merged_dir, tmp_path, where):
+    _photo(tmp_path / "photo.png")
+    spec = tmp_path / "spec.jsonl"
+    rows = [{"image": "photo.png", "src": "a cat", "tgt": "a dog", "output": where},
+            {"image": "photo.png", "src": "a cat", "tgt": "a fox", "output": "fine.png"}]  # fmt: skip
+    spec.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "out"
+    result = _run("edit", "--spec", spec, "--model", merged_dir, "--json", "-o", out)
+    assert result.exit_code == 1
+    failed, done, summary = _strict_lines(result)
+    assert (
+        failed["status"] == "failed"
+        and "leaves the output folder" in failed["error"]
+        and "--any-output" in failed["error"]
+    )
+    assert done["status"] == "done" and summary["failed"] == 1
+    assert _listing(out) == ["fine.png"] and not (tmp_path / "up.png").exists()
+    if where.startswith("/"):
+        return  # not written outside the test's folder
+    allowed = _run("edit", "--spec", spec, "--model", merged_dir, "--json", "-o", out, "--any-output")
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "up.png").exists()
+
+
+def test_an_unwritable_cache_says_what_to_set_and_falls_back_once(merged_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("ICD_CACHE_DIR", str(blocker / "cache"))  # cannot be created, even by root
+    monkeypatch.setenv("ICD_BACKEND", "auto")
+    photos = [_photo(tmp_path / f"p{index}.png", seed=index) for index in range(2)]
+    common = ["--model", merged_dir, "--device", "cpu", "--json"]
+    edited = _run("edit", *photos, "--src", "a cat", "--tgt", "a dog", "-o", tmp_path / "out", *common)
+    assert edited.exit_code == 0, edited.output
+    assert [line["status"] for line in _strict_lines(edited)] == ["done", "done", "summary"]
+    assert edited.stderr.count("ICD_CACHE_DIR") == 1 and edited.stderr.count("note: backend torch instead") == 1
+    for command in (["generate", "a cat", "-o", tmp_path / "g.png"],
+                    ["invert", photos[0], "--prompt", "a cat", "-o", tmp_path / "l.safetensors"]):  # fmt: skip
+        result = _run(*command, *common)
+        assert result.exit_code == 0 and "ICD_CACHE_DIR" in result.stderr and "Traceback" not in result.output
+        assert _strict_lines(result)[0]["status"] == "done"
+    named = _run("generate", "a cat", "-o", tmp_path / "h.png", *common, "--backend", "onnxruntime")
+    assert named.exit_code == 1 and "ICD_CACHE_DIR" in named.stderr and not (tmp_path / "h.png").exists()
+    assert len([line for line in named.stderr.splitlines() if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [((4096, 4096), "the largest square this machine can make is about"), ((18, 16), "multiples of 4")],
+)
+def test_sizes_are_checked_before_the_model_loads(merged_dir, tmp_path, monkeypatch, size, message):
+    import icdcli.sources
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(icdcli.sources, "load_requested_model", no_loading)
+    result = _run("generate", "a cat", "--model", merged_dir, "--width", size[0], "--height", size[1], "-o",
+                  tmp_path / "g.png", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+    assert _listing(tmp_path) == []
+
+
+def test_the_largest_square_fits_and_the_next_does_not():
+    from icdcli.limits import Sizes, largest_square, needed_bytes
+
+    sizes = Sizes(512, 64, 8)
+    for budget in (2**30, 16 * 2**30, 80 * 2**30):
+        side = largest_square(budget, sizes)
+        assert side % 64 == 0 and needed_bytes(side, side, 8) <= budget < needed_bytes(side + 64, side + 64, 8)

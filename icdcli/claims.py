@@ -1,0 +1,185 @@
+"""Files icd keeps beside its outputs while it works, and how it recognises the ones a dead run left.
+
+- Temporary files: `.<name>.icd-<pid>-<random>.part`, written and renamed onto `<name>`; the writer holds
+  an advisory lock (flock) on it while it lives.
+- Claims: `.<name>.icd-claim`, created and locked by the process making `<name>`, so that concurrent runs
+  into one folder share the work: a process that cannot lock an output's claim leaves that output to its
+  owner. A lock dies with its process, even one killed by SIGKILL.
+
+`sweep` removes, in one folder, the temporary files and claims whose lock nobody holds and whose process
+is gone: what a killed run left behind. Nothing else is touched. Where advisory locks do not exist
+(Windows) claims always succeed and nothing is swept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+CLAIM_SUFFIX = ".icd-claim"
+PART_SUFFIX = ".part"
+_PART = re.compile(r"^\..+\.icd-(\d+)-[0-9a-f]+\.part$")
+_CLAIM = re.compile(r"^\..+\.icd-claim$")
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive advisory lock of an open file without waiting; False when another holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the open file `fd` (not removed or replaced since it was opened)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one we may not signal counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def part_prefix(target: Path) -> str:
+    """The start of the name of a temporary file for `target` made by this process."""
+    return f".{target.name}.icd-{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def temporary_beside(target: Path) -> Iterator[Path]:
+    """A new, empty, locked temporary file in `target`'s folder; removed afterwards unless renamed away."""
+    for _ in range(100):
+        path = target.parent / f"{part_prefix(target)}{secrets.token_hex(4)}{PART_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as error:  # about the target, not a name the user never gave
+            raise OSError(error.errno, error.strerror, str(target)) from None
+        break
+    else:  # pragma: no cover - a hundred random names taken
+        raise FileExistsError(f"no free temporary name beside {target}")
+    try:
+        _try_lock(fd)
+        yield path
+    finally:
+        if _same_file(fd, path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(fd)
+
+
+@dataclass
+class Claim:
+    """The lock on one output, held until `release`."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        if _same_file(self.fd, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        os.close(self.fd)
+        self.fd = -1
+
+
+def claim_path(output: Path) -> Path:
+    return output.parent / f".{output.name}{CLAIM_SUFFIX}"
+
+
+def _lock_unless_held(fd: int, path: Path, patience: float = 0.2) -> bool:
+    """Lock a claim; False when a process holds it. A sweep holds a stale claim's lock only for the moment it
+    takes to remove it: wait that long, and report a removed claim as lockable (the caller opens it anew)."""
+    deadline = time.monotonic() + patience
+    while not _try_lock(fd):
+        if not _same_file(fd, path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def claim(output: Path) -> Claim | None:
+    """Claim `output` for this process; None when another live process holds its claim."""
+    path = claim_path(output)
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _lock_unless_held(fd, path):
+            os.close(fd)
+            return None
+        if not _same_file(fd, path):  # removed by a sweep or its owner between the open and the lock
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return Claim(path, fd)
+    return None  # pragma: no cover - the claim kept changing under us: leave the output to whoever holds it
+
+
+def claim_owner(output: Path) -> str:
+    """The process id written in an output's claim ('' when unknown)."""
+    try:
+        return claim_path(output).read_text(errors="replace").strip()[:20]
+    except OSError:
+        return ""
+
+
+def _stale(entry: Path) -> bool:
+    match = _PART.match(entry.name)
+    return not (match and process_alive(int(match.group(1))))
+
+
+def sweep(folder: Path) -> list[Path]:
+    """Remove the temporary files and claims that dead icd processes left in `folder`; the paths removed."""
+    if fcntl is None:
+        return []
+    removed: list[Path] = []
+    try:
+        entries = [Path(entry.path) for entry in os.scandir(folder) if entry.name.startswith(".")]
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (_PART.match(entry.name) or _CLAIM.match(entry.name)) or not _stale(entry):
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd) and _same_file(fd, entry):
+                entry.unlink()
+                removed.append(entry)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -1,0 +1,89 @@
+"""The outputs of `icd generate` and `icd invert`: their parameter records, the one rule for an existing file,
+and the JSON line each command prints (`status`, `input`, `output`, and `error` on failure).
+
+The rule, shared with `icd edit` (icdcli.batch.decide): an existing file is replaced only with --overwrite;
+one made by icd with the same parameters is skipped; any other is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+RECORD_KEY = "icd"
+GENERATE_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "guidance", "tau", "seed", "width", "height")
+INVERT_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "seed", "input_sha256")
+RECONSTRUCT_FIELDS = (*INVERT_FIELDS, "guidance", "tau")
+
+
+def read_latent_record(path: Path) -> dict[str, Any] | None:
+    """The parameter record in a latent file's safetensors metadata; None when there is none."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= 100_000_000:
+                return None
+            header = json.loads(handle.read(length))
+        record = json.loads(header.get("__metadata__", {}).get(RECORD_KEY, ""))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def existing_record(path: Path) -> dict[str, Any] | None:
+    from .images import read_record
+
+    if path.suffix.lower() == ".safetensors":
+        return read_latent_record(path)
+    return read_record(path, RECORD_KEY)
+
+
+def check_existing(path: Path, wanted: dict[str, Any], fields: tuple[str, ...], overwrite: bool) -> str | None:
+    """None: make `path`. A reason: skip it (made with these parameters). ClickException: refused."""
+    import os
+
+    from .batch import decide, display
+
+    exists = os.path.lexists(path)
+    if exists and path.is_dir():
+        raise click.ClickException(f"{display(path)} is a folder: give a file name with -o")
+    existing = existing_record(path) if exists and not overwrite else None
+    maker = f"icd {wanted['command'].split('-')[0]}"
+    decision = decide(exists, existing, wanted, overwrite, fields, maker)
+    if decision.action == "refuse":
+        raise click.ClickException(f"{display(path)} {decision.reason}")
+    return decision.reason if decision.action == "skip" else None
+
+
+def emit(as_json: bool, record: dict[str, Any]) -> None:
+    """One result: a JSON line with --json, else a line of text on stderr."""
+    from .batch import display
+    from .values import strict_json
+
+    if as_json:
+        click.echo(strict_json(record))
+    elif record["status"] == "skipped":
+        click.echo(f"skipped {display(record['output'])}: {record['reason']} (--overwrite makes it again)", err=True)
+    else:
+        click.echo(f"wrote {display(record['output'])}", err=True)
+
+
+@contextlib.contextmanager
+def reported_failure(as_json: bool, input_: str, output: Path | str | None) -> Iterator[None]:
+    """With --json, a failure also prints its JSON line (status failed, error) before the one-line error."""
+    from .errors import ICDError
+    from .values import strict_json
+
+    try:
+        yield
+    except (click.ClickException, ICDError) as error:
+        if as_json:
+            message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+            line = {"status": "failed", "input": input_, "output": None if output is None else str(output)}
+            click.echo(strict_json({**line, "error": message}))
+        raise
