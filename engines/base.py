@@ -35,8 +35,12 @@ from icdcli.export.manifest import (
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-class ShapeNotCovered(ICDError):
-    """A backend cannot run these shapes (for TensorRT: outside every engine's optimisation profile)."""
+class BackendUnavailable(ICDError):
+    """A graph cannot run on this backend (an engine that failed to build or load): the caller falls back."""
+
+
+class ShapeNotCovered(BackendUnavailable):
+    """A backend cannot run these shapes (for TensorRT: outside every optimisation profile of the engine)."""
 
 
 def unet_feeds(
@@ -111,10 +115,13 @@ class GraphDenoiser:
             reason = self._p2p_mismatch(x)
             if reason is not None:
                 return self._fall_back(reason, x, t, cond, guidance, control)
-            return self._p2p_guided(x, t, cond, guidance, control)
+            try:
+                return self._p2p_guided(x, t, cond, guidance, control)
+            except BackendUnavailable as error:
+                return self._fall_back(str(error), x, t, cond, guidance, control)
         try:
             return self._guided(x, t, cond, guidance)
-        except ShapeNotCovered as error:
+        except BackendUnavailable as error:
             return self._fall_back(str(error), x, t, cond, guidance, None)
 
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from icdcli.models import ICDModel
 
 MANIFEST = "manifest.json"
+ENGINE_SIZES = "engine_sizes.json"
+"""Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
 EXPORT_FORMAT = 2
 """Bump when graph signatures change: every cached export then counts as stale."""
 DEFAULT_OPSET = 17
@@ -105,6 +107,27 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         return Manifest.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def write_engine_sizes(folder: str | Path, sizes: dict[str, int | None]) -> Path:
+    """Record the sizes engines were built for, so later runs build (and find in the cache) the same engines."""
+    from icdcli.atomic import atomic_path
+
+    path = Path(folder) / ENGINE_SIZES
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(sizes, indent=2))
+    return path
+
+
+def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
+    """The sizes recorded by `write_engine_sizes`, or None when there are none (or they are unreadable)."""
+    try:
+        sizes = json.loads((Path(folder) / ENGINE_SIZES).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(sizes, dict):
+        return None
+    return {key: value for key, value in sizes.items() if isinstance(value, int) and value > 0}
 
 
 def stale_reason(

@@ -160,6 +160,19 @@ class AcceleratedModel:
         self.model = model
         self.parts = parts
         self.backend: str = parts.name
+        self.told: set[str] = set()
+
+    def _or_torch(self, run: Callable[[], Any], torch_run: Callable[[], Any], what: str) -> Any:
+        """`run()` on the backend; where that graph cannot run there (BackendUnavailable), `torch_run()` with a note."""
+        from icdcli.engines.base import BackendUnavailable
+
+        try:
+            return run()
+        except BackendUnavailable as error:
+            if what not in self.told:
+                self.told.add(what)
+                logger.warning("%s: the %s runs on PyTorch", error, what)
+            return torch_run()
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes this class does not define: info, tokenizers, device, dtype, ...
@@ -190,7 +203,9 @@ class AcceleratedModel:
             ).input_ids.to(self.model.device)
             for tokenizer in self.model.tokenizers
         ]
-        return encode_ids(self.parts.text_encoders, ids)
+        return self._or_torch(
+            lambda: encode_ids(self.parts.text_encoders, ids), lambda: self.model.encode_prompt(text), "text encoder"
+        )
 
     def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
         # ICDModel's own logic, with this object's encode_prompt
@@ -198,11 +213,17 @@ class AcceleratedModel:
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> clean latents (posterior mean times scaling factor, inside the graph)."""
-        return self.parts.vae_encoder({"images": pixels.to(self.model.device, torch.float32)})["latents"]
+        feeds = {"images": pixels.to(self.model.device, torch.float32)}
+        return self._or_torch(
+            lambda: self.parts.vae_encoder(feeds)["latents"], lambda: self.model.encode_image(pixels), "VAE encoder"
+        )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> pixels in [-1, 1]."""
-        return self.parts.vae_decoder({"latents": latents.to(self.model.device, torch.float32)})["images"]
+        feeds = {"latents": latents.to(self.model.device, torch.float32)}
+        return self._or_torch(
+            lambda: self.parts.vae_decoder(feeds)["images"], lambda: self.model.decode_latents(latents), "VAE decoder"
+        )
 
 
 def torch_fallbacks(model: ICDModel) -> dict[str, Denoiser]:

@@ -93,10 +93,14 @@ def export(
     if backend == "tensorrt":
         from .accelerated import torch_fallbacks
         from .engines import tensorrt as trt_engine
+        from .export.manifest import write_engine_sizes
 
+        sizes = trt_engine.EngineSizes(height, width, batch)
+        write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
         trt_engine.load_parts(
-            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width, max_batch=batch
-        )
+            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width,
+            max_batch=batch, build_now=list(manifest.graphs),
+        )  # fmt: skip
         _say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
 
 
@@ -136,8 +140,9 @@ def describe_cache() -> dict[str, Any]:
             {
                 "path": str(plan),
                 "graph": meta.get("graph"),
-                "kind": meta.get("kind"),
+                "profiles": sorted(meta.get("profiles") or {}),
                 "tensorrt": meta.get("tensorrt"),
+                "device": meta.get("device"),
                 "compute_capability": meta.get("compute_capability"),
                 "bytes": plan.stat().st_size if plan.is_file() else 0,
             }
