@@ -791,36 +791,43 @@ def load_parts(
     progress: Callable[[str], None] | None = None, height: int | None = None, width: int | None = None,
     max_batch: int | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
 ) -> BackendParts:  # fmt: skip
-    """TensorRT-run `BackendParts` for an export folder. Each engine is built (or loaded from the cache) when its
-    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning."""
-    trt = _trt()
+    """TensorRT-run `BackendParts` for an export folder, on the model's CUDA device (see `engine_parts`)."""
+    _trt()
     device = model.device
     if device.type != "cuda":
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
     sizes = resolve_sizes(folder, height, width, max_batch)
+    return engine_parts(
+        folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now
+    )
+
+
+def engine_parts(
+    folder: Path, manifest: Manifest, device: torch.device, facts: DeviceFacts, fallbacks: dict[str, Any],
+    sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
+    build_now: Iterable[str] = (),
+) -> BackendParts:  # fmt: skip
+    """`BackendParts` whose graphs run on TensorRT engines. Each engine is built (or found in the cache) when its
+    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning."""
+    trt = _trt()
     mode = build_mode(trt.__version__, manifest.precision)
-    facts = device_facts(device)
     cache = engines_root() / manifest.model_key
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
     requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.batch)}
     memory, streams = SharedActivations(device), Streams(device)
 
-    def make_engine(spec: GraphSpec) -> Callable[[], Engine]:
-        request = requests[spec.name]
-
-        def build() -> Engine:
-            with on_device(device):
-                plan = ensure_engine(folder / spec.file, spec.sha256, request, mode, cache, facts, timing, progress)
-            return Engine(plan, spec.name, request.profiles, device, memory, streams, cuda_graph)
-
-        return build
+    def ensure(spec: GraphSpec) -> Path:
+        with on_device(device):
+            request = requests[spec.name]
+            return ensure_engine(folder / spec.file, spec.sha256, request, mode, cache, facts, timing, progress)
 
     def make_runner(spec: GraphSpec) -> TensorRTGraph:
-        return TensorRTGraph(spec, make_engine(spec), ("eps",) if spec.name in UNET_GRAPHS else ())
+        def make_engine() -> Engine:
+            return Engine(ensure(spec), spec.name, requests[spec.name].profiles, device, memory, streams, cuda_graph)
+
+        return TensorRTGraph(spec, make_engine, ("eps",) if spec.name in UNET_GRAPHS else ())
 
     parts = assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
     for name in build_now:
-        spec = manifest.graphs[name]
-        with on_device(device):
-            ensure_engine(folder / spec.file, spec.sha256, requests[name], mode, cache, facts, timing, progress)
+        ensure(manifest.graphs[name])
     return parts
