@@ -476,3 +476,73 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     assert result.exit_code == 0, result.output
     graphs = read_manifest(lean).graphs
     assert "reverse_unet_p2p" not in graphs and "reverse_unet" in graphs
+
+
+# --- onnxruntime CUDA binding with a fake session ---------------------------------------------------------
+
+
+class FakeOrtBinding:
+    """Records what OrtGraph binds; `run` writes 2 * sample into eps through the bound addresses."""
+
+    def __init__(self, events: list):
+        self.events, self.bound = events, {}
+
+    def bind_input(self, name, device, index, dtype, shape, address):
+        self.events.append(("bind_input", name, device, index, tuple(shape)))
+        self.bound[name] = (address, tuple(shape), dtype)
+
+    def bind_output(self, name, device, index, dtype, shape, address):
+        self.events.append(("bind_output", name, device, index, tuple(shape)))
+        self.bound[name] = (address, tuple(shape), dtype)
+
+    def synchronize_inputs(self):
+        self.events.append("synchronize_inputs")
+
+    def synchronize_outputs(self):
+        self.events.append("synchronize_outputs")
+
+    def array(self, name):
+        import ctypes
+
+        address, shape, dtype = self.bound[name]
+        count = int(np.prod(shape))
+        raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def test_onnxruntime_cuda_binding_waits_for_torch_before_running():
+    from icdcli.engines.onnxruntime import OrtGraph, cuda_provider_options
+
+    assert cuda_provider_options(1, 0) == {"device_id": "1"}  # torch's default stream: ORT would drop it
+    assert cuda_provider_options(0, 1234) == {
+        "device_id": "0", "has_user_compute_stream": "1", "user_compute_stream": "1234",
+    }  # fmt: skip
+    events: list = []
+    binding = FakeOrtBinding(events)
+
+    class Session:
+        def io_binding(self):
+            return binding
+
+        def run_with_iobinding(self, bound):
+            events.append("run")
+            bound.array("eps")[...] = 2 * bound.array("sample")
+
+    spec = GraphSpec(
+        "forward_unet", "forward_unet.onnx", [TensorSpec("sample", "float32", ["batch", 4, "latent_height", 8])],
+        [TensorSpec("eps", "float32", ["batch", 4, "latent_height", 8])], "folded",
+    )  # fmt: skip
+    graph = OrtGraph.__new__(OrtGraph)
+    graph.spec, graph.device, graph.vae_scale_factor, graph.session = spec, torch.device("cpu"), 8, Session()
+    graph.binding, graph.index, graph.output_names = True, 1, ["eps"]
+    graph.numpy_dtypes = {"float32": np.float32}
+    graph.synchronize = lambda: events.append("torch stream synchronized")
+    x = torch.randn(2, 4, 6, 8)
+    eps = graph({"sample": x})["eps"]
+    assert torch.allclose(eps, 2 * x, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
+    order = [e if isinstance(e, str) else e[0] for e in events]
+    assert order == [
+        "bind_input", "bind_output", "torch stream synchronized", "synchronize_inputs", "run", "synchronize_outputs",
+    ]  # fmt: skip
+    assert events[0] == ("bind_input", "sample", "cuda", 1, (2, 4, 6, 8))
+    assert events[1] == ("bind_output", "eps", "cuda", 1, (2, 4, 6, 8))
