@@ -81,6 +81,10 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     versions: dict[str, str | None] = field(default_factory=dict)
     export_format: int = EXPORT_FORMAT
+    sanitized: bool = False
+    """Constants folded for TensorRT (polygraphy / onnx-graphsurgeon)."""
+    fp32_norm: bool = False
+    """GroupNorm/LayerNorm of an fp16 export kept in fp32."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,9 +135,10 @@ def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
 
 
 def stale_reason(
-    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False
-) -> str | None:
-    """Why an existing export cannot serve this model, or None when it can."""
+    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False,
+    fp32_norm: bool | None = None,
+) -> str | None:  # fmt: skip
+    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind)."""
     if manifest is None:
         return "no export yet"
     checks = (
@@ -142,6 +147,10 @@ def stale_reason(
         (manifest.precision != precision, f"precision {manifest.precision} != {precision}"),
         (manifest.opset != opset, f"opset {manifest.opset} != {opset}"),
         (need_teacher and TEACHER not in manifest.graphs, "the export has no teacher UNet"),
+        (
+            fp32_norm is not None and precision == "fp16" and manifest.fp32_norm != fp32_norm,
+            f"normalisation in fp32: {manifest.fp32_norm} != {fp32_norm}",
+        ),
     )
     return next((reason for failed, reason in checks if failed), None)
 

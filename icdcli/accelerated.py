@@ -122,11 +122,13 @@ def ensure_exported(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     p2p: bool | None = None,
+    fp32_norm: bool | None = None,
 ) -> tuple[Path, Any]:
     """The model's ONNX export folder and manifest, exporting it first when missing or stale.
 
     `p2p`: whether a new export holds the reverse Prompt-to-Prompt graph (default: for SD1.5-family
-    models; see `icdcli.export.onnx.plan_graphs`).
+    models; see `icdcli.export.onnx.plan_graphs`). `fp32_norm`: whether an fp16 export keeps its normalisation
+    layers in fp32 (None: an existing export of either kind serves; a new one has them in fp16).
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
@@ -142,10 +144,15 @@ def ensure_exported(
     with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
         reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
+        if reason is None and fp32_norm is not None:
+            reason = stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, fp32_norm=fp32_norm)
         if reason is not None:
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
-            export_model(model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p)
+            export_model(
+                model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p,
+                fp32_norm=bool(fp32_norm),
+            )  # fmt: skip
             manifest = read_manifest(folder)
     return folder, manifest
 
