@@ -120,9 +120,13 @@ class GraphDenoiser:
             except BackendUnavailable as error:
                 return self._fall_back(str(error), x, t, cond, guidance, control)
         try:
-            return self._guided(x, t, cond, guidance)
+            eps = self._guided(x, t, cond, guidance)
         except BackendUnavailable as error:
             return self._fall_back(str(error), x, t, cond, guidance, None)
+        release = getattr(self.fallback, "release", None)
+        if release is not None:  # the graph runs: a fallback that can free its GPU memory does so now
+            release()
+        return eps
 
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
         """Why these latents cannot run in the P2P graph, or None when they can."""

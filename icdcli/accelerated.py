@@ -233,12 +233,45 @@ class AcceleratedModel:
         )
 
 
-def torch_fallbacks(model: ICDModel) -> dict[str, Denoiser]:
-    """The torch denoisers the graphs hand attention control (and uncovered shapes) to."""
-    fallbacks: dict[str, Denoiser] = {"forward_unet": model.forward_denoiser, "reverse_unet": model.reverse_denoiser}
+class OffloadingFallback:
+    """A torch denoiser whose UNet leaves the GPU once the graph in front of it runs (`release`), so the GPU does not
+    hold the weights twice; the first time it is needed after all (attention control without a P2P graph, a shape
+    outside the engine's profiles) it moves back and stays."""
+
+    def __init__(self, denoiser: Any, unet: torch.nn.Module, device: torch.device, name: str):
+        self.denoiser, self.unet, self.device, self.name = denoiser, unet, device, name
+        self.released = self.needed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["denoiser"], name)
+
+    def release(self) -> None:
+        if self.released or self.needed or self.device.type != "cuda":
+            return
+        self.unet.to("cpu")
+        self.released = True
+        torch.cuda.empty_cache()
+        logger.info("the PyTorch %s left the GPU: its graph runs", self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.needed = True
+        if self.released:
+            logger.info("the PyTorch %s returns to the GPU for steps its graph cannot run", self.name)
+            self.unet.to(self.device)
+            self.released = False
+        return self.denoiser(*args, **kwargs)
+
+
+def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, Denoiser]:
+    """The torch denoisers the graphs hand attention control (and uncovered shapes) to; with `offload`, each UNet
+    leaves the GPU once its graph has run (only for a model that nothing else runs on PyTorch meanwhile)."""
+    roles = {"forward_unet": (model.forward_denoiser, model.forward_unet)}
+    roles["reverse_unet"] = (model.reverse_denoiser, model.reverse_unet)
     if model.teacher_unet is not None:
-        fallbacks["teacher_unet"] = model.teacher_denoiser
-    return fallbacks
+        roles["teacher_unet"] = (model.teacher_denoiser, model.teacher_unet)
+    if not offload:
+        return {role: denoiser for role, (denoiser, _) in roles.items()}
+    return {role: OffloadingFallback(d, unet, model.device, role) for role, (d, unet) in roles.items()}
 
 
 def accelerate(
@@ -246,11 +279,14 @@ def accelerate(
     backend: str,
     progress: Callable[[str], None] | None = None,
     export_dir: str | Path | None = None,
+    offload_torch: bool = False,
     **tensorrt_options: Any,
 ) -> ICDModel | AcceleratedModel:
     """`model` on `backend` (as returned by `select_backend`); torch returns the model itself.
 
-    Exports to ONNX on first use, and for TensorRT builds engines on first use (both cached).
+    Exports to ONNX on first use, and for TensorRT builds each engine when its graph first runs (both cached).
+    `offload_torch`: move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only for a
+    model that is not also run on PyTorch directly.
     """
     if backend == "torch":
         return model
@@ -258,12 +294,13 @@ def accelerate(
         from icdcli.engines import onnxruntime as ort_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, torch_fallbacks(model)))
+        fallbacks = torch_fallbacks(model, offload_torch)
+        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, fallbacks))
     if backend == "tensorrt":
         from icdcli.engines import tensorrt as trt_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        fallbacks = torch_fallbacks(model)
+        fallbacks = torch_fallbacks(model, offload_torch)
         parts = trt_engine.load_parts(folder, manifest, model, fallbacks, progress=progress, **tensorrt_options)
         return AcceleratedModel(model, parts)
     raise ICDError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

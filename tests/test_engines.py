@@ -546,3 +546,36 @@ def test_onnxruntime_cuda_binding_waits_for_torch_before_running():
     ]  # fmt: skip
     assert events[0] == ("bind_input", "sample", "cuda", 1, (2, 4, 6, 8))
     assert events[1] == ("bind_output", "eps", "cuda", 1, (2, 4, 6, 8))
+
+
+# --- PyTorch UNets leave the GPU once their graph runs ----------------------------------------------------
+
+
+class MovingModule:
+    def __init__(self):
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when_needed():
+    from icdcli.accelerated import OffloadingFallback
+
+    unet, calls = MovingModule(), []
+    fallback = OffloadingFallback(lambda *args: calls.append(args) or "eps", unet, torch.device("cuda", 1), "reverse")
+    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
+    cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
+    x = torch.ones(1, 4, 2, 2)
+    denoiser(x, 999, cond, 8.0)
+    denoiser(x, 779, cond, 8.0)
+    assert unet.moves == ["cpu"] and fallback.released
+    assert denoiser(x, 519, cond, 8.0, control="p2p") == "eps"  # attention control needs the torch UNet
+    assert unet.moves == ["cpu", "cuda:1"] and not fallback.released
+    denoiser(x, 259, cond, 8.0)
+    assert unet.moves == ["cpu", "cuda:1"]  # needed once: it stays
+    assert fallback.__call__ is not None and not hasattr(fallback, "no_such_attribute")
+    cpu_model = OffloadingFallback(lambda *args: "eps", MovingModule(), torch.device("cpu"), "forward")
+    cpu_model.release()
+    assert cpu_model.unet.moves == [] and not cpu_model.released
