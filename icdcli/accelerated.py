@@ -70,7 +70,7 @@ def backend_problem(name: str, facts: BackendFacts) -> str | None:
         if not facts.cuda:
             return "--backend tensorrt needs an NVIDIA GPU that torch sees (--device cuda): use --backend onnxruntime"
         if not (facts.tensorrt and facts.onnx):
-            return "--backend tensorrt needs TensorRT 10 and onnx: pip install 'icd[tensorrt]'"
+            return "--backend tensorrt needs TensorRT 10.x–11.x and onnx: pip install 'icd[tensorrt]'"
         return None
     raise ICDError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
