@@ -5,7 +5,7 @@ cache keys, staleness, profile choice, build flags) are plain functions over dic
 TensorRT; everything that needs the library imports it lazily through `_trt()`.
 
 One engine per graph, with one optimisation profile per kind of shape it must run:
-- UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, and CUDA-graph replay) -
+- UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, CUDA-graph replay at once) -
   then `landscape` and `portrait`, which together hold every size `icdcli.images.fit_size` gives a photo of
   aspect up to `MAX_ASPECT`, at batch 1..B (B = 2 for real CFG);
 - VAE: `landscape` and `portrait`; text encoders and the P2P graph: their one shape.
@@ -613,6 +613,8 @@ class Binding:
         self.buffers: dict[str, torch.Tensor] = {}
         self.graph: Any = None
         self.graph_generation = -1
+        self.runs = 0
+        """Runs at the current shapes: dynamic profiles capture a CUDA graph once shapes repeat."""
 
 
 class Engine:
@@ -685,26 +687,28 @@ class Engine:
             buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             if not context.set_tensor_address(name, buffers[name].data_ptr()):
                 raise ICDError(f"TensorRT engine {self.graph}: cannot bind tensor {name} of shape {shape}")
-        binding.shapes, binding.buffers, binding.graph = dict(shapes), buffers, None
+        binding.shapes, binding.buffers, binding.graph, binding.runs = dict(shapes), buffers, None, 0
 
     def _enqueue(self, binding: Binding) -> None:
         if not binding.context.execute_async_v3(self.streams.handle):
             raise ICDError(f"TensorRT inference failed in engine {self.graph} at shapes {binding.shapes}")
 
     def _run(self, binding: Binding) -> None:
-        static = is_static(self.profiles[binding.index][1])
+        """Replay the captured CUDA graph, or run once (and capture: at once on a static profile, on a dynamic
+        one when the same shapes come a second time, as in every step of one edit)."""
+        binding.runs += 1
         if binding.graph is not None and binding.graph_generation == self.memory.generation:
             binding.graph.replay()
             return
         self._enqueue(binding)  # also the plain run TensorRT needs before a capture
-        if self.cuda_graph and static:
+        if self.cuda_graph and (binding.runs >= 2 or is_static(self.profiles[binding.index][1])):
             binding.graph = self._capture(binding)
             binding.graph_generation = self.memory.generation
 
     def _capture(self, binding: Binding) -> Any:
         """A CUDA graph of one enqueue, or None (with a note, and no more tries) when capture fails."""
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.streams.stream):
                 self._enqueue(binding)
         except Exception as error:  # capture fails for engines with host-synchronising layers, among others

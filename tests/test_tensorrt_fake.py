@@ -290,3 +290,44 @@ def test_build_failure_surfaces_as_backend_unavailable(fake):
     fake.record.fail_build.add("vae_encoder")
     with pytest.raises(BackendUnavailable, match="vae_encoder.onnx"):
         fake.parts(build_now=["vae_encoder"])
+
+
+def test_cuda_graphs_replay_static_at_once_and_dynamic_when_shapes_repeat(fake, monkeypatch):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    monkeypatch.setattr(engine, "cuda_graph", True)
+    monkeypatch.setattr(engine, "_capture", lambda binding: Graph())
+    executes = lambda: len(fake.calls("execute_async_v3", "reverse_unet"))  # noqa: E731
+    engine.bindings[0].graph = None  # as if the first run had not captured
+    parts.reverse(x, 779, conditioning(), 8.0)  # static profile: run and capture at once
+    parts.reverse(x, 519, conditioning(), 8.0)
+    assert (executes(), len(replays)) == (2, 1)
+    wide = torch.randn(1, 4, 40, 104)
+    for _ in range(3):  # dynamic profile: run, run and capture, replay
+        parts.reverse(wide, 999, conditioning(), 8.0)
+    assert (executes(), len(replays)) == (4, 2)
+    parts.reverse(torch.randn(1, 4, 48, 96), 999, conditioning(), 8.0)  # new shapes: no stale graph replayed
+    assert (executes(), len(replays)) == (5, 2)
+
+
+def test_a_failed_cuda_graph_capture_leaves_plain_runs(fake, caplog):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+    engine.cuda_graph, engine.bindings[0].graph = True, None
+    with caplog.at_level(logging.INFO, logger="icd"):
+        eps = parts.reverse(x, 779, conditioning(), 8.0)  # capture cannot work on a CPU tensor
+    assert torch.allclose(eps, 0.5 * x) and not engine.cuda_graph
+    assert "reverse_unet runs without CUDA-graph replay: capture failed" in caplog.text
+    before = len(fake.calls("execute_async_v3"))
+    parts.reverse(x, 519, conditioning(), 8.0)
+    assert len(fake.calls("execute_async_v3")) == before + 1
