@@ -40,7 +40,7 @@ from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
 from icdcli.export.manifest import GUIDANCE_CFG, P2P_BATCH, UNET_GRAPHS, GraphSpec, Manifest
 
-from .base import BackendParts, BackendUnavailable, GraphDenoiser, ShapeNotCovered, assemble_parts
+from .base import BackendParts, BackendUnavailable, GraphDenoiser, Runner, ShapeNotCovered, assemble_parts
 
 logger = logging.getLogger("icd")
 
@@ -741,14 +741,19 @@ class Engine:
 class TensorRTGraph:
     """The runner of one exported graph: builds its engine when first called, converts inputs, runs it.
 
-    Raises BackendUnavailable (the caller falls back to PyTorch) when the engine cannot be built or loaded, or the
-    shapes lie outside its profiles.
+    Where TensorRT cannot run the graph (the engine fails to build or load, or the shapes lie outside its
+    profiles) the call goes to the next backend, `make_next()` (ONNX Runtime's CUDA provider where installed),
+    with a note; without one it raises BackendUnavailable and the caller falls back to PyTorch.
     """
 
-    def __init__(self, spec: GraphSpec, make_engine: Callable[[], Engine], borrowed: tuple[str, ...] = ()):
-        self.spec, self.make_engine, self.borrowed = spec, make_engine, borrowed
+    def __init__(
+        self, spec: GraphSpec, make_engine: Callable[[], Engine], borrowed: tuple[str, ...] = (),
+        make_next: Callable[[], Runner] | None = None,
+    ):  # fmt: skip
+        self.spec, self.make_engine, self.borrowed, self.make_next = spec, make_engine, borrowed, make_next
         self.engine: Engine | None = None
         self.failure: BackendUnavailable | None = None
+        self.next: Runner | None = None
 
     def _engine(self) -> Engine:
         if self.failure is not None:
@@ -761,12 +766,30 @@ class TensorRTGraph:
                 raise
         return self.engine
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from icdcli.export.onnx import TORCH_DTYPES
 
         engine = self._engine()
         typed = {s.name: feeds[s.name].to(engine.device, TORCH_DTYPES[s.dtype]).contiguous() for s in self.spec.inputs}
         return engine.infer(typed, self.borrowed)
+
+    def _next_backend(self, error: BackendUnavailable) -> Runner:
+        if self.next is None:
+            try:
+                self.next = self.make_next()
+            except Exception as next_error:  # the next backend cannot load it either: PyTorch it is
+                self.make_next = None
+                raise error from next_error
+            logger.warning("%s: %s runs on ONNX Runtime (CUDA) where TensorRT cannot", error, self.spec.name)
+        return self.next
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self._run_engine(feeds)
+        except BackendUnavailable as error:
+            if self.make_next is None:
+                raise
+            return self._next_backend(error)(feeds)
 
 
 class TensorRTDenoiser(GraphDenoiser):
@@ -802,17 +825,32 @@ def load_parts(
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
     sizes = resolve_sizes(folder, height, width, max_batch)
     return engine_parts(
-        folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now
-    )
+        folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now,
+        onnxruntime_next(folder, manifest, device),
+    )  # fmt: skip
+
+
+def onnxruntime_next(folder: Path, manifest: Manifest, device: torch.device) -> Callable[[GraphSpec], Runner] | None:
+    """ONNX Runtime sessions on the CUDA provider, the backend after TensorRT, where onnxruntime-gpu is installed."""
+    from . import onnxruntime as ort_engine
+
+    if not ort_engine.has_cuda_provider():
+        return None
+
+    def make(spec: GraphSpec) -> Runner:
+        return ort_engine.OrtGraph(folder / spec.file, spec, device, manifest.vae_scale_factor)
+
+    return make
 
 
 def engine_parts(
     folder: Path, manifest: Manifest, device: torch.device, facts: DeviceFacts, fallbacks: dict[str, Any],
     sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
-    build_now: Iterable[str] = (),
+    build_now: Iterable[str] = (), next_backend: Callable[[GraphSpec], Runner] | None = None,
 ) -> BackendParts:  # fmt: skip
     """`BackendParts` whose graphs run on TensorRT engines. Each engine is built (or found in the cache) when its
-    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning."""
+    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning.
+    `next_backend(spec)` makes the runner a graph falls back to where TensorRT cannot run it (else PyTorch)."""
     trt = _trt()
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
@@ -829,7 +867,8 @@ def engine_parts(
         def make_engine() -> Engine:
             return Engine(ensure(spec), spec.name, requests[spec.name].profiles, device, memory, streams, cuda_graph)
 
-        return TensorRTGraph(spec, make_engine, ("eps",) if spec.name in UNET_GRAPHS else ())
+        make_next = None if next_backend is None else (lambda: next_backend(spec))
+        return TensorRTGraph(spec, make_engine, ("eps",) if spec.name in UNET_GRAPHS else (), make_next)
 
     parts = assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
     for name in build_now:

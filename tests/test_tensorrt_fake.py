@@ -63,11 +63,12 @@ class Fake:
 
         return run
 
-    def parts(self, sizes=trt_engine.EngineSizes(), build_now=()):
+    def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None):
         fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
         return trt_engine.engine_parts(
-            self.folder, self.manifest, CPU, GPU, fallbacks, sizes, self.messages.append, False, build_now
-        )
+            self.folder, self.manifest, CPU, GPU, fallbacks, sizes, self.messages.append, False, build_now,
+            next_backend,
+        )  # fmt: skip
 
     def calls(self, name: str, graph: str | None = None) -> list[tuple]:
         return [c for c in self.record.calls if c[0] == name and (graph is None or c[1] == graph)]
@@ -331,3 +332,35 @@ def test_a_failed_cuda_graph_capture_leaves_plain_runs(fake, caplog):
     before = len(fake.calls("execute_async_v3"))
     parts.reverse(x, 519, conditioning(), 8.0)
     assert len(fake.calls("execute_async_v3")) == before + 1
+
+
+def test_graphs_tensorrt_cannot_run_go_to_the_next_backend_before_pytorch(fake, caplog):
+    made = []
+
+    def onnxruntime_like(spec):
+        made.append(spec.name)
+        if spec.name == "forward_unet":
+            raise RuntimeError("onnxruntime cannot load it either")
+        return lambda feeds: {"eps": 3 * feeds["sample"]}
+
+    fake.record.fail_build.update({"reverse_unet", "forward_unet"})
+    parts = fake.parts(next_backend=onnxruntime_like)
+    x = torch.randn(1, 4, 64, 64)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 3 * x)
+        assert torch.allclose(parts.reverse(x, 779, conditioning(), 8.0), 3 * x)
+        assert torch.equal(parts.forward(x, 19, conditioning(), 1.0), x * 0 - 1)  # no next backend: PyTorch
+        assert torch.equal(parts.forward(x, 259, conditioning(), 1.0), x * 0 - 1)
+    assert made == ["reverse_unet", "forward_unet"] and fake.fallback_calls == ["forward_unet", "forward_unet"]
+    assert "reverse_unet runs on ONNX Runtime (CUDA) where TensorRT cannot" in caplog.text
+    thin = torch.randn(1, 4, 8, 512)  # outside every profile: the next backend takes any shape
+    fake.record.fail_build.clear()
+    assert torch.allclose(fake.parts(next_backend=onnxruntime_like).reverse(thin, 999, conditioning(), 8.0), 3 * thin)
+
+
+def test_load_parts_needs_a_cuda_model(fake):
+    class Model:
+        device = CPU
+
+    with pytest.raises(ICDError, match="CUDA device"):
+        trt_engine.load_parts(fake.folder, fake.manifest, Model(), {})
