@@ -422,7 +422,7 @@ def build_with_polygraphy(
         for name, (low, opt, high) in profile.items():
             built.add(name, min=low, opt=opt, max=high)
         trt_profiles.append(built)
-    options: dict[str, Any] = {"profiles": trt_profiles}
+    options: dict[str, Any] = {"profiles": trt_profiles, "tf32": True}  # TensorRT's default; polygraphy's is off
     if mode.fp16_flag:
         options["fp16"] = True
     if timing_cache is not None:

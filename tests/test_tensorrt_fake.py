@@ -100,7 +100,7 @@ def test_reverse_unet_builds_through_polygraphy_and_runs(fake):
     assert [c[1].endswith("reverse_unet.onnx") for c in network] == [True]  # only the graph that ran was built
     assert network[0][2] == {"strongly_typed": True}
     config = fake.calls("CreateConfig")[0][1]
-    assert [len(p.shapes) for p in config["profiles"]] == [4, 4, 4] and "fp16" not in config
+    assert [len(p.shapes) for p in config["profiles"]] == [4, 4, 4] and "fp16" not in config and config["tf32"]
     assert config["load_timing_cache"].endswith(".cache")
     assert "nvidia-h100" in config["load_timing_cache"] and "progress_monitor" in config
     saved = fake.calls("engine_bytes_from_network")[0][2]["save_timing_cache"]
