@@ -1,9 +1,12 @@
-"""`icd export --check`: each exported graph against the PyTorch module it was traced from, on ONNX Runtime.
+"""`icd export --check`: each exported graph against the PyTorch module it was traced from, on ONNX Runtime (or,
+given the runners of a backend, on that backend: `icd export --backend tensorrt --check` checks the engines).
 
-Inputs are the exporter's own example tensors (batch 2, 8x8 latents). The error is max |onnx - torch| relative to
-the output's magnitude: error / (1 + max |torch|). fp32 graphs must agree to `TOLERANCE["fp32"]` (summation order
-differs between the two, ~1e-6 on the tiny models); fp16 graphs to `TOLERANCE["fp16"]` (fp16 kernels round).
-fp16 graphs need ONNX Runtime's CUDA provider; where it is missing they are reported as not checked.
+Inputs are the exporter's own example tensors: batch 2 and 8x8 latents on ONNX Runtime; batch 1 at the native
+size through a backend's runners (TensorRT profiles start at half the native side). The error is
+max |graph - torch| relative to the output's magnitude: error / (1 + max |torch|). fp32 graphs must agree to
+`TOLERANCE["fp32"]` (summation order differs between the two, ~1e-6 on the tiny models); fp16 graphs to
+`TOLERANCE["fp16"]` (fp16 kernels round). fp16 graphs need ONNX Runtime's CUDA provider; where it is missing they
+are reported as not checked.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ def run_session(path: Path, feeds: dict[str, torch.Tensor], providers: list[Any]
 
 
 def check_export(
-    model: Any, folder: Path, manifest: Any, progress: Callable[[str], None] | None = None
-) -> list[GraphCheck]:
-    """Compare every graph of the export in `folder` with PyTorch; one `GraphCheck` per graph."""
+    model: Any, folder: Path, manifest: Any, progress: Callable[[str], None] | None = None,
+    runners: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None,
+) -> list[GraphCheck]:  # fmt: skip
+    """Compare every graph of the export in `folder` with PyTorch; one `GraphCheck` per graph.
+
+    `runners` (graph name -> runner, as `BackendParts.runners`): run the graphs through them instead of ONNX
+    Runtime sessions."""
     from icdcli.engines.onnxruntime import has_cuda_provider, providers_for
 
     from .manifest import P2P_BATCH
@@ -60,11 +67,12 @@ def check_export(
     say = progress or (lambda message: None)
     precision = manifest.precision
     tolerance = TOLERANCE[precision]
-    runnable = precision == "fp32" or (model.device.type == "cuda" and has_cuda_provider())
+    runnable = runners is not None or precision == "fp32" or (model.device.type == "cuda" and has_cuda_provider())
     providers = providers_for(model.device)
     factor = manifest.vae_scale_factor
-    sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
-    sizes |= {HEIGHT: EXAMPLE_LATENT * factor, WIDTH: EXAMPLE_LATENT * factor}
+    latent = EXAMPLE_LATENT if runners is None else int(manifest.info["native_size"]) // factor
+    sizes = {BATCH: 2 if runners is None else 1, P2P_BATCH: 2, LATENT_H: latent, LATENT_W: latent}
+    sizes |= {HEIGHT: latent * factor, WIDTH: latent * factor}
     include_teacher = "teacher_unet" in manifest.graphs
     p2p = "reverse_unet_p2p" in manifest.graphs
     checks = []
@@ -79,7 +87,11 @@ def check_export(
         with torch.no_grad():
             expected = as_outputs(build().eval()(*args))
         feeds = dict(zip((s.name for s in spec.inputs), args, strict=True))
-        actual = run_session(folder / manifest.graphs[spec.name].file, feeds, providers)
+        if runners is None:
+            actual = run_session(folder / manifest.graphs[spec.name].file, feeds, providers)
+        else:
+            outputs = runners[spec.name](feeds)
+            actual = [outputs[output.name] for output in spec.outputs]
         error = max(relative_error(a, e) for a, e in zip(actual, expected, strict=True))
         checks.append(GraphCheck(spec.name, error, tolerance))
         say(f"  {spec.name}: relative error {error:.1e} (tolerance {tolerance:.0e})")

@@ -58,7 +58,8 @@ from .cli_common import _load, _reports_errors, _say, model_options
 @click.option(
     "--check",
     is_flag=True,
-    help="Compare every graph with PyTorch on ONNX Runtime (fp16 graphs need onnxruntime-gpu on a CUDA device).",
+    help="Compare every graph with PyTorch: on ONNX Runtime (fp16 graphs need onnxruntime-gpu on a CUDA device), "
+    "with --backend tensorrt the engines.",
 )
 @click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
 @model_options
@@ -114,7 +115,7 @@ def export(
         model, precision, out_dir=out, force=force, progress=_say, p2p=p2p, fp32_norm=fp32_norm if fp16 else None
     )
     _say(f"ONNX export: {folder}")
-    if check:
+    if check and backend != "tensorrt":
         report_check(model, folder, manifest)
     if backend == "tensorrt":
         from .accelerated import torch_fallbacks
@@ -123,11 +124,13 @@ def export(
 
         sizes = trt_engine.EngineSizes(height, width, batch)
         write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
-        trt_engine.load_parts(
+        parts = trt_engine.load_parts(
             folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width,
             max_batch=batch, build_now=list(manifest.graphs),
         )  # fmt: skip
         _say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
+        if check:
+            report_check(model, folder, manifest, parts.runners, "TensorRT")
 
 
 def engine_size_problem(height: int | None, width: int | None, multiple: int) -> str | None:
@@ -139,12 +142,14 @@ def engine_size_problem(height: int | None, width: int | None, multiple: int) ->
     return None
 
 
-def report_check(model: Any, folder: Path, manifest: Any) -> None:
+def report_check(
+    model: Any, folder: Path, manifest: Any, runners: dict[str, Any] | None = None, backend: str = "ONNX Runtime"
+) -> None:
     """`--check`: each graph against PyTorch; a ClickException when any differs beyond its tolerance."""
     from .export.check import check_export
 
-    _say("checking every graph against PyTorch on ONNX Runtime ...")
-    checks = check_export(model, folder, manifest, progress=_say)
+    _say(f"checking every graph against PyTorch on {backend} ...")
+    checks = check_export(model, folder, manifest, progress=_say, runners=runners)
     for skipped in (c for c in checks if c.error is None):
         _say(f"  {skipped.graph}: {skipped.note}")
     failed = [c.graph for c in checks if c.error is not None and not c.passed]

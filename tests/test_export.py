@@ -416,3 +416,30 @@ def test_export_check_catches_a_wrong_graph(merged_model, sd15_export, tmp_path)
     checks = {c.graph: c for c in check_export(merged_model, folder, read_manifest(folder))}
     assert checks["reverse_unet"].passed and checks["vae_decoder"].passed
     assert not checks["teacher_unet"].passed and checks["teacher_unet"].error > 10 * checks["teacher_unet"].tolerance
+
+
+def test_export_check_through_a_backends_runners(merged_model, sd15_export):
+    """With runners (here ONNX Runtime's, as `--backend tensorrt --check` passes TensorRT's) the graphs run through
+    them at the native size, batch 1."""
+    from icdcli.accelerated import torch_fallbacks
+    from icdcli.engines import onnxruntime as ort_engine
+    from icdcli.export.check import check_export
+
+    manifest = read_manifest(sd15_export)
+    parts = ort_engine.load_parts(sd15_export, manifest, torch.device("cpu"), torch_fallbacks(merged_model))
+    assert set(parts.runners) == set(manifest.graphs)
+    seen = []
+
+    def watched(runner):
+        return lambda feeds: seen.append(feeds) or runner(feeds)
+
+    runners = {name: watched(runner) for name, runner in parts.runners.items()}
+    checks = check_export(merged_model, sd15_export, manifest, runners=runners)
+    assert all(c.passed for c in checks) and len(checks) == len(manifest.graphs)
+    native = merged_model.info.native_size // merged_model.vae_scale_factor
+    samples = [feeds["sample"].shape for feeds in seen if "sample" in feeds and feeds["sample"].shape[0] == 1]
+    assert samples and all(shape[2:] == (native, native) for shape in samples)
+    side = merged_model.info.native_size
+    wrong = {**runners, "vae_decoder": lambda feeds: {"images": torch.zeros(1, 3, side, side)}}
+    checks = {c.graph: c for c in check_export(merged_model, sd15_export, manifest, runners=wrong)}
+    assert not checks["vae_decoder"].passed and checks["vae_encoder"].passed
