@@ -426,10 +426,13 @@ def test_tensorrt_backend_without_library_or_gpu_is_a_clear_error(merged_model):
 # --- TensorRT: real builds (only where the library and a GPU exist) ---------------------------------------
 
 
-@pytest.mark.skipif(
+real_tensorrt = pytest.mark.skipif(
     not (trt_engine.is_importable() and torch.cuda.is_available()),
     reason="needs TensorRT (pip install 'icd[tensorrt]') and a CUDA GPU; neither is required elsewhere",
 )
+
+
+@real_tensorrt
 def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
     from icdcli.models import load_merged
 
@@ -438,6 +441,22 @@ def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
     args = (scene(), "a red square", "a green square", 7.0, 0.8, SamplerSettings(seed=0))
     # fp16 engines against fp16 torch: kernels differ, so allow what fp16 rounding moves through 8 steps
     assert pixel_gap(edit(fast, *args), edit(model, *args)) <= 8
+    wide = scene().resize((84, 32))  # 2.6:1: the landscape profiles
+    assert pixel_gap(edit(fast, wide, *args[1:]), edit(model, wide, *args[1:])) <= 8
+    assert fast.reverse_denoiser.runner.engine is not None and not fast.told  # nothing fell back to PyTorch
+
+
+@real_tensorrt
+def test_tensorrt_export_check(merged_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+
+    out = tmp_path / "trt"
+    arguments = ["--model", str(merged_dir), "--out", str(out), "--backend", "tensorrt", "--device", "cuda", "--check"]
+    result = CliRunner().invoke(export, arguments)
+    assert result.exit_code == 0, result.output
+    assert "relative error" in result.output and "TensorRT engines" in result.output
 
 
 # --- icd export -------------------------------------------------------------------------------------------
