@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -560,22 +561,24 @@ class SharedActivations:
     def __init__(self, device: torch.device):
         self.device = device
         self.block: torch.Tensor | None = None
-        self.contexts: list[Any] = []
+        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # not keeping contexts alive past their engine
         self.generation = 0
 
     @property
     def size(self) -> int:
         return 0 if self.block is None else self.block.numel()
 
-    def attach(self, context: Any, needed: int) -> None:
+    def attach(self, engine: Engine, context: Any, needed: int) -> None:
+        """Point `context` (of `engine`) at the block, growing it (and re-pointing every context) when too small."""
         if needed > self.size:
             if self.block is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # no context may still run on the old block
             self.block = torch.empty(needed, dtype=torch.uint8, device=self.device)
             self.generation += 1
-            for other in self.contexts:
-                _set_device_memory(other, self.block.data_ptr(), self.size)
-        self.contexts.append(context)
+            for other in self.engines:
+                for binding in other.bindings.values():
+                    _set_device_memory(binding.context, self.block.data_ptr(), self.size)
+        self.engines.add(engine)
         _set_device_memory(context, self.block.data_ptr() if self.block is not None else 0, self.size)
 
 
@@ -625,14 +628,15 @@ class Engine:
         self, path: Path, graph: str, profiles: Profiles, device: torch.device, memory: SharedActivations,
         streams: Streams, cuda_graph: bool = True,
     ):  # fmt: skip
+        # released in this order when the Engine goes: contexts, then the engine, then the runtime that made it
+        self.bindings: dict[int, Binding] = {}
+        self.engine: Any = None
+        self.runtime: Any = None
         self.path, self.graph, self.profiles, self.device = path, graph, profiles, device
         self.memory, self.streams = memory, streams
         self.cuda_graph = cuda_graph and device.type == "cuda"
-        self.runtime: Any = None
-        self.engine: Any = None
         self.inputs: list[str] = []
         self.outputs: list[str] = []
-        self.bindings: dict[int, Binding] = {}
         self.dtypes: dict[str, torch.dtype] = {}
 
     def load(self) -> Engine:
@@ -664,7 +668,7 @@ class Engine:
                 raise BackendUnavailable(
                     f"TensorRT could not create an execution context for {self.graph} (out of GPU memory?)"
                 )
-            self.memory.attach(context, _device_memory_size(self.engine))
+            self.memory.attach(self, context, _device_memory_size(self.engine))
             if not context.set_optimization_profile_async(index, self.streams.handle):
                 raise ICDError(f"TensorRT engine {self.graph}: cannot select optimisation profile {index}")
         self.bindings[index] = Binding(context, index)

@@ -91,6 +91,9 @@ class FakeEngine:
         self.device_memory_size_v2 = record.memory_size * (1 + len(plan["inputs"]))
         self.trt = runtime.trt
 
+    def __del__(self) -> None:
+        self.record.log("destroyed", "engine", self.plan["name"])
+
     def alive(self) -> None:
         if self._runtime() is None:
             raise ContractError(f"engine {self.plan['name']} used after its Runtime was destroyed")
@@ -124,6 +127,9 @@ class FakeContext:
         self.profile: int | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+
+    def __del__(self) -> None:
+        self.record.log("destroyed", "context", self.engine.plan["name"])
 
     @property
     def name(self) -> str:
@@ -204,15 +210,19 @@ class FakeContext:
 
 class FakeRuntime:
     def __init__(self, logger: Any, trt: Any):
+        self.trt, self.names = trt, []
         trt.record.use_logger(logger)
         trt.record.log("Runtime")
-        self.trt = trt
+
+    def __del__(self) -> None:
+        self.trt.record.log("destroyed", "runtime", *self.names)
 
     def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
         try:
             plan = json.loads(bytes(data))
         except ValueError:
             return None
+        self.names.append(plan["name"])
         self.trt.record.log("deserialize_cuda_engine", plan["name"])
         return FakeEngine(plan, self.trt.record, self)
 

@@ -364,3 +364,14 @@ def test_load_parts_needs_a_cuda_model(fake):
 
     with pytest.raises(ICDError, match="CUDA device"):
         trt_engine.load_parts(fake.folder, fake.manifest, Model(), {})
+
+
+def test_contexts_then_engine_then_runtime_are_released(fake):
+    parts = fake.parts()
+    parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    parts.reverse(torch.randn(1, 4, 40, 104), 999, conditioning(), 8.0)  # a second context
+    assert not [c for c in fake.record.calls if c[0] == "destroyed"]  # alive while the parts are
+    del parts
+    gc.collect()
+    released = [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"]
+    assert released == ["context", "context", "engine", "runtime"]
