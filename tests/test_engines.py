@@ -598,3 +598,31 @@ def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when
     cpu_model = OffloadingFallback(lambda *args: "eps", MovingModule(), torch.device("cpu"), "forward")
     cpu_model.release()
     assert cpu_model.unet.moves == [] and not cpu_model.released
+
+
+@onnx_needed
+def test_export_command_for_tensorrt_saves_its_sizes_and_builds_every_graph(merged_dir, tmp_path, monkeypatch):
+    """The CLI wiring of `icd export --backend tensorrt` (TensorRT itself stubbed: the fake-module tests cover it)."""
+    from click.testing import CliRunner
+
+    import icdcli.accelerated as accelerated
+    from icdcli.cli_export import export
+    from icdcli.export.manifest import read_engine_sizes
+
+    monkeypatch.setattr(accelerated, "probe_backends", lambda device=None: facts(cuda=True, tensorrt=True))
+    calls = []
+    monkeypatch.setattr(trt_engine, "load_parts", lambda *args, **kwargs: calls.append(kwargs))
+    out = tmp_path / "trt"
+    base = ["--model", str(merged_dir), "--out", str(out), "--backend", "tensorrt", "--device", "cpu"]
+    result = CliRunner().invoke(export, [*base, "--precision", "fp32", "--height", "48", "--width", "80"])
+    assert result.exit_code == 0, result.output
+    assert read_engine_sizes(out) == {"height": 48, "width": 80}
+    assert calls[0]["height"] == 48 and sorted(calls[0]["build_now"]) == sorted(read_manifest_of(out).graphs)
+    result = CliRunner().invoke(export, [*base, "--precision", "fp32", "--height", "50"])
+    assert result.exit_code != 0 and "--height 50 is not a multiple of" in result.output
+
+
+def read_manifest_of(folder):
+    from icdcli.export import read_manifest
+
+    return read_manifest(folder)
