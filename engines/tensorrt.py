@@ -519,7 +519,7 @@ def ensure_engine(
             return plan
         say = progress or (lambda message: None)
         before = previous_build_seconds(folder, request.graph)
-        estimate = f"the last build of it here took {before:.0f}s" if before else "a first build takes minutes"
+        estimate = f"earlier builds of it here took up to {before:.0f}s" if before else "a first build takes minutes"
         say(f"building TensorRT engine {request.graph} ({mode.label}, {len(request.profiles)} profiles; {estimate})")
         logger.info("building TensorRT engine %s (%s)", plan.name, reason)
         started = time.perf_counter()

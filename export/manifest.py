@@ -136,9 +136,10 @@ def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
 
 def stale_reason(
     manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False,
-    fp32_norm: bool | None = None,
+    fp32_norm: bool | None = None, need_sanitized: bool = False,
 ) -> str | None:  # fmt: skip
-    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind)."""
+    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind;
+    `need_sanitized`: TensorRT wants graphs with constants folded)."""
     if manifest is None:
         return "no export yet"
     checks = (
@@ -151,6 +152,7 @@ def stale_reason(
             fp32_norm is not None and precision == "fp16" and manifest.fp32_norm != fp32_norm,
             f"normalisation in fp32: {manifest.fp32_norm} != {fp32_norm}",
         ),
+        (need_sanitized and not manifest.sanitized, "its graphs are not constant-folded for TensorRT"),
     )
     return next((reason for failed, reason in checks if failed), None)
 

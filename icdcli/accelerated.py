@@ -123,12 +123,14 @@ def ensure_exported(
     progress: Callable[[str], None] | None = None,
     p2p: bool | None = None,
     fp32_norm: bool | None = None,
+    for_tensorrt: bool = False,
 ) -> tuple[Path, Any]:
     """The model's ONNX export folder and manifest, exporting it first when missing or stale.
 
     `p2p`: whether a new export holds the reverse Prompt-to-Prompt graph (default: for SD1.5-family
     models; see `icdcli.export.onnx.plan_graphs`). `fp32_norm`: whether an fp16 export keeps its normalisation
-    layers in fp32 (None: an existing export of either kind serves; a new one has them in fp16).
+    layers in fp32 (None: an existing export of either kind serves; a new one has them in fp16). `for_tensorrt`:
+    an export whose graphs were not constant-folded is made again where polygraphy or onnx-graphsurgeon can fold.
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
@@ -136,6 +138,7 @@ def ensure_exported(
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
     from icdcli.export.manifest import model_fingerprint
+    from icdcli.export.onnx import sanitizer_available
 
     precision = precision or default_precision(model)
     folder = Path(out_dir) if out_dir is not None else default_export_dir(model, precision)
@@ -144,8 +147,11 @@ def ensure_exported(
     with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
         reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
-        if reason is None and fp32_norm is not None:
-            reason = stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, fp32_norm=fp32_norm)
+        if reason is None and (fp32_norm is not None or for_tensorrt):
+            need_sanitized = for_tensorrt and sanitizer_available()
+            reason = stale_reason(
+                manifest, fingerprint, precision, DEFAULT_OPSET, fp32_norm=fp32_norm, need_sanitized=need_sanitized
+            )
         if reason is not None:
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
@@ -299,7 +305,7 @@ def accelerate(
     if backend == "tensorrt":
         from icdcli.engines import tensorrt as trt_engine
 
-        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
+        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress, for_tensorrt=True)
         fallbacks = torch_fallbacks(model, offload_torch)
         parts = trt_engine.load_parts(folder, manifest, model, fallbacks, progress=progress, **tensorrt_options)
         return AcceleratedModel(model, parts)

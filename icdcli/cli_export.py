@@ -112,8 +112,9 @@ def export(
     precision = "fp16" if fp16 else "fp32"
     _say(f"exporting {label} ({precision}) ...")
     folder, manifest = ensure_exported(
-        model, precision, out_dir=out, force=force, progress=_say, p2p=p2p, fp32_norm=fp32_norm if fp16 else None
-    )
+        model, precision, out_dir=out, force=force, progress=_say, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
+        for_tensorrt=backend == "tensorrt",
+    )  # fmt: skip
     _say(f"ONNX export: {folder}")
     if check and backend != "tensorrt":
         report_check(model, folder, manifest)

@@ -387,6 +387,9 @@ def test_stale_reason_for_fp32_norm():
     assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET) is None
     assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=False) is None
     assert "fp32" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=True)
+    assert "constant-folded" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, need_sanitized=True)
+    manifest.sanitized = True
+    assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, need_sanitized=True) is None
 
 
 def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
