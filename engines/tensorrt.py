@@ -353,7 +353,13 @@ def trt_logger() -> Any:
     global _LOGGER
     if _LOGGER is None:
         poly = _polygraphy()
-        _LOGGER = poly.get_trt_logger() if poly is not None else _trt().Logger(_trt().Logger.WARNING)
+        if poly is not None:
+            from icdcli.export.onnx import route_polygraphy_logs
+
+            route_polygraphy_logs()  # TensorRT's messages through polygraphy's logger stay off stdout
+            _LOGGER = poly.get_trt_logger()
+        else:
+            _LOGGER = _trt().Logger(_trt().Logger.WARNING)
     return _LOGGER
 
 
@@ -492,7 +498,12 @@ def build_engine(
     poly = _polygraphy()
     try:
         if poly is not None:
-            serialized = build_with_polygraphy(poly, onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes)
+            from icdcli.export.onnx import polygraphy_quiet
+
+            with polygraphy_quiet():
+                serialized = build_with_polygraphy(
+                    poly, onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes
+                )
         else:
             serialized = build_with_tensorrt(onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes)
     except BackendUnavailable:

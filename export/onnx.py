@@ -45,6 +45,7 @@ import contextlib
 import copy
 import logging
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -315,6 +316,26 @@ def norms_in_fp32(module: torch.nn.Module) -> Iterator[int]:
             del layer.forward
 
 
+def route_polygraphy_logs() -> None:
+    """polygraphy prints its messages (and TensorRT's, through its logger) to stdout, where icd writes results:
+    send them to Python logging instead ("Polygraphy": warnings reach stderr), without its colour-module probe."""
+    try:
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        return
+    G_LOGGER.colors = False
+    if hasattr(type(G_LOGGER), "use_python_logging_system"):  # polygraphy >= 0.50
+        G_LOGGER.use_python_logging_system = True
+
+
+@contextlib.contextmanager
+def polygraphy_quiet() -> Iterator[None]:
+    """While polygraphy runs: its logs routed (see `route_polygraphy_logs`), anything else it prints to stderr."""
+    route_polygraphy_logs()
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def fold_constants(proto: Any, large: bool) -> tuple[Any, str | None]:
     """The graph with constants folded for TensorRT: polygraphy's folding, else onnx-graphsurgeon's, else as it is.
 
@@ -325,7 +346,8 @@ def fold_constants(proto: Any, large: bool) -> tuple[Any, str | None]:
         polygraphy_fold = None
     if polygraphy_fold is not None:
         # shape inference on an in-memory graph over 2 GB fails (protobuf's limit): fold without it then
-        return polygraphy_fold(proto, do_shape_inference=not large, error_ok=True), "polygraphy"
+        with polygraphy_quiet():
+            return polygraphy_fold(proto, do_shape_inference=not large, error_ok=True), "polygraphy"
     try:
         import onnx_graphsurgeon as gs
     except ImportError:

@@ -446,3 +446,16 @@ def test_export_check_through_a_backends_runners(merged_model, sd15_export):
     wrong = {**runners, "vae_decoder": lambda feeds: {"images": torch.zeros(1, 3, side, side)}}
     checks = {c.graph: c for c in check_export(merged_model, sd15_export, manifest, runners=wrong)}
     assert not checks["vae_decoder"].passed and checks["vae_encoder"].passed
+
+
+def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
+    """icd writes results (JSON) to stdout; polygraphy prints there unless told otherwise."""
+    pytest.importorskip("polygraphy")
+    from icdcli.export.onnx import fold_constants
+
+    foldable_graph(tmp_path / "raw.onnx")
+    fold_constants(onnx.load(str(tmp_path / "raw.onnx")), large=False)
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.warning("a polygraphy warning")
+    assert capsys.readouterr().out == ""
