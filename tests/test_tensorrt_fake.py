@@ -375,3 +375,17 @@ def test_contexts_then_engine_then_runtime_are_released(fake):
     gc.collect()
     released = [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"]
     assert released == ["context", "context", "engine", "runtime"]
+
+
+def test_built_engines_are_listed_for_icd_info(monkeypatch, tmp_path):
+    from icdcli.cli_export import describe_cache
+    from icdcli.models import cache_root
+
+    fake = Fake(monkeypatch, tmp_path)
+    monkeypatch.setattr(trt_engine, "engines_root", lambda: cache_root() / "engines")
+    fake.parts(build_now=["reverse_unet", "text_encoder"])
+    listed = {entry["graph"]: entry for entry in describe_cache()["engines"]}
+    assert set(listed) == {"reverse_unet", "text_encoder"}
+    assert listed["reverse_unet"]["profiles"] == ["landscape", "native", "portrait"]
+    assert listed["reverse_unet"]["device"] == GPU.name and listed["reverse_unet"]["bytes"] > 0
+    assert listed["text_encoder"]["profiles"] == ["only"]
