@@ -389,3 +389,25 @@ def test_built_engines_are_listed_for_icd_info(monkeypatch, tmp_path):
     assert listed["reverse_unet"]["profiles"] == ["landscape", "native", "portrait"]
     assert listed["reverse_unet"]["device"] == GPU.name and listed["reverse_unet"]["bytes"] > 0
     assert listed["text_encoder"]["profiles"] == ["only"]
+
+
+def test_builds_loads_and_runs_happen_under_the_models_device(fake, monkeypatch):
+    import contextlib
+
+    devices = []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        devices.append(device)
+        fake.record.log("enter device")
+        yield
+        fake.record.log("leave device")
+
+    monkeypatch.setattr(trt_engine, "on_device", on_device)
+    fake.parts().reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    depth, outside = 0, []
+    for call in fake.record.calls:
+        depth += {"enter device": 1, "leave device": -1}.get(call[0], 0)
+        if call[0] in ("network_from_onnx_path", "Runtime", "create_execution_context", "execute_async_v3"):
+            outside += [call[0]] if depth == 0 else []
+    assert outside == [] and set(devices) == {CPU}
