@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,8 +35,12 @@ from icdcli.export.manifest import (
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-class ShapeNotCovered(ICDError):
-    """A backend cannot run these shapes (for TensorRT: outside every engine's optimisation profile)."""
+class BackendUnavailable(ICDError):
+    """A graph cannot run on this backend (an engine that failed to build or load): the caller falls back."""
+
+
+class ShapeNotCovered(BackendUnavailable):
+    """A backend cannot run these shapes (for TensorRT: outside every optimisation profile of the engine)."""
 
 
 def unet_feeds(
@@ -111,11 +115,18 @@ class GraphDenoiser:
             reason = self._p2p_mismatch(x)
             if reason is not None:
                 return self._fall_back(reason, x, t, cond, guidance, control)
-            return self._p2p_guided(x, t, cond, guidance, control)
+            try:
+                return self._p2p_guided(x, t, cond, guidance, control)
+            except BackendUnavailable as error:
+                return self._fall_back(str(error), x, t, cond, guidance, control)
         try:
-            return self._guided(x, t, cond, guidance)
-        except ShapeNotCovered as error:
+            eps = self._guided(x, t, cond, guidance)
+        except BackendUnavailable as error:
             return self._fall_back(str(error), x, t, cond, guidance, None)
+        release = getattr(self.fallback, "release", None)
+        if release is not None:  # the graph runs: a fallback that can free its GPU memory does so now
+            release()
+        return eps
 
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
         """Why these latents cannot run in the P2P graph, or None when they can."""
@@ -172,6 +183,8 @@ class BackendParts:
     text_encoders: list[Runner]
     vae_encoder: Runner
     vae_decoder: Runner
+    runners: dict[str, Runner] = field(default_factory=dict)
+    """Every graph's runner by graph name (the same objects the pieces above hold)."""
 
 
 def encode_ids(text_runners: list[Runner], ids: list[torch.Tensor]) -> PromptEmbedding:
@@ -224,14 +237,20 @@ def assemble_parts(
     from icdcli.export.manifest import FORWARD, REVERSE, REVERSE_P2P, TEACHER, VAE_DECODER, VAE_ENCODER
 
     graphs = manifest.graphs
+    runners: dict[str, Runner] = {}
+
+    def runner(spec: GraphSpec) -> Runner:
+        if spec.name not in runners:
+            runners[spec.name] = make_runner(spec)
+        return runners[spec.name]
 
     def denoiser(role: str) -> GraphDenoiser | None:
         if role not in graphs:
             return None
         p2p = None
         if role == REVERSE and REVERSE_P2P in graphs:
-            p2p = (make_runner(graphs[REVERSE_P2P]), graphs[REVERSE_P2P])
-        return denoiser_class(make_runner(graphs[role]), graphs[role], fallbacks.get(role), p2p)
+            p2p = (runner(graphs[REVERSE_P2P]), graphs[REVERSE_P2P])
+        return denoiser_class(runner(graphs[role]), graphs[role], fallbacks.get(role), p2p)
 
     text_names = sorted(graph for graph in graphs if graph.startswith("text_encoder"))
     return BackendParts(
@@ -239,7 +258,8 @@ def assemble_parts(
         forward=denoiser(FORWARD),
         reverse=denoiser(REVERSE),
         teacher=denoiser(TEACHER),
-        text_encoders=[make_runner(graphs[graph]) for graph in text_names],
-        vae_encoder=make_runner(graphs[VAE_ENCODER]),
-        vae_decoder=make_runner(graphs[VAE_DECODER]),
+        text_encoders=[runner(graphs[graph]) for graph in text_names],
+        vae_encoder=runner(graphs[VAE_ENCODER]),
+        vae_decoder=runner(graphs[VAE_DECODER]),
+        runners=runners,
     )

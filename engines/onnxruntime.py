@@ -1,7 +1,10 @@
 """ONNX Runtime sessions over exported graphs: the CPU provider, or CUDA (with I/O binding) where present.
 
-On CUDA the sessions run on torch's current stream (`user_compute_stream`) and read and write torch tensors
-in place through I/O binding, so no tensor leaves the GPU between the sampler and the graph.
+On CUDA the sessions read and write torch tensors in place through I/O binding, so no tensor leaves the GPU
+between the sampler and the graph. Ordering with torch: before each run torch's current stream is synchronised
+(torch's writes of the inputs are complete before ONNX Runtime's stream reads them: ONNX Runtime ignores a
+`user_compute_stream` of 0, torch's default stream, and then runs on a stream of its own); ONNX Runtime's run
+returns once its outputs are written.
 """
 
 from __future__ import annotations
@@ -36,14 +39,25 @@ def has_cuda_provider() -> bool:
     return is_importable() and CUDA_EP in available_providers()
 
 
+def cuda_provider_options(index: int, stream: int) -> dict[str, str]:
+    """CUDA provider options: the device, and torch's stream when it is a real one (0, the default, is dropped)."""
+    options = {"device_id": str(index)}
+    if stream:
+        options |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+    return options
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def providers_for(device: torch.device) -> list[Any]:
-    """CUDA (on torch's current stream) then CPU for a CUDA device with onnxruntime-gpu; else CPU only."""
+    """CUDA (on torch's current stream where it is not the default one) then CPU for a CUDA device with
+    onnxruntime-gpu; else CPU only."""
     if device.type != "cuda" or not has_cuda_provider():
         return [CPU_EP]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index).cuda_stream
-    options = {"device_id": index, "has_user_compute_stream": "1", "user_compute_stream": str(stream)}
-    return [(CUDA_EP, options), CPU_EP]
+    index = device_index(device)
+    return [(CUDA_EP, cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream)), CPU_EP]
 
 
 class OrtGraph:
@@ -65,6 +79,7 @@ class OrtGraph:
                 f"an icd export; delete the folder {path.parent} and run again to export anew, or use --backend torch"
             ) from error
         self.binding = device.type == "cuda" and CUDA_EP in self.session.get_providers()
+        self.index = device_index(device) if self.binding else 0
         self.numpy_dtypes = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
         self.output_names = [output.name for output in spec.outputs]
 
@@ -80,8 +95,12 @@ class OrtGraph:
         pairs = zip(self.output_names, arrays, strict=True)
         return {name: torch.from_numpy(array).to(self.device) for name, array in pairs}
 
+    def synchronize(self) -> None:
+        """Wait for torch's work on the device (the inputs' writes) before ONNX Runtime reads the inputs."""
+        torch.cuda.current_stream(self.device).synchronize()
+
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        index = self.index
         binding = self.session.io_binding()
         for spec in self.spec.inputs:
             tensor = inputs[spec.name]
@@ -95,7 +114,10 @@ class OrtGraph:
             tensor = torch.empty(shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
             binding.bind_output(spec.name, "cuda", index, self.numpy_dtypes[spec.dtype], list(shape), tensor.data_ptr())
             outputs[spec.name] = tensor
+        self.synchronize()
+        binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return outputs
 
 

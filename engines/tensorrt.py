@@ -1,29 +1,36 @@
-"""TensorRT engines from the exported ONNX graphs: build, cache, load and run (TensorRT 10 Python API).
+"""TensorRT engines from the exported ONNX graphs: plan, build (through polygraphy), cache, load and run.
 
-The pure parts (profiles, cache keys, staleness, engine choice, build flags) are plain functions over
-dicts and strings, so they are tested without TensorRT. Everything that needs the library imports it
-lazily through `_trt()`.
+Written against the TensorRT 10.x–11.x Python API and polygraphy's TensorRT backend. The pure parts (profiles,
+cache keys, staleness, profile choice, build flags) are plain functions over dicts and strings, tested without
+TensorRT; everything that needs the library imports it lazily through `_trt()`.
 
-Engines per graph:
-- UNets: a *static* engine for batch 1 at the working resolution (min = opt = max: the fastest kernels,
-  and CUDA-graph replay), plus a *dynamic* one (batch 1..B, sides native/2..3*native/2) for everything
-  else, e.g. the batch-2 CFG steps of a UNet without guidance distillation;
-- VAE and text encoders: the dynamic engine only.
-Shapes no engine covers (very thin photos) fall back to the torch UNet with a warning.
+One engine per graph, with one optimisation profile per kind of shape it must run:
+- UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, CUDA-graph replay at once) -
+  then `landscape` and `portrait`, which together hold every size `icdcli.images.fit_size` gives a photo of
+  aspect up to `MAX_ASPECT`, at batch 1..B (B = 2 for real CFG);
+- VAE: `landscape` and `portrait`; text encoders and the P2P graph: their one shape.
+Photos thinner than `MAX_ASPECT` (and any shape outside every profile) run on PyTorch with a note.
 
-Engines live in `cache_root()/engines/<export key>/<graph>-<kind>-<key>.plan`, beside a JSON with their
-full cache key: sha256 of (ONNX file hash, profile shapes, precision/build mode, TensorRT version, GPU
-compute capability). A stale or foreign engine (another TensorRT, another GPU, another export) has a
-different key and is never loaded; a file lock keeps two processes from building the same engine.
+Engines are built when first needed (a command builds only the graphs it runs) and live in
+`cache_root()/engines/<export key>/<graph>-<key>.plan`, beside a JSON with their full cache key: sha256 of
+(ONNX hash, profiles, build mode, TensorRT version, GPU name and compute capability, `BUILD_FORMAT`). A foreign
+or stale engine has another key and is never loaded; a file lock keeps two processes from building one engine.
+
+At run time every execution context is created without its own activation memory: one block, sized to the
+largest engine, serves them all (they run one at a time on one stream). The `trt.Runtime` lives as long as its
+engines; every result TensorRT returns is checked and a failure names the engine, tensor and shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +41,24 @@ from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
 from icdcli.export.manifest import GUIDANCE_CFG, P2P_BATCH, UNET_GRAPHS, GraphSpec, Manifest
 
-from .base import BackendParts, GraphDenoiser, ShapeNotCovered, assemble_parts
+from .base import BackendParts, BackendUnavailable, GraphDenoiser, Runner, ShapeNotCovered, assemble_parts
 
 logger = logging.getLogger("icd")
 
+BUILD_FORMAT = 2
+"""Bump when how engines are built changes (profiles, flags): every cached engine and timing cache is rebuilt."""
 STRONGLY_TYPED_SINCE = (10, 12)
-"""From TensorRT 10.12 weakly typed fp16 (BuilderFlag.FP16) is deprecated: build strongly typed from fp16 ONNX."""
+"""From TensorRT 10.12 weakly typed fp16 (BuilderFlag.FP16) is deprecated, and TensorRT 11 removes it: build strongly
+typed, so each layer runs in the precision the ONNX graph gives it."""
+MAX_ASPECT = 4.0
+"""Profiles hold every working size of photos up to this aspect ratio (either way round)."""
+NATIVE, LANDSCAPE, PORTRAIT, ONLY = "native", "landscape", "portrait", "only"
 STATIC, DYNAMIC = "static", "dynamic"
 Triple = tuple[int, int, int]
-Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]
 """Input name -> (min, opt, max) shapes: one TensorRT optimisation profile."""
+Profiles = tuple[tuple[str, Profile], ...]
 
 
 # --- pure logic -------------------------------------------------------------------------------------------
@@ -68,40 +83,67 @@ class BuildMode:
 
 
 def build_mode(trt_version: str, onnx_precision: str) -> BuildMode:
-    """How to get fp16 kernels: strongly typed from fp16 ONNX on TensorRT >= 10.12, else BuilderFlag.FP16.
-
-    fp32 ONNX builds an fp32 engine (TF32 where the GPU has it).
-    """
-    if onnx_precision == "fp32":
-        return BuildMode(strongly_typed=False, fp16_flag=False)
+    """Strongly typed on TensorRT >= 10.12 (each layer in its ONNX precision); before that fp16 ONNX needs
+    BuilderFlag.FP16 and fp32 ONNX builds plain fp32."""
     if parse_version(trt_version)[:2] >= STRONGLY_TYPED_SINCE:
         return BuildMode(strongly_typed=True, fp16_flag=False)
-    return BuildMode(strongly_typed=False, fp16_flag=True)
+    return BuildMode(strongly_typed=False, fp16_flag=onnx_precision == "fp16")
 
 
-def round_to(value: int, multiple: int) -> int:
-    return max(multiple, value // multiple * multiple)
+@dataclass(frozen=True)
+class EngineSizes:
+    """The sizes engines are tuned for: working height and width in pixels, largest batch (None: defaults)."""
+
+    height: int | None = None
+    width: int | None = None
+    batch: int | None = None
+
+    def to_json(self) -> dict[str, int | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> EngineSizes:
+        data = data or {}
+        return cls(*(int(data[k]) if data.get(k) else None for k in ("height", "width", "batch")))
 
 
-def spatial_range(native: int, multiple: int, requested: int | None = None) -> Triple:
-    """(min, opt, max) pixels along one side: native/2 .. 3*native/2, opt the requested (or native) side."""
-    opt = requested or native
-    low = min(round_to(native // 2, multiple), opt)
-    high = max(round_to(native * 3 // 2, multiple), opt)
-    return low, opt, high
+def fitted_sides(native: int, multiple: int, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
+    """(shortest, longest) side of every working size `fit_size` gives a photo of aspect 1..max_aspect."""
+    from icdcli.images import fit_size
+
+    base = 1000
+    sizes = [fit_size(base + step, base, native, multiple) for step in range(int(base * (max_aspect - 1)) + 1)]
+    return min(h for _, h in sizes), max(w for w, _ in sizes)
 
 
-def axis_ranges(
-    native: int, multiple: int, vae_scale_factor: int, height: int | None, width: int | None, max_batch: int,
-    opt_batch: int, static: bool,
-) -> dict[str, Triple]:  # fmt: skip
-    """Ranges of every named axis of the exported graphs, for one engine kind."""
-    h, w = spatial_range(native, multiple, height), spatial_range(native, multiple, width)
-    if static:
-        h, w = (h[1],) * 3, (w[1],) * 3
-        batch = (1, 1, 1)
-    else:
-        batch = (1, max(1, min(opt_batch, max_batch)), max_batch)
+def spatial_boxes(
+    native: int, multiple: int, height: int | None = None, width: int | None = None, max_aspect: float = MAX_ASPECT
+) -> dict[str, tuple[Triple, Triple]]:
+    """(height, width) ranges in pixels of the native, landscape and portrait profiles.
+
+    Landscape holds every fitted size with width >= height (height short..native, width native..long), portrait
+    the transpose; a requested size outside them widens the one it belongs to and is its opt shape.
+    """
+    from icdcli.images import fit_size
+
+    short, long = fitted_sides(native, multiple, max_aspect)
+    work_h, work_w = height or native, width or native
+    wide_w, wide_h = fit_size(3 * native, 2 * native, native, multiple)  # a 3:2 photo: opt of the dynamic profiles
+    land_h, land_w = (min(short, work_h), wide_h, max(native, work_h)), (min(native, work_w), wide_w, max(long, work_w))
+    if work_w >= work_h and (height or width):
+        land_h, land_w = (land_h[0], work_h, land_h[2]), (land_w[0], work_w, land_w[2])
+    port_h, port_w = (min(native, work_h), wide_w, max(long, work_h)), (min(short, work_w), wide_h, max(native, work_w))
+    if work_h > work_w:
+        port_h, port_w = (port_h[0], work_h, port_h[2]), (port_w[0], work_w, port_w[2])
+    return {
+        NATIVE: ((work_h,) * 3, (work_w,) * 3),
+        LANDSCAPE: (land_h, land_w),
+        PORTRAIT: (port_h, port_w),
+    }
+
+
+def axis_ranges(h: Triple, w: Triple, batch: Triple, vae_scale_factor: int) -> dict[str, Triple]:
+    """Ranges of every named axis of the exported graphs, for one profile."""
     ranges = {"batch": batch, "height": h, "width": w}
     ranges["latent_height"] = tuple(v // vae_scale_factor for v in h)
     ranges["latent_width"] = tuple(v // vae_scale_factor for v in w)
@@ -117,55 +159,111 @@ def profile_shapes(spec: GraphSpec, ranges: dict[str, Triple]) -> Profile:
     return profile
 
 
+def is_static(profile: Profile) -> bool:
+    return all(low == high for low, _, high in profile.values())
+
+
 @dataclass(frozen=True)
 class EngineRequest:
+    """One engine to build: a graph and its optimisation profiles, in profile-index order."""
+
     graph: str
-    kind: str
-    profile: Profile
+    profiles: Profiles
+
+    @property
+    def kind(self) -> str:
+        return STATIC if all(is_static(p) for _, p in self.profiles) else DYNAMIC
+
+    @property
+    def profile(self) -> Profile:
+        """The last (widest) profile: the only one for graphs of one shape."""
+        return self.profiles[-1][1]
+
+    def labelled(self, label: str) -> Profile:
+        return dict(self.profiles)[label]
+
+
+def graph_profiles(
+    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], batch: Triple, p2p_batch: Triple, vae_scale_factor: int
+) -> Profiles:
+    """The distinct profiles of one graph: a static native one for UNets, then landscape and portrait."""
+    labels = [NATIVE, LANDSCAPE, PORTRAIT] if spec.name in UNET_GRAPHS else [LANDSCAPE, PORTRAIT]
+    found: list[tuple[str, Profile]] = []
+    for label in labels:
+        h, w = boxes[label]
+        ranges = axis_ranges(h, w, (1, 1, 1) if label == NATIVE else batch, vae_scale_factor)
+        ranges[P2P_BATCH] = p2p_batch
+        profile = profile_shapes(spec, ranges)
+        if all(profile != seen for _, seen in found):
+            found.append((label, profile))
+    return tuple(found) if len(found) > 1 else ((ONLY, found[0][1]),)
 
 
 def plan_engines(
     manifest: Manifest, height: int | None = None, width: int | None = None, max_batch: int | None = None,
-    static: bool = True,
+    graphs: Iterable[str] | None = None,
 ) -> list[EngineRequest]:  # fmt: skip
-    """Which engines to build: a static batch-1 engine per UNet (if `static`) and a dynamic one per graph."""
+    """One engine per graph (those named in `graphs`, default all) with the profiles it needs."""
     info = manifest.info
     native, multiple = int(info["native_size"]), int(info["size_multiple"])
     cfg = any(spec.guidance == GUIDANCE_CFG for spec in manifest.graphs.values())
     max_batch = max_batch or (2 if cfg else 1)
+    boxes = spatial_boxes(native, multiple, height, width)
+    wanted = set(manifest.graphs if graphs is None else graphs)
     requests = []
     for name, spec in manifest.graphs.items():
-        kinds = [STATIC, DYNAMIC] if static and name in UNET_GRAPHS else [DYNAMIC]
-        for kind in kinds:
-            opt_batch = 2 if spec.guidance == GUIDANCE_CFG and name != "forward_unet" else 1
-            ranges = axis_ranges(
-                native, multiple, manifest.vae_scale_factor, height, width, max_batch, opt_batch, kind == STATIC
-            )
-            ranges[P2P_BATCH] = (2, 4, 4) if cfg else (2, 2, 2)  # source + target rows (and real CFG's uncond)
-            requests.append(EngineRequest(name, kind, profile_shapes(spec, ranges)))
+        if name not in wanted:
+            continue
+        opt_batch = 2 if spec.guidance == GUIDANCE_CFG and name != "forward_unet" else 1
+        batch = (1, max(1, min(opt_batch, max_batch)), max_batch)
+        p2p_batch = (2, 4, 4) if cfg else (2, 2, 2)  # source + target rows (and real CFG's uncond)
+        requests.append(EngineRequest(name, graph_profiles(spec, boxes, batch, p2p_batch, manifest.vae_scale_factor)))
     return requests
 
 
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What an engine is specific to besides TensorRT: the GPU's name and compute capability."""
+
+    name: str
+    capability: str
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "-", self.name).strip("-").lower()[:40] or "gpu"
+
+
 def engine_cache_key(
-    onnx_sha256: str, profile: Profile, mode: BuildMode, trt_version: str, compute_capability: str
+    onnx_sha256: str, profiles: Profiles, mode: BuildMode, trt_version: str, device: DeviceFacts
 ) -> str:
     """sha256 of everything an engine depends on: change any of them and the engine is rebuilt."""
     payload = {
         "onnx": onnx_sha256,
-        "profile": {name: [list(shape) for shape in shapes] for name, shapes in sorted(profile.items())},
+        "profiles": [
+            [label, {name: [list(s) for s in shapes] for name, shapes in sorted(profile.items())}]
+            for label, profile in profiles
+        ],
         "mode": asdict(mode),
         "tensorrt": trt_version,
-        "compute_capability": compute_capability,
+        "device": device.name,
+        "compute_capability": device.capability,
+        "build_format": BUILD_FORMAT,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def timing_cache_file(root: Path, trt_version: str, device: DeviceFacts) -> Path:
+    """The tactic timing cache shared by every build for one TensorRT, GPU and build format."""
+    capability = device.capability.replace(".", "")
+    return root / f"timing-trt{trt_version}-{device.slug}-sm{capability}-f{BUILD_FORMAT}.cache"
+
+
 def engine_file(folder: Path, request: EngineRequest, key: str) -> Path:
-    return folder / f"{request.graph}-{request.kind}-{key[:16]}.plan"
+    return folder / f"{request.graph}-{key[:16]}.plan"
 
 
 def stale_reason(meta: dict[str, Any] | None, key: str) -> str | None:
-    """Why a cached engine cannot be loaded (None: it can). The key covers TensorRT, GPU, ONNX and profile."""
+    """Why a cached engine cannot be loaded (None: it can). The key covers TensorRT, GPU, ONNX and profiles."""
     if meta is None:
         return "not built yet"
     if meta.get("key") != key:
@@ -181,7 +279,7 @@ def read_meta(plan: Path) -> dict[str, Any] | None:
     return meta if plan.is_file() else None
 
 
-def covers(profile: Profile, shapes: dict[str, tuple[int, ...]]) -> bool:
+def covers(profile: Profile, shapes: dict[str, Shape]) -> bool:
     """Whether every input shape lies within the profile's [min, max]."""
     for name, shape in shapes.items():
         low, _, high = profile[name]
@@ -190,13 +288,35 @@ def covers(profile: Profile, shapes: dict[str, tuple[int, ...]]) -> bool:
     return True
 
 
-def choose_engine(candidates: list[tuple[str, Profile]], shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """Index of the engine to run these shapes: a static one that matches exactly, else a covering one."""
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i][0] != STATIC)
-    return next((i for i in order if covers(candidates[i][1], shapes)), None)
+def choose_profile(profiles: Profiles, shapes: dict[str, Shape]) -> int | None:
+    """Index of the profile to run these shapes: a static one that matches exactly, else the first covering one."""
+    order = sorted(range(len(profiles)), key=lambda i: not is_static(profiles[i][1]))
+    return next((i for i in order if covers(profiles[i][1], shapes)), None)
 
 
-# --- TensorRT ---------------------------------------------------------------------------------------------
+def outside_message(graph: str, profiles: Profiles, shapes: dict[str, Shape]) -> str:
+    ranges = "; ".join(
+        f"{label}: {name} {low}..{high}" for label, p in profiles for name, (low, _, high) in p.items() if len(low) > 2
+    )
+    sample = next(iter(shapes.items()))
+    return f"TensorRT engine {graph}: input {sample[0]} of shape {sample[1]} lies outside its profiles ({ranges})"
+
+
+def previous_build_seconds(folder: Path, graph: str) -> float | None:
+    """How long the last recorded build of this graph took here (any key), for the estimate before a build."""
+    seconds = [meta.get("build_seconds") for meta in map(read_json, folder.glob(f"{graph}-*.json"))]
+    known = [s for s in seconds if isinstance(s, int | float)]
+    return max(known) if known else None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --- TensorRT: the library, the logger, polygraphy --------------------------------------------------------
 
 
 def is_importable() -> bool:
@@ -213,9 +333,39 @@ def _trt() -> Any:
     return tensorrt
 
 
-def compute_capability(device: torch.device | None = None) -> str:
+def _polygraphy() -> Any | None:
+    """polygraphy's TensorRT backend, or None where polygraphy is not installed (then TensorRT's builder is used)."""
+    try:
+        from polygraphy.backend import trt as backend
+    except ImportError:
+        return None
+    return backend
+
+
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """The one TensorRT logger of the process: TensorRT requires every builder and runtime to share one.
+
+    polygraphy builds with its own global logger, so where polygraphy builds that logger is the one.
+    """
+    global _LOGGER
+    if _LOGGER is None:
+        poly = _polygraphy()
+        if poly is not None:
+            from icdcli.export.onnx import route_polygraphy_logs
+
+            route_polygraphy_logs()  # TensorRT's messages through polygraphy's logger stay off stdout
+            _LOGGER = poly.get_trt_logger()
+        else:
+            _LOGGER = _trt().Logger(_trt().Logger.WARNING)
+    return _LOGGER
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
     major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
+    return DeviceFacts(torch.cuda.get_device_name(device), f"{major}.{minor}")
 
 
 def torch_dtype(trt_dtype: Any) -> torch.dtype:
@@ -225,6 +375,16 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
         trt.int8: torch.int8, trt.bool: torch.bool, trt.bfloat16: torch.bfloat16,
     }  # fmt: skip
     return table[trt_dtype]
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Make `device` current (TensorRT builds, loads and runs on the current CUDA device)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
 
 
 def make_progress_monitor(say: Callable[[str], None]) -> Any | None:
@@ -253,161 +413,398 @@ def make_progress_monitor(say: Callable[[str], None]) -> Any | None:
     return PhaseMonitor()
 
 
-def build_engine(
-    onnx_path: Path, plan: Path, profile: Profile, mode: BuildMode, timing_cache: Path | None,
-    progress: Callable[[str], None] | None = None, workspace_bytes: int | None = None,
-) -> None:  # fmt: skip
-    """Parse the ONNX graph and write a serialized engine with one optimisation profile to `plan`."""
+# --- build ------------------------------------------------------------------------------------------------
+
+
+def build_with_polygraphy(
+    poly: Any, onnx_path: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None, monitor: Any,
+    workspace_bytes: int | None,
+) -> bytes:  # fmt: skip
+    """Serialized engine bytes through polygraphy: network from the ONNX path, config with profiles, timing cache."""
     trt = _trt()
-    say = progress or (lambda message: None)
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
+    network = poly.network_from_onnx_path(str(onnx_path), strongly_typed=mode.strongly_typed)
+    trt_profiles = []
+    for _, profile in profiles:
+        built = poly.Profile()
+        for name, (low, opt, high) in profile.items():
+            built.add(name, min=low, opt=opt, max=high)
+        trt_profiles.append(built)
+    options: dict[str, Any] = {"profiles": trt_profiles, "tf32": True}  # TensorRT's default; polygraphy's is off
+    if mode.fp16_flag:
+        options["fp16"] = True
+    if timing_cache is not None:
+        options["load_timing_cache"] = str(timing_cache)
+    if monitor is not None:
+        options["progress_monitor"] = monitor
+    if workspace_bytes:
+        options["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: workspace_bytes}
+    config = poly.CreateConfig(**options)
+    save = str(timing_cache) if timing_cache is not None else None
+    return poly.engine_bytes_from_network(network, config=config, save_timing_cache=save)
+
+
+def build_with_tensorrt(
+    onnx_path: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None, monitor: Any,
+    workspace_bytes: int | None,
+) -> bytes | None:  # fmt: skip
+    """Serialized engine bytes through TensorRT's own builder (where polygraphy is not installed)."""
+    trt = _trt()
+    builder = trt.Builder(trt_logger())
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.strongly_typed else 0
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
+    parser = trt.OnnxParser(network, trt_logger())
     if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the graph
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ICDError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise BackendUnavailable(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
-    optimisation = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.items():
-        optimisation.set_shape(name, low, opt, high)
-    config.add_optimization_profile(optimisation)
-    monitor = make_progress_monitor(say)
+    for _, profile in profiles:
+        optimisation = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.items():
+            optimisation.set_shape(name, low, opt, high)
+        if config.add_optimization_profile(optimisation) < 0:
+            raise BackendUnavailable(f"TensorRT rejected an optimisation profile of {onnx_path.name}: {profile}")
     if monitor is not None:
         config.progress_monitor = monitor
-    cache = None
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            logger.info("TensorRT: the timing cache %s could not be used; building without it", timing_cache.name)
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ICDError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    staging = plan.with_suffix(".partial")
-    staging.write_bytes(bytes(serialized))
-    staging.replace(plan)
-    if timing_cache is not None:
+    if serialized is not None and timing_cache is not None:
         with file_lock(timing_cache.with_suffix(".lock")):
-            updated = timing_cache.with_suffix(".partial")
-            updated.write_bytes(bytes(config.get_timing_cache().serialize()))
-            updated.replace(timing_cache)
+            _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return None if serialized is None else bytes(serialized)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    from icdcli.atomic import atomic_path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)
+
+
+def build_engine(
+    onnx_path: Path, plan: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None,
+    progress: Callable[[str], None] | None = None, workspace_bytes: int | None = None,
+) -> None:  # fmt: skip
+    """Build an engine with these optimisation profiles and write it to `plan`; BackendUnavailable when it fails."""
+    say = progress or (lambda message: None)
+    monitor = make_progress_monitor(say)
+    poly = _polygraphy()
+    try:
+        if poly is not None:
+            from icdcli.export.onnx import polygraphy_quiet
+
+            with polygraphy_quiet():
+                serialized = build_with_polygraphy(
+                    poly, onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes
+                )
+        else:
+            serialized = build_with_tensorrt(onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes)
+    except BackendUnavailable:
+        raise
+    except Exception as error:  # polygraphy reports failed builds as its own exception type
+        reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+        raise BackendUnavailable(f"TensorRT could not build an engine from {onnx_path.name}: {reason}") from error
+    if not serialized:
+        raise BackendUnavailable(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    _write_atomically(plan, bytes(serialized))
 
 
 def ensure_engine(
-    onnx_path: Path, onnx_sha256: str, request: EngineRequest, mode: BuildMode, folder: Path, timing_cache: Path | None,
-    progress: Callable[[str], None] | None = None,
+    onnx_path: Path, onnx_sha256: str, request: EngineRequest, mode: BuildMode, folder: Path, device: DeviceFacts,
+    timing_cache: Path | None, progress: Callable[[str], None] | None = None,
 ) -> Path:  # fmt: skip
     """The engine file for `request`, built under a file lock when missing or stale."""
     trt = _trt()
-    key = engine_cache_key(onnx_sha256, request.profile, mode, trt.__version__, compute_capability())
+    key = engine_cache_key(onnx_sha256, request.profiles, mode, trt.__version__, device)
     plan = engine_file(folder, request, key)
     with file_lock(plan.with_suffix(".lock")):
         reason = stale_reason(read_meta(plan), key)
-        if reason is not None:
-            say = progress or (lambda message: None)
-            say(f"building TensorRT engine {plan.name} ({request.kind}, {mode.label}; {reason})")
-            logger.info("building TensorRT engine %s (%s)", plan.name, reason)
-            build_engine(onnx_path, plan, request.profile, mode, timing_cache, progress)
-            meta = {"key": key, "graph": request.graph, "kind": request.kind, "onnx_sha256": onnx_sha256,
-                    "tensorrt": trt.__version__, "compute_capability": compute_capability(), "mode": mode.label,
-                    "profile": {k: [list(s) for s in v] for k, v in request.profile.items()}}  # fmt: skip
-            plan.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        if reason is None:
+            return plan
+        say = progress or (lambda message: None)
+        before = previous_build_seconds(folder, request.graph)
+        estimate = f"earlier builds of it here took up to {before:.0f}s" if before else "a first build takes minutes"
+        say(f"building TensorRT engine {request.graph} ({mode.label}, {len(request.profiles)} profiles; {estimate})")
+        logger.info("building TensorRT engine %s (%s)", plan.name, reason)
+        started = time.perf_counter()
+        build_engine(onnx_path, plan, request.profiles, mode, timing_cache, progress)
+        seconds = time.perf_counter() - started
+        say(f"built TensorRT engine {request.graph} in {seconds:.0f}s")
+        meta = {
+            "key": key, "graph": request.graph, "onnx_sha256": onnx_sha256, "tensorrt": trt.__version__,
+            "device": device.name, "compute_capability": device.capability, "build_format": BUILD_FORMAT,
+            "mode": mode.label, "build_seconds": round(seconds, 1),
+            "profiles": {label: {k: [list(s) for s in v] for k, v in p.items()} for label, p in request.profiles},
+        }  # fmt: skip
+        _write_atomically(plan.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     return plan
 
 
-class Engine:
-    """One TensorRT engine: load, create a context, allocate persistent torch CUDA buffers, infer.
+# --- run --------------------------------------------------------------------------------------------------
 
-    Inference runs on torch's current stream through `execute_async_v3` with `set_tensor_address`. For
-    static engines, `cuda_graph=True` captures the enqueue once and replays it afterwards.
+
+def _set_device_memory(context: Any, address: int, size: int) -> None:
+    if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+        context.set_device_memory(address, size)
+    else:
+        context.device_memory = address
+
+
+def _device_memory_size(engine: Any) -> int:
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(size if size is not None else engine.device_memory_size)
+
+
+class SharedActivations:
+    """One block of activation memory for every execution context (they run one at a time on one stream).
+
+    Sized to the largest engine loaded so far; when a larger one arrives the block grows and every context is
+    pointed at the new one (and `generation` changes, so captured CUDA graphs are dropped).
     """
 
-    def __init__(self, path: Path, kind: str, profile: Profile, device: torch.device, cuda_graph: bool = False):
-        self.path, self.kind, self.profile, self.device = path, kind, profile, device
-        self.cuda_graph = cuda_graph and kind == STATIC
-        self.engine: Any = None
-        self.context: Any = None
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.block: torch.Tensor | None = None
+        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # not keeping contexts alive past their engine
+        self.generation = 0
+
+    @property
+    def size(self) -> int:
+        return 0 if self.block is None else self.block.numel()
+
+    def attach(self, engine: Engine, context: Any, needed: int) -> None:
+        """Point `context` (of `engine`) at the block, growing it (and re-pointing every context) when too small."""
+        if needed > self.size:
+            if self.block is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # no context may still run on the old block
+            self.block = torch.empty(needed, dtype=torch.uint8, device=self.device)
+            self.generation += 1
+            for other in self.engines:
+                for binding in other.bindings.values():
+                    _set_device_memory(binding.context, self.block.data_ptr(), self.size)
+        self.engines.add(engine)
+        _set_device_memory(context, self.block.data_ptr() if self.block is not None else 0, self.size)
+
+
+class Streams:
+    """The dedicated stream engines run on, ordered after torch's current stream and before its next work."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def handle(self) -> int:
+        return 0 if self.stream is None else int(self.stream.cuda_stream)
+
+    @contextlib.contextmanager
+    def running(self, inputs: Iterable[torch.Tensor]) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # torch's writes of the inputs come first
+        for tensor in inputs:
+            tensor.record_stream(self.stream)  # not reused by torch before the engine has read it
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)  # torch's reads of the outputs come after
+
+
+class Binding:
+    """One execution context on one optimisation profile, with its shapes, I/O buffers and captured graph."""
+
+    def __init__(self, context: Any, index: int):
+        self.context, self.index = context, index
+        self.shapes: dict[str, Shape] = {}
         self.buffers: dict[str, torch.Tensor] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: Any = None
+        self.graph_generation = -1
+        self.runs = 0
+        """Runs at the current shapes: dynamic profiles capture a CUDA graph once shapes repeat."""
+
+
+class Engine:
+    """One TensorRT engine: load (the runtime kept alive with it), one context per profile used, persistent
+    torch buffers, inference on a dedicated stream, CUDA-graph replay on static profiles."""
+
+    def __init__(
+        self, path: Path, graph: str, profiles: Profiles, device: torch.device, memory: SharedActivations,
+        streams: Streams, cuda_graph: bool = True,
+    ):  # fmt: skip
+        # released in this order when the Engine goes: contexts, then the engine, then the runtime that made it
+        self.bindings: dict[int, Binding] = {}
+        self.engine: Any = None
+        self.runtime: Any = None
+        self.path, self.graph, self.profiles, self.device = path, graph, profiles, device
+        self.memory, self.streams = memory, streams
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.dtypes: dict[str, torch.dtype] = {}
 
     def load(self) -> Engine:
         trt = _trt()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        with on_device(self.device):
+            self.runtime = trt.Runtime(trt_logger())
+            if self.runtime is None:
+                raise BackendUnavailable(f"TensorRT could not create a runtime for {self.graph}")
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise ICDError(f"TensorRT cannot load {self.path}: delete it and run again to rebuild")
-        self.context = self.engine.create_execution_context()
+            raise BackendUnavailable(f"TensorRT cannot load engine {self.path.name}: delete it to rebuild it")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        found = int(self.engine.num_optimization_profiles)
+        if found != len(self.profiles):
+            raise BackendUnavailable(f"TensorRT engine {self.path.name} has {found} profiles, not {len(self.profiles)}")
         return self
 
-    def io_names(self) -> tuple[list[str], list[str]]:
+    def binding(self, index: int) -> Binding:
+        """The context of profile `index`, created on first use without its own activation memory."""
+        if index in self.bindings:
+            return self.bindings[index]
         trt = _trt()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        return inputs, [n for n in names if n not in inputs]
+        with on_device(self.device):
+            context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if context is None:
+                raise BackendUnavailable(
+                    f"TensorRT could not create an execution context for {self.graph} (out of GPU memory?)"
+                )
+            self.memory.attach(self, context, _device_memory_size(self.engine))
+            if not context.set_optimization_profile_async(index, self.streams.handle):
+                raise ICDError(f"TensorRT engine {self.graph}: cannot select optimisation profile {index}")
+        self.bindings[index] = Binding(context, index)
+        return self.bindings[index]
 
-    def allocate(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """(Re)allocate every I/O buffer for these input shapes and bind its address."""
-        inputs, outputs = self.io_names()
-        for name in inputs:
-            self.context.set_input_shape(name, shapes[name])
-        self.buffers = {}
-        for name in inputs + outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = torch_dtype(self.engine.get_tensor_dtype(name))
-            self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, self.buffers[name].data_ptr())
-        self.shapes, self.graph = dict(shapes), None
+    def _bind_shapes(self, binding: Binding, shapes: dict[str, Shape]) -> None:
+        """Set every input shape (checked), then allocate every buffer and set its address (checked)."""
+        context = binding.context
+        for name in self.inputs:
+            if not context.set_input_shape(name, shapes[name]):
+                label = self.profiles[binding.index][0]
+                raise ShapeNotCovered(
+                    f"TensorRT engine {self.graph}: input {name} shape {shapes[name]} is outside profile {label}"
+                )
+        buffers = {}
+        for name in self.inputs + self.outputs:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ICDError(f"TensorRT engine {self.graph}: tensor {name} has unresolved shape {shape}")
+            buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            if not context.set_tensor_address(name, buffers[name].data_ptr()):
+                raise ICDError(f"TensorRT engine {self.graph}: cannot bind tensor {name} of shape {shape}")
+        binding.shapes, binding.buffers, binding.graph, binding.runs = dict(shapes), buffers, None, 0
 
-    def _enqueue(self, stream: torch.cuda.Stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ICDError(f"TensorRT inference failed in {self.path.name}")
+    def _enqueue(self, binding: Binding) -> None:
+        if not binding.context.execute_async_v3(self.streams.handle):
+            raise ICDError(f"TensorRT inference failed in engine {self.graph} at shapes {binding.shapes}")
 
-    def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {name: tuple(tensor.shape) for name, tensor in feeds.items()}
-        if shapes != self.shapes:
-            self.allocate(shapes)
-        for name, tensor in feeds.items():
-            self.buffers[name].copy_(tensor)
-        stream = torch.cuda.current_stream(self.device)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.cuda_graph:
-            self._enqueue(stream)  # TensorRT needs one plain enqueue before capture
+    def _run(self, binding: Binding) -> None:
+        """Replay the captured CUDA graph, or run once (and capture: at once on a static profile, on a dynamic
+        one when the same shapes come a second time, as in every step of one edit)."""
+        binding.runs += 1
+        if binding.graph is not None and binding.graph_generation == self.memory.generation:
+            binding.graph.replay()
+            return
+        self._enqueue(binding)  # also the plain run TensorRT needs before a capture
+        if self.cuda_graph and (binding.runs >= 2 or is_static(self.profiles[binding.index][1])):
+            binding.graph = self._capture(binding)
+            binding.graph_generation = self.memory.generation
+
+    def _capture(self, binding: Binding) -> Any:
+        """A CUDA graph of one enqueue, or None (with a note, and no more tries) when capture fails."""
+        try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._enqueue(torch.cuda.current_stream(self.device))
-            self.graph = graph
-        else:
-            self._enqueue(stream)
-        _, outputs = self.io_names()
-        return {name: self.buffers[name].clone() for name in outputs}
+            with torch.cuda.graph(graph, stream=self.streams.stream):
+                self._enqueue(binding)
+        except Exception as error:  # capture fails for engines with host-synchronising layers, among others
+            self.cuda_graph = False
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            logger.info("TensorRT engine %s runs without CUDA-graph replay: capture failed (%s)", self.graph, reason)
+            return None
+        return graph
+
+    def infer(self, feeds: dict[str, torch.Tensor], borrowed: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Outputs for `feeds`. Outputs named in `borrowed` are the engine's own buffers, valid until its next call."""
+        if self.engine is None:
+            self.load()
+        shapes = {name: tuple(feeds[name].shape) for name in self.inputs}
+        index = choose_profile(self.profiles, shapes)
+        if index is None:
+            raise ShapeNotCovered(outside_message(self.graph, self.profiles, shapes))
+        with on_device(self.device):
+            binding = self.binding(index)
+            if shapes != binding.shapes:
+                self._bind_shapes(binding, shapes)
+            with self.streams.running(feeds[name] for name in self.inputs):
+                for name in self.inputs:
+                    binding.buffers[name].copy_(feeds[name], non_blocking=True)
+                self._run(binding)
+        keep = set(borrowed)
+        return {name: binding.buffers[name] if name in keep else binding.buffers[name].clone() for name in self.outputs}
 
 
 class TensorRTGraph:
-    """The runner of one exported graph over its engines: picks the static or dynamic one per call."""
+    """The runner of one exported graph: builds its engine when first called, converts inputs, runs it.
 
-    def __init__(self, spec: GraphSpec, engines: list[Engine]):
-        self.spec, self.engines = spec, engines
+    Where TensorRT cannot run the graph (the engine fails to build or load, or the shapes lie outside its
+    profiles) the call goes to the next backend, `make_next()` (ONNX Runtime's CUDA provider where installed),
+    with a note; without one it raises BackendUnavailable and the caller falls back to PyTorch.
+    """
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {s.name: tuple(feeds[s.name].shape) for s in self.spec.inputs}
-        index = choose_engine([(engine.kind, engine.profile) for engine in self.engines], shapes)
-        if index is None:
-            raise ShapeNotCovered(f"shapes {shapes} lie outside every TensorRT engine of {self.spec.name}")
-        engine = self.engines[index]
-        if engine.engine is None:
-            engine.load()
-        dtypes = {s.name: s.dtype for s in self.spec.inputs}
+    def __init__(
+        self, spec: GraphSpec, make_engine: Callable[[], Engine], borrowed: tuple[str, ...] = (),
+        make_next: Callable[[], Runner] | None = None,
+    ):  # fmt: skip
+        self.spec, self.make_engine, self.borrowed, self.make_next = spec, make_engine, borrowed, make_next
+        self.engine: Engine | None = None
+        self.failure: BackendUnavailable | None = None
+        self.next: Runner | None = None
+
+    def _engine(self) -> Engine:
+        if self.failure is not None:
+            raise self.failure
+        if self.engine is None:
+            try:
+                self.engine = self.make_engine().load()
+            except BackendUnavailable as error:
+                self.failure = error
+                raise
+        return self.engine
+
+    def _run_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from icdcli.export.onnx import TORCH_DTYPES
 
-        typed = {n: feeds[n].to(engine.device, TORCH_DTYPES[dtypes[n]]) for n in shapes}
-        return engine.infer(typed)
+        engine = self._engine()
+        typed = {s.name: feeds[s.name].to(engine.device, TORCH_DTYPES[s.dtype]).contiguous() for s in self.spec.inputs}
+        return engine.infer(typed, self.borrowed)
+
+    def _next_backend(self, error: BackendUnavailable) -> Runner:
+        if self.next is None:
+            try:
+                self.next = self.make_next()
+            except Exception as next_error:  # the next backend cannot load it either: PyTorch it is
+                self.make_next = None
+                raise error from next_error
+            logger.warning("%s: %s runs on ONNX Runtime (CUDA) where TensorRT cannot", error, self.spec.name)
+        return self.next
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self._run_engine(feeds)
+        except BackendUnavailable as error:
+            if self.make_next is None:
+                raise
+            return self._next_backend(error)(feeds)
 
 
 class TensorRTDenoiser(GraphDenoiser):
@@ -422,26 +819,73 @@ def engines_root() -> Path:
     return cache_root() / "engines"
 
 
+def resolve_sizes(folder: Path, height: int | None, width: int | None, max_batch: int | None) -> EngineSizes:
+    """The sizes to build for: those given, else those the export was built for (`icd export --height ...`)."""
+    from icdcli.export.manifest import read_engine_sizes
+
+    if height or width or max_batch:
+        return EngineSizes(height, width, max_batch)
+    return EngineSizes.from_json(read_engine_sizes(folder))
+
+
 def load_parts(
     folder: Path, manifest: Manifest, model: Any, fallbacks: dict[str, Any],
     progress: Callable[[str], None] | None = None, height: int | None = None, width: int | None = None,
-    max_batch: int | None = None, static: bool = True, cuda_graph: bool = True,
+    max_batch: int | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
 ) -> BackendParts:  # fmt: skip
-    """Engines for every graph of an export folder, built on first use; TensorRT-run `BackendParts`."""
-    trt = _trt()
-    if model.device.type != "cuda":
+    """TensorRT-run `BackendParts` for an export folder, on the model's CUDA device (see `engine_parts`)."""
+    _trt()
+    device = model.device
+    if device.type != "cuda":
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
+    sizes = resolve_sizes(folder, height, width, max_batch)
+    return engine_parts(
+        folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now,
+        onnxruntime_next(folder, manifest, device),
+    )  # fmt: skip
+
+
+def onnxruntime_next(folder: Path, manifest: Manifest, device: torch.device) -> Callable[[GraphSpec], Runner] | None:
+    """ONNX Runtime sessions on the CUDA provider, the backend after TensorRT, where onnxruntime-gpu is installed."""
+    from . import onnxruntime as ort_engine
+
+    if not ort_engine.has_cuda_provider():
+        return None
+
+    def make(spec: GraphSpec) -> Runner:
+        return ort_engine.OrtGraph(folder / spec.file, spec, device, manifest.vae_scale_factor)
+
+    return make
+
+
+def engine_parts(
+    folder: Path, manifest: Manifest, device: torch.device, facts: DeviceFacts, fallbacks: dict[str, Any],
+    sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
+    build_now: Iterable[str] = (), next_backend: Callable[[GraphSpec], Runner] | None = None,
+) -> BackendParts:  # fmt: skip
+    """`BackendParts` whose graphs run on TensorRT engines. Each engine is built (or found in the cache) when its
+    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning.
+    `next_backend(spec)` makes the runner a graph falls back to where TensorRT cannot run it (else PyTorch)."""
+    trt = _trt()
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
-    timing = engines_root() / f"timing-{trt.__version__}-sm{compute_capability().replace('.', '')}.cache"
-    engines: dict[str, list[Engine]] = {}
-    for request in plan_engines(manifest, height, width, max_batch, static):
-        spec = manifest.graphs[request.graph]
-        plan = ensure_engine(folder / spec.file, spec.sha256, request, mode, cache, timing, progress)
-        engine = Engine(plan, request.kind, request.profile, model.device, cuda_graph)
-        engines.setdefault(request.graph, []).append(engine)
+    timing = timing_cache_file(engines_root(), trt.__version__, facts)
+    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.batch)}
+    memory, streams = SharedActivations(device), Streams(device)
+
+    def ensure(spec: GraphSpec) -> Path:
+        with on_device(device):
+            request = requests[spec.name]
+            return ensure_engine(folder / spec.file, spec.sha256, request, mode, cache, facts, timing, progress)
 
     def make_runner(spec: GraphSpec) -> TensorRTGraph:
-        return TensorRTGraph(spec, engines[spec.name])
+        def make_engine() -> Engine:
+            return Engine(ensure(spec), spec.name, requests[spec.name].profiles, device, memory, streams, cuda_graph)
 
-    return assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
+        make_next = None if next_backend is None else (lambda: next_backend(spec))
+        return TensorRTGraph(spec, make_engine, ("eps",) if spec.name in UNET_GRAPHS else (), make_next)
+
+    parts = assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
+    for name in build_now:
+        ensure(manifest.graphs[name])
+    return parts

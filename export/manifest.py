@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from icdcli.models import ICDModel
 
 MANIFEST = "manifest.json"
+ENGINE_SIZES = "engine_sizes.json"
+"""Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
 EXPORT_FORMAT = 2
 """Bump when graph signatures change: every cached export then counts as stale."""
 DEFAULT_OPSET = 17
@@ -79,6 +81,10 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     versions: dict[str, str | None] = field(default_factory=dict)
     export_format: int = EXPORT_FORMAT
+    sanitized: bool = False
+    """Constants folded for TensorRT (polygraphy / onnx-graphsurgeon)."""
+    fp32_norm: bool = False
+    """GroupNorm/LayerNorm of an fp16 export kept in fp32."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,10 +113,33 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         return None
 
 
+def write_engine_sizes(folder: str | Path, sizes: dict[str, int | None]) -> Path:
+    """Record the sizes engines were built for, so later runs build (and find in the cache) the same engines."""
+    from icdcli.atomic import atomic_path
+
+    path = Path(folder) / ENGINE_SIZES
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(sizes, indent=2))
+    return path
+
+
+def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
+    """The sizes recorded by `write_engine_sizes`, or None when there are none (or they are unreadable)."""
+    try:
+        sizes = json.loads((Path(folder) / ENGINE_SIZES).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(sizes, dict):
+        return None
+    return {key: value for key, value in sizes.items() if isinstance(value, int) and value > 0}
+
+
 def stale_reason(
-    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False
-) -> str | None:
-    """Why an existing export cannot serve this model, or None when it can."""
+    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False,
+    fp32_norm: bool | None = None, need_sanitized: bool = False,
+) -> str | None:  # fmt: skip
+    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind;
+    `need_sanitized`: TensorRT wants graphs with constants folded)."""
     if manifest is None:
         return "no export yet"
     checks = (
@@ -119,6 +148,11 @@ def stale_reason(
         (manifest.precision != precision, f"precision {manifest.precision} != {precision}"),
         (manifest.opset != opset, f"opset {manifest.opset} != {opset}"),
         (need_teacher and TEACHER not in manifest.graphs, "the export has no teacher UNet"),
+        (
+            fp32_norm is not None and precision == "fp16" and manifest.fp32_norm != fp32_norm,
+            f"normalisation in fp32: {manifest.fp32_norm} != {fp32_norm}",
+        ),
+        (need_sanitized and not manifest.sanitized, "its graphs are not constant-folded for TensorRT"),
     )
     return next((reason for failed, reason in checks if failed), None)
 

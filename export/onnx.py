@@ -29,17 +29,26 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
 fp16 export (`precision="fp16"`) is meant for TensorRT strongly typed networks and ONNX Runtime's CUDA
 execution provider; onnxruntime's CPU provider lacks fp16 kernels for most of these ops, so it need not run
 there. Graph clean-up: the TorchScript exporter's constant folding, then (fp32) onnxruntime's offline
-basic-level optimisation (constant folding, redundant-node removal; provider independent), then onnx shape
-inference. Graphs over 2 GB keep their weights in one external `<graph>.onnx.data` file.
+basic-level optimisation (constant folding, redundant-node removal; provider independent), then the sanitising
+TensorRT builds want - polygraphy's constant folding (or onnx-graphsurgeon's where polygraphy is missing) - and
+onnx shape inference. Graphs over 2 GB keep their weights in one external `<graph>.onnx.data` file.
+
+Normalisation in fp16 exports: TensorRT >= 10.12 builds strongly typed, so a GroupNorm or LayerNorm of an fp16
+graph runs in fp16, where older weakly typed builds kept it in fp32. `fp32_norm=True` exports those layers with
+fp32 inputs and weights (casts around them), keeping their old precision; use it when fp16 engines drift from
+PyTorch (large activations, SDXL-size models) or show NaNs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +284,79 @@ def dynamic_axes(specs: list[TensorSpec]) -> dict[str, dict[int, str]]:
 # --- export steps ---------------------------------------------------------------------------------------
 
 
+def _group_norm_fp32(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    weight = None if norm.weight is None else norm.weight.float()
+    bias = None if norm.bias is None else norm.bias.float()
+    return torch.nn.functional.group_norm(x.float(), norm.num_groups, weight, bias, norm.eps).to(x.dtype)
+
+
+def _layer_norm_fp32(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    weight = None if norm.weight is None else norm.weight.float()
+    bias = None if norm.bias is None else norm.bias.float()
+    return torch.nn.functional.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+
+
+@contextlib.contextmanager
+def norms_in_fp32(module: torch.nn.Module) -> Iterator[int]:
+    """While open, every GroupNorm and LayerNorm of `module` computes in fp32 (inputs and weights cast up, the
+    result cast back). Nothing of the module is changed afterwards. Yields how many layers it covers."""
+    patched = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.GroupNorm):
+            layer.forward = partial(_group_norm_fp32, layer)
+        elif isinstance(layer, torch.nn.LayerNorm):
+            layer.forward = partial(_layer_norm_fp32, layer)
+        else:
+            continue
+        patched.append(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+def route_polygraphy_logs() -> None:
+    """polygraphy prints its messages (and TensorRT's, through its logger) to stdout, where icd writes results:
+    send them to Python logging instead ("Polygraphy": warnings reach stderr), without its colour-module probe."""
+    try:
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        return
+    G_LOGGER.colors = False
+    if hasattr(type(G_LOGGER), "use_python_logging_system"):  # polygraphy >= 0.50
+        G_LOGGER.use_python_logging_system = True
+
+
+@contextlib.contextmanager
+def polygraphy_quiet() -> Iterator[None]:
+    """While polygraphy runs: its logs routed (see `route_polygraphy_logs`), anything else it prints to stderr."""
+    route_polygraphy_logs()
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def fold_constants(proto: Any, large: bool) -> tuple[Any, str | None]:
+    """The graph with constants folded for TensorRT: polygraphy's folding, else onnx-graphsurgeon's, else as it is.
+
+    Returns the graph and the tool that folded it (None: neither is installed)."""
+    try:
+        from polygraphy.backend.onnx import fold_constants as polygraphy_fold
+    except ImportError:
+        polygraphy_fold = None
+    if polygraphy_fold is not None:
+        # shape inference on an in-memory graph over 2 GB fails (protobuf's limit): fold without it then
+        with polygraphy_quiet():
+            return polygraphy_fold(proto, do_shape_inference=not large, error_ok=True), "polygraphy"
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        return proto, None
+    graph = gs.import_onnx(proto)
+    graph.fold_constants(error_ok=True).cleanup()
+    return gs.export_onnx(graph), "onnx-graphsurgeon"
+
+
 def torch_export(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec],
     path: Path, opset: int,
@@ -311,12 +393,15 @@ def ort_optimize(source: Path, target: Path, large: bool) -> None:
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
-def save_graph(source: Path, target: Path, large: bool) -> str | None:
+def save_graph(source: Path, target: Path, large: bool, sanitize: bool = False) -> str | None:
     """Write `source` (with any external data beside it) as `target`, weights in one external file if large,
-    then run onnx shape inference on the result. Returns the external data file name, if any."""
+    constants folded if `sanitize`, then run onnx shape inference on the result. Returns the external data file
+    name, if any."""
     import onnx
 
     proto = onnx.load(str(source), load_external_data=True)
+    if sanitize:
+        proto, _ = fold_constants(proto, large)
     external = target.name + ".data" if large else None
     onnx.save_model(
         proto, str(target), save_as_external_data=large, all_tensors_to_one_file=True, location=external,
@@ -329,13 +414,14 @@ def save_graph(source: Path, target: Path, large: bool) -> str | None:
 
 def export_graph(
     module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, folder: Path, opset: int,
-    optimize: bool,
+    optimize: bool, sanitize: bool = False, fp32_norm: bool = False,
 ) -> GraphSpec:  # fmt: skip
     """Trace, clean up and save one graph into `folder`; fill in its file hash."""
     work = folder / f".work-{spec.name}"
     try:
         raw = work / "raw" / "model.onnx"
-        torch_export(module, args, spec.inputs, spec.outputs, raw, opset)
+        with norms_in_fp32(module) if fp32_norm else contextlib.nullcontext():
+            torch_export(module, args, spec.inputs, spec.outputs, raw, opset)
         large = folder_size(raw.parent) > PROTOBUF_LIMIT
         source = raw
         if optimize:
@@ -343,12 +429,18 @@ def export_graph(
             source.parent.mkdir()
             ort_optimize(raw, source, large)
         target = folder / spec.file
-        spec.external_data = save_graph(source, target, large)
+        spec.external_data = save_graph(source, target, large, sanitize)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     files = [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
     spec.sha256 = sha256_files(files)
     return spec
+
+
+def sanitizer_available() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("polygraphy", "onnx_graphsurgeon"))
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -420,11 +512,14 @@ def export_model(
     optimize: bool | None = None,
     progress: Callable[[str], None] | None = None,
     p2p: bool | None = None,
+    sanitize: bool | None = None,
+    fp32_norm: bool = False,
 ) -> Path:
     """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
 
     `optimize` (default: fp32 only) runs onnxruntime's offline basic optimisation, which needs CPU kernels
-    for every op and so cannot load most fp16 graphs.
+    for every op and so cannot load most fp16 graphs. `sanitize` (default: where polygraphy or onnx-graphsurgeon
+    is installed) folds constants for TensorRT. `fp32_norm` keeps GroupNorm/LayerNorm of fp16 graphs in fp32.
     """
     say = progress or (lambda message: None)
     precision_dtype(precision)
@@ -435,6 +530,8 @@ def export_model(
 
         out_dir = export_root() / key
     optimize = precision == "fp32" if optimize is None else optimize
+    sanitize = sanitizer_available() if sanitize is None else sanitize
+    fp32_norm = fp32_norm and precision == "fp16"
     device = model.device
     text_length = int(model.tokenizers[0].model_max_length)
     factor = model.vae_scale_factor
@@ -446,7 +543,7 @@ def export_model(
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()
             graphs[spec.name] = export_graph(
-                module, example_inputs(spec.inputs, sizes, device), spec, staging, opset, optimize
+                module, example_inputs(spec.inputs, sizes, device), spec, staging, opset, optimize, sanitize, fp32_norm
             )
             del module
         manifest = Manifest(
@@ -460,6 +557,8 @@ def export_model(
             text_length=text_length,
             graphs=graphs,
             versions=versions(),
+            sanitized=sanitize,
+            fp32_norm=fp32_norm,
         )
         write_manifest(staging, manifest)
     say(f"exported {len(graphs)} graphs to {out_dir}")

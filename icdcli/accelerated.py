@@ -70,7 +70,7 @@ def backend_problem(name: str, facts: BackendFacts) -> str | None:
         if not facts.cuda:
             return "--backend tensorrt needs an NVIDIA GPU that torch sees (--device cuda): use --backend onnxruntime"
         if not (facts.tensorrt and facts.onnx):
-            return "--backend tensorrt needs TensorRT 10 and onnx: pip install 'icd[tensorrt]'"
+            return "--backend tensorrt needs TensorRT 10.x–11.x and onnx: pip install 'icd[tensorrt]'"
         return None
     raise ICDError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -122,11 +122,15 @@ def ensure_exported(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     p2p: bool | None = None,
+    fp32_norm: bool | None = None,
+    for_tensorrt: bool = False,
 ) -> tuple[Path, Any]:
     """The model's ONNX export folder and manifest, exporting it first when missing or stale.
 
     `p2p`: whether a new export holds the reverse Prompt-to-Prompt graph (default: for SD1.5-family
-    models; see `icdcli.export.onnx.plan_graphs`).
+    models; see `icdcli.export.onnx.plan_graphs`). `fp32_norm`: whether an fp16 export keeps its normalisation
+    layers in fp32 (None: an existing export of either kind serves; a new one has them in fp16). `for_tensorrt`:
+    an export whose graphs were not constant-folded is made again where polygraphy or onnx-graphsurgeon can fold.
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
@@ -134,6 +138,7 @@ def ensure_exported(
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
     from icdcli.export.manifest import model_fingerprint
+    from icdcli.export.onnx import sanitizer_available
 
     precision = precision or default_precision(model)
     folder = Path(out_dir) if out_dir is not None else default_export_dir(model, precision)
@@ -142,10 +147,18 @@ def ensure_exported(
     with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
         reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
+        if reason is None and (fp32_norm is not None or for_tensorrt):
+            need_sanitized = for_tensorrt and sanitizer_available()
+            reason = stale_reason(
+                manifest, fingerprint, precision, DEFAULT_OPSET, fp32_norm=fp32_norm, need_sanitized=need_sanitized
+            )
         if reason is not None:
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
-            export_model(model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p)
+            export_model(
+                model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p,
+                fp32_norm=bool(fp32_norm),
+            )  # fmt: skip
             manifest = read_manifest(folder)
     return folder, manifest
 
@@ -160,6 +173,19 @@ class AcceleratedModel:
         self.model = model
         self.parts = parts
         self.backend: str = parts.name
+        self.told: set[str] = set()
+
+    def _or_torch(self, run: Callable[[], Any], torch_run: Callable[[], Any], what: str) -> Any:
+        """`run()` on the backend; where that graph cannot run there (BackendUnavailable), `torch_run()` with a note."""
+        from icdcli.engines.base import BackendUnavailable
+
+        try:
+            return run()
+        except BackendUnavailable as error:
+            if what not in self.told:
+                self.told.add(what)
+                logger.warning("%s: the %s runs on PyTorch", error, what)
+            return torch_run()
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes this class does not define: info, tokenizers, device, dtype, ...
@@ -190,7 +216,9 @@ class AcceleratedModel:
             ).input_ids.to(self.model.device)
             for tokenizer in self.model.tokenizers
         ]
-        return encode_ids(self.parts.text_encoders, ids)
+        return self._or_torch(
+            lambda: encode_ids(self.parts.text_encoders, ids), lambda: self.model.encode_prompt(text), "text encoder"
+        )
 
     def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
         # ICDModel's own logic, with this object's encode_prompt
@@ -198,19 +226,58 @@ class AcceleratedModel:
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> clean latents (posterior mean times scaling factor, inside the graph)."""
-        return self.parts.vae_encoder({"images": pixels.to(self.model.device, torch.float32)})["latents"]
+        feeds = {"images": pixels.to(self.model.device, torch.float32)}
+        return self._or_torch(
+            lambda: self.parts.vae_encoder(feeds)["latents"], lambda: self.model.encode_image(pixels), "VAE encoder"
+        )
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> pixels in [-1, 1]."""
-        return self.parts.vae_decoder({"latents": latents.to(self.model.device, torch.float32)})["images"]
+        feeds = {"latents": latents.to(self.model.device, torch.float32)}
+        return self._or_torch(
+            lambda: self.parts.vae_decoder(feeds)["images"], lambda: self.model.decode_latents(latents), "VAE decoder"
+        )
 
 
-def torch_fallbacks(model: ICDModel) -> dict[str, Denoiser]:
-    """The torch denoisers the graphs hand attention control (and uncovered shapes) to."""
-    fallbacks: dict[str, Denoiser] = {"forward_unet": model.forward_denoiser, "reverse_unet": model.reverse_denoiser}
+class OffloadingFallback:
+    """A torch denoiser whose UNet leaves the GPU once the graph in front of it runs (`release`), so the GPU does not
+    hold the weights twice; the first time it is needed after all (attention control without a P2P graph, a shape
+    outside the engine's profiles) it moves back and stays."""
+
+    def __init__(self, denoiser: Any, unet: torch.nn.Module, device: torch.device, name: str):
+        self.denoiser, self.unet, self.device, self.name = denoiser, unet, device, name
+        self.released = self.needed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["denoiser"], name)
+
+    def release(self) -> None:
+        if self.released or self.needed or self.device.type != "cuda":
+            return
+        self.unet.to("cpu")
+        self.released = True
+        torch.cuda.empty_cache()
+        logger.info("the PyTorch %s left the GPU: its graph runs", self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.needed = True
+        if self.released:
+            logger.info("the PyTorch %s returns to the GPU for steps its graph cannot run", self.name)
+            self.unet.to(self.device)
+            self.released = False
+        return self.denoiser(*args, **kwargs)
+
+
+def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, Denoiser]:
+    """The torch denoisers the graphs hand attention control (and uncovered shapes) to; with `offload`, each UNet
+    leaves the GPU once its graph has run (only for a model that nothing else runs on PyTorch meanwhile)."""
+    roles = {"forward_unet": (model.forward_denoiser, model.forward_unet)}
+    roles["reverse_unet"] = (model.reverse_denoiser, model.reverse_unet)
     if model.teacher_unet is not None:
-        fallbacks["teacher_unet"] = model.teacher_denoiser
-    return fallbacks
+        roles["teacher_unet"] = (model.teacher_denoiser, model.teacher_unet)
+    if not offload:
+        return {role: denoiser for role, (denoiser, _) in roles.items()}
+    return {role: OffloadingFallback(d, unet, model.device, role) for role, (d, unet) in roles.items()}
 
 
 def accelerate(
@@ -218,11 +285,14 @@ def accelerate(
     backend: str,
     progress: Callable[[str], None] | None = None,
     export_dir: str | Path | None = None,
+    offload_torch: bool = False,
     **tensorrt_options: Any,
 ) -> ICDModel | AcceleratedModel:
     """`model` on `backend` (as returned by `select_backend`); torch returns the model itself.
 
-    Exports to ONNX on first use, and for TensorRT builds engines on first use (both cached).
+    Exports to ONNX on first use, and for TensorRT builds each engine when its graph first runs (both cached).
+    `offload_torch`: move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only for a
+    model that is not also run on PyTorch directly.
     """
     if backend == "torch":
         return model
@@ -230,12 +300,13 @@ def accelerate(
         from icdcli.engines import onnxruntime as ort_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, torch_fallbacks(model)))
+        fallbacks = torch_fallbacks(model, offload_torch)
+        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, fallbacks))
     if backend == "tensorrt":
         from icdcli.engines import tensorrt as trt_engine
 
-        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        fallbacks = torch_fallbacks(model)
+        folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress, for_tensorrt=True)
+        fallbacks = torch_fallbacks(model, offload_torch)
         parts = trt_engine.load_parts(folder, manifest, model, fallbacks, progress=progress, **tensorrt_options)
         return AcceleratedModel(model, parts)
     raise ICDError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

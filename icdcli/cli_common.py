@@ -256,7 +256,7 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
             chosen = "torch"
         elif backend == "auto":
             _say(f"backend: {chosen} (auto)")
-        model = accelerate(model, chosen, progress=_say)
+        model = accelerate(model, chosen, progress=_say, offload_torch=True)  # nothing else runs it on PyTorch
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
 
 

@@ -49,6 +49,18 @@ from .cli_common import _load, _reports_errors, _say, model_options
     help="Include the reverse UNet with Prompt-to-Prompt control inside (another copy of its weights). "
     "Default: for SD1.5-family models, whose edits default to P2P.",
 )
+@click.option(
+    "--fp32-norm",
+    is_flag=True,
+    help="With --fp16: keep GroupNorm/LayerNorm in fp32. TensorRT >= 10.12 builds strongly typed and runs them in "
+    "fp16 otherwise; use it when fp16 engines drift from PyTorch or give NaNs.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Compare every graph with PyTorch: on ONNX Runtime (fp16 graphs need onnxruntime-gpu on a CUDA device), "
+    "with --backend tensorrt the engines.",
+)
 @click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
 @model_options
 @_reports_errors
@@ -60,6 +72,8 @@ def export(
     batch: int | None,
     out: Path | None,
     p2p: bool | None,
+    fp32_norm: bool,
+    check: bool,
     force: bool,
     **model_opts: Any,
 ) -> None:
@@ -75,6 +89,10 @@ def export(
       icd export                                   # the embedded model, fp32 ONNX in the cache
       icd export --model sd15 --backend tensorrt --fp16 --height 512 --width 512
       icd export --model ./my-model --out ./my-model-onnx
+      icd export --model sd15 --fp16 --fp32-norm --check --backend tensorrt
+
+    With --backend tensorrt the sizes given (--height/--width/--batch) are saved with the export, and later runs
+    build and find engines for those same sizes.
     """
     from .accelerated import ensure_exported, select_backend
 
@@ -84,20 +102,60 @@ def export(
         select_backend("tensorrt", model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
     else:
         select_backend("onnxruntime")
+    if fp32_norm and not fp16:
+        raise click.UsageError("--fp32-norm applies to fp16 exports: add --fp16 (or --backend tensorrt)")
     loaded = _load(model_opts, need_teacher=True)
     model, label = loaded.model, loaded.label
+    size_problem = engine_size_problem(height, width, int(model.info.size_multiple))
+    if size_problem:
+        raise click.UsageError(size_problem)
     precision = "fp16" if fp16 else "fp32"
     _say(f"exporting {label} ({precision}) ...")
-    folder, manifest = ensure_exported(model, precision, out_dir=out, force=force, progress=_say, p2p=p2p)
+    folder, manifest = ensure_exported(
+        model, precision, out_dir=out, force=force, progress=_say, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
+        for_tensorrt=backend == "tensorrt",
+    )  # fmt: skip
     _say(f"ONNX export: {folder}")
+    if check and backend != "tensorrt":
+        report_check(model, folder, manifest)
     if backend == "tensorrt":
         from .accelerated import torch_fallbacks
         from .engines import tensorrt as trt_engine
+        from .export.manifest import write_engine_sizes
 
-        trt_engine.load_parts(
-            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width, max_batch=batch
-        )
+        sizes = trt_engine.EngineSizes(height, width, batch)
+        write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
+        parts = trt_engine.load_parts(
+            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width,
+            max_batch=batch, build_now=list(manifest.graphs),
+        )  # fmt: skip
         _say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
+        if check:
+            report_check(model, folder, manifest, parts.runners, "TensorRT")
+
+
+def engine_size_problem(height: int | None, width: int | None, multiple: int) -> str | None:
+    """Why --height/--width cannot be engine sizes for this model (None: they can)."""
+    for name, value in (("--height", height), ("--width", width)):
+        if value is not None and value % multiple:
+            nearest = value // multiple * multiple or multiple
+            return f"{name} {value} is not a multiple of {multiple}, the model's size step: use {nearest}"
+    return None
+
+
+def report_check(
+    model: Any, folder: Path, manifest: Any, runners: dict[str, Any] | None = None, backend: str = "ONNX Runtime"
+) -> None:
+    """`--check`: each graph against PyTorch; a ClickException when any differs beyond its tolerance."""
+    from .export.check import check_export
+
+    _say(f"checking every graph against PyTorch on {backend} ...")
+    checks = check_export(model, folder, manifest, progress=_say, runners=runners)
+    for skipped in (c for c in checks if c.error is None):
+        _say(f"  {skipped.graph}: {skipped.note}")
+    failed = [c.graph for c in checks if c.error is not None and not c.passed]
+    if failed:
+        raise click.ClickException(f"graphs differ from PyTorch beyond tolerance: {', '.join(failed)}; export again")
 
 
 def _entries(folder: Path, pattern: str) -> list[Path]:
@@ -136,8 +194,9 @@ def describe_cache() -> dict[str, Any]:
             {
                 "path": str(plan),
                 "graph": meta.get("graph"),
-                "kind": meta.get("kind"),
+                "profiles": sorted(meta.get("profiles") or {}),
                 "tensorrt": meta.get("tensorrt"),
+                "device": meta.get("device"),
                 "compute_capability": meta.get("compute_capability"),
                 "bytes": plan.stat().st_size if plan.is_file() else 0,
             }

@@ -244,61 +244,154 @@ def tiny_manifest(guidance_distilled: bool = True) -> Manifest:
 def test_build_mode_follows_the_tensorrt_version():
     strongly, flag = trt_engine.BuildMode(True, False), trt_engine.BuildMode(False, True)
     assert trt_engine.build_mode("10.12.0.36", "fp16") == strongly
-    assert trt_engine.build_mode("10.13.1", "fp16") == strongly
+    assert trt_engine.build_mode("11.4.0.106", "fp16") == strongly  # TensorRT 11 has no BuilderFlag.FP16
+    assert trt_engine.build_mode("11.4.0", "fp32") == strongly
     assert trt_engine.build_mode("10.11.0", "fp16") == flag
     assert trt_engine.build_mode("10.0.1.6", "fp16") == flag
-    assert trt_engine.build_mode("10.12.0", "fp32") == trt_engine.BuildMode(False, False)
+    assert trt_engine.build_mode("10.11.0", "fp32") == trt_engine.BuildMode(False, False)
 
 
-def test_plan_engines_static_fast_path_and_dynamic_profiles():
+def request_of(requests, graph):
+    return next(r for r in requests if r.graph == graph)
+
+
+def test_one_engine_per_graph_with_native_landscape_and_portrait_profiles():
     requests = trt_engine.plan_engines(tiny_manifest())
-    kinds = {(r.graph, r.kind) for r in requests}
-    assert ("forward_unet", "static") in kinds and ("reverse_unet", "dynamic") in kinds
-    assert ("vae_decoder", "static") not in kinds and ("text_encoder", "dynamic") in kinds
-    static = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "static")
-    assert static.profile["sample"] == ((1, 4, 64, 64),) * 3
-    assert static.profile["timestep_cond"] == ((1, 512),) * 3
-    dynamic = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "dynamic")
-    assert dynamic.profile["sample"] == ((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 96, 96))
-    decoder = next(r for r in requests if r.graph == "vae_decoder")
-    assert decoder.profile["latents"][2] == (1, 4, 96, 96)
-    text = next(r for r in requests if r.graph == "text_encoder")
-    assert text.profile["input_ids"] == ((1, 12), (1, 12), (1, 12))
+    assert sorted(r.graph for r in requests) == sorted(tiny_manifest().graphs)
+    reverse = request_of(requests, "reverse_unet")
+    assert [label for label, _ in reverse.profiles] == ["native", "landscape", "portrait"]
+    assert reverse.labelled("native")["sample"] == ((1, 4, 64, 64),) * 3
+    assert reverse.labelled("native")["timestep_cond"] == ((1, 512),) * 3
+    low, opt, high = reverse.labelled("landscape")["sample"]
+    assert low[2] <= 32 and high[2] == 64 and low[3] == 64 and high[3] >= 128  # width up to 2x native at 4:1
+    assert reverse.labelled("portrait")["sample"] == tuple(s[:2] + (s[3], s[2]) for s in (low, opt, high))
+    decoder = request_of(requests, "vae_decoder")
+    assert [label for label, _ in decoder.profiles] == ["landscape", "portrait"]
+    text = request_of(requests, "text_encoder")
+    assert text.profiles == (("only", {"input_ids": ((1, 12), (1, 12), (1, 12))}),)
+
+
+@pytest.mark.parametrize("native, multiple", [(512, 64), (1024, 64), (32, 16), (512, 8)])
+def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
+    """Every working size of a photo up to 4:1 either way lies in a profile of the VAE and of the UNets (item 1)."""
+    from icdcli.images import fit_size
+
+    manifest = tiny_manifest()
+    manifest.info.update(native_size=native, size_multiple=multiple)
+    requests = trt_engine.plan_engines(manifest)
+    graphs = {g: request_of(requests, g).profiles for g in ("vae_encoder", "vae_decoder", "reverse_unet")}
+    factor = manifest.vae_scale_factor
+    for step in range(0, 3001, 7):  # aspect 1 .. 4
+        for width, height in ((1000 + step, 1000), (1000, 1000 + step)):
+            w, h = fit_size(width, height, native, multiple)
+            shapes = {
+                "vae_encoder": {"images": (1, 3, h, w)},
+                "vae_decoder": {"latents": (1, 4, h // factor, w // factor)},
+                "reverse_unet": {
+                    "sample": (1, 4, h // factor, w // factor), "timestep": (1,),
+                    "encoder_hidden_states": (1, 12, 32), "timestep_cond": (1, 512),
+                },
+            }  # fmt: skip
+            for graph, profiles in graphs.items():
+                assert trt_engine.choose_profile(profiles, shapes[graph]) is not None, (graph, w, h)
+    # the 2.5:1 photo that fell outside the old profile of 3/2 native
+    w, h = fit_size(2500, 1000, native, multiple)
+    assert w >= native * 3 // 2
+    assert trt_engine.choose_profile(graphs["vae_encoder"], {"images": (1, 3, h, w)}) is not None
+
+
+def test_photos_thinner_than_the_profiles_are_not_covered():
+    from icdcli.images import fit_size
+
+    profiles = request_of(trt_engine.plan_engines(tiny_manifest()), "vae_encoder").profiles
+    w, h = fit_size(8000, 1000, 512, 64)
+    assert trt_engine.choose_profile(profiles, {"images": (1, 3, h, w)}) is None
 
 
 def test_cfg_models_get_batch_two_profiles_and_requested_sizes():
     requests = trt_engine.plan_engines(tiny_manifest(False), height=768, width=384)
-    dynamic = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "dynamic")
-    assert dynamic.profile["sample"] == ((1, 4, 32, 32), (2, 4, 96, 48), (2, 4, 96, 96))
-    static = next(r for r in requests if r.graph == "reverse_unet" and r.kind == "static")
-    assert static.profile["sample"][1] == (1, 4, 96, 48)
+    reverse = request_of(requests, "reverse_unet")
+    assert reverse.labelled("native")["sample"] == ((1, 4, 96, 48),) * 3
+    low, opt, high = reverse.labelled("portrait")["sample"]
+    assert (low[0], opt[0], high[0]) == (1, 2, 2) and opt[2:] == (96, 48) and high[2] >= 96
+    landscape = reverse.labelled("landscape")["sample"]
+    assert landscape[1][0] == 2 and landscape[2][0] == 2
+    forward = request_of(requests, "forward_unet")
+    assert forward.labelled("landscape")["sample"][1][0] == 1  # the forward model is never run with CFG
 
 
-def test_engine_choice_prefers_the_static_engine():
-    requests = [r for r in trt_engine.plan_engines(tiny_manifest(False)) if r.graph == "reverse_unet"]
-    candidates = [(r.kind, r.profile) for r in requests]
+def test_requested_sizes_beyond_the_fitted_ones_widen_their_profile():
+    reverse = request_of(trt_engine.plan_engines(tiny_manifest(), height=512, width=1600), "reverse_unet")
+    low, opt, high = reverse.labelled("landscape")["sample"]
+    assert opt[2:] == (64, 200) and high[3] >= 200
+    assert reverse.labelled("native")["sample"] == ((1, 4, 64, 200),) * 3
+
+
+def test_profile_choice_prefers_the_static_profile():
+    reverse = request_of(trt_engine.plan_engines(tiny_manifest(False)), "reverse_unet")
     shapes = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 12, 32)}
-    assert candidates[trt_engine.choose_engine(candidates, shapes)][0] == "static"
+    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, shapes)][0] == "native"
     batch_two = {name: (2, *shape[1:]) for name, shape in shapes.items()}
-    assert candidates[trt_engine.choose_engine(candidates, batch_two)][0] == "dynamic"
+    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, batch_two)][0] == "landscape"
+    tall = {**shapes, "sample": (1, 4, 96, 48)}
+    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, tall)][0] == "portrait"
     thin = {**shapes, "sample": (1, 4, 8, 512)}
-    assert trt_engine.choose_engine(candidates, thin) is None
+    assert trt_engine.choose_profile(reverse.profiles, thin) is None
+
+
+GPU = trt_engine.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
 
 
 def test_engine_cache_key_changes_with_every_input():
-    profile = trt_engine.plan_engines(tiny_manifest())[0].profile
+    profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
     mode = trt_engine.BuildMode(True, False)
-    base = trt_engine.engine_cache_key("onnx-a", profile, mode, "10.12.0", "9.0")
-    assert base == trt_engine.engine_cache_key("onnx-a", dict(reversed(profile.items())), mode, "10.12.0", "9.0")
-    other_profile = {**profile, "sample": ((1, 4, 8, 8),) * 3}
+    base = trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", GPU)
+    assert base == trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", GPU)
+    other_profiles = ((profiles[0][0], {**profiles[0][1], "sample": ((1, 4, 8, 8),) * 3}), *profiles[1:])
     variants = [
-        trt_engine.engine_cache_key("onnx-b", profile, mode, "10.12.0", "9.0"),
-        trt_engine.engine_cache_key("onnx-a", other_profile, mode, "10.12.0", "9.0"),
-        trt_engine.engine_cache_key("onnx-a", profile, trt_engine.BuildMode(False, True), "10.12.0", "9.0"),
-        trt_engine.engine_cache_key("onnx-a", profile, mode, "10.13.0", "9.0"),
-        trt_engine.engine_cache_key("onnx-a", profile, mode, "10.12.0", "8.9"),
+        trt_engine.engine_cache_key("onnx-b", profiles, mode, "10.12.0", GPU),
+        trt_engine.engine_cache_key("onnx-a", other_profiles, mode, "10.12.0", GPU),
+        trt_engine.engine_cache_key("onnx-a", profiles, trt_engine.BuildMode(False, True), "10.12.0", GPU),
+        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.13.0", GPU),
+        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", trt_engine.DeviceFacts(GPU.name, "8.9")),
+        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", trt_engine.DeviceFacts("NVIDIA H200", "9.0")),
     ]
-    assert len({base, *variants}) == 6
+    assert len({base, *variants}) == 7
+
+
+def test_cache_keys_and_timing_cache_carry_the_build_format(monkeypatch, tmp_path):
+    profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
+    mode = trt_engine.BuildMode(True, False)
+    before = trt_engine.engine_cache_key("onnx", profiles, mode, "10.12.0", GPU)
+    timing = trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU)
+    assert "nvidia-h100-80gb-hbm3" in timing.name and "sm90" in timing.name and "10.12.0" in timing.name
+    other_gpu = trt_engine.timing_cache_file(tmp_path, "10.12.0", trt_engine.DeviceFacts("NVIDIA L4", "8.9"))
+    assert other_gpu != timing
+    monkeypatch.setattr(trt_engine, "BUILD_FORMAT", trt_engine.BUILD_FORMAT + 1)
+    assert trt_engine.engine_cache_key("onnx", profiles, mode, "10.12.0", GPU) != before
+    assert trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU) != timing
+
+
+def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
+    """`icd export --height/--width/--batch` records its sizes; a later run without sizes plans the same engines."""
+    from icdcli.export.manifest import read_engine_sizes, write_engine_sizes
+
+    manifest = tiny_manifest()
+    mode = trt_engine.BuildMode(True, False)
+
+    def keys(sizes):
+        requests = trt_engine.plan_engines(manifest, sizes.height, sizes.width, sizes.batch)
+        return {r.graph: trt_engine.engine_cache_key("x", r.profiles, mode, "10.12", GPU) for r in requests}
+
+    exported = trt_engine.EngineSizes(768, 384, 2)
+    write_engine_sizes(tmp_path, exported.to_json())
+    assert read_engine_sizes(tmp_path) == {"height": 768, "width": 384, "batch": 2}
+    at_run_time = trt_engine.resolve_sizes(tmp_path, None, None, None)
+    assert at_run_time == exported and keys(at_run_time) == keys(exported)
+    assert keys(trt_engine.resolve_sizes(tmp_path.parent, None, None, None)) != keys(exported)  # nothing recorded
+    assert trt_engine.resolve_sizes(tmp_path, 512, None, None) == trt_engine.EngineSizes(512, None, None)
+    (tmp_path / "engine_sizes.json").write_text("not json")
+    assert read_engine_sizes(tmp_path) is None
 
 
 def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
@@ -306,7 +399,7 @@ def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
 
     request = trt_engine.plan_engines(tiny_manifest())[0]
     plan = trt_engine.engine_file(tmp_path, request, "f" * 64)
-    assert plan.name.startswith(f"{request.graph}-{request.kind}-ffff")
+    assert plan.name.startswith(f"{request.graph}-ffff")
     assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
     plan.write_bytes(b"engine")
     plan.with_suffix(".json").write_text(json.dumps({"key": "e" * 64}))
@@ -317,10 +410,10 @@ def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
     assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
 
 
-def test_spatial_range_and_version_parsing():
-    assert trt_engine.spatial_range(512, 64) == (256, 512, 768)
-    assert trt_engine.spatial_range(1024, 64, 1600) == (512, 1600, 1600)
-    assert trt_engine.spatial_range(32, 16) == (16, 32, 48)
+def test_fitted_sides_and_version_parsing():
+    assert trt_engine.fitted_sides(512, 64, 1.0) == (512, 512)
+    short, long = trt_engine.fitted_sides(512, 64)
+    assert short == 256 and long == 1024
     assert trt_engine.parse_version("10.12.0.36") == (10, 12, 0)
     assert trt_engine.parse_version("10.0.1b") == (10, 0, 1)
 
@@ -333,10 +426,13 @@ def test_tensorrt_backend_without_library_or_gpu_is_a_clear_error(merged_model):
 # --- TensorRT: real builds (only where the library and a GPU exist) ---------------------------------------
 
 
-@pytest.mark.skipif(
+real_tensorrt = pytest.mark.skipif(
     not (trt_engine.is_importable() and torch.cuda.is_available()),
     reason="needs TensorRT (pip install 'icd[tensorrt]') and a CUDA GPU; neither is required elsewhere",
 )
+
+
+@real_tensorrt
 def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
     from icdcli.models import load_merged
 
@@ -345,6 +441,22 @@ def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
     args = (scene(), "a red square", "a green square", 7.0, 0.8, SamplerSettings(seed=0))
     # fp16 engines against fp16 torch: kernels differ, so allow what fp16 rounding moves through 8 steps
     assert pixel_gap(edit(fast, *args), edit(model, *args)) <= 8
+    wide = scene().resize((84, 32))  # 2.6:1: the landscape profiles
+    assert pixel_gap(edit(fast, wide, *args[1:]), edit(model, wide, *args[1:])) <= 8
+    assert fast.reverse_denoiser.runner.engine is not None and not fast.told  # nothing fell back to PyTorch
+
+
+@real_tensorrt
+def test_tensorrt_export_check(merged_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+
+    out = tmp_path / "trt"
+    arguments = ["--model", str(merged_dir), "--out", str(out), "--backend", "tensorrt", "--device", "cuda", "--check"]
+    result = CliRunner().invoke(export, arguments)
+    assert result.exit_code == 0, result.output
+    assert "relative error" in result.output and "TensorRT engines" in result.output
 
 
 # --- icd export -------------------------------------------------------------------------------------------
@@ -383,3 +495,134 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     assert result.exit_code == 0, result.output
     graphs = read_manifest(lean).graphs
     assert "reverse_unet_p2p" not in graphs and "reverse_unet" in graphs
+
+
+# --- onnxruntime CUDA binding with a fake session ---------------------------------------------------------
+
+
+class FakeOrtBinding:
+    """Records what OrtGraph binds; `run` writes 2 * sample into eps through the bound addresses."""
+
+    def __init__(self, events: list):
+        self.events, self.bound = events, {}
+
+    def bind_input(self, name, device, index, dtype, shape, address):
+        self.events.append(("bind_input", name, device, index, tuple(shape)))
+        self.bound[name] = (address, tuple(shape), dtype)
+
+    def bind_output(self, name, device, index, dtype, shape, address):
+        self.events.append(("bind_output", name, device, index, tuple(shape)))
+        self.bound[name] = (address, tuple(shape), dtype)
+
+    def synchronize_inputs(self):
+        self.events.append("synchronize_inputs")
+
+    def synchronize_outputs(self):
+        self.events.append("synchronize_outputs")
+
+    def array(self, name):
+        import ctypes
+
+        address, shape, dtype = self.bound[name]
+        count = int(np.prod(shape))
+        raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def test_onnxruntime_cuda_binding_waits_for_torch_before_running():
+    from icdcli.engines.onnxruntime import OrtGraph, cuda_provider_options
+
+    assert cuda_provider_options(1, 0) == {"device_id": "1"}  # torch's default stream: ORT would drop it
+    assert cuda_provider_options(0, 1234) == {
+        "device_id": "0", "has_user_compute_stream": "1", "user_compute_stream": "1234",
+    }  # fmt: skip
+    events: list = []
+    binding = FakeOrtBinding(events)
+
+    class Session:
+        def io_binding(self):
+            return binding
+
+        def run_with_iobinding(self, bound):
+            events.append("run")
+            bound.array("eps")[...] = 2 * bound.array("sample")
+
+    spec = GraphSpec(
+        "forward_unet", "forward_unet.onnx", [TensorSpec("sample", "float32", ["batch", 4, "latent_height", 8])],
+        [TensorSpec("eps", "float32", ["batch", 4, "latent_height", 8])], "folded",
+    )  # fmt: skip
+    graph = OrtGraph.__new__(OrtGraph)
+    graph.spec, graph.device, graph.vae_scale_factor, graph.session = spec, torch.device("cpu"), 8, Session()
+    graph.binding, graph.index, graph.output_names = True, 1, ["eps"]
+    graph.numpy_dtypes = {"float32": np.float32}
+    graph.synchronize = lambda: events.append("torch stream synchronized")
+    x = torch.randn(2, 4, 6, 8)
+    eps = graph({"sample": x})["eps"]
+    assert torch.allclose(eps, 2 * x, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
+    order = [e if isinstance(e, str) else e[0] for e in events]
+    assert order == [
+        "bind_input", "bind_output", "torch stream synchronized", "synchronize_inputs", "run", "synchronize_outputs",
+    ]  # fmt: skip
+    assert events[0] == ("bind_input", "sample", "cuda", 1, (2, 4, 6, 8))
+    assert events[1] == ("bind_output", "eps", "cuda", 1, (2, 4, 6, 8))
+
+
+# --- PyTorch UNets leave the GPU once their graph runs ----------------------------------------------------
+
+
+class MovingModule:
+    def __init__(self):
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when_needed():
+    from icdcli.accelerated import OffloadingFallback
+
+    unet, calls = MovingModule(), []
+    fallback = OffloadingFallback(lambda *args: calls.append(args) or "eps", unet, torch.device("cuda", 1), "reverse")
+    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
+    cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
+    x = torch.ones(1, 4, 2, 2)
+    denoiser(x, 999, cond, 8.0)
+    denoiser(x, 779, cond, 8.0)
+    assert unet.moves == ["cpu"] and fallback.released
+    assert denoiser(x, 519, cond, 8.0, control="p2p") == "eps"  # attention control needs the torch UNet
+    assert unet.moves == ["cpu", "cuda:1"] and not fallback.released
+    denoiser(x, 259, cond, 8.0)
+    assert unet.moves == ["cpu", "cuda:1"]  # needed once: it stays
+    assert fallback.__call__ is not None and not hasattr(fallback, "no_such_attribute")
+    cpu_model = OffloadingFallback(lambda *args: "eps", MovingModule(), torch.device("cpu"), "forward")
+    cpu_model.release()
+    assert cpu_model.unet.moves == [] and not cpu_model.released
+
+
+@onnx_needed
+def test_export_command_for_tensorrt_saves_its_sizes_and_builds_every_graph(merged_dir, tmp_path, monkeypatch):
+    """The CLI wiring of `icd export --backend tensorrt` (TensorRT itself stubbed: the fake-module tests cover it)."""
+    from click.testing import CliRunner
+
+    import icdcli.accelerated as accelerated
+    from icdcli.cli_export import export
+    from icdcli.export.manifest import read_engine_sizes
+
+    monkeypatch.setattr(accelerated, "probe_backends", lambda device=None: facts(cuda=True, tensorrt=True))
+    calls = []
+    monkeypatch.setattr(trt_engine, "load_parts", lambda *args, **kwargs: calls.append(kwargs))
+    out = tmp_path / "trt"
+    base = ["--model", str(merged_dir), "--out", str(out), "--backend", "tensorrt", "--device", "cpu"]
+    result = CliRunner().invoke(export, [*base, "--precision", "fp32", "--height", "48", "--width", "80"])
+    assert result.exit_code == 0, result.output
+    assert read_engine_sizes(out) == {"height": 48, "width": 80}
+    assert calls[0]["height"] == 48 and sorted(calls[0]["build_now"]) == sorted(read_manifest_of(out).graphs)
+    result = CliRunner().invoke(export, [*base, "--precision", "fp32", "--height", "50"])
+    assert result.exit_code != 0 and "--height 50 is not a multiple of" in result.output
+
+
+def read_manifest_of(folder):
+    from icdcli.export import read_manifest
+
+    return read_manifest(folder)

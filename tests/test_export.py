@@ -273,3 +273,189 @@ def test_export_measured_error_is_tiny(merged_model, sd15_export):
     expected = unet_reference(merged_model.reverse_unet, sample, feeds["timestep"], hidden, embedding)
     actual = run(sd15_export, "reverse_unet", **feeds, timestep_cond=embedding)[0]
     assert np.abs((actual - expected).numpy()).max() < 1e-4
+
+
+# --- sanitising for TensorRT, fp32 normalisation, --check -------------------------------------------------
+
+
+def foldable_graph(path: Path) -> None:
+    """y = x * (c1 + c2): the Add of two constants is what constant folding must remove."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c1 = numpy_helper.from_array(np.full((1, 4), 1.5, dtype=np.float32), "c1")
+    c2 = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "c2")
+    nodes = [helper.make_node("Add", ["c1", "c2"], ["c"]), helper.make_node("Mul", ["x", "c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "foldable", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [c1, c2],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def ort_run(path: Path, **feeds: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("tool", ["polygraphy", "onnx-graphsurgeon"])
+def test_constant_folding_removes_constant_nodes_and_keeps_outputs(tmp_path, monkeypatch, tool):
+    pytest.importorskip("onnx_graphsurgeon")
+    if tool == "polygraphy":
+        pytest.importorskip("polygraphy")
+    else:
+        monkeypatch.setitem(__import__("sys").modules, "polygraphy.backend.onnx", None)  # as if not installed
+    from icdcli.export.onnx import fold_constants
+
+    foldable_graph(tmp_path / "raw.onnx")
+    folded, used = fold_constants(onnx.load(str(tmp_path / "raw.onnx")), large=False)
+    assert used == tool
+    assert [node.op_type for node in folded.graph.node] == ["Mul"]
+    onnx.save(folded, str(tmp_path / "folded.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    (before,), (after,) = ort_run(tmp_path / "raw.onnx", x=x), ort_run(tmp_path / "folded.onnx", x=x)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * float(np.abs(before).max()))
+
+
+def test_sanitized_unet_graph_gives_the_same_outputs_on_onnxruntime(merged_model, tmp_path):
+    """The reverse UNet traced raw, saved as it is and saved sanitised: same outputs on ONNX Runtime."""
+    from icdcli.export.onnx import UNetGraph, example_inputs, torch_export, unet_specs
+
+    unet = merged_model.reverse_unet
+    inputs, outputs, guidance = unet_specs(unet, "reverse_unet", 4, 12, torch.float32)
+    sizes = {"batch": 2, "latent_height": 8, "latent_width": 8}
+    args = example_inputs(inputs, sizes, torch.device("cpu"))
+    raw = tmp_path / "raw" / "model.onnx"
+    torch_export(UNetGraph(unet, [s.name for s in inputs], guidance).eval(), args, inputs, outputs, raw, 17)
+    save_graph(raw, tmp_path / "plain.onnx", large=False, sanitize=False)
+    save_graph(raw, tmp_path / "sanitized.onnx", large=False, sanitize=True)
+    plain_nodes = len(onnx.load(str(tmp_path / "plain.onnx")).graph.node)
+    assert len(onnx.load(str(tmp_path / "sanitized.onnx")).graph.node) <= plain_nodes
+    feeds = {spec.name: tensor.numpy() for spec, tensor in zip(inputs, args, strict=True)}
+    (before,), (after,) = ort_run(tmp_path / "plain.onnx", **feeds), ort_run(tmp_path / "sanitized.onnx", **feeds)
+    assert close(torch.from_numpy(after), torch.from_numpy(before)) <= 0.01  # 1e-6 relative
+
+
+def test_norms_in_fp32_patches_only_while_open(merged_model):
+    from icdcli.export.onnx import norms_in_fp32
+
+    unet = merged_model.forward_unet
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]
+    x = torch.randn(2, 32, 4, 4).half()
+    group = next(m for m in norms if isinstance(m, torch.nn.GroupNorm) and m.num_channels == 32)
+    with norms_in_fp32(unet) as count:
+        assert count == len(norms) > 0
+        half_group = torch.nn.GroupNorm(group.num_groups, 32, group.eps).half()
+        half_group.load_state_dict(group.state_dict())
+        with norms_in_fp32(half_group):
+            out = half_group(x)
+    assert out.dtype == torch.float16
+    reference = torch.nn.functional.group_norm(x.float(), group.num_groups, group.weight, group.bias, group.eps)
+    assert close(out.float(), reference) <= 10  # fp32 compute, one fp16 rounding of the result
+    assert all("forward" not in vars(m) for m in norms)  # nothing left behind
+
+
+def elem_types(model) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {init.name: init.data_type for init in graph.initializer}
+    return types
+
+
+def test_fp16_export_with_fp32_norm_runs_normalisation_in_fp32(merged_model, tmp_path):
+    from icdcli.export.manifest import GraphSpec
+    from icdcli.export.onnx import UNetGraph, _cast, example_inputs, export_graph, unet_specs
+
+    inputs, outputs, guidance = unet_specs(merged_model.forward_unet, "forward_unet", 4, 12, torch.float16)
+    args = example_inputs(inputs, {"batch": 2, "latent_height": 8, "latent_width": 8}, torch.device("cpu"))
+    found = {}
+    for fp32_norm in (False, True):
+        module = UNetGraph(_cast(merged_model.forward_unet, torch.float16), [s.name for s in inputs], guidance).eval()
+        spec = GraphSpec("forward_unet", f"forward-{fp32_norm}.onnx", inputs, outputs, guidance)
+        export_graph(module, args, spec, tmp_path, 17, optimize=False, fp32_norm=fp32_norm)
+        model = onnx.load(str(tmp_path / spec.file))
+        types = elem_types(model)
+        norms = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "LayerNormalization")]
+        found[fp32_norm] = {types.get(n.input[0]) for n in norms}
+        assert norms and types["eps"] == onnx.TensorProto.FLOAT16
+    assert found == {False: {onnx.TensorProto.FLOAT16}, True: {onnx.TensorProto.FLOAT}}
+
+
+def test_stale_reason_for_fp32_norm():
+    from icdcli.export.manifest import Manifest
+
+    manifest = Manifest("k", "abc", "fp16", DEFAULT_OPSET, {}, 2, 4, 12, {})
+    assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET) is None
+    assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=False) is None
+    assert "fp32" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=True)
+    assert "constant-folded" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, need_sanitized=True)
+    manifest.sanitized = True
+    assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, need_sanitized=True) is None
+
+
+def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+
+    out = tmp_path / "checked"
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), "--no-p2p", "--check"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest.sanitized
+    for graph in manifest.graphs:
+        assert f"{graph}: relative error" in result.output
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), "--fp32-norm"])
+    assert result.exit_code != 0 and "--fp16" in result.output
+
+
+def test_export_check_catches_a_wrong_graph(merged_model, sd15_export, tmp_path):
+    import shutil
+
+    from icdcli.export.check import check_export
+
+    folder = tmp_path / "swapped"
+    shutil.copytree(sd15_export, folder)
+    shutil.copy(folder / "reverse_unet.onnx", folder / "teacher_unet.onnx")  # the wrong weights for the teacher
+    checks = {c.graph: c for c in check_export(merged_model, folder, read_manifest(folder))}
+    assert checks["reverse_unet"].passed and checks["vae_decoder"].passed
+    assert not checks["teacher_unet"].passed and checks["teacher_unet"].error > 10 * checks["teacher_unet"].tolerance
+
+
+def test_export_check_through_a_backends_runners(merged_model, sd15_export):
+    """With runners (here ONNX Runtime's, as `--backend tensorrt --check` passes TensorRT's) the graphs run through
+    them at the native size, batch 1."""
+    from icdcli.accelerated import torch_fallbacks
+    from icdcli.engines import onnxruntime as ort_engine
+    from icdcli.export.check import check_export
+
+    manifest = read_manifest(sd15_export)
+    parts = ort_engine.load_parts(sd15_export, manifest, torch.device("cpu"), torch_fallbacks(merged_model))
+    assert set(parts.runners) == set(manifest.graphs)
+    seen = []
+
+    def watched(runner):
+        return lambda feeds: seen.append(feeds) or runner(feeds)
+
+    runners = {name: watched(runner) for name, runner in parts.runners.items()}
+    checks = check_export(merged_model, sd15_export, manifest, runners=runners)
+    assert all(c.passed for c in checks) and len(checks) == len(manifest.graphs)
+    native = merged_model.info.native_size // merged_model.vae_scale_factor
+    samples = [feeds["sample"].shape for feeds in seen if "sample" in feeds and feeds["sample"].shape[0] == 1]
+    assert samples and all(shape[2:] == (native, native) for shape in samples)
+    side = merged_model.info.native_size
+    wrong = {**runners, "vae_decoder": lambda feeds: {"images": torch.zeros(1, 3, side, side)}}
+    checks = {c.graph: c for c in check_export(merged_model, sd15_export, manifest, runners=wrong)}
+    assert not checks["vae_decoder"].passed and checks["vae_encoder"].passed
+
+
+def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
+    """icd writes results (JSON) to stdout; polygraphy prints there unless told otherwise."""
+    pytest.importorskip("polygraphy")
+    from icdcli.export.onnx import fold_constants
+
+    foldable_graph(tmp_path / "raw.onnx")
+    fold_constants(onnx.load(str(tmp_path / "raw.onnx")), large=False)
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.warning("a polygraphy warning")
+    assert capsys.readouterr().out == ""

@@ -1,0 +1,413 @@
+"""TensorRT paths end to end under a fake `tensorrt` module (tests/fake_tensorrt.py) on CPU tensors.
+
+These prove that build, `Engine` and the TensorRT denoiser follow the TensorRT 10.x/11.x and polygraphy call
+contracts (call order, shapes before addresses, results checked, one logger, runtime and activation-memory
+lifetimes, fallbacks); they cannot prove that TensorRT accepts the graphs: the real libraries never ran here.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from fake_tensorrt import ContractError, Record, fake_polygraphy, make_tensorrt
+from test_engines import GPU, tiny_manifest
+
+from icdcli.denoiser import Conditioning, PromptEmbedding
+from icdcli.engines import tensorrt as trt_engine
+from icdcli.engines.base import BackendUnavailable, ShapeNotCovered
+from icdcli.errors import ICDError
+
+CPU = torch.device("cpu")
+
+
+def write_fake_graphs(folder, manifest) -> None:
+    """The fake's "ONNX files": JSON naming each graph's inputs, outputs and symbolic shapes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, spec in manifest.graphs.items():
+        data = {
+            "name": name,
+            "inputs": {t.name: t.dtype for t in spec.inputs},
+            "outputs": {t.name: [t.dtype, t.shape] for t in spec.outputs},
+            "symbolic": {t.name: t.shape for t in spec.inputs},
+        }
+        (folder / spec.file).write_text(json.dumps(data))
+
+
+class Fake:
+    """A fake TensorRT installed for one test, with an export folder and a way to make TensorRT parts."""
+
+    def __init__(self, monkeypatch, tmp_path, version: str = "10.13.0.35", polygraphy: bool = True):
+        self.trt = make_tensorrt(version, Record())
+        self.record = self.trt.record
+        self.poly = fake_polygraphy(self.trt) if polygraphy else None
+        monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
+        monkeypatch.setattr(trt_engine, "_LOGGER", None)
+        monkeypatch.setattr(trt_engine, "_polygraphy", lambda: self.poly)
+        monkeypatch.setattr(trt_engine, "engines_root", lambda: tmp_path / "engines")
+        self.folder = tmp_path / "export"
+        self.manifest = tiny_manifest()
+        write_fake_graphs(self.folder, self.manifest)
+        self.fallback_calls: list[str] = []
+        self.messages: list[str] = []
+
+    def fallback(self, role: str):
+        def run(x, t, cond, guidance=1.0, control=None):
+            self.fallback_calls.append(role)
+            return x * 0 - 1
+
+        return run
+
+    def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None):
+        fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
+        return trt_engine.engine_parts(
+            self.folder, self.manifest, CPU, GPU, fallbacks, sizes, self.messages.append, False, build_now,
+            next_backend,
+        )  # fmt: skip
+
+    def calls(self, name: str, graph: str | None = None) -> list[tuple]:
+        return [c for c in self.record.calls if c[0] == name and (graph is None or c[1] == graph)]
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    return Fake(monkeypatch, tmp_path)
+
+
+def unet_inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch = x.shape[0]
+    return {
+        "sample": x, "timestep": torch.zeros(batch), "encoder_hidden_states": torch.zeros(batch, 12, 32),
+        "timestep_cond": torch.zeros(batch, 512),
+    }  # fmt: skip
+
+
+def conditioning() -> Conditioning:
+    return Conditioning(PromptEmbedding(torch.zeros(1, 12, 32)))
+
+
+def test_reverse_unet_builds_through_polygraphy_and_runs(fake):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    eps = parts.reverse(x, 999, conditioning(), 8.0)
+    assert torch.allclose(eps, 0.5 * x, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
+    network = fake.calls("network_from_onnx_path")
+    assert [c[1].endswith("reverse_unet.onnx") for c in network] == [True]  # only the graph that ran was built
+    assert network[0][2] == {"strongly_typed": True}
+    config = fake.calls("CreateConfig")[0][1]
+    assert [len(p.shapes) for p in config["profiles"]] == [4, 4, 4] and "fp16" not in config and config["tf32"]
+    assert config["load_timing_cache"].endswith(".cache")
+    assert "nvidia-h100" in config["load_timing_cache"] and "progress_monitor" in config
+    saved = fake.calls("engine_bytes_from_network")[0][2]["save_timing_cache"]
+    assert saved == config["load_timing_cache"]
+    plans = list((fake.folder.parent / "engines" / fake.manifest.model_key).glob("reverse_unet-*.plan"))
+    meta = json.loads(plans[0].with_suffix(".json").read_text())
+    assert len(plans) == 1 and meta["device"] == GPU.name and meta["build_format"] == trt_engine.BUILD_FORMAT
+    assert any("building TensorRT engine reverse_unet" in m for m in fake.messages)
+
+
+def test_call_order_shapes_before_addresses_memory_before_run(fake):
+    parts = fake.parts()
+    parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    order = [c[0] for c in fake.record.calls if len(c) > 1 and c[1] == "reverse_unet"]
+    first = order.index
+    assert first("create_execution_context") < first("set_device_memory") < first("set_optimization_profile_async")
+    last_shape = len(order) - 1 - order[::-1].index("set_input_shape")
+    assert last_shape < first("set_tensor_address") and order[-1] == "execute_async_v3"
+    assert fake.calls("create_execution_context", "reverse_unet")[0][2] == "USER_MANAGED"
+    assert fake.calls("set_optimization_profile_async", "reverse_unet")[0][2] == 0  # the static native profile
+    shapes = len(fake.calls("set_input_shape"))
+    parts.reverse(torch.randn(1, 4, 64, 64), 779, conditioning(), 8.0)
+    assert len(fake.calls("set_input_shape")) == shapes  # same shapes: nothing set again
+    assert len(fake.calls("execute_async_v3")) == 2
+
+
+def test_other_sizes_get_their_profile_and_share_activation_memory(fake):
+    parts = fake.parts()
+    parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    wide = torch.randn(1, 4, 40, 104)  # a 2.6:1 photo: 832 x 320 pixels
+    assert torch.allclose(parts.reverse(wide, 999, conditioning(), 8.0), 0.5 * wide)
+    tall = torch.randn(1, 4, 96, 48)
+    assert torch.allclose(parts.forward(tall, 19, conditioning(), 1.0), 0.5 * tall)
+    profiles = [c[2] for c in fake.calls("set_optimization_profile_async", "reverse_unet")]
+    assert profiles == [0, 1]
+    assert [c[2] for c in fake.calls("set_optimization_profile_async", "forward_unet")] == [2]
+    memory = fake.calls("set_device_memory")
+    final = {c[1:] for c in memory[-3:]}
+    assert len({m[1] for m in final}) == 1, "every context points at one block"
+    assert max(c[3] for c in memory) == max(c[3] for c in memory[-3:])
+    assert fake.fallback_calls == []
+
+
+def test_one_logger_for_builds_and_runtimes(fake):
+    parts = fake.parts()
+    parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    parts.vae_decoder({"latents": torch.randn(1, 4, 64, 64)})
+    assert len(fake.record.loggers) >= 3 and all(lg is fake.record.loggers[0] for lg in fake.record.loggers)
+    assert fake.record.loggers[0] is fake.poly.get_trt_logger()
+
+
+def test_the_fake_refuses_a_second_logger(monkeypatch, tmp_path):
+    fake = Fake(monkeypatch, tmp_path)
+    fake.trt.Runtime(fake.trt.Logger(fake.trt.Logger.WARNING))
+    with pytest.raises(ContractError, match="one logger"):
+        fake.trt.Runtime(fake.trt.Logger(fake.trt.Logger.WARNING))
+
+
+def test_runtime_lives_as_long_as_its_engine(fake):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    gc.collect()
+    parts.reverse(x, 779, conditioning(), 8.0)  # the fake raises if the Runtime had been collected
+    engine = parts.reverse.runner.engine
+    engine.runtime = None
+    gc.collect()
+    with pytest.raises(ContractError, match="Runtime was destroyed"):
+        engine.infer(unet_inputs(x))
+
+
+def test_borrowed_eps_and_copied_outputs(fake):
+    parts = fake.parts()
+    first = parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    second = parts.reverse(torch.randn(1, 4, 64, 64), 779, conditioning(), 8.0)
+    assert first.data_ptr() == second.data_ptr()  # the engine's own buffer, no copy per step
+    a = parts.vae_encoder({"images": torch.zeros(1, 3, 512, 512)})["latents"]
+    b = parts.vae_encoder({"images": torch.zeros(1, 3, 512, 512)})["latents"]
+    assert a.data_ptr() != b.data_ptr()  # latents are kept by the caller: copied
+
+
+def test_failed_build_falls_back_to_pytorch_with_a_note(fake, caplog):
+    fake.record.fail_build.add("reverse_unet")
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.equal(parts.reverse(x, 999, conditioning(), 8.0), x * 0 - 1)
+        assert torch.equal(parts.reverse(x, 779, conditioning(), 8.0), x * 0 - 1)
+    assert fake.fallback_calls == ["reverse_unet", "reverse_unet"]
+    assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 1  # not retried every step
+    assert "could not build an engine from reverse_unet.onnx" in caplog.text and "PyTorch" in caplog.text
+    assert caplog.text.count("could not build") == 1
+
+
+def test_failed_context_creation_falls_back_with_the_engine_named(fake, caplog):
+    fake.record.fail_context.add("forward_unet")
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.equal(parts.forward(x, 19, conditioning(), 1.0), x * 0 - 1)
+    assert "execution context for forward_unet" in caplog.text
+
+
+def test_shapes_outside_every_profile_fall_back(fake):
+    parts = fake.parts()
+    thin = torch.randn(1, 4, 8, 512)
+    assert torch.equal(parts.reverse(thin, 999, conditioning(), 8.0), thin * 0 - 1)
+    with pytest.raises(ShapeNotCovered, match="vae_encoder: input images of shape"):
+        parts.vae_encoder({"images": torch.zeros(1, 3, 64, 4096)})
+
+
+def test_rejected_input_shape_and_failed_run_are_one_line_errors(fake):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+    # a profile that claims more than the engine holds: TensorRT's set_input_shape refuses, and says so
+    label, profile = engine.profiles[1]
+    engine.profiles = (engine.profiles[0], (label, {**profile, "sample": ((1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 9))}))
+    with pytest.raises(ShapeNotCovered, match=r"reverse_unet: input sample shape \(1, 4, 8, 9\) is outside"):
+        engine.infer(unet_inputs(torch.zeros(1, 4, 8, 9)))
+    fake.record.fail_execute.add("reverse_unet")
+    with pytest.raises(ICDError, match="inference failed in engine reverse_unet at shapes") as error:
+        parts.reverse(x, 779, conditioning(), 8.0)
+    assert "\n" not in str(error.value)
+
+
+def test_engines_are_found_again_and_rebuilt_only_when_inputs_change(monkeypatch, tmp_path):
+    fake = Fake(monkeypatch, tmp_path)
+    fake.parts(build_now=["reverse_unet", "vae_decoder"])
+    assert len(fake.calls("engine_bytes_from_network")) == 2
+    fake.parts(build_now=["reverse_unet", "vae_decoder"]).reverse(torch.randn(1, 4, 64, 64), 9, conditioning(), 2.0)
+    assert len(fake.calls("engine_bytes_from_network")) == 2  # same sizes, same keys: loaded from the cache
+    fake.parts(trt_engine.EngineSizes(768, 512, None), build_now=["reverse_unet"])
+    assert len(fake.calls("engine_bytes_from_network")) == 3  # other sizes: another engine
+
+
+def test_vae_and_text_fall_back_to_pytorch_in_the_accelerated_model(monkeypatch, tmp_path, merged_model, caplog):
+    from icdcli.accelerated import AcceleratedModel
+
+    fake = Fake(monkeypatch, tmp_path)
+    fake.record.fail_build.update({"vae_decoder", "text_encoder"})
+    accelerated = AcceleratedModel(merged_model, fake.parts())
+    latents = torch.randn(1, 4, 4, 4)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        pixels = accelerated.decode_latents(latents)
+        prompt = accelerated.encode_prompt("a cat")
+    assert torch.allclose(pixels, merged_model.decode_latents(latents))
+    assert torch.allclose(prompt.hidden_states, merged_model.encode_prompt("a cat").hidden_states)
+    assert "the VAE decoder runs on PyTorch" in caplog.text and "the text encoder runs on PyTorch" in caplog.text
+
+
+@pytest.mark.parametrize("version, flagged", [("10.11.0.33", True), ("11.4.0.106", False)])
+def test_tensorrt_builder_without_polygraphy(monkeypatch, tmp_path, version, flagged):
+    """Where polygraphy is missing, TensorRT's own builder: BuilderFlag.FP16 before 10.12, strongly typed after."""
+    fake = Fake(monkeypatch, tmp_path, version=version, polygraphy=False)
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 0.5 * x)
+    flags = fake.calls("create_network")[0][1]
+    assert flags == (0 if flagged else 1 << 1)
+    assert fake.calls("build_serialized_network")[0][2] == 3
+    assert all(lg is fake.record.loggers[0] for lg in fake.record.loggers)
+    timing = list((tmp_path / "engines").glob("timing-*.cache"))
+    assert len(timing) == 1 and timing[0].read_bytes().startswith(b"timing:")
+
+
+def test_polygraphy_receives_only_arguments_it_has(fake):
+    """Every keyword icd passes to polygraphy exists in the installed polygraphy's signatures."""
+    poly = pytest.importorskip("polygraphy.backend.trt")
+    from polygraphy.backend.trt.config import _CreateConfigCommon
+
+    fake.parts().reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    accepted = set(inspect.signature(_CreateConfigCommon.__init__).parameters)
+    accepted |= set(inspect.signature(poly.CreateConfig.__init__).parameters)
+    assert set(fake.calls("CreateConfig")[0][1]) <= accepted
+    assert set(fake.calls("network_from_onnx_path")[0][2]) <= set(
+        inspect.signature(poly.NetworkFromOnnxPath.__init__).parameters
+    )
+    assert set(fake.calls("engine_bytes_from_network")[0][2]) <= set(
+        inspect.signature(poly.EngineBytesFromNetwork.__init__).parameters
+    )
+    assert {"name", "min", "opt", "max"} <= set(inspect.signature(poly.Profile.add).parameters)
+    assert callable(poly.get_trt_logger) and callable(poly.engine_bytes_from_network)
+
+
+def test_build_failure_surfaces_as_backend_unavailable(fake):
+    fake.record.fail_build.add("vae_encoder")
+    with pytest.raises(BackendUnavailable, match="vae_encoder.onnx"):
+        fake.parts(build_now=["vae_encoder"])
+
+
+def test_cuda_graphs_replay_static_at_once_and_dynamic_when_shapes_repeat(fake, monkeypatch):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    monkeypatch.setattr(engine, "cuda_graph", True)
+    monkeypatch.setattr(engine, "_capture", lambda binding: Graph())
+    executes = lambda: len(fake.calls("execute_async_v3", "reverse_unet"))  # noqa: E731
+    engine.bindings[0].graph = None  # as if the first run had not captured
+    parts.reverse(x, 779, conditioning(), 8.0)  # static profile: run and capture at once
+    parts.reverse(x, 519, conditioning(), 8.0)
+    assert (executes(), len(replays)) == (2, 1)
+    wide = torch.randn(1, 4, 40, 104)
+    for _ in range(3):  # dynamic profile: run, run and capture, replay
+        parts.reverse(wide, 999, conditioning(), 8.0)
+    assert (executes(), len(replays)) == (4, 2)
+    parts.reverse(torch.randn(1, 4, 48, 96), 999, conditioning(), 8.0)  # new shapes: no stale graph replayed
+    assert (executes(), len(replays)) == (5, 2)
+
+
+def test_a_failed_cuda_graph_capture_leaves_plain_runs(fake, caplog):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+    engine.cuda_graph, engine.bindings[0].graph = True, None
+    with caplog.at_level(logging.INFO, logger="icd"):
+        eps = parts.reverse(x, 779, conditioning(), 8.0)  # capture cannot work on a CPU tensor
+    assert torch.allclose(eps, 0.5 * x) and not engine.cuda_graph
+    assert "reverse_unet runs without CUDA-graph replay: capture failed" in caplog.text
+    before = len(fake.calls("execute_async_v3"))
+    parts.reverse(x, 519, conditioning(), 8.0)
+    assert len(fake.calls("execute_async_v3")) == before + 1
+
+
+def test_graphs_tensorrt_cannot_run_go_to_the_next_backend_before_pytorch(fake, caplog):
+    made = []
+
+    def onnxruntime_like(spec):
+        made.append(spec.name)
+        if spec.name == "forward_unet":
+            raise RuntimeError("onnxruntime cannot load it either")
+        return lambda feeds: {"eps": 3 * feeds["sample"]}
+
+    fake.record.fail_build.update({"reverse_unet", "forward_unet"})
+    parts = fake.parts(next_backend=onnxruntime_like)
+    x = torch.randn(1, 4, 64, 64)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 3 * x)
+        assert torch.allclose(parts.reverse(x, 779, conditioning(), 8.0), 3 * x)
+        assert torch.equal(parts.forward(x, 19, conditioning(), 1.0), x * 0 - 1)  # no next backend: PyTorch
+        assert torch.equal(parts.forward(x, 259, conditioning(), 1.0), x * 0 - 1)
+    assert made == ["reverse_unet", "forward_unet"] and fake.fallback_calls == ["forward_unet", "forward_unet"]
+    assert "reverse_unet runs on ONNX Runtime (CUDA) where TensorRT cannot" in caplog.text
+    thin = torch.randn(1, 4, 8, 512)  # outside every profile: the next backend takes any shape
+    fake.record.fail_build.clear()
+    assert torch.allclose(fake.parts(next_backend=onnxruntime_like).reverse(thin, 999, conditioning(), 8.0), 3 * thin)
+
+
+def test_load_parts_needs_a_cuda_model(fake):
+    class Model:
+        device = CPU
+
+    with pytest.raises(ICDError, match="CUDA device"):
+        trt_engine.load_parts(fake.folder, fake.manifest, Model(), {})
+
+
+def test_contexts_then_engine_then_runtime_are_released(fake):
+    parts = fake.parts()
+    parts.reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    parts.reverse(torch.randn(1, 4, 40, 104), 999, conditioning(), 8.0)  # a second context
+    assert not [c for c in fake.record.calls if c[0] == "destroyed"]  # alive while the parts are
+    del parts
+    gc.collect()
+    released = [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"]
+    assert released == ["context", "context", "engine", "runtime"]
+
+
+def test_built_engines_are_listed_for_icd_info(monkeypatch, tmp_path):
+    from icdcli.cli_export import describe_cache
+    from icdcli.models import cache_root
+
+    fake = Fake(monkeypatch, tmp_path)
+    monkeypatch.setattr(trt_engine, "engines_root", lambda: cache_root() / "engines")
+    fake.parts(build_now=["reverse_unet", "text_encoder"])
+    listed = {entry["graph"]: entry for entry in describe_cache()["engines"]}
+    assert set(listed) == {"reverse_unet", "text_encoder"}
+    assert listed["reverse_unet"]["profiles"] == ["landscape", "native", "portrait"]
+    assert listed["reverse_unet"]["device"] == GPU.name and listed["reverse_unet"]["bytes"] > 0
+    assert listed["text_encoder"]["profiles"] == ["only"]
+
+
+def test_builds_loads_and_runs_happen_under_the_models_device(fake, monkeypatch):
+    import contextlib
+
+    devices = []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        devices.append(device)
+        fake.record.log("enter device")
+        yield
+        fake.record.log("leave device")
+
+    monkeypatch.setattr(trt_engine, "on_device", on_device)
+    fake.parts().reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
+    depth, outside = 0, []
+    for call in fake.record.calls:
+        depth += {"enter device": 1, "leave device": -1}.get(call[0], 0)
+        if call[0] in ("network_from_onnx_path", "Runtime", "create_execution_context", "execute_async_v3"):
+            outside += [call[0]] if depth == 0 else []
+    assert outside == [] and set(devices) == {CPU}
