@@ -19,7 +19,7 @@ from PIL import Image
 
 from icdcli.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
 from icdcli.editing import SamplerSettings, edit
-from icdcli.p2p import P2PSettings
+from icdcli.recipe import P2POptions
 
 SOURCE = "a red square on a blue background"
 TARGET = "a green square on a blue background"
@@ -77,7 +77,7 @@ def edit_runner(model: Any, image: Image.Image, method: str) -> Callable[[], Non
     guidance = model.info.edit_guidance if sampler == "icd" else model.info.generate_guidance
     tau = model.info.tau if sampler == "icd" else 1.0
     runnable = RealCFGBaseline(model) if method == "ddim-cfg" else model
-    p2p = P2PSettings() if method == "icd-p2p" else None
+    p2p = P2POptions().resolve(model.info.edit) if method == "icd-p2p" else None  # the model's recipe
     return lambda: edit(runnable, image, SOURCE, TARGET, guidance, tau, settings, p2p=p2p)
 
 

@@ -20,6 +20,7 @@ from icdcli.editing import SamplerSettings, decode, decode_p2p, invert_latents
 from icdcli.metrics import mse, psnr, ssim
 from icdcli.models import ICDModel
 from icdcli.p2p import P2PSettings
+from icdcli.recipe import P2POptions
 
 from .scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, change_mask, edit_scene, render_batch, scenes, split_rng
 
@@ -179,7 +180,7 @@ class EditMethod:
     sampler: str
     guidance: float | None  # None: the model's own edit guidance
     tau: float | None  # None: the model's own tau
-    editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with P2PSettings' defaults)
+    editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe)
 
 
 EDIT_METHODS: tuple[EditMethod, ...] = (
@@ -220,12 +221,13 @@ def bench_shapes_edit(
         guidance = model.info.edit_guidance if method.guidance is None else method.guidance
         tau = model.info.tau if method.tau is None else method.tau
         settings = SamplerSettings(method.sampler, 50, seed)
+        p2p = P2POptions().resolve(model.info.edit)  # the model's recipe, as icd edit uses it
         per_kind: dict[str, dict[str, list[float]]] = {}
         for chunk in _batches(pairs, batch):
             pixels, captions = render_batch([source for source, _, _ in chunk], size)
             targets = [target.caption() for _, target, _ in chunk]
             if method.editing == "p2p":
-                edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, P2PSettings())
+                edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, p2p)
             else:
                 edited = roundtrip(model, pixels, captions, settings, guidance, tau, targets)
             edited = to_unit(edited)
