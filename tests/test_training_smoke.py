@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +138,20 @@ STOP_INDEX = 6
 """The chain is interrupted once in every stage as its step 6 begins: that step completes, then it saves at 7."""
 
 
+@dataclass
+class StageRecord:
+    """What a stage of the interrupted chain left when the chain finished (later tests train on)."""
+
+    interrupt: TrainingInterrupted
+    folder: Path
+    steps: list[int]
+    metrics: dict
+    checkpoints: list[str]
+
+
 @pytest.fixture(scope="module")
 def smoke_chain(tmp_path_factory):
-    """The smoke chain, Ctrl-C'd once in every stage and rerun each time: (outputs, the interrupts)."""
+    """The smoke chain, Ctrl-C'd once in every stage and rerun each time: (outputs, a record per stage)."""
     from icdcli.training.pipeline import PipelineConfig, run_pipeline
 
     out = tmp_path_factory.mktemp("train-smoke")
@@ -151,7 +162,19 @@ def smoke_chain(tmp_path_factory):
             with pytest.raises(TrainingInterrupted) as stop:
                 run_pipeline(PipelineConfig.smoke(), out)
         interrupts.append(stop.value)
-    return run_pipeline(PipelineConfig.smoke(), out), interrupts
+    outputs = run_pipeline(PipelineConfig.smoke(), out)
+    folders = (outputs.vae, outputs.teacher, outputs.guidance, outputs.consistency)
+    records = [
+        StageRecord(
+            stop,
+            folder,
+            [r["step"] for r in read_log(folder / "losses.jsonl")],
+            json.loads((folder / "train_config.json").read_text())["metrics"],
+            [p.name for p in list_checkpoints(folder)],
+        )
+        for stop, folder in zip(interrupts, folders, strict=True)
+    ]
+    return outputs, records
 
 
 @pytest.fixture(scope="module")
@@ -296,24 +319,19 @@ def test_stages_in_one_process_may_change_precision():
 def test_every_stage_saves_on_ctrl_c_and_resumes_with_clean_logs(smoke_chain):
     from icdcli.training.pipeline import PipelineConfig
 
-    outputs, interrupts = smoke_chain
+    _, records = smoke_chain
     smoke = PipelineConfig.smoke()
-    assert [i.stage for i in interrupts] == ["vae", "teacher", "guidance", "consistency"]
-    for stop, folder, config in zip(
-        interrupts,
-        (outputs.vae, outputs.teacher, outputs.guidance, outputs.consistency),
-        (smoke.vae, smoke.teacher, smoke.guidance, smoke.consistency),
-        strict=True,
-    ):
-        assert stop.step == STOP_INDEX + 1 and stop.checkpoint == folder / "checkpoints" / f"step-{STOP_INDEX + 1}"
-        steps = [r["step"] for r in read_log(folder / "losses.jsonl")]
-        assert steps == sorted(set(steps)), f"{folder.name}: steps logged twice or out of order: {steps}"
+    assert [r.interrupt.stage for r in records] == ["vae", "teacher", "guidance", "consistency"]
+    for record, config in zip(records, (smoke.vae, smoke.teacher, smoke.guidance, smoke.consistency), strict=True):
+        stop, steps = record.interrupt, record.steps
+        assert stop.step == STOP_INDEX + 1
+        assert stop.checkpoint == record.folder / "checkpoints" / f"step-{STOP_INDEX + 1}"
+        assert steps == sorted(set(steps)), f"{record.folder.name}: steps logged twice or out of order: {steps}"
         assert STOP_INDEX + 1 in steps and steps[-1] == config.steps
-        metrics = json.loads((folder / "train_config.json").read_text())["metrics"]
-        assert (metrics["resumed_from"], metrics["steps"]) == (STOP_INDEX + 1, config.steps)
-        kept = [p.name for p in list_checkpoints(folder)]
-        assert kept[-1] == f"step-{config.steps}" and len(kept) == config.checkpoints_kept
-        assert not [p for p in (folder / "checkpoints").iterdir() if p.name.startswith(".")], "staging left behind"
+        assert (record.metrics["resumed_from"], record.metrics["steps"]) == (STOP_INDEX + 1, config.steps)
+    # finished stages drop their resume points; the consistency stage keeps its newest to train on
+    assert [r.checkpoints for r in records] == [[], [], [], ["step-10", "step-20"]]
+    assert not list((records[-1].folder / "checkpoints").glob(".*")), "staging folder left behind"
 
 
 def _micro_vae(**changes):

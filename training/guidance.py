@@ -13,8 +13,8 @@ classifier-free guidance eps_u + w (eps_c - eps_u), w ~ U[w_min, w_max] (classic
 `out_dir` receives `unet/` (config.json + diffusion_pytorch_model.safetensors: the full state dict,
 the "teacher state dict" format of released guidance-distilled teachers, and its config), the
 pipeline parts it needs beside it, `losses.jsonl`, `train_config.json` (written last: the stage is
-finished) and `checkpoints/step-N/` to resume from (`GuidanceConfig.resume = "latest"` or a checkpoint
-folder). The folder loads as a `StableDiffusionPipeline` whose UNet is the guidance-distilled one.
+finished) and, until it is, `checkpoints/step-N/` to resume from (`GuidanceConfig.resume = "latest"` or
+a checkpoint folder). The folder loads as a `StableDiffusionPipeline` whose UNet is the guidance-distilled one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from icdcli.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
 from icdcli.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
+from .checkpoints import clear_checkpoints
 from .common import (
     PromptCache,
     announcer,
@@ -177,6 +178,7 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
             teacher=str(teacher_dir),
             metrics={"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)},
         )
+        clear_checkpoints(out)  # finished: the saved pipeline is the result, resume points are dead weight
     return out
 
 

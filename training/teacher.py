@@ -14,7 +14,7 @@ Entry points (each writes a folder that diffusers loads back as it is):
 `VAEConfig.smoke()` and `TeacherConfig.smoke()` run in seconds. Losses go to `losses.jsonl` in the
 output folder, the resolved configuration to `train_config.json` (written last: it marks the stage
 finished), resume points to `checkpoints/step-N/` (`resume="latest"` or a checkpoint folder continues
-from one).
+from one; they are removed once the stage is finished).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from icdcli.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
+from .checkpoints import clear_checkpoints
 from .common import (
     EMA,
     announcer,
@@ -305,6 +306,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     if accelerator.is_main_process:
         vae.save_pretrained(out, safe_serialization=True)
         save_config(config, out / "train_config.json", metrics=metrics)
+        clear_checkpoints(out)  # finished: the saved model is the result, resume points are dead weight
     return out
 
 
@@ -420,6 +422,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         save_pipeline(out, vae, text_encoder, tokenizer, unet)
         metrics = {"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)}
         save_config(config, out / "train_config.json", metrics=metrics)
+        clear_checkpoints(out)
     return out
 
 
