@@ -13,11 +13,12 @@ stage resumes from its latest checkpoint (with `force`, every stage starts from 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .common import announcer
+from .common import TrainingInterrupted, announcer
 from .consistency import ConsistencyConfig, distill_consistency
 from .guidance import GuidanceConfig, distill_guidance
 from .teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
@@ -94,7 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="retrain stages that are already finished")
     args = parser.parse_args(argv)
     config = (PipelineConfig.smoke() if args.smoke else PipelineConfig()).with_seed(args.seed)
-    outputs = run_pipeline(config, args.out_dir, force=args.force)
+    try:
+        outputs = run_pipeline(config, args.out_dir, force=args.force)
+    except TrainingInterrupted as stop:
+        where = f"saved to {stop.checkpoint}" if stop.checkpoint is not None else "had no checkpoint yet"
+        print(f"interrupted: the {stop.stage} stage {where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     print(outputs)
 
 
