@@ -98,3 +98,19 @@ def test_ctrl_c_during_a_smoke_run_saves_and_exits_130(tmp_path):
     checkpoints = list((run / "vae" / "checkpoints").glob("step-*"))
     assert len(checkpoints) >= 1 and all((c / "step.json").is_file() for c in checkpoints)
     assert not (run / "vae" / "train_config.json").exists()
+
+
+def test_ctrl_c_before_the_first_step_exits_130_and_says_how_to_continue(tmp_path, monkeypatch):
+    import icdcli.training.teacher
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icdcli.training.teacher, "render_batch", interrupted)  # Ctrl-C while the VAE's data renders
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--seed", "3", "--force"])
+    assert result.exit_code == 130, result.output
+    assert "Aborted!" not in result.output and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"interrupted: finished stages and saved checkpoints are kept; run icd train {run} --smoke --seed 3 to continue"
+    )

@@ -338,7 +338,7 @@ def _micro_vae(**changes):
     from icdcli.training.teacher import VAEConfig
 
     micro = dict(train_scenes=32, batch_size=4, steps=6, checkpoint_every=3, log_every=1, scaling_scenes=16)
-    return replace(VAEConfig.smoke(), heldout_scenes=8, warmup_steps=2, **{**micro, **changes})
+    return replace(VAEConfig.smoke(), heldout_scenes=8, warmup_steps=5, **{**micro, **changes})
 
 
 def _losses(folder) -> list[dict[str, float]]:
@@ -450,6 +450,7 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_ones(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Checkpointer(_FakeAccelerator(fail=True), tmp_path, every=10, kept=2).save(20)
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-10"
+    assert (tmp_path / "checkpoints" / ".step-20.partial").is_dir()  # what a kill leaves: ignored, then cleared
     saver = Checkpointer(_FakeAccelerator(), tmp_path, every=10, kept=2)
     for step in (20, 30):
         assert saver.save(step) == tmp_path / "checkpoints" / f"step-{step}"

@@ -90,7 +90,8 @@ class Checkpointer:
         target = self.root / f"step-{step}"
         staging = self.root / f".step-{step}.partial"
         if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
+            for stale in self.root.glob(".step-*"):  # left by a run killed mid-write
+                shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))
