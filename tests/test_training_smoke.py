@@ -479,3 +479,23 @@ def test_ema_state_round_trips_through_a_checkpoint():
     assert restored.updates == 3
     for key, value in ema.shadow.items():
         torch.testing.assert_close(restored.shadow[key], value)
+
+
+def test_ctrl_c_stops_the_loop_after_its_step_and_restores_the_handler(tmp_path):
+    from icdcli.training.common import LossLog, run_steps
+
+    done: list[int] = []
+
+    def step(index: int) -> dict[str, float]:
+        if index == 2:
+            signal.raise_signal(signal.SIGINT)
+        done.append(index)
+        return {"loss": float(index)}
+
+    before = signal.getsignal(signal.SIGINT)
+    log = LossLog(tmp_path / "losses.jsonl")
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_steps(step, start_step=0, max_steps=10, log=log, log_every=2, show_progress=False)
+    assert done == [0, 1, 2] and (stop.value.step, stop.value.checkpoint) == (3, None)
+    assert [(r["step"], r["loss"]) for r in read_log(log.path)] == [(2, 0.5), (3, 2.0)]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -21,7 +21,7 @@ import torch
 
 from icdcli.atomic import atomic_path
 
-from .checkpoints import Checkpointer, clear_checkpoints, resolve_resume
+from .checkpoints import Checkpointer, checkpoint_step, clear_checkpoints, resolve_resume
 from .scenes import render_batch, scenes
 
 LOG_NAME = "losses.jsonl"
@@ -245,7 +245,7 @@ def run_steps(
     with StopOnInterrupt(say) as interrupt:
         try:
             while step < max_steps:
-                if checkpointer is not None and checkpointer.agree(interrupt.requested):
+                if checkpointer.agree(interrupt.requested) if checkpointer else interrupt.requested:
                     break
                 if time_budget_s is not None and time.monotonic() - started >= time_budget_s:
                     break
@@ -293,7 +293,7 @@ def start_stage(accelerator: Any, config: Any, out: Path, say: Callable[[str], N
             clear_checkpoints(out)
     else:
         accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "step.json").read_text())["step"]
+        step = checkpoint_step(checkpoint) or 0
         say(f"resuming from {checkpoint} (step {step} of {config.steps})")
     if accelerator.is_main_process:
         cut_log(out / LOG_NAME, step)
