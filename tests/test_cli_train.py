@@ -108,9 +108,10 @@ def test_ctrl_c_before_the_first_step_exits_130_and_says_how_to_continue(tmp_pat
 
     monkeypatch.setattr(icdcli.training.teacher, "render_batch", interrupted)  # Ctrl-C while the VAE's data renders
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--seed", "3", "--force"])
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--force", "--name", "my model", "--seed", "3"])
     assert result.exit_code == 130, result.output
     assert "Aborted!" not in result.output and "Traceback" not in result.output
-    assert result.output.splitlines()[-1] == (
-        f"interrupted: finished stages and saved checkpoints are kept; run icd train {run} --smoke --seed 3 to continue"
+    assert result.output.splitlines()[-1] == (  # the same command, less --force (which would start over)
+        f"interrupted: finished stages and saved checkpoints are kept; run icd train {run} --smoke --seed 3 "
+        "--name 'my model' to continue"
     )
