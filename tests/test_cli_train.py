@@ -29,18 +29,24 @@ def test_variant_settings():
 
 
 def test_train_smoke_packages_a_model_that_edits(tmp_path):
-    """The whole chain at smoke scale, then a variant on the same teacher; both packaged folders load and edit."""
+    """The whole chain at smoke scale, then a variant on the same teacher, both with TensorBoard; both packaged
+    folders load and edit."""
     from PIL import Image
 
     from icdcli.training.scenes import Scene
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", str(run), "--smoke"])
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--tracker", "tensorboard"])
     assert result.exit_code == 0, result.output
+    for stage in ("vae", "teacher", "guidance", "consistency"):
+        assert f"{stage}: " in result.output  # what each stage loads or builds, before its progress bar
     manifest = json.loads((run / "model" / "icd.json").read_text())
     assert manifest["format"] == "lora" and manifest["forward_lora"] == "forward-19-259-519-779.safetensors"
-    variant = CliRunner().invoke(main, ["train", str(run), "--smoke", "--variant", "cd2"])
+    variant = CliRunner().invoke(main, ["train", str(run), "--smoke", "--variant", "cd2", "--tracker", "tensorboard"])
     assert variant.exit_code == 0, variant.output
+    assert "guidance: finished earlier, kept" in variant.output
+    for stage in ("vae", "teacher", "guidance", "consistency", "consistency-cd2"):
+        assert list((run / "logs" / stage).glob("events.out.tfevents.*")), f"no TensorBoard events for {stage}"
     assert (
         json.loads((run / "variants" / "cd2" / "icd.json").read_text())["reverse_lora"] == "reverse-499-999.safetensors"
     )
