@@ -260,8 +260,8 @@ def run_steps(
                     flush()
                 if due:
                     checkpointer.save(step)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(desc, None, checkpointer.last if checkpointer else None) from None
+        except KeyboardInterrupt as stop:  # a second Ctrl-C mid-step: the last checkpoint saved is the resume point
+            raise TrainingInterrupted(desc, None, checkpointer.last if checkpointer else None) from stop
         finally:
             bar.close()
         flush()
