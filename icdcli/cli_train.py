@@ -90,7 +90,12 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/icd"))
 @click.option("--smoke", is_flag=True, help="Seconds-long configuration of every stage (checks the pipeline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and noise.")
-@click.option("--force", is_flag=True, help="Retrain stages that are already finished.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain from scratch, finished or not, every stage (with --variant: the variant's), discarding their "
+    "checkpoints and loss logs.",
+)
 @click.option(
     "--variant",
     default=None,
@@ -99,7 +104,10 @@ def variant_settings(name: str) -> dict[str, Any]:
     "teacher, into RUN_DIR/variants/NAME (what `icd bench inversion --variants` reads).",
 )
 @click.option(
-    "--minutes", type=click.FloatRange(min=0.1), default=None, help="Cap on the consistency stage's wall time."
+    "--minutes",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Cap on the consistency stage's wall time in this run (a resumed stage gets the cap again).",
 )
 @click.option(
     "--steps",
