@@ -5,7 +5,10 @@ Registered on the main group by `icdcli.cli` (`main.add_command(train)`).
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,46 @@ from .cli_common import _reports_errors, _say
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)
 """Not a released configuration: the paper's 2-step ablation, one boundary halfway."""
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX")}
+"""Trackers `--tracker` offers (through accelerate) and the packages any one of which each needs."""
+
+
+def missing_package(tracker: str | None) -> str | None:
+    """What `icd train` lacks to run, as the one line that says how to get it; None when all is there."""
+    if importlib.util.find_spec("accelerate") is None:
+        return "icd train needs accelerate, which is not installed: run pip install accelerate"
+    if tracker is not None and not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[tracker]):
+        return f"--tracker {tracker} needs the {tracker} package, which is not installed: run pip install {tracker}"
+    return None
+
+
+def resume_command(ctx: click.Context) -> str:
+    """The command line that continues this run: the same arguments, less --force (which starts over)."""
+    from click.core import ParameterSource
+
+    words = ["icd", "train"]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        value = ctx.params.get(param.name)
+        if param.name == "force" or (param.name != "run_dir" and source in (None, ParameterSource.DEFAULT)):
+            continue
+        if isinstance(param, click.Argument):
+            words.append(shlex.quote(str(value)))
+        elif getattr(param, "is_flag", False):
+            words.extend([param.opts[0]] if value else [])
+        else:
+            words.extend([param.opts[0], shlex.quote(str(value))])
+    return " ".join(words)
+
+
+def interrupted_message(stage: str | None, step: int | None, checkpoint: Path | None, command: str) -> str:
+    """The line Ctrl-C leaves: what was saved, where, and the command that resumes."""
+    if checkpoint is not None:
+        at = f" at step {step}" if step is not None else ""
+        return f"interrupted: the {stage} stage saved{at} to {checkpoint}; run {command} to resume from there"
+    if stage is not None:
+        return f"interrupted: the {stage} stage had no checkpoint yet; run {command} to train it again"
+    return f"interrupted: finished stages and saved checkpoints are kept; run {command} to continue"
 
 
 def variant_settings(name: str) -> dict[str, Any]:
@@ -46,7 +89,12 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/icd"))
 @click.option("--smoke", is_flag=True, help="Seconds-long configuration of every stage (checks the pipeline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and noise.")
-@click.option("--force", is_flag=True, help="Retrain stages that are already finished.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain from scratch, finished or not, every stage (with --variant: the variant's), discarding their "
+    "checkpoints and loss logs.",
+)
 @click.option(
     "--variant",
     default=None,
@@ -55,7 +103,10 @@ def variant_settings(name: str) -> dict[str, Any]:
     "teacher, into RUN_DIR/variants/NAME (what `icd bench inversion --variants` reads).",
 )
 @click.option(
-    "--minutes", type=click.FloatRange(min=0.1), default=None, help="Cap on the consistency stage's wall time."
+    "--minutes",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Cap on the consistency stage's wall time in this run (a resumed stage gets the cap again).",
 )
 @click.option(
     "--steps",
@@ -67,8 +118,17 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.option("--edit-guidance", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
 @click.option("--name", default=None, help="Name recorded in the packaged model. Default: the run folder's name.")
+@click.option(
+    "--tracker",
+    type=click.Choice(sorted(TRACKER_PACKAGES)),
+    default=None,
+    help="Also log losses through accelerate's trackers, into RUN_DIR/logs/<stage> "
+    "(view with `tensorboard --logdir RUN_DIR/logs`). Needs the tensorboard package.",
+)
+@click.pass_context
 @_reports_errors
 def train(
+    ctx: click.Context,
     run_dir: Path,
     smoke: bool,
     seed: int,
@@ -78,19 +138,50 @@ def train(
     steps: int | None,
     edit_guidance: float,
     name: str | None,
+    tracker: str | None,
 ) -> None:
     """Train a small iCD model from scratch on procedural scenes: VAE, teacher, guidance distillation,
     then multi-boundary consistency distillation of forward and reverse LoRAs with preservation losses.
 
-    Finished stages are skipped (RUN_DIR/<stage>/train_config.json); an interrupted consistency stage
-    resumes from its last checkpoint. The result is packaged as a model folder, RUN_DIR/model, that
-    `icd edit --model RUN_DIR/model` loads.
+    Finished stages are skipped (RUN_DIR/<stage>/train_config.json); an interrupted stage, or variant,
+    resumes from its last checkpoint (RUN_DIR/<stage>/checkpoints) when the command is run again.
+    Ctrl-C saves a checkpoint at the end of the current step and exits with status 130. The result is
+    packaged as a model folder, RUN_DIR/model, that `icd edit --model RUN_DIR/model` loads.
     """
+    problem = missing_package(tracker)
+    if problem is not None:
+        raise click.ClickException(problem)
+    from .stopping import exit_code, handle_sigterm
+
+    _say("icd train: loading PyTorch, diffusers and accelerate")
+    handle_sigterm()  # schedulers and `timeout` send SIGTERM: stop as at a second Ctrl-C, exit 143
+    try:
+        _train(run_dir, smoke, seed, force, variant, minutes, steps, edit_guidance, name, tracker)
+    except KeyboardInterrupt as stop:
+        stage, step, checkpoint = (getattr(stop, key, None) for key in ("stage", "step", "checkpoint"))
+        _say(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
+        sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
+
+
+def _train(
+    run_dir: Path,
+    smoke: bool,
+    seed: int,
+    force: bool,
+    variant: str | None,
+    minutes: float | None,
+    steps: int | None,
+    edit_guidance: float,
+    name: str | None,
+    tracker: str | None,
+) -> None:
     from .training.consistency import distill_consistency
     from .training.package import package_model
-    from .training.pipeline import PipelineConfig, run_pipeline
+    from .training.pipeline import DONE, PipelineConfig, resuming, run_pipeline
 
-    config = (PipelineConfig.smoke() if smoke else PipelineConfig()).with_seed(seed)
+    config = (PipelineConfig.smoke() if smoke else PipelineConfig()).updated(
+        seed=seed, show_progress=True, tracker=tracker
+    )
     if steps is not None:
         config = replace(config, consistency=replace(config.consistency, steps=steps, time_budget_s=None))
     if minutes is not None:
@@ -101,9 +192,11 @@ def train(
     else:
         paths = run_pipeline(replace(config, consistency=None), run_dir, force=False)
         consistency_dir, model_dir = run_dir / f"consistency-{variant}", run_dir / "variants" / variant
-        if force or not (consistency_dir / "icd_lora.json").is_file():
-            distill_consistency(
-                replace(config.consistency, **variant_settings(variant)), paths.guidance, consistency_dir
-            )
+        if force or not (consistency_dir / DONE).is_file():
+            settings = replace(config.consistency, **variant_settings(variant))
+            distill_consistency(resuming(settings, force), paths.guidance, consistency_dir)
+        else:
+            _say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
+    _say(f"packaging {model_dir}")
     package_model(paths.guidance, consistency_dir, model_dir, name or run_dir.name, edit_guidance, half=not smoke)
     _say(f"model folder: {model_dir}")

@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -24,18 +29,24 @@ def test_variant_settings():
 
 
 def test_train_smoke_packages_a_model_that_edits(tmp_path):
-    """The whole chain at smoke scale, then a variant on the same teacher; both packaged folders load and edit."""
+    """The whole chain at smoke scale, then a variant on the same teacher, both with TensorBoard; both packaged
+    folders load and edit."""
     from PIL import Image
 
     from icdcli.training.scenes import Scene
 
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", str(run), "--smoke"])
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--tracker", "tensorboard"])
     assert result.exit_code == 0, result.output
+    for stage in ("vae", "teacher", "guidance", "consistency"):
+        assert f"{stage}: " in result.output  # what each stage loads or builds, before its progress bar
     manifest = json.loads((run / "model" / "icd.json").read_text())
     assert manifest["format"] == "lora" and manifest["forward_lora"] == "forward-19-259-519-779.safetensors"
-    variant = CliRunner().invoke(main, ["train", str(run), "--smoke", "--variant", "cd2"])
+    variant = CliRunner().invoke(main, ["train", str(run), "--smoke", "--variant", "cd2", "--tracker", "tensorboard"])
     assert variant.exit_code == 0, variant.output
+    assert "guidance: finished earlier, kept" in variant.output
+    for stage in ("vae", "teacher", "guidance", "consistency", "consistency-cd2"):
+        assert list((run / "logs" / stage).glob("events.out.tfevents.*")), f"no TensorBoard events for {stage}"
     assert (
         json.loads((run / "variants" / "cd2" / "icd.json").read_text())["reverse_lora"] == "reverse-499-999.safetensors"
     )
@@ -49,3 +60,64 @@ def test_train_smoke_packages_a_model_that_edits(tmp_path):
         )  # fmt: skip
         assert edited.exit_code == 0, edited.output
         assert Image.open(tmp_path / f"{folder.name}.png").size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "message"),
+    [
+        (("accelerate",), [], "icd train needs accelerate, which is not installed: run pip install accelerate"),
+        (
+            ("tensorboard", "tensorboardX"),
+            ["--tracker", "tensorboard"],
+            "--tracker tensorboard needs the tensorboard package, which is not installed: run pip install tensorboard",
+        ),
+    ],
+)
+def test_a_missing_package_is_one_line_that_says_what_to_install(tmp_path, monkeypatch, missing, args, message):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: find_spec and import both fail
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", *args])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {message}\n"
+    assert not run.exists()
+
+
+def test_ctrl_c_during_a_smoke_run_saves_and_exits_130(tmp_path):
+    """A real SIGINT to `icd train --smoke` while its first stage trains: a checkpoint, the resume command, 130."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-c", "from icdcli.cli import main; main()", "train", str(run), "--smoke"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (run / "vae" / "losses.jsonl").exists():  # the first losses are logged: the loop is running
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert stderr.splitlines()[0] == "icd train: loading PyTorch, diffusers and accelerate"
+    assert "vae: rendering 256 training scenes" in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the vae stage saved at step ") and f"run icd train {run} --smoke to" in last
+    checkpoints = list((run / "vae" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) >= 1 and all((c / "step.json").is_file() for c in checkpoints)
+    assert not (run / "vae" / "train_config.json").exists()
+
+
+def test_ctrl_c_before_the_first_step_exits_130_and_says_how_to_continue(tmp_path, monkeypatch):
+    import icdcli.training.teacher
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icdcli.training.teacher, "render_batch", interrupted)  # Ctrl-C while the VAE's data renders
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(run), "--smoke", "--force", "--name", "my model", "--seed", "3"])
+    assert result.exit_code == 130, result.output
+    assert "Aborted!" not in result.output and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (  # the same command, less --force (which would start over)
+        f"interrupted: finished stages and saved checkpoints are kept; run icd train {run} --smoke --seed 3 "
+        "--name 'my model' to continue"
+    )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from icdcli.schedule import RELEASED_CONFIGS, forward_pairs, reverse_pairs
-from icdcli.training.common import read_log, window_means
+from icdcli.training.checkpoints import Checkpointer, latest_checkpoint, list_checkpoints, resolve_resume
+from icdcli.training.common import TrainingInterrupted, read_log, records_until, window_means
 from icdcli.training.consistency import (
     forward_boundary,
     reverse_boundary,
@@ -110,11 +113,73 @@ def test_solver_grid_and_teacher_moves():
 # ---- the chain -----------------------------------------------------------------------------------
 
 
+def _interrupt_at(monkeypatch, module: str, index: int, how: str = "ctrl-c") -> None:
+    """Interrupt the stages of `icdcli.training.<module>` once, as their step `index` begins: Ctrl-C
+    (SIGINT, handled by the training loop) or a KeyboardInterrupt raised there (a second Ctrl-C)."""
+    import importlib
+
+    target = importlib.import_module(f"icdcli.training.{module}")
+    original = target.step_generator
+    fired: list[int] = []
+
+    def step_generator(seed: int, step: int, rank: int = 0):
+        if step == index and not fired:
+            fired.append(step)
+            if how == "ctrl-c":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
+        return original(seed, step, rank)
+
+    monkeypatch.setattr(target, "step_generator", step_generator)
+
+
+STOP_INDEX = 6
+"""The chain is interrupted once in every stage as its step 6 begins: that step completes, then it saves at 7."""
+
+
+@dataclass
+class StageRecord:
+    """What a stage of the interrupted chain left when the chain finished (later tests train on)."""
+
+    interrupt: TrainingInterrupted
+    folder: Path
+    steps: list[int]
+    metrics: dict
+    checkpoints: list[str]
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_chain(tmp_path_factory):
+    """The smoke chain, Ctrl-C'd once in every stage and rerun each time: (outputs, a record per stage)."""
     from icdcli.training.pipeline import PipelineConfig, run_pipeline
 
-    return run_pipeline(PipelineConfig.smoke(), tmp_path_factory.mktemp("train-smoke"))
+    out = tmp_path_factory.mktemp("train-smoke")
+    interrupts = []
+    for module in ("teacher", "teacher", "guidance", "consistency"):  # train_vae and train_teacher live in teacher
+        with pytest.MonkeyPatch.context() as patch:
+            _interrupt_at(patch, module, STOP_INDEX)
+            with pytest.raises(TrainingInterrupted) as stop:
+                run_pipeline(PipelineConfig.smoke(), out)
+        interrupts.append(stop.value)
+    outputs = run_pipeline(PipelineConfig.smoke(), out)
+    folders = (outputs.vae, outputs.teacher, outputs.guidance, outputs.consistency)
+    records = [
+        StageRecord(
+            stop,
+            folder,
+            [r["step"] for r in read_log(folder / "losses.jsonl")],
+            json.loads((folder / "train_config.json").read_text())["metrics"],
+            [p.name for p in list_checkpoints(folder)],
+        )
+        for stop, folder in zip(interrupts, folders, strict=True)
+    ]
+    return outputs, records
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_chain):
+    return smoke_chain[0]
 
 
 def _falls(path, key: str, window: int = 2) -> tuple[float, float]:
@@ -246,3 +311,191 @@ def test_stages_in_one_process_may_change_precision():
     assert make_accelerator().mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator().mixed_precision == "no"
+
+
+# ---- resume, interrupts, trackers --------------------------------------------------------------
+
+
+def test_every_stage_saves_on_ctrl_c_and_resumes_with_clean_logs(smoke_chain):
+    from icdcli.training.pipeline import PipelineConfig
+
+    _, records = smoke_chain
+    smoke = PipelineConfig.smoke()
+    assert [r.interrupt.stage for r in records] == ["vae", "teacher", "guidance", "consistency"]
+    for record, config in zip(records, (smoke.vae, smoke.teacher, smoke.guidance, smoke.consistency), strict=True):
+        stop, steps = record.interrupt, record.steps
+        assert stop.step == STOP_INDEX + 1
+        assert stop.checkpoint == record.folder / "checkpoints" / f"step-{STOP_INDEX + 1}"
+        assert steps == sorted(set(steps)), f"{record.folder.name}: steps logged twice or out of order: {steps}"
+        assert STOP_INDEX + 1 in steps and steps[-1] == config.steps
+        assert (record.metrics["resumed_from"], record.metrics["steps"]) == (STOP_INDEX + 1, config.steps)
+    # finished stages drop their resume points; the consistency stage keeps its newest to train on
+    assert [r.checkpoints for r in records] == [[], [], [], ["step-10", "step-20"]]
+    assert not list((records[-1].folder / "checkpoints").glob(".*")), "staging folder left behind"
+
+
+def _micro_vae(**changes):
+    from icdcli.training.teacher import VAEConfig
+
+    micro = dict(train_scenes=32, batch_size=4, steps=6, checkpoint_every=3, log_every=1, scaling_scenes=16)
+    return replace(VAEConfig.smoke(), heldout_scenes=8, warmup_steps=5, **{**micro, **changes})
+
+
+def _losses(folder) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_log(folder / "losses.jsonl")]
+
+
+def test_a_resumed_stage_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt mid-step) falls back on the last periodic checkpoint; the rerun
+    cuts the log back to it and continues with the same optimizer, schedule and data."""
+    from icdcli.training.teacher import train_vae
+
+    whole = train_vae(_micro_vae(), tmp_path / "whole")
+    _interrupt_at(monkeypatch, "teacher", 4, how="raise")
+    with pytest.raises(TrainingInterrupted) as stop:
+        train_vae(_micro_vae(), tmp_path / "split")
+    assert stop.value.checkpoint == tmp_path / "split" / "checkpoints" / "step-3"
+    assert [r["step"] for r in read_log(tmp_path / "split" / "losses.jsonl")] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    split = train_vae(_micro_vae(resume="latest"), tmp_path / "split")
+    assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4, 5, 6]
+    for resumed, straight in zip(_losses(split), _losses(whole), strict=True):
+        assert resumed == pytest.approx(straight, rel=1e-5)
+    assert json.loads((split / "train_config.json").read_text())["metrics"]["resumed_from"] == 3
+    rerun = train_vae(_micro_vae(), tmp_path / "split")  # resume=None: from scratch, old log and checkpoints gone
+    assert [r["step"] for r in _losses(rerun)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_tracker_writes_the_losses(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from icdcli.training.teacher import train_vae
+
+    train_vae(_micro_vae(tracker="tensorboard", checkpoint_every=0), tmp_path / "vae")
+    logs = tmp_path / "logs" / "vae"
+    assert list(logs.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert {"vae/loss", "vae/kl"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("vae/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_variant_resumes_after_ctrl_c_and_exits_130(smoke_run, monkeypatch):
+    from click.testing import CliRunner
+
+    from icdcli.cli import main
+
+    run = smoke_run.guidance.parent
+    args = ["train", str(run), "--smoke", "--variant", "cd4", "--steps", "6"]
+    _interrupt_at(monkeypatch, "consistency", 3)
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 130, first.output
+    checkpoint = run / "consistency-cd4" / "checkpoints" / "step-4"
+    assert f"saved at step 4 to {checkpoint}; run icd train {run} --smoke --variant cd4 --steps 6 to resume" in (
+        first.output
+    )
+    assert "Aborted!" not in first.output and "Traceback" not in first.output
+    monkeypatch.undo()
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "resuming from" in second.output and "consistency" in second.output  # progress: what it does, the bar
+    folder = run / "consistency-cd4"
+    assert [r["step"] for r in read_log(folder / "losses.jsonl")] == [3, 4, 6]
+    metrics = json.loads((folder / "train_config.json").read_text())["metrics"]
+    assert (metrics["resumed_from"], metrics["steps"]) == (4, 6)
+    assert (run / "variants" / "cd4" / "icd.json").is_file()
+
+
+# ---- checkpoints and logs: pure pieces --------------------------------------------------------------
+
+
+class _FakeAccelerator:
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+        if self.fail:
+            raise KeyboardInterrupt  # killed mid-write
+
+
+def _checkpoint(root, name: str, step: int | None) -> None:
+    (root / name).mkdir(parents=True)
+    if step is not None:
+        (root / name / "step.json").write_text(json.dumps({"step": step}))
+
+
+def test_only_complete_checkpoints_are_resume_points(tmp_path):
+    root = tmp_path / "checkpoints"
+    _checkpoint(root, "step-10", 10)
+    _checkpoint(root, "step-20", 20)
+    _checkpoint(root, "step-30", None)  # no step.json: not written to the end
+    _checkpoint(root, ".step-40.partial", 40)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-10", "step-20"]
+    assert resolve_resume("latest", tmp_path) == root / "step-20"
+    assert resolve_resume(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        resolve_resume(str(root / "step-30"), tmp_path)
+
+
+def test_a_checkpoint_killed_mid_write_leaves_the_previous_ones(tmp_path):
+    _checkpoint(tmp_path / "checkpoints", "step-10", 10)
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(_FakeAccelerator(fail=True), tmp_path, every=10, kept=2).save(20)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-10"
+    assert (tmp_path / "checkpoints" / ".step-20.partial").is_dir()  # what a kill leaves: ignored, then cleared
+    saver = Checkpointer(_FakeAccelerator(), tmp_path, every=10, kept=2)
+    for step in (20, 30):
+        assert saver.save(step) == tmp_path / "checkpoints" / f"step-{step}"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-20", "step-30"]
+    assert saver.at(30) == saver.last and saver.due(40) and not saver.due(45)
+
+
+def test_log_cut_back_to_a_step_drops_later_and_broken_records():
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (5, 10, 12, 15)] + ['{"step": 20, "lo']
+    assert records_until(lines, 12) == lines[:3]
+    assert records_until(lines, 100) == lines[:4]
+    assert records_until(lines, 0) == []
+
+
+def test_ema_state_round_trips_through_a_checkpoint():
+    from icdcli.training.common import EMA
+
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            module.weight.add_(1.0)
+        ema.update(module)
+    restored = EMA(torch.nn.Linear(3, 2), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 3
+    for key, value in ema.shadow.items():
+        torch.testing.assert_close(restored.shadow[key], value)
+
+
+def test_ctrl_c_stops_the_loop_after_its_step_and_restores_the_handler(tmp_path):
+    from icdcli.training.common import LossLog, run_steps
+
+    done: list[int] = []
+
+    def step(index: int) -> dict[str, float]:
+        if index == 2:
+            signal.raise_signal(signal.SIGINT)
+        done.append(index)
+        return {"loss": float(index)}
+
+    before = signal.getsignal(signal.SIGINT)
+    log = LossLog(tmp_path / "losses.jsonl")
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_steps(step, start_step=0, max_steps=10, log=log, log_every=2, show_progress=False)
+    assert done == [0, 1, 2] and (stop.value.step, stop.value.checkpoint) == (3, None)
+    assert [(r["step"], r["loss"]) for r in read_log(log.path)] == [(2, 0.5), (3, 2.0)]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -10,8 +10,8 @@ Entry point:
 `forward-19-259-519-779.safetensors` and `reverse-259-519-779-999.safetensors` (the boundaries in
 the name; keys `unet.base_model.model.<module>.lora_A.weight` / `lora_B.weight`; metadata
 `lora_alpha` and `rank`), `icd_lora.json` (boundaries, tau, rank, alpha, guidance scales),
-`losses.jsonl`, `train_config.json` and `checkpoints/step-N/` to resume from
-(`ConsistencyConfig.resume = "latest"` or a checkpoint folder).
+`losses.jsonl`, `train_config.json` (written last: the stage is finished) and `checkpoints/step-N/`
+to resume from (`ConsistencyConfig.resume = "latest"` or a checkpoint folder).
 
 One training step, for a batch of clean latents x0 and captions c:
 
@@ -35,7 +35,6 @@ accelerate, so the same code runs on several GPUs and in mixed precision.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from icdcli.atomic import atomic_path
 from icdcli.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
 from icdcli.sampler import ddim_jump
 from icdcli.schedule import (
@@ -54,17 +54,19 @@ from icdcli.schedule import (
     validate_boundaries,
 )
 
+from .checkpoints import latest_checkpoint as latest_checkpoint  # re-exported: resume points of this stage
+from .checkpoints import resolve_resume as resolve_resume
 from .common import (
-    LOG_NAME,
-    LossLog,
     PromptCache,
+    announcer,
     build_latent_bank,
     huber_c,
-    make_accelerator,
     pseudo_huber,
-    run_steps,
+    run_stage,
     save_config,
     setup_torch,
+    stage_accelerator,
+    start_stage,
     step_generator,
 )
 from .guidance import load_guided_unet
@@ -120,6 +122,7 @@ class ConsistencyConfig:
     seed: int = 0
     log_every: int = 10
     show_progress: bool = True
+    tracker: str | None = None
 
     @classmethod
     def smoke(cls) -> ConsistencyConfig:
@@ -262,25 +265,6 @@ class GuidedEps:
         return model(x, timesteps, encoder_hidden_states=hidden, timestep_cond=embedding).sample.float()
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    folders = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return folders[-1] if folders else None
-
-
-def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(out_dir)
-    path = Path(resume)
-    if not (path / "step.json").exists():
-        raise FileNotFoundError(f"{path} is not a consistency-distillation checkpoint (no step.json)")
-    return path
-
-
 # ---- training --------------------------------------------------------------------------------------
 
 
@@ -291,8 +275,11 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     forward_b, reverse_b, tau = config.resolved_boundaries()
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision)
+    accelerator = stage_accelerator(config, out)
     device = accelerator.device
+    show = config.show_progress and accelerator.is_local_main_process
+    say = announcer(show, "consistency")
+    say(f"loading the guided teacher from {guidance_dir}; adding rank-{config.rank} LoRA adapters")
 
     pipeline = load_teacher(guidance_dir)
     teacher = load_guided_unet(guidance_dir).to(device)
@@ -308,14 +295,11 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         forward_model, reverse_model, forward_opt, reverse_opt
     )
 
-    start_step = 0
-    checkpoint = resolve_resume(config.resume, out)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start_step = json.loads((checkpoint / "step.json").read_text())["step"]
+    start = start_stage(accelerator, config, out, say)
 
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder.to(device))
     vae = pipeline.vae.to(device)
+    say(f"encoding {config.train_scenes} training scenes to latents")
     bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
     schedule = NoiseSchedule.stable_diffusion()
     grid = solver_timesteps(config.solver_steps)
@@ -324,7 +308,6 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     scales = torch.tensor(config.guidance_scales, dtype=torch.float32)
     eps = GuidedEps(device)
     c = huber_c(bank.mean[0].numel(), config.huber_factor)
-    log = LossLog(out / LOG_NAME, accelerator.is_main_process)
 
     def consistency_loss(
         model: Any,
@@ -406,31 +389,11 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         update(reverse_model, reverse_opt, total)
         return losses
 
-    def save_checkpoint(steps_done: int) -> None:
-        if config.checkpoint_every <= 0 or steps_done % config.checkpoint_every:
-            return
-        folder = out / "checkpoints" / f"step-{steps_done}"
-        accelerator.save_state(str(folder))
-        if accelerator.is_main_process:
-            (folder / "step.json").write_text(json.dumps({"step": steps_done}) + "\n")
-            folders = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in folders[: -config.checkpoints_kept]:
-                shutil.rmtree(old, ignore_errors=True)
-
     started = time.monotonic()
     forward_model.train()
     reverse_model.train()
-    steps = run_steps(
-        step,
-        start_step=start_step,
-        max_steps=config.steps,
-        log=log,
-        log_every=config.log_every,
-        time_budget_s=config.time_budget_s,
-        desc="consistency",
-        show_progress=config.show_progress and accelerator.is_local_main_process,
-        on_step_end=save_checkpoint,
-    )
+    steps = run_stage(step, start, config, accelerator, "consistency", show)
+    say(f"saving the adapters to {out}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fwd, rev = (accelerator.unwrap_model(m).eval() for m in (forward_model, reverse_model))
@@ -446,11 +409,12 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
             "forward": adapter_file_name("forward", forward_b),
             "reverse": adapter_file_name("reverse", reverse_b),
         }
-        (out / "icd_lora.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with atomic_path(out / "icd_lora.json") as staging:
+            staging.write_text(json.dumps(summary, indent=2) + "\n")
         save_config(
             config,
             out / "train_config.json",
             guidance_dir=str(guidance_dir),
-            metrics={"steps": steps, "resumed_from": start_step, "seconds": round(time.monotonic() - started, 1)},
+            metrics={"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)},
         )
     return out

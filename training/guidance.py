@@ -12,8 +12,9 @@ classifier-free guidance eps_u + w (eps_c - eps_u), w ~ U[w_min, w_max] (classic
 
 `out_dir` receives `unet/` (config.json + diffusion_pytorch_model.safetensors: the full state dict,
 the "teacher state dict" format of released guidance-distilled teachers, and its config), the
-pipeline parts it needs beside it, `losses.jsonl` and `train_config.json`. The folder loads as a
-`StableDiffusionPipeline` whose UNet is the guidance-distilled one.
+pipeline parts it needs beside it, `losses.jsonl`, `train_config.json` (written last: the stage is
+finished) and, until it is, `checkpoints/step-N/` to resume from (`GuidanceConfig.resume = "latest"` or
+a checkpoint folder). The folder loads as a `StableDiffusionPipeline` whose UNet is the guidance-distilled one.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ import torch.nn.functional as F
 from icdcli.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
 from icdcli.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
+from .checkpoints import clear_checkpoints
 from .common import (
-    LOG_NAME,
-    LossLog,
     PromptCache,
+    announcer,
     build_latent_bank,
-    make_accelerator,
-    run_steps,
+    run_stage,
     save_config,
     setup_torch,
+    stage_accelerator,
+    start_stage,
     step_generator,
 )
 from .teacher import load_teacher, save_pipeline, warmup_lambda
@@ -60,6 +62,10 @@ class GuidanceConfig:
     seed: int = 0
     log_every: int = 20
     show_progress: bool = True
+    checkpoint_every: int = 100
+    checkpoints_kept: int = 2
+    resume: str | None = None
+    tracker: str | None = None
 
     @classmethod
     def smoke(cls) -> GuidanceConfig:
@@ -72,6 +78,7 @@ class GuidanceConfig:
             warmup_steps=2,
             log_every=5,
             show_progress=False,
+            checkpoint_every=10,
         )
 
 
@@ -104,17 +111,22 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision)
+    accelerator = stage_accelerator(config, out)
+    show = config.show_progress and accelerator.is_local_main_process
+    say = announcer(show, "guidance")
+    say(f"loading the teacher from {teacher_dir}")
     pipeline = load_teacher(teacher_dir)
     teacher = pipeline.unet.to(accelerator.device)
     student = guided_student(teacher).train()
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder)
+    say(f"encoding {config.train_scenes} training scenes to latents")
     bank = build_latent_bank(pipeline.vae, "train", config.train_scenes, pipeline.vae.config.sample_size, config.seed)
     alpha_bar = alphas_cumprod()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
     student, optimizer = accelerator.prepare(student, optimizer)
-    log = LossLog(out / LOG_NAME, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(schedule)
+    start = start_stage(accelerator, config, out, say)
     device = accelerator.device
 
     def step(index: int) -> dict[str, float]:
@@ -142,16 +154,8 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
         return {"loss": loss.item()}
 
     started = time.monotonic()
-    steps = run_steps(
-        step,
-        start_step=0,
-        max_steps=config.steps,
-        log=log,
-        log_every=config.log_every,
-        time_budget_s=config.time_budget_s,
-        desc="guidance",
-        show_progress=config.show_progress and accelerator.is_local_main_process,
-    )
+    steps = run_stage(step, start, config, accelerator, "guidance", show)
+    say(f"saving the guided pipeline to {out}")
     student = accelerator.unwrap_model(student).eval()
     if accelerator.is_main_process:
         save_pipeline(out, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, student)
@@ -159,8 +163,9 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
             config,
             out / "train_config.json",
             teacher=str(teacher_dir),
-            metrics={"steps": steps, "seconds": round(time.monotonic() - started, 1)},
+            metrics={"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)},
         )
+        clear_checkpoints(out)  # finished: the saved pipeline is the result, resume points are dead weight
     return out
 
 

@@ -7,15 +7,18 @@ Entry point:
 It writes `vae/`, `teacher/`, `guidance/` and `consistency/` under `out_dir`. A stage whose folder
 already holds its `train_config.json` is finished and is skipped, unless `force`, and so are the
 stages before it (a run folder holding only `guidance/` can train consistency stages); an interrupted
-consistency stage resumes from its latest checkpoint. `PipelineConfig.smoke()` runs the chain in
-about a minute on two CPU cores.
+stage resumes from its latest checkpoint (with `force`, every stage starts from scratch).
+`PipelineConfig.smoke()` runs the chain in about a minute on two idle CPU cores.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from .common import TrainingInterrupted, announcer
 from .consistency import ConsistencyConfig, distill_consistency
 from .guidance import GuidanceConfig, distill_guidance
 from .teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
@@ -35,9 +38,12 @@ class PipelineConfig:
         return cls(VAEConfig.smoke(), TeacherConfig.smoke(), GuidanceConfig.smoke(), ConsistencyConfig.smoke())
 
     def with_seed(self, seed: int) -> PipelineConfig:
-        return PipelineConfig(
-            *(replace(c, seed=seed) for c in (self.vae, self.teacher, self.guidance, self.consistency))
-        )
+        return self.updated(seed=seed)
+
+    def updated(self, **changes: Any) -> PipelineConfig:
+        """The same chain with `changes` (fields every stage config has: seed, show_progress, tracker, ...)."""
+        stages = (self.vae, self.teacher, self.guidance, self.consistency)
+        return PipelineConfig(*(None if c is None else replace(c, **changes) for c in stages))
 
 
 @dataclass
@@ -48,26 +54,33 @@ class PipelineOutputs:
     consistency: Path
 
 
+def resuming(stage: Any, force: bool) -> Any:
+    """A stage's config as the chain runs it: from scratch when forced, else from the checkpoint its
+    `resume` names or, by default, from its latest one."""
+    return replace(stage, resume=None if force else (stage.resume or "latest"))
+
+
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, force: bool = False) -> PipelineOutputs:
     out = Path(out_dir)
     paths = PipelineOutputs(out / "vae", out / "teacher", out / "guidance", out / "consistency")
 
-    def pending(path: Path) -> bool:
-        return force or not (path / DONE).exists()
+    def pending(path: Path, show: bool) -> bool:
+        if force or not (path / DONE).exists():
+            return True
+        announcer(show, path.name)(f"finished earlier, kept ({path / DONE})")
+        return False
 
     # An earlier stage is needed only to train a later one: a finished guidance stage is all that
     # consistency distillation (and its ablation variants) reads.
-    if pending(paths.guidance):
-        if pending(paths.teacher):
-            if pending(paths.vae):
-                train_vae(config.vae, paths.vae)
-            train_teacher(config.teacher, paths.vae, paths.teacher)
-        distill_guidance(config.guidance, paths.teacher, paths.guidance)
-    if config.consistency is not None and pending(paths.consistency):  # None: stop after guidance
-        consistency = config.consistency
-        if not force and consistency.resume is None and (paths.consistency / "checkpoints").exists():
-            consistency = replace(consistency, resume="latest")
-        distill_consistency(consistency, paths.guidance, paths.consistency)
+    if pending(paths.guidance, config.guidance.show_progress):
+        if pending(paths.teacher, config.teacher.show_progress):
+            if pending(paths.vae, config.vae.show_progress):
+                train_vae(resuming(config.vae, force), paths.vae)
+            train_teacher(resuming(config.teacher, force), paths.vae, paths.teacher)
+        distill_guidance(resuming(config.guidance, force), paths.teacher, paths.guidance)
+    consistency = config.consistency
+    if consistency is not None and pending(paths.consistency, consistency.show_progress):  # None: stop after guidance
+        distill_consistency(resuming(consistency, force), paths.guidance, paths.consistency)
     return paths
 
 
@@ -82,7 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="retrain stages that are already finished")
     args = parser.parse_args(argv)
     config = (PipelineConfig.smoke() if args.smoke else PipelineConfig()).with_seed(args.seed)
-    outputs = run_pipeline(config, args.out_dir, force=args.force)
+    try:
+        outputs = run_pipeline(config, args.out_dir, force=args.force)
+    except TrainingInterrupted as stop:
+        where = f"saved to {stop.checkpoint}" if stop.checkpoint is not None else "had no checkpoint yet"
+        print(f"interrupted: the {stop.stage} stage {where}; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     print(outputs)
 
 

@@ -12,7 +12,9 @@ Entry points (each writes a folder that diffusers loads back as it is):
         tokenizer and SD's DDIM scheduler as a `StableDiffusionPipeline` folder (safetensors).
 
 `VAEConfig.smoke()` and `TeacherConfig.smoke()` run in seconds. Losses go to `losses.jsonl` in the
-output folder, the resolved configuration to `train_config.json`.
+output folder, the resolved configuration to `train_config.json` (written last: it marks the stage
+finished), resume points to `checkpoints/step-N/` (`resume="latest"` or a checkpoint folder continues
+from one; they are removed once the stage is finished).
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ import torch.nn.functional as F
 
 from icdcli.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
+from .checkpoints import clear_checkpoints
 from .common import (
     EMA,
-    LOG_NAME,
-    LossLog,
+    announcer,
     build_latent_bank,
     encode_posteriors,
-    make_accelerator,
-    run_steps,
+    run_stage,
     save_config,
     setup_torch,
+    stage_accelerator,
+    start_stage,
     step_generator,
 )
 from .scenes import render_batch, scenes, vocabulary
@@ -64,6 +67,10 @@ class VAEConfig:
     seed: int = 0
     log_every: int = 20
     show_progress: bool = True
+    checkpoint_every: int = 100
+    checkpoints_kept: int = 2
+    resume: str | None = None
+    tracker: str | None = None
 
     @classmethod
     def smoke(cls) -> VAEConfig:
@@ -78,6 +85,7 @@ class VAEConfig:
             heldout_scenes=64,
             log_every=5,
             show_progress=False,
+            checkpoint_every=10,
         )
 
 
@@ -103,6 +111,10 @@ class TeacherConfig:
     seed: int = 0
     log_every: int = 20
     show_progress: bool = True
+    checkpoint_every: int = 200
+    checkpoints_kept: int = 2
+    resume: str | None = None
+    tracker: str | None = None
 
     @classmethod
     def smoke(cls) -> TeacherConfig:
@@ -117,6 +129,7 @@ class TeacherConfig:
             ema_decay=None,
             log_every=5,
             show_progress=False,
+            checkpoint_every=10,
         )
 
 
@@ -237,13 +250,18 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator()
-    vae = build_vae(config)
+    accelerator = stage_accelerator(config, out)
+    show = config.show_progress and accelerator.is_local_main_process
+    say = announcer(show, "vae")
+    say(f"rendering {config.train_scenes} training scenes at {config.image_size}x{config.image_size}")
     images, _ = render_batch(scenes("train", config.train_scenes, config.seed), config.image_size)
+    say("building the autoencoder")
+    vae = build_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    log = LossLog(out / LOG_NAME, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(schedule)
+    start = start_stage(accelerator, config, out, say)
 
     def step(index: int) -> dict[str, float]:
         generator = step_generator(config.seed, index, accelerator.process_index)
@@ -257,16 +275,8 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
 
     started = time.monotonic()
     vae.train()
-    steps = run_steps(
-        step,
-        start_step=0,
-        max_steps=config.steps,
-        log=log,
-        log_every=config.log_every,
-        time_budget_s=config.time_budget_s,
-        desc="vae",
-        show_progress=config.show_progress and accelerator.is_local_main_process,
-    )
+    steps = run_stage(step, start, config, accelerator, "vae", show)
+    say(f"measuring the scaling factor and held-out PSNR, saving to {out}")
     vae = accelerator.unwrap_model(vae).eval()
     mean, std = encode_posteriors(vae, images[: config.scaling_scenes])
     samples = mean + std * torch.randn(mean.shape, generator=step_generator(config.seed, -1))
@@ -275,6 +285,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     heldout, _ = render_batch(scenes("heldout", config.heldout_scenes, config.seed), config.image_size)
     metrics = {
         "steps": steps,
+        "resumed_from": start.step,
         "seconds": round(time.monotonic() - started, 1),
         "scaling_factor": scaling_factor,
         "heldout_psnr_db": round(vae_psnr(vae, heldout), 3),
@@ -282,6 +293,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     if accelerator.is_main_process:
         vae.save_pretrained(out, safe_serialization=True)
         save_config(config, out / "train_config.json", metrics=metrics)
+        clear_checkpoints(out)  # finished: the saved model is the result, resume points are dead weight
     return out
 
 
@@ -328,12 +340,16 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     setup_torch()
     torch.manual_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision)
+    accelerator = stage_accelerator(config, out)
+    show = config.show_progress and accelerator.is_local_main_process
+    say = announcer(show, "teacher")
+    say(f"loading the autoencoder from {vae_dir}; building the text encoder and the UNet")
     vae = load_vae(vae_dir)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(config, tokenizer)
     latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(config, vae.config.latent_channels, latent_size)
+    say(f"encoding {config.train_scenes} training scenes to latents")
     bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
     alpha_bar = alphas_cumprod()
     optimizer = torch.optim.AdamW(
@@ -345,7 +361,8 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     emas = (
         [EMA(accelerator.unwrap_model(m), config.ema_decay) for m in (unet, text_encoder)] if config.ema_decay else []
     )
-    log = LossLog(out / LOG_NAME, accelerator.is_main_process)
+    accelerator.register_for_checkpointing(schedule, *emas)
+    start = start_stage(accelerator, config, out, say)
 
     def step(index: int) -> dict[str, float]:
         generator = step_generator(config.seed, index, accelerator.process_index)
@@ -370,24 +387,16 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     started = time.monotonic()
     unet.train()
     text_encoder.train()
-    steps = run_steps(
-        step,
-        start_step=0,
-        max_steps=config.steps,
-        log=log,
-        log_every=config.log_every,
-        time_budget_s=config.time_budget_s,
-        desc="teacher",
-        show_progress=config.show_progress and accelerator.is_local_main_process,
-    )
+    steps = run_stage(step, start, config, accelerator, "teacher", show)
+    say(f"saving the pipeline to {out}")
     unet, text_encoder = (accelerator.unwrap_model(m).eval() for m in (unet, text_encoder))
     for ema, model in zip(emas, (unet, text_encoder), strict=False):
         ema.copy_to(model)
     if accelerator.is_main_process:
         save_pipeline(out, vae, text_encoder, tokenizer, unet)
-        save_config(
-            config, out / "train_config.json", metrics={"steps": steps, "seconds": round(time.monotonic() - started, 1)}
-        )
+        metrics = {"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)}
+        save_config(config, out / "train_config.json", metrics=metrics)
+        clear_checkpoints(out)
     return out
 
 
