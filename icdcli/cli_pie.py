@@ -45,6 +45,11 @@ def _edit_function(method: str, model: Any, plan: Any) -> Any:
     return run
 
 
+def default_out(root: Path) -> Path:
+    """PIE-Bench's evaluation reads `data/` and `output/<method>/annotation_images` side by side."""
+    return root.resolve().parent / "output"
+
+
 def _check_p2p() -> None:
     try:
         from .p2p import P2PSettings  # noqa: F401
@@ -103,7 +108,8 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Results folder: OUT/NAME/annotation_images/<image_path>, metrics.json, metrics.md. Default: ROOT/output.",
+    help="Results folder: OUT/NAME/annotation_images/<image_path>, metrics.json, metrics.md. Default: output/ "
+    "beside ROOT, where PIE-Bench's evaluation script looks (its data/ and output/ are siblings).",
 )
 @click.option("--name", default=None, help="This run's subfolder of --out. Default: <sampler><steps>-<method>.")
 @click.option(
@@ -221,7 +227,7 @@ def pie(
         except ValueError as error:
             raise click.ClickException(str(error)) from None
     plan = EditPlan(method, sampler, steps, float(guidance), float(tau), seed, p2p)
-    folder = (out if out is not None else root / "output") / (name or method_name(sampler, steps, method))
+    folder = (out if out is not None else default_out(root)) / (name or method_name(sampler, steps, method))
     if folder.resolve() == root.resolve():
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
     label = loaded.label
@@ -292,3 +298,8 @@ def pie(
         raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
     if report["failed"]:
         raise click.ClickException(f"{len(report['failed'])} of {len(items)} items failed (see the errors above)")
+
+
+for _param in pie.params:  # the shared --json option says "one object per output"; here it is one report
+    if _param.name == "as_json":
+        _param.help = "Print the whole report (tables per editing type and overall) as one JSON object on stdout."
