@@ -29,6 +29,7 @@ from .cli_common import (
     _setup_logging,
     edit_guidance_options,
     model_options,
+    need_scikit_image,
     p2p_step_options,
     sampler_options,
 )
@@ -739,6 +740,7 @@ def bench_inversion_command(
     Guided decoding at w=8: DDIM50 without and with dynamic guidance, fCD4|CD4 likewise, +L_f,
     +L_f+L_r. Rows whose model variant is absent are listed as skipped.
     """
+    need_scikit_image()
     from .models import load_model_folder
     from .training.bench import bench_inversion, load_variants, markdown_table
 

@@ -341,3 +341,11 @@ class SectionedCommand(click.Command):
                 for line in self.examples:  # commands are not re-wrapped: they must stay pastable
                     formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
         super().format_epilog(ctx, formatter)
+
+
+def need_scikit_image() -> None:
+    """Benchmarks that score SSIM need scikit-image: say how to get it before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("skimage") is None:
+        raise click.ClickException("this benchmark scores SSIM with scikit-image: pip install 'icd[bench]'")

@@ -19,6 +19,7 @@ from .cli_common import (
     _say,
     edit_guidance_options,
     model_options,
+    need_scikit_image,
     p2p_step_options,
     sampler_options,
 )
@@ -202,6 +203,7 @@ def pie(
         write_report,
     )
 
+    need_scikit_image()
     started = time.perf_counter()
     try:
         chosen_types = parse_types(types)

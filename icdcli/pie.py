@@ -358,22 +358,16 @@ def _unit(image: np.ndarray):
     return torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).permute(2, 0, 1)[None]
 
 
-def pie_psnr(a, b) -> float:
-    """PSNR in dB of two [0, 1] tensors over all their pixels, as torchmetrics computes it: inf when identical."""
-    error = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if error == 0 else 10.0 * math.log10(1.0 / error)
-
-
 def background_metrics(source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:
     """PSNR, MSE and SSIM of the unedited region: both uint8 images times (1 - mask), then the whole-image metric."""
-    from .metrics import mse, ssim
+    from .metrics import mse, psnr, ssim
 
     keep = ~np.asarray(mask, dtype=bool)
     if not keep.any():
         return {"psnr": None, "mse": None, "ssim": None}
     weight = _unit(np.repeat(keep[..., None], 3, axis=2).astype(np.uint8) * 255)
     a, b = _unit(source) * weight, _unit(edited) * weight
-    return {"psnr": pie_psnr(a, b), "mse": float(mse(a, b)[0]), "ssim": float(ssim(a, b)[0])}
+    return {"psnr": float(psnr(a, b)[0]), "mse": float(mse(a, b)[0]), "ssim": float(ssim(a, b)[0])}
 
 
 # --- LPIPS (SqueezeNet 1.1 features, LPIPS v0.1 linear heads) -----------------------------------------
