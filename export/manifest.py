@@ -13,10 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icdcli.recipe import network_identity
+
 if TYPE_CHECKING:
     from icdcli.models import ICDModel
 
 MANIFEST = "manifest.json"
+TEACHER_MISSING = "the export has no teacher UNet"
 ENGINE_SIZES = "engine_sizes.json"
 """Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
 EXPORT_FORMAT = 2
@@ -98,8 +101,8 @@ class Manifest:
         return folder / self.graphs[graph].file
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> Path:
-    path = folder / MANIFEST
+def write_manifest(folder: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
+    path = folder / name
     path.write_text(json.dumps(manifest.to_json(), indent=2))
     return path
 
@@ -147,7 +150,7 @@ def stale_reason(
         (manifest.fingerprint != fingerprint, "the source model changed"),
         (manifest.precision != precision, f"precision {manifest.precision} != {precision}"),
         (manifest.opset != opset, f"opset {manifest.opset} != {opset}"),
-        (need_teacher and TEACHER not in manifest.graphs, "the export has no teacher UNet"),
+        (need_teacher and TEACHER not in manifest.graphs, TEACHER_MISSING),
         (
             fp32_norm is not None and precision == "fp16" and manifest.fp32_norm != fp32_norm,
             f"normalisation in fp32: {manifest.fp32_norm} != {fp32_norm}",
@@ -193,7 +196,7 @@ def model_fingerprint(model: ICDModel) -> str:
     else the files of the model folder it was loaded from; else the weights themselves (slow for SD-size
     models, used only for models built in memory).
     """
-    info = model.info.to_json()
+    info = network_identity(model.info.to_json())  # a changed edit recipe needs no new graphs
     if any(str(value).startswith("sha256:") for value in info.get("made_from", {}).values()):
         return _digest_json({"info": info})
     source = Path(model.source) if model.source else None

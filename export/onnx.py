@@ -48,6 +48,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ from .manifest import (
     GUIDANCE_CFG,
     GUIDANCE_EMBEDDING,
     GUIDANCE_FOLDED,
+    MANIFEST,
     P2P_BATCH,
     P2P_CONTROL_INPUTS,
     PRECISIONS,
@@ -503,6 +505,12 @@ def plan_graphs(
     return planned
 
 
+def _example_sizes(vae_scale_factor: int) -> dict[str, int]:
+    """Sizes of the dynamic axes in the example inputs a graph is traced with."""
+    sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
+    return sizes | {HEIGHT: EXAMPLE_LATENT * vae_scale_factor, WIDTH: EXAMPLE_LATENT * vae_scale_factor}
+
+
 def export_model(
     model: ICDModel,
     out_dir: str | Path | None = None,
@@ -535,8 +543,7 @@ def export_model(
     device = model.device
     text_length = int(model.tokenizers[0].model_max_length)
     factor = model.vae_scale_factor
-    sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
-    sizes |= {HEIGHT: EXAMPLE_LATENT * factor, WIDTH: EXAMPLE_LATENT * factor}
+    sizes = _example_sizes(factor)
     graphs: dict[str, GraphSpec] = {}
     with atomic_folder(out_dir) as staging:
         for spec, build in plan_graphs(model, precision, include_teacher, p2p):
@@ -563,3 +570,37 @@ def export_model(
         write_manifest(staging, manifest)
     say(f"exported {len(graphs)} graphs to {out_dir}")
     return Path(out_dir)
+
+
+def add_graphs(
+    model: ICDModel,
+    folder: str | Path,
+    manifest: Manifest,
+    names: list[str],
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export only the graphs `names` of `model` into its existing export `folder` (the teacher, when a later
+    `--sampler ddim` needs it) and record them in the manifest, written last and atomically: the graphs
+    already there are neither traced again nor touched."""
+    from icdcli.atomic import atomic_path
+
+    say = progress or (lambda message: None)
+    folder = Path(folder)
+    planned = {spec.name: (spec, build) for spec, build in plan_graphs(model, manifest.precision, True, False)}
+    missing = [name for name in names if name not in planned]
+    if missing:
+        raise ValueError(f"the model has no graph {missing[0]!r} to export")
+    graphs = dict(manifest.graphs)
+    for name in names:
+        spec, build = planned[name]
+        say(f"exporting {name} ({manifest.precision}, opset {manifest.opset}) beside the graphs already exported")
+        module = build().eval()
+        inputs = example_inputs(spec.inputs, _example_sizes(model.vae_scale_factor), model.device)
+        optimize = manifest.precision == "fp32"
+        graphs[name] = export_graph(module, inputs, spec, folder, manifest.opset, optimize, manifest.sanitized,
+                                    manifest.fp32_norm)  # fmt: skip
+        del module
+    updated = replace(manifest, graphs=graphs)
+    with atomic_path(folder / MANIFEST) as temporary:
+        write_manifest(temporary.parent, updated, name=temporary.name)
+    return updated

@@ -137,7 +137,7 @@ def ensure_exported(
     """
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
-    from icdcli.export.manifest import model_fingerprint
+    from icdcli.export.manifest import TEACHER_MISSING, model_fingerprint
     from icdcli.export.onnx import sanitizer_available
 
     precision = precision or default_precision(model)
@@ -147,6 +147,14 @@ def ensure_exported(
     with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
         reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
+        same_norm = manifest is not None and fp32_norm in (None, manifest.fp32_norm)
+        if reason == TEACHER_MISSING and same_norm:
+            # everything else is current: export the teacher beside the other graphs, not all of them again
+            from icdcli.export.manifest import TEACHER
+            from icdcli.export.onnx import add_graphs
+
+            manifest = add_graphs(model, folder, manifest, [TEACHER], progress=progress)
+            reason = None
         if reason is None and (fp32_norm is not None or for_tensorrt):
             need_sanitized = for_tensorrt and sanitizer_available()
             reason = stale_reason(

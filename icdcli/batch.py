@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .recipe import network_identity
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EDIT_SUFFIX = "-edit.png"
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
@@ -350,9 +352,10 @@ def select_shard(items: list[Item], index: int, count: int) -> list[Item]:
 
 
 def model_digest(info: Mapping[str, Any], weight_sizes: Mapping[str, int] | None = None) -> str:
-    """A model's identity: the sha256 digests it was made from, else its metadata and weight file sizes."""
+    """A model's identity: the sha256 digests it was made from, else its metadata (its edit defaults aside)
+    and weight file sizes."""
     made_from = {k: v for k, v in (info.get("made_from") or {}).items() if str(v).startswith("sha256:")}
-    described = {k: v for k, v in info.items() if k != "made_from"}
+    described = {k: v for k, v in network_identity(dict(info)).items() if k != "made_from"}
     blob = {"info": described, "made_from": made_from}
     if not made_from:
         blob["weights"] = dict(sorted((weight_sizes or {}).items()))

@@ -110,12 +110,17 @@ def export(
     if size_problem:
         raise click.UsageError(size_problem)
     precision = "fp16" if fp16 else "fp32"
-    _say(f"exporting {label} ({precision}) ...")
+    said: list[str] = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        _say(message)
+
     folder, manifest = ensure_exported(
-        model, precision, out_dir=out, force=force, progress=_say, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
+        model, precision, out_dir=out, force=force, progress=progress, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
         for_tensorrt=backend == "tensorrt",
     )  # fmt: skip
-    _say(f"ONNX export: {folder}")
+    _say(f"ONNX export: {folder}" if said else f"ONNX export of {label} ({precision}) is up to date: {folder}")
     if check and backend != "tensorrt":
         report_check(model, folder, manifest)
     if backend == "tensorrt":

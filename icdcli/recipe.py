@@ -19,6 +19,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 METHODS = ("p2p", "swap")
+DEFAULT_KEYS = frozenset({"edit", "edit_guidance", "tau", "generate_guidance"})
+"""Keys of a model's metadata that are defaults of its use, not of what its networks compute."""
+
+
+def network_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's metadata without its defaults: what exports and records compare to know the same model."""
+    return {key: value for key, value in info.items() if key not in DEFAULT_KEYS}
+
+
 P2P_MODES = ("auto", "replace", "refine")
 
 

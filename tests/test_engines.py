@@ -490,6 +490,8 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     assert "reverse_unet_p2p" in manifest.graphs  # an SD1.5-family model: P2P by default
     assert "ONNX export" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["onnx-out"]  # no staging folder left behind
+    again = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    assert again.exit_code == 0 and "is up to date" in again.output and "exporting" not in again.output
     lean = tmp_path / "no-p2p"
     result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p"])
     assert result.exit_code == 0, result.output

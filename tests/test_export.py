@@ -459,3 +459,24 @@ def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
 
     G_LOGGER.warning("a polygraphy warning")
     assert capsys.readouterr().out == ""
+
+
+def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir, tmp_path):
+    """`icd edit` exports without the teacher; a later `--sampler ddim` adds only the teacher's graph."""
+    from icdcli.accelerated import ensure_exported
+    from icdcli.export.manifest import TEACHER, read_manifest
+    from icdcli.models import load_merged
+
+    folder = tmp_path / "export"
+    ensure_exported(load_merged(merged_dir, need_teacher=False), "fp32", out_dir=folder)
+    first = read_manifest(folder)
+    assert TEACHER not in first.graphs
+    stamps = {name: (folder / spec.file).stat().st_mtime_ns for name, spec in first.graphs.items()}
+    said = []
+    _, manifest = ensure_exported(
+        load_merged(merged_dir, need_teacher=True), "fp32", out_dir=folder, progress=said.append
+    )
+    assert TEACHER in manifest.graphs and read_manifest(folder).graphs.keys() == manifest.graphs.keys()
+    assert {name: (folder / first.graphs[name].file).stat().st_mtime_ns for name in first.graphs} == stamps
+    assert len(said) == 1 and "teacher" in said[0]
+    assert manifest.graphs[TEACHER].sha256 and (folder / manifest.graphs[TEACHER].file).is_file()
