@@ -244,6 +244,7 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
                        "set ICD_CACHE_DIR to a writable folder, or use --backend torch")  # fmt: skip
     if cache_problem:
         _say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
+    request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
     model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
     model.to(device, dtype)
     chosen = "torch"

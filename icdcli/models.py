@@ -471,6 +471,7 @@ class LoraSources:
     name: str = ""
     edit: dict[str, Any] | None = None
     generate_guidance: float | None = None
+    cache_half: bool = False  # keep the fused UNets and text encoders in float16 (what a GPU runs)
 
     def recipe(self, family: str, reverse: tuple[int, ...]) -> EditRecipe:
         """The edit recipe: what the preset or folder gives (`edit`), else the family's release recipe."""
@@ -506,7 +507,7 @@ class LoraSources:
             stat = path.stat()
             items.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
         blob = json.dumps([FORMAT_VERSION, items]).encode()
-        return hashlib.sha256(blob).hexdigest()[:20]
+        return hashlib.sha256(blob).hexdigest()[:20] + ("-fp16" if self.cache_half else "")
 
 
 def fuse_lora_model(
@@ -576,7 +577,9 @@ def load_lora_cached(
             return model
         except ModelSourceError as error:
             logger.warning("ignoring a broken fused-model cache at %s (%s); fusing again", cached, error)
-    model = fuse_lora_model(sources, keep_teacher=True, progress=progress)
+    model = fuse_lora_model(sources, keep_teacher=True, progress=progress)  # fused in float32 (float64 deltas)
+    if sources.cache_half:
+        model.to("cpu", torch.float16)  # the VAE stays float32
     try:
         model.save_merged(cached)
     except OSError as error:
@@ -595,7 +598,7 @@ def _folder_recipe(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_lora_folder(
-    folder: Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+    folder: Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
     """A folder whose icd.json has `"format": "lora"` and names its parts by relative path."""
     data = _read_model_json(folder)
@@ -608,6 +611,7 @@ def load_lora_folder(
             name=data.get("name", folder.name),
             edit=_folder_recipe(data),
             generate_guidance=data.get("generate_guidance"),
+            cache_half=half,
         )
     except KeyError as error:
         raise ModelSourceError(f"{folder / MODEL_JSON} lacks the key {error}") from error
@@ -615,10 +619,11 @@ def load_lora_folder(
 
 
 def load_model_folder(
-    folder: str | Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+    folder: str | Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
+    """An icd model folder; a `lora` one is fused once and cached (`half`: the cache in float16)."""
     folder = Path(folder)
     data = _read_model_json(folder)
     if data.get("format") == "lora":
-        return load_lora_folder(folder, need_teacher, progress)
+        return load_lora_folder(folder, need_teacher, progress, half)
     return load_merged(folder, need_teacher)

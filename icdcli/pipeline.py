@@ -59,11 +59,15 @@ class ICDEditPipeline:
             dtype: a torch dtype; None: float16 on CUDA, float32 elsewhere.
             backend: `torch`, `onnxruntime`, `tensorrt` or `auto` (the fastest present).
         """
+        import torch
+
         from .models import resolve_device
         from .sources import ModelRequest, load_requested_model
 
-        loaded = load_requested_model(ModelRequest(model, base, teacher, forward_lora, reverse_lora))
-        loaded.to(resolve_device(device), dtype)
+        target = resolve_device(device)
+        half = dtype == torch.float16 or (dtype is None and target.type == "cuda")
+        loaded = load_requested_model(ModelRequest(model, base, teacher, forward_lora, reverse_lora, half=half))
+        loaded.to(target, dtype)
         if backend != "torch":
             from .accelerated import accelerate, select_backend
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ModelSourceError
@@ -112,6 +112,7 @@ class ModelRequest:
     teacher: str | None = None
     forward_lora: str | None = None
     reverse_lora: str | None = None
+    half: bool = False  # the model will run in float16: keep its fused cache in float16 too
 
     @property
     def label(self) -> str:
@@ -305,6 +306,12 @@ def _part_sources(request: ModelRequest) -> LoraSources:
     )
 
 
+def _load_cached(
+    request: ModelRequest, sources: LoraSources, need_teacher: bool, progress: Callable[[str], None] | None
+) -> ICDModel:
+    return load_lora_cached(replace(sources, cache_half=request.half), need_teacher, progress)
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 HUB_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.fp16.safetensors"]
 
@@ -321,11 +328,11 @@ def _load_hub_model(
             f"exists: hf download {repo} --local-dir {repo.split('/')[-1]}, then pass --model {repo.split('/')[-1]}"
         )
     if (folder / MODEL_JSON).is_file():
-        return load_model_folder(folder, need_teacher, progress)
+        return load_model_folder(folder, need_teacher, progress, request.half)
     sources = release_folder_sources(folder, request, progress)
     if sources is None:
         raise ModelSourceError(f"hub repository {repo} holds neither {MODEL_JSON} nor iCD LoRA files")
-    return load_lora_cached(sources, need_teacher, progress)
+    return _load_cached(request, sources, need_teacher, progress)
 
 
 def load_requested_model(
@@ -334,12 +341,12 @@ def load_requested_model(
     """Load whatever `request` names; raises ModelSourceError with what to do when it cannot."""
     name = request.model
     if name in PRESETS:
-        return load_lora_cached(preset_sources(PRESETS[name], request), need_teacher, progress)
+        return _load_cached(request, preset_sources(PRESETS[name], request), need_teacher, progress)
     folder = Path(name).expanduser() if name not in (None, DEFAULT_MODEL) else None
     if folder is not None and folder.is_dir() and not (folder / MODEL_JSON).is_file():
         sources = release_folder_sources(folder, request, progress)
         if sources is not None:
-            return load_lora_cached(sources, need_teacher, progress)
+            return _load_cached(request, sources, need_teacher, progress)
     if folder is not None and not folder.exists() and HUB_ID.fullmatch(name):
         return _load_hub_model(name, request, need_teacher, progress)
     if request.forward_lora or request.reverse_lora or request.base:
@@ -348,19 +355,19 @@ def load_requested_model(
                 "--base/--teacher/--forward-lora/--reverse-lora go with a preset, a release folder, a hub id "
                 "or no --model"
             )
-        return load_lora_cached(_part_sources(request), need_teacher, progress)
+        return _load_cached(request, _part_sources(request), need_teacher, progress)
     if name in (None, DEFAULT_MODEL):
         if not (DEFAULT_MODEL_DIR / MODEL_JSON).is_file():
             raise ModelSourceError(
                 "this installation has no embedded default model: pass --model with a model folder or one of "
                 + ", ".join(PRESETS)
             )
-        return load_model_folder(DEFAULT_MODEL_DIR, need_teacher, progress)
+        return load_model_folder(DEFAULT_MODEL_DIR, need_teacher, progress, request.half)
     if folder is not None and folder.is_dir():
         if not (folder / MODEL_JSON).is_file():
             raise ModelSourceError(
                 f"--model {name}: the folder holds neither {MODEL_JSON} (an icd model folder) nor iCD LoRA files "
                 "(a release tarball's folder: *forward_19_...safetensors and *reverse_..._999.safetensors)"
             )
-        return load_model_folder(folder, need_teacher, progress)
+        return load_model_folder(folder, need_teacher, progress, request.half)
     raise ModelSourceError(f"--model {name!r} is neither a model folder nor a preset; presets: {', '.join(PRESETS)}")

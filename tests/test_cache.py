@@ -59,3 +59,32 @@ def test_loading_a_cached_fused_model_marks_it_used(sd15_parts):
     assert not (cached / USED_MARKER).exists()
     load_requested_model(request)
     assert (cached / USED_MARKER).is_file()
+
+
+def test_a_model_that_runs_in_float16_is_cached_in_float16(sd15_parts):
+    import torch
+    from safetensors import safe_open
+
+    from icdcli.sources import ModelRequest, load_requested_model
+
+    parts = (
+        str(sd15_parts.base),
+        str(sd15_parts.teacher_pt),
+        str(sd15_parts.forward_lora),
+        str(sd15_parts.reverse_lora),
+    )
+    half = load_requested_model(ModelRequest(None, *parts, half=True))
+    full = load_requested_model(ModelRequest(None, *parts))
+    folders = {p.name: p for p in (cache_root() / "merged").iterdir()}
+    assert len(folders) == 2 and sum(name.endswith("-fp16") for name in folders) == 1
+    cached = next(p for name, p in folders.items() if name.endswith("-fp16"))
+    with safe_open(str(cached / "reverse_unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
+    with safe_open(str(cached / "vae" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float32  # the VAE stays float32
+    said = []
+    load_requested_model(ModelRequest(None, *parts, half=True), progress=said.append)
+    assert not any("fusing" in message for message in said)  # read from the float16 cache
+    # the fused weights agree with the float32 fusion to float16's precision
+    for a, b in zip(half.reverse_unet.parameters(), full.reverse_unet.parameters(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-3, atol=1e-4)
