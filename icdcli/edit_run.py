@@ -229,7 +229,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
         _check_writable_folder(target.parent)
         item = items[0]
-        if item.image is not None and target.resolve() == item.image.resolve():
+        if item.image is not None and os.path.realpath(target) == os.path.realpath(item.image):
             raise click.ClickException(
                 f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
@@ -383,6 +383,7 @@ class _EditRun:
         self.tally = Tally()
         self.bar: Any = None
         self.interrupts: _Interrupts | None = None
+        self.noted: set[tuple[str, str]] = set()
         self.mark = started
 
     # --- reporting ------------------------------------------------------------------------
@@ -517,6 +518,7 @@ class _EditRun:
 
         out = item.output
         wanted = self._wanted(item, input_sha, None)
+        self._note_unknown_prompts(loaded.model, wanted)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
         decision = decide(exists, existing, wanted, self.overwrite)
@@ -570,6 +572,17 @@ class _EditRun:
             "tgt": record["tgt"],
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
         }
+
+    def _note_unknown_prompts(self, model: Any, wanted: dict[str, Any]) -> None:
+        """Say once per prompt when the model knows none of its words."""
+        from .prompts import unknown_prompt_note
+
+        for flag, prompt in (("--src", wanted["src"]), ("--tgt", wanted["tgt"])):
+            if (flag, prompt) not in self.noted:
+                self.noted.add((flag, prompt))
+                note = unknown_prompt_note(model, prompt, flag)
+                if note:
+                    self._text(f"note: {note}")
 
     def _guarded(self, item: Any) -> dict[str, Any] | str:
         """`_edit_one`, with anything unforeseen that one item raises turned into that item's one-line failure."""

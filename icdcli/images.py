@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -67,6 +68,9 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
         if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
             wanted = tuple(min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
             opened.draft("RGB", wanted)
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            logging.getLogger("icd").warning("%s: animated (%d frames); its first frame is used", path, frames)
         opened.load()
         reduced = opened.size != full_size
         image = ImageOps.exif_transpose(opened) or opened
@@ -76,11 +80,28 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
     return image
 
 
+def _missing(path: Path) -> str:
+    """Why a path that does not exist as a file is missing: no such file, a dangling link, or a link loop."""
+    import errno
+    import os
+
+    if not os.path.islink(path):
+        return f"{path}: no such file"
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path}: a symbolic link that loops back on itself; point it at an image"
+        if error.errno == errno.EACCES:
+            return f"{path}: a symbolic link into a folder that cannot be read (permission denied)"
+    return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn whatever reading `path` raises into an ImageInputError that says what is wrong."""
     if not path.exists():
-        raise ImageInputError(f"{path}: no such file")
+        raise ImageInputError(_missing(path))
     if path.is_dir():
         raise ImageInputError(f"{path}: is a folder, not an image")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

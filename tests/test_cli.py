@@ -362,3 +362,32 @@ def test_the_largest_square_fits_and_the_next_does_not():
     for budget in (2**30, 16 * 2**30, 80 * 2**30):
         side = largest_square(budget, sizes)
         assert side % 64 == 0 and needed_bytes(side, side, 8) <= budget < needed_bytes(side + 64, side + 64, 8)
+
+
+def test_messages_say_what_is_wrong_with_links_prompts_frames_and_unknown_words(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    (tmp_path / "loop-a.png").symlink_to(tmp_path / "loop-b.png")
+    (tmp_path / "loop-b.png").symlink_to(tmp_path / "loop-a.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    base = ["--src", "a cat", "--tgt", "a dog", "--model", merged_dir]
+    loop = _run("edit", tmp_path / "loop-a.png", *base, "-o", tmp_path / "x.png")
+    assert loop.exit_code == 1 and "loops back on itself" in loop.stderr and "Traceback" not in loop.output
+    dangling = _run("edit", tmp_path / "dangling.png", *base, "-o", tmp_path / "x.png")
+    assert dangling.exit_code == 1 and "nowhere.png, which does not exist" in dangling.stderr
+    empty_target = _run("edit", photo, "--src", "a cat", "--tgt", "", "--model", merged_dir)
+    assert (
+        empty_target.exit_code == 1 and "--tgt is empty" in empty_target.stderr and "--src" not in empty_target.stderr
+    )
+    alone = _run("edit", photo, "--tgt", "a dog", "--model", merged_dir)
+    assert alone.exit_code == 1 and "--src is needed" in alone.stderr
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=50)
+    animated = _run("edit", tmp_path / "moving.gif", *base, "-o", tmp_path / "moving.png")
+    assert animated.exit_code == 0 and "animated (3 frames); its first frame is used" in animated.stderr
+    unknown = _run("edit", photo, "--src", "a cat", "--tgt", "🙂🙂", "--model", merged_dir, "-o", tmp_path / "u.png")
+    assert unknown.exit_code == 0 and "--tgt '🙂🙂': the model knows none of its words" in unknown.stderr
+    generated = _run("generate", "кошка", "--model", merged_dir, "-o", tmp_path / "g.png")
+    assert generated.exit_code == 0 and "PROMPT 'кошка': the model knows none of its words" in generated.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == [
+        "g.png", "moving.gif", "moving.png", "photo.png", "u.png"
+    ]  # fmt: skip
