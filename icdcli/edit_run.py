@@ -207,7 +207,11 @@ def _drop_repeats(items: list) -> list:
         if item.error is not None or item.image is None:
             kept.append(item)
             continue
-        identity = (os.path.realpath(item.image), item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
+        try:
+            where = os.path.realpath(item.image)
+        except (OSError, ValueError):
+            where = str(item.image)
+        identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
         if identity in seen:
             _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue

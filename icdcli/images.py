@@ -104,6 +104,8 @@ def _reading(path: Path) -> Iterator[None]:
         raise ImageInputError(_missing(path))
     if path.is_dir():
         raise ImageInputError(f"{path}: is a folder, not an image")
+    if not path.is_file():  # a FIFO, socket or device: opening it may block or never end
+        raise ImageInputError(f"{path}: not a regular file (a pipe, socket or device); give an image file")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -168,6 +170,8 @@ def file_sha256(path: str | Path) -> str:
 
 def read_record(path: str | Path, key: str = "icd") -> dict | None:
     """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment); None if none."""
+    if not Path(path).is_file():  # a FIFO or device would block or never end
+        return None
     try:
         with Image.open(path) as opened:
             text = opened.info.get(key)
