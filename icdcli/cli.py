@@ -614,7 +614,9 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Held-out scenes."),
         click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True, help="Images per batch."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the scenes and the noise."),
+        click.option(
+            "--seed", type=NumberType("seed"), default=0, show_default=True, help="Seed of the scenes and the noise."
+        ),
         click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"n_images": N, "rows": [...]}.'),
     ]
     for option in reversed(options):

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .cli_common import _reports_errors, _say
+from .values import NumberType
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)
@@ -45,7 +46,9 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.command("train")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/icd"))
 @click.option("--smoke", is_flag=True, help="Seconds-long configuration of every stage (checks the pipeline).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and noise.")
+@click.option(
+    "--seed", type=NumberType("seed"), default=0, show_default=True, help="Seed of data, initialisation and noise."
+)
 @click.option("--force", is_flag=True, help="Retrain stages that are already finished.")
 @click.option(
     "--variant",
@@ -54,9 +57,7 @@ def variant_settings(name: str) -> dict[str, Any]:
     help="Train an ablation variant's consistency stage only (cd2, cd3, cd4, cd4+lf, cd4+lf+lr) on the run's "
     "teacher, into RUN_DIR/variants/NAME (what `icd bench inversion --variants` reads).",
 )
-@click.option(
-    "--minutes", type=click.FloatRange(min=0.1), default=None, help="Cap on the consistency stage's wall time."
-)
+@click.option("--minutes", type=NumberType("minutes"), default=None, help="Cap on the consistency stage's wall time.")
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -64,7 +65,7 @@ def variant_settings(name: str) -> dict[str, Any]:
     help="Consistency steps to train. Given without --minutes it lifts the default 25-minute cap, so that "
     "runs (ablation variants, say) train exactly the same number of steps on any machine.",
 )
-@click.option("--edit-guidance", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+@click.option("--edit-guidance", type=NumberType("edit_guidance"), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
 @click.option("--name", default=None, help="Name recorded in the packaged model. Default: the run folder's name.")
 @_reports_errors

@@ -53,6 +53,8 @@ NUMBERS: dict[str, Bounds] = {
     "steps": Bounds(int, 1, 1000),
     "width": Bounds(int, 8, 16384),
     "height": Bounds(int, 8, 16384),
+    "minutes": Bounds(float, 0.1, 10080.0),
+    "edit_guidance": Bounds(float, 1.0, 100.0),
 }
 
 

@@ -220,6 +220,11 @@ def test_hundreds_of_bad_flag_values_are_one_line_errors_before_any_work(merged_
         assert result.exit_code != 0, (flag, value)
         _assert_clean(result)
         assert flag in result.stderr or value in result.stderr, (flag, value, result.stderr)
+    for value in ("nan", "inf", "-1", "1e400", "99999999999999999999"):
+        for args in (["bench", "inversion", "--seed", value], ["bench", "shapes-edit", "--seed", value],
+                     ["train", str(tmp_path / "run"), "--seed", value], ["train", str(tmp_path / "run"), "--minutes",
+                     value], ["train", str(tmp_path / "run"), "--edit-guidance", value]):  # fmt: skip
+            _assert_clean(runner.invoke(main, args), codes=(2,))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]  # nothing written, nothing left
 
 
@@ -416,3 +421,50 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
             summary = [_strict(line) for line in rerun.stdout.splitlines()][-1]
             assert (summary["done"], summary["skipped"]) == (4 - len(made), len(made))
             assert sorted(p.name for p in out.iterdir()) == [f"p{index}-edit.png" for index in range(4)]
+
+
+def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir, tmp_path, one_model, monkeypatch):
+    import icdcli.editing
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for index in range(6):
+        _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
+    surprises = {1: RuntimeError("a library's surprise"), 3: MemoryError(), 4: ZeroDivisionError("division by zero")}
+    real_edit, calls = icdcli.editing.edit, {"n": 0}
+
+    def surprising(*args, **kwargs):
+        index, calls["n"] = calls["n"], calls["n"] + 1
+        if index in surprises:
+            raise surprises[index]
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(icdcli.editing, "edit", surprising)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["edit", str(photos), "-o", str(out), "--src", "a cat", "--tgt", "a dog",
+                                       "--model", str(merged_dir), "--json"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output and "3 of 6 inputs failed" in result.stderr
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["done", "failed", "done", "failed", "failed", "done", "summary"]
+    assert "RuntimeError: a library's surprise" in records[1]["error"] and "MemoryError" in records[3]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["p0-edit.png", "p2-edit.png", "p5-edit.png"]
+
+
+@pytest.mark.parametrize("command", ["generate", "invert"])
+def test_sigterm_in_generate_and_invert_exits_143_and_leaves_nothing(merged_dir, tmp_path, one_model, monkeypatch,
+                                                                       command):  # fmt: skip
+    import icdcli.editing
+
+    name = "generate" if command == "generate" else "invert"
+    real = getattr(icdcli.editing, name)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(icdcli.editing, name, terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, _command(command, tmp_path, merged_dir))
+    assert result.exit_code == 143 and "terminated" in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler from before the command is back
