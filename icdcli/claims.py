@@ -14,6 +14,7 @@ is gone: what a killed run left behind. Nothing else is touched. Where advisory 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -33,15 +34,26 @@ _PART = re.compile(r"^\..+\.icd-(\d+)-[0-9a-f]+\.part$")
 _CLAIM = re.compile(r"^\..+\.icd-claim$")
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the exclusive advisory lock of an open file without waiting; False when another holds it."""
+LOCKED, HELD, UNSUPPORTED = "locked", "held", "unsupported"
+
+
+def _lock(fd: int) -> str:
+    """Take the exclusive advisory lock of an open file without waiting: LOCKED, HELD (another process has
+    it) or UNSUPPORTED (no advisory locks here: some network file systems)."""
     if fcntl is None:
-        return True
+        return UNSUPPORTED
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+    except BlockingIOError:
+        return HELD
+    except OSError as error:
+        return HELD if error.errno in (errno.EAGAIN, errno.EACCES) else UNSUPPORTED
+    return LOCKED
+
+
+def _try_lock(fd: int) -> bool:
+    """Whether this process may go on as the holder: it took the lock, or locks do not exist here."""
+    return _lock(fd) != HELD
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -175,7 +187,7 @@ def sweep(folder: Path) -> list[Path]:
         except OSError:
             continue
         try:
-            if _try_lock(fd) and _same_file(fd, entry):
+            if _lock(fd) == LOCKED and _same_file(fd, entry):  # never on a file system without locks
                 entry.unlink()
                 removed.append(entry)
         except OSError:
