@@ -52,6 +52,7 @@ from .manifest import (
     GUIDANCE_CFG,
     GUIDANCE_EMBEDDING,
     GUIDANCE_FOLDED,
+    MANIFEST,
     P2P_BATCH,
     P2P_CONTROL_INPUTS,
     PRECISIONS,
@@ -441,7 +442,7 @@ def export_model(
     sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
     sizes |= {HEIGHT: EXAMPLE_LATENT * factor, WIDTH: EXAMPLE_LATENT * factor}
     graphs: dict[str, GraphSpec] = {}
-    with atomic_folder(out_dir) as staging:
+    with atomic_folder(out_dir, markers=(MANIFEST,)) as staging:  # never over a model folder or the user's own
         for spec, build in plan_graphs(model, precision, include_teacher, p2p):
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()

@@ -391,3 +391,26 @@ def test_messages_say_what_is_wrong_with_links_prompts_frames_and_unknown_words(
     assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == [
         "g.png", "moving.gif", "moving.png", "photo.png", "u.png"
     ]  # fmt: skip
+
+
+def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
+    from icdcli.atomic import atomic_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"irreplaceable")
+    with pytest.raises(FileExistsError, match="not made by icd"), atomic_folder(mine) as staging:
+        (staging / "icd.json").write_text("{}")
+    model_folder = tmp_path / "model"
+    with atomic_folder(model_folder) as staging:  # new, then replaced: icd made it
+        (staging / "icd.json").write_text("{}")
+    with atomic_folder(model_folder) as staging:
+        (staging / "icd.json").write_text('{"second": 1}')
+    assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
+    exported = _run("export", "--model", merged_dir, "--out", mine)
+    assert exported.exit_code == 1 and "not made by icd" in exported.stderr and "Traceback" not in exported.output
+    over_model = _run("export", "--model", merged_dir, "--out", model_folder)  # an export never replaces a model
+    assert over_model.exit_code == 1 and "manifest.json" in over_model.stderr
+    assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable"
+    assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folders left
