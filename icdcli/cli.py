@@ -40,6 +40,7 @@ from .outputs import (
     emit,
     existing_record,
     reported_failure,
+    reports_json_failures,
 )
 from .values import NumberType, strict_json
 
@@ -207,6 +208,7 @@ def main() -> None:
 )
 @sampler_options
 @model_options
+@reports_json_failures
 @_reports_errors
 def edit(
     images: tuple[Path, ...],

@@ -254,6 +254,12 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
 
 
+class _Reported(click.ClickException):
+    """An error whose items --json has reported already (no second JSON line for it)."""
+
+    reported = True
+
+
 class _ItemFailed(Exception):
     """One item cannot be made; `fatal` stops the whole run (a full disk, say)."""
 
@@ -621,7 +627,7 @@ class _EditRun:
             if not self.batch:
                 if self.as_json:
                     self._failed(item, str(failure))
-                raise click.ClickException(str(failure)) from None
+                raise _Reported(str(failure)) from None
             self._failed(item, str(failure))
             return not failure.fatal
         if isinstance(outcome, str):
@@ -691,6 +697,6 @@ class _EditRun:
         if interrupted:
             sys.exit(code)
         if stopped:
-            raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
+            raise _Reported("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.tally.failed:
-            raise click.ClickException(f"{self.tally.failed} of {total} inputs failed")
+            raise _Reported(f"{self.tally.failed} of {total} inputs failed")

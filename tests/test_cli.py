@@ -414,3 +414,21 @@ def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
     assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable"
     assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folders left
+
+
+def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    cases = [
+        (["edit", photo, "--src", "a cat", "--model", merged_dir], "--tgt is needed"),
+        (["edit", tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir], "no such file"),
+        (["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", "/proc/x/"], "cannot be"),
+        (["edit", "--spec", tmp_path / "none.jsonl", "--model", merged_dir], "no such file"),
+    ]
+    for args, message in cases:
+        result = _run(*args, "--json")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        (line,) = _strict_lines(result)
+        assert line["status"] == "failed" and message in line["error"] and {"input", "output"} <= line.keys(), line
+    batch = _run("edit", photo, tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,
+                 "-o", tmp_path / "out", "--json")  # fmt: skip
+    assert [line["status"] for line in _strict_lines(batch)] == ["done", "failed", "summary"]
