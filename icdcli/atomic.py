@@ -6,11 +6,10 @@ import contextlib
 import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .claims import temporary_beside
+from .claims import folder_beside, sweep, temporary_beside
 
 
 def _umask() -> int:
@@ -60,17 +59,18 @@ def atomic_folder(target: str | Path, markers: tuple[str, ...] = ICD_FOLDER_MARK
     target = Path(target)
     _refuse_foreign_folder(target, markers)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            target.rename(retired / target.name)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    sweep(target.parent)  # staging folders of writes that were killed
+    with folder_beside(target) as staging:
+        staging.chmod(0o755)  # made private; the result is an ordinary folder
+        try:
+            yield staging
+            if target.exists():
+                with folder_beside(target, ".old") as retired:
+                    target.rename(retired / target.name)
+                    staging.rename(target)
+                    shutil.rmtree(retired, ignore_errors=True)
+            else:
+                staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Files icd keeps beside its outputs while it works, and how it recognises the ones a dead run left.
 
 - Temporary files: `.<name>.icd-<pid>-<random>.part`, written and renamed onto `<name>`; the writer holds
-  an advisory lock (flock) on it while it lives.
+  an advisory lock (flock) on it while it lives. Staging folders of `atomic_folder` are named alike.
 - Claims: `.<name>.icd-claim`, created and locked by the process making `<name>`, so that concurrent runs
   into one folder share the work: a process that cannot lock an output's claim leaves that output to its
   owner. A lock dies with its process, even one killed by SIGKILL.
@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +107,27 @@ def temporary_beside(target: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def folder_beside(target: Path, role: str = "") -> Iterator[Path]:
+    """A new, locked, private folder in `target`'s folder named like a temporary file; the caller removes or
+    renames it (a sweep removes it once this process is gone)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}{role}.icd-{os.getpid()}-{secrets.token_hex(4)}{PART_SUFFIX}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - a hundred random names taken
+        raise FileExistsError(f"no free temporary name beside {target}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _try_lock(fd)
+        yield path
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Claim:
     """The lock on one output, held until `release`."""
@@ -188,7 +210,10 @@ def sweep(folder: Path) -> list[Path]:
             continue
         try:
             if _lock(fd) == LOCKED and _same_file(fd, entry):  # never on a file system without locks
-                entry.unlink()
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
                 removed.append(entry)
         except OSError:
             pass

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -432,3 +433,19 @@ def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_di
     batch = _run("edit", photo, tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,
                  "-o", tmp_path / "out", "--json")  # fmt: skip
     assert [line["status"] for line in _strict_lines(batch)] == ["done", "failed", "summary"]
+
+
+def test_staging_folders_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
+    from icdcli.atomic import atomic_folder
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+    stale = tmp_path / f".model.icd-{dead}-0badcafe.part"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "weights.safetensors").write_bytes(b"half")
+    live = tmp_path / f".other.icd-{os.getpid()}-0000aaaa.part"  # this process lives: not stale
+    live.mkdir()
+    with atomic_folder(tmp_path / "model") as staging:
+        assert staging.name.startswith(".model.icd-") and staging.name.endswith(".part")
+        (staging / "icd.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model"]
