@@ -545,7 +545,7 @@ def export_model(
     factor = model.vae_scale_factor
     sizes = _example_sizes(factor)
     graphs: dict[str, GraphSpec] = {}
-    with atomic_folder(out_dir) as staging:
+    with atomic_folder(out_dir, markers=(MANIFEST,)) as staging:  # never over a model folder or the user's own
         for spec, build in plan_graphs(model, precision, include_teacher, p2p):
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()

@@ -134,6 +134,9 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     for name in ("src", "tgt", "output", "blended_word"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
+    for name in ("image", "output"):
+        if "\x00" in (raw.get(name) or ""):
+            return Item(label, key, row=row, error=f"{label}: {name} holds a NUL character, which no path can")
     try:
         guidance = _number(raw.get("guidance"), "guidance")
         tau = _number(raw.get("tau"), "tau")

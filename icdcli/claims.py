@@ -1,7 +1,7 @@
 """Files icd keeps beside its outputs while it works, and how it recognises the ones a dead run left.
 
 - Temporary files: `.<name>.icd-<pid>-<random>.part`, written and renamed onto `<name>`; the writer holds
-  an advisory lock (flock) on it while it lives.
+  an advisory lock (flock) on it while it lives. Staging folders of `atomic_folder` are named alike.
 - Claims: `.<name>.icd-claim`, created and locked by the process making `<name>`, so that concurrent runs
   into one folder share the work: a process that cannot lock an output's claim leaves that output to its
   owner. A lock dies with its process, even one killed by SIGKILL.
@@ -14,9 +14,11 @@ is gone: what a killed run left behind. Nothing else is touched. Where advisory 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,15 +35,26 @@ _PART = re.compile(r"^\..+\.icd-(\d+)-[0-9a-f]+\.part$")
 _CLAIM = re.compile(r"^\..+\.icd-claim$")
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the exclusive advisory lock of an open file without waiting; False when another holds it."""
+LOCKED, HELD, UNSUPPORTED = "locked", "held", "unsupported"
+
+
+def _lock(fd: int) -> str:
+    """Take the exclusive advisory lock of an open file without waiting: LOCKED, HELD (another process has
+    it) or UNSUPPORTED (no advisory locks here: some network file systems)."""
     if fcntl is None:
-        return True
+        return UNSUPPORTED
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+    except BlockingIOError:
+        return HELD
+    except OSError as error:
+        return HELD if error.errno in (errno.EAGAIN, errno.EACCES) else UNSUPPORTED
+    return LOCKED
+
+
+def _try_lock(fd: int) -> bool:
+    """Whether this process may go on as the holder: it took the lock, or locks do not exist here."""
+    return _lock(fd) != HELD
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -91,6 +104,27 @@ def temporary_beside(target: Path) -> Iterator[Path]:
         if _same_file(fd, path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_beside(target: Path, role: str = "") -> Iterator[Path]:
+    """A new, locked, private folder in `target`'s folder named like a temporary file; the caller removes or
+    renames it (a sweep removes it once this process is gone)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}{role}.icd-{os.getpid()}-{secrets.token_hex(4)}{PART_SUFFIX}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover - a hundred random names taken
+        raise FileExistsError(f"no free temporary name beside {target}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _try_lock(fd)
+        yield path
+    finally:
         os.close(fd)
 
 
@@ -175,8 +209,11 @@ def sweep(folder: Path) -> list[Path]:
         except OSError:
             continue
         try:
-            if _try_lock(fd) and _same_file(fd, entry):
-                entry.unlink()
+            if _lock(fd) == LOCKED and _same_file(fd, entry):  # never on a file system without locks
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
                 removed.append(entry)
         except OSError:
             pass

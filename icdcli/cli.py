@@ -45,6 +45,7 @@ from .outputs import (
     emit,
     existing_record,
     reported_failure,
+    reports_json_failures,
 )
 from .values import NumberType, strict_json
 
@@ -57,7 +58,7 @@ def _check_prompt(value: str, flag: str) -> str:
 
 def _unique(path: Path, taken: set[Path]) -> Path:
     candidate, counter = path, 1
-    while candidate.resolve() in taken or candidate.exists():
+    while Path(os.path.realpath(candidate)) in taken or os.path.lexists(candidate):
         candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
         counter += 1
     return candidate
@@ -75,12 +76,12 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
     `output` is a file for one input, a folder for several (or when it ends in a separator or is
     an existing folder); a missing output folder is created when its parent exists.
     """
-    input_set = {path.resolve() for path in inputs}
+    input_set = {Path(os.path.realpath(path)) for path in inputs}
     if output is not None:
         target = Path(output)
         if not (target.is_dir() or len(inputs) > 1 or output.endswith(("/", os.sep))):
             _check_writable_folder(target.parent)
-            if target.resolve() in input_set:
+            if Path(os.path.realpath(target)) in input_set:
                 raise click.ClickException(
                     f"-o {output} is one of the inputs: choose another name, inputs are never replaced"
                 )
@@ -93,9 +94,9 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
         folder = Path(output) if output is not None else path.parent
         _check_writable_folder(folder)
         chosen = folder / f"{path.stem}{suffix}"
-        if chosen.resolve() in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
+        if Path(os.path.realpath(chosen)) in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
             chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
-        taken.add(chosen.resolve())
+        taken.add(Path(os.path.realpath(chosen)))
         planned.append(chosen)
     return planned
 
@@ -268,6 +269,7 @@ def main() -> None:
 )
 @sampler_options
 @model_options
+@reports_json_failures
 @_reports_errors
 def edit(
     images: tuple[Path, ...],
@@ -329,11 +331,15 @@ def edit(
         images, settings, expected_hash = _apply_record(from_record, images, settings, model_opts)
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
-    if spec is None and (settings.source is None or settings.target is None):
-        raise click.ClickException("--src and --tgt are needed (or a --spec whose rows give src and tgt)")
     for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
         if value is not None:
             _check_prompt(value, flag)
+    missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
+    if spec is None and missing:
+        raise click.ClickException(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
+            "--tgt the result (or give a --spec whose rows give src and tgt)"
+        )
     from .batch import SpecError, parse_shard, select_shard
 
     try:
@@ -467,6 +473,7 @@ def _invert(
     model = loaded.model
     if how.seed is None:  # the model's recipe, as icd edit inverts
         how = SeedAndSampler(model.info.edit.seed, how.sampler, how.ddim_steps)
+    _note_unknown_prompt(model, prompt, "--prompt")
     steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
     record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
               "seed": how.seed, "input": str(image.absolute()), "input_sha256": input_sha}  # fmt: skip
@@ -558,6 +565,14 @@ def _check_size(size: tuple[int, int], model: Any) -> None:
     problem = size_problem(*size, sizes, _memory_budget(str(model.device)))
     if problem:
         raise click.UsageError(problem)
+
+
+def _note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
+    from .prompts import unknown_prompt_note
+
+    note = unknown_prompt_note(model, prompt, flag)
+    if note:
+        _say(f"note: {note}")
 
 
 def _model_record(loaded: Any) -> dict[str, Any]:
@@ -664,6 +679,7 @@ def generate(
 
         loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
         model = loaded.model
+        _note_unknown_prompt(model, prompt, "PROMPT")
         size = (width or model.info.native_size, height or model.info.native_size)
         _check_size(size, model)
         w = guidance if guidance is not None else model.info.generate_guidance
@@ -705,7 +721,9 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="Held-out scenes."),
         click.option("--batch", type=click.IntRange(min=1), default=50, show_default=True, help="Images per batch."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the scenes and the noise."),
+        click.option(
+            "--seed", type=NumberType("seed"), default=0, show_default=True, help="Seed of the scenes and the noise."
+        ),
         click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"n_images": N, "rows": [...]}.'),
     ]
     for option in reversed(options):

@@ -83,6 +83,8 @@ def _os_error_line(error: OSError) -> str:
     """An OSError as one line: the path it concerns, the reason, and what to check."""
     path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
     reason = error.strerror or str(error) or type(error).__name__
+    if ";" in reason:  # the reason says what to do already
+        return f"{path}: {reason}" if path else reason
     return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from .cli_common import _reports_errors, _say
+from .values import NumberType
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)
@@ -88,7 +89,9 @@ def variant_settings(name: str) -> dict[str, Any]:
 @click.command("train")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/icd"))
 @click.option("--smoke", is_flag=True, help="Seconds-long configuration of every stage (checks the pipeline).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and noise.")
+@click.option(
+    "--seed", type=NumberType("seed"), default=0, show_default=True, help="Seed of data, initialisation and noise."
+)
 @click.option(
     "--force",
     is_flag=True,
@@ -104,7 +107,7 @@ def variant_settings(name: str) -> dict[str, Any]:
 )
 @click.option(
     "--minutes",
-    type=click.FloatRange(min=0.1),
+    type=NumberType("minutes"),
     default=None,
     help="Cap on the consistency stage's wall time in this run (a resumed stage gets the cap again).",
 )
@@ -115,7 +118,7 @@ def variant_settings(name: str) -> dict[str, Any]:
     help="Consistency steps to train. Given without --minutes it lifts the default 25-minute cap, so that "
     "runs (ablation variants, say) train exactly the same number of steps on any machine.",
 )
-@click.option("--edit-guidance", type=click.FloatRange(min=1.0), default=8.0, show_default=True,
+@click.option("--edit-guidance", type=NumberType("edit_guidance"), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
 @click.option("--name", default=None, help="Name recorded in the packaged model. Default: the run folder's name.")
 @click.option(

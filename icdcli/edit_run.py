@@ -205,7 +205,11 @@ def _drop_repeats(items: list) -> list:
         if item.error is not None or item.image is None:
             kept.append(item)
             continue
-        identity = (os.path.realpath(item.image), item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
+        try:
+            where = os.path.realpath(item.image)
+        except (OSError, ValueError):
+            where = str(item.image)
+        identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
         if identity in seen:
             _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue
@@ -227,7 +231,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
         _check_writable_folder(target.parent)
         item = items[0]
-        if item.image is not None and target.resolve() == item.image.resolve():
+        if item.image is not None and os.path.realpath(target) == os.path.realpath(item.image):
             raise click.ClickException(
                 f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
@@ -246,6 +250,12 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
 
 
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
+
+
+class _Reported(click.ClickException):
+    """An error whose items --json has reported already (no second JSON line for it)."""
+
+    reported = True
 
 
 class _ItemFailed(Exception):
@@ -382,6 +392,7 @@ class _EditRun:
         self.tally = Tally()
         self.bar: Any = None
         self.interrupts: _Interrupts | None = None
+        self.noted: set[tuple[str, str]] = set()
         self.mark = started
 
     # --- reporting ------------------------------------------------------------------------
@@ -532,6 +543,7 @@ class _EditRun:
 
         out = item.output
         wanted = self._wanted(item, input_sha, None)
+        self._note_unknown_prompts(loaded.model, wanted)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
         decision = decide(exists, existing, wanted, self.overwrite)
@@ -586,6 +598,17 @@ class _EditRun:
             "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
         }
 
+    def _note_unknown_prompts(self, model: Any, wanted: dict[str, Any]) -> None:
+        """Say once per prompt when the model knows none of its words."""
+        from .prompts import unknown_prompt_note
+
+        for flag, prompt in (("--src", wanted["src"]), ("--tgt", wanted["tgt"])):
+            if (flag, prompt) not in self.noted:
+                self.noted.add((flag, prompt))
+                note = unknown_prompt_note(model, prompt, flag)
+                if note:
+                    self._text(f"note: {note}")
+
     def _guarded(self, item: Any) -> dict[str, Any] | str:
         """`_edit_one`, with anything unforeseen that one item raises turned into that item's one-line failure."""
         try:
@@ -619,7 +642,7 @@ class _EditRun:
             if not self.batch:
                 if self.as_json:
                     self._failed(item, str(failure))
-                raise click.ClickException(str(failure)) from None
+                raise _Reported(str(failure)) from None
             self._failed(item, str(failure))
             return not failure.fatal
         if isinstance(outcome, str):
@@ -689,6 +712,6 @@ class _EditRun:
         if interrupted:
             sys.exit(code)
         if stopped:
-            raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
+            raise _Reported("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.tally.failed:
-            raise click.ClickException(f"{self.tally.failed} of {total} inputs failed")
+            raise _Reported(f"{self.tally.failed} of {total} inputs failed")

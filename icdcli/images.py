@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -67,6 +68,9 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
         if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
             wanted = tuple(min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
             opened.draft("RGB", wanted)
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            logging.getLogger("icd").warning("%s: animated (%d frames); its first frame is used", path, frames)
         opened.load()
         reduced = opened.size != full_size
         image = ImageOps.exif_transpose(opened) or opened
@@ -76,13 +80,32 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
     return image
 
 
+def _missing(path: Path) -> str:
+    """Why a path that does not exist as a file is missing: no such file, a dangling link, or a link loop."""
+    import errno
+    import os
+
+    if not os.path.islink(path):
+        return f"{path}: no such file"
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path}: a symbolic link that loops back on itself; point it at an image"
+        if error.errno == errno.EACCES:
+            return f"{path}: a symbolic link into a folder that cannot be read (permission denied)"
+    return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn whatever reading `path` raises into an ImageInputError that says what is wrong."""
     if not path.exists():
-        raise ImageInputError(f"{path}: no such file")
+        raise ImageInputError(_missing(path))
     if path.is_dir():
         raise ImageInputError(f"{path}: is a folder, not an image")
+    if not path.is_file():  # a FIFO, socket or device: opening it may block or never end
+        raise ImageInputError(f"{path}: not a regular file (a pipe, socket or device); give an image file")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -147,6 +170,8 @@ def file_sha256(path: str | Path) -> str:
 
 def read_record(path: str | Path, key: str = "icd") -> dict | None:
     """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment); None if none."""
+    if not Path(path).is_file():  # a FIFO or device would block or never end
+        return None
     try:
         with Image.open(path) as opened:
             text = opened.info.get(key)

@@ -8,8 +8,9 @@ one made by icd with the same parameters is skipped; any other is refused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +75,30 @@ def emit(as_json: bool, record: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def reported_failure(as_json: bool, input_: str, output: Path | str | None) -> Iterator[None]:
-    """With --json, a failure also prints its JSON line (status failed, error) before the one-line error."""
+def reported_failure(as_json: bool, input_: str | None, output: Path | str | None) -> Iterator[None]:
+    """With --json, a failure also prints its JSON line (status failed, error) before the one-line error, unless
+    the error says it was reported already (`reported`)."""
     from .errors import ICDError
     from .values import strict_json
 
     try:
         yield
     except (click.ClickException, ICDError) as error:
-        if as_json:
+        if as_json and not getattr(error, "reported", False):
             message = error.format_message() if isinstance(error, click.ClickException) else str(error)
             line = {"status": "failed", "input": input_, "output": None if output is None else str(output)}
             click.echo(strict_json({**line, "error": message}))
         raise
+
+
+def reports_json_failures(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`reported_failure` around a command whose parameters are `as_json`, `output` and `images` or `spec`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        images, spec = kwargs.get("images") or (), kwargs.get("spec")
+        given = str(images[0]) if len(images) == 1 else None if spec is None else str(spec)
+        with reported_failure(bool(kwargs.get("as_json")), given, kwargs.get("output")):
+            return command(*args, **kwargs)
+
+    return wrapper

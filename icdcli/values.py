@@ -53,6 +53,8 @@ NUMBERS: dict[str, Bounds] = {
     "steps": Bounds(int, 1, 1000),
     "width": Bounds(int, 8, 16384),
     "height": Bounds(int, 8, 16384),
+    "minutes": Bounds(float, 0.1, 10080.0),
+    "edit_guidance": Bounds(float, 1.0, 100.0),
 }
 
 
@@ -62,6 +64,8 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, float):
         return int(value) if math.isfinite(value) and value.is_integer() else None
     text = str(value).strip().replace("_", "")
+    if not text.isascii():  # Python reads other scripts' digits too; a number here is written in ASCII
+        return None
     try:
         return int(text)
     except ValueError:
@@ -74,6 +78,8 @@ def _as_int(value: Any) -> int | None:
 
 
 def _as_float(value: Any) -> float | None:
+    if isinstance(value, str) and not value.isascii():
+        return None
     try:
         return float(value if isinstance(value, (int, float)) else str(value).strip())
     except (TypeError, ValueError, OverflowError):

@@ -538,3 +538,28 @@ def test_damaged_onnx_file_says_what_to_do(tmp_path):
     junk.write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ICDError, match="delete the folder .*export and run again"):
         OrtGraph(junk, None, torch.device("cpu"), 8)
+
+
+def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):
+    from icdcli import claims
+
+    output = tmp_path / "x-edit.png"
+    mine = claims.claim(output)
+    assert mine is not None and claims.claim_owner(output) == str(os.getpid())
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from icdcli.claims import "
+                            f"claim; sys.exit(0 if claim(Path({str(output)!r})) is None else 1)"])  # fmt: skip
+    assert other.returncode == 0  # another process cannot claim what this one holds
+    assert claims.sweep(tmp_path) == []  # a held claim is not stale
+    mine.release()
+    assert list(tmp_path.iterdir()) == []
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(claims.fcntl, "flock", no_locks)
+    unlocked = claims.claim(output)  # without locks every process goes on (as before claims existed)
+    assert unlocked is not None
+    stray = tmp_path / ".y.png.icd-claim"
+    stray.write_bytes(b"")
+    assert claims.sweep(tmp_path) == [] and stray.exists()  # and nothing is swept where no lock can tell
+    unlocked.release()

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -363,3 +364,89 @@ def test_the_largest_square_fits_and_the_next_does_not():
     for budget in (2**30, 16 * 2**30, 80 * 2**30):
         side = largest_square(budget, sizes)
         assert side % 64 == 0 and needed_bytes(side, side, 8) <= budget < needed_bytes(side + 64, side + 64, 8)
+
+
+def test_messages_say_what_is_wrong_with_links_prompts_frames_and_unknown_words(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    (tmp_path / "loop-a.png").symlink_to(tmp_path / "loop-b.png")
+    (tmp_path / "loop-b.png").symlink_to(tmp_path / "loop-a.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    base = ["--src", "a cat", "--tgt", "a dog", "--model", merged_dir]
+    loop = _run("edit", tmp_path / "loop-a.png", *base, "-o", tmp_path / "x.png")
+    assert loop.exit_code == 1 and "loops back on itself" in loop.stderr and "Traceback" not in loop.output
+    dangling = _run("edit", tmp_path / "dangling.png", *base, "-o", tmp_path / "x.png")
+    assert dangling.exit_code == 1 and "nowhere.png, which does not exist" in dangling.stderr
+    empty_target = _run("edit", photo, "--src", "a cat", "--tgt", "", "--model", merged_dir)
+    assert (
+        empty_target.exit_code == 1 and "--tgt is empty" in empty_target.stderr and "--src" not in empty_target.stderr
+    )
+    alone = _run("edit", photo, "--tgt", "a dog", "--model", merged_dir)
+    assert alone.exit_code == 1 and "--src is needed" in alone.stderr
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=50)
+    animated = _run("edit", tmp_path / "moving.gif", *base, "-o", tmp_path / "moving.png")
+    assert animated.exit_code == 0 and "animated (3 frames); its first frame is used" in animated.stderr
+    unknown = _run("edit", photo, "--src", "a cat", "--tgt", "🙂🙂", "--model", merged_dir, "-o", tmp_path / "u.png")
+    assert unknown.exit_code == 0 and "--tgt '🙂🙂': the model knows none of its words" in unknown.stderr
+    generated = _run("generate", "кошка", "--model", merged_dir, "-o", tmp_path / "g.png")
+    assert generated.exit_code == 0 and "PROMPT 'кошка': the model knows none of its words" in generated.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == [
+        "g.png", "moving.gif", "moving.png", "photo.png", "u.png"
+    ]  # fmt: skip
+
+
+def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
+    from icdcli.atomic import atomic_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"irreplaceable")
+    with pytest.raises(FileExistsError, match="not made by icd"), atomic_folder(mine) as staging:
+        (staging / "icd.json").write_text("{}")
+    model_folder = tmp_path / "model"
+    with atomic_folder(model_folder) as staging:  # new, then replaced: icd made it
+        (staging / "icd.json").write_text("{}")
+    with atomic_folder(model_folder) as staging:
+        (staging / "icd.json").write_text('{"second": 1}')
+    assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
+    exported = _run("export", "--model", merged_dir, "--out", mine)
+    assert exported.exit_code == 1 and "not made by icd" in exported.stderr and "Traceback" not in exported.output
+    over_model = _run("export", "--model", merged_dir, "--out", model_folder)  # an export never replaces a model
+    assert over_model.exit_code == 1 and "manifest.json" in over_model.stderr
+    assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable"
+    assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folders left
+
+
+def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_dir, tmp_path):
+    photo = _photo(tmp_path / "photo.png")
+    cases = [
+        (["edit", photo, "--src", "a cat", "--model", merged_dir], "--tgt is needed"),
+        (["edit", tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir], "no such file"),
+        (["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", "/proc/x/"], "cannot be"),
+        (["edit", "--spec", tmp_path / "none.jsonl", "--model", merged_dir], "no such file"),
+    ]
+    for args, message in cases:
+        result = _run(*args, "--json")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        (line,) = _strict_lines(result)
+        assert line["status"] == "failed" and message in line["error"] and {"input", "output"} <= line.keys(), line
+    batch = _run("edit", photo, tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,
+                 "-o", tmp_path / "out", "--json")  # fmt: skip
+    assert [line["status"] for line in _strict_lines(batch)] == ["done", "failed", "summary"]
+
+
+def test_staging_folders_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
+    from icdcli.atomic import atomic_folder
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+    stale = tmp_path / f".model.icd-{dead}-0badcafe.part"
+    (stale / "unet").mkdir(parents=True)
+    (stale / "unet" / "weights.safetensors").write_bytes(b"half")
+    live = tmp_path / f".other.icd-{os.getpid()}-0000aaaa.part"  # this process lives: not stale
+    live.mkdir()
+    with atomic_folder(tmp_path / "model") as staging:
+        assert staging.name.startswith(".model.icd-") and staging.name.endswith(".part")
+        (staging / "icd.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model"]

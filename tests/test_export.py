@@ -161,11 +161,14 @@ def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     with atomic_folder(target) as staging:
-        (staging / "done").write_text("ok")
+        (staging / "manifest.json").write_text("{}")  # what icd writes into an export: it may be replaced
     with atomic_folder(target) as staging:
         (staging / "again").write_text("ok")
     assert [p.name for p in target.iterdir()] == ["again"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    with pytest.raises(FileExistsError), atomic_folder(target) as staging:  # "again" has no manifest: not icd's
+        (staging / "third").write_text("ok")
+    assert [p.name for p in target.iterdir()] == ["again"]
 
 
 def test_external_data_round_trip(sd15_export, tmp_path):

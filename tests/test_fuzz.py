@@ -133,3 +133,338 @@ def test_two_hundred_malformed_inputs_in_one_batch(merged_dir, tmp_path):
         assert by_input[name]["status"] == "done", by_input[name]
     for name, expected in (("size-1x300.png", "too small"), ("empty.png", "not an image"), ("text.webp", "not an")):
         assert expected in by_input[name]["error"]
+
+
+# --- hundreds of bad values, rows, records, file-system states and signals ---------------------------------
+#
+# Every case runs in this process through click's test runner with one loaded model, shared: a usage error
+# costs milliseconds, a bad row fails before any network runs, and the few good items run the tiny model.
+
+import os  # noqa: E402
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import PngImagePlugin  # noqa: E402
+
+BAD_NUMBERS = ["nan", "-nan", "inf", "-inf", "Infinity", "1e308", "-1e308", "1e400", "99999999999999999999", "-1",
+               "-0.5", "abc", "", " ", "0x1p3", "1,5", "1..2", "--", "None", "true", "1e", "½", "٣"]  # fmt: skip
+NUMBER_FLAGS = {
+    "edit": ["--guidance", "--tau", "--cross-replace", "--self-replace", "--blend-threshold", "--seed", "--ddim-steps"],
+    "generate": ["--guidance", "--tau", "--seed", "--width", "--height", "--ddim-steps"],
+    "invert": ["--guidance", "--tau", "--seed", "--ddim-steps"],
+}
+OTHER_BAD_FLAGS = [
+    ("edit", "--method", "teleport"), ("edit", "--sampler", "euler"), ("edit", "--precision", "fp8"),
+    ("edit", "--backend", "openvino"), ("edit", "--shard", "3/2"), ("edit", "--shard", "x"),
+    ("edit", "--shard", "-1/2"), ("edit", "--shard", "1/0"), ("edit", "--amplify", "dog"),
+    ("edit", "--amplify", "=2"), ("edit", "--amplify", "dog=nan"), ("edit", "--amplify", "dog=inf"),
+    ("edit", "--amplify", "dog=-1"), ("edit", "--amplify", "dog=1e308"), ("edit", "--amplify", "dog=x"),
+    ("edit", "--device", "quantum"), ("generate", "--device", "cuda:99x"), ("invert", "--sampler", "x"),
+    ("edit", "--from", "/nonexistent/x.png"), ("edit", "--spec", "/nonexistent/x.jsonl"),
+    ("edit", "--spec", "/etc/hostname"), ("edit", "--spec", "/"),
+]  # fmt: skip
+
+
+def _strict(text):
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _assert_clean(result, codes=(1, 2)):
+    """A one-line error, no traceback, and on stdout nothing but strict JSON."""
+    assert isinstance(result.exception, SystemExit), result.output  # not an exception nobody caught
+    assert result.exit_code in codes, result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error")]) == 1, result.stderr
+    for line in result.stdout.splitlines():
+        _strict(line)
+
+
+def _command(name, folder, model):
+    photo = folder / "photo.png"
+    if not photo.exists():
+        _base(np.random.default_rng(0), 40, 24).save(photo)
+    return {
+        "edit": ["edit", str(photo), "--src", "a cat", "--tgt", "a dog", "-o", str(folder / "out.png")],
+        "generate": ["generate", "a cat", "-o", str(folder / "out.png")],
+        "invert": ["invert", str(photo), "--prompt", "a cat", "-o", str(folder / "out.safetensors")],
+    }[name] + ["--model", str(model), "--json"]
+
+
+@pytest.fixture(scope="module")
+def shared_model(merged_dir):
+    from icdcli.models import load_merged
+
+    return load_merged(merged_dir, need_teacher=True)
+
+
+@pytest.fixture
+def one_model(shared_model, monkeypatch):
+    """Every command of the test loads this one model instead of reading it from disk again."""
+    import icdcli.sources
+
+    monkeypatch.setattr(icdcli.sources, "load_requested_model", lambda *args, **kwargs: shared_model)
+    return shared_model
+
+
+def test_hundreds_of_bad_flag_values_are_one_line_errors_before_any_work(merged_dir, tmp_path, one_model):
+    cases = [(c, f, v) for c, flags in NUMBER_FLAGS.items() for f in flags for v in BAD_NUMBERS]
+    cases += OTHER_BAD_FLAGS
+    assert len(cases) >= 300
+    runner = CliRunner()
+    for command, flag, value in cases:
+        result = runner.invoke(main, [*_command(command, tmp_path, merged_dir), flag, value])
+        assert result.exit_code != 0, (flag, value)
+        _assert_clean(result)
+        assert flag in result.stderr or value in result.stderr, (flag, value, result.stderr)
+    for value in ("nan", "inf", "-1", "1e400", "99999999999999999999"):
+        for args in (["bench", "inversion", "--seed", value], ["bench", "shapes-edit", "--seed", value],
+                     ["train", str(tmp_path / "run"), "--seed", value], ["train", str(tmp_path / "run"), "--minutes",
+                     value], ["train", str(tmp_path / "run"), "--edit-guidance", value]):  # fmt: skip
+            _assert_clean(runner.invoke(main, args), codes=(2,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]  # nothing written, nothing left
+
+
+def _bad_rows(rng):
+    """(row text, why it fails) of spec rows that must fail on their own."""
+    good = {"image": "photo.png", "src": "a cat", "tgt": "a dog"}
+    rows = []
+    for field in ("guidance", "tau", "seed"):
+        for value in (*BAD_NUMBERS[:-3], True, False, [1], {"a": 1}, 10**25, -(10**25), 1e308, -1.5):
+            if value in ("", " "):  # an empty cell means "the flag's value", not an error
+                continue
+            rows.append((json.dumps({**good, field: value}), field))
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        for field in ("guidance", "tau", "seed"):
+            rows.append((json.dumps(good)[:-1] + f', "{field}": {literal}}}', field))
+    for field in ("src", "tgt", "output"):
+        for value in (1, 2.5, True, [], ["a"], {"x": 1}):
+            rows.append((json.dumps({**good, field: value}), field))
+    for value in ("", "   ", None):
+        rows.append((json.dumps({**good, "src": value}), "src"))
+    for value in (None, "", 5, [], "missing.png", "folder", "loop.png", "dangling.png", "fifo.png", "garbage.png",
+                  "../outside.png", "/nonexistent/abs.png", "bad\u0000name.png"):  # fmt: skip
+        rows.append((json.dumps({**good, "image": value}), "image"))
+    for value in ("/tmp/abs-out.png", "../up.png", "a/../../up.png", "out.txt", "x.gif"):
+        rows.append((json.dumps({**good, "output": value}), "output"))
+    for extra in ("colour", "Image", "", "seed "):
+        rows.append((json.dumps({**good, extra: 1}), "field"))
+    for text in ("{", "[1, 2]", '"a string"', "null", "42", '{"image": "photo.png"', "{'image': 'photo.png'}",
+                 "\u0000", "{}" * 3):  # fmt: skip
+        rows.append((text, "row"))
+    for _ in range(20):  # random bytes that happen to be a line
+        junk = rng.integers(32, 127, int(rng.integers(1, 40)), dtype=np.uint8).tobytes().decode()
+        rows.append(("{" + junk.replace("\n", " "), "junk"))
+    return rows
+
+
+def test_hundreds_of_bad_spec_rows_fail_alone_and_every_good_row_is_done(merged_dir, tmp_path, one_model):
+    rng = np.random.default_rng(7)
+    _base(rng, 40, 24).save(tmp_path / "photo.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    bad = _bad_rows(rng)
+    edits = [("a dog", 1), ("a red dog", 2), ("a blue cat", 3), ("a dog", 4)]
+    good = [json.dumps({"image": "photo.png", "src": "a cat", "tgt": tgt, "seed": seed, "output": f"good{index}.png"})
+            for index, (tgt, seed) in enumerate(edits)]  # fmt: skip
+    lines = [text for text, _ in bad]
+    for index, row in enumerate(good):  # good rows spread through the bad ones
+        lines.insert(index * len(lines) // len(good), row)
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(lines), encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["edit", "--spec", str(spec), "-o", str(out), "--model", str(merged_dir),
+                                       "--json"])  # fmt: skip
+    assert len(bad) >= 150
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    assert records, result.output
+    summary = records.pop()
+    assert summary["status"] == "summary" and summary["done"] == len(good) and summary["failed"] == len(bad)
+    assert summary["done"] + summary["failed"] + summary["skipped"] == len(lines)
+    for record in records:
+        if record["status"] == "failed":
+            assert "spec.jsonl:" in record["item"] and record["error"] and "\n" not in record["error"], record
+    assert sorted(p.name for p in out.iterdir()) == [f"good{index}.png" for index in range(len(good))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])  # nothing stray or outside
+
+
+def _tampered_records(photo):
+    base = {"src": "a cat", "tgt": "a dog", "seed": 1, "input": str(photo), "method": "swap", "sampler": "icd"}
+    records = []
+    for key in ("seed", "guidance", "tau"):
+        for value in ("nan", float("nan"), float("inf"), 1e308, -1, 10**30, "x", [1], {"a": 1}, True):
+            records.append({**base, key: value})
+    for key in ("src", "tgt"):
+        for value in ("", "  ", 5, None, ["a"]):
+            records.append({**base, key: value})
+    for key in ("src", "tgt", "seed"):
+        records.append({k: v for k, v in base.items() if k != key})
+    records += [{**base, "sampler": "euler"}, {**base, "method": "teleport"}, {**base, "model": "/nonexistent"},
+                {**base, "input": "/nonexistent/photo.png"}]  # fmt: skip
+    for p2p in ({"cross_replace": 5}, {"self_replace": "nan"}, {"amplify": [1, 2]}, {"amplify": {"dog": "inf"}},
+                {"blend": 3}, {"blend_threshold": -1}, {"amplify": {"dog": 1e9}}):  # fmt: skip
+        records.append({**base, "method": "p2p", "p2p": p2p})
+    texts = [json.dumps(record) for record in records]
+    texts += ["[1, 2]", "not json", '{"src": "a cat"', "null", '"string"', "{}", "", "\u0000" * 5]
+    return texts
+
+
+def test_bad_records_for_from_are_one_line_errors(merged_dir, tmp_path, one_model):
+    photo = tmp_path / "photo.png"
+    _base(np.random.default_rng(1), 40, 24).save(photo)
+    texts = _tampered_records(photo)
+    assert len(texts) >= 60
+    runner = CliRunner()
+    for index, text in enumerate(texts):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("icd", text)
+        record = tmp_path / "record.png"
+        Image.new("RGB", (16, 16)).save(record, pnginfo=info)
+        result = runner.invoke(main, ["edit", "--from", str(record), "-o", str(tmp_path / f"o{index}.png"), "--json"])
+        _assert_clean(result, codes=(1,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "record.png"]
+
+
+def test_file_system_states_fail_their_own_item_in_one_batch(merged_dir, tmp_path, one_model):
+    photos = tmp_path / "in"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    good = ["plain.png", "b\u00e9b\u00e9.png", "with space.png", "x" * 200 + ".png", os.fsdecode(b"latin\xe9.png")]
+    for name in good:
+        _base(rng, 40, 24).save(photos / name)
+    (photos / "sub").mkdir()
+    (photos / "sub" / "again.png").symlink_to(photos / "with space.png")  # the same file again: made once
+    states = {"loop.png": lambda p: p.symlink_to(p), "dangling.png": lambda p: p.symlink_to(photos / "nothing.png"),
+              "fifo.png": lambda p: os.mkfifo(p), "empty.png": lambda p: p.write_bytes(b""),
+              "dev.png": lambda p: p.symlink_to("/dev/zero"), "proc.png": lambda p: p.symlink_to("/proc/self/status"),
+              "dir-link.png": lambda p: p.symlink_to(tmp_path)}  # fmt: skip
+    for name, make in states.items():
+        make(photos / name)
+    out = tmp_path / "out"
+    (out / "plain-edit.png").parent.mkdir()
+    (out / "plain-edit.png").write_bytes(b"the user's file")  # not icd's: refused, not replaced
+    (out / ".empty-edit.png.icd-1-deadbeef.part").write_bytes(b"")  # pid 1 lives: not ours to remove
+    result = CliRunner().invoke(main, ["edit", str(photos), "-r", "-o", str(out), "--src", "a cat", "--tgt", "a dog",
+                                       "--model", str(merged_dir), "--json"])  # fmt: skip
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1 and "Traceback" not in result.output
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    summary = records.pop()
+    by_name = {Path(record["input"]).name: record for record in records}
+    failing = set(states) - {"dir-link.png"} | {"plain.png"}  # a link to a folder is not an image file listed
+    assert {name for name, record in by_name.items() if record["status"] == "failed"} == failing, by_name
+    # sub/again.png comes first in path order and stands for "with space.png"
+    assert {name for name, record in by_name.items() if record["status"] == "done"} == (
+        set(good) - {"plain.png", "with space.png"} | {"again.png"}
+    )
+    assert "is the same edit as" in result.stderr
+    assert "not made by icd" in by_name["plain.png"]["error"] and "loops" in by_name["loop.png"]["error"]
+    assert "not a regular file" in by_name["fifo.png"]["error"]
+    assert summary["failed"] == len(failing)
+    assert (out / "plain-edit.png").read_bytes() == b"the user's file"
+    assert (out / ".empty-edit.png.icd-1-deadbeef.part").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_does_the_rest(
+    merged_dir, tmp_path, one_model, monkeypatch, signum
+):
+    """The signal arrives inside the network (the item is dropped, or finished after one Ctrl-C) or while the
+    output is written (finished), at each item in turn; the rerun does exactly what is missing."""
+    import icdcli.editing
+    import icdcli.images
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for index in range(4):
+        _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
+    command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "--json"]
+    expected_code = 143 if signum == signal.SIGTERM else 130
+    real_edit, real_save = icdcli.editing.edit, icdcli.images.save_image
+    for stage in ("network", "write"):
+        for at in range(4):
+            out = tmp_path / f"out-{stage}-{at}"
+            calls = {"n": 0}
+
+            def signalled(real, *args, _at=at, _calls=calls, **kwargs):
+                if _calls["n"] == _at:
+                    os.kill(os.getpid(), signum)
+                _calls["n"] += 1
+                return real(*args, **kwargs)
+
+            target = (icdcli.editing, "edit", real_edit) if stage == "network" else (icdcli.images, "save_image",
+                                                                                    real_save)  # fmt: skip
+            monkeypatch.setattr(target[0], target[1], lambda *a, _r=target[2], **k: signalled(_r, *a, **k))
+            first = CliRunner().invoke(main, [*command, "-o", str(out)])
+            monkeypatch.setattr(target[0], target[1], target[2])
+            assert first.exit_code == expected_code, (stage, at, first.output)
+            assert "Traceback" not in first.output
+            lines = [_strict(line) for line in first.stdout.splitlines()]
+            made = sorted(p.name for p in out.iterdir()) if out.exists() else []
+            assert all(name.endswith("-edit.png") for name in made), made  # no partial or hidden files
+            finished_current = stage == "write" or signum == signal.SIGINT
+            assert len(made) == at + finished_current and lines[-1]["done"] == len(made), (stage, at, made)
+            rerun = CliRunner().invoke(main, [*command, "-o", str(out)])
+            assert rerun.exit_code == 0, rerun.output
+            summary = [_strict(line) for line in rerun.stdout.splitlines()][-1]
+            assert (summary["done"], summary["skipped"]) == (4 - len(made), len(made))
+            assert sorted(p.name for p in out.iterdir()) == [f"p{index}-edit.png" for index in range(4)]
+
+
+def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir, tmp_path, one_model, monkeypatch):
+    import icdcli.editing
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for index in range(6):
+        _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
+    surprises = {1: RuntimeError("a library's surprise"), 3: MemoryError(), 4: ZeroDivisionError("division by zero")}
+    real_edit, calls = icdcli.editing.edit, {"n": 0}
+
+    def surprising(*args, **kwargs):
+        index, calls["n"] = calls["n"], calls["n"] + 1
+        if index in surprises:
+            raise surprises[index]
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(icdcli.editing, "edit", surprising)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["edit", str(photos), "-o", str(out), "--src", "a cat", "--tgt", "a dog",
+                                       "--model", str(merged_dir), "--json"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output and "3 of 6 inputs failed" in result.stderr
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["done", "failed", "done", "failed", "failed", "done", "summary"]
+    assert "RuntimeError: a library's surprise" in records[1]["error"] and "MemoryError" in records[3]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["p0-edit.png", "p2-edit.png", "p5-edit.png"]
+
+
+@pytest.mark.parametrize("command", ["generate", "invert"])
+def test_sigterm_in_generate_and_invert_exits_143_and_leaves_nothing(merged_dir, tmp_path, one_model, monkeypatch,
+                                                                       command):  # fmt: skip
+    import icdcli.editing
+
+    name = "generate" if command == "generate" else "invert"
+    real = getattr(icdcli.editing, name)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(icdcli.editing, name, terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, _command(command, tmp_path, merged_dir))
+    assert result.exit_code == 143 and "terminated" in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler from before the command is back
