@@ -44,6 +44,8 @@ from .outputs import (
     check_existing,
     emit,
     existing_record,
+    image_text,
+    path_from,
     reported_failure,
     reports_json_failures,
 )
@@ -476,7 +478,7 @@ def _invert(
     _note_unknown_prompt(model, prompt, "--prompt")
     steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
     record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
-              "seed": how.seed, "input": str(image.absolute()), "input_sha256": input_sha}  # fmt: skip
+              "seed": how.seed, "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
     latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
     recon_record = recon_skip = None
     if recon_path is not None:
@@ -515,7 +517,7 @@ def _invert(
         with atomic_path(latent_path) as temporary:
             save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
     if recon_path is not None and recon_skip is None:
-        save_image(reconstruction, recon_path, {"icd": strict_json(recon_record)})
+        save_image(reconstruction, recon_path, image_text(recon_record))
     timings.seconds["total"] = time.perf_counter() - started
     result["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
     emit(as_json, {"status": "done", **result})
@@ -696,7 +698,7 @@ def generate(
         timings = Timings({"load": loaded.seconds})
         with timings.stage("decode"):
             image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
-        save_image(image, target, {"icd": strict_json(record)})
+        save_image(image, target, image_text(record))
     timings.seconds["total"] = time.perf_counter() - started
     emit(
         as_json,

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+from .outputs import image_text, path_from, recorded_path
 from .recipe import P2POptions
 from .values import NumberError, check_number, strict_json
 
@@ -164,7 +165,7 @@ def _apply_record(
         model_opts["model"] = None if model == DEFAULT_MODEL else model
         expected_hash = record.get("model_hash")
     if not images:
-        recorded = Path(str(record.get("input", "")))
+        recorded = recorded_path(path, str(record.get("input", "")))
         if not recorded.is_file():
             raise click.ClickException(
                 f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
@@ -496,7 +497,7 @@ class _EditRun:
             tau=t,
             seed=seed,
             version=__version__,
-            input_path=str(item.image.absolute()),
+            input_path=path_from(item.output, item.image),
             input_size=size,
             input_sha256=input_sha,
         )
@@ -574,7 +575,7 @@ class _EditRun:
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(result, out, {"icd": strict_json(record)})
+                save_image(result, out, image_text(record))
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:

@@ -239,8 +239,8 @@ def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | No
         options["pnginfo"] = info
     if fmt == "JPEG":
         options["quality"] = 95
-        if text and len(text) == 1:  # a JPEG has one comment: the record travels there
-            options["comment"] = next(iter(text.values())).encode()
+        if text:  # a JPEG has one comment: icd's record travels there
+            options["comment"] = text.get("icd", next(iter(text.values()))).encode()
     with atomic_path(target) as temporary:
         image.save(temporary, format=fmt, **options)
     return target

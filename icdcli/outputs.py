@@ -102,3 +102,53 @@ def reports_json_failures(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
 
     return wrapper
+
+
+def path_from(output: Path, path: Path) -> str:
+    """`path` as a record keeps it: relative to the output's folder (records stay valid when a tree of
+    inputs and outputs moves together), absolute when no relative path leads there."""
+    import os
+
+    try:
+        return os.path.relpath(Path(path).absolute(), Path(output).absolute().parent)
+    except ValueError:  # another drive (Windows)
+        return str(Path(path).absolute())
+
+
+def recorded_path(output: Path, recorded: str) -> Path:
+    """Where a path a record keeps points: relative ones are relative to the output's folder."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(output).absolute().parent / path
+
+
+def _a1111_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:\n"') else text
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The record as the `parameters` text that image browsers read (AUTOMATIC1111's layout): the prompt,
+    then `Key: value` pairs. icd has no negative prompt; edits add their source prompt and method."""
+    prompt = str(record.get("tgt") or record.get("prompt") or "")
+    size = record.get("input_size") or [record.get("width"), record.get("height")]
+    pairs = {
+        "Steps": record.get("steps"),
+        "Sampler": {"icd": "iCD", "ddim": "DDIM"}.get(str(record.get("sampler")), record.get("sampler")),
+        "CFG scale": record.get("guidance"),
+        "Seed": record.get("seed"),
+        "Size": f"{size[0]}x{size[1]}" if size and all(size) else None,
+        "Model hash": str(record.get("model_hash") or "").removeprefix("sha256:")[:10] or None,
+        "Model": Path(str(record["model"])).name if record.get("model") else None,
+        "Source prompt": record.get("src"),
+        "Edit method": record.get("method"),
+        "Dynamic guidance tau": record.get("tau"),
+    }
+    details = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in pairs.items() if value is not None)
+    return f"{prompt}\n{details}"
+
+
+def image_text(record: dict[str, Any]) -> dict[str, str]:
+    """The text chunks of an output image: icd's record (`icd`, what reruns compare) and `parameters`."""
+    from .values import strict_json
+
+    return {RECORD_KEY: strict_json(record), "parameters": a1111_parameters(record)}

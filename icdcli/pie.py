@@ -340,7 +340,9 @@ def edit_item(
     record = {**wanted, "seconds": {**{k: round(v, 4) for k, v in timings.seconds.items()}, "edit": round(seconds, 4)}}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(result, out, {"icd": json.dumps(record)})
+        from .outputs import image_text
+
+        save_image(result, out, image_text(record))
     except ICDError as error:
         return Outcome(item.key, "failed", str(out), error=str(error))
     except OSError as error:

@@ -135,3 +135,37 @@ def test_atomic_writes_leave_ordinary_file_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_outputs_carry_a1111_parameters_and_relative_inputs(tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli import main
+    from icdcli.images import read_record
+    from icdcli.sources import DEFAULT_MODEL_DIR
+
+    example = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "red.png").write_bytes(example.read_bytes())
+    (tmp_path / "edited").mkdir()
+    out = tmp_path / "edited" / "red-edit.png"
+    args = ["edit", str(photos / "red.png"), "--src", "a red circle on a blue background",
+            "--tgt", "a yellow circle on a blue background", "-o", str(out), "--seed", "3"]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+    text = Image.open(out).text
+    prompt, details = text["parameters"].split("\n")
+    assert prompt == "a yellow circle on a blue background"
+    assert details.startswith("Steps: 4, Sampler: iCD, CFG scale: 4.0, Seed: 3, Size: 128x128, Model hash: ")
+    assert 'Source prompt: "a red circle on a blue background"' not in details  # no comma, no quotes needed
+    assert "Source prompt: a red circle on a blue background" in details and "Edit method: p2p" in details
+    assert read_record(out)["input"] == "../photos/red.png"
+    # the tree moves as a whole: --from still finds the input through the relative path
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    again = CliRunner().invoke(main, ["edit", "--from", str(moved / "edited" / "red-edit.png"), "-o",
+                                      str(moved / "again.png")])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(
+        np.asarray(Image.open(moved / "again.png")), np.asarray(Image.open(moved / "edited" / "red-edit.png"))
+    )

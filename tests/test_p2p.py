@@ -243,9 +243,9 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
 
     record = read_record(out)
     # the embedded model's recipe, and the flags
-    assert record["p2p"] == {"cross_replace": 0.8, "self_replace": 0.4, "mode": "auto", "blend": ["circle"],
+    assert record["p2p"] == {"cross_replace": 0.3, "self_replace": 0.6, "mode": "auto", "blend": ["circle"],
                              "blend_source": [], "blend_target": [], "blend_threshold": 0.3,
-                             "amplify": {"yellow": 1.5}, "amplify_new": 1.0}  # fmt: skip
+                             "amplify": {"yellow": 1.5}, "amplify_new": 4.0}  # fmt: skip
     edited = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
     assert edited[:16, :16].reshape(-1, 3).mean(0)[2] > 150  # the blue background stays blue
     again = CliRunner().invoke(main, args)

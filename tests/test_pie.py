@@ -428,7 +428,7 @@ def test_p2p_runs_with_each_items_blend_words(tmp_path):
         source_word, target_word = item.blend
         assert record["method"] == "p2p" and record["p2p"]["blend_source"] == [source_word]
         assert record["p2p"]["blend_target"] == [target_word] and record["p2p"]["blend"] == []
-        assert record["p2p"]["cross_replace"] == 0.8 and record["p2p"]["self_replace"] == 0.4  # the embedded recipe
+        assert record["p2p"]["cross_replace"] == 0.3 and record["p2p"]["self_replace"] == 0.6  # the embedded recipe
 
 
 def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):
