@@ -93,10 +93,6 @@ class GraphDenoiser:
         cond = spec.input("timestep_cond")
         self.guidance_dim = None if cond is None else int(cond.shape[-1])
 
-    @property
-    def guidance_distilled(self) -> bool:
-        return self.spec.guidance in (GUIDANCE_EMBEDDING, GUIDANCE_FOLDED)
-
     def _evaluate(self, x, t, prompt, time_ids, timestep_cond) -> torch.Tensor:
         return self.runner(unet_feeds(self.spec, x, t, prompt, time_ids, timestep_cond))["eps"].to(x.dtype)
 
@@ -195,10 +191,6 @@ def encode_ids(text_runners: list[Runner], ids: list[torch.Tensor]) -> PromptEmb
         hidden.append(outputs["hidden_states"])
         pooled = outputs.get("pooled", pooled)
     return PromptEmbedding(torch.cat(hidden, dim=-1), pooled)
-
-
-def latent_axes(shape: tuple[int, ...]) -> dict[str, int]:
-    return {"batch": shape[0], "latent_height": shape[2], "latent_width": shape[3]}
 
 
 def resolve_shape(spec_shape: list[int | str], axes: dict[str, int], vae_scale_factor: int) -> tuple[int, ...]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +45,3 @@ def sha256_files(paths: list[Path]) -> str:
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def remove_tree(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-def replace_file(source: Path, target: Path) -> None:
-    os.replace(source, target)

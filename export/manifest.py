@@ -97,9 +97,6 @@ class Manifest:
         graphs = {name: GraphSpec.from_json(graph) for name, graph in data["graphs"].items()}
         return cls(**{**data, "graphs": graphs})
 
-    def path_of(self, folder: Path, graph: str) -> Path:
-        return folder / self.graphs[graph].file
-
 
 def write_manifest(folder: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
     path = folder / name

@@ -31,7 +31,6 @@ from .recipe import network_identity
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 EDIT_SUFFIX = "-edit.png"
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
-RECORD_KEY = "icd"
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
 MATCH_FIELDS = (

@@ -157,10 +157,6 @@ class UNetDenoiser:
         self.unet = unet
         self.guidance_dim: int | None = unet.config.time_cond_proj_dim
 
-    @property
-    def guidance_distilled(self) -> bool:
-        return self.guidance_dim is not None
-
     def _evaluate(
         self,
         x: torch.Tensor,

@@ -144,11 +144,6 @@ def ddim_sample(
     )
 
 
-def ddim_start_timestep(num_steps: int) -> int:
-    """The timestep DDIM inversion ends on and DDIM sampling starts from."""
-    return ddim_timesteps(num_steps)[-1]
-
-
 def p2p_pairs(reverse_boundaries: tuple[int, ...] | None, ddim_steps: int | None) -> list[tuple[int, int]]:
     """The decoding steps of a P2P edit: the reverse model's boundary jumps, or DDIM's timesteps."""
     if reverse_boundaries is not None:

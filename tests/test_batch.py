@@ -301,7 +301,9 @@ def test_from_repeats_an_edit_exactly_and_flags_override(merged_dir, tmp_path):
     pixels = [np.asarray(Image.open(tmp_path / name)) for name in ("first.png", "again.png")]
     assert np.array_equal(*pixels)
     records = [json.loads(Image.open(tmp_path / name).text["icd"]) for name in ("first.png", "again.png")]
-    assert records[0]["model_hash"] == records[1]["model_hash"] and records[1]["input"] == photo.name  # relative to the output
+    assert (
+        records[0]["model_hash"] == records[1]["model_hash"] and records[1]["input"] == photo.name
+    )  # relative to the output
     changed = _run("edit", "--from", tmp_path / "first.png", "--seed", 6, "-o", tmp_path / "six.png", "--json")
     assert changed.exit_code == 0 and _lines(changed)[0]["seed"] == 6
     assert json.loads(Image.open(tmp_path / "six.png").text["icd"])["guidance"] == 3.0

@@ -225,9 +225,15 @@ def test_local_blend_holds_the_unmasked_latents_exactly(default_model):
     assert ((flat[1] - flat[0]).abs().amax(0) > 0).all()
 
 
-def test_ddim_baseline_p2p_runs_fifty_steps(default_model):
-    sampler = SamplerSettings("ddim", 10)
-    _, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings(), sampler)
+def test_ddim_baseline_p2p_takes_one_teacher_call_per_ddim_step(default_model):
+    calls = []
+    hook = default_model.teacher_unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        sampler = SamplerSettings("ddim", 10)
+        _, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings(), sampler)
+    finally:
+        hook.remove()
+    assert calls == [1] * 10 + [2] * 10  # ten inversion steps, then ten steps decoding both branches at once
     assert both.shape[0] == 2 and torch.isfinite(both).all()
 
 
