@@ -178,14 +178,25 @@ def test_pickled_objects_are_refused(sd15_parts, tmp_path):
 
 
 def test_cache_key_changes_when_a_part_changes(sd15_parts, tmp_path):
+    import os
     import shutil
+    from dataclasses import replace
 
     copy = tmp_path / sd15_parts.forward_lora.name
     shutil.copy(sd15_parts.forward_lora, copy)
     sources = LoraSources(sd15_parts.base, sd15_parts.teacher_pt, copy, sd15_parts.reverse_lora)
     before = sources.cache_key()
-    copy.write_bytes(copy.read_bytes() + b"")
-    import os
-
-    os.utime(copy, ns=(1, 1))
+    assert sources.cache_key() == before  # nothing changed
+    stat = copy.stat()
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")  # same size, other content ...
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the old time: cheap keys cannot see it
+    assert sources.cache_key() == before
+    os.utime(copy, ns=(1, 1))  # a rewrite moves the time: a new key
     assert sources.cache_key() != before
+    copy.write_bytes(copy.read_bytes() + b"more")  # another size
+    assert len({before, sources.cache_key()}) == 2
+    elsewhere = tmp_path / "other" / copy.name
+    elsewhere.parent.mkdir()
+    shutil.copy2(copy, elsewhere)
+    assert replace(sources, forward_lora=elsewhere).cache_key() != sources.cache_key()  # another file
+    assert replace(sources, cache_half=True).cache_key() == sources.cache_key() + "-fp16"
