@@ -798,8 +798,8 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
 
     For each kind (colour, shape, background): PSNR to the target, PSNR of the unchanged region to
     the source, and attribute accuracy. Methods: icd4-swap and icd4-p2p (the model: prompt swap and
-    Prompt-to-Prompt with cross-replace 0.8, self-replace 0.4), ddim50-swap and ddim50-p2p (its
-    teacher: DDIM50 inversion, then 50 steps at w=8).
+    Prompt-to-Prompt with the model's edit recipe), ddim50-swap and ddim50-p2p (its teacher: DDIM50
+    inversion, then 50 steps at w=8).
     """
     from .training.bench import EDIT_METHODS, bench_shapes_edit, markdown_table
 
