@@ -30,6 +30,7 @@ from .cli_common import (
     edit_guidance_options,
     model_options,
     need_scikit_image,
+    overwrite_option,
     p2p_step_options,
     sampler_options,
 )
@@ -194,9 +195,7 @@ def main() -> None:
     help="Repeat the edit recorded in an output of icd edit; flags given override the record.",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
-@click.option(
-    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
-)
+@overwrite_option
 @click.option(
     "--shard",
     default=None,
@@ -403,9 +402,7 @@ def edit(
     default=None,
     help="Dynamic guidance of the reconstruction. Default: the model's.",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
-)
+@overwrite_option
 @sampler_options
 @model_options
 @_reports_errors
@@ -638,9 +635,7 @@ def _slug(text: str) -> str:
     default=None,
     help="Height in pixels, a multiple of the model's size step. Default: the model's native size.",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
-)
+@overwrite_option
 @sampler_options
 @model_options
 @_reports_errors

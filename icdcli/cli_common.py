@@ -187,10 +187,9 @@ def _check_writable_folder(folder: Path) -> None:
 
 def _edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
     """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
-    from .recipe import resolve_edit
+    from .recipe import guidance_and_tau
 
-    resolved = resolve_edit(model.info.edit, model.info.generate_guidance, sampler=sampler, guidance=guidance, tau=tau)
-    return resolved.guidance, resolved.tau
+    return guidance_and_tau(model.info, sampler, guidance, tau)
 
 
 def _cache_problem() -> str | None:
@@ -344,6 +343,11 @@ class SectionedCommand(click.Command):
                 for line in self.examples:  # commands are not re-wrapped: they must stay pastable
                     formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
         super().format_epilog(ctx, formatter)
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
+)
 
 
 def need_scikit_image() -> None:

@@ -5,7 +5,6 @@ Registered on the `bench` group in cli.py. Heavy imports (torch, transformers) h
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -190,7 +189,6 @@ def pie(
     from .batch import model_digest, model_weight_sizes, parameter_record
     from .pie import (
         EditPlan,
-        edit_defaults,
         load_scorers,
         markdown_tables,
         method_name,
@@ -218,7 +216,9 @@ def pie(
     loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=backend)
     model = loaded.model
     steps = model.info.num_steps if sampler == "icd" else ddim_steps
-    guidance, tau = edit_defaults(model.info, sampler, guidance, tau)
+    from .recipe import guidance_and_tau
+
+    guidance, tau = guidance_and_tau(model.info, sampler, guidance, tau)
     seed = model.info.edit.seed if seed is None else seed
     p2p = None
     if method == "p2p":
@@ -285,9 +285,9 @@ def pie(
     markdown = markdown_tables(summary, metrics, scorers.skipped)
     json_path, markdown_path = write_report(folder, report, markdown)
     if as_json:
-        from .pie import json_safe
+        from .values import strict_json
 
-        click.echo(json.dumps(json_safe(report)))
+        click.echo(strict_json(report))
     else:
         click.echo(markdown)
     _say(

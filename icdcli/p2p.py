@@ -286,13 +286,17 @@ def refinement_mapper(
     return mapper, alphas
 
 
-def word_indicator(tokenizer: Any, prompt: str, words: Sequence[str]) -> torch.Tensor:
-    """(length,) 1 at the tokens of every occurrence of `words` in `prompt` (exact word match), 0 elsewhere."""
+def word_indicator(tokenizer: Any, prompt: str, words: Sequence[str], positions: list[list[int]] | None = None):
+    """(length,) 1 at the tokens of every occurrence of `words` in `prompt` (exact word match), 0 elsewhere.
+
+    `positions` are `word_token_positions(tokenizer, prompt)` when the caller has them already.
+    """
     found = torch.zeros(tokenizer.model_max_length)
     wanted = set(words)
-    for word, positions in zip(prompt_words(prompt), word_token_positions(tokenizer, prompt), strict=True):
+    positions = word_token_positions(tokenizer, prompt) if positions is None else positions
+    for word, tokens in zip(prompt_words(prompt), positions, strict=True):
         if word in wanted:
-            found[positions] = 1.0
+            found[tokens] = 1.0
     return found
 
 
@@ -311,17 +315,17 @@ def reweight_vector(
     recipe does; explicit `amplify` pairs set a word's factor and must name a word of the target.
     """
     weights = torch.ones(tokenizer.model_max_length)
+    positions = word_token_positions(tokenizer, target)
     if amplify_new != 1.0:
-        for word in new_words(source, target):
-            weights[word_indicator(tokenizer, target, [word]).bool()] = amplify_new
+        weights[word_indicator(tokenizer, target, new_words(source, target), positions).bool()] = amplify_new
     for word, factor in amplify:
-        positions = word_indicator(tokenizer, target, [word]).bool()
-        if not positions.any():
+        found = word_indicator(tokenizer, target, [word], positions).bool()
+        if not found.any():
             raise P2PError(
                 f"--amplify word {word!r} is not a word of the target prompt {target!r} "
                 f"(words match exactly: {', '.join(prompt_words(target))})"
             )
-        weights[positions] = factor
+        weights[found] = factor
     return weights
 
 

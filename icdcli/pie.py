@@ -44,6 +44,7 @@ import numpy as np
 
 from .batch import decide, display
 from .errors import ICDError
+from .values import strict_json
 
 MAPPING_FILE = "mapping_file.json"
 IMAGES_FOLDER = "annotation_images"
@@ -212,14 +213,6 @@ def source_path(root: Path, item: PieItem) -> Path:
 def output_path(folder: Path, item: PieItem) -> Path:
     """Where the benchmark's evaluation expects a method's result: `<method folder>/annotation_images/<image_path>`."""
     return Path(folder) / IMAGES_FOLDER / item.image_path
-
-
-def edit_defaults(info: Any, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
-    """Guidance and tau as `icd edit` takes them: the user's, else the model's (icd) or plain CFG (ddim)."""
-    from .recipe import resolve_edit
-
-    resolved = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, guidance=guidance, tau=tau)
-    return resolved.guidance, resolved.tau
 
 
 def method_name(sampler: str, steps: int, method: str) -> str:
@@ -744,24 +737,13 @@ def markdown_tables(summary: Mapping[str, Any], metrics: Sequence[str], notes: M
     return text
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with non-finite floats (an infinite PSNR of identical backgrounds) as null: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def write_report(folder: Path, report: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
     """`metrics.json` and `metrics.md` in the run's folder, each written atomically."""
     from .atomic import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = (folder / "metrics.json", folder / "metrics.md")
-    for path, text in zip(paths, (json.dumps(json_safe(report), indent=1), markdown + "\n"), strict=True):
+    for path, text in zip(paths, (strict_json(report, indent=1), markdown + "\n"), strict=True):
         with atomic_path(path) as temporary:
             temporary.write_text(text, encoding="utf-8")
     return paths

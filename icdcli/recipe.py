@@ -205,3 +205,12 @@ def resolve_edit(
         seed=int(recipe.seed if seed is None else seed),
         p2p=settings,
     )
+
+
+def guidance_and_tau(info: Any, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
+    """Guidance and tau of an edit with a model of metadata `info`: the user's, else the model's recipe
+    (icd) or its generation guidance without dynamic guidance (the DDIM baseline)."""
+    # the method changes neither; "swap" spares building P2P settings
+    resolved = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method="swap", guidance=guidance,
+                            tau=tau)  # fmt: skip
+    return resolved.guidance, resolved.tau
