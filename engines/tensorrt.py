@@ -6,9 +6,10 @@ TensorRT; everything that needs the library imports it lazily through `_trt()`.
 
 One engine per graph, with one optimisation profile per kind of shape it must run:
 - UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, CUDA-graph replay at once) -
-  then `landscape` and `portrait`, which together hold every size `icdcli.images.fit_size` gives a photo of
-  aspect up to `MAX_ASPECT`, at batch 1..B (B = 2 for real CFG);
+  `batched`, the working size at 1..N images, then `landscape` and `portrait`, which together hold every size
+  `icdcli.images.fit_size` gives a photo of aspect up to `MAX_ASPECT`, at 1..N images (two rows each for real CFG);
 - VAE: `landscape` and `portrait`; text encoders and the P2P graph: their one shape.
+N is the batch asked for, else DEFAULT_BATCH, or with AUTO_BATCH what the GPU's memory allows (`MemoryBudget`).
 Photos thinner than `MAX_ASPECT` (and any shape outside every profile) run on PyTorch with a note.
 
 Engines are built when first needed (a command builds only the graphs it runs) and live in
@@ -16,9 +17,11 @@ Engines are built when first needed (a command builds only the graphs it runs) a
 (ONNX hash, profiles, build mode, TensorRT version, GPU name and compute capability, `BUILD_FORMAT`). A foreign
 or stale engine has another key and is never loaded; a file lock keeps two processes from building one engine.
 
-At run time every execution context is created without its own activation memory: one block, sized to the
-largest engine, serves them all (they run one at a time on one stream). The `trt.Runtime` lives as long as its
-engines; every result TensorRT returns is checked and a failure names the engine, tensor and shape.
+At run time every execution context is created without its own activation memory: one block, sized to the largest
+need of the profiles that ran, serves them all (they run one at a time on one stream). Each `Engine` owns the
+`trt.Runtime` that deserialized it and releases contexts, engine, runtime in that order; every result TensorRT
+returns is checked and a failure names the engine, tensor and shape. None of this has run on real TensorRT: the
+contracts are checked with the fake module of tests/fake_tensorrt.py.
 """
 
 from __future__ import annotations

@@ -554,17 +554,18 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     from icdcli.export import read_manifest
 
     out = tmp_path / "onnx-out"
-    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    cpu = ["--device", "cpu"]  # the CPU path, also on a machine with a GPU
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), *cpu])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest is not None and "teacher_unet" in manifest.graphs
     assert "reverse_unet_p2p" in manifest.graphs  # an SD1.5-family model: P2P by default
     assert "ONNX export" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["onnx-out"]  # no staging folder left behind
-    again = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    again = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), *cpu])
     assert again.exit_code == 0 and "is up to date" in again.output and "exporting" not in again.output
     lean = tmp_path / "no-p2p"
-    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p"])
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p", *cpu])
     assert result.exit_code == 0, result.output
     graphs = read_manifest(lean).graphs
     assert "reverse_unet_p2p" not in graphs and "reverse_unet" in graphs
