@@ -6,9 +6,10 @@ TensorRT; everything that needs the library imports it lazily through `_trt()`.
 
 One engine per graph, with one optimisation profile per kind of shape it must run:
 - UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, CUDA-graph replay at once) -
-  then `landscape` and `portrait`, which together hold every size `icdcli.images.fit_size` gives a photo of
-  aspect up to `MAX_ASPECT`, at batch 1..B (B = 2 for real CFG);
+  `batched`, the working size at 1..N images, then `landscape` and `portrait`, which together hold every size
+  `icdcli.images.fit_size` gives a photo of aspect up to `MAX_ASPECT`, at 1..N images (two rows each for real CFG);
 - VAE: `landscape` and `portrait`; text encoders and the P2P graph: their one shape.
+N is the batch asked for, else DEFAULT_BATCH, or with AUTO_BATCH what the GPU's memory allows (`MemoryBudget`).
 Photos thinner than `MAX_ASPECT` (and any shape outside every profile) run on PyTorch with a note.
 
 Engines are built when first needed (a command builds only the graphs it runs) and live in
@@ -16,9 +17,11 @@ Engines are built when first needed (a command builds only the graphs it runs) a
 (ONNX hash, profiles, build mode, TensorRT version, GPU name and compute capability, `BUILD_FORMAT`). A foreign
 or stale engine has another key and is never loaded; a file lock keeps two processes from building one engine.
 
-At run time every execution context is created without its own activation memory: one block, sized to the
-largest engine, serves them all (they run one at a time on one stream). The `trt.Runtime` lives as long as its
-engines; every result TensorRT returns is checked and a failure names the engine, tensor and shape.
+At run time every execution context is created without its own activation memory: one block, sized to the largest
+need of the profiles that ran, serves them all (they run one at a time on one stream). Each `Engine` owns the
+`trt.Runtime` that deserialized it and releases contexts, engine, runtime in that order; every result TensorRT
+returns is checked and a failure names the engine, tensor and shape. None of this has run on real TensorRT: the
+contracts are checked with the fake module of tests/fake_tensorrt.py.
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ import torch
 
 from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
-from icdcli.export.manifest import GUIDANCE_CFG, P2P_BATCH, UNET_GRAPHS, GraphSpec, Manifest
+from icdcli.export.manifest import (
+    FORWARD,
+    GUIDANCE_CFG,
+    P2P_BATCH,
+    REVERSE_P2P,
+    UNET_GRAPHS,
+    GraphSpec,
+    Manifest,
+)
 
 from .base import BackendParts, BackendUnavailable, GraphDenoiser, Runner, ShapeNotCovered, assemble_parts
 
@@ -52,7 +63,19 @@ STRONGLY_TYPED_SINCE = (10, 12)
 typed, so each layer runs in the precision the ONNX graph gives it."""
 MAX_ASPECT = 4.0
 """Profiles hold every working size of photos up to this aspect ratio (either way round)."""
-NATIVE, LANDSCAPE, PORTRAIT, ONLY = "native", "landscape", "portrait", "only"
+NATIVE, BATCHED, LANDSCAPE, PORTRAIT, ONLY = "native", "batched", "landscape", "portrait", "only"
+DEFAULT_BATCH = 2
+AUTO_BATCH = "auto"
+"""Images per network call the dynamic profiles hold when no batch is asked for."""
+MAX_BATCH = 16
+"""The most images per call a batch derived from the device's memory goes to."""
+MEMORY_HEADROOM = 0.8
+"""Share of the device's memory the weights and one engine's activations may take (torch and the CUDA context need
+the rest)."""
+RULE_BYTES_PER_POSITION = {"fp16": 64 * 1024, "fp32": 128 * 1024}
+"""Assumed activation memory of one image per latent position of a UNet engine, by precision, where no engine has
+told its own (`Engine.activation_bytes`). A rule, not a measurement: it allows a few hundred live feature maps of
+320-1280 channels per position, i.e. fused attention; an engine without fused attention needs more at large sizes."""
 STATIC, DYNAMIC = "static", "dynamic"
 Triple = tuple[int, int, int]
 Shape = tuple[int, ...]
@@ -184,14 +207,22 @@ class EngineRequest:
 
 
 def graph_profiles(
-    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], batch: Triple, p2p_batch: Triple, vae_scale_factor: int
-) -> Profiles:
-    """The distinct profiles of one graph: a static native one for UNets, then landscape and portrait."""
-    labels = [NATIVE, LANDSCAPE, PORTRAIT] if spec.name in UNET_GRAPHS else [LANDSCAPE, PORTRAIT]
+    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: dict[str, int], p2p_batch: Triple,
+    vae_scale_factor: int,
+) -> Profiles:  # fmt: skip
+    """The distinct profiles of one graph: static native and batched native ones for UNets, then landscape and
+    portrait. `images[label]` is how many images one call of that profile holds (see `profile_images`)."""
+    rows = rows_per_image(spec)
+    opt_rows = rows if spec.name in UNET_GRAPHS else 1  # one image (a text encoder: one prompt)
+    labels = [NATIVE, BATCHED, LANDSCAPE, PORTRAIT] if spec.name in UNET_GRAPHS else [LANDSCAPE, PORTRAIT]
     found: list[tuple[str, Profile]] = []
     for label in labels:
-        h, w = boxes[label]
-        ranges = axis_ranges(h, w, (1, 1, 1) if label == NATIVE else batch, vae_scale_factor)
+        most = images[label] * rows
+        if label == BATCHED and images[label] < 2:
+            continue
+        h, w = boxes[NATIVE if label == BATCHED else label]
+        batch = {NATIVE: (1, 1, 1), BATCHED: (1, most, most)}.get(label, (1, opt_rows, most))
+        ranges = axis_ranges(h, w, batch, vae_scale_factor)
         ranges[P2P_BATCH] = p2p_batch
         profile = profile_shapes(spec, ranges)
         if all(profile != seen for _, seen in found):
@@ -199,26 +230,79 @@ def graph_profiles(
     return tuple(found) if len(found) > 1 else ((ONLY, found[0][1]),)
 
 
+def rows_per_image(spec: GraphSpec) -> int:
+    """Batch rows one image takes in a call of this graph: 2 for real CFG's [negative, prompt] pair on a guided
+    UNet, 2 for the source and target prompt on a text encoder, else 1."""
+    if spec.name in UNET_GRAPHS:
+        return 2 if spec.guidance == GUIDANCE_CFG and spec.name != FORWARD else 1
+    return 2 if spec.name.startswith("text_encoder") else 1
+
+
+def power_of_two_floor(value: int) -> int:
+    return 1 << (max(1, value).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What the largest batch an engine profile may hold is derived from (all in bytes).
+
+    `device_bytes` is the GPU's total memory (not its free memory: the profiles, and so the engines' cache keys,
+    must not change with what else runs at the moment); `weight_bytes` the weights of every engine resident at
+    once; `bytes_per_position` the activation memory one image needs per latent position.
+    """
+
+    device_bytes: int
+    weight_bytes: int
+    bytes_per_position: int
+    headroom: float = MEMORY_HEADROOM
+
+    def largest_batch(self, positions: int) -> int:
+        """Images per call whose activations at `positions` latent positions each fit beside the weights: a power
+        of two (few distinct profiles), at least 1, at most MAX_BATCH."""
+        spare = self.device_bytes * self.headroom - self.weight_bytes
+        fits = int(spare // (self.bytes_per_position * max(1, positions))) if spare > 0 else 1
+        return power_of_two_floor(min(max(fits, 1), MAX_BATCH))
+
+
+def profile_images(
+    boxes: dict[str, tuple[Triple, Triple]], vae_scale_factor: int, max_batch: int | None,
+    budget: MemoryBudget | None,
+) -> dict[str, int]:  # fmt: skip
+    """Images per call of each profile label: `max_batch` when given, else what `budget` allows at the profile's
+    largest latent size, else DEFAULT_BATCH. The native profile is always one image (static)."""
+    images = {NATIVE: 1}
+    for label in (BATCHED, LANDSCAPE, PORTRAIT):
+        h, w = boxes[NATIVE if label == BATCHED else label]
+        positions = (h[2] // vae_scale_factor) * (w[2] // vae_scale_factor)
+        images[label] = max_batch or (budget.largest_batch(positions) if budget else DEFAULT_BATCH)
+    return images
+
+
 def plan_engines(
     manifest: Manifest, height: int | None = None, width: int | None = None, max_batch: int | None = None,
-    graphs: Iterable[str] | None = None,
+    graphs: Iterable[str] | None = None, budget: MemoryBudget | None = None,
 ) -> list[EngineRequest]:  # fmt: skip
-    """One engine per graph (those named in `graphs`, default all) with the profiles it needs."""
+    """One engine per graph (those named in `graphs`, default all) with the profiles it needs.
+
+    Args:
+        max_batch: images per network call the dynamic profiles hold (a guided CFG UNet runs two rows per image);
+            None: what `budget` allows for each profile's size, else DEFAULT_BATCH.
+        budget: the device's memory, for a batch derived from it (`device_budget`).
+    """
     info = manifest.info
     native, multiple = int(info["native_size"]), int(info["size_multiple"])
     cfg = any(spec.guidance == GUIDANCE_CFG for spec in manifest.graphs.values())
-    max_batch = max_batch or (2 if cfg else 1)
     boxes = spatial_boxes(native, multiple, height, width)
+    images = profile_images(boxes, manifest.vae_scale_factor, max_batch, budget)
+    pairs = max_batch or (images[BATCHED] if budget else 1)  # P2P: one source/target pair unless a batch is asked
+    rows = 4 if cfg else 2  # source + target rows (and real CFG's unconditional ones)
+    p2p_batch = (2, rows, rows * pairs)
     wanted = set(manifest.graphs if graphs is None else graphs)
-    requests = []
-    for name, spec in manifest.graphs.items():
-        if name not in wanted:
-            continue
-        opt_batch = 2 if spec.guidance == GUIDANCE_CFG and name != "forward_unet" else 1
-        batch = (1, max(1, min(opt_batch, max_batch)), max_batch)
-        p2p_batch = (2, 4, 4) if cfg else (2, 2, 2)  # source + target rows (and real CFG's uncond)
-        requests.append(EngineRequest(name, graph_profiles(spec, boxes, batch, p2p_batch, manifest.vae_scale_factor)))
-    return requests
+    return [
+        EngineRequest(name, graph_profiles(spec, boxes, images, p2p_batch, manifest.vae_scale_factor))
+        for name, spec in manifest.graphs.items()
+        if name in wanted
+    ]
 
 
 @dataclass(frozen=True)
@@ -557,7 +641,13 @@ def _set_device_memory(context: Any, address: int, size: int) -> None:
         context.device_memory = address
 
 
-def _device_memory_size(engine: Any) -> int:
+def profile_memory_bytes(engine: Any, index: int) -> int:
+    """Activation memory a context of `engine` needs on optimisation profile `index` (at that profile's largest
+    shapes), as polygraphy's per-profile allocation reads it; the engine-wide maximum on TensorRT without it."""
+    for name in ("get_device_memory_size_for_profile_v2", "get_device_memory_size_for_profile"):  # 10.1+, 10.0
+        method = getattr(engine, name, None)
+        if method is not None:
+            return int(method(index))
     size = getattr(engine, "device_memory_size_v2", None)
     return int(size if size is not None else engine.device_memory_size)
 
@@ -565,32 +655,49 @@ def _device_memory_size(engine: Any) -> int:
 class SharedActivations:
     """One block of activation memory for every execution context (they run one at a time on one stream).
 
-    Sized to the largest engine loaded so far; when a larger one arrives the block grows and every context is
+    Each context is pointed at the block once its optimisation profile is chosen, and the block is sized to the
+    largest need of the (engine, profile) pairs used so far, so profiles that never run (a batch-16 landscape one
+    during a run of native-size edits) cost nothing. When a larger need arrives the block grows and every context is
     pointed at the new one (and `generation` changes, so captured CUDA graphs are dropped).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.block: torch.Tensor | None = None
-        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # not keeping contexts alive past their engine
+        self.bindings: weakref.WeakSet[Binding] = weakref.WeakSet()  # not keeping contexts alive past their engine
         self.generation = 0
 
     @property
     def size(self) -> int:
         return 0 if self.block is None else self.block.numel()
 
-    def attach(self, engine: Engine, context: Any, needed: int) -> None:
-        """Point `context` (of `engine`) at the block, growing it (and re-pointing every context) when too small."""
+    def attach(self, binding: Binding, needed: int, what: str) -> None:
+        """Point `binding`'s context at the block, growing it (and re-pointing every context) when too small."""
         if needed > self.size:
-            if self.block is not None and self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # no context may still run on the old block
+            self._grow(needed, what)
+        self.bindings.add(binding)
+        _set_device_memory(binding.context, self.block.data_ptr() if self.block is not None else 0, self.size)
+
+    def _grow(self, needed: int, what: str) -> None:
+        previous = self.size
+        if self.block is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no context may still run on the old block
+        self.block = None  # freed before the larger one is allocated: never both at once
+        try:
             self.block = torch.empty(needed, dtype=torch.uint8, device=self.device)
-            self.generation += 1
-            for other in self.engines:
-                for binding in other.bindings.values():
-                    _set_device_memory(binding.context, self.block.data_ptr(), self.size)
-        self.engines.add(engine)
-        _set_device_memory(context, self.block.data_ptr() if self.block is not None else 0, self.size)
+        except torch.OutOfMemoryError as error:
+            self.block = torch.empty(previous, dtype=torch.uint8, device=self.device) if previous else None
+            self._repoint()
+            raise BackendUnavailable(
+                f"TensorRT engine {what}: {needed / 2**20:.0f} MiB of activation memory do not fit on the GPU"
+            ) from error
+        self._repoint()
+
+    def _repoint(self) -> None:
+        self.generation += 1
+        address = self.block.data_ptr() if self.block is not None else 0
+        for binding in self.bindings:
+            _set_device_memory(binding.context, address, self.size)
 
 
 class Streams:
@@ -612,7 +719,8 @@ class Streams:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # torch's writes of the inputs come first
         for tensor in inputs:
-            tensor.record_stream(self.stream)  # not reused by torch before the engine has read it
+            if tensor.is_cuda:
+                tensor.record_stream(self.stream)  # not reused by torch before the engine has read it
         with torch.cuda.stream(self.stream):
             yield
         current.wait_stream(self.stream)  # torch's reads of the outputs come after
@@ -650,6 +758,20 @@ class Engine:
         self.outputs: list[str] = []
         self.dtypes: dict[str, torch.dtype] = {}
 
+    def close(self) -> None:
+        """Release in the order TensorRT requires: execution contexts, then the engine, then the runtime that
+        deserialized it (destroying a runtime before its engines is undefined behaviour). Idempotent."""
+        self.bindings.clear()
+        self.engine = None
+        self.runtime = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def activation_bytes(self) -> dict[str, int]:
+        """Activation memory each profile needs, by label, as the loaded engine reports it."""
+        return {label: profile_memory_bytes(self.engine, i) for i, (label, _) in enumerate(self.profiles)}
+
     def load(self) -> Engine:
         trt = _trt()
         with on_device(self.device):
@@ -659,6 +781,7 @@ class Engine:
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise BackendUnavailable(f"TensorRT cannot load engine {self.path.name}: delete it to rebuild it")
+        # asked once here, never per call
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -679,11 +802,13 @@ class Engine:
                 raise BackendUnavailable(
                     f"TensorRT could not create an execution context for {self.graph} (out of GPU memory?)"
                 )
-            self.memory.attach(self, context, _device_memory_size(self.engine))
             if not context.set_optimization_profile_async(index, self.streams.handle):
                 raise ICDError(f"TensorRT engine {self.graph}: cannot select optimisation profile {index}")
-        self.bindings[index] = Binding(context, index)
-        return self.bindings[index]
+            binding = Binding(context, index)
+            label = self.profiles[index][0]
+            self.memory.attach(binding, profile_memory_bytes(self.engine, index), f"{self.graph} ({label})")
+        self.bindings[index] = binding
+        return binding
 
     def _bind_shapes(self, binding: Binding, shapes: dict[str, Shape]) -> None:
         """Set every input shape (checked), then allocate every buffer and set its address (checked)."""
@@ -734,7 +859,12 @@ class Engine:
         return graph
 
     def infer(self, feeds: dict[str, torch.Tensor], borrowed: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-        """Outputs for `feeds`. Outputs named in `borrowed` are the engine's own buffers, valid until its next call."""
+        """Outputs for `feeds` (each copied into the engine's input buffer, converted to its dtype on the way).
+
+        Outputs named in `borrowed` are the engine's own buffers, returned without a copy: they are overwritten by
+        the next call of this engine at the same shapes, so the caller must consume them (or clone them) before.
+        The other outputs are copies the caller may keep.
+        """
         if self.engine is None:
             self.load()
         shapes = {name: tuple(feeds[name].shape) for name in self.inputs}
@@ -782,11 +912,7 @@ class TensorRTGraph:
         return self.engine
 
     def _run_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from icdcli.export.onnx import TORCH_DTYPES
-
-        engine = self._engine()
-        typed = {s.name: feeds[s.name].to(engine.device, TORCH_DTYPES[s.dtype]).contiguous() for s in self.spec.inputs}
-        return engine.infer(typed, self.borrowed)
+        return self._engine().infer(feeds, self.borrowed)  # the input copy converts device and dtype
 
     def _next_backend(self, error: BackendUnavailable) -> Runner:
         if self.next is None:
@@ -819,29 +945,52 @@ def engines_root() -> Path:
     return cache_root() / "engines"
 
 
-def resolve_sizes(folder: Path, height: int | None, width: int | None, max_batch: int | None) -> EngineSizes:
-    """The sizes to build for: those given, else those the export was built for (`icd export --height ...`)."""
+def resolve_sizes(folder: Path, height: int | None, width: int | None, max_batch: int | str | None) -> EngineSizes:
+    """The sizes to build for: those given, else those the export was built for (`icd export --height ...`).
+    `max_batch` AUTO_BATCH leaves the batch to the device's memory (`device_budget`)."""
     from icdcli.export.manifest import read_engine_sizes
 
+    batch = None if max_batch == AUTO_BATCH else max_batch
     if height or width or max_batch:
-        return EngineSizes(height, width, max_batch)
+        return EngineSizes(height, width, batch)
     return EngineSizes.from_json(read_engine_sizes(folder))
+
+
+def export_weight_bytes(folder: Path, manifest: Manifest) -> int:
+    """Bytes of every graph's weights in an export (its ONNX files and their external data): what its engines
+    hold resident, near enough, before any engine is built."""
+    files = [folder / spec.file for spec in manifest.graphs.values()]
+    files += [folder / spec.external_data for spec in manifest.graphs.values() if spec.external_data]
+    return sum(path.stat().st_size for path in files if path.is_file())
+
+
+def device_budget(device: torch.device, folder: Path, manifest: Manifest) -> MemoryBudget:
+    """The memory budget for profiles of this export on this GPU (its total memory, so the plan is stable)."""
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    per_position = RULE_BYTES_PER_POSITION.get(manifest.precision, RULE_BYTES_PER_POSITION["fp32"])
+    return MemoryBudget(total, export_weight_bytes(folder, manifest), per_position)
 
 
 def load_parts(
     folder: Path, manifest: Manifest, model: Any, fallbacks: dict[str, Any],
     progress: Callable[[str], None] | None = None, height: int | None = None, width: int | None = None,
-    max_batch: int | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
+    max_batch: int | str | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
 ) -> BackendParts:  # fmt: skip
-    """TensorRT-run `BackendParts` for an export folder, on the model's CUDA device (see `engine_parts`)."""
+    """TensorRT-run `BackendParts` for an export folder, on the model's CUDA device (see `engine_parts`).
+
+    Args:
+        max_batch: images per network call the profiles hold; AUTO_BATCH: as many as the GPU's memory allows for
+            each profile's size (up to MAX_BATCH); None: the export's recorded batch, else DEFAULT_BATCH.
+    """
     _trt()
     device = model.device
     if device.type != "cuda":
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
     sizes = resolve_sizes(folder, height, width, max_batch)
+    budget = device_budget(device, folder, manifest) if max_batch == AUTO_BATCH else None
     return engine_parts(
         folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now,
-        onnxruntime_next(folder, manifest, device),
+        onnxruntime_next(folder, manifest, device), budget=budget,
     )  # fmt: skip
 
 
@@ -862,6 +1011,7 @@ def engine_parts(
     folder: Path, manifest: Manifest, device: torch.device, facts: DeviceFacts, fallbacks: dict[str, Any],
     sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
     build_now: Iterable[str] = (), next_backend: Callable[[GraphSpec], Runner] | None = None,
+    budget: MemoryBudget | None = None,
 ) -> BackendParts:  # fmt: skip
     """`BackendParts` whose graphs run on TensorRT engines. Each engine is built (or found in the cache) when its
     graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning.
@@ -870,7 +1020,7 @@ def engine_parts(
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
-    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.batch)}
+    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.batch, budget=budget)}
     memory, streams = SharedActivations(device), Streams(device)
 
     def ensure(spec: GraphSpec) -> Path:
@@ -883,7 +1033,8 @@ def engine_parts(
             return Engine(ensure(spec), spec.name, requests[spec.name].profiles, device, memory, streams, cuda_graph)
 
         make_next = None if next_backend is None else (lambda: next_backend(spec))
-        return TensorRTGraph(spec, make_engine, ("eps",) if spec.name in UNET_GRAPHS else (), make_next)
+        borrowed = ("eps",) if spec.name in (*UNET_GRAPHS, REVERSE_P2P) else ()  # eps is consumed by the step
+        return TensorRTGraph(spec, make_engine, borrowed, make_next)
 
     parts = assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
     for name in build_now:

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from icdcli.dtypes import TORCH_DTYPES, dtype_name
+
 from .files import atomic_folder, folder_size, sha256_files
 from .manifest import (
     DEFAULT_OPSET,
@@ -89,11 +91,6 @@ PROTOBUF_LIMIT = 2_000_000_000
 """Above this many bytes of weights a graph keeps them in an external data file (protobuf's 2 GB cap)."""
 EXAMPLE_LATENT = 8
 BATCH, LATENT_H, LATENT_W, HEIGHT, WIDTH = "batch", "latent_height", "latent_width", "height", "width"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {value: key for key, value in TORCH_DTYPES.items()}[dtype]
 
 
 def precision_dtype(precision: str) -> torch.dtype:

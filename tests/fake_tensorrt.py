@@ -58,6 +58,8 @@ class Record:
     fail_context: set[str] = field(default_factory=set)
     fail_execute: set[str] = field(default_factory=set)
     memory_size: int = 4096
+    violations: list[str] = field(default_factory=list)
+    """Broken rules noticed where raising is impossible (in a destructor): a test fails when any is left."""
 
     def log(self, *call: Any) -> None:
         self.calls.append(call)
@@ -82,13 +84,14 @@ def resolve(shape: list, axes: dict[str, int]) -> tuple[int, ...]:
 
 
 class FakeEngine:
+    """An ICudaEngine. It holds its Runtime only weakly: TensorRT's rule is that the caller keeps the Runtime alive
+    as long as its engines (older Python bindings did not do it for the caller)."""
+
     def __init__(self, plan: dict, record: Record, runtime: Any):
         self.plan, self.record = plan, record
         self._runtime = weakref.ref(runtime)
         self.names = list(plan["inputs"]) + list(plan["outputs"])
-        self.num_io_tensors = len(self.names)
         self.num_optimization_profiles = len(plan["profiles"])
-        self.device_memory_size_v2 = record.memory_size * (1 + len(plan["inputs"]))
         self.trt = runtime.trt
 
     def __del__(self) -> None:
@@ -98,13 +101,31 @@ class FakeEngine:
         if self._runtime() is None:
             raise ContractError(f"engine {self.plan['name']} used after its Runtime was destroyed")
 
+    @property
+    def num_io_tensors(self) -> int:
+        self.record.log("num_io_tensors", self.plan["name"])
+        return len(self.names)
+
+    def get_device_memory_size_for_profile_v2(self, index: int) -> int:
+        """Activation bytes for profile `index`: a fixed part plus 4 bytes per element of every input at its
+        largest shape in that profile (so a batch-16 profile needs more than a batch-1 one)."""
+        shapes = [high for _, _, high in self.plan["profiles"][index].values()]
+        return self.record.memory_size + 4 * sum(int(np.prod(shape)) for shape in shapes)
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        return max(map(self.get_device_memory_size_for_profile_v2, range(self.num_optimization_profiles)))
+
     def get_tensor_name(self, index: int) -> str:
+        self.record.log("get_tensor_name", self.plan["name"], index)
         return self.names[index]
 
     def get_tensor_mode(self, name: str) -> Enum:
+        self.record.log("get_tensor_mode", self.plan["name"], name)
         return self.trt.TensorIOMode.INPUT if name in self.plan["inputs"] else self.trt.TensorIOMode.OUTPUT
 
     def get_tensor_dtype(self, name: str) -> Enum:
+        self.record.log("get_tensor_dtype", self.plan["name"], name)
         dtype = self.plan["inputs"].get(name) or self.plan["outputs"][name][0]
         return getattr(self.trt, dtype)
 
@@ -135,11 +156,17 @@ class FakeContext:
     def name(self) -> str:
         return self.engine.plan["name"]
 
+    def needed_memory(self) -> int:
+        """What a run needs: the selected profile's activation memory (the engine-wide maximum before one is)."""
+        if self.profile is None:
+            return self.engine.device_memory_size_v2
+        return self.engine.get_device_memory_size_for_profile_v2(self.profile)
+
     def set_device_memory(self, address: int, size: int) -> None:
-        if size < self.engine.device_memory_size_v2:
-            raise ContractError(
-                f"{self.name}: {size} bytes of device memory, needs {self.engine.device_memory_size_v2}"
-            )
+        if not self.user_memory:
+            raise ContractError(f"{self.name}: device memory set on a context that allocates its own")
+        if size < self.needed_memory():
+            raise ContractError(f"{self.name}: {size} bytes of device memory, needs {self.needed_memory()}")
         self.record.log("set_device_memory", self.name, address, size)
         self.memory = (address, size)
 
@@ -187,6 +214,8 @@ class FakeContext:
         self.record.log("execute_async_v3", self.name, stream_handle)
         if self.user_memory and self.memory is None:
             raise ContractError(f"{self.name}: USER_MANAGED context run without device memory")
+        if self.user_memory and self.memory[1] < self.needed_memory():
+            raise ContractError(f"{self.name}: profile {self.profile} run on {self.memory[1]} bytes of device memory")
         missing = set(self.engine.names) - set(self.addresses)
         if missing:
             raise ContractError(f"{self.name}: run without addresses for {sorted(missing)}")
@@ -211,11 +240,15 @@ class FakeContext:
 class FakeRuntime:
     def __init__(self, logger: Any, trt: Any):
         self.trt, self.names = trt, []
+        self.engines: list[weakref.ref] = []
         trt.record.use_logger(logger)
         trt.record.log("Runtime")
 
     def __del__(self) -> None:
         self.trt.record.log("destroyed", "runtime", *self.names)
+        alive = [engine().plan["name"] for engine in self.engines if engine() is not None]
+        if alive:  # undefined behaviour in TensorRT: the engines' memory belongs to this runtime
+            self.trt.record.violations.append(f"Runtime destroyed while its engines {alive} were alive")
 
     def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
         try:
@@ -224,7 +257,9 @@ class FakeRuntime:
             return None
         self.names.append(plan["name"])
         self.trt.record.log("deserialize_cuda_engine", plan["name"])
-        return FakeEngine(plan, self.trt.record, self)
+        engine = FakeEngine(plan, self.trt.record, self)
+        self.engines.append(weakref.ref(engine))
+        return engine
 
 
 def network_of(path: str) -> dict:

@@ -255,20 +255,23 @@ def request_of(requests, graph):
     return next(r for r in requests if r.graph == graph)
 
 
-def test_one_engine_per_graph_with_native_landscape_and_portrait_profiles():
+def test_one_engine_per_graph_with_native_batched_landscape_and_portrait_profiles():
     requests = trt_engine.plan_engines(tiny_manifest())
     assert sorted(r.graph for r in requests) == sorted(tiny_manifest().graphs)
     reverse = request_of(requests, "reverse_unet")
-    assert [label for label, _ in reverse.profiles] == ["native", "landscape", "portrait"]
+    assert [label for label, _ in reverse.profiles] == ["native", "batched", "landscape", "portrait"]
     assert reverse.labelled("native")["sample"] == ((1, 4, 64, 64),) * 3
     assert reverse.labelled("native")["timestep_cond"] == ((1, 512),) * 3
+    assert reverse.labelled("batched")["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))
     low, opt, high = reverse.labelled("landscape")["sample"]
     assert low[2] <= 32 and high[2] == 64 and low[3] == 64 and high[3] >= 128  # width up to 2x native at 4:1
+    assert (low[0], opt[0], high[0]) == (1, 1, trt_engine.DEFAULT_BATCH)  # tuned for one image, holds two
     assert reverse.labelled("portrait")["sample"] == tuple(s[:2] + (s[3], s[2]) for s in (low, opt, high))
     decoder = request_of(requests, "vae_decoder")
     assert [label for label, _ in decoder.profiles] == ["landscape", "portrait"]
-    text = request_of(requests, "text_encoder")
-    assert text.profiles == (("only", {"input_ids": ((1, 12), (1, 12), (1, 12))}),)
+    assert decoder.labelled("landscape")["latents"][2][0] == 2
+    text = request_of(requests, "text_encoder")  # a source and a target prompt per image
+    assert text.profiles == (("only", {"input_ids": ((1, 12), (1, 12), (4, 12))}),)
 
 
 @pytest.mark.parametrize("native, multiple", [(512, 64), (1024, 64), (32, 16), (512, 8)])
@@ -313,11 +316,14 @@ def test_cfg_models_get_batch_two_profiles_and_requested_sizes():
     reverse = request_of(requests, "reverse_unet")
     assert reverse.labelled("native")["sample"] == ((1, 4, 96, 48),) * 3
     low, opt, high = reverse.labelled("portrait")["sample"]
-    assert (low[0], opt[0], high[0]) == (1, 2, 2) and opt[2:] == (96, 48) and high[2] >= 96
+    # two images, each a [negative, prompt] pair on guided steps; tuned for one image's pair
+    assert (low[0], opt[0], high[0]) == (1, 2, 4) and opt[2:] == (96, 48) and high[2] >= 96
     landscape = reverse.labelled("landscape")["sample"]
-    assert landscape[1][0] == 2 and landscape[2][0] == 2
+    assert landscape[1][0] == 2 and landscape[2][0] == 4
+    assert reverse.labelled("batched")["sample"] == ((1, 4, 96, 48), (4, 4, 96, 48), (4, 4, 96, 48))
     forward = request_of(requests, "forward_unet")
     assert forward.labelled("landscape")["sample"][1][0] == 1  # the forward model is never run with CFG
+    assert forward.labelled("landscape")["sample"][2][0] == 2
 
 
 def test_requested_sizes_beyond_the_fitted_ones_widen_their_profile():
@@ -332,11 +338,76 @@ def test_profile_choice_prefers_the_static_profile():
     shapes = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 12, 32)}
     assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, shapes)][0] == "native"
     batch_two = {name: (2, *shape[1:]) for name, shape in shapes.items()}
-    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, batch_two)][0] == "landscape"
+    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, batch_two)][0] == "batched"
+    wide_two = {**batch_two, "sample": (2, 4, 48, 96)}
+    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, wide_two)][0] == "landscape"
     tall = {**shapes, "sample": (1, 4, 96, 48)}
     assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, tall)][0] == "portrait"
     thin = {**shapes, "sample": (1, 4, 8, 512)}
     assert trt_engine.choose_profile(reverse.profiles, thin) is None
+
+
+@pytest.mark.parametrize("native, latent", [(512, 64), (1024, 128)])  # SD1.5 at 512 px, SDXL at 1024 px
+def test_engines_for_64_and_128_latents_hold_batch_one_and_two(native, latent):
+    manifest = tiny_manifest()
+    manifest.info.update(native_size=native, size_multiple=64)
+    requests = trt_engine.plan_engines(manifest)
+    reverse = request_of(requests, "reverse_unet").profiles
+    decoder = request_of(requests, "vae_decoder").profiles
+    for batch in (1, 2):
+        unet = {
+            "sample": (batch, 4, latent, latent), "timestep": (batch,), "encoder_hidden_states": (batch, 12, 32),
+            "timestep_cond": (batch, 512),
+        }  # fmt: skip
+        chosen = trt_engine.choose_profile(reverse, unet)
+        assert reverse[chosen][0] == ("native" if batch == 1 else "batched")
+        assert trt_engine.choose_profile(decoder, {"latents": (batch, 4, latent, latent)}) is not None
+        assert trt_engine.choose_profile(reverse, {**unet, "sample": (batch, 4, latent // 2, latent * 2)})
+    three = {"sample": (3, 4, latent, latent), "timestep": (3,), "encoder_hidden_states": (3, 12, 32)}
+    assert trt_engine.choose_profile(reverse, {**three, "timestep_cond": (3, 512)}) is None  # beyond batch 2
+
+
+def test_memory_budget_arithmetic():
+    budget = trt_engine.MemoryBudget(device_bytes=1000, weight_bytes=100, bytes_per_position=10)
+    assert budget.largest_batch(10) == 4  # 0.8 * 1000 - 100 = 700 bytes: 7 images of 100, down to a power of two
+    assert budget.largest_batch(5) == 8  # 14 images of 50
+    assert budget.largest_batch(1) == trt_engine.MAX_BATCH  # 70 images, capped
+    assert budget.largest_batch(71) == 1 and budget.largest_batch(10**6) == 1  # never below one image
+    assert trt_engine.MemoryBudget(1000, 900, 10).largest_batch(1) == 1  # weights alone beyond the headroom
+    assert [trt_engine.power_of_two_floor(n) for n in (1, 2, 3, 7, 8, 15, 16)] == [1, 2, 2, 4, 8, 8, 16]
+    gib = 2**30
+    sdxl_on_24gb = trt_engine.MemoryBudget(24 * gib, 7 * 10**9, trt_engine.RULE_BYTES_PER_POSITION["fp16"])
+    assert sdxl_on_24gb.largest_batch(128 * 128) == 8  # (19.2 GiB - 6.5 GiB) / 1 GiB per image = 12 -> 8
+    sd15_on_h200 = trt_engine.MemoryBudget(141 * gib, int(3.5e9), trt_engine.RULE_BYTES_PER_POSITION["fp16"])
+    assert sd15_on_h200.largest_batch(64 * 64) == trt_engine.MAX_BATCH
+
+
+def test_profiles_from_a_memory_budget_follow_each_profiles_size():
+    manifest = tiny_manifest()
+    native = 64 * 64  # latent positions at 512 px; landscape and portrait reach twice that
+    budget = trt_engine.MemoryBudget(device_bytes=10_000 * native, weight_bytes=0, bytes_per_position=1000)
+    requests = trt_engine.plan_engines(manifest, budget=budget)  # room for 8 native images, 4 at the widest
+    reverse = request_of(requests, "reverse_unet")
+    assert reverse.labelled("native")["sample"][2][0] == 1
+    assert reverse.labelled("batched")["sample"][2][0] == 8
+    assert reverse.labelled("landscape")["sample"][2][0] == 4 and reverse.labelled("portrait")["sample"][2][0] == 4
+    pinned = request_of(trt_engine.plan_engines(manifest, max_batch=3, budget=budget), "reverse_unet")
+    assert {pinned.labelled(label)["sample"][2][0] for label in ("batched", "landscape", "portrait")} == {3}
+    single = request_of(trt_engine.plan_engines(manifest, max_batch=1), "reverse_unet")
+    assert [label for label, _ in single.profiles] == ["native", "landscape", "portrait"]  # no batched profile
+
+
+def test_device_budget_reads_the_gpu_and_the_export(tmp_path, monkeypatch):
+    import types
+
+    manifest = tiny_manifest()
+    for spec in manifest.graphs.values():
+        (tmp_path / spec.file).write_bytes(b"w" * 1000)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=5e9))
+    budget = trt_engine.device_budget(torch.device("cuda", 0), tmp_path, manifest)
+    assert budget.device_bytes == 5 * 10**9 and budget.weight_bytes == 1000 * len(manifest.graphs)
+    assert budget.bytes_per_position == trt_engine.RULE_BYTES_PER_POSITION["fp16"]  # the tiny manifest is fp16
+    assert trt_engine.resolve_sizes(tmp_path, None, None, trt_engine.AUTO_BATCH) == trt_engine.EngineSizes()
 
 
 GPU = trt_engine.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
@@ -483,17 +554,18 @@ def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     from icdcli.export import read_manifest
 
     out = tmp_path / "onnx-out"
-    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    cpu = ["--device", "cpu"]  # the CPU path, also on a machine with a GPU
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), *cpu])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest is not None and "teacher_unet" in manifest.graphs
     assert "reverse_unet_p2p" in manifest.graphs  # an SD1.5-family model: P2P by default
     assert "ONNX export" in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["onnx-out"]  # no staging folder left behind
-    again = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out)])
+    again = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), *cpu])
     assert again.exit_code == 0 and "is up to date" in again.output and "exporting" not in again.output
     lean = tmp_path / "no-p2p"
-    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p"])
+    result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(lean), "--no-p2p", *cpu])
     assert result.exit_code == 0, result.output
     graphs = read_manifest(lean).graphs
     assert "reverse_unet_p2p" not in graphs and "reverse_unet" in graphs
