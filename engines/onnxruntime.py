@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
+from icdcli.dtypes import TORCH_DTYPES
 from icdcli.errors import ICDError
 from icdcli.export.manifest import GraphSpec, Manifest
 
 from .base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
 
 
 def is_importable() -> bool:

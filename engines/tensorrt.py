@@ -115,11 +115,12 @@ def build_mode(trt_version: str, onnx_precision: str) -> BuildMode:
 
 @dataclass(frozen=True)
 class EngineSizes:
-    """The sizes engines are tuned for: working height and width in pixels, largest batch (None: defaults)."""
+    """The sizes engines are tuned for: working height and width in pixels, images per call (None: defaults;
+    AUTO_BATCH: what the GPU's memory allows)."""
 
     height: int | None = None
     width: int | None = None
-    batch: int | None = None
+    batch: int | str | None = None
 
     def to_json(self) -> dict[str, int | None]:
         return asdict(self)
@@ -127,7 +128,14 @@ class EngineSizes:
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> EngineSizes:
         data = data or {}
-        return cls(*(int(data[k]) if data.get(k) else None for k in ("height", "width", "batch")))
+        height, width = (int(data[k]) if data.get(k) else None for k in ("height", "width"))
+        batch = data.get("batch")
+        return cls(height, width, batch if batch == AUTO_BATCH else int(batch) if batch else None)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch asked for as a number (None for the default and for AUTO_BATCH)."""
+        return None if self.batch == AUTO_BATCH else self.batch  # type: ignore[return-value]
 
 
 def fitted_sides(native: int, multiple: int, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
@@ -947,12 +955,11 @@ def engines_root() -> Path:
 
 def resolve_sizes(folder: Path, height: int | None, width: int | None, max_batch: int | str | None) -> EngineSizes:
     """The sizes to build for: those given, else those the export was built for (`icd export --height ...`).
-    `max_batch` AUTO_BATCH leaves the batch to the device's memory (`device_budget`)."""
+    A batch of AUTO_BATCH leaves it to the device's memory (`device_budget`)."""
     from icdcli.export.manifest import read_engine_sizes
 
-    batch = None if max_batch == AUTO_BATCH else max_batch
     if height or width or max_batch:
-        return EngineSizes(height, width, batch)
+        return EngineSizes(height, width, max_batch)
     return EngineSizes.from_json(read_engine_sizes(folder))
 
 
@@ -987,7 +994,7 @@ def load_parts(
     if device.type != "cuda":
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
     sizes = resolve_sizes(folder, height, width, max_batch)
-    budget = device_budget(device, folder, manifest) if max_batch == AUTO_BATCH else None
+    budget = device_budget(device, folder, manifest) if sizes.batch == AUTO_BATCH else None
     return engine_parts(
         folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now,
         onnxruntime_next(folder, manifest, device), budget=budget,
@@ -1020,7 +1027,7 @@ def engine_parts(
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
-    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.batch, budget=budget)}
+    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.fixed_batch, budget=budget)}
     memory, streams = SharedActivations(device), Streams(device)
 
     def ensure(spec: GraphSpec) -> Path:

@@ -14,6 +14,23 @@ import click
 from .cli_common import _load, _reports_errors, _say, model_options
 
 
+class BatchType(click.ParamType):
+    """`--batch`: a whole number of images per call (at least 1), or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            number = int(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor auto", param, ctx)
+        if number < 1:
+            self.fail(f"{number} images per call: give at least 1, or auto", param, ctx)
+        return number
+
+
 @click.command("export")
 @click.option(
     "--backend",
@@ -33,9 +50,10 @@ from .cli_common import _load, _reports_errors, _say, model_options
 )
 @click.option(
     "--batch",
-    type=click.IntRange(min=1),
+    type=BatchType(),
     default=None,
-    help="TensorRT: largest batch (default 2 for CFG models, else 1).",
+    help="TensorRT: images per network call the engines hold (a CFG UNet runs two rows per image). Default: 1-2, "
+    "plus a batched profile at the native size; `auto`: as many as the GPU's memory allows for each size.",
 )
 @click.option(
     "--out",

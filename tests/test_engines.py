@@ -407,7 +407,9 @@ def test_device_budget_reads_the_gpu_and_the_export(tmp_path, monkeypatch):
     budget = trt_engine.device_budget(torch.device("cuda", 0), tmp_path, manifest)
     assert budget.device_bytes == 5 * 10**9 and budget.weight_bytes == 1000 * len(manifest.graphs)
     assert budget.bytes_per_position == trt_engine.RULE_BYTES_PER_POSITION["fp16"]  # the tiny manifest is fp16
-    assert trt_engine.resolve_sizes(tmp_path, None, None, trt_engine.AUTO_BATCH) == trt_engine.EngineSizes()
+    auto = trt_engine.resolve_sizes(tmp_path, None, None, trt_engine.AUTO_BATCH)
+    assert auto == trt_engine.EngineSizes(batch=trt_engine.AUTO_BATCH) and auto.fixed_batch is None
+    assert trt_engine.EngineSizes.from_json(auto.to_json()) == auto  # recorded by `icd export --batch auto`
 
 
 GPU = trt_engine.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
@@ -700,3 +702,14 @@ def read_manifest_of(folder):
     from icdcli.export import read_manifest
 
     return read_manifest(folder)
+
+
+def test_export_batch_option_takes_a_count_or_auto():
+    import click
+
+    from icdcli.cli_export import BatchType
+
+    assert BatchType().convert("4", None, None) == 4 and BatchType().convert("AUTO", None, None) == "auto"
+    for bad in ("0", "two", "1.5"):
+        with pytest.raises(click.BadParameter):
+            BatchType().convert(bad, None, None)
