@@ -13,13 +13,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelSourceError
 from .hub import fetch_command, hub_file, hub_snapshot, unavailable_reason
-from .lora import boundaries_from_filename, family_from_filename
-from .models import MODEL_JSON, ICDModel, LoraSources, load_lora_cached, load_model_folder
+from .paths import MODEL_JSON
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .single_file import checkpoint_family, config_files, converted_base, find_config, read_header
+
+if TYPE_CHECKING:  # torch comes with these: imported where a model is loaded, so `icd info` stays light
+    from .models import ICDModel, LoraSources
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL = "default"
@@ -174,6 +177,8 @@ def _hub_lora(preset: Preset, role: str) -> Path | None:
 
 def preset_sources(preset: Preset, request: ModelRequest, progress: Callable[[str], None] | None = None) -> LoraSources:
     """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
+    from .models import LoraSources
+
     missing: list[str] = []
     commands: list[str] = []
     folder = f"icd-{preset.name}"
@@ -244,6 +249,8 @@ def _candidates(folder: Path) -> list[Path]:
 def find_release_files(folder: Path) -> ReleaseFolder | None:
     """The forward and reverse LoRAs and the teacher in `folder` (or its one subfolder), found by role
     and boundaries in their names; None when it holds no LoRA file. Ambiguity is a ModelSourceError."""
+    from .lora import boundaries_from_filename, family_from_filename
+
     roles: dict[str, list[Path]] = {"forward": [], "reverse": []}
     teachers: list[Path] = []
     for path in _candidates(folder):
@@ -278,6 +285,8 @@ def release_folder_sources(
     folder: Path, request: ModelRequest, progress: Callable[[str], None] | None = None
 ) -> LoraSources | None:
     """Sources of a release tarball's folder (None if `folder` is not one); says which file takes each role."""
+    from .models import LoraSources
+
     found = find_release_files(folder)
     if found is None:
         return None
@@ -312,6 +321,8 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
             "loading from parts needs --base (a diffusers pipeline folder or a single-file checkpoint), "
             "--forward-lora and --reverse-lora; --teacher is the guidance-distilled UNet state dict (optional)"
         )
+    from .models import LoraSources
+
     base = _base(request, progress)
     return LoraSources(
         base,
@@ -325,6 +336,8 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
 def _load_cached(
     request: ModelRequest, sources: LoraSources, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
+    from .models import load_lora_cached
+
     return load_lora_cached(replace(sources, cache_half=request.half), need_teacher, progress)
 
 
@@ -336,6 +349,8 @@ def _load_hub_model(
     repo: str, request: ModelRequest, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
     """`--model org/repo`: a hub repository holding an icd model folder or a release tarball's files."""
+    from .models import load_model_folder
+
     folder = hub_snapshot(repo, ignore=HUB_IGNORE)
     if folder is None:
         raise ModelSourceError(
@@ -355,6 +370,8 @@ def load_requested_model(
     request: ModelRequest, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
     """Load whatever `request` names; raises ModelSourceError with what to do when it cannot."""
+    from .models import load_model_folder
+
     name = request.model
     if name in PRESETS:
         return _load_cached(request, preset_sources(PRESETS[name], request, progress), need_teacher, progress)
