@@ -13,7 +13,6 @@ from .manifest import (
     read_manifest,
     stale_reason,
 )
-from .onnx import export_model
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -29,3 +28,11 @@ __all__ = [
     "read_manifest",
     "stale_reason",
 ]
+
+
+def __getattr__(name: str):
+    if name == "export_model":  # torch comes with it: reading manifests (`icd info`) stays light without it
+        from .onnx import export_model
+
+        return export_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

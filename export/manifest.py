@@ -210,7 +210,7 @@ def model_key(name: str, fingerprint: str, precision: str) -> str:
 
 
 def export_root() -> Path:
-    from icdcli.models import cache_root
+    from icdcli.paths import cache_root
 
     return cache_root() / "onnx"
 

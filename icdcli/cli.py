@@ -841,6 +841,51 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
         click.echo(f"skipped {name}: {reason}")
 
 
+def _torch_build() -> dict[str, str | None] | None:
+    """torch's version and the GPU toolkit it was built for, read from `torch/version.py` without importing torch
+    (which takes seconds); None when torch is not installed, empty when the file cannot be read."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return None
+    facts: dict[str, str | None] = {}
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "version.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+            facts[target.id] = value.value if isinstance(value.value, str) or value.value is None else None
+    return facts
+
+
+def _gpu_report(build: dict[str, str | None] | None) -> dict[str, Any]:
+    """CUDA as torch sees it. A CPU-only torch build cannot use a GPU, so torch is imported (seconds) only for a
+    CUDA or ROCm build, to ask the driver for its devices."""
+    if build is None or (build and build.get("cuda") is None and build.get("hip") is None):
+        return {"available": False, "version": None, "devices": []}
+    import torch
+
+    return {
+        "available": torch.cuda.is_available(),
+        "version": torch.version.cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+
+
+def _exports_and_engines() -> dict[str, Any]:
+    try:
+        from .cli_export import describe_cache
+
+        return describe_cache()
+    except ImportError as error:  # a source tree run without installing: icdcli.export is not mapped
+        return {"onnx": [], "engines": [], "unreadable": f"{error} (pip install -e . maps icdcli.export)"}
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
@@ -850,8 +895,8 @@ def info(as_json: bool) -> None:
     import importlib.util
     import platform
 
-    from .models import cache_root
-    from .sources import DEFAULT_MODEL_DIR, MODEL_JSON, PRESETS
+    from .paths import MODEL_JSON, cache_root
+    from .sources import DEFAULT_MODEL_DIR, PRESETS
 
     def version_of(distribution: str) -> str | None:
         try:
@@ -860,15 +905,10 @@ def info(as_json: bool) -> None:
             return None
 
     report: dict[str, Any] = {"icd": __version__, "python": platform.python_version()}
-    import torch
-
-    report["torch"] = torch.__version__
-    report["cuda"] = {
-        "available": torch.cuda.is_available(),
-        "version": torch.version.cuda,
-        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-    }
-    backends = {"torch": {"importable": True, "version": torch.__version__}}
+    build = _torch_build()
+    report["torch"] = (build or {}).get("__version__") or version_of("torch")
+    report["cuda"] = _gpu_report(build)
+    backends = {"torch": {"importable": report["torch"] is not None, "version": report["torch"]}}
     for name, module, distribution in (
         ("onnxruntime", "onnxruntime", "onnxruntime"),
         ("onnxruntime-gpu", "onnxruntime", "onnxruntime-gpu"),
@@ -882,9 +922,7 @@ def info(as_json: bool) -> None:
     report["backends"] = backends
     cache = cache_root()
     merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
-    from .cli_export import describe_cache
-
-    report["cache"] = {"root": str(cache), "fused_models": merged, **describe_cache()}
+    report["cache"] = {"root": str(cache), "fused_models": merged, **_exports_and_engines()}
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
     report["presets"] = [preset.to_json() for preset in PRESETS.values()]
     if as_json:

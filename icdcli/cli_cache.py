@@ -1,8 +1,9 @@
 """`icd cache list|prune`: what icd keeps in its cache (fused models, ONNX exports, TensorRT engines), and
 removing what has not been used for a while.
 
-Every entry is one folder: `merged/<key>` (a fused model), `onnx/<key>` (an export of one model and
-precision), `engines/<key>` (the engines built from one export). An entry's last use is the newest
+Every entry is one folder: `merged/<key>` (a fused model), `bases/<key>` (a single-file base converted
+to a diffusers folder), `onnx/<key>` (an export of one model and precision), `engines/<key>` (the engines
+built from one export). An entry's last use is the newest
 time stamp of the folder and its `.used` marker, which loading refreshes. Heavy libraries are not
 imported here.
 """
@@ -21,7 +22,7 @@ import click
 from .paths import USED_MARKER, cache_root
 from .values import strict_json
 
-KINDS = {"merged": "fused model", "onnx": "onnx export", "engines": "tensorrt engines"}
+KINDS = {"merged": "fused model", "bases": "converted base", "onnx": "onnx export", "engines": "tensorrt engines"}
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
 
 
@@ -39,7 +40,7 @@ class CacheEntry:
 
 
 def _name(kind: str, folder: Path) -> str:
-    for candidate in ("icd.json", "manifest.json"):
+    for candidate in ("icd.json", "manifest.json", "source.json"):
         try:
             data = json.loads((folder / candidate).read_text())
         except (OSError, ValueError):

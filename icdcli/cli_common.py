@@ -101,8 +101,16 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--base",
             default=None,
+            metavar="DIR|FILE",
+            help="Base pipeline: a diffusers folder, or a single-file SD1.5/SDXL checkpoint (.safetensors, converted "
+            "once and cached), with LoRA files or a release folder. Default: the family's hub id.",
+        ),
+        click.option(
+            "--base-config",
+            default=None,
             metavar="DIR",
-            help="Diffusers base pipeline folder (with LoRA files or a release folder; default: the family's hub id).",
+            help="For a single-file --base: a diffusers layout of its configs and tokenizers. Default: one beside "
+            "the file, else the family's hub repository (cache first).",
         ),
         click.option(
             "--teacher",
@@ -245,6 +253,7 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
                        "set ICD_CACHE_DIR to a writable folder, or use --backend torch")  # fmt: skip
     if cache_problem:
         _say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
+    request.base_config = ctx_options.get("base_config")
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
     model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
     model.to(device, dtype)
@@ -308,7 +317,7 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-MODEL_SECTION = ("Model", ["model", "base", "teacher", "forward_lora", "reverse_lora"])
+MODEL_SECTION = ("Model", ["model", "base", "base_config", "teacher", "forward_lora", "reverse_lora"])
 BACKEND_SECTION = ("Backend", ["backend", "device", "precision"])
 
 

@@ -189,7 +189,7 @@ def describe_cache() -> dict[str, Any]:
     """ONNX exports and TensorRT engines in the cache, for `icd info`."""
     from .export.files import folder_size
     from .export.manifest import export_root, read_manifest
-    from .models import cache_root
+    from .paths import cache_root
 
     exports = []
     for folder in _entries(export_root(), "*"):

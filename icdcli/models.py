@@ -28,13 +28,12 @@ from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
-from .paths import cache_root, mark_used
+from .paths import MODEL_JSON, cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
 
 logger = logging.getLogger("icd")
 
-MODEL_JSON = "icd.json"
 FORMAT_VERSION = 1
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 USED_MARKER = ".used"
+MODEL_JSON = "icd.json"  # what makes a folder an icd model folder
 
 
 def cache_root() -> Path:

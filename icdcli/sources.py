@@ -3,7 +3,8 @@
 `--model` takes the name of a preset of the released checkpoints, a model folder (`icd.json`
 inside), or nothing for the model embedded in the package. `--base`, `--teacher`,
 `--forward-lora` and `--reverse-lora` give the parts by local path; with a preset they replace the
-files it would fetch.
+files it would fetch. `--base` is a diffusers pipeline folder or a single-file checkpoint (see
+`icdcli.single_file`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelSourceError
 from .hub import fetch_command, hub_file, hub_snapshot, unavailable_reason
-from .lora import boundaries_from_filename, family_from_filename
-from .models import MODEL_JSON, ICDModel, LoraSources, load_lora_cached, load_model_folder
+from .paths import MODEL_JSON
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
+from .single_file import checkpoint_family, config_files, converted_base, find_config, read_header
+
+if TYPE_CHECKING:  # torch comes with these: imported where a model is loaded, so `icd info` stays light
+    from .models import ICDModel, LoraSources
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL = "default"
-
-TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class ModelRequest:
     forward_lora: str | None = None
     reverse_lora: str | None = None
     half: bool = False  # the model will run in float16: keep its fused cache in float16 too
+    base_config: str | None = None  # configs and tokenizers for a single-file --base
 
     @property
     def label(self) -> str:
@@ -123,13 +127,8 @@ class ModelRequest:
 
 def base_files(family: str) -> list[str]:
     """The files of a base pipeline icd reads: no UNet weights (the teacher replaces them), safetensors only."""
-    suffixes = ["", "_2"] if family == SDXL else [""]
-    files = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json"]
-    files.append("vae/diffusion_pytorch_model.safetensors")
-    for suffix in suffixes:
-        files += [f"text_encoder{suffix}/config.json", f"text_encoder{suffix}/model.safetensors"]
-        files += [f"tokenizer{suffix}/{name}" for name in TOKENIZER_FILES]
-    return files
+    encoders = [f"text_encoder{suffix}/model.safetensors" for suffix in (["", "_2"] if family == SDXL else [""])]
+    return [*config_files(family), "vae/diffusion_pytorch_model.safetensors", *encoders]
 
 
 def _hub_pipeline(repo: str, family: str) -> Path | None:
@@ -146,6 +145,28 @@ def _local(path: str | None, flag: str) -> Path | None:
     return resolved
 
 
+def _base(
+    request: ModelRequest, progress: Callable[[str], None] | None = None, family: str | None = None
+) -> Path | None:
+    """`--base` as a pipeline folder: a folder as given, a single-file checkpoint converted (once, cached)."""
+    base = _local(request.base, "--base")
+    if base is None or base.is_dir():
+        if request.base_config is not None:
+            raise ModelSourceError("--base-config goes with a single-file --base (one .safetensors checkpoint)")
+        return base
+    if base.suffix != ".safetensors":
+        raise ModelSourceError(
+            f"--base {request.base}: give a diffusers pipeline folder or a single-file checkpoint in .safetensors "
+            "(a .ckpt may hold pickled objects, which icd does not load: convert it where you trust it)"
+        )
+    header = read_header(base)
+    found = checkpoint_family(base, header)
+    if family is not None and found != family:
+        raise ModelSourceError(f"--base {request.base} is an {found} checkpoint, but this model is {family}")
+    config = find_config(base, found, FAMILY_BASES[found], request.base_config)
+    return converted_base(base, config, found, progress, header)
+
+
 def _hub_lora(preset: Preset, role: str) -> Path | None:
     for filename in preset.lora_names(role):
         found = hub_file(preset.lora_repo, filename)
@@ -154,8 +175,10 @@ def _hub_lora(preset: Preset, role: str) -> Path | None:
     return None
 
 
-def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
+def preset_sources(preset: Preset, request: ModelRequest, progress: Callable[[str], None] | None = None) -> LoraSources:
     """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
+    from .models import LoraSources
+
     missing: list[str] = []
     commands: list[str] = []
     folder = f"icd-{preset.name}"
@@ -182,7 +205,7 @@ def preset_sources(preset: Preset, request: ModelRequest) -> LoraSources:
             lora_names.append(preset.lora_names(role)[0])
     if lora_names:
         commands.append(fetch_command(preset.lora_repo, lora_names, folder))
-    base = _local(request.base, "--base") or _hub_pipeline(preset.base, preset.family)
+    base = _base(request, progress, preset.family) or _hub_pipeline(preset.base, preset.family)
     if base is None:
         missing.append(f"--base ({preset.base}, a diffusers pipeline folder)")
         commands.append(fetch_command(preset.base, base_files(preset.family), f"{folder}/base"))
@@ -226,6 +249,8 @@ def _candidates(folder: Path) -> list[Path]:
 def find_release_files(folder: Path) -> ReleaseFolder | None:
     """The forward and reverse LoRAs and the teacher in `folder` (or its one subfolder), found by role
     and boundaries in their names; None when it holds no LoRA file. Ambiguity is a ModelSourceError."""
+    from .lora import boundaries_from_filename, family_from_filename
+
     roles: dict[str, list[Path]] = {"forward": [], "reverse": []}
     teachers: list[Path] = []
     for path in _candidates(folder):
@@ -260,14 +285,16 @@ def release_folder_sources(
     folder: Path, request: ModelRequest, progress: Callable[[str], None] | None = None
 ) -> LoraSources | None:
     """Sources of a release tarball's folder (None if `folder` is not one); says which file takes each role."""
+    from .models import LoraSources
+
     found = find_release_files(folder)
     if found is None:
         return None
     forward = _local(request.forward_lora, "--forward-lora") or found.forward
     reverse = _local(request.reverse_lora, "--reverse-lora") or found.reverse
     teacher = _local(request.teacher, "--teacher") or found.teacher
-    base = _local(request.base, "--base")
     family = found.family
+    base = _base(request, progress, family)
     if base is None:
         if family is None:
             raise ModelSourceError(
@@ -288,15 +315,15 @@ def release_folder_sources(
     return LoraSources(base, teacher, forward, reverse, name=folder.name)
 
 
-def _part_sources(request: ModelRequest) -> LoraSources:
+def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None = None) -> LoraSources:
     if not (request.base and request.forward_lora and request.reverse_lora):
         raise ModelSourceError(
-            "loading from parts needs --base (a diffusers pipeline folder), --forward-lora and --reverse-lora; "
-            "--teacher is the guidance-distilled UNet state dict (optional)"
+            "loading from parts needs --base (a diffusers pipeline folder or a single-file checkpoint), "
+            "--forward-lora and --reverse-lora; --teacher is the guidance-distilled UNet state dict (optional)"
         )
-    base = _local(request.base, "--base")
-    if not base.is_dir():
-        raise ModelSourceError(f"--base {request.base} must be a diffusers pipeline folder")
+    from .models import LoraSources
+
+    base = _base(request, progress)
     return LoraSources(
         base,
         _local(request.teacher, "--teacher"),
@@ -309,6 +336,8 @@ def _part_sources(request: ModelRequest) -> LoraSources:
 def _load_cached(
     request: ModelRequest, sources: LoraSources, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
+    from .models import load_lora_cached
+
     return load_lora_cached(replace(sources, cache_half=request.half), need_teacher, progress)
 
 
@@ -320,6 +349,8 @@ def _load_hub_model(
     repo: str, request: ModelRequest, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
     """`--model org/repo`: a hub repository holding an icd model folder or a release tarball's files."""
+    from .models import load_model_folder
+
     folder = hub_snapshot(repo, ignore=HUB_IGNORE)
     if folder is None:
         raise ModelSourceError(
@@ -339,9 +370,11 @@ def load_requested_model(
     request: ModelRequest, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
     """Load whatever `request` names; raises ModelSourceError with what to do when it cannot."""
+    from .models import load_model_folder
+
     name = request.model
     if name in PRESETS:
-        return _load_cached(request, preset_sources(PRESETS[name], request), need_teacher, progress)
+        return _load_cached(request, preset_sources(PRESETS[name], request, progress), need_teacher, progress)
     folder = Path(name).expanduser() if name not in (None, DEFAULT_MODEL) else None
     if folder is not None and folder.is_dir() and not (folder / MODEL_JSON).is_file():
         sources = release_folder_sources(folder, request, progress)
@@ -355,7 +388,7 @@ def load_requested_model(
                 "--base/--teacher/--forward-lora/--reverse-lora go with a preset, a release folder, a hub id "
                 "or no --model"
             )
-        return _load_cached(request, _part_sources(request), need_teacher, progress)
+        return _load_cached(request, _part_sources(request, progress), need_teacher, progress)
     if name in (None, DEFAULT_MODEL):
         if not (DEFAULT_MODEL_DIR / MODEL_JSON).is_file():
             raise ModelSourceError(

@@ -1,0 +1,97 @@
+"""Start-up times: `icd info`, and loading the embedded model split into its parts, each in a fresh process.
+
+Usage, from the repository root with icd installed:  python benchmarks/startup.py [--runs 5] [--json]
+
+Each figure is the median over `--runs` fresh interpreters (wall seconds, and CPU seconds of the process,
+which a busy machine inflates less). The fused-model cache is warmed first, so no row includes fusing.
+Rows:
+  info            `icd info` end to end (the interpreter's own start-up included)
+  import torch    `import torch` alone
+  libraries       diffusers' UNet/VAE and transformers' CLIP imported after torch
+  model build     `load_requested_model()` of the embedded model once the libraries are imported
+  model load      the same from `import icdcli.sources` on: libraries and build together, as `icd edit` pays it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PROBE = r"""
+import json, resource, sys, time
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+marks = {}
+start, start_cpu = time.perf_counter(), cpu()
+import torch
+marks["import torch"] = (time.perf_counter() - start, cpu() - start_cpu)
+if sys.argv[1] == "split":
+    t, c = time.perf_counter(), cpu()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+    marks["libraries"] = (time.perf_counter() - t, cpu() - c)
+t, c = time.perf_counter(), cpu()
+from icdcli.sources import ModelRequest, load_requested_model
+load_requested_model(ModelRequest())
+marks["model build" if sys.argv[1] == "split" else "model load"] = (time.perf_counter() - t, cpu() - c)
+print(json.dumps(marks))
+"""
+
+
+def _median(samples: list[tuple[float, float]]) -> dict[str, float]:
+    return {"seconds": round(statistics.median(s[0] for s in samples), 3),
+            "cpu_seconds": round(statistics.median(s[1] for s in samples), 3)}  # fmt: skip
+
+
+def _icd_info() -> tuple[float, float]:
+    before = os.times()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "icdcli", "info"], check=True, capture_output=True)
+    after = os.times()
+    return time.perf_counter() - start, (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+
+
+def measure(runs: int) -> dict[str, object]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", PROBE, "whole"], check=True, capture_output=True, env=env)  # warm the cache
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(runs):
+        samples.setdefault("info", []).append(_icd_info())
+        for mode in ("split", "whole"):
+            out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, env=env)
+            for name, value in json.loads(out.stdout.decode().strip().splitlines()[-1]).items():
+                samples.setdefault(name, []).append(tuple(value))
+    order = ["info", "import torch", "libraries", "model build", "model load"]
+    return {
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        "load_average": round(os.getloadavg()[0], 2),
+        "rows": [{"step": name, **_median(samples[name])} for name in order],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.runs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"median of {result['runs']} fresh processes; {result['cpus']} CPUs, load average {result['load_average']}")
+    print("| step | seconds | CPU seconds |\n| --- | --- | --- |")
+    for row in result["rows"]:
+        print(f"| {row['step']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
