@@ -50,6 +50,7 @@ from .outputs import (
     reported_failure,
     reports_json_failures,
 )
+from .throughput import throughput as _throughput_command
 from .values import NumberType, strict_json
 
 
@@ -943,3 +944,4 @@ main.add_command(_export_command)
 main.add_command(_cache_command)
 main.add_command(_train_command)
 bench.add_command(_pie_command)
+bench.add_command(_throughput_command)

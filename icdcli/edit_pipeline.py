@@ -9,7 +9,7 @@
   `group_key` (working size, sampler, method). Returns one result per item, an Exception for an item that
   failed alone.
 - `write(prepared, result)`: on the writer thread, encode and store one result; returns its outcome.
-- `report(item, outcome)`: on the caller's thread, in order of completion; False stops the run.
+- `report(item, outcome)`: on the caller's thread, in the items' order; False stops the run.
 
 Groups start at one item and double up to their batch limit (`batch_limit(prepared)`), so the first
 result comes early and a stop soon after the start leaves little undone. The networks never wait for a
@@ -32,6 +32,23 @@ class Prepared:
     item: Any
     data: Any
     discard: Callable[[], None] = lambda: None
+
+
+@dataclass
+class _Slot:
+    """An item's place in the report order: its outcome once known (or the write that will give it)."""
+
+    item: Any
+    outcome: Any = None
+    write: Future | None = None
+    known: bool = False
+
+    def ready(self, wait: bool) -> bool:
+        if self.write is not None:
+            if not (wait or self.write.done()):
+                return False
+            self.outcome, self.write, self.known = self.write.result(), None, True
+        return self.known
 
 
 class ItemError(Exception):
@@ -62,8 +79,10 @@ class BatchPipeline:
         self.readers = readers
         self.cap = 1
         self.stopped = False
-        self.groups: dict[Hashable, list[Prepared]] = {}
-        self.writes: deque[tuple[Any, Future]] = deque()
+        self.draining = False
+        self.halted = False  # `report` said stop
+        self.groups: dict[Hashable, list[tuple[Prepared, _Slot]]] = {}
+        self.slots: deque[_Slot] = deque()
 
     def run(self, items: Iterable[Any]) -> bool:
         """Process every item (until `report` says stop or `should_stop`); False when the run stopped early."""
@@ -77,7 +96,7 @@ class BatchPipeline:
                 item, future = reads.popleft()
                 self._fill(reads, source, reader)
                 self._take(item, future, writer)
-                self._report_writes(wait=False)
+                self._report_ready(wait=False)
                 if self.should_stop():
                     self.stopped = True
             while self.groups and not self.stopped:
@@ -86,10 +105,11 @@ class BatchPipeline:
                 self.stopped = self.stopped or self.should_stop()
             return not self.stopped
         finally:
+            self.draining = True
             self._abandon(reads)
             reader.shutdown(wait=True)
             writer.shutdown(wait=True)
-            self._report_writes(wait=True)
+            self._report_ready(wait=True)
 
     def _fill(self, reads: deque, source: Any, reader: ThreadPoolExecutor) -> None:
         """Keep about two batches of items being read ahead."""
@@ -108,44 +128,55 @@ class BatchPipeline:
 
     def _take(self, item: Any, future: Future, writer: ThreadPoolExecutor) -> None:
         outcome = future.result()
+        slot = _Slot(item)
+        self.slots.append(slot)
         if not isinstance(outcome, Prepared):
-            self.stopped = not self.report(item, outcome)
+            slot.outcome, slot.known = outcome, True
             return
         key = self.group_key(outcome)
         group = self.groups.setdefault(key, [])
-        group.append(outcome)
+        group.append((outcome, slot))
         if len(group) >= min(self.cap, self.batch_limit(outcome)):
             self._flush(key, writer)
 
     def _flush(self, key: Hashable, writer: ThreadPoolExecutor) -> None:
         group = self.groups.pop(key)
         try:
-            results = self.run_group(group)
+            results = self.run_group([prepared for prepared, _ in group])
         except Exception as error:  # the whole group failed the same way
             results = [error] * len(group)
         except BaseException:
-            for prepared in group:
+            for prepared, _ in group:
                 prepared.discard()
             raise
-        for prepared, result in zip(group, results, strict=True):
+        for (prepared, slot), result in zip(group, results, strict=True):
             if isinstance(result, Exception):
                 prepared.discard()
-                if not self.report(prepared.item, ItemError(result)):
-                    self.stopped = True
+                slot.outcome, slot.known = ItemError(result), True
             else:
-                self.writes.append((prepared.item, writer.submit(self._guard, self.write, prepared, result)))
-        self.cap = max(1, min(self.cap * 2, self.batch_limit(group[0])))
+                slot.write = writer.submit(self._guard, self.write, prepared, result)
+        self.cap = max(1, min(self.cap * 2, self.batch_limit(group[0][0])))
+        self._report_ready(wait=False)
 
-    def _report_writes(self, wait: bool) -> None:
-        while self.writes and (wait or self.writes[0][1].done()):
-            item, future = self.writes.popleft()
-            if not self.report(item, future.result()):
-                self.stopped = True
+    def _report_ready(self, wait: bool) -> None:
+        """Report the outcomes known so far, in the items' order (after a stop, the ones never run are left out)."""
+        while self.slots:
+            slot = self.slots[0]
+            if not slot.ready(wait):
+                if not (wait and self.draining):
+                    return
+                self.slots.popleft()  # prepared but never run: its claim was released
+                continue
+            self.slots.popleft()
+            if self.halted and isinstance(slot.outcome, ItemError):
+                continue  # behind a failure that stopped the run: left for the rerun, like the items never run
+            if not self.report(slot.item, slot.outcome):
+                self.stopped = self.halted = True
 
     def _abandon(self, reads: deque) -> None:
         """Undo what was prepared but will not run: the groups not run, and items still being read."""
         for group in self.groups.values():
-            for prepared in group:
+            for prepared, _ in group:
                 prepared.discard()
         self.groups.clear()
         for _, future in reads:

@@ -408,6 +408,7 @@ class _EditRun:
         self.expected_hash = expected_hash
         self.batch_size = batch_size  # None: per device and working size (batch.default_batch_size)
         self.jobs = jobs
+        self.quiet = False  # no line per written or skipped output (icd bench throughput)
         self.shard: tuple[int, int] | None = None  # --shard auto: (rank, world size); rank 0 prints the total
         self.loaded: Loaded | None = None
         self.p2p: Any = None  # icdcli.p2p.P2PSettings: the flags over the model's recipe, once it is loaded
@@ -443,7 +444,7 @@ class _EditRun:
 
     def _model(self) -> Loaded:
         if self.loaded is None:
-            from .batch import display, model_digest, model_weight_sizes
+            from .batch import display
             from .errors import ICDError
 
             opts = dict(self.model_opts)
@@ -462,19 +463,26 @@ class _EditRun:
                     f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
                     "ICD_CACHE_DIR (a writable cache folder)"
                 ) from None
-            model = self.loaded.model
-            try:
-                self.p2p = self.flags.p2p.resolve(model.info.edit)
-            except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
-                raise click.ClickException(str(error)) from None
-            self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
-            label = self.loaded.label
-            self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
-            if self.expected_hash and self.expected_hash != self.model_hash:
-                logging.getLogger("icd").warning(
-                    "the model differs from the one that made the recorded edit: the result will differ"
-                )
+            self.adopt(self.loaded)
         return self.loaded
+
+    def adopt(self, loaded: Loaded) -> None:
+        """Run on a loaded model: its recipe under the flags, and its identity for the records."""
+        from .batch import model_digest, model_weight_sizes
+
+        self.loaded = loaded
+        model = self.loaded.model
+        try:
+            self.p2p = self.flags.p2p.resolve(model.info.edit)
+        except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
+            raise click.ClickException(str(error)) from None
+        self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
+        label = self.loaded.label
+        self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
+        if self.expected_hash and self.expected_hash != self.model_hash:
+            logging.getLogger("icd").warning(
+                "the model differs from the one that made the recorded edit: the result will differ"
+            )
 
     # --- one item -------------------------------------------------------------------------
 
@@ -728,11 +736,12 @@ class _EditRun:
             self.tally.skipped += 1
             self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
             again = " (--overwrite makes it again)" if outcome.startswith("already made") else ""
-            self._text(f"skipped {display(item.output)}: {outcome}{again}")
+            if not self.quiet:
+                self._text(f"skipped {display(item.output)}: {outcome}{again}")
         else:
             self.tally.done += 1
             self._json(outcome)
-            if not self.as_json:
+            if not self.as_json and not self.quiet:
                 self._text(f"wrote {display(item.output)}")
         self._advance()
         return True
