@@ -22,6 +22,7 @@ from icdcli.denoiser import (
     expand_batch,
     guided_eps,
     is_unguided,
+    row_guidance,
 )
 from icdcli.errors import ICDError
 from icdcli.export.manifest import (
@@ -136,6 +137,35 @@ class GraphDenoiser:
     def _p2p_guided(
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any
     ) -> torch.Tensor:
+        from icdcli.p2p import control_pairs
+
+        pairs = control_pairs(control)
+        if pairs > 1 and len(self.p2p[1].input("mapper").shape) == 2:
+            return self._p2p_pair_by_pair(x, t, cond, guidance, control, pairs)
+        return self._p2p_call(x, t, cond, guidance, control)
+
+    def _p2p_pair_by_pair(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any, pairs: int
+    ) -> torch.Tensor:
+        """A batch of P2P pairs through a graph exported for one pair per call: one call per pair."""
+        from icdcli.p2p import unstack_control
+
+        batch = x.shape[0]
+        weights = row_guidance(guidance, batch)
+        hidden = expand_batch(cond.prompt.hidden_states, batch)
+        pooled = None if cond.prompt.pooled is None else expand_batch(cond.prompt.pooled, batch)
+        eps, maps = [], []
+        for pair in range(pairs):
+            rows = slice(2 * pair, 2 * pair + 2)
+            prompt = PromptEmbedding(hidden[rows], None if pooled is None else pooled[rows])
+            one = unstack_control(control, pair)
+            eps.append(self._p2p_call(x[rows], t, cond.with_prompt(prompt), weights[rows], one))
+            maps.append(one.maps)
+        if control.blend_queries is not None:
+            control.maps.extend(torch.cat(layer) for layer in zip(*maps, strict=True))
+        return torch.cat(eps)
+
+    def _p2p_call(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any) -> torch.Tensor:
         runner, spec = self.p2p
         feeds_control = {name: getattr(control, name) for name in P2P_CONTROL_INPUTS}
         collected: list[torch.Tensor] = []

@@ -214,10 +214,12 @@ class AcceleratedModel:
     def teacher_denoiser(self) -> Denoiser:
         return self.parts.teacher if self.parts.teacher is not None else self.model.teacher_denoiser
 
-    def encode_prompt(self, text: str) -> PromptEmbedding:
+    def encode_prompt(self, text: str | list[str]) -> PromptEmbedding:
+        """Encode one prompt, or a list of prompts as one batch through the text graphs."""
         from icdcli.engines.base import encode_ids
 
-        warn_if_truncated(self.model, text)
+        for prompt in [text] if isinstance(text, str) else text:
+            warn_if_truncated(self.model, prompt)
         ids = [
             tokenizer(
                 text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -228,7 +230,9 @@ class AcceleratedModel:
             lambda: encode_ids(self.parts.text_encoders, ids), lambda: self.model.encode_prompt(text), "text encoder"
         )
 
-    def conditioning(self, prompt: str, height: int, width: int, with_negative: bool = False) -> Conditioning:
+    def conditioning(
+        self, prompt: str | list[str], height: int, width: int, with_negative: bool = False
+    ) -> Conditioning:
         # ICDModel's own logic, with this object's encode_prompt
         return ICDModel.conditioning(self, prompt, height, width, with_negative)  # type: ignore[arg-type]
 

@@ -97,6 +97,23 @@ def expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.expand(batch, *tensor.shape[1:])
 
 
+def mix_rows(chosen: torch.Tensor, first: Conditioning, second: Conditioning) -> Conditioning:
+    """Conditioning whose row i is `first`'s where `chosen[i]`, else `second`'s (prompts of one batch of edits)."""
+    batch = chosen.shape[0]
+
+    def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None or b is None:
+            return a if b is None else b
+        a, b = expand_batch(a, batch), expand_batch(b, batch)
+        return torch.where(chosen.to(a.device).view(-1, *[1] * (a.ndim - 1)), a, b)
+
+    prompt = PromptEmbedding(
+        pick(first.prompt.hidden_states, second.prompt.hidden_states), pick(first.prompt.pooled, second.prompt.pooled)
+    )
+    negative = first.negative if first.negative is not None else second.negative
+    return Conditioning(prompt, negative, pick(first.time_ids, second.time_ids))
+
+
 def real_cfg(
     evaluate: Callable[[torch.Tensor, PromptEmbedding, torch.Tensor | None], torch.Tensor],
     x: torch.Tensor,

@@ -332,6 +332,13 @@ def _write_failure(error: OSError, out: Path) -> _ItemFailed:
     return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
 
 
+def _job_error(number: int, message: str) -> Any:
+    from .batch import Item
+
+    label = f"-:{number}"
+    return Item(label, label, row=number, error=f"{label}: {message}")
+
+
 def _make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; the ones created, outermost first."""
     from .batch import display
@@ -364,6 +371,17 @@ def _remove_empty(created: list[Path]) -> None:
             return
 
 
+@dataclass
+class _Work:
+    """What an item brings to the networks: its decoded image, its record, P2P settings and working size."""
+
+    image: Any
+    record: dict[str, Any]
+    p2p: Any
+    size: tuple[int, int]
+    read_seconds: float
+
+
 class _EditRun:
     """Edits items one after another with one model; reports each result and a summary."""
 
@@ -376,6 +394,8 @@ class _EditRun:
         overwrite: bool,
         started: float,
         expected_hash: str | None = None,
+        batch_size: int | None = None,
+        jobs: bool = False,
     ):
         from .batch import Tally
 
@@ -386,6 +406,10 @@ class _EditRun:
         self.overwrite = overwrite
         self.started = started
         self.expected_hash = expected_hash
+        self.batch_size = batch_size  # None: per device and working size (batch.default_batch_size)
+        self.jobs = jobs
+        self.quiet = False  # no line per written or skipped output (icd bench throughput)
+        self.shard: tuple[int, int] | None = None  # --shard auto: (rank, world size); rank 0 prints the total
         self.loaded: Loaded | None = None
         self.p2p: Any = None  # icdcli.p2p.P2PSettings: the flags over the model's recipe, once it is loaded
         self.model_hash = ""
@@ -420,7 +444,7 @@ class _EditRun:
 
     def _model(self) -> Loaded:
         if self.loaded is None:
-            from .batch import display, model_digest, model_weight_sizes
+            from .batch import display
             from .errors import ICDError
 
             opts = dict(self.model_opts)
@@ -439,19 +463,26 @@ class _EditRun:
                     f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
                     "ICD_CACHE_DIR (a writable cache folder)"
                 ) from None
-            model = self.loaded.model
-            try:
-                self.p2p = self.flags.p2p.resolve(model.info.edit)
-            except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
-                raise click.ClickException(str(error)) from None
-            self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
-            label = self.loaded.label
-            self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
-            if self.expected_hash and self.expected_hash != self.model_hash:
-                logging.getLogger("icd").warning(
-                    "the model differs from the one that made the recorded edit: the result will differ"
-                )
+            self.adopt(self.loaded)
         return self.loaded
+
+    def adopt(self, loaded: Loaded) -> None:
+        """Run on a loaded model: its recipe under the flags, and its identity for the records."""
+        from .batch import model_digest, model_weight_sizes
+
+        self.loaded = loaded
+        model = self.loaded.model
+        try:
+            self.p2p = self.flags.p2p.resolve(model.info.edit)
+        except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
+            raise click.ClickException(str(error)) from None
+        self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
+        label = self.loaded.label
+        self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
+        if self.expected_hash and self.expected_hash != self.model_hash:
+            logging.getLogger("icd").warning(
+                "the model differs from the one that made the recorded edit: the result will differ"
+            )
 
     # --- one item -------------------------------------------------------------------------
 
@@ -502,16 +533,18 @@ class _EditRun:
             input_sha256=input_sha,
         )
 
-    def _edit_one(self, item: Any) -> dict[str, Any] | str:
-        """The JSON record of a made output, or the reason it was skipped; raises for a failure."""
+    # --- one item, in three steps: prepare (reader thread), edit (in a batch), write (writer thread) ---
+
+    def _prepare(self, item: Any) -> Any:
+        """Check the input, claim the output and read the image; the reason it is skipped, or a `Prepared`."""
         from .batch import display
         from .claims import claim, claim_owner
+        from .edit_pipeline import Prepared
         from .errors import ICDError
         from .images import file_sha256, probe_image
 
         if item.error is not None:
             raise _ItemFailed(item.error)
-        loaded = self._model()
         try:
             probe_image(item.image)
             input_sha = file_sha256(item.image)
@@ -527,24 +560,32 @@ class _EditRun:
             _remove_empty(created)
             raise _write_failure(error, out) from None
         if held is None:
+            _remove_empty(created)
             return f"being made by another icd run (process {claim_owner(out) or 'unknown'})"
-        try:
-            return self._make(item, loaded, input_sha)
-        finally:
+
+        def discard() -> None:
             held.release()
             _remove_empty(created)
 
-    def _make(self, item: Any, loaded: Loaded, input_sha: str) -> dict[str, Any] | str:
-        """Decide on an output this process has claimed, and make it (the JSON record) or say why not."""
+        try:
+            work = self._read(item, input_sha)
+        except BaseException:
+            discard()
+            raise
+        if isinstance(work, str):
+            discard()
+            return work
+        return Prepared(item, work, discard)
+
+    def _read(self, item: Any, input_sha: str) -> _Work | str:
+        """Decide on an output this process has claimed: why it is not needed, or its image and record."""
         from .batch import decide, display
-        from .editing import SamplerSettings, Timings, edit
+        from .editing import working_size
         from .errors import ICDError
-        from .images import load_image, original_size, read_record, save_image
-        from .p2p import P2PError
+        from .images import load_image, original_size, read_record
 
         out = item.output
         wanted = self._wanted(item, input_sha, None)
-        self._note_unknown_prompts(loaded.model, wanted)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
         decision = decide(exists, existing, wanted, self.overwrite)
@@ -552,36 +593,85 @@ class _EditRun:
             return decision.reason
         if decision.action == "refuse":
             raise _ItemFailed(f"{display(out)} {decision.reason}")
-        model = loaded.model
-        timings = Timings({"load": loaded.seconds})
+        model = self.loaded.model
+        started = time.perf_counter()
         try:
-            with timings.stage("read"):
-                image = load_image(item.image, model.info.native_size**2)
-            size = original_size(image)
-            record = {**wanted, "input_size": list(size)}
-            settings = SamplerSettings(record["sampler"], self.flags.ddim_steps, record["seed"])
-            p2p = self._item_p2p(item) if record["method"] == "p2p" else None
-            result = edit(model, image, record["src"], record["tgt"], record["guidance"], record["tau"], settings,
-                          timings, p2p)  # fmt: skip
-        except (ICDError, P2PError) as error:
+            image = load_image(item.image, model.info.native_size**2)
+        except ICDError as error:
             raise _ItemFailed(str(error)) from None
-        if result.size != size:
-            from PIL import Image
+        record = {**wanted, "input_size": list(original_size(image))}
+        p2p = self._item_p2p(item) if record["method"] == "p2p" else None
+        return _Work(image, record, p2p, working_size(model, image), time.perf_counter() - started)
 
-            result = result.resize(size, Image.Resampling.LANCZOS)
+    def _group_key(self, prepared: Any) -> tuple:
+        work = prepared.data
+        return work.size, work.record["sampler"], work.record["method"]
+
+    def _batch_limit(self, prepared: Any) -> int:
+        from .batch import default_batch_size
+
+        if self.batch_size is not None:
+            return self.batch_size
+        width, height = prepared.data.size
+        return default_batch_size(self.loaded.model.device.type, width * height)
+
+    def _edit_group(self, group: list) -> list:
+        """Edit a group of prepared items in one batch: per item (image, seconds per stage) or its failure."""
+        from .editing import EditJob, SamplerSettings, Timings, edit_batch
+
+        model = self.loaded.model
+        for prepared in group:
+            self._note_unknown_prompts(model, prepared.data.record)
+        jobs = [
+            EditJob(w.image, w.record["src"], w.record["tgt"], w.record["guidance"], w.record["tau"], w.record["seed"],
+                    w.p2p)
+            for w in (prepared.data for prepared in group)
+        ]  # fmt: skip
+        settings = SamplerSettings(group[0].data.record["sampler"], self.flags.ddim_steps)
+        timings = Timings()
         if self.interrupts is not None:
-            self.interrupts.droppable = False  # from here the item is finished, not dropped, on SIGTERM
-        with timings.stage("write"):
+            self.interrupts.droppable = True  # SIGTERM may drop a batch that has not started writing
+        try:
+            results = edit_batch(model, jobs, settings, timings)
+        finally:
+            if self.interrupts is not None:
+                self.interrupts.droppable = False
+        shared = {stage: seconds / len(group) for stage, seconds in timings.seconds.items()}
+        return [
+            result if isinstance(result, Exception) else (result, {**shared, "batch_size": len(group)})
+            for result in results
+        ]
+
+    def _write(self, prepared: Any, result: tuple) -> dict[str, Any]:
+        """Store one edited image (resized back to its input's size) with its record; the JSON record of it."""
+        from PIL import Image
+
+        from .batch import display
+        from .errors import ICDError
+        from .images import save_image
+
+        item, work = prepared.item, prepared.data
+        image, shared = result
+        record, out = work.record, item.output
+        try:
+            started = time.perf_counter()
+            size = tuple(record["input_size"])
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.LANCZOS)
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(result, out, image_text(record))
+                save_image(image, out, image_text(record))
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:
                 raise _write_failure(error, out) from None
+        finally:
+            prepared.discard()  # the claim: the output exists now, or failed
         now = time.perf_counter()
-        timings.seconds["total"] = now - self.mark
+        seconds = {"load": self.loaded.seconds, "read": work.read_seconds, **shared, "write": now - started,
+                   "total": now - self.mark}  # fmt: skip
+        self.mark = now
         return {
             "status": "done",
             "input": str(item.image),
@@ -596,7 +686,7 @@ class _EditRun:
             "steps": record["steps"],
             "src": record["src"],
             "tgt": record["tgt"],
-            "seconds": {k: round(v, 4) for k, v in timings.seconds.items()},
+            "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
 
     def _note_unknown_prompts(self, model: Any, wanted: dict[str, Any]) -> None:
@@ -610,53 +700,70 @@ class _EditRun:
                 if note:
                     self._text(f"note: {note}")
 
-    def _guarded(self, item: Any) -> dict[str, Any] | str:
-        """`_edit_one`, with anything unforeseen that one item raises turned into that item's one-line failure."""
-        try:
-            return self._edit_one(item)
-        except (_ItemFailed, click.ClickException):
-            raise
-        except Exception as error:  # a bug or a library's surprise: this item fails, the others still run
-            return self._unforeseen(item, error)
-        finally:
-            if self.interrupts is not None:
-                self.interrupts.droppable = False  # reporting the item is never cut short
+    def _failure(self, item: Any, error: BaseException) -> _ItemFailed:
+        """The one-line failure of an item; anything unforeseen (a bug, a library's surprise) fails that item alone."""
+        if isinstance(error, (_ItemFailed, click.ClickException)):
+            return error  # type: ignore[return-value]
+        from .errors import ICDError
+        from .p2p import P2PError
 
-    def _unforeseen(self, item: Any, error: Exception) -> dict[str, Any] | str:
+        if isinstance(error, (ICDError, P2PError)):
+            return _ItemFailed(str(error))
         logging.getLogger("icd").debug("%s failed", item.label, exc_info=error)
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         fatal = isinstance(error, OSError) and error.errno in _FATAL_ERRNOS
-        raise _ItemFailed(f"{item.label}: failed ({type(error).__name__}{': ' + reason if reason else ''})", fatal)
+        return _ItemFailed(f"{item.label}: failed ({type(error).__name__}{': ' + reason if reason else ''})", fatal)
 
     # --- the loop -------------------------------------------------------------------------
 
-    def _step(self, item: Any) -> bool:
-        """Edit one item and report it; False when the run must stop."""
+    def _report(self, item: Any, outcome: Any) -> bool:
+        """Report one item's outcome (a record, a skip reason or an ItemError); False when the run must stop."""
         from .batch import display
+        from .edit_pipeline import ItemError
 
-        self.mark = time.perf_counter()
-        if self.interrupts is not None:
-            self.interrupts.droppable = True
-        try:
-            outcome = self._guarded(item)
-        except _ItemFailed as failure:
+        if isinstance(outcome, ItemError):
+            failure = self._failure(item, outcome.error)
+            if isinstance(failure, click.ClickException):
+                raise failure
             if not self.batch:
                 if self.as_json:
                     self._failed(item, str(failure))
                 raise _Reported(str(failure)) from None
             self._failed(item, str(failure))
+            self._advance()
             return not failure.fatal
         if isinstance(outcome, str):
             self.tally.skipped += 1
             self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
             again = " (--overwrite makes it again)" if outcome.startswith("already made") else ""
-            self._text(f"skipped {display(item.output)}: {outcome}{again}")
+            if not self.quiet:
+                self._text(f"skipped {display(item.output)}: {outcome}{again}")
         else:
             self.tally.done += 1
             self._json(outcome)
-            if not self.as_json:
+            if not self.as_json and not self.quiet:
                 self._text(f"wrote {display(item.output)}")
+        self._advance()
         return True
+
+    def _advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.jobs:
+            sys.stdout.flush()
+
+    def _pipeline(self) -> Any:
+        from .edit_pipeline import BatchPipeline
+
+        return BatchPipeline(
+            prepare=self._prepare,
+            group_key=self._group_key,
+            batch_limit=self._batch_limit,
+            run_group=self._edit_group,
+            write=self._write,
+            report=self._report,
+            should_stop=lambda: self.interrupts is not None and self.interrupts.requested,
+        )
 
     def _sweep(self, items: list) -> None:
         """Remove what runs killed before (SIGKILL, power loss) left in the output folders: temporary files, claims."""
@@ -684,14 +791,10 @@ class _EditRun:
                             disable=(not self.batch) or None, dynamic_ncols=True)  # fmt: skip
             try:
                 self._sweep(items)
-                for item in items:
-                    if interrupts.requested:
-                        break
-                    if not self._step(item):
-                        stopped = True
-                        break
-                    self.bar.update(1)
-            except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current item is dropped
+                if any(item.error is None for item in items):
+                    self._model()  # on this thread: Ctrl-C while loading stops at once
+                stopped = not self._pipeline().run(items) and not interrupts.requested
+            except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current batch is dropped
                 aborted = True
                 code = exit_code(stop)
             finally:
@@ -700,6 +803,47 @@ class _EditRun:
             interrupted = interrupts.requested or aborted
             code = max(code, interrupts.code)
         self._finish(len(items), interrupted, stopped, code)
+
+    def run_jobs(self, stream: Any, output: str | None, any_output: bool) -> None:
+        """`icd edit --jobs -`: one edit per JSON line of `stream`, one JSON result line each, until end of input.
+
+        The model loads once, before the first line is read. A line that cannot be used gives a failed line.
+        """
+        import json
+
+        from .batch import plan_outputs, spec_row, with_prompts
+
+        folder = None
+        if output is not None:
+            folder = Path(output)
+            if not folder.is_dir():
+                raise click.ClickException(f"-o {output}: with --jobs, -o is a folder that exists (outputs go inside)")
+        with _Interrupts() as interrupts:
+            self.interrupts = interrupts
+            self._model()
+            try:
+                for number, line in enumerate(stream, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raw = None
+                        item = _job_error(number, f"not a JSON object ({error})")
+                    if raw is not None:
+                        item = with_prompts(spec_row(raw, number, Path("-")), self.flags.source, self.flags.target)
+                        item = plan_outputs([item], folder, Path("."), any_output)[0]
+                    self._pipeline().run([item])
+                    if interrupts.requested:
+                        break
+            except KeyboardInterrupt as stop:
+                from .stopping import exit_code
+
+                sys.exit(exit_code(stop))
+        seconds = time.perf_counter() - self.started
+        _say(self.tally.line(seconds, interrupts.requested))
+        if interrupts.requested:
+            sys.exit(interrupts.code)
 
     def _finish(self, total: int, interrupted: bool, stopped: bool, code: int = 130) -> None:
         from .stopping import EXIT_TERMINATED
@@ -712,7 +856,41 @@ class _EditRun:
             _say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
         if interrupted:
             sys.exit(code)
+        if self.shard is not None and self.shard[1] > 1:
+            self._shard_total(seconds)
         if stopped:
             raise _Reported("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.tally.failed:
             raise _Reported(f"{self.tally.failed} of {total} inputs failed")
+
+    def _shard_total(self, seconds: float) -> None:
+        """Under `accelerate launch ... --shard auto`: every process's summary gathered, the total printed by rank 0.
+
+        The processes meet through torch.distributed (gloo, the launcher's MASTER_ADDR/MASTER_PORT) once each
+        has finished; without a launcher's rendezvous there is no total, only each process's own summary.
+        """
+        import datetime
+
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            return
+        import torch.distributed as dist
+
+        from .batch import total_summary
+
+        mine = self.tally.summary(seconds, self.loaded.seconds if self.loaded is not None else 0.0)
+        rank, world = self.shard
+        try:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError, OSError) as error:
+            logging.getLogger("icd").warning("no total over the shards: the processes could not meet (%s)", error)
+            return
+        if rank == 0:
+            total = total_summary(gathered)
+            self._json(total)
+            _say(
+                f"total over {world} processes: {total['done']} done, {total['skipped']} skipped, "
+                f"{total['failed']} failed in {total['seconds']:.1f} s ({total['images_per_second']:.2f} images/s)"
+            )

@@ -11,14 +11,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
-from .denoiser import Conditioning
+from .denoiser import Conditioning, PromptEmbedding
+from .errors import ICDError
 from .images import fit_size, image_to_tensor, tensor_to_image
 from .models import ICDModel
-from .p2p import REFINE, P2PSettings, make_plan, prompt_words
+from .p2p import REFINE, P2PBatch, P2PError, P2PSettings, make_plan, prompt_words
 from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
 from .schedule import NoiseSchedule
 
@@ -126,24 +128,20 @@ def decode(
     """Decode noise latents to pixels under `prompt`; steps above tau use `unguided_prompt` if given."""
     cond = _conditioning(model, prompt, size, guidance)
     unguided = None if unguided_prompt is None else _conditioning(model, unguided_prompt, size, 1.0)
-    schedule = NoiseSchedule.stable_diffusion()
-    if settings.sampler == "ddim":
-        x0 = ddim_sample(
-            model.teacher_denoiser, latents, cond, settings.ddim_steps, schedule, guidance, tau, unguided, callback
-        )
-    else:
-        x0 = icd_decode(
-            model.reverse_denoiser,
-            latents,
-            cond,
-            model.info.reverse_boundaries,
-            guidance,
-            tau,
-            schedule,
-            unguided,
-            callback,
-        )
-    return model.decode_latents(x0)
+    return _decode_latents(model, latents, cond, unguided, guidance, tau, settings, callback)
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """One edit of a batch: its image, prompts and its own guidance, tau, seed and P2P settings (None: swap)."""
+
+    image: Image.Image
+    source: str
+    target: str
+    guidance: float
+    tau: float
+    seed: int
+    p2p: P2PSettings | None = None
 
 
 def edit(
@@ -162,28 +160,168 @@ def edit(
     Without `p2p`, prompt swap: decode with the target prompt, the unguided steps (t > tau * 1000)
     keeping the source prompt, which holds the layout in place. With `p2p`, Prompt-to-Prompt: decode
     source and target branches together, the target's attention taken from the source's (see
-    `icdcli.p2p`).
+    `icdcli.p2p`). One edit is a batch of one (`edit_batch`).
+    """
+    job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
+    result = edit_batch(model, [job], settings, timings)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _same(values: list) -> Any:
+    """One value for all rows when they share it (a float keeps a batch of one on the scalar path), else (B,)."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _prompt_rows(model: ICDModel, rows: list[list[str]], size: tuple[int, int], guided: bool) -> list[Conditioning]:
+    """Conditioning for each list of prompts, every distinct prompt encoded once, in one batch."""
+    unique = list(dict.fromkeys(prompt for prompts in rows for prompt in prompts))
+    width, height = size
+    both = model.conditioning(unique, height, width, with_negative=guided)
+    position = {prompt: index for index, prompt in enumerate(unique)}
+    found = []
+    for prompts in rows:
+        index = torch.tensor([position[prompt] for prompt in prompts], device=both.prompt.hidden_states.device)
+        pooled = (
+            None
+            if both.prompt.pooled is None
+            else both.prompt.pooled.index_select(0, index.to(both.prompt.pooled.device))
+        )
+        found.append(both.with_prompt(PromptEmbedding(both.prompt.hidden_states.index_select(0, index), pooled)))
+    return found
+
+
+def edit_batch(
+    model: ICDModel,
+    jobs: list[EditJob],
+    settings: SamplerSettings,
+    timings: Timings | None = None,
+) -> list[Image.Image | Exception]:
+    """Edit images of one working size together: one network call per step for the whole batch.
+
+    Each job keeps its own prompts, guidance, tau, seed and noise, so its result does not depend on the
+    rest of the batch (up to the backend's rounding). The jobs are either all prompt swap or all
+    Prompt-to-Prompt. Returns each job's edited image (at its own size), or the error that job alone
+    met (P2P settings its prompts cannot use, a non-finite result); `settings.seed` is not used.
     """
     timings = timings or Timings()
-    with timings.stage("encode"):
-        inversion = invert(model, image, source_prompt, settings)
-    with timings.stage("decode"):
-        if p2p is not None:
-            pixels = decode_p2p(
-                model, inversion.latents, source_prompt, target_prompt, inversion.size, guidance, tau, settings, p2p
-            )
-        else:
-            pixels = decode(
-                model,
-                inversion.latents,
-                target_prompt,
-                inversion.size,
-                guidance,
-                tau,
-                settings,
-                unguided_prompt=source_prompt,
-            )
-        return tensor_to_image(pixels, image.size)
+    if not jobs:
+        return []
+    sizes = {working_size(model, job.image) for job in jobs}
+    if len(sizes) != 1 or len({job.p2p is None for job in jobs}) != 1:
+        raise ValueError("a batch of edits shares one working size and one method (swap or p2p)")
+    size = sizes.pop()
+    results: list[Image.Image | Exception | None] = [None] * len(jobs)
+    plans: list[Any] = []
+    if jobs[0].p2p is not None:
+        for index, job in enumerate(jobs):
+            try:
+                plans.append(_p2p_plan(model, job, size, settings))
+            except P2PError as error:
+                results[index] = error
+                plans.append(None)
+    runnable = [index for index, result in enumerate(results) if result is None]
+    if runnable:
+        chosen = [jobs[index] for index in runnable]
+        with timings.stage("encode"):
+            pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
+            x0 = model.encode_image(pixels)
+            latents = _invert_rows(model, x0, chosen, size, settings)
+        with timings.stage("decode"):
+            if jobs[0].p2p is not None:
+                decoded = _decode_p2p_rows(model, latents, chosen, [plans[i] for i in runnable], size, settings)
+            else:
+                decoded = _decode_swap_rows(model, latents, chosen, size, settings)
+            for row, index in enumerate(runnable):
+                try:
+                    results[index] = tensor_to_image(decoded[row : row + 1], jobs[index].image.size)
+                except ICDError as error:  # this job's result is not finite; the others are kept
+                    results[index] = error
+    return results  # type: ignore[return-value]
+
+
+def _invert_rows(
+    model: ICDModel, x0: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+) -> torch.Tensor:
+    (cond,) = _prompt_rows(model, [[job.source for job in jobs]], size, False)
+    schedule = NoiseSchedule.stable_diffusion()
+    if settings.sampler == "ddim":
+        return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule)
+    noise = torch.cat([seeded_noise((1, *x0.shape[1:]), job.seed) for job in jobs]).to(x0.device)
+    return icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule)
+
+
+def _decode_swap_rows(
+    model: ICDModel, latents: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+) -> torch.Tensor:
+    guidance = _same([job.guidance for job in jobs])
+    tau = _same([job.tau for job in jobs])
+    guided = any(model.needs_negative(job.guidance) for job in jobs)
+    cond, unguided = _prompt_rows(model, [[job.target for job in jobs], [job.source for job in jobs]], size, guided)
+    return _decode_latents(model, latents, cond, unguided, guidance, tau, settings)
+
+
+def _decode_latents(
+    model: ICDModel,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    unguided: Conditioning | None,
+    guidance: Any,
+    tau: Any,
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    schedule = NoiseSchedule.stable_diffusion()
+    if settings.sampler == "ddim":
+        x0 = ddim_sample(
+            model.teacher_denoiser, latents, cond, settings.ddim_steps, schedule, guidance, tau, unguided, callback
+        )
+    else:
+        boundaries = model.info.reverse_boundaries
+        x0 = icd_decode(model.reverse_denoiser, latents, cond, boundaries, guidance, tau, schedule, unguided, callback)
+    return model.decode_latents(x0)
+
+
+def _p2p_plan(model: ICDModel, job: EditJob, size: tuple[int, int], settings: SamplerSettings) -> Any:
+    steps = len(_p2p_steps(model, settings))
+    factor = model.vae_scale_factor
+    plan = make_plan(model.tokenizers[0], job.source, job.target, job.p2p, steps, size[0] // factor)
+    if plan.mode == REFINE and job.p2p.mode == "auto":
+        logging.getLogger("icd").info(
+            "the prompts have %d and %d words, so P2P cannot replace word for word: it refines instead "
+            "(aligns their tokens; words new in the target keep their own attention)",
+            len(prompt_words(job.source)),
+            len(prompt_words(job.target)),
+        )
+    return plan
+
+
+def _p2p_steps(model: ICDModel, settings: SamplerSettings) -> list[tuple[int, int]]:
+    return p2p_pairs(None if settings.sampler == "ddim" else model.info.reverse_boundaries, settings.ddim_steps)
+
+
+def _decode_p2p_rows(
+    model: ICDModel,
+    latents: torch.Tensor,
+    jobs: list[EditJob],
+    plans: list[Any],
+    size: tuple[int, int],
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Target-branch pixels (P, 3, H, W) of P P2P edits decoded together (source and target rows interleaved)."""
+    denoiser = model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser
+    guided = any(model.needs_negative(job.guidance) for job in jobs)
+    (cond,) = _prompt_rows(model, [[p for job in jobs for p in (job.source, job.target)]], size, guided)
+    plan = plans[0] if len(plans) == 1 else P2PBatch(plans)
+    guidance = _same([job.guidance for job in jobs])
+    tau = _same([job.tau for job in jobs])
+    schedule = NoiseSchedule.stable_diffusion()
+    both = p2p_decode(denoiser, latents, cond, _p2p_steps(model, settings), guidance, tau, schedule, plan, callback)
+    return model.decode_latents(both[1::2])
 
 
 def decode_p2p(
@@ -200,20 +338,10 @@ def decode_p2p(
 ) -> torch.Tensor:
     """Decode one image's noise latents as a P2P edit; returns the target branch's pixels (1, 3, H, W)."""
     if latents.shape[0] != 1:
-        raise ValueError(f"P2P decodes one image at a time, got a batch of {latents.shape[0]}")
-    pairs = p2p_pairs(None if settings.sampler == "ddim" else model.info.reverse_boundaries, settings.ddim_steps)
-    denoiser = model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser
-    plan = make_plan(model.tokenizers[0], source_prompt, target_prompt, p2p, len(pairs), latents.shape[-1])
-    if plan.mode == REFINE and p2p.mode == "auto":
-        logging.getLogger("icd").info(
-            "the prompts have %d and %d words, so P2P cannot replace word for word: it refines instead "
-            "(aligns their tokens; words new in the target keep their own attention)",
-            len(prompt_words(source_prompt)),
-            len(prompt_words(target_prompt)),
-        )
-    cond = _conditioning(model, [source_prompt, target_prompt], size, guidance)
-    both = p2p_decode(denoiser, latents, cond, pairs, guidance, tau, NoiseSchedule.stable_diffusion(), plan, callback)
-    return model.decode_latents(both[1:])
+        raise ValueError(f"decode_p2p decodes one image; edit_batch decodes several, got a batch of {latents.shape[0]}")
+    job = EditJob(Image.new("RGB", size), source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
+    plan = _p2p_plan(model, job, size, settings)
+    return _decode_p2p_rows(model, latents, [job], [plan], size, settings, callback)
 
 
 def generate(

@@ -417,6 +417,63 @@ class P2PPlan:
         return local_blend(x, mask.to(x.device, x.dtype))
 
 
+@dataclass
+class P2PBatch:
+    """The plans of several P2P edits decoded as one batch: rows (source 1, target 1, source 2, target 2, ...).
+
+    Each step stacks the plans' controls along a pair axis; the maps a step collects are split back per
+    plan, and local blend runs per pair, so an edit's control never depends on the others in its batch.
+    """
+
+    plans: list[P2PPlan]
+
+    def step(self, index: int) -> StepControl:
+        if len(self.plans) == 1:
+            return self.plans[0].step(index)
+        return stack_controls([plan.step(index) for plan in self.plans])
+
+    def add_maps(self, maps: list[torch.Tensor]) -> None:
+        """Accumulate one step's maps, (2P, Q, L) each, into each plan's (2, Q, L) share."""
+        for pair, plan in enumerate(self.plans):
+            plan.add_maps([m[2 * pair : 2 * pair + 2] for m in maps])
+
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.plans) == 1:
+            return self.plans[0].blend(x)
+        return torch.cat([plan.blend(x[2 * pair : 2 * pair + 2]) for pair, plan in enumerate(self.plans)])
+
+
+def stack_controls(controls: list[StepControl]) -> StepControl:
+    """One control for several pairs: each tensor stacked along a leading pair axis (see `edit_probabilities`).
+
+    A layer runs explicitly when any pair needs it; pairs outside their steps get alpha 0 there, which
+    leaves their target rows as they are.
+    """
+    blend = {c.blend_queries for c in controls if c.blend_queries is not None}
+    if len(blend) > 1:
+        raise ValueError(f"P2P edits of one batch must share a latent size (blend queries {sorted(blend)})")
+    tensors = {
+        name: torch.stack([getattr(c, name) for c in controls])
+        for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
+    }
+    return StepControl(
+        **tensors,
+        blend_queries=next(iter(blend), None),
+        self_max_queries=controls[0].self_max_queries,
+        cross_active=any(c.cross_active for c in controls),
+        self_active=any(c.self_active for c in controls),
+    )
+
+
+def unstack_control(control: StepControl, pair: int) -> StepControl:
+    """The control of one pair of a stacked one (for backends whose P2P graph takes one pair per call)."""
+    tensors = {
+        name: getattr(control, name)[pair] for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
+    }
+    return StepControl(**tensors, blend_queries=control.blend_queries, self_max_queries=control.self_max_queries,
+                       maps=[], cross_active=control.cross_active, self_active=control.self_active)  # fmt: skip
+
+
 def blend_mask(
     map_sum: torch.Tensor, tokens: torch.Tensor, size: int, latent_hw: tuple[int, int], threshold: float
 ) -> torch.Tensor:
@@ -524,22 +581,38 @@ def make_plan(
 # --- the attention processor ---------------------------------------------------------------------
 
 
-def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl) -> torch.Tensor:
-    """Rewrite the target row's attention probabilities from the source row's.
+def control_pairs(control: StepControl) -> int:
+    """How many (source, target) pairs a control edits: its tensors carry a leading pair axis when more than one."""
+    return 1 if control.mapper.ndim == 2 else int(control.mapper.shape[0])
 
-    `probs` is (B, heads, Q, K) with the source branch in row B-2 and the target in row B-1 (real
-    classifier-free guidance puts its unconditional rows first; P2P leaves them alone).
+
+def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl) -> torch.Tensor:
+    """Rewrite each target row's attention probabilities from its source row's.
+
+    `probs` is (B, heads, Q, K) whose last 2P rows are P (source, target) pairs, interleaved (real
+    classifier-free guidance puts its unconditional rows first; P2P leaves them alone). The control's
+    tensors are one pair's ((L,), (L, L), (1,)) or carry a leading pair axis ((P, L), (P, L, L), (P, 1)).
     """
-    source, target = probs[-2], probs[-1]
+    pairs = control_pairs(control)
+    edited_rows = probs[probs.shape[0] - 2 * pairs :]
+    source, target = edited_rows[0::2], edited_rows[1::2]  # (P, heads, Q, K)
+
+    def per_pair(tensor: torch.Tensor) -> torch.Tensor:  # (P, 1, 1, last) to broadcast over heads and queries
+        return tensor.reshape(pairs, 1, 1, tensor.shape[-1])
+
     if is_cross:
-        mapped = torch.einsum("hqk,kl->hql", source, control.mapper)
-        edited = (control.refine * mapped + (1 - control.refine) * target) * control.reweight
-        new_target = control.cross_alpha * edited + (1 - control.cross_alpha) * target
+        mapped = torch.einsum("phqk,pkl->phql", source, control.mapper.reshape(pairs, *control.mapper.shape[-2:]))
+        refine = per_pair(control.refine)
+        edited = (refine * mapped + (1 - refine) * target) * per_pair(control.reweight)
+        alpha = per_pair(control.cross_alpha)
+        new_target = alpha * edited + (1 - alpha) * target
     elif probs.shape[2] <= control.self_max_queries:
-        new_target = control.self_replace * source + (1 - control.self_replace) * target
+        flag = per_pair(control.self_replace)
+        new_target = flag * source + (1 - flag) * target
     else:
         return probs
-    return torch.cat([probs[:-1], new_target[None]])
+    rewritten = torch.stack([source, new_target], dim=1).reshape(edited_rows.shape)
+    return torch.cat([probs[: probs.shape[0] - 2 * pairs], rewritten])
 
 
 def _touches(control: StepControl, is_cross: bool, queries: int) -> bool:
@@ -595,7 +668,7 @@ class P2PAttnProcessor:
         probs = probs.reshape(batch, attn.heads, *probs.shape[1:])
         probs = edit_probabilities(probs, is_cross, control)
         if is_cross and control.blend_queries == queries:
-            control.maps.append(probs[-2:].mean(1))
+            control.maps.append(probs[probs.shape[0] - 2 * control_pairs(control) :].mean(1))
         hidden_states = torch.bmm(probs.reshape(batch * attn.heads, *probs.shape[2:]).to(value.dtype), value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

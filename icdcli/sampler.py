@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .denoiser import Conditioning, Denoiser
+from .denoiser import Conditioning, Denoiser, Guidance, mix_rows
 from .schedule import (
     CLEAN,
     NoiseSchedule,
@@ -32,9 +32,32 @@ def ddim_jump(x: torch.Tensor, eps: torch.Tensor, t: int, s: int, schedule: Nois
     return schedule.signal(s) * x0 + schedule.noise(s) * eps
 
 
-def step_guidance(t: int, guidance: float, tau: float) -> float:
-    """The dynamic-guidance step function: `guidance` at t <= tau * 1000, no guidance above."""
-    return guidance if is_guided(t, tau) else 1.0
+def step_guidance(t: int, guidance: Guidance, tau: Guidance) -> Guidance:
+    """The dynamic-guidance step function: `guidance` at t <= tau * 1000, no guidance above.
+
+    With a (B,) tensor of guidance or tau (a batch of edits, each its own), a (B,) tensor per row.
+    """
+    if not isinstance(guidance, torch.Tensor) and not isinstance(tau, torch.Tensor):
+        return guidance if is_guided(t, tau) else 1.0
+    guided = guided_rows(t, tau)
+    scale = torch.as_tensor(guidance, dtype=torch.float32)
+    return torch.where(guided, scale, torch.tensor(1.0)).float()
+
+
+def guided_rows(t: int, tau: Guidance) -> torch.Tensor:
+    """Whether each row is guided at t (a bool tensor; one element for a single tau)."""
+    tau = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
+    return torch.tensor([is_guided(t, float(value)) for value in tau])
+
+
+def step_conditioning(t: int, tau: Guidance, cond: Conditioning, unguided: Conditioning) -> Conditioning:
+    """The prompt of each row at t: `cond` where it is guided, `unguided` (the source prompt) above its tau."""
+    guided = guided_rows(t, tau)
+    if bool(guided.all()) or unguided is cond:
+        return cond
+    if not bool(guided.any()):
+        return unguided
+    return mix_rows(guided, cond, unguided)
 
 
 def _run_pairs(
@@ -42,7 +65,7 @@ def _run_pairs(
     x: torch.Tensor,
     pairs: list[tuple[int, int]],
     cond_at: Callable[[int], Conditioning],
-    guidance_at: Callable[[int], float],
+    guidance_at: Callable[[int], Guidance],
     schedule: NoiseSchedule,
     callback: StepCallback | None,
     eval_at_target: bool = False,
@@ -76,8 +99,8 @@ def icd_decode(
     x: torch.Tensor,
     cond: Conditioning,
     reverse_boundaries: tuple[int, ...],
-    guidance: float,
-    tau: float,
+    guidance: Guidance,
+    tau: Guidance,
     schedule: NoiseSchedule,
     unguided_cond: Conditioning | None = None,
     callback: StepCallback | None = None,
@@ -85,14 +108,14 @@ def icd_decode(
     """Decode x_999 to clean latents with reverse-model jumps under dynamic guidance.
 
     Steps above tau * 1000 run unguided with `unguided_cond` (the source prompt, when editing by
-    prompt swap); the guided ones use `cond`.
+    prompt swap); the guided ones use `cond`. `guidance` and `tau` are one for the batch or (B,) tensors.
     """
     fallback = cond if unguided_cond is None else unguided_cond
     return _run_pairs(
         reverse,
         x,
         reverse_pairs(reverse_boundaries),
-        lambda t: cond if is_guided(t, tau) else fallback,
+        lambda t: step_conditioning(t, tau, cond, fallback),
         lambda t: step_guidance(t, guidance, tau),
         schedule,
         callback,
@@ -124,8 +147,8 @@ def ddim_sample(
     cond: Conditioning,
     num_steps: int,
     schedule: NoiseSchedule,
-    guidance: float = 1.0,
-    tau: float = 1.0,
+    guidance: Guidance = 1.0,
+    tau: Guidance = 1.0,
     unguided_cond: Conditioning | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
@@ -137,7 +160,7 @@ def ddim_sample(
         teacher,
         x,
         pairs,
-        lambda t: cond if is_guided(t, tau) else fallback,
+        lambda t: step_conditioning(t, tau, cond, fallback),
         lambda t: step_guidance(t, guidance, tau),
         schedule,
         callback,
@@ -159,22 +182,26 @@ def p2p_decode(
     x: torch.Tensor,
     cond: Conditioning,
     pairs: list[tuple[int, int]],
-    guidance: float,
-    tau: float,
+    guidance: Guidance,
+    tau: Guidance,
     schedule: NoiseSchedule,
     plan: Any,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Decode one latent into two branches under Prompt-to-Prompt control; returns both (source, target).
+    """Decode latents (P, ...) into two branches each under Prompt-to-Prompt control; returns the rows
+    (source 1, target 1, source 2, target 2, ...).
 
-    `cond` holds the source and target prompts as a batch of two. The source branch runs unguided;
-    the target branch under dynamic guidance. Each step the plan (an `icdcli.p2p.P2PPlan`) gives the
-    attention control, collects the cross-attention maps and applies local blend.
+    `cond` holds the source and target prompts of each edit, interleaved (2P rows). Source branches run
+    unguided, target branches under dynamic guidance (`guidance`, `tau`: one for all or (P,) tensors).
+    Each step the plan (an `icdcli.p2p.P2PPlan`, or a `P2PBatch` of P of them) gives the attention
+    control, collects the cross-attention maps and applies local blend.
     """
-    x = torch.cat([x[:1], x[:1]])
+    x = x.repeat_interleave(2, dim=0)
     for index, (t, s) in enumerate(pairs):
         control = plan.step(index)
-        w = torch.tensor([1.0, step_guidance(t, guidance, tau)])
+        target = torch.as_tensor(step_guidance(t, guidance, tau), dtype=torch.float32).reshape(-1)
+        target = target.expand(x.shape[0] // 2)
+        w = torch.stack([torch.ones_like(target), target], dim=1).reshape(-1)
         eps = denoiser(x, t, cond, w, control)
         plan.add_maps(control.maps)
         x = plan.blend(ddim_jump(x, eps, t, s, schedule))
