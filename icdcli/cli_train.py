@@ -9,7 +9,7 @@ import importlib.util
 import re
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +130,7 @@ def variant_settings(name: str) -> dict[str, Any]:
 )
 @click.pass_context
 @_reports_errors
-def train(
-    ctx: click.Context,
-    run_dir: Path,
-    smoke: bool,
-    seed: int,
-    force: bool,
-    variant: str | None,
-    minutes: float | None,
-    steps: int | None,
-    edit_guidance: float,
-    name: str | None,
-    tracker: str | None,
-) -> None:
+def train(ctx: click.Context, **options: Any) -> None:
     """Train a small iCD model from scratch on procedural scenes: VAE, teacher, guidance distillation,
     then multi-boundary consistency distillation of forward and reverse LoRAs with preservation losses.
 
@@ -151,7 +139,7 @@ def train(
     Ctrl-C saves a checkpoint at the end of the current step and exits with status 130. The result is
     packaged as a model folder, RUN_DIR/model, that `icd edit --model RUN_DIR/model` loads.
     """
-    problem = missing_package(tracker)
+    problem = missing_package(options["tracker"])
     if problem is not None:
         raise click.ClickException(problem)
     from .stopping import exit_code, handle_sigterm
@@ -159,47 +147,56 @@ def train(
     _say("icd train: loading PyTorch, diffusers and accelerate")
     handle_sigterm()  # schedulers and `timeout` send SIGTERM: stop as at a second Ctrl-C, exit 143
     try:
-        _train(run_dir, smoke, seed, force, variant, minutes, steps, edit_guidance, name, tracker)
+        _train(TrainRequest(**options))
     except KeyboardInterrupt as stop:
         stage, step, checkpoint = (getattr(stop, key, None) for key in ("stage", "step", "checkpoint"))
         _say(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
         sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
 
 
-def _train(
-    run_dir: Path,
-    smoke: bool,
-    seed: int,
-    force: bool,
-    variant: str | None,
-    minutes: float | None,
-    steps: int | None,
-    edit_guidance: float,
-    name: str | None,
-    tracker: str | None,
-) -> None:
+@dataclass(frozen=True)
+class TrainRequest:
+    """The options of one `icd train` run, as the command's flags give them."""
+
+    run_dir: Path
+    smoke: bool
+    seed: int
+    force: bool
+    variant: str | None
+    minutes: float | None
+    steps: int | None
+    edit_guidance: float
+    name: str | None
+    tracker: str | None
+
+
+def _train(request: TrainRequest) -> None:
     from .training.consistency import distill_consistency
     from .training.package import package_model
     from .training.pipeline import DONE, PipelineConfig, resuming, run_pipeline
 
-    config = (PipelineConfig.smoke() if smoke else PipelineConfig()).updated(
-        seed=seed, show_progress=True, tracker=tracker
+    config = (PipelineConfig.smoke() if request.smoke else PipelineConfig()).updated(
+        seed=request.seed, show_progress=True, tracker=request.tracker
     )
-    if steps is not None:
-        config = replace(config, consistency=replace(config.consistency, steps=steps, time_budget_s=None))
-    if minutes is not None:
-        config = replace(config, consistency=replace(config.consistency, time_budget_s=minutes * 60))
+    consistency = config.consistency
+    if request.steps is not None:
+        consistency = replace(consistency, steps=request.steps, time_budget_s=None)
+    if request.minutes is not None:
+        consistency = replace(consistency, time_budget_s=request.minutes * 60)
+    config = replace(config, consistency=consistency)
+    run_dir, variant = request.run_dir, request.variant
     if variant is None:
-        paths = run_pipeline(config, run_dir, force=force)
+        paths = run_pipeline(config, run_dir, force=request.force)
         consistency_dir, model_dir = paths.consistency, run_dir / "model"
     else:
         paths = run_pipeline(replace(config, consistency=None), run_dir, force=False)
         consistency_dir, model_dir = run_dir / f"consistency-{variant}", run_dir / "variants" / variant
-        if force or not (consistency_dir / DONE).is_file():
-            settings = replace(config.consistency, **variant_settings(variant))
-            distill_consistency(resuming(settings, force), paths.guidance, consistency_dir)
+        if request.force or not (consistency_dir / DONE).is_file():
+            settings = replace(consistency, **variant_settings(variant))
+            distill_consistency(resuming(settings, request.force), paths.guidance, consistency_dir)
         else:
             _say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
     _say(f"packaging {model_dir}")
-    package_model(paths.guidance, consistency_dir, model_dir, name or run_dir.name, edit_guidance, half=not smoke)
+    name = request.name or run_dir.name
+    package_model(paths.guidance, consistency_dir, model_dir, name, request.edit_guidance, half=not request.smoke)
     _say(f"model folder: {model_dir}")

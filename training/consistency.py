@@ -268,48 +268,47 @@ class GuidedEps:
 # ---- training --------------------------------------------------------------------------------------
 
 
-def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out_dir: str | Path) -> Path:
-    """Train the forward and reverse LoRA adapters; return `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    forward_b, reverse_b, tau = config.resolved_boundaries()
-    setup_torch()
-    torch.manual_seed(config.seed)
-    accelerator = stage_accelerator(config, out)
-    device = accelerator.device
-    show = config.show_progress and accelerator.is_local_main_process
-    say = announcer(show, "consistency")
-    say(f"loading the guided teacher from {guidance_dir}; adding rank-{config.rank} LoRA adapters")
+@dataclass(frozen=True)
+class Direction:
+    """What tells the forward half of a training step from the reverse half.
 
-    pipeline = load_teacher(guidance_dir)
-    teacher = load_guided_unet(guidance_dir).to(device)
-    forward_model = lora_student(teacher, config.rank, config.lora_alpha, config.gradient_checkpointing)
-    reverse_model = lora_student(teacher, config.rank, config.lora_alpha, config.gradient_checkpointing)
-    forward_opt = torch.optim.AdamW(
-        [p for p in forward_model.parameters() if p.requires_grad], lr=config.forward_lr, weight_decay=0.0
-    )
-    reverse_opt = torch.optim.AdamW(
-        [p for p in reverse_model.parameters() if p.requires_grad], lr=config.reverse_lr, weight_decay=0.0
-    )
-    forward_model, reverse_model, forward_opt, reverse_opt = accelerator.prepare(
-        forward_model, reverse_model, forward_opt, reverse_opt
-    )
+    Args:
+        name: `forward` or `reverse` (the loss log's keys).
+        first_starts: how many grid timesteps a start t is drawn from (the forward model never starts at 999).
+        guided: draw w from the configured scales (reverse) or keep w = 1 (forward).
+        preservation: the weight of the preservation loss (0: not computed).
+        returns_upward: the student undoes a move of the other model down a segment (forward: it brings
+            the point back up from the segment's low end) or up a segment (reverse).
+        boundaries: the boundaries that pick the target s of each start t.
+    """
 
-    start = start_stage(accelerator, config, out, say)
+    name: str
+    first_starts: int
+    guided: bool
+    preservation: float
+    returns_upward: bool
+    boundaries: tuple[int, ...]
 
-    prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder.to(device))
-    vae = pipeline.vae.to(device)
-    say(f"encoding {config.train_scenes} training scenes to latents")
-    bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
-    schedule = NoiseSchedule.stable_diffusion()
-    grid = solver_timesteps(config.solver_steps)
-    stride = config.skip * (NUM_TRAIN_TIMESTEPS // config.solver_steps)
-    segments = forward_pairs(forward_b)
-    scales = torch.tensor(config.guidance_scales, dtype=torch.float32)
-    eps = GuidedEps(device)
-    c = huber_c(bank.mean[0].numel(), config.huber_factor)
+    def boundary(self, t: int) -> int:
+        return forward_boundary(t, self.boundaries) if self.name == "forward" else reverse_boundary(t, self.boundaries)
 
-    def consistency_loss(
+
+class ConsistencyLosses:
+    """The two losses of a consistency step, around the frozen guided teacher."""
+
+    def __init__(self, teacher: Any, *, device: torch.device, stride: int, huber: float) -> None:
+        self.teacher = teacher
+        self.device = device
+        self.stride = stride
+        self.huber = huber
+        self.schedule = NoiseSchedule.stable_diffusion()
+        self.eps = GuidedEps(device)
+
+    def noised(self, x0: torch.Tensor, t: list[int], gen: torch.Generator) -> torch.Tensor:
+        return noise_to(x0, torch.randn(x0.shape, generator=gen).to(self.device), t, self.schedule)
+
+    def consistency(
+        self,
         model: Any,
         x0: torch.Tensor,
         hidden: torch.Tensor,
@@ -318,15 +317,17 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
         boundary: list[int],
         gen: torch.Generator,
     ) -> torch.Tensor:
-        moved = [teacher_move(ti, si, stride) for ti, si in zip(t, boundary, strict=True)]
-        x_t = noise_to(x0, torch.randn(x0.shape, generator=gen).to(device), t, schedule)
+        """The student's jump x_t -> x_s against its own jump from one teacher move further."""
+        moved = [teacher_move(ti, si, self.stride) for ti, si in zip(t, boundary, strict=True)]
+        x_t = self.noised(x0, t, gen)
         with torch.no_grad():
-            x_moved = jump(x_t, eps(teacher, x_t, t, hidden, w), t, moved, schedule)
-            target = jump(x_moved, eps(model, x_moved, moved, hidden, w), moved, boundary, schedule)
-        prediction = jump(x_t, eps(model, x_t, t, hidden, w), t, boundary, schedule)
-        return pseudo_huber(prediction, target, c)
+            x_moved = jump(x_t, self.eps(self.teacher, x_t, t, hidden, w), t, moved, self.schedule)
+            target = jump(x_moved, self.eps(model, x_moved, moved, hidden, w), moved, boundary, self.schedule)
+        prediction = jump(x_t, self.eps(model, x_t, t, hidden, w), t, boundary, self.schedule)
+        return pseudo_huber(prediction, target, self.huber)
 
-    def preservation_loss(
+    def preservation(
+        self,
         student: Any,
         frozen: Any,
         start: list[int],
@@ -337,57 +338,145 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     ) -> torch.Tensor:
         """The frozen model moves x_start -> x_end; the student must bring it back to x_start."""
         ones = torch.ones(x0.shape[0])
-        x_start = noise_to(x0, torch.randn(x0.shape, generator=gen).to(device), start, schedule)
+        x_start = self.noised(x0, start, gen)
         with torch.no_grad():
-            x_end = jump(x_start, eps(frozen, x_start, start, hidden, ones), start, end, schedule)
-        back = jump(x_end, eps(student, x_end, end, hidden, ones), end, start, schedule)
-        return pseudo_huber(back, x_start, c)
+            x_end = jump(x_start, self.eps(frozen, x_start, start, hidden, ones), start, end, self.schedule)
+        back = jump(x_end, self.eps(student, x_end, end, hidden, ones), end, start, self.schedule)
+        return pseudo_huber(back, x_start, self.huber)
 
-    def update(model: Any, optimizer: Any, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
-        optimizer.step()
+
+@dataclass
+class StepData:
+    """The shared inputs of one training step and the draws it makes, in a fixed order."""
+
+    x0: torch.Tensor
+    hidden: torch.Tensor
+    gen: torch.Generator
+    grid: list[int]
+    scales: torch.Tensor
+    segments: list[tuple[int, int]]
+
+    def draw(self, count: int) -> list[int]:
+        return torch.randint(count, (self.x0.shape[0],), generator=self.gen).tolist()
+
+
+def direction_loss(
+    losses: ConsistencyLosses, direction: Direction, student: Any, partner: Any, data: StepData
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One direction's weighted loss and its logged parts (the random draws in the released training's order)."""
+    batch = data.x0.shape[0]
+    t = [data.grid[i] for i in data.draw(direction.first_starts)]
+    w = (
+        data.scales[torch.randint(len(data.scales), (batch,), generator=data.gen)]
+        if direction.guided
+        else torch.ones(batch)
+    )
+    loss = losses.consistency(student, data.x0, data.hidden, w, t, [direction.boundary(ti) for ti in t], data.gen)
+    logged = {direction.name: loss.item()}
+    if direction.preservation <= 0:
+        return loss, logged
+    pairs = [data.segments[i] for i in data.draw(len(data.segments))]
+    low, high = [a for a, _ in pairs], [b for _, b in pairs]
+    start, end = (high, low) if direction.returns_upward else (low, high)
+    kept = losses.preservation(student, partner, start, end, data.x0, data.hidden, data.gen)
+    logged[f"{direction.name}_preservation"] = kept.item()
+    return loss + direction.preservation * kept, logged
+
+
+def directions(config: ConsistencyConfig, grid_size: int) -> tuple[Direction, Direction]:
+    """(forward, reverse) as the configuration sets them."""
+    forward_b, reverse_b, _ = config.resolved_boundaries()
+    forward = Direction("forward", grid_size - 1, False, config.forward_preservation, True, forward_b)
+    reverse = Direction("reverse", grid_size, True, config.reverse_preservation, False, reverse_b)
+    return forward, reverse
+
+
+def lora_students(config: ConsistencyConfig, teacher: Any, accelerator: Any) -> tuple[Any, Any, Any, Any]:
+    """The forward and reverse LoRA models over `teacher` and their optimizers, prepared by accelerate."""
+    models, optimizers = [], []
+    for lr in (config.forward_lr, config.reverse_lr):
+        model = lora_student(teacher, config.rank, config.lora_alpha, config.gradient_checkpointing)
+        models.append(model)
+        optimizers.append(
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        )
+    return tuple(accelerator.prepare(*models, *optimizers))
+
+
+def save_consistency_outputs(
+    config: ConsistencyConfig, models: tuple[Any, Any], out: Path, *, guidance_dir: str | Path, metrics: dict[str, Any]
+) -> None:
+    """The two adapters under their released names, `icd_lora.json`, and `train_config.json` last."""
+    forward_b, reverse_b, tau = config.resolved_boundaries()
+    names = {"forward": adapter_file_name("forward", forward_b), "reverse": adapter_file_name("reverse", reverse_b)}
+    for model, name in zip(models, names.values(), strict=True):
+        save_adapter(model, out / name, config.rank, config.lora_alpha)
+    summary = {
+        "forward_boundaries": list(forward_b),
+        "reverse_boundaries": list(reverse_b),
+        "tau": tau,
+        "rank": config.rank,
+        "lora_alpha": config.lora_alpha,
+        "guidance_scales": list(config.guidance_scales),
+        **names,
+    }
+    with atomic_path(out / "icd_lora.json") as staging:
+        staging.write_text(json.dumps(summary, indent=2) + "\n")
+    save_config(config, out / "train_config.json", guidance_dir=str(guidance_dir), metrics=metrics)
+
+
+def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out_dir: str | Path) -> Path:
+    """Train the forward and reverse LoRA adapters; return `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    forward_b, _, _ = config.resolved_boundaries()
+    setup_torch()
+    torch.manual_seed(config.seed)
+    accelerator = stage_accelerator(config, out)
+    device = accelerator.device
+    show = config.show_progress and accelerator.is_local_main_process
+    say = announcer(show, "consistency")
+    say(f"loading the guided teacher from {guidance_dir}; adding rank-{config.rank} LoRA adapters")
+
+    pipeline = load_teacher(guidance_dir)
+    teacher = load_guided_unet(guidance_dir).to(device)
+    forward_model, reverse_model, forward_opt, reverse_opt = lora_students(config, teacher, accelerator)
+    start = start_stage(accelerator, config, out, say)
+
+    prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder.to(device))
+    vae = pipeline.vae.to(device)
+    say(f"encoding {config.train_scenes} training scenes to latents")
+    bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
+    grid = solver_timesteps(config.solver_steps)
+    stride = config.skip * (NUM_TRAIN_TIMESTEPS // config.solver_steps)
+    losses = ConsistencyLosses(
+        teacher, device=device, stride=stride, huber=huber_c(bank.mean[0].numel(), config.huber_factor)
+    )
+    scales = torch.tensor(config.guidance_scales, dtype=torch.float32)
+    halves = list(
+        zip(
+            directions(config, len(grid)),
+            (forward_model, reverse_model),
+            (reverse_model, forward_model),
+            (forward_opt, reverse_opt),
+            strict=True,
+        )
+    )
 
     def step(index: int) -> dict[str, float]:
         gen = step_generator(config.seed, index, accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, gen)
-        x0 = latents.to(device)
-        hidden = prompts(captions).to(device)
-        batch = x0.shape[0]
-        losses: dict[str, float] = {}
-
-        # Forward model: w = 1, starts anywhere on the grid below 999.
-        t = [grid[i] for i in torch.randint(len(grid) - 1, (batch,), generator=gen).tolist()]
-        with accelerator.autocast():
-            loss = consistency_loss(
-                forward_model, x0, hidden, torch.ones(batch), t, [forward_boundary(ti, forward_b) for ti in t], gen
-            )
-            total = loss
-            losses["forward"] = loss.item()
-            if config.forward_preservation > 0:
-                pairs = [segments[i] for i in torch.randint(len(segments), (batch,), generator=gen).tolist()]
-                low, high = [a for a, _ in pairs], [b for _, b in pairs]
-                kept = preservation_loss(forward_model, reverse_model, high, low, x0, hidden, gen)
-                total = total + config.forward_preservation * kept
-                losses["forward_preservation"] = kept.item()
-        update(forward_model, forward_opt, total)
-
-        # Reverse model: guided with w from the discrete set, starts anywhere on the grid.
-        t = [grid[i] for i in torch.randint(len(grid), (batch,), generator=gen).tolist()]
-        w = scales[torch.randint(len(scales), (batch,), generator=gen)]
-        with accelerator.autocast():
-            loss = consistency_loss(reverse_model, x0, hidden, w, t, [reverse_boundary(ti, reverse_b) for ti in t], gen)
-            total = loss
-            losses["reverse"] = loss.item()
-            if config.reverse_preservation > 0:
-                pairs = [segments[i] for i in torch.randint(len(segments), (batch,), generator=gen).tolist()]
-                low, high = [a for a, _ in pairs], [b for _, b in pairs]
-                kept = preservation_loss(reverse_model, forward_model, low, high, x0, hidden, gen)
-                total = total + config.reverse_preservation * kept
-                losses["reverse_preservation"] = kept.item()
-        update(reverse_model, reverse_opt, total)
-        return losses
+        data = StepData(latents.to(device), prompts(captions).to(device), gen, grid, scales, forward_pairs(forward_b))
+        logged: dict[str, float] = {}
+        for direction, student, partner, optimizer in halves:
+            with accelerator.autocast():
+                total, parts = direction_loss(losses, direction, student, partner, data)
+            logged.update(parts)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(total)
+            accelerator.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], config.grad_clip)
+            optimizer.step()
+        return logged
 
     started = time.monotonic()
     forward_model.train()
@@ -396,25 +485,7 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     say(f"saving the adapters to {out}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        fwd, rev = (accelerator.unwrap_model(m).eval() for m in (forward_model, reverse_model))
-        save_adapter(fwd, out / adapter_file_name("forward", forward_b), config.rank, config.lora_alpha)
-        save_adapter(rev, out / adapter_file_name("reverse", reverse_b), config.rank, config.lora_alpha)
-        summary = {
-            "forward_boundaries": list(forward_b),
-            "reverse_boundaries": list(reverse_b),
-            "tau": tau,
-            "rank": config.rank,
-            "lora_alpha": config.lora_alpha,
-            "guidance_scales": list(config.guidance_scales),
-            "forward": adapter_file_name("forward", forward_b),
-            "reverse": adapter_file_name("reverse", reverse_b),
-        }
-        with atomic_path(out / "icd_lora.json") as staging:
-            staging.write_text(json.dumps(summary, indent=2) + "\n")
-        save_config(
-            config,
-            out / "train_config.json",
-            guidance_dir=str(guidance_dir),
-            metrics={"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)},
-        )
+        trained = tuple(accelerator.unwrap_model(m).eval() for m in (forward_model, reverse_model))
+        metrics = {"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)}
+        save_consistency_outputs(config, trained, out, guidance_dir=guidance_dir, metrics=metrics)
     return out
