@@ -14,10 +14,10 @@ import copy
 
 import torch
 
+from icdcli.bench.scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
 from icdcli.editing import SamplerSettings
 from icdcli.metrics import psnr
 from icdcli.models import load_model_folder
-from icdcli.training.bench import GUIDED_W, _batches, heldout_scenes, roundtrip, to_unit
 from icdcli.training.scenes import render_batch
 
 
@@ -25,7 +25,7 @@ def pair_psnr(forward: object, reverse: object, scenes: list, guidance: float, t
     model = copy.copy(reverse)
     model.forward_unet = forward.forward_unet
     scores = []
-    for chunk in _batches(scenes, 50):
+    for chunk in batches(scenes, 50):
         pixels, captions = render_batch(chunk, model.info.native_size)
         decoded = to_unit(roundtrip(model, pixels, captions, SamplerSettings(), guidance, tau))
         scores.append(psnr(decoded, to_unit(pixels)))

@@ -786,8 +786,9 @@ def bench_inversion_command(
     +L_f+L_r. Rows whose model variant is absent are listed as skipped.
     """
     need_scikit_image()
+    from .bench.inversion import bench_inversion, load_variants
+    from .bench.scenes import markdown_table
     from .models import load_model_folder
-    from .training.bench import bench_inversion, load_variants, markdown_table
 
     model = _load(model_opts, need_teacher=True).model
     found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
@@ -826,7 +827,8 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     Prompt-to-Prompt with the model's edit recipe), ddim50-swap and ddim50-p2p (its teacher: DDIM50
     inversion, then 50 steps at w=8).
     """
-    from .training.bench import EDIT_METHODS, bench_shapes_edit, markdown_table
+    from .bench.scenes import markdown_table
+    from .bench.shapes_edit import EDIT_METHODS, bench_shapes_edit
 
     model = _load(model_opts, need_teacher=True).model
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
@@ -854,14 +856,14 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     (so drift of the machine shifts every row alike); exports and engine builds happen before timing.
     Backends that cannot run here are skipped with the reason. Time on an idle machine.
     """
-    from .engines.latency import measure_latency
+    from .bench.latency import measure_latency
 
     model = _load(model_opts, need_teacher=True).model
     result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
     if as_json:
         click.echo(strict_json(result))
         return
-    from .training.bench import markdown_table
+    from .bench.scenes import markdown_table
 
     click.echo(f"device: {result['device']}; model {result['model']}; image {result['image']}")
     click.echo(markdown_table(result["rows"], ["backend", "method", "seconds_per_edit"]))

@@ -27,7 +27,7 @@ def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
     """`count` held-out scenes as PNGs and a spec editing each to its one-attribute-changed copy."""
     from PIL import Image
 
-    from .training.bench import edit_pairs
+    from .bench.scenes import edit_pairs
 
     rows = []
     for index, (source, target, _) in enumerate(edit_pairs(count, seed)[:count]):
@@ -131,7 +131,7 @@ def throughput(images: int, batch_size: int | None, arch: str, backend: str, as_
     if as_json:
         click.echo(strict_json(result))
         return
-    from .training.bench import markdown_table
+    from .bench.scenes import markdown_table
 
     click.echo(f"backend {result['backend']}; {images} images; model loaded in {result['load_seconds']:.2f} s")
     click.echo(markdown_table(result["rows"], ["batch_size", "images", "seconds", "images_per_second"]))

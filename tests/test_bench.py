@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from icdcli.training.bench import bench_inversion, bench_shapes_edit, classify, edit_pairs, markdown_table
+from icdcli.bench.inversion import bench_inversion
+from icdcli.bench.scenes import classify, edit_pairs, markdown_table
+from icdcli.bench.shapes_edit import bench_shapes_edit
 from icdcli.training.scenes import EDIT_KINDS, change_mask
 
 

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from icdcli.bench.pie_fixture import write_fixture
 from icdcli.cli_pie import pie
 from icdcli.errors import ICDError
 from icdcli.images import read_record
@@ -33,7 +34,6 @@ from icdcli.pie import (
     select_items,
     summarise,
 )
-from icdcli.training.pie_fixture import write_fixture
 from icdcli.training.scenes import change_mask, scene_at
 
 DEFAULT_TOKENIZER = Path(__file__).parent.parent / "icdcli" / "default_model" / "pipeline" / "tokenizer"
@@ -441,7 +441,7 @@ def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):
 
 
 def test_fixture_accuracy_tells_the_target_from_the_source(tmp_path):
-    from icdcli.training.pie_fixture import fixture_accuracy, target_scene
+    from icdcli.bench.pie_fixture import fixture_accuracy, target_scene
 
     root = tmp_path / "pie"
     write_fixture(root, 8)

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from icdcli.batch import default_batch_size, total_summary
+from icdcli.bench.scenes import edit_pairs
 from icdcli.cli import main
 from icdcli.cli_common import _load
 from icdcli.editing import EditJob, SamplerSettings, edit_batch
 from icdcli.recipe import P2POptions
-from icdcli.training.bench import edit_pairs
 
 MODEL_OPTIONS = {"model": None, "base": None, "teacher": None, "forward_lora": None, "reverse_lora": None,
                  "device": "cpu", "precision": None}  # fmt: skip

@@ -13,7 +13,7 @@ counterpart in a one-shape scene language and are not produced. The mask is the 
 changes (pixels whose rendered colour differs between source and target), RLE-encoded over the
 image's own H*W; prompts bracket the changed word and `blended_word` names it before and after.
 
-    python -m icdcli.training.pie_fixture OUT --count 100
+    python -m icdcli.bench.pie_fixture OUT --count 100
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from PIL import Image
 
 from icdcli.atomic import atomic_path
 from icdcli.pie import EDIT_TYPES, IMAGES_FOLDER, MAPPING_FILE, encode_mask
-
-from .scenes import EDIT_KINDS, Scene, change_mask, edit_scene, scene_at, split_rng
+from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, edit_scene, scene_at, split_rng
 
 SPLIT = "heldout"
 TYPE_CYCLE = ("0", "1", "6", "8")
@@ -114,12 +113,12 @@ def fixture_accuracy(root: Path, folder: Path, seed: int = 0) -> dict[str, Any]:
     """Edit success on a fixture, which PIE-Bench scores with CLIP: does the output show the target's attribute?
 
     Each output is matched to every rendering of its target scene with the edited attribute varied
-    (training.bench.classify); accuracy is the share of outputs closest to the right one, per type
+    (`icdcli.bench.scenes.classify`); accuracy is the share of outputs closest to the right one, per type
     and overall. Only fixture folders written by `write_fixture` have the scenes this needs.
     """
     from icdcli.pie import output_path, read_mapping
 
-    from .bench import classify
+    from .scenes import classify
 
     hits: dict[str, list[bool]] = {}
     for item in read_mapping(root):

@@ -1,0 +1,104 @@
+"""Inversion quality on held-out scenes (the paper's Table 2, at small scale): each scene is encoded with a
+method's forward process and decoded back with the same caption, then compared with the original image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icdcli.editing import SamplerSettings
+from icdcli.metrics import mse, psnr, ssim
+from icdcli.models import ICDModel
+from icdcli.training.scenes import render_batch
+
+from .scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """One row of the inversion table: which model decodes, how, and with what guidance."""
+
+    name: str
+    variant: str  # "teacher" for DDIM on the teacher, else a model variant name
+    steps: int  # DDIM steps, or the variant's own number of steps
+    guidance: float
+    dynamic: bool
+
+
+INVERSION_CONFIGS: tuple[InversionConfig, ...] = (
+    InversionConfig("ddim50", "teacher", 50, 1.0, False),
+    InversionConfig("cd2", "cd2", 2, 1.0, False),
+    InversionConfig("cd3", "cd3", 3, 1.0, False),
+    InversionConfig("cd4", "cd4", 4, 1.0, False),
+    InversionConfig("cd4+lf", "cd4+lf", 4, 1.0, False),
+    InversionConfig("cd4+lf+lr", "cd4+lf+lr", 4, 1.0, False),
+    InversionConfig("ddim50-w8", "teacher", 50, GUIDED_W, False),
+    InversionConfig("ddim50-w8-dcfg", "teacher", 50, GUIDED_W, True),
+    InversionConfig("cd4-w8", "cd4", 4, GUIDED_W, False),
+    InversionConfig("cd4-w8-dcfg", "cd4", 4, GUIDED_W, True),
+    InversionConfig("cd4+lf-w8-dcfg", "cd4+lf", 4, GUIDED_W, True),
+    InversionConfig("cd4+lf+lr-w8-dcfg", "cd4+lf+lr", 4, GUIDED_W, True),
+)
+MAIN_VARIANT = "cd4+lf+lr"
+
+
+def bench_inversion(
+    variants: dict[str, ICDModel],
+    teacher_model: ICDModel | None,
+    count: int = 200,
+    batch: int = 50,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    lpips: Any = None,
+) -> dict[str, Any]:
+    """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
+
+    `lpips` (a network from `icdcli.pie.load_lpips`) adds an `lpips` column.
+    """
+    say = progress or (lambda message: None)
+    anchor = teacher_model or next(iter(variants.values()))
+    size = anchor.info.native_size
+    items = heldout_scenes(count, seed)
+    rows, skipped = [], []
+    for config in INVERSION_CONFIGS:
+        model = teacher_model if config.variant == "teacher" else variants.get(config.variant)
+        if model is None:
+            skipped.append(config.name)
+            continue
+        say(f"inversion: {config.name}")
+        sampler = "ddim" if config.variant == "teacher" else "icd"
+        settings = SamplerSettings(sampler, config.steps, seed)
+        tau = model.info.tau if config.dynamic else 1.0
+        scores: dict[str, list[torch.Tensor]] = {"mse": [], "psnr": [], "ssim": []}
+        if lpips is not None:
+            scores["lpips"] = []
+        for chunk in batches(items, batch):
+            pixels, captions = render_batch(chunk, size)
+            recon = to_unit(roundtrip(model, pixels, captions, settings, config.guidance, tau))
+            original = to_unit(pixels)
+            scores["mse"].append(mse(recon, original))
+            scores["psnr"].append(psnr(recon, original))
+            scores["ssim"].append(ssim(recon, original))
+            if lpips is not None:
+                from icdcli.pie import lpips_distance
+
+                scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
+        rows.append({"config": config.name, **{k: float(torch.cat(v).mean()) for k, v in scores.items()}})
+    return {"n_images": len(items), "rows": rows, "skipped": skipped}
+
+
+def load_variants(folder: str | Path | None, loader: Callable[[Path], ICDModel]) -> dict[str, ICDModel]:
+    """Model variants for the inversion table: subfolders of `folder` named like the configs (cd2, cd4+lf, ...)."""
+    variants: dict[str, ICDModel] = {}
+    if folder is None:
+        return variants
+    for config in INVERSION_CONFIGS:
+        path = Path(folder) / config.variant
+        if config.variant != "teacher" and config.variant not in variants and (path / "icd.json").is_file():
+            variants[config.variant] = loader(path)
+    return variants
