@@ -20,7 +20,8 @@ import torch
 
 from .denoiser import Conditioning, Denoiser, PromptEmbedding
 from .errors import ICDError
-from .models import ICDModel, warn_if_truncated
+from .model_api import prompt_conditioning
+from .models import ICDModel, ModelInfo, warn_if_truncated
 
 logger = logging.getLogger("icd")
 
@@ -175,7 +176,8 @@ def ensure_exported(
 
 
 class AcceleratedModel:
-    """An `ICDModel` whose denoisers, text encoders and VAE run on a backend; everything else is delegated."""
+    """An `EditModel` whose denoisers, text encoders and VAE run on a backend, composed over the `ICDModel` that
+    supplies the metadata, the tokenizers and the PyTorch modules its graphs fall back to."""
 
     def __init__(self, model: ICDModel, parts: Any):
         self.model = model
@@ -195,9 +197,45 @@ class AcceleratedModel:
                 logger.warning("%s: the %s runs on PyTorch", error, what)
             return torch_run()
 
-    def __getattr__(self, name: str) -> Any:
-        # only reached for attributes this class does not define: info, tokenizers, device, dtype, ...
-        return getattr(self.__dict__["model"], name)
+    # --- what the wrapped model supplies unchanged ---
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return self.model.tokenizers
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.model.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.latent_channels
+
+    @property
+    def teacher_unet(self) -> torch.nn.Module | None:
+        return self.model.teacher_unet
+
+    @property
+    def source(self) -> str:
+        return self.model.source
+
+    def prompt_token_count(self, text: str) -> tuple[int, int]:
+        return self.model.prompt_token_count(text)
+
+    def needs_negative(self, guidance: float) -> bool:
+        return self.model.needs_negative(guidance)
 
     def to(self, *args: Any, **kwargs: Any) -> AcceleratedModel:
         raise ICDError("move the model with .to() before accelerating it: backend sessions are bound to a device")
@@ -233,8 +271,8 @@ class AcceleratedModel:
     def conditioning(
         self, prompt: str | list[str], height: int, width: int, with_negative: bool = False
     ) -> Conditioning:
-        # ICDModel's own logic, with this object's encode_prompt
-        return ICDModel.conditioning(self, prompt, height, width, with_negative)  # type: ignore[arg-type]
+        """As `ICDModel.conditioning`, with prompts encoded by the backend's text graphs."""
+        return prompt_conditioning(self, prompt, height, width, with_negative)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> clean latents (posterior mean times scaling factor, inside the graph)."""

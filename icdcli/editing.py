@@ -19,7 +19,7 @@ from PIL import Image
 from .denoiser import Conditioning, PromptEmbedding
 from .errors import ICDError
 from .images import fit_size, image_to_tensor, tensor_to_image
-from .models import ICDModel
+from .model_api import EditModel
 from .p2p import REFINE, P2PBatch, P2PError, P2PSettings, make_plan, prompt_words
 from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
 from .schedule import NoiseSchedule
@@ -74,17 +74,17 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def working_size(model: ICDModel, image: Image.Image) -> tuple[int, int]:
+def working_size(model: EditModel, image: Image.Image) -> tuple[int, int]:
     return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
 
 
-def _conditioning(model: ICDModel, prompt: str | list[str], size: tuple[int, int], guidance: float) -> Conditioning:
+def _conditioning(model: EditModel, prompt: str | list[str], size: tuple[int, int], guidance: float) -> Conditioning:
     width, height = size
     return model.conditioning(prompt, height, width, with_negative=model.needs_negative(guidance))
 
 
 def invert_latents(
-    model: ICDModel,
+    model: EditModel,
     x0: torch.Tensor,
     prompt: str | list[str],
     size: tuple[int, int],
@@ -101,7 +101,7 @@ def invert_latents(
 
 
 def invert(
-    model: ICDModel,
+    model: EditModel,
     image: Image.Image,
     prompt: str,
     settings: SamplerSettings,
@@ -115,7 +115,7 @@ def invert(
 
 
 def decode(
-    model: ICDModel,
+    model: EditModel,
     latents: torch.Tensor,
     prompt: str | list[str],
     size: tuple[int, int],
@@ -145,7 +145,7 @@ class EditJob:
 
 
 def edit(
-    model: ICDModel,
+    model: EditModel,
     image: Image.Image,
     source_prompt: str,
     target_prompt: str,
@@ -176,7 +176,7 @@ def _same(values: list) -> Any:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _prompt_rows(model: ICDModel, rows: list[list[str]], size: tuple[int, int], guided: bool) -> list[Conditioning]:
+def _prompt_rows(model: EditModel, rows: list[list[str]], size: tuple[int, int], guided: bool) -> list[Conditioning]:
     """Conditioning for each list of prompts, every distinct prompt encoded once, in one batch."""
     unique = list(dict.fromkeys(prompt for prompts in rows for prompt in prompts))
     width, height = size
@@ -195,7 +195,7 @@ def _prompt_rows(model: ICDModel, rows: list[list[str]], size: tuple[int, int], 
 
 
 def edit_batch(
-    model: ICDModel,
+    model: EditModel,
     jobs: list[EditJob],
     settings: SamplerSettings,
     timings: Timings | None = None,
@@ -244,7 +244,7 @@ def edit_batch(
 
 
 def _invert_rows(
-    model: ICDModel, x0: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+    model: EditModel, x0: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
 ) -> torch.Tensor:
     (cond,) = _prompt_rows(model, [[job.source for job in jobs]], size, False)
     schedule = NoiseSchedule.stable_diffusion()
@@ -255,7 +255,7 @@ def _invert_rows(
 
 
 def _decode_swap_rows(
-    model: ICDModel, latents: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+    model: EditModel, latents: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
 ) -> torch.Tensor:
     guidance = _same([job.guidance for job in jobs])
     tau = _same([job.tau for job in jobs])
@@ -265,7 +265,7 @@ def _decode_swap_rows(
 
 
 def _decode_latents(
-    model: ICDModel,
+    model: EditModel,
     latents: torch.Tensor,
     cond: Conditioning,
     unguided: Conditioning | None,
@@ -285,7 +285,8 @@ def _decode_latents(
     return model.decode_latents(x0)
 
 
-def _p2p_plan(model: ICDModel, job: EditJob, size: tuple[int, int], settings: SamplerSettings) -> Any:
+def _p2p_plan(model: EditModel, job: EditJob, size: tuple[int, int], settings: SamplerSettings) -> Any:
+    assert job.p2p is not None, "a Prompt-to-Prompt plan is made for P2P jobs only"
     steps = len(_p2p_steps(model, settings))
     factor = model.vae_scale_factor
     plan = make_plan(model.tokenizers[0], job.source, job.target, job.p2p, steps, size[0] // factor)
@@ -299,12 +300,12 @@ def _p2p_plan(model: ICDModel, job: EditJob, size: tuple[int, int], settings: Sa
     return plan
 
 
-def _p2p_steps(model: ICDModel, settings: SamplerSettings) -> list[tuple[int, int]]:
+def _p2p_steps(model: EditModel, settings: SamplerSettings) -> list[tuple[int, int]]:
     return p2p_pairs(None if settings.sampler == "ddim" else model.info.reverse_boundaries, settings.ddim_steps)
 
 
 def _decode_p2p_rows(
-    model: ICDModel,
+    model: EditModel,
     latents: torch.Tensor,
     jobs: list[EditJob],
     plans: list[Any],
@@ -325,7 +326,7 @@ def _decode_p2p_rows(
 
 
 def decode_p2p(
-    model: ICDModel,
+    model: EditModel,
     latents: torch.Tensor,
     source_prompt: str,
     target_prompt: str,
@@ -345,7 +346,7 @@ def decode_p2p(
 
 
 def generate(
-    model: ICDModel,
+    model: EditModel,
     prompt: str,
     guidance: float,
     tau: float,

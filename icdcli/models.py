@@ -28,6 +28,7 @@ from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
+from .model_api import prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
@@ -280,19 +281,7 @@ class ICDModel:
         self, prompt: str | list[str], height: int, width: int, with_negative: bool = False
     ) -> Conditioning:
         """Conditioning for images of `height` x `width` pixels; a negative (empty) prompt when asked."""
-        embedding = self.encode_prompt(prompt)
-        negative = None
-        if with_negative:
-            if self.info.family == SDXL:
-                negative = PromptEmbedding(
-                    torch.zeros_like(embedding.hidden_states[:1]), torch.zeros_like(embedding.pooled[:1])
-                )
-            else:
-                negative = self.encode_prompt("")
-        time_ids = None
-        if self.info.family == SDXL:
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        return Conditioning(embedding, negative, time_ids)
+        return prompt_conditioning(self, prompt, height, width, with_negative)
 
     def needs_negative(self, guidance: float) -> bool:
         return not self.info.guidance_distilled and guidance != 1.0

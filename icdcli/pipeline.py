@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .recipe import P2POptions, ResolvedEdit, resolve_edit
+
+if TYPE_CHECKING:
+    from .model_api import EditModel
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ICDEditOutput:
 class ICDEditPipeline:
     """An iCD model ready to edit; `from_pretrained` loads it, calling it edits."""
 
-    def __init__(self, model: Any, backend: str = "torch") -> None:
+    def __init__(self, model: EditModel, backend: str = "torch") -> None:
         self.model = model
         self.backend = backend
 
@@ -68,12 +71,12 @@ class ICDEditPipeline:
         half = dtype == torch.float16 or (dtype is None and target.type == "cuda")
         loaded = load_requested_model(ModelRequest(model, base, teacher, forward_lora, reverse_lora, half=half))
         loaded.to(target, dtype)
-        if backend != "torch":
-            from .accelerated import accelerate, select_backend
+        if backend == "torch":
+            return cls(loaded, backend)
+        from .accelerated import accelerate, select_backend
 
-            backend = select_backend(backend, loaded.device)
-            loaded = accelerate(loaded, backend)
-        return cls(loaded, backend)
+        backend = select_backend(backend, loaded.device)
+        return cls(accelerate(loaded, backend), backend)
 
     def __call__(
         self,

@@ -13,7 +13,7 @@ import torch
 
 from icdcli.editing import SamplerSettings
 from icdcli.metrics import mse, psnr, ssim
-from icdcli.models import ICDModel
+from icdcli.model_api import EditModel
 from icdcli.training.scenes import render_batch
 
 from .scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
@@ -48,8 +48,8 @@ MAIN_VARIANT = "cd4+lf+lr"
 
 
 def bench_inversion(
-    variants: dict[str, ICDModel],
-    teacher_model: ICDModel | None,
+    variants: dict[str, EditModel],
+    teacher_model: EditModel | None,
     count: int = 200,
     batch: int = 50,
     seed: int = 0,
@@ -92,9 +92,9 @@ def bench_inversion(
     return {"n_images": len(items), "rows": rows, "skipped": skipped}
 
 
-def load_variants(folder: str | Path | None, loader: Callable[[Path], ICDModel]) -> dict[str, ICDModel]:
+def load_variants(folder: str | Path | None, loader: Callable[[Path], EditModel]) -> dict[str, EditModel]:
     """Model variants for the inversion table: subfolders of `folder` named like the configs (cd2, cd4+lf, ...)."""
-    variants: dict[str, ICDModel] = {}
+    variants: dict[str, EditModel] = {}
     if folder is None:
         return variants
     for config in INVERSION_CONFIGS:

@@ -78,7 +78,11 @@ def edit_runner(model: Any, image: Image.Image, method: str) -> Callable[[], Non
     tau = model.info.tau if sampler == "icd" else 1.0
     runnable = RealCFGBaseline(model) if method == "ddim-cfg" else model
     p2p = P2POptions().resolve(model.info.edit) if method == "icd-p2p" else None  # the model's recipe
-    return lambda: edit(runnable, image, SOURCE, TARGET, guidance, tau, settings, p2p=p2p)
+
+    def run() -> None:
+        edit(runnable, image, SOURCE, TARGET, guidance, tau, settings, p2p=p2p)
+
+    return run
 
 
 def interleaved_medians(runners: dict[Any, Callable[[], None]], repeats: int) -> dict[Any, float]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from icdcli.editing import SamplerSettings, decode, decode_p2p, invert_latents
-from icdcli.models import ICDModel
+from icdcli.model_api import EditModel
 from icdcli.p2p import P2PSettings
 from icdcli.training.scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, edit_scene, scenes, split_rng
 
@@ -24,7 +24,7 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def roundtrip(
-    model: ICDModel,
+    model: EditModel,
     pixels: torch.Tensor,
     captions: list[str],
     settings: SamplerSettings,
@@ -42,7 +42,7 @@ def roundtrip(
 
 
 def p2p_roundtrip(
-    model: ICDModel,
+    model: EditModel,
     pixels: torch.Tensor,
     captions: list[str],
     settings: SamplerSettings,

@@ -14,7 +14,7 @@ import torch
 
 from icdcli.editing import SamplerSettings
 from icdcli.metrics import psnr
-from icdcli.models import ICDModel
+from icdcli.model_api import EditModel
 from icdcli.recipe import P2POptions
 from icdcli.training.scenes import EDIT_KINDS, change_mask, render_batch
 
@@ -39,7 +39,7 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
 
 
 def bench_shapes_edit(
-    model: ICDModel,
+    model: EditModel,
     count: int = 200,
     batch: int = 50,
     seed: int = 0,
@@ -81,9 +81,9 @@ def bench_shapes_edit(
                 scores["accuracy"].append(float(classify(as_uint8, target, kind) == getattr(target, ATTRIBUTE[kind])))
         everything: dict[str, list[float]] = {"psnr_target": [], "psnr_background": [], "accuracy": []}
         for kind in EDIT_KINDS:
-            scores = per_kind.get(kind)
-            if not scores:
+            if not per_kind.get(kind):
                 continue
+            scores = per_kind[kind]
             rows.append({"method": method.name, "kind": kind, **{k: float(np.mean(v)) for k, v in scores.items()}})
             for key, values in scores.items():
                 everything[key].extend(values)
