@@ -37,7 +37,7 @@ from .cli_common import (
 from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
-from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
+from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options, plan_edit_outputs
 from .outputs import (
     GENERATE_FIELDS,
     INVERT_FIELDS,
@@ -343,20 +343,20 @@ def edit(
     current image (twice: at once), exit code 130.
     """
     started = time.perf_counter()
-    p2p = _p2p_settings(
+    p2p = p2p_options(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
         blend_threshold,
     )  # fmt: skip
-    settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
+    settings = EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
     expected_hash = None
     if from_record is not None:
         if spec is not None:
             raise click.ClickException("--from repeats one edit: give it without --spec")
-        images, settings, expected_hash = _apply_record(from_record, images, settings, model_opts)
+        images, settings, expected_hash = apply_record(from_record, images, settings, model_opts)
     if jobs is not None:
         if images or spec is not None or from_record is not None or shard is not None:
             raise click.ClickException("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
-        runner = _EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
+        runner = EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
         runner.run_jobs(click.get_text_stream("stdin"), output, any_output)
         return
     if not images and spec is None:
@@ -374,17 +374,17 @@ def edit(
 
     try:
         shard_index = parse_shard(shard) if shard is not None else None
-        items, batch = _collect_items(list(images), spec, recursive, settings)
+        items, batch = collect_items(list(images), spec, recursive, settings)
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     batch = batch or shard_index is not None
-    items = _plan_edit_outputs(items, output, spec, batch, any_output)
+    items = plan_edit_outputs(items, output, spec, batch, any_output)
     if shard_index is not None:
         items = select_shard(items, *shard_index)
         _say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
         if shard == "auto" and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
             model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
-    runner = _EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
+    runner = EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
     runner.shard = shard_index if shard == "auto" else None
     runner.run(items)
 
@@ -794,7 +794,7 @@ def bench_inversion_command(
     found.setdefault("cd4+lf+lr", model)
     lpips = None
     if lpips_path is not None:
-        from .pie import load_lpips
+        from .pie.networks import load_lpips
 
         lpips = load_lpips(lpips_path)
     teacher = model if model.teacher_unet is not None else None

@@ -42,16 +42,16 @@ def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
     from .batch import default_batch_size, plan_outputs, read_spec
-    from .edit_run import _EditFlags, _EditRun
+    from .edit_run import EditFlags, EditRun
 
     items = plan_outputs(read_spec(spec), out, spec.parent)
-    flags = _EditFlags(None, None, None, None, None, "icd", 50)
-    runner = _EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
+    flags = EditFlags(None, None, None, None, None, "icd", 50)
+    runner = EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
     runner.adopt(loaded)
     runner.quiet = True
     started = time.perf_counter()
     runner.started = runner.mark = started
-    runner._pipeline().run(items)
+    runner.pipeline().run(items)
     seconds = time.perf_counter() - started
     size = batch_size or default_batch_size(loaded.model.device.type, 32 * 32)
     tally = runner.tally

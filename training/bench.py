@@ -146,7 +146,7 @@ def bench_inversion(
             scores["psnr"].append(psnr(recon, original))
             scores["ssim"].append(ssim(recon, original))
             if lpips is not None:
-                from icdcli.pie import lpips_distance
+                from icdcli.pie.networks import lpips_distance
 
                 scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
         rows.append({"config": config.name, **{k: float(torch.cat(v).mean()) for k, v in scores.items()}})
