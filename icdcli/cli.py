@@ -21,18 +21,18 @@ from .cli_common import (
     BACKEND_SECTION,
     MODEL_SECTION,
     SectionedCommand,
-    _check_writable_folder,
-    _edit_settings,
-    _load,
-    _reports_errors,
-    _say,
-    _setup_logging,
+    check_writable_folder,
     edit_guidance_options,
+    edit_settings,
+    load_model,
     model_options,
     need_scikit_image,
     overwrite_option,
     p2p_step_options,
+    reports_errors,
     sampler_options,
+    say,
+    setup_logging,
 )
 from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
@@ -84,7 +84,7 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
     if output is not None:
         target = Path(output)
         if not (target.is_dir() or len(inputs) > 1 or output.endswith(("/", os.sep))):
-            _check_writable_folder(target.parent)
+            check_writable_folder(target.parent)
             if Path(os.path.realpath(target)) in input_set:
                 raise click.ClickException(
                     f"-o {output} is one of the inputs: choose another name, inputs are never replaced"
@@ -92,11 +92,11 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
             return [target]
         if not target.exists() and target.parent.is_dir():
             target.mkdir()
-        _check_writable_folder(target)
+        check_writable_folder(target)
     taken, planned = set(input_set), []
     for path in inputs:
         folder = Path(output) if output is not None else path.parent
-        _check_writable_folder(folder)
+        check_writable_folder(folder)
         chosen = folder / f"{path.stem}{suffix}"
         if Path(os.path.realpath(chosen)) in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
             chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
@@ -119,7 +119,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt as stop:
             code = exit_code(stop)
-            _say("terminated" if code == EXIT_TERMINATED else "interrupted")
+            say("terminated" if code == EXIT_TERMINATED else "interrupted")
             raise click.exceptions.Exit(code) from None
         finally:
             with contextlib.suppress(ValueError, TypeError):
@@ -141,7 +141,7 @@ def main() -> None:
       icd generate "a red circle on a blue background" -o circle.png
       icd info
     """
-    _setup_logging()
+    setup_logging()
 
 
 @main.command(
@@ -292,7 +292,7 @@ def main() -> None:
 @sampler_options
 @model_options
 @reports_json_failures
-@_reports_errors
+@reports_errors
 def edit(
     images: tuple[Path, ...],
     source: str | None,
@@ -381,7 +381,7 @@ def edit(
     items = plan_edit_outputs(items, output, spec, batch, any_output)
     if shard_index is not None:
         items = select_shard(items, *shard_index)
-        _say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
+        say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
         if shard == "auto" and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
             model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
     runner = EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
@@ -435,7 +435,7 @@ def edit(
 @overwrite_option
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def invert(
     image: Path,
     prompt: str,
@@ -498,7 +498,7 @@ def _invert(
 
     picture = load_image(image)
     input_sha = file_sha256(image)
-    loaded = _load(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
+    loaded = load_model(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
     model = loaded.model
     if how.seed is None:  # the model's recipe, as icd edit inverts
         how = SeedAndSampler(model.info.edit.seed, how.sampler, how.ddim_steps)
@@ -509,7 +509,7 @@ def _invert(
     latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
     recon_record = recon_skip = None
     if recon_path is not None:
-        _, t = _edit_settings(model, how.sampler, guidance, tau)
+        _, t = edit_settings(model, how.sampler, guidance, tau)
         recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
         recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
     result = {"input": str(image), "output": str(latent_path), "model": loaded.label, "backend": loaded.backend,
@@ -553,7 +553,7 @@ def _invert(
 def _check_output_folder(folder: Path) -> None:
     """The folder an output goes to must exist and be writable (one line saying so otherwise)."""
     try:
-        _check_writable_folder(folder)
+        check_writable_folder(folder)
     except OSError as error:
         raise click.ClickException(f"output folder {folder}: {error.strerror or error}; choose another -o") from None
 
@@ -601,7 +601,7 @@ def _note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
 
     note = unknown_prompt_note(model, prompt, flag)
     if note:
-        _say(f"note: {note}")
+        say(f"note: {note}")
 
 
 def _model_record(loaded: Any) -> dict[str, Any]:
@@ -668,7 +668,7 @@ def _slug(text: str) -> str:
 @overwrite_option
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def generate(
     prompt: str,
     output: str | None,
@@ -704,7 +704,7 @@ def generate(
         from .editing import generate as run_generate
         from .images import save_image
 
-        loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+        loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
         model = loaded.model
         _note_unknown_prompt(model, prompt, "PROMPT")
         size = (width or model.info.native_size, height or model.info.native_size)
@@ -774,7 +774,7 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
 )
 @bench_options
 @model_options
-@_reports_errors
+@reports_errors
 def bench_inversion_command(
     variants: Path | None, lpips_path: Path | None, limit: int, batch: int, seed: int, as_json: bool,
     **model_opts: Any,
@@ -789,7 +789,7 @@ def bench_inversion_command(
     from .models import load_model_folder
     from .training.bench import bench_inversion, load_variants, markdown_table
 
-    model = _load(model_opts, need_teacher=True).model
+    model = load_model(model_opts, need_teacher=True).model
     found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
     found.setdefault("cd4+lf+lr", model)
     lpips = None
@@ -798,7 +798,7 @@ def bench_inversion_command(
 
         lpips = load_lpips(lpips_path)
     teacher = model if model.teacher_unet is not None else None
-    result = bench_inversion(found, teacher, limit, batch, seed, _say, lpips=lpips)
+    result = bench_inversion(found, teacher, limit, batch, seed, say, lpips=lpips)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -817,7 +817,7 @@ def bench_inversion_command(
 )
 @bench_options
 @model_options
-@_reports_errors
+@reports_errors
 def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any) -> None:
     """Edit held-out scenes to a copy with one attribute changed and compare with its exact rendering.
 
@@ -828,9 +828,9 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     """
     from .training.bench import EDIT_METHODS, bench_shapes_edit, markdown_table
 
-    model = _load(model_opts, need_teacher=True).model
+    model = load_model(model_opts, need_teacher=True).model
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
-    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=_say)
+    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=say)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -845,7 +845,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
 )
 @click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"device", "rows", "speedup"}.')
 @model_options
-@_reports_errors
+@reports_errors
 def bench_latency_command(limit: int, size: int | None, backends: str, as_json: bool, **model_opts: Any) -> None:
     """Seconds per edit on each backend: iCD by prompt swap and by Prompt-to-Prompt, and the 50-step baseline
     (DDIM inversion + 50 guided steps) with the teacher as it is and under real classifier-free guidance.
@@ -856,8 +856,8 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     """
     from .engines.latency import measure_latency
 
-    model = _load(model_opts, need_teacher=True).model
-    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
+    model = load_model(model_opts, need_teacher=True).model
+    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, say)
     if as_json:
         click.echo(strict_json(result))
         return

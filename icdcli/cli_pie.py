@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli_common import (
-    _load,
-    _reports_errors,
-    _say,
     edit_guidance_options,
+    load_model,
     model_options,
     need_scikit_image,
     p2p_step_options,
+    reports_errors,
     sampler_options,
+    say,
 )
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 )
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def pie(
     root: Path,
     out: Path | None,
@@ -181,14 +181,14 @@ def pie(
     scorers = load_scorers(lpips_path, dino_path, clip_path)
     p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace)
     flags = EditFlags(None, None, guidance, tau, seed, sampler, ddim_steps, method, p2p)
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=backend)
+    loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
     settings = RunSettings.of(flags, loaded.model.info)
     folder = _run_folder(root, out, name, settings)
     edit_started = time.perf_counter()
     outcomes, end = edit_items(items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite)
     edit_seconds = time.perf_counter() - edit_started
     if end.interrupted:
-        _say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
+        say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
              **asdict(settings), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
     scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
@@ -221,7 +221,7 @@ def _publish(folder: Path, report: dict[str, Any], markdown: str, as_json: bool)
     json_path, markdown_path = write_report(folder, report, markdown)
     click.echo(strict_json(report) if as_json else markdown)
     edits = report["edits"]
-    _say(
+    say(
         f"{edits['done']} edited, {edits['skipped']} already there, {edits['failed']} failed; "
         f"report: {markdown_path} and {json_path.name}"
     )

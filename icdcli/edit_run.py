@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+from .cli_common import Loaded, check_writable_folder, edit_settings, load_model, say
 from .outputs import image_text, path_from, recorded_path
 from .recipe import P2POptions
 from .values import NumberError, check_number, strict_json
@@ -212,7 +212,7 @@ def _drop_repeats(items: list) -> list:
             where = str(item.image)
         identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
         if identity in seen:
-            _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
+            say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue
         seen[identity] = item
         kept.append(item)
@@ -230,7 +230,7 @@ def plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch:
         return plan_outputs(items, None, spec_folder, anywhere)
     target = Path(output)
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
-        _check_writable_folder(target.parent)
+        check_writable_folder(target.parent)
         item = items[0]
         if item.image is not None and os.path.realpath(target) == os.path.realpath(item.image):
             raise click.ClickException(
@@ -246,7 +246,7 @@ def plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch:
             raise click.ClickException(
                 f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
             ) from None
-    _check_writable_folder(target)
+    check_writable_folder(target)
     return plan_outputs(items, target, spec_folder, anywhere)
 
 
@@ -295,7 +295,7 @@ class _Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        _say("stopping after the current image (Ctrl-C again to stop at once)")
+        say("stopping after the current image (Ctrl-C again to stop at once)")
 
     def _terminate(self, signum: int, frame: Any) -> None:
         from .stopping import EXIT_TERMINATED, Terminated
@@ -306,7 +306,7 @@ class _Interrupts:
             self.droppable = False
             raise Terminated
         if first:
-            _say("terminating after the current image")
+            say("terminating after the current image")
 
     def __exit__(self, *exc: Any) -> None:
         import signal
@@ -449,7 +449,7 @@ class EditRun:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message, file=sys.stderr)
         else:
-            _say(message)
+            say(message)
 
     def _json(self, record: dict[str, Any]) -> None:
         if self.as_json:
@@ -478,7 +478,7 @@ class EditRun:
                 if not torch.cuda.is_available():
                     opts["device"] = "auto"
             try:
-                self.loaded = _load(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
+                self.loaded = load_model(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
             except OSError as error:
@@ -529,7 +529,7 @@ class EditRun:
         model = loaded.model
         flags = self.flags
         sampler = flags.sampler
-        w, t = _edit_settings(
+        guidance, tau = edit_settings(
             model,
             sampler,
             item.guidance if item.guidance is not None else flags.guidance,
@@ -548,8 +548,8 @@ class EditRun:
             steps=model.info.num_steps if sampler == "icd" else flags.ddim_steps,
             src=item.src,
             tgt=item.tgt,
-            guidance=w,
-            tau=t,
+            guidance=guidance,
+            tau=tau,
             seed=seed,
             version=__version__,
             input_path=path_from(item.output, item.image),
@@ -882,7 +882,7 @@ class EditRun:
 
                 sys.exit(exit_code(stop))
         seconds = time.perf_counter() - self.started
-        _say(self.tally.line(seconds, interrupts.requested))
+        say(self.tally.line(seconds, interrupts.requested))
         if interrupts.requested:
             sys.exit(interrupts.code)
 
@@ -894,7 +894,7 @@ class EditRun:
             load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
             self._json(self.tally.summary(seconds, load_seconds))
             line = self.tally.line(seconds, interrupted)
-            _say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
+            say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
         if interrupted:
             sys.exit(code)
         if self.shard is not None and self.shard[1] > 1:
@@ -931,7 +931,7 @@ class EditRun:
         if rank == 0:
             total = total_summary(gathered)
             self._json(total)
-            _say(
+            say(
                 f"total over {world} processes: {total['done']} done, {total['skipped']} skipped, "
                 f"{total['failed']} failed in {total['seconds']:.1f} s ({total['images_per_second']:.2f} images/s)"
             )
