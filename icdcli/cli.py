@@ -361,16 +361,8 @@ def edit(
         return
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
-    for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
-        if value is not None:
-            _check_prompt(value, flag)
-    missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
-    if spec is None and missing:
-        raise click.ClickException(
-            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
-            "--tgt the result (or give a --spec whose rows give src and tgt)"
-        )
-    from .batch import SpecError, parse_shard, select_shard
+    _check_edit_prompts(settings, spec)
+    from .batch import SpecError, parse_shard
 
     try:
         shard_index = parse_shard(shard) if shard is not None else None
@@ -380,13 +372,36 @@ def edit(
     batch = batch or shard_index is not None
     items = plan_edit_outputs(items, output, spec, batch, any_output)
     if shard_index is not None:
-        items = select_shard(items, *shard_index)
-        say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
-        if shard == "auto" and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
-            model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
+        items, model_opts = _this_shard(items, shard_index, auto=shard == "auto", model_opts=model_opts)
     runner = EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
     runner.shard = shard_index if shard == "auto" else None
     runner.run(items)
+
+
+def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
+    """--src and --tgt are non-empty when given, and both given unless a --spec's rows give them."""
+    for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
+        if value is not None:
+            _check_prompt(value, flag)
+    missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
+    if spec is None and missing:
+        raise click.ClickException(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
+            "--tgt the result (or give a --spec whose rows give src and tgt)"
+        )
+
+
+def _this_shard(
+    items: list, shard_index: tuple[int, int], *, auto: bool, model_opts: dict[str, Any]
+) -> tuple[list, dict[str, Any]]:
+    """The items of this process's shard; under a launcher (--shard auto, LOCAL_RANK set) its own GPU."""
+    from .batch import select_shard
+
+    items = select_shard(items, *shard_index)
+    say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
+    if auto and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
+        model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
+    return items, model_opts
 
 
 @main.command(
