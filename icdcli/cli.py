@@ -21,23 +21,23 @@ from .cli_common import (
     BACKEND_SECTION,
     MODEL_SECTION,
     SectionedCommand,
-    _check_writable_folder,
-    _edit_settings,
-    _load,
-    _reports_errors,
-    _say,
-    _setup_logging,
+    check_writable_folder,
     edit_guidance_options,
+    edit_settings,
+    load_model,
     model_options,
     need_scikit_image,
     overwrite_option,
     p2p_step_options,
+    reports_errors,
     sampler_options,
+    say,
+    setup_logging,
 )
 from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_train import train as _train_command
-from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
+from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options, plan_edit_outputs
 from .outputs import (
     GENERATE_FIELDS,
     INVERT_FIELDS,
@@ -84,7 +84,7 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
     if output is not None:
         target = Path(output)
         if not (target.is_dir() or len(inputs) > 1 or output.endswith(("/", os.sep))):
-            _check_writable_folder(target.parent)
+            check_writable_folder(target.parent)
             if Path(os.path.realpath(target)) in input_set:
                 raise click.ClickException(
                     f"-o {output} is one of the inputs: choose another name, inputs are never replaced"
@@ -92,11 +92,11 @@ def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Pa
             return [target]
         if not target.exists() and target.parent.is_dir():
             target.mkdir()
-        _check_writable_folder(target)
+        check_writable_folder(target)
     taken, planned = set(input_set), []
     for path in inputs:
         folder = Path(output) if output is not None else path.parent
-        _check_writable_folder(folder)
+        check_writable_folder(folder)
         chosen = folder / f"{path.stem}{suffix}"
         if Path(os.path.realpath(chosen)) in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
             chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
@@ -119,7 +119,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt as stop:
             code = exit_code(stop)
-            _say("terminated" if code == EXIT_TERMINATED else "interrupted")
+            say("terminated" if code == EXIT_TERMINATED else "interrupted")
             raise click.exceptions.Exit(code) from None
         finally:
             with contextlib.suppress(ValueError, TypeError):
@@ -141,7 +141,7 @@ def main() -> None:
       icd generate "a red circle on a blue background" -o circle.png
       icd info
     """
-    _setup_logging()
+    setup_logging()
 
 
 @main.command(
@@ -292,7 +292,7 @@ def main() -> None:
 @sampler_options
 @model_options
 @reports_json_failures
-@_reports_errors
+@reports_errors
 def edit(
     images: tuple[Path, ...],
     source: str | None,
@@ -343,24 +343,43 @@ def edit(
     current image (twice: at once), exit code 130.
     """
     started = time.perf_counter()
-    p2p = _p2p_settings(
+    p2p = p2p_options(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
         blend_threshold,
     )  # fmt: skip
-    settings = _EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
+    settings = EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
     expected_hash = None
     if from_record is not None:
         if spec is not None:
             raise click.ClickException("--from repeats one edit: give it without --spec")
-        images, settings, expected_hash = _apply_record(from_record, images, settings, model_opts)
+        images, settings, expected_hash = apply_record(from_record, images, settings, model_opts)
     if jobs is not None:
         if images or spec is not None or from_record is not None or shard is not None:
             raise click.ClickException("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
-        runner = _EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
+        runner = EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
         runner.run_jobs(click.get_text_stream("stdin"), output, any_output)
         return
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
+    _check_edit_prompts(settings, spec)
+    from .batch import SpecError, parse_shard
+
+    try:
+        shard_index = parse_shard(shard) if shard is not None else None
+        items, batch = collect_items(list(images), spec, recursive, settings)
+    except (SpecError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    batch = batch or shard_index is not None
+    items = plan_edit_outputs(items, output, spec, batch, any_output)
+    if shard_index is not None:
+        items, model_opts = _this_shard(items, shard_index, auto=shard == "auto", model_opts=model_opts)
+    runner = EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
+    runner.shard = shard_index if shard == "auto" else None
+    runner.run(items)
+
+
+def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
+    """--src and --tgt are non-empty when given, and both given unless a --spec's rows give them."""
     for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
         if value is not None:
             _check_prompt(value, flag)
@@ -370,23 +389,19 @@ def edit(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
             "--tgt the result (or give a --spec whose rows give src and tgt)"
         )
-    from .batch import SpecError, parse_shard, select_shard
 
-    try:
-        shard_index = parse_shard(shard) if shard is not None else None
-        items, batch = _collect_items(list(images), spec, recursive, settings)
-    except (SpecError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
-    batch = batch or shard_index is not None
-    items = _plan_edit_outputs(items, output, spec, batch, any_output)
-    if shard_index is not None:
-        items = select_shard(items, *shard_index)
-        _say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
-        if shard == "auto" and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
-            model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
-    runner = _EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
-    runner.shard = shard_index if shard == "auto" else None
-    runner.run(items)
+
+def _this_shard(
+    items: list, shard_index: tuple[int, int], *, auto: bool, model_opts: dict[str, Any]
+) -> tuple[list, dict[str, Any]]:
+    """The items of this process's shard; under a launcher (--shard auto, LOCAL_RANK set) its own GPU."""
+    from .batch import select_shard
+
+    items = select_shard(items, *shard_index)
+    say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
+    if auto and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
+        model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
+    return items, model_opts
 
 
 @main.command(
@@ -435,7 +450,7 @@ def edit(
 @overwrite_option
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def invert(
     image: Path,
     prompt: str,
@@ -498,7 +513,7 @@ def _invert(
 
     picture = load_image(image)
     input_sha = file_sha256(image)
-    loaded = _load(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
+    loaded = load_model(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
     model = loaded.model
     if how.seed is None:  # the model's recipe, as icd edit inverts
         how = SeedAndSampler(model.info.edit.seed, how.sampler, how.ddim_steps)
@@ -509,7 +524,7 @@ def _invert(
     latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
     recon_record = recon_skip = None
     if recon_path is not None:
-        _, t = _edit_settings(model, how.sampler, guidance, tau)
+        _, t = edit_settings(model, how.sampler, guidance, tau)
         recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
         recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
     result = {"input": str(image), "output": str(latent_path), "model": loaded.label, "backend": loaded.backend,
@@ -553,7 +568,7 @@ def _invert(
 def _check_output_folder(folder: Path) -> None:
     """The folder an output goes to must exist and be writable (one line saying so otherwise)."""
     try:
-        _check_writable_folder(folder)
+        check_writable_folder(folder)
     except OSError as error:
         raise click.ClickException(f"output folder {folder}: {error.strerror or error}; choose another -o") from None
 
@@ -601,7 +616,7 @@ def _note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
 
     note = unknown_prompt_note(model, prompt, flag)
     if note:
-        _say(f"note: {note}")
+        say(f"note: {note}")
 
 
 def _model_record(loaded: Any) -> dict[str, Any]:
@@ -668,7 +683,7 @@ def _slug(text: str) -> str:
 @overwrite_option
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def generate(
     prompt: str,
     output: str | None,
@@ -704,7 +719,7 @@ def generate(
         from .editing import generate as run_generate
         from .images import save_image
 
-        loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+        loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
         model = loaded.model
         _note_unknown_prompt(model, prompt, "PROMPT")
         size = (width or model.info.native_size, height or model.info.native_size)
@@ -774,7 +789,7 @@ def bench_options(command: Callable[..., Any]) -> Callable[..., Any]:
 )
 @bench_options
 @model_options
-@_reports_errors
+@reports_errors
 def bench_inversion_command(
     variants: Path | None, lpips_path: Path | None, limit: int, batch: int, seed: int, as_json: bool,
     **model_opts: Any,
@@ -790,16 +805,16 @@ def bench_inversion_command(
     from .bench.scenes import markdown_table
     from .models import load_model_folder
 
-    model = _load(model_opts, need_teacher=True).model
+    model = load_model(model_opts, need_teacher=True).model
     found = load_variants(variants, lambda path: load_model_folder(path).to(model.device, model.dtype))
     found.setdefault("cd4+lf+lr", model)
     lpips = None
     if lpips_path is not None:
-        from .pie import load_lpips
+        from .pie.networks import load_lpips
 
         lpips = load_lpips(lpips_path)
     teacher = model if model.teacher_unet is not None else None
-    result = bench_inversion(found, teacher, limit, batch, seed, _say, lpips=lpips)
+    result = bench_inversion(found, teacher, limit, batch, seed, say, lpips=lpips)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -818,7 +833,7 @@ def bench_inversion_command(
 )
 @bench_options
 @model_options
-@_reports_errors
+@reports_errors
 def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as_json: bool, **model_opts: Any) -> None:
     """Edit held-out scenes to a copy with one attribute changed and compare with its exact rendering.
 
@@ -830,9 +845,9 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     from .bench.scenes import markdown_table
     from .bench.shapes_edit import EDIT_METHODS, bench_shapes_edit
 
-    model = _load(model_opts, need_teacher=True).model
+    model = load_model(model_opts, need_teacher=True).model
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
-    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=_say)
+    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=say)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -847,7 +862,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
 )
 @click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"device", "rows", "speedup"}.')
 @model_options
-@_reports_errors
+@reports_errors
 def bench_latency_command(limit: int, size: int | None, backends: str, as_json: bool, **model_opts: Any) -> None:
     """Seconds per edit on each backend: iCD by prompt swap and by Prompt-to-Prompt, and the 50-step baseline
     (DDIM inversion + 50 guided steps) with the teacher as it is and under real classifier-free guidance.
@@ -858,8 +873,8 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     """
     from .bench.latency import measure_latency
 
-    model = _load(model_opts, need_teacher=True).model
-    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, _say)
+    model = load_model(model_opts, need_teacher=True).model
+    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, say)
     if as_json:
         click.echo(strict_json(result))
         return

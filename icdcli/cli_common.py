@@ -35,7 +35,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logger = logging.getLogger("icd")
     if not logger.handlers:
         handler = _StderrHandler()
@@ -58,11 +58,11 @@ def _quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn icd's own errors into one-line click errors."""
 
     @functools.wraps(command)
@@ -184,7 +184,7 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _check_writable_folder(folder: Path) -> None:
+def check_writable_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise click.ClickException(f"output folder {folder} is a file, not a folder: choose another -o")
     if not folder.is_dir():
@@ -193,7 +193,7 @@ def _check_writable_folder(folder: Path) -> None:
         raise click.ClickException(f"output folder {folder} is not writable: choose another with -o")
 
 
-def _edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
+def edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
     """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
     from .recipe import guidance_and_tau
 
@@ -226,7 +226,7 @@ class Loaded:
     backend: str = "torch"
 
 
-def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
+def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
     """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
     import torch
 
@@ -252,10 +252,10 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
         raise ICDError(f"--backend {backend} keeps its graphs in the cache, but {cache_problem}: "
                        "set ICD_CACHE_DIR to a writable folder, or use --backend torch")  # fmt: skip
     if cache_problem:
-        _say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
+        say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     request.base_config = ctx_options.get("base_config")
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
-    model = load_requested_model(request, need_teacher=need_teacher, progress=_say)
+    model = load_requested_model(request, need_teacher=need_teacher, progress=say)
     model.to(device, dtype)
     chosen = "torch"
     if backend is not None:
@@ -263,11 +263,11 @@ def _load(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None =
 
         chosen = select_backend(backend, model.device)
         if chosen != "torch" and cache_problem:
-            _say(f"note: backend torch instead of {chosen}, which needs a writable cache")
+            say(f"note: backend torch instead of {chosen}, which needs a writable cache")
             chosen = "torch"
         elif backend == "auto":
-            _say(f"backend: {chosen} (auto)")
-        model = accelerate(model, chosen, progress=_say, offload_torch=True)  # nothing else runs it on PyTorch
+            say(f"backend: {chosen} (auto)")
+        model = accelerate(model, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
 
 
@@ -295,7 +295,7 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--guidance and --tau of an edit (defaults resolved by `_edit_settings` once the model is loaded)."""
+    """--guidance and --tau of an edit (defaults resolved by `edit_settings` once the model is loaded)."""
     options = [
         click.option(
             "--guidance",

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli_common import _load, _reports_errors, _say, model_options
+from .cli_common import load_model, model_options, reports_errors, say
 
 
 class BatchType(click.ParamType):
@@ -81,7 +81,7 @@ class BatchType(click.ParamType):
 )
 @click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
 @model_options
-@_reports_errors
+@reports_errors
 def export(
     backend: str,
     fp16: bool,
@@ -122,7 +122,7 @@ def export(
         select_backend("onnxruntime")
     if fp32_norm and not fp16:
         raise click.UsageError("--fp32-norm applies to fp16 exports: add --fp16 (or --backend tensorrt)")
-    loaded = _load(model_opts, need_teacher=True)
+    loaded = load_model(model_opts, need_teacher=True)
     model, label = loaded.model, loaded.label
     size_problem = engine_size_problem(height, width, int(model.info.size_multiple))
     if size_problem:
@@ -132,13 +132,13 @@ def export(
 
     def progress(message: str) -> None:
         said.append(message)
-        _say(message)
+        say(message)
 
     folder, manifest = ensure_exported(
         model, precision, out_dir=out, force=force, progress=progress, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
         for_tensorrt=backend == "tensorrt",
     )  # fmt: skip
-    _say(f"ONNX export: {folder}" if said else f"ONNX export of {label} ({precision}) is up to date: {folder}")
+    say(f"ONNX export: {folder}" if said else f"ONNX export of {label} ({precision}) is up to date: {folder}")
     if check and backend != "tensorrt":
         report_check(model, folder, manifest)
     if backend == "tensorrt":
@@ -149,10 +149,10 @@ def export(
         sizes = trt_engine.EngineSizes(height, width, batch)
         write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
         parts = trt_engine.load_parts(
-            folder, manifest, model, torch_fallbacks(model), progress=_say, height=height, width=width,
+            folder, manifest, model, torch_fallbacks(model), progress=say, height=height, width=width,
             max_batch=batch, build_now=list(manifest.graphs),
         )  # fmt: skip
-        _say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
+        say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
         if check:
             report_check(model, folder, manifest, parts.runners, "TensorRT")
 
@@ -172,10 +172,10 @@ def report_check(
     """`--check`: each graph against PyTorch; a ClickException when any differs beyond its tolerance."""
     from .export.check import check_export
 
-    _say(f"checking every graph against PyTorch on {backend} ...")
-    checks = check_export(model, folder, manifest, progress=_say, runners=runners)
+    say(f"checking every graph against PyTorch on {backend} ...")
+    checks = check_export(model, folder, manifest, progress=say, runners=runners)
     for skipped in (c for c in checks if c.error is None):
-        _say(f"  {skipped.graph}: {skipped.note}")
+        say(f"  {skipped.graph}: {skipped.note}")
     failed = [c.graph for c in checks if c.error is not None and not c.passed]
     if failed:
         raise click.ClickException(f"graphs differ from PyTorch beyond tolerance: {', '.join(failed)}; export again")

@@ -7,42 +7,26 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .cli_common import (
-    _load,
-    _reports_errors,
-    _say,
     edit_guidance_options,
+    load_model,
     model_options,
     need_scikit_image,
     p2p_step_options,
+    reports_errors,
     sampler_options,
+    say,
 )
 
-
-def _edit_function(method: str, model: Any, plan: Any) -> Any:
-    """(image, item, timings) -> edited image, for prompt swap or Prompt-to-Prompt."""
-    from .editing import SamplerSettings, edit
-    from .errors import ICDError
-
-    settings = SamplerSettings(plan.sampler, plan.steps if plan.sampler == "ddim" else 50, plan.seed)
-
-    def run(image: Any, item: Any, timings: Any) -> Any:
-        prompts = (item.source_prompt, item.target_prompt)
-        if method == "swap":
-            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings)
-        from .p2p import P2PError  # checked present before the model loads
-
-        try:
-            return edit(model, image, *prompts, plan.guidance, plan.tau, settings, timings, plan.p2p_for(item))
-        except P2PError as error:  # prompts or blend words P2P cannot use: this item fails, the run goes on
-            raise ICDError(f"{item.key}: {error}") from None
-
-    return run
+if TYPE_CHECKING:
+    from .edit_run import RunEnd
+    from .pie.editing import RunSettings
 
 
 def default_out(root: Path) -> Path:
@@ -59,39 +43,36 @@ def _check_p2p() -> None:
         ) from None
 
 
-def _edit_all(
-    items: list, root: Path, folder: Path, record_for: Any, edit: Any, overwrite: bool
-) -> tuple[list, str | None]:
-    """Every item's Outcome in order, and why the run stopped early: None, "interrupted" (Ctrl-C) or "stopped"."""
-    from tqdm import tqdm
+def _chosen_items(root: Path, types: tuple[str, ...], limit: int | None) -> tuple[list, set[str] | None]:
+    """The items of --types (None: every type), the first --limit of them; a one-line error when none is left."""
+    from .pie.dataset import parse_types, read_mapping, select_items
 
-    from .pie import StopRun, edit_item
-
-    outcomes = []
-    bar = tqdm(total=len(items), desc="editing", unit="image", file=sys.stderr, disable=None, dynamic_ncols=True)
     try:
-        for item in items:
-            outcome = edit_item(item, root, folder, record_for, edit, overwrite)
-            outcomes.append(outcome)
-            if outcome.status == "failed":
-                bar.write(f"Error: {item.key}: {outcome.error}", file=sys.stderr)
-            bar.update(1)
-    except StopRun as error:
-        bar.write(f"Error: {error}", file=sys.stderr)
-        return outcomes, "stopped"
-    except KeyboardInterrupt:
-        bar.write("interrupted: scoring what is finished (finished outputs will be skipped next time)", file=sys.stderr)
-        return outcomes, "interrupted"
-    finally:
-        bar.close()
-    return outcomes, None
+        chosen_types = parse_types(types)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    items = select_items(read_mapping(root), chosen_types, limit)
+    if not items:
+        raise click.ClickException(f"no items of types {','.join(sorted(chosen_types or []))} in {root}: check --types")
+    return items, chosen_types
+
+
+def _run_folder(root: Path, out: Path | None, name: str | None, settings: RunSettings) -> Path:
+    """OUT/NAME, refused when it is the benchmark folder itself."""
+    from .pie.dataset import method_name
+
+    run_name = name or method_name(settings.sampler, settings.steps, settings.method)
+    folder = (out if out is not None else default_out(root)) / run_name
+    if folder.resolve() == root.resolve():
+        raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
+    return folder
 
 
 def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict[str, Any]]:
     """The metrics of every item's output, with a progress bar on a terminal."""
     from tqdm import tqdm
 
-    from .pie import score_item
+    from .pie.scoring import score_item
 
     bar = tqdm(items, desc="scoring", unit="image", file=sys.stderr, disable=None, dynamic_ncols=True)
     return [score_item(item, root, folder, scorers) for item in bar]
@@ -154,7 +135,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 )
 @sampler_options
 @model_options
-@_reports_errors
+@reports_errors
 def pie(
     root: Path,
     out: Path | None,
@@ -183,123 +164,78 @@ def pie(
     parameters, so a rerun skips what is finished. Background PSNR, MSE and SSIM always run; LPIPS,
     structure distance and CLIP scores run when their local weights are given. Prints Markdown
     tables per editing type and overall (--json: the whole report as one JSON object) and writes
-    them to metrics.md and metrics.json beside the outputs.
+    them to metrics.md and metrics.json beside the outputs. Ctrl-C stops after the current batch and
+    scores what is finished (exit code 130).
     """
-    from . import __version__
-    from .batch import model_digest, model_weight_sizes, parameter_record
-    from .pie import (
-        EditPlan,
-        load_scorers,
-        markdown_tables,
-        method_name,
-        parse_types,
-        present_metrics,
-        read_mapping,
-        select_items,
-        summarise,
-        wanted_record,
-        write_report,
-    )
+    from .edit_run import EditFlags
+    from .pie.editing import RunSettings, edit_items
+    from .pie.report import edits_section
+    from .pie.scoring import load_scorers
+    from .recipe import P2POptions
 
     need_scikit_image()
     started = time.perf_counter()
-    try:
-        chosen_types = parse_types(types)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    items = select_items(read_mapping(root), chosen_types, limit)
-    if not items:
-        raise click.ClickException(f"no items of types {','.join(sorted(chosen_types or []))} in {root}: check --types")
+    items, chosen_types = _chosen_items(root, types, limit)
     if method == "p2p":
         _check_p2p()
     scorers = load_scorers(lpips_path, dino_path, clip_path)
-    loaded = _load(model_opts, need_teacher=sampler == "ddim", backend=backend)
-    model = loaded.model
-    steps = model.info.num_steps if sampler == "icd" else ddim_steps
-    from .recipe import guidance_and_tau
-
-    guidance, tau = guidance_and_tau(model.info, sampler, guidance, tau)
-    seed = model.info.edit.seed if seed is None else seed
-    p2p = None
-    if method == "p2p":
-        from .recipe import P2POptions
-
-        try:
-            p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace).resolve(model.info.edit)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from None
-    plan = EditPlan(method, sampler, steps, float(guidance), float(tau), seed, p2p)
-    folder = (out if out is not None else default_out(root)) / (name or method_name(sampler, steps, method))
-    if folder.resolve() == root.resolve():
-        raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
-    label = loaded.label
-    model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
-    model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
-
-    def record_for(item: Any, source: Path, sha: str, size: tuple[int, int]) -> dict[str, Any]:
-        base = parameter_record(
-            model=model_ref, model_hash=model_hash, backend=loaded.backend,
-            precision=str(model.dtype).removeprefix("torch."), sampler=sampler, steps=steps, src=item.source_prompt,
-            tgt=item.target_prompt, guidance=plan.guidance, tau=plan.tau, seed=seed, version=__version__,
-            input_path=str(source.absolute()), input_size=size, input_sha256=sha, method=method,
-            p2p=plan.p2p_record(item),
-        )  # fmt: skip
-        return wanted_record(base, item)
-
+    p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace)
+    flags = EditFlags(None, None, guidance, tau, seed, sampler, ddim_steps, method, p2p)
+    loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
+    settings = RunSettings.of(flags, loaded.model.info)
+    folder = _run_folder(root, out, name, settings)
     edit_started = time.perf_counter()
-    outcomes, stopped = _edit_all(items, root, folder, record_for, _edit_function(method, model, plan), overwrite)
+    outcomes, end = edit_items(items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite)
     edit_seconds = time.perf_counter() - edit_started
+    if end.interrupted:
+        say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
+    facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
+             **asdict(settings), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
+    scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
+    edits = edits_section(outcomes, len(items), edit_seconds, loaded.seconds)
+    seconds = round(time.perf_counter() - started, 3)
+    report = {**facts, "n_items": len(items), "edits": edits, **scores, "seconds": seconds}
+    _publish(folder, report, markdown, as_json)
+    _finish(end, report)
+
+
+def _score(items: list, outcomes: list, *, root: Path, folder: Path, scorers: Any) -> tuple[dict[str, Any], str]:
+    """Score every finished output: the report's metrics, means and failures, and its Markdown tables."""
+    from .pie.report import failures, markdown_tables
+    from .pie.scoring import present_metrics, summarise
+
     finished = {o.key for o in outcomes if o.status in ("done", "skipped")}
     rows = _score_all([item for item in items if item.key in finished], root, folder, scorers)
     metrics = present_metrics(scorers)
     summary = summarise(rows, metrics)
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
-    report = {
-        "root": str(root),
-        "output": str(folder),
-        "model": label,
-        "backend": loaded.backend,
-        "method": method,
-        "sampler": sampler,
-        "steps": steps,
-        "guidance": plan.guidance,
-        "tau": plan.tau,
-        "seed": seed,
-        "types": sorted(chosen_types) if chosen_types else None,
-        "n_items": len(items),
-        "edits": {
-            **counts,
-            "not_run": len(items) - len(outcomes),
-            "seconds": round(edit_seconds, 3),
-            "load_seconds": round(loaded.seconds, 3),
-            "images_per_second": round(counts["done"] / edit_seconds, 4) if counts["done"] else None,
-        },
-        "metrics": metrics,
-        "skipped_metrics": scorers.skipped,
-        **summary,
-        "failed": [{"key": o.key, "error": o.error} for o in outcomes if o.status == "failed"]
-        + [{"key": row["key"], "error": row["error"]} for row in rows if "error" in row],
-        "items": rows,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    markdown = markdown_tables(summary, metrics, scorers.skipped)
-    json_path, markdown_path = write_report(folder, report, markdown)
-    if as_json:
-        from .values import strict_json
+    scores = {"metrics": metrics, "skipped_metrics": scorers.skipped, **summary, "failed": failures(outcomes, rows),
+              "items": rows}  # fmt: skip
+    return scores, markdown_tables(summary, metrics, scorers.skipped)
 
-        click.echo(strict_json(report))
-    else:
-        click.echo(markdown)
-    _say(
-        f"{counts['done']} edited, {counts['skipped']} already there, {counts['failed']} failed; "
+
+def _publish(folder: Path, report: dict[str, Any], markdown: str, as_json: bool) -> None:
+    """Write metrics.json and metrics.md beside the outputs; print the report (--json) or the tables."""
+    from .pie.report import write_report
+    from .values import strict_json
+
+    json_path, markdown_path = write_report(folder, report, markdown)
+    click.echo(strict_json(report) if as_json else markdown)
+    edits = report["edits"]
+    say(
+        f"{edits['done']} edited, {edits['skipped']} already there, {edits['failed']} failed; "
         f"report: {markdown_path} and {json_path.name}"
     )
-    if stopped == "interrupted":
-        sys.exit(130)
-    if stopped == "stopped":
+
+
+def _finish(end: RunEnd, report: dict[str, Any]) -> None:
+    """Exit as the run ended: 130 (143 for SIGTERM) after a stop, 1 after a failure."""
+    if end.interrupted:
+        sys.exit(end.code)
+    if end.stopped:
         raise click.ClickException("stopped: fix the error above and run again; finished outputs will be skipped")
     if report["failed"]:
-        raise click.ClickException(f"{len(report['failed'])} of {len(items)} items failed (see the errors above)")
+        failed, total = len(report["failed"]), report["n_items"]
+        raise click.ClickException(f"{failed} of {total} items failed (see the errors above)")
 
 
 for _param in pie.params:  # the shared --json option says "one object per output"; here it is one report

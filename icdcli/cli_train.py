@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .cli_common import _reports_errors, _say
+from .cli_common import reports_errors, say
 from .values import NumberType
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
@@ -129,7 +129,7 @@ def variant_settings(name: str) -> dict[str, Any]:
     "(view with `tensorboard --logdir RUN_DIR/logs`). Needs the tensorboard package.",
 )
 @click.pass_context
-@_reports_errors
+@reports_errors
 def train(ctx: click.Context, **options: Any) -> None:
     """Train a small iCD model from scratch on procedural scenes: VAE, teacher, guidance distillation,
     then multi-boundary consistency distillation of forward and reverse LoRAs with preservation losses.
@@ -144,13 +144,13 @@ def train(ctx: click.Context, **options: Any) -> None:
         raise click.ClickException(problem)
     from .stopping import exit_code, handle_sigterm
 
-    _say("icd train: loading PyTorch, diffusers and accelerate")
+    say("icd train: loading PyTorch, diffusers and accelerate")
     handle_sigterm()  # schedulers and `timeout` send SIGTERM: stop as at a second Ctrl-C, exit 143
     try:
         _train(TrainRequest(**options))
     except KeyboardInterrupt as stop:
         stage, step, checkpoint = (getattr(stop, key, None) for key in ("stage", "step", "checkpoint"))
-        _say(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
+        say(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
         sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
 
 
@@ -195,8 +195,8 @@ def _train(request: TrainRequest) -> None:
             settings = replace(consistency, **variant_settings(variant))
             distill_consistency(resuming(settings, request.force), paths.guidance, consistency_dir)
         else:
-            _say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
-    _say(f"packaging {model_dir}")
+            say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
+    say(f"packaging {model_dir}")
     name = request.name or run_dir.name
     package_model(paths.guidance, consistency_dir, model_dir, name, request.edit_guidance, half=not request.smoke)
-    _say(f"model folder: {model_dir}")
+    say(f"model folder: {model_dir}")

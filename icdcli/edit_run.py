@@ -18,14 +18,14 @@ from typing import Any
 
 import click
 
-from .cli_common import Loaded, _check_writable_folder, _edit_settings, _load, _say
+from .cli_common import Loaded, check_writable_folder, edit_settings, load_model, say
 from .outputs import image_text, path_from, recorded_path
 from .recipe import P2POptions
 from .values import NumberError, check_number, strict_json
 
 
 @dataclass(frozen=True)
-class _EditFlags:
+class EditFlags:
     """The edit settings the command line gives (per-row values of a spec override them)."""
 
     source: str | None
@@ -39,7 +39,7 @@ class _EditFlags:
     p2p: P2POptions = P2POptions()
 
 
-def _p2p_settings(
+def p2p_options(
     cross_replace: float | None,
     self_replace: float | None,
     mode: str | None,
@@ -83,7 +83,7 @@ def _edit_method(model: Any, method: str) -> str:
     return model.info.edit.method if method == "auto" else method
 
 
-_MODEL_FLAGS = ("model", "base", "teacher", "forward_lora", "reverse_lora")
+_MODEL_FLAGS = ("model", "base", "base_config", "teacher", "forward_lora", "reverse_lora")
 _P2P_FLAGS = (
     "cross_replace", "self_replace", "p2p_mode", "blend_words", "blend_source", "blend_target", "blend_threshold",
     "amplify", "amplify_new",
@@ -103,7 +103,7 @@ def _recorded_number(record: dict[str, Any], key: str, name: str | None = None) 
     return None if value is None else check_number(name or key, value)
 
 
-def _recorded_values(record: dict[str, Any], flags: _EditFlags) -> tuple[dict[str, Any], Any]:
+def _recorded_values(record: dict[str, Any], flags: EditFlags) -> tuple[dict[str, Any], Any]:
     """The settings of a recorded edit, flags given on the command line winning; and its P2P settings (or None)."""
     for key in ("src", "tgt"):
         if not isinstance(record[key], str) or not record[key].strip():
@@ -135,9 +135,9 @@ def _recorded_values(record: dict[str, Any], flags: _EditFlags) -> tuple[dict[st
     return values, options
 
 
-def _apply_record(
-    path: Path, images: tuple[Path, ...], flags: _EditFlags, model_opts: dict[str, Any]
-) -> tuple[tuple[Path, ...], _EditFlags, str | None]:
+def apply_record(
+    path: Path, images: tuple[Path, ...], flags: EditFlags, model_opts: dict[str, Any]
+) -> tuple[tuple[Path, ...], EditFlags, str | None]:
     """The inputs and settings of `icd edit --from OUTPUT.png`: the record's, except where flags are given."""
     from .batch import display
     from .images import read_record
@@ -160,7 +160,7 @@ def _apply_record(
         if model not in PRESETS and model != DEFAULT_MODEL and not Path(model).is_dir():
             raise click.ClickException(
                 f"--from {display(path)}: its model {model!r} is not a preset or a folder here; "
-                "give --model (or --base/--teacher/--forward-lora/--reverse-lora)"
+                "give --model (or --base/--base-config/--teacher/--forward-lora/--reverse-lora)"
             )
         model_opts["model"] = None if model == DEFAULT_MODEL else model
         expected_hash = record.get("model_hash")
@@ -171,7 +171,7 @@ def _apply_record(
                 f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
             )
         images = (recorded,)
-    return images, _EditFlags(**values), expected_hash
+    return images, EditFlags(**values), expected_hash
 
 
 def _is_icd_output(path: Path) -> bool:
@@ -183,7 +183,7 @@ def _is_icd_output(path: Path) -> bool:
     return record is not None and "method" in record and "src" in record
 
 
-def _collect_items(images: list[Path], spec: Path | None, recursive: bool, flags: _EditFlags) -> tuple[list, bool]:
+def collect_items(images: list[Path], spec: Path | None, recursive: bool, flags: EditFlags) -> tuple[list, bool]:
     """The items to edit (folder outputs of icd itself are left out) and whether this is a batch."""
     from .batch import expand_inputs, read_spec, with_prompts
 
@@ -212,14 +212,14 @@ def _drop_repeats(items: list) -> list:
             where = str(item.image)
         identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
         if identity in seen:
-            _say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
+            say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue
         seen[identity] = item
         kept.append(item)
     return kept
 
 
-def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool, anywhere: bool = False) -> list:
+def plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool, anywhere: bool = False) -> list:
     """Decide every output. -o is a file only for a single input; a folder is created when its parent exists."""
     from dataclasses import replace
 
@@ -230,7 +230,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
         return plan_outputs(items, None, spec_folder, anywhere)
     target = Path(output)
     if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
-        _check_writable_folder(target.parent)
+        check_writable_folder(target.parent)
         item = items[0]
         if item.image is not None and os.path.realpath(target) == os.path.realpath(item.image):
             raise click.ClickException(
@@ -246,7 +246,7 @@ def _plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch
             raise click.ClickException(
                 f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
             ) from None
-    _check_writable_folder(target)
+    check_writable_folder(target)
     return plan_outputs(items, target, spec_folder, anywhere)
 
 
@@ -295,7 +295,7 @@ class _Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        _say("stopping after the current image (Ctrl-C again to stop at once)")
+        say("stopping after the current image (Ctrl-C again to stop at once)")
 
     def _terminate(self, signum: int, frame: Any) -> None:
         from .stopping import EXIT_TERMINATED, Terminated
@@ -306,7 +306,7 @@ class _Interrupts:
             self.droppable = False
             raise Terminated
         if first:
-            _say("terminating after the current image")
+            say("terminating after the current image")
 
     def __exit__(self, *exc: Any) -> None:
         import signal
@@ -371,6 +371,24 @@ def _remove_empty(created: list[Path]) -> None:
             return
 
 
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What became of one item: its key, 'done', 'skipped' or 'failed', and the failure's message."""
+
+    key: str
+    status: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How an `EditRun.edit` ended: stopped by Ctrl-C or SIGTERM (with its exit code), or by a fatal failure."""
+
+    interrupted: bool
+    stopped: bool
+    code: int
+
+
 @dataclass
 class _Work:
     """What an item brings to the networks: its decoded image, its record, P2P settings and working size."""
@@ -382,12 +400,16 @@ class _Work:
     read_seconds: float
 
 
-class _EditRun:
-    """Edits items one after another with one model; reports each result and a summary."""
+class EditRun:
+    """Edits items with one model through the batched pipeline; reports each result and a summary.
+
+    Subclasses adapt the records (`_wanted`, `_stored_record`) and per-item P2P settings (`_item_p2p`) of
+    other item sources (`icd bench pie`); everything else (claims, resume, batching, Ctrl-C) is shared.
+    """
 
     def __init__(
         self,
-        flags: _EditFlags,
+        flags: EditFlags,
         model_opts: dict[str, Any],
         as_json: bool,
         batch: bool,
@@ -419,6 +441,7 @@ class _EditRun:
         self.interrupts: _Interrupts | None = None
         self.noted: set[tuple[str, str]] = set()
         self.mark = started
+        self.outcomes: list[ItemOutcome] | None = None  # every item's outcome, when a caller asks to keep them
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -426,7 +449,7 @@ class _EditRun:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message, file=sys.stderr)
         else:
-            _say(message)
+            say(message)
 
     def _json(self, record: dict[str, Any]) -> None:
         if self.as_json:
@@ -434,6 +457,7 @@ class _EditRun:
 
     def _failed(self, item: Any, message: str) -> None:
         self.tally.failed += 1
+        self._note_outcome(item, "failed", message)
         output = None if item.output is None else str(item.output)
         self._json({"status": "failed", "input": None if item.image is None else str(item.image), "item": item.label,
                     "output": output, "error": message})  # fmt: skip
@@ -454,7 +478,7 @@ class _EditRun:
                 if not torch.cuda.is_available():
                     opts["device"] = "auto"
             try:
-                self.loaded = _load(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
+                self.loaded = load_model(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
             except OSError as error:
@@ -505,7 +529,7 @@ class _EditRun:
         model = loaded.model
         flags = self.flags
         sampler = flags.sampler
-        w, t = _edit_settings(
+        guidance, tau = edit_settings(
             model,
             sampler,
             item.guidance if item.guidance is not None else flags.guidance,
@@ -524,8 +548,8 @@ class _EditRun:
             steps=model.info.num_steps if sampler == "icd" else flags.ddim_steps,
             src=item.src,
             tgt=item.tgt,
-            guidance=w,
-            tau=t,
+            guidance=guidance,
+            tau=tau,
             seed=seed,
             version=__version__,
             input_path=path_from(item.output, item.image),
@@ -661,7 +685,7 @@ class _EditRun:
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(image, out, image_text(record))
+                save_image(image, out, image_text(self._stored_record(record, shared)))
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:
@@ -688,6 +712,10 @@ class _EditRun:
             "tgt": record["tgt"],
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
+
+    def _stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
+        """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""
+        return record
 
     def _note_unknown_prompts(self, model: Any, wanted: dict[str, Any]) -> None:
         """Say once per prompt when the model knows none of its words."""
@@ -734,17 +762,23 @@ class _EditRun:
             return not failure.fatal
         if isinstance(outcome, str):
             self.tally.skipped += 1
+            self._note_outcome(item, "skipped")
             self._json({"status": "skipped", "input": str(item.image), "output": str(item.output), "reason": outcome})
             again = " (--overwrite makes it again)" if outcome.startswith("already made") else ""
             if not self.quiet:
                 self._text(f"skipped {display(item.output)}: {outcome}{again}")
         else:
             self.tally.done += 1
+            self._note_outcome(item, "done")
             self._json(outcome)
             if not self.as_json and not self.quiet:
                 self._text(f"wrote {display(item.output)}")
         self._advance()
         return True
+
+    def _note_outcome(self, item: Any, status: str, error: str | None = None) -> None:
+        if self.outcomes is not None:
+            self.outcomes.append(ItemOutcome(item.key, status, error))
 
     def _advance(self) -> None:
         if self.bar is not None:
@@ -752,7 +786,7 @@ class _EditRun:
         if self.jobs:
             sys.stdout.flush()
 
-    def _pipeline(self) -> Any:
+    def pipeline(self) -> Any:
         from .edit_pipeline import BatchPipeline
 
         return BatchPipeline(
@@ -779,6 +813,13 @@ class _EditRun:
                 )
 
     def run(self, items: list) -> None:
+        """Edit every item, then print the summary and exit as the run ended (130 or 143 after a stop)."""
+        end = self.edit(items)
+        self._finish(len(items), end.interrupted, end.stopped, end.code)
+
+    def edit(self, items: list) -> RunEnd:
+        """Edit every item. Ctrl-C: stop after the current batch (twice: at once); SIGTERM: drop the current
+        batch unless it is being written, then stop."""
         from tqdm import tqdm
 
         from .stopping import EXIT_INTERRUPTED, exit_code
@@ -793,7 +834,7 @@ class _EditRun:
                 self._sweep(items)
                 if any(item.error is None for item in items):
                     self._model()  # on this thread: Ctrl-C while loading stops at once
-                stopped = not self._pipeline().run(items) and not interrupts.requested
+                stopped = not self.pipeline().run(items) and not interrupts.requested
             except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current batch is dropped
                 aborted = True
                 code = exit_code(stop)
@@ -802,7 +843,7 @@ class _EditRun:
                 self.bar.close()
             interrupted = interrupts.requested or aborted
             code = max(code, interrupts.code)
-        self._finish(len(items), interrupted, stopped, code)
+        return RunEnd(interrupted, stopped, code)
 
     def run_jobs(self, stream: Any, output: str | None, any_output: bool) -> None:
         """`icd edit --jobs -`: one edit per JSON line of `stream`, one JSON result line each, until end of input.
@@ -833,7 +874,7 @@ class _EditRun:
                     if raw is not None:
                         item = with_prompts(spec_row(raw, number, Path("-")), self.flags.source, self.flags.target)
                         item = plan_outputs([item], folder, Path("."), any_output)[0]
-                    self._pipeline().run([item])
+                    self.pipeline().run([item])
                     if interrupts.requested:
                         break
             except KeyboardInterrupt as stop:
@@ -841,7 +882,7 @@ class _EditRun:
 
                 sys.exit(exit_code(stop))
         seconds = time.perf_counter() - self.started
-        _say(self.tally.line(seconds, interrupts.requested))
+        say(self.tally.line(seconds, interrupts.requested))
         if interrupts.requested:
             sys.exit(interrupts.code)
 
@@ -853,7 +894,7 @@ class _EditRun:
             load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
             self._json(self.tally.summary(seconds, load_seconds))
             line = self.tally.line(seconds, interrupted)
-            _say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
+            say(line.replace("interrupted:", "terminated:", 1) if code == EXIT_TERMINATED else line)
         if interrupted:
             sys.exit(code)
         if self.shard is not None and self.shard[1] > 1:
@@ -890,7 +931,7 @@ class _EditRun:
         if rank == 0:
             total = total_summary(gathered)
             self._json(total)
-            _say(
+            say(
                 f"total over {world} processes: {total['done']} done, {total['skipped']} skipped, "
                 f"{total['failed']} failed in {total['seconds']:.1f} s ({total['images_per_second']:.2f} images/s)"
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .cli_common import _load, _reports_errors, _say, model_options
+from .cli_common import load_model, model_options, reports_errors, say
 from .values import strict_json
 
 
@@ -42,16 +42,16 @@ def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
     from .batch import default_batch_size, plan_outputs, read_spec
-    from .edit_run import _EditFlags, _EditRun
+    from .edit_run import EditFlags, EditRun
 
     items = plan_outputs(read_spec(spec), out, spec.parent)
-    flags = _EditFlags(None, None, None, None, None, "icd", 50)
-    runner = _EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
+    flags = EditFlags(None, None, None, None, None, "icd", 50)
+    runner = EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
     runner.adopt(loaded)
     runner.quiet = True
     started = time.perf_counter()
     runner.started = runner.mark = started
-    runner._pipeline().run(items)
+    runner.pipeline().run(items)
     seconds = time.perf_counter() - started
     size = batch_size or default_batch_size(loaded.model.device.type, 32 * 32)
     tally = runner.tally
@@ -113,7 +113,7 @@ def _fresh(folder: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True, help='One JSON object: {"load_seconds", "rows": [{"batch_size", '
               '"images_per_second", ...}]}.')  # fmt: skip
 @model_options
-@_reports_errors
+@reports_errors
 def throughput(images: int, batch_size: int | None, arch: str, backend: str, as_json: bool, **model_opts: Any) -> None:
     """Images per second of icd edit over held-out scenes: batch 1 against the default (or --batch-size).
 
@@ -126,8 +126,8 @@ def throughput(images: int, batch_size: int | None, arch: str, backend: str, as_
             "--arch sd15 needs the real-scale SD1.5 models, which this build does not provide: measure "
             "`icd edit --spec` on them directly, with --batch-size 1 and 4"
         )
-    loaded = _load(model_opts, need_teacher=False, backend=backend)
-    result = measure_throughput(loaded, images, [1, batch_size], _say)
+    loaded = load_model(model_opts, need_teacher=False, backend=backend)
+    result = measure_throughput(loaded, images, [1, batch_size], say)
     if as_json:
         click.echo(strict_json(result))
         return

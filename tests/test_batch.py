@@ -312,6 +312,24 @@ def test_from_repeats_an_edit_exactly_and_flags_override(merged_dir, tmp_path):
     assert foreign.exit_code == 1 and "no icd edit record" in foreign.stderr
 
 
+def test_from_takes_the_model_from_the_model_flags_base_config_included(tmp_path):
+    from PIL import PngImagePlugin
+
+    photo = _photo(tmp_path / "photo.png")
+    record = {"src": "a cat", "tgt": "a dog", "seed": 1, "input": str(photo), "method": "swap",
+              "model": str(tmp_path / "gone")}  # fmt: skip
+    info = PngImagePlugin.PngInfo()
+    info.add_text("icd", json.dumps(record))
+    Image.new("RGB", (16, 16)).save(tmp_path / "made.png", pnginfo=info)
+    recorded = _run("edit", "--from", tmp_path / "made.png", "-o", tmp_path / "o.png")
+    assert recorded.exit_code == 1 and "is not a preset or a folder here" in recorded.stderr, recorded.output
+    assert not (tmp_path / "o.png").exists()
+    # --base-config is a model flag: the model comes from the flags (here the embedded one), not the record
+    given = _run("edit", "--from", tmp_path / "made.png", "--base-config", tmp_path, "-o", tmp_path / "o.png")
+    assert given.exit_code == 0, given.output
+    assert json.loads(Image.open(tmp_path / "o.png").text["icd"])["model"] == "default"
+
+
 def test_full_disk_fails_cleanly_and_stops(merged_dir, tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     for index in range(3):

@@ -20,7 +20,7 @@ def _lpips_package():
 
 def test_lpips_squeeze_matches_the_lpips_package(tmp_path):
     lpips = _lpips_package()
-    from icdcli.pie import load_lpips, lpips_distance
+    from icdcli.pie.networks import load_lpips, lpips_distance
 
     torch.manual_seed(0)
     # a random SqueezeNet backbone with the package's shipped v0.1 linear heads

@@ -18,22 +18,18 @@ from icdcli.bench.pie_fixture import write_fixture
 from icdcli.cli_pie import pie
 from icdcli.errors import ICDError
 from icdcli.images import read_record
-from icdcli.pie import (
+from icdcli.pie.dataset import (
     PieFormatError,
-    background_metrics,
     decode_mask,
     encode_mask,
-    load_clip,
-    load_dino,
-    load_lpips,
-    lpips_background,
-    markdown_tables,
     output_path,
     parse_types,
     read_mapping,
     select_items,
-    summarise,
 )
+from icdcli.pie.networks import load_clip, load_dino, load_lpips, lpips_network
+from icdcli.pie.report import markdown_tables
+from icdcli.pie.scoring import background_metrics, lpips_background, summarise
 from icdcli.training.scenes import change_mask, scene_at
 
 DEFAULT_TOKENIZER = Path(__file__).parent.parent / "icdcli" / "default_model" / "pipeline" / "tokenizer"
@@ -203,11 +199,9 @@ LPIPS_SLICES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 3, 8: 4, 9: 4, 10: 
 
 def _lpips_file(tmp_path: Path) -> Path:
     """Random weights under the lpips package's parameter names (net.sliceK.N..., linK.model.1.weight)."""
-    from icdcli.pie import _lpips_network
-
     torch.manual_seed(0)
     state = {}
-    for key, value in _lpips_network().state_dict().items():
+    for key, value in lpips_network().state_dict().items():
         head, _, rest = key.partition(".")
         if head == "features":
             index, _, tail = rest.partition(".")
@@ -457,3 +451,40 @@ def test_fixture_accuracy_tells_the_target_from_the_source(tmp_path):
     assert fixture_accuracy(root, perfect)["overall"] == {"n": 8, "accuracy": 1.0}
     assert fixture_accuracy(root, unchanged)["overall"] == {"n": 8, "accuracy": 0.0}
     assert sorted(fixture_accuracy(root, perfect)["per_type"]) == ["0", "1", "6", "8"]
+
+
+def test_ctrl_c_scores_what_is_finished_and_the_rerun_does_the_rest(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    root = tmp_path / "pie"
+    write_fixture(root, 16)
+    folder = root.parent / "output" / "icd4-swap" / "annotation_images"
+    command = [sys.executable, "-c", "from icdcli.cli import main; main()", "bench", "pie", "--root", str(root),
+               "--json"]  # fmt: skip
+    env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+
+    def made() -> list[Path]:
+        return sorted(p for p in folder.rglob("*.png") if not p.name.startswith(".")) if folder.is_dir() else []
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not made():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: scoring what is finished" in stderr
+    report = json.loads(stdout)
+    finished = made()
+    edits = report["edits"]
+    assert 1 <= edits["done"] == len(finished) < 16 and edits["failed"] == 0
+    assert edits["not_run"] == 16 - len(finished) and report["overall"]["n"] == len(finished)
+    assert {row["key"] for row in report["items"]} == {read_record(path)["pie"]["key"] for path in finished}
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    edits = json.loads(rerun.stdout)["edits"]
+    assert (edits["skipped"], edits["done"], edits["not_run"]) == (len(finished), 16 - len(finished), 0)
+    assert len(made()) == 16

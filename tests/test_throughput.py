@@ -19,7 +19,7 @@ from PIL import Image
 from icdcli.batch import default_batch_size, total_summary
 from icdcli.bench.scenes import edit_pairs
 from icdcli.cli import main
-from icdcli.cli_common import _load
+from icdcli.cli_common import load_model
 from icdcli.editing import EditJob, SamplerSettings, edit_batch
 from icdcli.recipe import P2POptions
 
@@ -44,7 +44,7 @@ def _jobs(model, count, method):
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("method", ["swap", "p2p"])
 def test_an_item_gives_the_same_result_alone_and_in_a_batch(backend, method):
-    model = _load(MODEL_OPTIONS, need_teacher=False, backend=backend).model
+    model = load_model(MODEL_OPTIONS, need_teacher=False, backend=backend).model
     jobs = _jobs(model, 5, method)
     settings = SamplerSettings("icd", 50, 0)
     alone = [edit_batch(model, [job], settings)[0] for job in jobs]
@@ -60,7 +60,7 @@ def test_an_item_gives_the_same_result_alone_and_in_a_batch(backend, method):
 
 
 def test_a_p2p_item_that_cannot_run_fails_alone():
-    model = _load(MODEL_OPTIONS, need_teacher=False, backend="torch").model
+    model = load_model(MODEL_OPTIONS, need_teacher=False, backend="torch").model
     jobs = _jobs(model, 3, "p2p")
     broken = replace(jobs[1], p2p=replace(jobs[1].p2p, blend_source=("unicorn",)))
     results = edit_batch(model, [jobs[0], broken, jobs[2]], SamplerSettings("icd", 50, 0))

@@ -58,7 +58,7 @@ def bench_inversion(
 ) -> dict[str, Any]:
     """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
 
-    `lpips` (a network from `icdcli.pie.load_lpips`) adds an `lpips` column.
+    `lpips` (a network from `icdcli.pie.networks.load_lpips`) adds an `lpips` column.
     """
     say = progress or (lambda message: None)
     anchor = teacher_model or next(iter(variants.values()))
@@ -85,7 +85,7 @@ def bench_inversion(
             scores["psnr"].append(psnr(recon, original))
             scores["ssim"].append(ssim(recon, original))
             if lpips is not None:
-                from icdcli.pie import lpips_distance
+                from icdcli.pie.networks import lpips_distance
 
                 scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
         rows.append({"config": config.name, **{k: float(torch.cat(v).mean()) for k, v in scores.items()}})

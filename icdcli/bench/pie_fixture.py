@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from icdcli.atomic import atomic_path
-from icdcli.pie import EDIT_TYPES, IMAGES_FOLDER, MAPPING_FILE, encode_mask
+from icdcli.pie.dataset import EDIT_TYPES, IMAGES_FOLDER, MAPPING_FILE, encode_mask
 from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, edit_scene, scene_at, split_rng
 
 SPLIT = "heldout"
@@ -116,7 +116,7 @@ def fixture_accuracy(root: Path, folder: Path, seed: int = 0) -> dict[str, Any]:
     (`icdcli.bench.scenes.classify`); accuracy is the share of outputs closest to the right one, per type
     and overall. Only fixture folders written by `write_fixture` have the scenes this needs.
     """
-    from icdcli.pie import output_path, read_mapping
+    from icdcli.pie.dataset import output_path, read_mapping
 
     from .scenes import classify
 

@@ -1,0 +1,98 @@
+"""PIE-Bench's edits, through `icd edit`'s runner: one pipeline for batching, resume, claims and Ctrl-C.
+
+`PieEditRun` is `EditRun` with the records PIE-Bench runs carry: the input's absolute path (the benchmark's
+folder, not beside the outputs), the item's id and editing type (`pie`), and the seconds of the edit
+(`seconds.edit`, inversion + decoding per item of its batch), which the report averages. Each item's
+`blended_word` is its Prompt-to-Prompt local blend; a word missing from its prompt adds no region, as the
+release does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..batch import Item
+from ..cli_common import Loaded
+from ..edit_run import EditFlags, EditRun, ItemOutcome, RunEnd
+from .dataset import PieItem, output_path, source_path
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings every item of a run is edited with, as its report and folder name give them."""
+
+    method: str
+    sampler: str
+    steps: int
+    guidance: float
+    tau: float
+    seed: int
+
+    @classmethod
+    def of(cls, flags: EditFlags, info: Any) -> RunSettings:
+        """The flags over the recipe of a model with metadata `info` (as `icd edit` resolves them)."""
+        from ..recipe import guidance_and_tau
+
+        guidance, tau = guidance_and_tau(info, flags.sampler, flags.guidance, flags.tau)
+        steps = info.num_steps if flags.sampler == "icd" else flags.ddim_steps
+        seed = info.edit.seed if flags.seed is None else flags.seed
+        return cls(flags.method, flags.sampler, steps, float(guidance), float(tau), int(seed))
+
+
+class PieEditRun(EditRun):
+    """`EditRun` over PIE-Bench items (see the module docstring); keeps every item's outcome for the report."""
+
+    def __init__(self, flags: EditFlags, loaded: Loaded, items: list[PieItem], *, overwrite: bool):
+        super().__init__(flags, {}, as_json=False, batch=True, overwrite=overwrite, started=time.perf_counter())
+        self.entries = {item.key: item for item in items}
+        self.quiet = True  # a progress bar, no line per output
+        self.outcomes = []
+        self.adopt(loaded)
+
+    def _item_p2p(self, item: Item) -> Any:
+        blend = self.entries[item.key].blend
+        source, target = ((blend[0],), (blend[1],)) if blend else ((), ())
+        return replace(self.p2p, blend_source=source, blend_target=target, strict_blend=False)
+
+    def _wanted(self, item: Item, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
+        entry = self.entries[item.key]
+        record = super()._wanted(item, input_sha, size)
+        record["input"] = str(Path(item.image).absolute())
+        record["pie"] = {"key": entry.key, "editing_type_id": entry.editing_type_id}
+        return record
+
+    def _stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
+        stages = {stage: round(value, 4) for stage, value in seconds.items() if stage != "batch_size"}
+        edit = sum(seconds.get(stage, 0.0) for stage in ("encode", "decode"))
+        return {**record, "seconds": {**stages, "edit": round(edit, 4)}}
+
+
+def edit_job(root: Path, folder: Path, item: PieItem) -> Item:
+    """One benchmark item as an edit of `icd edit`: its source image, prompts, blend words and output."""
+    return Item(
+        label=item.key,
+        key=item.key,
+        image=source_path(root, item),
+        src=item.source_prompt,
+        tgt=item.target_prompt,
+        output=output_path(folder, item),
+        blended_word=item.blended_word,
+    )
+
+
+def edit_items(
+    items: list[PieItem], root: Path, folder: Path, *, flags: EditFlags, loaded: Loaded, overwrite: bool
+) -> tuple[list[ItemOutcome], RunEnd]:
+    """Edit every item into `folder` (outputs made with the same settings are skipped): the outcomes, in the
+    items' order (those never run after a stop left out), and how the run ended.
+
+    Args:
+        items: the benchmark items to edit; root: the benchmark folder; folder: the run's folder.
+        flags: the edit settings of the command line; loaded: the model; overwrite: replace other outputs.
+    """
+    run = PieEditRun(flags, loaded, items, overwrite=overwrite)
+    end = run.edit([edit_job(root, folder, item) for item in items])
+    return list(run.outcomes or []), end
