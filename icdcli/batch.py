@@ -139,7 +139,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     try:
         guidance = _number(raw.get("guidance"), "guidance")
         tau = _number(raw.get("tau"), "tau")
-        seed = _number(raw.get("seed"), "seed")
+        seed_value = _number(raw.get("seed"), "seed")
     except ValueError as error:
         return Item(label, key, row=row, error=f"{label}: {error}")
     image_path = spec.parent / image.strip()
@@ -159,7 +159,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         tgt=raw.get("tgt") or None,
         guidance=guidance,
         tau=tau,
-        seed=seed,
+        seed=None if seed_value is None else int(seed_value),
         output=Path(output.strip()) if output and output.strip() else None,
         row=row,
         blended_word=raw.get("blended_word") or None,
@@ -287,15 +287,14 @@ def plan_outputs(
     checked: list[Item] = []
     for item in planned:
         if item.error is None:
-            identity = _identity(item.output)
+            output = planned_output(item)
+            identity = _identity(output)
             if identity in inputs:
-                item = replace(
-                    item, error=f"{item.label}: its output {display(item.output)} is an input; choose another -o"
-                )
+                item = replace(item, error=f"{item.label}: its output {display(output)} is an input; choose another -o")
             elif identity in seen:
                 item = replace(
                     item,
-                    error=f"{item.label}: {display(item.output)} is also the output of {seen[identity].label}; "
+                    error=f"{item.label}: {display(output)} is also the output of {seen[identity].label}; "
                     "give the rows their own output, or edit them into different -o folders",
                 )
             else:
@@ -304,20 +303,29 @@ def plan_outputs(
     return checked
 
 
+def planned_output(item: Item) -> Path:
+    """The output of an item `plan_outputs` has planned (every item without an error has one)."""
+    assert item.output is not None, f"{item.label}: no output planned"
+    return item.output
+
+
 def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
     """Default outputs that several items would share: spec rows add their row number, files their extension."""
     counts: dict[str, int] = {}
     for item in planned:
         if item.error is None:
-            counts[_identity(item.output)] = counts.get(_identity(item.output), 0) + 1
+            identity = _identity(planned_output(item))
+            counts[identity] = counts.get(identity, 0) + 1
     renamed = []
     for item, before in zip(planned, original, strict=True):
-        if item.error is None and before.output is None and counts[_identity(item.output)] > 1:
+        output = planned_output(item) if item.error is None else None
+        if output is not None and before.output is None and counts[_identity(output)] > 1:
             if item.row is not None:
-                name = f"{item.output.stem}-{item.row}{item.output.suffix}"
+                name = f"{output.stem}-{item.row}{output.suffix}"
             else:
-                name = f"{item.image.stem}-{item.image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
-            item = replace(item, output=item.output.with_name(name))
+                image = item.image or output
+                name = f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
+            item = replace(item, output=output.with_name(name))
         renamed.append(item)
     return renamed
 

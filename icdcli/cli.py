@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -357,7 +358,7 @@ def edit(
         if images or spec is not None or from_record is not None or shard is not None:
             raise click.ClickException("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
         runner = EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
-        runner.run_jobs(click.get_text_stream("stdin"), output, any_output)
+        runner.run_jobs(sys.stdin, output, any_output)
         return
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
@@ -515,34 +516,34 @@ def _invert(
     input_sha = file_sha256(image)
     loaded = load_model(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
     model = loaded.model
-    if how.seed is None:  # the model's recipe, as icd edit inverts
-        how = SeedAndSampler(model.info.edit.seed, how.sampler, how.ddim_steps)
+    seed: int = model.info.edit.seed if how.seed is None else how.seed  # the model's recipe, as icd edit inverts
     _note_unknown_prompt(model, prompt, "--prompt")
     steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
     record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
-              "seed": how.seed, "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
+              "seed": seed, "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
     latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
-    recon_record = recon_skip = None
+    recon_record: dict[str, Any] = {}
+    recon_skip = None
     if recon_path is not None:
         _, t = edit_settings(model, how.sampler, guidance, tau)
         recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
         recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
-    result = {"input": str(image), "output": str(latent_path), "model": loaded.label, "backend": loaded.backend,
-              "seed": how.seed}  # fmt: skip
+    result: dict[str, Any] = {"input": str(image), "output": str(latent_path), "model": loaded.label,
+                              "backend": loaded.backend, "seed": seed}  # fmt: skip
     if recon_path is not None:
         result["reconstruction"] = str(recon_path)
     if latent_skip is not None and (recon_path is None or recon_skip is not None):
         emit(as_json, {"status": "skipped", **result, "reason": latent_skip})
         return
     timings = Timings({"load": loaded.seconds})
-    settings = SamplerSettings(how.sampler, how.ddim_steps, how.seed)
+    settings = SamplerSettings(how.sampler, how.ddim_steps, seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
     metadata = {
         "prompt": prompt,
         "model": loaded.label,
         "sampler": how.sampler,
-        "seed": str(how.seed),
+        "seed": str(seed),
         "width": str(inversion.size[0]),
         "height": str(inversion.size[1]),
         "original_width": str(picture.width),

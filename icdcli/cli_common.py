@@ -11,14 +11,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .values import NumberType
+
+if TYPE_CHECKING:
+    from .model_api import EditModel
 
 PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
 
@@ -220,7 +223,7 @@ def _cache_problem() -> str | None:
 class Loaded:
     """A model ready to run, what the user called it, how long loading took, and the backend it runs on."""
 
-    model: Any
+    model: EditModel
     label: str
     seconds: float
     backend: str = "torch"
@@ -255,8 +258,9 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
         say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     request.base_config = ctx_options.get("base_config")
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
-    model = load_requested_model(request, need_teacher=need_teacher, progress=say)
-    model.to(device, dtype)
+    loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
+    loaded.to(device, dtype)
+    model: EditModel = loaded
     chosen = "torch"
     if backend is not None:
         from .accelerated import accelerate, select_backend
@@ -267,7 +271,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
             chosen = "torch"
         elif backend == "auto":
             say(f"backend: {chosen} (auto)")
-        model = accelerate(model, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
+        model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
 
 
@@ -327,7 +331,13 @@ class SectionedCommand(click.Command):
     `sections` is a list of (title, parameter names); options in no section are listed last.
     """
 
-    def __init__(self, *args: Any, sections: list[tuple[str, list[str]]] = (), examples: list[str] = (), **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        sections: Sequence[tuple[str, list[str]]] = (),
+        examples: Sequence[str] = (),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.sections = list(sections)
         self.examples = list(examples)
@@ -336,12 +346,12 @@ class SectionedCommand(click.Command):
         records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
         placed: set[str | None] = set()
         for title, names in self.sections:
-            rows = [records[name] for name in names if records.get(name)]
+            rows = [record for name in names if (record := records.get(name))]
             placed.update(names)
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
-        rest = [record for name, record in records.items() if record and name not in placed]
+        rest = [record for name, record in records.items() if record is not None and name not in placed]
         if rest:
             with formatter.section("Other options"):
                 formatter.write_dl(rest)

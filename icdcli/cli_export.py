@@ -122,8 +122,11 @@ def export(
         select_backend("onnxruntime")
     if fp32_norm and not fp16:
         raise click.UsageError("--fp32-norm applies to fp16 exports: add --fp16 (or --backend tensorrt)")
+    from .models import ICDModel
+
     loaded = load_model(model_opts, need_teacher=True)
     model, label = loaded.model, loaded.label
+    assert isinstance(model, ICDModel), "export loads the PyTorch model (no backend)"
     size_problem = engine_size_problem(height, width, int(model.info.size_multiple))
     if size_problem:
         raise click.UsageError(size_problem)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -107,9 +107,9 @@ def mix_rows(chosen: torch.Tensor, first: Conditioning, second: Conditioning) ->
         a, b = expand_batch(a, batch), expand_batch(b, batch)
         return torch.where(chosen.to(a.device).view(-1, *[1] * (a.ndim - 1)), a, b)
 
-    prompt = PromptEmbedding(
-        pick(first.prompt.hidden_states, second.prompt.hidden_states), pick(first.prompt.pooled, second.prompt.pooled)
-    )
+    hidden = pick(first.prompt.hidden_states, second.prompt.hidden_states)
+    assert hidden is not None, "prompt embeddings always have hidden states"
+    prompt = PromptEmbedding(hidden, pick(first.prompt.pooled, second.prompt.pooled))
     negative = first.negative if first.negative is not None else second.negative
     return Conditioning(prompt, negative, pick(first.time_ids, second.time_ids))
 
@@ -131,7 +131,7 @@ def real_cfg(
     pair = PromptEmbedding(
         torch.cat([expand_batch(negative.hidden_states, batch), expand_batch(positive.hidden_states, batch)]),
         None
-        if positive.pooled is None
+        if positive.pooled is None or negative.pooled is None
         else torch.cat([expand_batch(negative.pooled, batch), expand_batch(positive.pooled, batch)]),
     )
     time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
@@ -172,7 +172,7 @@ class UNetDenoiser:
 
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
-        self.guidance_dim: int | None = unet.config.time_cond_proj_dim
+        self.guidance_dim: int | None = cast(Any, unet).config.time_cond_proj_dim
 
     def _evaluate(
         self,

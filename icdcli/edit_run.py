@@ -347,7 +347,7 @@ def _make_folders(folder: Path) -> list[Path]:
     while not folder.exists() and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
-    created = []
+    created: list[Path] = []
     for path in reversed(missing):
         try:
             path.mkdir()
@@ -617,7 +617,7 @@ class EditRun:
             return decision.reason
         if decision.action == "refuse":
             raise _ItemFailed(f"{display(out)} {decision.reason}")
-        model = self.loaded.model
+        model = self._model().model
         started = time.perf_counter()
         try:
             image = load_image(item.image, model.info.native_size**2)
@@ -637,13 +637,13 @@ class EditRun:
         if self.batch_size is not None:
             return self.batch_size
         width, height = prepared.data.size
-        return default_batch_size(self.loaded.model.device.type, width * height)
+        return default_batch_size(self._model().model.device.type, width * height)
 
     def _edit_group(self, group: list) -> list:
         """Edit a group of prepared items in one batch: per item (image, seconds per stage) or its failure."""
         from .editing import EditJob, SamplerSettings, Timings, edit_batch
 
-        model = self.loaded.model
+        model = self._model().model
         for prepared in group:
             self._note_unknown_prompts(model, prepared.data.record)
         jobs = [
@@ -693,15 +693,15 @@ class EditRun:
         finally:
             prepared.discard()  # the claim: the output exists now, or failed
         now = time.perf_counter()
-        seconds = {"load": self.loaded.seconds, "read": work.read_seconds, **shared, "write": now - started,
+        seconds = {"load": self._model().seconds, "read": work.read_seconds, **shared, "write": now - started,
                    "total": now - self.mark}  # fmt: skip
         self.mark = now
         return {
             "status": "done",
             "input": str(item.image),
             "output": str(out),
-            "model": self.loaded.label,
-            "backend": self.loaded.backend,
+            "model": self._model().label,
+            "backend": self._model().backend,
             "seed": record["seed"],
             "sampler": record["sampler"],
             "method": record["method"],
@@ -919,6 +919,7 @@ class EditRun:
         from .batch import total_summary
 
         mine = self.tally.summary(seconds, self.loaded.seconds if self.loaded is not None else 0.0)
+        assert self.shard is not None, "a total is gathered only for a sharded run"
         rank, world = self.shard
         try:
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))

@@ -66,7 +66,8 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
         turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
         scale = _draft_scale(opened, work_pixels)
         if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
-            wanted = tuple(min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
+            width, height = (min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
+            wanted = (width, height)
             opened.draft("RGB", wanted)
         frames = getattr(opened, "n_frames", 1)
         if frames > 1:
@@ -176,7 +177,7 @@ def read_record(path: str | Path, key: str = "icd") -> dict | None:
         with Image.open(path) as opened:
             text = opened.info.get(key)
             if text is None and opened.format == "PNG":
-                text = opened.text.get(key)
+                text = getattr(opened, "text", {}).get(key)
             if text is None and opened.format == "JPEG" and isinstance(opened.info.get("comment"), bytes):
                 text = opened.info["comment"].decode("utf-8", "replace")
     except Exception:  # anything unreadable simply has no record

@@ -97,7 +97,7 @@ def reports_json_failures(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         images, spec = kwargs.get("images") or (), kwargs.get("spec")
-        given = str(images[0]) if len(images) == 1 else None if spec is None else str(spec)
+        given = str(next(iter(images))) if len(images) == 1 else None if spec is None else str(spec)
         with reported_failure(bool(kwargs.get("as_json")), given, kwargs.get("output")):
             return command(*args, **kwargs)
 

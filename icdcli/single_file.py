@@ -109,12 +109,12 @@ def find_config(path: Path, family: str, repo: str, given: str | Path | None = N
     snapshot = hub_snapshot(repo, config_files(family))
     if snapshot is not None and config_problem(snapshot, family) is None:
         return snapshot
-    folder = f"{repo.split('/')[-1]}-config"
+    config_folder = f"{repo.split('/')[-1]}-config"
     raise ModelSourceError(
         f"--base {path} is a single-file {family} checkpoint; converting it needs the pipeline's config and "
         f"tokenizer files, which are not here ({unavailable_reason() or 'not in the hub cache'}): fetch them "
-        f"where a network exists (a few small files): {fetch_command(repo, config_files(family), folder)}, then "
-        f"pass --base-config {folder}"
+        f"where a network exists (a few small files): {fetch_command(repo, config_files(family), config_folder)}, then "
+        f"pass --base-config {config_folder}"
     )
 
 
@@ -161,6 +161,8 @@ def _from_single_file(path: Path, config: Path, family: str, header: dict[str, A
 
     stored = header.get(f"{UNET_PREFIX}input_blocks.0.0.weight", {}).get("dtype", "F32")
     dtype = getattr(torch, _DTYPES.get(stored, "float32"))  # kept as stored: no bigger cache than the file
+    cls: type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]
+    optional: dict[str, Any]
     if family == SDXL:
         cls, optional = StableDiffusionXLPipeline, {"image_encoder": None, "feature_extractor": None}
     else:

@@ -183,7 +183,7 @@ def preset_sources(preset: Preset, request: ModelRequest, progress: Callable[[st
     commands: list[str] = []
     folder = f"icd-{preset.name}"
     teacher = _local(request.teacher, "--teacher")
-    if teacher is None and preset.teacher_repo is not None:
+    if teacher is None and preset.teacher_repo is not None and preset.teacher_file is not None:
         teacher = hub_file(preset.teacher_repo, preset.teacher_file)
         if teacher is None:
             missing.append(f"--teacher ({preset.teacher_repo}/{preset.teacher_file})")
@@ -219,9 +219,9 @@ def preset_sources(preset: Preset, request: ModelRequest, progress: Callable[[st
             + (f", or fetch them where a network exists and pass --model {folder}"
                f"{f' --base {folder}/base' if base is None else ''}:{fetch}" if commands else ".")
         )  # fmt: skip
-    return LoraSources(
-        base, teacher, files["--forward-lora"], files["--reverse-lora"], name=preset.name, edit=preset.edit.to_json()
-    )
+    forward, reverse = files["--forward-lora"], files["--reverse-lora"]
+    assert base is not None and forward is not None and reverse is not None, "missing parts raised above"
+    return LoraSources(base, teacher, forward, reverse, name=preset.name, edit=preset.edit.to_json())
 
 
 # --- a folder as a release tarball unpacks ----------------------------------------------------------
@@ -274,7 +274,8 @@ def find_release_files(folder: Path) -> ReleaseFolder | None:
             )
         if not found and role != "teacher":
             raise ModelSourceError(f"{folder} holds no {role} LoRA (a file named like *{role}_19_...safetensors)")
-    families = {family_from_filename(p) for p in [*roles["forward"], *roles["reverse"], *teachers]} - {None}
+    named = (family_from_filename(p) for p in [*roles["forward"], *roles["reverse"], *teachers])
+    families = {family for family in named if family is not None}
     if len(families) > 1:
         raise ModelSourceError(f"{folder} mixes files of {' and '.join(sorted(families))}: keep one family")
     teacher = teachers[0] if teachers else None
@@ -324,13 +325,10 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
     from .models import LoraSources
 
     base = _base(request, progress)
-    return LoraSources(
-        base,
-        _local(request.teacher, "--teacher"),
-        _local(request.forward_lora, "--forward-lora"),
-        _local(request.reverse_lora, "--reverse-lora"),
-        name=Path(request.reverse_lora).parent.name,
-    )
+    forward = _local(request.forward_lora, "--forward-lora")
+    reverse = _local(request.reverse_lora, "--reverse-lora")
+    assert base is not None and forward is not None and reverse is not None, "checked above: all three are given"
+    return LoraSources(base, _local(request.teacher, "--teacher"), forward, reverse, name=reverse.parent.name)
 
 
 def _load_cached(
@@ -380,7 +378,7 @@ def load_requested_model(
         sources = release_folder_sources(folder, request, progress)
         if sources is not None:
             return _load_cached(request, sources, need_teacher, progress)
-    if folder is not None and not folder.exists() and HUB_ID.fullmatch(name):
+    if name is not None and folder is not None and not folder.exists() and HUB_ID.fullmatch(name):
         return _load_hub_model(name, request, need_teacher, progress)
     if request.forward_lora or request.reverse_lora or request.base:
         if folder is not None:

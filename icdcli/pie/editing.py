@@ -60,7 +60,8 @@ class PieEditRun(EditRun):
     def _wanted(self, item: Item, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
         entry = self.entries[item.key]
         record = super()._wanted(item, input_sha, size)
-        record["input"] = str(Path(item.image).absolute())
+        assert item.image is not None, "items with an image are the only ones edited"
+        record["input"] = str(item.image.absolute())
         record["pie"] = {"key": entry.key, "editing_type_id": entry.editing_type_id}
         return record
 
