@@ -36,6 +36,7 @@ from .cli_common import (
 )
 from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
+from .cli_scale import scale as _scale_command
 from .cli_train import train as _train_command
 from .edit_run import _apply_record, _collect_items, _EditFlags, _EditRun, _p2p_settings, _plan_edit_outputs
 from .outputs import (
@@ -914,3 +915,4 @@ main.add_command(_export_command)
 main.add_command(_cache_command)
 main.add_command(_train_command)
 bench.add_command(_pie_command)
+bench.add_command(_scale_command)

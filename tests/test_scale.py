@@ -1,0 +1,230 @@
+"""The scale path (`icd bench scale`, `icdcli.scale_models`) at shrunk width: the real architectures' blocks and key
+names in seconds, and the memory rules the full-size runs forced, each checked where it would have failed."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from icdcli.scale_models import (
+    CLIP_VOCAB,
+    LORA_RANK,
+    LORA_TARGETS,
+    lora_modules,
+    random_unet,
+    scale_tokenizer,
+    text_configs,
+    unet_config,
+    vae_config,
+    write_scale_files,
+)
+
+WIDTH = 0.1
+
+
+def _meta_unet(arch: str, width: float = 1.0):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(unet_config(arch, width, 512))
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_full_size_configs_are_the_real_architectures():
+    """Parameter counts of the published models (SD1.5 859.5M + the 512x320 guidance projection, SDXL 2567.5M + it,
+    the VAE, CLIP ViT-L/14's and OpenCLIP bigG's text towers): built on the meta device, no memory."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    assert _count(_meta_unet("sd15")) == 859_520_964 + 512 * 320
+    assert _count(_meta_unet("sdxl")) == 2_567_463_684 + 512 * 320
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config("sd15"))
+        clip_l, big_g = (CLIPTextModel(CLIPTextConfig(**text_configs("sdxl")[0])),
+                         CLIPTextModelWithProjection(CLIPTextConfig(**text_configs("sdxl")[1])))  # fmt: skip
+    assert (_count(vae), _count(clip_l), _count(big_g)) == (83_653_863, 123_060_480, 694_659_840)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_shrunk_configs_keep_every_key_name(arch):
+    full, small = _meta_unet(arch), _meta_unet(arch, WIDTH)
+    assert full.state_dict().keys() == small.state_dict().keys()
+    assert _count(small) < _count(full) / 50
+    assert [name for name, _ in lora_modules(full)] == [name for name, _ in lora_modules(small)]
+
+
+def test_tokenizer_has_clips_vocabulary_size():
+    tokenizer = scale_tokenizer()
+    assert len(tokenizer) == CLIP_VOCAB and tokenizer.model_max_length == 77
+    ids = tokenizer("a photo of a red cat", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and tokenizer.unk_token_id not in ids
+
+
+@pytest.fixture(scope="module")
+def shrunk(tmp_path_factory):
+    return write_scale_files(tmp_path_factory.mktemp("scale") / "sd15", "sd15", WIDTH)
+
+
+def test_lora_files_have_the_release_keys_and_shapes(shrunk):
+    """Every key and shape PEFT itself writes for rank 64 on the teacher, under the released `unet.` prefix."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from icdcli.lora import read_lora
+    from icdcli.models import build_teacher_unet
+
+    teacher = build_teacher_unet(shrunk.base, shrunk.teacher)
+    peft = get_peft_model(teacher, LoraConfig(r=LORA_RANK, lora_alpha=8, target_modules=list(LORA_TARGETS)))
+    expected = {f"unet.{k}": tuple(v.shape) for k, v in get_peft_model_state_dict(peft).items()}
+    with safe_open(str(shrunk.forward_lora), framework="pt") as handle:
+        written = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    assert written == expected
+    adapter = read_lora(shrunk.reverse_lora)
+    assert (adapter.rank, adapter.scale) == (64, 8 / 64)
+    assert shrunk.forward_lora.name == "iCD-SD15-forward_19_259_519_779.safetensors"
+    assert shrunk.teacher.name == "sd15_cfg_distill.pt"
+
+
+def test_random_weights_are_seeded_and_allocated_in_their_dtype():
+    config = unet_config("sd15", WIDTH, 512)
+    first, second = random_unet(config, 3, torch.float16), random_unet(config, 3, torch.float16)
+    assert all(p.dtype == torch.float16 for p in first.parameters())
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    other = random_unet(config, 4, torch.float16)
+    assert not torch.equal(other.conv_in.weight, first.conv_in.weight)
+
+
+def _live_cpu_bytes() -> int:
+    """Bytes of every distinct CPU tensor storage alive in this process."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_fusing_holds_two_unets_not_a_teacher_beside_them(shrunk, monkeypatch):
+    """Fusing once held the teacher and two deep copies of it (three UNets: 10.3 GB for SD1.5, 31 GB for SDXL in
+    fp32). Now each fused UNet reads the teacher's file into itself: at the second fuse only two UNets are alive."""
+    import icdcli.models as models
+    from icdcli.models import LoraSources, fuse_lora_model
+
+    unet_bytes = sum(t.numel() * 4 for t in torch.load(shrunk.teacher, weights_only=True).values())
+    original, seen = models.fuse_lora, []
+
+    def spy(unet, adapter):
+        result = original(unet, adapter)
+        seen.append(_live_cpu_bytes())
+        return result
+
+    gc.collect()
+    baseline = _live_cpu_bytes()
+    monkeypatch.setattr(models, "fuse_lora", spy)
+    sources = LoraSources(shrunk.base, shrunk.teacher, shrunk.forward_lora, shrunk.reverse_lora)
+    model = fuse_lora_model(sources, keep_teacher=False)
+    assert model.teacher_unet is None and len(seen) == 2
+    others = sum(_count(m) * 4 for m in (model.vae, *model.text_encoders))
+    adapter = shrunk.reverse_lora.stat().st_size
+    # two UNets, the VAE and text encoder, the adapter being fused; a third UNet would add unet_bytes
+    assert seen[1] - baseline < 2 * unet_bytes + others + adapter + unet_bytes // 2
+
+
+def test_an_edit_loads_no_teacher_and_ddim_adds_it_to_the_cache(shrunk, monkeypatch, tmp_path):
+    from icdcli.sources import ModelRequest, load_requested_model
+
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
+    request = ModelRequest(None, str(shrunk.base), str(shrunk.teacher), str(shrunk.forward_lora),
+                           str(shrunk.reverse_lora))  # fmt: skip
+    model = load_requested_model(request)
+    (cached,) = (tmp_path / "merged").iterdir()
+    assert model.teacher_unet is None and not (cached / "teacher_unet").exists()
+    with_teacher = load_requested_model(request, need_teacher=True)
+    state = torch.load(shrunk.teacher, weights_only=True)
+    for name, value in with_teacher.teacher_unet.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert (cached / "teacher_unet" / "diffusion_pytorch_model.safetensors").is_file()
+    again = load_requested_model(request, need_teacher=True)  # now from the cache
+    assert torch.equal(again.teacher_unet.conv_in.weight, state["conv_in.weight"])
+
+
+def test_half_fused_cache_matches_the_fp32_fusion(shrunk, monkeypatch, tmp_path):
+    """fp16/bf16 runs keep the fused cache in fp16 (SDXL's fp32 UNets alone are 20.6 GB): fused in fp32, then cast."""
+    from icdcli.models import LoraSources, fuse_lora_model
+
+    sources = LoraSources(shrunk.base, shrunk.teacher, shrunk.forward_lora, shrunk.reverse_lora)
+    full = fuse_lora_model(sources, keep_teacher=False)
+    half = fuse_lora_model(sources, keep_teacher=False, dtype=torch.float16)
+    assert next(half.reverse_unet.parameters()).dtype == torch.float16
+    for (name, a), b in zip(
+        full.reverse_unet.state_dict().items(), half.reverse_unet.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a.half(), b), name
+
+
+def test_parity_is_the_largest_difference_from_the_first_backend(tmp_path):
+    import numpy as np
+
+    from icdcli.scale import parity
+
+    outputs = {}
+    for name, shift, pixel in (("torch", 0.0, 10), ("onnxruntime", 0.25, 13), ("tensorrt", -0.5, 9)):
+        out = tmp_path / name
+        np.save(out.with_suffix(".latents.npy"), np.full((1, 4, 8, 8), 1.0 + shift, dtype=np.float32))
+        np.save(out.with_suffix(".pixels.npy"), np.full((64, 64, 3), pixel, dtype=np.uint8))
+        outputs[name] = out
+    assert parity(outputs) == {"reference": "torch", "latents": 0.5, "pixels": 3}
+    assert parity({"torch": outputs["torch"]})["latents"] is None
+
+
+def test_stage_meter_attributes_memory_to_the_innermost_stage():
+    from icdcli.scale import StageMeter
+
+    meter = StageMeter(interval=0.001)
+    try:
+        with meter.stage("outer"), meter.stage("inner"):
+            block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+            block += 1
+            del block
+    finally:
+        meter.close()
+    assert meter.peaks["inner"] >= meter.peaks["outer"] - 2**20
+    assert len(meter.seconds["outer"]) == len(meter.seconds["inner"]) == 1
+
+
+def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
+    """The command at shrunk width on PyTorch: files written once into the cache, fused through the user's flags'
+    path, one warm-up and one timed edit; the JSON the docs' tables come from."""
+    from icdcli.cli import main
+
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
+    args = ["bench", "scale", "--arch", "sd15", "--width-scale", str(WIDTH), "--size", "64", "--repeats", "1",
+            "--backends", "torch", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["arch"], report["size"]) == ("sd15", 64) and report["failures"] == {}
+    (row,) = report["rows"]
+    assert (row["backend"], row["precision"], row["method"], row["unet_evaluations_per_edit"]) == (
+        "torch",
+        "fp32",
+        "p2p",
+        8,
+    )
+    seconds = row["seconds"]
+    assert seconds["edit"] >= seconds["decode"] > 0 and seconds["unet_eval"] > 0 and seconds["load"] > 0
+    assert 0 < row["peak_rss_gb"] < 8 and row["peak_rss_gb_by_stage"]["unet_reverse"] > 0
+    assert report["stages"]["fuse"] > 0 and report["disk_gb"]["fused_cache"] > 0
+    assert set(report["parity"]) >= {"latents", "pixels"}
+    from icdcli.scale_models import scale_files
+
+    files, seconds = scale_files("sd15", WIDTH)
+    assert seconds is None and files.teacher.is_file(), "written once into the cache, then reused"
