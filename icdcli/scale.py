@@ -49,13 +49,15 @@ class ScaleOptions:
 # --- measuring ----------------------------------------------------------------------------------------------
 
 
-def current_rss() -> int:
-    """Resident bytes of this process now (Linux /proc, else the peak so far)."""
+def current_memory() -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes) of this process now, from Linux /proc (else the peak so far for
+    both). Anonymous memory is what must fit; the rest of RSS is file pages (mapped weights) the kernel can drop."""
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss()
+        with open("/proc/self/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "RssAnon")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+    except (OSError, ValueError, KeyError):
+        return peak_rss(), peak_rss()
 
 
 def peak_rss() -> int:
@@ -71,32 +73,35 @@ class StageMeter:
         self.status, self.interval = status, interval
         self.stack: list[str] = []
         self.peaks: dict[str, int] = {}
+        self.anon_peak = 0
         self.seconds: dict[str, list[float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
-    def _note(self, rss: int) -> None:
+    def _note(self, memory: tuple[int, int]) -> None:
+        rss, anon = memory
+        self.anon_peak = max(self.anon_peak, anon)
         if self.stack:
             label = self.stack[-1]
             self.peaks[label] = max(self.peaks.get(label, 0), rss)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self._note(current_rss())
+            self._note(current_memory())
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         self.stack.append(name)
         if self.status is not None and len(self.stack) == 1:
             self.status.write_text(json.dumps({"stage": name}))  # what was running if the process dies
-        self._note(current_rss())
+        self._note(current_memory())
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds.setdefault(name, []).append(time.perf_counter() - start)
-            self._note(current_rss())
+            self._note(current_memory())
             self.stack.pop()
 
     def close(self) -> None:
@@ -268,7 +273,8 @@ def run_worker(task_path: Path) -> None:
     finally:
         meter.close()
     seconds = {name: values for name, values in meter.seconds.items()}
-    result |= {"seconds": seconds, "peak_rss_gb": round(peak_rss() / GB, 3), "peak_rss_gb_by_stage": meter.peaks_gb()}
+    result |= {"seconds": seconds, "peak_rss_gb": round(peak_rss() / GB, 3), "peak_rss_gb_by_stage": meter.peaks_gb(),
+               "peak_anon_gb": round(meter.anon_peak / GB, 3)}  # fmt: skip
     task_path.with_suffix(".result.json").write_text(json.dumps(result))
 
 
@@ -353,7 +359,6 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
     """Build (once) and run the scale benchmark; the report `icd bench scale --json` prints."""
     import tempfile
 
-    from .paths import cache_root
     from .scale_models import RELEASE, scale_files
 
     say = progress or (lambda message: None)
@@ -385,17 +390,18 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
     }
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         folder = Path(scratch)
-        merged_before = set((cache_root() / "merged").glob("*"))
+        fused_cache = _fused_cache_path(base_task)
+        was_cached = fused_cache.is_dir()
         say("fusing the LoRA files (the path of --base/--teacher/--forward-lora/--reverse-lora)")
         prepared = spawn({**base_task, "kind": "prepare"}, folder, "prepare")
         if prepared.result is None:
             report["failures"]["fuse"] = prepared.failure
             return report
-        new = sorted(set((cache_root() / "merged").glob("*")) - merged_before)
-        stage = "fuse" if new else "load_cached"
+        stage = "load_cached" if was_cached else "fuse"
         report["stages"][stage] = round(prepared.result["seconds"]["load"][0], 2)
         report["stages"][f"{stage}_peak_rss_gb"] = prepared.result["peak_rss_gb"]
-        report["disk_gb"] = {"fused_cache": _size_of(new[0]) if new else _fused_cache_size(base_task)}
+        report["stages"][f"{stage}_peak_anon_gb"] = prepared.result["peak_anon_gb"]
+        report["disk_gb"] = {"fused_cache": _size_of(fused_cache)}
         outputs: dict[str, Path] = {}
         for backend in options.backends:
             reason = backend_skip_reason(backend, options.precision, options.device)
@@ -412,6 +418,7 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
                     continue
                 extra["export"] = exported.result["seconds"]["export"][0]
                 row["export_peak_rss_gb"] = exported.result["peak_rss_gb_by_stage"].get("export")
+                row["export_peak_anon_gb"] = exported.result["peak_anon_gb"]
                 report["disk_gb"]["export"] = _size_of(Path(exported.result["export_dir"]))
             say(f"timing {backend}: a warm-up and {options.repeats} edits at {size} px")
             out = folder / f"run-{backend}"
@@ -421,7 +428,9 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
                 continue
             seconds = _summary(ran.result["seconds"], options.repeats)
             row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
-            row |= {key: ran.result[key] for key in ("method", "unet_evaluations_per_edit", "peak_rss_gb")}
+            row |= {
+                key: ran.result[key] for key in ("method", "unet_evaluations_per_edit", "peak_rss_gb", "peak_anon_gb")
+            }
             row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
             report["rows"].append(row)
             outputs[backend] = out
@@ -429,7 +438,8 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
     return report
 
 
-def _fused_cache_size(task: dict[str, Any]) -> float | None:
+def _fused_cache_path(task: dict[str, Any]) -> Path:
+    """Where the user's path keeps this model fused (`load_lora_cached`)."""
     from .models import LoraSources
     from .paths import cache_root
 
@@ -438,7 +448,7 @@ def _fused_cache_size(task: dict[str, Any]) -> float | None:
         Path(files["base"]), Path(files["teacher"]), Path(files["forward_lora"]), Path(files["reverse_lora"]),
         cache_half=task["precision"] in ("fp16", "bf16"),
     )  # fmt: skip
-    return _size_of(cache_root() / "merged" / sources.cache_key())
+    return cache_root() / "merged" / sources.cache_key()
 
 
 def parity(outputs: dict[str, Path]) -> dict[str, Any]:
@@ -465,12 +475,12 @@ TABLE_STAGES = ("load", "export", "text_encoder", "vae_encode", "unet_eval", "en
 
 def markdown_report(report: dict[str, Any]) -> str:
     """The report as the tables docs/benchmarks.md shows."""
-    head = ["backend", "precision", *[f"{s} s" for s in TABLE_STAGES], "peak RSS GB"]
+    head = ["backend", "precision", *[f"{s} s" for s in TABLE_STAGES], "peak RSS GB", "peak anon GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         cells = [row["backend"], row["precision"]]
         cells += ["" if row["seconds"].get(s) is None else f"{row['seconds'][s]:.2f}" for s in TABLE_STAGES]
-        cells.append(f"{row['peak_rss_gb']:.2f}")
+        cells += [f"{row['peak_rss_gb']:.2f}", f"{row.get('peak_anon_gb') or 0:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     parity_line = report.get("parity") or {}
     lines.append("")

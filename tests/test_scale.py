@@ -228,3 +228,80 @@ def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
 
     files, seconds = scale_files("sd15", WIDTH)
     assert seconds is None and files.teacher.is_file(), "written once into the cache, then reused"
+
+
+def test_a_large_graph_is_moved_without_reading_its_weights(tmp_path, monkeypatch):
+    """Over 2 GB (forced here on a small graph), onnxruntime's optimiser leaves the weights in one file; saving the
+    graph once loaded them all (3.4 GB per SD1.5 UNet, 10 GB for SDXL) to write them again. Now only the graph
+    proto is read, the weights file is moved, and the shape inference and the checker run on the path."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from icdcli.export.manifest import TensorSpec
+    from icdcli.export.onnx import ort_optimize, save_graph, torch_export
+
+    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    spec_in, spec_out = [TensorSpec("x", "float32", ["batch", 64])], [TensorSpec("y", "float32", ["batch", 64])]
+    raw = tmp_path / "raw" / "model.onnx"
+    torch_export(module, (torch.randn(2, 64),), spec_in, spec_out, raw, 17)
+    optimized = tmp_path / "optimized" / "model.onnx"
+    optimized.parent.mkdir()
+    ort_optimize(raw, optimized, large=True)
+    loads, checked = [], []
+    real_load, real_check = onnx.load, onnx.checker.check_model
+    monkeypatch.setattr(onnx, "load", lambda path, **kw: loads.append(kw) or real_load(path, **kw))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: checked.append(model) or real_check(model))
+    target = tmp_path / "final" / "forward_unet.onnx"
+    target.parent.mkdir()
+    assert save_graph(optimized, target, large=True) == "forward_unet.onnx.data"
+    assert loads == [{"load_external_data": False}], "the weights were read into memory"
+    assert checked == [str(target)]
+    assert (target.parent / "forward_unet.onnx.data").stat().st_size > 64 * 256 * 4
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    (y,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, module(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_no_maps(monkeypatch):
+    """SD1.5 at 512 px has 64x64 latents: explicit self-attention there would be (2, heads, 4096, 4096) per layer.
+    Like the release, P2P rewrites self-attention only on maps of at most 32x32 queries (the 64x64 layers keep the
+    fused kernel), and without local blend it stores no cross-attention maps at any resolution."""
+    import icdcli.p2p as p2p
+
+    unet = random_unet(unet_config("sd15", WIDTH, 512), 0)
+    p2p.install_p2p_processors(unet)
+    seen = []
+    original = p2p.edit_probabilities
+
+    def spy(probs, is_cross, control):
+        seen.append((is_cross, probs.shape[2]))
+        return original(probs, is_cross, control)
+
+    monkeypatch.setattr(p2p, "edit_probabilities", spy)
+    length = 77
+    control = p2p.StepControl(
+        cross_alpha=torch.ones(length), refine=torch.ones(length), mapper=torch.eye(length),
+        reweight=torch.ones(length), self_replace=torch.ones(1),
+    )  # fmt: skip
+    hidden = torch.randn(2, length, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 64, 64), 500, encoder_hidden_states=hidden, timestep_cond=torch.randn(2, 512),
+             cross_attention_kwargs={"control": control})  # fmt: skip
+    self_queries = {queries for is_cross, queries in seen if not is_cross}
+    cross_queries = {queries for is_cross, queries in seen if is_cross}
+    assert self_queries and max(self_queries) == 32 * 32
+    assert 64 * 64 in cross_queries, "cross-attention is edited at every resolution"
+    assert control.maps == []
+
+
+def test_an_export_for_onnxruntime_folds_no_constants(merged_dir, tmp_path):
+    """Folding constants (for TensorRT) holds a graph's weights in memory two or three times: 10 GB per SD1.5 UNet
+    beside the model being exported. ONNX Runtime folds at load by itself, so its exports skip it."""
+    from icdcli.accelerated import ensure_exported
+    from icdcli.export.manifest import read_manifest
+    from icdcli.models import load_merged
+
+    folder, manifest = ensure_exported(load_merged(merged_dir), "fp32", out_dir=tmp_path / "export", p2p=False)
+    assert manifest.sanitized is False and read_manifest(folder).sanitized is False
