@@ -230,34 +230,45 @@ def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
     assert seconds is None and files.teacher.is_file(), "written once into the cache, then reused"
 
 
-def test_a_large_graph_is_moved_without_reading_its_weights(tmp_path, monkeypatch):
-    """Over 2 GB (forced here on a small graph), onnxruntime's optimiser leaves the weights in one file; saving the
-    graph once loaded them all (3.4 GB per SD1.5 UNet, 10 GB for SDXL) to write them again. Now only the graph
-    proto is read, the weights file is moved, and the shape inference and the checker run on the path."""
+@pytest.mark.parametrize("layout", ["one file", "one file per weight"])
+def test_a_large_graph_is_written_without_reading_its_weights(layout, tmp_path, monkeypatch):
+    """Over 2 GB (forced here on a small graph), saving a graph once loaded all its weights (3.4 GB per SD1.5 UNet,
+    10 GB for SDXL) to write them again. Now only the graph proto is read: onnxruntime's optimiser's one weights
+    file is moved, the exporter's one file per weight gathered into one (page-aligned), and shape inference and the
+    checker run on the path."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
     from icdcli.export.manifest import TensorSpec
-    from icdcli.export.onnx import ort_optimize, save_graph, torch_export
+    from icdcli.export.onnx import EXTERNAL_ALIGNMENT, ort_optimize, save_graph, torch_export
 
     module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
     spec_in, spec_out = [TensorSpec("x", "float32", ["batch", 64])], [TensorSpec("y", "float32", ["batch", 64])]
     raw = tmp_path / "raw" / "model.onnx"
     torch_export(module, (torch.randn(2, 64),), spec_in, spec_out, raw, 17)
-    optimized = tmp_path / "optimized" / "model.onnx"
-    optimized.parent.mkdir()
-    ort_optimize(raw, optimized, large=True)
+    source = tmp_path / "source" / "model.onnx"
+    source.parent.mkdir()
+    if layout == "one file":
+        ort_optimize(raw, source, large=True)
+    else:
+        onnx.save_model(onnx.load(str(raw)), str(source), save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)  # fmt: skip
+        assert len(list(source.parent.iterdir())) > 3
     loads, checked = [], []
     real_load, real_check = onnx.load, onnx.checker.check_model
     monkeypatch.setattr(onnx, "load", lambda path, **kw: loads.append(kw) or real_load(path, **kw))
     monkeypatch.setattr(onnx.checker, "check_model", lambda model, **kw: checked.append(model) or real_check(model))
     target = tmp_path / "final" / "forward_unet.onnx"
     target.parent.mkdir()
-    assert save_graph(optimized, target, large=True) == "forward_unet.onnx.data"
+    assert save_graph(source, target, large=True) == "forward_unet.onnx.data"
     assert loads == [{"load_external_data": False}], "the weights were read into memory"
     assert checked == [str(target)]
-    assert (target.parent / "forward_unet.onnx.data").stat().st_size > 64 * 256 * 4
+    assert sorted(p.name for p in target.parent.iterdir()) == ["forward_unet.onnx", "forward_unet.onnx.data"]
+    if layout != "one file":
+        offsets = [int(e.value) for t in real_load(str(target), load_external_data=False).graph.initializer
+                   for e in t.external_data if e.key == "offset"]  # fmt: skip
+        assert offsets and all(offset % EXTERNAL_ALIGNMENT == 0 for offset in offsets)
     x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
     (y,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     with torch.no_grad():
@@ -305,3 +316,24 @@ def test_an_export_for_onnxruntime_folds_no_constants(merged_dir, tmp_path):
 
     folder, manifest = ensure_exported(load_merged(merged_dir), "fp32", out_dir=tmp_path / "export", p2p=False)
     assert manifest.sanitized is False and read_manifest(folder).sanitized is False
+
+
+def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch, tmp_path):
+    """Fusing builds the two UNets in private memory (7 GB at SD1.5 size in fp32); once they are in the cache the
+    model is read back from it, so its weights are file pages the kernel can drop and re-read, as on later runs -
+    not 7 GB of private memory for the rest of the run."""
+    from icdcli.scale import current_memory
+    from icdcli.sources import ModelRequest, load_requested_model
+
+    request = ModelRequest(None, str(shrunk.base), str(shrunk.teacher), str(shrunk.forward_lora),
+                           str(shrunk.reverse_lora))  # fmt: skip
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "warm"))
+    load_requested_model(request)  # every library imported, every lazy allocation made
+    gc.collect()
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "fresh"))
+    before = current_memory()[1]
+    model = load_requested_model(request)  # fuses anew into an empty cache
+    touched = sum(float(p.sum()) for unet in (model.forward_unet, model.reverse_unet) for p in unet.parameters())
+    assert touched == touched  # every weight page read
+    unet_bytes = sum(p.numel() * p.element_size() for p in model.reverse_unet.parameters())
+    assert current_memory()[1] - before < unet_bytes, "the fused UNets stayed in private memory"
