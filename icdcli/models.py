@@ -315,6 +315,12 @@ class ICDModel:
     def save_merged(self, folder: str | Path, include_teacher: bool = True) -> Path:
         """Write this model as a merged folder, atomically (a temporary folder renamed at the end)."""
         folder = Path(folder)
+        with atomic_folder(folder) as staging:
+            self.write_merged(staging, include_teacher)
+        return folder
+
+    def write_merged(self, folder: Path, include_teacher: bool = True) -> None:
+        """Write this model's parts and icd.json into `folder`; parts already there (spilled while fusing) stay."""
         parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
         parts["reverse_unet"] = self.reverse_unet
         if include_teacher and self.teacher_unet is not None:
@@ -323,16 +329,16 @@ class ICDModel:
         for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.tokenizers, strict=True):
             parts[f"text_encoder{suffix}"] = encoder
             parts[f"tokenizer{suffix}"] = tokenizer
-        with atomic_folder(folder) as staging:
-            for name, part in parts.items():
-                if isinstance(part, torch.nn.Module):
-                    part.save_pretrained(staging / name, safe_serialization=True)
-                else:
-                    part.save_pretrained(staging / name)
-            (staging / MODEL_JSON).write_text(
-                json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
-            )
-        return folder
+        for name, part in parts.items():
+            if (folder / name).exists():
+                continue
+            if isinstance(part, torch.nn.Module):
+                part.save_pretrained(folder / name, safe_serialization=True)
+            else:
+                part.save_pretrained(folder / name)
+        (folder / MODEL_JSON).write_text(
+            json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
+        )
 
 
 # --- loading components -----------------------------------------------------------------------
@@ -538,11 +544,14 @@ def fuse_lora_model(
     keep_teacher: bool = True,
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype = torch.float32,
+    spill: Callable[[str, torch.nn.Module], torch.nn.Module] | None = None,
 ) -> ICDModel:
     """Build forward and reverse UNets by fusing the LoRA files into the teacher's weights, in `dtype`.
 
     Each fused UNet reads the teacher's file anew and is fused in place, so memory holds at most the two fused
-    UNets (and the teacher only with `keep_teacher`), never a teacher beside two copies of it.
+    UNets (and the teacher only with `keep_teacher`), never a teacher beside two copies of it. `spill(role, unet)`
+    may take each fused UNet as it is made and return what stands in for it (the cache writes it to disk and maps
+    it back, so private memory holds one UNet at a time).
     """
     for label, path in (("--base", sources.base), ("--forward-lora", sources.forward_lora)):
         if not Path(path).exists():
@@ -568,10 +577,12 @@ def fuse_lora_model(
         except (ValueError, OSError) as error:
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         try:
-            unets[role] = build_teacher_unet(sources.base, sources.teacher, dtype, fuse=adapter)
+            unet = build_teacher_unet(sources.base, sources.teacher, dtype, fuse=adapter)
         except ValueError as error:  # the adapter does not fit the teacher
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         del adapter
+        unets[role] = spill(role, unet) if spill is not None else unet
+        del unet
     teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
     made_from = {"base": str(sources.base)}
     for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
@@ -621,21 +632,26 @@ def load_lora_cached(
             return model
         except ModelSourceError as error:
             logger.warning("ignoring a broken fused-model cache at %s (%s); fusing again", cached, error)
+    try:
+        with atomic_folder(cached) as staging:
+
+            def spill(role: str, unet: torch.nn.Module) -> torch.nn.Module:
+                # written now and mapped back: its weights become file pages the kernel can drop and re-read, so
+                # private memory never holds both fused UNets (7 GB for SD1.5 in fp32), during fusing or after
+                unet.save_pretrained(staging / f"{role}_unet", safe_serialization=True)
+                del unet
+                return _load_unet(staging / f"{role}_unet").requires_grad_(False)
+
+            model = fuse_lora_model(sources, keep_teacher=need_teacher, progress=progress, dtype=dtype, spill=spill)
+            for encoder in model.text_encoders:
+                encoder.to(dtype)  # the VAE stays float32
+            model.write_merged(staging)
+        return model
+    except OSError as error:
+        logger.warning("could not cache the fused model in %s: %s; fusing in memory", cached, error)
     model = fuse_lora_model(sources, keep_teacher=need_teacher, progress=progress, dtype=dtype)
     for encoder in model.text_encoders:
-        encoder.to(dtype)  # the VAE stays float32
-    try:
-        model.save_merged(cached)
-    except OSError as error:
-        logger.warning("could not cache the fused model in %s: %s", cached, error)
-        return model
-    # read back from the cache: its weights are then mapped from the files (pages the kernel can drop and re-read)
-    # rather than 7 GB (SD1.5, fp32) of private memory, as on every later run
-    teacher = model.teacher_unet
-    del model
-    model = load_merged(cached)
-    model.teacher_unet = teacher
-    model.info.edit = sources.recipe(model.info.family, model.info.reverse_boundaries)
+        encoder.to(dtype)
     return model
 
 
