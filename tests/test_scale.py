@@ -307,15 +307,28 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     assert control.maps == []
 
 
-def test_an_export_for_onnxruntime_folds_no_constants(merged_dir, tmp_path):
-    """Folding constants (for TensorRT) holds a graph's weights in memory two or three times: 10 GB per SD1.5 UNet
-    beside the model being exported. ONNX Runtime folds at load by itself, so its exports skip it."""
-    from icdcli.accelerated import ensure_exported
+def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(merged_dir, tmp_path):
+    """Two memory rules the SD1.5 run forced. Folding constants (for TensorRT) holds a graph's weights in memory two
+    or three times: ONNX Runtime folds at load by itself, so its exports skip it. And each session holds its graph's
+    weights (3.4 GB per SD1.5 UNet): a P2P edit runs the reverse UNet's P2P graph, a swap edit the plain one, never
+    both, so on the CPU a session opens on first use (a P2P edit's process once held 12 GB of private memory)."""
+    from icdcli.accelerated import accelerate
+    from icdcli.editing import SamplerSettings, edit
+    from icdcli.engines.latency import sample_image
     from icdcli.export.manifest import read_manifest
     from icdcli.models import load_merged
+    from icdcli.recipe import P2POptions
 
-    folder, manifest = ensure_exported(load_merged(merged_dir), "fp32", out_dir=tmp_path / "export", p2p=False)
-    assert manifest.sanitized is False and read_manifest(folder).sanitized is False
+    model = load_merged(merged_dir)
+    accelerated = accelerate(model, "onnxruntime", export_dir=tmp_path / "export")
+    assert read_manifest(tmp_path / "export").sanitized is False
+    runners = accelerated.parts.runners
+    assert {"reverse_unet", "reverse_unet_p2p"} <= runners.keys()
+    assert all(runner._session is None for runner in runners.values()), "nothing opened before an edit"
+    p2p = P2POptions().resolve(model.info.edit)
+    edit(accelerated, sample_image(32), "a red cat", "a blue cat", 4.0, 0.8, SamplerSettings(), p2p=p2p)
+    opened = {name for name, runner in runners.items() if runner._session is not None}
+    assert opened == {"forward_unet", "reverse_unet_p2p", "vae_encoder", "vae_decoder", "text_encoder"}
 
 
 def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch, tmp_path):
