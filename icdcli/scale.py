@@ -74,6 +74,7 @@ class StageMeter:
         self.stack: list[str] = []
         self.peaks: dict[str, int] = {}
         self.anon_peak = 0
+        self.synchronize: Callable[[], None] | None = None  # on a GPU: wait for queued kernels before reading a clock
         self.seconds: dict[str, list[float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -100,6 +101,8 @@ class StageMeter:
         try:
             yield
         finally:
+            if self.synchronize is not None:
+                self.synchronize()
             self.seconds.setdefault(name, []).append(time.perf_counter() - start)
             self._note(current_memory())
             self.stack.pop()
@@ -264,6 +267,10 @@ def run_worker(task_path: Path) -> None:
     _quiet_libraries()
     task = json.loads(task_path.read_text())
     meter = StageMeter(task_path.with_suffix(".status.json"))
+    if task["device"].startswith("cuda"):
+        import torch
+
+        meter.synchronize = torch.cuda.synchronize
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -273,6 +280,10 @@ def run_worker(task_path: Path) -> None:
     finally:
         meter.close()
     seconds = {name: values for name, values in meter.seconds.items()}
+    if meter.synchronize is not None:
+        import torch
+
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
     result |= {"seconds": seconds, "peak_rss_gb": round(peak_rss() / GB, 3), "peak_rss_gb_by_stage": meter.peaks_gb(),
                "peak_anon_gb": round(meter.anon_peak / GB, 3)}  # fmt: skip
     task_path.with_suffix(".result.json").write_text(json.dumps(result))
