@@ -427,14 +427,13 @@ def move_graph(source: Path, target: Path, chunk: int = 64 << 20) -> str | None:
     """Write the graph `source` as `target` with every external weight in one file `<target>.data`, without ever
     holding the weights in memory: only the small graph proto is read; the weights are copied file to file, a chunk
     at a time (or the one file moved, when onnxruntime's optimiser already wrote them so). Returns the external
-    data file name (None: the graph has no external weights)."""
+    data file name; None, writing nothing, when the graph keeps its weights inline."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     proto = onnx.load(str(source), load_external_data=False)
     tensors = [tensor for tensor in _get_all_tensors(proto) if uses_external_data(tensor)]
-    if not tensors:
-        onnx.save_model(proto, str(target))
+    if not tensors:  # weights inline (under 2 GB, so loading them is harmless): nothing to move
         return None
     external = target.name + ".data"
     files = {_external_entries(tensor)["location"] for tensor in tensors}
@@ -475,9 +474,8 @@ def save_graph(source: Path, target: Path, large: bool, sanitize: bool = False) 
     """
     import onnx
 
-    if large and not sanitize:
-        external = move_graph(source, target)
-    else:
+    external = move_graph(source, target) if large and not sanitize else None
+    if external is None:
         proto = onnx.load(str(source), load_external_data=True)
         if sanitize:
             proto, _ = fold_constants(proto, large)
