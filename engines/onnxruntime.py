@@ -65,23 +65,50 @@ class OrtGraph:
 
     def __init__(self, path: Path, spec: GraphSpec, device: torch.device, vae_scale_factor: int):
         import numpy as np
-        import onnxruntime as ort
 
-        self.spec, self.device, self.vae_scale_factor = spec, device, vae_scale_factor
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
-        except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs
-            raise ICDError(
-                f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]}): the file is damaged or not "
-                f"an icd export; delete the folder {path.parent} and run again to export anew, or use --backend torch"
-            ) from error
-        self.binding = device.type == "cuda" and CUDA_EP in self.session.get_providers()
+        self.path, self.spec, self.device, self.vae_scale_factor = path, spec, device, vae_scale_factor
+        self._session: Any = None
+        if device.type == "cuda":
+            self.binding = CUDA_EP in self.session.get_providers()
+        else:  # opened on first use: an edit needs either the reverse graph or its P2P twin, never both (3.4 GB each)
+            self.binding = False
+            self._check_file()
         self.index = device_index(device) if self.binding else 0
         self.numpy_dtypes = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
         self.output_names = [output.name for output in spec.outputs]
+
+    def _damaged(self, error: Exception) -> ICDError:
+        return ICDError(
+            f"onnxruntime cannot load {self.path} ({str(error).splitlines()[0][:200]}): the file is damaged or not "
+            f"an icd export; delete the folder {self.path.parent} and run again to export anew, or use --backend torch"
+        )
+
+    def _check_file(self) -> None:
+        """Read the graph (not its weights) now, so a damaged file is reported at load rather than mid-edit."""
+        import onnx
+
+        try:
+            onnx.load(str(self.path), load_external_data=False)
+        except Exception as error:  # protobuf and onnx raise several types for a damaged file
+            raise self._damaged(error) from error
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            try:
+                self._session = ort.InferenceSession(str(self.path), options, providers=providers_for(self.device))
+            except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs
+                raise self._damaged(error) from error
+        return self._session
+
+    @session.setter
+    def session(self, value: Any) -> None:
+        self._session = value
 
     def _inputs(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target = self.device if self.binding else torch.device("cpu")

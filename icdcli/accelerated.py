@@ -164,9 +164,11 @@ def ensure_exported(
         if reason is not None:
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
+            # constants are folded for TensorRT only: ONNX Runtime folds at load, and folding a graph over 2 GB holds
+            # its weights in memory twice or more (a later TensorRT run exports again, folded)
             export_model(
                 model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p,
-                fp32_norm=bool(fp32_norm),
+                fp32_norm=bool(fp32_norm), sanitize=None if for_tensorrt else False,
             )  # fmt: skip
             manifest = read_manifest(folder)
     return folder, manifest

@@ -37,6 +37,7 @@ from .cli_common import (
 )
 from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
+from .cli_scale import scale as _scale_command
 from .cli_train import train as _train_command
 from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options, plan_edit_outputs
 from .outputs import (
@@ -1001,3 +1002,4 @@ main.add_command(_cache_command)
 main.add_command(_train_command)
 bench.add_command(_pie_command)
 bench.add_command(_throughput_command)
+bench.add_command(_scale_command)

@@ -12,7 +12,6 @@ Sources that load:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -304,6 +303,12 @@ class ICDModel:
     def save_merged(self, folder: str | Path, include_teacher: bool = True) -> Path:
         """Write this model as a merged folder, atomically (a temporary folder renamed at the end)."""
         folder = Path(folder)
+        with atomic_folder(folder) as staging:
+            self.write_merged(staging, include_teacher)
+        return folder
+
+    def write_merged(self, folder: Path, include_teacher: bool = True) -> None:
+        """Write this model's parts and icd.json into `folder`; parts already there (spilled while fusing) stay."""
         parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
         parts["reverse_unet"] = self.reverse_unet
         if include_teacher and self.teacher_unet is not None:
@@ -312,16 +317,16 @@ class ICDModel:
         for suffix, encoder, tokenizer in zip(suffixes, self.text_encoders, self.tokenizers, strict=True):
             parts[f"text_encoder{suffix}"] = encoder
             parts[f"tokenizer{suffix}"] = tokenizer
-        with atomic_folder(folder) as staging:
-            for name, part in parts.items():
-                if isinstance(part, torch.nn.Module):
-                    part.save_pretrained(staging / name, safe_serialization=True)
-                else:
-                    part.save_pretrained(staging / name)
-            (staging / MODEL_JSON).write_text(
-                json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
-            )
-        return folder
+        for name, part in parts.items():
+            if (folder / name).exists():
+                continue
+            if isinstance(part, torch.nn.Module):
+                part.save_pretrained(folder / name, safe_serialization=True)
+            else:
+                part.save_pretrained(folder / name)
+        (folder / MODEL_JSON).write_text(
+            json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
+        )
 
 
 # --- loading components -----------------------------------------------------------------------
@@ -424,28 +429,52 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
-def build_teacher_unet(base: Path, teacher: str | Path | None) -> torch.nn.Module:
-    """The base pipeline's UNet architecture with the teacher's weights (`time_cond_proj_dim` if present)."""
+def _unet_skeleton(config: dict[str, Any]) -> torch.nn.Module:
+    """A UNet of `config` on the meta device: shapes without memory, filled by `load_state_dict(assign=True)`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def _wider(first: torch.dtype, second: torch.dtype) -> torch.dtype:
+    return torch.float32 if torch.float32 in (first, second) else second
+
+
+def build_teacher_unet(
+    base: Path, teacher: str | Path | None, dtype: torch.dtype = torch.float32, fuse: Any | None = None
+) -> torch.nn.Module:
+    """The base pipeline's UNet architecture with the teacher's weights (`time_cond_proj_dim` if present).
+
+    The weights are read straight into the module (never a second copy beside a randomly initialised one) and
+    end in `dtype`. `fuse` (a `LoraAdapter`) is added in place first, in fp32 where either side is fp32.
+    """
     from diffusers import UNet2DConditionModel
 
     if teacher is None:
-        return _load_unet(base / "unet").float()  # stored weights may be half: fuse LoRAs in float32
-    state = load_state_dict(teacher)
-    config = dict(UNet2DConditionModel.load_config(base / "unet"))
-    config["time_cond_proj_dim"] = state[COND_PROJ_KEY].shape[1] if COND_PROJ_KEY in state else None
-    unet = UNet2DConditionModel.from_config(config)
-    expected = unet.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    misshapen = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-    if missing or unexpected or misshapen:
-        names = (missing + unexpected + misshapen)[:3]
-        raise ModelSourceError(
-            f"teacher {teacher} does not fit the base UNet in {base}: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected and {len(misshapen)} misshapen weights ({', '.join(names)})"
-        )
-    unet.load_state_dict(state, strict=True)
-    return unet
+        unet = _load_unet(base / "unet")
+    else:
+        state = load_state_dict(teacher)
+        config = dict(UNet2DConditionModel.load_config(base / "unet"))
+        config["time_cond_proj_dim"] = state[COND_PROJ_KEY].shape[1] if COND_PROJ_KEY in state else None
+        unet = _unet_skeleton(config)
+        expected = unet.state_dict()
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        misshapen = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+        if missing or unexpected or misshapen:
+            names = (missing + unexpected + misshapen)[:3]
+            raise ModelSourceError(
+                f"teacher {teacher} does not fit the base UNet in {base}: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected and {len(misshapen)} misshapen weights ({', '.join(names)})"
+            )
+        unet.load_state_dict(state, strict=True, assign=True)
+        del state, expected  # the module holds the only reference to each weight now
+    stored = next(unet.parameters()).dtype
+    if fuse is not None:
+        unet.to(_wider(stored, dtype))  # one tensor at a time: the old one is freed as its replacement lands
+        fuse_lora(unet, fuse)
+    return unet.to(dtype).eval()
 
 
 @dataclass
@@ -499,9 +528,19 @@ class LoraSources:
 
 
 def fuse_lora_model(
-    sources: LoraSources, keep_teacher: bool = True, progress: Callable[[str], None] | None = None
+    sources: LoraSources,
+    keep_teacher: bool = True,
+    progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype = torch.float32,
+    spill: Callable[[str, torch.nn.Module], torch.nn.Module] | None = None,
 ) -> ICDModel:
-    """Build forward and reverse UNets by fusing the LoRA files into copies of the teacher."""
+    """Build forward and reverse UNets by fusing the LoRA files into the teacher's weights, in `dtype`.
+
+    Each fused UNet reads the teacher's file anew and is fused in place, so memory holds at most the two fused
+    UNets (and the teacher only with `keep_teacher`), never a teacher beside two copies of it. `spill(role, unet)`
+    may take each fused UNet as it is made and return what stands in for it (the cache writes it to disk and maps
+    it back, so private memory holds one UNet at a time).
+    """
     for label, path in (("--base", sources.base), ("--forward-lora", sources.forward_lora)):
         if not Path(path).exists():
             raise ModelSourceError(f"{label} {path} does not exist")
@@ -514,18 +553,25 @@ def fuse_lora_model(
     forward_bounds, reverse_bounds = sources.boundaries()
     family = _family_of(sources.base)
     say = progress or (lambda message: None)
-    say("loading the base pipeline and teacher")
+    say("loading the base pipeline")
     vae = _load_vae(sources.base)
     encoders, tokenizers = _load_text_stack(sources.base, family)
-    teacher = build_teacher_unet(sources.base, sources.teacher)
     unets = {}
     for role, path in (("forward", sources.forward_lora), ("reverse", sources.reverse_lora)):
-        say(f"fusing the {role} LoRA")
+        say(f"fusing the {role} LoRA into the teacher")
         check_weights(path)
         try:
-            unets[role] = fuse_lora(copy.deepcopy(teacher), read_lora(path))
+            adapter = read_lora(path)
         except (ValueError, OSError) as error:
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
+        try:
+            unet = build_teacher_unet(sources.base, sources.teacher, dtype, fuse=adapter)
+        except ValueError as error:  # the adapter does not fit the teacher
+            raise ModelSourceError(f"cannot fuse {path}: {error}") from error
+        del adapter
+        unets[role] = spill(role, unet) if spill is not None else unet
+        del unet
+    teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
     made_from = {"base": str(sources.base)}
     for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
         if path is not None:
@@ -539,41 +585,61 @@ def fuse_lora_model(
         "generate_guidance": sources.generate_guidance if sources.generate_guidance is not None else 8.0,
         "made_from": made_from,
     }
-    info = ModelInfo.from_json(_describe(info_json, teacher, vae, family))
+    info = ModelInfo.from_json(_describe(info_json, unets["reverse"], vae, family))
     return ICDModel(
-        info,
-        vae,
-        encoders,
-        tokenizers,
-        unets["forward"],
-        unets["reverse"],
-        teacher if keep_teacher else None,
+        info, vae, encoders, tokenizers, unets["forward"], unets["reverse"], teacher,
         source=str(sources.forward_lora.parent),
-    )
+    )  # fmt: skip
+
+
+def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: torch.dtype) -> None:
+    """Give a model from a fused cache that was written without a teacher its teacher, and the cache too."""
+    model.teacher_unet = build_teacher_unet(sources.base, sources.teacher, dtype).requires_grad_(False)
+    try:
+        with atomic_folder(cached / "teacher_unet") as staging:
+            model.teacher_unet.save_pretrained(staging, safe_serialization=True)
+    except OSError as error:
+        logger.warning("could not add the teacher to the fused-model cache %s: %s", cached, error)
 
 
 def load_lora_cached(
     sources: LoraSources, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
-    """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it."""
+    """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it.
+
+    The teacher is read (and cached) only when asked for: an iCD edit runs on the two fused UNets alone."""
     cached = cache_root() / "merged" / sources.cache_key()
+    dtype = torch.float16 if sources.cache_half else torch.float32
     if (cached / MODEL_JSON).is_file():
         try:
             model = load_merged(cached, need_teacher=need_teacher)
             mark_used(cached)
             model.info.edit = sources.recipe(model.info.family, model.info.reverse_boundaries)  # the source's, as now
+            if need_teacher and model.teacher_unet is None:
+                _add_teacher(cached, sources, model, dtype)
             return model
         except ModelSourceError as error:
             logger.warning("ignoring a broken fused-model cache at %s (%s); fusing again", cached, error)
-    model = fuse_lora_model(sources, keep_teacher=True, progress=progress)  # fused in float32 (float64 deltas)
-    if sources.cache_half:
-        model.to("cpu", torch.float16)  # the VAE stays float32
     try:
-        model.save_merged(cached)
+        with atomic_folder(cached) as staging:
+
+            def spill(role: str, unet: torch.nn.Module) -> torch.nn.Module:
+                # written now and mapped back: its weights become file pages the kernel can drop and re-read, so
+                # private memory never holds both fused UNets (7 GB for SD1.5 in fp32), during fusing or after
+                unet.save_pretrained(staging / f"{role}_unet", safe_serialization=True)
+                del unet
+                return _load_unet(staging / f"{role}_unet").requires_grad_(False)
+
+            model = fuse_lora_model(sources, keep_teacher=need_teacher, progress=progress, dtype=dtype, spill=spill)
+            for encoder in model.text_encoders:
+                encoder.to(dtype)  # the VAE stays float32
+            model.write_merged(staging)
+        return model
     except OSError as error:
-        logger.warning("could not cache the fused model in %s: %s", cached, error)
-    if not need_teacher:
-        model.teacher_unet = None
+        logger.warning("could not cache the fused model in %s: %s; fusing in memory", cached, error)
+    model = fuse_lora_model(sources, keep_teacher=need_teacher, progress=progress, dtype=dtype)
+    for encoder in model.text_encoders:
+        encoder.to(dtype)
     return model
 
 

@@ -404,7 +404,7 @@ def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
     result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), "--no-p2p", "--check"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    assert manifest.sanitized
+    assert not manifest.sanitized  # folded for TensorRT only (`--backend tensorrt`): ONNX Runtime folds at load
     for graph in manifest.graphs:
         assert f"{graph}: relative error" in result.output
     result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), "--fp32-norm"])

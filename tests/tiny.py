@@ -10,14 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from icdcli.scale_models import LORA_PREFIX, LORA_TARGETS
 from icdcli.training.tokenizer import build_word_tokenizer
 
 WORDS = "a an the cat dog red blue green circle square photo of on background white black".split()
 TEXT_LENGTH = 12
-LORA_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]  # fmt: skip
 
 
 def _text_encoder(tokenizer, projection: bool, seed: int):
@@ -134,7 +131,7 @@ def make_peft_lora(teacher, seed: int, rank: int = 4, alpha: float = 8.0):
 
     model = get_peft_model(
         copy.deepcopy(teacher),
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), init_lora_weights=True),
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -148,7 +145,8 @@ def save_released_lora(peft_model, path: Path, alpha_in_metadata: float | None =
     """Save in the released layout: `unet.base_model.model.<module>.lora_A.weight`."""
     from peft import get_peft_model_state_dict
 
-    state = {f"unet.{key}": value.contiguous() for key, value in get_peft_model_state_dict(peft_model).items()}
+    state = {LORA_PREFIX + key.removeprefix("base_model.model."): value.contiguous()
+             for key, value in get_peft_model_state_dict(peft_model).items()}  # fmt: skip
     metadata = None if alpha_in_metadata is None else {"lora_alpha": str(alpha_in_metadata)}
     save_file(state, str(path), metadata=metadata)
     return path

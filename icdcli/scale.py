@@ -1,0 +1,509 @@
+"""`icd bench scale`: the release's files at SD1.5 or SDXL size (random weights, see `scale_models`) taken through
+the path a user's `--base/--teacher/--forward-lora/--reverse-lora` take - fuse, export, edit - on each backend.
+
+Each stage runs in a process of its own (a *worker*: `python -m icdcli.scale TASK.json`), so the peak resident
+memory it reports is that stage's alone, and a stage that runs out of memory is named rather than taking the
+report with it. Within a worker a sampling thread attributes resident memory to the innermost stage running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ICDError
+
+SOURCE = "a photo of a red cat sitting on a blue background"
+TARGET = "a photo of a green cat sitting on a blue background"
+GB = 1e9
+SAMPLE_SECONDS = 0.01
+EDIT_STAGES = ("text_encoder", "vae_encode", "unet_forward", "encode", "unet_reverse", "decode", "vae_decode", "edit")
+
+
+@dataclass
+class ScaleOptions:
+    """What `icd bench scale` was asked for."""
+
+    arch: str = "sd15"
+    size: int | None = None
+    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    precision: str = "fp32"
+    method: str | None = None  # None: the family's recipe (p2p for SD1.5, swap for SDXL)
+    repeats: int = 2
+    device: str = "cpu"
+    width: float = 1.0
+    seed: int = 0
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+def current_memory() -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes) of this process now, from Linux /proc (else the peak so far for
+    both). Anonymous memory is what must fit; the rest of RSS is file pages (mapped weights) the kernel can drop."""
+    try:
+        with open("/proc/self/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "RssAnon")))
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+    except (OSError, ValueError, KeyError):
+        return peak_rss(), peak_rss()
+
+
+def peak_rss() -> int:
+    """The largest resident size this process has had (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class StageMeter:
+    """Seconds per stage, and the peak resident memory seen while each stage was the innermost one running."""
+
+    def __init__(self, status: Path | None = None, interval: float = SAMPLE_SECONDS):
+        self.status, self.interval = status, interval
+        self.stack: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self.anon_peak = 0
+        self.synchronize: Callable[[], None] | None = None  # on a GPU: wait for queued kernels before reading a clock
+        self.seconds: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _note(self, memory: tuple[int, int]) -> None:
+        rss, anon = memory
+        self.anon_peak = max(self.anon_peak, anon)
+        if self.stack:
+            label = self.stack[-1]
+            self.peaks[label] = max(self.peaks.get(label, 0), rss)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._note(current_memory())
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.stack.append(name)
+        if self.status is not None and len(self.stack) == 1:
+            self.status.write_text(json.dumps({"stage": name}))  # what was running if the process dies
+        self._note(current_memory())
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize is not None:
+                self.synchronize()
+            self.seconds.setdefault(name, []).append(time.perf_counter() - start)
+            self._note(current_memory())
+            self.stack.pop()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peaks_gb(self) -> dict[str, float]:
+        return {name: round(value / GB, 3) for name, value in self.peaks.items()}
+
+
+class TimedDenoiser:
+    """A denoiser whose every evaluation is timed under `name` (and counted)."""
+
+    def __init__(self, inner: Any, meter: StageMeter, name: str):
+        self.inner, self.meter, self.name = inner, meter, name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.meter.stage(self.name):
+            return self.inner(*args, **kwargs)
+
+
+class TimedModel:
+    """A loaded model (torch or accelerated) whose text encoder, VAE and UNets are timed; keeps the last clean
+    latents it decoded (the edit's result before the VAE) for the parity check."""
+
+    def __init__(self, model: Any, meter: StageMeter):
+        self.model, self.meter = model, meter
+        self.last_latents: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["model"], name)
+
+    @property
+    def forward_denoiser(self) -> TimedDenoiser:
+        return TimedDenoiser(self.model.forward_denoiser, self.meter, "unet_forward")
+
+    @property
+    def reverse_denoiser(self) -> TimedDenoiser:
+        return TimedDenoiser(self.model.reverse_denoiser, self.meter, "unet_reverse")
+
+    def conditioning(self, *args: Any, **kwargs: Any) -> Any:
+        with self.meter.stage("text_encoder"):
+            return self.model.conditioning(*args, **kwargs)
+
+    def encode_image(self, pixels: Any) -> Any:
+        with self.meter.stage("vae_encode"):
+            return self.model.encode_image(pixels)
+
+    def decode_latents(self, latents: Any) -> Any:
+        self.last_latents = latents.detach().float().cpu()
+        with self.meter.stage("vae_decode"):
+            return self.model.decode_latents(latents)
+
+
+# --- the workers --------------------------------------------------------------------------------------------
+
+
+def _request(task: dict[str, Any]) -> Any:
+    from .sources import ModelRequest
+
+    files = task["files"]
+    request = ModelRequest(None, files["base"], files["teacher"], files["forward_lora"], files["reverse_lora"])
+    request.half = task["precision"] in ("fp16", "bf16")  # the fused cache in half: SDXL's fp32 UNets fill 24 GB
+    return request
+
+
+def _dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> Any:
+    from .models import resolve_device
+    from .sources import load_requested_model
+
+    with meter.stage("load"):
+        model = load_requested_model(_request(task), progress=say)
+        model.to(resolve_device(task["device"]), _dtype(task["precision"]))
+    if task.get("size"):
+        model.info.native_size = int(task["size"])  # the edit's working area, and the P2P graph's static size
+    return model
+
+
+def _export_folder(model: Any, task: dict[str, Any], progress: Callable[[str], None]) -> Path:
+    from .accelerated import ensure_exported
+
+    folder, _ = ensure_exported(model, "fp16" if task["precision"] == "fp16" else "fp32", progress=progress)
+    return folder
+
+
+def worker_prepare(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> dict[str, Any]:
+    """Fuse the LoRA files into the fused-model cache (or find them there)."""
+    return {"model": _load(task, meter, say).info.name}
+
+
+def worker_export(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> dict[str, Any]:
+    """Export the model to ONNX (or find the export current)."""
+    model = _load(task, meter, say)
+    with meter.stage("export"):
+        folder = _export_folder(model, task, say)
+    return {"export_dir": str(folder)}
+
+
+def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> dict[str, Any]:
+    """One warm-up and `repeats` timed edits on one backend; saves the last edit's latents and pixels."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from .editing import SamplerSettings, Timings, edit
+    from .engines.latency import sample_image
+    from .recipe import P2POptions, guidance_and_tau
+
+    model = _load(task, meter, say)
+    if task["backend"] != "torch":
+        from .accelerated import accelerate
+
+        with meter.stage("sessions"):
+            model = accelerate(model, task["backend"], progress=say)
+    timed = TimedModel(model, meter)
+    guidance, tau = guidance_and_tau(model.info, "icd", None, None)
+    method = task["method"] or model.info.edit.method
+    p2p = P2POptions().resolve(model.info.edit) if method == "p2p" else None
+    image = sample_image(model.info.native_size)
+    settings = SamplerSettings("icd", seed=task["seed"])
+
+    def run() -> Any:
+        timings = Timings()
+        with meter.stage("edit"):
+            result = edit(timed, image, SOURCE, TARGET, guidance, tau, settings, timings=timings, p2p=p2p)
+        for name, seconds in timings.seconds.items():
+            meter.seconds.setdefault(name, []).append(seconds)
+        return result
+
+    say(f"{task['backend']}: warm-up edit")
+    with meter.stage("warmup"):
+        run()
+    meter.seconds = {key: value for key, value in meter.seconds.items() if key in ("load", "sessions", "warmup")}
+    result = None
+    for _ in tqdm(range(task["repeats"]), desc=f"{task['backend']} edits", unit="edit", file=sys.stderr):
+        result = run()
+    out = Path(task["out"])
+    np.save(out.with_suffix(".latents.npy"), timed.last_latents.numpy())
+    np.save(out.with_suffix(".pixels.npy"), np.asarray(result))
+    unet_calls = len(meter.seconds.get("unet_forward", [])) + len(meter.seconds.get("unet_reverse", []))
+    return {"method": method, "unet_evaluations_per_edit": unet_calls // max(1, task["repeats"])}
+
+
+WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run}
+
+
+def run_worker(task_path: Path) -> None:
+    """Run the task in `task_path` and write its result beside it (`.result.json`)."""
+    from .cli_common import _quiet_libraries, _setup_logging
+
+    _setup_logging()
+    _quiet_libraries()
+    task = json.loads(task_path.read_text())
+    meter = StageMeter(task_path.with_suffix(".status.json"))
+    if task["device"].startswith("cuda"):
+        import torch
+
+        meter.synchronize = torch.cuda.synchronize
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = WORKERS[task["kind"]](task, meter, say)
+    finally:
+        meter.close()
+    seconds = {name: values for name, values in meter.seconds.items()}
+    if meter.synchronize is not None:
+        import torch
+
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
+    result |= {"seconds": seconds, "peak_rss_gb": round(peak_rss() / GB, 3), "peak_rss_gb_by_stage": meter.peaks_gb(),
+               "peak_anon_gb": round(meter.anon_peak / GB, 3)}  # fmt: skip
+    task_path.with_suffix(".result.json").write_text(json.dumps(result))
+
+
+# --- the parent ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerOutcome:
+    result: dict[str, Any] | None
+    failure: str | None = None
+    stage: str | None = None
+
+
+def spawn(task: dict[str, Any], folder: Path, name: str) -> WorkerOutcome:
+    """Run one worker process; its stderr (progress) passes through."""
+    task_path = folder / f"{name}.json"
+    task_path.write_text(json.dumps(task))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.run([sys.executable, "-m", "icdcli.scale", str(task_path)], env=env, check=False)
+    result_path = task_path.with_suffix(".result.json")
+    if process.returncode == 0 and result_path.is_file():
+        return WorkerOutcome(json.loads(result_path.read_text()))
+    status = task_path.with_suffix(".status.json")
+    stage = json.loads(status.read_text())["stage"] if status.is_file() else None
+    if process.returncode in (-9, 137):
+        why = "killed (SIGKILL: out of memory, most likely)"
+    else:
+        why = f"exited with status {process.returncode}"
+    return WorkerOutcome(None, f"{why} during stage {stage or 'start-up'}", stage)
+
+
+def _summary(seconds: dict[str, list[float]], repeats: int) -> dict[str, float | None]:
+    """Per stage: the median over the timed edits of its per-edit total, or its one value (load, export, ...);
+    `unet_eval`: the mean of one UNet evaluation."""
+    out: dict[str, float | None] = {}
+    for name, values in _edit_totals(seconds, repeats).items():
+        out[name] = round(statistics.median(values), 4)
+    evaluations = seconds.get("unet_forward", []) + seconds.get("unet_reverse", [])
+    out["unet_eval"] = round(statistics.mean(evaluations), 4) if evaluations else None
+    return out
+
+
+def _edit_totals(seconds: dict[str, list[float]], repeats: int) -> dict[str, list[float]]:
+    """Per-edit totals of the stages that run several times per edit (UNet evaluations, text encoding)."""
+    totals = dict(seconds)
+    for name in ("unet_forward", "unet_reverse", "text_encoder", "vae_encode", "vae_decode"):
+        values = seconds.get(name, [])
+        if values and repeats and len(values) % repeats == 0:
+            per = len(values) // repeats
+            totals[name] = [sum(values[i * per : (i + 1) * per]) for i in range(repeats)]
+    return totals
+
+
+def backend_skip_reason(backend: str, precision: str, device: str) -> str | None:
+    """Why a backend row cannot run here, or None."""
+    import torch
+
+    from .accelerated import backend_problem, probe_backends
+
+    try:
+        problem = backend_problem(backend, probe_backends(torch.device(device)))
+    except ICDError as error:
+        return str(error)
+    if problem:
+        return problem
+    if backend == "onnxruntime" and precision != "fp32" and device == "cpu":
+        return f"ONNX Runtime's CPU provider has no {precision} kernels for these graphs: use --precision fp32"
+    if backend == "onnxruntime" and precision == "bf16":
+        return "icd exports fp32 and fp16 graphs only"
+    return None
+
+
+def _size_of(path: Path | None) -> float | None:
+    from .export.files import folder_size
+
+    if path is None or not path.exists():
+        return None
+    return round(folder_size(path) / GB, 3)
+
+
+def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = None, work: Path | None = None) -> dict:
+    """Build (once) and run the scale benchmark; the report `icd bench scale --json` prints."""
+    import tempfile
+
+    from .scale_models import RELEASE, scale_files
+
+    say = progress or (lambda message: None)
+    if options.arch not in RELEASE:
+        raise ICDError(f"unknown --arch {options.arch!r}: choose sd15 or sdxl")
+    files, built = scale_files(options.arch, options.width, options.seed, say)
+    size = options.size or RELEASE[options.arch]["size"]
+    base_task = {
+        "files": {k: str(v) for k, v in asdict(files).items()},
+        "precision": options.precision,
+        "device": options.device,
+        "size": size,
+        "method": options.method,
+        "repeats": options.repeats,
+        "seed": options.seed,
+    }
+    report: dict[str, Any] = {
+        "arch": options.arch,
+        "size": size,
+        "width_scale": options.width,
+        "precision": options.precision,
+        "device": options.device,
+        "repeats": options.repeats,
+        "files_gb": {k: round(v / GB, 3) for k, v in files.sizes().items()},
+        "stages": {"build": round(built, 2) if built is not None else None},
+        "rows": [],
+        "skipped": {},
+        "failures": {},
+    }
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        folder = Path(scratch)
+        fused_cache = _fused_cache_path(base_task)
+        was_cached = fused_cache.is_dir()
+        say("fusing the LoRA files (the path of --base/--teacher/--forward-lora/--reverse-lora)")
+        prepared = spawn({**base_task, "kind": "prepare"}, folder, "prepare")
+        if prepared.result is None:
+            report["failures"]["fuse"] = prepared.failure
+            return report
+        stage = "load_cached" if was_cached else "fuse"
+        report["stages"][stage] = round(prepared.result["seconds"]["load"][0], 2)
+        report["stages"][f"{stage}_peak_rss_gb"] = prepared.result["peak_rss_gb"]
+        report["stages"][f"{stage}_peak_anon_gb"] = prepared.result["peak_anon_gb"]
+        report["disk_gb"] = {"fused_cache": _size_of(fused_cache)}
+        outputs: dict[str, Path] = {}
+        for backend in options.backends:
+            reason = backend_skip_reason(backend, options.precision, options.device)
+            if reason:
+                report["skipped"][backend] = reason
+                continue
+            row: dict[str, Any] = {"backend": backend, "precision": options.precision}
+            extra: dict[str, Any] = {}
+            if backend != "torch":
+                say(f"exporting for {backend}")
+                exported = spawn({**base_task, "kind": "export"}, folder, f"export-{backend}")
+                if exported.result is None:
+                    report["failures"][f"{backend} export"] = exported.failure
+                    continue
+                extra["export"] = exported.result["seconds"]["export"][0]
+                row["export_peak_rss_gb"] = exported.result["peak_rss_gb_by_stage"].get("export")
+                row["export_peak_anon_gb"] = exported.result["peak_anon_gb"]
+                report["disk_gb"]["export"] = _size_of(Path(exported.result["export_dir"]))
+            say(f"timing {backend}: a warm-up and {options.repeats} edits at {size} px")
+            out = folder / f"run-{backend}"
+            ran = spawn({**base_task, "kind": "run", "backend": backend, "out": str(out)}, folder, f"run-{backend}")
+            if ran.result is None:
+                report["failures"][backend] = ran.failure
+                continue
+            seconds = _summary(ran.result["seconds"], options.repeats)
+            row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
+            row |= {
+                key: ran.result[key] for key in ("method", "unet_evaluations_per_edit", "peak_rss_gb", "peak_anon_gb")
+            }
+            row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
+            report["rows"].append(row)
+            outputs[backend] = out
+        report["parity"] = parity(outputs)
+    return report
+
+
+def _fused_cache_path(task: dict[str, Any]) -> Path:
+    """Where the user's path keeps this model fused (`load_lora_cached`)."""
+    from .models import LoraSources
+    from .paths import cache_root
+
+    files = task["files"]
+    sources = LoraSources(
+        Path(files["base"]), Path(files["teacher"]), Path(files["forward_lora"]), Path(files["reverse_lora"]),
+        cache_half=task["precision"] in ("fp16", "bf16"),
+    )  # fmt: skip
+    return cache_root() / "merged" / sources.cache_key()
+
+
+def parity(outputs: dict[str, Path]) -> dict[str, Any]:
+    """Largest absolute difference of each backend's edit from the first backend's: latents and 0-255 pixels."""
+    import numpy as np
+
+    if len(outputs) < 2:
+        return {"latents": None, "pixels": None, "reference": next(iter(outputs), None)}
+    names = list(outputs)
+    reference = names[0]
+    load = {name: (np.load(path.with_suffix(".latents.npy")), np.load(path.with_suffix(".pixels.npy")))
+            for name, path in outputs.items()}  # fmt: skip
+    result: dict[str, Any] = {"reference": reference, "latents": 0.0, "pixels": 0}
+    for name in names[1:]:
+        latents = float(np.abs(load[name][0] - load[reference][0]).max())
+        pixels = int(np.abs(load[name][1].astype(np.int16) - load[reference][1].astype(np.int16)).max())
+        result["latents"] = max(result["latents"], latents)
+        result["pixels"] = max(result["pixels"], pixels)
+    return result
+
+
+TABLE_STAGES = ("load", "export", "text_encoder", "vae_encode", "unet_eval", "encode", "decode", "vae_decode", "edit")
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as the tables docs/benchmarks.md shows."""
+    head = ["backend", "precision", *[f"{s} s" for s in TABLE_STAGES], "peak RSS GB", "peak anon GB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        cells = [row["backend"], row["precision"]]
+        cells += ["" if row["seconds"].get(s) is None else f"{row['seconds'][s]:.2f}" for s in TABLE_STAGES]
+        cells += [f"{row['peak_rss_gb']:.2f}", f"{row.get('peak_anon_gb') or 0:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    parity_line = report.get("parity") or {}
+    lines.append("")
+    lines.append(f"arch {report['arch']}, {report['size']} px, width x{report['width_scale']:g}; stages: "
+                 + ", ".join(f"{k} {v}" for k, v in report["stages"].items() if v is not None))  # fmt: skip
+    lines.append(f"disk GB: {report.get('disk_gb')}; files GB: {report['files_gb']}")
+    lines.append(f"parity vs {parity_line.get('reference')}: latents {parity_line.get('latents')}, "
+                 f"pixels {parity_line.get('pixels')}")  # fmt: skip
+    for name, reason in {**report["skipped"], **report["failures"]}.items():
+        lines.append(f"{name}: {reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_worker(Path(sys.argv[1]))
