@@ -52,7 +52,7 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import diffusers.utils.logging
     import transformers.utils.logging
 
@@ -236,7 +236,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     from .models import resolve_device
     from .sources import ModelRequest, load_requested_model
 
-    _quiet_libraries()
+    quiet_libraries()
     start = time.perf_counter()
     request = ModelRequest(
         ctx_options["model"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_common import _reports_errors, _say, _setup_logging
+from .cli_common import reports_errors, say, setup_logging
 from .values import strict_json
 
 
@@ -60,7 +60,7 @@ from .values import strict_json
     help='Print one JSON object: {"arch", "size", "rows": [{"backend", "precision", "seconds", '
     '"peak_rss_gb"}], "parity": {"latents", "pixels"}, ...}.',
 )
-@_reports_errors
+@reports_errors
 def scale(arch: str, size: int | None, backends: str, precision: str, method: str | None, repeats: int, device: str,
           seed: int, width: float, as_json: bool) -> None:  # fmt: skip
     """Run the real architectures end to end: seconds, peak memory, disk and backend parity per stage.
@@ -72,12 +72,12 @@ def scale(arch: str, size: int | None, backends: str, precision: str, method: st
     Runtime), one warm-up and --repeats timed edits per backend, each stage in a process of its own so its peak
     memory is its own. Needs tens of GB of disk at full size (SD1.5 ~30, SDXL ~60).
     """
-    _setup_logging()
+    setup_logging()
     from .scale import ScaleOptions, bench_scale, markdown_report
 
     options = ScaleOptions(
         arch=arch, size=size, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
         precision=precision, method=method, repeats=repeats, device=device, width=width, seed=seed,
     )  # fmt: skip
-    report = bench_scale(options, progress=_say)
+    report = bench_scale(options, progress=say)
     click.echo(strict_json(report) if as_json else markdown_report(report))

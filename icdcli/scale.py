@@ -261,10 +261,10 @@ WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run
 
 def run_worker(task_path: Path) -> None:
     """Run the task in `task_path` and write its result beside it (`.result.json`)."""
-    from .cli_common import _quiet_libraries, _setup_logging
+    from .cli_common import quiet_libraries, setup_logging
 
-    _setup_logging()
-    _quiet_libraries()
+    setup_logging()
+    quiet_libraries()
     task = json.loads(task_path.read_text())
     meter = StageMeter(task_path.with_suffix(".status.json"))
     if task["device"].startswith("cuda"):
