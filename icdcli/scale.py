@@ -218,7 +218,7 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     from tqdm import tqdm
 
     from .editing import SamplerSettings, Timings, edit
-    from .engines.latency import sample_image
+    from .bench.latency import sample_image
     from .recipe import P2POptions, guidance_and_tau
 
     model = _load(task, meter, say)
