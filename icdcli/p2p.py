@@ -402,6 +402,10 @@ class P2PPlan:
             self_active=self.self_steps[index],
         )
 
+    def reads_source(self, index: int) -> bool:
+        """Whether step `index` or a later one reads the source branch: attention control or local blend."""
+        return self.blend_tokens is not None or any(self.cross_steps[index:]) or any(self.self_steps[index:])
+
     def add_maps(self, maps: list[torch.Tensor]) -> None:
         """Accumulate one step's blend-resolution cross-attention maps, (2, Q, L) each."""
         if not maps:
@@ -431,6 +435,9 @@ class P2PBatch:
         if len(self.plans) == 1:
             return self.plans[0].step(index)
         return stack_controls([plan.step(index) for plan in self.plans])
+
+    def reads_source(self, index: int) -> bool:
+        return any(plan.reads_source(index) for plan in self.plans)
 
     def add_maps(self, maps: list[torch.Tensor]) -> None:
         """Accumulate one step's maps, (2P, Q, L) each, into each plan's (2, Q, L) share."""
