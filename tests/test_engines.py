@@ -64,6 +64,14 @@ def test_accelerated_model_delegates_and_reports_backend(ort_sd15, merged_model)
 
 
 @onnx_needed
+def test_cpu_sessions_block_instead_of_spinning(ort_sd15):
+    """One thread pool per session: pools that spin after their run take the CPU from the next session's run."""
+    for runner in ort_sd15.parts.runners.values():
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@onnx_needed
 @pytest.mark.parametrize("sampler", ["icd", "ddim"])
 def test_edit_on_onnxruntime_matches_torch(ort_sd15, merged_model, sampler):
     settings = SamplerSettings(sampler, ddim_steps=10, seed=3)
