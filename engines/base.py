@@ -22,7 +22,6 @@ from icdcli.denoiser import (
     expand_batch,
     guided_eps,
     is_unguided,
-    row_guidance,
 )
 from icdcli.errors import ICDError
 from icdcli.export.manifest import (
@@ -65,6 +64,14 @@ def unet_feeds(
         feeds["text_embeds"] = expand_batch(prompt.pooled, batch)
         feeds["time_ids"] = expand_batch(time_ids, batch)
     return feeds
+
+
+def stacked_control(control: Any) -> dict[str, torch.Tensor]:
+    """The P2P graph's control inputs, each with its leading pair axis (one pair's control gets an axis of 1)."""
+    one_pair = control.mapper.ndim == 2
+    return {
+        name: getattr(control, name).unsqueeze(0) if one_pair else getattr(control, name) for name in P2P_CONTROL_INPUTS
+    }
 
 
 class GraphDenoiser:
@@ -129,6 +136,8 @@ class GraphDenoiser:
         """Why these latents cannot run in the P2P graph, or None when they can."""
         if self.p2p is None:
             return "attention control (Prompt-to-Prompt) without an exported P2P graph"
+        if len(self.p2p[1].input("mapper").shape) != 3:  # export format 2: one pair per call, no pair axis
+            return "a P2P graph of an older export (no pair axis): run icd export again"
         sample = self.p2p[1].input("sample")
         if list(x.shape[2:]) != list(sample.shape[2:]):
             return f"Prompt-to-Prompt at latents {tuple(x.shape[2:])}: the P2P graph was exported at the native size"
@@ -137,37 +146,9 @@ class GraphDenoiser:
     def _p2p_guided(
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any
     ) -> torch.Tensor:
-        from icdcli.p2p import control_pairs
-
-        pairs = control_pairs(control)
-        if pairs > 1 and len(self.p2p[1].input("mapper").shape) == 2:
-            return self._p2p_pair_by_pair(x, t, cond, guidance, control, pairs)
-        return self._p2p_call(x, t, cond, guidance, control)
-
-    def _p2p_pair_by_pair(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any, pairs: int
-    ) -> torch.Tensor:
-        """A batch of P2P pairs through a graph exported for one pair per call: one call per pair."""
-        from icdcli.p2p import unstack_control
-
-        batch = x.shape[0]
-        weights = row_guidance(guidance, batch)
-        hidden = expand_batch(cond.prompt.hidden_states, batch)
-        pooled = None if cond.prompt.pooled is None else expand_batch(cond.prompt.pooled, batch)
-        eps, maps = [], []
-        for pair in range(pairs):
-            rows = slice(2 * pair, 2 * pair + 2)
-            prompt = PromptEmbedding(hidden[rows], None if pooled is None else pooled[rows])
-            one = unstack_control(control, pair)
-            eps.append(self._p2p_call(x[rows], t, cond.with_prompt(prompt), weights[rows], one))
-            maps.append(one.maps)
-        if control.blend_queries is not None:
-            control.maps.extend(torch.cat(layer) for layer in zip(*maps, strict=True))
-        return torch.cat(eps)
-
-    def _p2p_call(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any) -> torch.Tensor:
+        """Every (source, target) pair of the batch in one call of the P2P graph (its control has a pair axis)."""
         runner, spec = self.p2p
-        feeds_control = {name: getattr(control, name) for name in P2P_CONTROL_INPUTS}
+        feeds_control = stacked_control(control)
         collected: list[torch.Tensor] = []
 
         def evaluate(
@@ -175,7 +156,8 @@ class GraphDenoiser:
         ) -> torch.Tensor:
             feeds = unet_feeds(spec, xx, t, prompt, time_ids, timestep_cond)
             outputs = runner({**feeds, **{k: v.to(xx.device) for k, v in feeds_control.items()}})
-            collected.append(outputs["blend_maps"])
+            maps = outputs["blend_maps"]  # (P, 2, Q, L): back to the rows (source 1, target 1, source 2, ...)
+            collected.append(maps.reshape(-1, *maps.shape[2:]))
             return outputs["eps"].to(xx.dtype)
 
         eps = guided_eps(evaluate, x, cond, guidance, self.guidance_dim)

@@ -46,6 +46,7 @@ from icdcli.export.manifest import (
     FORWARD,
     GUIDANCE_CFG,
     P2P_BATCH,
+    P2P_PAIRS,
     REVERSE_P2P,
     UNET_GRAPHS,
     GraphSpec,
@@ -215,11 +216,12 @@ class EngineRequest:
 
 
 def graph_profiles(
-    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: dict[str, int], p2p_batch: Triple,
+    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: dict[str, int], p2p_axes: dict[str, Triple],
     vae_scale_factor: int,
 ) -> Profiles:  # fmt: skip
     """The distinct profiles of one graph: static native and batched native ones for UNets, then landscape and
-    portrait. `images[label]` is how many images one call of that profile holds (see `profile_images`)."""
+    portrait. `images[label]` is how many images one call of that profile holds (see `profile_images`);
+    `p2p_axes` the ranges of the P2P graph's rows and pairs."""
     rows = rows_per_image(spec)
     opt_rows = rows if spec.name in UNET_GRAPHS else 1  # one image (a text encoder: one prompt)
     labels = [NATIVE, BATCHED, LANDSCAPE, PORTRAIT] if spec.name in UNET_GRAPHS else [LANDSCAPE, PORTRAIT]
@@ -231,7 +233,7 @@ def graph_profiles(
         h, w = boxes[NATIVE if label == BATCHED else label]
         batch = {NATIVE: (1, 1, 1), BATCHED: (1, most, most)}.get(label, (1, opt_rows, most))
         ranges = axis_ranges(h, w, batch, vae_scale_factor)
-        ranges[P2P_BATCH] = p2p_batch
+        ranges |= p2p_axes
         profile = profile_shapes(spec, ranges)
         if all(profile != seen for _, seen in found):
             found.append((label, profile))
@@ -304,10 +306,10 @@ def plan_engines(
     images = profile_images(boxes, manifest.vae_scale_factor, max_batch, budget)
     pairs = max_batch or (images[BATCHED] if budget else 1)  # P2P: one source/target pair unless a batch is asked
     rows = 4 if cfg else 2  # source + target rows (and real CFG's unconditional ones)
-    p2p_batch = (2, rows, rows * pairs)
+    p2p_axes = {P2P_BATCH: (2, rows, rows * pairs), P2P_PAIRS: (1, 1, pairs)}
     wanted = set(manifest.graphs if graphs is None else graphs)
     return [
-        EngineRequest(name, graph_profiles(spec, boxes, images, p2p_batch, manifest.vae_scale_factor))
+        EngineRequest(name, graph_profiles(spec, boxes, images, p2p_axes, manifest.vae_scale_factor))
         for name, spec in manifest.graphs.items()
         if name in wanted
     ]

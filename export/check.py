@@ -61,7 +61,7 @@ def check_export(
     Runtime sessions."""
     from icdcli.engines.onnxruntime import has_cuda_provider, providers_for
 
-    from .manifest import P2P_BATCH
+    from .manifest import P2P_BATCH, P2P_PAIRS
     from .onnx import BATCH, EXAMPLE_LATENT, HEIGHT, LATENT_H, LATENT_W, WIDTH, example_inputs, plan_graphs
 
     say = progress or (lambda message: None)
@@ -71,7 +71,7 @@ def check_export(
     providers = providers_for(model.device)
     factor = manifest.vae_scale_factor
     latent = EXAMPLE_LATENT if runners is None else int(manifest.info["native_size"]) // factor
-    sizes = {BATCH: 2 if runners is None else 1, P2P_BATCH: 2, LATENT_H: latent, LATENT_W: latent}
+    sizes = {BATCH: 2 if runners is None else 1, P2P_BATCH: 2, P2P_PAIRS: 1, LATENT_H: latent, LATENT_W: latent}
     sizes |= {HEIGHT: latent * factor, WIDTH: latent * factor}
     include_teacher = "teacher_unet" in manifest.graphs
     p2p = "reverse_unet_p2p" in manifest.graphs

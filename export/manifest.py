@@ -22,8 +22,8 @@ MANIFEST = "manifest.json"
 TEACHER_MISSING = "the export has no teacher UNet"
 ENGINE_SIZES = "engine_sizes.json"
 """Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
-EXPORT_FORMAT = 2
-"""Bump when graph signatures change: every cached export then counts as stale."""
+EXPORT_FORMAT = 3
+"""Bump when graph signatures change: every cached export then counts as stale (3: the P2P graph's pair axis)."""
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 
@@ -34,6 +34,9 @@ REVERSE_P2P = "reverse_unet_p2p"
 """The reverse UNet with Prompt-to-Prompt control as inputs and blend maps as an output (see export.onnx)."""
 P2P_CONTROL_INPUTS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
 P2P_BATCH = "p2p_batch"
+"""Rows of the P2P graph: 2 per (source, target) pair, 4 with real CFG's unconditional rows."""
+P2P_PAIRS = "p2p_pairs"
+"""Leading axis of the P2P graph's control inputs and blend maps: the (source, target) pairs of one call."""
 
 # How a UNet graph takes guidance: a `timestep_cond` input, w = 1 folded into the graph, or real CFG by batch.
 GUIDANCE_EMBEDDING, GUIDANCE_FOLDED, GUIDANCE_CFG = "embedding", "folded", "cfg"

@@ -11,13 +11,14 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
     ("embedding");
   - a UNet without guidance distillation takes no guidance input; real CFG runs it at batch 2 and unguided
     steps at batch 1 through the dynamic batch axis ("cfg").
-- `reverse_unet_p2p` (SD1.5-family models): the reverse UNet with Prompt-to-Prompt inside. Its attention
-  layers take the control of one step as inputs - `cross_alpha` (L,), `refine` (L,), `mapper` (L, L),
-  `reweight` (L,), `self_replace` (1,), see `icdcli.p2p.StepControl` - and edit the last two rows of the
-  batch (source, target; real CFG's unconditional rows come first and are left alone). A second output,
-  `blend_maps` (2, R*R, L), is the sum over layers of the head-averaged cross-attention maps at local
-  blend's resolution R. Its spatial size is static (the model's native latents: which layers P2P touches
-  depends on it); the batch is 2, or 2 and 4 for real CFG.
+- `reverse_unet_p2p` (SD1.5-family models): the reverse UNet with Prompt-to-Prompt inside, for P (source,
+  target) pairs per call. Its attention layers take the control of one step as inputs, each with a leading
+  pair axis - `cross_alpha` (P, L), `refine` (P, L), `mapper` (P, L, L), `reweight` (P, L), `self_replace`
+  (P, 1), see `icdcli.p2p.StepControl` - and edit the last 2P rows of the batch (source, target interleaved;
+  real CFG's unconditional rows come first and are left alone). A second output, `blend_maps` (P, 2, R*R, L),
+  is the sum over layers of the head-averaged cross-attention maps at local blend's resolution R. Its
+  spatial size is static (the model's native latents: which layers P2P touches depends on it); the batch is
+  2P, or 2P and 4P for real CFG.
 - `vae_encoder`: `images` (B, 3, H, W) in [-1, 1] -> `latents`: posterior mean *times the scaling factor*
   (the clean latents the samplers use, exactly `ICDModel.encode_image`).
 - `vae_decoder`: `latents` (scaled, as the samplers produce them) -> `images` in [-1, 1], clamped
@@ -67,6 +68,7 @@ from .manifest import (
     MANIFEST,
     P2P_BATCH,
     P2P_CONTROL_INPUTS,
+    P2P_PAIRS,
     PRECISIONS,
     REVERSE,
     REVERSE_P2P,
@@ -153,10 +155,11 @@ class P2PUNetGraph(UNetGraph):
         feeds = dict(zip(self.input_names, inputs, strict=True))
         control = StepControl(*(feeds[name] for name in P2P_CONTROL_INPUTS), blend_queries=self.blend_size**2, maps=[])
         eps = self.run_unet(feeds, {"control": control})
-        if control.maps:
-            maps = torch.stack(control.maps).sum(0)
-        else:  # no cross-attention at the blend resolution: local blend sees no maps
-            maps = eps.new_zeros(2, self.blend_size**2, self.text_length)
+        queries = self.blend_size**2
+        if control.maps:  # (2P, Q, L) per layer -> (P, 2, Q, L): the pair axis leads, as on the control inputs
+            maps = torch.stack(control.maps).sum(0).reshape(-1, 2, queries, self.text_length)
+        else:  # no cross-attention at the blend resolution: local blend sees no maps (zeros, P of them)
+            maps = (feeds["cross_alpha"][:, None, None, :] * 0).expand(-1, 2, queries, self.text_length)
         return eps, maps
 
 
@@ -225,7 +228,10 @@ def unet_specs(
 def p2p_unet_specs(
     unet: torch.nn.Module, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
 ) -> tuple[list[TensorSpec], list[TensorSpec], str, int]:
-    """Inputs and outputs of the reverse P2P graph at `latent_side` (static), and its blend resolution."""
+    """Inputs and outputs of the reverse P2P graph at `latent_side` (static), and its blend resolution.
+
+    The control inputs and the blend maps lead with the pair axis (P pairs per call: 2P rows of `sample`, 4P with
+    real CFG), so a batch of P2P edits runs in one call."""
     from icdcli.p2p import blend_resolution
 
     inputs, outputs, guidance = unet_specs(unet, REVERSE, latent_channels, text_length, dtype)
@@ -236,9 +242,11 @@ def p2p_unet_specs(
         return TensorSpec(spec.name, spec.dtype, [sizes.get(dim, dim) for dim in spec.shape])
 
     control_shapes = {"mapper": [text_length, text_length], "self_replace": [1]}
-    control = [TensorSpec(name, fp, control_shapes.get(name, [text_length])) for name in P2P_CONTROL_INPUTS]
+    control = [
+        TensorSpec(name, fp, [P2P_PAIRS, *control_shapes.get(name, [text_length])]) for name in P2P_CONTROL_INPUTS
+    ]
     blend = blend_resolution(latent_side)
-    maps = TensorSpec("blend_maps", fp, [2, blend * blend, text_length])
+    maps = TensorSpec("blend_maps", fp, [P2P_PAIRS, 2, blend * blend, text_length])
     return [fixed(spec) for spec in inputs] + control, [fixed(outputs[0]), maps], guidance, blend
 
 
@@ -580,7 +588,7 @@ def plan_graphs(
 
 def _example_sizes(vae_scale_factor: int) -> dict[str, int]:
     """Sizes of the dynamic axes in the example inputs a graph is traced with."""
-    sizes = {BATCH: 2, P2P_BATCH: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
+    sizes = {BATCH: 2, P2P_BATCH: 4, P2P_PAIRS: 2, LATENT_H: EXAMPLE_LATENT, LATENT_W: EXAMPLE_LATENT}
     return sizes | {HEIGHT: EXAMPLE_LATENT * vae_scale_factor, WIDTH: EXAMPLE_LATENT * vae_scale_factor}
 
 

@@ -114,6 +114,18 @@ def mix_rows(chosen: torch.Tensor, first: Conditioning, second: Conditioning) ->
     return Conditioning(prompt, negative, pick(first.time_ids, second.time_ids))
 
 
+def take_rows(cond: Conditioning, rows: slice, batch: int) -> Conditioning:
+    """The conditioning of `rows` of a batch of `batch` rows (a tensor of one row serves every row as it is)."""
+
+    def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor if tensor is None or tensor.shape[0] != batch else tensor[rows]
+
+    def prompt(embedding: PromptEmbedding | None) -> PromptEmbedding | None:
+        return None if embedding is None else PromptEmbedding(pick(embedding.hidden_states), pick(embedding.pooled))
+
+    return Conditioning(prompt(cond.prompt), prompt(cond.negative), pick(cond.time_ids))
+
+
 def real_cfg(
     evaluate: Callable[[torch.Tensor, PromptEmbedding, torch.Tensor | None], torch.Tensor],
     x: torch.Tensor,

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from .denoiser import Conditioning, PromptEmbedding
-from .errors import ICDError
-from .images import fit_size, image_to_tensor, tensor_to_image
+from .images import fit_size, image_to_tensor, tensor_to_image, tensors_to_images
 from .model_api import EditModel
 from .p2p import REFINE, P2PBatch, P2PError, P2PSettings, make_plan, prompt_words
 from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
@@ -235,11 +234,10 @@ def edit_batch(
                 decoded = _decode_p2p_rows(model, latents, chosen, [plans[i] for i in runnable], size, settings)
             else:
                 decoded = _decode_swap_rows(model, latents, chosen, size, settings)
-            for row, index in enumerate(runnable):
-                try:
-                    results[index] = tensor_to_image(decoded[row : row + 1], jobs[index].image.size)
-                except ICDError as error:  # this job's result is not finite; the others are kept
-                    results[index] = error
+            # a job whose result is not finite gets its error; the others are kept
+            images = tensors_to_images(decoded, [jobs[index].image.size for index in runnable])
+            for index, image in zip(runnable, images, strict=True):
+                results[index] = image
     return results  # type: ignore[return-value]
 
 

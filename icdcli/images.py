@@ -213,17 +213,29 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]):
 
 def tensor_to_image(pixels, size: tuple[int, int] | None = None) -> Image.Image:
     """Tensor (1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB image, resized to `size` (width, height) if given."""
-    if pixels.ndim == 4:
-        pixels = pixels[0]
-    if not bool(pixels.isfinite().all()):
-        raise ICDError(
-            "the result holds non-finite values (NaN or infinity): nothing was written; lower --guidance or --amplify"
-        )
-    array = ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().byte()
-    image = Image.fromarray(array.permute(1, 2, 0).numpy(), "RGB")
-    if size is not None and image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
+    (image,) = tensors_to_images(pixels[:1] if pixels.ndim == 4 else pixels[None], [size])
+    if isinstance(image, ICDError):
+        raise image
     return image
+
+
+def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image.Image | ICDError]:
+    """Tensor (B, 3, H, W) in [-1, 1] -> one RGB image per row, resized to its size (width, height) if given, or an
+    ICDError for a row that holds non-finite values. One conversion for the whole batch, then one image per row."""
+    finite = pixels.detach().isfinite().flatten(1).all(1).tolist()
+    levels = ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().byte()
+    arrays = levels.permute(0, 2, 3, 1).contiguous().numpy()
+    images: list[Image.Image | ICDError] = []
+    for array, is_finite, size in zip(arrays, finite, sizes, strict=True):
+        if not is_finite:
+            images.append(ICDError("the result holds non-finite values (NaN or infinity): nothing was written; "
+                                   "lower --guidance or --amplify"))  # fmt: skip
+            continue
+        image = Image.fromarray(array, "RGB")
+        if size is not None and image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        images.append(image)
+    return images
 
 
 def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | None = None) -> Path:

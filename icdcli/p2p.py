@@ -402,6 +402,10 @@ class P2PPlan:
             self_active=self.self_steps[index],
         )
 
+    def reads_source(self, index: int) -> bool:
+        """Whether step `index` or a later one reads the source branch: attention control or local blend."""
+        return self.blend_tokens is not None or any(self.cross_steps[index:]) or any(self.self_steps[index:])
+
     def add_maps(self, maps: list[torch.Tensor]) -> None:
         """Accumulate one step's blend-resolution cross-attention maps, (2, Q, L) each."""
         if not maps:
@@ -431,6 +435,9 @@ class P2PBatch:
         if len(self.plans) == 1:
             return self.plans[0].step(index)
         return stack_controls([plan.step(index) for plan in self.plans])
+
+    def reads_source(self, index: int) -> bool:
+        return any(plan.reads_source(index) for plan in self.plans)
 
     def add_maps(self, maps: list[torch.Tensor]) -> None:
         """Accumulate one step's maps, (2P, Q, L) each, into each plan's (2, Q, L) share."""
@@ -463,15 +470,6 @@ def stack_controls(controls: list[StepControl]) -> StepControl:
         cross_active=any(c.cross_active for c in controls),
         self_active=any(c.self_active for c in controls),
     )
-
-
-def unstack_control(control: StepControl, pair: int) -> StepControl:
-    """The control of one pair of a stacked one (for backends whose P2P graph takes one pair per call)."""
-    tensors = {
-        name: getattr(control, name)[pair] for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
-    }
-    return StepControl(**tensors, blend_queries=control.blend_queries, self_max_queries=control.self_max_queries,
-                       maps=[], cross_active=control.cross_active, self_active=control.self_active)  # fmt: skip
 
 
 def blend_mask(
@@ -582,20 +580,31 @@ def make_plan(
 
 
 def control_pairs(control: StepControl) -> int:
-    """How many (source, target) pairs a control edits: its tensors carry a leading pair axis when more than one."""
-    return 1 if control.mapper.ndim == 2 else int(control.mapper.shape[0])
+    """How many (source, target) pairs a control edits: its tensors carry a leading pair axis when more than one.
+
+    No `int()`: while an export traces the P2P graph, the size stays a traced value, so the graph keeps a
+    dynamic pair axis."""
+    return 1 if control.mapper.ndim == 2 else control.mapper.shape[0]
+
+
+def pair_rows(probs: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The last 2P rows of a batch: the P (source, target) pairs after real CFG's unconditional rows.
+
+    Taken as the last of the batch's equal groups of 2P rows (a reshape, not a slice at B - 2P), so the
+    shapes of an exported graph stay inferable for any number of pairs."""
+    return probs.reshape(-1, 2 * pairs, *probs.shape[1:])[-1]
 
 
 def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl) -> torch.Tensor:
     """Rewrite each target row's attention probabilities from its source row's.
 
     `probs` is (B, heads, Q, K) whose last 2P rows are P (source, target) pairs, interleaved (real
-    classifier-free guidance puts its unconditional rows first; P2P leaves them alone). The control's
+    classifier-free guidance puts its unconditional rows first, B = 4P; P2P leaves them alone). The control's
     tensors are one pair's ((L,), (L, L), (1,)) or carry a leading pair axis ((P, L), (P, L, L), (P, 1)).
     """
     pairs = control_pairs(control)
-    edited_rows = probs[probs.shape[0] - 2 * pairs :]
-    source, target = edited_rows[0::2], edited_rows[1::2]  # (P, heads, Q, K)
+    groups = probs.reshape(-1, pairs, 2, *probs.shape[1:])  # (B / 2P, P, 2, heads, Q, K)
+    source, target = groups[-1, :, 0], groups[-1, :, 1]  # (P, heads, Q, K)
 
     def per_pair(tensor: torch.Tensor) -> torch.Tensor:  # (P, 1, 1, last) to broadcast over heads and queries
         return tensor.reshape(pairs, 1, 1, tensor.shape[-1])
@@ -611,8 +620,8 @@ def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl
         new_target = flag * source + (1 - flag) * target
     else:
         return probs
-    rewritten = torch.stack([source, new_target], dim=1).reshape(edited_rows.shape)
-    return torch.cat([probs[: probs.shape[0] - 2 * pairs], rewritten])
+    rewritten = torch.stack([source, new_target], dim=1)  # (P, 2, heads, Q, K)
+    return torch.cat([groups[:-1], rewritten[None]]).reshape(probs.shape)
 
 
 def _touches(control: StepControl, is_cross: bool, queries: int) -> bool:
@@ -668,7 +677,7 @@ class P2PAttnProcessor:
         probs = probs.reshape(batch, attn.heads, *probs.shape[1:])
         probs = edit_probabilities(probs, is_cross, control)
         if is_cross and control.blend_queries == queries:
-            control.maps.append(probs[probs.shape[0] - 2 * control_pairs(control) :].mean(1))
+            control.maps.append(pair_rows(probs, control_pairs(control)).mean(1))
         hidden_states = torch.bmm(probs.reshape(batch * attn.heads, *probs.shape[2:]).to(value.dtype), value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

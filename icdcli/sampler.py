@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .denoiser import Conditioning, Denoiser, Guidance, mix_rows
+from .denoiser import Conditioning, Denoiser, Guidance, mix_rows, take_rows
 from .schedule import (
     CLEAN,
     NoiseSchedule,
@@ -194,17 +194,25 @@ def p2p_decode(
     `cond` holds the source and target prompts of each edit, interleaved (2P rows). Source branches run
     unguided, target branches under dynamic guidance (`guidance`, `tau`: one for all or (P,) tensors).
     Each step the plan (an `icdcli.p2p.P2PPlan`, or a `P2PBatch` of P of them) gives the attention
-    control, collects the cross-attention maps and applies local blend.
+    control, collects the cross-attention maps and applies local blend. From the first step after which
+    nothing reads the source branches (no attention control, no local blend: `plan.reads_source`), only the
+    target rows are decoded, without control: the source rows returned stop at that step.
     """
     x = x.repeat_interleave(2, dim=0)
+    targets = slice(1, None, 2)
     for index, (t, s) in enumerate(pairs):
-        control = plan.step(index)
         target = torch.as_tensor(step_guidance(t, guidance, tau), dtype=torch.float32).reshape(-1)
         target = target.expand(x.shape[0] // 2)
-        w = torch.stack([torch.ones_like(target), target], dim=1).reshape(-1)
-        eps = denoiser(x, t, cond, w, control)
-        plan.add_maps(control.maps)
-        x = plan.blend(ddim_jump(x, eps, t, s, schedule))
+        if plan.reads_source(index):
+            control = plan.step(index)
+            w = torch.stack([torch.ones_like(target), target], dim=1).reshape(-1)
+            eps = denoiser(x, t, cond, w, control)
+            plan.add_maps(control.maps)
+            x = plan.blend(ddim_jump(x, eps, t, s, schedule))
+        else:  # the target rows alone: each depends only on itself without control (half the rows)
+            rows = x[targets]
+            eps = denoiser(rows, t, take_rows(cond, targets, x.shape[0]), target)
+            x = torch.stack([x[0::2], ddim_jump(rows, eps, t, s, schedule)], dim=1).reshape(x.shape)
         if callback is not None:
             callback(index, s, x)
     return x

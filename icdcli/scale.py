@@ -217,8 +217,8 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     import numpy as np
     from tqdm import tqdm
 
-    from .editing import SamplerSettings, Timings, edit
     from .bench.latency import sample_image
+    from .editing import SamplerSettings, Timings, edit
     from .recipe import P2POptions, guidance_and_tau
 
     model = _load(task, meter, say)

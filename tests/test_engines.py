@@ -23,7 +23,7 @@ from icdcli.editing import SamplerSettings, edit, generate
 from icdcli.engines import tensorrt as trt_engine
 from icdcli.engines.base import GraphDenoiser, ShapeNotCovered
 from icdcli.errors import ICDError
-from icdcli.export.manifest import GraphSpec, Manifest, TensorSpec
+from icdcli.export.manifest import P2P_CONTROL_INPUTS, GraphSpec, Manifest, TensorSpec
 
 PIXEL_LEVELS = 2
 
@@ -61,6 +61,14 @@ def test_accelerated_model_delegates_and_reports_backend(ort_sd15, merged_model)
     assert ort_sd15.teacher_denoiser.backend == "onnxruntime"
     with pytest.raises(ICDError):
         ort_sd15.to("cpu")
+
+
+@onnx_needed
+def test_cpu_sessions_block_instead_of_spinning(ort_sd15):
+    """One thread pool per session: pools that spin after their run take the CPU from the next session's run."""
+    for runner in ort_sd15.parts.runners.values():
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @onnx_needed
@@ -156,6 +164,32 @@ def test_attention_control_goes_to_the_torch_fallback():
     assert torch.equal(denoiser(x, 999, cond, 8.0, control="p2p"), x * 0) and seen == ["p2p"]
     with pytest.raises(ICDError, match="torch"):
         GraphDenoiser(denoiser.runner, fake_spec("embedding"))(x, 999, cond, 8.0, control="p2p")
+
+
+def test_a_p2p_graph_without_the_pair_axis_hands_its_steps_to_pytorch():
+    from icdcli.p2p import StepControl
+
+    def p2p_spec(pair_axis: list) -> GraphSpec:
+        control = [TensorSpec(name, "float32", [*pair_axis, 3, 3] if name == "mapper" else [*pair_axis, 3])
+                   for name in P2P_CONTROL_INPUTS]  # fmt: skip
+        spec = fake_spec("embedding")
+        spec.inputs[0] = TensorSpec("sample", "float32", ["p2p_batch", 4, 2, 2])
+        return GraphSpec("reverse_unet_p2p", "p2p.onnx", spec.inputs + control, spec.outputs, "embedding")
+
+    def run(feeds):
+        seen.append(tuple(feeds["mapper"].shape))
+        return {"eps": feeds["sample"] * 2, "blend_maps": torch.zeros(feeds["mapper"].shape[0], 2, 4, 3)}
+
+    seen: list = []
+    fallback = lambda x, t, cond, guidance, control: x * 0  # noqa: E731
+    cond = Conditioning(PromptEmbedding(torch.zeros(2, 3, 2)))
+    x = torch.ones(2, 4, 2, 2)
+    control = StepControl(torch.ones(3), torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(1), blend_queries=4)
+    older = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec([])))
+    assert torch.equal(older(x, 519, cond, 8.0, control), x * 0) and seen == []  # export format 2: PyTorch
+    current = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec(["p2p_pairs"])))
+    assert torch.equal(current(x, 519, cond, 8.0, control), x * 2) and seen == [(1, 3, 3)]  # one pair: axis of 1
+    assert [tuple(m.shape) for m in control.maps] == [(2, 4, 3)]
 
 
 def test_uncovered_shapes_fall_back_and_folded_graph_refuses_guidance():

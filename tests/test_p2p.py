@@ -207,6 +207,33 @@ def test_identical_prompts_with_full_replace_decode_the_target_as_the_source(def
     assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)  # the source is untouched
 
 
+def test_steps_after_the_last_control_decode_the_target_rows_alone(default_model):
+    """The release's recipe edits attention in steps 0-1 only and has no local blend: steps 2-3 decode the target
+    rows alone, which changes them only by rounding (rows of a batch are independent without control)."""
+    model, target = default_model, "a yellow circle on a blue background"
+    inversion = invert(model, Image.open(EXAMPLE).convert("RGB"), SOURCE, SamplerSettings())
+    pairs = p2p_pairs(model.info.reverse_boundaries, None)
+    settings = P2PSettings(cross_replace=0.3, self_replace=0.6)
+    cond = _conditioning(model, [SOURCE, target], inversion.size, 4.0)
+    schedule = NoiseSchedule.stable_diffusion()
+    seen = []
+
+    def recording(x, t, cond, guidance=1.0, control=None):
+        seen.append((x.shape[0], control is not None))
+        return model.reverse_denoiser(x, t, cond, guidance, control)
+
+    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+    assert [plan.reads_source(index) for index in range(4)] == [True, True, False, False]
+    short = p2p_decode(recording, inversion.latents, cond, pairs, 4.0, 0.8, schedule, plan)
+    assert seen == [(2, True), (2, True), (1, False), (1, False)]
+    both = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+    both.reads_source = lambda index: True  # every step on both branches, as before
+    full = p2p_decode(model.reverse_denoiser, inversion.latents, cond, pairs, 4.0, 0.8, schedule, both)
+    assert_close_to_scale(short[1::2], full[1::2], rel=1e-5)
+    blended = make_plan(model.tokenizers[0], SOURCE, target, replace(settings, blend=("circle",)), len(pairs), 8)
+    assert all(blended.reads_source(index) for index in range(4))  # local blend reads the source at every step
+
+
 def test_the_source_branch_ignores_the_target_and_its_guidance(default_model):
     inversion, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings())
     plain = decode(default_model, inversion.latents, SOURCE, inversion.size, 1.0, 0.8, SamplerSettings())
@@ -233,7 +260,9 @@ def test_ddim_baseline_p2p_takes_one_teacher_call_per_ddim_step(default_model):
         _, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings(), sampler)
     finally:
         hook.remove()
-    assert calls == [1] * 10 + [2] * 10  # ten inversion steps, then ten steps decoding both branches at once
+    # ten inversion steps, then both branches at once while cross-replace 0.8 edits attention (int(11 * 0.8) = 8
+    # steps), then the target alone
+    assert calls == [1] * 10 + [2] * 8 + [1] * 2
     assert both.shape[0] == 2 and torch.isfinite(both).all()
 
 

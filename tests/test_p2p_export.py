@@ -17,7 +17,7 @@ from PIL import Image
 
 from icdcli.editing import SamplerSettings, _conditioning, decode_p2p, invert
 from icdcli.export.manifest import P2P_CONTROL_INPUTS, REVERSE_P2P, GraphSpec
-from icdcli.p2p import P2PSettings, make_plan
+from icdcli.p2p import P2PBatch, P2PSettings, make_plan
 from icdcli.sampler import p2p_decode, p2p_pairs
 from icdcli.schedule import NoiseSchedule
 from icdcli.sources import DEFAULT_MODEL_DIR
@@ -63,7 +63,9 @@ def test_the_export_holds_a_p2p_graph_with_control_inputs_and_blend_maps(models)
     assert isinstance(spec, GraphSpec) and spec.name == REVERSE_P2P
     assert set(P2P_CONTROL_INPUTS) <= set(spec.input_names) and "timestep_cond" in spec.input_names
     assert spec.input("sample").shape == ["p2p_batch", 4, 8, 8]  # static spatial size: the native latents
-    assert [o.name for o in spec.outputs] == ["eps", "blend_maps"] and spec.outputs[1].shape == [2, 64, 16]
+    assert spec.input("mapper").shape == ["p2p_pairs", 16, 16] and spec.input("self_replace").shape == ["p2p_pairs", 1]
+    assert [o.name for o in spec.outputs] == ["eps", "blend_maps"]
+    assert spec.outputs[1].shape == ["p2p_pairs", 2, 64, 16]  # the pair axis leads, as on the control inputs
 
 
 def test_p2p_on_onnxruntime_matches_pytorch_with_every_control(models, inversion):
@@ -109,6 +111,55 @@ def test_other_sizes_fall_back_to_pytorch_attention(models):
     assert torch.allclose(ort, ref, atol=1e-4)
 
 
+def _decode_pairs(model, latents, size, jobs):
+    """P2P edits (target, settings, guidance, tau) of `latents` rows decoded together; (rows, plans)."""
+    pairs = p2p_pairs(model.info.reverse_boundaries, None)
+    tokenizer = model.tokenizers[0]
+    plans = [make_plan(tokenizer, SOURCE, target, settings, len(pairs), latents.shape[-1]) for target, settings, _, _
+             in jobs]  # fmt: skip
+    cond = _conditioning(model, [prompt for target, *_ in jobs for prompt in (SOURCE, target)], size, 4.0)
+    guidance = torch.tensor([job[2] for job in jobs]) if len(jobs) > 1 else jobs[0][2]
+    tau = torch.tensor([job[3] for job in jobs]) if len(jobs) > 1 else jobs[0][3]
+    plan = plans[0] if len(plans) == 1 else P2PBatch(plans)
+    schedule = NoiseSchedule.stable_diffusion()
+    return p2p_decode(model.reverse_denoiser, latents, cond, pairs, guidance, tau, schedule, plan), plans
+
+
+def test_a_batch_of_pairs_runs_in_one_graph_call_per_step_and_each_pair_as_alone(models, inversion):
+    model, fast = models
+    jobs = [
+        (TARGET, SETTINGS, 4.0, 0.8),
+        ("a red circle on a red blue background", P2PSettings(cross_replace=0.3, self_replace=0.6, amplify_new=4.0),
+         6.0, 0.6),
+        ("a green circle on a blue background", P2PSettings(blend=("circle",), blend_threshold=0.5), 3.0, 0.8),
+    ]  # fmt: skip
+    noise = torch.randn((3, *inversion.latents.shape[1:]), generator=torch.Generator().manual_seed(3))
+    latents = inversion.latents + 0.3 * noise  # each pair its own latents
+    denoiser = fast.reverse_denoiser
+    runner, spec = denoiser.p2p
+    calls: list[int] = []
+
+    def counting(feeds):
+        calls.append(int(feeds["mapper"].shape[0]))
+        return runner(feeds)
+
+    denoiser.p2p = (counting, spec)
+    try:
+        together, batch_plans = _decode_pairs(fast, latents, inversion.size, jobs)
+    finally:
+        denoiser.p2p = (runner, spec)
+    assert calls == [3] * 4  # four steps, each one call holding the three pairs
+    for index, job in enumerate(jobs):
+        alone, (plan,) = _decode_pairs(fast, latents[index : index + 1], inversion.size, [job])
+        # the target rows (the edit); a pair alone may stop its source rows early (see `p2p_decode`)
+        assert_close_to_scale(together[2 * index + 1], alone[1], rel=1e-5)
+        if plan.blend_tokens is not None:  # local blend's maps too (collected for the whole batch, split per pair)
+            assert_close_to_scale(batch_plans[index].map_sum, plan.map_sum, rel=1e-5)
+    assert (together[1] - together[3]).abs().max() > 0.05  # the pairs really are different edits
+    reference, _ = _decode_pairs(model, latents, inversion.size, jobs)  # PyTorch, the same batch
+    assert_close_to_scale(together, reference)
+
+
 def test_tensorrt_profiles_of_the_p2p_graph():
     from test_engines import tiny_manifest
     from tiny import make_teacher
@@ -116,16 +167,19 @@ def test_tensorrt_profiles_of_the_p2p_graph():
     from icdcli.engines import tensorrt as trt_engine
     from icdcli.export.onnx import p2p_unet_specs
 
-    for distilled, batch in ((True, (2, 2, 2)), (False, (2, 4, 4))):
+    for distilled, pairs, batch in ((True, None, (2, 2, 2)), (False, None, (2, 4, 4)), (True, 4, (2, 2, 8)),
+                                    (False, 4, (2, 4, 16))):  # fmt: skip
         manifest = tiny_manifest(distilled)
         unet = make_teacher("sd15", guidance_distilled=distilled)
         inputs, outputs, guidance, blend = p2p_unet_specs(unet, 4, 12, torch.float32, 64)
         manifest.graphs[REVERSE_P2P] = GraphSpec(REVERSE_P2P, "p2p.onnx", inputs, outputs, guidance, sha256="p")
-        requests = [r for r in trt_engine.plan_engines(manifest) if r.graph == REVERSE_P2P]
+        requests = [r for r in trt_engine.plan_engines(manifest, max_batch=pairs) if r.graph == REVERSE_P2P]
         assert [len(r.profiles) for r in requests] == [1] and blend == 16
         profile = requests[0].profile
         assert profile["sample"] == tuple((b, 4, 64, 64) for b in batch)
-        assert profile["mapper"] == ((12, 12),) * 3 and profile["self_replace"] == ((1,),) * 3
+        most = pairs or 1  # one pair per call unless a batch is asked; the opt shape is always one pair
+        assert profile["mapper"] == ((1, 12, 12), (1, 12, 12), (most, 12, 12))
+        assert profile["self_replace"] == ((1, 1), (1, 1), (most, 1))
 
 
 def test_refine_edits_agree_on_onnxruntime_and_pytorch(models, inversion):

@@ -313,8 +313,8 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
     weights (3.4 GB per SD1.5 UNet): a P2P edit runs the reverse UNet's P2P graph, a swap edit the plain one, never
     both, so on the CPU a session opens on first use (a P2P edit's process once held 12 GB of private memory)."""
     from icdcli.accelerated import accelerate
-    from icdcli.editing import SamplerSettings, edit
     from icdcli.bench.latency import sample_image
+    from icdcli.editing import SamplerSettings, edit
     from icdcli.export.manifest import read_manifest
     from icdcli.models import load_merged
     from icdcli.recipe import P2POptions

@@ -501,3 +501,32 @@ def test_close_releases_contexts_then_engine_then_runtime(fake):
     released = [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"]
     assert released == ["context", "context", "engine", "runtime"] and fake.record.violations == []
     engine.close()  # idempotent
+
+
+def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
+    from tiny import make_teacher
+
+    from icdcli.export.manifest import GraphSpec
+    from icdcli.export.onnx import p2p_unet_specs
+    from icdcli.p2p import StepControl, stack_controls
+
+    inputs, outputs, guidance, _ = p2p_unet_specs(make_teacher("sd15"), 4, 12, torch.float32, 64)
+    fake.manifest.graphs["reverse_unet_p2p"] = GraphSpec("reverse_unet_p2p", "p2p.onnx", inputs, outputs, guidance,
+                                                         sha256="p2p")  # fmt: skip
+    write_fake_graphs(fake.folder, fake.manifest)
+    parts = fake.parts(trt_engine.EngineSizes(batch=4))
+    one = StepControl(torch.ones(12), torch.ones(12), torch.eye(12), torch.ones(12), torch.ones(1), blend_queries=256)
+    control = stack_controls([one, one, one])
+    x = torch.randn(6, 4, 64, 64)  # three (source, target) pairs
+    cond = Conditioning(PromptEmbedding(torch.zeros(6, 12, 32)))
+    eps = parts.reverse(x, 519, cond, torch.tensor([1.0, 8.0] * 3), control)
+    assert torch.allclose(eps, 0.5 * x) and fake.fallback_calls == []
+    assert len(fake.calls("execute_async_v3", "reverse_unet_p2p")) == 1  # one call for the three pairs
+    shapes = {c[2]: c[3] for c in fake.calls("set_input_shape", "reverse_unet_p2p")}
+    assert shapes["sample"] == (6, 4, 64, 64) and shapes["mapper"] == (3, 12, 12) and shapes["self_replace"] == (3, 1)
+    assert [tuple(m.shape) for m in control.maps] == [(6, 256, 12)]  # (P, 2, Q, L) back to rows for local blend
+    built = fake.calls("engine_bytes_from_network", "reverse_unet_p2p")
+    assert len(built) == 1
+    (p2p_profile,) = built[0][2]["config"].kwargs["profiles"]
+    assert p2p_profile.shapes["mapper"] == [[1, 12, 12], [1, 12, 12], [4, 12, 12]]  # 1..4 pairs
+    assert p2p_profile.shapes["sample"] == [[2, 4, 64, 64], [2, 4, 64, 64], [8, 4, 64, 64]]
