@@ -310,8 +310,8 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
 def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(merged_dir, tmp_path):
     """Two memory rules the SD1.5 run forced. Folding constants (for TensorRT) holds a graph's weights in memory two
     or three times: ONNX Runtime folds at load by itself, so its exports skip it. And each session holds its graph's
-    weights (3.4 GB per SD1.5 UNet): a P2P edit runs the reverse UNet's P2P graph, a swap edit the plain one, never
-    both, so on the CPU a session opens on first use (a P2P edit's process once held 12 GB of private memory)."""
+    weights (3.4 GB per SD1.5 UNet), so on the CPU a session opens on first use: a swap edit never opens the reverse
+    UNet's P2P graph, and a P2P edit whose every step reads the source branch (local blend) never the plain one."""
     from icdcli.accelerated import accelerate
     from icdcli.bench.latency import sample_image
     from icdcli.editing import SamplerSettings, edit
@@ -319,16 +319,20 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
     from icdcli.models import load_merged
     from icdcli.recipe import P2POptions
 
+    def opened_by(p2p: object) -> set[str]:
+        accelerated = accelerate(load_merged(merged_dir), "onnxruntime", export_dir=tmp_path / "export")
+        runners = accelerated.parts.runners
+        assert {"reverse_unet", "reverse_unet_p2p"} <= runners.keys()
+        assert all(runner._session is None for runner in runners.values()), "nothing opened before an edit"
+        edit(accelerated, sample_image(32), "a red cat", "a blue cat", 4.0, 0.8, SamplerSettings(), p2p=p2p)
+        return {name for name, runner in runners.items() if runner._session is not None}
+
+    shared = {"forward_unet", "vae_encoder", "vae_decoder", "text_encoder"}
     model = load_merged(merged_dir)
-    accelerated = accelerate(model, "onnxruntime", export_dir=tmp_path / "export")
+    blended = P2POptions(blend_source=("cat",), blend_target=("cat",)).resolve(model.info.edit)
+    assert opened_by(blended) == shared | {"reverse_unet_p2p"}
     assert read_manifest(tmp_path / "export").sanitized is False
-    runners = accelerated.parts.runners
-    assert {"reverse_unet", "reverse_unet_p2p"} <= runners.keys()
-    assert all(runner._session is None for runner in runners.values()), "nothing opened before an edit"
-    p2p = P2POptions().resolve(model.info.edit)
-    edit(accelerated, sample_image(32), "a red cat", "a blue cat", 4.0, 0.8, SamplerSettings(), p2p=p2p)
-    opened = {name for name, runner in runners.items() if runner._session is not None}
-    assert opened == {"forward_unet", "reverse_unet_p2p", "vae_encoder", "vae_decoder", "text_encoder"}
+    assert opened_by(None) == shared | {"reverse_unet"}
 
 
 def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch, tmp_path):
