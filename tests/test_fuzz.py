@@ -382,7 +382,8 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
     merged_dir, tmp_path, one_model, monkeypatch, signum
 ):
     """The signal arrives inside the network (the item is dropped, or finished after one Ctrl-C) or while the
-    output is written (finished), at each item in turn; the rerun does exactly what is missing."""
+    output is written (finished), at each item in turn; the rerun does exactly what is missing. One item per network
+    call (--batch-size 1), so that "the item in the network" is one item."""
     import icdcli.editing
     import icdcli.images
 
@@ -390,9 +391,10 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
     photos.mkdir()
     for index in range(4):
         _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
-    command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "--json"]
+    command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "--json",
+               "--batch-size", "1"]  # fmt: skip
     expected_code = 143 if signum == signal.SIGTERM else 130
-    real_edit, real_save = icdcli.editing.edit, icdcli.images.save_image
+    real_edit, real_save = icdcli.editing.edit_batch, icdcli.images.save_image
     for stage in ("network", "write"):
         for at in range(4):
             out = tmp_path / f"out-{stage}-{at}"
@@ -404,7 +406,7 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
                 _calls["n"] += 1
                 return real(*args, **kwargs)
 
-            target = (icdcli.editing, "edit", real_edit) if stage == "network" else (icdcli.images, "save_image",
+            target = (icdcli.editing, "edit_batch", real_edit) if stage == "network" else (icdcli.images, "save_image",
                                                                                     real_save)  # fmt: skip
             monkeypatch.setattr(target[0], target[1], lambda *a, _r=target[2], **k: signalled(_r, *a, **k))
             first = CliRunner().invoke(main, [*command, "-o", str(out)])
@@ -414,8 +416,10 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
             lines = [_strict(line) for line in first.stdout.splitlines()]
             made = sorted(p.name for p in out.iterdir()) if out.exists() else []
             assert all(name.endswith("-edit.png") for name in made), made  # no partial or hidden files
+            # writing runs on a worker thread while the next item is in the network, which may finish it too
             finished_current = stage == "write" or signum == signal.SIGINT
-            assert len(made) == at + finished_current and lines[-1]["done"] == len(made), (stage, at, made)
+            allowed = {at + finished_current} | ({at + 2} if stage == "write" and at < 3 else set())
+            assert len(made) in allowed and lines[-1]["done"] == len(made), (stage, at, made)
             rerun = CliRunner().invoke(main, [*command, "-o", str(out)])
             assert rerun.exit_code == 0, rerun.output
             summary = [_strict(line) for line in rerun.stdout.splitlines()][-1]
@@ -431,7 +435,7 @@ def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir
     for index in range(6):
         _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
     surprises = {1: RuntimeError("a library's surprise"), 3: MemoryError(), 4: ZeroDivisionError("division by zero")}
-    real_edit, calls = icdcli.editing.edit, {"n": 0}
+    real_edit, calls = icdcli.editing.edit_batch, {"n": 0}
 
     def surprising(*args, **kwargs):
         index, calls["n"] = calls["n"], calls["n"] + 1
@@ -439,10 +443,10 @@ def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir
             raise surprises[index]
         return real_edit(*args, **kwargs)
 
-    monkeypatch.setattr(icdcli.editing, "edit", surprising)
+    monkeypatch.setattr(icdcli.editing, "edit_batch", surprising)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["edit", str(photos), "-o", str(out), "--src", "a cat", "--tgt", "a dog",
-                                       "--model", str(merged_dir), "--json"])  # fmt: skip
+                                       "--model", str(merged_dir), "--json", "--batch-size", "1"])  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output and "3 of 6 inputs failed" in result.stderr
     records = [_strict(line) for line in result.stdout.splitlines()]
     assert [r["status"] for r in records] == ["done", "failed", "done", "failed", "failed", "done", "summary"]
