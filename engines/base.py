@@ -136,9 +136,9 @@ class GraphDenoiser:
         """Why these latents cannot run in the P2P graph, or None when they can."""
         if self.p2p is None:
             return "attention control (Prompt-to-Prompt) without an exported P2P graph"
-        if len(self.p2p[1].input("mapper").shape) != 3:  # export format 2: one pair per call, no pair axis
+        mapper, sample = self.p2p[1].input("mapper"), self.p2p[1].input("sample")
+        if mapper is None or sample is None or len(mapper.shape) != 3:  # export format 2: no pair axis
             return "a P2P graph of an older export (no pair axis): run icd export again"
-        sample = self.p2p[1].input("sample")
         if list(x.shape[2:]) != list(sample.shape[2:]):
             return f"Prompt-to-Prompt at latents {tuple(x.shape[2:])}: the P2P graph was exported at the native size"
         return None
@@ -147,6 +147,7 @@ class GraphDenoiser:
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any
     ) -> torch.Tensor:
         """Every (source, target) pair of the batch in one call of the P2P graph (its control has a pair axis)."""
+        assert self.p2p is not None, "called only when _p2p_mismatch found the P2P graph fit"
         runner, spec = self.p2p
         feeds_control = stacked_control(control)
         collected: list[torch.Tensor] = []
@@ -257,10 +258,13 @@ def assemble_parts(
         return denoiser_class(runner(graphs[role]), graphs[role], fallbacks.get(role), p2p)
 
     text_names = sorted(graph for graph in graphs if graph.startswith("text_encoder"))
+    forward, reverse = denoiser(FORWARD), denoiser(REVERSE)
+    if forward is None or reverse is None:
+        raise ICDError("the export has no forward or reverse UNet graph: delete it and run icd export again")
     return BackendParts(
         name=name,
-        forward=denoiser(FORWARD),
-        reverse=denoiser(REVERSE),
+        forward=forward,
+        reverse=reverse,
         teacher=denoiser(TEACHER),
         text_encoders=[runner(graphs[graph]) for graph in text_names],
         vae_encoder=runner(graphs[VAE_ENCODER]),

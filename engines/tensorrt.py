@@ -176,10 +176,11 @@ def spatial_boxes(
 
 def axis_ranges(h: Triple, w: Triple, batch: Triple, vae_scale_factor: int) -> dict[str, Triple]:
     """Ranges of every named axis of the exported graphs, for one profile."""
-    ranges = {"batch": batch, "height": h, "width": w}
-    ranges["latent_height"] = tuple(v // vae_scale_factor for v in h)
-    ranges["latent_width"] = tuple(v // vae_scale_factor for v in w)
-    return ranges
+
+    def latent(pixels: Triple) -> Triple:
+        return (pixels[0] // vae_scale_factor, pixels[1] // vae_scale_factor, pixels[2] // vae_scale_factor)
+
+    return {"batch": batch, "height": h, "width": w, "latent_height": latent(h), "latent_width": latent(w)}
 
 
 def profile_shapes(spec: GraphSpec, ranges: dict[str, Triple]) -> Profile:
@@ -487,7 +488,7 @@ def make_progress_monitor(say: Callable[[str], None]) -> Any | None:
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
-    class PhaseMonitor(trt.IProgressMonitor):
+    class PhaseMonitor(trt.IProgressMonitor):  # type: ignore[name-defined]  # the module is imported at run time
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.started: dict[str, float] = {}
@@ -590,6 +591,7 @@ def build_engine(
     say = progress or (lambda message: None)
     monitor = make_progress_monitor(say)
     poly = _polygraphy()
+    serialized: bytes | None
     try:
         if poly is not None:
             from icdcli.export.onnx import polygraphy_quiet
@@ -926,6 +928,7 @@ class TensorRTGraph:
 
     def _next_backend(self, error: BackendUnavailable) -> Runner:
         if self.next is None:
+            assert self.make_next is not None, "called only while a next backend is known"
             try:
                 self.next = self.make_next()
             except Exception as next_error:  # the next backend cannot load it either: PyTorch it is

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from icdcli.dtypes import TORCH_DTYPES, dtype_name
+from icdcli.model_api import DiffusersModule
 
 from .files import atomic_folder, folder_size, sha256_files
 from .manifest import (
@@ -107,7 +108,7 @@ def precision_dtype(precision: str) -> torch.dtype:
 class UNetGraph(torch.nn.Module):
     """A UNet with named positional inputs, and w = 1 folded in when `guidance` is "folded"."""
 
-    def __init__(self, unet: torch.nn.Module, input_names: list[str], guidance: str):
+    def __init__(self, unet: DiffusersModule, input_names: list[str], guidance: str):
         super().__init__()
         from icdcli.denoiser import guidance_scale_embedding
 
@@ -124,7 +125,7 @@ class UNetGraph(torch.nn.Module):
 
     def run_unet(self, feeds: dict[str, torch.Tensor], cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         sample = feeds["sample"]
-        cond = self.folded_cond.expand(sample.shape[0], -1) if self.folded else feeds.get("timestep_cond")
+        cond = self.get_buffer("folded_cond").expand(sample.shape[0], -1) if self.folded else feeds.get("timestep_cond")
         added = None
         if "text_embeds" in feeds:
             added = {"text_embeds": feeds["text_embeds"], "time_ids": feeds["time_ids"]}
@@ -149,11 +150,16 @@ class P2PUNetGraph(UNetGraph):
         install_p2p_processors(unet)
         self.blend_size, self.text_length = blend_size, text_length
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         from icdcli.p2p import StepControl
 
         feeds = dict(zip(self.input_names, inputs, strict=True))
-        control = StepControl(*(feeds[name] for name in P2P_CONTROL_INPUTS), blend_queries=self.blend_size**2, maps=[])
+        controls = {name: feeds[name] for name in P2P_CONTROL_INPUTS}
+        control = StepControl(
+            cross_alpha=controls["cross_alpha"], refine=controls["refine"], mapper=controls["mapper"],
+            reweight=controls["reweight"], self_replace=controls["self_replace"], blend_queries=self.blend_size**2,
+            maps=[],
+        )  # fmt: skip
         eps = self.run_unet(feeds, {"control": control})
         queries = self.blend_size**2
         if control.maps:  # (2P, Q, L) per layer -> (P, 2, Q, L): the pair axis leads, as on the control inputs
@@ -164,7 +170,7 @@ class P2PUNetGraph(UNetGraph):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module, scaling_factor: float):
+    def __init__(self, vae: DiffusersModule, scaling_factor: float):
         super().__init__()
         self.vae, self.scaling_factor = vae, scaling_factor
 
@@ -173,7 +179,7 @@ class VaeEncoderGraph(torch.nn.Module):
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module, scaling_factor: float):
+    def __init__(self, vae: DiffusersModule, scaling_factor: float):
         super().__init__()
         self.vae, self.scaling_factor = vae, scaling_factor
 
@@ -205,13 +211,13 @@ def unet_guidance_mode(role: str, guidance_distilled: bool) -> str:
 
 
 def unet_specs(
-    unet: torch.nn.Module, role: str, latent_channels: int, text_length: int, dtype: torch.dtype
+    unet: DiffusersModule, role: str, latent_channels: int, text_length: int, dtype: torch.dtype
 ) -> tuple[list[TensorSpec], list[TensorSpec], str]:
     config = unet.config
     distilled = config.time_cond_proj_dim is not None
     guidance = unet_guidance_mode(role, distilled)
     fp = dtype_name(dtype)
-    latent = [BATCH, latent_channels, LATENT_H, LATENT_W]
+    latent: list[int | str] = [BATCH, latent_channels, LATENT_H, LATENT_W]
     inputs = [
         TensorSpec("sample", fp, latent),
         TensorSpec("timestep", "float32", [BATCH]),
@@ -226,7 +232,7 @@ def unet_specs(
 
 
 def p2p_unet_specs(
-    unet: torch.nn.Module, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
+    unet: DiffusersModule, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
 ) -> tuple[list[TensorSpec], list[TensorSpec], str, int]:
     """Inputs and outputs of the reverse P2P graph at `latent_side` (static), and its blend resolution.
 
@@ -238,10 +244,10 @@ def p2p_unet_specs(
     fp = dtype_name(dtype)
 
     def fixed(spec: TensorSpec) -> TensorSpec:
-        sizes = {BATCH: P2P_BATCH, LATENT_H: latent_side, LATENT_W: latent_side}
+        sizes: dict[int | str, int | str] = {BATCH: P2P_BATCH, LATENT_H: latent_side, LATENT_W: latent_side}
         return TensorSpec(spec.name, spec.dtype, [sizes.get(dim, dim) for dim in spec.shape])
 
-    control_shapes = {"mapper": [text_length, text_length], "self_replace": [1]}
+    control_shapes: dict[str, list[int | str]] = {"mapper": [text_length, text_length], "self_replace": [1]}
     control = [
         TensorSpec(name, fp, [P2P_PAIRS, *control_shapes.get(name, [text_length])]) for name in P2P_CONTROL_INPUTS
     ]
@@ -256,7 +262,7 @@ def vae_specs(latent_channels: int) -> dict[str, tuple[list[TensorSpec], list[Te
     return {VAE_ENCODER: ([images], [latents]), VAE_DECODER: ([latents], [images])}
 
 
-def text_specs(encoder: torch.nn.Module, text_length: int, pooled: bool, dtype: torch.dtype):
+def text_specs(encoder: DiffusersModule, text_length: int, pooled: bool, dtype: torch.dtype):
     fp = dtype_name(dtype)
     hidden = TensorSpec("hidden_states", fp, [BATCH, text_length, int(encoder.config.hidden_size)])
     outputs = [hidden]
@@ -310,9 +316,9 @@ def norms_in_fp32(module: torch.nn.Module) -> Iterator[int]:
     patched = []
     for layer in module.modules():
         if isinstance(layer, torch.nn.GroupNorm):
-            layer.forward = partial(_group_norm_fp32, layer)
+            setattr(layer, "forward", partial(_group_norm_fp32, layer))  # noqa: B010 (an instance attribute)
         elif isinstance(layer, torch.nn.LayerNorm):
-            layer.forward = partial(_layer_norm_fp32, layer)
+            setattr(layer, "forward", partial(_layer_norm_fp32, layer))  # noqa: B010 (an instance attribute)
         else:
             continue
         patched.append(layer)
@@ -532,6 +538,13 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module if current == dtype else copy.deepcopy(module).to(dtype)
 
 
+def _graph(
+    cls: Callable[..., torch.nn.Module], module: torch.nn.Module, dtype: torch.dtype, *args: Any
+) -> torch.nn.Module:
+    """`cls` around `module` in `dtype`, built when the export reaches it (a cast may copy the module)."""
+    return cls(_cast(module, dtype), *args)
+
+
 def plan_graphs(
     model: ICDModel, precision: str, include_teacher: bool, p2p: bool | None = None
 ) -> list[tuple[GraphSpec, Callable[[], Any]]]:
@@ -551,7 +564,7 @@ def plan_graphs(
         inputs, outputs, guidance = unet_specs(unet, role, channels, text_length, dtype)
         names = [spec.name for spec in inputs]
         spec = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance)
-        planned.append((spec, lambda u=unet, n=names, g=guidance: UNetGraph(_cast(u, dtype), n, g)))
+        planned.append((spec, partial(_graph, UNetGraph, unet, dtype, names, guidance)))
     from icdcli.models import SDXL
 
     if p2p if p2p is not None else model.info.family != SDXL:
@@ -559,19 +572,13 @@ def plan_graphs(
         inputs, outputs, guidance, blend = p2p_unet_specs(model.reverse_unet, channels, text_length, dtype, latent_side)
         names = [spec.name for spec in inputs]
         spec = GraphSpec(REVERSE_P2P, f"{REVERSE_P2P}.onnx", inputs, outputs, guidance)
-        planned.append(
-            (
-                spec,
-                lambda n=names, g=guidance, b=blend: P2PUNetGraph(
-                    _cast(model.reverse_unet, dtype), n, g, b, text_length
-                ),
-            )
-        )
+        graph = partial(_graph, P2PUNetGraph, model.reverse_unet, dtype, names, guidance, blend, text_length)
+        planned.append((spec, graph))
     scaling = float(model.info.scaling_factor)
     for name, (inputs, outputs) in vae_specs(channels).items():
         cls = VaeEncoderGraph if name == VAE_ENCODER else VaeDecoderGraph
         vae_graph = GraphSpec(name, f"{name}.onnx", inputs, outputs)
-        planned.append((vae_graph, lambda c=cls: c(_cast(model.vae, torch.float32), scaling)))
+        planned.append((vae_graph, partial(_graph, cls, model.vae, torch.float32, scaling)))
     xl = len(model.text_encoders) > 1
     for index, encoder in enumerate(model.text_encoders):
         name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
@@ -580,7 +587,7 @@ def plan_graphs(
         planned.append(
             (
                 GraphSpec(name, f"{name}.onnx", inputs, outputs),
-                lambda e=encoder, p=pooled: TextEncoderGraph(_cast(e, dtype), xl, p),
+                partial(_graph, TextEncoderGraph, encoder, dtype, xl, pooled),
             )
         )
     return planned

@@ -154,6 +154,7 @@ def ensure_exported(
             from icdcli.export.manifest import TEACHER
             from icdcli.export.onnx import add_graphs
 
+            assert manifest is not None, "a missing teacher is the reason of an existing export"
             manifest = add_graphs(model, folder, manifest, [TEACHER], progress=progress)
             reason = None
         if reason is None and (fp32_norm is not None or for_tensorrt):

@@ -120,10 +120,13 @@ def take_rows(cond: Conditioning, rows: slice, batch: int) -> Conditioning:
     def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return tensor if tensor is None or tensor.shape[0] != batch else tensor[rows]
 
-    def prompt(embedding: PromptEmbedding | None) -> PromptEmbedding | None:
-        return None if embedding is None else PromptEmbedding(pick(embedding.hidden_states), pick(embedding.pooled))
+    def prompt(embedding: PromptEmbedding) -> PromptEmbedding:
+        hidden = pick(embedding.hidden_states)
+        assert hidden is not None, "prompt embeddings always have hidden states"
+        return PromptEmbedding(hidden, pick(embedding.pooled))
 
-    return Conditioning(prompt(cond.prompt), prompt(cond.negative), pick(cond.time_ids))
+    negative = None if cond.negative is None else prompt(cond.negative)
+    return Conditioning(prompt(cond.prompt), negative, pick(cond.time_ids))
 
 
 def real_cfg(

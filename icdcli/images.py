@@ -158,7 +158,8 @@ def load_image(path: str | Path, work_pixels: int | None = None) -> Image.Image:
 
 def original_size(image: Image.Image) -> tuple[int, int]:
     """The size the image file had (larger than `image.size` when it was decoded at reduced scale)."""
-    return tuple(image.info.get(ORIGINAL_SIZE, image.size))  # type: ignore[return-value]
+    width, height = image.info.get(ORIGINAL_SIZE, image.size)
+    return int(width), int(height)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from .denoiser import Conditioning, Denoiser, PromptEmbedding
     from .models import ModelInfo
 
+DiffusersModule = Any
+"""A diffusers or transformers model (UNet, VAE, CLIP): a torch module whose `config`, `save_pretrained` and
+call signatures torch's own type does not describe."""
+
 
 class EditModel(Protocol):
     """A loaded iCD model: its metadata, tokenizers, denoisers, prompt encoding and VAE."""

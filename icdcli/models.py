@@ -27,7 +27,7 @@ from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
 from .lora import boundaries_from_filename, fuse_lora, read_lora
-from .model_api import prompt_conditioning
+from .model_api import DiffusersModule, prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
@@ -193,12 +193,12 @@ class ICDModel:
     def __init__(
         self,
         info: ModelInfo,
-        vae: torch.nn.Module,
-        text_encoders: list[torch.nn.Module],
+        vae: DiffusersModule,
+        text_encoders: list[DiffusersModule],
         tokenizers: list[Any],
-        forward_unet: torch.nn.Module,
-        reverse_unet: torch.nn.Module,
-        teacher_unet: torch.nn.Module | None = None,
+        forward_unet: DiffusersModule,
+        reverse_unet: DiffusersModule,
+        teacher_unet: DiffusersModule | None = None,
         source: str = "",
     ):
         self.info = info
@@ -309,7 +309,7 @@ class ICDModel:
 
     def write_merged(self, folder: Path, include_teacher: bool = True) -> None:
         """Write this model's parts and icd.json into `folder`; parts already there (spilled while fusing) stay."""
-        parts: dict[str, torch.nn.Module | Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
+        parts: dict[str, Any] = {"vae": self.vae, "forward_unet": self.forward_unet}
         parts["reverse_unet"] = self.reverse_unet
         if include_teacher and self.teacher_unet is not None:
             parts["teacher_unet"] = self.teacher_unet
@@ -320,10 +320,11 @@ class ICDModel:
         for name, part in parts.items():
             if (folder / name).exists():
                 continue
+            writer: Any = part  # a diffusers/transformers model or a tokenizer
             if isinstance(part, torch.nn.Module):
-                part.save_pretrained(folder / name, safe_serialization=True)
+                writer.save_pretrained(folder / name, safe_serialization=True)
             else:
-                part.save_pretrained(folder / name)
+                writer.save_pretrained(folder / name)
         (folder / MODEL_JSON).write_text(
             json.dumps({"format": "merged", "format_version": FORMAT_VERSION, **self.info.to_json()}, indent=2)
         )
@@ -336,7 +337,7 @@ def _family_of(base: Path) -> str:
     return SDXL if (base / "text_encoder_2").is_dir() else SD15
 
 
-def _load_text_stack(folder: Path, family: str) -> tuple[list[torch.nn.Module], list[Any]]:
+def _load_text_stack(folder: Path, family: str) -> tuple[list[DiffusersModule], list[Any]]:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     suffixes = ["", "_2"] if family == SDXL else [""]
@@ -348,19 +349,19 @@ def _load_text_stack(folder: Path, family: str) -> tuple[list[torch.nn.Module], 
     return encoders, tokenizers
 
 
-def _load_vae(folder: Path) -> torch.nn.Module:
+def _load_vae(folder: Path) -> DiffusersModule:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
 
 
-def _load_unet(folder: Path) -> torch.nn.Module:
+def _load_unet(folder: Path) -> DiffusersModule:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
 
 
-def _describe(info_json: dict[str, Any], unet: torch.nn.Module, vae: torch.nn.Module, family: str) -> dict[str, Any]:
+def _describe(info_json: dict[str, Any], unet: DiffusersModule, vae: DiffusersModule, family: str) -> dict[str, Any]:
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     sample_size = unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
@@ -516,7 +517,7 @@ class LoraSources:
 
     def cache_key(self) -> str:
         """Identity of the inputs by path, size and modification time: cheap to recompute on every load."""
-        items = []
+        items: list[Any] = []
         for path in (self.base / "model_index.json", self.teacher, self.forward_lora, self.reverse_lora):
             if path is None:
                 items.append(None)
@@ -532,7 +533,7 @@ def fuse_lora_model(
     keep_teacher: bool = True,
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype = torch.float32,
-    spill: Callable[[str, torch.nn.Module], torch.nn.Module] | None = None,
+    spill: Callable[[str, DiffusersModule], DiffusersModule] | None = None,
 ) -> ICDModel:
     """Build forward and reverse UNets by fusing the LoRA files into the teacher's weights, in `dtype`.
 
@@ -573,9 +574,9 @@ def fuse_lora_model(
         del unet
     teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
     made_from = {"base": str(sources.base)}
-    for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
-        if path is not None:
-            made_from[label] = file_digest(path)
+    for label, part in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
+        if part is not None:
+            made_from[label] = file_digest(part)
     made_from["reverse_lora"] = file_digest(sources.reverse_lora)
     info_json = {
         "name": sources.name or sources.forward_lora.parent.name,
@@ -594,10 +595,11 @@ def fuse_lora_model(
 
 def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: torch.dtype) -> None:
     """Give a model from a fused cache that was written without a teacher its teacher, and the cache too."""
-    model.teacher_unet = build_teacher_unet(sources.base, sources.teacher, dtype).requires_grad_(False)
+    teacher: DiffusersModule = build_teacher_unet(sources.base, sources.teacher, dtype).requires_grad_(False)
+    model.teacher_unet = teacher
     try:
         with atomic_folder(cached / "teacher_unet") as staging:
-            model.teacher_unet.save_pretrained(staging, safe_serialization=True)
+            teacher.save_pretrained(staging, safe_serialization=True)
     except OSError as error:
         logger.warning("could not add the teacher to the fused-model cache %s: %s", cached, error)
 
@@ -623,7 +625,7 @@ def load_lora_cached(
     try:
         with atomic_folder(cached) as staging:
 
-            def spill(role: str, unet: torch.nn.Module) -> torch.nn.Module:
+            def spill(role: str, unet: DiffusersModule) -> DiffusersModule:
                 # written now and mapped back: its weights become file pages the kernel can drop and re-read, so
                 # private memory never holds both fused UNets (7 GB for SD1.5 in fp32), during fusing or after
                 unet.save_pretrained(staging / f"{role}_unet", safe_serialization=True)

@@ -417,7 +417,8 @@ class P2PPlan:
         """Local blend of the two branches (source row 0, target row 1) from the maps so far."""
         if self.blend_tokens is None or self.map_sum is None:
             return x
-        mask = blend_mask(self.map_sum, self.blend_tokens, self.blend_size, tuple(x.shape[-2:]), self.blend_threshold)
+        latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        mask = blend_mask(self.map_sum, self.blend_tokens, self.blend_size, latent_hw, self.blend_threshold)
         return local_blend(x, mask.to(x.device, x.dtype))
 
 
@@ -459,12 +460,16 @@ def stack_controls(controls: list[StepControl]) -> StepControl:
     blend = {c.blend_queries for c in controls if c.blend_queries is not None}
     if len(blend) > 1:
         raise ValueError(f"P2P edits of one batch must share a latent size (blend queries {sorted(blend)})")
-    tensors = {
-        name: torch.stack([getattr(c, name) for c in controls])
-        for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
-    }
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([getattr(c, name) for c in controls])
+
     return StepControl(
-        **tensors,
+        cross_alpha=stacked("cross_alpha"),
+        refine=stacked("refine"),
+        mapper=stacked("mapper"),
+        reweight=stacked("reweight"),
+        self_replace=stacked("self_replace"),
         blend_queries=next(iter(blend), None),
         self_max_queries=controls[0].self_max_queries,
         cross_active=any(c.cross_active for c in controls),

@@ -39,7 +39,7 @@ LORA_PREFIX = "unet.base_model.model."
 GUIDANCE_DIM = 512
 CLIP_VOCAB = 49408
 TEXT_LENGTH = 77
-RELEASE = {
+RELEASE: dict[str, dict[str, Any]] = {
     SD15: {
         "prefix": "iCD-SD15",
         "teacher": "sd15_cfg_distill.pt",
@@ -135,10 +135,10 @@ def vae_config(arch: str, width: float = 1.0) -> dict[str, Any]:
 def text_configs(arch: str, width: float = 1.0) -> list[dict[str, Any]]:
     """CLIPTextConfig arguments: CLIP ViT-L/14's text tower (SD1.5, and SDXL's first), OpenCLIP bigG's (SDXL's
     second, with a projection)."""
-    clip_l = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
-    big_g = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-             "projection_dim": 1280, "hidden_act": "gelu"}  # fmt: skip
+    clip_l: dict[str, Any] = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                              "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
+    big_g: dict[str, Any] = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                             "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}  # fmt: skip
     configs = [clip_l] if arch == SD15 else [clip_l, big_g]
     if width < 1:
         widths = ("hidden_size", "intermediate_size", "projection_dim")
@@ -292,12 +292,12 @@ def _text_encoder(config: dict[str, Any], tokenizer: Any, projection: bool, seed
     return randomize_(encoder, seed)
 
 
-def _write_module(module: torch.nn.Module, folder: Path) -> None:
+def _write_module(module: Any, folder: Path) -> None:
     module.save_pretrained(folder, safe_serialization=True)
 
 
 def write_base_pipeline(
-    folder: Path, arch: str, width: float, seed: int, unet: torch.nn.Module, say: Callable[[str], None]
+    folder: Path, arch: str, width: float, seed: int, unet: Any, say: Callable[[str], None]
 ) -> None:
     """The diffusers pipeline folder; `unet` (the teacher without its guidance projection) goes in as fp16, the
     hub's fp16 variant (icd never reads the base UNet's weights when a teacher is given)."""
@@ -322,7 +322,7 @@ def write_base_pipeline(
         cls = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
         index[f"text_encoder{suffix}"] = ["transformers", cls]
         index[f"tokenizer{suffix}"] = ["transformers", "PreTrainedTokenizerFast"]
-    scheduler = DDIMScheduler(
+    scheduler: Any = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
     )  # fmt: skip
