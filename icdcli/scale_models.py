@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .recipe import SD15, SDXL
+from .sources import release_lora_name
 
 ARCHS = (SD15, SDXL)
 LORA_RANK = 64
@@ -41,7 +42,6 @@ CLIP_VOCAB = 49408
 TEXT_LENGTH = 77
 RELEASE: dict[str, dict[str, Any]] = {
     SD15: {
-        "prefix": "iCD-SD15",
         "teacher": "sd15_cfg_distill.pt",
         "forward": (19, 259, 519, 779),
         "reverse": (259, 519, 779, 999),
@@ -49,7 +49,6 @@ RELEASE: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
     },
     SDXL: {
-        "prefix": "iCD-SDXL",
         "teacher": "sdxl_cfg_distill.pt",
         "forward": (19, 249, 499, 699),
         "reverse": (249, 499, 699, 999),
@@ -59,11 +58,6 @@ RELEASE: dict[str, dict[str, Any]] = {
 }
 FORMAT = 1
 """Bump when what is written changes: a cached folder of an older format is written anew."""
-
-
-def released_lora_name(arch: str, role: str, boundaries: tuple[int, ...]) -> str:
-    """`iCD-SD15-forward_19_259_519_779.safetensors`: the name a release tarball unpacks."""
-    return f"{RELEASE[arch]['prefix']}-{role}_{'_'.join(map(str, boundaries))}.safetensors"
 
 
 # --- architectures ------------------------------------------------------------------------------------------
@@ -264,8 +258,8 @@ def files_in(folder: Path, arch: str) -> ScaleFiles:
     return ScaleFiles(
         folder / "base",
         folder / release["teacher"],
-        folder / released_lora_name(arch, "forward", release["forward"]),
-        folder / released_lora_name(arch, "reverse", release["reverse"]),
+        folder / release_lora_name(arch, "forward", release["forward"]),
+        folder / release_lora_name(arch, "reverse", release["reverse"]),
     )
 
 

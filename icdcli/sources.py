@@ -28,6 +28,12 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MODEL = "default"
 
 
+def release_lora_name(family: str, role: str, boundaries: tuple[int, ...]) -> str:
+    """The name a release tarball gives a LoRA: `iCD-SD15-forward_19_259_519_779.safetensors`."""
+    prefix = "iCD-SDXL" if family == SDXL else "iCD-SD15"
+    return f"{prefix}-{role}_{'_'.join(map(str, boundaries))}.safetensors"
+
+
 @dataclass(frozen=True)
 class Preset:
     """A released iCD checkpoint: base pipeline, LoRA files and guidance-distilled teacher on the hub.
@@ -53,9 +59,8 @@ class Preset:
     def lora_names(self, role: str) -> list[str]:
         """The file names a LoRA of `role` may have: the release's, then icd's own spelling."""
         bounds = self.forward if role == "forward" else self.reverse
-        prefix = "iCD-SDXL" if self.family == SDXL else "iCD-SD15"
         return [
-            f"{prefix}-{role}_{'_'.join(map(str, bounds))}.safetensors",
+            release_lora_name(self.family, role, bounds),
             f"{role}_{'_'.join(map(str, bounds))}.safetensors",
             f"{role}-{'-'.join(map(str, bounds))}.safetensors",
         ]
