@@ -97,6 +97,7 @@ class GraphDenoiser:
         self.spec = spec
         self.fallback = fallback
         self.p2p = p2p
+        self.exclusive = False  # low memory: the plain and the P2P graph are never open at once
         self._told: set[str] = set()
         cond = spec.input("timestep_cond")
         self.guidance_dim = None if cond is None else int(cond.shape[-1])
@@ -132,6 +133,12 @@ class GraphDenoiser:
             release()
         return eps
 
+    def release(self) -> None:
+        """Free what this denoiser's graphs hold (sessions reopen on their next use; runners without a release,
+        such as TensorRT engines sized at build time, keep theirs)."""
+        for runner in (self.runner, self.p2p[0] if self.p2p else None):
+            release_runner(runner)
+
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
         """Why these latents cannot run in the P2P graph, or None when they can."""
         if self.p2p is None:
@@ -149,6 +156,8 @@ class GraphDenoiser:
         """Every (source, target) pair of the batch in one call of the P2P graph (its control has a pair axis)."""
         assert self.p2p is not None, "called only when _p2p_mismatch found the P2P graph fit"
         runner, spec = self.p2p
+        if self.exclusive:
+            release_runner(self.runner)
         feeds_control = stacked_control(control)
         collected: list[torch.Tensor] = []
 
@@ -172,6 +181,8 @@ class GraphDenoiser:
             raise ValueError(f"{self.spec.name}: unknown guidance mode {mode!r}")
         if mode == GUIDANCE_FOLDED and not is_unguided(guidance):
             raise ValueError(f"{self.spec.name} has w = 1 folded in; it cannot run at guidance {guidance}")
+        if self.exclusive and self.p2p is not None:
+            release_runner(self.p2p[0])
         return guided_eps(
             lambda xx, prompt, time_ids, timestep_cond: self._evaluate(xx, t, prompt, time_ids, timestep_cond),
             x,
@@ -179,6 +190,13 @@ class GraphDenoiser:
             guidance,
             self.guidance_dim if mode == GUIDANCE_EMBEDDING else None,
         )
+
+
+def release_runner(runner: Runner | None) -> None:
+    """Let a runner free its session's memory if it can (it opens again on its next call)."""
+    release = getattr(runner, "release", None)
+    if release is not None:
+        release()
 
 
 @dataclass

@@ -116,6 +116,10 @@ class OrtGraph:
     def session(self, value: Any) -> None:
         self._session = value
 
+    def release(self) -> None:
+        """Close the session, freeing its weights and arenas; the next call opens it again."""
+        self._session = None
+
     def _inputs(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target = self.device if self.binding else torch.device("cpu")
         return {s.name: feeds[s.name].to(target, TORCH_DTYPES[s.dtype]).contiguous() for s in self.spec.inputs}

@@ -187,6 +187,7 @@ class AcceleratedModel:
         self.parts = parts
         self.backend: str = parts.name
         self.told: set[str] = set()
+        self.low_memory = model.low_memory
 
     def _or_torch(self, run: Callable[[], Any], torch_run: Callable[[], Any], what: str) -> Any:
         """`run()` on the backend; where that graph cannot run there (BackendUnavailable), `torch_run()` with a note."""
@@ -239,6 +240,24 @@ class AcceleratedModel:
 
     def needs_negative(self, guidance: float) -> bool:
         return self.model.needs_negative(guidance)
+
+    @property
+    def low_memory(self) -> bool:
+        return self.model.low_memory
+
+    @low_memory.setter
+    def low_memory(self, value: bool) -> None:
+        self.model.low_memory = value
+        for denoiser in (self.parts.forward, self.parts.reverse, self.parts.teacher):
+            if hasattr(denoiser, "exclusive"):
+                denoiser.exclusive = value
+
+    def release(self, role: str) -> None:
+        """Free the `role` UNet's graphs until their next use (ONNX Runtime closes their sessions)."""
+        denoiser = {"forward": self.parts.forward, "reverse": self.parts.reverse, "teacher": self.parts.teacher}[role]
+        release = getattr(denoiser, "release", None)
+        if release is not None:
+            release()
 
     def to(self, *args: Any, **kwargs: Any) -> AcceleratedModel:
         raise ICDError("move the model with .to() before accelerating it: backend sessions are bound to a device")

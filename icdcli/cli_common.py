@@ -141,6 +141,13 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE stays fp32.",
         ),
+        click.option(
+            "--low-memory/--no-low-memory",
+            "low_memory",
+            default=None,
+            help="Free each UNet's weights once its stage of an edit is over (peak: one UNet, not two; each batch "
+            "reads them again). Default: on when the two UNets exceed a quarter of this machine's memory.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -233,7 +240,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
     import torch
 
-    from .models import resolve_device
+    from .models import resolve_device, set_memory_policy
     from .sources import ModelRequest, load_requested_model
 
     quiet_libraries()
@@ -260,6 +267,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
     loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
     loaded.to(device, dtype)
+    set_memory_policy(loaded, ctx_options.get("low_memory"))
     model: EditModel = loaded
     chosen = "torch"
     if backend is not None:
@@ -322,7 +330,7 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 MODEL_SECTION = ("Model", ["model", "base", "base_config", "teacher", "forward_lora", "reverse_lora"])
-BACKEND_SECTION = ("Backend", ["backend", "device", "precision"])
+BACKEND_SECTION = ("Backend", ["backend", "device", "precision", "low_memory"])
 
 
 class SectionedCommand(click.Command):

@@ -46,6 +46,12 @@ from .values import strict_json
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random weights.")
 @click.option(
+    "--low-memory/--no-low-memory",
+    "low_memory",
+    default=None,
+    help="Free each UNet after its stage of the edit, as icd edit does. Default: icd edit's rule (by size).",
+)
+@click.option(
     "--width-scale",
     "width",
     type=click.FloatRange(min=0.01, max=1.0),
@@ -62,7 +68,7 @@ from .values import strict_json
 )
 @reports_errors
 def scale(arch: str, size: int | None, backends: str, precision: str, method: str | None, repeats: int, device: str,
-          seed: int, width: float, as_json: bool) -> None:  # fmt: skip
+          seed: int, low_memory: bool | None, width: float, as_json: bool) -> None:  # fmt: skip
     """Run the real architectures end to end: seconds, peak memory, disk and backend parity per stage.
 
     Writes once into icd's cache (and reuses) a base pipeline folder, a teacher .pt and two LoRA files with the
@@ -78,6 +84,7 @@ def scale(arch: str, size: int | None, backends: str, precision: str, method: st
     options = ScaleOptions(
         arch=arch, size=size, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
         precision=precision, method=method, repeats=repeats, device=device, width=width, seed=seed,
+        low_memory=low_memory,
     )  # fmt: skip
     report = bench_scale(options, progress=say)
     click.echo(strict_json(report) if as_json else markdown_report(report))

@@ -77,6 +77,12 @@ def working_size(model: EditModel, image: Image.Image) -> tuple[int, int]:
     return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
 
 
+def stage_done(model: EditModel, role: str) -> None:
+    """The `role` UNet's stage of an edit is over: a low-memory model frees its weights now (see icdcli.memory)."""
+    if model.low_memory:
+        model.release(role)
+
+
 def _conditioning(model: EditModel, prompt: str | list[str], size: tuple[int, int], guidance: float) -> Conditioning:
     width, height = size
     return model.conditioning(prompt, height, width, with_negative=model.needs_negative(guidance))
@@ -96,7 +102,9 @@ def invert_latents(
     if settings.sampler == "ddim":
         return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=callback)
     noise = seeded_noise(tuple(x0.shape), settings.seed).to(x0.device)
-    return icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, callback)
+    latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, callback)
+    stage_done(model, "forward")
+    return latents
 
 
 def invert(
@@ -249,7 +257,9 @@ def _invert_rows(
     if settings.sampler == "ddim":
         return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule)
     noise = torch.cat([seeded_noise((1, *x0.shape[1:]), job.seed) for job in jobs]).to(x0.device)
-    return icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule)
+    latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule)
+    stage_done(model, "forward")
+    return latents
 
 
 def _decode_swap_rows(
@@ -280,6 +290,7 @@ def _decode_latents(
     else:
         boundaries = model.info.reverse_boundaries
         x0 = icd_decode(model.reverse_denoiser, latents, cond, boundaries, guidance, tau, schedule, unguided, callback)
+    stage_done(model, "teacher" if settings.sampler == "ddim" else "reverse")
     return model.decode_latents(x0)
 
 
@@ -320,6 +331,7 @@ def _decode_p2p_rows(
     tau = _same([job.tau for job in jobs])
     schedule = NoiseSchedule.stable_diffusion()
     both = p2p_decode(denoiser, latents, cond, _p2p_steps(model, settings), guidance, tau, schedule, plan, callback)
+    stage_done(model, "teacher" if settings.sampler == "ddim" else "reverse")
     return model.decode_latents(both[1::2])
 
 

@@ -71,6 +71,13 @@ class EditModel(Protocol):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    low_memory: bool
+    """Free each UNet's weights once its stage of an edit is over (`release`; see `icdcli.memory`)."""
+
+    def release(self, role: str) -> None:
+        """Free the weights of the `role` UNet ("forward", "reverse" or "teacher") until it is next used."""
+        ...
+
 
 def prompt_conditioning(
     model: EditModel, prompt: str | list[str], height: int, width: int, with_negative: bool = False

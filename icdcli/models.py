@@ -12,6 +12,7 @@ Sources that load:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -163,6 +164,19 @@ def warn_if_truncated(model: Any, text: str) -> None:
     )
 
 
+def set_memory_policy(model: ICDModel, low_memory: bool | None = None) -> ICDModel:
+    """Decide whether `model` frees each UNet between an edit's stages: `low_memory` as given, else by the size of
+    the forward and reverse UNets against this machine's memory (`icdcli.memory`)."""
+    from .memory import release_between_stages
+
+    unets = (model.forward_unet, model.reverse_unet)
+    size = sum(p.numel() * p.element_size() for unet in unets for p in unet.parameters())
+    model.low_memory = release_between_stages(size, low_memory)
+    if model.low_memory:
+        logger.info("low memory: each UNet's weights are freed once its stage of an edit is over")
+    return model
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -205,17 +219,60 @@ class ICDModel:
         self.vae = vae
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
-        self.forward_unet = forward_unet
-        self.reverse_unet = reverse_unet
-        self.teacher_unet = teacher_unet
+        self._unets: dict[str, DiffusersModule | None] = {
+            "forward": forward_unet, "reverse": reverse_unet, "teacher": teacher_unet,
+        }  # fmt: skip
+        self.unet_folders: dict[str, Path] = {}  # where a released UNet is read again from (merged folders)
+        self.low_memory = False
         self.source = source
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         for module in self._modules():
             module.eval().requires_grad_(False)
 
+    # --- the UNets, which a low-memory edit releases between its stages ----------------------
+
+    def _unet(self, role: str) -> DiffusersModule | None:
+        unet = self._unets[role]
+        if unet is None and role in self.unet_folders:
+            unet = _load_unet(self.unet_folders[role]).to(self.device, self.dtype).eval().requires_grad_(False)
+            self._unets[role] = unet
+        return unet
+
+    @property
+    def forward_unet(self) -> DiffusersModule:
+        return self._unet("forward")
+
+    @forward_unet.setter
+    def forward_unet(self, unet: DiffusersModule) -> None:
+        self._unets["forward"] = unet
+
+    @property
+    def reverse_unet(self) -> DiffusersModule:
+        return self._unet("reverse")
+
+    @reverse_unet.setter
+    def reverse_unet(self, unet: DiffusersModule) -> None:
+        self._unets["reverse"] = unet
+
+    @property
+    def teacher_unet(self) -> DiffusersModule | None:
+        return self._unet("teacher")
+
+    @teacher_unet.setter
+    def teacher_unet(self, unet: DiffusersModule | None) -> None:
+        self._unets["teacher"] = unet
+
+    def release(self, role: str) -> None:
+        """Drop the `role` UNet ("forward", "reverse" or "teacher") until it is next used, when it is read again from
+        its merged folder (its weights are mapped from there, so this costs page faults, not a fuse). A UNet that
+        exists only in memory (fused without a cache) is kept."""
+        if role in self.unet_folders and self._unets[role] is not None:
+            self._unets[role] = None
+            gc.collect()
+
     def _modules(self) -> list[torch.nn.Module]:
-        unets = [self.forward_unet, self.reverse_unet] + ([self.teacher_unet] if self.teacher_unet else [])
+        unets = [unet for unet in self._unets.values() if unet is not None]  # released ones are moved when read again
         return [self.vae, *self.text_encoders, *unets]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ICDModel:
@@ -391,7 +448,11 @@ def load_merged(folder: str | Path, need_teacher: bool = False) -> ICDModel:
     except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(f"cannot load the model folder {folder}: {error}".splitlines()[0]) from error
     info = ModelInfo.from_json(_describe(dict(data), reverse, vae, family))
-    return ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher, source=str(folder))
+    model = ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher, source=str(folder))
+    model.unet_folders = {role: folder / f"{role}_unet" for role in ("forward", "reverse")}
+    if teacher is not None:
+        model.unet_folders["teacher"] = folder / "teacher_unet"
+    return model
 
 
 def _read_model_json(folder: Path) -> dict[str, Any]:
@@ -636,6 +697,7 @@ def load_lora_cached(
             for encoder in model.text_encoders:
                 encoder.to(dtype)  # the VAE stays float32
             model.write_merged(staging)
+        model.unet_folders = {role: cached / f"{role}_unet" for role in ("forward", "reverse")}
         return model
     except OSError as error:
         logger.warning("could not cache the fused model in %s: %s; fusing in memory", cached, error)

@@ -44,6 +44,7 @@ class ScaleOptions:
     device: str = "cpu"
     width: float = 1.0
     seed: int = 0
+    low_memory: bool | None = None  # None: the size rule of icdcli.memory, as `icd edit` applies it
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -181,12 +182,13 @@ def _dtype(precision: str) -> Any:
 
 
 def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> Any:
-    from .models import resolve_device
+    from .models import resolve_device, set_memory_policy
     from .sources import load_requested_model
 
     with meter.stage("load"):
         model = load_requested_model(_request(task), progress=say)
         model.to(resolve_device(task["device"]), _dtype(task["precision"]))
+        set_memory_policy(model, task.get("low_memory"))
     if task.get("size"):
         model.info.native_size = int(task["size"])  # the edit's working area, and the P2P graph's static size
     return model
@@ -253,7 +255,8 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     np.save(out.with_suffix(".latents.npy"), timed.last_latents.numpy())
     np.save(out.with_suffix(".pixels.npy"), np.asarray(result))
     unet_calls = len(meter.seconds.get("unet_forward", [])) + len(meter.seconds.get("unet_reverse", []))
-    return {"method": method, "unet_evaluations_per_edit": unet_calls // max(1, task["repeats"])}
+    evaluations = unet_calls // max(1, task["repeats"])
+    return {"method": method, "unet_evaluations_per_edit": evaluations, "low_memory": model.low_memory}
 
 
 WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run}
@@ -385,6 +388,7 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
         "method": options.method,
         "repeats": options.repeats,
         "seed": options.seed,
+        "low_memory": options.low_memory,
     }
     report: dict[str, Any] = {
         "arch": options.arch,
@@ -440,7 +444,8 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
             seconds = _summary(ran.result["seconds"], options.repeats)
             row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
             row |= {
-                key: ran.result[key] for key in ("method", "unet_evaluations_per_edit", "peak_rss_gb", "peak_anon_gb")
+                key: ran.result[key]
+                for key in ("method", "unet_evaluations_per_edit", "low_memory", "peak_rss_gb", "peak_anon_gb")
             }
             row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
             report["rows"].append(row)
@@ -489,7 +494,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     head = ["backend", "precision", *[f"{s} s" for s in TABLE_STAGES], "peak RSS GB", "peak anon GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
-        cells = [row["backend"], row["precision"]]
+        cells = [row["backend"] + (" (low memory)" if row.get("low_memory") else ""), row["precision"]]
         cells += ["" if row["seconds"].get(s) is None else f"{row['seconds'][s]:.2f}" for s in TABLE_STAGES]
         cells += [f"{row['peak_rss_gb']:.2f}", f"{row.get('peak_anon_gb') or 0:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
