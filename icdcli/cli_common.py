@@ -113,6 +113,9 @@ class ShardType(click.ParamType):
 
     name = "I/N|auto"
 
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
+        return self.name
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         from .batch import Shard, parse_shard
 
