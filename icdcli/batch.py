@@ -6,9 +6,7 @@ Nothing here loads a model or decodes an image: `icd edit` (in `edit_run.py`) dr
 - Inputs: image paths, folders (image extensions only; `recursive` descends) and spec files
   (`.jsonl` or `.csv`, one edit per row) become `Item`s. A row that cannot be used becomes an item
   with an `error`, so it fails on its own and the others still run.
-- Outputs: `<stem>-edit.png` beside the input, or under `-o FOLDER` mirroring the input's path
-  relative to the folder it was found in. Outputs are deterministic (a rerun finds them) and never
-  land on an input.
+- Outputs: planned by `icdcli.planning` (one module for every command's outputs).
 - Shards: an item belongs to shard `sha256(item.key) mod N`; every process of a sharded run
   computes the same split from the same arguments, so N shards cover every item exactly once.
 - Resume: each output PNG carries its parameter record (`icd` text chunk); a rerun skips an item
@@ -29,7 +27,6 @@ from typing import Any
 from .recipe import network_identity
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-EDIT_SUFFIX = "-edit.png"
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
@@ -231,121 +228,32 @@ def with_prompts(item: Item, src: str | None, tgt: str | None) -> Item:
     return merged
 
 
-# --- outputs ---------------------------------------------------------------------------------
-
-
-def default_output(item: Item, folder: Path | None) -> Path:
-    """`<stem>-edit.png` beside the input, or under `folder` at the input's relative path."""
-    assert item.image is not None
-    name = f"{item.image.stem}{EDIT_SUFFIX}"
-    if folder is None:
-        return item.image.parent / name
-    relative = item.relative or Path(item.image.name)
-    return folder / relative.parent / name
-
-
-def _identity(path: Path) -> str:
-    return display(Path(os.path.abspath(path)))
-
-
-def escapes(output: Path) -> bool:
-    """Whether a spec row's `output` would leave the folder it is relative to (absolute, or through `..`)."""
-    return output.is_absolute() or ".." in output.parts or output.anchor != ""
-
-
-def plan_outputs(
-    items: list[Item], folder: Path | None, spec_out: Path | None = None, anywhere: bool = False
-) -> list[Item]:
-    """Every usable item with its output path decided.
-
-    A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
-    spec's folder). When several items would write the same default name, spec rows (one image,
-    many edits) add their row number (`photo-edit-3.png`) and files their extension
-    (`photo-jpg-edit.png`, `photo-png-edit.png`). Any other clash, or an output that is an input,
-    fails the items involved.
-    """
-    inputs = {_identity(item.image) for item in items if item.image is not None}
-    planned: list[Item] = []
-    for item in items:
-        if item.error is not None:
-            planned.append(item)
-        elif item.output is not None and escapes(item.output) and not anywhere:
-            planned.append(
-                replace(
-                    item,
-                    error=f"{item.label}: its output {display(item.output)} leaves the output folder; give a path "
-                    "inside it, or pass --any-output to allow this",
-                )
-            )
-        elif item.output is not None:
-            base = folder if folder is not None else (spec_out or Path("."))
-            planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
-        else:
-            planned.append(replace(item, output=default_output(item, folder)))
-    planned = _rename_clashes(planned, items)
-    seen: dict[str, Item] = {}
-    checked: list[Item] = []
-    for item in planned:
-        if item.error is None:
-            output = planned_output(item)
-            identity = _identity(output)
-            if identity in inputs:
-                item = replace(item, error=f"{item.label}: its output {display(output)} is an input; choose another -o")
-            elif identity in seen:
-                item = replace(
-                    item,
-                    error=f"{item.label}: {display(output)} is also the output of {seen[identity].label}; "
-                    "give the rows their own output, or edit them into different -o folders",
-                )
-            else:
-                seen[identity] = item
-        checked.append(item)
-    return checked
-
-
-def planned_output(item: Item) -> Path:
-    """The output of an item `plan_outputs` has planned (every item without an error has one)."""
-    assert item.output is not None, f"{item.label}: no output planned"
-    return item.output
-
-
-def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
-    """Default outputs that several items would share: spec rows add their row number, files their extension."""
-    counts: dict[str, int] = {}
-    for item in planned:
-        if item.error is None:
-            identity = _identity(planned_output(item))
-            counts[identity] = counts.get(identity, 0) + 1
-    renamed = []
-    for item, before in zip(planned, original, strict=True):
-        output = planned_output(item) if item.error is None else None
-        if output is not None and before.output is None and counts[_identity(output)] > 1:
-            if item.row is not None:
-                name = f"{output.stem}-{item.row}{output.suffix}"
-            else:
-                image = item.image or output
-                name = f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
-            item = replace(item, output=output.with_name(name))
-        renamed.append(item)
-    return renamed
-
-
 # --- shards ----------------------------------------------------------------------------------
 
 
-def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """`I/N` (0 <= I < N) as (I, N); `auto` reads RANK and WORLD_SIZE (set by accelerate launch, torchrun)."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a run: shard `index` of `count`; `auto` when a launcher's RANK/WORLD_SIZE gave it."""
+
+    index: int
+    count: int
+    auto: bool = False
+
+
+def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> Shard:
+    """`I/N` (0 <= I < N) as Shard(I, N); `auto` reads RANK and WORLD_SIZE (set by accelerate launch, torchrun)."""
     environ = os.environ if environ is None else environ
-    if text.strip().lower() == "auto":
+    auto = text.strip().lower() == "auto"
+    if auto:
         index, count = environ.get("RANK", "0"), environ.get("WORLD_SIZE", "1")
     else:
         index, _, count = text.partition("/")
     try:
-        shard = int(index), int(count)
+        shard = Shard(int(index), int(count), auto)
     except ValueError:
-        raise ValueError(f"--shard {text}: write I/N with 0 <= I < N, e.g. 0/4, or auto") from None
-    if not 0 <= shard[0] < shard[1]:
-        raise ValueError(f"--shard {text}: I must be 0..N-1 (shards are numbered from 0)")
+        raise ValueError(f"{text!r}: write I/N with 0 <= I < N, e.g. 0/4, or auto") from None
+    if not 0 <= shard.index < shard.count:
+        raise ValueError(f"{text!r}: I must be 0..N-1 (shards are numbered from 0), e.g. 0/4")
     return shard
 
 

@@ -9,22 +9,23 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
+from .batch import Shard
 from .claims import sweep
 from .cli_cache import cache as _cache_command
 from .cli_common import (
     BACKEND_SECTION,
     MODEL_SECTION,
+    AmplifyType,
     SectionedCommand,
+    ShardType,
     check_writable_folder,
     edit_guidance_options,
-    edit_settings,
     load_model,
     model_options,
     need_scikit_image,
@@ -39,7 +40,7 @@ from .cli_export import export as _export_command
 from .cli_pie import pie as _pie_command
 from .cli_scale import scale as _scale_command
 from .cli_train import train as _train_command
-from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options, plan_edit_outputs
+from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options
 from .outputs import (
     GENERATE_FIELDS,
     INVERT_FIELDS,
@@ -52,6 +53,8 @@ from .outputs import (
     reported_failure,
     reports_json_failures,
 )
+from .planning import plan_edit_outputs, plan_files, unique_path
+from .recipe import BLEND_THRESHOLD, EditRequest
 from .throughput import throughput as _throughput_command
 from .values import NumberType, strict_json
 
@@ -60,51 +63,6 @@ def _check_prompt(value: str, flag: str) -> str:
     if not value or not value.strip():
         raise click.ClickException(f"{flag} is empty: give a prompt that describes the image")
     return value
-
-
-def _unique(path: Path, taken: set[Path]) -> Path:
-    candidate, counter = path, 1
-    while Path(os.path.realpath(candidate)) in taken or os.path.lexists(candidate):
-        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-        counter += 1
-    return candidate
-
-
-def _made_by_icd(path: Path) -> bool:
-    from .outputs import existing_record
-
-    return existing_record(path) is not None
-
-
-def plan_outputs(inputs: list[Path], output: str | None, suffix: str) -> list[Path]:
-    """Where each input's result goes: never onto an input, and default names never onto a file icd did not make.
-
-    `output` is a file for one input, a folder for several (or when it ends in a separator or is
-    an existing folder); a missing output folder is created when its parent exists.
-    """
-    input_set = {Path(os.path.realpath(path)) for path in inputs}
-    if output is not None:
-        target = Path(output)
-        if not (target.is_dir() or len(inputs) > 1 or output.endswith(("/", os.sep))):
-            check_writable_folder(target.parent)
-            if Path(os.path.realpath(target)) in input_set:
-                raise click.ClickException(
-                    f"-o {output} is one of the inputs: choose another name, inputs are never replaced"
-                )
-            return [target]
-        if not target.exists() and target.parent.is_dir():
-            target.mkdir()
-        check_writable_folder(target)
-    taken, planned = set(input_set), []
-    for path in inputs:
-        folder = Path(output) if output is not None else path.parent
-        check_writable_folder(folder)
-        chosen = folder / f"{path.stem}{suffix}"
-        if Path(os.path.realpath(chosen)) in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
-            chosen = _unique(chosen, taken)  # a default name never lands on an input or a file icd did not make
-        taken.add(Path(os.path.realpath(chosen)))
-        planned.append(chosen)
-    return planned
 
 
 class _Group(click.Group):
@@ -205,8 +163,8 @@ def main() -> None:
 @overwrite_option
 @click.option(
     "--shard",
+    type=ShardType(),
     default=None,
-    metavar="I/N|auto",
     help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
 )
 @click.option(
@@ -273,14 +231,14 @@ def main() -> None:
 @click.option(
     "--blend-threshold",
     type=NumberType("blend_threshold"),
-    default=0.3,
+    default=BLEND_THRESHOLD,
     show_default=True,
     help="p2p local blend: part of its maximum above which a word's attention counts as its region.",
 )
 @click.option(
     "--amplify",
+    type=AmplifyType(),
     multiple=True,
-    metavar="WORD=FACTOR",
     help="p2p reweight: multiply the target's attention to WORD by FACTOR (repeatable), e.g. --amplify red=2.",
 )
 @click.option(
@@ -304,7 +262,7 @@ def edit(
     from_record: Path | None,
     recursive: bool,
     overwrite: bool,
-    shard: str | None,
+    shard: Shard | None,
     batch_size: int | None,
     jobs: str | None,
     any_output: bool,
@@ -318,7 +276,7 @@ def edit(
     blend_source: tuple[str, ...],
     blend_target: tuple[str, ...],
     blend_threshold: float,
-    amplify: tuple[str, ...],
+    amplify: tuple[tuple[str, float], ...],
     amplify_new: float | None,
     seed: int | None,
     sampler: str,
@@ -349,7 +307,8 @@ def edit(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
         blend_threshold,
     )  # fmt: skip
-    settings = EditFlags(source, target, guidance, tau, seed, sampler, ddim_steps, method, p2p)
+    request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
+    settings = EditFlags(source, target, request)
     expected_hash = None
     if from_record is not None:
         if spec is not None:
@@ -364,19 +323,18 @@ def edit(
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec)
-    from .batch import SpecError, parse_shard
+    from .batch import SpecError
 
     try:
-        shard_index = parse_shard(shard) if shard is not None else None
         items, batch = collect_items(list(images), spec, recursive, settings)
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    batch = batch or shard_index is not None
-    items = plan_edit_outputs(items, output, spec, batch, any_output)
-    if shard_index is not None:
-        items, model_opts = _this_shard(items, shard_index, auto=shard == "auto", model_opts=model_opts)
-    runner = EditRun(settings, model_opts, as_json, batch, overwrite, started, expected_hash, batch_size)
-    runner.shard = shard_index if shard == "auto" else None
+    items = plan_edit_outputs(items, output, spec, batch or shard is not None, any_output)
+    if shard is not None:
+        items, model_opts = _this_shard(items, shard, model_opts=model_opts)
+    runner = EditRun(settings, model_opts, as_json, batch or shard is not None, overwrite, started, expected_hash,
+                     batch_size)  # fmt: skip
+    runner.shard = (shard.index, shard.count) if shard is not None and shard.auto else None
     runner.run(items)
 
 
@@ -393,15 +351,13 @@ def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
         )
 
 
-def _this_shard(
-    items: list, shard_index: tuple[int, int], *, auto: bool, model_opts: dict[str, Any]
-) -> tuple[list, dict[str, Any]]:
+def _this_shard(items: list, shard: Shard, *, model_opts: dict[str, Any]) -> tuple[list, dict[str, Any]]:
     """The items of this process's shard; under a launcher (--shard auto, LOCAL_RANK set) its own GPU."""
     from .batch import select_shard
 
-    items = select_shard(items, *shard_index)
-    say(f"shard {shard_index[0]}/{shard_index[1]}: {len(items)} items")
-    if auto and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
+    items = select_shard(items, shard.index, shard.count)
+    say(f"shard {shard.index}/{shard.count}: {len(items)} items")
+    if shard.auto and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
         model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
     return items, model_opts
 
@@ -479,19 +435,12 @@ def invert(
     if reconstruct is not None and Path(reconstruct).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ""):
         raise click.ClickException(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
     with reported_failure(as_json, str(image), output or image.parent / f"{image.stem}.latent.safetensors"):
-        latent_path = plan_outputs([image], output, ".latent.safetensors")[0]
-        recon_path = plan_outputs([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+        latent_path = plan_files([image], output, ".latent.safetensors")[0]
+        recon_path = plan_files([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
         for folder in {latent_path.parent, *([recon_path.parent] if recon_path else [])}:
             sweep(folder)
-        _invert(image, prompt, latent_path, recon_path, guidance, tau, SeedAndSampler(seed, sampler, ddim_steps),
-                as_json, overwrite, started, model_opts)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SeedAndSampler:
-    seed: int | None
-    sampler: str
-    ddim_steps: int
+        request = EditRequest("swap", guidance, tau, seed, sampler, ddim_steps)
+        _invert(image, prompt, latent_path, recon_path, request, as_json, overwrite, started, model_opts)
 
 
 def _invert(
@@ -499,9 +448,7 @@ def _invert(
     prompt: str,
     latent_path: Path,
     recon_path: Path | None,
-    guidance: float,
-    tau: float | None,
-    how: SeedAndSampler,
+    request: EditRequest,
     as_json: bool,
     overwrite: bool,
     started: float,
@@ -509,25 +456,25 @@ def _invert(
 ) -> None:
     from safetensors.torch import save_file
 
-    from .editing import SamplerSettings, Timings, decode
+    from .editing import Timings, decode
     from .editing import invert as run_invert
     from .images import atomic_path, file_sha256, load_image, save_image, tensor_to_image
 
     picture = load_image(image)
     input_sha = file_sha256(image)
-    loaded = load_model(model_opts, need_teacher=how.sampler == "ddim", backend=model_opts["backend"])
+    loaded = load_model(model_opts, need_teacher=request.sampler == "ddim", backend=model_opts["backend"])
     model = loaded.model
-    seed: int = model.info.edit.seed if how.seed is None else how.seed  # the model's recipe, as icd edit inverts
+    resolved = request.resolve(model.info)  # the seed of the model's recipe, as icd edit inverts
+    settings, seed = resolved.sampling, resolved.seed
     _note_unknown_prompt(model, prompt, "--prompt")
-    steps = model.info.num_steps if how.sampler == "icd" else how.ddim_steps
-    record = {"command": "invert", **_model_record(loaded), "sampler": how.sampler, "steps": steps, "prompt": prompt,
-              "seed": seed, "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
+    record = {"command": "invert", **_model_record(loaded), "sampler": settings.sampler,
+              "steps": settings.steps(model.info.num_steps), "prompt": prompt, "seed": seed,
+              "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
     latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
     recon_record: dict[str, Any] = {}
     recon_skip = None
     if recon_path is not None:
-        _, t = edit_settings(model, how.sampler, guidance, tau)
-        recon_record = {**record, "command": "invert-reconstruct", "guidance": float(guidance), "tau": float(t)}
+        recon_record = {**record, "command": "invert-reconstruct", "guidance": resolved.guidance, "tau": resolved.tau}
         recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
     result: dict[str, Any] = {"input": str(image), "output": str(latent_path), "model": loaded.label,
                               "backend": loaded.backend, "seed": seed}  # fmt: skip
@@ -537,13 +484,12 @@ def _invert(
         emit(as_json, {"status": "skipped", **result, "reason": latent_skip})
         return
     timings = Timings({"load": loaded.seconds})
-    settings = SamplerSettings(how.sampler, how.ddim_steps, seed)
     with timings.stage("encode"):
         inversion = run_invert(model, picture, prompt, settings)
     metadata = {
         "prompt": prompt,
         "model": loaded.label,
-        "sampler": how.sampler,
+        "sampler": settings.sampler,
         "seed": str(seed),
         "width": str(inversion.size[0]),
         "height": str(inversion.size[1]),
@@ -555,7 +501,7 @@ def _invert(
     }
     if recon_path is not None and recon_skip is None:
         with timings.stage("decode"):
-            pixels = decode(model, inversion.latents, prompt, inversion.size, guidance, recon_record["tau"], settings)
+            pixels = decode(model, inversion.latents, prompt, inversion.size, resolved.guidance, resolved.tau, settings)
             reconstruction = tensor_to_image(pixels, picture.size)
     if latent_skip is None:
         with atomic_path(latent_path) as temporary:
@@ -727,19 +673,20 @@ def generate(
         size = (width or model.info.native_size, height or model.info.native_size)
         _check_size(size, model)
         w = guidance if guidance is not None else model.info.generate_guidance
-        steps = model.info.num_steps if sampler == "icd" else ddim_steps
+        sampling = SamplerSettings(sampler, ddim_steps, seed)
+        steps = sampling.steps(model.info.num_steps)
         record = {"command": "generate", **_model_record(loaded), "sampler": sampler, "steps": steps,
                   "prompt": prompt, "guidance": float(w), "tau": float(tau), "seed": seed, "width": size[0],
                   "height": size[1]}  # fmt: skip
         if target.name == default_name and os.path.lexists(target) and existing_record(target) is None:
-            target = _unique(target, set())  # a default name never replaces a file icd did not make
+            target = unique_path(target, set())  # a default name never replaces a file icd did not make
         reason = check_existing(target, record, GENERATE_FIELDS, overwrite)
         if reason is not None:
             emit(as_json, {"status": "skipped", "input": prompt, "output": str(target), "reason": reason})
             return
         timings = Timings({"load": loaded.seconds})
         with timings.stage("decode"):
-            image = run_generate(model, prompt, w, tau, SamplerSettings(sampler, ddim_steps, seed), size)
+            image = run_generate(model, prompt, w, tau, sampling, size)
         save_image(image, target, image_text(record))
     timings.seconds["total"] = time.perf_counter() - started
     emit(

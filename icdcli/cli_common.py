@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .values import NumberType
+from .values import NumberError, NumberType, check_number
 
 if TYPE_CHECKING:
     from .model_api import EditModel
@@ -89,6 +89,42 @@ def _os_error_line(error: OSError) -> str:
     if ";" in reason:  # the reason says what to do already
         return f"{path}: {reason}" if path else reason
     return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
+
+
+class AmplifyType(click.ParamType):
+    """`--amplify WORD=FACTOR`: a word of the target prompt and the factor on its attention, as (word, factor)."""
+
+    name = "WORD=FACTOR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        word, sep, factor = str(value).partition("=")
+        if not sep or not word.strip():
+            self.fail(f"{value!r}: write WORD=FACTOR with a factor from 0 to 100, e.g. red=2", param, ctx)
+        try:
+            return word.strip(), float(check_number("amplify", factor))
+        except NumberError as error:
+            self.fail(f"{value!r}: {error}; write WORD=FACTOR, e.g. red=2", param, ctx)
+
+
+class ShardType(click.ParamType):
+    """`--shard I/N` or `auto` (RANK and WORLD_SIZE of a launcher), as an `icdcli.batch.Shard`."""
+
+    name = "I/N|auto"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
+        return self.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .batch import Shard, parse_shard
+
+        if isinstance(value, Shard):
+            return value
+        try:
+            return parse_shard(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -203,13 +239,6 @@ def check_writable_folder(folder: Path) -> None:
         raise click.ClickException(f"output folder {folder} is not writable: choose another with -o")
 
 
-def edit_settings(model, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
-    """Guidance and tau for an edit: the user's, else the model's (iCD) or plain CFG (the DDIM baseline)."""
-    from .recipe import guidance_and_tau
-
-    return guidance_and_tau(model.info, sampler, guidance, tau)
-
-
 def _cache_problem() -> str | None:
     """Why icd's cache folder cannot be written (None when it can): a file is created in it and removed."""
     import tempfile
@@ -307,7 +336,7 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--guidance and --tau of an edit (defaults resolved by `edit_settings` once the model is loaded)."""
+    """--guidance and --tau of an edit (None: the model's recipe, `icdcli.recipe.EditRequest.resolve`)."""
     options = [
         click.option(
             "--guidance",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from .cli_common import (
 
 if TYPE_CHECKING:
     from .edit_run import RunEnd
-    from .pie.editing import RunSettings
+    from .recipe import ResolvedEdit
 
 
 def default_out(root: Path) -> Path:
@@ -57,11 +56,12 @@ def _chosen_items(root: Path, types: tuple[str, ...], limit: int | None) -> tupl
     return items, chosen_types
 
 
-def _run_folder(root: Path, out: Path | None, name: str | None, settings: RunSettings) -> Path:
+def _run_folder(root: Path, out: Path | None, name: str | None, settings: ResolvedEdit, num_steps: int) -> Path:
     """OUT/NAME, refused when it is the benchmark folder itself."""
     from .pie.dataset import method_name
 
-    run_name = name or method_name(settings.sampler, settings.steps, settings.method)
+    sampling = settings.sampling
+    run_name = name or method_name(sampling.sampler, sampling.steps(num_steps), settings.method)
     folder = (out if out is not None else default_out(root)) / run_name
     if folder.resolve() == root.resolve():
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
@@ -168,10 +168,10 @@ def pie(
     scores what is finished (exit code 130).
     """
     from .edit_run import EditFlags
-    from .pie.editing import RunSettings, edit_items
+    from .pie.editing import edit_items
     from .pie.report import edits_section
     from .pie.scoring import load_scorers
-    from .recipe import P2POptions
+    from .recipe import EditRequest, P2POptions
 
     need_scikit_image()
     started = time.perf_counter()
@@ -180,17 +180,18 @@ def pie(
         _check_p2p()
     scorers = load_scorers(lpips_path, dino_path, clip_path)
     p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace)
-    flags = EditFlags(None, None, guidance, tau, seed, sampler, ddim_steps, method, p2p)
+    flags = EditFlags(None, None, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
     loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
-    settings = RunSettings.of(flags, loaded.model.info)
-    folder = _run_folder(root, out, name, settings)
+    info = loaded.model.info
+    settings = flags.request.resolve(info)
+    folder = _run_folder(root, out, name, settings, info.num_steps)
     edit_started = time.perf_counter()
     outcomes, end = edit_items(items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite)
     edit_seconds = time.perf_counter() - edit_started
     if end.interrupted:
         say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
-             **asdict(settings), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
+             **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
     scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
     edits = edits_section(outcomes, len(items), edit_seconds, loaded.seconds)
     seconds = round(time.perf_counter() - started, 3)

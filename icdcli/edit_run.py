@@ -18,25 +18,20 @@ from typing import Any
 
 import click
 
-from .cli_common import Loaded, check_writable_folder, edit_settings, load_model, say
+from .cli_common import Loaded, load_model, say
 from .outputs import image_text, path_from, recorded_path
-from .recipe import P2POptions
+from .recipe import BLEND_THRESHOLD, EditRequest, P2POptions
 from .values import NumberError, check_number, strict_json
 
 
 @dataclass(frozen=True)
 class EditFlags:
-    """The edit settings the command line gives (per-row values of a spec override them)."""
+    """The command line's edit: its prompts (None: each spec row's) and what it asks of every edit (the values
+    a spec row gives override the request's)."""
 
     source: str | None
     target: str | None
-    guidance: float | None
-    tau: float | None
-    seed: int | None
-    sampler: str
-    ddim_steps: int
-    method: str = "auto"
-    p2p: P2POptions = P2POptions()
+    request: EditRequest = EditRequest()
 
 
 def p2p_options(
@@ -46,21 +41,11 @@ def p2p_options(
     blend_words: tuple[str, ...],
     blend_source: tuple[str, ...],
     blend_target: tuple[str, ...],
-    amplify: tuple[str, ...],
+    amplify: tuple[tuple[str, float], ...],
     amplify_new: float | None,
-    blend_threshold: float = 0.3,
+    blend_threshold: float = BLEND_THRESHOLD,
 ) -> P2POptions:
     """The P2P values of the command line (a --blend value may hold several words); None: the model's."""
-    factors = []
-    for entry in amplify:
-        word, sep, factor = entry.partition("=")
-        if not sep or not word.strip():
-            raise click.ClickException(f"--amplify {entry!r}: expected WORD=FACTOR with a factor >= 0, e.g. red=2")
-        try:
-            value = check_number("amplify", factor)
-        except NumberError as error:
-            raise click.ClickException(f"--amplify {entry!r}: {error}") from None
-        factors.append((word.strip(), float(value)))
 
     def split(values: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(w for value in values for w in value.split())
@@ -70,17 +55,12 @@ def p2p_options(
         self_replace=self_replace,
         mode=mode,
         amplify_new=amplify_new,
-        amplify=tuple(factors),
+        amplify=tuple(amplify),
         blend=split(blend_words),
         blend_source=split(blend_source),
         blend_target=split(blend_target),
         blend_threshold=blend_threshold,
     )
-
-
-def _edit_method(model: Any, method: str) -> str:
-    """auto: the model's recipe (Prompt-to-Prompt for SD1.5-family models, prompt swap for SDXL)."""
-    return model.info.edit.method if method == "auto" else method
 
 
 _MODEL_FLAGS = ("model", "base", "base_config", "teacher", "forward_lora", "reverse_lora")
@@ -103,36 +83,33 @@ def _recorded_number(record: dict[str, Any], key: str, name: str | None = None) 
     return None if value is None else check_number(name or key, value)
 
 
-def _recorded_values(record: dict[str, Any], flags: EditFlags) -> tuple[dict[str, Any], Any]:
-    """The settings of a recorded edit, flags given on the command line winning; and its P2P settings (or None)."""
+def _recorded_request(record: dict[str, Any], flags: EditFlags) -> tuple[str | None, str | None, EditRequest]:
+    """The prompts and request of a recorded edit, flags given on the command line winning (the P2P values
+    all the record's unless a P2P flag is given)."""
     for key in ("src", "tgt"):
         if not isinstance(record[key], str) or not record[key].strip():
             raise ValueError(f"{key} is not a prompt")
-    values = {
-        "source": flags.source if _given("source") else record["src"],
-        "target": flags.target if _given("target") else record["tgt"],
-        "guidance": flags.guidance if _given("guidance") else _recorded_number(record, "guidance"),
-        "tau": flags.tau if _given("tau") else _recorded_number(record, "tau"),
-        "seed": flags.seed if _given("seed") else check_number("seed", record["seed"]),
-        "sampler": flags.sampler if _given("sampler") else record.get("sampler", "icd"),
-        "ddim_steps": flags.ddim_steps,
-        "method": flags.method if _given("method") else record.get("method", "swap"),
-        "p2p": flags.p2p,
-    }
-    if values["sampler"] not in ("icd", "ddim") or values["method"] not in ("auto", "p2p", "swap"):
-        raise ValueError(f"sampler {values['sampler']!r} or method {values['method']!r} is unknown")
-    if values["sampler"] == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
-        values["ddim_steps"] = _recorded_number(record, "steps", "ddim_steps") or flags.ddim_steps
-    recorded = record.get("p2p")
-    if not isinstance(recorded, dict) or any(_given(name) for name in _P2P_FLAGS):
-        return values, None
-    options = P2POptions.from_record(recorded)
-    numbers = [("cross_replace", options.cross_replace), ("self_replace", options.self_replace),
-               ("blend_threshold", options.blend_threshold), ("amplify", options.amplify_new)]  # fmt: skip
-    for name, value in [*numbers, *(("amplify", factor) for _, factor in options.amplify)]:
-        if value is not None:
-            check_number(name, value)
-    return values, options
+    given = flags.request
+    sampler = given.sampler if _given("sampler") else record.get("sampler", "icd")
+    ddim_steps = given.ddim_steps
+    if sampler == "ddim" and not _given("ddim_steps") and record.get("sampler") == "ddim":
+        ddim_steps = _recorded_number(record, "steps", "ddim_steps") or given.ddim_steps
+    recorded_p2p = record.get("p2p")
+    p2p = given.p2p
+    if isinstance(recorded_p2p, dict) and not any(_given(name) for name in _P2P_FLAGS):
+        p2p = P2POptions.from_record(recorded_p2p)
+    request = EditRequest(
+        method=given.method if _given("method") else record.get("method", "swap"),
+        guidance=given.guidance if _given("guidance") else _recorded_number(record, "guidance"),
+        tau=given.tau if _given("tau") else _recorded_number(record, "tau"),
+        seed=given.seed if _given("seed") else int(check_number("seed", record["seed"])),
+        sampler=sampler,
+        ddim_steps=ddim_steps,
+        p2p=p2p,
+    )
+    source = flags.source if _given("source") else record["src"]
+    target = flags.target if _given("target") else record["tgt"]
+    return source, target, request
 
 
 def apply_record(
@@ -147,13 +124,11 @@ def apply_record(
     if record is None or not {"src", "tgt", "seed"} <= record.keys():
         raise click.ClickException(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
     try:
-        values, recorded_p2p = _recorded_values(record, flags)
+        source, target, request = _recorded_request(record, flags)
     except (NumberError, TypeError, ValueError, AttributeError) as error:
         raise click.ClickException(
             f"--from {display(path)}: its record is not usable ({error}); give the flags"
         ) from None
-    if recorded_p2p is not None:
-        values["p2p"] = recorded_p2p
     expected_hash = None
     if not any(_given(name) for name in _MODEL_FLAGS):
         model = str(record.get("model", DEFAULT_MODEL))
@@ -171,7 +146,7 @@ def apply_record(
                 f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
             )
         images = (recorded,)
-    return images, EditFlags(**values), expected_hash
+    return images, EditFlags(source, target, request), expected_hash
 
 
 def _is_icd_output(path: Path) -> bool:
@@ -217,37 +192,6 @@ def _drop_repeats(items: list) -> list:
         seen[identity] = item
         kept.append(item)
     return kept
-
-
-def plan_edit_outputs(items: list, output: str | None, spec: Path | None, batch: bool, anywhere: bool = False) -> list:
-    """Decide every output. -o is a file only for a single input; a folder is created when its parent exists."""
-    from dataclasses import replace
-
-    from .batch import display, plan_outputs
-
-    spec_folder = spec.parent if spec is not None else None
-    if output is None:
-        return plan_outputs(items, None, spec_folder, anywhere)
-    target = Path(output)
-    if not batch and not target.is_dir() and not output.endswith(("/", os.sep)):
-        check_writable_folder(target.parent)
-        item = items[0]
-        if item.image is not None and os.path.realpath(target) == os.path.realpath(item.image):
-            raise click.ClickException(
-                f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
-            )
-        return plan_outputs([replace(item, output=target)], None, spec_folder, anywhere=True)  # -o: the user's own path
-    if not target.exists():
-        if not target.parent.is_dir():
-            raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
-        try:
-            target.mkdir(exist_ok=True)  # shards may race to create it
-        except OSError as error:
-            raise click.ClickException(
-                f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
-            ) from None
-    check_writable_folder(target)
-    return plan_outputs(items, target, spec_folder, anywhere)
 
 
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
@@ -478,7 +422,8 @@ class EditRun:
                 if not torch.cuda.is_available():
                     opts["device"] = "auto"
             try:
-                self.loaded = load_model(opts, need_teacher=self.flags.sampler == "ddim", backend=opts["backend"])
+                need_teacher = self.flags.request.sampler == "ddim"
+                self.loaded = load_model(opts, need_teacher=need_teacher, backend=opts["backend"])
             except ICDError as error:  # a model that cannot load ends the whole run
                 raise click.ClickException(str(error)) from None
             except OSError as error:
@@ -497,7 +442,7 @@ class EditRun:
         self.loaded = loaded
         model = self.loaded.model
         try:
-            self.p2p = self.flags.p2p.resolve(model.info.edit)
+            self.p2p = self.flags.request.p2p.resolve(model.info.edit)
         except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
             raise click.ClickException(str(error)) from None
         self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
@@ -527,30 +472,22 @@ class EditRun:
 
         loaded = self._model()
         model = loaded.model
-        flags = self.flags
-        sampler = flags.sampler
-        guidance, tau = edit_settings(
-            model,
-            sampler,
-            item.guidance if item.guidance is not None else flags.guidance,
-            item.tau if item.tau is not None else flags.tau,
-        )
-        method = _edit_method(model, flags.method)
-        seed = next(value for value in (item.seed, flags.seed, model.info.edit.seed) if value is not None)
+        request = self.flags.request.overridden(guidance=item.guidance, tau=item.tau, seed=item.seed)
+        edit = request.resolve(model.info)
         return parameter_record(
-            method=method,
-            p2p=self._item_p2p(item).to_record() if method == "p2p" else None,
+            method=edit.method,
+            p2p=self._item_p2p(item).to_record() if edit.method == "p2p" else None,
             model=self.model_ref,
             model_hash=self.model_hash,
             backend=loaded.backend,
             precision=str(model.dtype).removeprefix("torch."),
-            sampler=sampler,
-            steps=model.info.num_steps if sampler == "icd" else flags.ddim_steps,
+            sampler=edit.sampling.sampler,
+            steps=edit.sampling.steps(model.info.num_steps),
             src=item.src,
             tgt=item.tgt,
-            guidance=guidance,
-            tau=tau,
-            seed=seed,
+            guidance=edit.guidance,
+            tau=edit.tau,
+            seed=edit.seed,
             version=__version__,
             input_path=path_from(item.output, item.image),
             input_size=size,
@@ -651,7 +588,7 @@ class EditRun:
                     w.p2p)
             for w in (prepared.data for prepared in group)
         ]  # fmt: skip
-        settings = SamplerSettings(group[0].data.record["sampler"], self.flags.ddim_steps)
+        settings = SamplerSettings(group[0].data.record["sampler"], self.flags.request.ddim_steps)
         timings = Timings()
         if self.interrupts is not None:
             self.interrupts.droppable = True  # SIGTERM may drop a batch that has not started writing
@@ -852,7 +789,8 @@ class EditRun:
         """
         import json
 
-        from .batch import plan_outputs, spec_row, with_prompts
+        from .batch import spec_row, with_prompts
+        from .planning import plan_items
 
         folder = None
         if output is not None:
@@ -873,7 +811,7 @@ class EditRun:
                         item = _job_error(number, f"not a JSON object ({error})")
                     if raw is not None:
                         item = with_prompts(spec_row(raw, number, Path("-")), self.flags.source, self.flags.target)
-                        item = plan_outputs([item], folder, Path("."), any_output)[0]
+                        item = plan_items([item], folder, Path("."), any_output)[0]
                     self.pipeline().run([item])
                     if interrupts.requested:
                         break

@@ -20,12 +20,9 @@ from .denoiser import Conditioning, PromptEmbedding
 from .images import fit_size, image_to_tensor, tensor_to_image, tensors_to_images
 from .model_api import EditModel
 from .p2p import REFINE, P2PBatch, P2PError, P2PSettings, make_plan, prompt_words
+from .recipe import SamplerSettings
 from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
 from .schedule import NoiseSchedule
-
-SAMPLERS = ("icd", "ddim")
-METHODS = ("swap", "p2p")
-DEFAULT_SEED = 0
 
 
 @dataclass
@@ -41,19 +38,6 @@ class Timings:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-@dataclass
-class SamplerSettings:
-    """How to invert and decode: the iCD models, or the DDIM baseline on the teacher."""
-
-    sampler: str = "icd"
-    ddim_steps: int = 50
-    seed: int = DEFAULT_SEED
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
 
 @dataclass

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .recipe import BLEND_THRESHOLD
+
 SELF_REPLACE_MAX_QUERIES = 32 * 32
-BLEND_THRESHOLD = 0.3
 REPLACE, REFINE = "replace", "refine"
 
 
@@ -47,6 +48,9 @@ class P2PSettings:
     when the prompts have equal word counts, else refine), `replace` or `refine`. With
     `strict_blend`, a per-prompt blend word missing from its prompt is an error; without, it adds
     no region (what the release does).
+
+    The defaults are the library's (P2P's own 0.8 and 0.4); an edit's come from its model's recipe through
+    `icdcli.recipe.P2POptions.resolve`. `to_record` is what an output keeps (read back by `P2POptions.from_record`).
     """
 
     cross_replace: float = 0.8

@@ -15,10 +15,14 @@ This module imports nothing heavy: `icd info` lists the presets' recipes without
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 METHODS = ("p2p", "swap")
+SAMPLERS = ("icd", "ddim")
+DEFAULT_SEED = 0
+BLEND_THRESHOLD = 0.3
+"""Prompt-to-Prompt local blend: the part of a word's maximum attention above which its region begins."""
 DEFAULT_KEYS = frozenset({"edit", "edit_guidance", "tau", "generate_guidance"})
 """Keys of a model's metadata that are defaults of its use, not of what its networks compute."""
 
@@ -105,9 +109,31 @@ def release_recipe(family: str, reverse_boundaries: tuple[int, ...]) -> EditReci
     return EditRecipe(method="p2p", guidance=20.0, tau=tau, seed=30)
 
 
+@dataclass
+class SamplerSettings:
+    """How to invert and decode: the iCD models, or the DDIM baseline on the teacher (`ddim_steps` steps),
+    and the seed of the noise added before inversion (the starting noise of generation)."""
+
+    sampler: str = "icd"
+    ddim_steps: int = 50
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+
+    def steps(self, num_steps: int) -> int:
+        """The network calls of one direction, as records keep them: the model's `num_steps`, or DDIM's."""
+        return num_steps if self.sampler == "icd" else self.ddim_steps
+
+
 @dataclass(frozen=True)
 class P2POptions:
-    """Prompt-to-Prompt values the user gave (None: the recipe's), as flags, a spec or a record give them."""
+    """Prompt-to-Prompt values the user gave (None: the recipe's), as flags, a spec or a record give them.
+
+    `resolve` is the one place where they meet the model's recipe; `from_record` reads the record an output
+    keeps (`icdcli.p2p.P2PSettings.to_record`), each number checked as its flag is.
+    """
 
     cross_replace: float | None = None
     self_replace: float | None = None
@@ -117,7 +143,7 @@ class P2POptions:
     blend: tuple[str, ...] = ()
     blend_source: tuple[str, ...] = ()
     blend_target: tuple[str, ...] = ()
-    blend_threshold: float = 0.3
+    blend_threshold: float = BLEND_THRESHOLD
     strict_blend: bool = True
 
     def resolve(self, recipe: EditRecipe) -> Any:
@@ -142,21 +168,25 @@ class P2POptions:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> P2POptions:
-        """Every value of a recorded edit's P2P settings (see `P2PSettings.to_record`)."""
+        """Every value of a recorded edit's P2P settings; a value out of its flag's range raises NumberError."""
+        from .values import check_number
 
-        def number(key: str) -> float | None:
-            return None if record.get(key) is None else float(record[key])
+        def number(key: str, name: str | None = None) -> Any:
+            value = record.get(key)
+            return None if value is None else float(check_number(name or key, value))
 
         return cls(
             cross_replace=number("cross_replace"),
             self_replace=number("self_replace"),
             mode=None if record.get("mode") is None else str(record["mode"]),
-            amplify_new=number("amplify_new"),
-            amplify=tuple((str(w), float(f)) for w, f in dict(record.get("amplify") or {}).items()),
+            amplify_new=number("amplify_new", "amplify"),
+            amplify=tuple(
+                (str(w), float(check_number("amplify", f))) for w, f in dict(record.get("amplify") or {}).items()
+            ),
             blend=tuple(str(w) for w in record.get("blend") or ()),
             blend_source=tuple(str(w) for w in record.get("blend_source") or ()),
             blend_target=tuple(str(w) for w in record.get("blend_target") or ()),
-            blend_threshold=float(record.get("blend_threshold", 0.3)),
+            blend_threshold=float(check_number("blend_threshold", record.get("blend_threshold", BLEND_THRESHOLD))),
         )
 
 
@@ -169,6 +199,46 @@ class ResolvedEdit:
     tau: float
     seed: int
     p2p: Any  # icdcli.p2p.P2PSettings for p2p, else None
+    sampling: SamplerSettings = field(default_factory=SamplerSettings)  # its seed is `seed`
+
+    def record(self, num_steps: int) -> dict[str, Any]:
+        """The settings as a run's report and records give them (`num_steps`: the model's)."""
+        return {"method": self.method, "sampler": self.sampling.sampler, "steps": self.sampling.steps(num_steps),
+                "guidance": self.guidance, "tau": self.tau, "seed": self.seed}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What the user asks of an edit, from flags, a spec row or a record: None (and method `auto`) leave a value
+    to the model's recipe; `resolve` lays it over the recipe."""
+
+    method: str = "auto"
+    guidance: float | None = None
+    tau: float | None = None
+    seed: int | None = None
+    sampler: str = "icd"
+    ddim_steps: int = 50
+    p2p: P2POptions = P2POptions()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", *METHODS):
+            raise ValueError(f"method must be auto or one of {METHODS}, got {self.method!r}")
+        SamplerSettings(self.sampler, self.ddim_steps)  # checks the sampler
+
+    def overridden(self, *, guidance: float | None, tau: float | None, seed: int | None) -> EditRequest:
+        """The request with the values a spec row gives (None: keep this request's)."""
+        return replace(
+            self,
+            guidance=self.guidance if guidance is None else guidance,
+            tau=self.tau if tau is None else tau,
+            seed=self.seed if seed is None else seed,
+        )
+
+    def resolve(self, info: Any) -> ResolvedEdit:
+        """The edit a model with metadata `info` (`.edit`, `.generate_guidance`) runs for this request."""
+        return resolve_edit(info.edit, info.generate_guidance, sampler=self.sampler, method=self.method,
+                            guidance=self.guidance, tau=self.tau, seed=self.seed, p2p=self.p2p,
+                            ddim_steps=self.ddim_steps)  # fmt: skip
 
 
 def resolve_edit(
@@ -181,6 +251,7 @@ def resolve_edit(
     tau: float | None = None,
     seed: int | None = None,
     p2p: P2POptions | None = None,
+    ddim_steps: int = 50,
 ) -> ResolvedEdit:
     """The user's values where given, else the recipe's. The DDIM baseline (`sampler="ddim"`) runs on
     the teacher: its default guidance is the model's generation guidance, with no dynamic guidance.
@@ -188,7 +259,7 @@ def resolve_edit(
     Args:
         recipe: the model's edit recipe (`model.info.edit`).
         generate_guidance: the model's generation guidance (`model.info.generate_guidance`).
-        sampler: `icd` or `ddim`.
+        sampler: `icd` or `ddim` (with `ddim_steps` steps).
         method: `auto` (the recipe's), `p2p` or `swap`.
         guidance, tau, seed: None for the recipe's.
         p2p: Prompt-to-Prompt values given (None: all the recipe's).
@@ -198,12 +269,14 @@ def resolve_edit(
         guidance = generate_guidance if guidance is None else guidance
         tau = 1.0 if tau is None else tau
     settings = (p2p or P2POptions()).resolve(recipe) if chosen == "p2p" else None
+    chosen_seed = int(recipe.seed if seed is None else seed)
     return ResolvedEdit(
         method=chosen,
         guidance=float(recipe.guidance if guidance is None else guidance),
         tau=float(recipe.tau if tau is None else tau),
-        seed=int(recipe.seed if seed is None else seed),
+        seed=chosen_seed,
         p2p=settings,
+        sampling=SamplerSettings(sampler, ddim_steps, chosen_seed),
     )
 
 
@@ -211,6 +284,5 @@ def guidance_and_tau(info: Any, sampler: str, guidance: float | None, tau: float
     """Guidance and tau of an edit with a model of metadata `info`: the user's, else the model's recipe
     (icd) or its generation guidance without dynamic guidance (the DDIM baseline)."""
     # the method changes neither; "swap" spares building P2P settings
-    resolved = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method="swap", guidance=guidance,
-                            tau=tau)  # fmt: skip
+    resolved = EditRequest(method="swap", guidance=guidance, tau=tau, sampler=sampler).resolve(info)
     return resolved.guidance, resolved.tau

@@ -41,11 +41,12 @@ def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
 
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
-    from .batch import default_batch_size, plan_outputs, read_spec
+    from .batch import default_batch_size, read_spec
     from .edit_run import EditFlags, EditRun
+    from .planning import plan_items
 
-    items = plan_outputs(read_spec(spec), out, spec.parent)
-    flags = EditFlags(None, None, None, None, None, "icd", 50)
+    items = plan_items(read_spec(spec), out, spec.parent)
+    flags = EditFlags(None, None)  # the model's recipe
     runner = EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
     runner.adopt(loaded)
     runner.quiet = True

@@ -17,17 +17,18 @@ from PIL import Image
 
 from icdcli.batch import (
     Item,
+    Shard,
     decide,
     expand_inputs,
     model_digest,
     parse_shard,
-    plan_outputs,
     read_spec,
     select_shard,
     shard_of,
     with_prompts,
 )
 from icdcli.cli import main
+from icdcli.planning import plan_items
 
 PROMPTS = ["--src", "a cat", "--tgt", "a dog"]
 
@@ -71,7 +72,7 @@ def test_folders_give_their_image_files_and_mirror_their_layout(tmp_path):
     assert any_folder and [i.relative.as_posix() for i in flat] == ["a.png", "b.JPG"]
     deep, _ = expand_inputs([tmp_path], recursive=True)
     assert [i.relative.as_posix() for i in deep] == ["a.png", "b.JPG", "sub/a.png", "sub/deep/c.webp"]
-    items = plan_outputs([with_prompts(i, "s", "t") for i in deep], tmp_path / "out")
+    items = plan_items([with_prompts(i, "s", "t") for i in deep], tmp_path / "out")
     outputs = [i.output.relative_to(tmp_path / "out").as_posix() for i in items]
     assert outputs == ["a-edit.png", "b-edit.png", "sub/a-edit.png", "sub/deep/c-edit.png"]
     named, any_folder = expand_inputs([tmp_path / "notes.txt"], recursive=False)  # named files are taken as given
@@ -136,11 +137,11 @@ def test_one_image_many_rows_get_row_numbers_and_clashes_fail(tmp_path):
             ]
         )
     )
-    items = plan_outputs([with_prompts(i, "s", "t") for i in read_spec(spec)], None, tmp_path)
+    items = plan_items([with_prompts(i, "s", "t") for i in read_spec(spec)], None, tmp_path)
     assert [i.output.name for i in items[:3]] == ["a-edit-1.png", "a-edit-2.png", "same.png"]
     assert "also the output of" in items[3].error and "is an input" in items[4].error
     files, _ = expand_inputs([tmp_path / "photo.jpg", tmp_path / "photo.png", tmp_path / "other.png"], False)
-    names = [item.output.name for item in plan_outputs([with_prompts(i, "s", "t") for i in files], tmp_path / "o")]
+    names = [item.output.name for item in plan_items([with_prompts(i, "s", "t") for i in files], tmp_path / "o")]
     assert names == ["photo-jpg-edit.png", "photo-png-edit.png", "other-edit.png"]
 
 
@@ -152,10 +153,11 @@ def test_shards_cover_every_item_exactly_once():
     assert shard_of("/photos/p1.png", 7) == shard_of("/photos/p1.png", 7)
     sizes = [len(select_shard(items, index, 4)) for index in range(4)]
     assert min(sizes) > 30  # a hash spreads items about evenly
-    assert parse_shard("2/5") == (2, 5) and parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
-    assert parse_shard("auto", {}) == (0, 1)
+    assert parse_shard("2/5") == Shard(2, 5)
+    assert parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2, True)
+    assert parse_shard("auto", {}) == Shard(0, 1, True)
     for bad in ("5/5", "-1/3", "1", "a/b"):
-        with pytest.raises(ValueError, match="--shard"):
+        with pytest.raises(ValueError, match=f"'{bad}': .* e.g. 0/4"):
             parse_shard(bad)
 
 

@@ -293,19 +293,19 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "message", "code"),
     [
-        (["--blend", "dog"], "--blend word 'dog' is in neither prompt"),
-        (["--amplify", "red"], "expected WORD=FACTOR"),
-        (["--amplify", "dog=2"], "not a word of the target prompt"),
+        (["--blend", "dog"], "--blend word 'dog' is in neither prompt", 1),
+        (["--amplify", "red"], "'red': write WORD=FACTOR", 2),  # a usage error, before any work
+        (["--amplify", "dog=2"], "not a word of the target prompt", 1),
     ],
 )
-def test_cli_p2p_errors_are_one_line(tmp_path, extra, message):
+def test_cli_p2p_errors_are_one_line(tmp_path, extra, message, code):
     out = tmp_path / "edit.png"
     result = CliRunner().invoke(
         main, ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", SOURCE, "-o", str(out), *extra]
     )  # fmt: skip
-    assert result.exit_code == 1 and message in result.output and not out.exists()
+    assert result.exit_code == code and message in result.output and not out.exists()
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
 
 

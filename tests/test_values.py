@@ -74,12 +74,26 @@ def test_bad_numbers_in_flags_are_usage_errors_before_any_work(command, flag, tm
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "1e308", "-1", "x"])
-def test_bad_amplify_factors_are_one_line_errors(value, tmp_path):
+def test_bad_amplify_factors_are_usage_errors(value, tmp_path):
     args = [*_command("edit", tmp_path), "--amplify", f"dog={value}"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: --amplify 'dog={value}': amplify must be a finite number")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "'--amplify': 'dog=" + value + "': amplify must be a finite number" in errors[0]
+    assert "write WORD=FACTOR, e.g. red=2" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [("--amplify", "dog", "'dog': write WORD=FACTOR"), ("--amplify", "=2", "'=2': write WORD=FACTOR"),
+     ("--shard", "3/2", "'3/2': I must be 0..N-1"), ("--shard", "x", "'x': write I/N with 0 <= I < N")],
+)  # fmt: skip
+def test_bad_amplify_and_shard_values_are_usage_errors_that_say_what_to_write(flag, value, expected, tmp_path):
+    result = CliRunner().invoke(main, [*_command("edit", tmp_path), flag, value])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and f"'{flag}': {expected}" in errors[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
 
 
 def test_a_non_finite_result_is_an_error_not_a_black_image():

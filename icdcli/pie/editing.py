@@ -10,7 +10,7 @@ release does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +18,6 @@ from ..batch import Item
 from ..cli_common import Loaded
 from ..edit_run import EditFlags, EditRun, ItemOutcome, RunEnd
 from .dataset import PieItem, output_path, source_path
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The settings every item of a run is edited with, as its report and folder name give them."""
-
-    method: str
-    sampler: str
-    steps: int
-    guidance: float
-    tau: float
-    seed: int
-
-    @classmethod
-    def of(cls, flags: EditFlags, info: Any) -> RunSettings:
-        """The flags over the recipe of a model with metadata `info` (as `icd edit` resolves them)."""
-        from ..recipe import guidance_and_tau
-
-        guidance, tau = guidance_and_tau(info, flags.sampler, flags.guidance, flags.tau)
-        steps = info.num_steps if flags.sampler == "icd" else flags.ddim_steps
-        seed = info.edit.seed if flags.seed is None else flags.seed
-        return cls(flags.method, flags.sampler, steps, float(guidance), float(tau), int(seed))
 
 
 class PieEditRun(EditRun):
