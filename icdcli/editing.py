@@ -315,6 +315,7 @@ def _decode_p2p_rows(
     tau = _same([job.tau for job in jobs])
     schedule = NoiseSchedule.stable_diffusion()
     both = p2p_decode(denoiser, latents, cond, _p2p_steps(model, settings), guidance, tau, schedule, plan, callback)
+    del denoiser  # it holds the UNet: released below, it must not stay alive through the VAE decode
     stage_done(model, "teacher" if settings.sampler == "ddim" else "reverse")
     return model.decode_latents(both[1::2])
 

@@ -3,6 +3,8 @@ does not change."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -45,7 +47,15 @@ def test_a_low_memory_edit_frees_each_unet_and_gives_the_same_pixels(merged_dir,
     expected = _edits(kept, p2p)
     assert kept._unets["forward"] is not None and kept._unets["reverse"] is not None
     for _ in range(2):  # the second edit reads the freed UNets again
-        assert np.array_equal(_edits(freed, p2p), expected)
+        unets = [weakref.ref(freed.forward_unet), weakref.ref(freed.reverse_unet)]
+        alive_at_vae_decode: list[bool] = []
+        decode = freed.decode_latents
+        freed.decode_latents = lambda latents: alive_at_vae_decode.append(any(u() for u in unets)) or decode(latents)
+        try:
+            assert np.array_equal(_edits(freed, p2p), expected)
+        finally:
+            del freed.decode_latents
+        assert alive_at_vae_decode == [False]  # nothing held on to a freed UNet through the VAE decode
         assert freed._unets["forward"] is None and freed._unets["reverse"] is None
 
 
