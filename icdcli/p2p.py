@@ -334,7 +334,7 @@ def reweight_vector(
 # --- the per-edit plan and the per-step control --------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepControl:
     """What the attention processors read at one step (tensors: they are graph inputs when exported).
 
@@ -348,6 +348,8 @@ class StepControl:
     self-attention at all; layers a step leaves alone then keep the fused SDPA kernel. An exported
     graph cannot branch on them: it leaves both True and computes every touched layer explicitly,
     which gives the same result with the flags' tensors at 0.
+
+    Frozen: a control is an input of its step, never written to; compared by identity (it holds tensors).
     """
 
     cross_alpha: torch.Tensor
