@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from icdcli.denoiser import (
     Conditioning,
-    Denoiser,
+    ControlledDenoiser,
+    ControlledEps,
     Guidance,
     PromptEmbedding,
     expand_batch,
@@ -31,6 +32,9 @@ from icdcli.export.manifest import (
     P2P_CONTROL_INPUTS,
     GraphSpec,
 )
+
+if TYPE_CHECKING:
+    from icdcli.p2p import StepControl
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -66,7 +70,7 @@ def unet_feeds(
     return feeds
 
 
-def stacked_control(control: Any) -> dict[str, torch.Tensor]:
+def stacked_control(control: StepControl) -> dict[str, torch.Tensor]:
     """The P2P graph's control inputs, each with its leading pair axis (one pair's control gets an axis of 1)."""
     one_pair = control.mapper.ndim == 2
     return {
@@ -75,13 +79,13 @@ def stacked_control(control: Any) -> dict[str, torch.Tensor]:
 
 
 class GraphDenoiser:
-    """An exported UNet graph behind the denoiser interface `denoiser(x, t, cond, guidance, control)`.
+    """An exported UNet graph behind the denoiser interface `denoiser(x, t, cond, guidance)`.
 
     Guidance follows the graph (see `icdcli.export.onnx`): "embedding" graphs take w as `timestep_cond`
     (one batch-1 evaluation per step), "folded" graphs are the unguided forward model (w must be 1),
     "cfg" graphs run real classifier-free guidance with a batch of two on guided steps only.
-    Attention control (Prompt-to-Prompt) runs in `p2p` (the runner of the reverse P2P graph, with its
-    spec) when there is one for these shapes; otherwise it goes to `fallback` (the torch UNet).
+    Attention control (Prompt-to-Prompt, `controlled`) runs in `p2p` (the runner of the reverse P2P graph,
+    with its spec) when there is one for these shapes; otherwise it goes to `fallback` (the torch UNet).
     """
 
     backend = "graph"
@@ -90,7 +94,7 @@ class GraphDenoiser:
         self,
         runner: Runner,
         spec: GraphSpec,
-        fallback: Denoiser | None = None,
+        fallback: ControlledDenoiser | None = None,
         p2p: tuple[Runner, GraphSpec] | None = None,
     ):
         self.runner = runner
@@ -105,29 +109,20 @@ class GraphDenoiser:
     def _evaluate(self, x, t, prompt, time_ids, timestep_cond) -> torch.Tensor:
         return self.runner(unet_feeds(self.spec, x, t, prompt, time_ids, timestep_cond))["eps"].to(x.dtype)
 
-    def _fall_back(self, why: str, x, t, cond, guidance, control) -> torch.Tensor:
+    def _fall_back(self, why: str) -> ControlledDenoiser:
+        """The torch denoiser that runs what the graph cannot (`why`), said once per reason."""
         if self.fallback is None:
             raise ICDError(f"{why} cannot run on the {self.backend} backend: use --backend torch")
         if why not in self._told:
             self._told.add(why)
             logging.getLogger("icd").info("%s: these steps of %s run on PyTorch", why, self.spec.name)
-        return self.fallback(x, t, cond, guidance, control)
+        return self.fallback
 
-    def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
-    ) -> torch.Tensor:
-        if control is not None:
-            reason = self._p2p_mismatch(x)
-            if reason is not None:
-                return self._fall_back(reason, x, t, cond, guidance, control)
-            try:
-                return self._p2p_guided(x, t, cond, guidance, control)
-            except BackendUnavailable as error:
-                return self._fall_back(str(error), x, t, cond, guidance, control)
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
         try:
             eps = self._guided(x, t, cond, guidance)
         except BackendUnavailable as error:
-            return self._fall_back(str(error), x, t, cond, guidance, None)
+            return self._fall_back(str(error))(x, t, cond, guidance)
         release = getattr(self.fallback, "release", None)
         if release is not None:  # the graph runs: a fallback that can free its GPU memory does so now
             release()
@@ -138,6 +133,22 @@ class GraphDenoiser:
         such as TensorRT engines sized at build time, keep theirs)."""
         for runner in (self.runner, self.p2p[0] if self.p2p else None):
             release_runner(runner)
+
+    def install_control(self) -> None:
+        """The P2P graph has the control inside; the torch fallback gets its processors for the steps it may take."""
+        if self.fallback is not None:
+            self.fallback.install_control()
+
+    def controlled(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
+    ) -> ControlledEps:
+        reason = self._p2p_mismatch(x)
+        if reason is None:
+            try:
+                return self._p2p_guided(x, t, cond, guidance, control)
+            except BackendUnavailable as error:
+                reason = str(error)
+        return self._fall_back(reason).controlled(x, t, cond, guidance, control)
 
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
         """Why these latents cannot run in the P2P graph, or None when they can."""
@@ -151,8 +162,8 @@ class GraphDenoiser:
         return None
 
     def _p2p_guided(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: Any
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
+    ) -> ControlledEps:
         """Every (source, target) pair of the batch in one call of the P2P graph (its control has a pair axis)."""
         assert self.p2p is not None, "called only when _p2p_mismatch found the P2P graph fit"
         runner, spec = self.p2p
@@ -171,9 +182,7 @@ class GraphDenoiser:
             return outputs["eps"].to(xx.dtype)
 
         eps = guided_eps(evaluate, x, cond, guidance, self.guidance_dim)
-        if control.blend_queries is not None:
-            control.maps.extend(collected)
-        return eps
+        return ControlledEps(eps, tuple(collected) if control.blend_queries is not None else ())
 
     def _guided(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance) -> torch.Tensor:
         mode = self.spec.guidance
@@ -204,9 +213,9 @@ class BackendParts:
     """Everything a backend runs for an `AcceleratedModel`. `teacher` is None when it was not exported."""
 
     name: str
-    forward: Denoiser
-    reverse: Denoiser
-    teacher: Denoiser | None
+    forward: GraphDenoiser
+    reverse: GraphDenoiser
+    teacher: GraphDenoiser | None
     text_encoders: list[Runner]
     vae_encoder: Runner
     vae_decoder: Runner
@@ -254,7 +263,7 @@ def assemble_parts(
     manifest: Any,
     make_runner: Callable[[GraphSpec], Runner],
     denoiser_class: type[GraphDenoiser],
-    fallbacks: dict[str, Denoiser | None],
+    fallbacks: dict[str, ControlledDenoiser],
 ) -> BackendParts:
     """Runners for every graph of an export, wrapped as the pieces of `BackendParts`."""
     from icdcli.export.manifest import FORWARD, REVERSE, REVERSE_P2P, TEACHER, VAE_DECODER, VAE_ENCODER

@@ -158,12 +158,12 @@ class P2PUNetGraph(UNetGraph):
         control = StepControl(
             cross_alpha=controls["cross_alpha"], refine=controls["refine"], mapper=controls["mapper"],
             reweight=controls["reweight"], self_replace=controls["self_replace"], blend_queries=self.blend_size**2,
-            maps=[],
         )  # fmt: skip
-        eps = self.run_unet(feeds, {"control": control})
+        collected: list[torch.Tensor] = []  # the processors add the blend-resolution maps of this call
+        eps = self.run_unet(feeds, {"control": control, "blend_maps": collected})
         queries = self.blend_size**2
-        if control.maps:  # (2P, Q, L) per layer -> (P, 2, Q, L): the pair axis leads, as on the control inputs
-            maps = torch.stack(control.maps).sum(0).reshape(-1, 2, queries, self.text_length)
+        if collected:  # (2P, Q, L) per layer -> (P, 2, Q, L): the pair axis leads, as on the control inputs
+            maps = torch.stack(collected).sum(0).reshape(-1, 2, queries, self.text_length)
         else:  # no cross-attention at the blend resolution: local blend sees no maps (zeros, P of them)
             maps = (feeds["cross_alpha"][:, None, None, :] * 0).expand(-1, 2, queries, self.text_length)
         return eps, maps

@@ -14,14 +14,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .denoiser import Conditioning, Denoiser, PromptEmbedding
+from .denoiser import Conditioning, ControlledDenoiser, ControlledEps, Denoiser, Guidance, PromptEmbedding
 from .errors import ICDError
 from .model_api import prompt_conditioning
 from .models import ICDModel, ModelInfo, warn_if_truncated
+
+if TYPE_CHECKING:
+    from .p2p import StepControl
 
 logger = logging.getLogger("icd")
 
@@ -316,7 +319,7 @@ class OffloadingFallback:
     hold the weights twice; the first time it is needed after all (attention control without a P2P graph, a shape
     outside the engine's profiles) it moves back and stays."""
 
-    def __init__(self, denoiser: Any, unet: torch.nn.Module, device: torch.device, name: str):
+    def __init__(self, denoiser: ControlledDenoiser, unet: torch.nn.Module, device: torch.device, name: str):
         self.denoiser, self.unet, self.device, self.name = denoiser, unet, device, name
         self.released = self.needed = False
 
@@ -331,19 +334,32 @@ class OffloadingFallback:
         torch.cuda.empty_cache()
         logger.info("the PyTorch %s left the GPU: its graph runs", self.name)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _needed(self) -> ControlledDenoiser:
         self.needed = True
         if self.released:
             logger.info("the PyTorch %s returns to the GPU for steps its graph cannot run", self.name)
             self.unet.to(self.device)
             self.released = False
-        return self.denoiser(*args, **kwargs)
+        return self.denoiser
+
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
+        return self._needed()(x, t, cond, guidance)
+
+    def install_control(self) -> None:
+        self.denoiser.install_control()  # processors hold no weights: installing them moves nothing
+
+    def controlled(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
+    ) -> ControlledEps:
+        return self._needed().controlled(x, t, cond, guidance, control)
 
 
-def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, Denoiser]:
+def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, ControlledDenoiser]:
     """The torch denoisers the graphs hand attention control (and uncovered shapes) to; with `offload`, each UNet
     leaves the GPU once its graph has run (only for a model that nothing else runs on PyTorch meanwhile)."""
-    roles = {"forward_unet": (model.forward_denoiser, model.forward_unet)}
+    roles: dict[str, tuple[ControlledDenoiser, torch.nn.Module]] = {
+        "forward_unet": (model.forward_denoiser, model.forward_unet)
+    }
     roles["reverse_unet"] = (model.reverse_denoiser, model.reverse_unet)
     if model.teacher_unet is not None:
         roles["teacher_unet"] = (model.teacher_denoiser, model.teacher_unet)

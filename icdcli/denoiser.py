@@ -1,11 +1,14 @@
 """The seam between the sampler and the backends: a denoiser returns the noise prediction.
 
-A denoiser is any callable `denoiser(x, t, cond, guidance, control=None) -> eps`, with `x` a batch of
-latents, `t` an integer timestep, `cond` the text conditioning and `guidance` the classical
-classifier-free guidance scale (1 = no guidance), one for the batch or a (B,) tensor, one per row
-(Prompt-to-Prompt decodes an unguided source row beside a guided target row). `control` is the
-attention control of one step (`icdcli.p2p.StepControl`). PyTorch UNets, ONNX Runtime sessions and TensorRT
-engines each implement it; the sampler never knows which one it drives.
+A denoiser is any callable `denoiser(x, t, cond, guidance) -> eps`, with `x` a batch of latents, `t` an
+integer timestep, `cond` the text conditioning and `guidance` the classical classifier-free guidance scale
+(1 = no guidance), one for the batch or a (B,) tensor, one per row (Prompt-to-Prompt decodes an unguided
+source row beside a guided target row). PyTorch UNets, ONNX Runtime sessions and TensorRT engines each
+implement it; the sampler never knows which one it drives.
+
+A `ControlledDenoiser` also runs a step under attention control (`icdcli.p2p.StepControl`) and returns the
+cross-attention maps local blend reads with the noise prediction (`ControlledEps`). The sampler does not see
+it either: Prompt-to-Prompt wraps one into a plain denoiser (`icdcli.p2p.P2PDenoiser`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from .p2p import StepControl
 
 GUIDANCE_EMBEDDING_DIM = 512
 
@@ -51,9 +57,33 @@ Guidance = float | torch.Tensor
 
 
 class Denoiser(Protocol):
-    def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
-    ) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ControlledEps:
+    """What a step under attention control returns: the noise prediction, and the cross-attention maps at the
+    control's `blend_queries` (one (rows, Q, L) tensor per layer or graph call, rows the batch's source and target
+    rows; none when the control asks for none)."""
+
+    eps: torch.Tensor
+    maps: tuple[torch.Tensor, ...] = ()
+
+
+@runtime_checkable
+class ControlledDenoiser(Denoiser, Protocol):
+    """A denoiser that can also run a step under Prompt-to-Prompt attention control."""
+
+    def install_control(self) -> None:
+        """Make the network ready for attention control (P2P's attention processors in a PyTorch UNet). Whoever
+        runs attention control calls it once, before the first controlled step; `controlled` installs nothing."""
+        ...
+
+    def controlled(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
+    ) -> ControlledEps:
+        """The noise prediction of the last 2P rows of `x`, P (source, target) pairs, under `control`."""
+        ...
 
 
 def row_guidance(guidance: Guidance, batch: int) -> torch.Tensor:
@@ -180,7 +210,8 @@ class UNetDenoiser:
 
     Guidance-distilled UNets (`time_cond_proj_dim` set) take w through `timestep_cond` and run one
     batch-1 evaluation per step. Other UNets run real classifier-free guidance with a batch of two
-    on guided steps only.
+    on guided steps only. Attention control (`controlled`) runs in P2P's attention processors, which
+    `install_control` puts into the UNet.
     """
 
     backend = "torch"
@@ -196,15 +227,10 @@ class UNetDenoiser:
         prompt: PromptEmbedding,
         time_ids: torch.Tensor | None,
         timestep_cond: torch.Tensor | None,
-        control: Any | None,
+        attention: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         param = next(self.unet.parameters())
         batch = x.shape[0]
-        if control is not None:
-            from .p2p import install_p2p_processors
-
-            install_p2p_processors(self.unet)
-            control = control.to(param.device, param.dtype)
         added = None
         if prompt.pooled is not None:
             if time_ids is None:
@@ -220,18 +246,39 @@ class UNetDenoiser:
                 encoder_hidden_states=expand_batch(prompt.hidden_states, batch).to(param.device, param.dtype),
                 timestep_cond=None if timestep_cond is None else timestep_cond.to(param.device, param.dtype),
                 added_cond_kwargs=added,
-                cross_attention_kwargs=None if control is None else {"control": control},
+                cross_attention_kwargs=attention,
                 return_dict=False,
             )[0]
         return eps.to(x.dtype)
 
-    def __call__(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None
+    def _guided(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, attention: dict[str, Any] | None
     ) -> torch.Tensor:
         return guided_eps(
-            lambda xx, prompt, time_ids, timestep_cond: self._evaluate(xx, t, prompt, time_ids, timestep_cond, control),
+            lambda xx, prompt, time_ids, step_cond: self._evaluate(xx, t, prompt, time_ids, step_cond, attention),
             x,
             cond,
             guidance,
             self.guidance_dim,
         )
+
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
+        return self._guided(x, t, cond, guidance, None)
+
+    def install_control(self) -> None:
+        from .p2p import install_p2p_processors
+
+        install_p2p_processors(self.unet)
+
+    def controlled(
+        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
+    ) -> ControlledEps:
+        from .p2p import has_p2p_processors
+
+        if not has_p2p_processors(self.unet):
+            raise RuntimeError("attention control needs P2P's processors in this UNet: call install_control() first")
+        param = next(self.unet.parameters())
+        maps: list[torch.Tensor] = []  # the processors add the blend-resolution maps of this call
+        attention = {"control": control.to(param.device, param.dtype), "blend_maps": maps}
+        eps = self._guided(x, t, cond, guidance, attention)
+        return ControlledEps(eps, tuple(maps))

@@ -1,7 +1,7 @@
 """Inversion, reconstruction, prompt-swap editing and generation on a loaded model.
 
 These functions tie the model (text, VAE, denoisers) to the pure samplers. Prompt-to-Prompt
-editing (`edit(..., p2p=...)`) passes its attention control through the denoiser's `control` argument.
+editing (`edit(..., p2p=...)`) runs the model's denoiser under attention control (`ControlledDenoiser`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .denoiser import Conditioning, PromptEmbedding
+from .denoiser import Conditioning, ControlledDenoiser, Denoiser, PromptEmbedding
 from .images import fit_size, image_to_tensor, tensor_to_image, tensors_to_images
 from .model_api import EditModel
-from .p2p import REFINE, P2PBatch, P2PError, P2PSettings, make_plan, prompt_words
+from .p2p import REFINE, P2PBatch, P2PError, P2PPlan, P2PSettings, make_plan, prompt_words
 from .recipe import SamplerSettings
 from .sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode, p2p_decode, p2p_pairs
 from .schedule import NoiseSchedule
@@ -206,7 +206,7 @@ def edit_batch(
         raise ValueError("a batch of edits shares one working size and one method (swap or p2p)")
     size = sizes.pop()
     results: list[Image.Image | Exception | None] = [None] * len(jobs)
-    plans: list[Any] = []
+    plans: list[P2PPlan | None] = []
     if jobs[0].p2p is not None:
         for index, job in enumerate(jobs):
             try:
@@ -223,7 +223,7 @@ def edit_batch(
             latents = _invert_rows(model, x0, chosen, size, settings)
         with timings.stage("decode"):
             if jobs[0].p2p is not None:
-                decoded = _decode_p2p_rows(model, latents, chosen, [plans[i] for i in runnable], size, settings)
+                decoded = _decode_p2p_rows(model, latents, chosen, _planned(plans, runnable), size, settings)
             else:
                 decoded = _decode_swap_rows(model, latents, chosen, size, settings)
             # a job whose result is not finite gets its error; the others are kept
@@ -278,7 +278,13 @@ def _decode_latents(
     return model.decode_latents(x0)
 
 
-def _p2p_plan(model: EditModel, job: EditJob, size: tuple[int, int], settings: SamplerSettings) -> Any:
+def _planned(plans: list[P2PPlan | None], runnable: list[int]) -> list[P2PPlan]:
+    chosen = [plans[index] for index in runnable]
+    assert all(plan is not None for plan in chosen), "a job that runs has its plan"
+    return [plan for plan in chosen if plan is not None]
+
+
+def _p2p_plan(model: EditModel, job: EditJob, size: tuple[int, int], settings: SamplerSettings) -> P2PPlan:
     assert job.p2p is not None, "a Prompt-to-Prompt plan is made for P2P jobs only"
     steps = len(_p2p_steps(model, settings))
     factor = model.vae_scale_factor
@@ -297,17 +303,25 @@ def _p2p_steps(model: EditModel, settings: SamplerSettings) -> list[tuple[int, i
     return p2p_pairs(None if settings.sampler == "ddim" else model.info.reverse_boundaries, settings.ddim_steps)
 
 
+def controlled_denoiser(denoiser: Denoiser) -> ControlledDenoiser:
+    """`denoiser`, made ready for attention control (its processors installed: the caller's step, done here)."""
+    if not isinstance(denoiser, ControlledDenoiser):
+        raise TypeError(f"{type(denoiser).__name__} cannot run Prompt-to-Prompt attention control")
+    denoiser.install_control()
+    return denoiser
+
+
 def _decode_p2p_rows(
     model: EditModel,
     latents: torch.Tensor,
     jobs: list[EditJob],
-    plans: list[Any],
+    plans: list[P2PPlan],
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Target-branch pixels (P, 3, H, W) of P P2P edits decoded together (source and target rows interleaved)."""
-    denoiser = model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser
+    denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
     guided = any(model.needs_negative(job.guidance) for job in jobs)
     (cond,) = _prompt_rows(model, [[p for job in jobs for p in (job.source, job.target)]], size, guided)
     plan = plans[0] if len(plans) == 1 else P2PBatch(plans)
@@ -332,7 +346,9 @@ def decode_p2p(
     p2p: P2PSettings,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Decode one image's noise latents as a P2P edit; returns the target branch's pixels (1, 3, H, W)."""
+    """Decode one image's noise latents as a P2P edit; returns the target branch's pixels (1, 3, H, W).
+
+    `callback` sees both branches' latents, (source, target), after each step."""
     if latents.shape[0] != 1:
         raise ValueError(f"decode_p2p decodes one image; edit_batch decodes several, got a batch of {latents.shape[0]}")
     job = EditJob(Image.new("RGB", size), source_prompt, target_prompt, guidance, tau, settings.seed, p2p)

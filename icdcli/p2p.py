@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .denoiser import Conditioning, ControlledDenoiser, Guidance, row_guidance, take_rows
 from .recipe import BLEND_THRESHOLD
 
 SELF_REPLACE_MAX_QUERIES = 32 * 32
@@ -336,19 +337,22 @@ def reweight_vector(
 # --- the per-edit plan and the per-step control --------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class StepControl:
     """What the attention processors read at one step (tensors: they are graph inputs when exported).
 
     `cross_alpha` (L,): weight of the edited cross-attention map per target token (0 outside the
     cross-replace steps); `refine` (L,): 1 where the target token has a source token; `mapper`
     (L, L); `reweight` (L,); `self_replace` (1,): 1 within the self-replace steps. Cross-attention
-    maps of `blend_queries` queries are averaged over heads and appended to `maps`.
+    maps of `blend_queries` queries are the ones local blend reads: a controlled step returns them
+    (see `icdcli.denoiser.ControlledEps`).
 
     `cross_active` and `self_active` say (in Python, for PyTorch) whether the step edits cross- or
     self-attention at all; layers a step leaves alone then keep the fused SDPA kernel. An exported
     graph cannot branch on them: it leaves both True and computes every touched layer explicitly,
     which gives the same result with the flags' tensors at 0.
+
+    Frozen: a control is an input of its step, never written to; compared by identity (it holds tensors).
     """
 
     cross_alpha: torch.Tensor
@@ -358,23 +362,38 @@ class StepControl:
     self_replace: torch.Tensor
     blend_queries: int | None = None
     self_max_queries: int = SELF_REPLACE_MAX_QUERIES
-    maps: list[torch.Tensor] = field(default_factory=list)
     cross_active: bool = True
     self_active: bool = True
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> StepControl:
-        moved = {
-            name: getattr(self, name).to(device, dtype)
-            for name in ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
-        }
-        return StepControl(
-            **moved,
-            blend_queries=self.blend_queries,
-            self_max_queries=self.self_max_queries,
-            maps=self.maps,
-            cross_active=self.cross_active,
-            self_active=self.self_active,
+        return replace(
+            self,
+            cross_alpha=self.cross_alpha.to(device, dtype),
+            refine=self.refine.to(device, dtype),
+            mapper=self.mapper.to(device, dtype),
+            reweight=self.reweight.to(device, dtype),
+            self_replace=self.self_replace.to(device, dtype),
         )
+
+
+class ControlPlan(Protocol):
+    """The attention control of a whole P2P decode: one edit's `P2PPlan`, or a `P2PBatch` of several."""
+
+    def step(self, index: int) -> StepControl:
+        """The control of step `index`."""
+        ...
+
+    def reads_source(self, index: int) -> bool:
+        """Whether step `index` or a later one reads the source rows (attention control or local blend)."""
+        ...
+
+    def add_maps(self, maps: Sequence[torch.Tensor]) -> None:
+        """Accumulate the blend-resolution cross-attention maps one controlled step returned."""
+        ...
+
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        """Local blend of the rows (source 1, target 1, ...) after a step, from the maps so far."""
+        ...
 
 
 @dataclass
@@ -410,7 +429,7 @@ class P2PPlan:
         """Whether step `index` or a later one reads the source branch: attention control or local blend."""
         return self.blend_tokens is not None or any(self.cross_steps[index:]) or any(self.self_steps[index:])
 
-    def add_maps(self, maps: list[torch.Tensor]) -> None:
+    def add_maps(self, maps: Sequence[torch.Tensor]) -> None:
         """Accumulate one step's blend-resolution cross-attention maps, (2, Q, L) each."""
         if not maps:
             return
@@ -444,7 +463,7 @@ class P2PBatch:
     def reads_source(self, index: int) -> bool:
         return any(plan.reads_source(index) for plan in self.plans)
 
-    def add_maps(self, maps: list[torch.Tensor]) -> None:
+    def add_maps(self, maps: Sequence[torch.Tensor]) -> None:
         """Accumulate one step's maps, (2P, Q, L) each, into each plan's (2, Q, L) share."""
         for pair, plan in enumerate(self.plans):
             plan.add_maps([m[2 * pair : 2 * pair + 2] for m in maps])
@@ -643,8 +662,10 @@ def _touches(control: StepControl, is_cross: bool, queries: int) -> bool:
 class P2PAttnProcessor:
     """Attention with explicit probabilities that P2P can rewrite; without control it is SDPA.
 
-    Registered on every attention layer P2P touches through `set_attn_processor`; the layer's
-    position (cross or self) is known from its inputs.
+    Registered on every attention layer through `install_p2p_processors`; the layer's position (cross or
+    self) is known from its inputs. A UNet call passes `control` and a list `blend_maps` through
+    `cross_attention_kwargs`; the cross-attention maps local blend reads (`control.blend_queries` queries,
+    averaged over heads, the pairs' rows) are added to that list, which the caller owns and returns.
     """
 
     def __init__(self) -> None:
@@ -660,6 +681,7 @@ class P2PAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         control: StepControl | None = None,
+        blend_maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         is_cross = encoder_hidden_states is not None
         queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
@@ -685,8 +707,8 @@ class P2PAttnProcessor:
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = probs.reshape(batch, attn.heads, *probs.shape[1:])
         probs = edit_probabilities(probs, is_cross, control)
-        if is_cross and control.blend_queries == queries:
-            control.maps.append(pair_rows(probs, control_pairs(control)).mean(1))
+        if is_cross and control.blend_queries == queries and blend_maps is not None:
+            blend_maps.append(pair_rows(probs, control_pairs(control)).mean(1))
         hidden_states = torch.bmm(probs.reshape(batch * attn.heads, *probs.shape[2:]).to(value.dtype), value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -698,8 +720,59 @@ class P2PAttnProcessor:
 
 
 def install_p2p_processors(unet: Any) -> None:
-    """Give every attention layer of `unet` a `P2PAttnProcessor` (SDPA until a control is passed)."""
-    if getattr(unet, "_icd_p2p_installed", False):
+    """Give every attention layer of `unet` a `P2PAttnProcessor` (SDPA until a control is passed).
+
+    Called by whoever runs attention control on `unet` (through `ControlledDenoiser.install_control`, or the
+    exporter of the P2P graph); a controlled call never installs them itself."""
+    if has_p2p_processors(unet):
         return
     unet.set_attn_processor({name: P2PAttnProcessor() for name in unet.attn_processors})
     unet._icd_p2p_installed = True
+
+
+def has_p2p_processors(unet: Any) -> bool:
+    return bool(getattr(unet, "_icd_p2p_installed", False))
+
+
+# --- the sampler's view: a denoiser wrapper and a step hook ------------------------------------------------
+
+
+class P2PDenoiser:
+    """A P2P decode as a plain denoiser over the rows (source 1, target 1, source 2, ...), so the one sampler loop
+    that runs every other decode runs it too (`icdcli.sampler.p2p_decode`), with `after_step` as its step hook.
+
+    Each step the plan says whether anything still reads the source rows. While it does, the wrapped network runs
+    every row under the step's control and the maps it returns go to the plan; `after_step` then applies local
+    blend. From the first step after which nothing reads them, the network runs the target rows alone, without
+    control (each row depends only on itself then: half the rows), the source rows' noise prediction is left at 0
+    and `after_step` keeps the source rows where they were, so the source rows returned stop at that step.
+
+    Args:
+        network: what runs the UNet, with or without control.
+        plan: the attention control of the decode.
+        timesteps: the timestep each step evaluates at, in order (they name the step a call belongs to).
+    """
+
+    def __init__(self, network: ControlledDenoiser, plan: ControlPlan, timesteps: Sequence[int]):
+        self.network, self.plan = network, plan
+        self.steps = {t: index for index, t in enumerate(timesteps)}
+        if len(self.steps) != len(timesteps):
+            raise ValueError(f"P2P steps need distinct timesteps, got {list(timesteps)}")
+
+    def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
+        index = self.steps[t]
+        if self.plan.reads_source(index):
+            step = self.network.controlled(x, t, cond, guidance, self.plan.step(index))
+            self.plan.add_maps(step.maps)
+            return step.eps
+        targets = slice(1, None, 2)
+        rows = row_guidance(guidance, x.shape[0])[targets] if isinstance(guidance, torch.Tensor) else guidance
+        eps = self.network(x[targets], t, take_rows(cond, targets, x.shape[0]), rows)
+        return torch.stack([torch.zeros_like(eps), eps], dim=1).reshape(x.shape)
+
+    def after_step(self, index: int, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """The latents step `index + 1` starts from: local blend while the source rows are read, else the source
+        rows as they were before the step and the target rows as it left them."""
+        if self.plan.reads_source(index):
+            return self.plan.blend(after)
+        return torch.stack([before[0::2], after[1::2]], dim=1).reshape(after.shape)

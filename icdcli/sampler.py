@@ -8,11 +8,11 @@ Diffusion's evenly spaced timesteps with a teacher UNet.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .denoiser import Conditioning, Denoiser, Guidance, mix_rows, take_rows
+from .denoiser import Conditioning, ControlledDenoiser, Denoiser, Guidance, mix_rows
+from .p2p import ControlPlan, P2PDenoiser
 from .schedule import (
     CLEAN,
     NoiseSchedule,
@@ -24,6 +24,10 @@ from .schedule import (
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 """Called after each step with (step index, timestep reached, latents)."""
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Called after each step's jump with (step index, latents before, latents after); returns the latents the next
+step starts from (Prompt-to-Prompt's local blend and its source-branch cut, see `icdcli.p2p.P2PDenoiser`)."""
 
 
 def ddim_jump(x: torch.Tensor, eps: torch.Tensor, t: int, s: int, schedule: NoiseSchedule) -> torch.Tensor:
@@ -69,11 +73,14 @@ def _run_pairs(
     schedule: NoiseSchedule,
     callback: StepCallback | None,
     eval_at_target: bool = False,
+    hook: StepHook | None = None,
 ) -> torch.Tensor:
+    """The one sampler loop: a DDIM jump per (t, s) pair with the denoiser's eps, then the step hook, if any."""
     for index, (t, s) in enumerate(pairs):
         t_eval = s if eval_at_target else t
         eps = denoiser(x, t_eval, cond_at(t_eval), guidance_at(t_eval))
-        x = ddim_jump(x, eps, t, s, schedule)
+        stepped = ddim_jump(x, eps, t, s, schedule)
+        x = stepped if hook is None else hook(index, x, stepped)
         if callback is not None:
             callback(index, s, x)
     return x
@@ -177,15 +184,22 @@ def p2p_pairs(reverse_boundaries: tuple[int, ...] | None, ddim_steps: int | None
     return list(zip(timesteps, timesteps[1:] + [CLEAN], strict=True))
 
 
+def pair_guidance(t: int, guidance: Guidance, tau: Guidance, pairs: int) -> torch.Tensor:
+    """The guidance of the rows (source 1, target 1, source 2, ...) at t: 1 for the sources (they run unguided),
+    dynamic guidance for the targets (`guidance`, `tau`: one for all or (P,) tensors)."""
+    target = torch.as_tensor(step_guidance(t, guidance, tau), dtype=torch.float32).reshape(-1).expand(pairs)
+    return torch.stack([torch.ones_like(target), target], dim=1).reshape(-1)
+
+
 def p2p_decode(
-    denoiser: Denoiser,
+    denoiser: ControlledDenoiser,
     x: torch.Tensor,
     cond: Conditioning,
     pairs: list[tuple[int, int]],
     guidance: Guidance,
     tau: Guidance,
     schedule: NoiseSchedule,
-    plan: Any,
+    plan: ControlPlan,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Decode latents (P, ...) into two branches each under Prompt-to-Prompt control; returns the rows
@@ -193,26 +207,22 @@ def p2p_decode(
 
     `cond` holds the source and target prompts of each edit, interleaved (2P rows). Source branches run
     unguided, target branches under dynamic guidance (`guidance`, `tau`: one for all or (P,) tensors).
-    Each step the plan (an `icdcli.p2p.P2PPlan`, or a `P2PBatch` of P of them) gives the attention
-    control, collects the cross-attention maps and applies local blend. From the first step after which
-    nothing reads the source branches (no attention control, no local blend: `plan.reads_source`), only the
-    target rows are decoded, without control: the source rows returned stop at that step.
+    The plan (an `icdcli.p2p.P2PPlan`, or a `P2PBatch` of P of them) gives each step's attention control,
+    collects the cross-attention maps the controlled steps return and applies local blend, through the
+    same loop as every other decode: `P2PDenoiser` is the denoiser, its `after_step` the step hook. From the
+    first step after which nothing reads the source branches (no attention control, no local blend:
+    `plan.reads_source`), only the target rows are decoded, without control: the source rows returned stop
+    at that step. The caller has made `denoiser` ready for control (`install_control`).
     """
-    x = x.repeat_interleave(2, dim=0)
-    targets = slice(1, None, 2)
-    for index, (t, s) in enumerate(pairs):
-        target = torch.as_tensor(step_guidance(t, guidance, tau), dtype=torch.float32).reshape(-1)
-        target = target.expand(x.shape[0] // 2)
-        if plan.reads_source(index):
-            control = plan.step(index)
-            w = torch.stack([torch.ones_like(target), target], dim=1).reshape(-1)
-            eps = denoiser(x, t, cond, w, control)
-            plan.add_maps(control.maps)
-            x = plan.blend(ddim_jump(x, eps, t, s, schedule))
-        else:  # the target rows alone: each depends only on itself without control (half the rows)
-            rows = x[targets]
-            eps = denoiser(rows, t, take_rows(cond, targets, x.shape[0]), target)
-            x = torch.stack([x[0::2], ddim_jump(rows, eps, t, s, schedule)], dim=1).reshape(x.shape)
-        if callback is not None:
-            callback(index, s, x)
-    return x
+    p2p = P2PDenoiser(denoiser, plan, [t for t, _ in pairs])
+    rows = x.repeat_interleave(2, dim=0)
+    return _run_pairs(
+        p2p,
+        rows,
+        pairs,
+        lambda t: cond,
+        lambda t: pair_guidance(t, guidance, tau, x.shape[0]),
+        schedule,
+        callback,
+        hook=p2p.after_step,
+    )

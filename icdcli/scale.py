@@ -129,6 +129,11 @@ class TimedDenoiser:
         with self.meter.stage(self.name):
             return self.inner(*args, **kwargs)
 
+    def controlled(self, *args: Any, **kwargs: Any) -> Any:
+        """A step under attention control (Prompt-to-Prompt), timed like any other."""
+        with self.meter.stage(self.name):
+            return self.inner.controlled(*args, **kwargs)
+
 
 class TimedModel:
     """A loaded model (torch or accelerated) whose text encoder, VAE and UNets are timed; keeps the last clean

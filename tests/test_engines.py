@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from icdcli.accelerated import AcceleratedModel, BackendFacts, accelerate, choose_backend, select_backend
-from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+from icdcli.denoiser import Conditioning, ControlledEps, PromptEmbedding, UNetDenoiser
 from icdcli.editing import SamplerSettings, edit, generate
 from icdcli.engines import tensorrt as trt_engine
 from icdcli.engines.base import GraphDenoiser, ShapeNotCovered
@@ -154,21 +154,47 @@ def fake_spec(guidance: str, inputs: tuple[str, ...] = ("sample", "timestep", "e
     return GraphSpec("reverse_unet", "reverse_unet.onnx", specs, [TensorSpec("eps", "float32", ["batch"])], guidance)
 
 
+class FakeTorch:
+    """A torch fallback answering `eps_of(x)` to plain and controlled steps; records the controls and installs."""
+
+    def __init__(self, eps_of):
+        self.eps_of, self.controls, self.installed = eps_of, [], 0
+
+    def __call__(self, x, t, cond, guidance=1.0):
+        return self.eps_of(x)
+
+    def install_control(self):
+        self.installed += 1
+
+    def controlled(self, x, t, cond, guidance, control):
+        self.controls.append(control)
+        return ControlledEps(self.eps_of(x))
+
+
+def _control(length: int = 3, blend_queries: int | None = 4):
+    from icdcli.p2p import StepControl
+
+    ones = torch.ones(length)
+    return StepControl(ones, ones, torch.eye(length), ones, torch.ones(1), blend_queries=blend_queries)
+
+
 def test_attention_control_goes_to_the_torch_fallback():
-    seen = []
-    fallback = lambda x, t, cond, guidance, control: seen.append(control) or x * 0  # noqa: E731
+    fallback = FakeTorch(lambda x: x * 0)
     denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.ones(1, 4, 2, 2)
     assert torch.equal(denoiser(x, 999, cond, 8.0), x)
-    assert torch.equal(denoiser(x, 999, cond, 8.0, control="p2p"), x * 0) and seen == ["p2p"]
+    denoiser.install_control()  # the caller's step: the fallback gets its processors
+    control = _control()
+    step = denoiser.controlled(x, 999, cond, 8.0, control)
+    assert torch.equal(step.eps, x * 0) and fallback.controls == [control] and fallback.installed == 1
+    alone = GraphDenoiser(denoiser.runner, fake_spec("embedding"))
+    alone.install_control()  # nothing to install: no torch UNet
     with pytest.raises(ICDError, match="torch"):
-        GraphDenoiser(denoiser.runner, fake_spec("embedding"))(x, 999, cond, 8.0, control="p2p")
+        alone.controlled(x, 999, cond, 8.0, control)
 
 
 def test_a_p2p_graph_without_the_pair_axis_hands_its_steps_to_pytorch():
-    from icdcli.p2p import StepControl
-
     def p2p_spec(pair_axis: list) -> GraphSpec:
         control = [TensorSpec(name, "float32", [*pair_axis, 3, 3] if name == "mapper" else [*pair_axis, 3])
                    for name in P2P_CONTROL_INPUTS]  # fmt: skip
@@ -181,22 +207,25 @@ def test_a_p2p_graph_without_the_pair_axis_hands_its_steps_to_pytorch():
         return {"eps": feeds["sample"] * 2, "blend_maps": torch.zeros(feeds["mapper"].shape[0], 2, 4, 3)}
 
     seen: list = []
-    fallback = lambda x, t, cond, guidance, control: x * 0  # noqa: E731
+    fallback = FakeTorch(lambda x: x * 0)
     cond = Conditioning(PromptEmbedding(torch.zeros(2, 3, 2)))
     x = torch.ones(2, 4, 2, 2)
-    control = StepControl(torch.ones(3), torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(1), blend_queries=4)
+    control = _control()
     older = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec([])))
-    assert torch.equal(older(x, 519, cond, 8.0, control), x * 0) and seen == []  # export format 2: PyTorch
+    assert torch.equal(older.controlled(x, 519, cond, 8.0, control).eps, x * 0) and seen == []  # format 2: PyTorch
     current = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec(["p2p_pairs"])))
-    assert torch.equal(current(x, 519, cond, 8.0, control), x * 2) and seen == [(1, 3, 3)]  # one pair: axis of 1
-    assert [tuple(m.shape) for m in control.maps] == [(2, 4, 3)]
+    step = current.controlled(x, 519, cond, 8.0, control)
+    assert torch.equal(step.eps, x * 2) and seen == [(1, 3, 3)]  # one pair: axis of 1
+    assert [tuple(m.shape) for m in step.maps] == [(2, 4, 3)]
+    without_blend = current.controlled(x, 519, cond, 8.0, _control(blend_queries=None))
+    assert without_blend.maps == ()  # no local blend: no maps returned
 
 
 def test_uncovered_shapes_fall_back_and_folded_graph_refuses_guidance():
     def uncovered(feeds):
         raise ShapeNotCovered("outside every profile")
 
-    fallback = lambda x, t, cond, guidance, control: x + 1  # noqa: E731
+    fallback = FakeTorch(lambda x: x + 1)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.zeros(1, 4, 2, 2)
     assert torch.equal(GraphDenoiser(uncovered, fake_spec("folded"), fallback)(x, 19, cond), x + 1)
@@ -692,20 +721,23 @@ class MovingModule:
 def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when_needed():
     from icdcli.accelerated import OffloadingFallback
 
-    unet, calls = MovingModule(), []
-    fallback = OffloadingFallback(lambda *args: calls.append(args) or "eps", unet, torch.device("cuda", 1), "reverse")
+    unet, torch_denoiser = MovingModule(), FakeTorch(lambda x: x * 0 - 1)
+    fallback = OffloadingFallback(torch_denoiser, unet, torch.device("cuda", 1), "reverse")
     denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.ones(1, 4, 2, 2)
     denoiser(x, 999, cond, 8.0)
     denoiser(x, 779, cond, 8.0)
     assert unet.moves == ["cpu"] and fallback.released
-    assert denoiser(x, 519, cond, 8.0, control="p2p") == "eps"  # attention control needs the torch UNet
+    denoiser.install_control()
+    assert torch_denoiser.installed == 1 and unet.moves == ["cpu"]  # processors hold no weights: nothing moves
+    step = denoiser.controlled(x, 519, cond, 8.0, _control())  # attention control needs the torch UNet
+    assert torch.equal(step.eps, x * 0 - 1) and len(torch_denoiser.controls) == 1
     assert unet.moves == ["cpu", "cuda:1"] and not fallback.released
     denoiser(x, 259, cond, 8.0)
     assert unet.moves == ["cpu", "cuda:1"]  # needed once: it stays
     assert fallback.__call__ is not None and not hasattr(fallback, "no_such_attribute")
-    cpu_model = OffloadingFallback(lambda *args: "eps", MovingModule(), torch.device("cpu"), "forward")
+    cpu_model = OffloadingFallback(FakeTorch(lambda x: x), MovingModule(), torch.device("cpu"), "forward")
     cpu_model.release()
     assert cpu_model.unet.moves == [] and not cpu_model.released
 

@@ -4,6 +4,7 @@ does not change."""
 from __future__ import annotations
 
 import weakref
+from functools import partial
 
 import numpy as np
 import pytest
@@ -23,6 +24,11 @@ def _image() -> Image.Image:
     pixels[..., 2] = 200
     pixels[8:24, 8:24, 0] = 220
     return Image.fromarray(pixels)
+
+
+def _watched_decode(decode, unets, alive: list[bool], latents):
+    alive.append(any(unet() is not None for unet in unets))
+    return decode(latents)
 
 
 def _edits(model, p2p: P2PSettings | None) -> np.ndarray:
@@ -49,8 +55,7 @@ def test_a_low_memory_edit_frees_each_unet_and_gives_the_same_pixels(merged_dir,
     for _ in range(2):  # the second edit reads the freed UNets again
         unets = [weakref.ref(freed.forward_unet), weakref.ref(freed.reverse_unet)]
         alive_at_vae_decode: list[bool] = []
-        decode = freed.decode_latents
-        freed.decode_latents = lambda latents: alive_at_vae_decode.append(any(u() for u in unets)) or decode(latents)
+        freed.decode_latents = partial(_watched_decode, freed.decode_latents, unets, alive_at_vae_decode)
         try:
             assert np.array_equal(_edits(freed, p2p), expected)
         finally:

@@ -14,9 +14,11 @@ from close import assert_close_to_scale
 from PIL import Image
 
 from icdcli.cli import main
-from icdcli.editing import SamplerSettings, _conditioning, decode, invert
+from icdcli.denoiser import ControlledEps
+from icdcli.editing import SamplerSettings, decode, decode_p2p, invert
 from icdcli.p2p import (
     P2PError,
+    P2PPlan,
     P2PSettings,
     StepControl,
     blend_mask,
@@ -29,8 +31,6 @@ from icdcli.p2p import (
     self_replace_steps,
     word_token_positions,
 )
-from icdcli.sampler import p2p_decode, p2p_pairs
-from icdcli.schedule import NoiseSchedule
 from icdcli.sources import DEFAULT_MODEL_DIR
 
 SOURCE = "a red circle on a blue background"
@@ -187,16 +187,21 @@ def default_model():
 
 
 def _branches(model, target: str, guidance: float, settings: P2PSettings, sampler: SamplerSettings = None):
+    """A real `decode_p2p` edit of the example; (its inversion, both branches' final latents read off the step
+    callback: source, target)."""
     sampler = sampler or SamplerSettings()
     image = Image.open(EXAMPLE).convert("RGB")
     inversion = invert(model, image, SOURCE, sampler)
-    pairs = p2p_pairs(None if sampler.sampler == "ddim" else model.info.reverse_boundaries, sampler.ddim_steps)
-    denoiser = model.teacher_denoiser if sampler.sampler == "ddim" else model.reverse_denoiser
-    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
-    cond = _conditioning(model, [SOURCE, target], inversion.size, guidance)
-    schedule = NoiseSchedule.stable_diffusion()
-    both = p2p_decode(denoiser, inversion.latents, cond, pairs, guidance, 0.8, schedule, plan)
-    return inversion, both
+    return inversion, _decode_branches(model, inversion.latents, SOURCE, target, inversion.size, guidance, settings,
+                                       sampler)  # fmt: skip
+
+
+def _decode_branches(model, latents, source, target, size, guidance, settings, sampler=None):
+    steps = []
+    sampler = sampler or SamplerSettings()
+    decode_p2p(model, latents, source, target, size, guidance, 0.8, sampler, settings,
+               callback=lambda index, t, x: steps.append(x))  # fmt: skip
+    return steps[-1]
 
 
 def test_identical_prompts_with_full_replace_decode_the_target_as_the_source(default_model):
@@ -207,30 +212,36 @@ def test_identical_prompts_with_full_replace_decode_the_target_as_the_source(def
     assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)  # the source is untouched
 
 
-def test_steps_after_the_last_control_decode_the_target_rows_alone(default_model):
+def _unet_calls(unet, record: list):
+    """Record (batch, under control) of each call of `unet`; returns the hook's handle."""
+
+    def hook(module, args, kwargs):
+        record.append((args[0].shape[0], (kwargs.get("cross_attention_kwargs") or {}).get("control") is not None))
+
+    return unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_steps_after_the_last_control_decode_the_target_rows_alone(default_model, monkeypatch):
     """The release's recipe edits attention in steps 0-1 only and has no local blend: steps 2-3 decode the target
     rows alone, which changes them only by rounding (rows of a batch are independent without control)."""
     model, target = default_model, "a yellow circle on a blue background"
     inversion = invert(model, Image.open(EXAMPLE).convert("RGB"), SOURCE, SamplerSettings())
-    pairs = p2p_pairs(model.info.reverse_boundaries, None)
     settings = P2PSettings(cross_replace=0.3, self_replace=0.6)
-    cond = _conditioning(model, [SOURCE, target], inversion.size, 4.0)
-    schedule = NoiseSchedule.stable_diffusion()
-    seen = []
-
-    def recording(x, t, cond, guidance=1.0, control=None):
-        seen.append((x.shape[0], control is not None))
-        return model.reverse_denoiser(x, t, cond, guidance, control)
-
-    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, 4, inversion.latents.shape[-1])
     assert [plan.reads_source(index) for index in range(4)] == [True, True, False, False]
-    short = p2p_decode(recording, inversion.latents, cond, pairs, 4.0, 0.8, schedule, plan)
+    seen: list = []
+    handle = _unet_calls(model.reverse_unet, seen)
+    try:
+        short = _decode_branches(model, inversion.latents, SOURCE, target, inversion.size, 4.0, settings)
+    finally:
+        handle.remove()
     assert seen == [(2, True), (2, True), (1, False), (1, False)]
-    both = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
-    both.reads_source = lambda index: True  # every step on both branches, as before
-    full = p2p_decode(model.reverse_denoiser, inversion.latents, cond, pairs, 4.0, 0.8, schedule, both)
+    with monkeypatch.context() as patched:
+        patched.setattr(P2PPlan, "reads_source", lambda self, index: True)  # every step on both branches
+        full = _decode_branches(model, inversion.latents, SOURCE, target, inversion.size, 4.0, settings)
     assert_close_to_scale(short[1::2], full[1::2], rel=1e-5)
-    blended = make_plan(model.tokenizers[0], SOURCE, target, replace(settings, blend=("circle",)), len(pairs), 8)
+    assert (short[0] - full[0]).abs().max() > 0  # the source row stopped at the cut
+    blended = make_plan(model.tokenizers[0], SOURCE, target, replace(settings, blend=("circle",)), 4, 8)
     assert all(blended.reads_source(index) for index in range(4))  # local blend reads the source at every step
 
 
@@ -324,14 +335,10 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
     from icdcli.editing import invert_latents
 
     latents = invert_latents(model, x0, source, (32, 32), SamplerSettings())
-    pairs = p2p_pairs(model.info.reverse_boundaries, None)
-    schedule = NoiseSchedule.stable_diffusion()
     results = []
     for tgt, guidance in ((source, 1.0), (target, 6.0)):
         blend = ("cat",) if tgt == source else ("cat", "dog")
-        plan = make_plan(model.tokenizers[0], source, tgt, P2PSettings(blend=blend), len(pairs), latents.shape[-1])
-        cond = _conditioning(model, [source, tgt], (32, 32), guidance)
-        results.append(p2p_decode(model.reverse_denoiser, latents, cond, pairs, guidance, 0.8, schedule, plan))
+        results.append(_decode_branches(model, latents, source, tgt, (32, 32), guidance, P2PSettings(blend=blend)))
     assert_close_to_scale(results[0][0], results[0][1])
     assert (results[1][1] - results[1][0]).abs().max() > 1e-3 and torch.isfinite(results[1]).all()
 
@@ -354,3 +361,99 @@ def make_plan_for_steps():
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
     return make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(), 4, 8)
+
+
+# --- the seam: a controlled step, the P2P denoiser wrapper and its step hook ----------------------------
+
+
+def test_a_controlled_unet_step_returns_its_maps_once_the_caller_installed_the_processors():
+    from tiny import make_teacher
+
+    from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+    from icdcli.p2p import has_p2p_processors
+
+    unet = make_teacher("sd15")
+    denoiser = UNetDenoiser(unet)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    cond = Conditioning(PromptEmbedding(torch.randn(2, 12, 32, generator=generator)))
+    control = replace(_control(12), blend_queries=64)
+    plain = denoiser(x, 500, cond, 4.0)
+    with pytest.raises(RuntimeError, match="install_control"):
+        denoiser.controlled(x, 500, cond, 4.0, control)
+    assert not has_p2p_processors(unet)  # a controlled call installs nothing into the caller's UNet
+    denoiser.install_control()
+    assert torch.equal(denoiser(x, 500, cond, 4.0), plain)  # without control the processors are the fused kernel
+    step = denoiser.controlled(x, 500, cond, 4.0, control)
+    # the 8x8 cross-attention layers: one down, two up; each (source, target) rows, 64 queries, 12 tokens
+    assert [tuple(m.shape) for m in step.maps] == [(2, 64, 12)] * 3
+    assert torch.allclose(step.maps[0].sum(-1), torch.ones(2, 64))  # head-averaged probabilities
+    assert (step.eps[1] - plain[1]).abs().max() > 1e-4 and torch.allclose(step.eps[0], plain[0], atol=1e-5)
+    quiet = denoiser.controlled(x, 500, cond, 4.0, replace(control, blend_queries=None))
+    assert quiet.maps == () and torch.equal(quiet.eps, step.eps)
+
+
+class _FakeNetwork:
+    """eps = x / 2 for any row; records each call as (kind, t, rows, guidance of the rows)."""
+
+    def __init__(self, maps: torch.Tensor):
+        self.maps, self.calls = maps, []
+
+    def __call__(self, x, t, cond, guidance=1.0):
+        assert cond.prompt.hidden_states.shape[0] == x.shape[0]
+        self.calls.append(("plain", t, x.shape[0], torch.as_tensor(guidance).reshape(-1).tolist()))
+        return x / 2
+
+    def install_control(self):
+        raise AssertionError("p2p_decode leaves installing to its caller")
+
+    def controlled(self, x, t, cond, guidance, control):
+        self.calls.append(("controlled", t, x.shape[0], torch.as_tensor(guidance).reshape(-1).tolist()))
+        return ControlledEps(x / 2, (self.maps,))
+
+
+class _FakePlan:
+    """Controls steps 0-1 only; records the maps it gets and the steps it blends."""
+
+    def __init__(self):
+        self.maps, self.blended = [], 0
+
+    def step(self, index):
+        return replace(_control(3), blend_queries=4)
+
+    def reads_source(self, index):
+        return index < 2
+
+    def add_maps(self, maps):
+        self.maps.append(maps)
+
+    def blend(self, x):
+        self.blended += 1
+        return x
+
+
+def test_p2p_runs_in_the_sampler_loop_as_a_denoiser_wrapper_and_a_step_hook():
+    from icdcli.denoiser import Conditioning, PromptEmbedding
+    from icdcli.sampler import ddim_jump, p2p_decode
+    from icdcli.schedule import NoiseSchedule, reverse_pairs
+
+    schedule, pairs = NoiseSchedule.stable_diffusion(), reverse_pairs((259, 519, 779, 999))
+    maps = torch.rand(2, 4, 3)
+    network, plan = _FakeNetwork(maps), _FakePlan()
+    x = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond = Conditioning(PromptEmbedding(torch.zeros(2, 3, 4)))
+    seen = []
+    both = p2p_decode(network, x, cond, pairs, 4.0, 0.8, schedule, plan, lambda i, s, latents: seen.append(latents))
+    assert network.calls == [
+        ("controlled", 999, 2, [1.0, 1.0]),  # above tau: the target unguided too
+        ("controlled", 779, 2, [1.0, 4.0]),
+        ("plain", 519, 1, [4.0]),  # nothing reads the source rows any more: the target rows alone
+        ("plain", 259, 1, [4.0]),
+    ]
+    assert len(plan.maps) == 2 and all(got == (maps,) for got in plan.maps) and plan.blended == 2
+    expected = x
+    for index, (t, s) in enumerate(pairs):
+        expected = ddim_jump(expected, expected / 2, t, s, schedule)
+        if index == 1:
+            assert torch.equal(both[0], expected[0])  # the source row stopped after step 1
+    assert torch.equal(both[1], expected[0]) and torch.equal(seen[-1], both) and len(seen) == 4

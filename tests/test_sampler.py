@@ -12,7 +12,7 @@ class AnalyticDenoiser:
     def __init__(self, x0, schedule):
         self.x0, self.schedule, self.calls = x0, schedule, []
 
-    def __call__(self, x, t, cond, guidance=1.0, control=None):
+    def __call__(self, x, t, cond, guidance=1.0):
         self.calls.append((t, guidance, cond))
         return (x - self.schedule.signal(t) * self.x0) / self.schedule.noise(t)
 

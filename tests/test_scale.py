@@ -297,14 +297,15 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
         reweight=torch.ones(length), self_replace=torch.ones(1),
     )  # fmt: skip
     hidden = torch.randn(2, length, unet.config.cross_attention_dim)
+    maps: list[torch.Tensor] = []
     with torch.no_grad():
         unet(torch.randn(2, 4, 64, 64), 500, encoder_hidden_states=hidden, timestep_cond=torch.randn(2, 512),
-             cross_attention_kwargs={"control": control})  # fmt: skip
+             cross_attention_kwargs={"control": control, "blend_maps": maps})  # fmt: skip
     self_queries = {queries for is_cross, queries in seen if not is_cross}
     cross_queries = {queries for is_cross, queries in seen if is_cross}
     assert self_queries and max(self_queries) == 32 * 32
     assert 64 * 64 in cross_queries, "cross-attention is edited at every resolution"
-    assert control.maps == []
+    assert maps == []
 
 
 def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(merged_dir, tmp_path):

@@ -57,7 +57,7 @@ class Fake:
         self.messages: list[str] = []
 
     def fallback(self, role: str):
-        def run(x, t, cond, guidance=1.0, control=None):
+        def run(x, t, cond, guidance=1.0):
             self.fallback_calls.append(role)
             return x * 0 - 1
 
@@ -519,12 +519,12 @@ def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     control = stack_controls([one, one, one])
     x = torch.randn(6, 4, 64, 64)  # three (source, target) pairs
     cond = Conditioning(PromptEmbedding(torch.zeros(6, 12, 32)))
-    eps = parts.reverse(x, 519, cond, torch.tensor([1.0, 8.0] * 3), control)
-    assert torch.allclose(eps, 0.5 * x) and fake.fallback_calls == []
+    step = parts.reverse.controlled(x, 519, cond, torch.tensor([1.0, 8.0] * 3), control)
+    assert torch.allclose(step.eps, 0.5 * x) and fake.fallback_calls == []
     assert len(fake.calls("execute_async_v3", "reverse_unet_p2p")) == 1  # one call for the three pairs
     shapes = {c[2]: c[3] for c in fake.calls("set_input_shape", "reverse_unet_p2p")}
     assert shapes["sample"] == (6, 4, 64, 64) and shapes["mapper"] == (3, 12, 12) and shapes["self_replace"] == (3, 1)
-    assert [tuple(m.shape) for m in control.maps] == [(6, 256, 12)]  # (P, 2, Q, L) back to rows for local blend
+    assert [tuple(m.shape) for m in step.maps] == [(6, 256, 12)]  # (P, 2, Q, L) back to rows for local blend
     built = fake.calls("engine_bytes_from_network", "reverse_unet_p2p")
     assert len(built) == 1
     (p2p_profile,) = built[0][2]["config"].kwargs["profiles"]

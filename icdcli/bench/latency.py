@@ -39,9 +39,9 @@ class RealCFGDenoiser:
     def __init__(self, inner: Denoiser):
         self.inner = inner
 
-    def __call__(self, x: Any, t: int, cond: Conditioning, guidance: Guidance = 1.0, control: Any | None = None) -> Any:
+    def __call__(self, x: Any, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> Any:
         if is_unguided(guidance):
-            return self.inner(x, t, cond, 1.0, control)
+            return self.inner(x, t, cond, 1.0)
 
         def evaluate(xx: Any, prompt: PromptEmbedding, time_ids: Any) -> Any:
             return self.inner(xx, t, Conditioning(prompt, None, time_ids), 1.0)
