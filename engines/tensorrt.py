@@ -27,7 +27,6 @@ contracts are checked with the fake module of tests/fake_tensorrt.py.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from icdcli.digests import json_sha256
 from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
 from icdcli.export.manifest import (
@@ -344,7 +344,7 @@ def engine_cache_key(
         "compute_capability": device.capability,
         "build_format": BUILD_FORMAT,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def timing_cache_file(root: Path, trt_version: str, device: DeviceFacts) -> Path:

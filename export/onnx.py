@@ -56,10 +56,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from icdcli.digests import files_sha256
 from icdcli.dtypes import TORCH_DTYPES, dtype_name
 from icdcli.model_api import DiffusersModule
 
-from .files import atomic_folder, folder_size, sha256_files
+from .files import atomic_folder, folder_size
 from .manifest import (
     DEFAULT_OPSET,
     FORWARD,
@@ -522,7 +523,7 @@ def export_graph(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     files = [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
-    spec.sha256 = sha256_files(files)
+    spec.sha256 = files_sha256(files)
     return spec
 
 

@@ -108,11 +108,10 @@ def default_precision(model: ICDModel) -> str:
 
 def lock_path(folder: Path) -> Path:
     """A lock file in the cache for an export folder, so no lock file is left beside a user's --out folder."""
-    import hashlib
-
+    from .digests import text_sha256
     from .models import cache_root
 
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    digest = text_sha256(str(folder.resolve()))[:24]
     return cache_root() / "locks" / f"{digest}.lock"
 
 

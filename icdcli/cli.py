@@ -623,12 +623,12 @@ def _note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
 
 def _model_record(loaded: Any) -> dict[str, Any]:
     """What an output records about the model that made it."""
-    from .batch import model_digest, model_weight_sizes
+    from .identity import model_hash
 
     model = loaded.model
     return {
         "model": loaded.label,
-        "model_hash": model_digest(model.info.to_json(), model_weight_sizes(model)),
+        "model_hash": model_hash(model),
         "backend": loaded.backend,
         "precision": str(model.dtype).removeprefix("torch."),
         "icd_version": __version__,

@@ -12,7 +12,6 @@ Sources that load:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import torch
 from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
+from .identity import made_from, sources_key
 from .lora import boundaries_from_filename, fuse_lora, read_lora
 from .model_api import DiffusersModule, prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
@@ -90,14 +90,6 @@ class ModelInfo:
         except (TypeError, ValueError) as error:
             raise ModelSourceError(f"the model's edit recipe is malformed: {error}") from error
         return cls(**values)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def safetensors_problem(path: str | Path) -> str | None:
@@ -516,16 +508,8 @@ class LoraSources:
         return forward, reverse
 
     def cache_key(self) -> str:
-        """Identity of the inputs by path, size and modification time: cheap to recompute on every load."""
-        items: list[Any] = []
-        for path in (self.base / "model_index.json", self.teacher, self.forward_lora, self.reverse_lora):
-            if path is None:
-                items.append(None)
-                continue
-            stat = path.stat()
-            items.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        blob = json.dumps([FORMAT_VERSION, items]).encode()
-        return hashlib.sha256(blob).hexdigest()[:20] + ("-fp16" if self.cache_half else "")
+        """Name of the fused-model cache folder: the files' stamps, cheap to recompute on every load."""
+        return sources_key(self, version=FORMAT_VERSION)
 
 
 def fuse_lora_model(
@@ -573,18 +557,13 @@ def fuse_lora_model(
         unets[role] = spill(role, unet) if spill is not None else unet
         del unet
     teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
-    made_from = {"base": str(sources.base)}
-    for label, part in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
-        if part is not None:
-            made_from[label] = file_digest(part)
-    made_from["reverse_lora"] = file_digest(sources.reverse_lora)
     info_json = {
         "name": sources.name or sources.forward_lora.parent.name,
         "forward_boundaries": forward_bounds,
         "reverse_boundaries": reverse_bounds,
         "edit": sources.recipe(family, reverse_bounds).to_json(),
         "generate_guidance": sources.generate_guidance if sources.generate_guidance is not None else 8.0,
-        "made_from": made_from,
+        "made_from": made_from(sources),
     }
     info = ModelInfo.from_json(_describe(info_json, unets["reverse"], vae, family))
     return ICDModel(

@@ -103,7 +103,7 @@ def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
 
 
 def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merged_model):
-    from icdcli.export.files import sha256_files
+    from icdcli.digests import files_sha256
 
     data = json.loads((sd15_export / "manifest.json").read_text())
     assert data["precision"] == "fp32" and data["opset"] == DEFAULT_OPSET
@@ -117,7 +117,7 @@ def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merge
         "text_encoder"
     }  # fmt: skip
     for graph in data["graphs"].values():
-        assert graph["sha256"] == sha256_files([sd15_export / graph["file"]])
+        assert graph["sha256"] == files_sha256([sd15_export / graph["file"]])
         assert graph["external_data"] is None
     sample = data["graphs"]["reverse_unet"]["inputs"][0]
     assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]}
@@ -144,14 +144,6 @@ def test_stale_reasons():
     assert "precision" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET)
     assert "opset" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET + 1)
     assert "teacher" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET, need_teacher=True)
-
-
-def test_fingerprint_is_the_same_for_a_fused_and_a_cached_model(sd15_parts, merged_model):
-    from icdcli.models import LoraSources, fuse_lora_model
-
-    parts = sd15_parts
-    fused = fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
-    assert model_fingerprint(fused) == model_fingerprint(merged_model)
 
 
 def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
