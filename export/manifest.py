@@ -100,7 +100,7 @@ class Manifest:
         return cls(**{**data, "graphs": graphs})
 
 
-def write_manifest(folder: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
+def write_manifest(folder: Path, manifest: Manifest, *, name: str = MANIFEST) -> Path:
     path = folder / name
     path.write_text(json.dumps(manifest.to_json(), indent=2))
     return path
@@ -137,7 +137,7 @@ def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
 
 
 def stale_reason(
-    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False,
+    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, *, need_teacher: bool = False,
     fp32_norm: bool | None = None, need_sanitized: bool = False,
 ) -> str | None:  # fmt: skip
     """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind;

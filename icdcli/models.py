@@ -190,6 +190,7 @@ class ICDModel:
         tokenizers: list[Any],
         forward_unet: DiffusersModule,
         reverse_unet: DiffusersModule,
+        *,
         teacher_unet: DiffusersModule | None = None,
         source: str = "",
     ):
@@ -383,7 +384,7 @@ def load_merged(folder: str | Path, need_teacher: bool = False) -> ICDModel:
     except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(f"cannot load the model folder {folder}: {error}".splitlines()[0]) from error
     info = ModelInfo.from_json(_describe(dict(data), reverse, vae, family))
-    return ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher, source=str(folder))
+    return ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher_unet=teacher, source=str(folder))
 
 
 def _read_model_json(folder: Path) -> dict[str, Any]:
@@ -435,7 +436,7 @@ def _wider(first: torch.dtype, second: torch.dtype) -> torch.dtype:
 
 
 def build_teacher_unet(
-    base: Path, teacher: str | Path | None, dtype: torch.dtype = torch.float32, fuse: Any | None = None
+    base: Path, teacher: str | Path | None, *, dtype: torch.dtype = torch.float32, fuse: Any | None = None
 ) -> torch.nn.Module:
     """The base pipeline's UNet architecture with the teacher's weights (`time_cond_proj_dim` if present).
 
@@ -514,6 +515,7 @@ class LoraSources:
 
 def fuse_lora_model(
     sources: LoraSources,
+    *,
     keep_teacher: bool = True,
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -550,13 +552,13 @@ def fuse_lora_model(
         except (ValueError, OSError) as error:
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         try:
-            unet = build_teacher_unet(sources.base, sources.teacher, dtype, fuse=adapter)
+            unet = build_teacher_unet(sources.base, sources.teacher, dtype=dtype, fuse=adapter)
         except ValueError as error:  # the adapter does not fit the teacher
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         del adapter
         unets[role] = spill(role, unet) if spill is not None else unet
         del unet
-    teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
+    teacher = build_teacher_unet(sources.base, sources.teacher, dtype=dtype) if keep_teacher else None
     info_json = {
         "name": sources.name or sources.forward_lora.parent.name,
         "forward_boundaries": forward_bounds,
@@ -567,14 +569,14 @@ def fuse_lora_model(
     }
     info = ModelInfo.from_json(_describe(info_json, unets["reverse"], vae, family))
     return ICDModel(
-        info, vae, encoders, tokenizers, unets["forward"], unets["reverse"], teacher,
+        info, vae, encoders, tokenizers, unets["forward"], unets["reverse"], teacher_unet=teacher,
         source=str(sources.forward_lora.parent),
     )  # fmt: skip
 
 
 def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: torch.dtype) -> None:
     """Give a model from a fused cache that was written without a teacher its teacher, and the cache too."""
-    teacher: DiffusersModule = build_teacher_unet(sources.base, sources.teacher, dtype).requires_grad_(False)
+    teacher: DiffusersModule = build_teacher_unet(sources.base, sources.teacher, dtype=dtype).requires_grad_(False)
     model.teacher_unet = teacher
     try:
         with atomic_folder(cached / "teacher_unet") as staging:
@@ -584,7 +586,7 @@ def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: tor
 
 
 def load_lora_cached(
-    sources: LoraSources, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+    sources: LoraSources, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
     """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it.
 
@@ -633,7 +635,7 @@ def _folder_recipe(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_lora_folder(
-    folder: Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
+    folder: Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
     """A folder whose icd.json has `"format": "lora"` and names its parts by relative path."""
     data = _read_model_json(folder)
@@ -654,11 +656,11 @@ def load_lora_folder(
 
 
 def load_model_folder(
-    folder: str | Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
+    folder: str | Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
     """An icd model folder; a `lora` one is fused once and cached (`half`: the cache in float16)."""
     folder = Path(folder)
     data = _read_model_json(folder)
     if data.get("format") == "lora":
-        return load_lora_folder(folder, need_teacher, progress, half)
+        return load_lora_folder(folder, need_teacher=need_teacher, progress=progress, half=half)
     return load_merged(folder, need_teacher)

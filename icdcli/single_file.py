@@ -92,7 +92,7 @@ def config_problem(folder: Path, family: str) -> str | None:
     return f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
 
 
-def find_config(path: Path, family: str, repo: str, given: str | Path | None = None) -> Path:
+def find_config(path: Path, family: str, repo: str, *, given: str | Path | None = None) -> Path:
     """The folder of configs for converting `path`: `given`, a diffusers layout beside the file, or `repo`'s
     configs from the hub cache (or the hub); a ModelSourceError with the fetch command when none is here."""
     if given is not None:
@@ -128,6 +128,7 @@ def converted_base(
     path: Path,
     config: Path,
     family: str,
+    *,
     progress: Callable[[str], None] | None = None,
     header: dict[str, Any] | None = None,
 ) -> Path:

@@ -553,7 +553,7 @@ def test_damaged_onnx_file_says_what_to_do(tmp_path):
     junk.parent.mkdir()
     junk.write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ICDError, match="delete the folder .*export and run again"):
-        OrtGraph(junk, None, torch.device("cpu"), 8)
+        OrtGraph(junk, None, device=torch.device("cpu"), vae_scale_factor=8)
 
 
 def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def exported(tmp_path_factory, model, name: str, precision: str = "fp32") -> Pat
     folder = tmp_path_factory.getbasetemp() / "icd-exports" / f"{name}-{precision}"
     with file_lock(folder.parent / f".{folder.name}.lock"):
         if read_manifest(folder) is None:
-            export_model(model, folder, precision)
+            export_model(model, folder, precision=precision)
     return folder
 
 
@@ -60,7 +60,7 @@ def cfg_model(merged_model):
     forward, reverse = make_teacher("sd15", 21, False), make_teacher("sd15", 22, False)
     teacher = make_teacher("sd15", 23, False)
     m = merged_model
-    return ICDModel(info, m.vae, m.text_encoders, m.tokenizers, forward, reverse, teacher, source="")
+    return ICDModel(info, m.vae, m.text_encoders, m.tokenizers, forward, reverse, teacher_unet=teacher, source="")
 
 
 @pytest.fixture(scope="module")
@@ -315,11 +315,18 @@ def test_sanitized_unet_graph_gives_the_same_outputs_on_onnxruntime(merged_model
     from icdcli.export.onnx import UNetGraph, example_inputs, torch_export, unet_specs
 
     unet = merged_model.reverse_unet
-    inputs, outputs, guidance = unet_specs(unet, "reverse_unet", 4, 12, torch.float32)
+    inputs, outputs, guidance = unet_specs(unet, "reverse_unet", latent_channels=4, text_length=12, dtype=torch.float32)
     sizes = {"batch": 2, "latent_height": 8, "latent_width": 8}
     args = example_inputs(inputs, sizes, torch.device("cpu"))
     raw = tmp_path / "raw" / "model.onnx"
-    torch_export(UNetGraph(unet, [s.name for s in inputs], guidance).eval(), args, inputs, outputs, raw, 17)
+    torch_export(
+        UNetGraph(unet, [s.name for s in inputs], guidance).eval(),
+        args,
+        inputs=inputs,
+        outputs=outputs,
+        path=raw,
+        opset=17,
+    )
     save_graph(raw, tmp_path / "plain.onnx", large=False, sanitize=False)
     save_graph(raw, tmp_path / "sanitized.onnx", large=False, sanitize=True)
     plain_nodes = len(onnx.load(str(tmp_path / "plain.onnx")).graph.node)
@@ -360,13 +367,15 @@ def test_fp16_export_with_fp32_norm_runs_normalisation_in_fp32(merged_model, tmp
     from icdcli.export.manifest import GraphSpec
     from icdcli.export.onnx import UNetGraph, _cast, example_inputs, export_graph, unet_specs
 
-    inputs, outputs, guidance = unet_specs(merged_model.forward_unet, "forward_unet", 4, 12, torch.float16)
+    inputs, outputs, guidance = unet_specs(
+        merged_model.forward_unet, "forward_unet", latent_channels=4, text_length=12, dtype=torch.float16
+    )
     args = example_inputs(inputs, {"batch": 2, "latent_height": 8, "latent_width": 8}, torch.device("cpu"))
     found = {}
     for fp32_norm in (False, True):
         module = UNetGraph(_cast(merged_model.forward_unet, torch.float16), [s.name for s in inputs], guidance).eval()
         spec = GraphSpec("forward_unet", f"forward-{fp32_norm}.onnx", inputs, outputs, guidance)
-        export_graph(module, args, spec, tmp_path, 17, optimize=False, fp32_norm=fp32_norm)
+        export_graph(module, args, spec, folder=tmp_path, opset=17, optimize=False, fp32_norm=fp32_norm)
         model = onnx.load(str(tmp_path / spec.file))
         types = elem_types(model)
         norms = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "LayerNormalization")]
@@ -424,7 +433,9 @@ def test_export_check_through_a_backends_runners(merged_model, sd15_export):
     from icdcli.export.check import check_export
 
     manifest = read_manifest(sd15_export)
-    parts = ort_engine.load_parts(sd15_export, manifest, torch.device("cpu"), torch_fallbacks(merged_model))
+    parts = ort_engine.load_parts(
+        sd15_export, manifest, device=torch.device("cpu"), fallbacks=torch_fallbacks(merged_model)
+    )
     assert set(parts.runners) == set(manifest.graphs)
     seen = []
 

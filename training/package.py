@@ -45,6 +45,7 @@ def package_model(
     guidance_dir: str | Path,
     consistency_dir: str | Path,
     out_dir: str | Path,
+    *,
     name: str,
     edit_guidance: float,
     tau: float | None = None,

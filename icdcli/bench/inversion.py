@@ -50,6 +50,7 @@ MAIN_VARIANT = "cd4+lf+lr"
 def bench_inversion(
     variants: dict[str, EditModel],
     teacher_model: EditModel | None,
+    *,
     count: int = 200,
     batch: int = 50,
     seed: int = 0,
@@ -79,7 +80,7 @@ def bench_inversion(
             scores["lpips"] = []
         for chunk in batches(items, batch):
             pixels, captions = render_batch(chunk, size)
-            recon = to_unit(roundtrip(model, pixels, captions, settings, config.guidance, tau))
+            recon = to_unit(roundtrip(model, pixels, captions, settings=settings, guidance=config.guidance, tau=tau))
             original = to_unit(pixels)
             scores["mse"].append(mse(recon, original))
             scores["psnr"].append(psnr(recon, original))

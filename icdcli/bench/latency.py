@@ -119,6 +119,7 @@ def device_description(device: Any) -> str:
 def measure_latency(
     model: Any,
     backends: list[str],
+    *,
     repeats: int = 5,
     size: int | None = None,
     progress: Callable[[str], None] | None = None,
