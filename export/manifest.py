@@ -140,8 +140,17 @@ def stale_reason(
     manifest: Manifest | None, fingerprint: str, precision: str, opset: int, *, need_teacher: bool = False,
     fp32_norm: bool | None = None, need_sanitized: bool = False,
 ) -> str | None:  # fmt: skip
-    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind;
-    `need_sanitized`: TensorRT wants graphs with constants folded)."""
+    """Why an existing export cannot serve this model, or None when it can.
+
+    Args:
+        manifest: The export's manifest; None when there is no export.
+        fingerprint: The model's `model_fingerprint`.
+        precision: The precision wanted.
+        opset: The opset wanted.
+        need_teacher: The export must hold the teacher UNet.
+        fp32_norm: Normalisation of fp16 graphs in fp32 wanted or not; None: either kind.
+        need_sanitized: TensorRT wants graphs with constants folded.
+    """
     if manifest is None:
         return "no export yet"
     checks = (

@@ -621,9 +621,18 @@ def export_model(
 ) -> Path:
     """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
 
-    `optimize` (default: fp32 only) runs onnxruntime's offline basic optimisation, which needs CPU kernels
-    for every op and so cannot load most fp16 graphs. `sanitize` (default: where polygraphy or onnx-graphsurgeon
-    is installed) folds constants for TensorRT. `fp32_norm` keeps GroupNorm/LayerNorm of fp16 graphs in fp32.
+    Args:
+        model: The PyTorch model to export.
+        out_dir: Where the folder goes; `default_export_dir` when None.
+        precision: `fp32` or `fp16`.
+        opset: The ONNX opset.
+        include_teacher: Also export the teacher UNet (the DDIM baseline on a graph backend).
+        optimize: Run onnxruntime's offline basic optimisation (default: fp32 only; it needs CPU kernels for
+            every op and so cannot load most fp16 graphs).
+        progress: Called with a line per graph.
+        p2p: Also export the reverse UNet with Prompt-to-Prompt control (default: where the model can take it).
+        sanitize: Fold constants for TensorRT (default: where polygraphy or onnx-graphsurgeon is installed).
+        fp32_norm: Keep GroupNorm/LayerNorm of fp16 graphs in fp32.
     """
     say = progress or (lambda message: None)
     precision_dtype(precision)

@@ -527,6 +527,13 @@ def fuse_lora_model(
     UNets (and the teacher only with `keep_teacher`), never a teacher beside two copies of it. `spill(role, unet)`
     may take each fused UNet as it is made and return what stands in for it (the cache writes it to disk and maps
     it back, so private memory holds one UNet at a time).
+
+    Args:
+        sources: The base pipeline, teacher and LoRA files.
+        keep_teacher: Also build the plain teacher UNet (for the DDIM baseline).
+        progress: Called with a line for each stage.
+        dtype: The dtype of the fused UNets.
+        spill: Takes each fused UNet as it is made; returns what stands in for it.
     """
     for label, path in (("--base", sources.base), ("--forward-lora", sources.forward_lora)):
         if not Path(path).exists():
@@ -590,7 +597,13 @@ def load_lora_cached(
 ) -> ICDModel:
     """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it.
 
-    The teacher is read (and cached) only when asked for: an iCD edit runs on the two fused UNets alone."""
+    The teacher is read (and cached) only when asked for: an iCD edit runs on the two fused UNets alone.
+
+    Args:
+        sources: What to fuse; `sources.cache_key()` names the cached folder.
+        need_teacher: Load the teacher UNet too, adding it to a cache written without it.
+        progress: Called with a line for each stage of fusing.
+    """
     cached = cache_root() / "merged" / sources.cache_key()
     dtype = torch.float16 if sources.cache_half else torch.float32
     if (cached / MODEL_JSON).is_file():
@@ -658,7 +671,14 @@ def load_lora_folder(
 def load_model_folder(
     folder: str | Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
-    """An icd model folder; a `lora` one is fused once and cached (`half`: the cache in float16)."""
+    """An icd model folder; a `lora` one is fused once and cached.
+
+    Args:
+        folder: A folder with `icd.json`, merged or lora.
+        need_teacher: Load the teacher UNet too (the DDIM baseline needs it).
+        progress: Called with a line for each stage of fusing.
+        half: Keep a fused cache in float16.
+    """
     folder = Path(folder)
     data = _read_model_json(folder)
     if data.get("format") == "lora":

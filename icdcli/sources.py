@@ -374,7 +374,13 @@ def _load_hub_model(
 def load_requested_model(
     request: ModelRequest, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
-    """Load whatever `request` names; raises ModelSourceError with what to do when it cannot."""
+    """Load whatever `request` names; raises ModelSourceError with what to do when it cannot.
+
+    Args:
+        request: The model flags: a preset, folder or hub id, or the parts by path.
+        need_teacher: Load the teacher UNet too (the DDIM baseline needs it).
+        progress: Called with a line for each stage of loading, fetching or fusing.
+    """
     from .models import load_model_folder
 
     name = request.model

@@ -175,7 +175,7 @@ def make_parts(
     alpha: float = 8.0,
 ) -> TinyParts:
     folder.mkdir(parents=True, exist_ok=True)
-    base = save_pipeline(folder / "base", vae=family)
+    base = save_pipeline(folder / "base", family)
     teacher = make_teacher(family)
     teacher_pt = folder / "teacher_cfg_distill.pt"
     torch.save(teacher.state_dict(), teacher_pt)

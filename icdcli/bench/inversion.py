@@ -59,7 +59,14 @@ def bench_inversion(
 ) -> dict[str, Any]:
     """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
 
-    `lpips` (a network from `icdcli.pie.networks.load_lpips`) adds an `lpips` column.
+    Args:
+        variants: Models by config name.
+        teacher_model: The model of the teacher rows; None skips them.
+        count: Images per config.
+        batch: Images per network call.
+        seed: Seed of the scenes and the noise.
+        progress: Called with a line per config.
+        lpips: A network from `icdcli.pie.networks.load_lpips`; adds an `lpips` column.
     """
     say = progress or (lambda message: None)
     anchor = teacher_model or next(iter(variants.values()))

@@ -47,7 +47,16 @@ def bench_shapes_edit(
     methods: tuple[EditMethod, ...] = EDIT_METHODS,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind."""
+    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind.
+
+    Args:
+        model: The model to edit with (the DDIM methods need its teacher).
+        count: Edits per method.
+        batch: Edits per network call.
+        seed: Seed of the scenes and of the edits.
+        methods: Which edit methods to run.
+        progress: Called with a line per method.
+    """
     say = progress or (lambda message: None)
     size = model.info.native_size
     pairs = edit_pairs(count, seed)
