@@ -129,7 +129,7 @@ def _interrupt_at(monkeypatch, module: str, index: int, how: str = "ctrl-c") -> 
                 signal.raise_signal(signal.SIGINT)
             else:
                 raise KeyboardInterrupt
-        return original(seed, step, rank)
+        return original(seed, step, rank=rank)
 
     monkeypatch.setattr(target, "step_generator", step_generator)
 
