@@ -47,10 +47,13 @@ def main() -> None:
         return float(np.mean([f == getattr(t, args.kind) for f, (_, t, _) in zip(found, pairs, strict=True)]))
 
     print(f"| method | {args.kind} accuracy ({len(pairs)} edits) |\n|---|---|")
-    print(f"| swap | {accuracy(roundtrip(model, pixels, captions, settings, guidance, tau, targets)):.2f} |")
+    swapped = roundtrip(model, pixels, captions, settings=settings, guidance=guidance, tau=tau, target_captions=targets)
+    print(f"| swap | {accuracy(swapped):.2f} |")
     for cross, self_, amplify in rows:
         p2p = P2PSettings(cross, self_, amplify_new=amplify)
-        edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, p2p)
+        edited = p2p_roundtrip(
+            model, pixels, captions, settings=settings, guidance=guidance, tau=tau, target_captions=targets, p2p=p2p
+        )
         print(f"| p2p cross {cross} self {self_} amplify {amplify:g} | {accuracy(edited):.2f} |", flush=True)
 
 

@@ -41,7 +41,7 @@ def train_tokenizer(texts: list[str], merges: int, max_length: int = 77):
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    return clip_like(backend, backend.get_vocab(), max_length)
+    return clip_like(backend, backend.get_vocab(), max_length=max_length)
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ def pair_psnr(forward: object, reverse: object, scenes: list, guidance: float, t
     scores = []
     for chunk in batches(scenes, 50):
         pixels, captions = render_batch(chunk, model.info.native_size)
-        decoded = to_unit(roundtrip(model, pixels, captions, SamplerSettings(), guidance, tau))
+        decoded = to_unit(roundtrip(model, pixels, captions, settings=SamplerSettings(), guidance=guidance, tau=tau))
         scores.append(psnr(decoded, to_unit(pixels)))
     return float(torch.cat(scores).mean())
 

@@ -94,6 +94,7 @@ class GraphDenoiser:
         self,
         runner: Runner,
         spec: GraphSpec,
+        *,
         fallback: ControlledDenoiser | None = None,
         p2p: tuple[Runner, GraphSpec] | None = None,
     ):
@@ -262,6 +263,7 @@ def assemble_parts(
     name: str,
     manifest: Any,
     make_runner: Callable[[GraphSpec], Runner],
+    *,
     denoiser_class: type[GraphDenoiser],
     fallbacks: dict[str, ControlledDenoiser],
 ) -> BackendParts:
@@ -282,7 +284,7 @@ def assemble_parts(
         p2p = None
         if role == REVERSE and REVERSE_P2P in graphs:
             p2p = (runner(graphs[REVERSE_P2P]), graphs[REVERSE_P2P])
-        return denoiser_class(runner(graphs[role]), graphs[role], fallbacks.get(role), p2p)
+        return denoiser_class(runner(graphs[role]), graphs[role], fallback=fallbacks.get(role), p2p=p2p)
 
     text_names = sorted(graph for graph in graphs if graph.startswith("text_encoder"))
     forward, reverse = denoiser(FORWARD), denoiser(REVERSE)

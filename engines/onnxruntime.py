@@ -64,7 +64,7 @@ def providers_for(device: torch.device) -> list[Any]:
 class OrtGraph:
     """One onnxruntime session behind the runner interface: named torch tensors in and out."""
 
-    def __init__(self, path: Path, spec: GraphSpec, device: torch.device, vae_scale_factor: int):
+    def __init__(self, path: Path, spec: GraphSpec, *, device: torch.device, vae_scale_factor: int):
         import numpy as np
 
         self.path, self.spec, self.device, self.vae_scale_factor = path, spec, device, vae_scale_factor
@@ -176,14 +176,14 @@ def check_runnable(manifest: Manifest, device: torch.device) -> None:
         )
 
 
-def load_parts(folder: Path, manifest: Manifest, device: torch.device, fallbacks: dict[str, Any]) -> BackendParts:
+def load_parts(folder: Path, manifest: Manifest, *, device: torch.device, fallbacks: dict[str, Any]) -> BackendParts:
     """onnxruntime sessions for every graph of an export folder."""
     check_runnable(manifest, device)
 
     def make_runner(spec: GraphSpec) -> OrtGraph:
-        return OrtGraph(folder / spec.file, spec, device, manifest.vae_scale_factor)
+        return OrtGraph(folder / spec.file, spec, device=device, vae_scale_factor=manifest.vae_scale_factor)
 
-    return assemble_parts("onnxruntime", manifest, make_runner, OnnxRuntimeDenoiser, fallbacks)
+    return assemble_parts("onnxruntime", manifest, make_runner, denoiser_class=OnnxRuntimeDenoiser, fallbacks=fallbacks)
 
 
 def return_freed_memory() -> None:

@@ -27,7 +27,6 @@ contracts are checked with the fake module of tests/fake_tensorrt.py.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from icdcli.digests import json_sha256
 from icdcli.errors import ICDError
 from icdcli.export.files import file_lock
 from icdcli.export.manifest import (
@@ -139,7 +139,7 @@ class EngineSizes:
         return None if self.batch == AUTO_BATCH else self.batch  # type: ignore[return-value]
 
 
-def fitted_sides(native: int, multiple: int, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
+def fitted_sides(native: int, multiple: int, *, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
     """(shortest, longest) side of every working size `fit_size` gives a photo of aspect 1..max_aspect."""
     from icdcli.images import fit_size
 
@@ -149,7 +149,7 @@ def fitted_sides(native: int, multiple: int, max_aspect: float = MAX_ASPECT) -> 
 
 
 def spatial_boxes(
-    native: int, multiple: int, height: int | None = None, width: int | None = None, max_aspect: float = MAX_ASPECT
+    native: int, multiple: int, *, height: int | None = None, width: int | None = None, max_aspect: float = MAX_ASPECT
 ) -> dict[str, tuple[Triple, Triple]]:
     """(height, width) ranges in pixels of the native, landscape and portrait profiles.
 
@@ -158,7 +158,7 @@ def spatial_boxes(
     """
     from icdcli.images import fit_size
 
-    short, long = fitted_sides(native, multiple, max_aspect)
+    short, long = fitted_sides(native, multiple, max_aspect=max_aspect)
     work_h, work_w = height or native, width or native
     wide_w, wide_h = fit_size(3 * native, 2 * native, native, multiple)  # a 3:2 photo: opt of the dynamic profiles
     land_h, land_w = (min(short, work_h), wide_h, max(native, work_h)), (min(native, work_w), wide_w, max(long, work_w))
@@ -174,7 +174,7 @@ def spatial_boxes(
     }
 
 
-def axis_ranges(h: Triple, w: Triple, batch: Triple, vae_scale_factor: int) -> dict[str, Triple]:
+def axis_ranges(h: Triple, w: Triple, batch: Triple, *, vae_scale_factor: int) -> dict[str, Triple]:
     """Ranges of every named axis of the exported graphs, for one profile."""
 
     def latent(pixels: Triple) -> Triple:
@@ -217,7 +217,7 @@ class EngineRequest:
 
 
 def graph_profiles(
-    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: dict[str, int], p2p_axes: dict[str, Triple],
+    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: dict[str, int], *, p2p_axes: dict[str, Triple],
     vae_scale_factor: int,
 ) -> Profiles:  # fmt: skip
     """The distinct profiles of one graph: static native and batched native ones for UNets, then landscape and
@@ -233,7 +233,7 @@ def graph_profiles(
             continue
         h, w = boxes[NATIVE if label == BATCHED else label]
         batch = {NATIVE: (1, 1, 1), BATCHED: (1, most, most)}.get(label, (1, opt_rows, most))
-        ranges = axis_ranges(h, w, batch, vae_scale_factor)
+        ranges = axis_ranges(h, w, batch, vae_scale_factor=vae_scale_factor)
         ranges |= p2p_axes
         profile = profile_shapes(spec, ranges)
         if all(profile != seen for _, seen in found):
@@ -276,7 +276,7 @@ class MemoryBudget:
 
 
 def profile_images(
-    boxes: dict[str, tuple[Triple, Triple]], vae_scale_factor: int, max_batch: int | None,
+    boxes: dict[str, tuple[Triple, Triple]], vae_scale_factor: int, *, max_batch: int | None,
     budget: MemoryBudget | None,
 ) -> dict[str, int]:  # fmt: skip
     """Images per call of each profile label: `max_batch` when given, else what `budget` allows at the profile's
@@ -290,7 +290,7 @@ def profile_images(
 
 
 def plan_engines(
-    manifest: Manifest, height: int | None = None, width: int | None = None, max_batch: int | None = None,
+    manifest: Manifest, *, height: int | None = None, width: int | None = None, max_batch: int | None = None,
     graphs: Iterable[str] | None = None, budget: MemoryBudget | None = None,
 ) -> list[EngineRequest]:  # fmt: skip
     """One engine per graph (those named in `graphs`, default all) with the profiles it needs.
@@ -303,14 +303,16 @@ def plan_engines(
     info = manifest.info
     native, multiple = int(info["native_size"]), int(info["size_multiple"])
     cfg = any(spec.guidance == GUIDANCE_CFG for spec in manifest.graphs.values())
-    boxes = spatial_boxes(native, multiple, height, width)
-    images = profile_images(boxes, manifest.vae_scale_factor, max_batch, budget)
+    boxes = spatial_boxes(native, multiple, height=height, width=width)
+    images = profile_images(boxes, manifest.vae_scale_factor, max_batch=max_batch, budget=budget)
     pairs = max_batch or (images[BATCHED] if budget else 1)  # P2P: one source/target pair unless a batch is asked
     rows = 4 if cfg else 2  # source + target rows (and real CFG's unconditional ones)
     p2p_axes = {P2P_BATCH: (2, rows, rows * pairs), P2P_PAIRS: (1, 1, pairs)}
     wanted = set(manifest.graphs if graphs is None else graphs)
     return [
-        EngineRequest(name, graph_profiles(spec, boxes, images, p2p_axes, manifest.vae_scale_factor))
+        EngineRequest(
+            name, graph_profiles(spec, boxes, images, p2p_axes=p2p_axes, vae_scale_factor=manifest.vae_scale_factor)
+        )
         for name, spec in manifest.graphs.items()
         if name in wanted
     ]
@@ -329,7 +331,7 @@ class DeviceFacts:
 
 
 def engine_cache_key(
-    onnx_sha256: str, profiles: Profiles, mode: BuildMode, trt_version: str, device: DeviceFacts
+    onnx_sha256: str, profiles: Profiles, *, mode: BuildMode, trt_version: str, device: DeviceFacts
 ) -> str:
     """sha256 of everything an engine depends on: change any of them and the engine is rebuilt."""
     payload = {
@@ -344,7 +346,7 @@ def engine_cache_key(
         "compute_capability": device.capability,
         "build_format": BUILD_FORMAT,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def timing_cache_file(root: Path, trt_version: str, device: DeviceFacts) -> Path:
@@ -512,7 +514,7 @@ def make_progress_monitor(say: Callable[[str], None]) -> Any | None:
 
 
 def build_with_polygraphy(
-    poly: Any, onnx_path: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None, monitor: Any,
+    poly: Any, onnx_path: Path, profiles: Profiles, *, mode: BuildMode, timing_cache: Path | None, monitor: Any,
     workspace_bytes: int | None,
 ) -> bytes:  # fmt: skip
     """Serialized engine bytes through polygraphy: network from the ONNX path, config with profiles, timing cache."""
@@ -539,7 +541,7 @@ def build_with_polygraphy(
 
 
 def build_with_tensorrt(
-    onnx_path: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None, monitor: Any,
+    onnx_path: Path, profiles: Profiles, *, mode: BuildMode, timing_cache: Path | None, monitor: Any,
     workspace_bytes: int | None,
 ) -> bytes | None:  # fmt: skip
     """Serialized engine bytes through TensorRT's own builder (where polygraphy is not installed)."""
@@ -584,7 +586,7 @@ def _write_atomically(target: Path, data: bytes) -> None:
 
 
 def build_engine(
-    onnx_path: Path, plan: Path, profiles: Profiles, mode: BuildMode, timing_cache: Path | None,
+    onnx_path: Path, plan: Path, profiles: Profiles, *, mode: BuildMode, timing_cache: Path | None,
     progress: Callable[[str], None] | None = None, workspace_bytes: int | None = None,
 ) -> None:  # fmt: skip
     """Build an engine with these optimisation profiles and write it to `plan`; BackendUnavailable when it fails."""
@@ -598,10 +600,23 @@ def build_engine(
 
             with polygraphy_quiet():
                 serialized = build_with_polygraphy(
-                    poly, onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes
+                    poly,
+                    onnx_path,
+                    profiles,
+                    mode=mode,
+                    timing_cache=timing_cache,
+                    monitor=monitor,
+                    workspace_bytes=workspace_bytes,
                 )
         else:
-            serialized = build_with_tensorrt(onnx_path, profiles, mode, timing_cache, monitor, workspace_bytes)
+            serialized = build_with_tensorrt(
+                onnx_path,
+                profiles,
+                mode=mode,
+                timing_cache=timing_cache,
+                monitor=monitor,
+                workspace_bytes=workspace_bytes,
+            )
     except BackendUnavailable:
         raise
     except Exception as error:  # polygraphy reports failed builds as its own exception type
@@ -613,12 +628,12 @@ def build_engine(
 
 
 def ensure_engine(
-    onnx_path: Path, onnx_sha256: str, request: EngineRequest, mode: BuildMode, folder: Path, device: DeviceFacts,
+    onnx_path: Path, onnx_sha256: str, request: EngineRequest, *, mode: BuildMode, folder: Path, device: DeviceFacts,
     timing_cache: Path | None, progress: Callable[[str], None] | None = None,
 ) -> Path:  # fmt: skip
     """The engine file for `request`, built under a file lock when missing or stale."""
     trt = _trt()
-    key = engine_cache_key(onnx_sha256, request.profiles, mode, trt.__version__, device)
+    key = engine_cache_key(onnx_sha256, request.profiles, mode=mode, trt_version=trt.__version__, device=device)
     plan = engine_file(folder, request, key)
     with file_lock(plan.with_suffix(".lock")):
         reason = stale_reason(read_meta(plan), key)
@@ -630,7 +645,7 @@ def ensure_engine(
         say(f"building TensorRT engine {request.graph} ({mode.label}, {len(request.profiles)} profiles; {estimate})")
         logger.info("building TensorRT engine %s (%s)", plan.name, reason)
         started = time.perf_counter()
-        build_engine(onnx_path, plan, request.profiles, mode, timing_cache, progress)
+        build_engine(onnx_path, plan, request.profiles, mode=mode, timing_cache=timing_cache, progress=progress)
         seconds = time.perf_counter() - started
         say(f"built TensorRT engine {request.graph} in {seconds:.0f}s")
         meta = {
@@ -756,7 +771,7 @@ class Engine:
     torch buffers, inference on a dedicated stream, CUDA-graph replay on static profiles."""
 
     def __init__(
-        self, path: Path, graph: str, profiles: Profiles, device: torch.device, memory: SharedActivations,
+        self, path: Path, graph: str, profiles: Profiles, *, device: torch.device, memory: SharedActivations,
         streams: Streams, cuda_graph: bool = True,
     ):  # fmt: skip
         # released in this order when the Engine goes: contexts, then the engine, then the runtime that made it
@@ -904,7 +919,7 @@ class TensorRTGraph:
     """
 
     def __init__(
-        self, spec: GraphSpec, make_engine: Callable[[], Engine], borrowed: tuple[str, ...] = (),
+        self, spec: GraphSpec, make_engine: Callable[[], Engine], *, borrowed: tuple[str, ...] = (),
         make_next: Callable[[], Runner] | None = None,
     ):  # fmt: skip
         self.spec, self.make_engine, self.borrowed, self.make_next = spec, make_engine, borrowed, make_next
@@ -958,7 +973,7 @@ def engines_root() -> Path:
     return cache_root() / "engines"
 
 
-def resolve_sizes(folder: Path, height: int | None, width: int | None, max_batch: int | str | None) -> EngineSizes:
+def resolve_sizes(folder: Path, *, height: int | None, width: int | None, max_batch: int | str | None) -> EngineSizes:
     """The sizes to build for: those given, else those the export was built for (`icd export --height ...`).
     A batch of AUTO_BATCH leaves it to the device's memory (`device_budget`)."""
     from icdcli.export.manifest import read_engine_sizes
@@ -984,7 +999,7 @@ def device_budget(device: torch.device, folder: Path, manifest: Manifest) -> Mem
 
 
 def load_parts(
-    folder: Path, manifest: Manifest, model: Any, fallbacks: dict[str, Any],
+    folder: Path, manifest: Manifest, model: Any, *, fallbacks: dict[str, Any],
     progress: Callable[[str], None] | None = None, height: int | None = None, width: int | None = None,
     max_batch: int | str | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
 ) -> BackendParts:  # fmt: skip
@@ -998,11 +1013,12 @@ def load_parts(
     device = model.device
     if device.type != "cuda":
         raise ICDError("--backend tensorrt needs the model on a CUDA device (--device cuda)")
-    sizes = resolve_sizes(folder, height, width, max_batch)
+    sizes = resolve_sizes(folder, height=height, width=width, max_batch=max_batch)
     budget = device_budget(device, folder, manifest) if sizes.batch == AUTO_BATCH else None
     return engine_parts(
-        folder, manifest, device, device_facts(device), fallbacks, sizes, progress, cuda_graph, build_now,
-        onnxruntime_next(folder, manifest, device), budget=budget,
+        folder, manifest, device, facts=device_facts(device), fallbacks=fallbacks, sizes=sizes, progress=progress,
+        cuda_graph=cuda_graph, build_now=build_now, next_backend=onnxruntime_next(folder, manifest, device),
+        budget=budget,
     )  # fmt: skip
 
 
@@ -1014,13 +1030,13 @@ def onnxruntime_next(folder: Path, manifest: Manifest, device: torch.device) -> 
         return None
 
     def make(spec: GraphSpec) -> Runner:
-        return ort_engine.OrtGraph(folder / spec.file, spec, device, manifest.vae_scale_factor)
+        return ort_engine.OrtGraph(folder / spec.file, spec, device=device, vae_scale_factor=manifest.vae_scale_factor)
 
     return make
 
 
 def engine_parts(
-    folder: Path, manifest: Manifest, device: torch.device, facts: DeviceFacts, fallbacks: dict[str, Any],
+    folder: Path, manifest: Manifest, device: torch.device, *, facts: DeviceFacts, fallbacks: dict[str, Any],
     sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
     build_now: Iterable[str] = (), next_backend: Callable[[GraphSpec], Runner] | None = None,
     budget: MemoryBudget | None = None,
@@ -1032,23 +1048,45 @@ def engine_parts(
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
-    requests = {r.graph: r for r in plan_engines(manifest, sizes.height, sizes.width, sizes.fixed_batch, budget=budget)}
+    requests = {
+        r.graph: r
+        for r in plan_engines(
+            manifest, height=sizes.height, width=sizes.width, max_batch=sizes.fixed_batch, budget=budget
+        )
+    }
     memory, streams = SharedActivations(device), Streams(device)
 
     def ensure(spec: GraphSpec) -> Path:
         with on_device(device):
             request = requests[spec.name]
-            return ensure_engine(folder / spec.file, spec.sha256, request, mode, cache, facts, timing, progress)
+            return ensure_engine(
+                folder / spec.file,
+                spec.sha256,
+                request,
+                mode=mode,
+                folder=cache,
+                device=facts,
+                timing_cache=timing,
+                progress=progress,
+            )
 
     def make_runner(spec: GraphSpec) -> TensorRTGraph:
         def make_engine() -> Engine:
-            return Engine(ensure(spec), spec.name, requests[spec.name].profiles, device, memory, streams, cuda_graph)
+            return Engine(
+                ensure(spec),
+                spec.name,
+                requests[spec.name].profiles,
+                device=device,
+                memory=memory,
+                streams=streams,
+                cuda_graph=cuda_graph,
+            )
 
         make_next = None if next_backend is None else (lambda: next_backend(spec))
         borrowed = ("eps",) if spec.name in (*UNET_GRAPHS, REVERSE_P2P) else ()  # eps is consumed by the step
-        return TensorRTGraph(spec, make_engine, borrowed, make_next)
+        return TensorRTGraph(spec, make_engine, borrowed=borrowed, make_next=make_next)
 
-    parts = assemble_parts("tensorrt", manifest, make_runner, TensorRTDenoiser, fallbacks)
+    parts = assemble_parts("tensorrt", manifest, make_runner, denoiser_class=TensorRTDenoiser, fallbacks=fallbacks)
     for name in build_now:
         ensure(manifest.graphs[name])
     return parts

@@ -52,7 +52,7 @@ def run_session(path: Path, feeds: dict[str, torch.Tensor], providers: list[Any]
 
 
 def check_export(
-    model: Any, folder: Path, manifest: Any, progress: Callable[[str], None] | None = None,
+    model: Any, folder: Path, manifest: Any, *, progress: Callable[[str], None] | None = None,
     runners: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None,
 ) -> list[GraphCheck]:  # fmt: skip
     """Compare every graph of the export in `folder` with PyTorch; one `GraphCheck` per graph.
@@ -76,7 +76,7 @@ def check_export(
     include_teacher = "teacher_unet" in manifest.graphs
     p2p = "reverse_unet_p2p" in manifest.graphs
     checks = []
-    for spec, build in plan_graphs(model, precision, include_teacher, p2p):
+    for spec, build in plan_graphs(model, precision, include_teacher=include_teacher, p2p=p2p):
         if spec.name not in manifest.graphs:
             continue
         if not runnable:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from icdcli.atomic import atomic_folder
 
-__all__ = ["atomic_folder", "file_lock", "sha256_files", "folder_size"]
+__all__ = ["atomic_folder", "file_lock", "folder_size"]
 
 
 @contextlib.contextmanager
@@ -31,16 +30,6 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """sha256 over the bytes of several files, in order (a graph and its external-data file)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_size(folder: Path) -> int:

@@ -6,14 +6,13 @@ source model (fingerprint), precision, opset and export format; anything else me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icdcli.recipe import network_identity
+from icdcli.identity import model_fingerprint
 
 if TYPE_CHECKING:
     from icdcli.models import ICDModel
@@ -101,7 +100,7 @@ class Manifest:
         return cls(**{**data, "graphs": graphs})
 
 
-def write_manifest(folder: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
+def write_manifest(folder: Path, manifest: Manifest, *, name: str = MANIFEST) -> Path:
     path = folder / name
     path.write_text(json.dumps(manifest.to_json(), indent=2))
     return path
@@ -138,11 +137,20 @@ def read_engine_sizes(folder: str | Path) -> dict[str, int | None] | None:
 
 
 def stale_reason(
-    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, need_teacher: bool = False,
+    manifest: Manifest | None, fingerprint: str, precision: str, opset: int, *, need_teacher: bool = False,
     fp32_norm: bool | None = None, need_sanitized: bool = False,
 ) -> str | None:  # fmt: skip
-    """Why an existing export cannot serve this model, or None when it can (`fp32_norm` None: either kind;
-    `need_sanitized`: TensorRT wants graphs with constants folded)."""
+    """Why an existing export cannot serve this model, or None when it can.
+
+    Args:
+        manifest: The export's manifest; None when there is no export.
+        fingerprint: The model's `model_fingerprint`.
+        precision: The precision wanted.
+        opset: The opset wanted.
+        need_teacher: The export must hold the teacher UNet.
+        fp32_norm: Normalisation of fp16 graphs in fp32 wanted or not; None: either kind.
+        need_sanitized: TensorRT wants graphs with constants folded.
+    """
     if manifest is None:
         return "no export yet"
     checks = (
@@ -158,52 +166,6 @@ def stale_reason(
         (need_sanitized and not manifest.sanitized, "its graphs are not constant-folded for TensorRT"),
     )
     return next((reason for failed, reason in checks if failed), None)
-
-
-# --- identity of a source model ----------------------------------------------------------------------
-
-
-def _digest_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def folder_stat_fingerprint(folder: Path) -> str:
-    """Cheap identity of a model folder: its icd.json and every file's relative path, size and mtime."""
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        entries.append([str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns])
-    return _digest_json(entries)
-
-
-def weights_fingerprint(modules: list[Any]) -> str:
-    """Identity by content: sha256 over every tensor's name, dtype, shape and bytes."""
-    import torch
-
-    digest = hashlib.sha256()
-    for index, module in enumerate(modules):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{index}:{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: ICDModel) -> str:
-    """What a cached export must match to be reused.
-
-    In order of preference: the sha256 digests of the files a fused model was made from (recorded in
-    its info by the fusion, and the same whether the model was just fused or read from the fused cache);
-    else the files of the model folder it was loaded from; else the weights themselves (slow for SD-size
-    models, used only for models built in memory).
-    """
-    info = network_identity(model.info.to_json())  # a changed edit recipe needs no new graphs
-    if any(str(value).startswith("sha256:") for value in info.get("made_from", {}).values()):
-        return _digest_json({"info": info})
-    source = Path(model.source) if model.source else None
-    if source is not None and (source / "icd.json").is_file():
-        return _digest_json({"info": info, "files": folder_stat_fingerprint(source)})
-    modules = [model.vae, *model.text_encoders, model.forward_unet, model.reverse_unet]
-    return _digest_json({"info": info, "weights": weights_fingerprint(modules)})
 
 
 def model_key(name: str, fingerprint: str, precision: str) -> str:

@@ -56,10 +56,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from icdcli.digests import files_sha256
 from icdcli.dtypes import TORCH_DTYPES, dtype_name
 from icdcli.model_api import DiffusersModule
 
-from .files import atomic_folder, folder_size, sha256_files
+from .files import atomic_folder, folder_size
 from .manifest import (
     DEFAULT_OPSET,
     FORWARD,
@@ -211,7 +212,7 @@ def unet_guidance_mode(role: str, guidance_distilled: bool) -> str:
 
 
 def unet_specs(
-    unet: DiffusersModule, role: str, latent_channels: int, text_length: int, dtype: torch.dtype
+    unet: DiffusersModule, role: str, *, latent_channels: int, text_length: int, dtype: torch.dtype
 ) -> tuple[list[TensorSpec], list[TensorSpec], str]:
     config = unet.config
     distilled = config.time_cond_proj_dim is not None
@@ -232,7 +233,7 @@ def unet_specs(
 
 
 def p2p_unet_specs(
-    unet: DiffusersModule, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
+    unet: DiffusersModule, *, latent_channels: int, text_length: int, dtype: torch.dtype, latent_side: int
 ) -> tuple[list[TensorSpec], list[TensorSpec], str, int]:
     """Inputs and outputs of the reverse P2P graph at `latent_side` (static), and its blend resolution.
 
@@ -240,7 +241,9 @@ def p2p_unet_specs(
     real CFG), so a batch of P2P edits runs in one call."""
     from icdcli.p2p import blend_resolution
 
-    inputs, outputs, guidance = unet_specs(unet, REVERSE, latent_channels, text_length, dtype)
+    inputs, outputs, guidance = unet_specs(
+        unet, REVERSE, latent_channels=latent_channels, text_length=text_length, dtype=dtype
+    )
     fp = dtype_name(dtype)
 
     def fixed(spec: TensorSpec) -> TensorSpec:
@@ -262,7 +265,7 @@ def vae_specs(latent_channels: int) -> dict[str, tuple[list[TensorSpec], list[Te
     return {VAE_ENCODER: ([images], [latents]), VAE_DECODER: ([latents], [images])}
 
 
-def text_specs(encoder: DiffusersModule, text_length: int, pooled: bool, dtype: torch.dtype):
+def text_specs(encoder: DiffusersModule, text_length: int, *, pooled: bool, dtype: torch.dtype):
     fp = dtype_name(dtype)
     hidden = TensorSpec("hidden_states", fp, [BATCH, text_length, int(encoder.config.hidden_size)])
     outputs = [hidden]
@@ -371,7 +374,7 @@ def fold_constants(proto: Any, large: bool) -> tuple[Any, str | None]:
 
 
 def torch_export(
-    module: torch.nn.Module, args: tuple[torch.Tensor, ...], inputs: list[TensorSpec], outputs: list[TensorSpec],
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], *, inputs: list[TensorSpec], outputs: list[TensorSpec],
     path: Path, opset: int,
 ) -> None:  # fmt: skip
     """torch.onnx.export through the TorchScript tracer (dynamo=False): dependable for diffusers UNets."""
@@ -391,7 +394,7 @@ def torch_export(
         )
 
 
-def ort_optimize(source: Path, target: Path, large: bool) -> None:
+def ort_optimize(source: Path, target: Path, *, large: bool) -> None:
     """onnxruntime's offline basic-level optimisation (constant folding, redundant nodes): portable to any EP."""
     import onnxruntime as ort
 
@@ -434,7 +437,7 @@ def _set_external(tensor: Any, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
-def move_graph(source: Path, target: Path, chunk: int = 64 << 20) -> str | None:
+def move_graph(source: Path, target: Path, *, chunk: int = 64 << 20) -> str | None:
     """Write the graph `source` as `target` with every external weight in one file `<target>.data`, without ever
     holding the weights in memory: only the small graph proto is read; the weights are copied file to file, a chunk
     at a time (or the one file moved, when onnxruntime's optimiser already wrote them so). Returns the external
@@ -475,7 +478,7 @@ def move_graph(source: Path, target: Path, chunk: int = 64 << 20) -> str | None:
     return external
 
 
-def save_graph(source: Path, target: Path, large: bool, sanitize: bool = False) -> str | None:
+def save_graph(source: Path, target: Path, *, large: bool, sanitize: bool = False) -> str | None:
     """Write `source` (with any external data beside it) as `target`, weights in one external file if large,
     constants folded if `sanitize`, then run onnx shape inference and the checker on the file (on the path: a graph
     over 2 GB cannot be checked in memory). Returns the external data file name, if any.
@@ -502,7 +505,7 @@ def save_graph(source: Path, target: Path, large: bool, sanitize: bool = False) 
 
 
 def export_graph(
-    module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, folder: Path, opset: int,
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: GraphSpec, *, folder: Path, opset: int,
     optimize: bool, sanitize: bool = False, fp32_norm: bool = False,
 ) -> GraphSpec:  # fmt: skip
     """Trace, clean up and save one graph into `folder`; fill in its file hash."""
@@ -510,19 +513,19 @@ def export_graph(
     try:
         raw = work / "raw" / "model.onnx"
         with norms_in_fp32(module) if fp32_norm else contextlib.nullcontext():
-            torch_export(module, args, spec.inputs, spec.outputs, raw, opset)
+            torch_export(module, args, inputs=spec.inputs, outputs=spec.outputs, path=raw, opset=opset)
         large = folder_size(raw.parent) > PROTOBUF_LIMIT
         source = raw
         if optimize:
             source = work / "optimized" / "model.onnx"
             source.parent.mkdir()
-            ort_optimize(raw, source, large)
+            ort_optimize(raw, source, large=large)
         target = folder / spec.file
-        spec.external_data = save_graph(source, target, large, sanitize)
+        spec.external_data = save_graph(source, target, large=large, sanitize=sanitize)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     files = [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
-    spec.sha256 = sha256_files(files)
+    spec.sha256 = files_sha256(files)
     return spec
 
 
@@ -546,7 +549,7 @@ def _graph(
 
 
 def plan_graphs(
-    model: ICDModel, precision: str, include_teacher: bool, p2p: bool | None = None
+    model: ICDModel, precision: str, *, include_teacher: bool, p2p: bool | None = None
 ) -> list[tuple[GraphSpec, Callable[[], Any]]]:
     """(spec, module factory) for every graph of the model; modules are built lazily, one at a time.
 
@@ -561,7 +564,9 @@ def plan_graphs(
     if include_teacher and model.teacher_unet is not None:
         unets.append((TEACHER, model.teacher_unet))
     for role, unet in unets:
-        inputs, outputs, guidance = unet_specs(unet, role, channels, text_length, dtype)
+        inputs, outputs, guidance = unet_specs(
+            unet, role, latent_channels=channels, text_length=text_length, dtype=dtype
+        )
         names = [spec.name for spec in inputs]
         spec = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance)
         planned.append((spec, partial(_graph, UNetGraph, unet, dtype, names, guidance)))
@@ -569,7 +574,9 @@ def plan_graphs(
 
     if p2p if p2p is not None else model.info.family != SDXL:
         latent_side = model.info.native_size // model.vae_scale_factor
-        inputs, outputs, guidance, blend = p2p_unet_specs(model.reverse_unet, channels, text_length, dtype, latent_side)
+        inputs, outputs, guidance, blend = p2p_unet_specs(
+            model.reverse_unet, latent_channels=channels, text_length=text_length, dtype=dtype, latent_side=latent_side
+        )
         names = [spec.name for spec in inputs]
         spec = GraphSpec(REVERSE_P2P, f"{REVERSE_P2P}.onnx", inputs, outputs, guidance)
         graph = partial(_graph, P2PUNetGraph, model.reverse_unet, dtype, names, guidance, blend, text_length)
@@ -583,7 +590,7 @@ def plan_graphs(
     for index, encoder in enumerate(model.text_encoders):
         name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
         pooled = xl and index == len(model.text_encoders) - 1
-        inputs, outputs = text_specs(encoder, text_length, pooled, dtype)
+        inputs, outputs = text_specs(encoder, text_length, pooled=pooled, dtype=dtype)
         planned.append(
             (
                 GraphSpec(name, f"{name}.onnx", inputs, outputs),
@@ -602,6 +609,7 @@ def _example_sizes(vae_scale_factor: int) -> dict[str, int]:
 def export_model(
     model: ICDModel,
     out_dir: str | Path | None = None,
+    *,
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     include_teacher: bool = True,
@@ -613,9 +621,18 @@ def export_model(
 ) -> Path:
     """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
 
-    `optimize` (default: fp32 only) runs onnxruntime's offline basic optimisation, which needs CPU kernels
-    for every op and so cannot load most fp16 graphs. `sanitize` (default: where polygraphy or onnx-graphsurgeon
-    is installed) folds constants for TensorRT. `fp32_norm` keeps GroupNorm/LayerNorm of fp16 graphs in fp32.
+    Args:
+        model: The PyTorch model to export.
+        out_dir: Where the folder goes; `default_export_dir` when None.
+        precision: `fp32` or `fp16`.
+        opset: The ONNX opset.
+        include_teacher: Also export the teacher UNet (the DDIM baseline on a graph backend).
+        optimize: Run onnxruntime's offline basic optimisation (default: fp32 only; it needs CPU kernels for
+            every op and so cannot load most fp16 graphs).
+        progress: Called with a line per graph.
+        p2p: Also export the reverse UNet with Prompt-to-Prompt control (default: where the model can take it).
+        sanitize: Fold constants for TensorRT (default: where polygraphy or onnx-graphsurgeon is installed).
+        fp32_norm: Keep GroupNorm/LayerNorm of fp16 graphs in fp32.
     """
     say = progress or (lambda message: None)
     precision_dtype(precision)
@@ -634,11 +651,18 @@ def export_model(
     sizes = _example_sizes(factor)
     graphs: dict[str, GraphSpec] = {}
     with atomic_folder(out_dir, markers=(MANIFEST,)) as staging:  # never over a model folder or the user's own
-        for spec, build in plan_graphs(model, precision, include_teacher, p2p):
+        for spec, build in plan_graphs(model, precision, include_teacher=include_teacher, p2p=p2p):
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()
             graphs[spec.name] = export_graph(
-                module, example_inputs(spec.inputs, sizes, device), spec, staging, opset, optimize, sanitize, fp32_norm
+                module,
+                example_inputs(spec.inputs, sizes, device),
+                spec,
+                folder=staging,
+                opset=opset,
+                optimize=optimize,
+                sanitize=sanitize,
+                fp32_norm=fp32_norm,
             )
             del module
         manifest = Manifest(
@@ -664,6 +688,7 @@ def add_graphs(
     model: ICDModel,
     folder: str | Path,
     manifest: Manifest,
+    *,
     names: list[str],
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
@@ -674,7 +699,10 @@ def add_graphs(
 
     say = progress or (lambda message: None)
     folder = Path(folder)
-    planned = {spec.name: (spec, build) for spec, build in plan_graphs(model, manifest.precision, True, False)}
+    planned = {
+        spec.name: (spec, build)
+        for spec, build in plan_graphs(model, manifest.precision, include_teacher=True, p2p=False)
+    }
     missing = [name for name in names if name not in planned]
     if missing:
         raise ValueError(f"the model has no graph {missing[0]!r} to export")
@@ -685,8 +713,10 @@ def add_graphs(
         module = build().eval()
         inputs = example_inputs(spec.inputs, _example_sizes(model.vae_scale_factor), model.device)
         optimize = manifest.precision == "fp32"
-        graphs[name] = export_graph(module, inputs, spec, folder, manifest.opset, optimize, manifest.sanitized,
-                                    manifest.fp32_norm)  # fmt: skip
+        graphs[name] = export_graph(
+            module, inputs, spec, folder=folder, opset=manifest.opset, optimize=optimize,
+            sanitize=manifest.sanitized, fp32_norm=manifest.fp32_norm,
+        )  # fmt: skip
         del module
     updated = replace(manifest, graphs=graphs)
     with atomic_path(folder / MANIFEST) as temporary:

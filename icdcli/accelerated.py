@@ -111,11 +111,10 @@ def default_precision(model: ICDModel) -> str:
 
 def lock_path(folder: Path) -> Path:
     """A lock file in the cache for an export folder, so no lock file is left beside a user's --out folder."""
-    import hashlib
-
+    from .digests import text_sha256
     from .models import cache_root
 
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    digest = text_sha256(str(folder.resolve()))[:24]
     return cache_root() / "locks" / f"{digest}.lock"
 
 
@@ -150,7 +149,11 @@ def ensure_exported(
     need_teacher = model.teacher_unet is not None
     with file_lock(lock_path(folder)):
         manifest = None if force else read_manifest(folder)
-        reason = "forced" if force else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher)
+        reason = (
+            "forced"
+            if force
+            else stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher=need_teacher)
+        )
         same_norm = manifest is not None and fp32_norm in (None, manifest.fp32_norm)
         if reason == TEACHER_MISSING and same_norm:
             # everything else is current: export the teacher beside the other graphs, not all of them again
@@ -158,7 +161,7 @@ def ensure_exported(
             from icdcli.export.onnx import add_graphs
 
             assert manifest is not None, "a missing teacher is the reason of an existing export"
-            manifest = add_graphs(model, folder, manifest, [TEACHER], progress=progress)
+            manifest = add_graphs(model, folder, manifest, names=[TEACHER], progress=progress)
             reason = None
         if reason is None and (fp32_norm is not None or for_tensorrt):
             need_sanitized = for_tensorrt and sanitizer_available()
@@ -171,8 +174,8 @@ def ensure_exported(
             # constants are folded for TensorRT only: ONNX Runtime folds at load, and folding a graph over 2 GB holds
             # its weights in memory twice or more (a later TensorRT run exports again, folded)
             export_model(
-                model, folder, precision, DEFAULT_OPSET, include_teacher=True, progress=progress, p2p=p2p,
-                fp32_norm=bool(fp32_norm), sanitize=None if for_tensorrt else False,
+                model, folder, precision=precision, opset=DEFAULT_OPSET, include_teacher=True, progress=progress,
+                p2p=p2p, fp32_norm=bool(fp32_norm), sanitize=None if for_tensorrt else False,
             )  # fmt: skip
             manifest = read_manifest(folder)
     return folder, manifest
@@ -389,12 +392,16 @@ def accelerate(
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
         fallbacks = torch_fallbacks(model, offload_torch)
-        return AcceleratedModel(model, ort_engine.load_parts(folder, manifest, model.device, fallbacks))
+        return AcceleratedModel(
+            model, ort_engine.load_parts(folder, manifest, device=model.device, fallbacks=fallbacks)
+        )
     if backend == "tensorrt":
         from icdcli.engines import tensorrt as trt_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress, for_tensorrt=True)
         fallbacks = torch_fallbacks(model, offload_torch)
-        parts = trt_engine.load_parts(folder, manifest, model, fallbacks, progress=progress, **tensorrt_options)
+        parts = trt_engine.load_parts(
+            folder, manifest, model, fallbacks=fallbacks, progress=progress, **tensorrt_options
+        )
         return AcceleratedModel(model, parts)
     raise ICDError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .recipe import network_identity
-
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
 METHOD = "swap"
@@ -267,25 +265,6 @@ def select_shard(items: list[Item], index: int, count: int) -> list[Item]:
 
 
 # --- parameter records and resume -----------------------------------------------------------
-
-
-def model_digest(info: Mapping[str, Any], weight_sizes: Mapping[str, int] | None = None) -> str:
-    """A model's identity: the sha256 digests it was made from, else its metadata (its edit defaults aside)
-    and weight file sizes."""
-    made_from = {k: v for k, v in (info.get("made_from") or {}).items() if str(v).startswith("sha256:")}
-    described = {k: v for k, v in network_identity(dict(info)).items() if k != "made_from"}
-    blob = {"info": described, "made_from": made_from}
-    if not made_from:
-        blob["weights"] = dict(sorted((weight_sizes or {}).items()))
-    return "sha256:" + hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_weight_sizes(model: Any) -> dict[str, int]:
-    """Sizes of the weight files of the folder a model was loaded from (for `model_digest`); {} otherwise."""
-    folder = Path(str(getattr(model, "source", "") or ""))
-    if not str(folder) or not folder.is_dir():
-        return {}
-    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.glob("*/*.safetensors"))}
 
 
 def parameter_record(

@@ -569,12 +569,12 @@ def _note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
 
 def _model_record(loaded: Any) -> dict[str, Any]:
     """What an output records about the model that made it."""
-    from .batch import model_digest, model_weight_sizes
+    from .identity import model_hash
 
     model = loaded.model
     return {
         "model": loaded.label,
-        "model_hash": model_digest(model.info.to_json(), model_weight_sizes(model)),
+        "model_hash": model_hash(model),
         "backend": loaded.backend,
         "precision": str(model.dtype).removeprefix("torch."),
         "icd_version": __version__,
@@ -763,7 +763,7 @@ def bench_inversion_command(
 
         lpips = load_lpips(lpips_path)
     teacher = model if model.teacher_unet is not None else None
-    result = bench_inversion(found, teacher, limit, batch, seed, say, lpips=lpips)
+    result = bench_inversion(found, teacher, count=limit, batch=batch, seed=seed, progress=say, lpips=lpips)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -796,7 +796,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
 
     model = load_model(model_opts, need_teacher=True).model
     methods = tuple(m for m in EDIT_METHODS if method in ("all", m.editing))
-    result = bench_shapes_edit(model, limit, batch, seed, methods, progress=say)
+    result = bench_shapes_edit(model, count=limit, batch=batch, seed=seed, methods=methods, progress=say)
     if as_json:
         click.echo(strict_json(result))
         return
@@ -823,7 +823,9 @@ def bench_latency_command(limit: int, size: int | None, backends: str, as_json: 
     from .bench.latency import measure_latency
 
     model = load_model(model_opts, need_teacher=True).model
-    result = measure_latency(model, [b.strip() for b in backends.split(",") if b.strip()], limit, size, say)
+    result = measure_latency(
+        model, [b.strip() for b in backends.split(",") if b.strip()], repeats=limit, size=size, progress=say
+    )
     if as_json:
         click.echo(strict_json(result))
         return

@@ -152,7 +152,7 @@ def export(
         sizes = trt_engine.EngineSizes(height, width, batch)
         write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
         parts = trt_engine.load_parts(
-            folder, manifest, model, torch_fallbacks(model), progress=say, height=height, width=width,
+            folder, manifest, model, fallbacks=torch_fallbacks(model), progress=say, height=height, width=width,
             max_batch=batch, build_now=list(manifest.graphs),
         )  # fmt: skip
         say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")

@@ -193,7 +193,7 @@ def pie(
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
              **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
     scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
-    edits = edits_section(outcomes, len(items), edit_seconds, loaded.seconds)
+    edits = edits_section(outcomes, total=len(items), seconds=edit_seconds, load_seconds=loaded.seconds)
     seconds = round(time.perf_counter() - started, 3)
     report = {**facts, "n_items": len(items), "edits": edits, **scores, "seconds": seconds}
     _publish(folder, report, markdown, as_json)

@@ -198,5 +198,12 @@ def _train(request: TrainRequest) -> None:
             say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
     say(f"packaging {model_dir}")
     name = request.name or run_dir.name
-    package_model(paths.guidance, consistency_dir, model_dir, name, request.edit_guidance, half=not request.smoke)
+    package_model(
+        paths.guidance,
+        consistency_dir,
+        model_dir,
+        name=name,
+        edit_guidance=request.edit_guidance,
+        half=not request.smoke,
+    )
     say(f"model folder: {model_dir}")

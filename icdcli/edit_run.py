@@ -437,7 +437,7 @@ class EditRun:
 
     def adopt(self, loaded: Loaded) -> None:
         """Run on a loaded model: its recipe under the flags, and its identity for the records."""
-        from .batch import model_digest, model_weight_sizes
+        from .identity import model_hash
 
         self.loaded = loaded
         model = self.loaded.model
@@ -445,7 +445,7 @@ class EditRun:
             self.p2p = self.flags.request.p2p.resolve(model.info.edit)
         except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
             raise click.ClickException(str(error)) from None
-        self.model_hash = model_digest(model.info.to_json(), model_weight_sizes(model))
+        self.model_hash = model_hash(model)
         label = self.loaded.label
         self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
         if self.expected_hash and self.expected_hash != self.model_hash:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .atomic import atomic_path
+from .digests import file_sha256 as file_sha256  # where the commands look for it
 from .errors import ICDError
 
 MAX_IMAGE_PIXELS = 100_000_000
@@ -160,14 +160,6 @@ def original_size(image: Image.Image) -> tuple[int, int]:
     """The size the image file had (larger than `image.size` when it was decoded at reduced scale)."""
     width, height = image.info.get(ORIGINAL_SIZE, image.size)
     return int(width), int(height)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def read_record(path: str | Path, key: str = "icd") -> dict | None:

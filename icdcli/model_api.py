@@ -35,6 +35,11 @@ class EditModel(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     @property
+    def source(self) -> str:
+        """The folder it was loaded from ("" for a model built in memory)."""
+        ...
+
+    @property
     def tokenizers(self) -> list[Any]: ...
 
     @property

@@ -13,7 +13,6 @@ Sources that load:
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
 from .errors import ModelSourceError
+from .identity import made_from, sources_key
 from .lora import boundaries_from_filename, fuse_lora, read_lora
 from .model_api import DiffusersModule, prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
@@ -91,14 +91,6 @@ class ModelInfo:
         except (TypeError, ValueError) as error:
             raise ModelSourceError(f"the model's edit recipe is malformed: {error}") from error
         return cls(**values)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def safetensors_problem(path: str | Path) -> str | None:
@@ -212,6 +204,7 @@ class ICDModel:
         tokenizers: list[Any],
         forward_unet: DiffusersModule,
         reverse_unet: DiffusersModule,
+        *,
         teacher_unet: DiffusersModule | None = None,
         source: str = "",
     ):
@@ -448,7 +441,7 @@ def load_merged(folder: str | Path, need_teacher: bool = False) -> ICDModel:
     except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(f"cannot load the model folder {folder}: {error}".splitlines()[0]) from error
     info = ModelInfo.from_json(_describe(dict(data), reverse, vae, family))
-    model = ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher, source=str(folder))
+    model = ICDModel(info, vae, encoders, tokenizers, forward, reverse, teacher_unet=teacher, source=str(folder))
     model.unet_folders = {role: folder / f"{role}_unet" for role in ("forward", "reverse")}
     if teacher is not None:
         model.unet_folders["teacher"] = folder / "teacher_unet"
@@ -504,7 +497,7 @@ def _wider(first: torch.dtype, second: torch.dtype) -> torch.dtype:
 
 
 def build_teacher_unet(
-    base: Path, teacher: str | Path | None, dtype: torch.dtype = torch.float32, fuse: Any | None = None
+    base: Path, teacher: str | Path | None, *, dtype: torch.dtype = torch.float32, fuse: Any | None = None
 ) -> torch.nn.Module:
     """The base pipeline's UNet architecture with the teacher's weights (`time_cond_proj_dim` if present).
 
@@ -577,20 +570,13 @@ class LoraSources:
         return forward, reverse
 
     def cache_key(self) -> str:
-        """Identity of the inputs by path, size and modification time: cheap to recompute on every load."""
-        items: list[Any] = []
-        for path in (self.base / "model_index.json", self.teacher, self.forward_lora, self.reverse_lora):
-            if path is None:
-                items.append(None)
-                continue
-            stat = path.stat()
-            items.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        blob = json.dumps([FORMAT_VERSION, items]).encode()
-        return hashlib.sha256(blob).hexdigest()[:20] + ("-fp16" if self.cache_half else "")
+        """Name of the fused-model cache folder: the files' stamps, cheap to recompute on every load."""
+        return sources_key(self, version=FORMAT_VERSION)
 
 
 def fuse_lora_model(
     sources: LoraSources,
+    *,
     keep_teacher: bool = True,
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -602,6 +588,13 @@ def fuse_lora_model(
     UNets (and the teacher only with `keep_teacher`), never a teacher beside two copies of it. `spill(role, unet)`
     may take each fused UNet as it is made and return what stands in for it (the cache writes it to disk and maps
     it back, so private memory holds one UNet at a time).
+
+    Args:
+        sources: The base pipeline, teacher and LoRA files.
+        keep_teacher: Also build the plain teacher UNet (for the DDIM baseline).
+        progress: Called with a line for each stage.
+        dtype: The dtype of the fused UNets.
+        spill: Takes each fused UNet as it is made; returns what stands in for it.
     """
     for label, path in (("--base", sources.base), ("--forward-lora", sources.forward_lora)):
         if not Path(path).exists():
@@ -627,36 +620,31 @@ def fuse_lora_model(
         except (ValueError, OSError) as error:
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         try:
-            unet = build_teacher_unet(sources.base, sources.teacher, dtype, fuse=adapter)
+            unet = build_teacher_unet(sources.base, sources.teacher, dtype=dtype, fuse=adapter)
         except ValueError as error:  # the adapter does not fit the teacher
             raise ModelSourceError(f"cannot fuse {path}: {error}") from error
         del adapter
         unets[role] = spill(role, unet) if spill is not None else unet
         del unet
-    teacher = build_teacher_unet(sources.base, sources.teacher, dtype) if keep_teacher else None
-    made_from = {"base": str(sources.base)}
-    for label, part in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
-        if part is not None:
-            made_from[label] = file_digest(part)
-    made_from["reverse_lora"] = file_digest(sources.reverse_lora)
+    teacher = build_teacher_unet(sources.base, sources.teacher, dtype=dtype) if keep_teacher else None
     info_json = {
         "name": sources.name or sources.forward_lora.parent.name,
         "forward_boundaries": forward_bounds,
         "reverse_boundaries": reverse_bounds,
         "edit": sources.recipe(family, reverse_bounds).to_json(),
         "generate_guidance": sources.generate_guidance if sources.generate_guidance is not None else 8.0,
-        "made_from": made_from,
+        "made_from": made_from(sources),
     }
     info = ModelInfo.from_json(_describe(info_json, unets["reverse"], vae, family))
     return ICDModel(
-        info, vae, encoders, tokenizers, unets["forward"], unets["reverse"], teacher,
+        info, vae, encoders, tokenizers, unets["forward"], unets["reverse"], teacher_unet=teacher,
         source=str(sources.forward_lora.parent),
     )  # fmt: skip
 
 
 def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: torch.dtype) -> None:
     """Give a model from a fused cache that was written without a teacher its teacher, and the cache too."""
-    teacher: DiffusersModule = build_teacher_unet(sources.base, sources.teacher, dtype).requires_grad_(False)
+    teacher: DiffusersModule = build_teacher_unet(sources.base, sources.teacher, dtype=dtype).requires_grad_(False)
     model.teacher_unet = teacher
     try:
         with atomic_folder(cached / "teacher_unet") as staging:
@@ -666,11 +654,17 @@ def _add_teacher(cached: Path, sources: LoraSources, model: ICDModel, dtype: tor
 
 
 def load_lora_cached(
-    sources: LoraSources, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+    sources: LoraSources, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
     """Fuse `sources` once and keep the result as a merged folder in the cache; later loads read it.
 
-    The teacher is read (and cached) only when asked for: an iCD edit runs on the two fused UNets alone."""
+    The teacher is read (and cached) only when asked for: an iCD edit runs on the two fused UNets alone.
+
+    Args:
+        sources: What to fuse; `sources.cache_key()` names the cached folder.
+        need_teacher: Load the teacher UNet too, adding it to a cache written without it.
+        progress: Called with a line for each stage of fusing.
+    """
     cached = cache_root() / "merged" / sources.cache_key()
     dtype = torch.float16 if sources.cache_half else torch.float32
     if (cached / MODEL_JSON).is_file():
@@ -716,7 +710,7 @@ def _folder_recipe(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def load_lora_folder(
-    folder: Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
+    folder: Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
     """A folder whose icd.json has `"format": "lora"` and names its parts by relative path."""
     data = _read_model_json(folder)
@@ -737,11 +731,18 @@ def load_lora_folder(
 
 
 def load_model_folder(
-    folder: str | Path, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
+    folder: str | Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
-    """An icd model folder; a `lora` one is fused once and cached (`half`: the cache in float16)."""
+    """An icd model folder; a `lora` one is fused once and cached.
+
+    Args:
+        folder: A folder with `icd.json`, merged or lora.
+        need_teacher: Load the teacher UNet too (the DDIM baseline needs it).
+        progress: Called with a line for each stage of fusing.
+        half: Keep a fused cache in float16.
+    """
     folder = Path(folder)
     data = _read_model_json(folder)
     if data.get("format") == "lora":
-        return load_lora_folder(folder, need_teacher, progress, half)
+        return load_lora_folder(folder, need_teacher=need_teacher, progress=progress, half=half)
     return load_merged(folder, need_teacher)

@@ -18,7 +18,7 @@ CLEAN = 0
 
 
 def alphas_cumprod(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, *, beta_start: float = BETA_START, beta_end: float = BETA_END
 ) -> torch.Tensor:
     """alpha_bar_t of the `scaled_linear` schedule, float64, indexed by timestep."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
@@ -107,7 +107,7 @@ def forward_pairs(forward_boundaries: tuple[int, ...] | list[int]) -> list[tuple
     return list(zip(points[:-1], points[1:], strict=True))
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
+def ddim_timesteps(num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = 1) -> list[int]:
     """Stable Diffusion's "leading" DDIM timesteps, ascending: 50 steps -> [1, 21, ..., 981]."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"DDIM steps must be in [1, {num_train_timesteps}], got {num_steps}")

@@ -12,12 +12,12 @@ The file's kind is read from its header alone (key names and shapes), before any
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .digests import file_stamp, json_sha256
 from .errors import ModelSourceError
 from .hub import fetch_command, hub_snapshot, unavailable_reason
 from .paths import cache_root, mark_used
@@ -92,7 +92,7 @@ def config_problem(folder: Path, family: str) -> str | None:
     return f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
 
 
-def find_config(path: Path, family: str, repo: str, given: str | Path | None = None) -> Path:
+def find_config(path: Path, family: str, repo: str, *, given: str | Path | None = None) -> Path:
     """The folder of configs for converting `path`: `given`, a diffusers layout beside the file, or `repo`'s
     configs from the hub cache (or the hub); a ModelSourceError with the fetch command when none is here."""
     if given is not None:
@@ -120,17 +120,15 @@ def find_config(path: Path, family: str, repo: str, given: str | Path | None = N
 
 def conversion_key(path: Path, config: Path) -> str:
     """Identity of a conversion by the file's and the configs' path, size and modification time."""
-    items: list[Any] = [CONVERSION_VERSION]
-    for item in (path, config / "model_index.json", config / "unet" / "config.json"):
-        stat = item.stat()
-        items.append([str(item.resolve()), stat.st_size, stat.st_mtime_ns])
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:20]
+    stamps = [file_stamp(item) for item in (path, config / "model_index.json", config / "unet" / "config.json")]
+    return json_sha256([CONVERSION_VERSION, *stamps])[:20]
 
 
 def converted_base(
     path: Path,
     config: Path,
     family: str,
+    *,
     progress: Callable[[str], None] | None = None,
     header: dict[str, Any] | None = None,
 ) -> Path:

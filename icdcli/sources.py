@@ -168,8 +168,8 @@ def _base(
     found = checkpoint_family(base, header)
     if family is not None and found != family:
         raise ModelSourceError(f"--base {request.base} is an {found} checkpoint, but this model is {family}")
-    config = find_config(base, found, FAMILY_BASES[found], request.base_config)
-    return converted_base(base, config, found, progress, header)
+    config = find_config(base, found, FAMILY_BASES[found], given=request.base_config)
+    return converted_base(base, config, found, progress=progress, header=header)
 
 
 def _hub_lora(preset: Preset, role: str) -> Path | None:
@@ -180,7 +180,9 @@ def _hub_lora(preset: Preset, role: str) -> Path | None:
     return None
 
 
-def preset_sources(preset: Preset, request: ModelRequest, progress: Callable[[str], None] | None = None) -> LoraSources:
+def preset_sources(
+    preset: Preset, request: ModelRequest, *, progress: Callable[[str], None] | None = None
+) -> LoraSources:
     """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
     from .models import LoraSources
 
@@ -288,7 +290,7 @@ def find_release_files(folder: Path) -> ReleaseFolder | None:
 
 
 def release_folder_sources(
-    folder: Path, request: ModelRequest, progress: Callable[[str], None] | None = None
+    folder: Path, request: ModelRequest, *, progress: Callable[[str], None] | None = None
 ) -> LoraSources | None:
     """Sources of a release tarball's folder (None if `folder` is not one); says which file takes each role."""
     from .models import LoraSources
@@ -341,7 +343,7 @@ def _load_cached(
 ) -> ICDModel:
     from .models import load_lora_cached
 
-    return load_lora_cached(replace(sources, cache_half=request.half), need_teacher, progress)
+    return load_lora_cached(replace(sources, cache_half=request.half), need_teacher=need_teacher, progress=progress)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -362,25 +364,31 @@ def _load_hub_model(
             f"exists: hf download {repo} --local-dir {repo.split('/')[-1]}, then pass --model {repo.split('/')[-1]}"
         )
     if (folder / MODEL_JSON).is_file():
-        return load_model_folder(folder, need_teacher, progress, request.half)
-    sources = release_folder_sources(folder, request, progress)
+        return load_model_folder(folder, need_teacher=need_teacher, progress=progress, half=request.half)
+    sources = release_folder_sources(folder, request, progress=progress)
     if sources is None:
         raise ModelSourceError(f"hub repository {repo} holds neither {MODEL_JSON} nor iCD LoRA files")
     return _load_cached(request, sources, need_teacher, progress)
 
 
 def load_requested_model(
-    request: ModelRequest, need_teacher: bool = False, progress: Callable[[str], None] | None = None
+    request: ModelRequest, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
-    """Load whatever `request` names; raises ModelSourceError with what to do when it cannot."""
+    """Load whatever `request` names; raises ModelSourceError with what to do when it cannot.
+
+    Args:
+        request: The model flags: a preset, folder or hub id, or the parts by path.
+        need_teacher: Load the teacher UNet too (the DDIM baseline needs it).
+        progress: Called with a line for each stage of loading, fetching or fusing.
+    """
     from .models import load_model_folder
 
     name = request.model
     if name in PRESETS:
-        return _load_cached(request, preset_sources(PRESETS[name], request, progress), need_teacher, progress)
+        return _load_cached(request, preset_sources(PRESETS[name], request, progress=progress), need_teacher, progress)
     folder = Path(name).expanduser() if name not in (None, DEFAULT_MODEL) else None
     if folder is not None and folder.is_dir() and not (folder / MODEL_JSON).is_file():
-        sources = release_folder_sources(folder, request, progress)
+        sources = release_folder_sources(folder, request, progress=progress)
         if sources is not None:
             return _load_cached(request, sources, need_teacher, progress)
     if name is not None and folder is not None and not folder.exists() and HUB_ID.fullmatch(name):
@@ -398,12 +406,12 @@ def load_requested_model(
                 "this installation has no embedded default model: pass --model with a model folder or one of "
                 + ", ".join(PRESETS)
             )
-        return load_model_folder(DEFAULT_MODEL_DIR, need_teacher, progress, request.half)
+        return load_model_folder(DEFAULT_MODEL_DIR, need_teacher=need_teacher, progress=progress, half=request.half)
     if folder is not None and folder.is_dir():
         if not (folder / MODEL_JSON).is_file():
             raise ModelSourceError(
                 f"--model {name}: the folder holds neither {MODEL_JSON} (an icd model folder) nor iCD LoRA files "
                 "(a release tarball's folder: *forward_19_...safetensors and *reverse_..._999.safetensors)"
             )
-        return load_model_folder(folder, need_teacher, progress, request.half)
+        return load_model_folder(folder, need_teacher=need_teacher, progress=progress, half=request.half)
     raise ModelSourceError(f"--model {name!r} is neither a model folder nor a preset; presets: {', '.join(PRESETS)}")

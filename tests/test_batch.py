@@ -20,7 +20,6 @@ from icdcli.batch import (
     Shard,
     decide,
     expand_inputs,
-    model_digest,
     parse_shard,
     read_spec,
     select_shard,
@@ -170,9 +169,6 @@ def test_resume_decisions():
     assert refused.action == "refuse" and "seed 3 -> 0" in refused.reason and "--overwrite" in refused.reason
     assert decide(True, None, wanted, False).action == "refuse"
     assert decide(True, {**wanted, "seed": 3}, wanted, True).action == "run"
-    info = {"name": "m", "made_from": {"base": "/some/where", "teacher": "sha256:ab"}}
-    assert model_digest(info) == model_digest({**info, "made_from": {**info["made_from"], "base": "/else"}})
-    assert model_digest({"name": "m"}, {"unet/w.safetensors": 1}) != model_digest({"name": "m"}, {"unet/w": 2})
 
 
 # --- the command on real files ----------------------------------------------------------------
@@ -559,7 +555,7 @@ def test_damaged_onnx_file_says_what_to_do(tmp_path):
     junk.parent.mkdir()
     junk.write_bytes(b"\x08\x07 not a graph")
     with pytest.raises(ICDError, match="delete the folder .*export and run again"):
-        OrtGraph(junk, None, torch.device("cpu"), 8)
+        OrtGraph(junk, None, device=torch.device("cpu"), vae_scale_factor=8)
 
 
 def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):

@@ -36,10 +36,29 @@ def test_help_imports_nothing_heavy():
     assert result.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("command", ["edit", "invert", "generate", "info"])
-def test_every_command_explains_itself(command):
-    result = _run(command, "--help")
-    assert result.exit_code == 0 and "Usage:" in result.output
+def _commands(group=main, path=()):
+    import click
+
+    for name, command in sorted(group.commands.items()):
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize(
+    "path, command", list(_commands()), ids=lambda value: "-".join(value) if isinstance(value, tuple) else ""
+)
+def test_every_command_explains_itself(path, command):
+    """Every command and subcommand says what it does, and every option it takes says what it is for."""
+    import click
+
+    result = CliRunner().invoke(main, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    summary = " ".join((command.help or "").split("\n\n")[0].split())
+    assert summary and summary[:40] in " ".join(result.output.split())
+    options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+    assert [p.opts[0] for p in options if not (p.help or "").strip()] == []  # no option without help
+    assert [p.opts[0] for p in options if p.opts[0] not in result.output] == []
 
 
 def test_edit_json_record_and_output(merged_dir, tmp_path):

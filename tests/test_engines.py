@@ -131,7 +131,9 @@ def test_export_on_first_use_only(merged_model, caplog, monkeypatch, tmp_path):
 
     monkeypatch.setattr(export_package, "export_model", counting)
     m = merged_model  # without its teacher: a smaller export
-    model = ICDModel(m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, None, m.source)
+    model = ICDModel(
+        m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, teacher_unet=None, source=m.source
+    )
     with caplog.at_level(logging.INFO, logger="icd"):
         folder, _ = accelerated.ensure_exported(model)
         again, _ = accelerated.ensure_exported(model)
@@ -180,7 +182,7 @@ def _control(length: int = 3, blend_queries: int | None = 4):
 
 def test_attention_control_goes_to_the_torch_fallback():
     fallback = FakeTorch(lambda x: x * 0)
-    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
+    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback=fallback)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.ones(1, 4, 2, 2)
     assert torch.equal(denoiser(x, 999, cond, 8.0), x)
@@ -211,9 +213,9 @@ def test_a_p2p_graph_without_the_pair_axis_hands_its_steps_to_pytorch():
     cond = Conditioning(PromptEmbedding(torch.zeros(2, 3, 2)))
     x = torch.ones(2, 4, 2, 2)
     control = _control()
-    older = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec([])))
+    older = GraphDenoiser(run, fake_spec("embedding"), fallback=fallback, p2p=(run, p2p_spec([])))
     assert torch.equal(older.controlled(x, 519, cond, 8.0, control).eps, x * 0) and seen == []  # format 2: PyTorch
-    current = GraphDenoiser(run, fake_spec("embedding"), fallback, (run, p2p_spec(["p2p_pairs"])))
+    current = GraphDenoiser(run, fake_spec("embedding"), fallback=fallback, p2p=(run, p2p_spec(["p2p_pairs"])))
     step = current.controlled(x, 519, cond, 8.0, control)
     assert torch.equal(step.eps, x * 2) and seen == [(1, 3, 3)]  # one pair: axis of 1
     assert [tuple(m.shape) for m in step.maps] == [(2, 4, 3)]
@@ -228,7 +230,7 @@ def test_uncovered_shapes_fall_back_and_folded_graph_refuses_guidance():
     fallback = FakeTorch(lambda x: x + 1)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.zeros(1, 4, 2, 2)
-    assert torch.equal(GraphDenoiser(uncovered, fake_spec("folded"), fallback)(x, 19, cond), x + 1)
+    assert torch.equal(GraphDenoiser(uncovered, fake_spec("folded"), fallback=fallback)(x, 19, cond), x + 1)
     folded = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("folded"))
     assert torch.equal(folded(x, 19, cond, 1.0), x)
     with pytest.raises(ValueError, match="folded"):
@@ -293,12 +295,12 @@ def tiny_manifest(guidance_distilled: bool = True) -> Manifest:
     unet = make_teacher("sd15", guidance_distilled=guidance_distilled)
     graphs = {}
     for role in ("forward_unet", "reverse_unet"):
-        inputs, outputs, guidance = unet_specs(unet, role, 4, 12, torch.float32)
+        inputs, outputs, guidance = unet_specs(unet, role, latent_channels=4, text_length=12, dtype=torch.float32)
         graphs[role] = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance, sha256=f"{role}-hash")
     for name, (inputs, outputs) in vae_specs(4).items():
         graphs[name] = GraphSpec(name, f"{name}.onnx", inputs, outputs, sha256=f"{name}-hash")
     encoder = _text_encoder(build_word_tokenizer(["a"], 12), False, 0)
-    inputs, outputs = text_specs(encoder, 12, False, torch.float32)
+    inputs, outputs = text_specs(encoder, 12, pooled=False, dtype=torch.float32)
     graphs["text_encoder"] = GraphSpec("text_encoder", "text_encoder.onnx", inputs, outputs, sha256="t")
     info = {"native_size": 512, "size_multiple": 64}
     return Manifest("tiny-0123-fp16", "0123", "fp16", 17, info, 8, 4, 12, graphs)
@@ -470,7 +472,7 @@ def test_device_budget_reads_the_gpu_and_the_export(tmp_path, monkeypatch):
     budget = trt_engine.device_budget(torch.device("cuda", 0), tmp_path, manifest)
     assert budget.device_bytes == 5 * 10**9 and budget.weight_bytes == 1000 * len(manifest.graphs)
     assert budget.bytes_per_position == trt_engine.RULE_BYTES_PER_POSITION["fp16"]  # the tiny manifest is fp16
-    auto = trt_engine.resolve_sizes(tmp_path, None, None, trt_engine.AUTO_BATCH)
+    auto = trt_engine.resolve_sizes(tmp_path, height=None, width=None, max_batch=trt_engine.AUTO_BATCH)
     assert auto == trt_engine.EngineSizes(batch=trt_engine.AUTO_BATCH) and auto.fixed_batch is None
     assert trt_engine.EngineSizes.from_json(auto.to_json()) == auto  # recorded by `icd export --batch auto`
 
@@ -481,16 +483,22 @@ GPU = trt_engine.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
 def test_engine_cache_key_changes_with_every_input():
     profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
     mode = trt_engine.BuildMode(True, False)
-    base = trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", GPU)
-    assert base == trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", GPU)
+    base = trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
+    assert base == trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
     other_profiles = ((profiles[0][0], {**profiles[0][1], "sample": ((1, 4, 8, 8),) * 3}), *profiles[1:])
     variants = [
-        trt_engine.engine_cache_key("onnx-b", profiles, mode, "10.12.0", GPU),
-        trt_engine.engine_cache_key("onnx-a", other_profiles, mode, "10.12.0", GPU),
-        trt_engine.engine_cache_key("onnx-a", profiles, trt_engine.BuildMode(False, True), "10.12.0", GPU),
-        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.13.0", GPU),
-        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", trt_engine.DeviceFacts(GPU.name, "8.9")),
-        trt_engine.engine_cache_key("onnx-a", profiles, mode, "10.12.0", trt_engine.DeviceFacts("NVIDIA H200", "9.0")),
+        trt_engine.engine_cache_key("onnx-b", profiles, mode=mode, trt_version="10.12.0", device=GPU),
+        trt_engine.engine_cache_key("onnx-a", other_profiles, mode=mode, trt_version="10.12.0", device=GPU),
+        trt_engine.engine_cache_key(
+            "onnx-a", profiles, mode=trt_engine.BuildMode(False, True), trt_version="10.12.0", device=GPU
+        ),
+        trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.13.0", device=GPU),
+        trt_engine.engine_cache_key(
+            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_engine.DeviceFacts(GPU.name, "8.9")
+        ),
+        trt_engine.engine_cache_key(
+            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_engine.DeviceFacts("NVIDIA H200", "9.0")
+        ),
     ]
     assert len({base, *variants}) == 7
 
@@ -498,13 +506,13 @@ def test_engine_cache_key_changes_with_every_input():
 def test_cache_keys_and_timing_cache_carry_the_build_format(monkeypatch, tmp_path):
     profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
     mode = trt_engine.BuildMode(True, False)
-    before = trt_engine.engine_cache_key("onnx", profiles, mode, "10.12.0", GPU)
+    before = trt_engine.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU)
     timing = trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU)
     assert "nvidia-h100-80gb-hbm3" in timing.name and "sm90" in timing.name and "10.12.0" in timing.name
     other_gpu = trt_engine.timing_cache_file(tmp_path, "10.12.0", trt_engine.DeviceFacts("NVIDIA L4", "8.9"))
     assert other_gpu != timing
     monkeypatch.setattr(trt_engine, "BUILD_FORMAT", trt_engine.BUILD_FORMAT + 1)
-    assert trt_engine.engine_cache_key("onnx", profiles, mode, "10.12.0", GPU) != before
+    assert trt_engine.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU) != before
     assert trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU) != timing
 
 
@@ -516,16 +524,23 @@ def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
     mode = trt_engine.BuildMode(True, False)
 
     def keys(sizes):
-        requests = trt_engine.plan_engines(manifest, sizes.height, sizes.width, sizes.batch)
-        return {r.graph: trt_engine.engine_cache_key("x", r.profiles, mode, "10.12", GPU) for r in requests}
+        requests = trt_engine.plan_engines(manifest, height=sizes.height, width=sizes.width, max_batch=sizes.batch)
+        return {
+            r.graph: trt_engine.engine_cache_key("x", r.profiles, mode=mode, trt_version="10.12", device=GPU)
+            for r in requests
+        }
 
     exported = trt_engine.EngineSizes(768, 384, 2)
     write_engine_sizes(tmp_path, exported.to_json())
     assert read_engine_sizes(tmp_path) == {"height": 768, "width": 384, "batch": 2}
-    at_run_time = trt_engine.resolve_sizes(tmp_path, None, None, None)
+    at_run_time = trt_engine.resolve_sizes(tmp_path, height=None, width=None, max_batch=None)
     assert at_run_time == exported and keys(at_run_time) == keys(exported)
-    assert keys(trt_engine.resolve_sizes(tmp_path.parent, None, None, None)) != keys(exported)  # nothing recorded
-    assert trt_engine.resolve_sizes(tmp_path, 512, None, None) == trt_engine.EngineSizes(512, None, None)
+    assert keys(trt_engine.resolve_sizes(tmp_path.parent, height=None, width=None, max_batch=None)) != keys(
+        exported
+    )  # nothing recorded
+    assert trt_engine.resolve_sizes(tmp_path, height=512, width=None, max_batch=None) == trt_engine.EngineSizes(
+        512, None, None
+    )
     (tmp_path / "engine_sizes.json").write_text("not json")
     assert read_engine_sizes(tmp_path) is None
 
@@ -547,7 +562,7 @@ def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
 
 
 def test_fitted_sides_and_version_parsing():
-    assert trt_engine.fitted_sides(512, 64, 1.0) == (512, 512)
+    assert trt_engine.fitted_sides(512, 64, max_aspect=1.0) == (512, 512)
     short, long = trt_engine.fitted_sides(512, 64)
     assert short == 256 and long == 1024
     assert trt_engine.parse_version("10.12.0.36") == (10, 12, 0)
@@ -723,7 +738,7 @@ def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when
 
     unet, torch_denoiser = MovingModule(), FakeTorch(lambda x: x * 0 - 1)
     fallback = OffloadingFallback(torch_denoiser, unet, torch.device("cuda", 1), "reverse")
-    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback)
+    denoiser = GraphDenoiser(lambda feeds: {"eps": feeds["sample"]}, fake_spec("embedding"), fallback=fallback)
     cond = Conditioning(PromptEmbedding(torch.zeros(1, 3, 2)))
     x = torch.ones(1, 4, 2, 2)
     denoiser(x, 999, cond, 8.0)

@@ -39,7 +39,7 @@ def exported(tmp_path_factory, model, name: str, precision: str = "fp32") -> Pat
     folder = tmp_path_factory.getbasetemp() / "icd-exports" / f"{name}-{precision}"
     with file_lock(folder.parent / f".{folder.name}.lock"):
         if read_manifest(folder) is None:
-            export_model(model, folder, precision)
+            export_model(model, folder, precision=precision)
     return folder
 
 
@@ -60,7 +60,7 @@ def cfg_model(merged_model):
     forward, reverse = make_teacher("sd15", 21, False), make_teacher("sd15", 22, False)
     teacher = make_teacher("sd15", 23, False)
     m = merged_model
-    return ICDModel(info, m.vae, m.text_encoders, m.tokenizers, forward, reverse, teacher, source="")
+    return ICDModel(info, m.vae, m.text_encoders, m.tokenizers, forward, reverse, teacher_unet=teacher, source="")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
 
 
 def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merged_model):
-    from icdcli.export.files import sha256_files
+    from icdcli.digests import files_sha256
 
     data = json.loads((sd15_export / "manifest.json").read_text())
     assert data["precision"] == "fp32" and data["opset"] == DEFAULT_OPSET
@@ -117,7 +117,7 @@ def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merge
         "text_encoder"
     }  # fmt: skip
     for graph in data["graphs"].values():
-        assert graph["sha256"] == sha256_files([sd15_export / graph["file"]])
+        assert graph["sha256"] == files_sha256([sd15_export / graph["file"]])
         assert graph["external_data"] is None
     sample = data["graphs"]["reverse_unet"]["inputs"][0]
     assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]}
@@ -144,14 +144,6 @@ def test_stale_reasons():
     assert "precision" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET)
     assert "opset" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET + 1)
     assert "teacher" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET, need_teacher=True)
-
-
-def test_fingerprint_is_the_same_for_a_fused_and_a_cached_model(sd15_parts, merged_model):
-    from icdcli.models import LoraSources, fuse_lora_model
-
-    parts = sd15_parts
-    fused = fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
-    assert model_fingerprint(fused) == model_fingerprint(merged_model)
 
 
 def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
@@ -323,11 +315,18 @@ def test_sanitized_unet_graph_gives_the_same_outputs_on_onnxruntime(merged_model
     from icdcli.export.onnx import UNetGraph, example_inputs, torch_export, unet_specs
 
     unet = merged_model.reverse_unet
-    inputs, outputs, guidance = unet_specs(unet, "reverse_unet", 4, 12, torch.float32)
+    inputs, outputs, guidance = unet_specs(unet, "reverse_unet", latent_channels=4, text_length=12, dtype=torch.float32)
     sizes = {"batch": 2, "latent_height": 8, "latent_width": 8}
     args = example_inputs(inputs, sizes, torch.device("cpu"))
     raw = tmp_path / "raw" / "model.onnx"
-    torch_export(UNetGraph(unet, [s.name for s in inputs], guidance).eval(), args, inputs, outputs, raw, 17)
+    torch_export(
+        UNetGraph(unet, [s.name for s in inputs], guidance).eval(),
+        args,
+        inputs=inputs,
+        outputs=outputs,
+        path=raw,
+        opset=17,
+    )
     save_graph(raw, tmp_path / "plain.onnx", large=False, sanitize=False)
     save_graph(raw, tmp_path / "sanitized.onnx", large=False, sanitize=True)
     plain_nodes = len(onnx.load(str(tmp_path / "plain.onnx")).graph.node)
@@ -368,13 +367,15 @@ def test_fp16_export_with_fp32_norm_runs_normalisation_in_fp32(merged_model, tmp
     from icdcli.export.manifest import GraphSpec
     from icdcli.export.onnx import UNetGraph, _cast, example_inputs, export_graph, unet_specs
 
-    inputs, outputs, guidance = unet_specs(merged_model.forward_unet, "forward_unet", 4, 12, torch.float16)
+    inputs, outputs, guidance = unet_specs(
+        merged_model.forward_unet, "forward_unet", latent_channels=4, text_length=12, dtype=torch.float16
+    )
     args = example_inputs(inputs, {"batch": 2, "latent_height": 8, "latent_width": 8}, torch.device("cpu"))
     found = {}
     for fp32_norm in (False, True):
         module = UNetGraph(_cast(merged_model.forward_unet, torch.float16), [s.name for s in inputs], guidance).eval()
         spec = GraphSpec("forward_unet", f"forward-{fp32_norm}.onnx", inputs, outputs, guidance)
-        export_graph(module, args, spec, tmp_path, 17, optimize=False, fp32_norm=fp32_norm)
+        export_graph(module, args, spec, folder=tmp_path, opset=17, optimize=False, fp32_norm=fp32_norm)
         model = onnx.load(str(tmp_path / spec.file))
         types = elem_types(model)
         norms = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "LayerNormalization")]
@@ -432,7 +433,9 @@ def test_export_check_through_a_backends_runners(merged_model, sd15_export):
     from icdcli.export.check import check_export
 
     manifest = read_manifest(sd15_export)
-    parts = ort_engine.load_parts(sd15_export, manifest, torch.device("cpu"), torch_fallbacks(merged_model))
+    parts = ort_engine.load_parts(
+        sd15_export, manifest, device=torch.device("cpu"), fallbacks=torch_fallbacks(merged_model)
+    )
     assert set(parts.runners) == set(manifest.graphs)
     seen = []
 

@@ -76,7 +76,7 @@ def test_a_unet_without_a_folder_is_kept(merged_model):
     from icdcli.models import ICDModel
 
     m = merged_model
-    model = ICDModel(m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, None, m.source)
+    model = ICDModel(m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, source=m.source)
     model.release("forward")  # fused in memory only: nothing to read it back from
     assert model._unets["forward"] is m.forward_unet
 

@@ -177,26 +177,43 @@ def test_pickled_objects_are_refused(sd15_parts, tmp_path):
         load_requested_model(_parts_request(sd15_parts, teacher=evil))
 
 
-def test_cache_key_changes_when_a_part_changes(sd15_parts, tmp_path):
+@pytest.mark.parametrize("part", ["base", "teacher", "forward_lora", "reverse_lora"])
+def test_cache_key_changes_when_a_part_changes(sd15_parts, tmp_path, part):
+    """Each part alone: its time, its size, its place change the key; a same-size, same-time rewrite cannot."""
     import os
     import shutil
     from dataclasses import replace
 
-    copy = tmp_path / sd15_parts.forward_lora.name
-    shutil.copy(sd15_parts.forward_lora, copy)
-    sources = LoraSources(sd15_parts.base, sd15_parts.teacher_pt, copy, sd15_parts.reverse_lora)
+    (tmp_path / "base").mkdir()  # the key stamps the base by its model_index.json: copies, never the shared parts
+    given = {"base": sd15_parts.base / "model_index.json", "teacher": sd15_parts.teacher_pt}
+    given.update(forward_lora=sd15_parts.forward_lora, reverse_lora=sd15_parts.reverse_lora)
+    copies = {name: tmp_path / ("base" if name == "base" else "") / path.name for name, path in given.items()}
+    for name, path in given.items():
+        shutil.copy2(path, copies[name])
+    sources = LoraSources(tmp_path / "base", copies["teacher"], copies["forward_lora"], copies["reverse_lora"])
+    changed = copies[part]
+    stamp = changed.stat()
     before = sources.cache_key()
-    assert sources.cache_key() == before  # nothing changed
-    stat = copy.stat()
-    copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")  # same size, other content ...
-    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the old time: cheap keys cannot see it
-    assert sources.cache_key() == before
-    os.utime(copy, ns=(1, 1))  # a rewrite moves the time: a new key
+
+    def keep_time() -> None:
+        os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x00")  # same size, other content, the old time:
+    keep_time()
+    assert sources.cache_key() == before  # cheap keys cannot see it (fusing records the content)
+    os.utime(changed, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))  # the time alone
     assert sources.cache_key() != before
-    copy.write_bytes(copy.read_bytes() + b"more")  # another size
-    assert len({before, sources.cache_key()}) == 2
-    elsewhere = tmp_path / "other" / copy.name
+    keep_time()
+    assert sources.cache_key() == before
+    changed.write_bytes(changed.read_bytes() + b" ")  # the size alone
+    keep_time()
+    assert sources.cache_key() != before
+    changed.write_bytes(changed.read_bytes()[:-1])
+    keep_time()
+    assert sources.cache_key() == before
+    elsewhere = tmp_path / "elsewhere" / changed.name  # the place alone: an identical copy with the same time
     elsewhere.parent.mkdir()
-    shutil.copy2(copy, elsewhere)
-    assert replace(sources, forward_lora=elsewhere).cache_key() != sources.cache_key()  # another file
-    assert replace(sources, cache_half=True).cache_key() == sources.cache_key() + "-fp16"
+    shutil.copy2(changed, elsewhere)
+    moved = {"base": elsewhere.parent, "teacher": elsewhere}.get(part, elsewhere)
+    assert replace(sources, **{part: moved}).cache_key() != before
+    assert replace(sources, cache_half=True).cache_key() == before + "-fp16"

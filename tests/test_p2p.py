@@ -3,6 +3,7 @@ embedded default model (PyTorch)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -162,7 +163,7 @@ def test_local_blend_keeps_the_source_outside_the_words_region():
 
 
 def test_processors_without_control_are_the_fused_attention(merged_model):
-    unet = merged_model.reverse_unet
+    unet = copy.deepcopy(merged_model.reverse_unet)  # installing processors must not touch the shared model
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     hidden = torch.randn(2, 12, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500, 500])

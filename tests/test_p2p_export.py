@@ -171,7 +171,9 @@ def test_tensorrt_profiles_of_the_p2p_graph():
                                     (False, 4, (2, 4, 16))):  # fmt: skip
         manifest = tiny_manifest(distilled)
         unet = make_teacher("sd15", guidance_distilled=distilled)
-        inputs, outputs, guidance, blend = p2p_unet_specs(unet, 4, 12, torch.float32, 64)
+        inputs, outputs, guidance, blend = p2p_unet_specs(
+            unet, latent_channels=4, text_length=12, dtype=torch.float32, latent_side=64
+        )
         manifest.graphs[REVERSE_P2P] = GraphSpec(REVERSE_P2P, "p2p.onnx", inputs, outputs, guidance, sha256="p")
         requests = [r for r in trt_engine.plan_engines(manifest, max_batch=pairs) if r.graph == REVERSE_P2P]
         assert [len(r.profiles) for r in requests] == [1] and blend == 16

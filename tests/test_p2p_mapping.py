@@ -38,7 +38,7 @@ SPLITS = {"dalmatian": ["dal", "mat", "ian"], "sofa": ["so", "fa"], "watercolor"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_subword_tokenizer(WORDS, SPLITS, LENGTH)
+    return build_subword_tokenizer(WORDS, SPLITS, max_length=LENGTH)
 
 
 def _columns(mapper: torch.Tensor, alphas: torch.Tensor | None = None) -> list[int]:

@@ -246,7 +246,7 @@ def test_a_large_graph_is_written_without_reading_its_weights(layout, tmp_path, 
     module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
     spec_in, spec_out = [TensorSpec("x", "float32", ["batch", 64])], [TensorSpec("y", "float32", ["batch", 64])]
     raw = tmp_path / "raw" / "model.onnx"
-    torch_export(module, (torch.randn(2, 64),), spec_in, spec_out, raw, 17)
+    torch_export(module, (torch.randn(2, 64),), inputs=spec_in, outputs=spec_out, path=raw, opset=17)
     source = tmp_path / "source" / "model.onnx"
     source.parent.mkdir()
     if layout == "one file":

@@ -66,8 +66,8 @@ class Fake:
     def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None):
         fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
         return trt_engine.engine_parts(
-            self.folder, self.manifest, CPU, GPU, fallbacks, sizes, self.messages.append, False, build_now,
-            next_backend,
+            self.folder, self.manifest, CPU, facts=GPU, fallbacks=fallbacks, sizes=sizes,
+            progress=self.messages.append, cuda_graph=False, build_now=build_now, next_backend=next_backend,
         )  # fmt: skip
 
     def calls(self, name: str, graph: str | None = None) -> list[tuple]:
@@ -368,7 +368,7 @@ def test_load_parts_needs_a_cuda_model(fake):
         device = CPU
 
     with pytest.raises(ICDError, match="CUDA device"):
-        trt_engine.load_parts(fake.folder, fake.manifest, Model(), {})
+        trt_engine.load_parts(fake.folder, fake.manifest, Model(), fallbacks={})
 
 
 def test_contexts_then_engine_then_runtime_are_released(fake):
@@ -510,7 +510,9 @@ def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     from icdcli.export.onnx import p2p_unet_specs
     from icdcli.p2p import StepControl, stack_controls
 
-    inputs, outputs, guidance, _ = p2p_unet_specs(make_teacher("sd15"), 4, 12, torch.float32, 64)
+    inputs, outputs, guidance, _ = p2p_unet_specs(
+        make_teacher("sd15"), latent_channels=4, text_length=12, dtype=torch.float32, latent_side=64
+    )
     fake.manifest.graphs["reverse_unet_p2p"] = GraphSpec("reverse_unet_p2p", "p2p.onnx", inputs, outputs, guidance,
                                                          sha256="p2p")  # fmt: skip
     write_fake_graphs(fake.folder, fake.manifest)

@@ -63,7 +63,7 @@ def test_edits_change_one_attribute_and_the_mask_covers_the_change(kind):
         target = edit_scene(source, kind, rng)
         changed = [a for a in ("shape", "colour", "background") if getattr(source, a) != getattr(target, a)]
         assert changed == [kind]
-        mask = change_mask(source, target, 32)
+        mask = change_mask(source, target, size=32)
         differs = np.any(source.render(32) != target.render(32), axis=-1)
         assert mask.any() and np.array_equal(mask, differs)
         assert target.colour != target.background and target.shape in SHAPES
@@ -129,7 +129,7 @@ def _interrupt_at(monkeypatch, module: str, index: int, how: str = "ctrl-c") -> 
                 signal.raise_signal(signal.SIGINT)
             else:
                 raise KeyboardInterrupt
-        return original(seed, step, rank)
+        return original(seed, step, rank=rank)
 
     monkeypatch.setattr(target, "step_generator", step_generator)
 

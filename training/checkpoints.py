@@ -75,7 +75,7 @@ def _replace_folder(staging: Path, target: Path) -> None:
 class Checkpointer:
     """Saves a stage's accelerate state every `every` steps (and on demand), keeping the newest `kept`."""
 
-    def __init__(self, accelerator: Any, out_dir: str | Path, every: int, kept: int, last: Path | None = None):
+    def __init__(self, accelerator: Any, out_dir: str | Path, *, every: int, kept: int, last: Path | None = None):
         self.accelerator = accelerator
         self.root = Path(out_dir) / CHECKPOINTS
         self.every = every

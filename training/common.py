@@ -39,7 +39,7 @@ def setup_torch() -> None:
 
 
 def make_accelerator(
-    mixed_precision: str = "no", tracker: str | None = None, logging_dir: str | Path | None = None
+    mixed_precision: str = "no", *, tracker: str | None = None, logging_dir: str | Path | None = None
 ) -> Any:
     """An `accelerate.Accelerator`; stages in one process may each ask for their own precision.
 
@@ -67,7 +67,9 @@ def tracker_config(config: Any) -> dict[str, int | float | str | bool]:
 
 def stage_accelerator(config: Any, out: Path) -> Any:
     """The accelerator of the stage writing `out`, its tracker (if any) logging to out/../logs/<out name>."""
-    accelerator = make_accelerator(getattr(config, "mixed_precision", "no"), config.tracker, out.parent / LOGS)
+    accelerator = make_accelerator(
+        getattr(config, "mixed_precision", "no"), tracker=config.tracker, logging_dir=out.parent / LOGS
+    )
     if config.tracker is not None:
         accelerator.init_trackers(out.name, config=tracker_config(config))
     return accelerator
@@ -84,7 +86,7 @@ def announcer(enabled: bool, stage: str) -> Callable[[str], None]:
     return say
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+def step_generator(seed: int, step: int, *, rank: int = 0) -> torch.Generator:
     """The random stream of one training step on one process: a pure function of (seed, step, rank)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 1_000_000_007)
 
@@ -103,7 +105,7 @@ class LossLog:
     """Append-only JSON-lines log of losses, one record per logged step, also sent to `tracker(values, step)`."""
 
     def __init__(
-        self, path: str | Path, enabled: bool = True, tracker: Callable[[dict[str, float], int], None] | None = None
+        self, path: str | Path, *, enabled: bool = True, tracker: Callable[[dict[str, float], int], None] | None = None
     ):
         self.path = Path(path)
         self.enabled = enabled
@@ -307,8 +309,8 @@ def start_stage(accelerator: Any, config: Any, out: Path, say: Callable[[str], N
 
     return StageStart(
         step,
-        Checkpointer(accelerator, out, config.checkpoint_every, config.checkpoints_kept, checkpoint),
-        LossLog(out / LOG_NAME, accelerator.is_main_process, tracker),
+        Checkpointer(accelerator, out, every=config.checkpoint_every, kept=config.checkpoints_kept, last=checkpoint),
+        LossLog(out / LOG_NAME, enabled=accelerator.is_main_process, tracker=tracker),
     )
 
 
@@ -356,7 +358,7 @@ class LatentBank:
         return len(self.captions)
 
     def sample(
-        self, batch: int, generator: torch.Generator, posterior_sample: bool = True
+        self, batch: int, generator: torch.Generator, *, posterior_sample: bool = True
     ) -> tuple[torch.Tensor, list[str]]:
         index = torch.randint(len(self), (batch,), generator=generator)
         latents = self.mean[index]
@@ -366,7 +368,7 @@ class LatentBank:
 
 
 @torch.no_grad()
-def encode_posteriors(vae: Any, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posteriors(vae: Any, images: torch.Tensor, *, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std (unscaled) of images in [-1, 1]."""
     means, stds = [], []
     for chunk in images.split(batch):
@@ -376,8 +378,8 @@ def encode_posteriors(vae: Any, images: torch.Tensor, batch: int = 256) -> tuple
     return torch.cat(means), torch.cat(stds)
 
 
-def build_latent_bank(vae: Any, split: str, count: int, image_size: int, seed: int) -> LatentBank:
-    images, captions = render_batch(scenes(split, count, seed), image_size)
+def build_latent_bank(vae: Any, split: str, *, count: int, image_size: int, seed: int) -> LatentBank:
+    images, captions = render_batch(scenes(split, count, seed=seed), image_size)
     mean, std = encode_posteriors(vae, images)
     return LatentBank(mean, std, captions, float(vae.config.scaling_factor))
 
@@ -421,7 +423,13 @@ def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def run_stage(
-    step_fn: Callable[[int], dict[str, float]], start: StageStart, config: Any, accelerator: Any, desc: str, show: bool
+    step_fn: Callable[[int], dict[str, float]],
+    start: StageStart,
+    *,
+    config: Any,
+    accelerator: Any,
+    desc: str,
+    show: bool,
 ) -> int:
     """`run_steps` of one stage from its resume point, under its config's steps, logging and time budget;
     the stage's trackers are closed however it ends."""

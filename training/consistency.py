@@ -203,7 +203,7 @@ def lora_targets(unet: torch.nn.Module, candidates: tuple[str, ...] = LORA_TARGE
     return [target for target in candidates if any(n == target or n.endswith("." + target) for n in names)]
 
 
-def lora_student(teacher: Any, rank: int, alpha: float, gradient_checkpointing: bool = False) -> Any:
+def lora_student(teacher: Any, rank: int, alpha: float, *, gradient_checkpointing: bool = False) -> Any:
     """A PEFT LoRA model over a frozen copy of `teacher`; it starts equal to the teacher (lora_B = 0)."""
     import copy
 
@@ -228,7 +228,7 @@ def adapter_file_name(direction: str, boundaries: tuple[int, ...]) -> str:
     return f"{direction}-{'-'.join(str(b) for b in boundaries)}.safetensors"
 
 
-def save_adapter(model: Any, path: str | Path, rank: int, alpha: float) -> Path:
+def save_adapter(model: Any, path: str | Path, *, rank: int, alpha: float) -> Path:
     from safetensors.torch import save_file
 
     alpha_text = str(int(alpha)) if float(alpha).is_integer() else str(alpha)
@@ -361,7 +361,7 @@ class StepData:
 
 
 def direction_loss(
-    losses: ConsistencyLosses, direction: Direction, student: Any, partner: Any, data: StepData
+    losses: ConsistencyLosses, direction: Direction, *, student: Any, partner: Any, data: StepData
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One direction's weighted loss and its logged parts (the random draws in the released training's order)."""
     batch = data.x0.shape[0]
@@ -395,7 +395,9 @@ def lora_students(config: ConsistencyConfig, teacher: Any, accelerator: Any) -> 
     """The forward and reverse LoRA models over `teacher` and their optimizers, prepared by accelerate."""
     models, optimizers = [], []
     for lr in (config.forward_lr, config.reverse_lr):
-        model = lora_student(teacher, config.rank, config.lora_alpha, config.gradient_checkpointing)
+        model = lora_student(
+            teacher, config.rank, config.lora_alpha, gradient_checkpointing=config.gradient_checkpointing
+        )
         models.append(model)
         optimizers.append(
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -410,7 +412,7 @@ def save_consistency_outputs(
     forward_b, reverse_b, tau = config.resolved_boundaries()
     names = {"forward": adapter_file_name("forward", forward_b), "reverse": adapter_file_name("reverse", reverse_b)}
     for model, name in zip(models, names.values(), strict=True):
-        save_adapter(model, out / name, config.rank, config.lora_alpha)
+        save_adapter(model, out / name, rank=config.rank, alpha=config.lora_alpha)
     summary = {
         "forward_boundaries": list(forward_b),
         "reverse_boundaries": list(reverse_b),
@@ -446,7 +448,9 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder.to(device))
     vae = pipeline.vae.to(device)
     say(f"encoding {config.train_scenes} training scenes to latents")
-    bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
+    bank = build_latent_bank(
+        vae, "train", count=config.train_scenes, image_size=vae.config.sample_size, seed=config.seed
+    )
     grid = solver_timesteps(config.solver_steps)
     stride = config.skip * (NUM_TRAIN_TIMESTEPS // config.solver_steps)
     losses = ConsistencyLosses(
@@ -464,13 +468,13 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     )
 
     def step(index: int) -> dict[str, float]:
-        gen = step_generator(config.seed, index, accelerator.process_index)
+        gen = step_generator(config.seed, index, rank=accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, gen)
         data = StepData(latents.to(device), prompts(captions).to(device), gen, grid, scales, forward_pairs(forward_b))
         logged: dict[str, float] = {}
         for direction, student, partner, optimizer in halves:
             with accelerator.autocast():
-                total, parts = direction_loss(losses, direction, student, partner, data)
+                total, parts = direction_loss(losses, direction, student=student, partner=partner, data=data)
             logged.update(parts)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(total)
@@ -481,7 +485,7 @@ def distill_consistency(config: ConsistencyConfig, guidance_dir: str | Path, out
     started = time.monotonic()
     forward_model.train()
     reverse_model.train()
-    steps = run_stage(step, start, config, accelerator, "consistency", show)
+    steps = run_stage(step, start, config=config, accelerator=accelerator, desc="consistency", show=show)
     say(f"saving the adapters to {out}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -52,9 +52,9 @@ def classify_image(image: np.ndarray, threshold: float = 80.0) -> tuple[str, str
     return shape, nearest_colour(np.median(pixels[mask], axis=0)), nearest_colour(background)
 
 
-def vae_heldout_psnr(vae_dir: str | Path, count: int = 256, seed: int = 0) -> float:
+def vae_heldout_psnr(vae_dir: str | Path, *, count: int = 256, seed: int = 0) -> float:
     vae = load_vae(vae_dir)
-    images, _ = render_batch(scenes("heldout", count, seed), vae.config.sample_size)
+    images, _ = render_batch(scenes("heldout", count, seed=seed), vae.config.sample_size)
     return vae_psnr(vae, images)
 
 
@@ -89,12 +89,12 @@ def _hits(found: list[tuple[str, str, str]], wanted: list[tuple[str, str, str]])
 
 
 def teacher_sample_accuracy(
-    pipeline_dir: str | Path, count: int = 64, guidance: float = 4.0, steps: int = 50, seed: int = 0
+    pipeline_dir: str | Path, *, count: int = 64, guidance: float = 4.0, steps: int = 50, seed: int = 0
 ) -> dict[str, float]:
     """DDIM samples for held-out captions: how often shape, colour and background come out right."""
     setup_torch()
     pipeline = load_teacher(pipeline_dir)
-    targets = scenes("heldout", count, seed)
+    targets = scenes("heldout", count, seed=seed)
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder)
     noise = torch.randn(_latent_shape(pipeline, count), generator=torch.Generator().manual_seed(seed))
     cond = _conditioning(prompts, [s.caption() for s in targets])
@@ -104,7 +104,7 @@ def teacher_sample_accuracy(
 
 
 def icd_quality(
-    guidance_dir: str | Path, consistency_dir: str | Path, count: int = 64, guidance: float = 4.0, seed: int = 0
+    guidance_dir: str | Path, consistency_dir: str | Path, *, count: int = 64, guidance: float = 4.0, seed: int = 0
 ) -> dict[str, float]:
     """Inversion and colour edits with the trained forward/reverse adapters on held-out scenes.
 
@@ -127,7 +127,7 @@ def icd_quality(
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder)
     schedule = NoiseSchedule.stable_diffusion()
 
-    sources = scenes("heldout", count, seed)
+    sources = scenes("heldout", count, seed=seed)
     images, captions = render_batch(sources, pipeline.vae.config.sample_size)
     x0 = _encode(pipeline.vae, images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -139,13 +139,13 @@ def icd_quality(
     ddim_noise = ddim_invert(baseline, x0, cond, 50, schedule)
     ddim = _decode(pipeline.vae, ddim_sample(baseline, ddim_noise, cond, 50, schedule))
 
-    targets = [edit_scene(s, "colour", split_rng("heldout", i, seed + 1)) for i, s in enumerate(sources)]
+    targets = [edit_scene(s, "colour", split_rng("heldout", i, seed=seed + 1)) for i, s in enumerate(sources)]
     target_cond = _conditioning(prompts, [t.caption() for t in targets])
     edited = icd_decode(reverse, inverted, target_cond, reverse_b, guidance, tau, schedule, unguided_cond=cond)
     edited_images = _decode(pipeline.vae, edited)
     found = [classify_image(image) for image in to_uint8(edited_images)]
     size = images.shape[-1]
-    kept = torch.from_numpy(np.stack([~change_mask(s, t, size) for s, t in zip(sources, targets, strict=True)]))
+    kept = torch.from_numpy(np.stack([~change_mask(s, t, size=size) for s, t in zip(sources, targets, strict=True)]))
     kept_error = (((edited_images - images) ** 2).mean(1) * kept).flatten(1).sum(1) / kept.flatten(1).sum(1)
     return {
         "reconstruction_psnr_db": float(psnr(reconstruction, images).mean()),
@@ -160,13 +160,13 @@ def evaluate_run(run_dir: str | Path, count: int = 64) -> dict[str, Any]:
     run = Path(run_dir)
     results: dict[str, Any] = {}
     if (run / "vae" / "config.json").exists():
-        results["vae_heldout_psnr_db"] = vae_heldout_psnr(run / "vae", 4 * count)
+        results["vae_heldout_psnr_db"] = vae_heldout_psnr(run / "vae", count=4 * count)
     if (run / "teacher" / "model_index.json").exists():
-        results["teacher_samples_w4"] = teacher_sample_accuracy(run / "teacher", count)
+        results["teacher_samples_w4"] = teacher_sample_accuracy(run / "teacher", count=count)
     if (run / "guidance" / "model_index.json").exists():
-        results["guidance_distilled_samples_w4"] = teacher_sample_accuracy(run / "guidance", count)
+        results["guidance_distilled_samples_w4"] = teacher_sample_accuracy(run / "guidance", count=count)
     if (run / "consistency" / "icd_lora.json").exists():
-        results["icd"] = icd_quality(run / "guidance", run / "consistency", count)
+        results["icd"] = icd_quality(run / "guidance", run / "consistency", count=count)
     return results
 
 

@@ -120,7 +120,9 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
     student = guided_student(teacher).train()
     prompts = PromptCache(pipeline.tokenizer, pipeline.text_encoder)
     say(f"encoding {config.train_scenes} training scenes to latents")
-    bank = build_latent_bank(pipeline.vae, "train", config.train_scenes, pipeline.vae.config.sample_size, config.seed)
+    bank = build_latent_bank(
+        pipeline.vae, "train", count=config.train_scenes, image_size=pipeline.vae.config.sample_size, seed=config.seed
+    )
     alpha_bar = alphas_cumprod()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
@@ -130,7 +132,7 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
     device = accelerator.device
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index, accelerator.process_index)
+        generator = step_generator(config.seed, index, rank=accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, generator)
         batch = latents.shape[0]
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
@@ -154,11 +156,13 @@ def distill_guidance(config: GuidanceConfig, teacher_dir: str | Path, out_dir: s
         return {"loss": loss.item()}
 
     started = time.monotonic()
-    steps = run_stage(step, start, config, accelerator, "guidance", show)
+    steps = run_stage(step, start, config=config, accelerator=accelerator, desc="guidance", show=show)
     say(f"saving the guided pipeline to {out}")
     student = accelerator.unwrap_model(student).eval()
     if accelerator.is_main_process:
-        save_pipeline(out, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, student)
+        save_pipeline(
+            out, vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=student
+        )
         save_config(
             config,
             out / "train_config.json",

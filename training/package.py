@@ -45,6 +45,7 @@ def package_model(
     guidance_dir: str | Path,
     consistency_dir: str | Path,
     out_dir: str | Path,
+    *,
     name: str,
     edit_guidance: float,
     tau: float | None = None,
@@ -52,7 +53,19 @@ def package_model(
     half: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model folder atomically (a temporary folder renamed at the end) and return it."""
+    """Write the model folder atomically (a temporary folder renamed at the end) and return it.
+
+    Args:
+        guidance_dir: The guidance-distilled pipeline (the teacher, VAE and text encoder).
+        consistency_dir: The forward and reverse LoRA adapters and their `icd_lora.json`.
+        out_dir: The model folder to write.
+        name: The model's name in `icd.json`.
+        edit_guidance: The classical guidance scale the model edits with by default.
+        tau: The dynamic-guidance threshold; the one the consistency run used when None.
+        generate_guidance: The guidance scale `icd generate` uses by default.
+        half: Store the weights in float16.
+        extra: More keys for `icd.json`.
+    """
     guidance_dir, consistency_dir, out = Path(guidance_dir), Path(consistency_dir), Path(out_dir)
     summary = json.loads((consistency_dir / "icd_lora.json").read_text())
     with atomic_folder(out) as staging:

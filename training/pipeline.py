@@ -60,7 +60,7 @@ def resuming(stage: Any, force: bool) -> Any:
     return replace(stage, resume=None if force else (stage.resume or "latest"))
 
 
-def run_pipeline(config: PipelineConfig, out_dir: str | Path, force: bool = False) -> PipelineOutputs:
+def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False) -> PipelineOutputs:
     out = Path(out_dir)
     paths = PipelineOutputs(out / "vae", out / "teacher", out / "guidance", out / "consistency")
 

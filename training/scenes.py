@@ -119,19 +119,19 @@ def sample_scene(rng: np.random.Generator, max_rotation: float = 0.0) -> Scene:
     return Scene(shape, colour, background, cx, cy, size, rotation)
 
 
-def split_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
+def split_rng(split: str, index: int, *, seed: int = 0) -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def scene_at(split: str, index: int, seed: int = 0, max_rotation: float = 0.0) -> Scene:
+def scene_at(split: str, index: int, *, seed: int = 0, max_rotation: float = 0.0) -> Scene:
     """Scene `index` of a split: the same scene for the same (split, index, seed), always."""
-    return sample_scene(split_rng(split, index, seed), max_rotation)
+    return sample_scene(split_rng(split, index, seed=seed), max_rotation)
 
 
-def scenes(split: str, count: int, seed: int = 0, start: int = 0, max_rotation: float = 0.0) -> list[Scene]:
-    return [scene_at(split, i, seed, max_rotation) for i in range(start, start + count)]
+def scenes(split: str, count: int, *, seed: int = 0, start: int = 0, max_rotation: float = 0.0) -> list[Scene]:
+    return [scene_at(split, i, seed=seed, max_rotation=max_rotation) for i in range(start, start + count)]
 
 
 def edit_scene(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
@@ -149,7 +149,7 @@ def edit_scene(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
     raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
 
 
-def change_mask(source: Scene, target: Scene, size: int = 32) -> np.ndarray:
+def change_mask(source: Scene, target: Scene, *, size: int = 32) -> np.ndarray:
     """Pixels (bool HxW) whose rendered colour differs between two scenes."""
     return np.any(source.render(size) != target.render(size), axis=-1)
 
@@ -174,9 +174,9 @@ class SceneDataset(Dataset):
     """`count` scenes of a split as (image in [-1, 1] CxHxW, caption) pairs, rendered on access."""
 
     def __init__(
-        self, split: str = "train", count: int = 50_000, size: int = 32, seed: int = 0, max_rotation: float = 0.0
+        self, split: str = "train", *, count: int = 50_000, size: int = 32, seed: int = 0, max_rotation: float = 0.0
     ):
-        split_rng(split, 0, seed)  # validates the split name
+        split_rng(split, 0, seed=seed)  # validates the split name
         self.split, self.count, self.size, self.seed, self.max_rotation = split, count, size, seed, max_rotation
 
     def __len__(self) -> int:
@@ -185,7 +185,7 @@ class SceneDataset(Dataset):
     def scene(self, index: int) -> Scene:
         if not 0 <= index < self.count:
             raise IndexError(index)
-        return scene_at(self.split, index, self.seed, self.max_rotation)
+        return scene_at(self.split, index, seed=self.seed, max_rotation=self.max_rotation)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         scene = self.scene(index)

@@ -173,7 +173,7 @@ def build_text_encoder(config: TeacherConfig, tokenizer: Any) -> Any:
 
 
 def build_unet(
-    config: TeacherConfig, latent_channels: int, latent_size: int, time_cond_proj_dim: int | None = None
+    config: TeacherConfig, latent_channels: int, latent_size: int, *, time_cond_proj_dim: int | None = None
 ) -> Any:
     from diffusers import UNet2DConditionModel
 
@@ -235,7 +235,7 @@ def psnr(reconstruction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 256) -> float:
+def vae_psnr(vae: Any, images: torch.Tensor, *, batch: int = 256) -> float:
     """Mean PSNR of posterior-mean reconstructions."""
     values = []
     for chunk in images.split(batch):
@@ -254,7 +254,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     show = config.show_progress and accelerator.is_local_main_process
     say = announcer(show, "vae")
     say(f"rendering {config.train_scenes} training scenes at {config.image_size}x{config.image_size}")
-    images, _ = render_batch(scenes("train", config.train_scenes, config.seed), config.image_size)
+    images, _ = render_batch(scenes("train", config.train_scenes, seed=config.seed), config.image_size)
     say("building the autoencoder")
     vae = build_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
@@ -264,7 +264,7 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
     start = start_stage(accelerator, config, out, say)
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index, accelerator.process_index)
+        generator = step_generator(config.seed, index, rank=accelerator.process_index)
         batch = images[torch.randint(len(images), (config.batch_size,), generator=generator)].to(accelerator.device)
         losses = vae_loss(vae, batch, config, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -275,14 +275,14 @@ def train_vae(config: VAEConfig, out_dir: str | Path) -> Path:
 
     started = time.monotonic()
     vae.train()
-    steps = run_stage(step, start, config, accelerator, "vae", show)
+    steps = run_stage(step, start, config=config, accelerator=accelerator, desc="vae", show=show)
     say(f"measuring the scaling factor and held-out PSNR, saving to {out}")
     vae = accelerator.unwrap_model(vae).eval()
     mean, std = encode_posteriors(vae, images[: config.scaling_scenes])
     samples = mean + std * torch.randn(mean.shape, generator=step_generator(config.seed, -1))
     scaling_factor = float(1.0 / samples.std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    heldout, _ = render_batch(scenes("heldout", config.heldout_scenes, config.seed), config.image_size)
+    heldout, _ = render_batch(scenes("heldout", config.heldout_scenes, seed=config.seed), config.image_size)
     metrics = {
         "steps": steps,
         "resumed_from": start.step,
@@ -317,7 +317,7 @@ def eps_loss(
     return F.mse_loss(pred.float(), noise.to(device))
 
 
-def save_pipeline(out_dir: str | Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Path:
+def save_pipeline(out_dir: str | Path, *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Path:
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -350,7 +350,9 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(config, vae.config.latent_channels, latent_size)
     say(f"encoding {config.train_scenes} training scenes to latents")
-    bank = build_latent_bank(vae, "train", config.train_scenes, vae.config.sample_size, config.seed)
+    bank = build_latent_bank(
+        vae, "train", count=config.train_scenes, image_size=vae.config.sample_size, seed=config.seed
+    )
     alpha_bar = alphas_cumprod()
     optimizer = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": config.lr}, {"params": text_encoder.parameters(), "lr": config.text_lr}],
@@ -365,7 +367,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     start = start_stage(accelerator, config, out, say)
 
     def step(index: int) -> dict[str, float]:
-        generator = step_generator(config.seed, index, accelerator.process_index)
+        generator = step_generator(config.seed, index, rank=accelerator.process_index)
         latents, captions = bank.sample(config.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator) < config.empty_caption_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -387,13 +389,13 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
     started = time.monotonic()
     unet.train()
     text_encoder.train()
-    steps = run_stage(step, start, config, accelerator, "teacher", show)
+    steps = run_stage(step, start, config=config, accelerator=accelerator, desc="teacher", show=show)
     say(f"saving the pipeline to {out}")
     unet, text_encoder = (accelerator.unwrap_model(m).eval() for m in (unet, text_encoder))
     for ema, model in zip(emas, (unet, text_encoder), strict=False):
         ema.copy_to(model)
     if accelerator.is_main_process:
-        save_pipeline(out, vae, text_encoder, tokenizer, unet)
+        save_pipeline(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
         metrics = {"steps": steps, "resumed_from": start.step, "seconds": round(time.monotonic() - started, 1)}
         save_config(config, out / "train_config.json", metrics=metrics)
         clear_checkpoints(out)

@@ -22,10 +22,10 @@ def build_word_tokenizer(words: Iterable[str], max_length: int = 16):
     vocab = {PAD: 0, BOS: 1, UNK: 2, EOS: 3}
     for word in sorted({w.lower() for w in words}):
         vocab.setdefault(word, len(vocab))
-    return clip_like(Tokenizer(WordLevel(vocab, unk_token=UNK)), vocab, max_length)
+    return clip_like(Tokenizer(WordLevel(vocab, unk_token=UNK)), vocab, max_length=max_length)
 
 
-def clip_like(backend: Any, vocab: dict[str, int], max_length: int) -> Any:
+def clip_like(backend: Any, vocab: dict[str, int], *, max_length: int) -> Any:
     """Wrap a `tokenizers` model as CLIP's tokenizers behave: lower-cased, words split on whitespace and
     punctuation, begin/end-of-text around each sequence, padding to `max_length`."""
     from tokenizers import normalizers, pre_tokenizers, processors
@@ -46,7 +46,7 @@ def clip_like(backend: Any, vocab: dict[str, int], max_length: int) -> Any:
     )
 
 
-def build_subword_tokenizer(words: Iterable[str], splits: dict[str, list[str]], max_length: int = 77):
+def build_subword_tokenizer(words: Iterable[str], splits: dict[str, list[str]], *, max_length: int = 77):
     """A CLIP-like byte-pair tokenizer where each of `words` is one token and each word of `splits`
     is cut into the given pieces (`{"dalmatian": ["dal", "mat", "ian"]}`).
 
@@ -84,7 +84,7 @@ def build_subword_tokenizer(words: Iterable[str], splits: dict[str, list[str]], 
             build(part, index == len(parts) - 1)
     backend = Tokenizer(BPE(vocab, merges, unk_token=UNK, end_of_word_suffix=suffix))
     backend.decoder = decoders.BPEDecoder(suffix=suffix)
-    tokenizer = clip_like(backend, vocab, max_length)
+    tokenizer = clip_like(backend, vocab, max_length=max_length)
     for word, parts in pieces.items():
         got = tokenizer.tokenize(word)
         if len(got) != len(parts):

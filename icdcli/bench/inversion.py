@@ -50,6 +50,7 @@ MAIN_VARIANT = "cd4+lf+lr"
 def bench_inversion(
     variants: dict[str, EditModel],
     teacher_model: EditModel | None,
+    *,
     count: int = 200,
     batch: int = 50,
     seed: int = 0,
@@ -58,7 +59,14 @@ def bench_inversion(
 ) -> dict[str, Any]:
     """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
 
-    `lpips` (a network from `icdcli.pie.networks.load_lpips`) adds an `lpips` column.
+    Args:
+        variants: Models by config name.
+        teacher_model: The model of the teacher rows; None skips them.
+        count: Images per config.
+        batch: Images per network call.
+        seed: Seed of the scenes and the noise.
+        progress: Called with a line per config.
+        lpips: A network from `icdcli.pie.networks.load_lpips`; adds an `lpips` column.
     """
     say = progress or (lambda message: None)
     anchor = teacher_model or next(iter(variants.values()))
@@ -79,7 +87,7 @@ def bench_inversion(
             scores["lpips"] = []
         for chunk in batches(items, batch):
             pixels, captions = render_batch(chunk, size)
-            recon = to_unit(roundtrip(model, pixels, captions, settings, config.guidance, tau))
+            recon = to_unit(roundtrip(model, pixels, captions, settings=settings, guidance=config.guidance, tau=tau))
             original = to_unit(pixels)
             scores["mse"].append(mse(recon, original))
             scores["psnr"].append(psnr(recon, original))

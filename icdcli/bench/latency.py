@@ -119,12 +119,22 @@ def device_description(device: Any) -> str:
 def measure_latency(
     model: Any,
     backends: list[str],
+    *,
     repeats: int = 5,
     size: int | None = None,
     progress: Callable[[str], None] | None = None,
     methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:
-    """Rows of seconds per edit for each runnable backend and method, and the speed-ups between them."""
+    """Rows of seconds per edit for each runnable backend and method, and the speed-ups between them.
+
+    Args:
+        model: The PyTorch model; other backends are made from it.
+        backends: Backend names to try; those that cannot run here are listed as skipped.
+        repeats: Timed edits per row (after one warm-up).
+        size: Image side in pixels; the model's native size when None.
+        progress: Called with a line per backend.
+        methods: Which edit methods to time.
+    """
     from icdcli.accelerated import accelerate, backend_problem, probe_backends
 
     say = progress or (lambda message: None)

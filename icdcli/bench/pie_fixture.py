@@ -54,7 +54,7 @@ def bracketed(source: Scene, target: Scene) -> str:
     return " ".join(f"[{b}]" if a != b else b for a, b in zip(_words(source), _words(target), strict=True))
 
 
-def entry(key: str, image_path: str, source: Scene, target: Scene, kind: str, type_id: str, size: int) -> dict:
+def entry(key: str, image_path: str, *, source: Scene, target: Scene, kind: str, type_id: str, size: int) -> dict:
     """One mapping-file value for an edit of `source` into `target`."""
     if kind == "background":
         instruction, blended = f"Change the background to {target.background}", "background background"
@@ -69,7 +69,7 @@ def entry(key: str, image_path: str, source: Scene, target: Scene, kind: str, ty
         "editing_instruction": instruction,
         "editing_type_id": type_id,
         "blended_word": blended,
-        "mask": encode_mask(change_mask(source, target, size)),
+        "mask": encode_mask(change_mask(source, target, size=size)),
     }
 
 
@@ -79,14 +79,14 @@ def mapping_text(mapping: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_fixture(root: Path, count: int, seed: int = 0, size: int = 32) -> dict[str, Any]:
+def write_fixture(root: Path, count: int, *, seed: int = 0, size: int = 32) -> dict[str, Any]:
     """Write `count` items (images and mapping file) under `root`; returns the mapping."""
     root = Path(root)
     mapping: dict[str, Any] = {}
     for index in range(count):
         type_id = TYPE_CYCLE[index % len(TYPE_CYCLE)]
-        rng = split_rng(SPLIT, EDIT_STREAM + index, seed)
-        source = scene_at(SPLIT, FIRST_INDEX + index, seed)
+        rng = split_rng(SPLIT, EDIT_STREAM + index, seed=seed)
+        source = scene_at(SPLIT, FIRST_INDEX + index, seed=seed)
         kind = edit_kind(type_id, rng)
         target = edit_scene(source, kind, rng)
         key = f"{type_id}{index:011d}"
@@ -95,7 +95,7 @@ def write_fixture(root: Path, count: int, seed: int = 0, size: int = 32) -> dict
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             Image.fromarray(source.render(size)).save(temporary, format="PNG")
-        mapping[key] = entry(key, image_path, source, target, kind, type_id, size)
+        mapping[key] = entry(key, image_path, source=source, target=target, kind=kind, type_id=type_id, size=size)
     with atomic_path(root / MAPPING_FILE) as temporary:
         temporary.write_text(mapping_text(mapping), encoding="utf-8")
     return mapping
@@ -109,7 +109,7 @@ def target_scene(source: Scene, target_prompt: str) -> tuple[Scene, str]:
     return target, kind
 
 
-def fixture_accuracy(root: Path, folder: Path, seed: int = 0) -> dict[str, Any]:
+def fixture_accuracy(root: Path, folder: Path, *, seed: int = 0) -> dict[str, Any]:
     """Edit success on a fixture, which PIE-Bench scores with CLIP: does the output show the target's attribute?
 
     Each output is matched to every rendering of its target scene with the edited attribute varied
@@ -125,7 +125,7 @@ def fixture_accuracy(root: Path, folder: Path, seed: int = 0) -> dict[str, Any]:
         out = output_path(folder, item)
         if not out.is_file():
             continue
-        source = scene_at(SPLIT, FIRST_INDEX + int(item.key[1:]), seed)
+        source = scene_at(SPLIT, FIRST_INDEX + int(item.key[1:]), seed=seed)
         target, kind = target_scene(source, item.target_prompt)
         image = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
         hits.setdefault(item.editing_type_id, []).append(classify(image, target, kind) == getattr(target, kind))
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.accuracy is not None:
-        print(json.dumps(fixture_accuracy(args.root, args.accuracy, args.seed)))
+        print(json.dumps(fixture_accuracy(args.root, args.accuracy, seed=args.seed)))
         return
     if args.count < 1 or args.size < 16:
         parser.error("--count must be >= 1 and --size >= 16")
-    write_fixture(args.root, args.count, args.seed, args.size)
+    write_fixture(args.root, args.count, seed=args.seed, size=args.size)
     print(f"wrote {args.count} items to {args.root}")
 
 

@@ -27,6 +27,7 @@ def roundtrip(
     model: EditModel,
     pixels: torch.Tensor,
     captions: list[str],
+    *,
     settings: SamplerSettings,
     guidance: float,
     tau: float,
@@ -45,6 +46,7 @@ def p2p_roundtrip(
     model: EditModel,
     pixels: torch.Tensor,
     captions: list[str],
+    *,
     settings: SamplerSettings,
     guidance: float,
     tau: float,
@@ -64,7 +66,7 @@ def p2p_roundtrip(
 
 
 def heldout_scenes(count: int, seed: int = 0) -> list[Scene]:
-    return scenes(HELDOUT, count, seed)
+    return scenes(HELDOUT, count, seed=seed)
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -95,7 +97,7 @@ def edit_pairs(count: int, seed: int = 0) -> list[tuple[Scene, Scene, str]]:
     pairs = []
     for index, scene in enumerate(heldout_scenes(count, seed)):
         for kind in EDIT_KINDS:
-            pairs.append((scene, edit_scene(scene, kind, split_rng(HELDOUT, 10_000 + index, seed)), kind))
+            pairs.append((scene, edit_scene(scene, kind, split_rng(HELDOUT, 10_000 + index, seed=seed)), kind))
     return pairs
 
 

@@ -40,13 +40,23 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
 
 def bench_shapes_edit(
     model: EditModel,
+    *,
     count: int = 200,
     batch: int = 50,
     seed: int = 0,
     methods: tuple[EditMethod, ...] = EDIT_METHODS,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind."""
+    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind.
+
+    Args:
+        model: The model to edit with (the DDIM methods need its teacher).
+        count: Edits per method.
+        batch: Edits per network call.
+        seed: Seed of the scenes and of the edits.
+        methods: Which edit methods to run.
+        progress: Called with a line per method.
+    """
     say = progress or (lambda message: None)
     size = model.info.native_size
     pairs = edit_pairs(count, seed)
@@ -65,15 +75,26 @@ def bench_shapes_edit(
             pixels, captions = render_batch([source for source, _, _ in chunk], size)
             targets = [target.caption() for _, target, _ in chunk]
             if method.editing == "p2p":
-                edited = p2p_roundtrip(model, pixels, captions, settings, guidance, tau, targets, p2p)
+                edited = p2p_roundtrip(
+                    model,
+                    pixels,
+                    captions,
+                    settings=settings,
+                    guidance=guidance,
+                    tau=tau,
+                    target_captions=targets,
+                    p2p=p2p,
+                )
             else:
-                edited = roundtrip(model, pixels, captions, settings, guidance, tau, targets)
+                edited = roundtrip(
+                    model, pixels, captions, settings=settings, guidance=guidance, tau=tau, target_captions=targets
+                )
             edited = to_unit(edited)
             for index, (source, target, kind) in enumerate(chunk):
                 image = edited[index : index + 1]
                 target_pixels = torch.from_numpy(target.render(size)).permute(2, 0, 1)[None].double() / 255
                 source_pixels = torch.from_numpy(source.render(size)).permute(2, 0, 1)[None].double() / 255
-                keep = torch.from_numpy(~change_mask(source, target, size))[None, None]
+                keep = torch.from_numpy(~change_mask(source, target, size=size))[None, None]
                 as_uint8 = (image[0].permute(1, 2, 0).numpy() * 255).round()
                 scores = per_kind.setdefault(kind, {"psnr_target": [], "psnr_background": [], "accuracy": []})
                 scores["psnr_target"].append(float(psnr(image, target_pixels)))

@@ -51,7 +51,7 @@ class PieFormatError(ICDError):
 # --- masks ----------------------------------------------------------------------------------------
 
 
-def decode_mask(encoded: Sequence[int], height: int, width: int, border: bool = True) -> np.ndarray:
+def decode_mask(encoded: Sequence[int], height: int, width: int, *, border: bool = True) -> np.ndarray:
     """The edited region (bool HxW) of a PIE-Bench RLE mask: (start, length) pairs over the flat image.
 
     A run past the end is clipped to the image; with `border` the outermost rows and columns are

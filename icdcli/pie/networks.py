@@ -157,7 +157,7 @@ def _key_projection(model: Any, layer: int):
     raise ICDError("--dino: cannot find the attention keys of the ViT; give a transformers ViTModel folder")
 
 
-def pie_resize(pixels, short: int = 224, max_long: int = 480):
+def pie_resize(pixels, *, short: int = 224, max_long: int = 480):
     """torchvision Resize(short, max_size=max_long) on a (1, 3, H, W) tensor: bilinear, antialiased."""
     import torch.nn.functional as F
 

@@ -68,7 +68,9 @@ def write_report(folder: Path, report: Mapping[str, Any], markdown: str) -> tupl
     return paths
 
 
-def edits_section(outcomes: Sequence[ItemOutcome], total: int, seconds: float, load_seconds: float) -> dict[str, Any]:
+def edits_section(
+    outcomes: Sequence[ItemOutcome], *, total: int, seconds: float, load_seconds: float
+) -> dict[str, Any]:
     """The `edits` part of a report: counts by outcome, items never run, seconds and images per second."""
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     return {
