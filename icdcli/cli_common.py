@@ -295,6 +295,8 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     request.base_config = ctx_options.get("base_config")
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
     loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
+    if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
+        loaded.info.native_size = int(ctx_options["native_size"])
     loaded.to(device, dtype)
     set_memory_policy(loaded, ctx_options.get("low_memory"))
     model: EditModel = loaded

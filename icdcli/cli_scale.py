@@ -7,6 +7,15 @@ import click
 from .cli_common import reports_errors, say, setup_logging
 from .values import strict_json
 
+width_scale_option = click.option(
+    "--width-scale",
+    "width",
+    type=click.FloatRange(min=0.01, max=1.0),
+    default=1.0,
+    hidden=True,
+    help="Shrink every channel count of the real-scale models (same blocks and key names): for tests.",
+)
+
 
 @click.command("scale")
 @click.option(
@@ -51,14 +60,7 @@ from .values import strict_json
     default=None,
     help="Free each UNet after its stage of the edit, as icd edit does. Default: icd edit's rule (by size).",
 )
-@click.option(
-    "--width-scale",
-    "width",
-    type=click.FloatRange(min=0.01, max=1.0),
-    default=1.0,
-    hidden=True,
-    help="Shrink every channel count (same blocks and key names): for tests.",
-)
+@width_scale_option
 @click.option(
     "--json",
     "as_json",

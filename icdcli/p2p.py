@@ -312,15 +312,21 @@ def new_words(source: str, target: str) -> list[str]:
 
 
 def reweight_vector(
-    tokenizer: Any, source: str, target: str, amplify: Sequence[tuple[str, float]], amplify_new: float = 1.0
+    tokenizer: Any,
+    source: str,
+    target: str,
+    amplify: Sequence[tuple[str, float]],
+    amplify_new: float = 1.0,
+    positions: list[list[int]] | None = None,
 ) -> torch.Tensor:
     """(length,) attention multipliers of the target prompt's tokens.
 
     `amplify_new` multiplies every word new in the target (see `new_words`), as the release's
     recipe does; explicit `amplify` pairs set a word's factor and must name a word of the target.
+    `positions`: the target's `word_token_positions`, when the caller has them.
     """
     weights = torch.ones(tokenizer.model_max_length)
-    positions = word_token_positions(tokenizer, target)
+    positions = word_token_positions(tokenizer, target) if positions is None else positions
     if amplify_new != 1.0:
         weights[word_indicator(tokenizer, target, new_words(source, target), positions).bool()] = amplify_new
     for word, factor in amplify:
@@ -578,12 +584,13 @@ def make_plan(
     """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps."""
     length = tokenizer.model_max_length
     mode = resolve_mode(settings, source, target)
+    target_positions = word_token_positions(tokenizer, target)
     if mode == REPLACE:
         mapper = replacement_mapper(
             prompt_words(source),
             prompt_words(target),
             word_token_positions(tokenizer, source),
-            word_token_positions(tokenizer, target),
+            target_positions,
             length,
         )
         refine = torch.ones(length)
@@ -595,7 +602,7 @@ def make_plan(
         mode=mode,
         mapper=mapper,
         refine=refine,
-        reweight=reweight_vector(tokenizer, source, target, settings.amplify, settings.amplify_new),
+        reweight=reweight_vector(tokenizer, source, target, settings.amplify, settings.amplify_new, target_positions),
         cross_steps=cross_replace_steps(num_steps, settings.cross_replace),
         self_steps=self_replace_steps(num_steps, settings.self_replace),
         blend_tokens=_blend_tokens(tokenizer, source, target, settings),

@@ -4,22 +4,28 @@ larger batch in the same run, and the model's load time.
 The spec (written to a temporary folder) holds one edit per held-out scene of the embedded model's world:
 its caption to the caption of a copy with one attribute changed, as `icd bench shapes-edit` builds them.
 Each row is a whole `icd edit --spec` run in this process (reading, editing, writing, records), timed
-from the first item to the last, with the model loaded once before all rows. `--arch sd15` (real-scale
-models at 512 px) is not measured here: it needs those models, so the option is refused with a note.
+from the first item to the last, with the model loaded once before all rows.
+
+`--arch sd15` measures the same at real scale: the SD1.5-architecture files of `icd bench scale` (random weights
+in the release's formats, written once into the cache) loaded as a user's `--base/--teacher/--forward-lora/
+--reverse-lora` are, and a spec of 512 px photos with their own prompts and seeds, batch 1 against batch 4.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .cli_common import load_model, model_options, reports_errors, say
+from .cli_scale import width_scale_option
 from .values import strict_json
 
 
@@ -34,6 +40,46 @@ def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
         name = f"scene{index:04d}.png"
         Image.fromarray(source.render(32)).save(folder / name)
         rows.append({"image": name, "src": source.caption(), "tgt": target.caption(), "seed": index})
+    spec = folder / "spec.jsonl"
+    spec.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return spec
+
+
+SD15_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (30, 60, 200)}
+SD15_ANIMALS = ("cat", "dog")
+SD15_BATCH = 4
+SD15_IMAGES = 4
+SHAPES_IMAGES = 100
+_OWN_MODEL = ("model", "base", "base_config", "teacher", "forward_lora", "reverse_lora")
+
+
+def sd15_edits() -> list[tuple[str, str, str, str]]:
+    """Distinct (animal, its colour, background colour, target colour) edits in the scale tokenizer's words."""
+    colours = list(SD15_COLOURS)
+    return [
+        (animal, colour, background, target)
+        for animal, colour, background, target in itertools.product(SD15_ANIMALS, colours, colours, colours)
+        if len({colour, background}) == 2 and target != colour
+    ]
+
+
+def write_photo_spec(folder: Path, count: int, size: int) -> Path:
+    """`count` photos of `size` px (a coloured square on another colour) and a spec editing each square's colour,
+    each with its own prompts (repeating after 24) and seed: Prompt-to-Prompt word-for-word edits."""
+    import numpy as np
+    from PIL import Image
+
+    edits = sd15_edits()
+    rows = []
+    for index in range(count):
+        animal, colour, background, target = edits[index % len(edits)]
+        pixels = np.full((size, size, 3), SD15_COLOURS[background], dtype=np.uint8)
+        start = size // 4 + (index * size // 16) % (size // 4)  # the square moves a little from photo to photo
+        pixels[start : start + size // 2, size // 4 : 3 * size // 4] = SD15_COLOURS[colour]
+        name = f"photo{index:04d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        prompt = "a photo of a {} " + animal + " sitting on a " + background + " background"
+        rows.append({"image": name, "src": prompt.format(colour), "tgt": prompt.format(target), "seed": index})
     spec = folder / "spec.jsonl"
     spec.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return spec
@@ -54,7 +100,7 @@ def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dic
     runner.started = runner.mark = started
     runner.pipeline().run(items)
     seconds = time.perf_counter() - started
-    size = batch_size or default_batch_size(loaded.model.device.type, 32 * 32)
+    size = batch_size or default_batch_size(loaded.model.device.type, loaded.model.info.native_size**2)
     tally = runner.tally
     return {
         "batch_size": size,
@@ -66,20 +112,49 @@ def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dic
 
 
 def measure_throughput(
-    loaded: Any, images: int, batch_sizes: list[int | None], progress: Callable[[str], None]
+    loaded: Any,
+    images: int,
+    batch_sizes: list[int | None],
+    progress: Callable[[str], None],
+    *,
+    spec_writer: Callable[[Path, int], Path] = write_spec,
+    warm_up: int = 2,
 ) -> dict[str, Any]:
-    """Rows of `timed_run` over one spec of `images` scenes, each into a fresh output folder (after a warm-up)."""
+    """Rows of `timed_run` over one spec of `images` edits, each into a fresh output folder, after a warm-up run.
+
+    Args:
+        spec_writer: writes `count` inputs and their spec into a folder (`write_spec`: the held-out scenes).
+        warm_up: edits of the warm-up run (as one batch): opens every session and allocates before the rows.
+    """
     with tempfile.TemporaryDirectory(prefix="icd-throughput-") as temporary:
         folder = Path(temporary)
-        spec = write_spec(folder, images)
+        spec = spec_writer(folder, images)
         warm = folder / "warm-up"
-        warm_spec = write_spec(_fresh(folder / "warm-spec"), 2)
-        timed_run(loaded, warm_spec, _fresh(warm), 2)
+        warm_spec = spec_writer(_fresh(folder / "warm-spec"), warm_up)
+        progress(f"throughput: warm-up ({warm_up} edit{'s' if warm_up > 1 else ''})")
+        timed_run(loaded, warm_spec, _fresh(warm), warm_up)
         rows = []
         for index, size in enumerate(batch_sizes):
             progress(f"throughput: batch size {size or 'default'}")
             rows.append(timed_run(loaded, spec, _fresh(folder / f"out-{index}"), size))
-    return {"images": images, "backend": loaded.backend, "load_seconds": round(loaded.seconds, 3), "rows": rows}
+    size = loaded.model.info.native_size
+    return {"images": images, "size": size, "backend": loaded.backend, "load_seconds": round(loaded.seconds, 3),
+            "rows": rows}  # fmt: skip
+
+
+def sd15_model_options(model_opts: dict[str, Any], width: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The model options of `--arch sd15`: the scale files (written first when missing) as --base, --teacher,
+    --forward-lora and --reverse-lora; the files' seconds to write (None: they were there)."""
+    from .scale_models import scale_files
+
+    given = [name for name in _OWN_MODEL if model_opts.get(name)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise click.ClickException(f"--arch sd15 brings its own models: leave out {flag} (or use --arch shapes32)")
+    files, written = scale_files("sd15", width, progress=progress)
+    paths = {"base": files.base, "teacher": files.teacher, "forward_lora": files.forward_lora,
+             "reverse_lora": files.reverse_lora}  # fmt: skip
+    return {**model_opts, **{name: str(path) for name, path in paths.items()}, "files_seconds": written}
 
 
 def _fresh(folder: Path) -> Path:
@@ -88,20 +163,26 @@ def _fresh(folder: Path) -> Path:
 
 
 @click.command("throughput")
-@click.option("--images", type=click.IntRange(min=1), default=100, show_default=True, help="Edits in the spec.")
+@click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Edits in the spec. Default: {SHAPES_IMAGES} (shapes32), {SD15_IMAGES} (sd15).",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="The batch size compared with batch 1. Default: icd edit's for this device.",
+    help=f"The batch size compared with batch 1. Default: icd edit's for this device (shapes32), {SD15_BATCH} (sd15).",
 )
 @click.option(
     "--arch",
     type=click.Choice(["shapes32", "sd15"]),
     default="shapes32",
     show_default=True,
-    help="shapes32: the embedded model. sd15: real-scale models at 512 px (not available in this build).",
+    help="shapes32: the embedded model on 32 px scenes. sd15: SD1.5-architecture models (random weights, the "
+    "release's formats, as icd bench scale writes them) on 512 px photos, Prompt-to-Prompt.",
 )
 @click.option(
     "--backend",
@@ -111,30 +192,51 @@ def _fresh(folder: Path) -> Path:
     envvar="ICD_BACKEND",
     help="Where the networks run (as icd edit --backend).",
 )
-@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"load_seconds", "rows": [{"batch_size", '
-              '"images_per_second", ...}]}.')  # fmt: skip
+@click.option(
+    "--size",
+    type=click.IntRange(min=64),
+    default=None,
+    help="sd15: the photos' side in pixels, a multiple of 64. Default: 512.",
+)
+@width_scale_option
+@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"arch", "load_seconds", "rows": '
+              '[{"batch_size", "images_per_second", ...}]}.')  # fmt: skip
 @model_options
 @reports_errors
-def throughput(images: int, batch_size: int | None, arch: str, backend: str, as_json: bool, **model_opts: Any) -> None:
-    """Images per second of icd edit over held-out scenes: batch 1 against the default (or --batch-size).
+def throughput(images: int | None, batch_size: int | None, arch: str, backend: str, size: int | None, width: float,
+               as_json: bool, **model_opts: Any) -> None:  # fmt: skip
+    """Images per second of icd edit over a spec of edits: batch 1 against the default (or --batch-size).
 
-    Each row edits the same --images scenes (a spec of one-attribute edits, the model's recipe) into a
-    fresh folder, reading and writing files as icd edit does; the model loads once before the rows
-    (load_seconds). Time on an idle machine: other processes on the CPUs lower every row.
+    Each row edits the same --images inputs (the model's recipe) into a fresh folder, reading and writing files
+    as icd edit does; the model loads once before the rows (load_seconds, which includes fusing and exporting on
+    first use). Time on an idle machine: other processes on the CPUs lower every row.
     """
+    spec_writer: Callable[[Path, int], Path] = write_spec
+    extra: dict[str, Any] = {}
     if arch == "sd15":
-        raise click.ClickException(
-            "--arch sd15 needs the real-scale SD1.5 models, which this build does not provide: measure "
-            "`icd edit --spec` on them directly, with --batch-size 1 and 4"
-        )
+        if size is not None and size % 64:
+            raise click.ClickException(f"--size {size}: SD1.5 works on sides that are multiples of 64, e.g. 512")
+        side = size or 512
+        model_opts = sd15_model_options(model_opts, width, say)
+        extra = {"width_scale": width, "files_seconds": model_opts.pop("files_seconds")}
+        model_opts["native_size"] = side
+        images, batch_size = images or SD15_IMAGES, batch_size or SD15_BATCH
+        spec_writer = partial(write_photo_spec, size=side)
+    elif size is not None or width != 1.0:
+        raise click.ClickException("--size and --width-scale are for --arch sd15; shapes32 runs at its 32 px")
+    images = images or SHAPES_IMAGES
     loaded = load_model(model_opts, need_teacher=False, backend=backend)
-    result = measure_throughput(loaded, images, [1, batch_size], say)
+    # a 512 px edit takes a minute or more on a CPU: one warm-up edit opens the sessions all the same
+    warm_up = 1 if arch == "sd15" else 2
+    result = measure_throughput(loaded, images, [1, batch_size], say, spec_writer=spec_writer, warm_up=warm_up)
+    result = {"arch": arch, **result, **extra}
     if as_json:
         click.echo(strict_json(result))
         return
     from .bench.scenes import markdown_table
 
-    click.echo(f"backend {result['backend']}; {images} images; model loaded in {result['load_seconds']:.2f} s")
+    click.echo(f"{arch} at {result['size']} px on {result['backend']}; {images} images; model loaded in "
+               f"{result['load_seconds']:.2f} s")  # fmt: skip
     click.echo(markdown_table(result["rows"], ["batch_size", "images", "seconds", "images_per_second"]))
     first, last = result["rows"][0], result["rows"][-1]
     if first["images_per_second"] > 0:

@@ -159,3 +159,60 @@ def test_accelerate_launch_splits_a_folder_over_two_processes(tmp_path):
     rerun = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
     assert [line for line in rerun if line["status"] == "total"][0]["skipped"] == 6
     assert not any(line["status"] == "done" for line in rerun)
+
+
+def _bench_throughput(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["bench", "throughput", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_bench_throughput_times_batch_1_against_a_larger_batch_over_the_same_edits():
+    report = _bench_throughput("--images", "3", "--batch-size", "2", "--backend", "torch")
+    assert (report["arch"], report["size"], report["images"], report["backend"]) == ("shapes32", 32, 3, "torch")
+    assert [row["batch_size"] for row in report["rows"]] == [1, 2]
+    assert all(row["images"] == 3 and row["failed"] == 0 and row["images_per_second"] > 0 for row in report["rows"])
+    assert report["load_seconds"] > 0
+
+
+def test_bench_throughput_sd15_runs_the_real_architecture_through_the_users_flags(tmp_path, monkeypatch):
+    """At shrunk width and 64 px: the scale files written into the cache, loaded as --base/--teacher/--forward-lora/
+    --reverse-lora, two P2P edits of 64 px photos at batch 1 and at 4."""
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
+    args = ["--arch", "sd15", "--width-scale", "0.05", "--size", "64", "--images", "2", "--backend", "torch"]
+    report = _bench_throughput(*args)
+    assert (report["arch"], report["size"], report["width_scale"], report["images"]) == ("sd15", 64, 0.05, 2)
+    assert [row["batch_size"] for row in report["rows"]] == [1, 4]
+    assert all(row["images"] == 2 and row["failed"] == 0 and row["images_per_second"] > 0 for row in report["rows"])
+    assert report["load_seconds"] > 0 and report["files_seconds"] > 0
+    assert (tmp_path / "scale" / "sd15-w0.05" / "scale.json").is_file()
+    assert any((tmp_path / "merged").iterdir()), "fused through the LoRA files' path, into the fused-model cache"
+    from icdcli.scale_models import scale_files
+
+    assert scale_files("sd15", 0.05)[1] is None, "the files are written once, then reused"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--arch", "sd15", "--model", "shapes32"], "leave out --model"),
+        (["--arch", "sd15", "--size", "100"], "multiples of 64"),
+        (["--width-scale", "0.5"], "for --arch sd15"),
+    ],
+)
+def test_bench_throughput_refuses_what_its_arch_cannot_use(args, says):
+    result = CliRunner().invoke(main, ["bench", "throughput", *args])
+    assert result.exit_code == 1 and says in result.output
+
+
+def test_the_sd15_spec_gives_each_photo_its_own_word_for_word_edit(tmp_path):
+    from icdcli.batch import read_spec
+    from icdcli.throughput import write_photo_spec
+
+    rows = read_spec(write_photo_spec(tmp_path, 30, 128))
+    assert len(rows) == 30 and len({row.seed for row in rows}) == 30
+    assert len({(row.src, row.tgt) for row in rows[:24]}) == 24
+    for row in rows:
+        source, target = row.src.split(), row.tgt.split()
+        assert len(source) == len(target) and sum(a != b for a, b in zip(source, target, strict=True)) == 1
+        assert Image.open(row.image).size == (128, 128)
