@@ -32,6 +32,7 @@ from .model_api import DiffusersModule, prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
+from .weights_io import save_unet
 
 logger = logging.getLogger("icd")
 
@@ -469,7 +470,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     import pickle
 
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # mapped, not read: the weights stay file pages until fusing writes a layer (an SDXL teacher is 5 GB)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip_checkpoint(path))
     except pickle.UnpicklingError:  # weights_only refuses objects other than tensors and containers
         raise ModelSourceError(
             f"{path} holds Python objects besides tensors, which icd does not unpickle (loading them could run "
@@ -482,6 +484,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ModelSourceError(f"{path} does not hold a plain UNet state dict")
     return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def _zip_checkpoint(path: Path) -> bool:
+    """Whether `path` is a zip-format torch checkpoint (what torch.save writes since 1.6), which torch can map."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
 
 
 def _unet_skeleton(config: dict[str, Any]) -> torch.nn.Module:
@@ -683,7 +692,7 @@ def load_lora_cached(
             def spill(role: str, unet: DiffusersModule) -> DiffusersModule:
                 # written now and mapped back: its weights become file pages the kernel can drop and re-read, so
                 # private memory never holds both fused UNets (7 GB for SD1.5 in fp32), during fusing or after
-                unet.save_pretrained(staging / f"{role}_unet", safe_serialization=True)
+                save_unet(unet, staging / f"{role}_unet")
                 del unet
                 return _load_unet(staging / f"{role}_unet").requires_grad_(False)
 
