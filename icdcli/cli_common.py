@@ -269,7 +269,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
     import torch
 
-    from .models import resolve_device, set_memory_policy
+    from .models import default_dtype, resolve_device, set_memory_policy
     from .sources import ModelRequest, load_requested_model
 
     quiet_libraries()
@@ -297,8 +297,8 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
     if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
         loaded.info.native_size = int(ctx_options["native_size"])
+    set_memory_policy(loaded, ctx_options.get("low_memory"), dtype or default_dtype(device))
     loaded.to(device, dtype)
-    set_memory_policy(loaded, ctx_options.get("low_memory"))
     model: EditModel = loaded
     chosen = "torch"
     if backend is not None:

@@ -109,3 +109,11 @@ def test_onnxruntime_low_memory_closes_sessions_and_keeps_one_reverse_graph_open
     assert not any(name.startswith(("forward", "reverse")) for name in open_at_once[-1])  # freed before the VAE
     unets = {name: runner for name, runner in freed.parts.runners.items() if name.startswith(("forward", "reverse"))}
     assert unets and all(runner._session is None for runner in unets.values())
+
+
+def test_a_low_memory_model_converts_each_unet_when_it_is_read_not_at_to(merged_dir):
+    model = set_memory_policy(load_merged(merged_dir), low_memory=True, dtype=torch.bfloat16)
+    model.to("cpu", torch.bfloat16)
+    assert model._unets["forward"] is None and model._unets["reverse"] is None
+    assert next(model.reverse_unet.parameters()).dtype == torch.bfloat16
+    assert model._unets["forward"] is None  # only the one read

@@ -38,3 +38,15 @@ def test_a_saved_unet_loads_with_diffusers_unchanged(tmp_path, merged_model):
     assert again.config.time_cond_proj_dim == unet.config.time_cond_proj_dim
     state = unet.state_dict()
     assert all(torch.equal(value, state[name]) for name, value in again.state_dict().items())
+
+
+def test_a_half_unet_folder_loads_in_half_without_a_widened_copy(tmp_path, merged_model):
+    import copy
+
+    from icdcli.models import _load_unet, stored_dtype
+
+    half = copy.deepcopy(merged_model.reverse_unet).half()
+    save_unet(half, tmp_path / "unet")
+    assert stored_dtype(tmp_path / "unet") == torch.float16
+    assert {p.dtype for p in _load_unet(tmp_path / "unet").parameters()} == {torch.float16}
+    assert stored_dtype(tmp_path / "nothing-here") is None
