@@ -430,7 +430,8 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     names = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-    kinds = [str(entry.get("dtype")) for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    entries = [entry for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
+    kinds = [str(entry.get("dtype")) for entry in entries]
     return names.get(kinds[0]) if kinds else None
 
 
