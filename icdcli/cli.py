@@ -307,8 +307,7 @@ def edit(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
         blend_threshold,
     )  # fmt: skip
-    request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
-    settings = EditFlags(source, target, request)
+    settings = EditFlags(source, target, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
     expected_hash = None
     if from_record is not None:
         if spec is not None:
@@ -323,12 +322,7 @@ def edit(
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec)
-    from .batch import SpecError
-
-    try:
-        items, batch = collect_items(list(images), spec, recursive, settings)
-    except (SpecError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    items, batch = _collected_items(images, spec, recursive, settings)
     items = plan_edit_outputs(items, output, spec, batch or shard is not None, any_output)
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
@@ -336,6 +330,18 @@ def edit(
                      batch_size)  # fmt: skip
     runner.shard = (shard.index, shard.count) if shard is not None and shard.auto else None
     runner.run(items)
+
+
+def _collected_items(
+    images: tuple[Path, ...], spec: Path | None, recursive: bool, settings: EditFlags
+) -> tuple[list[Any], bool]:
+    """The items to edit (and whether they are a batch), a bad spec or folder as a one-line error."""
+    from .batch import SpecError
+
+    try:
+        return collect_items(list(images), spec, recursive, settings)
+    except (SpecError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:

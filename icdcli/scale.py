@@ -428,35 +428,46 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
             if reason:
                 report["skipped"][backend] = reason
                 continue
-            row: dict[str, Any] = {"backend": backend, "precision": options.precision}
-            extra: dict[str, Any] = {}
-            if backend != "torch":
-                say(f"exporting for {backend}")
-                exported = spawn({**base_task, "kind": "export"}, folder, f"export-{backend}")
-                if exported.result is None:
-                    report["failures"][f"{backend} export"] = exported.failure
-                    continue
-                extra["export"] = exported.result["seconds"]["export"][0]
-                row["export_peak_rss_gb"] = exported.result["peak_rss_gb_by_stage"].get("export")
-                row["export_peak_anon_gb"] = exported.result["peak_anon_gb"]
-                report["disk_gb"]["export"] = _size_of(Path(exported.result["export_dir"]))
-            say(f"timing {backend}: a warm-up and {options.repeats} edits at {size} px")
-            out = folder / f"run-{backend}"
-            ran = spawn({**base_task, "kind": "run", "backend": backend, "out": str(out)}, folder, f"run-{backend}")
-            if ran.result is None:
-                report["failures"][backend] = ran.failure
-                continue
-            seconds = _summary(ran.result["seconds"], options.repeats)
-            row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
-            row |= {
-                key: ran.result[key]
-                for key in ("method", "unet_evaluations_per_edit", "low_memory", "peak_rss_gb", "peak_anon_gb")
-            }
-            row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
-            report["rows"].append(row)
-            outputs[backend] = out
+            out = _run_backend(backend, base_task, folder, report, say)
+            if out is not None:
+                outputs[backend] = out
         report["parity"] = parity(outputs)
     return report
+
+
+def _run_backend(
+    backend: str, base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
+) -> Path | None:
+    """Export (when the backend needs it) and time one backend; adds its row (or failure) to `report`. Returns where
+    its last edit's arrays are, for the parity check."""
+    precision, repeats, size = base_task["precision"], base_task["repeats"], base_task["size"]
+    row: dict[str, Any] = {"backend": backend, "precision": precision}
+    extra: dict[str, Any] = {}
+    if backend != "torch":
+        say(f"exporting for {backend}")
+        exported = spawn({**base_task, "kind": "export"}, folder, f"export-{backend}")
+        if exported.result is None:
+            report["failures"][f"{backend} export"] = exported.failure
+            return None
+        extra["export"] = exported.result["seconds"]["export"][0]
+        row["export_peak_rss_gb"] = exported.result["peak_rss_gb_by_stage"].get("export")
+        row["export_peak_anon_gb"] = exported.result["peak_anon_gb"]
+        report["disk_gb"]["export"] = _size_of(Path(exported.result["export_dir"]))
+    say(f"timing {backend}: a warm-up and {repeats} edits at {size} px")
+    out = folder / f"run-{backend}"
+    ran = spawn({**base_task, "kind": "run", "backend": backend, "out": str(out)}, folder, f"run-{backend}")
+    if ran.result is None:
+        report["failures"][backend] = ran.failure
+        return None
+    seconds = _summary(ran.result["seconds"], repeats)
+    row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
+    row |= {
+        key: ran.result[key]
+        for key in ("method", "unet_evaluations_per_edit", "low_memory", "peak_rss_gb", "peak_anon_gb")
+    }
+    row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
+    report["rows"].append(row)
+    return out
 
 
 def _fused_cache_path(task: dict[str, Any]) -> Path:
