@@ -97,7 +97,7 @@ def choose_backend(name: str, facts: BackendFacts) -> str:
     return "onnxruntime" if backend_problem("onnxruntime", facts) is None else "torch"
 
 
-def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
+def select_backend(name: str = "auto", *, device: torch.device | str | None = None) -> str:
     """The backend that will run for auto, tensorrt, onnxruntime or torch; ICDError if a named one cannot."""
     return choose_backend(name, probe_backends(device))
 
@@ -120,6 +120,7 @@ def lock_path(folder: Path) -> Path:
 
 def ensure_exported(
     model: ICDModel,
+    *,
     precision: str | None = None,
     out_dir: str | Path | None = None,
     force: bool = False,
@@ -357,7 +358,7 @@ class OffloadingFallback:
         return self._needed().controlled(x, t, cond, guidance, control)
 
 
-def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, ControlledDenoiser]:
+def torch_fallbacks(model: ICDModel, *, offload: bool = False) -> dict[str, ControlledDenoiser]:
     """The torch denoisers the graphs hand attention control (and uncovered shapes) to; with `offload`, each UNet
     leaves the GPU once its graph has run (only for a model that nothing else runs on PyTorch meanwhile)."""
     roles: dict[str, tuple[ControlledDenoiser, torch.nn.Module]] = {
@@ -374,6 +375,7 @@ def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, Control
 def accelerate(
     model: ICDModel,
     backend: str,
+    *,
     progress: Callable[[str], None] | None = None,
     export_dir: str | Path | None = None,
     offload_torch: bool = False,
@@ -391,7 +393,7 @@ def accelerate(
         from icdcli.engines import onnxruntime as ort_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        fallbacks = torch_fallbacks(model, offload_torch)
+        fallbacks = torch_fallbacks(model, offload=offload_torch)
         return AcceleratedModel(
             model, ort_engine.load_parts(folder, manifest, device=model.device, fallbacks=fallbacks)
         )
@@ -399,7 +401,7 @@ def accelerate(
         from icdcli.engines import tensorrt as trt_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress, for_tensorrt=True)
-        fallbacks = torch_fallbacks(model, offload_torch)
+        fallbacks = torch_fallbacks(model, offload=offload_torch)
         parts = trt_engine.load_parts(
             folder, manifest, model, fallbacks=fallbacks, progress=progress, **tensorrt_options
         )

@@ -265,7 +265,7 @@ class Loaded:
     backend: str = "torch"
 
 
-def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
+def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str | None = None) -> Loaded:
     """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
     import torch
 
@@ -304,7 +304,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     if backend is not None:
         from .accelerated import accelerate, select_backend
 
-        chosen = select_backend(backend, model.device)
+        chosen = select_backend(backend, device=model.device)
         if chosen != "torch" and cache_problem:
             say(f"note: backend torch instead of {chosen}, which needs a writable cache")
             chosen = "torch"

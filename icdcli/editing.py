@@ -58,7 +58,7 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def working_size(model: EditModel, image: Image.Image) -> tuple[int, int]:
-    return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
+    return fit_size(image.width, image.height, native_size=model.info.native_size, multiple=model.info.size_multiple)
 
 
 def stage_done(model: EditModel, role: str) -> None:
@@ -76,6 +76,7 @@ def invert_latents(
     model: EditModel,
     x0: torch.Tensor,
     prompt: str | list[str],
+    *,
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
@@ -95,13 +96,14 @@ def invert(
     model: EditModel,
     image: Image.Image,
     prompt: str,
+    *,
     settings: SamplerSettings,
     callback: StepCallback | None = None,
 ) -> Inversion:
     """Encode an image into the noise latents that decode back to it under `prompt`."""
     size = working_size(model, image)
     x0 = model.encode_image(image_to_tensor(image, size))
-    latents = invert_latents(model, x0, prompt, size, settings, callback)
+    latents = invert_latents(model, x0, prompt, size=size, settings=settings, callback=callback)
     return Inversion(latents, prompt, size, image.size, settings)
 
 
@@ -109,6 +111,7 @@ def decode(
     model: EditModel,
     latents: torch.Tensor,
     prompt: str | list[str],
+    *,
     size: tuple[int, int],
     guidance: float,
     tau: float,
@@ -140,6 +143,7 @@ def edit(
     image: Image.Image,
     source_prompt: str,
     target_prompt: str,
+    *,
     guidance: float,
     tau: float,
     settings: SamplerSettings,
@@ -154,7 +158,7 @@ def edit(
     `icdcli.p2p`). One edit is a batch of one (`edit_batch`).
     """
     job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
-    result = edit_batch(model, [job], settings, timings)[0]
+    result = edit_batch(model, [job], settings=settings, timings=timings)[0]
     if isinstance(result, Exception):
         raise result
     return result
@@ -188,6 +192,7 @@ def _prompt_rows(model: EditModel, rows: list[list[str]], size: tuple[int, int],
 def edit_batch(
     model: EditModel,
     jobs: list[EditJob],
+    *,
     settings: SamplerSettings,
     timings: Timings | None = None,
 ) -> list[Image.Image | Exception]:
@@ -288,7 +293,9 @@ def _p2p_plan(model: EditModel, job: EditJob, size: tuple[int, int], settings: S
     assert job.p2p is not None, "a Prompt-to-Prompt plan is made for P2P jobs only"
     steps = len(_p2p_steps(model, settings))
     factor = model.vae_scale_factor
-    plan = make_plan(model.tokenizers[0], job.source, job.target, job.p2p, steps, size[0] // factor)
+    plan = make_plan(
+        model.tokenizers[0], job.source, job.target, settings=job.p2p, num_steps=steps, latent_side=size[0] // factor
+    )
     if plan.mode == REFINE and job.p2p.mode == "auto":
         logging.getLogger("icd").info(
             "the prompts have %d and %d words, so P2P cannot replace word for word: it refines instead "
@@ -339,6 +346,7 @@ def decode_p2p(
     latents: torch.Tensor,
     source_prompt: str,
     target_prompt: str,
+    *,
     size: tuple[int, int],
     guidance: float,
     tau: float,
@@ -359,6 +367,7 @@ def decode_p2p(
 def generate(
     model: EditModel,
     prompt: str,
+    *,
     guidance: float,
     tau: float,
     settings: SamplerSettings,
@@ -368,4 +377,6 @@ def generate(
     width, height = size or (model.info.native_size, model.info.native_size)
     factor = model.vae_scale_factor
     noise = seeded_noise((1, model.latent_channels, height // factor, width // factor), settings.seed).to(model.device)
-    return tensor_to_image(decode(model, noise, prompt, (width, height), guidance, tau, settings))
+    return tensor_to_image(
+        decode(model, noise, prompt, size=(width, height), guidance=guidance, tau=tau, settings=settings)
+    )

@@ -277,10 +277,10 @@ def test_named_backends_that_cannot_run_say_what_to_do():
 
 
 def test_select_backend_here():
-    assert select_backend("torch", "cpu") == "torch"
+    assert select_backend("torch", device="cpu") == "torch"
     if not torch.cuda.is_available():
         with pytest.raises(ICDError):
-            select_backend("tensorrt", "cpu")
+            select_backend("tensorrt", device="cpu")
 
 
 # --- TensorRT: pure logic ---------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
     factor = manifest.vae_scale_factor
     for step in range(0, 3001, 7):  # aspect 1 .. 4
         for width, height in ((1000 + step, 1000), (1000, 1000 + step)):
-            w, h = fit_size(width, height, native, multiple)
+            w, h = fit_size(width, height, native_size=native, multiple=multiple)
             shapes = {
                 "vae_encoder": {"images": (1, 3, h, w)},
                 "vae_decoder": {"latents": (1, 4, h // factor, w // factor)},
@@ -363,7 +363,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
             for graph, profiles in graphs.items():
                 assert trt_engine.choose_profile(profiles, shapes[graph]) is not None, (graph, w, h)
     # the 2.5:1 photo that fell outside the old profile of 3/2 native
-    w, h = fit_size(2500, 1000, native, multiple)
+    w, h = fit_size(2500, 1000, native_size=native, multiple=multiple)
     assert w >= native * 3 // 2
     assert trt_engine.choose_profile(graphs["vae_encoder"], {"images": (1, 3, h, w)}) is not None
 
@@ -372,7 +372,7 @@ def test_photos_thinner_than_the_profiles_are_not_covered():
     from icdcli.images import fit_size
 
     profiles = request_of(trt_engine.plan_engines(tiny_manifest()), "vae_encoder").profiles
-    w, h = fit_size(8000, 1000, 512, 64)
+    w, h = fit_size(8000, 1000, native_size=512, multiple=64)
     assert trt_engine.choose_profile(profiles, {"images": (1, 3, h, w)}) is None
 
 

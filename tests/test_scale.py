@@ -325,7 +325,16 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
         runners = accelerated.parts.runners
         assert {"reverse_unet", "reverse_unet_p2p"} <= runners.keys()
         assert all(runner._session is None for runner in runners.values()), "nothing opened before an edit"
-        edit(accelerated, sample_image(32), "a red cat", "a blue cat", 4.0, 0.8, SamplerSettings(), p2p=p2p)
+        edit(
+            accelerated,
+            sample_image(32),
+            "a red cat",
+            "a blue cat",
+            guidance=4.0,
+            tau=0.8,
+            settings=SamplerSettings(),
+            p2p=p2p,
+        )
         return {name for name, runner in runners.items() if runner._session is not None}
 
     shared = {"forward_unet", "vae_encoder", "vae_decoder", "text_encoder"}
