@@ -138,6 +138,16 @@ def ensure_exported(
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
+
+    Args:
+        model: The PyTorch model to export.
+        precision: `fp32` or `fp16`; None: the model's default (`default_precision`).
+        out_dir: The export folder; None: the cache's folder for this model and precision.
+        force: Export again even when an up-to-date export is there.
+        progress: Called with a line per step.
+        p2p: See above.
+        fp32_norm: See above.
+        for_tensorrt: See above.
     """
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
@@ -384,8 +394,15 @@ def accelerate(
     """`model` on `backend` (as returned by `select_backend`); torch returns the model itself.
 
     Exports to ONNX on first use, and for TensorRT builds each engine when its graph first runs (both cached).
-    `offload_torch`: move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only for a
-    model that is not also run on PyTorch directly.
+
+    Args:
+        model: The PyTorch model.
+        backend: `torch`, `onnxruntime` or `tensorrt`.
+        progress: Called with a line per export or build step.
+        export_dir: The ONNX export folder; None: the cache.
+        offload_torch: Move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only
+            for a model that is not also run on PyTorch directly.
+        **tensorrt_options: Passed to the TensorRT `load_parts` (height, width, max_batch, cuda_graph, build_now).
     """
     if backend == "torch":
         return model

@@ -266,7 +266,13 @@ class Loaded:
 
 
 def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str | None = None) -> Loaded:
-    """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
+    """Load the requested model onto its device, then onto `backend` (None: stay on torch).
+
+    Args:
+        ctx_options: The values of `model_options` (model, base, teacher, LoRAs, device, precision ...).
+        need_teacher: Also load the teacher UNet (the DDIM sampler needs it).
+        backend: `auto`, `torch`, `onnxruntime` or `tensorrt` (see `select_backend`); None: stay on torch.
+    """
     import torch
 
     from .models import default_dtype, resolve_device, set_memory_policy

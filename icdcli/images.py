@@ -236,7 +236,14 @@ def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image
 
 
 def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None) -> Path:
-    """Write `image` atomically; PNG outputs carry `text` as tEXt chunks, JPEGs a single entry as their comment."""
+    """Write `image` atomically and return the path; PNG outputs carry `text` as tEXt chunks, JPEGs a single
+    entry as their comment.
+
+    Args:
+        image: The image to write.
+        target: The output path; its suffix picks the format.
+        text: Metadata to embed (e.g. the `icd` record).
+    """
     target = Path(target)
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:

@@ -585,7 +585,16 @@ def _blend_tokens(tokenizer: Any, source: str, target: str, settings: P2PSetting
 def make_plan(
     tokenizer: Any, source: str, target: str, *, settings: P2PSettings, num_steps: int, latent_side: int
 ) -> P2PPlan:
-    """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps."""
+    """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps.
+
+    Args:
+        tokenizer: The text encoder's tokenizer (its token positions index the attention maps).
+        source: The source prompt.
+        target: The target prompt.
+        settings: The P2P settings (mode, replace fractions, blend words, reweighting).
+        num_steps: The decoding steps the control spans.
+        latent_side: The latent side the local blend's mask is sized from.
+    """
     length = tokenizer.model_max_length
     mode = resolve_mode(settings, source, target)
     target_positions = word_token_positions(tokenizer, target)

@@ -60,7 +60,15 @@ def output_target(output: str, inputs: list[Path], *, single: bool) -> tuple[Pat
 def plan_edit_outputs(
     items: list[Item], output: str | None, *, spec: Path | None, batch: bool, anywhere: bool = False
 ) -> list[Item]:
-    """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`)."""
+    """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`).
+
+    Args:
+        items: The edits, from the command line or a spec.
+        output: The -o value (a file, or a folder ending in a separator); None: next to each input.
+        spec: The spec file the items came from, if any (its rows' outputs resolve against its folder).
+        batch: Whether several images may come (then -o names a folder).
+        anywhere: Allow outputs outside the input's or spec's folder.
+    """
     spec_folder = spec.parent if spec is not None else None
     if output is None:
         return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere)
