@@ -286,9 +286,9 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     seen = []
     original = p2p.edit_probabilities
 
-    def spy(probs, is_cross, control):
+    def spy(probs, *, is_cross, control):
         seen.append((is_cross, probs.shape[2]))
-        return original(probs, is_cross, control)
+        return original(probs, is_cross=is_cross, control=control)
 
     monkeypatch.setattr(p2p, "edit_probabilities", spy)
     length = 77
