@@ -59,8 +59,9 @@ def misplaced(tokenizer, source: str, target: str) -> tuple[int, int]:
     ids_target = tokenizer(target, padding="max_length", max_length=length, truncation=True).input_ids
     args = (prompt_words(source), prompt_words(target))
     positions = (word_token_positions(tokenizer, source), word_token_positions(tokenizer, target))
-    released = replacement_mapper(*args, *positions, length, shift_tail=True)
-    aligned = replacement_mapper(*args, *positions, length)
+    mapped = {"source_positions": positions[0], "target_positions": positions[1], "length": length}
+    released = replacement_mapper(*args, **mapped, shift_tail=True)
+    aligned = replacement_mapper(*args, **mapped)
     changed = [k for k, (a, b) in enumerate(zip(*args, strict=True)) if a != b]
     start = positions[1][changed[-1]][-1] + 1 if changed and positions[1][changed[-1]] else 1
     wrong = total = 0

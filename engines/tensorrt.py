@@ -144,7 +144,10 @@ def fitted_sides(native: int, multiple: int, *, max_aspect: float = MAX_ASPECT) 
     from icdcli.images import fit_size
 
     base = 1000
-    sizes = [fit_size(base + step, base, native, multiple) for step in range(int(base * (max_aspect - 1)) + 1)]
+    sizes = [
+        fit_size(base + step, base, native_size=native, multiple=multiple)
+        for step in range(int(base * (max_aspect - 1)) + 1)
+    ]
     return min(h for _, h in sizes), max(w for w, _ in sizes)
 
 
@@ -160,7 +163,9 @@ def spatial_boxes(
 
     short, long = fitted_sides(native, multiple, max_aspect=max_aspect)
     work_h, work_w = height or native, width or native
-    wide_w, wide_h = fit_size(3 * native, 2 * native, native, multiple)  # a 3:2 photo: opt of the dynamic profiles
+    wide_w, wide_h = fit_size(
+        3 * native, 2 * native, native_size=native, multiple=multiple
+    )  # a 3:2 photo: opt of the dynamic profiles
     land_h, land_w = (min(short, work_h), wide_h, max(native, work_h)), (min(native, work_w), wide_w, max(long, work_w))
     if work_w >= work_h and (height or width):
         land_h, land_w = (land_h[0], work_h, land_h[2]), (land_w[0], work_w, land_w[2])

@@ -97,7 +97,7 @@ def choose_backend(name: str, facts: BackendFacts) -> str:
     return "onnxruntime" if backend_problem("onnxruntime", facts) is None else "torch"
 
 
-def select_backend(name: str = "auto", device: torch.device | str | None = None) -> str:
+def select_backend(name: str = "auto", *, device: torch.device | str | None = None) -> str:
     """The backend that will run for auto, tensorrt, onnxruntime or torch; ICDError if a named one cannot."""
     return choose_backend(name, probe_backends(device))
 
@@ -120,6 +120,7 @@ def lock_path(folder: Path) -> Path:
 
 def ensure_exported(
     model: ICDModel,
+    *,
     precision: str | None = None,
     out_dir: str | Path | None = None,
     force: bool = False,
@@ -137,6 +138,16 @@ def ensure_exported(
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
     then finds the first one's export.
+
+    Args:
+        model: The PyTorch model to export.
+        precision: `fp32` or `fp16`; None: the model's default (`default_precision`).
+        out_dir: The export folder; None: the cache's folder for this model and precision.
+        force: Export again even when an up-to-date export is there.
+        progress: Called with a line per step.
+        p2p: See above.
+        fp32_norm: See above.
+        for_tensorrt: See above.
     """
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
@@ -357,7 +368,7 @@ class OffloadingFallback:
         return self._needed().controlled(x, t, cond, guidance, control)
 
 
-def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, ControlledDenoiser]:
+def torch_fallbacks(model: ICDModel, *, offload: bool = False) -> dict[str, ControlledDenoiser]:
     """The torch denoisers the graphs hand attention control (and uncovered shapes) to; with `offload`, each UNet
     leaves the GPU once its graph has run (only for a model that nothing else runs on PyTorch meanwhile)."""
     roles: dict[str, tuple[ControlledDenoiser, torch.nn.Module]] = {
@@ -374,6 +385,7 @@ def torch_fallbacks(model: ICDModel, offload: bool = False) -> dict[str, Control
 def accelerate(
     model: ICDModel,
     backend: str,
+    *,
     progress: Callable[[str], None] | None = None,
     export_dir: str | Path | None = None,
     offload_torch: bool = False,
@@ -382,8 +394,15 @@ def accelerate(
     """`model` on `backend` (as returned by `select_backend`); torch returns the model itself.
 
     Exports to ONNX on first use, and for TensorRT builds each engine when its graph first runs (both cached).
-    `offload_torch`: move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only for a
-    model that is not also run on PyTorch directly.
+
+    Args:
+        model: The PyTorch model.
+        backend: `torch`, `onnxruntime` or `tensorrt`.
+        progress: Called with a line per export or build step.
+        export_dir: The ONNX export folder; None: the cache.
+        offload_torch: Move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only
+            for a model that is not also run on PyTorch directly.
+        **tensorrt_options: Passed to the TensorRT `load_parts` (height, width, max_batch, cuda_graph, build_now).
     """
     if backend == "torch":
         return model
@@ -391,7 +410,7 @@ def accelerate(
         from icdcli.engines import onnxruntime as ort_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress)
-        fallbacks = torch_fallbacks(model, offload_torch)
+        fallbacks = torch_fallbacks(model, offload=offload_torch)
         return AcceleratedModel(
             model, ort_engine.load_parts(folder, manifest, device=model.device, fallbacks=fallbacks)
         )
@@ -399,7 +418,7 @@ def accelerate(
         from icdcli.engines import tensorrt as trt_engine
 
         folder, manifest = ensure_exported(model, out_dir=export_dir, progress=progress, for_tensorrt=True)
-        fallbacks = torch_fallbacks(model, offload_torch)
+        fallbacks = torch_fallbacks(model, offload=offload_torch)
         parts = trt_engine.load_parts(
             folder, manifest, model, fallbacks=fallbacks, progress=progress, **tensorrt_options
         )

@@ -65,7 +65,7 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def list_folder(folder: Path, recursive: bool) -> list[Path]:
+def list_folder(folder: Path, *, recursive: bool) -> list[Path]:
     """Image files in `folder` (and below it when `recursive`), sorted; hidden files and folders skipped."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
@@ -79,7 +79,7 @@ def _path_item(path: Path, relative: Path) -> Item:
 
 
 def expand_inputs(
-    paths: Iterable[Path], recursive: bool, skip: Callable[[Path], bool] | None = None
+    paths: Iterable[Path], *, recursive: bool, skip: Callable[[Path], bool] | None = None
 ) -> tuple[list[Item], bool]:
     """Items for image paths and folders, and whether any folder was given.
 
@@ -91,7 +91,7 @@ def expand_inputs(
     for path in paths:
         if path.is_dir():
             any_folder = True
-            for found in list_folder(path, recursive):
+            for found in list_folder(path, recursive=recursive):
                 if skip is None or not skip(found):
                     items.append(_path_item(found, found.relative_to(path)))
         else:
@@ -238,7 +238,7 @@ class Shard:
     auto: bool = False
 
 
-def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> Shard:
+def parse_shard(text: str, *, environ: Mapping[str, str] | None = None) -> Shard:
     """`I/N` (0 <= I < N) as Shard(I, N); `auto` reads RANK and WORLD_SIZE (set by accelerate launch, torchrun)."""
     environ = os.environ if environ is None else environ
     auto = text.strip().lower() == "auto"
@@ -311,7 +311,7 @@ def parameter_record(
 
 
 def record_differences(
-    existing: Mapping[str, Any], wanted: Mapping[str, Any], fields: tuple[str, ...] = MATCH_FIELDS
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], *, fields: tuple[str, ...] = MATCH_FIELDS
 ) -> list[str]:
     """The deciding fields on which two records differ ('seed 0 -> 7', ...)."""
     return [
@@ -333,6 +333,7 @@ def decide(
     exists: bool,
     existing: Mapping[str, Any] | None,
     wanted: Mapping[str, Any],
+    *,
     overwrite: bool,
     fields: tuple[str, ...] = MATCH_FIELDS,
     maker: str = "icd edit",
@@ -349,7 +350,7 @@ def decide(
         return Decision(
             "refuse", f"exists and was not made by {maker}; pass --overwrite to replace it, or choose another -o"
         )
-    differences = record_differences(existing, wanted, fields)
+    differences = record_differences(existing, wanted, fields=fields)
     if not differences:
         return Decision("skip", "already made with these parameters")
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")

@@ -312,18 +312,18 @@ def edit(
     if from_record is not None:
         if spec is not None:
             raise click.ClickException("--from repeats one edit: give it without --spec")
-        images, settings, expected_hash = apply_record(from_record, images, settings, model_opts)
+        images, settings, expected_hash = apply_record(from_record, images, flags=settings, model_opts=model_opts)
     if jobs is not None:
         if images or spec is not None or from_record is not None or shard is not None:
             raise click.ClickException("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
         runner = EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
-        runner.run_jobs(sys.stdin, output, any_output)
+        runner.run_jobs(sys.stdin, output=output, any_output=any_output)
         return
     if not images and spec is None:
         raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec)
     items, batch = _collected_items(images, spec, recursive, settings)
-    items = plan_edit_outputs(items, output, spec, batch or shard is not None, any_output)
+    items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output)
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
     runner = EditRun(settings, model_opts, as_json, batch or shard is not None, overwrite, started, expected_hash,
@@ -339,7 +339,7 @@ def _collected_items(
     from .batch import SpecError
 
     try:
-        return collect_items(list(images), spec, recursive, settings)
+        return collect_items(list(images), spec=spec, recursive=recursive, flags=settings)
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -441,8 +441,8 @@ def invert(
     if reconstruct is not None and Path(reconstruct).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ""):
         raise click.ClickException(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
     with reported_failure(as_json, str(image), output or image.parent / f"{image.stem}.latent.safetensors"):
-        latent_path = plan_files([image], output, ".latent.safetensors")[0]
-        recon_path = plan_files([image], reconstruct, "-reconstruction.png")[0] if reconstruct else None
+        latent_path = plan_files([image], output, suffix=".latent.safetensors")[0]
+        recon_path = plan_files([image], reconstruct, suffix="-reconstruction.png")[0] if reconstruct else None
         for folder in {latent_path.parent, *([recon_path.parent] if recon_path else [])}:
             sweep(folder)
         request = EditRequest("swap", guidance, tau, seed, sampler, ddim_steps)
@@ -476,12 +476,12 @@ def _invert(
     record = {"command": "invert", **_model_record(loaded), "sampler": settings.sampler,
               "steps": settings.steps(model.info.num_steps), "prompt": prompt, "seed": seed,
               "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
-    latent_skip = check_existing(latent_path, record, INVERT_FIELDS, overwrite)
+    latent_skip = check_existing(latent_path, record, fields=INVERT_FIELDS, overwrite=overwrite)
     recon_record: dict[str, Any] = {}
     recon_skip = None
     if recon_path is not None:
         recon_record = {**record, "command": "invert-reconstruct", "guidance": resolved.guidance, "tau": resolved.tau}
-        recon_skip = check_existing(recon_path, recon_record, RECONSTRUCT_FIELDS, overwrite)
+        recon_skip = check_existing(recon_path, recon_record, fields=RECONSTRUCT_FIELDS, overwrite=overwrite)
     result: dict[str, Any] = {"input": str(image), "output": str(latent_path), "model": loaded.label,
                               "backend": loaded.backend, "seed": seed}  # fmt: skip
     if recon_path is not None:
@@ -491,7 +491,7 @@ def _invert(
         return
     timings = Timings({"load": loaded.seconds})
     with timings.stage("encode"):
-        inversion = run_invert(model, picture, prompt, settings)
+        inversion = run_invert(model, picture, prompt, settings=settings)
     metadata = {
         "prompt": prompt,
         "model": loaded.label,
@@ -507,13 +507,21 @@ def _invert(
     }
     if recon_path is not None and recon_skip is None:
         with timings.stage("decode"):
-            pixels = decode(model, inversion.latents, prompt, inversion.size, resolved.guidance, resolved.tau, settings)
+            pixels = decode(
+                model,
+                inversion.latents,
+                prompt,
+                size=inversion.size,
+                guidance=resolved.guidance,
+                tau=resolved.tau,
+                settings=settings,
+            )
             reconstruction = tensor_to_image(pixels, picture.size)
     if latent_skip is None:
         with atomic_path(latent_path) as temporary:
             save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
     if recon_path is not None and recon_skip is None:
-        save_image(reconstruction, recon_path, image_text(recon_record))
+        save_image(reconstruction, recon_path, text=image_text(recon_record))
     timings.seconds["total"] = time.perf_counter() - started
     result["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
     emit(as_json, {"status": "done", **result})
@@ -686,14 +694,14 @@ def generate(
                   "height": size[1]}  # fmt: skip
         if target.name == default_name and os.path.lexists(target) and existing_record(target) is None:
             target = unique_path(target, set())  # a default name never replaces a file icd did not make
-        reason = check_existing(target, record, GENERATE_FIELDS, overwrite)
+        reason = check_existing(target, record, fields=GENERATE_FIELDS, overwrite=overwrite)
         if reason is not None:
             emit(as_json, {"status": "skipped", "input": prompt, "output": str(target), "reason": reason})
             return
         timings = Timings({"load": loaded.seconds})
         with timings.stage("decode"):
-            image = run_generate(model, prompt, w, tau, sampling, size)
-        save_image(image, target, image_text(record))
+            image = run_generate(model, prompt, guidance=w, tau=tau, settings=sampling, size=size)
+        save_image(image, target, text=image_text(record))
     timings.seconds["total"] = time.perf_counter() - started
     emit(
         as_json,

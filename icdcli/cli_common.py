@@ -265,8 +265,14 @@ class Loaded:
     backend: str = "torch"
 
 
-def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | None = None) -> Loaded:
-    """Load the requested model onto its device, then onto `backend` (None: stay on torch)."""
+def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str | None = None) -> Loaded:
+    """Load the requested model onto its device, then onto `backend` (None: stay on torch).
+
+    Args:
+        ctx_options: The values of `model_options` (model, base, teacher, LoRAs, device, precision ...).
+        need_teacher: Also load the teacher UNet (the DDIM sampler needs it).
+        backend: `auto`, `torch`, `onnxruntime` or `tensorrt` (see `select_backend`); None: stay on torch.
+    """
     import torch
 
     from .models import default_dtype, resolve_device, set_memory_policy
@@ -304,7 +310,7 @@ def load_model(ctx_options: dict[str, Any], need_teacher: bool, backend: str | N
     if backend is not None:
         from .accelerated import accelerate, select_backend
 
-        chosen = select_backend(backend, model.device)
+        chosen = select_backend(backend, device=model.device)
         if chosen != "torch" and cache_problem:
             say(f"note: backend torch instead of {chosen}, which needs a writable cache")
             chosen = "torch"

@@ -117,7 +117,7 @@ def export(
     if backend == "tensorrt":
         if not fp16 and model_opts.get("precision") == "auto":
             fp16 = True
-        select_backend("tensorrt", model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
+        select_backend("tensorrt", device=model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
     else:
         select_backend("onnxruntime")
     if fp32_norm and not fp16:
@@ -138,8 +138,8 @@ def export(
         say(message)
 
     folder, manifest = ensure_exported(
-        model, precision, out_dir=out, force=force, progress=progress, p2p=p2p, fp32_norm=fp32_norm if fp16 else None,
-        for_tensorrt=backend == "tensorrt",
+        model, precision=precision, out_dir=out, force=force, progress=progress, p2p=p2p,
+        fp32_norm=fp32_norm if fp16 else None, for_tensorrt=backend == "tensorrt",
     )  # fmt: skip
     say(f"ONNX export: {folder}" if said else f"ONNX export of {label} ({precision}) is up to date: {folder}")
     if check and backend != "tensorrt":

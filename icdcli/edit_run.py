@@ -113,7 +113,7 @@ def _recorded_request(record: dict[str, Any], flags: EditFlags) -> tuple[str | N
 
 
 def apply_record(
-    path: Path, images: tuple[Path, ...], flags: EditFlags, model_opts: dict[str, Any]
+    path: Path, images: tuple[Path, ...], *, flags: EditFlags, model_opts: dict[str, Any]
 ) -> tuple[tuple[Path, ...], EditFlags, str | None]:
     """The inputs and settings of `icd edit --from OUTPUT.png`: the record's, except where flags are given."""
     from .batch import display
@@ -158,11 +158,11 @@ def _is_icd_output(path: Path) -> bool:
     return record is not None and "method" in record and "src" in record
 
 
-def collect_items(images: list[Path], spec: Path | None, recursive: bool, flags: EditFlags) -> tuple[list, bool]:
+def collect_items(images: list[Path], *, spec: Path | None, recursive: bool, flags: EditFlags) -> tuple[list, bool]:
     """The items to edit (folder outputs of icd itself are left out) and whether this is a batch."""
     from .batch import expand_inputs, read_spec, with_prompts
 
-    items, any_folder = expand_inputs(images, recursive, skip=_is_icd_output)
+    items, any_folder = expand_inputs(images, recursive=recursive, skip=_is_icd_output)
     if spec is not None:
         items += read_spec(spec)
     items = _drop_repeats([with_prompts(item, flags.source, flags.target) for item in items])
@@ -549,7 +549,7 @@ class EditRun:
         wanted = self._wanted(item, input_sha, None)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
-        decision = decide(exists, existing, wanted, self.overwrite)
+        decision = decide(exists, existing, wanted, overwrite=self.overwrite)
         if decision.action == "skip":
             return decision.reason
         if decision.action == "refuse":
@@ -593,7 +593,7 @@ class EditRun:
         if self.interrupts is not None:
             self.interrupts.droppable = True  # SIGTERM may drop a batch that has not started writing
         try:
-            results = edit_batch(model, jobs, settings, timings)
+            results = edit_batch(model, jobs, settings=settings, timings=timings)
         finally:
             if self.interrupts is not None:
                 self.interrupts.droppable = False
@@ -622,7 +622,7 @@ class EditRun:
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(image, out, image_text(self._stored_record(record, shared)))
+                save_image(image, out, text=image_text(self._stored_record(record, shared)))
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:
@@ -782,7 +782,7 @@ class EditRun:
             code = max(code, interrupts.code)
         return RunEnd(interrupted, stopped, code)
 
-    def run_jobs(self, stream: Any, output: str | None, any_output: bool) -> None:
+    def run_jobs(self, stream: Any, *, output: str | None, any_output: bool) -> None:
         """`icd edit --jobs -`: one edit per JSON line of `stream`, one JSON result line each, until end of input.
 
         The model loads once, before the first line is read. A line that cannot be used gives a failed line.
@@ -811,7 +811,7 @@ class EditRun:
                         item = _job_error(number, f"not a JSON object ({error})")
                     if raw is not None:
                         item = with_prompts(spec_row(raw, number, Path("-")), self.flags.source, self.flags.target)
-                        item = plan_items([item], folder, Path("."), any_output)[0]
+                        item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output)[0]
                     self.pipeline().run([item])
                     if interrupts.requested:
                         break

@@ -58,7 +58,7 @@ def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def working_size(model: EditModel, image: Image.Image) -> tuple[int, int]:
-    return fit_size(image.width, image.height, model.info.native_size, model.info.size_multiple)
+    return fit_size(image.width, image.height, native_size=model.info.native_size, multiple=model.info.size_multiple)
 
 
 def stage_done(model: EditModel, role: str) -> None:
@@ -76,6 +76,7 @@ def invert_latents(
     model: EditModel,
     x0: torch.Tensor,
     prompt: str | list[str],
+    *,
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
@@ -95,13 +96,22 @@ def invert(
     model: EditModel,
     image: Image.Image,
     prompt: str,
+    *,
     settings: SamplerSettings,
     callback: StepCallback | None = None,
 ) -> Inversion:
-    """Encode an image into the noise latents that decode back to it under `prompt`."""
+    """Encode an image into the noise latents that decode back to it under `prompt`.
+
+    Args:
+        model: The model (PyTorch or accelerated) whose forward steps (or DDIM teacher) invert.
+        image: The RGB photo; it is resized to the model's working size.
+        prompt: The prompt the inversion is conditioned on (the edit's source prompt).
+        settings: The sampler, its DDIM steps and the seed of the forward noise.
+        callback: Called after each step with its latents.
+    """
     size = working_size(model, image)
     x0 = model.encode_image(image_to_tensor(image, size))
-    latents = invert_latents(model, x0, prompt, size, settings, callback)
+    latents = invert_latents(model, x0, prompt, size=size, settings=settings, callback=callback)
     return Inversion(latents, prompt, size, image.size, settings)
 
 
@@ -109,6 +119,7 @@ def decode(
     model: EditModel,
     latents: torch.Tensor,
     prompt: str | list[str],
+    *,
     size: tuple[int, int],
     guidance: float,
     tau: float,
@@ -116,7 +127,19 @@ def decode(
     unguided_prompt: str | list[str] | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Decode noise latents to pixels under `prompt`; steps above tau use `unguided_prompt` if given."""
+    """Decode noise latents to pixels under `prompt`; steps above tau use `unguided_prompt` if given.
+
+    Args:
+        model: The model whose reverse steps (or DDIM teacher) decode.
+        latents: Noise latents (B, C, h, w), e.g. an `Inversion`'s.
+        prompt: One prompt for all rows or one per row.
+        size: The working size (width, height) in pixels.
+        guidance: The classifier-free guidance scale.
+        tau: Steps with t > tau * 1000 run unguided.
+        settings: The sampler and its DDIM steps.
+        unguided_prompt: The prompt of the unguided steps (prompt swap: the source prompt); None: `prompt`.
+        callback: Called after each step with its latents.
+    """
     cond = _conditioning(model, prompt, size, guidance)
     unguided = None if unguided_prompt is None else _conditioning(model, unguided_prompt, size, 1.0)
     return _decode_latents(model, latents, cond, unguided, guidance, tau, settings, callback)
@@ -140,6 +163,7 @@ def edit(
     image: Image.Image,
     source_prompt: str,
     target_prompt: str,
+    *,
     guidance: float,
     tau: float,
     settings: SamplerSettings,
@@ -152,9 +176,20 @@ def edit(
     keeping the source prompt, which holds the layout in place. With `p2p`, Prompt-to-Prompt: decode
     source and target branches together, the target's attention taken from the source's (see
     `icdcli.p2p`). One edit is a batch of one (`edit_batch`).
+
+    Args:
+        model: The model (PyTorch or accelerated).
+        image: The RGB photo to edit; the result has its size.
+        source_prompt: What the photo shows.
+        target_prompt: What the edited photo should show.
+        guidance: The classifier-free guidance scale of the decode.
+        tau: Decode steps with t > tau * 1000 run unguided.
+        settings: The sampler, its DDIM steps and the seed.
+        timings: Collects the seconds of the encode and decode stages.
+        p2p: Prompt-to-Prompt settings; None: prompt swap.
     """
     job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
-    result = edit_batch(model, [job], settings, timings)[0]
+    result = edit_batch(model, [job], settings=settings, timings=timings)[0]
     if isinstance(result, Exception):
         raise result
     return result
@@ -188,6 +223,7 @@ def _prompt_rows(model: EditModel, rows: list[list[str]], size: tuple[int, int],
 def edit_batch(
     model: EditModel,
     jobs: list[EditJob],
+    *,
     settings: SamplerSettings,
     timings: Timings | None = None,
 ) -> list[Image.Image | Exception]:
@@ -197,6 +233,12 @@ def edit_batch(
     rest of the batch (up to the backend's rounding). The jobs are either all prompt swap or all
     Prompt-to-Prompt. Returns each job's edited image (at its own size), or the error that job alone
     met (P2P settings its prompts cannot use, a non-finite result); `settings.seed` is not used.
+
+    Args:
+        model: The model (PyTorch or accelerated).
+        jobs: The edits, every image of one working size.
+        settings: The sampler and its DDIM steps, shared by the batch.
+        timings: Collects the seconds of the encode and decode stages.
     """
     timings = timings or Timings()
     if not jobs:
@@ -288,7 +330,9 @@ def _p2p_plan(model: EditModel, job: EditJob, size: tuple[int, int], settings: S
     assert job.p2p is not None, "a Prompt-to-Prompt plan is made for P2P jobs only"
     steps = len(_p2p_steps(model, settings))
     factor = model.vae_scale_factor
-    plan = make_plan(model.tokenizers[0], job.source, job.target, job.p2p, steps, size[0] // factor)
+    plan = make_plan(
+        model.tokenizers[0], job.source, job.target, settings=job.p2p, num_steps=steps, latent_side=size[0] // factor
+    )
     if plan.mode == REFINE and job.p2p.mode == "auto":
         logging.getLogger("icd").info(
             "the prompts have %d and %d words, so P2P cannot replace word for word: it refines instead "
@@ -339,6 +383,7 @@ def decode_p2p(
     latents: torch.Tensor,
     source_prompt: str,
     target_prompt: str,
+    *,
     size: tuple[int, int],
     guidance: float,
     tau: float,
@@ -359,13 +404,25 @@ def decode_p2p(
 def generate(
     model: EditModel,
     prompt: str,
+    *,
     guidance: float,
     tau: float,
     settings: SamplerSettings,
     size: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Text-to-image from seeded noise in the reverse model's steps (or DDIM on the teacher)."""
+    """Text-to-image from seeded noise in the reverse model's steps (or DDIM on the teacher).
+
+    Args:
+        model: The model (PyTorch or accelerated).
+        prompt: What the image should show.
+        guidance: The classifier-free guidance scale.
+        tau: Steps with t > tau * 1000 run unguided.
+        settings: The sampler, its DDIM steps and the noise seed.
+        size: The image size (width, height); None: the model's native square.
+    """
     width, height = size or (model.info.native_size, model.info.native_size)
     factor = model.vae_scale_factor
     noise = seeded_noise((1, model.latent_channels, height // factor, width // factor), settings.seed).to(model.device)
-    return tensor_to_image(decode(model, noise, prompt, (width, height), guidance, tau, settings))
+    return tensor_to_image(
+        decode(model, noise, prompt, size=(width, height), guidance=guidance, tau=tau, settings=settings)
+    )

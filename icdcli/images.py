@@ -182,7 +182,7 @@ def read_record(path: str | Path, key: str = "icd") -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def fit_size(width: int, height: int, native_size: int, multiple: int) -> tuple[int, int]:
+def fit_size(width: int, height: int, *, native_size: int, multiple: int) -> tuple[int, int]:
     """The model's working size for a photo: about native_size**2 pixels, aspect kept, sides multiples of `multiple`."""
     scale = math.sqrt(native_size * native_size / (width * height))
     fitted_w = max(multiple, round(width * scale / multiple) * multiple)
@@ -235,8 +235,15 @@ def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image
     return images
 
 
-def save_image(image: Image.Image, target: str | Path, text: dict[str, str] | None = None) -> Path:
-    """Write `image` atomically; PNG outputs carry `text` as tEXt chunks, JPEGs a single entry as their comment."""
+def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None) -> Path:
+    """Write `image` atomically and return the path; PNG outputs carry `text` as tEXt chunks, JPEGs a single
+    entry as their comment.
+
+    Args:
+        image: The image to write.
+        target: The output path; its suffix picks the format.
+        text: Metadata to embed (e.g. the `icd` record).
+    """
     target = Path(target)
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:

@@ -44,7 +44,7 @@ def existing_record(path: Path) -> dict[str, Any] | None:
     return read_record(path, RECORD_KEY)
 
 
-def check_existing(path: Path, wanted: dict[str, Any], fields: tuple[str, ...], overwrite: bool) -> str | None:
+def check_existing(path: Path, wanted: dict[str, Any], *, fields: tuple[str, ...], overwrite: bool) -> str | None:
     """None: make `path`. A reason: skip it (made with these parameters). ClickException: refused."""
     import os
 
@@ -55,7 +55,7 @@ def check_existing(path: Path, wanted: dict[str, Any], fields: tuple[str, ...], 
         raise click.ClickException(f"{display(path)} is a folder: give a file name with -o")
     existing = existing_record(path) if exists and not overwrite else None
     maker = f"icd {wanted['command'].split('-')[0]}"
-    decision = decide(exists, existing, wanted, overwrite, fields, maker)
+    decision = decide(exists, existing, wanted, overwrite=overwrite, fields=fields, maker=maker)
     if decision.action == "refuse":
         raise click.ClickException(f"{display(path)} {decision.reason}")
     return decision.reason if decision.action == "skip" else None

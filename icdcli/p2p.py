@@ -187,6 +187,7 @@ def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
 def replacement_mapper(
     source_words: Sequence[str],
     target_words: Sequence[str],
+    *,
     source_positions: Sequence[Sequence[int]],
     target_positions: Sequence[Sequence[int]],
     length: int,
@@ -270,7 +271,7 @@ def align_tokens(source: Sequence[int], target: Sequence[int]) -> list[int]:
 
 
 def refinement_mapper(
-    source_ids: Sequence[int], target_ids: Sequence[int], length: int
+    source_ids: Sequence[int], target_ids: Sequence[int], *, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mapper, alphas) for refine: aligned target tokens take their source token's map (alpha 1),
     tokens new in the target keep their own (alpha 0). `*_ids` are the token sequences up to and
@@ -291,7 +292,7 @@ def refinement_mapper(
     return mapper, alphas
 
 
-def word_indicator(tokenizer: Any, prompt: str, words: Sequence[str], positions: list[list[int]] | None = None):
+def word_indicator(tokenizer: Any, prompt: str, words: Sequence[str], *, positions: list[list[int]] | None = None):
     """(length,) 1 at the tokens of every occurrence of `words` in `prompt` (exact word match), 0 elsewhere.
 
     `positions` are `word_token_positions(tokenizer, prompt)` when the caller has them already.
@@ -315,6 +316,7 @@ def reweight_vector(
     tokenizer: Any,
     source: str,
     target: str,
+    *,
     amplify: Sequence[tuple[str, float]],
     amplify_new: float = 1.0,
     positions: list[list[int]] | None = None,
@@ -328,9 +330,9 @@ def reweight_vector(
     weights = torch.ones(tokenizer.model_max_length)
     positions = word_token_positions(tokenizer, target) if positions is None else positions
     if amplify_new != 1.0:
-        weights[word_indicator(tokenizer, target, new_words(source, target), positions).bool()] = amplify_new
+        weights[word_indicator(tokenizer, target, new_words(source, target), positions=positions).bool()] = amplify_new
     for word, factor in amplify:
-        found = word_indicator(tokenizer, target, [word], positions).bool()
+        found = word_indicator(tokenizer, target, [word], positions=positions).bool()
         if not found.any():
             raise P2PError(
                 f"--amplify word {word!r} is not a word of the target prompt {target!r} "
@@ -447,7 +449,9 @@ class P2PPlan:
         if self.blend_tokens is None or self.map_sum is None:
             return x
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        mask = blend_mask(self.map_sum, self.blend_tokens, self.blend_size, latent_hw, self.blend_threshold)
+        mask = blend_mask(
+            self.map_sum, self.blend_tokens, size=self.blend_size, latent_hw=latent_hw, threshold=self.blend_threshold
+        )
         return local_blend(x, mask.to(x.device, x.dtype))
 
 
@@ -507,7 +511,7 @@ def stack_controls(controls: list[StepControl]) -> StepControl:
 
 
 def blend_mask(
-    map_sum: torch.Tensor, tokens: torch.Tensor, size: int, latent_hw: tuple[int, int], threshold: float
+    map_sum: torch.Tensor, tokens: torch.Tensor, *, size: int, latent_hw: tuple[int, int], threshold: float
 ) -> torch.Tensor:
     """(1, 1, H, W) 0/1 mask: where either branch attends to its blend words above `threshold`.
 
@@ -579,9 +583,18 @@ def _blend_tokens(tokenizer: Any, source: str, target: str, settings: P2PSetting
 
 
 def make_plan(
-    tokenizer: Any, source: str, target: str, settings: P2PSettings, num_steps: int, latent_side: int
+    tokenizer: Any, source: str, target: str, *, settings: P2PSettings, num_steps: int, latent_side: int
 ) -> P2PPlan:
-    """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps."""
+    """The control of one P2P edit from `source` to `target` prompt over `num_steps` decoding steps.
+
+    Args:
+        tokenizer: The text encoder's tokenizer (its token positions index the attention maps).
+        source: The source prompt.
+        target: The target prompt.
+        settings: The P2P settings (mode, replace fractions, blend words, reweighting).
+        num_steps: The decoding steps the control spans.
+        latent_side: The latent side the local blend's mask is sized from.
+    """
     length = tokenizer.model_max_length
     mode = resolve_mode(settings, source, target)
     target_positions = word_token_positions(tokenizer, target)
@@ -589,20 +602,27 @@ def make_plan(
         mapper = replacement_mapper(
             prompt_words(source),
             prompt_words(target),
-            word_token_positions(tokenizer, source),
-            target_positions,
-            length,
+            source_positions=word_token_positions(tokenizer, source),
+            target_positions=target_positions,
+            length=length,
         )
         refine = torch.ones(length)
     else:
         mapper, refine = refinement_mapper(
-            prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target), length
+            prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target), length=length
         )
     return P2PPlan(
         mode=mode,
         mapper=mapper,
         refine=refine,
-        reweight=reweight_vector(tokenizer, source, target, settings.amplify, settings.amplify_new, target_positions),
+        reweight=reweight_vector(
+            tokenizer,
+            source,
+            target,
+            amplify=settings.amplify,
+            amplify_new=settings.amplify_new,
+            positions=target_positions,
+        ),
         cross_steps=cross_replace_steps(num_steps, settings.cross_replace),
         self_steps=self_replace_steps(num_steps, settings.self_replace),
         blend_tokens=_blend_tokens(tokenizer, source, target, settings),
@@ -630,7 +650,7 @@ def pair_rows(probs: torch.Tensor, pairs: int) -> torch.Tensor:
     return probs.reshape(-1, 2 * pairs, *probs.shape[1:])[-1]
 
 
-def edit_probabilities(probs: torch.Tensor, is_cross: bool, control: StepControl) -> torch.Tensor:
+def edit_probabilities(probs: torch.Tensor, *, is_cross: bool, control: StepControl) -> torch.Tensor:
     """Rewrite each target row's attention probabilities from its source row's.
 
     `probs` is (B, heads, Q, K) whose last 2P rows are P (source, target) pairs, interleaved (real
@@ -713,7 +733,7 @@ class P2PAttnProcessor:
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
         probs = attn.get_attention_scores(query, key, attention_mask)
         probs = probs.reshape(batch, attn.heads, *probs.shape[1:])
-        probs = edit_probabilities(probs, is_cross, control)
+        probs = edit_probabilities(probs, is_cross=is_cross, control=control)
         if is_cross and control.blend_queries == queries and blend_maps is not None:
             blend_maps.append(pair_rows(probs, control_pairs(control)).mean(1))
         hidden_states = torch.bmm(probs.reshape(batch * attn.heads, *probs.shape[2:]).to(value.dtype), value)

@@ -75,7 +75,7 @@ class ICDEditPipeline:
             return cls(loaded, backend)
         from .accelerated import accelerate, select_backend
 
-        backend = select_backend(backend, loaded.device)
+        backend = select_backend(backend, device=loaded.device)
         return cls(accelerate(loaded, backend), backend)
 
     def __call__(
@@ -111,8 +111,8 @@ class ICDEditPipeline:
         images = [image] if isinstance(image, Image.Image) else list(image)
         edited = []
         for picture in images:
-            result = edit(self.model, picture.convert("RGB"), source_prompt, target_prompt, settings.guidance,
-                          settings.tau, sampling, p2p=settings.p2p)  # fmt: skip
+            result = edit(self.model, picture.convert("RGB"), source_prompt, target_prompt, guidance=settings.guidance,
+                          tau=settings.tau, settings=sampling, p2p=settings.p2p)  # fmt: skip
             edited.append(
                 result if result.size == picture.size else result.resize(picture.size, Image.Resampling.LANCZOS)
             )

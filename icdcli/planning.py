@@ -58,17 +58,25 @@ def output_target(output: str, inputs: list[Path], *, single: bool) -> tuple[Pat
 
 
 def plan_edit_outputs(
-    items: list[Item], output: str | None, spec: Path | None, batch: bool, anywhere: bool = False
+    items: list[Item], output: str | None, *, spec: Path | None, batch: bool, anywhere: bool = False
 ) -> list[Item]:
-    """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`)."""
+    """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`).
+
+    Args:
+        items: The edits, from the command line or a spec.
+        output: The -o value (a file, or a folder ending in a separator); None: next to each input.
+        spec: The spec file the items came from, if any (its rows' outputs resolve against its folder).
+        batch: Whether several images may come (then -o names a folder).
+        anywhere: Allow outputs outside the input's or spec's folder.
+    """
     spec_folder = spec.parent if spec is not None else None
     if output is None:
-        return plan_items(items, None, spec_folder, anywhere)
+        return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere)
     inputs = [item.image for item in items[:1] if item.image is not None]
     target, is_file = output_target(output, inputs, single=not batch)
     if is_file:  # -o: the user's own path
-        return plan_items([replace(items[0], output=target)], None, spec_folder, anywhere=True)
-    return plan_items(items, target, spec_folder, anywhere)
+        return plan_items([replace(items[0], output=target)], None, spec_out=spec_folder, anywhere=True)
+    return plan_items(items, target, spec_out=spec_folder, anywhere=anywhere)
 
 
 def _made_by_icd(path: Path) -> bool:
@@ -86,7 +94,7 @@ def unique_path(path: Path, taken: set[Path]) -> Path:
     return candidate
 
 
-def plan_files(inputs: list[Path], output: str | None, suffix: str) -> list[Path]:
+def plan_files(inputs: list[Path], output: str | None, *, suffix: str) -> list[Path]:
     """Where each input's result goes (`icd invert`: its latents, its reconstruction): `output_target` for -o,
     else `<stem><suffix>` beside each input; a default name never lands on an input or a file icd did not make."""
     if output is not None:
@@ -126,7 +134,7 @@ def escapes(output: Path) -> bool:
 
 
 def plan_items(
-    items: list[Item], folder: Path | None, spec_out: Path | None = None, anywhere: bool = False
+    items: list[Item], folder: Path | None, *, spec_out: Path | None = None, anywhere: bool = False
 ) -> list[Item]:
     """Every usable item with its output path decided.
 

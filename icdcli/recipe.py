@@ -280,7 +280,7 @@ def resolve_edit(
     )
 
 
-def guidance_and_tau(info: Any, sampler: str, guidance: float | None, tau: float | None) -> tuple[float, float]:
+def guidance_and_tau(info: Any, sampler: str, *, guidance: float | None, tau: float | None) -> tuple[float, float]:
     """Guidance and tau of an edit with a model of metadata `info`: the user's, else the model's recipe
     (icd) or its generation guidance without dynamic guidance (the DDIM baseline)."""
     # the method changes neither; "swap" spares building P2P settings

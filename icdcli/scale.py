@@ -202,7 +202,7 @@ def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -
 def _export_folder(model: Any, task: dict[str, Any], progress: Callable[[str], None]) -> Path:
     from .accelerated import ensure_exported
 
-    folder, _ = ensure_exported(model, "fp16" if task["precision"] == "fp16" else "fp32", progress=progress)
+    folder, _ = ensure_exported(model, precision="fp16" if task["precision"] == "fp16" else "fp32", progress=progress)
     return folder
 
 
@@ -235,7 +235,7 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
         with meter.stage("sessions"):
             model = accelerate(model, task["backend"], progress=say)
     timed = TimedModel(model, meter)
-    guidance, tau = guidance_and_tau(model.info, "icd", None, None)
+    guidance, tau = guidance_and_tau(model.info, "icd", guidance=None, tau=None)
     method = task["method"] or model.info.edit.method
     p2p = P2POptions().resolve(model.info.edit) if method == "p2p" else None
     image = sample_image(model.info.native_size)
@@ -244,7 +244,9 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     def run() -> Any:
         timings = Timings()
         with meter.stage("edit"):
-            result = edit(timed, image, SOURCE, TARGET, guidance, tau, settings, timings=timings, p2p=p2p)
+            result = edit(
+                timed, image, SOURCE, TARGET, guidance=guidance, tau=tau, settings=settings, timings=timings, p2p=p2p
+            )
         for name, seconds in timings.seconds.items():
             meter.seconds.setdefault(name, []).append(seconds)
         return result

@@ -91,7 +91,7 @@ def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dic
     from .edit_run import EditFlags, EditRun
     from .planning import plan_items
 
-    items = plan_items(read_spec(spec), out, spec.parent)
+    items = plan_items(read_spec(spec), out, spec_out=spec.parent)
     flags = EditFlags(None, None)  # the model's recipe
     runner = EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
     runner.adopt(loaded)

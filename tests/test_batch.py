@@ -136,10 +136,10 @@ def test_one_image_many_rows_get_row_numbers_and_clashes_fail(tmp_path):
             ]
         )
     )
-    items = plan_items([with_prompts(i, "s", "t") for i in read_spec(spec)], None, tmp_path)
+    items = plan_items([with_prompts(i, "s", "t") for i in read_spec(spec)], None, spec_out=tmp_path)
     assert [i.output.name for i in items[:3]] == ["a-edit-1.png", "a-edit-2.png", "same.png"]
     assert "also the output of" in items[3].error and "is an input" in items[4].error
-    files, _ = expand_inputs([tmp_path / "photo.jpg", tmp_path / "photo.png", tmp_path / "other.png"], False)
+    files, _ = expand_inputs([tmp_path / "photo.jpg", tmp_path / "photo.png", tmp_path / "other.png"], recursive=False)
     names = [item.output.name for item in plan_items([with_prompts(i, "s", "t") for i in files], tmp_path / "o")]
     assert names == ["photo-jpg-edit.png", "photo-png-edit.png", "other-edit.png"]
 
@@ -153,8 +153,8 @@ def test_shards_cover_every_item_exactly_once():
     sizes = [len(select_shard(items, index, 4)) for index in range(4)]
     assert min(sizes) > 30  # a hash spreads items about evenly
     assert parse_shard("2/5") == Shard(2, 5)
-    assert parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2, True)
-    assert parse_shard("auto", {}) == Shard(0, 1, True)
+    assert parse_shard("auto", environ={"RANK": "1", "WORLD_SIZE": "2"}) == Shard(1, 2, True)
+    assert parse_shard("auto", environ={}) == Shard(0, 1, True)
     for bad in ("5/5", "-1/3", "1", "a/b"):
         with pytest.raises(ValueError, match=f"'{bad}': .* e.g. 0/4"):
             parse_shard(bad)
@@ -163,12 +163,12 @@ def test_shards_cover_every_item_exactly_once():
 def test_resume_decisions():
     wanted = {"model_hash": "h", "method": "swap", "sampler": "icd", "steps": 4, "src": "a", "tgt": "b",
               "guidance": 19.0, "tau": 0.8, "seed": 0, "input_sha256": "x", "backend": "torch"}  # fmt: skip
-    assert decide(False, None, wanted, False).action == "run"
-    assert decide(True, {**wanted, "backend": "onnxruntime"}, wanted, False).action == "skip"
-    refused = decide(True, {**wanted, "seed": 3}, wanted, False)
+    assert decide(False, None, wanted, overwrite=False).action == "run"
+    assert decide(True, {**wanted, "backend": "onnxruntime"}, wanted, overwrite=False).action == "skip"
+    refused = decide(True, {**wanted, "seed": 3}, wanted, overwrite=False)
     assert refused.action == "refuse" and "seed 3 -> 0" in refused.reason and "--overwrite" in refused.reason
-    assert decide(True, None, wanted, False).action == "refuse"
-    assert decide(True, {**wanted, "seed": 3}, wanted, True).action == "run"
+    assert decide(True, None, wanted, overwrite=False).action == "refuse"
+    assert decide(True, {**wanted, "seed": 3}, wanted, overwrite=True).action == "run"
 
 
 # --- the command on real files ----------------------------------------------------------------

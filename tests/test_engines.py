@@ -75,14 +75,15 @@ def test_cpu_sessions_block_instead_of_spinning(ort_sd15):
 @pytest.mark.parametrize("sampler", ["icd", "ddim"])
 def test_edit_on_onnxruntime_matches_torch(ort_sd15, merged_model, sampler):
     settings = SamplerSettings(sampler, ddim_steps=10, seed=3)
-    args = (scene(), "a red square on a blue background", "a green square on a blue background", 7.0, 0.8, settings)
-    assert pixel_gap(edit(ort_sd15, *args), edit(merged_model, *args)) <= PIXEL_LEVELS
+    args = (scene(), "a red square on a blue background", "a green square on a blue background")
+    options = {"guidance": 7.0, "tau": 0.8, "settings": settings}
+    assert pixel_gap(edit(ort_sd15, *args, **options), edit(merged_model, *args, **options)) <= PIXEL_LEVELS
 
 
 @onnx_needed
 def test_generate_on_onnxruntime_matches_torch(ort_sd15, merged_model):
-    args = ("a cat", 8.0, 1.0, SamplerSettings(seed=1))
-    assert pixel_gap(generate(ort_sd15, *args), generate(merged_model, *args)) <= PIXEL_LEVELS
+    options = {"guidance": 8.0, "tau": 1.0, "settings": SamplerSettings(seed=1)}
+    assert pixel_gap(generate(ort_sd15, "a cat", **options), generate(merged_model, "a cat", **options)) <= PIXEL_LEVELS
 
 
 @onnx_needed
@@ -91,8 +92,9 @@ def test_sdxl_edit_on_onnxruntime_matches_torch(sdxl_parts, tmp_path_factory):
 
     model = sdxl_model(sdxl_parts)
     fast = accelerate(model, "onnxruntime", export_dir=exported(tmp_path_factory, model, "sdxl"))
-    args = (scene(), "a red square", "a green square", 8.0, 0.7, SamplerSettings(seed=0))
-    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= PIXEL_LEVELS
+    args = (scene(), "a red square", "a green square")
+    options = {"guidance": 8.0, "tau": 0.7, "settings": SamplerSettings(seed=0)}
+    assert pixel_gap(edit(fast, *args, **options), edit(model, *args, **options)) <= PIXEL_LEVELS
 
 
 @onnx_needed
@@ -111,8 +113,9 @@ def test_cfg_model_runs_batch_two_on_guided_steps(merged_model, tmp_path_factory
         actual = fast.reverse_denoiser(x, 500, cond, guidance)
         assert (actual - expected).abs().max() <= 1e-4 * (1 + expected.abs().max())
     assert batches == [1, 2]
-    args = (scene(), "a red square", "a green square", 4.0, 0.8, SamplerSettings(seed=0))
-    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= PIXEL_LEVELS
+    args = (scene(), "a red square", "a green square")
+    options = {"guidance": 4.0, "tau": 0.8, "settings": SamplerSettings(seed=0)}
+    assert pixel_gap(edit(fast, *args, **options), edit(model, *args, **options)) <= PIXEL_LEVELS
 
 
 @onnx_needed
@@ -277,10 +280,10 @@ def test_named_backends_that_cannot_run_say_what_to_do():
 
 
 def test_select_backend_here():
-    assert select_backend("torch", "cpu") == "torch"
+    assert select_backend("torch", device="cpu") == "torch"
     if not torch.cuda.is_available():
         with pytest.raises(ICDError):
-            select_backend("tensorrt", "cpu")
+            select_backend("tensorrt", device="cpu")
 
 
 # --- TensorRT: pure logic ---------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
     factor = manifest.vae_scale_factor
     for step in range(0, 3001, 7):  # aspect 1 .. 4
         for width, height in ((1000 + step, 1000), (1000, 1000 + step)):
-            w, h = fit_size(width, height, native, multiple)
+            w, h = fit_size(width, height, native_size=native, multiple=multiple)
             shapes = {
                 "vae_encoder": {"images": (1, 3, h, w)},
                 "vae_decoder": {"latents": (1, 4, h // factor, w // factor)},
@@ -363,7 +366,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
             for graph, profiles in graphs.items():
                 assert trt_engine.choose_profile(profiles, shapes[graph]) is not None, (graph, w, h)
     # the 2.5:1 photo that fell outside the old profile of 3/2 native
-    w, h = fit_size(2500, 1000, native, multiple)
+    w, h = fit_size(2500, 1000, native_size=native, multiple=multiple)
     assert w >= native * 3 // 2
     assert trt_engine.choose_profile(graphs["vae_encoder"], {"images": (1, 3, h, w)}) is not None
 
@@ -372,7 +375,7 @@ def test_photos_thinner_than_the_profiles_are_not_covered():
     from icdcli.images import fit_size
 
     profiles = request_of(trt_engine.plan_engines(tiny_manifest()), "vae_encoder").profiles
-    w, h = fit_size(8000, 1000, 512, 64)
+    w, h = fit_size(8000, 1000, native_size=512, multiple=64)
     assert trt_engine.choose_profile(profiles, {"images": (1, 3, h, w)}) is None
 
 
@@ -589,11 +592,12 @@ def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
 
     model = load_merged(merged_dir, need_teacher=False).to("cuda", torch.float16)
     fast = accelerate(model, "tensorrt")
-    args = (scene(), "a red square", "a green square", 7.0, 0.8, SamplerSettings(seed=0))
+    args = (scene(), "a red square", "a green square")
+    options = {"guidance": 7.0, "tau": 0.8, "settings": SamplerSettings(seed=0)}
     # fp16 engines against fp16 torch: kernels differ, so allow what fp16 rounding moves through 8 steps
-    assert pixel_gap(edit(fast, *args), edit(model, *args)) <= 8
+    assert pixel_gap(edit(fast, *args, **options), edit(model, *args, **options)) <= 8
     wide = scene().resize((84, 32))  # 2.6:1: the landscape profiles
-    assert pixel_gap(edit(fast, wide, *args[1:]), edit(model, wide, *args[1:])) <= 8
+    assert pixel_gap(edit(fast, wide, *args[1:], **options), edit(model, wide, *args[1:], **options)) <= 8
     assert fast.reverse_denoiser.runner.engine is not None and not fast.told  # nothing fell back to PyTorch
 
 

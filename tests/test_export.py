@@ -474,13 +474,13 @@ def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir,
     from icdcli.models import load_merged
 
     folder = tmp_path / "export"
-    ensure_exported(load_merged(merged_dir, need_teacher=False), "fp32", out_dir=folder)
+    ensure_exported(load_merged(merged_dir, need_teacher=False), precision="fp32", out_dir=folder)
     first = read_manifest(folder)
     assert TEACHER not in first.graphs
     stamps = {name: (folder / spec.file).stat().st_mtime_ns for name, spec in first.graphs.items()}
     said = []
     _, manifest = ensure_exported(
-        load_merged(merged_dir, need_teacher=True), "fp32", out_dir=folder, progress=said.append
+        load_merged(merged_dir, need_teacher=True), precision="fp32", out_dir=folder, progress=said.append
     )
     assert TEACHER in manifest.graphs and read_manifest(folder).graphs.keys() == manifest.graphs.keys()
     assert {name: (folder / first.graphs[name].file).stat().st_mtime_ns for name in first.graphs} == stamps

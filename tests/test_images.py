@@ -24,7 +24,7 @@ def _gradient(width=40, height=24):
      (10, 2000, 512, 64, (64, 4096)), (1920, 1080, 1024, 64, (1344, 768)), (40, 24, 32, 16, (48, 32))],
 )  # fmt: skip
 def test_fit_size_keeps_area_aspect_and_multiples(width, height, native, multiple, expected):
-    fitted = fit_size(width, height, native, multiple)
+    fitted = fit_size(width, height, native_size=native, multiple=multiple)
     assert fitted == expected
     assert fitted[0] % multiple == 0 and fitted[1] % multiple == 0
 
@@ -107,7 +107,7 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
         temporary.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
-    save_image(Image.fromarray(_gradient()), target, {"icd": "{}"})
+    save_image(Image.fromarray(_gradient()), target, text={"icd": "{}"})
     assert Image.open(target).text["icd"] == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
@@ -117,9 +117,9 @@ def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
 
     image = Image.fromarray(_gradient())
     for name in ("out.png", "out.jpg"):
-        save_image(image, tmp_path / name, {"icd": '{"seed": 3}'})
+        save_image(image, tmp_path / name, text={"icd": '{"seed": 3}'})
         assert read_record(tmp_path / name) == {"seed": 3}
-    save_image(image, tmp_path / "plain.webp", {"icd": '{"seed": 3}'})
+    save_image(image, tmp_path / "plain.webp", text={"icd": '{"seed": 3}'})
     (tmp_path / "junk.png").write_bytes(b"junk")
     assert read_record(tmp_path / "plain.webp") is None and read_record(tmp_path / "junk.png") is None
 

@@ -33,7 +33,9 @@ def _watched_decode(decode, unets, alive: list[bool], latents):
 
 def _edits(model, p2p: P2PSettings | None) -> np.ndarray:
     settings = SamplerSettings("icd", seed=3)
-    return np.asarray(edit(model, _image(), SOURCE, TARGET, 2.0, 0.7, settings, p2p=p2p), dtype=np.int16)
+    return np.asarray(
+        edit(model, _image(), SOURCE, TARGET, guidance=2.0, tau=0.7, settings=settings, p2p=p2p), dtype=np.int16
+    )
 
 
 def test_the_rule_frees_between_stages_only_for_large_unets_unless_told():

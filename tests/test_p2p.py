@@ -100,17 +100,33 @@ def test_word_spans_and_plan_on_the_default_tokenizer():
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
     assert word_token_positions(tokenizer, SOURCE) == [[i] for i in range(1, 8)]
-    plan = make_plan(tokenizer, SOURCE, "a yellow circle on a blue background", P2PSettings(blend=("circle",)), 4, 8)
+    plan = make_plan(
+        tokenizer,
+        SOURCE,
+        "a yellow circle on a blue background",
+        settings=P2PSettings(blend=("circle",)),
+        num_steps=4,
+        latent_side=8,
+    )
     assert plan.mode == "replace" and torch.equal(plan.mapper, torch.eye(tokenizer.model_max_length))
     assert plan.blend_tokens[0].nonzero().flatten().tolist() == [3] == plan.blend_tokens[1].nonzero().flatten().tolist()
-    refine = make_plan(tokenizer, SOURCE, "a big red circle on a blue background", P2PSettings(), 4, 8)
+    refine = make_plan(
+        tokenizer, SOURCE, "a big red circle on a blue background", settings=P2PSettings(), num_steps=4, latent_side=8
+    )
     assert refine.mode == "refine" and refine.refine[2] == 0 and refine.refine.sum() == tokenizer.model_max_length - 1
     with pytest.raises(P2PError, match="neither prompt"):
-        make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(blend=("dog",)), 4, 8)
+        make_plan(tokenizer, SOURCE, SOURCE, settings=P2PSettings(blend=("dog",)), num_steps=4, latent_side=8)
     with pytest.raises(P2PError, match="not a word of the target prompt"):
-        make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(amplify=(("dog", 2.0),)), 4, 8)
+        make_plan(tokenizer, SOURCE, SOURCE, settings=P2PSettings(amplify=(("dog", 2.0),)), num_steps=4, latent_side=8)
     with pytest.raises(P2PError, match="equal word counts"):
-        make_plan(tokenizer, SOURCE, "a big red circle on a blue background", P2PSettings(mode="replace"), 4, 8)
+        make_plan(
+            tokenizer,
+            SOURCE,
+            "a big red circle on a blue background",
+            settings=P2PSettings(mode="replace"),
+            num_steps=4,
+            latent_side=8,
+        )
 
 
 # --- the attention rewrite ------------------------------------------------------------------
@@ -118,30 +134,32 @@ def test_word_spans_and_plan_on_the_default_tokenizer():
 
 def test_cross_replace_gives_the_target_the_source_maps_and_leaves_other_rows():
     probs = _probs(4, 2, 6, 5)  # [source uncond, target uncond, source, target]
-    out = edit_probabilities(probs, True, _control())
+    out = edit_probabilities(probs, is_cross=True, control=_control())
     assert torch.equal(out[-1], probs[-2]) and torch.equal(out[:3], probs[:3])
-    assert torch.equal(edit_probabilities(probs, True, _control(cross=0.0)), probs)  # outside the steps
+    assert torch.equal(
+        edit_probabilities(probs, is_cross=True, control=_control(cross=0.0)), probs
+    )  # outside the steps
 
 
 def test_cross_mapping_refine_and_reweight():
     probs = _probs(2, 1, 3, 4, seed=1)
     swap = torch.eye(4)[[0, 2, 1, 3]]  # source token 1 -> target token 2 and back
-    mapped = edit_probabilities(probs, True, _control(4, mapper=swap))
+    mapped = edit_probabilities(probs, is_cross=True, control=_control(4, mapper=swap))
     assert torch.equal(mapped[1][..., 2], probs[0][..., 1]) and torch.equal(mapped[1][..., 1], probs[0][..., 2])
     refine = torch.tensor([1.0, 1.0, 0.0, 1.0])  # token 2 is new: it keeps the target's own map
-    refined = edit_probabilities(probs, True, _control(4, refine=refine))
+    refined = edit_probabilities(probs, is_cross=True, control=_control(4, refine=refine))
     assert torch.equal(refined[1][..., 2], probs[1][..., 2]) and torch.equal(refined[1][..., 0], probs[0][..., 0])
     weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
-    amplified = edit_probabilities(probs, True, _control(4, reweight=weights))
+    amplified = edit_probabilities(probs, is_cross=True, control=_control(4, reweight=weights))
     assert torch.allclose(amplified[1][..., 1], 3 * probs[0][..., 1])
 
 
 def test_self_replace_only_within_its_steps_and_on_small_maps():
     probs = _probs(2, 2, 16, 16)
-    assert torch.equal(edit_probabilities(probs, False, _control(self_flag=1.0))[1], probs[0])
-    assert torch.equal(edit_probabilities(probs, False, _control(self_flag=0.0)), probs)
+    assert torch.equal(edit_probabilities(probs, is_cross=False, control=_control(self_flag=1.0))[1], probs[0])
+    assert torch.equal(edit_probabilities(probs, is_cross=False, control=_control(self_flag=0.0)), probs)
     large = _probs(2, 1, 32 * 32 + 1, 8)
-    assert torch.equal(edit_probabilities(large, False, _control(self_flag=1.0)), large)
+    assert torch.equal(edit_probabilities(large, is_cross=False, control=_control(self_flag=1.0)), large)
 
 
 def test_local_blend_keeps_the_source_outside_the_words_region():
@@ -151,7 +169,7 @@ def test_local_blend_keeps_the_source_outside_the_words_region():
     maps[1, 10, 3] = 1.0  # target word (token 3) at query (2, 2)
     tokens = torch.zeros(2, 5)
     tokens[0, 2] = tokens[1, 3] = 1.0
-    mask = blend_mask(maps, tokens, size, (4, 4), 0.3)
+    mask = blend_mask(maps, tokens, size=size, latent_hw=(4, 4), threshold=0.3)
     expected = torch.zeros(4, 4)
     expected[0:3, 0:3] = 1  # 3x3 max-pool around (1, 1) ...
     expected[1:4, 1:4] = 1  # ... united with the one around (2, 2)
@@ -192,7 +210,7 @@ def _branches(model, target: str, guidance: float, settings: P2PSettings, sample
     callback: source, target)."""
     sampler = sampler or SamplerSettings()
     image = Image.open(EXAMPLE).convert("RGB")
-    inversion = invert(model, image, SOURCE, sampler)
+    inversion = invert(model, image, SOURCE, settings=sampler)
     return inversion, _decode_branches(model, inversion.latents, SOURCE, target, inversion.size, guidance, settings,
                                        sampler)  # fmt: skip
 
@@ -200,7 +218,7 @@ def _branches(model, target: str, guidance: float, settings: P2PSettings, sample
 def _decode_branches(model, latents, source, target, size, guidance, settings, sampler=None):
     steps = []
     sampler = sampler or SamplerSettings()
-    decode_p2p(model, latents, source, target, size, guidance, 0.8, sampler, settings,
+    decode_p2p(model, latents, source, target, size=size, guidance=guidance, tau=0.8, settings=sampler, p2p=settings,
                callback=lambda index, t, x: steps.append(x))  # fmt: skip
     return steps[-1]
 
@@ -209,7 +227,9 @@ def test_identical_prompts_with_full_replace_decode_the_target_as_the_source(def
     full = P2PSettings(cross_replace=1.0, self_replace=1.0)
     inversion, both = _branches(default_model, SOURCE, 1.0, full)
     assert_close_to_scale(both[1], both[0])
-    plain = decode(default_model, inversion.latents, SOURCE, inversion.size, 1.0, 0.8, SamplerSettings())
+    plain = decode(
+        default_model, inversion.latents, SOURCE, size=inversion.size, guidance=1.0, tau=0.8, settings=SamplerSettings()
+    )
     assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)  # the source is untouched
 
 
@@ -226,9 +246,11 @@ def test_steps_after_the_last_control_decode_the_target_rows_alone(default_model
     """The release's recipe edits attention in steps 0-1 only and has no local blend: steps 2-3 decode the target
     rows alone, which changes them only by rounding (rows of a batch are independent without control)."""
     model, target = default_model, "a yellow circle on a blue background"
-    inversion = invert(model, Image.open(EXAMPLE).convert("RGB"), SOURCE, SamplerSettings())
+    inversion = invert(model, Image.open(EXAMPLE).convert("RGB"), SOURCE, settings=SamplerSettings())
     settings = P2PSettings(cross_replace=0.3, self_replace=0.6)
-    plan = make_plan(model.tokenizers[0], SOURCE, target, settings, 4, inversion.latents.shape[-1])
+    plan = make_plan(
+        model.tokenizers[0], SOURCE, target, settings=settings, num_steps=4, latent_side=inversion.latents.shape[-1]
+    )
     assert [plan.reads_source(index) for index in range(4)] == [True, True, False, False]
     seen: list = []
     handle = _unet_calls(model.reverse_unet, seen)
@@ -242,13 +264,17 @@ def test_steps_after_the_last_control_decode_the_target_rows_alone(default_model
         full = _decode_branches(model, inversion.latents, SOURCE, target, inversion.size, 4.0, settings)
     assert_close_to_scale(short[1::2], full[1::2], rel=1e-5)
     assert (short[0] - full[0]).abs().max() > 0  # the source row stopped at the cut
-    blended = make_plan(model.tokenizers[0], SOURCE, target, replace(settings, blend=("circle",)), 4, 8)
+    blended = make_plan(
+        model.tokenizers[0], SOURCE, target, settings=replace(settings, blend=("circle",)), num_steps=4, latent_side=8
+    )
     assert all(blended.reads_source(index) for index in range(4))  # local blend reads the source at every step
 
 
 def test_the_source_branch_ignores_the_target_and_its_guidance(default_model):
     inversion, both = _branches(default_model, "a yellow circle on a blue background", 4.0, P2PSettings())
-    plain = decode(default_model, inversion.latents, SOURCE, inversion.size, 1.0, 0.8, SamplerSettings())
+    plain = decode(
+        default_model, inversion.latents, SOURCE, size=inversion.size, guidance=1.0, tau=0.8, settings=SamplerSettings()
+    )
     assert torch.allclose(default_model.decode_latents(both[:1]), plain, atol=1e-4)
     assert (both[1] - both[0]).abs().max() > 0.1  # the target did change
 
@@ -335,7 +361,7 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
     x0 = model.encode_image(pixels)
     from icdcli.editing import invert_latents
 
-    latents = invert_latents(model, x0, source, (32, 32), SamplerSettings())
+    latents = invert_latents(model, x0, source, size=(32, 32), settings=SamplerSettings())
     results = []
     for tgt, guidance in ((source, 1.0), (target, 6.0)):
         blend = ("cat",) if tgt == source else ("cat", "dog")
@@ -361,7 +387,7 @@ def make_plan_for_steps():
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "pipeline" / "tokenizer")
-    return make_plan(tokenizer, SOURCE, SOURCE, P2PSettings(), 4, 8)
+    return make_plan(tokenizer, SOURCE, SOURCE, settings=P2PSettings(), num_steps=4, latent_side=8)
 
 
 # --- the seam: a controlled step, the P2P denoiser wrapper and its step hook ----------------------------

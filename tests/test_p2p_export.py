@@ -46,12 +46,19 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inversion(models):
-    return invert(models[0], Image.open(EXAMPLE).convert("RGB"), SOURCE, SamplerSettings())
+    return invert(models[0], Image.open(EXAMPLE).convert("RGB"), SOURCE, settings=SamplerSettings())
 
 
 def _decode(model, inversion, settings: P2PSettings):
     pairs = p2p_pairs(model.info.reverse_boundaries, None)
-    plan = make_plan(model.tokenizers[0], SOURCE, TARGET, settings, len(pairs), inversion.latents.shape[-1])
+    plan = make_plan(
+        model.tokenizers[0],
+        SOURCE,
+        TARGET,
+        settings=settings,
+        num_steps=len(pairs),
+        latent_side=inversion.latents.shape[-1],
+    )
     cond = _conditioning(model, [SOURCE, TARGET], inversion.size, 4.0)
     schedule = NoiseSchedule.stable_diffusion()
     both = p2p_decode(model.reverse_denoiser, inversion.latents, cond, pairs, 4.0, 0.8, schedule, plan)
@@ -74,10 +81,9 @@ def test_p2p_on_onnxruntime_matches_pytorch_with_every_control(models, inversion
     ort_both, ort_plan = _decode(fast, inversion, SETTINGS)
     assert_close_to_scale(ort_both, torch_both)
     assert_close_to_scale(ort_plan.map_sum, torch_plan.map_sum)
-    pixels_torch = decode_p2p(model, inversion.latents, SOURCE, TARGET, inversion.size, 4.0, 0.8, SamplerSettings(),
-                              SETTINGS)  # fmt: skip
-    pixels_ort = decode_p2p(fast, inversion.latents, SOURCE, TARGET, inversion.size, 4.0, 0.8, SamplerSettings(),
-                            SETTINGS)  # fmt: skip
+    options = {"size": inversion.size, "guidance": 4.0, "tau": 0.8, "settings": SamplerSettings(), "p2p": SETTINGS}
+    pixels_torch = decode_p2p(model, inversion.latents, SOURCE, TARGET, **options)
+    pixels_ort = decode_p2p(fast, inversion.latents, SOURCE, TARGET, **options)
     assert torch.allclose(pixels_torch, pixels_ort, atol=1e-4)
     plain, _ = _decode(fast, inversion, P2PSettings(cross_replace=0.0, self_replace=0.0))
     assert (plain - ort_both).abs().max() > 0.05  # the control inputs really act inside the graph
@@ -102,10 +108,30 @@ def test_other_sizes_fall_back_to_pytorch_attention(models):
     original = model.info
     try:
         model.info = wide  # 12x12 latents: not the P2P graph's 8x8
-        inverted = invert(fast, image, SOURCE, SamplerSettings())
+        inverted = invert(fast, image, SOURCE, settings=SamplerSettings())
         assert fast.reverse_denoiser._p2p_mismatch(inverted.latents) is not None
-        ort = decode_p2p(fast, inverted.latents, SOURCE, TARGET, inverted.size, 4.0, 0.8, SamplerSettings(), SETTINGS)
-        ref = decode_p2p(model, inverted.latents, SOURCE, TARGET, inverted.size, 4.0, 0.8, SamplerSettings(), SETTINGS)
+        ort = decode_p2p(
+            fast,
+            inverted.latents,
+            SOURCE,
+            TARGET,
+            size=inverted.size,
+            guidance=4.0,
+            tau=0.8,
+            settings=SamplerSettings(),
+            p2p=SETTINGS,
+        )
+        ref = decode_p2p(
+            model,
+            inverted.latents,
+            SOURCE,
+            TARGET,
+            size=inverted.size,
+            guidance=4.0,
+            tau=0.8,
+            settings=SamplerSettings(),
+            p2p=SETTINGS,
+        )
     finally:
         model.info = original
     assert torch.allclose(ort, ref, atol=1e-4)
@@ -115,8 +141,10 @@ def _decode_pairs(model, latents, size, jobs):
     """P2P edits (target, settings, guidance, tau) of `latents` rows decoded together; (rows, plans)."""
     pairs = p2p_pairs(model.info.reverse_boundaries, None)
     tokenizer = model.tokenizers[0]
-    plans = [make_plan(tokenizer, SOURCE, target, settings, len(pairs), latents.shape[-1]) for target, settings, _, _
-             in jobs]  # fmt: skip
+    plans = [
+        make_plan(tokenizer, SOURCE, target, settings=settings, num_steps=len(pairs), latent_side=latents.shape[-1])
+        for target, settings, _, _ in jobs
+    ]
     cond = _conditioning(model, [prompt for target, *_ in jobs for prompt in (SOURCE, target)], size, 4.0)
     guidance = torch.tensor([job[2] for job in jobs]) if len(jobs) > 1 else jobs[0][2]
     tau = torch.tensor([job[3] for job in jobs]) if len(jobs) > 1 else jobs[0][3]
@@ -192,7 +220,14 @@ def test_refine_edits_agree_on_onnxruntime_and_pytorch(models, inversion):
     results = []
     for denoiser_model in (model, fast):
         pairs = p2p_pairs(model.info.reverse_boundaries, None)
-        plan = make_plan(model.tokenizers[0], SOURCE, target, settings, len(pairs), inversion.latents.shape[-1])
+        plan = make_plan(
+            model.tokenizers[0],
+            SOURCE,
+            target,
+            settings=settings,
+            num_steps=len(pairs),
+            latent_side=inversion.latents.shape[-1],
+        )
         assert plan.mode == "refine" and plan.refine[6] == 0  # the second "red" is the new token
         cond = _conditioning(denoiser_model, [SOURCE, target], inversion.size, 4.0)
         schedule = NoiseSchedule.stable_diffusion()

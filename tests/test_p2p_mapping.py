@@ -58,15 +58,17 @@ def _replace(tokenizer, source: str, target: str, shift_tail: bool = False) -> t
     return replacement_mapper(
         prompt_words(source),
         prompt_words(target),
-        word_token_positions(tokenizer, source),
-        word_token_positions(tokenizer, target),
-        LENGTH,
+        source_positions=word_token_positions(tokenizer, source),
+        target_positions=word_token_positions(tokenizer, target),
+        length=LENGTH,
         shift_tail=shift_tail,
     )
 
 
 def _refine(tokenizer, source: str, target: str) -> list[int]:
-    mapper, alphas = refinement_mapper(prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target), LENGTH)
+    mapper, alphas = refinement_mapper(
+        prompt_token_ids(tokenizer, source), prompt_token_ids(tokenizer, target), length=LENGTH
+    )
     return _columns(mapper, alphas)
 
 
@@ -183,27 +185,45 @@ def test_replace_tail_aligned_here_shifted_in_the_release(tokenizer):
 def test_new_words_and_their_amplification(tokenizer):
     assert new_words("a cat on the mat", "a big dalmatian on the mat") == ["big", "dalmatian"]
     assert new_words("a cat", "the cat of a dog") == ["dog"]  # stopwords left out
-    weights = reweight_vector(tokenizer, "a cat on the mat", "a big dalmatian on the mat", (), amplify_new=4.0)
+    weights = reweight_vector(tokenizer, "a cat on the mat", "a big dalmatian on the mat", amplify=(), amplify_new=4.0)
     assert weights.tolist()[:7] == [1, 1, 4, 4, 4, 4, 1]
-    explicit = reweight_vector(tokenizer, "a cat", "a big dalmatian", (("big", 2.0),), amplify_new=4.0)
+    explicit = reweight_vector(tokenizer, "a cat", "a big dalmatian", amplify=(("big", 2.0),), amplify_new=4.0)
     assert explicit.tolist()[:6] == [1, 1, 2, 4, 4, 4]
     with pytest.raises(P2PError, match="not a word of the target"):
-        reweight_vector(tokenizer, "a cat", "a dog", (("Dog", 2.0),))
+        reweight_vector(tokenizer, "a cat", "a dog", amplify=(("Dog", 2.0),))
 
 
 def test_blend_words_per_prompt(tokenizer):
     settings = P2PSettings(blend_source=("cat",), blend_target=("dalmatian",))
-    plan = make_plan(tokenizer, "a cat on the mat", "a dalmatian on the mat", settings, 4, 16)
+    plan = make_plan(
+        tokenizer, "a cat on the mat", "a dalmatian on the mat", settings=settings, num_steps=4, latent_side=16
+    )
     assert plan.blend_tokens[0].nonzero().flatten().tolist() == [2]
     assert plan.blend_tokens[1].nonzero().flatten().tolist() == [2, 3, 4]
-    either = make_plan(tokenizer, "a cat on the mat", "a dog on the mat", P2PSettings(blend=("cat", "dog")), 4, 16)
+    either = make_plan(
+        tokenizer,
+        "a cat on the mat",
+        "a dog on the mat",
+        settings=P2PSettings(blend=("cat", "dog")),
+        num_steps=4,
+        latent_side=16,
+    )
     assert either.blend_tokens.nonzero().tolist() == [[0, 2], [1, 2]]
     with pytest.raises(P2PError, match="--blend-tgt word 'puppy'"):
-        make_plan(tokenizer, "a cat", "a dog", P2PSettings(blend_source=("cat",), blend_target=("puppy",)), 4, 16)
+        make_plan(
+            tokenizer,
+            "a cat",
+            "a dog",
+            settings=P2PSettings(blend_source=("cat",), blend_target=("puppy",)),
+            num_steps=4,
+            latent_side=16,
+        )
     lenient = P2PSettings(blend_source=("cat",), blend_target=("puppy",), strict_blend=False)
-    assert make_plan(tokenizer, "a cat", "a dog", lenient, 4, 16).blend_tokens[1].sum() == 0  # adds no region
+    assert (
+        make_plan(tokenizer, "a cat", "a dog", settings=lenient, num_steps=4, latent_side=16).blend_tokens[1].sum() == 0
+    )  # adds no region
     with pytest.raises(P2PError, match="neither prompt"):
-        make_plan(tokenizer, "a cat", "a dog", P2PSettings(blend=("Cat",)), 4, 16)
+        make_plan(tokenizer, "a cat", "a dog", settings=P2PSettings(blend=("Cat",)), num_steps=4, latent_side=16)
 
 
 # --- the step rule -------------------------------------------------------------------------------

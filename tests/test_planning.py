@@ -30,13 +30,13 @@ def test_edit_and_invert_plan_with_the_same_rule(tmp_path):
     photo.write_bytes(b"")
     for output in (str(photo), str(tmp_path / "missing" / "deeper") + "/"):
         with pytest.raises(click.ClickException) as from_edit:
-            plan_edit_outputs([_item(photo)], output, None, batch=False)
+            plan_edit_outputs([_item(photo)], output, spec=None, batch=False)
         with pytest.raises(click.ClickException) as from_invert:
-            plan_files([photo], output, ".latent.safetensors")
+            plan_files([photo], output, suffix=".latent.safetensors")
         assert from_edit.value.message == from_invert.value.message
-    (edited,) = plan_edit_outputs([_item(photo)], str(tmp_path / "out") + "/", None, batch=False)
+    (edited,) = plan_edit_outputs([_item(photo)], str(tmp_path / "out") + "/", spec=None, batch=False)
     assert edited.output == tmp_path / "out" / "cat-edit.png"
-    assert plan_files([photo], str(tmp_path / "out"), ".latent.safetensors") == [
+    assert plan_files([photo], str(tmp_path / "out"), suffix=".latent.safetensors") == [
         tmp_path / "out" / "cat.latent.safetensors"
     ]
 
@@ -45,5 +45,5 @@ def test_a_default_name_never_replaces_a_file_icd_did_not_make(tmp_path):
     photo = tmp_path / "cat.png"
     photo.write_bytes(b"")
     (tmp_path / "cat-reconstruction.png").write_bytes(b"not icd's")
-    assert plan_files([photo], None, "-reconstruction.png") == [tmp_path / "cat-reconstruction-1.png"]
-    assert plan_files([photo], None, ".png") == [tmp_path / "cat-1.png"]  # never the input itself
+    assert plan_files([photo], None, suffix="-reconstruction.png") == [tmp_path / "cat-reconstruction-1.png"]
+    assert plan_files([photo], None, suffix=".png") == [tmp_path / "cat-1.png"]  # never the input itself

@@ -286,9 +286,9 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     seen = []
     original = p2p.edit_probabilities
 
-    def spy(probs, is_cross, control):
+    def spy(probs, *, is_cross, control):
         seen.append((is_cross, probs.shape[2]))
-        return original(probs, is_cross, control)
+        return original(probs, is_cross=is_cross, control=control)
 
     monkeypatch.setattr(p2p, "edit_probabilities", spy)
     length = 77
@@ -325,7 +325,16 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
         runners = accelerated.parts.runners
         assert {"reverse_unet", "reverse_unet_p2p"} <= runners.keys()
         assert all(runner._session is None for runner in runners.values()), "nothing opened before an edit"
-        edit(accelerated, sample_image(32), "a red cat", "a blue cat", 4.0, 0.8, SamplerSettings(), p2p=p2p)
+        edit(
+            accelerated,
+            sample_image(32),
+            "a red cat",
+            "a blue cat",
+            guidance=4.0,
+            tau=0.8,
+            settings=SamplerSettings(),
+            p2p=p2p,
+        )
         return {name for name, runner in runners.items() if runner._session is not None}
 
     shared = {"forward_unet", "vae_encoder", "vae_decoder", "text_encoder"}

@@ -47,13 +47,13 @@ def test_an_item_gives_the_same_result_alone_and_in_a_batch(backend, method):
     model = load_model(MODEL_OPTIONS, need_teacher=False, backend=backend).model
     jobs = _jobs(model, 5, method)
     settings = SamplerSettings("icd", 50, 0)
-    alone = [edit_batch(model, [job], settings)[0] for job in jobs]
-    together = edit_batch(model, jobs, settings)
+    alone = [edit_batch(model, [job], settings=settings)[0] for job in jobs]
+    together = edit_batch(model, jobs, settings=settings)
     for one, batched in zip(alone, together, strict=True):
         difference = np.abs(np.asarray(one, dtype=int) - np.asarray(batched, dtype=int)).max()
         assert difference <= ROUNDING_LEVELS
     # and the batch's items are each their own edit: another seed gives another result
-    reseeded = edit_batch(model, [replace(jobs[0], seed=99), *jobs[1:]], settings)
+    reseeded = edit_batch(model, [replace(jobs[0], seed=99), *jobs[1:]], settings=settings)
     assert np.abs(np.asarray(reseeded[0], dtype=int) - np.asarray(together[0], dtype=int)).max() > ROUNDING_LEVELS
     for before, after in zip(together[1:], reseeded[1:], strict=True):
         assert np.abs(np.asarray(before, dtype=int) - np.asarray(after, dtype=int)).max() <= ROUNDING_LEVELS
@@ -63,7 +63,7 @@ def test_a_p2p_item_that_cannot_run_fails_alone():
     model = load_model(MODEL_OPTIONS, need_teacher=False, backend="torch").model
     jobs = _jobs(model, 3, "p2p")
     broken = replace(jobs[1], p2p=replace(jobs[1].p2p, blend_source=("unicorn",)))
-    results = edit_batch(model, [jobs[0], broken, jobs[2]], SamplerSettings("icd", 50, 0))
+    results = edit_batch(model, [jobs[0], broken, jobs[2]], settings=SamplerSettings("icd", 50, 0))
     assert isinstance(results[1], ValueError) and "unicorn" in str(results[1])
     assert all(isinstance(result, Image.Image) for result in (results[0], results[2]))
 

@@ -80,7 +80,7 @@ def edit_runner(model: Any, image: Image.Image, method: str) -> Callable[[], Non
     p2p = P2POptions().resolve(model.info.edit) if method == "icd-p2p" else None  # the model's recipe
 
     def run() -> None:
-        edit(runnable, image, SOURCE, TARGET, guidance, tau, settings, p2p=p2p)
+        edit(runnable, image, SOURCE, TARGET, guidance=guidance, tau=tau, settings=settings, p2p=p2p)
 
     return run
 

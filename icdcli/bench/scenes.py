@@ -37,9 +37,18 @@ def roundtrip(
     size = (pixels.shape[-1], pixels.shape[-2])
     with torch.no_grad():
         x0 = model.encode_image(pixels)
-        latents = invert_latents(model, x0, captions, size, settings)
+        latents = invert_latents(model, x0, captions, size=size, settings=settings)
         unguided = captions if target_captions is not None else None
-        return decode(model, latents, target_captions or captions, size, guidance, tau, settings, unguided)
+        return decode(
+            model,
+            latents,
+            target_captions or captions,
+            size=size,
+            guidance=guidance,
+            tau=tau,
+            settings=settings,
+            unguided_prompt=unguided,
+        )
 
 
 def p2p_roundtrip(
@@ -56,10 +65,20 @@ def p2p_roundtrip(
     """Invert a batch with its captions, then Prompt-to-Prompt edit each image to its target caption."""
     size = (pixels.shape[-1], pixels.shape[-2])
     with torch.no_grad():
-        latents = invert_latents(model, model.encode_image(pixels), captions, size, settings)
+        latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
         return torch.cat(
             [
-                decode_p2p(model, latents[i : i + 1], source, target, size, guidance, tau, settings, p2p)
+                decode_p2p(
+                    model,
+                    latents[i : i + 1],
+                    source,
+                    target,
+                    size=size,
+                    guidance=guidance,
+                    tau=tau,
+                    settings=settings,
+                    p2p=p2p,
+                )
                 for i, (source, target) in enumerate(zip(captions, target_captions, strict=True))
             ]
         )
