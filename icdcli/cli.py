@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .batch import Shard
+from .bench.throughput import throughput as _throughput_command
 from .claims import sweep
 from .cli_cache import cache as _cache_command
 from .cli_common import (
@@ -55,7 +56,6 @@ from .outputs import (
 )
 from .planning import plan_edit_outputs, plan_files, unique_path
 from .recipe import BLEND_THRESHOLD, EditRequest
-from .throughput import throughput as _throughput_command
 from .values import NumberType, strict_json
 
 

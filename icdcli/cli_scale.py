@@ -81,7 +81,7 @@ def scale(arch: str, size: int | None, backends: str, precision: str, method: st
     memory is its own. Needs tens of GB of disk at full size (SD1.5 ~30, SDXL ~60).
     """
     setup_logging()
-    from .scale import ScaleOptions, bench_scale, markdown_report
+    from .bench.scale import ScaleOptions, bench_scale, markdown_report
 
     options = ScaleOptions(
         arch=arch, size=size, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),

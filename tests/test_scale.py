@@ -1,5 +1,5 @@
-"""The scale path (`icd bench scale`, `icdcli.scale_models`) at shrunk width: the real architectures' blocks and key
-names in seconds, and the memory rules the full-size runs forced, each checked where it would have failed."""
+"""The scale path (`icd bench scale`, `icdcli.bench.scale_models`) at shrunk width: the real architectures' blocks
+and key names in seconds, and the memory rules the full-size runs forced, each checked where it would have failed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from icdcli.scale_models import (
+from icdcli.bench.scale_models import (
     CLIP_VOCAB,
     LORA_RANK,
     LORA_TARGETS,
@@ -173,7 +173,7 @@ def test_half_fused_cache_matches_the_fp32_fusion(shrunk, monkeypatch, tmp_path)
 def test_parity_is_the_largest_difference_from_the_first_backend(tmp_path):
     import numpy as np
 
-    from icdcli.scale import parity
+    from icdcli.bench.scale import parity
 
     outputs = {}
     for name, shift, pixel in (("torch", 0.0, 10), ("onnxruntime", 0.25, 13), ("tensorrt", -0.5, 9)):
@@ -186,7 +186,7 @@ def test_parity_is_the_largest_difference_from_the_first_backend(tmp_path):
 
 
 def test_stage_meter_attributes_memory_to_the_innermost_stage():
-    from icdcli.scale import StageMeter
+    from icdcli.bench.scale import StageMeter
 
     meter = StageMeter(interval=0.001)
     try:
@@ -224,7 +224,7 @@ def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
     assert 0 < row["peak_rss_gb"] < 8 and row["peak_rss_gb_by_stage"]["unet_reverse"] > 0
     assert report["stages"]["fuse"] > 0 and report["disk_gb"]["fused_cache"] > 0
     assert set(report["parity"]) >= {"latents", "pixels"}
-    from icdcli.scale_models import scale_files
+    from icdcli.bench.scale_models import scale_files
 
     files, seconds = scale_files("sd15", WIDTH)
     assert seconds is None and files.teacher.is_file(), "written once into the cache, then reused"
@@ -349,7 +349,7 @@ def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch
     """Fusing builds the two UNets in private memory (7 GB at SD1.5 size in fp32); once they are in the cache the
     model is read back from it, so its weights are file pages the kernel can drop and re-read, as on later runs -
     not 7 GB of private memory for the rest of the run."""
-    from icdcli.scale import current_memory
+    from icdcli.bench.scale import current_memory
     from icdcli.sources import ModelRequest, load_requested_model
 
     request = ModelRequest(None, str(shrunk.base), str(shrunk.teacher), str(shrunk.forward_lora),

@@ -187,7 +187,7 @@ def test_bench_throughput_sd15_runs_the_real_architecture_through_the_users_flag
     assert report["load_seconds"] > 0 and report["files_seconds"] > 0
     assert (tmp_path / "scale" / "sd15-w0.05" / "scale.json").is_file()
     assert any((tmp_path / "merged").iterdir()), "fused through the LoRA files' path, into the fused-model cache"
-    from icdcli.scale_models import scale_files
+    from icdcli.bench.scale_models import scale_files
 
     assert scale_files("sd15", 0.05)[1] is None, "the files are written once, then reused"
 
@@ -207,7 +207,7 @@ def test_bench_throughput_refuses_what_its_arch_cannot_use(args, says):
 
 def test_the_sd15_spec_gives_each_photo_its_own_word_for_word_edit(tmp_path):
     from icdcli.batch import read_spec
-    from icdcli.throughput import write_photo_spec
+    from icdcli.bench.throughput import write_photo_spec
 
     rows = read_spec(write_photo_spec(tmp_path, 30, 128))
     assert len(rows) == 30 and len({row.seed for row in rows}) == 30

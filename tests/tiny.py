@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from icdcli.scale_models import LORA_PREFIX, LORA_TARGETS
+from icdcli.bench.scale_models import LORA_PREFIX, LORA_TARGETS
 from icdcli.training.tokenizer import build_word_tokenizer
 
 WORDS = "a an the cat dog red blue green circle square photo of on background white black".split()

@@ -5,5 +5,11 @@
 - `inversion`: reconstruction quality (the paper's Table 2, at small scale);
 - `shapes_edit`: edits scored against rendered ground truth;
 - `latency`: seconds per edit per backend, iCD against the 50-step teacher baseline;
-- `pie_fixture`: a PIE-Bench-format folder made from procedural scenes (`icd bench pie` runs on it here).
+- `pie_fixture`: a PIE-Bench-format folder made from procedural scenes (`icd bench pie` runs on it here);
+- `throughput`: images per second of `icd edit` at batch 1 against larger batches (`icd bench throughput`);
+- `scale_models`, `scale`: SD1.5/SDXL-architecture files in the release's formats with random weights, and their
+  run end to end per backend (`icd bench scale`; each stage a worker process, `python -m icdcli.bench.scale`).
+
+The PIE-Bench runner is the `icdcli.pie` package; `benchmarks/` at the repository root holds one-off research
+scripts (P2P fractions and token mapping, variant pairing, start-up, first GPU contact).
 """

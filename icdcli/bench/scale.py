@@ -1,7 +1,7 @@
 """`icd bench scale`: the release's files at SD1.5 or SDXL size (random weights, see `scale_models`) taken through
 the path a user's `--base/--teacher/--forward-lora/--reverse-lora` take - fuse, export, edit - on each backend.
 
-Each stage runs in a process of its own (a *worker*: `python -m icdcli.scale TASK.json`), so the peak resident
+Each stage runs in a process of its own (a *worker*: `python -m icdcli.bench.scale TASK.json`), so the peak resident
 memory it reports is that stage's alone, and a stage that runs out of memory is named rather than taking the
 report with it. Within a worker a sampling thread attributes resident memory to the innermost stage running.
 """
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ICDError
+from ..errors import ICDError
 
 SOURCE = "a photo of a red cat sitting on a blue background"
 TARGET = "a photo of a green cat sitting on a blue background"
@@ -172,7 +172,7 @@ class TimedModel:
 
 
 def _request(task: dict[str, Any]) -> Any:
-    from .sources import ModelRequest
+    from ..sources import ModelRequest
 
     files = task["files"]
     request = ModelRequest(None, files["base"], files["teacher"], files["forward_lora"], files["reverse_lora"])
@@ -187,8 +187,8 @@ def _dtype(precision: str) -> Any:
 
 
 def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> Any:
-    from .models import resolve_device, set_memory_policy
-    from .sources import load_requested_model
+    from ..models import resolve_device, set_memory_policy
+    from ..sources import load_requested_model
 
     with meter.stage("load"):
         model = load_requested_model(_request(task), progress=say)
@@ -200,7 +200,7 @@ def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -
 
 
 def _export_folder(model: Any, task: dict[str, Any], progress: Callable[[str], None]) -> Path:
-    from .accelerated import ensure_exported
+    from ..accelerated import ensure_exported
 
     folder, _ = ensure_exported(model, precision="fp16" if task["precision"] == "fp16" else "fp32", progress=progress)
     return folder
@@ -224,13 +224,13 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     import numpy as np
     from tqdm import tqdm
 
-    from .bench.latency import sample_image
-    from .editing import SamplerSettings, Timings, edit
-    from .recipe import P2POptions, guidance_and_tau
+    from ..editing import SamplerSettings, Timings, edit
+    from ..recipe import P2POptions, guidance_and_tau
+    from .latency import sample_image
 
     model = _load(task, meter, say)
     if task["backend"] != "torch":
-        from .accelerated import accelerate
+        from ..accelerated import accelerate
 
         with meter.stage("sessions"):
             model = accelerate(model, task["backend"], progress=say)
@@ -271,7 +271,7 @@ WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run
 
 def run_worker(task_path: Path) -> None:
     """Run the task in `task_path` and write its result beside it (`.result.json`)."""
-    from .cli_common import quiet_libraries, setup_logging
+    from ..cli_common import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()
@@ -314,7 +314,7 @@ def spawn(task: dict[str, Any], folder: Path, name: str) -> WorkerOutcome:
     task_path = folder / f"{name}.json"
     task_path.write_text(json.dumps(task))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.run([sys.executable, "-m", "icdcli.scale", str(task_path)], env=env, check=False)
+    process = subprocess.run([sys.executable, "-m", "icdcli.bench.scale", str(task_path)], env=env, check=False)
     result_path = task_path.with_suffix(".result.json")
     if process.returncode == 0 and result_path.is_file():
         return WorkerOutcome(json.loads(result_path.read_text()))
@@ -353,7 +353,7 @@ def backend_skip_reason(backend: str, precision: str, device: str) -> str | None
     """Why a backend row cannot run here, or None."""
     import torch
 
-    from .accelerated import backend_problem, probe_backends
+    from ..accelerated import backend_problem, probe_backends
 
     try:
         problem = backend_problem(backend, probe_backends(torch.device(device)))
@@ -369,7 +369,7 @@ def backend_skip_reason(backend: str, precision: str, device: str) -> str | None
 
 
 def _size_of(path: Path | None) -> float | None:
-    from .export.files import folder_size
+    from ..export.files import folder_size
 
     if path is None or not path.exists():
         return None
@@ -474,8 +474,8 @@ def _run_backend(
 
 def _fused_cache_path(task: dict[str, Any]) -> Path:
     """Where the user's path keeps this model fused (`load_lora_cached`)."""
-    from .models import LoraSources
-    from .paths import cache_root
+    from ..models import LoraSources
+    from ..paths import cache_root
 
     files = task["files"]
     sources = LoraSources(

@@ -24,16 +24,16 @@ from typing import Any
 
 import click
 
-from .cli_common import load_model, model_options, reports_errors, say
-from .cli_scale import width_scale_option
-from .values import strict_json
+from ..cli_common import load_model, model_options, reports_errors, say
+from ..cli_scale import width_scale_option
+from ..values import strict_json
 
 
 def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
     """`count` held-out scenes as PNGs and a spec editing each to its one-attribute-changed copy."""
     from PIL import Image
 
-    from .bench.scenes import edit_pairs
+    from .scenes import edit_pairs
 
     rows = []
     for index, (source, target, _) in enumerate(edit_pairs(count, seed)[:count]):
@@ -87,9 +87,9 @@ def write_photo_spec(folder: Path, count: int, size: int) -> Path:
 
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
-    from .batch import default_batch_size, read_spec
-    from .edit_run import EditFlags, EditRun
-    from .planning import plan_items
+    from ..batch import default_batch_size, read_spec
+    from ..edit_run import EditFlags, EditRun
+    from ..planning import plan_items
 
     items = plan_items(read_spec(spec), out, spec_out=spec.parent)
     flags = EditFlags(None, None)  # the model's recipe
@@ -233,7 +233,7 @@ def throughput(images: int | None, batch_size: int | None, arch: str, backend: s
     if as_json:
         click.echo(strict_json(result))
         return
-    from .bench.scenes import markdown_table
+    from .scenes import markdown_table
 
     click.echo(f"{arch} at {result['size']} px on {result['backend']}; {images} images; model loaded in "
                f"{result['load_seconds']:.2f} s")  # fmt: skip
