@@ -598,30 +598,17 @@ def build_engine(
     say = progress or (lambda message: None)
     monitor = make_progress_monitor(say)
     poly = _polygraphy()
+    options: dict[str, Any] = {"mode": mode, "timing_cache": timing_cache, "monitor": monitor,
+                               "workspace_bytes": workspace_bytes}  # fmt: skip
     serialized: bytes | None
     try:
         if poly is not None:
             from icdcli.export.onnx import polygraphy_quiet
 
             with polygraphy_quiet():
-                serialized = build_with_polygraphy(
-                    poly,
-                    onnx_path,
-                    profiles,
-                    mode=mode,
-                    timing_cache=timing_cache,
-                    monitor=monitor,
-                    workspace_bytes=workspace_bytes,
-                )
+                serialized = build_with_polygraphy(poly, onnx_path, profiles, **options)
         else:
-            serialized = build_with_tensorrt(
-                onnx_path,
-                profiles,
-                mode=mode,
-                timing_cache=timing_cache,
-                monitor=monitor,
-                workspace_bytes=workspace_bytes,
-            )
+            serialized = build_with_tensorrt(onnx_path, profiles, **options)
     except BackendUnavailable:
         raise
     except Exception as error:  # polygraphy reports failed builds as its own exception type

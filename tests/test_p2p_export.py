@@ -110,28 +110,9 @@ def test_other_sizes_fall_back_to_pytorch_attention(models):
         model.info = wide  # 12x12 latents: not the P2P graph's 8x8
         inverted = invert(fast, image, SOURCE, settings=SamplerSettings())
         assert fast.reverse_denoiser._p2p_mismatch(inverted.latents) is not None
-        ort = decode_p2p(
-            fast,
-            inverted.latents,
-            SOURCE,
-            TARGET,
-            size=inverted.size,
-            guidance=4.0,
-            tau=0.8,
-            settings=SamplerSettings(),
-            p2p=SETTINGS,
-        )
-        ref = decode_p2p(
-            model,
-            inverted.latents,
-            SOURCE,
-            TARGET,
-            size=inverted.size,
-            guidance=4.0,
-            tau=0.8,
-            settings=SamplerSettings(),
-            p2p=SETTINGS,
-        )
+        options = dict(size=inverted.size, guidance=4.0, tau=0.8, settings=SamplerSettings(), p2p=SETTINGS)
+        ort = decode_p2p(fast, inverted.latents, SOURCE, TARGET, **options)
+        ref = decode_p2p(model, inverted.latents, SOURCE, TARGET, **options)
     finally:
         model.info = original
     assert torch.allclose(ort, ref, atol=1e-4)
