@@ -9,7 +9,6 @@ returns once its outputs are written.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +118,7 @@ class OrtGraph:
 
     def release(self) -> None:
         """Close the session, freeing its weights and arenas; the next call opens it again."""
-        if self._session is not None:
-            self._session = None
-            return_freed_memory()
+        self._session = None
 
     def _inputs(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target = self.device if self.binding else torch.device("cpu")
@@ -184,16 +181,3 @@ def load_parts(folder: Path, manifest: Manifest, *, device: torch.device, fallba
         return OrtGraph(folder / spec.file, spec, device=device, vae_scale_factor=manifest.vae_scale_factor)
 
     return assemble_parts("onnxruntime", manifest, make_runner, denoiser_class=OnnxRuntimeDenoiser, fallbacks=fallbacks)
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed by a closed session back to the system. glibc keeps freed blocks below its (adaptive) mmap
-    threshold in the heap, where they would still count against the machine while the next session opens."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        ctypes.CDLL(name).malloc_trim(0)

@@ -192,6 +192,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+class _UNetSlot:
+    """`model.<role>_unet`: the UNet of that role, read again from its folder when it was released."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.role = name.removesuffix("_unet")
+
+    def __get__(self, model: ICDModel | None, owner: type | None = None) -> Any:
+        return self if model is None else model._unet(self.role)
+
+    def __set__(self, model: ICDModel, unet: DiffusersModule | None) -> None:
+        model._unets[self.role] = unet
+
+
 class ICDModel:
     """Text encoder(s) and tokenizer(s), VAE, forward and reverse UNets, optional teacher, metadata.
 
@@ -235,29 +248,9 @@ class ICDModel:
             self._unets[role] = unet
         return unet
 
-    @property
-    def forward_unet(self) -> DiffusersModule:
-        return self._unet("forward")
-
-    @forward_unet.setter
-    def forward_unet(self, unet: DiffusersModule) -> None:
-        self._unets["forward"] = unet
-
-    @property
-    def reverse_unet(self) -> DiffusersModule:
-        return self._unet("reverse")
-
-    @reverse_unet.setter
-    def reverse_unet(self, unet: DiffusersModule) -> None:
-        self._unets["reverse"] = unet
-
-    @property
-    def teacher_unet(self) -> DiffusersModule | None:
-        return self._unet("teacher")
-
-    @teacher_unet.setter
-    def teacher_unet(self, unet: DiffusersModule | None) -> None:
-        self._unets["teacher"] = unet
+    forward_unet = _UNetSlot()
+    reverse_unet = _UNetSlot()
+    teacher_unet = _UNetSlot()
 
     def release(self, role: str) -> None:
         """Drop the `role` UNet ("forward", "reverse" or "teacher") until it is next used, when it is read again from
@@ -421,18 +414,17 @@ def _load_unet(folder: Path) -> DiffusersModule:
 
 def stored_dtype(folder: Path) -> torch.dtype | None:
     """The dtype of the first weight in a diffusers folder's single safetensors file (None: not one such file)."""
+    from safetensors import SafetensorError, safe_open
+
     from .weights_io import SAFETENSORS_DTYPES, WEIGHTS_NAME
 
     try:
-        with open(folder / WEIGHTS_NAME, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(min(size, 100_000_000)))
-    except (OSError, ValueError):
+        with safe_open(str(folder / WEIGHTS_NAME), "pt") as handle:
+            first = next(iter(handle.keys()), None)
+            kind = None if first is None else handle.get_slice(first).get_dtype()
+    except (OSError, SafetensorError):
         return None
-    names = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-    entries = [entry for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)]
-    kinds = [str(entry.get("dtype")) for entry in entries]
-    return names.get(kinds[0]) if kinds else None
+    return next((dtype for dtype, name in SAFETENSORS_DTYPES.items() if name == kind), None)
 
 
 def _describe(info_json: dict[str, Any], unet: DiffusersModule, vae: DiffusersModule, family: str) -> dict[str, Any]:
