@@ -11,8 +11,10 @@
 - `write(prepared, result)`: on the writer thread, encode and store one result; returns its outcome.
 - `report(item, outcome)`: on the caller's thread, in the items' order; False stops the run.
 
-Groups start at one item and double up to their batch limit (`batch_limit(prepared)`), so the first
-result comes early and a stop soon after the start leaves little undone. The networks never wait for a
+The first group is one item, so the first result (or the first error) comes at once; every later group fills
+up to its batch limit (`batch_limit(prepared)`). Growing the groups step by step (1, 2, 4, ...) was measured
+to cost about a tenth of a 100-item batch's throughput on a CPU, as small groups run the networks at a higher
+cost per item. The networks never wait for a
 file: the next images are decoded while a batch runs, and finished ones are written meanwhile.
 """
 
@@ -155,7 +157,7 @@ class BatchPipeline:
                 slot.outcome, slot.known = ItemError(result), True
             else:
                 slot.write = writer.submit(self._guard, self.write, prepared, result)
-        self.cap = max(1, min(self.cap * 2, self.batch_limit(group[0][0])))
+        self.cap = max(1, self.batch_limit(group[0][0]))
         self._report_ready(wait=False)
 
     def _report_ready(self, wait: bool) -> None:
