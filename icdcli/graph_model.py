@@ -35,6 +35,9 @@ logger = logging.getLogger("icd")
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 """The named special tokens of a transformers tokenizer, in the order its `all_special_ids` lists them."""
+TOKENIZER_CLASSES = {"TokenizersBackend": False, "PreTrainedTokenizerFast": False, "CLIPTokenizer": True}
+"""Tokenizer classes that run their tokenizer.json as saved, and whether the class cuts its word-end marks on decode
+(CLIP's does); another class may change the backend in code, and is left to transformers."""
 DESCRIBED = ("family", "scaling_factor", "native_size", "size_multiple", "guidance_distilled")
 """Metadata a full load reads off the networks' configs when `icd.json` lacks it (icd writes it always)."""
 
@@ -66,6 +69,8 @@ class TokenizerJson:
         self.special = {name: _token_text(config.get(name)) for name in SPECIAL_TOKENS}
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         self.extra_special = [_token_text(token) for token in extra] if isinstance(extra, list) else []
+        cuts_word_ends = TOKENIZER_CLASSES.get(config.get("tokenizer_class", ""), False)
+        self.word_end = getattr(backend.model, "end_of_word_suffix", None) if cuts_word_ends else None
 
     @classmethod
     def from_folder(cls, folder: Path) -> TokenizerJson | None:
@@ -79,7 +84,9 @@ class TokenizerJson:
         except Exception:  # OSError, bad JSON, or the tokenizers library's own exception for a file it cannot read
             return None
         rewrites = {"add_bos_token", "add_eos_token", "split_special_tokens"} & config.keys()
-        if not isinstance(config.get("model_max_length"), int) or rewrites or backend.post_processor is None:
+        if config.get("tokenizer_class") not in TOKENIZER_CLASSES or rewrites or backend.post_processor is None:
+            return None
+        if not isinstance(config.get("model_max_length"), int):
             return None
         tokenizer = cls(backend, config)
         tokens = [token for token in (*tokenizer.special.values(), *tokenizer.extra_special) if token is not None]
@@ -153,7 +160,8 @@ class TokenizerJson:
         return Encoded(fields if not isinstance(text, str) else {key: value[0] for key, value in fields.items()})
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text.replace(self.word_end, " ").strip() if self.word_end else text
 
 
 class Encoded(dict):
