@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +178,10 @@ class Encoded(dict):
 # --- the model's files ----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _model_json(folder: Path) -> dict[str, Any] | None:
+    """A folder's icd.json, None when missing or unreadable (the full load then says what is wrong)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads((folder / MODEL_JSON).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -210,7 +212,7 @@ def merged_folder_info(request: ModelRequest) -> MergedFolder | None:
     from .sources import named_model_folder
 
     folder = named_model_folder(request)
-    data = None if folder is None else _read_model_json(folder)
+    data = None if folder is None else _model_json(folder)
     if folder is None or data is None:
         return None
     sources = None
@@ -220,7 +222,7 @@ def merged_folder_info(request: ModelRequest) -> MergedFolder | None:
             folder = sources.cache_folder()
         except (ModelSourceError, OSError):
             return None
-        data = _read_model_json(folder)
+        data = _model_json(folder)
     if data is None or data.get("format") != "merged" or not all(key in data for key in DESCRIBED):
         return None
     try:
@@ -232,10 +234,6 @@ def merged_folder_info(request: ModelRequest) -> MergedFolder | None:
     if sources is not None:
         mark_used(folder)
     return MergedFolder(folder, info, fused=sources is not None)
-
-
-def _read_model_json(folder: Path) -> dict[str, Any] | None:
-    return _read_json(folder / MODEL_JSON)
 
 
 def unet_weight_bytes(folder: Path, dtype: torch.dtype) -> int | None:
@@ -250,11 +248,7 @@ def unet_weight_bytes(folder: Path, dtype: torch.dtype) -> int | None:
             header = read_header(folder / role / WEIGHTS_NAME)
         except (ModelSourceError, OSError, ValueError):
             return None
-        for entry in header.values():
-            count = 1
-            for size in entry["shape"]:
-                count *= int(size)
-            total += count * width
+        total += sum(math.prod(entry["shape"]) * width for entry in header.values())
     return total
 
 
