@@ -405,17 +405,14 @@ def load_exported(
     if native_size:
         info.native_size = int(native_size)
     suffixes = ["", "_2"] if info.family == SDXL else [""]
-    tokenizers = [TokenizerJson.from_folder(folder / f"tokenizer{suffix}") for suffix in suffixes]
+    found_tokenizers = [TokenizerJson.from_folder(folder / f"tokenizer{suffix}") for suffix in suffixes]
+    tokenizers = [tokenizer for tokenizer in found_tokenizers if tokenizer is not None]
     unet_bytes = unet_weight_bytes(folder, dtype)
-    if None in tokenizers or unet_bytes is None:
+    if len(tokenizers) != len(suffixes) or unet_bytes is None:
         return None
     precision = "fp16" if device.type == "cuda" and dtype == torch.float16 else "fp32"
-    model = DeferredTorchModel(
-        info, [tokenizer for tokenizer in tokenizers if tokenizer is not None], source=str(folder), device=device,
-        dtype=dtype, vae_scale_factor=0, latent_channels=0, load=load,
-    )  # fmt: skip
     try:
-        fingerprint = ModelIdentity.of(model).fingerprint()
+        fingerprint = ModelIdentity.from_info(info.to_json(), str(folder)).fingerprint()
     except (ValueError, OSError):
         return None
     teacher = need_teacher and (found.fused or (folder / "teacher_unet").is_dir())  # what a full load would hold
@@ -425,9 +422,12 @@ def load_exported(
         if stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher=teacher) is not None:
             return None
     assert manifest is not None, "a current export has a manifest"
-    if manifest.text_length != model.tokenizers[0].model_max_length:
+    if any(tokenizer.model_max_length != manifest.text_length for tokenizer in tokenizers):
         return None
-    model.vae_scale_factor, model.latent_channels = manifest.vae_scale_factor, manifest.latent_channels
+    model = DeferredTorchModel(
+        info, tokenizers, source=str(folder), device=device, dtype=dtype, vae_scale_factor=manifest.vae_scale_factor,
+        latent_channels=manifest.latent_channels, load=load,
+    )  # fmt: skip
     model.low_memory = release_between_stages(unet_bytes, low_memory)
     if model.low_memory:
         logger.info("low memory: each UNet's weights are freed once its stage of an edit is over")
