@@ -180,8 +180,13 @@ def export_root() -> Path:
     return cache_root() / "onnx"
 
 
+def export_dir(name: str, fingerprint: str, precision: str) -> Path:
+    """The cache's export folder of a model named `name` with this fingerprint and precision."""
+    return export_root() / model_key(name, fingerprint, precision)
+
+
 def default_export_dir(model: ICDModel, precision: str) -> Path:
-    return export_root() / model_key(model.info.name, model_fingerprint(model), precision)
+    return export_dir(model.info.name, model_fingerprint(model), precision)
 
 
 def versions() -> dict[str, str | None]:

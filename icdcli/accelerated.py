@@ -24,6 +24,7 @@ from .model_api import prompt_conditioning
 from .models import ICDModel, ModelInfo, warn_if_truncated
 
 if TYPE_CHECKING:
+    from .graph_model import DeferredTorchModel
     from .p2p import StepControl
 
 logger = logging.getLogger("icd")
@@ -197,9 +198,10 @@ def ensure_exported(
 
 class AcceleratedModel:
     """An `EditModel` whose denoisers, text encoders and VAE run on a backend, composed over the `ICDModel` that
-    supplies the metadata, the tokenizers and the PyTorch modules its graphs fall back to."""
+    supplies the metadata, the tokenizers and the PyTorch modules its graphs fall back to (or over a
+    `DeferredTorchModel`, which loads that `ICDModel` only when something needs it)."""
 
-    def __init__(self, model: ICDModel, parts: Any):
+    def __init__(self, model: ICDModel | DeferredTorchModel, parts: Any):
         self.model = model
         self.parts = parts
         self.backend: str = parts.name

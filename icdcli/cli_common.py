@@ -268,6 +268,9 @@ class Loaded:
 def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str | None = None) -> Loaded:
     """Load the requested model onto its device, then onto `backend` (None: stay on torch).
 
+    On ONNX Runtime, a model folder whose export is current starts from the export alone and loads its PyTorch model
+    only if something needs it (`icdcli.graph_model`); otherwise the model loads, exports on first use and runs there.
+
     Args:
         ctx_options: The values of `model_options` (model, base, teacher, LoRAs, device, precision ...).
         need_teacher: Also load the teacher UNet (the DDIM sampler needs it).
@@ -275,10 +278,9 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     """
     import torch
 
-    from .models import default_dtype, resolve_device, set_memory_policy
+    from .models import ICDModel, default_dtype, resolve_device, set_memory_policy
     from .sources import ModelRequest, load_requested_model
 
-    quiet_libraries()
     start = time.perf_counter()
     request = ModelRequest(
         ctx_options["model"],
@@ -300,22 +302,39 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     request.base_config = ctx_options.get("base_config")
     request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
-    loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
-    if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
-        loaded.info.native_size = int(ctx_options["native_size"])
-    set_memory_policy(loaded, ctx_options.get("low_memory"), dtype or default_dtype(device))
-    loaded.to(device, dtype)
-    model: EditModel = loaded
     chosen = "torch"
     if backend is not None:
-        from .accelerated import accelerate, select_backend
+        from .accelerated import select_backend
 
-        chosen = select_backend(backend, device=model.device)
+        chosen = select_backend(backend, device=device)
         if chosen != "torch" and cache_problem:
             say(f"note: backend torch instead of {chosen}, which needs a writable cache")
             chosen = "torch"
         elif backend == "auto":
             say(f"backend: {chosen} (auto)")
+
+    def load_torch() -> ICDModel:
+        quiet_libraries()
+        loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
+        if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
+            loaded.info.native_size = int(ctx_options["native_size"])
+        set_memory_policy(loaded, ctx_options.get("low_memory"), dtype or default_dtype(device))
+        return loaded.to(device, dtype)
+
+    if chosen == "onnxruntime":
+        from .graph_model import load_exported
+
+        lean = load_exported(
+            request, load_torch, need_teacher=need_teacher, device=device, dtype=dtype or default_dtype(device),
+            low_memory=ctx_options.get("low_memory"), native_size=ctx_options.get("native_size"),
+        )  # fmt: skip
+        if lean is not None:
+            return Loaded(lean, request.label, time.perf_counter() - start, chosen)
+    loaded = load_torch()
+    model: EditModel = loaded
+    if chosen != "torch":
+        from .accelerated import accelerate
+
         model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
     return Loaded(model, request.label, time.perf_counter() - start, chosen)
 

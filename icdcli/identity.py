@@ -81,9 +81,14 @@ class ModelIdentity:
 
     @classmethod
     def of(cls, model: EditModel) -> ModelIdentity:
-        network = network_identity(model.info.to_json())
+        return cls.from_info(model.info.to_json(), model.source)
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], source: str) -> ModelIdentity:
+        """The identity of a model with this metadata (`ModelInfo.to_json`) loaded from `source` ("" for none)."""
+        network = network_identity(info)
         recorded = dict(network.pop("made_from", None) or {})
-        return cls(network, recorded, Path(model.source) if model.source else None)
+        return cls(network, recorded, Path(source) if source else None)
 
     @property
     def digests(self) -> dict[str, str]:

@@ -597,6 +597,10 @@ class LoraSources:
         """Name of the fused-model cache folder: the files' stamps, cheap to recompute on every load."""
         return sources_key(self, version=FORMAT_VERSION)
 
+    def cache_folder(self) -> Path:
+        """The fused model's merged folder in the cache (it may not exist yet)."""
+        return cache_root() / "merged" / self.cache_key()
+
 
 def fuse_lora_model(
     sources: LoraSources,
@@ -689,7 +693,7 @@ def load_lora_cached(
         need_teacher: Load the teacher UNet too, adding it to a cache written without it.
         progress: Called with a line for each stage of fusing.
     """
-    cached = cache_root() / "merged" / sources.cache_key()
+    cached = sources.cache_folder()
     dtype = torch.float16 if sources.cache_half else torch.float32
     if (cached / MODEL_JSON).is_file():
         try:
@@ -737,9 +741,14 @@ def load_lora_folder(
     folder: Path, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None, half: bool = False
 ) -> ICDModel:
     """A folder whose icd.json has `"format": "lora"` and names its parts by relative path."""
-    data = _read_model_json(folder)
+    sources = lora_folder_sources(folder, _read_model_json(folder), half=half)
+    return load_lora_cached(sources, need_teacher=need_teacher, progress=progress)
+
+
+def lora_folder_sources(folder: Path, data: dict[str, Any], *, half: bool = False) -> LoraSources:
+    """The parts a `lora` folder's icd.json (`data`) names, by path relative to the folder."""
     try:
-        sources = LoraSources(
+        return LoraSources(
             base=folder / data["base"],
             teacher=folder / data["teacher"] if data.get("teacher") else None,
             forward_lora=folder / data["forward_lora"],
@@ -751,7 +760,6 @@ def load_lora_folder(
         )
     except KeyError as error:
         raise ModelSourceError(f"{folder / MODEL_JSON} lacks the key {error}") from error
-    return load_lora_cached(sources, need_teacher=need_teacher, progress=progress)
 
 
 def load_model_folder(

@@ -371,6 +371,15 @@ def _load_hub_model(
     return _load_cached(request, sources, need_teacher, progress)
 
 
+def named_model_folder(request: ModelRequest) -> Path | None:
+    """The icd model folder (`icd.json` inside) that `load_requested_model` reads for `request`, found without reading
+    it; None when the request names anything else (a preset, a release folder, a hub id, parts by path)."""
+    if request.model in PRESETS or request.forward_lora or request.reverse_lora or request.base:
+        return None
+    folder = DEFAULT_MODEL_DIR if request.model in (None, DEFAULT_MODEL) else Path(request.model).expanduser()
+    return folder if (folder / MODEL_JSON).is_file() else None
+
+
 def load_requested_model(
     request: ModelRequest, *, need_teacher: bool = False, progress: Callable[[str], None] | None = None
 ) -> ICDModel:
