@@ -10,6 +10,10 @@ Rows:
   libraries       diffusers' UNet/VAE and transformers' CLIP imported after torch
   model build     `load_requested_model()` of the embedded model once the libraries are imported
   model load      the same from `import icdcli.sources` on: libraries and build together, as `icd edit` pays it
+  onnxruntime load  `load_model(..., backend="onnxruntime")` after `import torch`, the export current: the lean
+                  load from the export (icdcli.graph_model), its sessions opened on first use
+  edit onnxruntime  `icd edit examples/red-circle.png ... --backend onnxruntime` end to end, one fresh process:
+                  what a script that calls icd once per file pays per image
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PROBE = r"""
@@ -37,6 +43,14 @@ if sys.argv[1] == "split":
     from transformers import AutoTokenizer, CLIPTextModel
     marks["libraries"] = (time.perf_counter() - t, cpu() - c)
 t, c = time.perf_counter(), cpu()
+if sys.argv[1] == "onnxruntime":
+    from icdcli.cli_common import load_model
+    options = dict(model=None, base=None, teacher=None, forward_lora=None, reverse_lora=None, device="cpu",
+                   precision="auto")
+    load_model(options, need_teacher=False, backend="onnxruntime")
+    marks["onnxruntime load"] = (time.perf_counter() - t, cpu() - c)
+    print(json.dumps(marks))
+    sys.exit(0)
 from icdcli.sources import ModelRequest, load_requested_model
 load_requested_model(ModelRequest())
 marks["model build" if sys.argv[1] == "split" else "model load"] = (time.perf_counter() - t, cpu() - c)
@@ -49,10 +63,15 @@ def _median(samples: list[tuple[float, float]]) -> dict[str, float]:
             "cpu_seconds": round(statistics.median(s[1] for s in samples), 3)}  # fmt: skip
 
 
-def _icd_info() -> tuple[float, float]:
+EDIT = ["examples/red-circle.png", "--src", "a red circle on a blue background",
+        "--tgt", "a yellow circle on a blue background", "--backend", "onnxruntime", "--overwrite"]  # fmt: skip
+
+
+def _icd(*args: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one `icd ARGS` process."""
     before = os.times()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "icdcli", "info"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "icdcli", *args], check=True, capture_output=True)
     after = os.times()
     return time.perf_counter() - start, (after.children_user - before.children_user) + (
         after.children_system - before.children_system
@@ -63,13 +82,17 @@ def measure(runs: int) -> dict[str, object]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", PROBE, "whole"], check=True, capture_output=True, env=env)  # warm the cache
     samples: dict[str, list[tuple[float, float]]] = {}
+    folder = tempfile.mkdtemp(prefix="icd-startup-")
+    _icd("edit", *EDIT, "-o", os.path.join(folder, "edit.png"))  # exports on first use
     for _ in range(runs):
-        samples.setdefault("info", []).append(_icd_info())
-        for mode in ("split", "whole"):
+        samples.setdefault("info", []).append(_icd("info"))
+        samples.setdefault("edit onnxruntime", []).append(_icd("edit", *EDIT, "-o", os.path.join(folder, "edit.png")))
+        for mode in ("split", "whole", "onnxruntime"):
             out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, env=env)
             for name, value in json.loads(out.stdout.decode().strip().splitlines()[-1]).items():
                 samples.setdefault(name, []).append(tuple(value))
-    order = ["info", "import torch", "libraries", "model build", "model load"]
+    shutil.rmtree(folder, ignore_errors=True)
+    order = ["info", "import torch", "libraries", "model build", "model load", "onnxruntime load", "edit onnxruntime"]
     return {
         "runs": runs,
         "cpus": os.cpu_count(),
