@@ -149,13 +149,45 @@ def ideal_region(coverage: np.ndarray, side: int, kind: str, threshold: float, t
     return word_region(tokenizer, caption, word, maps, side=side, image_hw=coverage.shape, threshold=threshold)
 
 
+def ideal_ceiling(limit: int, sides: tuple[int, ...] = (4, 8, 16, 32), image: int = 32) -> list[dict]:
+    """Local blend's IoU with the shape from a perfect map at each side, with and without its 3x3 max-pool."""
+    from icdcli.training.scenes import vocabulary
+    from icdcli.training.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(vocabulary())
+    rows = []
+    for side in sides:
+        blend, raw = [], []
+        for scene in heldout_scenes(limit):
+            coverage = scene.coverage(image)
+            shape = coverage >= 0.5
+            region = ideal_region(coverage, side, "shape", 0.3, tokenizer, scene.caption())
+            blend.append(mask_iou(region, shape))
+            cell = coverage.reshape(side, image // side, side, image // side).mean(axis=(1, 3))
+            up = F.interpolate(torch.from_numpy(cell.copy())[None, None], size=(image, image))[0, 0]
+            raw.append(mask_iou((up / up.max() > 0.3).numpy(), shape))
+        rows.append(
+            {
+                "side": side,
+                "iou_blend": round(float(np.mean(blend)), 3),
+                "at_least_half_blend": round(float(np.mean(np.asarray(blend) >= 0.5)), 3),
+                "iou_raw": round(float(np.mean(raw)), 3),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="an icd model folder")
     parser.add_argument("--limit", type=int, default=100, help="held-out scenes (seed 0)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--ideal", action="store_true", help="only the ideal maps' IoU at sides 4-32 (no model)")
     args = parser.parse_args()
+    if args.ideal:
+        print(json.dumps(ideal_ceiling(args.limit), indent=1))
+        return
     from icdcli.models import load_model_folder
 
     model = load_model_folder(args.model).to("cpu", torch.float32)
