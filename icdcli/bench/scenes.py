@@ -81,9 +81,9 @@ def p2p_roundtrip(
                     guidance=guidance,
                     tau=tau,
                     settings=settings,
-                    p2p=settings_i,
+                    p2p=each,
                 )
-                for i, (source, target, settings_i) in enumerate(zip(captions, target_captions, per_image, strict=True))
+                for i, (source, target, each) in enumerate(zip(captions, target_captions, per_image, strict=True))
             ]
         )
 
@@ -119,6 +119,7 @@ def source_attention_maps(
         EditJob(blank, caption, caption, guidance, tau, settings.seed, replace(p2p, blend=(caption.split()[0],)))
         for caption in captions
     ]
+    # the edit path's own plan and decode, so the maps are exactly local blend's (decode_p2p keeps its plan to itself)
     plans = [_p2p_plan(model, job, size, settings) for job in jobs]
     with torch.no_grad():
         latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
