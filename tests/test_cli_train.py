@@ -123,6 +123,20 @@ def test_ctrl_c_before_the_first_step_exits_130_and_says_how_to_continue(tmp_pat
     )
 
 
+def test_ctrl_c_of_a_v2_run_in_the_cache_resumes_with_the_same_command(tmp_path, monkeypatch):
+    import icdcli.training.teacher
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icdcli.training.teacher, "render_batch", interrupted)
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["train", "--preset", "v2", "--smoke"])
+    assert result.exit_code == 130, result.output
+    assert result.output.splitlines()[-1].endswith("run icd train --preset v2 --smoke to continue")
+    assert (tmp_path / "cache" / "train" / "v2" / "vae").is_dir()
+
+
 def test_v2_preset_has_step_targets_and_no_time_caps():
     from icdcli.training.pipeline import V2_STEPS, PipelineConfig
 
