@@ -5,8 +5,9 @@ measure its maps on held-out scenes as local blend aggregates them.
     python benchmarks/localisation_experiment.py OUT --arm v2 --minutes 12 --vae-minutes 4
 
 Arms: `v1` (the first embedded model's teacher: 8x8 latents on its own VAE, two-layer text encoder), `v1-text0`
-(the same with a text encoder without layers), `v2` (the v2 preset: 16x16 latents on a two-block VAE trained
-first, no text layers), `v2-grounded` (v2 plus the grounding loss, weight 0.05, on the v2 arm's VAE).
+(the same with a text encoder without layers), `v2` (the v2 preset without its grounding loss: 16x16
+latents on a two-block VAE trained first, no text layers), `v2-grounded` (the v2 preset, grounding loss
+included, on the v2 arm's VAE).
 The teacher trains without EMA (a short run's EMA would still hold its initialisation).
 The maps: each scene's clean latent noised to t = 999, 779, 519, 259 (the iCD decode's steps) with seeded
 noise, the teacher run once at each with the caption, each cross-attention layer's head-averaged probabilities
@@ -30,12 +31,11 @@ from icdcli.bench.shapes_edit import WORD_KINDS, mask_iou
 from icdcli.schedule import alphas_cumprod
 from icdcli.sources import DEFAULT_MODEL_DIR
 from icdcli.training.evaluate import teacher_sample_accuracy
-from icdcli.training.pipeline import PipelineConfig
+from icdcli.training.pipeline import V2_GROUNDING_WEIGHT, PipelineConfig
 from icdcli.training.scenes import render_batch
 from icdcli.training.teacher import TeacherConfig, load_teacher, train_teacher, train_vae
 
 TIMESTEPS = (999, 779, 519, 259)
-GROUNDING_WEIGHT = 0.05
 
 
 class CaptureCrossAttention:
@@ -60,7 +60,7 @@ def teacher_config(arm: str, minutes: float) -> TeacherConfig:
     base = PipelineConfig.v2().teacher if arm.startswith("v2") else TeacherConfig()
     if arm == "v1-text0":
         base = replace(base, text_layers=0)
-    base = replace(base, grounding_weight=GROUNDING_WEIGHT if arm == "v2-grounded" else 0.0)
+    base = replace(base, grounding_weight=V2_GROUNDING_WEIGHT if arm == "v2-grounded" else 0.0)
     return replace(base, steps=10**6, time_budget_s=minutes * 60, ema_decay=None, show_progress=False)
 
 

@@ -146,6 +146,8 @@ def test_v2_preset_has_step_targets_and_no_time_caps():
     assert {name: stage.steps for name, stage in stages.items()} == V2_STEPS
     assert all(stage.time_budget_s is None for stage in stages.values())
     assert PipelineConfig.preset("v1").teacher.time_budget_s == 1500.0  # v1 keeps its caps
+    assert config.teacher.grounding_weight > 0 and PipelineConfig.preset("v1").teacher.grounding_weight == 0
+    assert PipelineConfig.preset("v2", smoke=True).teacher.grounding_weight == config.teacher.grounding_weight
     with pytest.raises(ValueError, match="v3"):
         PipelineConfig.preset("v3")
 

@@ -27,6 +27,7 @@ DONE = "train_config.json"
 PRESETS = ("v1", "v2")
 V2_STEPS = {"vae": 3000, "teacher": 8000, "guidance": 1500, "consistency": 1500}
 """Step targets of the v2 preset (the schedule in docs/training.md)."""
+V2_GROUNDING_WEIGHT = 0.05
 
 
 @dataclass
@@ -46,10 +47,17 @@ class PipelineConfig:
         VAE, so 32x32 images give 16x16 latents and the UNet cross-attention maps of 16x16 (8x8 ones cannot outline
         a shape at P2P's threshold); a text encoder without transformer layers, so each token's state is its own
         word and position (v1's end-of-text and padding states carry the caption, its word states hardly differ);
-        step targets without time caps: it trains to its targets over as many resumed runs as it takes."""
+        the grounding loss on the teacher's cross-attention (without it the maps stay flat); step targets without
+        time caps: it trains to its targets over as many resumed runs as it takes."""
         return cls(
             replace(VAEConfig(), block_out_channels=(32, 64), steps=V2_STEPS["vae"], time_budget_s=None),
-            replace(TeacherConfig(), text_layers=0, steps=V2_STEPS["teacher"], time_budget_s=None),
+            replace(
+                TeacherConfig(),
+                text_layers=0,
+                grounding_weight=V2_GROUNDING_WEIGHT,
+                steps=V2_STEPS["teacher"],
+                time_budget_s=None,
+            ),
             replace(GuidanceConfig(), steps=V2_STEPS["guidance"], time_budget_s=None),
             replace(ConsistencyConfig(), steps=V2_STEPS["consistency"], time_budget_s=None),
         )
@@ -60,7 +68,7 @@ class PipelineConfig:
         v2, smoke = cls.v2(), cls.smoke()
         return cls(
             replace(smoke.vae, block_out_channels=v2.vae.block_out_channels),
-            replace(smoke.teacher, text_layers=v2.teacher.text_layers),
+            replace(smoke.teacher, text_layers=v2.teacher.text_layers, grounding_weight=v2.teacher.grounding_weight),
             smoke.guidance,
             smoke.consistency,
         )
