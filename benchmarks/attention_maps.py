@@ -7,7 +7,8 @@ encoder's states carry, where the maps put their mass, and how each resolution's
 The maps are those P2P's local blend collects (`icdcli.bench.scenes.source_attention_maps`: the source branch of an
 iCD P2P decode of each held-out scene to its own caption), read at each resolution the UNet has cross-attention at.
 "IoU (blend)" thresholds them as local blend does (3x3 max-pool, 0.3 of the maximum); "IoU (raw)" without the pool.
-"ideal" is the same aggregation applied to a perfect map (each cell: the shape's coverage of it), the ceiling.
+"ideal" is the same aggregation applied to a map equal to the region's coverage of each cell (not a ceiling: a map that
+peaks inside the shape keeps fewer border cells).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def measure(model, limit: int, batch: int) -> dict:
 
 
 def ideal_region(coverage: np.ndarray, side: int, kind: str, threshold: float, tokenizer, caption: str) -> np.ndarray:
-    """Local blend's region from a perfect map: each cell the coverage of the word's region."""
+    """Local blend's region from a coverage map: each cell the coverage of the word's region."""
     image = coverage.shape[0]
     cover = coverage if kind != "background" else 1.0 - coverage
     cell = torch.from_numpy(cover.reshape(side, image // side, side, image // side).mean(axis=(1, 3)).copy())
@@ -149,8 +150,8 @@ def ideal_region(coverage: np.ndarray, side: int, kind: str, threshold: float, t
     return word_region(tokenizer, caption, word, maps, side=side, image_hw=coverage.shape, threshold=threshold)
 
 
-def ideal_ceiling(limit: int, sides: tuple[int, ...] = (4, 8, 16, 32), image: int = 32) -> list[dict]:
-    """Local blend's IoU with the shape from a perfect map at each side, with and without its 3x3 max-pool."""
+def coverage_map_iou(limit: int, sides: tuple[int, ...] = (4, 8, 16, 32), image: int = 32) -> list[dict]:
+    """Local blend's IoU with the shape from a coverage map at each side, with and without its 3x3 max-pool."""
     from icdcli.training.scenes import vocabulary
     from icdcli.training.tokenizer import build_word_tokenizer
 
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--ideal", action="store_true", help="only the ideal maps' IoU at sides 4-32 (no model)")
     args = parser.parse_args()
     if args.ideal:
-        print(json.dumps(ideal_ceiling(args.limit), indent=1))
+        print(json.dumps(coverage_map_iou(args.limit), indent=1))
         return
     from icdcli.models import load_model_folder
 
