@@ -803,7 +803,9 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     For each kind (colour, shape, background): PSNR to the target, PSNR of the unchanged region to
     the source, and attribute accuracy. Methods: icd4-swap and icd4-p2p (the model: prompt swap and
     Prompt-to-Prompt with the model's edit recipe), ddim50-swap and ddim50-p2p (its teacher: DDIM50
-    inversion, then 50 steps at w=8).
+    inversion, then 50 steps at w=8), icd4-p2p-blend (icd4-p2p with local blend on the edited word).
+    Then, per kind of caption word (the shape's colour, the shape, the background's colour), how well
+    its cross-attention map, as local blend thresholds it, covers its region (IoU).
     """
     from .bench.scenes import markdown_table
     from .bench.shapes_edit import EDIT_METHODS, bench_shapes_edit
@@ -815,6 +817,7 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
         click.echo(strict_json(result))
         return
     click.echo(markdown_table(result["rows"], ["method", "kind", "psnr_target", "psnr_background", "accuracy"]))
+    click.echo("\n" + markdown_table(result["localisation"], ["word_kind", "iou", "localised", "region"]))
 
 
 @bench.command("latency")

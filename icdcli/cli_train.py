@@ -45,7 +45,7 @@ def resume_command(ctx: click.Context) -> str:
         if param.name == "force" or (param.name != "run_dir" and source in (None, ParameterSource.DEFAULT)):
             continue
         if isinstance(param, click.Argument):
-            words.append(shlex.quote(str(value)))
+            words.extend([] if value is None else [shlex.quote(str(value))])
         elif getattr(param, "is_flag", False):
             words.extend([param.opts[0]] if value else [])
         else:
@@ -87,7 +87,17 @@ def variant_settings(name: str) -> dict[str, Any]:
 
 
 @click.command("train")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/icd"))
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option(
+    "--preset",
+    type=click.Choice(["v1", "v2"]),
+    default="v1",
+    show_default=True,
+    help="Configuration: v1, the first embedded model's (each stage capped in time), or v2, the second "
+    "generation's (16x16 latents, a text encoder without layers, step targets without time caps: run the "
+    "command again until it finishes). "
+    "RUN_DIR defaults to runs/icd for v1 and to the cache's train/v2 for v2.",
+)
 @click.option("--smoke", is_flag=True, help="Seconds-long configuration of every stage (checks the pipeline).")
 @click.option(
     "--seed", type=NumberType("seed"), default=0, show_default=True, help="Seed of data, initialisation and noise."
@@ -154,11 +164,21 @@ def train(ctx: click.Context, **options: Any) -> None:
         sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
 
 
+def default_run_dir(preset: str) -> Path:
+    """Where a run trains without RUN_DIR: v1 in runs/icd (as before), v2 in the cache, never in a checkout."""
+    if preset == "v1":
+        return Path("runs/icd")
+    from .paths import cache_root
+
+    return cache_root() / "train" / preset
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     """The options of one `icd train` run, as the command's flags give them."""
 
-    run_dir: Path
+    run_dir: Path | None
+    preset: str
     smoke: bool
     seed: int
     force: bool
@@ -175,7 +195,7 @@ def _train(request: TrainRequest) -> None:
     from .training.package import package_model
     from .training.pipeline import DONE, PipelineConfig, resuming, run_pipeline
 
-    config = (PipelineConfig.smoke() if request.smoke else PipelineConfig()).updated(
+    config = PipelineConfig.preset(request.preset, smoke=request.smoke).updated(
         seed=request.seed, show_progress=True, tracker=request.tracker
     )
     consistency = config.consistency
@@ -184,7 +204,7 @@ def _train(request: TrainRequest) -> None:
     if request.minutes is not None:
         consistency = replace(consistency, time_budget_s=request.minutes * 60)
     config = replace(config, consistency=consistency)
-    run_dir, variant = request.run_dir, request.variant
+    run_dir, variant = request.run_dir or default_run_dir(request.preset), request.variant
     if variant is None:
         paths = run_pipeline(config, run_dir, force=request.force)
         consistency_dir, model_dir = paths.consistency, run_dir / "model"

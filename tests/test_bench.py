@@ -37,7 +37,7 @@ def test_edit_pairs_change_exactly_one_attribute():
 def test_benches_run_end_to_end_on_a_tiny_model(merged_model):
     inversion = bench_inversion({"cd4+lf+lr": merged_model}, merged_model, count=4, batch=4)
     names = [row["config"] for row in inversion["rows"]]
-    assert names == ["ddim50", "cd4+lf+lr", "ddim50-w8", "ddim50-w8-dcfg", "cd4+lf+lr-w8-dcfg"]
+    assert names == ["vae", "ddim50", "cd4+lf+lr", "ddim50-w8", "ddim50-w8-dcfg", "cd4+lf+lr-w8-dcfg"]
     assert "cd2" in inversion["skipped"] and inversion["n_images"] == 4
     assert all(np.isfinite(row["psnr"]) and row["mse"] >= 0 for row in inversion["rows"])
     edits = bench_shapes_edit(merged_model, count=2, batch=6)
@@ -62,12 +62,17 @@ def test_bench_commands_print_json(merged_dir):
     edits = CliRunner().invoke(main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--json"])
     assert edits.exit_code == 0, edits.output
     rows = json.loads(edits.stdout)["rows"]
-    assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap", "icd4-p2p", "ddim50-p2p"}
+    assert {row["method"] for row in rows} == {"icd4-swap", "ddim50-swap", "icd4-p2p", "ddim50-p2p", "icd4-p2p-blend"}
     assert {row["kind"] for row in rows} == {"colour", "shape", "background", "all"}
+    localisation = json.loads(edits.stdout)["localisation"]
+    assert [row["word_kind"] for row in localisation] == ["colour", "shape", "background"]
+    assert all(0.0 <= row["iou"] <= 1.0 and 0.0 <= row["region"] <= 1.0 for row in localisation)
     p2p_only = CliRunner().invoke(
-        main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--method", "p2p", "--json"]
+        main, ["bench", "shapes-edit", "--model", str(merged_dir), "--limit", "1", "--method", "p2p"]
     )
-    assert {row["method"] for row in json.loads(p2p_only.stdout)["rows"]} == {"icd4-p2p", "ddim50-p2p"}
+    assert p2p_only.exit_code == 0, p2p_only.output
+    assert "icd4-p2p-blend" in p2p_only.stdout and "ddim50-swap" not in p2p_only.stdout
+    assert "| word_kind | iou |" in p2p_only.stdout
 
 
 def test_bench_latency_json(merged_dir):

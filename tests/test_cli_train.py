@@ -121,3 +121,58 @@ def test_ctrl_c_before_the_first_step_exits_130_and_says_how_to_continue(tmp_pat
         f"interrupted: finished stages and saved checkpoints are kept; run icd train {run} --smoke --seed 3 "
         "--name 'my model' to continue"
     )
+
+
+def test_ctrl_c_of_a_v2_run_in_the_cache_resumes_with_the_same_command(tmp_path, monkeypatch):
+    import icdcli.training.teacher
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icdcli.training.teacher, "render_batch", interrupted)
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["train", "--preset", "v2", "--smoke"])
+    assert result.exit_code == 130, result.output
+    assert result.output.splitlines()[-1].endswith("run icd train --preset v2 --smoke to continue")
+    assert (tmp_path / "cache" / "train" / "v2" / "vae").is_dir()
+
+
+def test_v2_preset_has_step_targets_and_no_time_caps():
+    from icdcli.training.pipeline import V2_STEPS, PipelineConfig
+
+    config = PipelineConfig.preset("v2")
+    stages = {"vae": config.vae, "teacher": config.teacher, "guidance": config.guidance}
+    stages["consistency"] = config.consistency
+    assert {name: stage.steps for name, stage in stages.items()} == V2_STEPS
+    assert all(stage.time_budget_s is None for stage in stages.values())
+    assert PipelineConfig.preset("v1").teacher.time_budget_s == 1500.0  # v1 keeps its caps
+    assert config.teacher.grounding_weight > 0 and PipelineConfig.preset("v1").teacher.grounding_weight == 0
+    assert PipelineConfig.preset("v2", smoke=True).teacher.grounding_weight == config.teacher.grounding_weight
+    with pytest.raises(ValueError, match="v3"):
+        PipelineConfig.preset("v3")
+
+
+def test_train_v2_smoke_runs_in_the_cache_and_packages_a_16x16_latent_model(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from icdcli.models import load_model_folder
+    from icdcli.training.scenes import Scene
+
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--preset", "v2", "--smoke"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "cache" / "train" / "v2" / "model"
+    assert (folder / "icd.json").is_file() and not (tmp_path / "runs").exists()
+    model = load_model_folder(folder)
+    assert model.info.native_size == 32 and model.vae_scale_factor == 2  # 16x16 latents
+    assert model.text_encoders[0].config.num_hidden_layers == 0  # each token's state: its own word and position
+    photo = tmp_path / "scene.png"
+    Image.fromarray(Scene("circle", "red", "blue", 0.5, 0.5, 0.5).render(32)).save(photo)
+    edited = CliRunner().invoke(
+        main, ["edit", str(photo), "--src", "a red circle on a blue background", "--tgt",
+               "a green circle on a blue background", "--model", str(folder), "--blend", "red", "--blend", "green",
+               "-o", str(tmp_path / "edited.png")],
+    )  # fmt: skip
+    assert edited.exit_code == 0, edited.output
+    assert Image.open(tmp_path / "edited.png").size == (32, 32)

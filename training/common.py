@@ -360,11 +360,18 @@ class LatentBank:
     def sample(
         self, batch: int, generator: torch.Generator, *, posterior_sample: bool = True
     ) -> tuple[torch.Tensor, list[str]]:
+        latents, captions, _ = self.sample_indexed(batch, generator, posterior_sample=posterior_sample)
+        return latents, captions
+
+    def sample_indexed(
+        self, batch: int, generator: torch.Generator, *, posterior_sample: bool = True
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """`sample`, with the drawn scenes' indices too."""
         index = torch.randint(len(self), (batch,), generator=generator)
         latents = self.mean[index]
         if posterior_sample:
             latents = latents + self.std[index] * torch.randn(latents.shape, generator=generator)
-        return latents * self.scaling_factor, [self.captions[i] for i in index.tolist()]
+        return latents * self.scaling_factor, [self.captions[i] for i in index.tolist()], index
 
 
 @torch.no_grad()

@@ -24,6 +24,10 @@ from .guidance import GuidanceConfig, distill_guidance
 from .teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
 
 DONE = "train_config.json"
+PRESETS = ("v1", "v2")
+V2_STEPS = {"vae": 3000, "teacher": 8000, "guidance": 1500, "consistency": 1500}
+"""Step targets of the v2 preset (the schedule in docs/training.md)."""
+V2_GROUNDING_WEIGHT = 0.05
 
 
 @dataclass
@@ -36,6 +40,48 @@ class PipelineConfig:
     @classmethod
     def smoke(cls) -> PipelineConfig:
         return cls(VAEConfig.smoke(), TeacherConfig.smoke(), GuidanceConfig.smoke(), ConsistencyConfig.smoke())
+
+    @classmethod
+    def v2(cls) -> PipelineConfig:
+        """The embedded model's second generation (docs/default-model.md, "Why the maps are flat"): a two-block
+        VAE, so 32x32 images give 16x16 latents and the UNet cross-attention maps of 16x16 (8x8 ones cannot outline
+        a shape at P2P's threshold); a text encoder without transformer layers, so each token's state is its own
+        word and position (v1's end-of-text and padding states carry the caption, its word states hardly differ);
+        the grounding loss on the teacher's cross-attention (without it the maps stay flat); step targets without
+        time caps: it trains to its targets over as many resumed runs as it takes."""
+        return cls(
+            replace(VAEConfig(), block_out_channels=(32, 64), steps=V2_STEPS["vae"], time_budget_s=None),
+            replace(
+                TeacherConfig(),
+                text_layers=0,
+                grounding_weight=V2_GROUNDING_WEIGHT,
+                steps=V2_STEPS["teacher"],
+                time_budget_s=None,
+            ),
+            replace(GuidanceConfig(), steps=V2_STEPS["guidance"], time_budget_s=None),
+            replace(ConsistencyConfig(), steps=V2_STEPS["consistency"], time_budget_s=None),
+        )
+
+    @classmethod
+    def v2_smoke(cls) -> PipelineConfig:
+        """`smoke()` with v2's architecture: checks that the v2 chain builds, trains and packages, in seconds."""
+        v2, smoke = cls.v2(), cls.smoke()
+        return cls(
+            replace(smoke.vae, block_out_channels=v2.vae.block_out_channels),
+            replace(smoke.teacher, text_layers=v2.teacher.text_layers, grounding_weight=v2.teacher.grounding_weight),
+            smoke.guidance,
+            smoke.consistency,
+        )
+
+    @classmethod
+    def preset(cls, name: str, *, smoke: bool = False) -> PipelineConfig:
+        """A named configuration: `v1` (the first embedded model's, time-capped) or `v2`; `smoke` its seconds-long
+        form."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        if name == "v2":
+            return cls.v2_smoke() if smoke else cls.v2()
+        return cls.smoke() if smoke else cls()
 
     def with_seed(self, seed: int) -> PipelineConfig:
         return self.updated(seed=seed)
@@ -85,16 +131,17 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m icdcli.training.pipeline OUT_DIR [--smoke] [--seed N] [--force]`."""
+    """`python -m icdcli.training.pipeline OUT_DIR [--preset v1|v2] [--smoke] [--seed N] [--force]`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m icdcli.training.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="the seconds-long configuration of every stage")
+    parser.add_argument("--preset", choices=PRESETS, default="v1", help="v1 (time-capped) or v2 (step targets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain stages that are already finished")
     args = parser.parse_args(argv)
-    config = (PipelineConfig.smoke() if args.smoke else PipelineConfig()).with_seed(args.seed)
+    config = PipelineConfig.preset(args.preset, smoke=args.smoke).with_seed(args.seed)
     try:
         outputs = run_pipeline(config, args.out_dir, force=args.force)
     except TrainingInterrupted as stop:

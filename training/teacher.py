@@ -20,6 +20,8 @@ from one; they are removed once the stage is finished).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,7 @@ class TeacherConfig:
     text_lr: float = 5e-4
     warmup_steps: int = 200
     empty_caption_prob: float = 0.1
+    grounding_weight: float = 0.0  # > 0: the grounding loss on cross-attention maps (training/grounding.py)
     grad_clip: float = 1.0
     ema_decay: float | None = 0.999
     mixed_precision: str = "no"
@@ -354,6 +357,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         vae, "train", count=config.train_scenes, image_size=vae.config.sample_size, seed=config.seed
     )
     alpha_bar = alphas_cumprod()
+    grounding = Grounding.start(config, unet, latent_size, say) if config.grounding_weight > 0 else None
     optimizer = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": config.lr}, {"params": text_encoder.parameters(), "lr": config.text_lr}],
         weight_decay=0.0,
@@ -368,15 +372,19 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
 
     def step(index: int) -> dict[str, float]:
         generator = step_generator(config.seed, index, rank=accelerator.process_index)
-        latents, captions = bank.sample(config.batch_size, generator)
+        latents, captions, index = bank.sample_indexed(config.batch_size, generator)
         drop = torch.rand(len(captions), generator=generator) < config.empty_caption_prob
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         tokens = tokenizer(
             captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids.to(accelerator.device)
-        with accelerator.autocast():
+        with accelerator.autocast(), Grounding.recording(grounding):
             hidden = text_encoder(tokens)[0]
             loss = eps_loss(unet, latents.to(accelerator.device), hidden, generator, alpha_bar)
+            losses = {"loss": loss}
+            if grounding is not None and not drop.all():
+                losses["grounding"] = grounding.loss(index, keep=~drop)
+                loss = loss + config.grounding_weight * losses["grounding"]
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), config.grad_clip)
@@ -384,7 +392,7 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         schedule.step()
         for ema, model in zip(emas, (unet, text_encoder), strict=False):
             ema.update(accelerator.unwrap_model(model))
-        return {"loss": loss.item()}
+        return {name: value.item() for name, value in losses.items()}
 
     started = time.monotonic()
     unet.train()
@@ -400,6 +408,43 @@ def train_teacher(config: TeacherConfig, vae_dir: str | Path, out_dir: str | Pat
         save_config(config, out / "train_config.json", metrics=metrics)
         clear_checkpoints(out)
     return out
+
+
+class Grounding:
+    """The teacher's grounding loss: its UNet's recording attention processors and the training scenes' regions."""
+
+    def __init__(self, store: Any, masks: dict[int, torch.Tensor]):
+        self.store, self.masks = store, masks
+
+    @classmethod
+    def start(cls, config: TeacherConfig, unet: Any, latent_size: int, say: Any) -> Grounding:
+        from . import grounding
+
+        sides = [
+            latent_size >> k for k in range(len(config.block_out_channels)) if latent_size >> k >= grounding.MIN_SIDE
+        ]
+        say(f"grounding loss (weight {config.grounding_weight}) on the {sides} cross-attention maps: region masks")
+        train = scenes("train", config.train_scenes, seed=config.seed)
+        return cls(grounding.install(unet), {side: grounding.region_masks(train, side) for side in sides})
+
+    @staticmethod
+    @contextmanager
+    def recording(grounding: Grounding | None) -> Iterator[None]:
+        if grounding is None:
+            yield
+            return
+        grounding.store.maps.clear()
+        grounding.store.recording = True
+        try:
+            yield
+        finally:
+            grounding.store.recording = False
+
+    def loss(self, index: torch.Tensor, *, keep: torch.Tensor) -> torch.Tensor:
+        from .grounding import grounding_loss
+
+        masks = {side: masks[index] for side, masks in self.masks.items()}
+        return grounding_loss(self.store.maps, masks, keep.to(self.store.maps[0].device))
 
 
 def load_teacher(teacher_dir: str | Path) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def bench_inversion(
     lpips: Any = None,
 ) -> dict[str, Any]:
     """Reconstruction MSE/PSNR/SSIM of each config whose model is present; absent ones are listed as skipped.
+    The first row, `vae`, encodes and decodes with the VAE alone: the ceiling of every other row.
 
     Args:
         variants: Models by config name.
@@ -72,7 +74,15 @@ def bench_inversion(
     anchor = teacher_model or next(iter(variants.values()))
     size = anchor.info.native_size
     items = heldout_scenes(count, seed)
-    rows, skipped = [], []
+    chunks = [render_batch(chunk, size) for chunk in batches(items, batch)]
+
+    def vae_only(pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return anchor.decode_latents(anchor.encode_image(pixels))
+
+    say("inversion: vae")
+    rows = [{"config": "vae", **_scores(vae_only, chunks, lpips)}]
+    skipped = []
     for config in INVERSION_CONFIGS:
         model = teacher_model if config.variant == "teacher" else variants.get(config.variant)
         if model is None:
@@ -82,22 +92,30 @@ def bench_inversion(
         sampler = "ddim" if config.variant == "teacher" else "icd"
         settings = SamplerSettings(sampler, config.steps, seed)
         tau = model.info.tau if config.dynamic else 1.0
-        scores: dict[str, list[torch.Tensor]] = {"mse": [], "psnr": [], "ssim": []}
-        if lpips is not None:
-            scores["lpips"] = []
-        for chunk in batches(items, batch):
-            pixels, captions = render_batch(chunk, size)
-            recon = to_unit(roundtrip(model, pixels, captions, settings=settings, guidance=config.guidance, tau=tau))
-            original = to_unit(pixels)
-            scores["mse"].append(mse(recon, original))
-            scores["psnr"].append(psnr(recon, original))
-            scores["ssim"].append(ssim(recon, original))
-            if lpips is not None:
-                from icdcli.pie.networks import lpips_distance
-
-                scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
-        rows.append({"config": config.name, **{k: float(torch.cat(v).mean()) for k, v in scores.items()}})
+        reconstruct = partial(roundtrip, model, settings=settings, guidance=config.guidance, tau=tau)
+        rows.append({"config": config.name, **_scores(reconstruct, chunks, lpips)})
     return {"n_images": len(items), "rows": rows, "skipped": skipped}
+
+
+def _scores(
+    reconstruct: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    chunks: list[tuple[torch.Tensor, list[str]]],
+    lpips: Any,
+) -> dict[str, float]:
+    """Mean MSE, PSNR, SSIM (and LPIPS with a network) of `reconstruct(pixels, captions)` against the pixels."""
+    scores: dict[str, list[torch.Tensor]] = {"mse": [], "psnr": [], "ssim": []}
+    if lpips is not None:
+        scores["lpips"] = []
+    for pixels, captions in chunks:
+        recon, original = to_unit(reconstruct(pixels, captions)), to_unit(pixels)
+        scores["mse"].append(mse(recon, original))
+        scores["psnr"].append(psnr(recon, original))
+        scores["ssim"].append(ssim(recon, original))
+        if lpips is not None:
+            from icdcli.pie.networks import lpips_distance
+
+            scores["lpips"].append(lpips_distance(lpips, recon.float() * 2 - 1, original.float() * 2 - 1).double())
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
 
 
 def load_variants(folder: str | Path | None, loader: Callable[[Path], EditModel]) -> dict[str, EditModel]:

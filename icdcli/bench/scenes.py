@@ -4,15 +4,17 @@ and decoding, or a Prompt-to-Prompt edit), the classifier of an edited attribute
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from icdcli.editing import SamplerSettings, decode, decode_p2p, invert_latents
+from icdcli.editing import EditJob, SamplerSettings, _decode_p2p_rows, _p2p_plan, decode, decode_p2p, invert_latents
 from icdcli.model_api import EditModel
-from icdcli.p2p import P2PSettings
+from icdcli.p2p import P2PSettings, blend_mask, word_indicator
 from icdcli.training.scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, edit_scene, scenes, split_rng
 
 HELDOUT = "heldout"
@@ -60,10 +62,12 @@ def p2p_roundtrip(
     guidance: float,
     tau: float,
     target_captions: list[str],
-    p2p: P2PSettings,
+    p2p: P2PSettings | Sequence[P2PSettings],
 ) -> torch.Tensor:
-    """Invert a batch with its captions, then Prompt-to-Prompt edit each image to its target caption."""
+    """Invert a batch with its captions, then Prompt-to-Prompt edit each image to its target caption
+    (under one set of P2P settings for all, or one each)."""
     size = (pixels.shape[-1], pixels.shape[-2])
+    per_image = [p2p] * len(captions) if isinstance(p2p, P2PSettings) else list(p2p)
     with torch.no_grad():
         latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
         return torch.cat(
@@ -77,11 +81,71 @@ def p2p_roundtrip(
                     guidance=guidance,
                     tau=tau,
                     settings=settings,
-                    p2p=p2p,
+                    p2p=each,
                 )
-                for i, (source, target) in enumerate(zip(captions, target_captions, strict=True))
+                for i, (source, target, each) in enumerate(zip(captions, target_captions, per_image, strict=True))
             ]
         )
+
+
+def source_attention_maps(
+    model: EditModel,
+    pixels: torch.Tensor,
+    captions: list[str],
+    *,
+    settings: SamplerSettings,
+    guidance: float,
+    tau: float,
+    p2p: P2PSettings,
+) -> tuple[list[torch.Tensor], int]:
+    """The cross-attention maps local blend reads, as an edit of each image to its own caption collects them.
+
+    Each image is inverted with its caption and decoded as a P2P edit from that caption to itself, with
+    local blend on (so every step records its maps); returns each image's source-branch map, summed over
+    the steps and the blend-resolution layers ((Q, L), queries by caption tokens), and the map's side.
+
+    Args:
+        model: The model whose reverse steps decode.
+        pixels: Images (B, 3, H, W) in [-1, 1].
+        captions: Each image's caption.
+        settings: The sampler and the seed of the inversion.
+        guidance: Guidance of the target branch (the source branch runs unguided).
+        tau: Dynamic guidance threshold of the target branch.
+        p2p: The edit's P2P settings; its blend words are replaced by each caption's first word.
+    """
+    size = (pixels.shape[-1], pixels.shape[-2])
+    blank = Image.new("RGB", size)
+    jobs = [
+        EditJob(blank, caption, caption, guidance, tau, settings.seed, replace(p2p, blend=(caption.split()[0],)))
+        for caption in captions
+    ]
+    # the edit path's own plan and decode, so the maps are exactly local blend's (decode_p2p keeps its plan to itself)
+    plans = [_p2p_plan(model, job, size, settings) for job in jobs]
+    with torch.no_grad():
+        latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
+        _decode_p2p_rows(model, latents, jobs, plans, size, settings)
+    maps = []
+    for plan in plans:
+        assert plan.map_sum is not None, "a decode with local blend records its maps"
+        maps.append(plan.map_sum[0].cpu())
+    return maps, plans[0].blend_size
+
+
+def word_region(
+    tokenizer: Any,
+    caption: str,
+    word: str,
+    source_map: torch.Tensor,
+    *,
+    side: int,
+    image_hw: tuple[int, int],
+    threshold: float,
+) -> np.ndarray:
+    """Where `word`'s map is above `threshold` of its maximum, at the image's size (bool HxW): P2P's local
+    blend region of that word (`icdcli.p2p.blend_mask`), upsampled to the image instead of the latents."""
+    tokens = word_indicator(tokenizer, caption, [word])
+    mask = blend_mask(source_map[None], tokens[None], size=side, latent_hw=image_hw, threshold=threshold)
+    return mask[0, 0].bool().numpy()
 
 
 def heldout_scenes(count: int, seed: int = 0) -> list[Scene]:

@@ -1,12 +1,13 @@
 """Editing against rendered ground truth: each held-out scene is edited to a copy with one attribute changed
 and compared with that copy rendered exactly (PSNR to the target, PSNR of the unchanged region to the
-source, and whether the edited attribute reads as the target's).
+source, and whether the edited attribute reads as the target's). Beside the edits, whether each caption
+word's cross-attention map localises: the region local blend would take for it against the rendered shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,23 @@ import torch
 from icdcli.editing import SamplerSettings
 from icdcli.metrics import psnr
 from icdcli.model_api import EditModel
+from icdcli.p2p import P2PSettings
 from icdcli.recipe import P2POptions
-from icdcli.training.scenes import EDIT_KINDS, change_mask, render_batch
+from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, render_batch
 
-from .scenes import ATTRIBUTE, GUIDED_W, batches, classify, edit_pairs, p2p_roundtrip, roundtrip, to_unit
+from .scenes import (
+    ATTRIBUTE,
+    GUIDED_W,
+    batches,
+    classify,
+    edit_pairs,
+    heldout_scenes,
+    p2p_roundtrip,
+    roundtrip,
+    source_attention_maps,
+    to_unit,
+    word_region,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,7 @@ class EditMethod:
     guidance: float | None  # None: the model's own edit guidance
     tau: float | None  # None: the model's own tau
     editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe)
+    blend: bool = False  # P2P with local blend on the edited word (its source and its target word)
 
 
 EDIT_METHODS: tuple[EditMethod, ...] = (
@@ -35,7 +50,11 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
     EditMethod("ddim50-swap", "ddim", GUIDED_W, 1.0),
     EditMethod("icd4-p2p", "icd", None, None, "p2p"),
     EditMethod("ddim50-p2p", "ddim", GUIDED_W, 1.0, "p2p"),
+    EditMethod("icd4-p2p-blend", "icd", None, None, "p2p", blend=True),
 )
+WORD_KINDS: tuple[str, ...] = ("colour", "shape", "background")
+"""Caption words whose maps are measured: the shape's colour word, the shape word, the background's colour word."""
+LOCALISED_IOU = 0.5
 
 
 def bench_shapes_edit(
@@ -46,8 +65,10 @@ def bench_shapes_edit(
     seed: int = 0,
     methods: tuple[EditMethod, ...] = EDIT_METHODS,
     progress: Callable[[str], None] | None = None,
+    localisation: bool = True,
 ) -> dict[str, Any]:
-    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind.
+    """PSNR to the target, PSNR of the unchanged region to the source, and attribute accuracy, per kind;
+    and the localisation of each kind of caption word (`bench_localisation`).
 
     Args:
         model: The model to edit with (the DDIM methods need its teacher).
@@ -56,6 +77,7 @@ def bench_shapes_edit(
         seed: Seed of the scenes and of the edits.
         methods: Which edit methods to run.
         progress: Called with a line per method.
+        localisation: Measure the words' cross-attention maps too (`localisation` in the result).
     """
     say = progress or (lambda message: None)
     size = model.info.native_size
@@ -83,7 +105,9 @@ def bench_shapes_edit(
                     guidance=guidance,
                     tau=tau,
                     target_captions=targets,
-                    p2p=p2p,
+                    p2p=[blend_on_edited_word(p2p, source, target, kind) for source, target, kind in chunk]
+                    if method.blend
+                    else p2p,
                 )
             else:
                 edited = roundtrip(
@@ -109,4 +133,70 @@ def bench_shapes_edit(
             for key, values in scores.items():
                 everything[key].extend(values)
         rows.append({"method": method.name, "kind": "all", **{k: float(np.mean(v)) for k, v in everything.items()}})
-    return {"n_images": count, "rows": rows, "skipped": skipped}
+    result: dict[str, Any] = {"n_images": count, "rows": rows, "skipped": skipped}
+    if localisation:
+        say("shapes-edit: localisation")
+        result["localisation"] = bench_localisation(model, heldout_scenes(count, seed), batch=batch, seed=seed)
+    return result
+
+
+def blend_on_edited_word(p2p: P2PSettings, source: Scene, target: Scene, kind: str) -> P2PSettings:
+    """`p2p` with local blend on the edited word: its source word in the source prompt, its target one in the target."""
+    attribute = ATTRIBUTE[kind]
+    return replace(p2p, blend_source=(getattr(source, attribute),), blend_target=(getattr(target, attribute),))
+
+
+def bench_localisation(model: EditModel, items: list[Scene], *, batch: int = 50, seed: int = 0) -> list[dict[str, Any]]:
+    """How well each kind of caption word's cross-attention map marks its region, over `items`.
+
+    The maps are the ones P2P's local blend aggregates (the source branch of an iCD P2P decode of each scene to
+    its own caption, the model's recipe), thresholded at the recipe's blend threshold and upsampled to the
+    image; a row per word kind: mean IoU with the rendered shape (colour and shape words) or the background
+    (the background's colour word), the fraction of scenes at IoU >= 0.5, and the mean fraction of the image
+    the region covers (1.0: a flat map).
+
+    Args:
+        model: The model whose reverse steps decode.
+        items: The scenes.
+        batch: Scenes per network call.
+        seed: Seed of the inversion noise.
+    """
+    size = model.info.native_size
+    p2p = P2POptions().resolve(model.info.edit)
+    tokenizer = model.tokenizers[0]
+    scores: dict[str, list[tuple[float, float]]] = {kind: [] for kind in WORD_KINDS}
+    for chunk in batches(items, batch):
+        pixels, captions = render_batch(chunk, size)
+        maps, side = source_attention_maps(
+            model,
+            pixels,
+            captions,
+            settings=SamplerSettings("icd", 50, seed),
+            guidance=model.info.edit_guidance,
+            tau=model.info.tau,
+            p2p=p2p,
+        )
+        for scene, caption, source_map in zip(chunk, captions, maps, strict=True):
+            shape = scene.coverage(size) >= 0.5
+            for kind in WORD_KINDS:
+                word = getattr(scene, ATTRIBUTE[kind])
+                truth = ~shape if kind == "background" else shape
+                region = word_region(
+                    tokenizer, caption, word, source_map, side=side, image_hw=truth.shape, threshold=p2p.blend_threshold
+                )
+                scores[kind].append((mask_iou(region, truth), float(region.mean())))
+    return [
+        {
+            "word_kind": kind,
+            "iou": float(np.mean([iou for iou, _ in values])),
+            "localised": float(np.mean([iou >= LOCALISED_IOU for iou, _ in values])),
+            "region": float(np.mean([area for _, area in values])),
+        }
+        for kind, values in scores.items()
+    ]
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
