@@ -409,7 +409,9 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tm
         _photo(photos / f"p{index:02d}.png", 640, 480, seed=index)
     out = tmp_path / "out"
     icd = [sys.executable, "-c", "from icdcli.cli import main; main()"]
-    command = [*icd, "edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json"]
+    # batches of 2 after the first image: Ctrl-C finishes the batch in the networks, and 11 would be all the rest
+    command = [*icd, "edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json",
+               "--batch-size", "2"]  # fmt: skip
     env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
