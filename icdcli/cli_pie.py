@@ -113,6 +113,13 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @p2p_step_options
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Edit up to N items of one working size per network call, as icd edit does. Default: by device and size.",
+)
+@click.option(
     "--lpips",
     "lpips_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -148,6 +155,7 @@ def pie(
     cross_replace: float | None,
     self_replace: float | None,
     overwrite: bool,
+    batch_size: int | None,
     lpips_path: Path | None,
     dino_path: Path | None,
     clip_path: Path | None,
@@ -186,7 +194,9 @@ def pie(
     settings = flags.request.resolve(info)
     folder = _run_folder(root, out, name, settings, info.num_steps)
     edit_started = time.perf_counter()
-    outcomes, end = edit_items(items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite)
+    outcomes, end = edit_items(
+        items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite, batch_size=batch_size
+    )
     edit_seconds = time.perf_counter() - edit_started
     if end.interrupted:
         say("interrupted: scoring what is finished (finished outputs will be skipped next time)")

@@ -461,8 +461,9 @@ def test_ctrl_c_scores_what_is_finished_and_the_rerun_does_the_rest(tmp_path):
     root = tmp_path / "pie"
     write_fixture(root, 16)
     folder = root.parent / "output" / "icd4-swap" / "annotation_images"
+    # batches of 2 after the first item: Ctrl-C finishes the batch in the networks, and 15 would be all the rest
     command = [sys.executable, "-c", "from icdcli.cli import main; main()", "bench", "pie", "--root", str(root),
-               "--json"]  # fmt: skip
+               "--json", "--batch-size", "2"]  # fmt: skip
     env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
 
     def made() -> list[Path]:

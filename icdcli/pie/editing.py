@@ -23,8 +23,18 @@ from .dataset import PieItem, output_path, source_path
 class PieEditRun(EditRun):
     """`EditRun` over PIE-Bench items (see the module docstring); keeps every item's outcome for the report."""
 
-    def __init__(self, flags: EditFlags, loaded: Loaded, items: list[PieItem], *, overwrite: bool):
-        super().__init__(flags, {}, as_json=False, batch=True, overwrite=overwrite, started=time.perf_counter())
+    def __init__(
+        self, flags: EditFlags, loaded: Loaded, items: list[PieItem], *, overwrite: bool, batch_size: int | None = None
+    ):
+        super().__init__(
+            flags,
+            {},
+            as_json=False,
+            batch=True,
+            overwrite=overwrite,
+            started=time.perf_counter(),
+            batch_size=batch_size,
+        )
         self.entries = {item.key: item for item in items}
         self.quiet = True  # a progress bar, no line per output
         self.outcomes = []
@@ -63,7 +73,14 @@ def edit_job(root: Path, folder: Path, item: PieItem) -> Item:
 
 
 def edit_items(
-    items: list[PieItem], root: Path, folder: Path, *, flags: EditFlags, loaded: Loaded, overwrite: bool
+    items: list[PieItem],
+    root: Path,
+    folder: Path,
+    *,
+    flags: EditFlags,
+    loaded: Loaded,
+    overwrite: bool,
+    batch_size: int | None = None,
 ) -> tuple[list[ItemOutcome], RunEnd]:
     """Edit every item into `folder` (outputs made with the same settings are skipped): the outcomes, in the
     items' order (those never run after a stop left out), and how the run ended.
@@ -71,7 +88,8 @@ def edit_items(
     Args:
         items: the benchmark items to edit; root: the benchmark folder; folder: the run's folder.
         flags: the edit settings of the command line; loaded: the model; overwrite: replace other outputs.
+        batch_size: items per network call (None: `icd edit`'s default).
     """
-    run = PieEditRun(flags, loaded, items, overwrite=overwrite)
+    run = PieEditRun(flags, loaded, items, overwrite=overwrite, batch_size=batch_size)
     end = run.edit([edit_job(root, folder, item) for item in items])
     return list(run.outcomes or []), end
