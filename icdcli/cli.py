@@ -25,6 +25,7 @@ from .cli_common import (
     AmplifyType,
     SectionedCommand,
     ShardType,
+    batch_size_option,
     check_writable_folder,
     edit_guidance_options,
     load_model,
@@ -167,14 +168,7 @@ def main() -> None:
     default=None,
     help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Edit up to N images of one working size per network call. Default: by device and size (64 images of "
-    "32x32 on the CPU, 16 of 512x512 on a GPU); results do not depend on it.",
-)
+@batch_size_option
 @click.option(
     "--jobs",
     "jobs",

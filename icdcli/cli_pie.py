@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli_common import (
+    batch_size_option,
     edit_guidance_options,
     load_model,
     model_options,
@@ -112,13 +113,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @edit_guidance_options
 @p2p_step_options
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Edit up to N items of one working size per network call, as icd edit does. Default: by device and size.",
-)
+@batch_size_option
 @click.option(
     "--lpips",
     "lpips_path",
