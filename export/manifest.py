@@ -21,8 +21,9 @@ MANIFEST = "manifest.json"
 TEACHER_MISSING = "the export has no teacher UNet"
 ENGINE_SIZES = "engine_sizes.json"
 """Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
-EXPORT_FORMAT = 3
-"""Bump when graph signatures change: every cached export then counts as stale (3: the P2P graph's pair axis)."""
+EXPORT_FORMAT = 4
+"""Bump when graph signatures or what a graph computes change: every cached export then counts as stale (3: the P2P
+graph's pair axis; 4: the P2P graph's attention reads its probabilities once, `icdcli.p2p.controlled_attention`)."""
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 

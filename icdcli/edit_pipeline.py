@@ -80,6 +80,7 @@ class BatchPipeline:
         self.run_group, self.write, self.report, self.should_stop = run_group, write, report, should_stop
         self.readers = readers
         self.cap = 1
+        self.ahead = 1  # the largest batch limit seen: how far to read ahead
         self.stopped = False
         self.draining = False
         self.halted = False  # `report` said stop
@@ -96,8 +97,10 @@ class BatchPipeline:
             self._fill(reads, source, reader)
             while reads and not self.stopped:
                 item, future = reads.popleft()
-                self._fill(reads, source, reader)
-                self._take(item, future, writer)
+                ready = self._take(item, future)
+                self._fill(reads, source, reader)  # sized by the batch limit `_take` may just have learnt
+                if ready is not None:
+                    self._flush(ready, writer)
                 self._report_ready(wait=False)
                 if self.should_stop():
                     self.stopped = True
@@ -114,8 +117,9 @@ class BatchPipeline:
             self._report_ready(wait=True)
 
     def _fill(self, reads: deque, source: Any, reader: ThreadPoolExecutor) -> None:
-        """Keep about two batches of items being read ahead."""
-        while len(reads) < 2 * max(self.cap, self.readers):
+        """Keep about two batches of items being read ahead (of the batch limit, once an item has told it: the items
+        of the first full group are read while the first item runs alone)."""
+        while len(reads) < 2 * max(self.ahead, self.readers):
             item = next(source, _END)
             if item is _END:
                 return
@@ -128,18 +132,20 @@ class BatchPipeline:
         except Exception as error:  # reported as this item's outcome on the caller's thread
             return ItemError(error)
 
-    def _take(self, item: Any, future: Future, writer: ThreadPoolExecutor) -> None:
+    def _take(self, item: Any, future: Future) -> Hashable | None:
+        """Add a read item to its group; the group's key when it is full and should run now."""
         outcome = future.result()
         slot = _Slot(item)
         self.slots.append(slot)
         if not isinstance(outcome, Prepared):
             slot.outcome, slot.known = outcome, True
-            return
+            return None
         key = self.group_key(outcome)
         group = self.groups.setdefault(key, [])
         group.append((outcome, slot))
-        if len(group) >= min(self.cap, self.batch_limit(outcome)):
-            self._flush(key, writer)
+        limit = self.batch_limit(outcome)
+        self.ahead = max(self.ahead, limit)
+        return key if len(group) >= min(self.cap, limit) else None
 
     def _flush(self, key: Hashable, writer: ThreadPoolExecutor) -> None:
         group = self.groups.pop(key)

@@ -22,8 +22,10 @@ from icdcli.p2p import (
     P2PPlan,
     P2PSettings,
     StepControl,
+    attention_probabilities,
     blend_mask,
     blend_resolution,
+    controlled_attention,
     cross_replace_steps,
     edit_probabilities,
     install_p2p_processors,
@@ -160,6 +162,45 @@ def test_self_replace_only_within_its_steps_and_on_small_maps():
     assert torch.equal(edit_probabilities(probs, is_cross=False, control=_control(self_flag=0.0)), probs)
     large = _probs(2, 1, 32 * 32 + 1, 8)
     assert torch.equal(edit_probabilities(large, is_cross=False, control=_control(self_flag=1.0)), large)
+
+
+@pytest.mark.parametrize("is_cross", [True, False])
+@pytest.mark.parametrize(("groups", "pairs"), [(1, 1), (1, 3), (2, 2)])
+def test_controlled_attention_equals_the_edited_probabilities_times_the_values(is_cross, groups, pairs):
+    """The P2P graph's attention never builds the edited probabilities; its output must still be exactly what they
+    give: every pair its own mapper, refine, reweight and flags (fractional ones too), real CFG's rows left alone."""
+    rows, heads, queries, length, width = 2 * pairs * groups, 2, 6 if is_cross else 16, 5, 3
+    keys = length if is_cross else queries
+    generator = torch.Generator().manual_seed(pairs * 10 + groups)
+    probs = _probs(rows, heads, queries, keys, seed=pairs + groups)
+    values = torch.randn(rows, heads, keys, width, generator=generator)
+    control = StepControl(
+        cross_alpha=torch.rand(pairs, length, generator=generator).round() * 0.75 + 0.25,
+        refine=torch.rand(pairs, length, generator=generator).round(),
+        mapper=torch.stack([torch.eye(length)[torch.randperm(length, generator=generator)] for _ in range(pairs)]),
+        reweight=torch.rand(pairs, length, generator=generator) * 2,
+        self_replace=torch.tensor([[1.0], [0.0], [0.5]])[:pairs],
+    )
+    expected = edit_probabilities(probs, is_cross=is_cross, control=control) @ values
+    got = controlled_attention(probs, values, is_cross=is_cross, control=control)
+    assert got.shape == expected.shape
+    assert_close_to_scale(got, expected, rel=1e-5)
+    untouched = rows - 2 * pairs
+    if untouched:
+        assert_close_to_scale(got[:untouched], probs[:untouched] @ values[:untouched], rel=1e-6)
+
+
+def test_attention_probabilities_are_diffusers_attention_scores():
+    """Without diffusers' baddbmm placeholder (three wasted passes in an ONNX graph) the probabilities are the same."""
+    from diffusers.models.attention_processor import Attention
+
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    generator = torch.Generator().manual_seed(3)
+    query, key = torch.randn(4, 10, 8, generator=generator), torch.randn(4, 7, 8, generator=generator)
+    mask = torch.randn(4, 10, 7, generator=generator)
+    for given in (None, mask):
+        expected = attn.get_attention_scores(query, key, given)
+        assert_close_to_scale(attention_probabilities(attn, query, key, given), expected, rel=1e-6)
 
 
 def test_local_blend_keeps_the_source_outside_the_words_region():

@@ -284,13 +284,13 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     unet = random_unet(unet_config("sd15", WIDTH, 512), 0)
     p2p.install_p2p_processors(unet)
     seen = []
-    original = p2p.edit_probabilities
+    original = p2p.controlled_attention
 
-    def spy(probs, *, is_cross, control):
+    def spy(probs, values, *, is_cross, control):
         seen.append((is_cross, probs.shape[2]))
-        return original(probs, is_cross=is_cross, control=control)
+        return original(probs, values, is_cross=is_cross, control=control)
 
-    monkeypatch.setattr(p2p, "edit_probabilities", spy)
+    monkeypatch.setattr(p2p, "controlled_attention", spy)
     length = 77
     control = p2p.StepControl(
         cross_alpha=torch.ones(length), refine=torch.ones(length), mapper=torch.eye(length),

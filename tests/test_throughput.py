@@ -89,6 +89,41 @@ def _scenes(folder: Path, count: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+def test_the_first_full_group_is_read_while_the_first_item_runs_alone():
+    """The first item runs alone (its result comes at once); the items of the next two groups are read meanwhile,
+    so the networks do not then wait for a whole batch of files. Groups fill to their limit, results keep order."""
+    import threading
+
+    from icdcli.edit_pipeline import BatchPipeline, Prepared
+
+    read, lock, next_group_read = [], threading.Lock(), threading.Event()
+
+    def prepare(item):
+        with lock:
+            read.append(item)
+            if len(read) >= 1 + 2 * 4:  # two groups ahead, as after any later group
+                next_group_read.set()
+        return Prepared(item, item)
+
+    groups, read_while_first_ran = [], []
+
+    def run_group(group):
+        if not groups:
+            read_while_first_ran.append(next_group_read.wait(10))
+        groups.append([prepared.item for prepared in group])
+        return [prepared.item * 10 for prepared in group]
+
+    outcomes = []
+    pipeline = BatchPipeline(
+        prepare=prepare, group_key=lambda prepared: 0, batch_limit=lambda prepared: 4, run_group=run_group,
+        write=lambda prepared, result: result, report=lambda item, outcome: outcomes.append(outcome) or True,
+    )  # fmt: skip
+    assert pipeline.run(range(10))
+    assert read_while_first_ran == [True]
+    assert groups == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert outcomes == [item * 10 for item in range(10)]
+
+
 def test_a_folder_in_batches_matches_one_at_a_time(tmp_path):
     rows = _scenes(tmp_path / "in", 6)
     prompts = ["--src", rows[0][1], "--tgt", rows[0][2]]
