@@ -210,6 +210,18 @@ def test_bench_throughput_times_batch_1_against_a_larger_batch_over_the_same_edi
     assert report["load_seconds"] > 0
 
 
+def test_bench_throughput_repeat_reports_the_median_of_runs_taken_in_turns():
+    from icdcli.bench.throughput import median_row
+
+    report = _bench_throughput("--images", "2", "--batch-size", "2", "--backend", "torch", "--repeat", "3")
+    for row in report["rows"]:
+        assert len(row["runs"]) == 3 and all(rate > 0 for rate in row["runs"])
+        assert row["images_per_second"] == sorted(row["runs"])[1] and row["images"] == 2
+    runs = [{"images_per_second": rate, "seconds": 10 / rate} for rate in (4.0, 1.0, 3.0, 2.0)]
+    assert median_row(runs) == {"images_per_second": 2.5, "seconds": 10 / 3.0, "runs": [4.0, 1.0, 3.0, 2.0]}
+    assert median_row(runs[:1]) == runs[0]
+
+
 def test_bench_throughput_sd15_runs_the_real_architecture_through_the_users_flags(tmp_path, monkeypatch):
     """At shrunk width and 64 px: the scale files written into the cache, loaded as --base/--teacher/--forward-lora/
     --reverse-lora, two P2P edits of 64 px photos at batch 1 and at 4."""

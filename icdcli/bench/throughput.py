@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -111,6 +112,17 @@ def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dic
     }
 
 
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several timed runs of a batch size: the median run (the upper one of an even count), its rate the
+    median rate, and `runs` every run's images/s in the order they ran."""
+    rates = [run["images_per_second"] for run in runs]
+    row = dict(sorted(runs, key=lambda run: run["images_per_second"])[len(runs) // 2])
+    if len(runs) > 1:
+        row["images_per_second"] = float(f"{statistics.median(rates):.4g}")
+        row["runs"] = rates
+    return row
+
+
 def measure_throughput(
     loaded: Any,
     images: int,
@@ -119,12 +131,15 @@ def measure_throughput(
     *,
     spec_writer: Callable[[Path, int], Path] = write_spec,
     warm_up: int = 2,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Rows of `timed_run` over one spec of `images` edits, each into a fresh output folder, after a warm-up run.
 
     Args:
         spec_writer: writes `count` inputs and their spec into a folder (`write_spec`: the held-out scenes).
         warm_up: edits of the warm-up run (as one batch): opens every session and allocates before the rows.
+        repeat: runs of each batch size, taking turns (1, N, 1, N, ...), so that a slow spell of a shared machine
+            falls on both; each row is their `median_row`.
     """
     with tempfile.TemporaryDirectory(prefix="icd-throughput-") as temporary:
         folder = Path(temporary)
@@ -133,10 +148,13 @@ def measure_throughput(
         warm_spec = spec_writer(_fresh(folder / "warm-spec"), warm_up)
         progress(f"throughput: warm-up ({warm_up} edit{'s' if warm_up > 1 else ''})")
         timed_run(loaded, warm_spec, _fresh(warm), warm_up)
-        rows = []
-        for index, size in enumerate(batch_sizes):
-            progress(f"throughput: batch size {size or 'default'}")
-            rows.append(timed_run(loaded, spec, _fresh(folder / f"out-{index}"), size))
+        runs: list[list[dict[str, Any]]] = [[] for _ in batch_sizes]
+        for turn in range(repeat):
+            for index, size in enumerate(batch_sizes):
+                of = f" (run {turn + 1} of {repeat})" if repeat > 1 else ""
+                progress(f"throughput: batch size {size or 'default'}{of}")
+                runs[index].append(timed_run(loaded, spec, _fresh(folder / f"out-{index}-{turn}"), size))
+        rows = [median_row(each) for each in runs]
     size = loaded.model.info.native_size
     return {"images": images, "size": size, "backend": loaded.backend, "load_seconds": round(loaded.seconds, 3),
             "rows": rows}  # fmt: skip
@@ -198,13 +216,22 @@ def _fresh(folder: Path) -> Path:
     default=None,
     help="sd15: the photos' side in pixels, a multiple of 64. Default: 512.",
 )
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Run each batch size N times, taking turns, and report the median (each row's `runs` lists them all): "
+    "steadier figures on a shared or busy machine.",
+)
 @width_scale_option
 @click.option("--json", "as_json", is_flag=True, help='One JSON object: {"arch", "load_seconds", "rows": '
               '[{"batch_size", "images_per_second", ...}]}.')  # fmt: skip
 @model_options
 @reports_errors
-def throughput(images: int | None, batch_size: int | None, arch: str, backend: str, size: int | None, width: float,
-               as_json: bool, **model_opts: Any) -> None:  # fmt: skip
+def throughput(images: int | None, batch_size: int | None, arch: str, backend: str, size: int | None, repeat: int,
+               width: float, as_json: bool, **model_opts: Any) -> None:  # fmt: skip
     """Images per second of icd edit over a spec of edits: batch 1 against the default (or --batch-size).
 
     Each row edits the same --images inputs (the model's recipe) into a fresh folder, reading and writing files
@@ -228,7 +255,9 @@ def throughput(images: int | None, batch_size: int | None, arch: str, backend: s
     loaded = load_model(model_opts, need_teacher=False, backend=backend)
     # a 512 px edit takes a minute or more on a CPU: one warm-up edit opens the sessions all the same
     warm_up = 1 if arch == "sd15" else 2
-    result = measure_throughput(loaded, images, [1, batch_size], say, spec_writer=spec_writer, warm_up=warm_up)
+    result = measure_throughput(
+        loaded, images, [1, batch_size], say, spec_writer=spec_writer, warm_up=warm_up, repeat=repeat
+    )
     result = {"arch": arch, **result, **extra}
     if as_json:
         click.echo(strict_json(result))
@@ -238,6 +267,8 @@ def throughput(images: int | None, batch_size: int | None, arch: str, backend: s
     click.echo(f"{arch} at {result['size']} px on {result['backend']}; {images} images; model loaded in "
                f"{result['load_seconds']:.2f} s")  # fmt: skip
     click.echo(markdown_table(result["rows"], ["batch_size", "images", "seconds", "images_per_second"]))
+    if repeat > 1:
+        click.echo(f"(the median of {repeat} runs each; seconds: the median run's)")
     first, last = result["rows"][0], result["rows"][-1]
     if first["images_per_second"] > 0:
         click.echo(f"speed-up: {last['images_per_second'] / first['images_per_second']:.2f}x")
