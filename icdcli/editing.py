@@ -397,8 +397,24 @@ def decode_p2p(
     if latents.shape[0] != 1:
         raise ValueError(f"decode_p2p decodes one image; edit_batch decodes several, got a batch of {latents.shape[0]}")
     job = EditJob(Image.new("RGB", size), source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
-    plan = _p2p_plan(model, job, size, settings)
-    return _decode_p2p_rows(model, latents, [job], [plan], size, settings, callback)
+    pixels, _ = decode_p2p_jobs(model, latents, [job], size=size, settings=settings, callback=callback)
+    return pixels
+
+
+def decode_p2p_jobs(
+    model: EditModel,
+    latents: torch.Tensor,
+    jobs: list[EditJob],
+    *,
+    size: tuple[int, int],
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> tuple[torch.Tensor, list[P2PPlan]]:
+    """Decode the noise latents (P, C, h, w) of P P2P edits together, as `edit_batch` does: the target branches'
+    pixels (P, 3, H, W) and each edit's plan, whose `map_sum` holds the maps local blend read (when it is on).
+    The jobs' images are not read; they share guidance and tau."""
+    plans = [_p2p_plan(model, job, size, settings) for job in jobs]
+    return _decode_p2p_rows(model, latents, jobs, plans, size, settings, callback), plans
 
 
 def generate(

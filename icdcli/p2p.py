@@ -533,9 +533,10 @@ def local_blend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def blend_resolution(latent_side: int) -> int:
-    """Side of the cross-attention maps local blend reads: 16 for SD1.5 at 512 px (latent / 4),
-    never below 8 (small models) nor above the latents."""
-    return min(latent_side, max(8, latent_side // 4))
+    """Side of the cross-attention maps local blend reads: latent / 4 (16 for SD1.5 at 512 px, as the release's
+    16x16 maps), never below 16 nor above the latents. Below 16 a map cannot outline a shape at P2P's threshold
+    after its 3x3 max-pool (docs/default-model.md, "Why the maps are flat"): 16x16 latents read their own side."""
+    return min(latent_side, max(16, latent_side // 4))
 
 
 def resolve_mode(settings: P2PSettings, source: str, target: str) -> str:

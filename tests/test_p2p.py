@@ -92,6 +92,7 @@ def test_self_replace_steps(steps, fraction, expected):
 
 def test_blend_resolution_is_sixteen_for_sd15_at_512():
     assert blend_resolution(64) == 16 and blend_resolution(128) == 32 and blend_resolution(8) == 8
+    assert blend_resolution(16) == 16 and blend_resolution(32) == 16  # 16x16 maps where the latents allow
 
 
 # --- token mapping --------------------------------------------------------------------------

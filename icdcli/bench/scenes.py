@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icdcli.editing import EditJob, SamplerSettings, _decode_p2p_rows, _p2p_plan, decode, decode_p2p, invert_latents
+from icdcli.editing import EditJob, SamplerSettings, decode, decode_p2p, decode_p2p_jobs, invert_latents
 from icdcli.model_api import EditModel
 from icdcli.p2p import P2PSettings, blend_mask, word_indicator
 from icdcli.training.scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, edit_scene, scenes, split_rng
@@ -119,11 +119,9 @@ def source_attention_maps(
         EditJob(blank, caption, caption, guidance, tau, settings.seed, replace(p2p, blend=(caption.split()[0],)))
         for caption in captions
     ]
-    # the edit path's own plan and decode, so the maps are exactly local blend's (decode_p2p keeps its plan to itself)
-    plans = [_p2p_plan(model, job, size, settings) for job in jobs]
-    with torch.no_grad():
+    with torch.no_grad():  # the edit path's own plans and decode, so the maps are exactly local blend's
         latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
-        _decode_p2p_rows(model, latents, jobs, plans, size, settings)
+        _, plans = decode_p2p_jobs(model, latents, jobs, size=size, settings=settings)
     maps = []
     for plan in plans:
         assert plan.map_sum is not None, "a decode with local blend records its maps"
