@@ -560,6 +560,29 @@ def test_damaged_onnx_file_says_what_to_do(tmp_path):
         OrtGraph(junk, None, device=torch.device("cpu"), vae_scale_factor=8)
 
 
+def test_an_exported_graph_with_a_changed_byte_is_reported_at_load(tmp_path):
+    """A graph is checked against the sha256 its export recorded: a flipped byte in its weights, which would still
+    parse as a graph, is caught at load with what to do; the recorded bytes pass."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from icdcli.digests import files_sha256
+    from icdcli.engines.onnxruntime import OrtGraph
+    from icdcli.errors import ICDError
+    from icdcli.export.manifest import GraphSpec
+
+    graph = tmp_path / "export" / "vae_decoder.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
+    spec = GraphSpec("vae_decoder", graph.name, [], [], sha256=files_sha256([graph]))
+    OrtGraph(graph, spec, device=torch.device("cpu"), vae_scale_factor=8)  # the recorded bytes: no error
+    data = bytearray(graph.read_bytes())
+    data[1000] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ICDError, match="sha256 differs.*delete the folder .*export and run again"):
+        OrtGraph(graph, spec, device=torch.device("cpu"), vae_scale_factor=8)
+
+
 def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):
     from icdcli import claims
 

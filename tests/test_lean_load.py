@@ -1,4 +1,5 @@
-"""The lean ONNX Runtime load: a current export runs without diffusers or transformers, and edits as the full load.
+"""The lean ONNX Runtime load: a current export runs without diffusers, transformers or onnx, and edits as the full
+load.
 
 The embedded model is exported once for the module (the first load finds no export and takes the full path); each
 lean edit is compared byte for byte with the same edit made by the full load over the same export.
@@ -28,7 +29,7 @@ from icdcli.sources import DEFAULT_MODEL_DIR
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 SRC, TGT = "a red circle on a blue background", "a yellow circle on a blue background"
-MODEL_LIBRARIES = ("diffusers", "transformers")
+MODEL_LIBRARIES = ("diffusers", "transformers", "onnx")  # onnx: graphs are checked against their recorded sha256
 
 
 def model_options(**overrides):
