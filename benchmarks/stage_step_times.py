@@ -2,6 +2,7 @@
 (on 1,024 training scenes, no time caps), timed around the stage's step function; the first step is left out.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/stage_step_times.py v2 /tmp/steps-v2 --steps 10
+    python benchmarks/stage_step_times.py v2 /tmp/steps-v2-bf16 --steps 10 --mixed-precision bf16   # both cores
 
 The VAE runs twice the steps, consistency half (at least 4). Prints one JSON object: seconds per step by stage.
 """
@@ -23,6 +24,10 @@ def main() -> None:
     parser.add_argument("preset", choices=PRESETS)
     parser.add_argument("out", type=Path, help="a fresh run folder (its stages are trained, a few steps each)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16"], default="no",
+        help="the teacher, guidance and consistency stages under accelerate's autocast (the VAE has no such option)",
+    )  # fmt: skip
     args = parser.parse_args()
     seconds: dict[str, float] = {}
     run_steps = common.run_steps
@@ -44,9 +49,9 @@ def main() -> None:
     small = dict(train_scenes=1024, checkpoint_every=10**6, log_every=2, show_progress=False, time_budget_s=None)
     config = PipelineConfig(
         replace(config.vae, steps=args.steps * 2, scaling_scenes=256, heldout_scenes=128, **small),
-        replace(config.teacher, steps=args.steps, **small),
-        replace(config.guidance, steps=args.steps, **small),
-        replace(config.consistency, steps=max(4, args.steps // 2), **small),
+        replace(config.teacher, steps=args.steps, mixed_precision=args.mixed_precision, **small),
+        replace(config.guidance, steps=args.steps, mixed_precision=args.mixed_precision, **small),
+        replace(config.consistency, steps=max(4, args.steps // 2), mixed_precision=args.mixed_precision, **small),
     )
     run_pipeline(config, args.out)
     print(json.dumps({args.preset: seconds}))
