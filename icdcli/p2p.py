@@ -534,9 +534,16 @@ def local_blend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def blend_resolution(latent_side: int) -> int:
     """Side of the cross-attention maps local blend reads: latent / 4 (16 for SD1.5 at 512 px, as the release's
-    16x16 maps), never below 16 nor above the latents. Below 16 a map cannot outline a shape at P2P's threshold
-    after its 3x3 max-pool (docs/default-model.md, "Why the maps are flat"): 16x16 latents read their own side."""
-    return min(latent_side, max(16, latent_side // 4))
+    16x16 maps), but not below 16 where the UNet has such maps: below 16 a map cannot outline a shape at P2P's
+    threshold after its 3x3 max-pool (docs/default-model.md, "Why the maps are flat"). Always a side the UNet's
+    attention runs at (the latent side halved 0-2 times): the smallest of those of at least that, else the latents'
+    own (8x8 latents read 8; 16x16 read 16; 32 read 16; 48, whose quarter 12 is below 16, read 24)."""
+    wanted = max(16, latent_side // 4)
+    for halvings in (2, 1):
+        side, rest = divmod(latent_side, 2**halvings)
+        if rest == 0 and side >= wanted:
+            return side
+    return latent_side
 
 
 def resolve_mode(settings: P2PSettings, source: str, target: str) -> str:

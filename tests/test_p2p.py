@@ -93,6 +93,8 @@ def test_self_replace_steps(steps, fraction, expected):
 def test_blend_resolution_is_sixteen_for_sd15_at_512():
     assert blend_resolution(64) == 16 and blend_resolution(128) == 32 and blend_resolution(8) == 8
     assert blend_resolution(16) == 16 and blend_resolution(32) == 16  # 16x16 maps where the latents allow
+    assert blend_resolution(48) == 24 and blend_resolution(40) == 20  # quarters below 16: the next side the UNet has
+    assert blend_resolution(72) == 18 and blend_resolution(96) == 24
 
 
 # --- token mapping --------------------------------------------------------------------------
