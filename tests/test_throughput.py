@@ -210,10 +210,10 @@ def test_bench_throughput_times_batch_1_against_a_larger_batch_over_the_same_edi
     assert report["load_seconds"] > 0
 
 
-def test_bench_throughput_repeat_reports_the_median_of_runs_taken_in_turns():
+def test_bench_throughput_repeats_reports_the_median_of_runs_taken_in_turns():
     from icdcli.bench.throughput import median_row
 
-    report = _bench_throughput("--images", "2", "--batch-size", "2", "--backend", "torch", "--repeat", "3")
+    report = _bench_throughput("--images", "2", "--batch-size", "2", "--backend", "torch", "--repeats", "3")
     for row in report["rows"]:
         assert len(row["runs"]) == 3 and all(rate > 0 for rate in row["runs"])
         assert row["images_per_second"] == sorted(row["runs"])[1] and row["images"] == 2

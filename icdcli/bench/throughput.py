@@ -217,7 +217,8 @@ def _fresh(folder: Path) -> Path:
     help="sd15: the photos' side in pixels, a multiple of 64. Default: 512.",
 )
 @click.option(
-    "--repeat",
+    "--repeats",
+    "repeat",
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
