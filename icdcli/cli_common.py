@@ -175,14 +175,30 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
             default="auto",
             show_default=True,
-            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE stays fp32.",
+            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE runs in fp32, "
+            "on CUDA in fp16 (SD1.5) or bf16 (SDXL).",
         ),
         click.option(
             "--low-memory/--no-low-memory",
             "low_memory",
             default=None,
             help="Free each UNet's weights once its stage of an edit is over (peak: one UNet, not two; each batch "
-            "reads them again). Default: on when the two UNets exceed a quarter of this machine's memory.",
+            "reads them again). Default: on when the two UNets exceed a quarter of this machine's memory, or on a "
+            "GPU half of its free memory.",
+        ),
+        click.option(
+            "--cuda-graphs/--no-cuda-graphs",
+            "cuda_graphs",
+            default=False,
+            help="PyTorch on CUDA: replay each UNet call from a CUDA graph (captured on first use; a call that "
+            "cannot be captured runs as before, with a note). Off until measured on a GPU (icd bench gpu).",
+        ),
+        click.option(
+            "--compile",
+            "compile_unets",
+            is_flag=True,
+            help="PyTorch on CUDA: torch.compile the UNets (the first call of each shape compiles, and says how "
+            "long it took; P2P steps stay eager). Its cache lives in icd's cache folder.",
         ),
     ]
     for option in reversed(options):
@@ -280,6 +296,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
 
     from .models import ICDModel, default_dtype, resolve_device, set_memory_policy
     from .sources import ModelRequest, load_requested_model
+    from .torch_speed import TorchExecution
 
     start = time.perf_counter()
     request = ModelRequest(
@@ -318,8 +335,15 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
         if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
             loaded.info.native_size = int(ctx_options["native_size"])
-        set_memory_policy(loaded, ctx_options.get("low_memory"), dtype or default_dtype(device))
-        return loaded.to(device, dtype)
+        set_memory_policy(loaded, ctx_options.get("low_memory"), dtype or default_dtype(device), device)
+        loaded.to(device, dtype)
+        execution = TorchExecution(cuda_graphs=bool(ctx_options.get("cuda_graphs")),
+                                   compile=bool(ctx_options.get("compile_unets")))  # fmt: skip
+        if execution != TorchExecution():
+            loaded.set_execution(execution)
+            for note in loaded.execution_notes:
+                say(f"note: {note}")
+        return loaded
 
     if chosen == "onnxruntime":
         from .graph_model import load_exported

@@ -164,10 +164,12 @@ def real_cfg(
     x: torch.Tensor,
     cond: Conditioning,
     guidance: Guidance,
+    copies: DeviceCopies | None = None,
 ) -> torch.Tensor:
     """Two-pass classifier-free guidance as one batch of two: eps_u + w (eps_c - eps_u).
 
-    `evaluate(x, prompt, time_ids) -> eps` runs the network once on a batch.
+    `evaluate(x, prompt, time_ids) -> eps` runs the network once on a batch; `copies` keeps the weights w on its
+    device, made once per value.
     """
     if cond.negative is None:
         raise ValueError("classifier-free guidance on a UNet without guidance distillation needs a negative prompt")
@@ -181,7 +183,12 @@ def real_cfg(
     )
     time_ids = None if cond.time_ids is None else torch.cat([expand_batch(cond.time_ids, batch)] * 2)
     eps_uncond, eps_cond = evaluate(torch.cat([x, x]), pair, time_ids).chunk(2)
-    w = row_guidance(guidance, batch).to(eps_cond.device, eps_cond.dtype).view(-1, *[1] * (x.ndim - 1))
+    rows = row_guidance(guidance, batch)
+    if copies is None or copies.device != eps_cond.device:
+        w = rows.to(eps_cond.device, eps_cond.dtype)
+    else:
+        w = copies.value(("cfg weights", tuple(rows.tolist())), lambda: rows, eps_cond.dtype)
+    w = w.view(-1, *[1] * (x.ndim - 1))
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
@@ -190,19 +197,68 @@ Evaluate = Callable[[torch.Tensor, PromptEmbedding, "torch.Tensor | None", "torc
 
 
 def guided_eps(
-    evaluate: Evaluate, x: torch.Tensor, cond: Conditioning, guidance: Guidance, guidance_dim: int | None
+    evaluate: Evaluate,
+    x: torch.Tensor,
+    cond: Conditioning,
+    guidance: Guidance,
+    guidance_dim: int | None,
+    copies: DeviceCopies | None = None,
 ) -> torch.Tensor:
     """The noise prediction under `guidance`, the way the network takes it.
 
     A guidance-distilled network (`guidance_dim` set) gets w through its guidance embedding in one
     evaluation; any other runs once on unguided steps and real CFG (a batch of two) on guided ones.
+    `copies` keeps the guidance tensors on the network's device, made once per value.
     """
     if guidance_dim is not None:
-        embedding = guidance_scale_embedding(row_guidance(guidance, x.shape[0]), guidance_dim).to(x.device)
+        rows = row_guidance(guidance, x.shape[0])
+        if copies is None:
+            embedding = guidance_scale_embedding(rows, guidance_dim).to(x.device)
+        else:
+            key = ("guidance embedding", guidance_dim, tuple(rows.tolist()))
+            embedding = copies.value(key, lambda: guidance_scale_embedding(rows, guidance_dim))
         return evaluate(x, cond.prompt, cond.time_ids, embedding)
     if is_unguided(guidance):
         return evaluate(x, cond.prompt, cond.time_ids, None)
-    return real_cfg(lambda xx, prompt, time_ids: evaluate(xx, prompt, time_ids, None), x, cond, guidance)
+    return real_cfg(lambda xx, prompt, time_ids: evaluate(xx, prompt, time_ids, None), x, cond, guidance, copies)
+
+
+class DeviceCopies:
+    """Copies of small CPU tensors (guidance embeddings, CFG weights, P2P step controls) on one device, made once
+    per object or value and reused by every later step: a copy from CPU memory waits for the device, so per-step
+    copies would stall a GPU at every step. Lives as long as the denoiser that made it (one stage of an edit)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._values: dict[Any, torch.Tensor] = {}
+
+    def tensor(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`tensor` on the device (in `dtype`, default the network's), copied the first time this object is seen."""
+        if tensor.device == self.device and tensor.dtype == (dtype or self.dtype):
+            return tensor
+        found = self._tensors.get(id(tensor))
+        if found is None or found[0] is not tensor:
+            found = (tensor, tensor.to(self.device, dtype or self.dtype))  # the source is held: its id stays its own
+            self._tensors[id(tensor)] = found
+        return found[1]
+
+    def value(self, key: Any, make: Callable[[], torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`make()` on the device (in `dtype`, default the network's), made once per `key` (a hashable description
+        of its value)."""
+        key = (key, dtype)
+        if key not in self._values:
+            self._values[key] = make().to(self.device, dtype or self.dtype)
+        return self._values[key]
+
+    def control(self, control: StepControl) -> StepControl:
+        """A P2P step control with its tensors on the device (the plan's shared tensors copied once per edit)."""
+        moved: dict[str, Any] = {name: self.tensor(getattr(control, name)) for name in CONTROL_TENSORS}
+        return replace(control, **moved)
+
+
+CONTROL_TENSORS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
+"""The tensor fields of `icdcli.p2p.StepControl`: inputs of a controlled call."""
 
 
 class UNetDenoiser:
@@ -212,13 +268,45 @@ class UNetDenoiser:
     batch-1 evaluation per step. Other UNets run real classifier-free guidance with a batch of two
     on guided steps only. Attention control (`controlled`) runs in P2P's attention processors, which
     `install_control` puts into the UNet.
+
+    Every call's inputs are put on the UNet's device first (small per-step tensors once per stage, see
+    `DeviceCopies`); then the UNet runs eagerly, from a CUDA graph of the call (`graphs`, an
+    `icdcli.torch_speed.GraphedCalls`) or compiled (`compiled`, a `CompiledCalls`; calls under attention
+    control stay eager).
     """
 
     backend = "torch"
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, *, graphs: Any = None, compiled: Any = None):
         self.unet = unet
         self.guidance_dim: int | None = cast(Any, unet).config.time_cond_proj_dim
+        self.graphs, self.compiled = graphs, compiled
+        param = next(unet.parameters())
+        self.copies = DeviceCopies(param.device, param.dtype)
+
+    def _inputs(
+        self,
+        x: torch.Tensor,
+        t: int,
+        prompt: PromptEmbedding,
+        time_ids: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The named input tensors of one call, on the UNet's device and in its dtype."""
+        copies, batch = self.copies, x.shape[0]
+        inputs = {
+            "sample": x.to(copies.device, copies.dtype),
+            "timestep": torch.full((batch,), t, device=copies.device, dtype=torch.long),
+            "encoder_hidden_states": expand_batch(prompt.hidden_states, batch).to(copies.device, copies.dtype),
+        }
+        if timestep_cond is not None:
+            inputs["timestep_cond"] = copies.tensor(timestep_cond)
+        if prompt.pooled is not None:
+            if time_ids is None:
+                raise ValueError("SDXL conditioning needs time_ids")
+            inputs["text_embeds"] = expand_batch(prompt.pooled, batch).to(copies.device, copies.dtype)
+            inputs["time_ids"] = expand_batch(copies.tensor(time_ids), batch)
+        return inputs
 
     def _evaluate(
         self,
@@ -227,43 +315,65 @@ class UNetDenoiser:
         prompt: PromptEmbedding,
         time_ids: torch.Tensor | None,
         timestep_cond: torch.Tensor | None,
-        attention: dict[str, Any] | None = None,
+        control: StepControl | None = None,
+        maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        param = next(self.unet.parameters())
-        batch = x.shape[0]
-        added = None
-        if prompt.pooled is not None:
-            if time_ids is None:
-                raise ValueError("SDXL conditioning needs time_ids")
-            added = {
-                "text_embeds": expand_batch(prompt.pooled, batch).to(param.device, param.dtype),
-                "time_ids": expand_batch(time_ids, batch).to(param.device, param.dtype),
-            }
-        with torch.no_grad():
-            eps = self.unet(
-                x.to(param.device, param.dtype),
-                torch.full((batch,), t, device=param.device, dtype=torch.long),
-                encoder_hidden_states=expand_batch(prompt.hidden_states, batch).to(param.device, param.dtype),
-                timestep_cond=None if timestep_cond is None else timestep_cond.to(param.device, param.dtype),
-                added_cond_kwargs=added,
-                cross_attention_kwargs=attention,
-                return_dict=False,
-            )[0]
-        return eps.to(x.dtype)
+        inputs = self._inputs(x, t, prompt, time_ids, timestep_cond)
+        if control is not None:
+            inputs.update({f"control.{name}": getattr(control, name) for name in CONTROL_TENSORS})
+
+        def run(module: Any, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            found: list[torch.Tensor] = []
+            attention = None
+            if control is not None:
+                moved: dict[str, Any] = {name: tensors[f"control.{name}"] for name in CONTROL_TENSORS}
+                attention = {"control": replace(control, **moved), "blend_maps": found}
+            added = None
+            if "text_embeds" in tensors:
+                added = {"text_embeds": tensors["text_embeds"], "time_ids": tensors["time_ids"]}
+            with torch.no_grad():
+                eps = module(
+                    tensors["sample"],
+                    tensors["timestep"],
+                    encoder_hidden_states=tensors["encoder_hidden_states"],
+                    timestep_cond=tensors.get("timestep_cond"),
+                    added_cond_kwargs=added,
+                    cross_attention_kwargs=attention,
+                    return_dict=False,
+                )[0]
+            return (eps, *found)
+
+        if self.graphs is not None:
+            static = None if control is None else _control_signature(control)
+            outputs = self.graphs(static, inputs, lambda tensors: run(self.unet, tensors))
+        elif self.compiled is not None and control is None:
+            outputs = self.compiled(inputs, run)
+        else:
+            outputs = run(self.unet, inputs)
+        if maps is not None:
+            maps.extend(outputs[1:])
+        return outputs[0].to(x.dtype)
 
     def _guided(
-        self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, attention: dict[str, Any] | None
+        self,
+        x: torch.Tensor,
+        t: int,
+        cond: Conditioning,
+        guidance: Guidance,
+        control: StepControl | None = None,
+        maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return guided_eps(
-            lambda xx, prompt, time_ids, step_cond: self._evaluate(xx, t, prompt, time_ids, step_cond, attention),
+            lambda xx, prompt, time_ids, step_cond: self._evaluate(xx, t, prompt, time_ids, step_cond, control, maps),
             x,
             cond,
             guidance,
             self.guidance_dim,
+            self.copies,
         )
 
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
-        return self._guided(x, t, cond, guidance, None)
+        return self._guided(x, t, cond, guidance)
 
     def install_control(self) -> None:
         from .p2p import install_p2p_processors
@@ -277,8 +387,11 @@ class UNetDenoiser:
 
         if not has_p2p_processors(self.unet):
             raise RuntimeError("attention control needs P2P's processors in this UNet: call install_control() first")
-        param = next(self.unet.parameters())
         maps: list[torch.Tensor] = []  # the processors add the blend-resolution maps of this call
-        attention = {"control": control.to(param.device, param.dtype), "blend_maps": maps}
-        eps = self._guided(x, t, cond, guidance, attention)
+        eps = self._guided(x, t, cond, guidance, self.copies.control(control), maps)
         return ControlledEps(eps, tuple(maps))
+
+
+def _control_signature(control: StepControl) -> tuple[Any, ...]:
+    """What of a step control the UNet's kernels depend on besides its tensors' shapes: which layers it edits."""
+    return (control.blend_queries, control.self_max_queries, control.cross_active, control.self_active)

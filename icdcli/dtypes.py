@@ -36,3 +36,16 @@ TORCH_DTYPES: Mapping[str, Any] = _TorchDtypes()
 def dtype_name(dtype: Any) -> str:
     """The manifest name of a torch dtype (KeyError for a dtype graphs do not use)."""
     return {value: key for key, value in TORCH_DTYPES.items()}[dtype]
+
+
+def vae_precision(family: str, device_type: str, *, bf16: bool = False) -> str:
+    """The dtype name the VAE runs in: float32 on the CPU and MPS; on CUDA float16 for SD1.5-family VAEs (half the
+    cost of float32), bfloat16 for SDXL's where the GPU has it (its VAE overflows in float16), else float32.
+
+    Exported graphs have no bfloat16: an SDXL VAE graph stays float32 (`bf16=False`).
+    """
+    if device_type != "cuda":
+        return "float32"
+    if family == "sdxl":
+        return "bfloat16" if bf16 else "float32"
+    return "float16"

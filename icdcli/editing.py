@@ -260,14 +260,16 @@ def edit_batch(
     if runnable:
         chosen = [jobs[index] for index in runnable]
         with timings.stage("encode"):
+            conds = _edit_conditioning(model, chosen, size)
             pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
             x0 = model.encode_image(pixels)
-            latents = _invert_rows(model, x0, chosen, size, settings)
+            latents = _invert_rows(model, x0, chosen, settings, conds.source)
         with timings.stage("decode"):
             if jobs[0].p2p is not None:
-                decoded = _decode_p2p_rows(model, latents, chosen, _planned(plans, runnable), size, settings)
+                plan = _planned(plans, runnable)
+                decoded = _decode_p2p_rows(model, latents, chosen, plan, size, settings, cond=conds.pairs)
             else:
-                decoded = _decode_swap_rows(model, latents, chosen, size, settings)
+                decoded = _decode_swap_rows(model, latents, chosen, settings, conds.target, conds.source)
             # a job whose result is not finite gets its error; the others are kept
             images = tensors_to_images(decoded, [jobs[index].image.size for index in runnable])
             for index, image in zip(runnable, images, strict=True):
@@ -275,10 +277,27 @@ def edit_batch(
     return results  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class EditConditioning:
+    """The prompts of a batch of edits, row by row: sources, targets, and (source, target) pairs interleaved (P2P's
+    rows). A negative prompt rides along where a guided step needs one."""
+
+    source: Conditioning
+    target: Conditioning
+    pairs: Conditioning
+
+
+def _edit_conditioning(model: EditModel, jobs: list[EditJob], size: tuple[int, int]) -> EditConditioning:
+    """Every prompt of the batch encoded once, in one call (the sources serve both the inversion and the decode)."""
+    guided = any(model.needs_negative(job.guidance) for job in jobs)
+    sources, targets = [job.source for job in jobs], [job.target for job in jobs]
+    pairs = [prompt for job in jobs for prompt in (job.source, job.target)]
+    return EditConditioning(*_prompt_rows(model, [sources, targets, pairs], size, guided))
+
+
 def _invert_rows(
-    model: EditModel, x0: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+    model: EditModel, x0: torch.Tensor, jobs: list[EditJob], settings: SamplerSettings, cond: Conditioning
 ) -> torch.Tensor:
-    (cond,) = _prompt_rows(model, [[job.source for job in jobs]], size, False)
     schedule = NoiseSchedule.stable_diffusion()
     if settings.sampler == "ddim":
         return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule)
@@ -289,12 +308,15 @@ def _invert_rows(
 
 
 def _decode_swap_rows(
-    model: EditModel, latents: torch.Tensor, jobs: list[EditJob], size: tuple[int, int], settings: SamplerSettings
+    model: EditModel,
+    latents: torch.Tensor,
+    jobs: list[EditJob],
+    settings: SamplerSettings,
+    cond: Conditioning,
+    unguided: Conditioning,
 ) -> torch.Tensor:
     guidance = _same([job.guidance for job in jobs])
     tau = _same([job.tau for job in jobs])
-    guided = any(model.needs_negative(job.guidance) for job in jobs)
-    cond, unguided = _prompt_rows(model, [[job.target for job in jobs], [job.source for job in jobs]], size, guided)
     return _decode_latents(model, latents, cond, unguided, guidance, tau, settings)
 
 
@@ -363,11 +385,13 @@ def _decode_p2p_rows(
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Target-branch pixels (P, 3, H, W) of P P2P edits decoded together (source and target rows interleaved)."""
+    """Target-branch pixels (P, 3, H, W) of P P2P edits decoded together (source and target rows interleaved);
+    `cond`: the rows' prompts, when the caller has encoded them."""
     denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
-    guided = any(model.needs_negative(job.guidance) for job in jobs)
-    (cond,) = _prompt_rows(model, [[p for job in jobs for p in (job.source, job.target)]], size, guided)
+    if cond is None:
+        cond = _edit_conditioning(model, jobs, size).pairs
     plan = plans[0] if len(plans) == 1 else P2PBatch(plans)
     guidance = _same([job.guidance for job in jobs])
     tau = _same([job.tau for job in jobs])

@@ -25,6 +25,7 @@ import torch
 
 from .atomic import atomic_folder
 from .denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+from .dtypes import vae_precision
 from .errors import ModelSourceError
 from .identity import made_from, sources_key
 from .lora import boundaries_from_filename, fuse_lora, read_lora
@@ -32,6 +33,7 @@ from .model_api import DiffusersModule, prompt_conditioning
 from .paths import MODEL_JSON, cache_root, mark_used
 from .recipe import SD15, SDXL, EditRecipe, release_recipe
 from .schedule import validate_boundaries
+from .torch_speed import Capture, TorchExecution
 from .weights_io import save_unet
 
 logger = logging.getLogger("icd")
@@ -157,19 +159,35 @@ def warn_if_truncated(model: Any, text: str) -> None:
     )
 
 
-def set_memory_policy(model: ICDModel, low_memory: bool | None = None, dtype: torch.dtype | None = None) -> ICDModel:
+def set_memory_policy(
+    model: ICDModel,
+    low_memory: bool | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> ICDModel:
     """Decide whether `model` frees each UNet between an edit's stages: `low_memory` as given, else by the size of
-    the forward and reverse UNets (in `dtype`, default as they are) against this machine's memory (`icdcli.memory`).
-    Decided before `model.to(...)`, a low-memory model converts each UNet only when it is next read."""
+    the forward and reverse UNets (in `dtype`, default as they are) against the memory of `device` (a CUDA GPU's
+    free memory, else this machine's; `icdcli.memory`). Decided before `model.to(...)`, a low-memory model converts
+    each UNet only when it is next read."""
     from .memory import release_between_stages
 
     unets = (model.forward_unet, model.reverse_unet)
     width = None if dtype is None else torch.empty((), dtype=dtype).element_size()
     size = sum(p.numel() * (width or p.element_size()) for unet in unets for p in unet.parameters())
-    model.low_memory = release_between_stages(size, low_memory)
+    model.low_memory = release_between_stages(size, low_memory, free_gpu=free_gpu_memory(device))
     if model.low_memory:
         logger.info("low memory: each UNet's weights are freed once its stage of an edit is over")
     return model
+
+
+def free_gpu_memory(device: torch.device | str | None) -> int | None:
+    """Free memory of the CUDA GPU `device` names, or None (not a CUDA device, or it cannot say)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except (RuntimeError, ValueError):
+        return None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -192,6 +210,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def default_vae_dtype(family: str, device: torch.device) -> torch.dtype:
+    """The VAE's dtype on `device` (`icdcli.dtypes.vae_precision`): fp16 for SD1.5 and bf16 for SDXL on CUDA (bf16
+    where the GPU has it, else fp32), fp32 elsewhere."""
+    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return getattr(torch, vae_precision(family, device.type, bf16=bf16))
+
+
 class _UNetSlot:
     """`model.<role>_unet`: the UNet of that role, read again from its folder when it was released."""
 
@@ -208,8 +233,9 @@ class _UNetSlot:
 class ICDModel:
     """Text encoder(s) and tokenizer(s), VAE, forward and reverse UNets, optional teacher, metadata.
 
-    The VAE and text encoders are shared by all UNets. The VAE stays in float32 (SDXL's overflows
-    in float16); UNets and text encoders use `dtype`.
+    The VAE and text encoders are shared by all UNets. UNets and text encoders use `dtype`; the VAE `vae_dtype`
+    (float32 but on CUDA, where SD1.5's runs in float16 and SDXL's in bfloat16: it overflows in float16). How the
+    UNets run (eagerly, CUDA graphs, torch.compile) is `execution` (`set_execution`).
     """
 
     def __init__(
@@ -236,6 +262,12 @@ class ICDModel:
         self.source = source
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.vae_dtype = torch.float32
+        self.execution = TorchExecution()
+        self.execution_notes: list[str] = []
+        self._capture: Capture | None = None
+        self._compile_backend, self._anywhere = "inductor", False
+        self._fast: dict[str, Any] = {}  # role -> GraphedCalls / CompiledCalls of the UNet now in that slot
         for module in self._modules():
             module.eval().requires_grad_(False)
 
@@ -258,22 +290,84 @@ class ICDModel:
         exists only in memory (fused without a cache) is kept."""
         if role in self.unet_folders and self._unets[role] is not None:
             self._unets[role] = None
+            self._fast.pop(role, None)  # a graph holds the released weights' addresses
             gc.collect()
 
     def _modules(self) -> list[torch.nn.Module]:
         unets = [unet for unet in self._unets.values() if unet is not None]  # released ones are moved when read again
         return [self.vae, *self.text_encoders, *unets]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ICDModel:
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None
+    ) -> ICDModel:
+        """Move the model: UNets and text encoders in `dtype` (default: fp16 on CUDA, else fp32), the VAE in
+        `vae_dtype` (default: `default_vae_dtype`, fp32 but on CUDA)."""
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
-        self.vae.to(self.device, torch.float32)
+        self.vae_dtype = vae_dtype or default_vae_dtype(self.info.family, self.device)
+        self.vae.to(self.device, self.vae_dtype)
+        self._fast.clear()  # graphs and compiled code belong to the weights where they were
         if self.low_memory:  # converted when next read, one at a time: never both UNets' converted copies at once
             for role in self.unet_folders:
                 self.release(role)
         for module in self._modules()[1:]:
             module.to(self.device, self.dtype)
+        if self.execution.channels_last:
+            self._channels_last()
         return self
+
+    def set_execution(
+        self,
+        execution: TorchExecution,
+        *,
+        capture: Capture | None = None,
+        compile_backend: str = "inductor",
+        anywhere: bool = False,
+    ) -> ICDModel:
+        """Run the UNets as `execution` says. CUDA graphs and torch.compile take effect on CUDA; elsewhere the UNets
+        run eagerly and `execution_notes` says so, unless `anywhere` (their bookkeeping on any device, for tests:
+        graphs then default to `icdcli.torch_speed.eager_replay`). `capture` replaces the CUDA graph capture;
+        `compile_backend` is torch.compile's backend."""
+        self.execution, self._capture, self._compile_backend = execution, capture, compile_backend
+        self._anywhere = anywhere
+        self._fast.clear()
+        if execution.channels_last:
+            self._channels_last()
+        if self.device.type != "cuda" and not anywhere and (execution.cuda_graphs or execution.compile):
+            self._note(f"{execution.mode}: the UNets run eagerly on {self.device.type} (it speeds up CUDA only)")
+        return self
+
+    def _channels_last(self) -> None:
+        for unet in self._unets.values():
+            if unet is not None:
+                unet.to(memory_format=torch.channels_last)
+
+    def _note(self, text: str) -> None:
+        if text not in self.execution_notes:
+            self.execution_notes.append(text)
+            logger.info(text)
+
+    def _denoiser(self, unet: DiffusersModule, role: str) -> UNetDenoiser:
+        """The UNet of `role` behind the denoiser interface, run the way `execution` says (graphs and compiled code
+        kept per role until the UNet is released or moved)."""
+        from .torch_speed import CompiledCalls, CudaGraphCapture, GraphedCalls, eager_replay
+
+        execution, fast = self.execution, self._fast.get(role)
+        if self.device.type != "cuda" and not self._anywhere:
+            return UNetDenoiser(unet)
+        if execution.cuda_graphs:
+            if fast is None:
+                capture = self._capture or (
+                    CudaGraphCapture(self.device) if self.device.type == "cuda" else eager_replay
+                )
+                fast = self._fast[role] = GraphedCalls(capture, name=f"{role} UNet", note=self._note)
+            return UNetDenoiser(unet, graphs=fast)
+        if execution.compile:
+            if fast is None:
+                fast = CompiledCalls(unet, name=f"{role} UNet", note=self._note, backend=self._compile_backend)
+                self._fast[role] = fast
+            return UNetDenoiser(unet, compiled=fast)
+        return UNetDenoiser(unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -285,11 +379,11 @@ class ICDModel:
 
     @property
     def forward_denoiser(self) -> UNetDenoiser:
-        return UNetDenoiser(self.forward_unet)
+        return self._denoiser(self.forward_unet, "forward")
 
     @property
     def reverse_denoiser(self) -> UNetDenoiser:
-        return UNetDenoiser(self.reverse_unet)
+        return self._denoiser(self.reverse_unet, "reverse")
 
     @property
     def teacher_denoiser(self) -> UNetDenoiser:
@@ -298,7 +392,7 @@ class ICDModel:
                 f"model {self.info.name!r} has no teacher UNet, so --sampler ddim cannot run: "
                 "use --sampler icd, or a model folder that includes teacher_unet/"
             )
-        return UNetDenoiser(self.teacher_unet)
+        return self._denoiser(self.teacher_unet, "teacher")
 
     # --- text -------------------------------------------------------------------------------
 
@@ -339,13 +433,14 @@ class ICDModel:
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> clean latents: VAE posterior mean times scaling factor."""
-        posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return posterior.mean * self.info.scaling_factor
+        posterior = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+        return posterior.mean.float() * self.info.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> pixels in [-1, 1]."""
-        return self.vae.decode(latents.to(self.device, torch.float32) / self.info.scaling_factor).sample.clamp(-1, 1)
+        scaled = (latents.float() / self.info.scaling_factor).to(self.device, self.vae_dtype)
+        return self.vae.decode(scaled).sample.float().clamp(-1, 1)
 
     # --- saving -----------------------------------------------------------------------------
 

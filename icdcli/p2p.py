@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -418,8 +418,15 @@ class P2PPlan:
     blend_size: int
     blend_threshold: float = BLEND_THRESHOLD
     map_sum: torch.Tensor | None = None
+    _controls: dict[int, StepControl] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def step(self, index: int) -> StepControl:
+        """The control of step `index`: one object per step for the whole edit (a device holds one copy of it)."""
+        if index not in self._controls:
+            self._controls[index] = self._make_step(index)
+        return self._controls[index]
+
+    def _make_step(self, index: int) -> StepControl:
         length = self.mapper.shape[0]
         cross = torch.full((length,), 1.0 if self.cross_steps[index] else 0.0)
         return StepControl(
@@ -449,6 +456,8 @@ class P2PPlan:
         if self.blend_tokens is None or self.map_sum is None:
             return x
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        if self.blend_tokens.device != self.map_sum.device:  # moved once per edit, not at every step
+            self.blend_tokens = self.blend_tokens.to(self.map_sum.device)
         mask = blend_mask(
             self.map_sum, self.blend_tokens, size=self.blend_size, latent_hw=latent_hw, threshold=self.blend_threshold
         )
@@ -464,11 +473,14 @@ class P2PBatch:
     """
 
     plans: list[P2PPlan]
+    _controls: dict[int, StepControl] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def step(self, index: int) -> StepControl:
         if len(self.plans) == 1:
             return self.plans[0].step(index)
-        return stack_controls([plan.step(index) for plan in self.plans])
+        if index not in self._controls:
+            self._controls[index] = stack_controls([plan.step(index) for plan in self.plans])
+        return self._controls[index]
 
     def reads_source(self, index: int) -> bool:
         return any(plan.reads_source(index) for plan in self.plans)

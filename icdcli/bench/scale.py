@@ -192,7 +192,7 @@ def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -
 
     with meter.stage("load"):
         model = load_requested_model(_request(task), progress=say)
-        set_memory_policy(model, task.get("low_memory"), _dtype(task["precision"]))
+        set_memory_policy(model, task.get("low_memory"), _dtype(task["precision"]), resolve_device(task["device"]))
         model.to(resolve_device(task["device"]), _dtype(task["precision"]))
     if task.get("size"):
         model.info.native_size = int(task["size"])  # the edit's working area, and the P2P graph's static size
