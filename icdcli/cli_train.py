@@ -138,6 +138,14 @@ def variant_settings(name: str) -> dict[str, Any]:
     help="Also log losses through accelerate's trackers, into RUN_DIR/logs/<stage> "
     "(view with `tensorboard --logdir RUN_DIR/logs`). Needs the tensorboard package.",
 )
+@click.option(
+    "--keep-stages",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Also keep each finished stage in DIR, float16 weights with its configs and checks (commit DIR to carry "
+    "the run to another machine); a stage kept there and missing from RUN_DIR is restored instead of retrained.",
+)
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, **options: Any) -> None:
@@ -188,6 +196,7 @@ class TrainRequest:
     edit_guidance: float
     name: str | None
     tracker: str | None
+    keep_stages: Path | None = None
 
 
 def _train(request: TrainRequest) -> None:
@@ -206,10 +215,10 @@ def _train(request: TrainRequest) -> None:
     config = replace(config, consistency=consistency)
     run_dir, variant = request.run_dir or default_run_dir(request.preset), request.variant
     if variant is None:
-        paths = run_pipeline(config, run_dir, force=request.force)
+        paths = run_pipeline(config, run_dir, force=request.force, keep=request.keep_stages)
         consistency_dir, model_dir = paths.consistency, run_dir / "model"
     else:
-        paths = run_pipeline(replace(config, consistency=None), run_dir, force=False)
+        paths = run_pipeline(replace(config, consistency=None), run_dir, force=False, keep=request.keep_stages)
         consistency_dir, model_dir = run_dir / f"consistency-{variant}", run_dir / "variants" / variant
         if request.force or not (consistency_dir / DONE).is_file():
             settings = replace(consistency, **variant_settings(variant))

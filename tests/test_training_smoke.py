@@ -499,3 +499,42 @@ def test_ctrl_c_stops_the_loop_after_its_step_and_restores_the_handler(tmp_path)
     assert done == [0, 1, 2] and (stop.value.step, stop.value.checkpoint) == (3, None)
     assert [(r["step"], r["loss"]) for r in read_log(log.path)] == [(2, 0.5), (3, 2.0)]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_finished_stages_are_kept_in_float16_and_restored_on_a_fresh_machine(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors import safe_open
+
+    from icdcli.training import pipeline as chain
+    from icdcli.training.pipeline import PipelineConfig, run_pipeline
+
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    for stage in (smoke_run.vae, smoke_run.teacher, smoke_run.guidance):
+        shutil.copytree(stage, run / stage.name)
+    (run / "vae" / "checkpoints" / "step-1").mkdir(parents=True)  # resume points never travel
+    run_pipeline(replace(PipelineConfig.smoke(), consistency=None), run, keep=kept)  # finished: only kept
+    weights = sorted(kept.rglob("*.safetensors"))
+    assert {p.relative_to(kept).parts[0] for p in weights} == {"vae", "teacher", "guidance"}
+    assert not (kept / "vae" / "checkpoints").exists() and (kept / "vae" / "train_config.json").is_file()
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in kept.rglob("*"))
+    for path in weights:
+        with safe_open(str(path), framework="pt") as handle:
+            assert {handle.get_tensor(key).dtype for key in handle.keys()} <= {torch.float16, torch.int64}  # noqa: SIM118
+
+    def never(*args, **kwargs):
+        raise AssertionError("a kept stage was trained again")
+
+    for name in ("train_vae", "train_teacher", "distill_guidance"):
+        monkeypatch.setattr(chain, name, never)
+    fresh = tmp_path / "fresh"
+    run_pipeline(replace(PipelineConfig.smoke(), consistency=None), fresh, keep=kept)
+    for stage in ("vae", "teacher", "guidance"):
+        assert (fresh / stage / "train_config.json").read_text() == (run / stage / "train_config.json").read_text()
+    unet = "guidance/unet/diffusion_pytorch_model.safetensors"
+    with safe_open(str(fresh / unet), framework="pt") as restored, safe_open(str(run / unet), framework="pt") as own:
+        for key in restored.keys():  # noqa: SIM118
+            # float32 again, and equal to the float16-rounded weights the finishing run continued from
+            assert restored.get_tensor(key).dtype == torch.float32
+            assert torch.equal(restored.get_tensor(key), own.get_tensor(key))
+    assert (run / "vae" / "checkpoints" / "step-1").is_dir()  # a run's own resume points are left where they were

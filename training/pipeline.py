@@ -21,6 +21,7 @@ from typing import Any
 from .common import TrainingInterrupted, announcer
 from .consistency import ConsistencyConfig, distill_consistency
 from .guidance import GuidanceConfig, distill_guidance
+from .stages import keep_stage, restore_stage
 from .teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
 
 DONE = "train_config.json"
@@ -106,9 +107,29 @@ def resuming(stage: Any, force: bool) -> Any:
     return replace(stage, resume=None if force else (stage.resume or "latest"))
 
 
-def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = False) -> PipelineOutputs:
+def run_pipeline(
+    config: PipelineConfig, out_dir: str | Path, *, force: bool = False, keep: str | Path | None = None
+) -> PipelineOutputs:
+    """Train the chain into `out_dir`, each stage resumed or skipped as the module says.
+
+    With `keep` (a folder that outlives the machine, e.g. one under version control), each finished stage is also
+    written there in float16 (`training.stages`), and a stage finished there but not in `out_dir` is restored from
+    it instead of trained again."""
     out = Path(out_dir)
     paths = PipelineOutputs(out / "vae", out / "teacher", out / "guidance", out / "consistency")
+    kept = None if keep is None else Path(keep)
+
+    def keep_finished(path: Path) -> None:
+        if kept is not None and (path / DONE).exists() and (force or not (kept / path.name / DONE).exists()):
+            announcer(True, path.name)(f"keeping the finished stage in {kept / path.name} (float16 weights)")
+            keep_stage(path, kept / path.name)
+
+    if kept is not None and not force:
+        for path in (paths.vae, paths.teacher, paths.guidance, paths.consistency):
+            if not (path / DONE).exists() and (kept / path.name / DONE).exists():
+                announcer(True, path.name)(f"restored from {kept / path.name} (float16 weights, kept earlier)")
+                restore_stage(kept / path.name, path)
+            keep_finished(path)
 
     def pending(path: Path, show: bool) -> bool:
         if force or not (path / DONE).exists():
@@ -122,11 +143,15 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, *, force: bool = F
         if pending(paths.teacher, config.teacher.show_progress):
             if pending(paths.vae, config.vae.show_progress):
                 train_vae(resuming(config.vae, force), paths.vae)
+                keep_finished(paths.vae)
             train_teacher(resuming(config.teacher, force), paths.vae, paths.teacher)
+            keep_finished(paths.teacher)
         distill_guidance(resuming(config.guidance, force), paths.teacher, paths.guidance)
+        keep_finished(paths.guidance)
     consistency = config.consistency
     if consistency is not None and pending(paths.consistency, consistency.show_progress):  # None: stop after guidance
         distill_consistency(resuming(consistency, force), paths.guidance, paths.consistency)
+        keep_finished(paths.consistency)
     return paths
 
 
@@ -140,10 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="v1", help="v1 (time-capped) or v2 (step targets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain stages that are already finished")
+    parser.add_argument("--keep-stages", type=Path, default=None, help="keep finished stages here (float16)")
     args = parser.parse_args(argv)
     config = PipelineConfig.preset(args.preset, smoke=args.smoke).with_seed(args.seed)
     try:
-        outputs = run_pipeline(config, args.out_dir, force=args.force)
+        outputs = run_pipeline(config, args.out_dir, force=args.force, keep=args.keep_stages)
     except TrainingInterrupted as stop:
         where = f"saved to {stop.checkpoint}" if stop.checkpoint is not None else "had no checkpoint yet"
         print(f"interrupted: the {stop.stage} stage {where}; run the same command again to resume", file=sys.stderr)
