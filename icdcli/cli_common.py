@@ -340,9 +340,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         execution = TorchExecution(cuda_graphs=bool(ctx_options.get("cuda_graphs")),
                                    compile=bool(ctx_options.get("compile_unets")))  # fmt: skip
         if execution != TorchExecution():
-            loaded.set_execution(execution)
-            for note in loaded.execution_notes:
-                say(f"note: {note}")
+            loaded.set_execution(execution)  # its notes (eager off CUDA, compile times, failed captures) are logged
         return loaded
 
     if chosen == "onnxruntime":

@@ -334,7 +334,8 @@ class ICDModel:
         if execution.channels_last:
             self._channels_last()
         if self.device.type != "cuda" and not anywhere and (execution.cuda_graphs or execution.compile):
-            self._note(f"{execution.mode}: the UNets run eagerly on {self.device.type} (it speeds up CUDA only)")
+            what = "CUDA graphs" if execution.cuda_graphs else "torch.compile"
+            self._note(f"{what} speed up PyTorch on CUDA only: on {self.device.type} the UNets run eagerly")
         return self
 
     def _channels_last(self) -> None:

@@ -125,7 +125,7 @@ def test_compiled_unets_compile_once_per_shape_and_leave_p2p_steps_eager(model):
 def test_graphs_and_compile_off_cuda_run_eagerly_with_a_note(model):
     model.set_execution(TorchExecution.from_mode("graphs"))
     assert model.reverse_denoiser.graphs is None and model.reverse_denoiser.compiled is None
-    assert any("eagerly on cpu" in note for note in model.execution_notes)
+    assert any("on cpu the UNets run eagerly" in note for note in model.execution_notes)
     with pytest.raises(ValueError, match="execution mode"):
         TorchExecution.from_mode("fast")
 
