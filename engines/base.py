@@ -47,6 +47,11 @@ class ShapeNotCovered(BackendUnavailable):
     """A backend cannot run these shapes (for TensorRT: outside every optimisation profile of the engine)."""
 
 
+class EngineFailed(BackendUnavailable):
+    """A loaded engine failed at run time (a refused profile, shape or address, a failed enqueue, an allocation, or
+    non-finite outputs): it is dropped, and this call and every later one of its graph run on the next backend."""
+
+
 def unet_feeds(
     spec: GraphSpec, x: torch.Tensor, t: int, prompt: PromptEmbedding, time_ids: torch.Tensor | None,
     timestep_cond: torch.Tensor | None,
@@ -110,20 +115,25 @@ class GraphDenoiser:
     def _evaluate(self, x, t, prompt, time_ids, timestep_cond) -> torch.Tensor:
         return self.runner(unet_feeds(self.spec, x, t, prompt, time_ids, timestep_cond))["eps"].to(x.dtype)
 
-    def _fall_back(self, why: str) -> ControlledDenoiser:
-        """The torch denoiser that runs what the graph cannot (`why`), said once per reason."""
+    def _fall_back(self, why: str, *, dropped: bool = False) -> ControlledDenoiser:
+        """The torch denoiser that runs what the graph cannot (`why`), said once per reason; `dropped`: the graph's
+        engine failed and is gone, so every later step runs there too (said as a warning)."""
         if self.fallback is None:
             raise ICDError(f"{why} cannot run on the {self.backend} backend: use --backend torch")
         if why not in self._told:
             self._told.add(why)
-            logging.getLogger("icd").info("%s: these steps of %s run on PyTorch", why, self.spec.name)
+            log = logging.getLogger("icd")
+            if dropped:
+                log.warning("%s: the engine is dropped and %s runs on PyTorch from here on", why, self.spec.name)
+            else:
+                log.info("%s: these steps of %s run on PyTorch", why, self.spec.name)
         return self.fallback
 
     def __call__(self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance = 1.0) -> torch.Tensor:
         try:
             eps = self._guided(x, t, cond, guidance)
         except BackendUnavailable as error:
-            return self._fall_back(str(error))(x, t, cond, guidance)
+            return self._fall_back(str(error), dropped=isinstance(error, EngineFailed))(x, t, cond, guidance)
         release = getattr(self.fallback, "release", None)
         if release is not None:  # the graph runs: a fallback that can free its GPU memory does so now
             release()
@@ -148,7 +158,9 @@ class GraphDenoiser:
             try:
                 return self._p2p_guided(x, t, cond, guidance, control)
             except BackendUnavailable as error:
-                reason = str(error)
+                return self._fall_back(str(error), dropped=isinstance(error, EngineFailed)).controlled(
+                    x, t, cond, guidance, control
+                )
         return self._fall_back(reason).controlled(x, t, cond, guidance, control)
 
     def _p2p_mismatch(self, x: torch.Tensor) -> str | None:
@@ -222,6 +234,16 @@ class BackendParts:
     vae_decoder: Runner
     runners: dict[str, Runner] = field(default_factory=dict)
     """Every graph's runner by graph name (the same objects the pieces above hold)."""
+
+    def fallback_notes(self) -> dict[str, str]:
+        """Graph name -> why that graph no longer runs on this backend (an engine that failed to build or load, or
+        was dropped after a failure at run time), for every graph a runner recorded such a failure for."""
+        notes = {}
+        for name, runner in self.runners.items():
+            failure = getattr(runner, "failure", None)
+            if failure is not None:
+                notes[name] = str(failure)
+        return notes
 
 
 def encode_ids(text_runners: list[Runner], ids: list[torch.Tensor]) -> PromptEmbedding:

@@ -12,7 +12,10 @@ One engine per graph, with one optimisation profile per kind of shape it must ru
 N is the batch asked for, else DEFAULT_BATCH, or with AUTO_BATCH what the GPU's memory allows (`MemoryBudget`).
 Photos thinner than `MAX_ASPECT` (and any shape outside every profile) run on PyTorch with a note.
 
-Engines are built when first needed (a command builds only the graphs it runs) and live in
+Engines are built when first needed (a command builds only the graphs it runs). By default (NATIVE_FIRST) a graph's
+first engine has one profile, at the working size for the batch one call needs, and the engine with every profile
+above is built (and replaces it) when a call first needs another shape; `icd export --backend tensorrt` builds every
+profile ahead (ALL_PROFILES). Engines live in
 `cache_root()/engines/<export key>/<graph>-<key>.plan`, beside a JSON with their full cache key: sha256 of
 (ONNX hash, profiles, build mode, TensorRT version, GPU name and compute capability, `BUILD_FORMAT`). A foreign
 or stale engine has another key and is never loaded; a file lock keeps two processes from building one engine.
@@ -20,8 +23,10 @@ or stale engine has another key and is never loaded; a file lock keeps two proce
 At run time every execution context is created without its own activation memory: one block, sized to the largest
 need of the profiles that ran, serves them all (they run one at a time on one stream). Each `Engine` owns the
 `trt.Runtime` that deserialized it and releases contexts, engine, runtime in that order; every result TensorRT
-returns is checked and a failure names the engine, tensor and shape. None of this has run on real TensorRT: the
-contracts are checked with the fake module of tests/fake_tensorrt.py.
+returns is checked and a failure names the engine, tensor and shape. A failure after load (`EngineFailed`), and
+non-finite outputs on the first call of a profile, drop the engine: that call and every later one of the graph run
+on the next backend or PyTorch, with one note. None of this has run on real TensorRT: the contracts are checked with
+the fake module of tests/fake_tensorrt.py.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,15 @@ from icdcli.export.manifest import (
     Manifest,
 )
 
-from .base import BackendParts, BackendUnavailable, GraphDenoiser, Runner, ShapeNotCovered, assemble_parts
+from .base import (
+    BackendParts,
+    BackendUnavailable,
+    EngineFailed,
+    GraphDenoiser,
+    Runner,
+    ShapeNotCovered,
+    assemble_parts,
+)
 
 logger = logging.getLogger("icd")
 
@@ -65,6 +78,11 @@ typed, so each layer runs in the precision the ONNX graph gives it."""
 MAX_ASPECT = 4.0
 """Profiles hold every working size of photos up to this aspect ratio (either way round)."""
 NATIVE, BATCHED, LANDSCAPE, PORTRAIT, ONLY = "native", "batched", "landscape", "portrait", "only"
+NATIVE_FIRST, ALL_PROFILES = "native-first", "all"
+PROFILE_MODES = (NATIVE_FIRST, ALL_PROFILES)
+"""How a graph's engine is first built. `native-first`: one profile at the working size holding the images one call
+needs (`native_profiles`), so a first edit waits for a one-profile build per graph; the engine with every profile is
+built when a call first needs another shape (and replaces it). `all`: every profile at once (`icd export`)."""
 DEFAULT_BATCH = 2
 AUTO_BATCH = "auto"
 """Images per network call the dynamic profiles hold when no batch is asked for."""
@@ -246,6 +264,20 @@ def graph_profiles(
     return tuple(found) if len(found) > 1 else ((ONLY, found[0][1]),)
 
 
+def native_profiles(
+    spec: GraphSpec, boxes: dict[str, tuple[Triple, Triple]], images: int, *, p2p_axes: dict[str, Triple],
+    vae_scale_factor: int,
+) -> Profiles:  # fmt: skip
+    """The one profile of a native-first build: the working size (`boxes[NATIVE]`), 1..`images` images of
+    `rows_per_image` rows each, opt one image. Static (the full plan's `native` profile) for one row."""
+    rows = rows_per_image(spec)
+    opt_rows = rows if spec.name in UNET_GRAPHS else 1
+    most = images * rows
+    h, w = boxes[NATIVE]
+    ranges = axis_ranges(h, w, (1, min(opt_rows, most), most), vae_scale_factor=vae_scale_factor) | p2p_axes
+    return ((NATIVE, profile_shapes(spec, ranges)),)
+
+
 def rows_per_image(spec: GraphSpec) -> int:
     """Batch rows one image takes in a call of this graph: 2 for real CFG's [negative, prompt] pair on a guided
     UNet, 2 for the source and target prompt on a text encoder, else 1."""
@@ -296,7 +328,7 @@ def profile_images(
 
 def plan_engines(
     manifest: Manifest, *, height: int | None = None, width: int | None = None, max_batch: int | None = None,
-    graphs: Iterable[str] | None = None, budget: MemoryBudget | None = None,
+    graphs: Iterable[str] | None = None, budget: MemoryBudget | None = None, native_only: bool = False,
 ) -> list[EngineRequest]:  # fmt: skip
     """One engine per graph (those named in `graphs`, default all) with the profiles it needs.
 
@@ -304,6 +336,8 @@ def plan_engines(
         max_batch: images per network call the dynamic profiles hold (a guided CFG UNet runs two rows per image);
             None: what `budget` allows for each profile's size, else DEFAULT_BATCH.
         budget: the device's memory, for a batch derived from it (`device_budget`).
+        native_only: the first engines of a native-first build: graphs of several profiles get only
+            `native_profiles`, for `max_batch` images per call (one when None); graphs of one profile keep it.
     """
     info = manifest.info
     native, multiple = int(info["native_size"]), int(info["size_multiple"])
@@ -314,13 +348,16 @@ def plan_engines(
     rows = 4 if cfg else 2  # source + target rows (and real CFG's unconditional ones)
     p2p_axes = {P2P_BATCH: (2, rows, rows * pairs), P2P_PAIRS: (1, 1, pairs)}
     wanted = set(manifest.graphs if graphs is None else graphs)
-    return [
-        EngineRequest(
-            name, graph_profiles(spec, boxes, images, p2p_axes=p2p_axes, vae_scale_factor=manifest.vae_scale_factor)
-        )
-        for name, spec in manifest.graphs.items()
-        if name in wanted
-    ]
+    factor = manifest.vae_scale_factor
+    requests = []
+    for name, spec in manifest.graphs.items():
+        if name not in wanted:
+            continue
+        profiles = graph_profiles(spec, boxes, images, p2p_axes=p2p_axes, vae_scale_factor=factor)
+        if native_only and len(profiles) > 1:
+            profiles = native_profiles(spec, boxes, max_batch or 1, p2p_axes=p2p_axes, vae_scale_factor=factor)
+        requests.append(EngineRequest(name, profiles))
+    return requests
 
 
 @dataclass(frozen=True)
@@ -531,7 +568,9 @@ def build_with_polygraphy(
         for name, (low, opt, high) in profile.items():
             built.add(name, min=low, opt=opt, max=high)
         trt_profiles.append(built)
-    options: dict[str, Any] = {"profiles": trt_profiles, "tf32": True}  # TensorRT's default; polygraphy's is off
+    options: dict[str, Any] = {"profiles": trt_profiles}
+    if hasattr(trt.BuilderFlag, "TF32"):  # TensorRT's default where it has the flag; polygraphy's default is off
+        options["tf32"] = True
     if mode.fp16_flag:
         options["fp16"] = True
     if timing_cache is not None:
@@ -619,14 +658,27 @@ def build_engine(
     _write_atomically(plan, bytes(serialized))
 
 
+def engine_plan(
+    onnx_sha256: str, request: EngineRequest, *, mode: BuildMode, folder: Path, device: DeviceFacts
+) -> tuple[str, Path]:
+    """The cache key of the engine for `request` and the file it is (or would be) in."""
+    key = engine_cache_key(onnx_sha256, request.profiles, mode=mode, trt_version=_trt().__version__, device=device)
+    return key, engine_file(folder, request, key)
+
+
+def is_cached(onnx_sha256: str, request: EngineRequest, *, mode: BuildMode, folder: Path, device: DeviceFacts) -> bool:
+    """Whether a current engine for `request` is in the cache (loading it needs no build)."""
+    key, plan = engine_plan(onnx_sha256, request, mode=mode, folder=folder, device=device)
+    return stale_reason(read_meta(plan), key) is None
+
+
 def ensure_engine(
     onnx_path: Path, onnx_sha256: str, request: EngineRequest, *, mode: BuildMode, folder: Path, device: DeviceFacts,
     timing_cache: Path | None, progress: Callable[[str], None] | None = None,
 ) -> Path:  # fmt: skip
     """The engine file for `request`, built under a file lock when missing or stale."""
     trt = _trt()
-    key = engine_cache_key(onnx_sha256, request.profiles, mode=mode, trt_version=trt.__version__, device=device)
-    plan = engine_file(folder, request, key)
+    key, plan = engine_plan(onnx_sha256, request, mode=mode, folder=folder, device=device)
     with file_lock(plan.with_suffix(".lock")):
         reason = stale_reason(read_meta(plan), key)
         if reason is None:
@@ -776,6 +828,8 @@ class Engine:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.dtypes: dict[str, torch.dtype] = {}
+        self.last_profile: int | None = None
+        """Index of the profile the last call ran on."""
 
     def close(self) -> None:
         """Release in the order TensorRT requires: execution contexts, then the engine, then the runtime that
@@ -818,39 +872,48 @@ class Engine:
         with on_device(self.device):
             context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
-                raise BackendUnavailable(
+                raise EngineFailed(
                     f"TensorRT could not create an execution context for {self.graph} (out of GPU memory?)"
                 )
-            if not context.set_optimization_profile_async(index, self.streams.handle):
-                raise ICDError(f"TensorRT engine {self.graph}: cannot select optimisation profile {index}")
-            binding = Binding(context, index)
             label = self.profiles[index][0]
+            if not context.set_optimization_profile_async(index, self.streams.handle):
+                raise EngineFailed(f"TensorRT engine {self.graph}: cannot select optimisation profile {label}")
+            binding = Binding(context, index)
             self.memory.attach(binding, profile_memory_bytes(self.engine, index), f"{self.graph} ({label})")
         self.bindings[index] = binding
         return binding
 
     def _bind_shapes(self, binding: Binding, shapes: dict[str, Shape]) -> None:
-        """Set every input shape (checked), then allocate every buffer and set its address (checked)."""
+        """Set every input shape (checked), then allocate every buffer and set its address (checked).
+
+        The profile was chosen because it holds these shapes, so a refusal is the engine's failure (EngineFailed),
+        as are an unresolved output shape, a buffer that cannot be allocated and a refused address."""
         context = binding.context
+        binding.shapes = {}  # nothing bound until every address is set
         for name in self.inputs:
             if not context.set_input_shape(name, shapes[name]):
                 label = self.profiles[binding.index][0]
-                raise ShapeNotCovered(
+                raise EngineFailed(
                     f"TensorRT engine {self.graph}: input {name} shape {shapes[name]} is outside profile {label}"
                 )
         buffers = {}
         for name in self.inputs + self.outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise ICDError(f"TensorRT engine {self.graph}: tensor {name} has unresolved shape {shape}")
-            buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                raise EngineFailed(f"TensorRT engine {self.graph}: tensor {name} has unresolved shape {shape}")
+            try:
+                buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            except torch.OutOfMemoryError as error:
+                raise EngineFailed(
+                    f"TensorRT engine {self.graph}: no GPU memory for tensor {name} of shape {shape}"
+                ) from error
             if not context.set_tensor_address(name, buffers[name].data_ptr()):
-                raise ICDError(f"TensorRT engine {self.graph}: cannot bind tensor {name} of shape {shape}")
+                raise EngineFailed(f"TensorRT engine {self.graph}: cannot bind tensor {name} of shape {shape}")
         binding.shapes, binding.buffers, binding.graph, binding.runs = dict(shapes), buffers, None, 0
 
     def _enqueue(self, binding: Binding) -> None:
         if not binding.context.execute_async_v3(self.streams.handle):
-            raise ICDError(f"TensorRT inference failed in engine {self.graph} at shapes {binding.shapes}")
+            raise EngineFailed(f"TensorRT inference failed in engine {self.graph} at shapes {binding.shapes}")
 
     def _run(self, binding: Binding) -> None:
         """Replay the captured CUDA graph, or run once (and capture: at once on a static profile, on a dynamic
@@ -890,6 +953,7 @@ class Engine:
         index = choose_profile(self.profiles, shapes)
         if index is None:
             raise ShapeNotCovered(outside_message(self.graph, self.profiles, shapes))
+        self.last_profile = index
         with on_device(self.device):
             binding = self.binding(index)
             if shapes != binding.shapes:
@@ -905,33 +969,127 @@ class Engine:
 class TensorRTGraph:
     """The runner of one exported graph: builds its engine when first called, converts inputs, runs it.
 
-    Where TensorRT cannot run the graph (the engine fails to build or load, or the shapes lie outside its
-    profiles) the call goes to the next backend, `make_next()` (ONNX Runtime's CUDA provider where installed),
-    with a note; without one it raises BackendUnavailable and the caller falls back to PyTorch.
+    `requests` are the engines it may build, narrowest first (with NATIVE_FIRST: one profile at the working size,
+    then every profile). A call whose shapes the loaded engine does not hold builds the narrowest one that does; the
+    old engine is closed once the new one is built (a build that fails leaves it serving the shapes it holds). Where
+    the widest engine is already in the cache (`is_built`) it serves from the first call.
+
+    Where TensorRT cannot run a call it goes to the next backend, `make_next()` (ONNX Runtime's CUDA provider where
+    installed), with a note; without one it raises BackendUnavailable and the caller falls back to PyTorch. Shapes
+    outside every profile, or activation memory that does not fit, concern that call only. A failure of the engine
+    itself - to build or load, or after load (`EngineFailed`: a refused profile, shape or address, an unresolved
+    shape, a failed allocation or enqueue, any RuntimeError of a run, non-finite outputs on its first call) - is
+    recorded in `failure`, the engine is dropped, and this call and every later one go to the next backend.
     """
 
     def __init__(
-        self, spec: GraphSpec, make_engine: Callable[[], Engine], *, borrowed: tuple[str, ...] = (),
-        make_next: Callable[[], Runner] | None = None,
+        self, spec: GraphSpec, make_engine: Callable[[EngineRequest], Engine], requests: Sequence[EngineRequest], *,
+        borrowed: tuple[str, ...] = (), make_next: Callable[[], Runner] | None = None,
+        is_built: Callable[[EngineRequest], bool] | None = None, nan_hint: str = "",
     ):  # fmt: skip
-        self.spec, self.make_engine, self.borrowed, self.make_next = spec, make_engine, borrowed, make_next
+        if not requests:
+            raise ValueError(f"{spec.name}: no engine to build")
+        self.spec, self.make_engine, self.requests = spec, make_engine, tuple(requests)
+        self.borrowed, self.make_next, self.nan_hint = borrowed, make_next, nan_hint
+        self.is_built: Callable[[EngineRequest], bool] = is_built or (lambda request: False)
         self.engine: Engine | None = None
+        self.stage = 0
+        """Index in `requests` of the engine loaded (or to load first)."""
+        self.checked: set[int | None] = set()
+        """Profiles of the loaded engine whose outputs were found finite (the first call on each is checked)."""
         self.failure: BackendUnavailable | None = None
+        self.widen_failure: BackendUnavailable | None = None
         self.next: Runner | None = None
 
-    def _engine(self) -> Engine:
+    def _shapes(self, feeds: dict[str, torch.Tensor]) -> dict[str, Shape]:
+        return {tensor.name: tuple(feeds[tensor.name].shape) for tensor in self.spec.inputs}
+
+    def _stage_for(self, shapes: dict[str, Shape]) -> int:
+        """The narrowest engine from the current one on whose profiles hold `shapes`; the current one when none does
+        (its run then says what lies outside)."""
+        for index in range(self.stage, len(self.requests)):
+            if choose_profile(self.requests[index].profiles, shapes) is not None:
+                return index
+        return self.stage
+
+    def _drop(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _open(self, index: int) -> Engine:
+        """Build (or find) engine `index`, then close the one loaded and load it."""
+        fresh = self.make_engine(self.requests[index])  # the build: the loaded engine stays until it is done
+        self._drop()
+        self.stage, self.checked = index, set()
+        try:
+            self.engine = fresh.load()
+        except BackendUnavailable as error:
+            self.failure = error
+            raise
+        return self.engine
+
+    def _engine(self, shapes: dict[str, Shape]) -> Engine:
         if self.failure is not None:
             raise self.failure
         if self.engine is None:
+            last = len(self.requests) - 1
+            if self.stage < last and self.is_built(self.requests[last]):
+                self.stage = last  # every profile is built already: no narrower build first
             try:
-                self.engine = self.make_engine().load()
+                return self._open(self._stage_for(shapes))
             except BackendUnavailable as error:
-                self.failure = error
+                self.failure = error  # a failed build is not tried again
                 raise
-        return self.engine
+        index = self._stage_for(shapes)
+        if index == self.stage:
+            return self.engine
+        if self.widen_failure is not None:
+            raise self.widen_failure
+        say = f"TensorRT engine {self.spec.name}: building its other profiles for input shapes {shapes}"
+        logger.info("%s", say)
+        try:
+            return self._open(index)
+        except BackendUnavailable as error:
+            if self.engine is not None:  # the wider build failed: the engine loaded serves what it holds
+                self.widen_failure = error
+            raise
+
+    def _failure_of(self, error: Exception) -> EngineFailed:
+        """The failure this graph keeps for `error` of its loaded engine: a new exception with the message alone.
+        The original's traceback holds frames that saw the engine's contexts; were it kept (or alive while the
+        engine is dropped), the contexts would outlive the runtime that made them."""
+        if isinstance(error, EngineFailed):
+            return EngineFailed(str(error))
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
+        return EngineFailed(f"TensorRT engine {self.spec.name} failed at run time: {reason}")
+
+    def _check_finite(self, outputs: dict[str, torch.Tensor], profile: str) -> None:
+        for name, tensor in outputs.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise EngineFailed(
+                    f"TensorRT engine {self.spec.name} gave non-finite values (NaN/Inf) in {name} on its first call "
+                    f"of profile {profile}; "
+                    f"{self.nan_hint or 'an fp16 export can keep normalisation in fp32: --fp32-norm'}"
+                )
 
     def _run_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._engine().infer(feeds, self.borrowed)  # the input copy converts device and dtype
+        engine = self._engine(self._shapes(feeds))
+        try:
+            outputs = engine.infer(feeds, self.borrowed)  # the input copy converts device and dtype
+            if engine.last_profile not in self.checked:  # one sync per profile, not per step
+                self._check_finite(outputs, engine.profiles[engine.last_profile or 0][0])
+                self.checked.add(engine.last_profile)
+        except (EngineFailed, RuntimeError) as error:  # torch's OutOfMemoryError is a RuntimeError
+            failure = self._failure_of(error)
+        else:
+            return outputs
+        # out of the handler: the original error and its traceback are gone, the engine can be released in order
+        del engine
+        self.failure = failure
+        self._drop()
+        raise failure
 
     def _next_backend(self, error: BackendUnavailable) -> Runner:
         if self.next is None:
@@ -994,12 +1152,14 @@ def load_parts(
     folder: Path, manifest: Manifest, model: Any, *, fallbacks: dict[str, Any],
     progress: Callable[[str], None] | None = None, height: int | None = None, width: int | None = None,
     max_batch: int | str | None = None, cuda_graph: bool = True, build_now: Iterable[str] = (),
+    profiles: str = NATIVE_FIRST,
 ) -> BackendParts:  # fmt: skip
     """TensorRT-run `BackendParts` for an export folder, on the model's CUDA device (see `engine_parts`).
 
     Args:
         max_batch: images per network call the profiles hold; AUTO_BATCH: as many as the GPU's memory allows for
             each profile's size (up to MAX_BATCH); None: the export's recorded batch, else DEFAULT_BATCH.
+        profiles: NATIVE_FIRST (one profile at the working size first, the others when needed) or ALL_PROFILES.
     """
     _trt()
     device = model.device
@@ -1010,7 +1170,7 @@ def load_parts(
     return engine_parts(
         folder, manifest, device, facts=device_facts(device), fallbacks=fallbacks, sizes=sizes, progress=progress,
         cuda_graph=cuda_graph, build_now=build_now, next_backend=onnxruntime_next(folder, manifest, device),
-        budget=budget,
+        budget=budget, profiles=profiles,
     )  # fmt: skip
 
 
@@ -1027,58 +1187,72 @@ def onnxruntime_next(folder: Path, manifest: Manifest, device: torch.device) -> 
     return make
 
 
+def nan_hint(manifest: Manifest) -> str:
+    """What to do about an engine of this export that gives NaN/Inf (the note names --fp32-norm)."""
+    if manifest.precision != "fp16":
+        return "the export is fp32 (--fp32-norm concerns fp16 exports): run it on PyTorch or ONNX Runtime"
+    if manifest.fp32_norm:
+        return "its export already keeps normalisation and the P2P softmax in fp32 (--fp32-norm)"
+    return "export again with normalisation in fp32: icd export --backend tensorrt --fp16 --fp32-norm --force"
+
+
 def engine_parts(
     folder: Path, manifest: Manifest, device: torch.device, *, facts: DeviceFacts, fallbacks: dict[str, Any],
     sizes: EngineSizes = EngineSizes(), progress: Callable[[str], None] | None = None, cuda_graph: bool = True,
     build_now: Iterable[str] = (), next_backend: Callable[[GraphSpec], Runner] | None = None,
-    budget: MemoryBudget | None = None,
+    budget: MemoryBudget | None = None, profiles: str = NATIVE_FIRST,
 ) -> BackendParts:  # fmt: skip
     """`BackendParts` whose graphs run on TensorRT engines. Each engine is built (or found in the cache) when its
-    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning.
-    `next_backend(spec)` makes the runner a graph falls back to where TensorRT cannot run it (else PyTorch)."""
+    graph first runs, so a command builds only what it uses; `build_now` names graphs to build before returning (their
+    first engine: with NATIVE_FIRST the one-profile one). `next_backend(spec)` makes the runner a graph falls back to
+    where TensorRT cannot run it (else PyTorch). `profiles`: see PROFILE_MODES."""
+    if profiles not in PROFILE_MODES:
+        raise ICDError(f"unknown TensorRT profile mode {profiles!r}: choose one of {', '.join(PROFILE_MODES)}")
     trt = _trt()
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
-    requests = {
-        r.graph: r
-        for r in plan_engines(
-            manifest, height=sizes.height, width=sizes.width, max_batch=sizes.fixed_batch, budget=budget
-        )
-    }
-    memory, streams = SharedActivations(device), Streams(device)
 
-    def ensure(spec: GraphSpec) -> Path:
+    def planned(native_only: bool) -> dict[str, EngineRequest]:
+        requests = plan_engines(
+            manifest, height=sizes.height, width=sizes.width, max_batch=sizes.fixed_batch, budget=budget,
+            native_only=native_only,
+        )  # fmt: skip
+        return {r.graph: r for r in requests}
+
+    full = planned(False)
+    first = planned(True) if profiles == NATIVE_FIRST else full
+    memory, streams = SharedActivations(device), Streams(device)
+    hint = nan_hint(manifest)
+
+    def stages(name: str) -> list[EngineRequest]:
+        return [full[name]] if first[name].profiles == full[name].profiles else [first[name], full[name]]
+
+    def ensure(spec: GraphSpec, request: EngineRequest) -> Path:
         with on_device(device):
-            request = requests[spec.name]
             return ensure_engine(
-                folder / spec.file,
-                spec.sha256,
-                request,
-                mode=mode,
-                folder=cache,
-                device=facts,
-                timing_cache=timing,
+                folder / spec.file, spec.sha256, request, mode=mode, folder=cache, device=facts, timing_cache=timing,
                 progress=progress,
-            )
+            )  # fmt: skip
 
     def make_runner(spec: GraphSpec) -> TensorRTGraph:
-        def make_engine() -> Engine:
+        def make_engine(request: EngineRequest) -> Engine:
             return Engine(
-                ensure(spec),
-                spec.name,
-                requests[spec.name].profiles,
-                device=device,
-                memory=memory,
-                streams=streams,
+                ensure(spec, request), spec.name, request.profiles, device=device, memory=memory, streams=streams,
                 cuda_graph=cuda_graph,
-            )
+            )  # fmt: skip
+
+        def is_built(request: EngineRequest) -> bool:
+            return is_cached(spec.sha256, request, mode=mode, folder=cache, device=facts)
 
         make_next = None if next_backend is None else (lambda: next_backend(spec))
         borrowed = ("eps",) if spec.name in (*UNET_GRAPHS, REVERSE_P2P) else ()  # eps is consumed by the step
-        return TensorRTGraph(spec, make_engine, borrowed=borrowed, make_next=make_next)
+        return TensorRTGraph(
+            spec, make_engine, stages(spec.name), borrowed=borrowed, make_next=make_next, is_built=is_built,
+            nan_hint=hint,
+        )  # fmt: skip
 
     parts = assemble_parts("tensorrt", manifest, make_runner, denoiser_class=TensorRTDenoiser, fallbacks=fallbacks)
     for name in build_now:
-        ensure(manifest.graphs[name])
+        ensure(manifest.graphs[name], stages(name)[0])
     return parts

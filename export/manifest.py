@@ -21,9 +21,15 @@ MANIFEST = "manifest.json"
 TEACHER_MISSING = "the export has no teacher UNet"
 ENGINE_SIZES = "engine_sizes.json"
 """Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
-EXPORT_FORMAT = 4
+EXPORT_FORMAT = 5
 """Bump when graph signatures or what a graph computes change: every cached export then counts as stale (3: the P2P
-graph's pair axis; 4: the P2P graph's attention reads its probabilities once, `icdcli.p2p.controlled_attention`)."""
+graph's pair axis; 4: the P2P graph's attention reads its probabilities once, `icdcli.p2p.controlled_attention`;
+5: fp16 exports keep normalisation and the P2P softmax in fp32 by default, and run an SD1.5-family VAE in fp16
+inside float32 inputs and outputs, `icdcli.dtypes.vae_precision`)."""
+DEFAULT_FP32_NORM = True
+"""Whether a new fp16 export keeps GroupNorm/LayerNorm and the P2P graph's softmax in fp32 (`--fp32-norm`, opt out
+with `--no-fp32-norm`): strongly typed TensorRT runs them in the graph's precision, and until a measurement on a GPU
+shows fp16 safe there, they stay fp32."""
 DEFAULT_OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 
@@ -90,7 +96,9 @@ class Manifest:
     sanitized: bool = False
     """Constants folded for TensorRT (polygraphy / onnx-graphsurgeon)."""
     fp32_norm: bool = False
-    """GroupNorm/LayerNorm of an fp16 export kept in fp32."""
+    """GroupNorm/LayerNorm (and the P2P graph's softmax) of an fp16 export kept in fp32."""
+    vae_precision: str = "float32"
+    """The dtype the VAE graphs compute in (their inputs and outputs are float32 whatever it is)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,9 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
 - `vae_encoder`: `images` (B, 3, H, W) in [-1, 1] -> `latents`: posterior mean *times the scaling factor*
   (the clean latents the samplers use, exactly `ICDModel.encode_image`).
 - `vae_decoder`: `latents` (scaled, as the samplers produce them) -> `images` in [-1, 1], clamped
-  (exactly `ICDModel.decode_latents`). The VAE graphs are always float32 (SDXL's VAE overflows in fp16).
+  (exactly `ICDModel.decode_latents`). The VAE graphs take and give float32; inside they compute in
+  `vae_graph_dtype`: fp16 for an SD1.5-family VAE in an fp16 export (as `ICDModel` runs it on CUDA,
+  `icdcli.dtypes.vae_precision`), else float32 (SDXL's VAE overflows in fp16; graphs have no bfloat16).
 - `text_encoder` (and `text_encoder_2` for SDXL): `input_ids` (B, L) int32 -> `hidden_states` (the last
   layer for SD1.5, the penultimate for SDXL) and, for SDXL's second encoder, `pooled` (the projected text
   embedding).
@@ -35,9 +37,10 @@ TensorRT builds want - polygraphy's constant folding (or onnx-graphsurgeon's whe
 onnx shape inference. Graphs over 2 GB keep their weights in one external `<graph>.onnx.data` file.
 
 Normalisation in fp16 exports: TensorRT >= 10.12 builds strongly typed, so a GroupNorm or LayerNorm of an fp16
-graph runs in fp16, where older weakly typed builds kept it in fp32. `fp32_norm=True` exports those layers with
-fp32 inputs and weights (casts around them), keeping their old precision; use it when fp16 engines drift from
-PyTorch (large activations, SDXL-size models) or show NaNs.
+graph runs in fp16, where older weakly typed builds kept it in fp32. `fp32_norm=True` (the default of fp16 exports,
+`DEFAULT_FP32_NORM`) exports those layers with fp32 inputs and weights (casts around them), keeping their old
+precision, and computes the P2P graph's attention softmax in fp32; `fp32_norm=False` (`--no-fp32-norm`) leaves
+them in fp16, for when a measurement shows fp16 safe.
 """
 
 from __future__ import annotations
@@ -57,11 +60,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from icdcli.digests import files_sha256
-from icdcli.dtypes import TORCH_DTYPES, dtype_name
+from icdcli.dtypes import TORCH_DTYPES, dtype_name, vae_precision
 from icdcli.model_api import DiffusersModule
 
 from .files import atomic_folder, folder_size
 from .manifest import (
+    DEFAULT_FP32_NORM,
     DEFAULT_OPSET,
     FORWARD,
     GUIDANCE_CFG,
@@ -170,22 +174,36 @@ class P2PUNetGraph(UNetGraph):
         return eps, maps
 
 
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
 class VaeEncoderGraph(torch.nn.Module):
+    """float32 images -> float32 latents, the VAE computing in its own dtype (as `ICDModel.encode_image`)."""
+
     def __init__(self, vae: DiffusersModule, scaling_factor: float):
         super().__init__()
         self.vae, self.scaling_factor = vae, scaling_factor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+        dtype = _module_dtype(self.vae)
+        posterior = self.vae.encode(images if images.dtype == dtype else images.to(dtype)).latent_dist
+        mean = posterior.mean
+        return (mean if mean.dtype == torch.float32 else mean.float()) * self.scaling_factor
 
 
 class VaeDecoderGraph(torch.nn.Module):
+    """float32 latents -> float32 images, the VAE computing in its own dtype (as `ICDModel.decode_latents`)."""
+
     def __init__(self, vae: DiffusersModule, scaling_factor: float):
         super().__init__()
         self.vae, self.scaling_factor = vae, scaling_factor
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        dtype = _module_dtype(self.vae)
+        scaled = latents / self.scaling_factor
+        sample = self.vae.decode(scaled if scaled.dtype == dtype else scaled.to(dtype)).sample
+        return (sample if sample.dtype == torch.float32 else sample.float()).clamp(-1, 1)
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -259,6 +277,14 @@ def p2p_unet_specs(
     return [fixed(spec) for spec in inputs] + control, [fixed(outputs[0]), maps], guidance, blend
 
 
+def vae_graph_dtype(family: str, precision: str) -> torch.dtype:
+    """The dtype a VAE graph computes in: `vae_precision` on CUDA for fp16 exports (which only CUDA runs: TensorRT,
+    ONNX Runtime's CUDA provider), without bfloat16 (graphs have none: SDXL's stays float32); float32 for fp32."""
+    if precision != "fp16":
+        return torch.float32
+    return TORCH_DTYPES[vae_precision(family, "cuda", bf16=False)]
+
+
 def vae_specs(latent_channels: int) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     images = TensorSpec("images", "float32", [BATCH, 3, HEIGHT, WIDTH])
     latents = TensorSpec("latents", "float32", [BATCH, latent_channels, LATENT_H, LATENT_W])
@@ -310,6 +336,23 @@ def _layer_norm_fp32(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     weight = None if norm.weight is None else norm.weight.float()
     bias = None if norm.bias is None else norm.bias.float()
     return torch.nn.functional.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+
+
+@contextlib.contextmanager
+def softmax_in_fp32(module: torch.nn.Module) -> Iterator[int]:
+    """While open, every attention layer of `module` that computes its probabilities explicitly (the P2P graph's
+    processors, through `icdcli.p2p.attention_probabilities`) takes the softmax in fp32 (`upcast_softmax`); fused
+    attention ignores the flag. Restored afterwards. Yields how many layers it set."""
+    changed = []
+    for layer in module.modules():
+        if getattr(layer, "upcast_softmax", None) is False:
+            setattr(layer, "upcast_softmax", True)  # noqa: B010 (a plain attribute of diffusers' Attention)
+            changed.append(layer)
+    try:
+        yield len(changed)
+    finally:
+        for layer in changed:
+            setattr(layer, "upcast_softmax", False)  # noqa: B010
 
 
 @contextlib.contextmanager
@@ -512,7 +555,10 @@ def export_graph(
     work = folder / f".work-{spec.name}"
     try:
         raw = work / "raw" / "model.onnx"
-        with norms_in_fp32(module) if fp32_norm else contextlib.nullcontext():
+        with contextlib.ExitStack() as precise:
+            if fp32_norm:
+                precise.enter_context(norms_in_fp32(module))
+                precise.enter_context(softmax_in_fp32(module))
             torch_export(module, args, inputs=spec.inputs, outputs=spec.outputs, path=raw, opset=opset)
         large = folder_size(raw.parent) > PROTOBUF_LIMIT
         source = raw
@@ -582,10 +628,11 @@ def plan_graphs(
         graph = partial(_graph, P2PUNetGraph, model.reverse_unet, dtype, names, guidance, blend, text_length)
         planned.append((spec, graph))
     scaling = float(model.info.scaling_factor)
+    vae_dtype = vae_graph_dtype(model.info.family, precision)
     for name, (inputs, outputs) in vae_specs(channels).items():
         cls = VaeEncoderGraph if name == VAE_ENCODER else VaeDecoderGraph
         vae_graph = GraphSpec(name, f"{name}.onnx", inputs, outputs)
-        planned.append((vae_graph, partial(_graph, cls, model.vae, torch.float32, scaling)))
+        planned.append((vae_graph, partial(_graph, cls, model.vae, vae_dtype, scaling)))
     xl = len(model.text_encoders) > 1
     for index, encoder in enumerate(model.text_encoders):
         name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
@@ -617,7 +664,7 @@ def export_model(
     progress: Callable[[str], None] | None = None,
     p2p: bool | None = None,
     sanitize: bool | None = None,
-    fp32_norm: bool = False,
+    fp32_norm: bool | None = None,
 ) -> Path:
     """Export every graph of `model` into `out_dir` (default: the cache) with a manifest; atomic.
 
@@ -632,7 +679,7 @@ def export_model(
         progress: Called with a line per graph.
         p2p: Also export the reverse UNet with Prompt-to-Prompt control (default: where the model can take it).
         sanitize: Fold constants for TensorRT (default: where polygraphy or onnx-graphsurgeon is installed).
-        fp32_norm: Keep GroupNorm/LayerNorm of fp16 graphs in fp32.
+        fp32_norm: Keep GroupNorm/LayerNorm (and the P2P softmax) of fp16 graphs in fp32; None: DEFAULT_FP32_NORM.
     """
     say = progress or (lambda message: None)
     precision_dtype(precision)
@@ -644,7 +691,7 @@ def export_model(
         out_dir = export_root() / key
     optimize = precision == "fp32" if optimize is None else optimize
     sanitize = sanitizer_available() if sanitize is None else sanitize
-    fp32_norm = fp32_norm and precision == "fp16"
+    fp32_norm = (DEFAULT_FP32_NORM if fp32_norm is None else fp32_norm) and precision == "fp16"
     device = model.device
     text_length = int(model.tokenizers[0].model_max_length)
     factor = model.vae_scale_factor
@@ -678,6 +725,7 @@ def export_model(
             versions=versions(),
             sanitized=sanitize,
             fp32_norm=fp32_norm,
+            vae_precision=dtype_name(vae_graph_dtype(model.info.family, precision)),
         )
         write_manifest(staging, manifest)
     say(f"exported {len(graphs)} graphs to {out_dir}")

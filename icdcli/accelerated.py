@@ -134,7 +134,8 @@ def ensure_exported(
 
     `p2p`: whether a new export holds the reverse Prompt-to-Prompt graph (default: for SD1.5-family
     models; see `icdcli.export.onnx.plan_graphs`). `fp32_norm`: whether an fp16 export keeps its normalisation
-    layers in fp32 (None: an existing export of either kind serves; a new one has them in fp16). `for_tensorrt`:
+    layers and the P2P softmax in fp32 (None: an existing export of either kind serves, so an explicit
+    `--no-fp32-norm` export is kept; a new one follows `DEFAULT_FP32_NORM`, fp32). `for_tensorrt`:
     an export whose graphs were not constant-folded is made again where polygraphy or onnx-graphsurgeon can fold.
 
     A file lock keeps two processes from exporting the same model at once; the second one waits and
@@ -152,7 +153,7 @@ def ensure_exported(
     """
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.files import file_lock
-    from icdcli.export.manifest import TEACHER_MISSING, model_fingerprint
+    from icdcli.export.manifest import EXPORT_FORMAT, TEACHER_MISSING, model_fingerprint
     from icdcli.export.onnx import sanitizer_available
 
     precision = precision or default_precision(model)
@@ -181,13 +182,15 @@ def ensure_exported(
                 manifest, fingerprint, precision, DEFAULT_OPSET, fp32_norm=fp32_norm, need_sanitized=need_sanitized
             )
         if reason is not None:
+            if fp32_norm is None and manifest is not None and manifest.export_format == EXPORT_FORMAT:
+                fp32_norm = manifest.fp32_norm  # exported again for another reason: the norms as they were chosen
             why = "first use" if reason == "no export yet" else reason
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
             # constants are folded for TensorRT only: ONNX Runtime folds at load, and folding a graph over 2 GB holds
             # its weights in memory twice or more (a later TensorRT run exports again, folded)
             export_model(
                 model, folder, precision=precision, opset=DEFAULT_OPSET, include_teacher=True, progress=progress,
-                p2p=p2p, fp32_norm=bool(fp32_norm), sanitize=None if for_tensorrt else False,
+                p2p=p2p, fp32_norm=fp32_norm, sanitize=None if for_tensorrt else False,
             )  # fmt: skip
             manifest = read_manifest(folder)
     return folder, manifest
@@ -207,6 +210,13 @@ class AcceleratedModel:
         self.backend: str = parts.name
         self.told: set[str] = set()
         self.low_memory = model.low_memory
+
+    def fallback_notes(self) -> dict[str, str]:
+        """Graph name -> why that graph runs on PyTorch (or the next backend) for the rest of the run: an engine
+        that failed to build or load, or that was dropped after a failure at run time (`BackendParts.fallback_notes`).
+        Each was said once, as a warning, when it happened."""
+        notes = getattr(self.parts, "fallback_notes", None)
+        return dict(notes()) if notes is not None else {}
 
     def _or_torch(self, run: Callable[[], Any], torch_run: Callable[[], Any], what: str) -> Any:
         """`run()` on the backend; where that graph cannot run there (BackendUnavailable), `torch_run()` with a note."""
@@ -404,7 +414,8 @@ def accelerate(
         export_dir: The ONNX export folder; None: the cache.
         offload_torch: Move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only
             for a model that is not also run on PyTorch directly.
-        **tensorrt_options: Passed to the TensorRT `load_parts` (height, width, max_batch, cuda_graph, build_now).
+        **tensorrt_options: Passed to the TensorRT `load_parts` (height, width, max_batch, cuda_graph, build_now,
+            profiles: `native-first` by default, one profile at the working size built first).
     """
     if backend == "torch":
         return model

@@ -40,7 +40,10 @@ class BatchType(click.ParamType):
     help="onnxruntime: write the ONNX graphs. tensorrt: also build TensorRT engines (needs a GPU and TensorRT).",
 )
 @click.option(
-    "--fp16", is_flag=True, help="Export UNets and text encoders in fp16 (for TensorRT / CUDA; the VAE stays fp32)."
+    "--fp16",
+    is_flag=True,
+    help="Export UNets and text encoders in fp16, for TensorRT / CUDA (an SD1.5-family VAE computes in fp16 behind "
+    "float32 inputs and outputs; SDXL's VAE stays fp32).",
 )
 @click.option(
     "--height", type=click.IntRange(min=8), default=None, help="TensorRT: image height the engines are tuned for."
@@ -68,10 +71,18 @@ class BatchType(click.ParamType):
     "Default: for SD1.5-family models, whose edits default to P2P.",
 )
 @click.option(
-    "--fp32-norm",
+    "--fp32-norm/--no-fp32-norm",
+    default=None,
+    help="With --fp16: keep GroupNorm/LayerNorm and the P2P softmax in fp32 (the default of a new fp16 export: "
+    "TensorRT >= 10.12 builds strongly typed and would run them in fp16). --no-fp32-norm exports them in fp16, for "
+    "when a measurement shows fp16 safe. Not given: an existing export of either kind is kept.",
+)
+@click.option(
+    "--native-only",
     is_flag=True,
-    help="With --fp16: keep GroupNorm/LayerNorm in fp32. TensorRT >= 10.12 builds strongly typed and runs them in "
-    "fp16 otherwise; use it when fp16 engines drift from PyTorch or give NaNs.",
+    help="With --backend tensorrt: build each engine with one profile, at the working size (--height/--width, else "
+    "the native size) and batch; engines for other sizes are built when an edit first needs them. Minutes instead "
+    "of the build of every profile.",
 )
 @click.option(
     "--check",
@@ -90,7 +101,8 @@ def export(
     batch: int | None,
     out: Path | None,
     p2p: bool | None,
-    fp32_norm: bool,
+    fp32_norm: bool | None,
+    native_only: bool,
     check: bool,
     force: bool,
     **model_opts: Any,
@@ -107,7 +119,8 @@ def export(
       icd export                                   # the embedded model, fp32 ONNX in the cache
       icd export --model sd15 --backend tensorrt --fp16 --height 512 --width 512
       icd export --model ./my-model --out ./my-model-onnx
-      icd export --model sd15 --fp16 --fp32-norm --check --backend tensorrt
+      icd export --model sd15 --backend tensorrt --native-only   # one profile per engine: a first edit in minutes
+      icd export --model sd15 --fp16 --no-fp32-norm --check --backend tensorrt
 
     With --backend tensorrt the sizes given (--height/--width/--batch) are saved with the export, and later runs
     build and find engines for those same sizes.
@@ -120,8 +133,11 @@ def export(
         select_backend("tensorrt", device=model_opts.get("device") if model_opts.get("device") != "auto" else "cuda")
     else:
         select_backend("onnxruntime")
-    if fp32_norm and not fp16:
-        raise click.UsageError("--fp32-norm applies to fp16 exports: add --fp16 (or --backend tensorrt)")
+    if fp32_norm is not None and not fp16:
+        flag = "--fp32-norm" if fp32_norm else "--no-fp32-norm"
+        raise click.UsageError(f"{flag} applies to fp16 exports: add --fp16 (or --backend tensorrt)")
+    if native_only and backend != "tensorrt":
+        raise click.UsageError("--native-only chooses which TensorRT engines to build: add --backend tensorrt")
     from .models import ICDModel
 
     loaded = load_model(model_opts, need_teacher=True)
@@ -139,7 +155,7 @@ def export(
 
     folder, manifest = ensure_exported(
         model, precision=precision, out_dir=out, force=force, progress=progress, p2p=p2p,
-        fp32_norm=fp32_norm if fp16 else None, for_tensorrt=backend == "tensorrt",
+        fp32_norm=fp32_norm, for_tensorrt=backend == "tensorrt",
     )  # fmt: skip
     say(f"ONNX export: {folder}" if said else f"ONNX export of {label} ({precision}) is up to date: {folder}")
     if check and backend != "tensorrt":
@@ -154,6 +170,7 @@ def export(
         parts = trt_engine.load_parts(
             folder, manifest, model, fallbacks=torch_fallbacks(model), progress=say, height=height, width=width,
             max_batch=batch, build_now=list(manifest.graphs),
+            profiles=trt_engine.NATIVE_FIRST if native_only else trt_engine.ALL_PROFILES,
         )  # fmt: skip
         say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
         if check:

@@ -57,6 +57,12 @@ class Record:
     fail_build: set[str] = field(default_factory=set)
     fail_context: set[str] = field(default_factory=set)
     fail_execute: set[str] = field(default_factory=set)
+    fail_profile: set[str] = field(default_factory=set)
+    """Engines whose contexts refuse every optimisation profile."""
+    fail_address: set[str] = field(default_factory=set)
+    """Engines whose contexts refuse every tensor address."""
+    nan_output: set[str] = field(default_factory=set)
+    """Engines whose runs write NaN into every output (as an fp16 overflow would)."""
     memory_size: int = 4096
     violations: list[str] = field(default_factory=list)
     """Broken rules noticed where raising is impossible (in a destructor): a test fails when any is left."""
@@ -172,7 +178,7 @@ class FakeContext:
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         self.record.log("set_optimization_profile_async", self.name, index, stream)
-        if not 0 <= index < self.engine.num_optimization_profiles:
+        if not 0 <= index < self.engine.num_optimization_profiles or self.name in self.record.fail_profile:
             return False
         self.profile, self.shapes, self.addresses = index, {}, {}
         return True
@@ -206,6 +212,8 @@ class FakeContext:
         self.record.log("set_tensor_address", self.name, name)
         if set(self.shapes) != set(self.engine.plan["inputs"]):
             raise ContractError(f"{self.name}: address of {name} set before every input shape")
+        if self.name in self.record.fail_address:
+            return False
         self.addresses[name] = address
         return address != 0
 
@@ -228,6 +236,8 @@ class FakeContext:
                 out[...] = 0.5 * self.view("sample", plan["inputs"]["sample"], self.shapes["sample"])
             else:
                 out[...] = 0.25
+            if self.name in self.record.nan_output:
+                out[...] = np.nan
         return True
 
     def view(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -364,6 +374,8 @@ def fake_polygraphy(trt: Any) -> types.SimpleNamespace:
     class CreateConfig:
         def __init__(self, **kwargs: Any):
             record.log("CreateConfig", kwargs)
+            if kwargs.get("tf32") and not hasattr(trt.BuilderFlag, "TF32"):  # polygraphy sets trt.BuilderFlag.TF32
+                raise AttributeError("type object 'tensorrt.BuilderFlag' has no attribute 'TF32'")
             self.kwargs = kwargs
 
     def network_from_onnx_path(path: str, **kwargs: Any) -> dict:
@@ -392,8 +404,9 @@ def fake_polygraphy(trt: Any) -> types.SimpleNamespace:
 # --- the module -------------------------------------------------------------------------------------------
 
 
-def make_tensorrt(version: str = "10.13.0.35", record: Record | None = None) -> types.ModuleType:
-    """A fresh fake `tensorrt` module of this version; `module.record` holds what it saw."""
+def make_tensorrt(version: str = "10.13.0.35", record: Record | None = None, *, tf32: bool = True) -> types.ModuleType:
+    """A fresh fake `tensorrt` module of this version; `module.record` holds what it saw. `tf32`: whether its
+    BuilderFlag has TF32 (a TensorRT without it must not be asked for it)."""
     trt = types.ModuleType("tensorrt")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", loader=None)
     trt.__version__ = version
@@ -422,7 +435,7 @@ def make_tensorrt(version: str = "10.13.0.35", record: Record | None = None) -> 
     trt.ExecutionContextAllocationStrategy = enum("STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED")
     trt.MemoryPoolType = enum("WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM", "DLA_GLOBAL_DRAM", "TACTIC_DRAM")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=Enum("STRONGLY_TYPED", 1))
-    flags = ["DEBUG", "GPU_FALLBACK", "TF32"] + (["FP16"] if major < 11 else [])  # TensorRT 11 removed FP16
+    flags = ["DEBUG", "GPU_FALLBACK"] + (["TF32"] if tf32 else []) + (["FP16"] if major < 11 else [])  # 11: no FP16
     trt.BuilderFlag = enum(*flags)
     trt.Runtime = lambda logger: FakeRuntime(logger, trt)
     trt.Builder = lambda logger: FakeBuilder(logger, trt)

@@ -244,7 +244,7 @@ def test_cfg_unet_graph_serves_batch_one_and_two(merged_model, tmp_path_factory)
 
 
 def test_fp16_export_types(merged_model, tmp_path_factory):
-    """fp16 graphs are for TensorRT / CUDA: UNets and text encoders in fp16, the VAE stays fp32.
+    """fp16 graphs are for TensorRT / CUDA: UNets and text encoders in fp16, the VAE's inputs and outputs fp32.
 
     Not run here: onnxruntime's CPU provider has no fp16 kernels for most of these ops."""
     folder = exported(tmp_path_factory, merged_model, "sd15", "fp16")
@@ -486,3 +486,101 @@ def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir,
     assert {name: (folder / first.graphs[name].file).stat().st_mtime_ns for name in first.graphs} == stamps
     assert len(said) == 1 and "teacher" in said[0]
     assert manifest.graphs[TEACHER].sha256 and (folder / manifest.graphs[TEACHER].file).is_file()
+
+
+def test_fp16_export_keeps_norms_and_the_explicit_p2p_softmax_in_fp32_and_runs_the_vae_in_fp16(
+    merged_model, tmp_path_factory
+):
+    """The defaults of a new fp16 export (format 5): fp32 norms and P2P softmax, the SD1.5 VAE in fp16 inside."""
+    from icdcli.export.manifest import EXPORT_FORMAT
+
+    folder = exported(tmp_path_factory, merged_model, "sd15", "fp16")
+    manifest = read_manifest(folder)
+    assert manifest.fp32_norm and manifest.vae_precision == "float16" and manifest.export_format == EXPORT_FORMAT == 5
+    float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def softmax_types(graph: str) -> set[int]:
+        model = onnx.load(str(folder / f"{graph}.onnx"))
+        types = elem_types(model)
+        return {types.get(node.input[0]) for node in model.graph.node if node.op_type == "Softmax"}
+
+    assert float32 in softmax_types("reverse_unet_p2p")  # the P2P processors' explicit softmax
+    assert softmax_types("reverse_unet") == {float16}  # fused attention ignores the flag
+    vae = onnx.load(str(folder / "vae_decoder.onnx"))
+    kernels = {init.data_type for init in vae.graph.initializer if len(init.dims) == 4}
+    assert kernels == {float16}  # the convolutions run in fp16 ...
+    assert onnx_inputs(folder / "vae_decoder.onnx") == {"latents": float32}  # ... behind float32 inputs and outputs
+    assert {o.type.tensor_type.elem_type for o in vae.graph.output} == {float32}
+
+
+def test_softmax_in_fp32_sets_upcast_only_while_open(merged_model):
+    from icdcli.export.onnx import softmax_in_fp32
+
+    unet = merged_model.reverse_unet
+    layers = [m for m in unet.modules() if getattr(m, "upcast_softmax", None) is not None]
+    before = [m.upcast_softmax for m in layers]
+    with softmax_in_fp32(unet) as count:
+        assert count == before.count(False) > 0 and all(m.upcast_softmax for m in layers)
+    assert [m.upcast_softmax for m in layers] == before
+
+
+def test_vae_graph_modules_compute_in_the_vae_precision_behind_float32(merged_model):
+    from icdcli.export.onnx import VaeDecoderGraph, VaeEncoderGraph, _cast, vae_graph_dtype
+
+    assert vae_graph_dtype("sd15", "fp16") == torch.float16
+    assert vae_graph_dtype("sdxl", "fp16") == torch.float32  # overflows in fp16; graphs have no bfloat16
+    assert vae_graph_dtype("sd15", "fp32") == torch.float32
+    scaling = float(merged_model.info.scaling_factor)
+    half = _cast(merged_model.vae, torch.float16)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = VaeDecoderGraph(half, scaling)(latents)
+        reference = VaeDecoderGraph(merged_model.vae, scaling)(latents)
+        encoded = VaeEncoderGraph(half, scaling)(reference)
+        expected = VaeEncoderGraph(merged_model.vae, scaling)(reference)
+    assert images.dtype == encoded.dtype == torch.float32
+    assert close(images, reference) <= 300  # 3e-2 relative: fp16 rounding through the decoder
+    assert close(encoded, expected) <= 300
+
+
+def test_ensure_exported_follows_the_fp32_norm_default_and_keeps_an_explicit_choice(
+    merged_model, tmp_path, monkeypatch
+):
+    import icdcli.export.onnx as onnx_export
+    from icdcli.accelerated import ensure_exported
+    from icdcli.export.manifest import DEFAULT_FP32_NORM, EXPORT_FORMAT, GraphSpec, Manifest, write_manifest
+
+    asked = []
+
+    def fake_export(model, folder, *, fp32_norm=None, precision="fp16", **options):
+        asked.append(fp32_norm)
+        chosen = DEFAULT_FP32_NORM if fp32_norm is None else fp32_norm
+        folder.mkdir(parents=True, exist_ok=True)
+        fingerprint = model_fingerprint(model) if len(asked) != 2 else "an older model"
+        graphs = {"teacher_unet": GraphSpec("teacher_unet", "teacher_unet.onnx", [], [])}
+        manifest = Manifest("k", fingerprint, precision, DEFAULT_OPSET, {}, 8, 4, 12, graphs, fp32_norm=chosen)
+        write_manifest(folder, manifest)
+        return folder
+
+    monkeypatch.setattr(onnx_export, "export_model", fake_export)
+    folder = tmp_path / "export"
+    _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder)  # a new export: the default
+    assert asked == [None] and manifest.fp32_norm is DEFAULT_FP32_NORM is True
+    _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder, fp32_norm=False)  # --no-fp32-norm
+    assert asked == [None, False] and manifest.fp32_norm is False
+    _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder)  # stale for another reason
+    assert asked == [None, False, False] and manifest.export_format == EXPORT_FORMAT  # the choice is kept
+    _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder)  # either kind serves
+    assert asked == [None, False, False]
+
+
+def test_fp32_norm_flags_need_an_fp16_export():
+    from click.testing import CliRunner
+
+    from icdcli.cli_export import export
+
+    for flag in ("--fp32-norm", "--no-fp32-norm"):
+        result = CliRunner().invoke(export, [flag, "--precision", "fp32"])
+        assert result.exit_code != 0 and f"{flag} applies to fp16 exports" in result.output
+    result = CliRunner().invoke(export, ["--native-only"])
+    assert result.exit_code != 0 and "--native-only chooses which TensorRT engines to build" in result.output

@@ -20,7 +20,7 @@ from test_engines import GPU, tiny_manifest
 
 from icdcli.denoiser import Conditioning, PromptEmbedding
 from icdcli.engines import tensorrt as trt_engine
-from icdcli.engines.base import BackendUnavailable, ShapeNotCovered
+from icdcli.engines.base import BackendUnavailable, EngineFailed, ShapeNotCovered
 from icdcli.errors import ICDError
 
 CPU = torch.device("cpu")
@@ -42,8 +42,8 @@ def write_fake_graphs(folder, manifest) -> None:
 class Fake:
     """A fake TensorRT installed for one test, with an export folder and a way to make TensorRT parts."""
 
-    def __init__(self, monkeypatch, tmp_path, version: str = "10.13.0.35", polygraphy: bool = True):
-        self.trt = make_tensorrt(version, Record())
+    def __init__(self, monkeypatch, tmp_path, version: str = "10.13.0.35", polygraphy: bool = True, tf32: bool = True):
+        self.trt = make_tensorrt(version, Record(), tf32=tf32)
         self.record = self.trt.record
         self.poly = fake_polygraphy(self.trt) if polygraphy else None
         monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
@@ -63,11 +63,14 @@ class Fake:
 
         return run
 
-    def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None):
-        fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
+    def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None, profiles=trt_engine.ALL_PROFILES,
+              fallbacks=None):  # fmt: skip
+        if fallbacks is None:
+            fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
         return trt_engine.engine_parts(
             self.folder, self.manifest, CPU, facts=GPU, fallbacks=fallbacks, sizes=sizes,
             progress=self.messages.append, cuda_graph=False, build_now=build_now, next_backend=next_backend,
+            profiles=profiles,
         )  # fmt: skip
 
     def calls(self, name: str, graph: str | None = None) -> list[tuple]:
@@ -225,11 +228,11 @@ def test_rejected_input_shape_and_failed_run_are_one_line_errors(fake):
     # a profile that claims more than the engine holds: TensorRT's set_input_shape refuses, and says so
     label, profile = engine.profiles[1]
     engine.profiles = (engine.profiles[0], (label, {**profile, "sample": ((1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 9))}))
-    with pytest.raises(ShapeNotCovered, match=r"reverse_unet: input sample shape \(1, 4, 8, 9\) is outside"):
+    with pytest.raises(EngineFailed, match=r"reverse_unet: input sample shape \(1, 4, 8, 9\) is outside"):
         engine.infer(unet_inputs(torch.zeros(1, 4, 8, 9)))
     fake.record.fail_execute.add("reverse_unet")
-    with pytest.raises(ICDError, match="inference failed in engine reverse_unet at shapes") as error:
-        parts.reverse(x, 779, conditioning(), 8.0)
+    with pytest.raises(EngineFailed, match="inference failed in engine reverse_unet at shapes") as error:
+        engine.infer(unet_inputs(x))
     assert "\n" not in str(error.value)
 
 
@@ -532,3 +535,230 @@ def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     (p2p_profile,) = built[0][2]["config"].kwargs["profiles"]
     assert p2p_profile.shapes["mapper"] == [[1, 12, 12], [1, 12, 12], [4, 12, 12]]  # 1..4 pairs
     assert p2p_profile.shapes["sample"] == [[2, 4, 64, 64], [2, 4, 64, 64], [8, 4, 64, 64]]
+
+
+# --- failures after load: the engine is dropped, the call and every later one run on PyTorch ------------------
+
+RUN_FAILURES = {
+    "execute": ("fail_execute", "inference failed in engine reverse_unet"),
+    "address": ("fail_address", "cannot bind tensor"),
+    "profile": ("fail_profile", "cannot select optimisation profile native"),
+    "nan": ("nan_output", "non-finite values (NaN/Inf) in eps on its first call of profile native"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RUN_FAILURES))
+def test_a_failure_after_load_drops_the_engine_and_pytorch_takes_every_later_step(fake, caplog, kind):
+    attribute, message = RUN_FAILURES[kind]
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(torch.randn(1, 4, 40, 104), 999, conditioning(), 8.0)  # the engine loads and runs (landscape)
+    getattr(fake.record, attribute).add("reverse_unet")
+    runner = parts.reverse.runner
+    with caplog.at_level(logging.INFO, logger="icd"):
+        for t in (999, 779, 519):  # the native profile is new: its first use meets the failure
+            assert torch.equal(parts.reverse(x, t, conditioning(), 8.0), x * 0 - 1)
+    assert fake.fallback_calls == ["reverse_unet"] * 3
+    assert runner.engine is None and message in str(runner.failure)
+    assert parts.fallback_notes() == {"reverse_unet": str(runner.failure)}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and message in r.getMessage()]
+    assert len(warnings) == 1 and "reverse_unet runs on PyTorch from here on" in warnings[0].getMessage()
+    gc.collect()
+    released = [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"]
+    assert released[-2:] == ["engine", "runtime"]  # dropped at once, in TensorRT's order
+    assert torch.allclose(parts.forward(x, 19, conditioning(), 1.0), 0.5 * x)  # other graphs keep their engines
+
+
+def test_non_finite_outputs_are_checked_on_the_first_call_of_each_profile_only(fake, caplog):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    fake.record.nan_output.add("reverse_unet")  # after the profile's first call: not checked again (no sync per step)
+    assert torch.isnan(parts.reverse(x, 779, conditioning(), 8.0)).all() and fake.fallback_calls == []
+    fake.record.nan_output = {"forward_unet"}
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.equal(parts.forward(x, 19, conditioning(), 1.0), x * 0 - 1)
+    assert "--fp32-norm" in parts.fallback_notes()["forward_unet"] and "--fp32-norm" in caplog.text
+
+
+def test_nan_note_names_fp32_norm_as_the_export_has_it():
+    manifest = tiny_manifest()
+    assert "icd export --backend tensorrt --fp16 --fp32-norm --force" in trt_engine.nan_hint(manifest)
+    manifest.fp32_norm = True
+    assert "already keeps normalisation and the P2P softmax in fp32 (--fp32-norm)" in trt_engine.nan_hint(manifest)
+    manifest.precision = "fp32"
+    assert "--fp32-norm concerns fp16 exports" in trt_engine.nan_hint(manifest)
+
+
+def test_a_failed_buffer_allocation_drops_the_engine(fake, monkeypatch):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if args and isinstance(args[0], tuple) and args[0] == (1, 4, 40, 104):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    wide = torch.randn(1, 4, 40, 104)
+    assert torch.equal(parts.reverse(wide, 999, conditioning(), 8.0), wide * 0 - 1)
+    assert "no GPU memory for tensor sample of shape (1, 4, 40, 104)" in parts.fallback_notes()["reverse_unet"]
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert torch.equal(parts.reverse(x, 779, conditioning(), 8.0), x * 0 - 1)  # dropped: PyTorch from here on
+
+
+def test_a_runtime_error_of_a_run_is_a_failure_of_the_engine(fake):
+    parts = fake.parts()
+    x = torch.randn(1, 4, 64, 64)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    engine = parts.reverse.runner.engine
+
+    def broken(binding):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    engine._run = broken
+    assert torch.equal(parts.reverse(x, 779, conditioning(), 8.0), x * 0 - 1)
+    note = parts.fallback_notes()["reverse_unet"]
+    assert (
+        note == "TensorRT engine reverse_unet failed at run time: CUDA error: an illegal memory access was encountered"
+    )
+
+
+def test_a_dropped_engine_goes_to_the_next_backend_where_there_is_one(fake):
+    parts = fake.parts(next_backend=lambda spec: lambda feeds: {"eps": 3 * feeds["sample"]})
+    x = torch.randn(1, 4, 64, 64)
+    fake.record.fail_execute.add("reverse_unet")
+    assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 3 * x)
+    assert torch.allclose(parts.reverse(x, 779, conditioning(), 8.0), 3 * x)
+    assert len(fake.calls("execute_async_v3", "reverse_unet")) == 1 and fake.fallback_calls == []
+
+
+def fake_export_of(fake: Fake, model) -> None:
+    """The fake's export folder for `model`: its graphs as the exporter plans them (fp16, with P2P)."""
+    from icdcli.export.manifest import Manifest
+    from icdcli.export.onnx import plan_graphs
+
+    graphs = {spec.name: spec for spec, _ in plan_graphs(model, "fp16", include_teacher=False)}
+    for spec in graphs.values():
+        spec.sha256 = f"{spec.name}-hash"
+    text_length = int(model.tokenizers[0].model_max_length)
+    fake.manifest = Manifest(
+        "tiny-0123-fp16", "0123", "fp16", 17, model.info.to_json(), model.vae_scale_factor, model.latent_channels,
+        text_length, graphs,
+    )  # fmt: skip
+    write_fake_graphs(fake.folder, fake.manifest)
+
+
+@pytest.mark.parametrize("kind", ["execute", "nan", "address", "profile"])
+def test_an_edit_whose_engines_fail_completes_on_pytorch_with_one_note_per_graph(
+    monkeypatch, tmp_path, merged_model, caplog, kind
+):
+    from test_engines import pixel_gap, scene
+
+    from icdcli.accelerated import AcceleratedModel, torch_fallbacks
+    from icdcli.editing import SamplerSettings, edit
+    from icdcli.p2p import P2PSettings
+
+    fake = Fake(monkeypatch, tmp_path)
+    fake_export_of(fake, merged_model)
+    attribute, _ = RUN_FAILURES[kind]
+    getattr(fake.record, attribute).update(fake.manifest.graphs)
+    parts = fake.parts(fallbacks=torch_fallbacks(merged_model), profiles=trt_engine.NATIVE_FIRST)
+    accelerated = AcceleratedModel(merged_model, parts)
+    args = (scene(), "a red square on a blue background", "a green square on a blue background")
+    options = {"guidance": 7.0, "tau": 0.8, "settings": SamplerSettings(seed=3)}
+    with caplog.at_level(logging.INFO, logger="icd"):
+        swapped = edit(accelerated, *args, **options)
+        controlled = edit(accelerated, *args, **options, p2p=P2PSettings())
+    assert pixel_gap(swapped, edit(merged_model, *args, **options)) == 0
+    assert pixel_gap(controlled, edit(merged_model, *args, **options, p2p=P2PSettings())) == 0
+    notes = accelerated.fallback_notes()
+    ran = {"forward_unet", "reverse_unet", "reverse_unet_p2p", "vae_encoder", "vae_decoder", "text_encoder"}
+    assert set(notes) == ran
+    for graph, note in notes.items():
+        assert sum(note in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1, graph
+        assert len(fake.calls("execute_async_v3", graph)) <= 1  # never tried again after the failure
+        assert ("--fp32-norm" in note) == (kind == "nan")
+
+
+# --- native-first builds ---------------------------------------------------------------------------------
+
+
+def test_native_first_plans_one_profile_at_the_working_size():
+    manifest = tiny_manifest()
+    first = {r.graph: r for r in trt_engine.plan_engines(manifest, native_only=True)}
+    full = {r.graph: r for r in trt_engine.plan_engines(manifest)}
+    reverse = first["reverse_unet"]
+    assert [label for label, _ in reverse.profiles] == ["native"] and reverse.kind == trt_engine.STATIC
+    assert reverse.profiles[0] == full["reverse_unet"].profiles[0]  # the full plan's static native profile
+    assert first["vae_decoder"].profile["latents"] == ((1, 4, 64, 64),) * 3
+    assert first["text_encoder"].profiles == full["text_encoder"].profiles  # one profile anyway
+    two = {r.graph: r for r in trt_engine.plan_engines(manifest, native_only=True, max_batch=2, height=768)}
+    assert two["reverse_unet"].profile["sample"] == ((1, 4, 96, 64), (1, 4, 96, 64), (2, 4, 96, 64))
+    cfg = {r.graph: r for r in trt_engine.plan_engines(tiny_manifest(guidance_distilled=False), native_only=True)}
+    assert cfg["reverse_unet"].profile["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))  # CFG: 2 rows
+    assert cfg["forward_unet"].profile["sample"] == ((1, 4, 64, 64),) * 3  # the forward UNet is never guided
+
+
+def test_native_first_builds_one_profile_then_the_rest_when_another_size_comes(monkeypatch, tmp_path, caplog):
+    fake = Fake(monkeypatch, tmp_path)
+    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    x = torch.randn(1, 4, 64, 64)
+    assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 0.5 * x)
+    built = fake.calls("engine_bytes_from_network", "reverse_unet")
+    assert [len(c[2]["config"].kwargs["profiles"]) for c in built] == [1]
+    parts.reverse(x, 779, conditioning(), 8.0)
+    assert len(fake.calls("engine_bytes_from_network")) == 1  # nothing more for the same size
+    wide = torch.randn(1, 4, 40, 104)
+    with caplog.at_level(logging.INFO, logger="icd"):
+        assert torch.allclose(parts.reverse(wide, 999, conditioning(), 8.0), 0.5 * wide)
+    built = fake.calls("engine_bytes_from_network", "reverse_unet")
+    assert [len(c[2]["config"].kwargs["profiles"]) for c in built] == [1, 4]
+    assert "building its other profiles" in caplog.text and fake.fallback_calls == []
+    gc.collect()
+    assert [c[1] for c in fake.record.calls if c[0] == "destroyed" and c[2] == "reverse_unet"] == [
+        "context", "engine", "runtime"
+    ]  # fmt: skip  # the one-profile engine, closed once the full one was built
+    assert torch.allclose(parts.reverse(x, 519, conditioning(), 8.0), 0.5 * x)  # on the full engine's native profile
+    assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 2
+    again = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    again.reverse(x, 999, conditioning(), 8.0)  # the full engine is in the cache: loaded, nothing built
+    assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 2
+    assert len(again.reverse.runner.engine.profiles) == 4
+
+
+def test_a_failed_wider_build_keeps_the_native_engine(fake):
+    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    x, wide = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 40, 104)
+    parts.reverse(x, 999, conditioning(), 8.0)
+    fake.record.fail_build.add("reverse_unet")
+    assert torch.equal(parts.reverse(wide, 999, conditioning(), 8.0), wide * 0 - 1)
+    assert torch.equal(parts.reverse(wide, 779, conditioning(), 8.0), wide * 0 - 1)
+    assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 2  # the wider build is not retried
+    assert torch.allclose(parts.reverse(x, 779, conditioning(), 8.0), 0.5 * x)  # native still on TensorRT
+    assert parts.fallback_notes() == {}
+
+
+def test_native_first_builds_nothing_wider_for_shapes_no_profile_holds(fake):
+    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    thin = torch.randn(1, 4, 8, 512)
+    assert torch.equal(parts.reverse(thin, 999, conditioning(), 8.0), thin * 0 - 1)
+    built = fake.calls("engine_bytes_from_network", "reverse_unet")
+    assert [len(c[2]["config"].kwargs["profiles"]) for c in built] == [1]
+
+
+def test_build_now_builds_the_first_engine_of_the_mode(fake):
+    fake.parts(build_now=["reverse_unet", "text_encoder"], profiles=trt_engine.NATIVE_FIRST)
+    built = {c[1]: len(c[2]["config"].kwargs["profiles"]) for c in fake.calls("engine_bytes_from_network")}
+    assert built == {"reverse_unet": 1, "text_encoder": 1}
+    with pytest.raises(ICDError, match="unknown TensorRT profile mode 'some'"):
+        fake.parts(profiles="some")
+
+
+def test_tf32_is_asked_for_only_where_tensorrt_has_the_flag(monkeypatch, tmp_path):
+    fake = Fake(monkeypatch, tmp_path, tf32=False)
+    x = torch.randn(1, 4, 64, 64)
+    assert torch.allclose(fake.parts().reverse(x, 999, conditioning(), 8.0), 0.5 * x)  # the fake refuses tf32 here
+    assert "tf32" not in fake.calls("CreateConfig")[0][1]
