@@ -8,8 +8,10 @@
 - `pie_fixture`: a PIE-Bench-format folder made from procedural scenes (`icd bench pie` runs on it here);
 - `throughput`: images per second of `icd edit` at batch 1 against larger batches (`icd bench throughput`);
 - `scale_models`, `scale`: SD1.5/SDXL-architecture files in the release's formats with random weights, and their
-  run end to end per backend (`icd bench scale`; each stage a worker process, `python -m icdcli.bench.scale`).
+  run end to end per backend (`icd bench scale`; each stage a worker process, `python -m icdcli.bench.scale`);
+- `gpu`: the PyTorch CUDA path at those sizes, models built in memory on the device, in eager, CUDA-graph and
+  torch.compile modes, with fp16-vs-fp32 parity (`icd bench gpu`; `benchmarks/gpu.sh` runs it on a lent GPU).
 
 The PIE-Bench runner is the `icdcli.pie` package; `benchmarks/` at the repository root holds one-off research
-scripts (P2P fractions and token mapping, variant pairing, start-up, first GPU contact).
+scripts (P2P fractions and token mapping, variant pairing, start-up, the GPU run).
 """
