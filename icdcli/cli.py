@@ -39,6 +39,7 @@ from .cli_common import (
     setup_logging,
 )
 from .cli_export import export as _export_command
+from .cli_gpu import gpu as _gpu_command
 from .cli_pie import pie as _pie_command
 from .cli_scale import scale as _scale_command
 from .cli_train import train as _train_command
@@ -963,3 +964,4 @@ main.add_command(_train_command)
 bench.add_command(_pie_command)
 bench.add_command(_throughput_command)
 bench.add_command(_scale_command)
+bench.add_command(_gpu_command)
