@@ -1,3 +1,8 @@
 """icd: text-guided editing of real photos with invertible Consistency Distillation."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version number is pyproject.toml's, as the installed distribution reports it
+    __version__ = version("icd")
+except PackageNotFoundError:  # a source tree run without installing
+    __version__ = "unknown"

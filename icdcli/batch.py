@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .texts import LINE_BYTES, TEXTS, TextError, check_text, shown
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
 METHOD = "swap"
@@ -120,23 +122,31 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     unknown = sorted(set(raw) - set(SPEC_FIELDS))
     if unknown:
         return Item(
-            label, key, row=row, error=f"{label}: unknown field {unknown[0]!r}; fields: {', '.join(SPEC_FIELDS)}"
+            label,
+            key,
+            row=row,
+            error=f"{label}: unknown field {shown(repr(unknown[0]))}; fields: {', '.join(SPEC_FIELDS)}",
         )
     image = raw.get("image")
     if not isinstance(image, str) or not image.strip():
         return Item(label, key, row=row, error=f"{label}: no image; every row needs an image path")
+    given = _given_image(image, spec)  # a failed row still reports the image it names
+
+    def failed(message: str) -> Item:
+        return Item(label, key, image=given, row=row, error=f"{label}: {message}")
+
     for name in ("src", "tgt", "output", "blended_word"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
-            return Item(label, key, row=row, error=f"{label}: {name} must be text, not {raw[name]!r}")
-    for name in ("image", "output"):
-        if "\x00" in (raw.get(name) or ""):
-            return Item(label, key, row=row, error=f"{label}: {name} holds a NUL character, which no path can")
+            return failed(f"{name} must be text, not {_shown_value(raw[name])}")
     try:
+        for name, kind in (("image", "path"), ("output", "path"), ("src", "prompt"), ("tgt", "prompt"),
+                           ("blended_word", "word")):  # fmt: skip
+            check_text(kind, raw.get(name), name)
         guidance = _number(raw.get("guidance"), "guidance")
         tau = _number(raw.get("tau"), "tau")
         seed_value = _number(raw.get("seed"), "seed")
-    except ValueError as error:
-        return Item(label, key, row=row, error=f"{label}: {error}")
+    except ValueError as error:  # TextError, NumberError
+        return failed(str(error))
     image_path = spec.parent / image.strip()
     try:
         relative = image_path.relative_to(spec.parent)
@@ -161,9 +171,29 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     )
 
 
+def _given_image(image: str, spec: Path) -> Path | None:
+    """The image a row names, as its failure reports it (None when it is no usable path at all)."""
+    if len(image) > TEXTS["path"].limit or "\x00" in image:
+        return None
+    return spec.parent / image.strip()
+
+
+def _shown_value(value: Any) -> str:
+    return shown(repr(value), 60)
+
+
 def _jsonl_rows(text: str) -> Iterable[tuple[int, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if len(line) > LINE_BYTES:
+            yield (
+                number,
+                TextError(
+                    f"the row is {len(line):,} characters long; a row may have at most {LINE_BYTES:,} (icd's text "
+                    "limits): shorten its prompts"
+                ),
+            )
             continue
         try:
             yield number, json.loads(line)
@@ -182,7 +212,14 @@ def _csv_rows(text: str, spec: Path) -> Iterable[tuple[int, Any]]:
             f"tau, seed, output, blended_word (found: {found})"
         )
     reader.fieldnames = fields
-    for raw in reader:
+    while True:
+        try:
+            raw = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # a cell over csv's field limit (128 KiB), a NUL byte ...
+            yield reader.line_num, ValueError(f"not a CSV row ({error})")
+            continue
         if None in raw:
             yield reader.line_num, ValueError(f"more cells than the {len(fields)} columns")
             continue
@@ -337,6 +374,7 @@ def decide(
     overwrite: bool,
     fields: tuple[str, ...] = MATCH_FIELDS,
     maker: str = "icd edit",
+    flag: str = "-o",
 ) -> Decision:
     """Run a missing output; skip one made with the same parameters; refuse to replace any other.
 
@@ -348,14 +386,14 @@ def decide(
         return Decision("run", "replacing the existing output (--overwrite)")
     if existing is None:
         return Decision(
-            "refuse", f"exists and was not made by {maker}; pass --overwrite to replace it, or choose another -o"
+            "refuse", f"exists and was not made by {maker}; pass --overwrite to replace it, or choose another {flag}"
         )
     differences = record_differences(existing, wanted, fields=fields)
     if not differences:
         return Decision("skip", "already made with these parameters")
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
     return Decision(
-        "refuse", f"exists with other parameters ({shown}); pass --overwrite to replace it, or choose another -o"
+        "refuse", f"exists with other parameters ({shown}); pass --overwrite to replace it, or choose another {flag}"
     )
 
 
@@ -366,6 +404,10 @@ class Tally:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    not_reached: int = 0  # items a stop (Ctrl-C, SIGTERM, a fatal failure) left for the rerun
+
+    def reached(self) -> int:
+        return self.done + self.skipped + self.failed
 
     def summary(self, seconds: float, load_seconds: float) -> dict[str, Any]:
         return {
@@ -373,6 +415,7 @@ class Tally:
             "done": self.done,
             "skipped": self.skipped,
             "failed": self.failed,
+            "not_reached": self.not_reached,
             "seconds": round(seconds, 3),
             "load_seconds": round(load_seconds, 3),
             "images_per_second": round(self.done / seconds, 4) if seconds > 0 else 0.0,
@@ -381,8 +424,9 @@ class Tally:
     def line(self, seconds: float, interrupted: bool = False) -> str:
         rate = self.done / seconds if seconds > 0 else 0.0
         head = "interrupted: " if interrupted else ""
+        left = f", {self.not_reached} not reached" if self.not_reached else ""
         return (
-            f"{head}{self.done} done, {self.skipped} skipped, {self.failed} failed in {seconds:.1f} s "
+            f"{head}{self.done} done, {self.skipped} skipped, {self.failed} failed{left} in {seconds:.1f} s "
             f"({rate:.2f} images/s)"
         )
 
@@ -397,6 +441,7 @@ def total_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "done": done,
         "skipped": sum(summary["skipped"] for summary in summaries),
         "failed": sum(summary["failed"] for summary in summaries),
+        "not_reached": sum(summary.get("not_reached", 0) for summary in summaries),
         "seconds": round(seconds, 3),
         "images_per_second": round(done / seconds, 4) if seconds > 0 else 0.0,
     }

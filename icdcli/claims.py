@@ -173,9 +173,14 @@ def claim(output: Path) -> Claim | None:
         if not _same_file(fd, path):  # removed by a sweep or its owner between the open and the lock
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return Claim(path, fd)
+        held = Claim(path, fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk takes the new, empty file but not its line: no claim left behind
+            held.release()
+            raise
+        return held
     return None  # pragma: no cover - the claim kept changing under us: leave the output to whoever holds it
 
 

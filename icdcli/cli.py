@@ -25,6 +25,7 @@ from .cli_common import (
     AmplifyType,
     SectionedCommand,
     ShardType,
+    TextPath,
     batch_size_option,
     check_writable_folder,
     edit_guidance_options,
@@ -37,6 +38,7 @@ from .cli_common import (
     sampler_options,
     say,
     setup_logging,
+    text_callback,
 )
 from .cli_export import export as _export_command
 from .cli_gpu import gpu as _gpu_command
@@ -63,7 +65,7 @@ from .values import NumberType, strict_json
 
 def _check_prompt(value: str, flag: str) -> str:
     if not value or not value.strip():
-        raise click.ClickException(f"{flag} is empty: give a prompt that describes the image")
+        raise click.UsageError(f"{flag} is empty: give a prompt that describes the image")
     return value
 
 
@@ -135,20 +137,32 @@ def main() -> None:
         'icd edit cat.jpg --src "a cat" --tgt "a dog" --model iCD-SD15_4steps_1/ --base sd15-base/',
     ],
 )  # fmt: skip
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--src", "source", default=None, help="Prompt that describes the input image (or per row in --spec).")
-@click.option("--tgt", "target", default=None, help="Prompt that describes the wanted result (or per row in --spec).")
+@click.argument("images", nargs=-1, type=TextPath(path_type=Path))
+@click.option(
+    "--src",
+    "source",
+    default=None,
+    callback=text_callback("prompt"),
+    help="Prompt that describes the input image (or per row in --spec).",
+)
+@click.option(
+    "--tgt",
+    "target",
+    default=None,
+    callback=text_callback("prompt"),
+    help="Prompt that describes the wanted result (or per row in --spec).",
+)
 @click.option(
     "-o",
     "--output",
-    type=click.Path(),
+    type=TextPath(),
     default=None,
     help="Output file (one input) or folder (mirrors the layout of folder inputs). "
     "Default: IMAGE-edit.png beside each input.",
 )
 @click.option(
     "--spec",
-    type=click.Path(path_type=Path),
+    type=TextPath(path_type=Path),
     default=None,
     help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output, "
     "blended_word.",
@@ -156,7 +170,7 @@ def main() -> None:
 @click.option(
     "--from",
     "from_record",
-    type=click.Path(path_type=Path),
+    type=TextPath(path_type=Path),
     default=None,
     metavar="OUTPUT.png",
     help="Repeat the edit recorded in an output of icd edit; flags given override the record.",
@@ -205,6 +219,7 @@ def main() -> None:
     "--blend",
     "blend_words",
     multiple=True,
+    callback=text_callback("word"),
     metavar="WORD",
     help="p2p local blend: only the region of these words may change (words of either prompt, matched exactly; "
     "repeatable).",
@@ -213,6 +228,7 @@ def main() -> None:
     "--blend-src",
     "blend_source",
     multiple=True,
+    callback=text_callback("word"),
     metavar="WORD",
     help="p2p local blend: words of the source prompt whose region may change (the release's per-prompt form).",
 )
@@ -220,6 +236,7 @@ def main() -> None:
     "--blend-tgt",
     "blend_target",
     multiple=True,
+    callback=text_callback("word"),
     metavar="WORD",
     help="p2p local blend: words of the target prompt whose region may change.",
 )
@@ -306,16 +323,16 @@ def edit(
     expected_hash = None
     if from_record is not None:
         if spec is not None:
-            raise click.ClickException("--from repeats one edit: give it without --spec")
+            raise click.UsageError("--from repeats one edit: give it without --spec")
         images, settings, expected_hash = apply_record(from_record, images, flags=settings, model_opts=model_opts)
     if jobs is not None:
         if images or spec is not None or from_record is not None or shard is not None:
-            raise click.ClickException("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
+            raise click.UsageError("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
         runner = EditRun(settings, model_opts, True, True, overwrite, started, batch_size=batch_size, jobs=True)
         runner.run_jobs(sys.stdin, output=output, any_output=any_output)
         return
     if not images and spec is None:
-        raise click.ClickException("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
+        raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec)
     items, batch = _collected_items(images, spec, recursive, settings)
     items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output)
@@ -346,7 +363,7 @@ def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
             _check_prompt(value, flag)
     missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
     if spec is None and missing:
-        raise click.ClickException(
+        raise click.UsageError(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
             "--tgt the result (or give a --spec whose rows give src and tgt)"
         )
@@ -378,18 +395,18 @@ def _this_shard(items: list, shard: Shard, *, model_opts: dict[str, Any]) -> tup
         'icd invert cat.jpg --prompt "a cat" -o cat.latent.safetensors --reconstruct cat-check.png',
     ],
 )
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="Prompt that describes the image.")
+@click.argument("image", type=TextPath(path_type=Path))
+@click.option("--prompt", required=True, callback=text_callback("prompt"), help="Prompt that describes the image.")
 @click.option(
     "-o",
     "--output",
-    type=click.Path(),
+    type=TextPath(),
     default=None,
     help="Latent file to write (.safetensors). Default: IMAGE.latent.safetensors beside the image.",
 )
 @click.option(
     "--reconstruct",
-    type=click.Path(),
+    type=TextPath(),
     default=None,
     help="Also decode the latent back with the same prompt and write this image.",
 )
@@ -432,12 +449,16 @@ def invert(
     started = time.perf_counter()
     _check_prompt(prompt, "--prompt")
     if output is not None and not output.endswith(".safetensors") and not Path(output).is_dir():
-        raise click.ClickException(f"-o {output}: the latent file must end in .safetensors")
+        raise click.UsageError(f"-o {output}: the latent file must end in .safetensors")
     if reconstruct is not None and Path(reconstruct).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ""):
-        raise click.ClickException(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
+        raise click.UsageError(f"--reconstruct {reconstruct}: write a .png (or .jpg, .webp) image")
     with reported_failure(as_json, str(image), output or image.parent / f"{image.stem}.latent.safetensors"):
         latent_path = plan_files([image], output, suffix=".latent.safetensors")[0]
-        recon_path = plan_files([image], reconstruct, suffix="-reconstruction.png")[0] if reconstruct else None
+        recon_path = (
+            plan_files([image], reconstruct, suffix="-reconstruction.png", flag="--reconstruct")[0]
+            if reconstruct
+            else None
+        )
         for folder in {latent_path.parent, *([recon_path.parent] if recon_path else [])}:
             sweep(folder)
         request = EditRequest("swap", guidance, tau, seed, sampler, ddim_steps)
@@ -476,7 +497,9 @@ def _invert(
     recon_skip = None
     if recon_path is not None:
         recon_record = {**record, "command": "invert-reconstruct", "guidance": resolved.guidance, "tau": resolved.tau}
-        recon_skip = check_existing(recon_path, recon_record, fields=RECONSTRUCT_FIELDS, overwrite=overwrite)
+        recon_skip = check_existing(
+            recon_path, recon_record, fields=RECONSTRUCT_FIELDS, overwrite=overwrite, flag="--reconstruct"
+        )
     result: dict[str, Any] = {"input": str(image), "output": str(latent_path), "model": loaded.label,
                               "backend": loaded.backend, "seed": seed}  # fmt: skip
     if recon_path is not None:
@@ -603,11 +626,11 @@ def _slug(text: str) -> str:
     ],
     examples=['icd generate "a red circle on a blue background" -o circle.png --seed 3'],
 )
-@click.argument("prompt")
+@click.argument("prompt", callback=text_callback("prompt"))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(),
+    type=TextPath(),
     default=None,
     help="Image to write. Default: a name made from the prompt, in the current folder.",
 )
@@ -896,17 +919,28 @@ def _exports_and_engines() -> dict[str, Any]:
         return {"onnx": [], "engines": [], "unreadable": f"{error} (pip install -e . maps icdcli.export)"}
 
 
+def _hub_report() -> dict[str, Any]:
+    """Where the Hugging Face hub cache is and whether icd may use the network (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    from .hub import endpoint, offline
+
+    return {"cache": str(constants.HF_HUB_CACHE), "offline": offline(),
+            "offline_reason": "HF_HUB_OFFLINE is set" if offline() else None, "endpoint": endpoint()}  # fmt: skip
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(as_json: bool) -> None:
-    """Show the version, torch and CUDA, which backends can run, where models are cached, and the presets
-    of the released checkpoints with their edit recipes."""
+    """Show the version, torch and CUDA, which backends can run, where models are cached, where the Hugging Face
+    hub cache is and whether it is offline, and the presets of the released checkpoints with their edit recipes
+    and whether their files are present."""
     import importlib.metadata
     import importlib.util
     import platform
 
     from .paths import MODEL_JSON, cache_root
-    from .sources import DEFAULT_MODEL_DIR, PRESETS
+    from .sources import DEFAULT_MODEL_DIR, PRESETS, preset_files_report
 
     def version_of(distribution: str) -> str | None:
         try:
@@ -934,7 +968,8 @@ def info(as_json: bool) -> None:
     merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
     report["cache"] = {"root": str(cache), "fused_models": merged, **_exports_and_engines()}
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
-    report["presets"] = [preset.to_json() for preset in PRESETS.values()]
+    report["hub"] = _hub_report()
+    report["presets"] = [{**preset.to_json(), "files": preset_files_report(preset)} for preset in PRESETS.values()]
     if as_json:
         click.echo(strict_json(report, indent=2))
         return
@@ -949,12 +984,18 @@ def info(as_json: bool) -> None:
     for entry in report["cache"].get("engines", []):
         click.echo(f"  tensorrt engine: {entry.get('path', entry)}")
     click.echo(f"default model: {report['default_model'] or 'not embedded in this installation'}")
+    hub = report["hub"]
+    state = f"offline: {hub['offline_reason']}" if hub["offline"] else f"online, {hub['endpoint']}"
+    click.echo(f"hub cache: {hub['cache']} ({state})")
     for preset in report["presets"]:
         p2p = f", p2p cross {preset['cross_replace']} self {preset['self_replace']} amplify {preset['amplify']}"
+        files = preset["files"]
+        present = "all present" if files["present"] else f"missing {len(files['missing'])} of {files['total']}"
+        teacher = " (+ the teacher, given with --teacher)" if files["needs_teacher_flag"] else ""
         click.echo(
             f"preset {preset['name']}: {preset['description']}\n  edits with {preset['method']}, guidance "
             f"{preset['guidance']:g} (the release's {preset['guidance'] - 1:g}), tau {preset['tau']}"
-            f"{p2p if preset['method'] == 'p2p' else ''}, seed {preset['seed']}"
+            f"{p2p if preset['method'] == 'p2p' else ''}, seed {preset['seed']}\n  files: {present}{teacher}"
         )
 
 

@@ -91,6 +91,39 @@ def _os_error_line(error: OSError) -> str:
     return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
 
 
+def text_callback(kind: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that holds a flag's or argument's text (one value or several) to the bound of its `kind`
+    (`icdcli.texts`): a prompt, a word or a path too long, or with a character it may not hold, is a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from .texts import TextError, check_text
+
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            text = os.fspath(item) if isinstance(item, os.PathLike) else item
+            try:
+                check_text(kind, text, "the value")
+            except TextError as error:
+                raise click.BadParameter(str(error), ctx, param) from None
+        return value
+
+    return callback
+
+
+class TextPath(click.Path):
+    """click.Path whose text is first held to the path bound of `icdcli.texts` (a NUL, or a path past 4,096
+    characters, is a usage error rather than an exception from the file system)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .texts import TextError, check_text
+
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        try:
+            check_text("path", text, "the value")
+        except TextError as error:
+            self.fail(str(error), param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class AmplifyType(click.ParamType):
     """`--amplify WORD=FACTOR`: a word of the target prompt and the factor on its attention, as (word, factor)."""
 
@@ -101,11 +134,23 @@ class AmplifyType(click.ParamType):
             return value
         word, sep, factor = str(value).partition("=")
         if not sep or not word.strip():
-            self.fail(f"{value!r}: write WORD=FACTOR with a factor from 0 to 100, e.g. red=2", param, ctx)
+            self.fail(f"{_shown(value)}: write WORD=FACTOR with a factor from 0 to 100, e.g. red=2", param, ctx)
+        from .texts import TextError, check_text
+
+        try:
+            check_text("word", word.strip(), "its word")
+        except TextError as error:
+            self.fail(str(error), param, ctx)
         try:
             return word.strip(), float(check_number("amplify", factor))
         except NumberError as error:
-            self.fail(f"{value!r}: {error}; write WORD=FACTOR, e.g. red=2", param, ctx)
+            self.fail(f"{_shown(value)}: {error}; write WORD=FACTOR, e.g. red=2", param, ctx)
+
+
+def _shown(value: Any) -> str:
+    from .texts import shown
+
+    return shown(repr(str(value)), 60)
 
 
 class ShardType(click.ParamType):
@@ -133,6 +178,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--model",
             "model",
             default=None,
+            callback=text_callback("path"),
             metavar="NAME|PATH",
             help=f"A preset ({PRESET_NAMES}), an icd model folder (icd.json inside), a release tarball's folder "
             "(its LoRA files and teacher), or a hub id (org/repo) of either. Default: the embedded model.",
@@ -140,6 +186,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--base",
             default=None,
+            callback=text_callback("path"),
             metavar="DIR|FILE",
             help="Base pipeline: a diffusers folder, or a single-file SD1.5/SDXL checkpoint (.safetensors, converted "
             "once and cached), with LoRA files or a release folder. Default: the family's hub id.",
@@ -147,6 +194,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--base-config",
             default=None,
+            callback=text_callback("path"),
             metavar="DIR",
             help="For a single-file --base: a diffusers layout of its configs and tokenizers. Default: one beside "
             "the file, else the family's hub repository (cache first).",
@@ -154,18 +202,21 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--teacher",
             default=None,
+            callback=text_callback("path"),
             metavar="FILE",
             help="Guidance-distilled teacher UNet state dict (.safetensors, or .pt loaded weights-only).",
         ),
         click.option(
             "--forward-lora",
             default=None,
+            callback=text_callback("path"),
             metavar="FILE",
             help="Forward LoRA, e.g. iCD-SD15-forward_19_259_519_779.safetensors (or forward-19-259-519-779...).",
         ),
         click.option(
             "--reverse-lora",
             default=None,
+            callback=text_callback("path"),
             metavar="FILE",
             help="Reverse LoRA, e.g. iCD-SD15-reverse_259_519_779_999.safetensors.",
         ),
@@ -292,11 +343,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         need_teacher: Also load the teacher UNet (the DDIM sampler needs it).
         backend: `auto`, `torch`, `onnxruntime` or `tensorrt` (see `select_backend`); None: stay on torch.
     """
-    import torch
-
-    from .models import ICDModel, default_dtype, resolve_device, set_memory_policy
-    from .sources import ModelRequest, load_requested_model
-    from .torch_speed import TorchExecution
+    from .sources import ModelRequest, check_preset_files, load_requested_model
 
     start = time.perf_counter()
     request = ModelRequest(
@@ -306,6 +353,13 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         ctx_options["forward_lora"],
         ctx_options["reverse_lora"],
     )
+    check_preset_files(request)  # a preset's missing files are named before torch loads (seconds)
+
+    import torch
+
+    from .models import ICDModel, default_dtype, resolve_device, set_memory_policy
+    from .torch_speed import TorchExecution
+
     device = resolve_device(ctx_options["device"])
     precision = ctx_options["precision"]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)

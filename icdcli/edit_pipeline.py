@@ -98,6 +98,9 @@ class BatchPipeline:
             while reads and not self.stopped:
                 item, future = reads.popleft()
                 ready = self._take(item, future)
+                if self.should_stop():  # asked while this item was read: a group not yet started never runs
+                    self.stopped = True
+                    break
                 self._fill(reads, source, reader)  # sized by the batch limit `_take` may just have learnt
                 if ready is not None:
                     self._flush(ready, writer)
@@ -105,6 +108,9 @@ class BatchPipeline:
                 if self.should_stop():
                     self.stopped = True
             while self.groups and not self.stopped:
+                if self.should_stop():
+                    self.stopped = True
+                    break
                 key = next(iter(self.groups))
                 self._flush(key, writer)
                 self.stopped = self.stopped or self.should_stop()

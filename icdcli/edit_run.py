@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import click
 from .cli_common import Loaded, load_model, say
 from .outputs import image_text, path_from, recorded_path
 from .recipe import BLEND_THRESHOLD, EditRequest, P2POptions
+from .texts import LINE_BYTES, check_text
 from .values import NumberError, check_number, strict_json
 
 
@@ -89,6 +91,7 @@ def _recorded_request(record: dict[str, Any], flags: EditFlags) -> tuple[str | N
     for key in ("src", "tgt"):
         if not isinstance(record[key], str) or not record[key].strip():
             raise ValueError(f"{key} is not a prompt")
+        check_text("prompt", record[key], key)
     given = flags.request
     sampler = given.sampler if _given("sampler") else record.get("sampler", "icd")
     ddim_steps = given.ddim_steps
@@ -274,6 +277,22 @@ def _write_failure(error: OSError, out: Path) -> _ItemFailed:
         return _ItemFailed(f"{display(out)}: the file system is read-only; choose another -o", fatal=True)
     reason = error.strerror or str(error)
     return _ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
+
+
+def _bounded_lines(stream: Any) -> Iterator[str | None]:
+    """The lines of `stream`; None for one longer than LINE_BYTES, which is read to its end but never held whole."""
+    while True:
+        line = stream.readline(LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > LINE_BYTES and not line.endswith("\n"):
+            while True:
+                rest = stream.readline(LINE_BYTES)
+                if not rest or rest.endswith("\n"):
+                    break
+            yield None
+            continue
+        yield line
 
 
 def _job_error(number: int, message: str) -> Any:
@@ -583,6 +602,7 @@ class EditRun:
         model = self._model().model
         for prepared in group:
             self._note_unknown_prompts(model, prepared.data.record)
+            self._note_photo(prepared.data.image)
         jobs = [
             EditJob(w.image, w.record["src"], w.record["tgt"], w.record["guidance"], w.record["tau"], w.record["seed"],
                     w.p2p)
@@ -653,6 +673,16 @@ class EditRun:
     def _stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
         """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""
         return record
+
+    def _note_photo(self, image: Any) -> None:
+        """Say once, before the edit, when the embedded model gets an image unlike its scenes (a photo)."""
+        from .first_photo import looks_like_a_scene, photo_note
+        from .sources import DEFAULT_MODEL, preset_fetch_commands
+
+        if ("photo", "") in self.noted or self._model().label != DEFAULT_MODEL or looks_like_a_scene(image):
+            return
+        self.noted.add(("photo", ""))
+        self._text(photo_note(preset_fetch_commands("sd15")))
 
     def _note_unknown_prompts(self, model: Any, wanted: dict[str, Any]) -> None:
         """Say once per prompt when the model knows none of its words."""
@@ -768,9 +798,11 @@ class EditRun:
             self.bar = tqdm(total=len(items), desc="editing", unit="image", file=sys.stderr,
                             disable=(not self.batch) or None, dynamic_ncols=True)  # fmt: skip
             try:
+                interrupts.droppable = True  # start-up: no item has started, so SIGTERM stops at once
                 self._sweep(items)
                 if any(item.error is None for item in items):
                     self._model()  # on this thread: Ctrl-C while loading stops at once
+                interrupts.droppable = False
                 stopped = not self.pipeline().run(items) and not interrupts.requested
             except KeyboardInterrupt as stop:  # a second Ctrl-C, or SIGTERM: the current batch is dropped
                 aborted = True
@@ -796,19 +828,26 @@ class EditRun:
         if output is not None:
             folder = Path(output)
             if not folder.is_dir():
-                raise click.ClickException(f"-o {output}: with --jobs, -o is a folder that exists (outputs go inside)")
+                raise click.UsageError(f"-o {output}: with --jobs, -o is a folder that exists (outputs go inside)")
         with _Interrupts() as interrupts:
             self.interrupts = interrupts
-            self._model()
             try:
-                for number, line in enumerate(stream, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as error:
+                interrupts.droppable = True  # SIGTERM while loading: nothing started, so stop at once
+                self._model()
+                interrupts.droppable = False
+                for number, line in enumerate(_bounded_lines(stream), start=1):
+                    if line is None:
                         raw = None
-                        item = _job_error(number, f"not a JSON object ({error})")
+                        item = _job_error(number, f"the line is longer than {LINE_BYTES:,} characters (icd's text "
+                                                  "limits); shorten its prompts")  # fmt: skip
+                    elif not line.strip():
+                        continue
+                    else:
+                        try:
+                            raw = json.loads(line)
+                        except json.JSONDecodeError as error:
+                            raw = None
+                            item = _job_error(number, f"not a JSON object ({error})")
                     if raw is not None:
                         item = with_prompts(spec_row(raw, number, Path("-")), self.flags.source, self.flags.target)
                         item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output)[0]
@@ -828,6 +867,7 @@ class EditRun:
         from .stopping import EXIT_TERMINATED
 
         seconds = time.perf_counter() - self.started
+        self.tally.not_reached = max(0, total - self.tally.reached())
         if self.batch or interrupted:
             load_seconds = self.loaded.seconds if self.loaded is not None else 0.0
             self._json(self.tally.summary(seconds, load_seconds))

@@ -44,18 +44,21 @@ def existing_record(path: Path) -> dict[str, Any] | None:
     return read_record(path, RECORD_KEY)
 
 
-def check_existing(path: Path, wanted: dict[str, Any], *, fields: tuple[str, ...], overwrite: bool) -> str | None:
-    """None: make `path`. A reason: skip it (made with these parameters). ClickException: refused."""
+def check_existing(
+    path: Path, wanted: dict[str, Any], *, fields: tuple[str, ...], overwrite: bool, flag: str = "-o"
+) -> str | None:
+    """None: make `path`. A reason: skip it (made with these parameters). ClickException: refused (the message
+    names `flag`, the option that chose the path)."""
     import os
 
     from .batch import decide, display
 
     exists = os.path.lexists(path)
     if exists and path.is_dir():
-        raise click.ClickException(f"{display(path)} is a folder: give a file name with -o")
+        raise click.ClickException(f"{display(path)} is a folder: give a file name with {flag}")
     existing = existing_record(path) if exists and not overwrite else None
     maker = f"icd {wanted['command'].split('-')[0]}"
-    decision = decide(exists, existing, wanted, overwrite=overwrite, fields=fields, maker=maker)
+    decision = decide(exists, existing, wanted, overwrite=overwrite, fields=fields, maker=maker, flag=flag)
     if decision.action == "refuse":
         raise click.ClickException(f"{display(path)} {decision.reason}")
     return decision.reason if decision.action == "skip" else None

@@ -30,7 +30,7 @@ def _same_file(path: Path, inputs: list[Path]) -> bool:
     return any(where == os.path.realpath(other) for other in inputs)
 
 
-def output_target(output: str, inputs: list[Path], *, single: bool) -> tuple[Path, bool]:
+def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = "-o") -> tuple[Path, bool]:
     """Where `-o OUTPUT` points for `inputs`: (the path, True) for a file, (a folder that exists, False).
 
     A file only for a `single` input, when OUTPUT is not a folder and does not end in a separator; a missing
@@ -39,9 +39,9 @@ def output_target(output: str, inputs: list[Path], *, single: bool) -> tuple[Pat
     target = Path(output)
     if single and not target.is_dir() and not output.endswith(("/", os.sep)):
         check_writable_folder(target.parent)
-        if _same_file(target, inputs):
-            raise click.ClickException(
-                f"-o {display(target)} is one of the inputs: choose another name, inputs are never replaced"
+        if _same_file(target, inputs):  # a usage error (exit 2): the command line itself asks for it
+            raise click.UsageError(
+                f"{flag} {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
         return target, True
     if not target.exists():
@@ -94,11 +94,12 @@ def unique_path(path: Path, taken: set[Path]) -> Path:
     return candidate
 
 
-def plan_files(inputs: list[Path], output: str | None, *, suffix: str) -> list[Path]:
-    """Where each input's result goes (`icd invert`: its latents, its reconstruction): `output_target` for -o,
-    else `<stem><suffix>` beside each input; a default name never lands on an input or a file icd did not make."""
+def plan_files(inputs: list[Path], output: str | None, *, suffix: str, flag: str = "-o") -> list[Path]:
+    """Where each input's result goes (`icd invert`: its latents, its reconstruction): `output_target` for the
+    option `flag`, else `<stem><suffix>` beside each input; a default name never lands on an input or a file icd
+    did not make."""
     if output is not None:
-        target, is_file = output_target(output, inputs, single=len(inputs) == 1)
+        target, is_file = output_target(output, inputs, single=len(inputs) == 1, flag=flag)
         if is_file:
             return [target]
     taken = {Path(os.path.realpath(path)) for path in inputs}
@@ -128,9 +129,17 @@ def _identity(path: Path) -> str:
     return display(Path(os.path.abspath(path)))
 
 
-def escapes(output: Path) -> bool:
-    """Whether a spec row's `output` would leave the folder it is relative to (absolute, or through `..`)."""
-    return output.is_absolute() or ".." in output.parts or output.anchor != ""
+def escapes(output: Path, base: Path | None = None) -> bool:
+    """Whether a spec row's `output` would leave the folder `base` it is relative to: absolute, through `..`, or
+    (with `base`) through a symbolic link inside it that points outside (paths are resolved before they are
+    compared)."""
+    if output.is_absolute() or ".." in output.parts or output.anchor != "":
+        return True
+    if base is None:
+        return False
+    inside = os.path.realpath(base)
+    where = os.path.realpath(base / output)
+    return os.path.commonpath([inside, where]) != inside
 
 
 def plan_items(
@@ -149,7 +158,11 @@ def plan_items(
     for item in items:
         if item.error is not None:
             planned.append(item)
-        elif item.output is not None and escapes(item.output) and not anywhere:
+        elif (
+            item.output is not None
+            and not anywhere
+            and escapes(item.output, folder if folder is not None else (spec_out or Path(".")))
+        ):
             planned.append(
                 replace(
                     item,

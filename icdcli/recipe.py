@@ -169,11 +169,15 @@ class P2POptions:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> P2POptions:
         """Every value of a recorded edit's P2P settings; a value out of its flag's range raises NumberError."""
+        from .texts import check_text
         from .values import check_number
 
         def number(key: str, name: str | None = None) -> Any:
             value = record.get(key)
             return None if value is None else float(check_number(name or key, value))
+
+        def words(key: str) -> tuple[str, ...]:
+            return tuple(check_text("word", str(w), f"{key} word") for w in record.get(key) or ())
 
         return cls(
             cross_replace=number("cross_replace"),
@@ -181,11 +185,12 @@ class P2POptions:
             mode=None if record.get("mode") is None else str(record["mode"]),
             amplify_new=number("amplify_new", "amplify"),
             amplify=tuple(
-                (str(w), float(check_number("amplify", f))) for w, f in dict(record.get("amplify") or {}).items()
+                (check_text("word", str(w), "amplify word"), float(check_number("amplify", f)))
+                for w, f in dict(record.get("amplify") or {}).items()
             ),
-            blend=tuple(str(w) for w in record.get("blend") or ()),
-            blend_source=tuple(str(w) for w in record.get("blend_source") or ()),
-            blend_target=tuple(str(w) for w in record.get("blend_target") or ()),
+            blend=words("blend"),
+            blend_source=words("blend_source"),
+            blend_target=words("blend_target"),
             blend_threshold=float(check_number("blend_threshold", record.get("blend_threshold", BLEND_THRESHOLD))),
         )
 

@@ -183,9 +183,10 @@ def _hub_lora(preset: Preset, role: str) -> Path | None:
 def preset_sources(
     preset: Preset, request: ModelRequest, *, progress: Callable[[str], None] | None = None
 ) -> LoraSources:
-    """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network."""
-    from .models import LoraSources
+    """Local paths of a preset's parts: the user's flags first, then the hub cache, then the network.
 
+    Nothing here imports torch until every part is found, so a preset whose files are missing is reported in
+    well under two seconds (`check_preset_files`)."""
     missing: list[str] = []
     commands: list[str] = []
     folder = f"icd-{preset.name}"
@@ -218,7 +219,7 @@ def preset_sources(
         commands.append(fetch_command(preset.base, base_files(preset.family), f"{folder}/base"))
     if missing:
         reason = unavailable_reason() or "they are not in the hub cache and the hub does not have them"
-        fetch = " " + " && ".join(commands)  # one line: errors stay one line, and it pastes as one command
+        fetch = "".join(f"\n  {command}" for command in commands)  # one command per line, each pastes alone
         raise ModelSourceError(
             f"preset {preset.name!r} needs files that are not here ({reason}): "
             + "; ".join(missing)
@@ -226,9 +227,57 @@ def preset_sources(
             + (f", or fetch them where a network exists and pass --model {folder}"
                f"{f' --base {folder}/base' if base is None else ''}:{fetch}" if commands else ".")
         )  # fmt: skip
+    from .models import LoraSources
+
     forward, reverse = files["--forward-lora"], files["--reverse-lora"]
     assert base is not None and forward is not None and reverse is not None, "missing parts raised above"
     return LoraSources(base, teacher, forward, reverse, name=preset.name, edit=preset.edit.to_json())
+
+
+def preset_fetch_commands(name: str) -> list[str]:
+    """The commands that fetch every file of preset `name` into `icd-NAME/` (and its base into `icd-NAME/base`)."""
+    preset = PRESETS[name]
+    folder = f"icd-{preset.name}"
+    commands = []
+    if preset.teacher_repo is not None and preset.teacher_file is not None:
+        commands.append(fetch_command(preset.teacher_repo, [preset.teacher_file], folder))
+    commands.append(fetch_command(preset.lora_repo, [preset.lora_names(r)[0] for r in ("forward", "reverse")], folder))
+    commands.append(fetch_command(preset.base, base_files(preset.family), f"{folder}/base"))
+    return commands
+
+
+def preset_hub_files(preset: Preset) -> list[tuple[str, str]]:
+    """(repository, file) of every hub file a preset reads: teacher, the two LoRAs, the base pipeline's files."""
+    files = []
+    if preset.teacher_repo is not None and preset.teacher_file is not None:
+        files.append((preset.teacher_repo, preset.teacher_file))
+    files += [(preset.lora_repo, preset.lora_names(role)[0]) for role in ("forward", "reverse")]
+    return files + [(preset.base, name) for name in base_files(preset.family)]
+
+
+def preset_files_report(preset: Preset) -> dict[str, object]:
+    """Which of a preset's hub files the local hub cache holds (no network): for `icd info`."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    missing = []
+    for repo, filename in preset_hub_files(preset):
+        found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE)
+        if not isinstance(found, str):
+            missing.append(f"{repo}/{filename}")
+    total = len(preset_hub_files(preset))
+    teacher_elsewhere = preset.teacher_repo is None  # the SDXL teacher is an archive: given with --teacher
+    return {"present": not missing and not teacher_elsewhere, "total": total, "missing": missing,
+            "needs_teacher_flag": teacher_elsewhere}  # fmt: skip
+
+
+def check_preset_files(request: ModelRequest) -> None:
+    """For a preset, say which of its files are missing before anything heavy (torch, diffusers) is imported:
+    ModelSourceError with one fetch command per line. Nothing for other models, or a single-file --base (its
+    conversion needs the libraries anyway)."""
+    preset = PRESETS.get(request.model or "")
+    if preset is None or (request.base is not None and not Path(request.base).expanduser().is_dir()):
+        return
+    preset_sources(preset, request)
 
 
 # --- a folder as a release tarball unpacks ----------------------------------------------------------

@@ -228,7 +228,7 @@ def test_spec_batch_with_bad_rows(merged_dir, tmp_path):
     assert (record["guidance"], record["seed"], record["tgt"]) == (2.5, 3, "a dog")
     assert "Traceback" not in result.output
     neither = _run("edit", tmp_path / "pics" / "a.png", "--model", merged_dir)
-    assert neither.exit_code == 1 and "--src and --tgt are needed" in neither.stderr
+    assert neither.exit_code == 2 and "--src and --tgt are needed" in neither.stderr
 
 
 def test_bad_numbers_in_spec_rows_fail_their_row_alone(merged_dir, tmp_path):

@@ -194,8 +194,12 @@ def test_bad_input_is_one_line_error_and_leaves_nothing(case, merged_dir, tmp_pa
     args, expected = _bad_input_cases(tmp_path)[case]
     before = _listing(tmp_path)
     result = _run("edit", *args, "--model", merged_dir)
-    assert result.exit_code == 1
+    usage = case == "empty prompt"  # a bad flag value: a usage error, exit 2, after click's usage lines
+    assert result.exit_code == (2 if usage else 1)
     lines = result.stderr.strip().splitlines()
+    if usage:
+        assert lines[0].startswith("Usage: ")
+        lines = [line for line in lines if line.startswith("Error: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
     assert _listing(tmp_path) == before
@@ -397,10 +401,10 @@ def test_messages_say_what_is_wrong_with_links_prompts_frames_and_unknown_words(
     assert dangling.exit_code == 1 and "nowhere.png, which does not exist" in dangling.stderr
     empty_target = _run("edit", photo, "--src", "a cat", "--tgt", "", "--model", merged_dir)
     assert (
-        empty_target.exit_code == 1 and "--tgt is empty" in empty_target.stderr and "--src" not in empty_target.stderr
+        empty_target.exit_code == 2 and "--tgt is empty" in empty_target.stderr and "--src" not in empty_target.stderr
     )
     alone = _run("edit", photo, "--tgt", "a dog", "--model", merged_dir)
-    assert alone.exit_code == 1 and "--src is needed" in alone.stderr
+    assert alone.exit_code == 2 and "--src is needed" in alone.stderr
     frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
     frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=50)
     animated = _run("edit", tmp_path / "moving.gif", *base, "-o", tmp_path / "moving.png")
@@ -445,9 +449,10 @@ def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_di
         (["edit", photo, "--src", "a cat", "--tgt", "a dog", "--model", merged_dir, "-o", "/proc/x/"], "cannot be"),
         (["edit", "--spec", tmp_path / "none.jsonl", "--model", merged_dir], "no such file"),
     ]
-    for args, message in cases:
+    for index, (args, message) in enumerate(cases):
         result = _run(*args, "--json")
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        expected = 2 if index == 0 else 1  # a missing --tgt is a usage error
+        assert result.exit_code == expected and "Traceback" not in result.output, result.output
         (line,) = _strict_lines(result)
         assert line["status"] == "failed" and message in line["error"] and {"input", "output"} <= line.keys(), line
     batch = _run("edit", photo, tmp_path / "missing.png", "--src", "a cat", "--tgt", "a dog", "--model", merged_dir,

@@ -472,3 +472,121 @@ def test_sigterm_in_generate_and_invert_exits_143_and_leaves_nothing(merged_dir,
     assert result.exit_code == 143 and "terminated" in result.stderr and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler from before the command is back
+
+
+# --- text: bounds, control characters, links ------------------------------------------------------------------
+
+LONG = {"prompt": 1001, "word": 201, "path": 4097}  # one past each bound of icdcli.texts
+CONTROLS = [chr(code) for code in (*range(0x00, 0x20), *range(0x7F, 0xA0))]
+
+
+def _text_flag_cases(folder):
+    """(command, flag or None for an argument, kind) of every text flag of edit, invert and generate."""
+    return [
+        ("edit", "--src", "prompt"), ("edit", "--tgt", "prompt"), ("edit", "--blend", "word"),
+        ("edit", "--blend-src", "word"), ("edit", "--blend-tgt", "word"), ("edit", "-o", "path"),
+        ("edit", "--spec", "path"), ("edit", "--from", "path"), ("edit", "--model", "path"),
+        ("edit", "--teacher", "path"), ("invert", "--prompt", "prompt"), ("invert", "--reconstruct", "path"),
+        ("invert", "-o", "path"), ("generate", "-o", "path"),
+    ]  # fmt: skip
+
+
+def test_every_text_flag_is_bounded_and_refuses_control_characters(merged_dir, tmp_path, one_model):
+    runner = CliRunner()
+    count = 0
+    for command, flag, kind in _text_flag_cases(tmp_path):
+        base = _command(command, tmp_path, merged_dir)
+        values = ["x" * LONG[kind], "y" * 5_000_000] + (CONTROLS if kind != "path" else ["a\x00b"])
+        for value in values:
+            result = runner.invoke(main, [*base, flag, value])
+            count += 1
+            _assert_clean(result, codes=(2,))
+            error = [line for line in result.stderr.splitlines() if line.startswith("Error")][0]
+            assert flag in error and len(error) < 400, error  # names the flag, never echoes the text
+            assert ("at most" in error) if len(value) > 100 else ("control character" in error or "NUL" in error)
+    for value in ("p" * LONG["prompt"], "a\x00cat", "a\ncat", "a\x1b[31mcat"):  # generate's PROMPT argument
+        result = runner.invoke(main, ["generate", value, "-o", str(tmp_path / "g.png"), "--model", str(merged_dir)])
+        count += 1
+        _assert_clean(result, codes=(2,))
+        assert "PROMPT" in result.stderr
+    assert count >= 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]  # nothing written
+
+
+def test_text_bounds_hold_for_spec_rows_jobs_lines_and_records(merged_dir, tmp_path, one_model):
+    photo = tmp_path / "photo.png"
+    _base(np.random.default_rng(0), 40, 24).save(photo)
+    good = {"image": "photo.png", "src": "a cat", "tgt": "a dog"}
+    rows = []
+    for field, kind in (("src", "prompt"), ("tgt", "prompt"), ("blended_word", "word"), ("output", "path"),
+                        ("image", "path")):  # fmt: skip
+        rows.append({**good, field: "z" * LONG[kind]})
+        rows += [{**good, field: f"a{c}b"} for c in (CONTROLS if kind != "path" else ["\x00"])]
+    rows.append({**good, "src": "s" * 5_000_000})  # the issue's 5 MB prompt: refused before any work
+    lines = [json.dumps(row) for row in rows] + ["{" + "x" * 70_000 + "}"]  # a row past 64 KiB
+    lines.insert(3, json.dumps({**good, "output": "kept.png"}))
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["edit", "--spec", str(spec), "-o", str(out), "--model", str(merged_dir),
+                                       "--json"])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    summary = records.pop()
+    assert (summary["done"], summary["failed"]) == (1, len(lines) - 1), summary
+    for record in records:
+        if record["status"] == "failed":
+            assert len(record["error"]) < 400 and "\n" not in record["error"], record["error"][:200]
+            image_row = "holds a NUL" in record["error"] or "4,097" in record["error"]
+            assert record["input"] is None or record["input"].endswith("photo.png") or image_row, record
+    assert [name for name in os.listdir(out)] == ["kept.png"]
+    assert len(Image.open(out / "kept.png").text["parameters"]) < 1000
+    # --jobs -: the same rows, one result line each, and a line past 64 KiB is one failed line
+    absolute = {**good, "image": str(photo)}  # --jobs - reads paths against the working folder
+    job_rows = [{**absolute, "src": "z" * LONG["prompt"]}, {**absolute, "tgt": "a\x00dog"},
+                {**absolute, "blended_word": "cat\tdog"}, {**absolute, "output": "kept.png"},
+                {**absolute, "image": "i" * LONG["path"]}]  # fmt: skip
+    stdin = "\n".join([*(json.dumps(row) for row in job_rows), "{" + "x" * 200_000 + "}",
+                       json.dumps({**absolute, "output": "job.png"})]) + "\n"  # fmt: skip
+    jobs = CliRunner().invoke(main, ["edit", "--jobs", "-", "--model", str(merged_dir), "-o", str(out)], input=stdin)
+    assert jobs.exit_code == 0, jobs.output
+    results = [_strict(line) for line in jobs.stdout.splitlines()]
+    assert [r["status"] for r in results] == ["failed", "failed", "failed", "skipped", "failed", "failed", "done"]
+    assert results[0]["input"].endswith("photo.png") and "at most 1,000" in results[0]["error"]
+    assert "longer than 65,536" in results[5]["error"]
+    # a record whose prompt is past the bound, or holds a control character: --from refuses it in one line
+    for prompt in ("q" * LONG["prompt"], "a\x00cat", "a\ncat"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("icd", json.dumps({"src": prompt, "tgt": "a dog", "seed": 1, "input": str(photo)}))
+        Image.new("RGB", (16, 16)).save(tmp_path / "record.png", pnginfo=info)
+        again = CliRunner().invoke(main, ["edit", "--from", str(tmp_path / "record.png"), "-o",
+                                          str(tmp_path / "again.png")])  # fmt: skip
+        _assert_clean(again, codes=(1,))
+        assert "src" in again.stderr and any(rule in again.stderr for rule in ("at most", "control", "NUL"))
+    assert not (tmp_path / "again.png").exists()
+
+
+def test_a_spec_output_through_a_link_that_leaves_the_output_folder_fails_its_row(merged_dir, tmp_path, one_model):
+    photo = tmp_path / "photo.png"
+    _base(np.random.default_rng(0), 40, 24).save(photo)
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "away").symlink_to(outside)  # a folder link inside -o that points outside
+    (out / "file-away.png").symlink_to(outside / "target.png")  # a file link, dangling, pointing outside
+    (out / "inner").mkdir()
+    (out / "here").symlink_to(out / "inner")  # a link that stays inside: allowed
+    good = {"image": "photo.png", "src": "a cat", "tgt": "a dog"}
+    rows = [{**good, "output": "away/x.png"}, {**good, "output": "file-away.png"},
+            {**good, "output": "here/y.png", "seed": 1}, {**good, "output": "away/../z.png", "seed": 2}]  # fmt: skip
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    command = ["edit", "--spec", str(spec), "-o", str(out), "--model", str(merged_dir), "--json"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    records = [_strict(line) for line in result.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["failed", "failed", "done", "failed", "summary"]
+    assert all("leaves the output folder" in r["error"] for r in records if r["status"] == "failed")
+    assert os.listdir(outside) == [] and (out / "inner" / "y.png").is_file()
+    allowed = CliRunner().invoke(main, [*command[:1], "--any-output", *command[1:]])  # the user's explicit choice
+    assert (outside / "x.png").is_file() and allowed.exit_code in (0, 1)

@@ -87,3 +87,38 @@ def test_a_hub_id_holding_a_release_tarball(monkeypatch, tmp_path, sd15_parts):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     model = load_requested_model(ModelRequest(model="someone/icd-release", base=str(sd15_parts.base)))
     assert model.info.edit.guidance == 20.0 and model.info.edit.method == "p2p"
+
+
+@pytest.mark.parametrize("network", ["offline", "refused"])
+def test_first_contact_with_a_preset_answers_in_under_two_seconds_before_torch_loads(tmp_path, network):
+    """`icd edit --model sd15` with a fresh cache and no network: before, torch and diffusers were imported (6.8-10 s
+    on a busy machine) before the preset's files were looked for. The bound is generous (the check takes ~0.4 s)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "photo.png")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "ICD_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HF_HUB_CACHE", None)
+    if network == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the connection is refused
+    code = (
+        "import sys\nfrom icdcli.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported', code)\n"
+    )
+    args = ["edit", str(tmp_path / "photo.png"), "--src", "a cat", "--tgt", "a dog", "--model", "sd15"]
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.stdout.strip() == "torch not imported 1", (result.stdout, result.stderr)
+    commands = [line.strip() for line in result.stderr.splitlines() if line.strip().startswith("hf download")]
+    assert len(commands) == 3 and all("&&" not in command for command in commands), result.stderr
+    assert commands[1].startswith("hf download dbaranchuk/icd-lora-sd15 iCD-SD15-forward_19_259_519_779")
+    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    print(f"first contact, {network}: {elapsed:.2f} s")
