@@ -1,11 +1,13 @@
 """How often the release's replace mapping misplaces the tail of a prompt, on a sub-word tokenizer.
 
-    python benchmarks/p2p_mapping.py PAIRS.csv [--merges 400]
+    python benchmarks/p2p_mapping.py PAIRS.csv --tokenizer SD15_BASE/tokenizer   # a real tokenizer (CLIP's)
+    python benchmarks/p2p_mapping.py PAIRS.csv [--merges 400]                     # a BPE trained on the captions
 
 PAIRS.csv has the prompt pairs in columns `old_caption` and `edited_caption` (the release's
-`editing_pie_bench_140.csv` has that layout) or `source` and `target`. CLIP's vocabulary cannot be
-downloaded here, so a byte-pair tokenizer is trained on the captions themselves with a small number
-of merges: frequent words become one token, rarer ones split into pieces, as CLIP splits rare words.
+`editing_pie_bench_140.csv` has that layout) or `source` and `target`. `--tokenizer` reads a local
+tokenizer folder (SD1.5's `tokenizer/`, CLIP's). Without it a byte-pair tokenizer is trained on the
+captions themselves with a small number of merges: frequent words become one token, rarer ones split
+into pieces, as CLIP splits rare words.
 
 For each pair P2P would replace (equal word counts), it compares icd's aligned tail with the
 release's (which, after the last changed word, continues on the target's own positions): a tail
@@ -81,9 +83,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pairs")
     parser.add_argument("--merges", type=int, default=400, help="BPE merges beyond the alphabet")
+    parser.add_argument("--tokenizer", default=None, help="a local tokenizer folder (CLIP's) instead of a BPE")
     args = parser.parse_args()
     pairs = read_pairs(args.pairs)
-    tokenizer = train_tokenizer([text for pair in pairs for text in pair], args.merges)
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    else:
+        tokenizer = train_tokenizer([text for pair in pairs for text in pair], args.merges)
     replace_pairs = [(s, t) for s, t in pairs if len(prompt_words(s)) == len(prompt_words(t))]
     shifted = wrong_tokens = tail_tokens = 0
     for source, target in replace_pairs:

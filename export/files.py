@@ -1,35 +1,17 @@
-"""Small filesystem helpers shared by the exporter and the engine cache: atomic folders and file locks."""
+"""Small filesystem helpers shared by the exporter and the engine cache: atomic folders and file locks.
+
+Both are `icdcli`'s own, re-exported: `atomic_folder` from `icdcli.atomic`, and `file_lock`, the lock of
+`icdcli.claims` (the one lock icd takes, on POSIX and on Windows) held on a lock file, waiting for its holder.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 from icdcli.atomic import atomic_folder
+from icdcli.claims import file_lock
 
 __all__ = ["atomic_folder", "file_lock", "folder_size"]
-
-
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) on `path`, so two processes never build the same artifact at once.
-
-    Where fcntl does not exist (Windows) the lock is a no-op.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def folder_size(folder: Path) -> int:

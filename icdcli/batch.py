@@ -27,7 +27,7 @@ from typing import Any
 from .texts import LINE_BYTES, TEXTS, TextError, check_text, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word")
+SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word", "replace_tail")
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
 MATCH_FIELDS = (
@@ -56,6 +56,7 @@ class Item:
     row: int | None = None
     error: str | None = None
     blended_word: str | None = None  # "SOURCE_WORD TARGET_WORD": P2P local blend per prompt, as PIE-Bench writes it
+    replace_tail: str | None = None  # P2P replace: aligned or release (icdcli.recipe.REPLACE_TAILS); None: the run's
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -135,7 +136,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     def failed(message: str) -> Item:
         return Item(label, key, image=given, row=row, error=f"{label}: {message}")
 
-    for name in ("src", "tgt", "output", "blended_word"):
+    for name in ("src", "tgt", "output", "blended_word", "replace_tail"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return failed(f"{name} must be text, not {_shown_value(raw[name])}")
     try:
@@ -145,6 +146,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         guidance = _number(raw.get("guidance"), "guidance")
         tau = _number(raw.get("tau"), "tau")
         seed_value = _number(raw.get("seed"), "seed")
+        replace_tail = _replace_tail(raw.get("replace_tail"))
     except ValueError as error:  # TextError, NumberError
         return failed(str(error))
     image_path = spec.parent / image.strip()
@@ -168,7 +170,17 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         output=Path(output.strip()) if output and output.strip() else None,
         row=row,
         blended_word=raw.get("blended_word") or None,
+        replace_tail=replace_tail,
     )
+
+
+def _replace_tail(value: str | None) -> str | None:
+    """A row's `replace_tail`, checked (None when the cell is empty: the command line's)."""
+    from .recipe import check_replace_tail
+
+    if value is None or not value.strip():
+        return None
+    return check_replace_tail(value.strip())
 
 
 def _given_image(image: str, spec: Path) -> Path | None:
@@ -209,7 +221,7 @@ def _csv_rows(text: str, spec: Path) -> Iterable[tuple[int, Any]]:
         found = ", ".join(fields) or "none"
         raise SpecError(
             f"{display(spec)}: the first line must name the columns: image, src, tgt and optionally guidance, "
-            f"tau, seed, output, blended_word (found: {found})"
+            f"tau, seed, output, blended_word, replace_tail (found: {found})"
         )
     reader.fieldnames = fields
     while True:

@@ -6,9 +6,15 @@
   into one folder share the work: a process that cannot lock an output's claim leaves that output to its
   owner. A lock dies with its process, even one killed by SIGKILL.
 
-`sweep` removes, in one folder, the temporary files and claims whose lock nobody holds and whose process
-is gone: what a killed run left behind. Nothing else is touched. Where advisory locks do not exist
-(Windows) claims always succeed and nothing is swept.
+- Cache locks: `file_lock(path)` holds the same lock on a lock file, waiting for whoever holds it, so two
+  processes never build the same export or engine at once (`icdcli.export.files` re-exports it).
+
+One lock for all of them: `flock` on POSIX; on Windows `msvcrt.locking` of one byte far past the file's
+content (its locks are mandatory: a claim's process id stays readable). `sweep` removes, in one folder, the
+temporary files and claims whose lock nobody holds and whose process is gone: what a killed run left
+behind. Nothing else is touched. Where no lock can be taken (some network file systems) claims and cache
+locks go on unlocked, and nothing is swept; on Windows nothing is swept either (an open file cannot be
+removed there).
 """
 
 from __future__ import annotations
@@ -23,11 +29,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None  # type: ignore[assignment]
 
 CLAIM_SUFFIX = ".icd-claim"
 PART_SUFFIX = ".part"
@@ -36,25 +47,104 @@ _CLAIM = re.compile(r"^\..+\.icd-claim$")
 
 
 LOCKED, HELD, UNSUPPORTED = "locked", "held", "unsupported"
+WINDOWS_LOCK_BYTE = 1 << 30
+"""Where a Windows lock sits: one byte far past any claim's or lock file's content (Windows may lock past the end)."""
+_WINDOWS_BUSY = frozenset({errno.EACCES, errno.EDEADLK, getattr(errno, "EDEADLOCK", errno.EDEADLK)})
 
 
-def _lock(fd: int) -> str:
-    """Take the exclusive advisory lock of an open file without waiting: LOCKED, HELD (another process has
-    it) or UNSUPPORTED (no advisory locks here: some network file systems)."""
-    if fcntl is None:
-        return UNSUPPORTED
+def _lock(fd: int, wait: bool = False) -> str:
+    """Take the exclusive lock of an open file, waiting for its holder when `wait`: LOCKED, HELD (another open
+    file has it; never with `wait`) or UNSUPPORTED (no locks here: some network file systems)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return HELD
+        except OSError as error:
+            return HELD if error.errno in (errno.EAGAIN, errno.EACCES) else UNSUPPORTED
+        return LOCKED
+    if msvcrt is not None:
+        return _windows_lock(fd, wait)
+    return UNSUPPORTED  # pragma: no cover - neither POSIX nor Windows
+
+
+def _windows_lock(fd: int, wait: bool) -> str:
+    """`_lock` through msvcrt: a lock of `WINDOWS_LOCK_BYTE`, polled while another holds it and `wait` is asked."""
+    windows: Any = msvcrt  # typed for every platform: its functions exist on Windows only
+    position = os.lseek(fd, 0, os.SEEK_CUR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return HELD
-    except OSError as error:
-        return HELD if error.errno in (errno.EAGAIN, errno.EACCES) else UNSUPPORTED
-    return LOCKED
+        while True:
+            os.lseek(fd, WINDOWS_LOCK_BYTE, os.SEEK_SET)
+            try:
+                windows.locking(fd, windows.LK_NBLCK, 1)
+                return LOCKED
+            except OSError as error:
+                if error.errno not in _WINDOWS_BUSY:
+                    return UNSUPPORTED
+                if not wait:
+                    return HELD
+            time.sleep(0.05)
+    finally:
+        os.lseek(fd, position, os.SEEK_SET)
+
+
+def _unlock(fd: int) -> None:
+    """Give up the lock `_lock` took (closing the file gives it up too; Windows says it may take a while)."""
+    with contextlib.suppress(OSError):
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        elif msvcrt is not None:
+            windows: Any = msvcrt
+            position = os.lseek(fd, 0, os.SEEK_CUR)
+            os.lseek(fd, WINDOWS_LOCK_BYTE, os.SEEK_SET)
+            try:
+                windows.locking(fd, windows.LK_UNLCK, 1)
+            finally:
+                os.lseek(fd, position, os.SEEK_SET)
+
+
+def _remove_and_close(fd: int, path: Path) -> None:
+    """Remove `path` if it still names the open file `fd`, and close it. Windows cannot remove an open file: there
+    it is closed first, and left to whoever opened it meanwhile."""
+    if fcntl is None:
+        _unlock(fd)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    if _same_file(fd, path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock of the lock file `path` (made with its folder if missing), waiting while another
+    process or thread holds it: two processes never build the same artifact at once. The file stays.
+
+    Where no lock can be taken (some network file systems) it goes on unlocked, as claims do."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock(fd, wait=True)
+        yield
+    finally:
+        _unlock(fd)
+        os.close(fd)
 
 
 def _try_lock(fd: int) -> bool:
     """Whether this process may go on as the holder: it took the lock, or locks do not exist here."""
     return _lock(fd) != HELD
+
+
+def _hold_for_sweep(fd: int) -> None:
+    """Lock a temporary file or folder while it lives, so that `sweep` leaves it alone: on POSIX only, where sweeps
+    run (a Windows lock would be mandatory and stop the writer of a temporary file past `WINDOWS_LOCK_BYTE`)."""
+    if fcntl is not None:
+        _try_lock(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -98,13 +188,10 @@ def temporary_beside(target: Path) -> Iterator[Path]:
     else:  # pragma: no cover - a hundred random names taken
         raise FileExistsError(f"no free temporary name beside {target}")
     try:
-        _try_lock(fd)
+        _hold_for_sweep(fd)
         yield path
     finally:
-        if _same_file(fd, path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        os.close(fd)
+        _remove_and_close(fd, path)
 
 
 @contextlib.contextmanager
@@ -122,7 +209,7 @@ def folder_beside(target: Path, role: str = "") -> Iterator[Path]:
         raise FileExistsError(f"no free temporary name beside {target}")
     fd = os.open(path, os.O_RDONLY)
     try:
-        _try_lock(fd)
+        _hold_for_sweep(fd)
         yield path
     finally:
         os.close(fd)
@@ -138,11 +225,8 @@ class Claim:
     def release(self) -> None:
         if self.fd < 0:
             return
-        if _same_file(self.fd, self.path):
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        os.close(self.fd)
-        self.fd = -1
+        fd, self.fd = self.fd, -1
+        _remove_and_close(fd, self.path)
 
 
 def claim_path(output: Path) -> Path:

@@ -34,6 +34,7 @@ from .cli_common import (
     need_scikit_image,
     overwrite_option,
     p2p_step_options,
+    replace_tail_option,
     reports_errors,
     sampler_options,
     say,
@@ -115,7 +116,7 @@ def main() -> None:
         ("Editing", ["method", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
-                                             "amplify_new"]),
+                                             "amplify_new", "replace_tail"]),
         ("Output and batch", ["output", "overwrite", "shard", "batch_size", "jobs", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
@@ -165,7 +166,7 @@ def main() -> None:
     type=TextPath(path_type=Path),
     default=None,
     help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output, "
-    "blended_word.",
+    "blended_word, replace_tail.",
 )
 @click.option(
     "--from",
@@ -261,6 +262,7 @@ def main() -> None:
     help="p2p reweight of every target word not in the source (English stopwords excepted); 1 = off. "
     "Default: the model's (4 in the released SD1.5 recipe).",
 )
+@replace_tail_option
 @sampler_options
 @model_options
 @reports_json_failures
@@ -290,6 +292,7 @@ def edit(
     blend_threshold: float,
     amplify: tuple[tuple[str, float], ...],
     amplify_new: float | None,
+    replace_tail: str,
     seed: int | None,
     sampler: str,
     ddim_steps: int,
@@ -317,7 +320,7 @@ def edit(
     started = time.perf_counter()
     p2p = p2p_options(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
-        blend_threshold,
+        blend_threshold, replace_tail,
     )  # fmt: skip
     settings = EditFlags(source, target, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
     expected_hash = None
@@ -478,6 +481,7 @@ def _invert(
 ) -> None:
     from safetensors.torch import save_file
 
+    from .checkpoints import model_files
     from .editing import Timings, decode
     from .editing import invert as run_invert
     from .images import atomic_path, file_sha256, load_image, save_image, tensor_to_image
@@ -539,7 +543,7 @@ def _invert(
         with atomic_path(latent_path) as temporary:
             save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
     if recon_path is not None and recon_skip is None:
-        save_image(reconstruction, recon_path, text=image_text(recon_record))
+        save_image(reconstruction, recon_path, text=image_text(recon_record, model_files(model)))
     timings.seconds["total"] = time.perf_counter() - started
     result["seconds"] = {k: round(v, 4) for k, v in timings.seconds.items()}
     emit(as_json, {"status": "done", **result})
@@ -695,6 +699,7 @@ def generate(
         _check_size_before_loading(width, height, model_opts)
         sweep(target.parent)
 
+        from .checkpoints import model_files
         from .editing import SamplerSettings, Timings
         from .editing import generate as run_generate
         from .images import save_image
@@ -719,7 +724,7 @@ def generate(
         timings = Timings({"load": loaded.seconds})
         with timings.stage("decode"):
             image = run_generate(model, prompt, guidance=w, tau=tau, settings=sampling, size=size)
-        save_image(image, target, text=image_text(record))
+        save_image(image, target, text=image_text(record, model_files(model)))
     timings.seconds["total"] = time.perf_counter() - started
     emit(
         as_json,

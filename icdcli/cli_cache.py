@@ -90,6 +90,18 @@ def _age(seconds: float) -> str:
     return f"{days:.0f} days ago" if days >= 1 else f"{seconds / 3600:.1f} hours ago"
 
 
+def _root() -> Path:
+    """The cache root, its path held to icd's path bound (`icdcli.texts`): ICD_CACHE_DIR is text a user gives."""
+    from .texts import TextError, check_text
+
+    root = cache_root()
+    try:
+        check_text("path", str(root), "ICD_CACHE_DIR")
+    except TextError as error:
+        raise click.ClickException(str(error)) from None
+    return root
+
+
 @click.group()
 def cache() -> None:
     """List or prune icd's cache: fused models, ONNX exports and TensorRT engines (ICD_CACHE_DIR moves it)."""
@@ -99,7 +111,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: root, entries, total bytes.")
 def cache_list(as_json: bool) -> None:
     """Show every cache entry with its size and last use, least recently used first."""
-    root = cache_root()
+    root = _root()
     entries = cache_entries(root)
     total = sum(entry.bytes for entry in entries)
     if as_json:
@@ -130,7 +142,7 @@ def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) 
     limit = 0.0 if everything else days * 86400
     chosen = [
         entry
-        for entry in cache_entries(cache_root())
+        for entry in cache_entries(_root())
         if (kind is None or entry.kind == kind) and now - entry.last_used >= max(limit, BUSY_SECONDS)
     ]
     freed = 0

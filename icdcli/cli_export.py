@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli_common import load_model, model_options, reports_errors, say
+from .cli_common import TextPath, load_model, model_options, reports_errors, say
 
 
 class BatchType(click.ParamType):
@@ -60,7 +60,7 @@ class BatchType(click.ParamType):
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     default=None,
     help="Folder for the ONNX graphs. Default: the cache (icd info shows where), used by --backend on later runs.",
 )

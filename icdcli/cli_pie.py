@@ -13,15 +13,18 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli_common import (
+    TextPath,
     batch_size_option,
     edit_guidance_options,
     load_model,
     model_options,
     need_scikit_image,
     p2p_step_options,
+    replace_tail_option,
     reports_errors,
     sampler_options,
     say,
+    text_callback,
 )
 
 if TYPE_CHECKING:
@@ -83,17 +86,22 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @click.option(
     "--root",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     help="PIE-Bench-format folder: mapping_file.json and annotation_images/.",
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     default=None,
     help="Results folder: OUT/NAME/annotation_images/<image_path>, metrics.json, metrics.md. Default: output/ "
     "beside ROOT, where PIE-Bench's evaluation script looks (its data/ and output/ are siblings).",
 )
-@click.option("--name", default=None, help="This run's subfolder of --out. Default: <sampler><steps>-<method>.")
+@click.option(
+    "--name",
+    default=None,
+    callback=text_callback("path"),
+    help="This run's subfolder of --out. Default: <sampler><steps>-<method>.",
+)
 @click.option(
     "--types",
     multiple=True,
@@ -112,26 +120,27 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 )
 @edit_guidance_options
 @p2p_step_options
+@replace_tail_option
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @batch_size_option
 @click.option(
     "--lpips",
     "lpips_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=TextPath(dir_okay=False, path_type=Path),
     default=None,
     help="LPIPS weights: the state dict of lpips.LPIPS(net='squeeze') (.pth or .safetensors). Without: skipped.",
 )
 @click.option(
     "--dino",
     "dino_path",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     default=None,
     help="Local transformers copy of facebook/dino-vitb8, for the structure distance. Without: skipped.",
 )
 @click.option(
     "--clip",
     "clip_path",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     default=None,
     help="Local transformers copy of openai/clip-vit-large-patch14, for CLIP scores. Without: skipped.",
 )
@@ -149,6 +158,7 @@ def pie(
     tau: float | None,
     cross_replace: float | None,
     self_replace: float | None,
+    replace_tail: str,
     overwrite: bool,
     batch_size: int | None,
     lpips_path: Path | None,
@@ -182,7 +192,7 @@ def pie(
     if method == "p2p":
         _check_p2p()
     scorers = load_scorers(lpips_path, dino_path, clip_path)
-    p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace)
+    p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace, replace_tail=replace_tail)
     flags = EditFlags(None, None, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
     loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
     info = loaded.model.info
@@ -197,6 +207,8 @@ def pie(
         say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
              **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
+    if settings.p2p is not None:
+        facts["replace_tail"] = settings.p2p.replace_tail
     scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
     edits = edits_section(outcomes, total=len(items), seconds=edit_seconds, load_seconds=loaded.seconds)
     seconds = round(time.perf_counter() - started, 3)

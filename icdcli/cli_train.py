@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .cli_common import reports_errors, say
+from .cli_common import TextPath, reports_errors, say
 from .values import NumberType
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
@@ -87,7 +87,7 @@ def variant_settings(name: str) -> dict[str, Any]:
 
 
 @click.command("train")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.argument("run_dir", type=TextPath(file_okay=False, path_type=Path), required=False)
 @click.option(
     "--preset",
     type=click.Choice(["v1", "v2"]),
@@ -140,7 +140,7 @@ def variant_settings(name: str) -> dict[str, Any]:
 )
 @click.option(
     "--keep-stages",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=TextPath(file_okay=False, path_type=Path),
     default=None,
     metavar="DIR",
     help="Also keep each finished stage in DIR, float16 weights with its configs and checks (commit DIR to carry "

@@ -12,9 +12,12 @@ import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from .checkpoints import ModelFiles
 
 RECORD_KEY = "icd"
 GENERATE_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "guidance", "tau", "seed", "width", "height")
@@ -129,29 +132,36 @@ def _a1111_value(value: Any) -> str:
     return json.dumps(text) if any(c in text for c in ',:\n"') else text
 
 
-def a1111_parameters(record: dict[str, Any]) -> str:
+def a1111_parameters(record: dict[str, Any], files: ModelFiles | None = None) -> str:
     """The record as the `parameters` text that image browsers read (AUTOMATIC1111's layout): the prompt,
-    then `Key: value` pairs. icd has no negative prompt; edits add their source prompt and method."""
+    then `Key: value` pairs. icd has no negative prompt; edits add their source prompt and method.
+
+    `files` (`icdcli.checkpoints.model_files`) name the checkpoint and LoRAs by AutoV2 hash, which A1111,
+    ComfyUI's readers and civitai resolve; without a checkpoint there is no `Model hash` (icd's own `model_hash`
+    stays in the `icd` record, no reader could resolve it)."""
     prompt = str(record.get("tgt") or record.get("prompt") or "")
     size = record.get("input_size") or [record.get("width"), record.get("height")]
+    named = files.parameters() if files is not None else {}
     pairs = {
         "Steps": record.get("steps"),
         "Sampler": {"icd": "iCD", "ddim": "DDIM"}.get(str(record.get("sampler")), record.get("sampler")),
         "CFG scale": record.get("guidance"),
         "Seed": record.get("seed"),
         "Size": f"{size[0]}x{size[1]}" if size and all(size) else None,
-        "Model hash": str(record.get("model_hash") or "").removeprefix("sha256:")[:10] or None,
-        "Model": Path(str(record["model"])).name if record.get("model") else None,
+        "Model hash": named.get("Model hash"),
+        "Model": named.get("Model") or (Path(str(record["model"])).name if record.get("model") else None),
         "Source prompt": record.get("src"),
         "Edit method": record.get("method"),
         "Dynamic guidance tau": record.get("tau"),
+        "Lora hashes": named.get("Lora hashes"),
     }
     details = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in pairs.items() if value is not None)
     return f"{prompt}\n{details}"
 
 
-def image_text(record: dict[str, Any]) -> dict[str, str]:
-    """The text chunks of an output image: icd's record (`icd`, what reruns compare) and `parameters`."""
+def image_text(record: dict[str, Any], files: ModelFiles | None = None) -> dict[str, str]:
+    """The text chunks of an output image: icd's record (`icd`, what reruns compare) and `parameters` (with the
+    checkpoint and LoRA hashes of `files`, the model's `icdcli.checkpoints.model_files`)."""
     from .values import strict_json
 
-    return {RECORD_KEY: strict_json(record), "parameters": a1111_parameters(record)}
+    return {RECORD_KEY: strict_json(record), "parameters": a1111_parameters(record, files)}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import Conditioning, ControlledDenoiser, Guidance, row_guidance, take_rows
-from .recipe import BLEND_THRESHOLD
+from .recipe import ALIGNED_TAIL, BLEND_THRESHOLD, RELEASE_TAIL, check_replace_tail
 
 SELF_REPLACE_MAX_QUERIES = 32 * 32
 REPLACE, REFINE = "replace", "refine"
@@ -48,7 +48,9 @@ class P2PSettings:
     `amplify_new` to every word new in the target (stopwords excepted). `mode` is `auto` (replace
     when the prompts have equal word counts, else refine), `replace` or `refine`. With
     `strict_blend`, a per-prompt blend word missing from its prompt is an error; without, it adds
-    no region (what the release does).
+    no region (what the release does). `replace_tail` is the rule of a replace edit's tokens after the last
+    changed word: `aligned` (icd's: each reads its own counterpart) or `release` (the release's shifted
+    positions, for exact replays of its results; see `replacement_mapper` and docs/p2p.md).
 
     The defaults are the library's (P2P's own 0.8 and 0.4); an edit's come from its model's recipe through
     `icdcli.recipe.P2POptions.resolve`. `to_record` is what an output keeps (read back by `P2POptions.from_record`).
@@ -64,6 +66,7 @@ class P2PSettings:
     blend_target: tuple[str, ...] = ()
     amplify_new: float = 1.0
     strict_blend: bool = True
+    replace_tail: str = ALIGNED_TAIL
 
     def __post_init__(self) -> None:
         for name in ("cross_replace", "self_replace", "blend_threshold"):
@@ -75,13 +78,19 @@ class P2PSettings:
             raise P2PError(f"amplify factors must be finite and >= 0, got {factors}")
         if self.mode not in ("auto", REPLACE, REFINE):
             raise P2PError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
+        try:
+            check_replace_tail(self.replace_tail)
+        except ValueError as error:
+            raise P2PError(str(error)) from None
 
     @property
     def blends(self) -> bool:
         return bool(self.blend or self.blend_source or self.blend_target)
 
     def to_record(self) -> dict[str, Any]:
-        """The settings as JSON values (what an output's record keeps)."""
+        """The settings as JSON values (what an output's record keeps). `replace_tail` is kept only when it is the
+        release's: records of icd's default rule stay as they were before the choice existed (resume skips them)."""
+        tail = {"replace_tail": self.replace_tail} if self.replace_tail != ALIGNED_TAIL else {}
         return {
             "cross_replace": self.cross_replace,
             "self_replace": self.self_replace,
@@ -92,6 +101,7 @@ class P2PSettings:
             "blend_threshold": self.blend_threshold,
             "amplify": {word: factor for word, factor in self.amplify},
             "amplify_new": self.amplify_new,
+            **tail,
         }
 
 
@@ -203,7 +213,7 @@ def replacement_mapper(
     (`shift_tail=True`), so when the changed words' token counts differ, every later word, the
     end-of-text and the padding take the map of a token that many positions away. icd keeps the
     tail aligned instead (each later token takes its own counterpart's map): see docs/p2p.md for the
-    measurement behind that choice.
+    measurement behind that choice. Edits reach the release's rule through `P2PSettings.replace_tail`.
     """
     if len(source_words) != len(target_words):
         raise P2PError(
@@ -625,6 +635,7 @@ def make_plan(
             source_positions=word_token_positions(tokenizer, source),
             target_positions=target_positions,
             length=length,
+            shift_tail=settings.replace_tail == RELEASE_TAIL,
         )
         refine = torch.ones(length)
     else:

@@ -33,6 +33,17 @@ def network_identity(info: dict[str, Any]) -> dict[str, Any]:
 
 
 P2P_MODES = ("auto", "replace", "refine")
+ALIGNED_TAIL, RELEASE_TAIL = "aligned", "release"
+REPLACE_TAILS = (ALIGNED_TAIL, RELEASE_TAIL)
+"""Prompt-to-Prompt replace edits: the tokens after the last changed word read their own counterparts' maps
+(`aligned`, icd's rule) or the release's shifted positions (`release`, for exact replays; docs/p2p.md)."""
+
+
+def check_replace_tail(value: Any, label: str = "replace_tail") -> str:
+    """`value` when it names a replace-tail rule; ValueError saying which ones exist otherwise."""
+    if value not in REPLACE_TAILS:
+        raise ValueError(f"{label} must be {' or '.join(REPLACE_TAILS)}, not {str(value)[:40]!r}")
+    return str(value)
 
 
 def release_guidance(classical: float) -> float:
@@ -131,6 +142,8 @@ class SamplerSettings:
 class P2POptions:
     """Prompt-to-Prompt values the user gave (None: the recipe's), as flags, a spec or a record give them.
 
+    `replace_tail` is no recipe's: icd's aligned tail unless the release's is asked for (`REPLACE_TAILS`).
+
     `resolve` is the one place where they meet the model's recipe; `from_record` reads the record an output
     keeps (`icdcli.p2p.P2PSettings.to_record`), each number checked as its flag is.
     """
@@ -145,6 +158,7 @@ class P2POptions:
     blend_target: tuple[str, ...] = ()
     blend_threshold: float = BLEND_THRESHOLD
     strict_blend: bool = True
+    replace_tail: str = ALIGNED_TAIL
 
     def resolve(self, recipe: EditRecipe) -> Any:
         """The `icdcli.p2p.P2PSettings` of an edit: these values where given, else the recipe's."""
@@ -164,6 +178,7 @@ class P2POptions:
             blend_target=self.blend_target,
             amplify_new=pick(self.amplify_new, recipe.amplify),
             strict_blend=self.strict_blend,
+            replace_tail=self.replace_tail,
         )
 
     @classmethod
@@ -192,6 +207,7 @@ class P2POptions:
             blend_source=words("blend_source"),
             blend_target=words("blend_target"),
             blend_threshold=float(check_number("blend_threshold", record.get("blend_threshold", BLEND_THRESHOLD))),
+            replace_tail=check_replace_tail(record.get("replace_tail", ALIGNED_TAIL)),  # absent: icd's rule
         )
 
 

@@ -563,6 +563,9 @@ def test_ensure_exported_follows_the_fp32_norm_default_and_keeps_an_explicit_cho
         return folder
 
     monkeypatch.setattr(onnx_export, "export_model", fake_export)
+    # where `ensure_exported` imports it from: the package's lazy attribute (which an earlier test's monkeypatch
+    # may have left bound to the real function)
+    monkeypatch.setattr("icdcli.export.export_model", fake_export, raising=False)
     folder = tmp_path / "export"
     _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder)  # a new export: the default
     assert asked == [None] and manifest.fp32_norm is DEFAULT_FP32_NORM is True

@@ -75,13 +75,20 @@ def _all_help(group, prefix=()):
     return texts
 
 
-def test_every_file_the_help_and_the_readme_name_exists():
-    """Before, `icd edit --help` sent users to docs/batch.md, which did not exist."""
-    texts = _all_help(main) + [(ROOT / "README.md").read_text()]
-    named = set().union(*(_named_files(text) for text in texts))
-    assert "docs/batch.md" in named and "docs/default-model.md" in named  # the check sees what it must
+def test_every_file_the_help_the_readme_and_the_docs_name_exists():
+    """Before, `icd edit --help` sent users to docs/batch.md, which did not exist, and docs/benchmarks.md and
+    docs/engines.md to the deleted benchmarks/first-contact.sh."""
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert len(docs) >= 7  # the check reads every page
+    texts = {"--help": "\n".join(_all_help(main)), "README.md": (ROOT / "README.md").read_text()}
+    texts.update({f"docs/{page.name}": page.read_text() for page in docs})
+    named = {where: _named_files(text) for where, text in texts.items()}
+    assert "docs/batch.md" in named["--help"] and "docs/default-model.md" in named["README.md"]
+    assert "benchmarks/gpu.sh" in named["docs/benchmarks.md"]  # the check sees what it must, docs included
+    assert "benchmarks/first-contact.sh" in _named_files("replaced `benchmarks/first-contact.sh`.")
     outputs = {"examples/red-circle-edit.png"}  # what the README's first command writes
-    missing = sorted(name for name in named - outputs if not (ROOT / name).exists())
+    missing = sorted(f"{where}: {name}" for where, names in named.items() for name in names - outputs
+                     if not (ROOT / name).exists())  # fmt: skip
     assert not missing, missing
     links = re.findall(r"\]\(((?:docs/)?[\w-]+\.md)(?:#[\w-]+)?\)", (ROOT / "README.md").read_text())
     assert links and all((ROOT / link).is_file() for link in links), links

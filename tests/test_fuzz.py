@@ -590,3 +590,52 @@ def test_a_spec_output_through_a_link_that_leaves_the_output_folder_fails_its_ro
     assert os.listdir(outside) == [] and (out / "inner" / "y.png").is_file()
     allowed = CliRunner().invoke(main, [*command[:1], "--any-output", *command[1:]])  # the user's explicit choice
     assert (outside / "x.png").is_file() and allowed.exit_code in (0, 1)
+
+
+def test_paths_of_train_export_cache_and_bench_pie_are_bounded(tmp_path, monkeypatch):
+    """Paths that reached the file system unchecked: one usage error naming the flag, before any work."""
+    runner = CliRunner()
+    cases = [(["train"], None), (["train", str(tmp_path / "run")], "--keep-stages"),
+             (["export", "--model", str(tmp_path / "none")], "--out")]  # fmt: skip
+    cases += [(["bench", "pie", "--root", str(tmp_path)], flag) for flag in ("--out", "--lpips", "--dino", "--clip")]
+    cases += [(["bench", "pie"], "--root"), (["bench", "pie", "--root", str(tmp_path)], "--name")]
+    count = 0
+    for command, flag in cases:
+        for value in ("p" * LONG["path"], "y" * 100_000, "a\x00b"):
+            result = runner.invoke(main, [*command, *([flag] if flag else []), value])
+            count += 1
+            _assert_clean(result, codes=(2,))
+            error = [line for line in result.stderr.splitlines() if line.startswith("Error")][0]
+            assert (flag or "RUN_DIR") in error and len(error) < 400, error
+            assert ("at most 4,096" in error) if len(value) > 100 else ("NUL" in error)
+    assert count == 3 * len(cases) and list(tmp_path.iterdir()) == []  # nothing made
+    for value in ("c" * LONG["path"], "c" * 100_000):  # icd cache reads its folder from ICD_CACHE_DIR
+        monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / value))
+        for command in (["cache", "list"], ["cache", "prune", "--all"]):
+            result = runner.invoke(main, command)
+            _assert_clean(result, codes=(1,))
+            assert "ICD_CACHE_DIR" in result.stderr and "at most 4,096" in result.stderr
+
+
+def test_bench_pie_prompts_from_its_mapping_file_are_bounded(tmp_path):
+    """A PIE-Bench entry's prompts, blend words and image path are held to the bounds of icd edit's."""
+    from icdcli.bench.pie_fixture import write_fixture
+
+    root = tmp_path / "pie"
+    write_fixture(root, 2)
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    key = sorted(mapping)[0]
+    cases = [(field, value) for field in ("original_prompt", "editing_prompt") for value in
+             ("q" * LONG["prompt"], "q" * 5_000_000, *(f"a{c}cat" for c in CONTROLS))]  # fmt: skip
+    cases += [("blended_word", "w" * LONG["word"]), ("blended_word", "cat\tdog"), ("blended_word", "cat\ndog")]
+    cases += [("image_path", "i" * LONG["path"]), ("image_path", "a\x00b.png")]
+    assert len(cases) >= 135
+    runner = CliRunner()
+    for field, value in cases:
+        (root / "mapping_file.json").write_text(json.dumps({**mapping, key: {**mapping[key], field: value}}))
+        result = runner.invoke(main, ["bench", "pie", "--root", str(root), "--json"])
+        _assert_clean(result, codes=(1,))
+        error = [line for line in result.stderr.splitlines() if line.startswith("Error")][0]
+        assert key in error and field in error and len(error) < 400, error
+        assert any(rule in error for rule in ("at most", "control character", "NUL", "a tab", "a newline"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pie"]  # no output folder: refused before any work

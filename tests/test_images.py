@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -156,7 +158,14 @@ def test_outputs_carry_a1111_parameters_and_relative_inputs(tmp_path):
     text = Image.open(out).text
     prompt, details = text["parameters"].split("\n")
     assert prompt == "a yellow circle on a blue background"
-    assert details.startswith("Steps: 4, Sampler: iCD, CFG scale: 4.0, Seed: 3, Size: 128x128, Model hash: ")
+    assert details.startswith("Steps: 4, Sampler: iCD, CFG scale: 4.0, Seed: 3, Size: 128x128, Model: ")
+    # the embedded model's base is a diffusers folder, not one file: no checkpoint hash that a reader could resolve
+    # (icd's own hash stays in the icd record); its LoRAs by name and AutoV2 hash (sha256 of the file, 10 digits)
+    assert "Model hash" not in details and read_record(out)["model_hash"].startswith("sha256:")
+    loras = [f"{path.stem}: {hashlib.sha256(path.read_bytes()).hexdigest()[:10]}"
+             for path in (DEFAULT_MODEL_DIR / "forward-19-259-519-779.safetensors",
+                          DEFAULT_MODEL_DIR / "reverse-259-519-779-999.safetensors")]  # fmt: skip
+    assert details.endswith(f'Lora hashes: "{", ".join(loras)}"'), details
     assert 'Source prompt: "a red circle on a blue background"' not in details  # no comma, no quotes needed
     assert "Source prompt: a red circle on a blue background" in details and "Edit method: p2p" in details
     assert read_record(out)["input"] == "../photos/red.png"

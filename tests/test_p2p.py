@@ -374,6 +374,51 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
     assert refine.exit_code == 0 and "refines instead" in refine.output
 
 
+def test_replace_tail_from_flags_spec_rows_and_records_reaches_the_mapper(tmp_path, monkeypatch):
+    import icdcli.p2p
+    from icdcli.images import read_record
+
+    seen = []
+    real = icdcli.p2p.replacement_mapper
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("shift_tail", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(icdcli.p2p, "replacement_mapper", spy)
+    target = "a yellow circle on a blue background"
+    out = tmp_path / "release.png"
+    args = ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", target, "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--replace-tail", "release"])
+    assert result.exit_code == 0, result.output
+    assert seen == [True] and read_record(out)["p2p"]["replace_tail"] == "release"
+    again = CliRunner().invoke(main, ["edit", "--from", str(out), "-o", str(tmp_path / "again.png")])
+    assert again.exit_code == 0, again.output
+    assert seen == [True, True] and read_record(tmp_path / "again.png")["p2p"]["replace_tail"] == "release"
+    # the embedded model's word-level tokens: equal word counts are equal token counts, the same pixels
+    default = tmp_path / "aligned.png"
+    assert CliRunner().invoke(main, [*args[:-1], str(default)]).exit_code == 0
+    assert seen[-1] is False and "replace_tail" not in read_record(default)["p2p"]
+    assert np.array_equal(np.asarray(Image.open(default)), np.asarray(Image.open(out)))
+    # a resume compares the rule: a release output is not the default edit
+    differs = CliRunner().invoke(main, [*args[:-1], str(out)])
+    assert differs.exit_code == 1 and "replace_tail" in differs.output and "--overwrite" in differs.output
+    # spec rows: per row, checked like a flag; a bad value fails its row alone
+    row = {"image": str(EXAMPLE), "src": SOURCE, "tgt": target}
+    rows = [{**row, "output": "r.png", "replace_tail": "release"}, {**row, "output": "a.png"},
+            {**row, "output": "x.png", "replace_tail": "icd"}]  # fmt: skip
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    batch = CliRunner().invoke(main, ["edit", "--spec", str(spec), "-o", str(tmp_path / "rows"), "--json"])
+    lines = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert [line["status"] for line in lines] == ["done", "done", "failed", "summary"], batch.output
+    assert "replace_tail must be aligned or release" in lines[2]["error"]
+    assert read_record(tmp_path / "rows" / "r.png")["p2p"]["replace_tail"] == "release"
+    assert "replace_tail" not in read_record(tmp_path / "rows" / "a.png")["p2p"]
+    bad = CliRunner().invoke(main, [*args, "--replace-tail", "shifted"])
+    assert bad.exit_code == 2 and "--replace-tail" in bad.output
+
+
 @pytest.mark.parametrize(
     ("extra", "message", "code"),
     [

@@ -179,6 +179,37 @@ def test_replace_tail_aligned_here_shifted_in_the_release(tokenizer):
         _replace(tokenizer, "a cat", "a big cat")
 
 
+def test_an_edit_reaches_the_releases_tail_only_when_asked_and_records_it(tokenizer):
+    from icdcli.recipe import P2POptions, release_recipe
+
+    source, target = "a cat on the mat", "a dalmatian on the mat"
+
+    def plan(settings):
+        return make_plan(tokenizer, source, target, settings=settings, num_steps=4, latent_side=16)
+
+    default, release = plan(P2PSettings()), plan(P2PSettings(replace_tail="release"))
+    assert torch.equal(default.mapper, _replace(tokenizer, source, target))
+    assert torch.equal(release.mapper, _replace(tokenizer, source, target, shift_tail=True))
+    assert not torch.equal(default.mapper, release.mapper)  # 3 target tokens for "cat": the tails differ
+    same = "a dog on the mat"  # equal token counts: the two rules are one
+    assert torch.equal(
+        make_plan(tokenizer, source, same, settings=P2PSettings(), num_steps=4, latent_side=16).mapper,
+        make_plan(tokenizer, source, same, settings=P2PSettings(replace_tail="release"), num_steps=4,
+                  latent_side=16).mapper,
+    )  # fmt: skip
+    with pytest.raises(P2PError, match="replace_tail must be aligned or release"):
+        P2PSettings(replace_tail="icd")
+    # records: the release's rule is named, icd's default leaves the record as it was; both read back
+    assert "replace_tail" not in P2PSettings().to_record()
+    recorded = P2PSettings(replace_tail="release").to_record()
+    assert recorded["replace_tail"] == "release"
+    recipe = release_recipe("sd15", (259, 519, 779, 999))
+    assert P2POptions.from_record(recorded).resolve(recipe).replace_tail == "release"
+    assert P2POptions.from_record(P2PSettings().to_record()).resolve(recipe).replace_tail == "aligned"
+    with pytest.raises(ValueError, match="replace_tail must be aligned or release"):
+        P2POptions.from_record({**recorded, "replace_tail": "shifted"})
+
+
 # --- reweight and blend ------------------------------------------------------------------------
 
 

@@ -425,6 +425,21 @@ def test_p2p_runs_with_each_items_blend_words(tmp_path):
         assert record["p2p"]["cross_replace"] == 0.3 and record["p2p"]["self_replace"] == 0.6  # the embedded recipe
 
 
+def test_p2p_replays_the_releases_replace_tail_when_asked(tmp_path):
+    root = tmp_path / "pie"
+    write_fixture(root, 4)
+    common = ["--root", str(root), "--method", "p2p", "--types", "1", "--json"]
+    result = _invoke([*common, "--replace-tail", "release", "--name", "release"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["replace_tail"] == "release" and report["edits"]["done"] == 1
+    item = select_items(read_mapping(root), {"1"}, None)[0]
+    assert read_record(output_path(root.parent / "output" / "release", item))["p2p"]["replace_tail"] == "release"
+    aligned = _invoke([*common, "--name", "aligned"])
+    assert aligned.exit_code == 0 and json.loads(aligned.stdout)["replace_tail"] == "aligned"
+    assert "replace_tail" not in read_record(output_path(root.parent / "output" / "aligned", item))["p2p"]
+
+
 def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "icdcli.p2p", None)  # as in an icd without Prompt-to-Prompt: import fails
     root = tmp_path / "pie"

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..batch import display
 from ..errors import ICDError
+from ..texts import TextError, check_text
 
 MAPPING_FILE = "mapping_file.json"
 IMAGES_FOLDER = "annotation_images"
@@ -127,6 +128,7 @@ def parse_item(key: str, raw: Any) -> PieItem:
     for name in ("image_path", "original_prompt", "editing_prompt"):
         if not isinstance(raw[name], str) or not raw[name].strip():
             raise PieFormatError(f"{where}: {name} must be non-empty text")
+    _check_texts(where, raw)
     path = Path(raw["image_path"])
     if path.is_absolute() or ".." in path.parts:
         raise PieFormatError(f"{where}: image_path must be relative to {IMAGES_FOLDER}/, without '..'")
@@ -146,6 +148,21 @@ def parse_item(key: str, raw: Any) -> PieItem:
         blended_word=str(raw.get("blended_word") or ""),
         mask=tuple(mask),
     )
+
+
+def _check_texts(where: str, raw: Mapping[str, Any]) -> None:
+    """An item's prompts, blend words and image path held to icd's text bounds (`icdcli.texts`), as every prompt a
+    user gives is: a PieFormatError naming the item and field otherwise."""
+    fields = (("image_path", "path"), ("original_prompt", "prompt"), ("editing_prompt", "prompt"),
+              ("blended_word", "word"))  # fmt: skip
+    for name, kind in fields:
+        value = raw.get(name)
+        if value is None:
+            continue
+        try:
+            check_text(kind, value if isinstance(value, str) else str(value), name)
+        except TextError as error:
+            raise PieFormatError(f"{where}: {error}") from None
 
 
 def read_mapping(root: Path) -> list[PieItem]:
