@@ -23,7 +23,7 @@ from .values import NumberError, NumberType, check_number
 if TYPE_CHECKING:
     from .model_api import EditModel
 
-PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl"
+PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl, sd15-cycle"
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -172,6 +172,22 @@ class ShardType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+class BoundariesType(click.ParamType):
+    """A comma list of timesteps (`0,259,519,779`), checked by `icdcli.schedule.parse_boundaries`."""
+
+    name = "boundaries"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        from .schedule import parse_boundaries
+
+        try:
+            return parse_boundaries(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
@@ -219,6 +235,21 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             callback=text_callback("path"),
             metavar="FILE",
             help="Reverse LoRA, e.g. iCD-SD15-reverse_259_519_779_999.safetensors.",
+        ),
+        click.option(
+            "--forward-boundaries",
+            type=BoundariesType(),
+            default=None,
+            metavar="T,T,...",
+            help="The forward model's boundaries, for a file whose name does not carry them (e.g. 0,259,519,779 for "
+            "Inverse-and-Edit's finetuned_forward_model.safetensors). A name that carries them must agree.",
+        ),
+        click.option(
+            "--reverse-boundaries",
+            type=BoundariesType(),
+            default=None,
+            metavar="T,T,...",
+            help="The reverse model's boundaries, for a file whose name does not carry them (e.g. 259,519,779,999).",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option(
@@ -352,6 +383,8 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         ctx_options["teacher"],
         ctx_options["forward_lora"],
         ctx_options["reverse_lora"],
+        forward_boundaries=ctx_options.get("forward_boundaries"),
+        reverse_boundaries=ctx_options.get("reverse_boundaries"),
     )
     check_preset_files(request)  # a preset's missing files are named before torch loads (seconds)
 
@@ -450,6 +483,19 @@ def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def replace_tail_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--replace-tail aligned|release: the rule of a P2P replace edit's tokens after the last changed word."""
+    return click.option(
+        "--replace-tail",
+        type=click.Choice(["aligned", "release"]),
+        default="aligned",
+        show_default=True,
+        help="p2p replace: the tokens after the last changed word read their own counterparts' maps (aligned, "
+        "icd's rule) or the maps the iCD release gives them, shifted when a changed word has another token count "
+        "(release: only to replay its results exactly; docs/p2p.md).",
+    )(command)
+
+
 def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--guidance and --tau of an edit (None: the model's recipe, `icdcli.recipe.EditRequest.resolve`)."""
     options = [
@@ -473,8 +519,13 @@ def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-MODEL_SECTION = ("Model", ["model", "base", "base_config", "teacher", "forward_lora", "reverse_lora"])
-BACKEND_SECTION = ("Backend", ["backend", "device", "precision", "low_memory"])
+MODEL_FLAGS = (
+    "model", "base", "base_config", "teacher", "forward_lora", "reverse_lora", "forward_boundaries",
+    "reverse_boundaries",
+)  # fmt: skip
+"""The options of `model_options` that choose the model (as opposed to where and how it runs)."""
+MODEL_SECTION = ("Model", list(MODEL_FLAGS))
+BACKEND_SECTION = ("Backend", ["backend", "device", "precision", "low_memory", "cuda_graphs", "compile_unets"])
 
 
 class SectionedCommand(click.Command):

@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from .cli_common import Loaded, load_model, say
+from .cli_common import MODEL_FLAGS, Loaded, load_model, say
 from .outputs import image_text, path_from, recorded_path
-from .recipe import BLEND_THRESHOLD, EditRequest, P2POptions
+from .recipe import ALIGNED_TAIL, BLEND_THRESHOLD, EditRequest, P2POptions
 from .texts import LINE_BYTES, check_text
 from .values import NumberError, check_number, strict_json
 
@@ -46,6 +46,7 @@ def p2p_options(
     amplify: tuple[tuple[str, float], ...],
     amplify_new: float | None,
     blend_threshold: float = BLEND_THRESHOLD,
+    replace_tail: str = ALIGNED_TAIL,
 ) -> P2POptions:
     """The P2P values of the command line (a --blend value may hold several words); None: the model's."""
 
@@ -62,13 +63,13 @@ def p2p_options(
         blend_source=split(blend_source),
         blend_target=split(blend_target),
         blend_threshold=blend_threshold,
+        replace_tail=replace_tail,
     )
 
 
-_MODEL_FLAGS = ("model", "base", "base_config", "teacher", "forward_lora", "reverse_lora")
 _P2P_FLAGS = (
     "cross_replace", "self_replace", "p2p_mode", "blend_words", "blend_source", "blend_target", "blend_threshold",
-    "amplify", "amplify_new",
+    "amplify", "amplify_new", "replace_tail",
 )  # fmt: skip
 
 
@@ -133,7 +134,7 @@ def apply_record(
             f"--from {display(path)}: its record is not usable ({error}); give the flags"
         ) from None
     expected_hash = None
-    if not any(_given(name) for name in _MODEL_FLAGS):
+    if not any(_given(name) for name in MODEL_FLAGS):
         model = str(record.get("model", DEFAULT_MODEL))
         if model not in PRESETS and model != DEFAULT_MODEL and not Path(model).is_dir():
             raise click.ClickException(
@@ -188,7 +189,8 @@ def _drop_repeats(items: list) -> list:
             where = os.path.realpath(item.image)
         except (OSError, ValueError):
             where = str(item.image)
-        identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output)
+        identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output, item.blended_word,
+                    item.replace_tail)  # fmt: skip
         if identity in seen:
             say(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue
@@ -399,6 +401,7 @@ class EditRun:
         self.p2p: Any = None  # icdcli.p2p.P2PSettings: the flags over the model's recipe, once it is loaded
         self.model_hash = ""
         self.model_ref = ""
+        self.model_files: Any = None  # icdcli.checkpoints.ModelFiles: what the `parameters` chunk names
         self.tally = Tally()
         self.bar: Any = None
         self.interrupts: _Interrupts | None = None
@@ -456,6 +459,7 @@ class EditRun:
 
     def adopt(self, loaded: Loaded) -> None:
         """Run on a loaded model: its recipe under the flags, and its identity for the records."""
+        from .checkpoints import model_files
         from .identity import model_hash
 
         self.loaded = loaded
@@ -465,6 +469,7 @@ class EditRun:
         except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
             raise click.ClickException(str(error)) from None
         self.model_hash = model_hash(model)
+        self.model_files = model_files(model)
         label = self.loaded.label
         self.model_ref = str(Path(label).resolve()) if Path(label).is_dir() else label
         if self.expected_hash and self.expected_hash != self.model_hash:
@@ -475,15 +480,19 @@ class EditRun:
     # --- one item -------------------------------------------------------------------------
 
     def _item_p2p(self, item: Any) -> Any:
-        """The P2P settings of one item: a spec row's `blended_word` ("source target") adds per-prompt blend words."""
-        if not item.blended_word:
-            return self.p2p
+        """The P2P settings of one item: a spec row's `blended_word` ("source target") adds per-prompt blend words,
+        its `replace_tail` chooses the rule of a replace edit's tail."""
         from dataclasses import replace
 
+        settings = self.p2p
+        if item.replace_tail is not None:
+            settings = replace(settings, replace_tail=item.replace_tail)
+        if not item.blended_word:
+            return settings
         words = item.blended_word.split()
         if len(words) != 2:
             raise _ItemFailed(f"{item.label}: blended_word must be two words, the source's and the target's")
-        return replace(self.p2p, blend_source=(words[0],), blend_target=(words[1],))
+        return replace(settings, blend_source=(words[0],), blend_target=(words[1],))
 
     def _wanted(self, item: Any, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
         from . import __version__
@@ -642,7 +651,7 @@ class EditRun:
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise _ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
-                save_image(image, out, text=image_text(self._stored_record(record, shared)))
+                save_image(image, out, text=image_text(self._stored_record(record, shared), self.model_files))
             except ICDError as error:
                 raise _ItemFailed(str(error)) from None
             except OSError as error:

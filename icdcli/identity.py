@@ -46,17 +46,26 @@ def sources_key(sources: LoraSources, *, version: int) -> str:
         version: The merged folder format: a new one makes every cached folder stale.
     """
     files = (sources.base / "model_index.json", sources.teacher, sources.forward_lora, sources.reverse_lora)
-    stamps = [None if path is None else file_stamp(path) for path in files]
+    stamps: list = [None if path is None else file_stamp(path) for path in files]
+    given = (sources.forward_boundaries, sources.reverse_boundaries)
+    if given != (None, None):  # boundaries given for files that do not name them: the fused folder records them
+        stamps.append([None if bounds is None else list(bounds) for bounds in given])
     return json_sha256([version, stamps])[:20] + ("-fp16" if sources.cache_half else "")
 
 
 def made_from(sources: LoraSources) -> dict[str, str]:
-    """What a fused model records it was made from: the base folder by path, every file read by content."""
+    """What a fused model records it was made from: the base folder by path, every file read by content, and each
+    file's name (`<role>_name`: what image browsers call a checkpoint or LoRA, `icdcli.checkpoints`; names are no
+    digests, so the record hash stays the content's)."""
     recorded = {"base": str(sources.base)}
     for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora)):
         if path is not None:
             recorded[label] = file_sha256(path)
     recorded["reverse_lora"] = file_sha256(sources.reverse_lora)
+    for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora),
+                        ("reverse_lora", sources.reverse_lora)):  # fmt: skip
+        if path is not None:
+            recorded[f"{label}_name"] = Path(path).name
     return recorded
 
 

@@ -664,6 +664,8 @@ class LoraSources:
     edit: dict[str, Any] | None = None
     generate_guidance: float | None = None
     cache_half: bool = False  # keep the fused UNets and text encoders in float16 (what a GPU runs)
+    forward_boundaries: tuple[int, ...] | None = None  # given (flags, a preset, icd.json): for files not named by them
+    reverse_boundaries: tuple[int, ...] | None = None
 
     def recipe(self, family: str, reverse: tuple[int, ...]) -> EditRecipe:
         """The edit recipe: what the preset or folder gives (`edit`), else the family's release recipe."""
@@ -674,20 +676,43 @@ class LoraSources:
             raise ModelSourceError(f"the edit recipe of {where} is malformed: {error}") from None
 
     def boundaries(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        try:
-            kind_f, forward = boundaries_from_filename(self.forward_lora)
-            kind_r, reverse = boundaries_from_filename(self.reverse_lora)
-        except ValueError as error:
-            raise ModelSourceError(str(error)) from error
-        if (kind_f, kind_r) != ("forward", "reverse"):
-            raise ModelSourceError(
-                f"--forward-lora {self.forward_lora.name} and --reverse-lora {self.reverse_lora.name} look swapped"
+        """The forward and reverse boundaries: from each file's name (the release's `..._19_259_519_779`) or as
+        given (`--forward-boundaries`, a preset, icd.json) for a file named otherwise; a name and a given set that
+        disagree, or neither, are a ModelSourceError that says which."""
+        found = {
+            role: self._role_boundaries(role, path, given)
+            for role, path, given in (
+                ("forward", self.forward_lora, self.forward_boundaries),
+                ("reverse", self.reverse_lora, self.reverse_boundaries),
             )
+        }
         try:
-            validate_boundaries(forward, reverse)
+            validate_boundaries(found["forward"], found["reverse"])
         except ValueError as error:
-            raise ModelSourceError(f"the LoRA files do not belong together: {error}") from error
-        return forward, reverse
+            raise ModelSourceError(f"the forward and reverse models do not belong together: {error}") from error
+        return found["forward"], found["reverse"]
+
+    @staticmethod
+    def _role_boundaries(role: str, path: Path, given: tuple[int, ...] | None) -> tuple[int, ...]:
+        flag = f"--{role}-boundaries"
+        try:
+            named_role, named = boundaries_from_filename(path)
+        except ValueError:
+            if given is None:
+                example = "0,259,519,779" if role == "forward" else "259,519,779,999"
+                raise ModelSourceError(
+                    f"the {role} model {path.name} does not name its boundaries (like {role}_19_259_519_779): give "
+                    f"them with {flag} (a comma list such as {example})"
+                ) from None
+            return tuple(given)
+        if named_role != role:
+            raise ModelSourceError(f"--{role}-lora {path.name} is named as a {named_role} model: are they swapped?")
+        if given is not None and tuple(given) != named:
+            raise ModelSourceError(
+                f"{path.name} names the boundaries {','.join(map(str, named))} but {flag} says "
+                f"{','.join(map(str, given))}: give the ones the model was trained with (or rename the file)"
+            )
+        return named
 
     def cache_key(self) -> str:
         """Name of the fused-model cache folder: the files' stamps, cheap to recompute on every load."""
@@ -841,6 +866,16 @@ def load_lora_folder(
     return load_lora_cached(sources, need_teacher=need_teacher, progress=progress)
 
 
+def _given_boundaries(data: dict[str, Any], key: str) -> tuple[int, ...] | None:
+    """Boundaries a `lora` folder's icd.json records for a LoRA file whose name does not carry them."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in value):
+        raise ModelSourceError(f"{key} in {MODEL_JSON} must be a list of timesteps, like [0, 259, 519, 779]")
+    return tuple(value)
+
+
 def lora_folder_sources(folder: Path, data: dict[str, Any], *, half: bool = False) -> LoraSources:
     """The parts a `lora` folder's icd.json (`data`) names, by path relative to the folder."""
     try:
@@ -853,6 +888,8 @@ def lora_folder_sources(folder: Path, data: dict[str, Any], *, half: bool = Fals
             edit=_folder_recipe(data),
             generate_guidance=data.get("generate_guidance"),
             cache_half=half,
+            forward_boundaries=_given_boundaries(data, "forward_boundaries"),
+            reverse_boundaries=_given_boundaries(data, "reverse_boundaries"),
         )
     except KeyError as error:
         raise ModelSourceError(f"{folder / MODEL_JSON} lacks the key {error}") from error

@@ -95,10 +95,29 @@ def icd_encode(
     schedule: NoiseSchedule,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Invert clean latents into x_999: noise them to t = 19, then unguided forward-model jumps."""
+    """Invert clean latents into x_999: noise them to the first forward boundary (t = 19 in the release), then
+    unguided forward-model jumps.
+
+    A forward model that starts at 0 (the cycle-consistency one) starts at the schedule's first timestep: the
+    latents noised to alpha_bar_0 = 0.99915 and the first jump taken from there, as its code does; a jump *to* 0
+    (decoding) still lands on the clean sample.
+    """
     pairs = forward_pairs(forward_boundaries)
-    x = schedule.add_noise(x0, noise, pairs[0][0])
-    return _run_pairs(forward, x, pairs, lambda t: cond, lambda t: 1.0, schedule, callback)
+    start = pairs[0][0]
+    if start != CLEAN:
+        x = schedule.add_noise(x0, noise, start)
+        return _run_pairs(forward, x, pairs, lambda t: cond, lambda t: 1.0, schedule, callback)
+    first = schedule.first_timestep()
+    x = first.add_noise(x0, noise, start)
+    x = _run_pairs(forward, x, pairs[:1], lambda t: cond, lambda t: 1.0, first, callback)
+    if len(pairs) == 1:
+        return x
+
+    def later(index: int, t: int, latents: torch.Tensor) -> None:
+        if callback is not None:
+            callback(index + 1, t, latents)
+
+    return _run_pairs(forward, x, pairs[1:], lambda t: cond, lambda t: 1.0, schedule, later)
 
 
 def icd_decode(

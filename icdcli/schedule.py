@@ -51,6 +51,21 @@ class NoiseSchedule:
         """Sample q(x_t | x0) with the given noise."""
         return self.signal(t) * x0 + self.noise(t) * noise
 
+    def first_timestep(self) -> NoiseSchedule:
+        """This schedule with t = 0 read as the schedule's own first timestep (alpha_bar_0 = 0.99915), not as the
+        clean sample: where an inversion starts at 0, as the cycle-consistency forward model does (its code noises
+        the clean latent to timestep 0 and takes the first jump from there)."""
+        return _FirstTimestep(self.alpha_bar)
+
+
+@dataclass(frozen=True)
+class _FirstTimestep(NoiseSchedule):
+    def signal(self, t: int) -> float:
+        return float(self.alpha_bar[t].sqrt())
+
+    def noise(self, t: int) -> float:
+        return float((1.0 - self.alpha_bar[t]).sqrt())
+
 
 @dataclass(frozen=True)
 class BoundaryConfig:
@@ -77,16 +92,36 @@ RELEASED_CONFIGS: dict[str, BoundaryConfig] = {
 
 
 def validate_boundaries(forward: tuple[int, ...] | list[int], reverse: tuple[int, ...] | list[int]) -> None:
-    """Raise ValueError unless forward/reverse boundaries describe the same segments."""
+    """Raise ValueError, naming the rule, unless forward/reverse boundaries describe the same segments: as many of
+    each, strictly increasing, within 0..999, the reverse ending at 999 and the inner points shared (forward
+    [19, 259, 519, 779] with reverse [259, 519, 779, 999]). The forward model may start at 0 (the cycle-consistency
+    forward model does)."""
     fwd, rev = list(forward), list(reverse)
+    top = NUM_TRAIN_TIMESTEPS - 1
     if not fwd or len(fwd) != len(rev):
         raise ValueError(f"forward {fwd} and reverse {rev} boundaries must be non-empty and of equal length")
     if fwd != sorted(set(fwd)) or rev != sorted(set(rev)):
         raise ValueError(f"boundaries must be strictly increasing: forward {fwd}, reverse {rev}")
-    if not 0 < fwd[0] < NUM_TRAIN_TIMESTEPS or rev[-1] >= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"boundaries must lie in (0, {NUM_TRAIN_TIMESTEPS}): forward {fwd}, reverse {rev}")
+    if fwd[0] < 0 or rev[0] <= 0 or rev[-1] > top:
+        raise ValueError(f"boundaries must lie within 0..{top}: forward {fwd}, reverse {rev}")
+    if rev[-1] != top:
+        raise ValueError(f"the reverse boundaries must end at {top}, where decoding starts: reverse {rev}")
     if fwd[1:] != rev[:-1]:
         raise ValueError(f"forward {fwd} and reverse {rev} boundaries do not share their inner points")
+
+
+def parse_boundaries(text: str) -> tuple[int, ...]:
+    """`"0,259,519,779"` -> (0, 259, 519, 779); ValueError naming the rule for anything but a comma list of
+    increasing timesteps within 0..999."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"{text!r} is not a comma list of timesteps (like 19,259,519,779)")
+    values = tuple(int(part) for part in parts)
+    if list(values) != sorted(set(values)) or values[-1] >= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"{text!r}: boundaries must be strictly increasing timesteps within 0..{NUM_TRAIN_TIMESTEPS - 1}"
+        )
+    return values
 
 
 def reverse_pairs(reverse_boundaries: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:

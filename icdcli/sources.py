@@ -51,13 +51,26 @@ class Preset:
     reverse: tuple[int, ...]
     teacher_repo: str | None
     teacher_file: str | None
+    forward_file: tuple[str, str] | None = None
+    """(repository, file) of a forward model published apart from the release's LoRAs, under a name that does not
+    carry its boundaries (the cycle-consistency forward model): `forward` gives them."""
 
     @property
     def edit(self) -> EditRecipe:
         return release_recipe(self.family, self.reverse)
 
+    def lora_repo_of(self, role: str) -> str:
+        """The hub repository that holds the LoRA of `role`."""
+        return self.forward_file[0] if role == "forward" and self.forward_file else self.lora_repo
+
+    def given_boundaries(self, role: str) -> tuple[int, ...] | None:
+        """The boundaries of a LoRA whose file name does not carry them (None: its name does)."""
+        return self.forward if role == "forward" and self.forward_file else None
+
     def lora_names(self, role: str) -> list[str]:
         """The file names a LoRA of `role` may have: the release's, then icd's own spelling."""
+        if role == "forward" and self.forward_file is not None:
+            return [self.forward_file[1]]
         bounds = self.forward if role == "forward" else self.reverse
         return [
             release_lora_name(self.family, role, bounds),
@@ -73,6 +86,7 @@ class Preset:
             "family": self.family,
             "base": self.base,
             "boundaries": {"forward": list(self.forward), "reverse": list(self.reverse)},
+            "files": {role: f"{self.lora_repo_of(role)}/{self.lora_names(role)[0]}" for role in ("forward", "reverse")},
             **self.edit.to_json(),
         }
 
@@ -107,6 +121,14 @@ PRESETS: dict[str, Preset] = {
             "SDXL, 4 steps, tau 0.7 (the paper's SDXL editing setup, iCD-SDXL_4steps_2; teacher given with --teacher)",
             SDXL, SDXL_BASE, "dbaranchuk/icd-lora-sdxl", (19, 249, 499, 699), (249, 499, 699, 999), None, None,
         ),
+        Preset(
+            "sd15-cycle",
+            "SD1.5, 4 steps, tau 0.8: the release's teacher and reverse model with Inverse-and-Edit's "
+            "cycle-consistency forward model (forward from 0)",
+            SD15, SD15_BASE, "dbaranchuk/icd-lora-sd15", (0, 259, 519, 779), (259, 519, 779, 999),
+            "alexnasa/Inverse-and-Edit", "sd15_cfg_distill.pt",
+            ("ilushado/Cycle-consistency", "finetuned_forward_model.safetensors"),
+        ),
     )
 }  # fmt: skip
 
@@ -122,6 +144,8 @@ class ModelRequest:
     reverse_lora: str | None = None
     half: bool = False  # the model will run in float16: keep its fused cache in float16 too
     base_config: str | None = None  # configs and tokenizers for a single-file --base
+    forward_boundaries: tuple[int, ...] | None = None  # for LoRA files whose names do not carry them
+    reverse_boundaries: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -174,7 +198,7 @@ def _base(
 
 def _hub_lora(preset: Preset, role: str) -> Path | None:
     for filename in preset.lora_names(role):
-        found = hub_file(preset.lora_repo, filename)
+        found = hub_file(preset.lora_repo_of(role), filename)
         if found is not None:
             return found
     return None
@@ -202,17 +226,18 @@ def preset_sources(
             "as a tar.gz archive)"
         )
     files: dict[str, Path | None] = {}
-    lora_names = []
+    lora_names: dict[str, list[str]] = {}  # repository -> missing LoRA files there
     for flag, given, role in (
         ("--forward-lora", request.forward_lora, "forward"),
         ("--reverse-lora", request.reverse_lora, "reverse"),
     ):
         files[flag] = _local(given, flag) or _hub_lora(preset, role)
         if files[flag] is None:
-            missing.append(f"{flag} ({preset.lora_repo}/{preset.lora_names(role)[0]})")
-            lora_names.append(preset.lora_names(role)[0])
-    if lora_names:
-        commands.append(fetch_command(preset.lora_repo, lora_names, folder))
+            repo = preset.lora_repo_of(role)
+            missing.append(f"{flag} ({repo}/{preset.lora_names(role)[0]})")
+            lora_names.setdefault(repo, []).append(preset.lora_names(role)[0])
+    for repo, names in lora_names.items():
+        commands.append(fetch_command(repo, names, folder))
     base = _base(request, progress, preset.family) or _hub_pipeline(preset.base, preset.family)
     if base is None:
         missing.append(f"--base ({preset.base}, a diffusers pipeline folder)")
@@ -220,18 +245,24 @@ def preset_sources(
     if missing:
         reason = unavailable_reason() or "they are not in the hub cache and the hub does not have them"
         fetch = "".join(f"\n  {command}" for command in commands)  # one command per line, each pastes alone
+        bounds = preset.given_boundaries("forward")
+        given = "" if bounds is None else f" --forward-boundaries {','.join(map(str, bounds))}"
         raise ModelSourceError(
             f"preset {preset.name!r} needs files that are not here ({reason}): "
             + "; ".join(missing)
             + ". Give local paths with the flags named"
-            + (f", or fetch them where a network exists and pass --model {folder}"
+            + (f", or fetch them where a network exists and pass --model {folder}{given}"
                f"{f' --base {folder}/base' if base is None else ''}:{fetch}" if commands else ".")
         )  # fmt: skip
     from .models import LoraSources
 
     forward, reverse = files["--forward-lora"], files["--reverse-lora"]
     assert base is not None and forward is not None and reverse is not None, "missing parts raised above"
-    return LoraSources(base, teacher, forward, reverse, name=preset.name, edit=preset.edit.to_json())
+    return LoraSources(
+        base, teacher, forward, reverse, name=preset.name, edit=preset.edit.to_json(),
+        forward_boundaries=request.forward_boundaries or preset.given_boundaries("forward"),
+        reverse_boundaries=request.reverse_boundaries or preset.given_boundaries("reverse"),
+    )  # fmt: skip
 
 
 def preset_fetch_commands(name: str) -> list[str]:
@@ -241,7 +272,10 @@ def preset_fetch_commands(name: str) -> list[str]:
     commands = []
     if preset.teacher_repo is not None and preset.teacher_file is not None:
         commands.append(fetch_command(preset.teacher_repo, [preset.teacher_file], folder))
-    commands.append(fetch_command(preset.lora_repo, [preset.lora_names(r)[0] for r in ("forward", "reverse")], folder))
+    lora_files: dict[str, list[str]] = {}
+    for role in ("forward", "reverse"):
+        lora_files.setdefault(preset.lora_repo_of(role), []).append(preset.lora_names(role)[0])
+    commands += [fetch_command(repo, names, folder) for repo, names in lora_files.items()]
     commands.append(fetch_command(preset.base, base_files(preset.family), f"{folder}/base"))
     return commands
 
@@ -251,7 +285,7 @@ def preset_hub_files(preset: Preset) -> list[tuple[str, str]]:
     files = []
     if preset.teacher_repo is not None and preset.teacher_file is not None:
         files.append((preset.teacher_repo, preset.teacher_file))
-    files += [(preset.lora_repo, preset.lora_names(role)[0]) for role in ("forward", "reverse")]
+    files += [(preset.lora_repo_of(role), preset.lora_names(role)[0]) for role in ("forward", "reverse")]
     return files + [(preset.base, name) for name in base_files(preset.family)]
 
 
@@ -311,10 +345,11 @@ def find_release_files(folder: Path) -> ReleaseFolder | None:
     teachers: list[Path] = []
     for path in _candidates(folder):
         if path.suffix == ".safetensors":
+            role: str | None
             try:
                 role, _ = boundaries_from_filename(path)
-            except ValueError:
-                role = None
+            except ValueError:  # a model named without its boundaries (finetuned_forward_model): --*-boundaries
+                role = next((r for r in ("forward", "reverse") if r in path.name.lower()), None)
             if role is not None:
                 roles[role].append(path)
                 continue
@@ -369,7 +404,10 @@ def release_folder_sources(
         f"release folder {folder}: forward {forward.name}, reverse {reverse.name}, "
         f"teacher {teacher.name if teacher else 'none (the base UNet)'}, base {base}"
     )
-    return LoraSources(base, teacher, forward, reverse, name=folder.name)
+    return LoraSources(
+        base, teacher, forward, reverse, name=folder.name,
+        forward_boundaries=request.forward_boundaries, reverse_boundaries=request.reverse_boundaries,
+    )  # fmt: skip
 
 
 def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None = None) -> LoraSources:
@@ -384,7 +422,10 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
     forward = _local(request.forward_lora, "--forward-lora")
     reverse = _local(request.reverse_lora, "--reverse-lora")
     assert base is not None and forward is not None and reverse is not None, "checked above: all three are given"
-    return LoraSources(base, _local(request.teacher, "--teacher"), forward, reverse, name=reverse.parent.name)
+    return LoraSources(
+        base, _local(request.teacher, "--teacher"), forward, reverse, name=reverse.parent.name,
+        forward_boundaries=request.forward_boundaries, reverse_boundaries=request.reverse_boundaries,
+    )  # fmt: skip
 
 
 def _load_cached(

@@ -133,7 +133,8 @@ def test_preset_offline_names_each_missing_file_and_flag(monkeypatch, tmp_path):
         "--reverse-lora", "iCD-SD15-reverse_259_519_779_999.safetensors", "--base", "stable-diffusion-v1-5",
     ):  # fmt: skip
         assert expected in message
-    assert "\n" not in message
+    first, *commands = message.splitlines()  # one line that says what is missing, then one fetch command per line
+    assert "--forward-lora" in first and commands and all(c.startswith("  hf download ") for c in commands)
     with pytest.raises(ModelSourceError, match="--teacher"):
         load_requested_model(ModelRequest(model="sdxl"))
 
@@ -154,7 +155,7 @@ def test_bad_sources_give_clear_errors(sd15_parts, sdxl_parts, tmp_path):
         load_requested_model(swapped)
     unnamed = tmp_path / "adapter.safetensors"
     unnamed.write_bytes(sd15_parts.forward_lora.read_bytes())
-    with pytest.raises(ModelSourceError, match="cannot read boundaries"):
+    with pytest.raises(ModelSourceError, match="does not name its boundaries.*--forward-boundaries"):
         load_requested_model(
             ModelRequest(
                 base=str(sd15_parts.base), forward_lora=str(unnamed), reverse_lora=str(sd15_parts.reverse_lora)
