@@ -86,7 +86,7 @@ class Preset:
             "family": self.family,
             "base": self.base,
             "boundaries": {"forward": list(self.forward), "reverse": list(self.reverse)},
-            "files": {role: f"{self.lora_repo_of(role)}/{self.lora_names(role)[0]}" for role in ("forward", "reverse")},
+            "lora_files": {r: f"{self.lora_repo_of(r)}/{self.lora_names(r)[0]}" for r in ("forward", "reverse")},
             **self.edit.to_json(),
         }
 

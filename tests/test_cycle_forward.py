@@ -83,10 +83,9 @@ def cycle_parts(sd15_parts, tmp_path) -> dict[str, Path]:
 def test_the_preset_names_the_cycle_file_and_its_boundaries():
     preset = PRESETS["sd15-cycle"]
     assert preset.forward == CYCLE and preset.reverse == REVERSE
-    assert preset.to_json()["files"]["forward"] == f"ilushado/Cycle-consistency/{CYCLE_FILE}"
-    assert (
-        preset.to_json()["files"]["reverse"] == "dbaranchuk/icd-lora-sd15/iCD-SD15-reverse_259_519_779_999.safetensors"
-    )
+    assert preset.to_json()["lora_files"]["forward"] == f"ilushado/Cycle-consistency/{CYCLE_FILE}"
+    reverse = preset.to_json()["lora_files"]["reverse"]
+    assert reverse == "dbaranchuk/icd-lora-sd15/iCD-SD15-reverse_259_519_779_999.safetensors"
 
 
 def test_the_preset_offline_gives_a_fetch_command_for_every_file(monkeypatch, tmp_path):
