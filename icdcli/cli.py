@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -46,10 +45,10 @@ from .cli_gpu import gpu as _gpu_command
 from .cli_pie import pie as _pie_command
 from .cli_scale import scale as _scale_command
 from .cli_train import train as _train_command
-from .edit_run import EditFlags, EditRun, apply_record, collect_items, p2p_options
+from .edit_run import EditFlags, EditRun, apply_record, collect_items, edit_latents, p2p_options
 from .outputs import (
     GENERATE_FIELDS,
-    INVERT_FIELDS,
+    LATENT_FIELDS,
     RECONSTRUCT_FIELDS,
     check_existing,
     emit,
@@ -112,8 +111,8 @@ def main() -> None:
 @main.command(
     cls=SectionedCommand,
     sections=[
-        ("Inputs and prompts", ["source", "target", "spec", "from_record", "recursive"]),
-        ("Editing", ["method", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
+        ("Inputs and prompts", ["source", "target", "spec", "from_record", "latents", "recursive"]),
+        ("Editing", ["method", "unguided_prompt", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
                                              "amplify_new", "replace_tail"]),
@@ -128,6 +127,8 @@ def main() -> None:
         'icd edit photos/ -r --src "a cat" --tgt "a dog" -o edited/ --json',
         "# Prompt-to-Prompt local blend: only the cat's / dog's region may change",
         'icd edit cat.jpg --src "a cat" --tgt "a dog" --blend-src cat --blend-tgt dog',
+        "# invert once, then edit the latents with any target (the decode alone; the same pixels as a whole edit)",
+        'icd invert cat.jpg --prompt "a cat" && icd edit --latents cat.latent.safetensors --tgt "a dog"',
         "# one edit per row of a spec file",
         "icd edit --spec edits.jsonl -o edited/",
         "# a script's edits through one process with the model loaded: JSON lines in, JSON lines out",
@@ -176,6 +177,14 @@ def main() -> None:
     metavar="OUTPUT.png",
     help="Repeat the edit recorded in an output of icd edit; flags given override the record.",
 )
+@click.option(
+    "--latents",
+    type=TextPath(path_type=Path),
+    default=None,
+    metavar="FILE.safetensors",
+    help="Edit the latents icd invert wrote (the decode alone) with --tgt and any guidance, tau, method and P2P "
+    "settings; the source prompt, seed and sampler are the inversion's. Default output: NAME-edit.png beside it.",
+)
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
 @overwrite_option
 @click.option(
@@ -207,6 +216,13 @@ def main() -> None:
     help="p2p: Prompt-to-Prompt, the target's attention taken from the source's (keeps layout and background). "
     "swap: decode with the target prompt, the unguided steps (t > tau*1000) with the source prompt. auto: the "
     "model's recipe (p2p for SD1.5-family models, swap for SDXL, as the paper edits).",
+)
+@click.option(
+    "--unguided-prompt",
+    type=click.Choice(["source", "target"]),
+    default=None,
+    help="swap: the prompt of the unguided steps (t > tau*1000): source preserves more (the default), target "
+    "edits more (the release's amplify_prompt).",
 )
 @p2p_step_options
 @click.option(
@@ -274,6 +290,7 @@ def edit(
     output: str | None,
     spec: Path | None,
     from_record: Path | None,
+    latents: Path | None,
     recursive: bool,
     overwrite: bool,
     shard: Shard | None,
@@ -283,6 +300,7 @@ def edit(
     guidance: float | None,
     tau: float | None,
     method: str,
+    unguided_prompt: str | None,
     cross_replace: float | None,
     self_replace: float | None,
     p2p_mode: str | None,
@@ -322,7 +340,16 @@ def edit(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
         blend_threshold, replace_tail,
     )  # fmt: skip
-    settings = EditFlags(source, target, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
+    request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
+    settings = EditFlags(source, target, request, unguided_prompt)
+    if latents is not None:
+        if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
+            raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
+        if target is not None:
+            _check_prompt(target, "--tgt")
+        edit_latents(latents, settings, output=output, overwrite=overwrite, as_json=as_json, model_opts=model_opts,
+                     started=started)  # fmt: skip
+        return
     expected_hash = None
     if from_record is not None:
         if spec is not None:
@@ -396,6 +423,8 @@ def _this_shard(items: list, shard: Shard, *, model_opts: dict[str, Any]) -> tup
     examples=[
         "# latents of cat.jpg, and their decoding with the same prompt to see how faithful it is",
         'icd invert cat.jpg --prompt "a cat" -o cat.latent.safetensors --reconstruct cat-check.png',
+        "# then edit them as often as you like: only the decode runs",
+        'icd edit --latents cat.latent.safetensors --tgt "a dog" -o dog.png',
     ],
 )
 @click.argument("image", type=TextPath(path_type=Path))
@@ -446,8 +475,10 @@ def invert(
 ) -> None:
     """Invert IMAGE into noise latents with the forward model (or DDIM on the teacher).
 
-    Writes the latents as safetensors with their prompt, size and settings in the metadata;
-    --reconstruct decodes them back, which shows how faithful the inversion is.
+    Writes the inversion as safetensors: the latents, with the model that made them (its hash and
+    boundaries), the prompt, seed, sampler and sizes in the metadata. `icd edit --latents FILE --tgt
+    ...` edits them with any target, guidance, tau and method (the decode alone; the same pixels as
+    a whole edit). --reconstruct decodes them back, which shows how faithful the inversion is.
     """
     started = time.perf_counter()
     _check_prompt(prompt, "--prompt")
@@ -479,24 +510,23 @@ def _invert(
     started: float,
     model_opts: dict[str, Any],
 ) -> None:
-    from safetensors.torch import save_file
-
     from .checkpoints import model_files
-    from .editing import Timings, decode
-    from .editing import invert as run_invert
-    from .images import atomic_path, file_sha256, load_image, save_image, tensor_to_image
+    from .editing import INVERSION_FORMAT, Timings, decode, invert_for_edit, save_inversion
+    from .images import atomic_path, file_sha256, load_image, original_size, probe_image, save_image, tensor_to_image
 
-    picture = load_image(image)
+    probe_image(image)  # an unusable image fails before the model loads
     input_sha = file_sha256(image)
     loaded = load_model(model_opts, need_teacher=request.sampler == "ddim", backend=model_opts["backend"])
     model = loaded.model
+    picture = load_image(image, model.info.native_size**2)  # as icd edit reads it, so edits of it are the same
     resolved = request.resolve(model.info)  # the seed of the model's recipe, as icd edit inverts
     settings, seed = resolved.sampling, resolved.seed
     _note_unknown_prompt(model, prompt, "--prompt")
     record = {"command": "invert", **_model_record(loaded), "sampler": settings.sampler,
               "steps": settings.steps(model.info.num_steps), "prompt": prompt, "seed": seed,
-              "input": path_from(latent_path, image), "input_sha256": input_sha}  # fmt: skip
-    latent_skip = check_existing(latent_path, record, fields=INVERT_FIELDS, overwrite=overwrite)
+              "input": path_from(latent_path, image), "input_sha256": input_sha,
+              "input_size": list(original_size(picture)), "format": INVERSION_FORMAT}  # fmt: skip
+    latent_skip = check_existing(latent_path, record, fields=LATENT_FIELDS, overwrite=overwrite)
     recon_record: dict[str, Any] = {}
     recon_skip = None
     if recon_path is not None:
@@ -513,20 +543,8 @@ def _invert(
         return
     timings = Timings({"load": loaded.seconds})
     with timings.stage("encode"):
-        inversion = run_invert(model, picture, prompt, settings=settings)
-    metadata = {
-        "prompt": prompt,
-        "model": loaded.label,
-        "sampler": settings.sampler,
-        "seed": str(seed),
-        "width": str(inversion.size[0]),
-        "height": str(inversion.size[1]),
-        "original_width": str(picture.width),
-        "original_height": str(picture.height),
-        "forward_boundaries": json.dumps(list(model.info.forward_boundaries)),
-        "icd_version": __version__,
-        "icd": strict_json(record),
-    }
+        inversion = invert_for_edit(model, picture, prompt, settings)
+    inversion.model = loaded.label
     if recon_path is not None and recon_skip is None:
         with timings.stage("decode"):
             pixels = decode(
@@ -538,10 +556,10 @@ def _invert(
                 tau=resolved.tau,
                 settings=settings,
             )
-            reconstruction = tensor_to_image(pixels, picture.size)
+            reconstruction = tensor_to_image(pixels, original_size(picture))
     if latent_skip is None:
         with atomic_path(latent_path) as temporary:
-            save_file({"latents": inversion.latents.detach().float().cpu().contiguous()}, str(temporary), metadata)
+            save_inversion(inversion, temporary, record)
     if recon_path is not None and recon_skip is None:
         save_image(reconstruction, recon_path, text=image_text(recon_record, model_files(model)))
     timings.seconds["total"] = time.perf_counter() - started

@@ -34,6 +34,24 @@ class EditFlags:
     source: str | None
     target: str | None
     request: EditRequest = EditRequest()
+    unguided: str | None = None
+    """Prompt swap: the prompt of the unguided steps, "source" or "target"; None: "source" (or a record's)."""
+
+
+UNGUIDED_FIELD = "unguided_prompt"
+"""The record field of a swap whose unguided steps use the target prompt (absent: the source, icd's default)."""
+
+
+def match_fields() -> tuple[str, ...]:
+    """The fields of an edit's record that decide its pixels: the batch's, and the unguided prompt of a swap."""
+    from .batch import MATCH_FIELDS
+
+    return (*MATCH_FIELDS, UNGUIDED_FIELD)
+
+
+def unguided_record(method: str, unguided: str | None) -> dict[str, str]:
+    """What a record adds for the unguided prompt: only a swap whose unguided steps take the target."""
+    return {UNGUIDED_FIELD: "target"} if method == "swap" and unguided == "target" else {}
 
 
 def p2p_options(
@@ -116,6 +134,15 @@ def _recorded_request(record: dict[str, Any], flags: EditFlags) -> tuple[str | N
     return source, target, request
 
 
+def _recorded_unguided(record: dict[str, Any], flags: EditFlags) -> str | None:
+    if _given("unguided_prompt"):
+        return flags.unguided
+    value = record.get(UNGUIDED_FIELD, "source")
+    if value not in ("source", "target"):
+        raise ValueError(f"{UNGUIDED_FIELD} is {value!r}, not source or target")
+    return str(value)
+
+
 def apply_record(
     path: Path, images: tuple[Path, ...], *, flags: EditFlags, model_opts: dict[str, Any]
 ) -> tuple[tuple[Path, ...], EditFlags, str | None]:
@@ -129,6 +156,7 @@ def apply_record(
         raise click.ClickException(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
     try:
         source, target, request = _recorded_request(record, flags)
+        unguided = _recorded_unguided(record, flags)
     except (NumberError, TypeError, ValueError, AttributeError) as error:
         raise click.ClickException(
             f"--from {display(path)}: its record is not usable ({error}); give the flags"
@@ -150,7 +178,7 @@ def apply_record(
                 f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
             )
         images = (recorded,)
-    return images, EditFlags(source, target, request), expected_hash
+    return images, EditFlags(source, target, request, unguided), expected_hash
 
 
 def _is_icd_output(path: Path) -> bool:
@@ -502,7 +530,7 @@ class EditRun:
         model = loaded.model
         request = self.flags.request.overridden(guidance=item.guidance, tau=item.tau, seed=item.seed)
         edit = request.resolve(model.info)
-        return parameter_record(
+        record = parameter_record(
             method=edit.method,
             p2p=self._item_p2p(item).to_record() if edit.method == "p2p" else None,
             model=self.model_ref,
@@ -521,6 +549,7 @@ class EditRun:
             input_size=size,
             input_sha256=input_sha,
         )
+        return {**record, **unguided_record(edit.method, self.flags.unguided)}
 
     # --- one item, in three steps: prepare (reader thread), edit (in a batch), write (writer thread) ---
 
@@ -577,7 +606,7 @@ class EditRun:
         wanted = self._wanted(item, input_sha, None)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
-        decision = decide(exists, existing, wanted, overwrite=self.overwrite)
+        decision = decide(exists, existing, wanted, overwrite=self.overwrite, fields=match_fields())
         if decision.action == "skip":
             return decision.reason
         if decision.action == "refuse":
@@ -614,7 +643,7 @@ class EditRun:
             self._note_photo(prepared.data.image)
         jobs = [
             EditJob(w.image, w.record["src"], w.record["tgt"], w.record["guidance"], w.record["tau"], w.record["seed"],
-                    w.p2p)
+                    w.p2p, w.record.get(UNGUIDED_FIELD, "source"))
             for w in (prepared.data for prepared in group)
         ]  # fmt: skip
         settings = SamplerSettings(group[0].data.record["sampler"], self.flags.request.ddim_steps)
@@ -923,3 +952,135 @@ class EditRun:
                 f"total over {world} processes: {total['done']} done, {total['skipped']} skipped, "
                 f"{total['failed']} failed in {total['seconds']:.1f} s ({total['images_per_second']:.2f} images/s)"
             )
+
+
+# --- icd edit --latents: a new target on a saved inversion ------------------------------------------------
+
+
+def latents_output(latents: Path, output: str | None) -> Path:
+    """Where `icd edit --latents FILE` writes: -o (a file, or a folder to write into), else beside FILE, named
+    after it (`cat.latent.safetensors` -> `cat-edit.png`)."""
+    name = latents.name
+    for suffix in (".latent.safetensors", ".safetensors"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    default = f"{name}-edit.png"
+    if output is None:
+        return latents.parent / default
+    return Path(output) / default if Path(output).is_dir() else Path(output)
+
+
+def edit_latents(
+    latents: Path,
+    flags: EditFlags,
+    *,
+    output: str | None,
+    overwrite: bool,
+    as_json: bool,
+    model_opts: dict[str, Any],
+    started: float,
+) -> None:
+    """`icd edit --latents FILE`: decode a saved inversion (`icd invert`) under the target prompt, with any
+    guidance, tau, method and P2P settings; the output's record is the one a whole edit of the same input with
+    the same settings writes (its pixels are the same), plus the latent file it came from (`latents`)."""
+    from dataclasses import replace
+
+    from . import __version__
+    from .batch import decide, display, parameter_record
+    from .checkpoints import model_files
+    from .editing import InversionError, Timings, edit_inversion, load_inversion
+    from .errors import ICDError
+    from .identity import model_hash
+    from .images import OUTPUT_SUFFIXES, read_record, save_image
+    from .outputs import emit
+    from .p2p import P2PError
+
+    try:
+        inversion = load_inversion(latents)
+    except InversionError as error:
+        raise click.ClickException(f"--latents {error}") from None
+    if flags.target is None:
+        raise click.UsageError("--tgt is needed: --latents holds the source prompt, --tgt describes the result")
+    if flags.source is not None and flags.source != inversion.prompt:
+        raise click.UsageError(
+            f"--src {flags.source!r} is not the prompt the latents were inverted with ({inversion.prompt!r}): leave "
+            "--src out, or invert the image again with icd invert --prompt"
+        )
+    request = flags.request
+    made = inversion.settings
+    if request.seed is not None and request.seed != made.seed:
+        raise click.UsageError(
+            f"--seed {request.seed}: the latents were inverted with seed {made.seed}; leave --seed out, or invert "
+            "the image again with icd invert --seed"
+        )
+    if not _given("sampler"):  # the inversion's sampler (and DDIM steps) unless one is asked for
+        request = replace(request, sampler=made.sampler, ddim_steps=made.ddim_steps)
+    request = replace(request, seed=made.seed)
+    out = latents_output(latents, output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise click.UsageError(f"-o {out}: write an image ({', '.join(sorted(OUTPUT_SUFFIXES))})")
+    loaded = load_model(model_opts, need_teacher=request.sampler == "ddim", backend=model_opts["backend"])
+    model = loaded.model
+    try:
+        resolved = request.resolve(model.info)
+    except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
+        raise click.ClickException(str(error)) from None
+    where = f"--latents {display(latents)}"
+    recorded = inversion.record
+    image_path = recorded_path(latents, str(recorded["input"])) if recorded.get("input") else latents
+    input_size = recorded.get("input_size") or list(inversion.original_size)
+    wanted = parameter_record(
+        method=resolved.method,
+        p2p=resolved.p2p.to_record() if resolved.method == "p2p" else None,
+        model=str(Path(loaded.label).resolve()) if Path(loaded.label).is_dir() else loaded.label,
+        model_hash=model_hash(model),
+        backend=loaded.backend,
+        precision=str(model.dtype).removeprefix("torch."),
+        sampler=resolved.sampling.sampler,
+        steps=resolved.sampling.steps(model.info.num_steps),
+        src=inversion.prompt,
+        tgt=flags.target,
+        guidance=resolved.guidance,
+        tau=resolved.tau,
+        seed=resolved.seed,
+        version=__version__,
+        input_path=path_from(out, image_path),
+        input_size=tuple(input_size),
+        input_sha256=str(recorded.get("input_sha256", "")),
+    )
+    wanted = {**wanted, **unguided_record(resolved.method, flags.unguided), "latents": path_from(out, latents)}
+    exists = os.path.lexists(out)
+    existing = read_record(out) if exists and not overwrite else None
+    decision = decide(exists, existing, wanted, overwrite=overwrite, fields=match_fields())
+    result: dict[str, Any] = {"input": str(latents), "output": str(out), "model": loaded.label,
+                              "backend": loaded.backend, "seed": resolved.seed}  # fmt: skip
+    if decision.action == "refuse":
+        raise click.ClickException(f"{display(out)} {decision.reason}")
+    if decision.action == "skip":
+        emit(as_json, {"status": "skipped", **result, "reason": decision.reason})
+        return
+    from .prompts import unknown_prompt_note
+
+    note = unknown_prompt_note(model, flags.target, "--tgt")
+    if note:
+        say(f"note: {note}")
+    timings = Timings({"load": loaded.seconds})
+    try:
+        edited = edit_inversion(model, inversion, flags.target, guidance=resolved.guidance, tau=resolved.tau,
+                                settings=resolved.sampling, p2p=resolved.p2p, unguided=flags.unguided or "source",
+                                timings=timings)  # fmt: skip
+    except InversionError as error:
+        raise click.ClickException(f"{where}: {error} (icd invert IMAGE --prompt ...)") from None
+    except (P2PError, ICDError) as error:
+        raise click.ClickException(str(error)) from None
+    if list(edited.size) != list(input_size):
+        from PIL import Image
+
+        edited = edited.resize((int(input_size[0]), int(input_size[1])), Image.Resampling.LANCZOS)
+    with timings.stage("write"):
+        save_image(edited, out, text=image_text(wanted, model_files(model)))
+    timings.seconds["total"] = time.perf_counter() - started
+    emit(as_json, {"status": "done", **result, "method": resolved.method, "guidance": resolved.guidance,
+                   "tau": resolved.tau, "src": inversion.prompt, "tgt": flags.target,
+                   "seconds": {k: round(v, 4) for k, v in timings.seconds.items()}})  # fmt: skip

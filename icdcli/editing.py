@@ -2,21 +2,40 @@
 
 These functions tie the model (text, VAE, denoisers) to the pure samplers. Prompt-to-Prompt
 editing (`edit(..., p2p=...)`) runs the model's denoiser under attention control (`ControlledDenoiser`).
+
+Invert once, edit many (stable names and signatures; the pipeline class and `icd invert` / `icd edit
+--latents` call them):
+
+- `invert_for_edit(model, image, source, settings) -> Inversion`: the inverted latent and what made it (model
+  hash, source prompt, seed, working and original size, sampler, boundaries), the source prompt's encoding
+  cached with it in memory.
+- `edit_inversion(model, inversion, target, *, guidance, tau, settings, p2p=None, unguided="source",
+  timings=None) -> Image`:
+  the decode alone, under any target, guidance, tau, method (swap, or P2P with `p2p`) and, for swap, the prompt
+  of the unguided steps (`unguided`: "source" or "target"). Pixel-identical to `edit` / `edit_batch` with the
+  same settings: both encode the sources in one text-encoder call and the new targets in another.
+- `check_inversion(model, inversion, settings)`: `InversionError` when the inversion was made by another model,
+  at a size this model does not work at for its image, or with another sampler.
+- `save_inversion(inversion, path, record=None)` / `load_inversion(path) -> Inversion`: the value as a
+  .safetensors file (the latent, and its record in the metadata).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .denoiser import Conditioning, ControlledDenoiser, Denoiser, PromptEmbedding
+from .errors import ICDError
 from .images import fit_size, image_to_tensor, tensor_to_image, tensors_to_images
 from .model_api import EditModel
 from .p2p import REFINE, P2PBatch, P2PError, P2PPlan, P2PSettings, make_plan, prompt_words
@@ -40,15 +59,96 @@ class Timings:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+INVERSION_FORMAT = 2
+"""The version of the inversion file (`save_inversion`): 2 records the model hash, boundaries and sizes."""
+
+UNGUIDED_PROMPTS = ("source", "target")
+"""Which prompt the unguided steps of a prompt swap use (the release's `amplify_prompt`): the source preserves
+more (icd's default), the target edits more."""
+
+
+class InversionError(ICDError):
+    """An inversion that cannot be edited with this model or these settings, or a file that is not one."""
+
+
+@dataclass(frozen=True)
+class PromptTable:
+    """Encoded prompts by text, one row each, with the negative prompt and size conditioning a batch shares."""
+
+    rows: dict[str, PromptEmbedding]
+    negative: PromptEmbedding | None = None
+    time_ids: torch.Tensor | None = None
+
+    def conditioning(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of `prompts`, row by row (each prompt encoded before, in `rows`)."""
+        chosen = [self.rows[prompt] for prompt in prompts]
+        hidden = torch.cat([row.hidden_states for row in chosen])
+        pooled = None if chosen[0].pooled is None else torch.cat([row.pooled for row in chosen])  # type: ignore[misc]
+        return Conditioning(PromptEmbedding(hidden, pooled), self.negative, self.time_ids)
+
+    def merged(self, other: PromptTable) -> PromptTable:
+        """This table and `other`'s rows; the negative and time ids where either has them."""
+        negative = self.negative if other.negative is None else other.negative
+        time_ids = self.time_ids if other.time_ids is None else other.time_ids
+        return PromptTable({**self.rows, **other.rows}, negative, time_ids)
+
+
+def encode_prompts(
+    model: EditModel,
+    prompts: list[str],
+    size: tuple[int, int],
+    *,
+    with_negative: bool = False,
+    known: PromptTable | None = None,
+) -> PromptTable:
+    """The prompts not in `known`, each encoded once, in one text-encoder call (a negative prompt when asked).
+
+    Edits encode their sources in one call and their new targets in another, so a decode from a saved inversion
+    (whose sources were encoded when it was made) sees the very tensors a whole edit does."""
+    width, height = size
+    new = [prompt for prompt in dict.fromkeys(prompts) if known is None or prompt not in known.rows]
+    rows: dict[str, PromptEmbedding] = {}
+    negative = time_ids = None
+    if new:
+        cond = model.conditioning(new, height, width, with_negative=with_negative)
+        for index, prompt in enumerate(new):
+            pooled = None if cond.prompt.pooled is None else cond.prompt.pooled[index : index + 1]
+            rows[prompt] = PromptEmbedding(cond.prompt.hidden_states[index : index + 1], pooled)
+        negative, time_ids = cond.negative, cond.time_ids
+    elif with_negative:  # every prompt known: only the negative is new
+        assert known is not None and known.rows, "a negative prompt goes with prompts"
+        like = next(iter(known.rows.values()))
+        if like.pooled is not None:  # SDXL's negative is zeros, as prompt_conditioning makes it
+            negative = PromptEmbedding(torch.zeros_like(like.hidden_states[:1]), torch.zeros_like(like.pooled[:1]))
+        else:  # the empty prompt, encoded alone as prompt_conditioning encodes it
+            negative = model.encode_prompt("")
+    table = PromptTable(rows, negative, time_ids)
+    return table if known is None else known.merged(table)
+
+
 @dataclass
 class Inversion:
-    """The result of inverting an image: its noise latents and what they were made with."""
+    """The result of inverting an image: its noise latents and what they were made with.
+
+    A value: the latents, the source prompt, the working size (width, height) they decode to, the size of the
+    image they came from (`original_size`: what an edit of them returns), the sampler and seed (`settings`), and
+    the identity of the model that made them (`model_hash`, `icdcli.identity`) with its boundaries. `prompts`
+    caches the source prompt's encoding (in memory only, for this model), so an edit encodes only its target.
+    """
 
     latents: torch.Tensor
     prompt: str
     size: tuple[int, int]
     original_size: tuple[int, int]
     settings: SamplerSettings
+    model_hash: str = ""
+    forward_boundaries: tuple[int, ...] = ()
+    reverse_boundaries: tuple[int, ...] = ()
+    model: str = ""
+    """The model's name (`model.info.name`) or the label it was loaded by: what an error names."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """What the command that made it records (the input file, its sha256 and size): kept in the file."""
+    prompts: PromptTable | None = field(default=None, repr=False, compare=False)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -115,6 +215,199 @@ def invert(
     return Inversion(latents, prompt, size, image.size, settings)
 
 
+def invert_for_edit(model: EditModel, image: Image.Image, source: str, settings: SamplerSettings) -> Inversion:
+    """Invert `image` under its `source` prompt once, to edit it many times (`edit_inversion`).
+
+    Computes what a whole edit (`edit_batch`) computes before its decode, the same way (the source prompt
+    encoded alone, the same seeded noise), so an edit of the result gives the whole edit's pixels.
+
+    Args:
+        model: The model (PyTorch or accelerated) whose forward steps (or DDIM teacher) invert.
+        image: The RGB photo; it is resized to the model's working size (edits return its own size).
+        source: What the photo shows.
+        settings: The sampler, its DDIM steps and the seed of the forward noise.
+    """
+    from .identity import model_hash
+
+    size = working_size(model, image)
+    sources = encode_prompts(model, [source], size)
+    x0 = model.encode_image(torch.cat([image_to_tensor(image, size)]))
+    job = EditJob(image, source, source, 1.0, 1.0, settings.seed)
+    latents = _invert_rows(model, x0, [job], settings, sources.conditioning([source]))
+    info = model.info
+    return Inversion(latents, source, size, image.size, settings, model_hash(model), tuple(info.forward_boundaries),
+                     tuple(info.reverse_boundaries), info.name, prompts=sources)  # fmt: skip
+
+
+def check_inversion(model: EditModel, inversion: Inversion, settings: SamplerSettings) -> None:
+    """InversionError unless `model` can decode `inversion` with `settings`: the model that made it, the working
+    size this model gives its image, the sampler (and DDIM steps) it was inverted with."""
+    from .identity import model_hash
+
+    again = "or invert the image again with this model"
+    if inversion.model_hash and inversion.model_hash != model_hash(model):
+        made_by = f"{inversion.model} " if inversion.model else ""
+        raise InversionError(
+            f"the latents were inverted by another model ({made_by}{inversion.model_hash[:19]}), not "
+            f"{model.info.name} ({model_hash(model)[:19]}): edit them with that model, {again}"
+        )
+    for role, bounds, here in (("forward", inversion.forward_boundaries, model.info.forward_boundaries),
+                               ("reverse", inversion.reverse_boundaries, model.info.reverse_boundaries)):  # fmt: skip
+        if bounds and tuple(bounds) != tuple(here):
+            raise InversionError(
+                f"the latents were made for {role} boundaries {list(bounds)}, this model's are {list(here)}: "
+                f"edit them with the model that made them, {again}"
+            )
+    width, height = inversion.size
+    expected_size = fit_size(*inversion.original_size, native_size=model.info.native_size,
+                             multiple=model.info.size_multiple)  # fmt: skip
+    factor = model.vae_scale_factor
+    shape = (model.latent_channels, height // factor, width // factor)
+    latents = inversion.latents
+    if expected_size != inversion.size or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+        raise InversionError(
+            f"the latents are {tuple(latents.shape)} at a {width}x{height} working size; this model edits a "
+            f"{inversion.original_size[0]}x{inversion.original_size[1]} image at {expected_size[0]}x{expected_size[1]} "
+            f"({shape} latents): {again}"
+        )
+    made = inversion.settings
+    if made.sampler != settings.sampler or (made.sampler == "ddim" and made.ddim_steps != settings.ddim_steps):
+        used = "icd" if made.sampler == "icd" else f"ddim --ddim-steps {made.ddim_steps}"
+        raise InversionError(
+            f"the latents were inverted with --sampler {used}: decode them with the same sampler, "
+            f"or invert the image again with --sampler {settings.sampler}"
+        )
+
+
+def edit_inversion(
+    model: EditModel,
+    inversion: Inversion,
+    target: str,
+    *,
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    p2p: P2PSettings | None = None,
+    unguided: str = "source",
+    timings: Timings | None = None,
+) -> Image.Image:
+    """Edit an inverted image to `target`: the decode alone, pixel-identical to `edit` with the same settings.
+
+    Args:
+        model: The model that made the inversion (`check_inversion`).
+        inversion: What `invert_for_edit` (or `load_inversion`) gave; its source prompt's encoding is cached on it.
+        target: What the edited photo should show.
+        guidance: The classifier-free guidance scale of the decode.
+        tau: Decode steps with t > tau * 1000 run unguided.
+        settings: The sampler and its DDIM steps (the inversion's; its seed is not used).
+        p2p: Prompt-to-Prompt settings; None: prompt swap.
+        unguided: Prompt swap: the prompt of the unguided steps, "source" (preserves more) or "target" (edits more).
+        timings: Collects the seconds of the encode (the target prompt) and decode stages.
+
+    Returns the edited image at the inverted image's size. Raises InversionError (another model, size or
+    sampler), P2PError (P2P settings the prompts cannot use) or ICDError (a non-finite result).
+    """
+    if unguided not in UNGUIDED_PROMPTS:
+        raise ValueError(f"unguided must be one of {', '.join(UNGUIDED_PROMPTS)}, got {unguided!r}")
+    check_inversion(model, inversion, settings)
+    timings = timings or Timings()
+    size = inversion.size
+    job = EditJob(Image.new("RGB", (1, 1)), inversion.prompt, target, guidance, tau, inversion.settings.seed, p2p,
+                  unguided)  # fmt: skip
+    plan = _p2p_plan(model, job, size, settings) if p2p is not None else None
+    with timings.stage("encode"):
+        cached = inversion.prompts
+        if cached is None or inversion.prompt not in cached.rows or _device(cached) != model.device:
+            cached = inversion.prompts = encode_prompts(model, [inversion.prompt], size)
+        prompts = _target_prompts(model, [job], size, cached)
+    with timings.stage("decode"):
+        latents = inversion.latents.to(model.device)
+        if plan is not None:
+            decoded = _decode_p2p_rows(model, latents, [job], [plan], size, settings, cond=_pairs(prompts, [job]))
+        else:
+            decoded = _decode_swap_rows(model, latents, [job], settings, prompts)
+        result = tensors_to_images(decoded, [inversion.original_size])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _device(prompts: PromptTable) -> torch.device:
+    return next(iter(prompts.rows.values())).hidden_states.device
+
+
+def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any] | None = None) -> None:
+    """Write `inversion` as a .safetensors file: the tensor `latents`, and what made it in the metadata (with
+    `record`, the command's parameter record, as JSON under `icd`). Writes `path` in place: callers that must
+    never leave half a file write to a temporary path and rename it (`icdcli.atomic`)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .values import strict_json
+
+    width, height = inversion.size
+    original_width, original_height = inversion.original_size
+    settings = inversion.settings
+    metadata = {
+        "format": str(INVERSION_FORMAT),
+        "prompt": inversion.prompt,
+        "model": inversion.model,
+        "model_hash": inversion.model_hash,
+        "sampler": settings.sampler,
+        "ddim_steps": str(settings.ddim_steps),
+        "seed": str(settings.seed),
+        "width": str(width),
+        "height": str(height),
+        "original_width": str(original_width),
+        "original_height": str(original_height),
+        "forward_boundaries": json.dumps(list(inversion.forward_boundaries)),
+        "reverse_boundaries": json.dumps(list(inversion.reverse_boundaries)),
+        "icd_version": __version__,
+        "icd": strict_json(record if record is not None else inversion.record),
+    }
+    save_file({"latents": inversion.latents.detach().cpu().contiguous()}, str(path), metadata)
+
+
+def load_inversion(path: str | Path) -> Inversion:
+    """The inversion `save_inversion` wrote (on the CPU; `edit_inversion` moves it); InversionError when `path` is
+    not such a file."""
+    from safetensors import safe_open
+
+    shown = str(path)
+    if not Path(path).is_file():
+        raise InversionError(f"{shown}: no such file; give a latent file that icd invert wrote")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            names = set(handle.keys())
+            latents = handle.get_tensor("latents") if "latents" in names else None
+    except Exception as error:  # safetensors raises its own error type for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InversionError(
+            f"{shown} is not a latent file of icd invert ({reason}): make one with icd invert"
+        ) from None
+    if latents is None or "prompt" not in metadata:
+        raise InversionError(
+            f"{shown} is not a latent file of icd invert (no latents and prompt): make one with icd invert"
+        )
+    if metadata.get("format") != str(INVERSION_FORMAT):
+        raise InversionError(
+            f"{shown} was written by an older icd invert, without the model it was made by: invert the image "
+            "again (icd invert IMAGE --prompt ... --overwrite)"
+        )
+    try:
+        settings = SamplerSettings(metadata["sampler"], int(metadata["ddim_steps"]), int(metadata["seed"]))
+        size = int(metadata["width"]), int(metadata["height"])
+        original = int(metadata["original_width"]), int(metadata["original_height"])
+        forward = tuple(int(value) for value in json.loads(metadata["forward_boundaries"]))
+        reverse = tuple(int(value) for value in json.loads(metadata["reverse_boundaries"]))
+        record = json.loads(metadata.get("icd") or "{}")
+    except (KeyError, ValueError, TypeError) as error:
+        raise InversionError(f"{shown}: its metadata is damaged ({error}); invert the image again") from None
+    return Inversion(latents, metadata["prompt"], size, original, settings, metadata.get("model_hash", ""), forward,
+                     reverse, metadata.get("model", ""), record if isinstance(record, dict) else {})  # fmt: skip
+
+
 def decode(
     model: EditModel,
     latents: torch.Tensor,
@@ -156,6 +449,8 @@ class EditJob:
     tau: float
     seed: int
     p2p: P2PSettings | None = None
+    unguided: str = "source"
+    """Prompt swap: the prompt of the unguided steps, "source" (preserves more) or "target" (edits more)."""
 
 
 def edit(
@@ -169,6 +464,7 @@ def edit(
     settings: SamplerSettings,
     timings: Timings | None = None,
     p2p: P2PSettings | None = None,
+    unguided: str = "source",
 ) -> Image.Image:
     """Edit `image` from the source prompt to the target prompt: invert with the source prompt, then decode.
 
@@ -187,8 +483,9 @@ def edit(
         settings: The sampler, its DDIM steps and the seed.
         timings: Collects the seconds of the encode and decode stages.
         p2p: Prompt-to-Prompt settings; None: prompt swap.
+        unguided: Prompt swap: the prompt of the unguided steps, "source" or "target".
     """
-    job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
+    job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p, unguided)
     result = edit_batch(model, [job], settings=settings, timings=timings)[0]
     if isinstance(result, Exception):
         raise result
@@ -202,30 +499,13 @@ def _same(values: list) -> Any:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _prompt_rows(model: EditModel, rows: list[list[str]], size: tuple[int, int], guided: bool) -> list[Conditioning]:
-    """Conditioning for each list of prompts, every distinct prompt encoded once, in one batch."""
-    unique = list(dict.fromkeys(prompt for prompts in rows for prompt in prompts))
-    width, height = size
-    both = model.conditioning(unique, height, width, with_negative=guided)
-    position = {prompt: index for index, prompt in enumerate(unique)}
-    found = []
-    for prompts in rows:
-        index = torch.tensor([position[prompt] for prompt in prompts], device=both.prompt.hidden_states.device)
-        pooled = (
-            None
-            if both.prompt.pooled is None
-            else both.prompt.pooled.index_select(0, index.to(both.prompt.pooled.device))
-        )
-        found.append(both.with_prompt(PromptEmbedding(both.prompt.hidden_states.index_select(0, index), pooled)))
-    return found
-
-
 def edit_batch(
     model: EditModel,
     jobs: list[EditJob],
     *,
     settings: SamplerSettings,
     timings: Timings | None = None,
+    callback: StepCallback | None = None,
 ) -> list[Image.Image | Exception]:
     """Edit images of one working size together: one network call per step for the whole batch.
 
@@ -239,6 +519,8 @@ def edit_batch(
         jobs: The edits, every image of one working size.
         settings: The sampler and its DDIM steps, shared by the batch.
         timings: Collects the seconds of the encode and decode stages.
+        callback: Called after each decode step with the latents (a P2P decode's: source and target rows
+            interleaved); changing them in place changes the steps after.
     """
     timings = timings or Timings()
     if not jobs:
@@ -260,16 +542,18 @@ def edit_batch(
     if runnable:
         chosen = [jobs[index] for index in runnable]
         with timings.stage("encode"):
-            conds = _edit_conditioning(model, chosen, size)
+            sources = encode_prompts(model, [job.source for job in chosen], size)
             pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
             x0 = model.encode_image(pixels)
-            latents = _invert_rows(model, x0, chosen, settings, conds.source)
+            latents = _invert_rows(model, x0, chosen, settings, sources.conditioning([job.source for job in chosen]))
+            prompts = _target_prompts(model, chosen, size, sources)
         with timings.stage("decode"):
             if jobs[0].p2p is not None:
                 plan = _planned(plans, runnable)
-                decoded = _decode_p2p_rows(model, latents, chosen, plan, size, settings, cond=conds.pairs)
+                cond = _pairs(prompts, chosen)
+                decoded = _decode_p2p_rows(model, latents, chosen, plan, size, settings, callback, cond=cond)
             else:
-                decoded = _decode_swap_rows(model, latents, chosen, settings, conds.target, conds.source)
+                decoded = _decode_swap_rows(model, latents, chosen, settings, prompts, callback)
             # a job whose result is not finite gets its error; the others are kept
             images = tensors_to_images(decoded, [jobs[index].image.size for index in runnable])
             for index, image in zip(runnable, images, strict=True):
@@ -277,22 +561,22 @@ def edit_batch(
     return results  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class EditConditioning:
-    """The prompts of a batch of edits, row by row: sources, targets, and (source, target) pairs interleaved (P2P's
-    rows). A negative prompt rides along where a guided step needs one."""
-
-    source: Conditioning
-    target: Conditioning
-    pairs: Conditioning
-
-
-def _edit_conditioning(model: EditModel, jobs: list[EditJob], size: tuple[int, int]) -> EditConditioning:
-    """Every prompt of the batch encoded once, in one call (the sources serve both the inversion and the decode)."""
+def _target_prompts(model: EditModel, jobs: list[EditJob], size: tuple[int, int], sources: PromptTable) -> PromptTable:
+    """The sources' table with the jobs' targets not among them, encoded in one call (and the negative prompt
+    when a guided step needs one)."""
     guided = any(model.needs_negative(job.guidance) for job in jobs)
-    sources, targets = [job.source for job in jobs], [job.target for job in jobs]
-    pairs = [prompt for job in jobs for prompt in (job.source, job.target)]
-    return EditConditioning(*_prompt_rows(model, [sources, targets, pairs], size, guided))
+    return encode_prompts(model, [job.target for job in jobs], size, with_negative=guided, known=sources)
+
+
+def _pairs(prompts: PromptTable, jobs: list[EditJob]) -> Conditioning:
+    """P2P's rows: (source, target) of each job, interleaved."""
+    return prompts.conditioning([prompt for job in jobs for prompt in (job.source, job.target)])
+
+
+def _edit_conditioning(model: EditModel, jobs: list[EditJob], size: tuple[int, int]) -> PromptTable:
+    """Every prompt of the jobs encoded once, as an edit encodes them: the sources in one call, new targets in
+    another."""
+    return _target_prompts(model, jobs, size, encode_prompts(model, [job.source for job in jobs], size))
 
 
 def _invert_rows(
@@ -312,12 +596,17 @@ def _decode_swap_rows(
     latents: torch.Tensor,
     jobs: list[EditJob],
     settings: SamplerSettings,
-    cond: Conditioning,
-    unguided: Conditioning,
+    prompts: PromptTable,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
+    for job in jobs:
+        if job.unguided not in UNGUIDED_PROMPTS:
+            raise ValueError(f"the unguided prompt is one of {', '.join(UNGUIDED_PROMPTS)}, got {job.unguided!r}")
+    cond = prompts.conditioning([job.target for job in jobs])
+    unguided = prompts.conditioning([job.source if job.unguided == "source" else job.target for job in jobs])
     guidance = _same([job.guidance for job in jobs])
     tau = _same([job.tau for job in jobs])
-    return _decode_latents(model, latents, cond, unguided, guidance, tau, settings)
+    return _decode_latents(model, latents, cond, unguided, guidance, tau, settings, callback)
 
 
 def _decode_latents(
@@ -391,7 +680,7 @@ def _decode_p2p_rows(
     `cond`: the rows' prompts, when the caller has encoded them."""
     denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
     if cond is None:
-        cond = _edit_conditioning(model, jobs, size).pairs
+        cond = _pairs(_edit_conditioning(model, jobs, size), jobs)
     plan = plans[0] if len(plans) == 1 else P2PBatch(plans)
     guidance = _same([job.guidance for job in jobs])
     tau = _same([job.tau for job in jobs])

@@ -23,6 +23,9 @@ RECORD_KEY = "icd"
 GENERATE_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "guidance", "tau", "seed", "width", "height")
 INVERT_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "seed", "input_sha256")
 RECONSTRUCT_FIELDS = (*INVERT_FIELDS, "guidance", "tau")
+LATENT_FIELDS = (*INVERT_FIELDS, "format")
+"""A latent file's deciding fields: an inversion's, and the file format (`icdcli.editing.INVERSION_FORMAT`), so a
+file of an older icd, which an edit cannot use, is not skipped as made already."""
 
 
 def read_latent_record(path: Path) -> dict[str, Any] | None:
