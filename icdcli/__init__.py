@@ -1,8 +1,37 @@
-"""icd: text-guided editing of real photos with invertible Consistency Distillation."""
+"""icd: text-guided editing of real photos with invertible Consistency Distillation.
+
+The distribution installs as `icd` and imports as `icdcli`; its Python face is `ICDEditPipeline`
+(`from icdcli import ICDEditPipeline`), imported when first named so that `import icdcli` and `icd --help`
+stay light.
+"""
+
+from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:  # the one version number is pyproject.toml's, as the installed distribution reports it
     __version__ = version("icd")
 except PackageNotFoundError:  # a source tree run without installing
     __version__ = "unknown"
+
+if TYPE_CHECKING:
+    from .pipeline import ICDEditOutput, ICDEditPipeline
+
+_LAZY = {"ICDEditPipeline": "pipeline", "ICDEditOutput": "pipeline"}
+__all__ = ["ICDEditOutput", "ICDEditPipeline", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """The package's exports, each imported from its module when first asked for (PEP 562)."""
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .quiet import quiet_libraries
 from .values import NumberError, NumberType, check_number
 
 if TYPE_CHECKING:
@@ -50,15 +51,6 @@ def setup_logging() -> None:
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def quiet_libraries() -> None:
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
 
 
 def say(message: str) -> None:
