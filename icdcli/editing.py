@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +46,11 @@ from .schedule import NoiseSchedule
 
 @dataclass
 class Timings:
-    """Seconds per stage, accumulated."""
+    """Seconds per stage, accumulated; `sync` (e.g. `torch.cuda.synchronize`) closes each stage, so that a stage
+    ends when the device has finished its kernels, not when they were queued."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    sync: Callable[[], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -56,6 +58,8 @@ class Timings:
         try:
             yield
         finally:
+            if self.sync is not None:
+                self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 

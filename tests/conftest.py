@@ -51,3 +51,20 @@ def merged_model(merged_dir):
     from icdcli.models import load_merged
 
     return load_merged(merged_dir, need_teacher=True)
+
+
+@pytest.fixture(scope="module")
+def module_model(merged_dir):
+    """The tiny merged model, loaded once per test module (its tests may change it: processors, execution)."""
+    from icdcli.models import load_merged
+
+    return load_merged(merged_dir, need_teacher=True)
+
+
+@pytest.fixture
+def one_model(module_model, monkeypatch):
+    """Every command of the test loads this one model instead of reading it from disk again."""
+    import icdcli.sources
+
+    monkeypatch.setattr(icdcli.sources, "load_requested_model", lambda *args, **kwargs: module_model)
+    return module_model

@@ -194,22 +194,6 @@ def _command(name, folder, model):
     }[name] + ["--model", str(model), "--json"]
 
 
-@pytest.fixture(scope="module")
-def shared_model(merged_dir):
-    from icdcli.models import load_merged
-
-    return load_merged(merged_dir, need_teacher=True)
-
-
-@pytest.fixture
-def one_model(shared_model, monkeypatch):
-    """Every command of the test loads this one model instead of reading it from disk again."""
-    import icdcli.sources
-
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", lambda *args, **kwargs: shared_model)
-    return shared_model
-
-
 def test_hundreds_of_bad_flag_values_are_one_line_errors_before_any_work(merged_dir, tmp_path, one_model):
     cases = [(c, f, v) for c, flags in NUMBER_FLAGS.items() for f in flags for v in BAD_NUMBERS]
     cases += OTHER_BAD_FLAGS
@@ -459,7 +443,7 @@ def test_sigterm_in_generate_and_invert_exits_143_and_leaves_nothing(merged_dir,
                                                                        command):  # fmt: skip
     import icdcli.editing
 
-    name = "generate" if command == "generate" else "invert"
+    name = "generate" if command == "generate" else "invert_for_edit"  # what each command calls
     real = getattr(icdcli.editing, name)
 
     def terminated(*args, **kwargs):

@@ -14,21 +14,6 @@ from PIL import Image
 from icdcli.cli import main
 
 
-@pytest.fixture(scope="module")
-def shared_model(merged_dir):
-    from icdcli.models import load_merged
-
-    return load_merged(merged_dir, need_teacher=True)
-
-
-@pytest.fixture
-def one_model(shared_model, monkeypatch):
-    import icdcli.sources
-
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", lambda *args, **kwargs: shared_model)
-    return shared_model
-
-
 def _photos(folder, count):
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -96,13 +81,13 @@ def test_a_fatal_write_failure_releases_every_claim_and_counts_the_rest(merged_d
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_during_start_up_edits_nothing(merged_dir, tmp_path, shared_model, monkeypatch, signum, code):
+def test_a_signal_during_start_up_edits_nothing(merged_dir, tmp_path, module_model, monkeypatch, signum, code):
     """Before, SIGTERM while the model loaded let the first image be edited although none had started."""
     import icdcli.sources
 
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signum)
-        return shared_model
+        return module_model
 
     monkeypatch.setattr(icdcli.sources, "load_requested_model", loading)
     photos = _photos(tmp_path / "in", 3)
@@ -115,12 +100,12 @@ def test_a_signal_during_start_up_edits_nothing(merged_dir, tmp_path, shared_mod
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_sigterm_while_jobs_load_the_model_exits_143(merged_dir, tmp_path, shared_model, monkeypatch):
+def test_sigterm_while_jobs_load_the_model_exits_143(merged_dir, tmp_path, module_model, monkeypatch):
     import icdcli.sources
 
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        return shared_model
+        return module_model
 
     monkeypatch.setattr(icdcli.sources, "load_requested_model", loading)
     photo = _photos(tmp_path / "in", 1) / "p0.png"

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -302,21 +302,6 @@ class Clocked:
 
 
 @dataclass
-class SyncedTimings(Timings):
-    """`Timings` whose stages end only when the device has finished their kernels."""
-
-    sync: Callable[[], None] = field(default=lambda: None)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 # --- the models ----------------------------------------------------------------------------------------------
 
 
@@ -484,13 +469,13 @@ def run_edit(model: Any, job: Any, timings: Timings) -> Any:
 def measure_edit(model: Any, method: str, clock: Clocked, repeats: int, budget: Budget) -> dict[str, Any]:
     """Seconds of a whole edit (median of `repeats` after one first call) and its encode/decode stages."""
     job = edit_job(model, method)
-    first = clock.seconds(lambda: run_edit(model, job, SyncedTimings(sync=clock.sync)))
+    first = clock.seconds(lambda: run_edit(model, job, Timings(sync=clock.sync)))
     times: list[float] = []
     stages: list[dict[str, float]] = []
     for index in range(repeats):
         if index and budget.refuses(times[-1]):
             break  # at least one timed edit; the rest only while time is left
-        timings = SyncedTimings(sync=clock.sync)
+        timings = Timings(sync=clock.sync)
         times.append(clock.seconds(lambda: run_edit(model, job, timings)))  # noqa: B023 - called at once
         stages.append(timings.seconds)
     median_stages = {name: round(statistics.median(s[name] for s in stages), 4) for name in stages[0]}
