@@ -538,3 +538,15 @@ def test_finished_stages_are_kept_in_float16_and_restored_on_a_fresh_machine(smo
             assert restored.get_tensor(key).dtype == torch.float32
             assert torch.equal(restored.get_tensor(key), own.get_tensor(key))
     assert (run / "vae" / "checkpoints" / "step-1").is_dir()  # a run's own resume points are left where they were
+
+
+def test_kept_configs_name_no_folder_of_the_training_machine(tmp_path):
+    from icdcli.training.stages import keep_stage
+
+    stage = tmp_path / "run" / "vae"
+    stage.mkdir(parents=True)
+    (stage / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "somewhere"), "a": 1}))
+    (stage / "train_config.json").write_text(json.dumps({"steps": 1}))
+    keep_stage(stage, tmp_path / "kept" / "vae")
+    assert json.loads((tmp_path / "kept" / "vae" / "config.json").read_text()) == {"a": 1}
+    assert json.loads((tmp_path / "kept" / "vae" / "train_config.json").read_text()) == {"steps": 1}

@@ -49,8 +49,25 @@ def _copy_tree(source: Path, target: Path, dtype: torch.dtype) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             _convert(path, destination, dtype)
+        elif path.suffix == ".json" and path.name.endswith("config.json"):
+            _copy_config(path, destination)
         else:
             shutil.copy2(path, destination)
+
+
+def _copy_config(source: Path, target: Path) -> None:
+    """A diffusers/transformers config without `_name_or_path`: where it was loaded from on the machine that
+    trained it, which says nothing on another one (and names that machine's folders)."""
+    try:
+        data = json.loads(source.read_text())
+    except ValueError:
+        shutil.copy2(source, target)
+        return
+    if isinstance(data, dict) and "_name_or_path" in data:
+        data.pop("_name_or_path")
+        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        shutil.copy2(source, target)
 
 
 def _replace_folder(build: Path, folder: Path) -> None:
