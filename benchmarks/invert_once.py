@@ -18,10 +18,10 @@ import statistics
 import time
 from pathlib import Path
 
-from icdcli.editing import SamplerSettings, edit, edit_inversion, invert_for_edit
-from icdcli.images import load_image
+from icdcli.diffusion.editing import SamplerSettings, edit, edit_inversion, invert_for_edit
+from icdcli.diffusion.recipe import resolve_edit
+from icdcli.io.images import load_image
 from icdcli.pipeline import ICDEditPipeline
-from icdcli.recipe import resolve_edit
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 SOURCE = "a red circle on a blue background"

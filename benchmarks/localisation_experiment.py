@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from icdcli.bench.scenes import ATTRIBUTE, heldout_scenes, word_region
 from icdcli.bench.shapes_edit import WORD_KINDS, mask_iou
-from icdcli.schedule import alphas_cumprod
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.diffusion.schedule import alphas_cumprod
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.training.evaluate import teacher_sample_accuracy
 from icdcli.training.pipeline import V2_GROUNDING_WEIGHT, PipelineConfig
 from icdcli.training.scenes import render_batch

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from icdcli.bench.scenes import classify, edit_pairs, p2p_roundtrip, roundtrip, to_unit
-from icdcli.editing import SamplerSettings
-from icdcli.p2p import P2PSettings
-from icdcli.sources import ModelRequest, load_requested_model
+from icdcli.diffusion.editing import SamplerSettings
+from icdcli.diffusion.p2p import P2PSettings
+from icdcli.models.sources import ModelRequest, load_requested_model
 from icdcli.training.scenes import render_batch
 
 # (cross, self, amplify of new words): the embedded model's recipe, ablations, and the release's SD1.5 recipe

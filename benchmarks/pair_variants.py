@@ -14,10 +14,10 @@ import copy
 
 import torch
 
+from icdcli.bench.metrics import psnr
 from icdcli.bench.scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
-from icdcli.editing import SamplerSettings
-from icdcli.metrics import psnr
-from icdcli.models import load_model_folder
+from icdcli.diffusion.editing import SamplerSettings
+from icdcli.models.runtime import load_model_folder
 from icdcli.training.scenes import render_batch
 
 

@@ -9,9 +9,9 @@ Rows:
   import torch    `import torch` alone
   libraries       diffusers' UNet/VAE and transformers' CLIP imported after torch
   model build     `load_requested_model()` of the embedded model once the libraries are imported
-  model load      the same from `import icdcli.sources` on: libraries and build together, as `icd edit` pays it
+  model load      the same from `import icdcli.models.sources` on: libraries and build together, as `icd edit` pays it
   onnxruntime load  `load_model(..., backend="onnxruntime")` after `import torch`, the export current: the lean
-                  load from the export (icdcli.graph_model), its sessions opened on first use
+                  load from the export (icdcli.backends.graph_model), its sessions opened on first use
   edit onnxruntime  `icd edit examples/red-circle.png ... --backend onnxruntime` end to end, one fresh process:
                   what a script that calls icd once per file pays per image
 """
@@ -44,14 +44,14 @@ if sys.argv[1] == "split":
     marks["libraries"] = (time.perf_counter() - t, cpu() - c)
 t, c = time.perf_counter(), cpu()
 if sys.argv[1] == "onnxruntime":
-    from icdcli.cli_common import load_model
+    from icdcli.cli.common import load_model
     options = dict(model=None, base=None, teacher=None, forward_lora=None, reverse_lora=None, device="cpu",
                    precision="auto")
     load_model(options, need_teacher=False, backend="onnxruntime")
     marks["onnxruntime load"] = (time.perf_counter() - t, cpu() - c)
     print(json.dumps(marks))
     sys.exit(0)
-from icdcli.sources import ModelRequest, load_requested_model
+from icdcli.models.sources import ModelRequest, load_requested_model
 load_requested_model(ModelRequest())
 marks["model build" if sys.argv[1] == "split" else "model load"] = (time.perf_counter() - t, cpu() - c)
 print(json.dumps(marks))

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from icdcli.denoiser import (
+from icdcli.core.errors import ICDError
+from icdcli.diffusion.denoiser import (
     Conditioning,
     ControlledDenoiser,
     ControlledEps,
@@ -24,7 +25,6 @@ from icdcli.denoiser import (
     guided_eps,
     is_unguided,
 )
-from icdcli.errors import ICDError
 from icdcli.export.manifest import (
     GUIDANCE_CFG,
     GUIDANCE_EMBEDDING,
@@ -34,7 +34,7 @@ from icdcli.export.manifest import (
 )
 
 if TYPE_CHECKING:
-    from icdcli.p2p import StepControl
+    from icdcli.diffusion.p2p import StepControl
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 

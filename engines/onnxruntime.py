@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
-from icdcli.digests import files_sha256
-from icdcli.dtypes import TORCH_DTYPES
-from icdcli.errors import ICDError
+from icdcli.core.digests import files_sha256
+from icdcli.core.dtypes import TORCH_DTYPES
+from icdcli.core.errors import ICDError
+from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
 from icdcli.export.manifest import GraphSpec, Manifest
-
-from .base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 

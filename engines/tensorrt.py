@@ -7,7 +7,7 @@ TensorRT; everything that needs the library imports it lazily through `_trt()`.
 One engine per graph, with one optimisation profile per kind of shape it must run:
 - UNets: `native` - batch 1 at the working size (min = opt = max: the fastest kernels, CUDA-graph replay at once) -
   `batched`, the working size at 1..N images, then `landscape` and `portrait`, which together hold every size
-  `icdcli.images.fit_size` gives a photo of aspect up to `MAX_ASPECT`, at 1..N images (two rows each for real CFG);
+  `icdcli.io.images.fit_size` gives a photo of aspect up to `MAX_ASPECT`, at 1..N images (two rows each for real CFG);
 - VAE: `landscape` and `portrait`; text encoders and the P2P graph: their one shape.
 N is the batch asked for, else DEFAULT_BATCH, or with AUTO_BATCH what the GPU's memory allows (`MemoryBudget`).
 Photos thinner than `MAX_ASPECT` (and any shape outside every profile) run on PyTorch with a note.
@@ -44,8 +44,17 @@ from typing import Any
 
 import torch
 
-from icdcli.digests import json_sha256
-from icdcli.errors import ICDError
+from icdcli.core.digests import json_sha256
+from icdcli.core.errors import ICDError
+from icdcli.engines.base import (
+    BackendParts,
+    BackendUnavailable,
+    EngineFailed,
+    GraphDenoiser,
+    Runner,
+    ShapeNotCovered,
+    assemble_parts,
+)
 from icdcli.export.files import file_lock
 from icdcli.export.manifest import (
     FORWARD,
@@ -56,16 +65,6 @@ from icdcli.export.manifest import (
     UNET_GRAPHS,
     GraphSpec,
     Manifest,
-)
-
-from .base import (
-    BackendParts,
-    BackendUnavailable,
-    EngineFailed,
-    GraphDenoiser,
-    Runner,
-    ShapeNotCovered,
-    assemble_parts,
 )
 
 logger = logging.getLogger("icd")
@@ -159,7 +158,7 @@ class EngineSizes:
 
 def fitted_sides(native: int, multiple: int, *, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
     """(shortest, longest) side of every working size `fit_size` gives a photo of aspect 1..max_aspect."""
-    from icdcli.images import fit_size
+    from icdcli.io.images import fit_size
 
     base = 1000
     sizes = [
@@ -177,7 +176,7 @@ def spatial_boxes(
     Landscape holds every fitted size with width >= height (height short..native, width native..long), portrait
     the transpose; a requested size outside them widens the one it belongs to and is its opt shape.
     """
-    from icdcli.images import fit_size
+    from icdcli.io.images import fit_size
 
     short, long = fitted_sides(native, multiple, max_aspect=max_aspect)
     work_h, work_w = height or native, width or native
@@ -622,7 +621,7 @@ def build_with_tensorrt(
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
-    from icdcli.atomic import atomic_path
+    from icdcli.io.atomic import atomic_path
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as temporary:
@@ -1118,7 +1117,7 @@ class TensorRTDenoiser(GraphDenoiser):
 
 
 def engines_root() -> Path:
-    from icdcli.models import cache_root
+    from icdcli.models.runtime import cache_root
 
     return cache_root() / "engines"
 
@@ -1176,7 +1175,7 @@ def load_parts(
 
 def onnxruntime_next(folder: Path, manifest: Manifest, device: torch.device) -> Callable[[GraphSpec], Runner] | None:
     """ONNX Runtime sessions on the CUDA provider, the backend after TensorRT, where onnxruntime-gpu is installed."""
-    from . import onnxruntime as ort_engine
+    from icdcli.engines import onnxruntime as ort_engine
 
     if not ort_engine.has_cuda_provider():
         return None

@@ -1,6 +1,6 @@
 """ONNX export of iCD models: UNets (per-guidance graphs), VAE encoder/decoder, text encoders, a manifest."""
 
-from .manifest import (
+from icdcli.export.manifest import (
     DEFAULT_OPSET,
     MANIFEST,
     GraphSpec,
@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "export_model":  # torch comes with it: reading manifests (`icd info`) stays light without it
-        from .onnx import export_model
+        from icdcli.export.onnx import export_model
 
         return export_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

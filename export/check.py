@@ -60,9 +60,8 @@ def check_export(
     `runners` (graph name -> runner, as `BackendParts.runners`): run the graphs through them instead of ONNX
     Runtime sessions."""
     from icdcli.engines.onnxruntime import has_cuda_provider, providers_for
-
-    from .manifest import P2P_BATCH, P2P_PAIRS
-    from .onnx import BATCH, EXAMPLE_LATENT, HEIGHT, LATENT_H, LATENT_W, WIDTH, example_inputs, plan_graphs
+    from icdcli.export.manifest import P2P_BATCH, P2P_PAIRS
+    from icdcli.export.onnx import BATCH, EXAMPLE_LATENT, HEIGHT, LATENT_H, LATENT_W, WIDTH, example_inputs, plan_graphs
 
     say = progress or (lambda message: None)
     precision = manifest.precision

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icdcli.identity import model_fingerprint
+from icdcli.models.identity import model_fingerprint
 
 if TYPE_CHECKING:
-    from icdcli.models import ICDModel
+    from icdcli.models.runtime import ICDModel
 
 MANIFEST = "manifest.json"
 TEACHER_MISSING = "the export has no teacher UNet"
@@ -23,9 +23,10 @@ ENGINE_SIZES = "engine_sizes.json"
 """Beside the manifest: the sizes `icd export --backend tensorrt --height/--width/--batch` built engines for."""
 EXPORT_FORMAT = 5
 """Bump when graph signatures or what a graph computes change: every cached export then counts as stale (3: the P2P
-graph's pair axis; 4: the P2P graph's attention reads its probabilities once, `icdcli.p2p.controlled_attention`;
+graph's pair axis; 4: the P2P graph's attention reads its probabilities once,
+`icdcli.diffusion.p2p.controlled_attention`;
 5: fp16 exports keep normalisation and the P2P softmax in fp32 by default, and run an SD1.5-family VAE in fp16
-inside float32 inputs and outputs, `icdcli.dtypes.vae_precision`)."""
+inside float32 inputs and outputs, `icdcli.core.dtypes.vae_precision`)."""
 DEFAULT_FP32_NORM = True
 """Whether a new fp16 export keeps GroupNorm/LayerNorm and the P2P graph's softmax in fp32 (`--fp32-norm`, opt out
 with `--no-fp32-norm`): strongly typed TensorRT runs them in the graph's precision, and until a measurement on a GPU
@@ -126,7 +127,7 @@ def read_manifest(folder: str | Path) -> Manifest | None:
 
 def write_engine_sizes(folder: str | Path, sizes: dict[str, int | None]) -> Path:
     """Record the sizes engines were built for, so later runs build (and find in the cache) the same engines."""
-    from icdcli.atomic import atomic_path
+    from icdcli.io.atomic import atomic_path
 
     path = Path(folder) / ENGINE_SIZES
     with atomic_path(path) as temporary:
@@ -184,7 +185,7 @@ def model_key(name: str, fingerprint: str, precision: str) -> str:
 
 
 def export_root() -> Path:
-    from icdcli.paths import cache_root
+    from icdcli.core.paths import cache_root
 
     return cache_root() / "onnx"
 

@@ -7,14 +7,14 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
   - the forward UNet is always unguided: for a guidance-distilled model its graph computes the constant
     `guidance_scale_embedding(w=1)` inside and has no `timestep_cond` input ("folded");
   - a guidance-distilled reverse (or teacher) UNet takes `timestep_cond` (B, 512): the sinusoidal embedding
-    of the classical scale w, computed by the caller with `icdcli.denoiser.guidance_scale_embedding`
+    of the classical scale w, computed by the caller with `icdcli.diffusion.denoiser.guidance_scale_embedding`
     ("embedding");
   - a UNet without guidance distillation takes no guidance input; real CFG runs it at batch 2 and unguided
     steps at batch 1 through the dynamic batch axis ("cfg").
 - `reverse_unet_p2p` (SD1.5-family models): the reverse UNet with Prompt-to-Prompt inside, for P (source,
   target) pairs per call. Its attention layers take the control of one step as inputs, each with a leading
   pair axis - `cross_alpha` (P, L), `refine` (P, L), `mapper` (P, L, L), `reweight` (P, L), `self_replace`
-  (P, 1), see `icdcli.p2p.StepControl` - and edit the last 2P rows of the batch (source, target interleaved;
+  (P, 1), see `icdcli.diffusion.p2p.StepControl` - and edit the last 2P rows of the batch (source, target interleaved;
   real CFG's unconditional rows come first and are left alone). A second output, `blend_maps` (P, 2, R*R, L),
   is the sum over layers of the head-averaged cross-attention maps at local blend's resolution R. Its
   spatial size is static (the model's native latents: which layers P2P touches depends on it); the batch is
@@ -24,7 +24,7 @@ Graph signatures (batch and spatial axes dynamic; the text length is the tokeniz
 - `vae_decoder`: `latents` (scaled, as the samplers produce them) -> `images` in [-1, 1], clamped
   (exactly `ICDModel.decode_latents`). The VAE graphs take and give float32; inside they compute in
   `vae_graph_dtype`: fp16 for an SD1.5-family VAE in an fp16 export (as `ICDModel` runs it on CUDA,
-  `icdcli.dtypes.vae_precision`), else float32 (SDXL's VAE overflows in fp16; graphs have no bfloat16).
+  `icdcli.core.dtypes.vae_precision`), else float32 (SDXL's VAE overflows in fp16; graphs have no bfloat16).
 - `text_encoder` (and `text_encoder_2` for SDXL): `input_ids` (B, L) int32 -> `hidden_states` (the last
   layer for SD1.5, the penultimate for SDXL) and, for SDXL's second encoder, `pooled` (the projected text
   embedding).
@@ -59,12 +59,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from icdcli.digests import files_sha256
-from icdcli.dtypes import TORCH_DTYPES, dtype_name, vae_precision
-from icdcli.model_api import DiffusersModule
-
-from .files import atomic_folder, folder_size
-from .manifest import (
+from icdcli.core.digests import files_sha256
+from icdcli.core.dtypes import TORCH_DTYPES, dtype_name, vae_precision
+from icdcli.export.files import atomic_folder, folder_size
+from icdcli.export.manifest import (
     DEFAULT_FP32_NORM,
     DEFAULT_OPSET,
     FORWARD,
@@ -89,9 +87,10 @@ from .manifest import (
     versions,
     write_manifest,
 )
+from icdcli.models.api import DiffusersModule
 
 if TYPE_CHECKING:
-    from icdcli.models import ICDModel
+    from icdcli.models.runtime import ICDModel
 
 logger = logging.getLogger("icd")
 
@@ -115,7 +114,7 @@ class UNetGraph(torch.nn.Module):
 
     def __init__(self, unet: DiffusersModule, input_names: list[str], guidance: str):
         super().__init__()
-        from icdcli.denoiser import guidance_scale_embedding
+        from icdcli.diffusion.denoiser import guidance_scale_embedding
 
         self.unet = unet
         self.input_names = input_names
@@ -150,13 +149,13 @@ class P2PUNetGraph(UNetGraph):
 
     def __init__(self, unet: torch.nn.Module, input_names: list[str], guidance: str, blend_size: int, text_length: int):
         super().__init__(unet, input_names, guidance)
-        from icdcli.p2p import install_p2p_processors
+        from icdcli.diffusion.p2p import install_p2p_processors
 
         install_p2p_processors(unet)
         self.blend_size, self.text_length = blend_size, text_length
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        from icdcli.p2p import StepControl
+        from icdcli.diffusion.p2p import StepControl
 
         feeds = dict(zip(self.input_names, inputs, strict=True))
         controls = {name: feeds[name] for name in P2P_CONTROL_INPUTS}
@@ -257,7 +256,7 @@ def p2p_unet_specs(
 
     The control inputs and the blend maps lead with the pair axis (P pairs per call: 2P rows of `sample`, 4P with
     real CFG), so a batch of P2P edits runs in one call."""
-    from icdcli.p2p import blend_resolution
+    from icdcli.diffusion.p2p import blend_resolution
 
     inputs, outputs, guidance = unet_specs(
         unet, REVERSE, latent_channels=latent_channels, text_length=text_length, dtype=dtype
@@ -341,8 +340,8 @@ def _layer_norm_fp32(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def softmax_in_fp32(module: torch.nn.Module) -> Iterator[int]:
     """While open, every attention layer of `module` that computes its probabilities explicitly (the P2P graph's
-    processors, through `icdcli.p2p.attention_probabilities`) takes the softmax in fp32 (`upcast_softmax`); fused
-    attention ignores the flag. Restored afterwards. Yields how many layers it set."""
+    processors, through `icdcli.diffusion.p2p.attention_probabilities`) takes the softmax in fp32 (`upcast_softmax`);
+    fused attention ignores the flag. Restored afterwards. Yields how many layers it set."""
     changed = []
     for layer in module.modules():
         if getattr(layer, "upcast_softmax", None) is False:
@@ -616,7 +615,7 @@ def plan_graphs(
         names = [spec.name for spec in inputs]
         spec = GraphSpec(role, f"{role}.onnx", inputs, outputs, guidance)
         planned.append((spec, partial(_graph, UNetGraph, unet, dtype, names, guidance)))
-    from icdcli.models import SDXL
+    from icdcli.models.runtime import SDXL
 
     if p2p if p2p is not None else model.info.family != SDXL:
         latent_side = model.info.native_size // model.vae_scale_factor
@@ -686,7 +685,7 @@ def export_model(
     fingerprint = model_fingerprint(model)
     key = model_key(model.info.name, fingerprint, precision)
     if out_dir is None:
-        from .manifest import export_root
+        from icdcli.export.manifest import export_root
 
         out_dir = export_root() / key
     optimize = precision == "fp32" if optimize is None else optimize
@@ -743,7 +742,7 @@ def add_graphs(
     """Export only the graphs `names` of `model` into its existing export `folder` (the teacher, when a later
     `--sampler ddim` needs it) and record them in the manifest, written last and atomically: the graphs
     already there are neither traced again nor touched."""
-    from icdcli.atomic import atomic_path
+    from icdcli.io.atomic import atomic_path
 
     say = progress or (lambda message: None)
     folder = Path(folder)

@@ -16,7 +16,7 @@ except PackageNotFoundError:  # a source tree run without installing
     __version__ = "unknown"
 
 if TYPE_CHECKING:
-    from .pipeline import ICDEditOutput, ICDEditPipeline
+    from icdcli.pipeline import ICDEditOutput, ICDEditPipeline
 
 _LAZY = {"ICDEditPipeline": "pipeline", "ICDEditOutput": "pipeline"}
 __all__ = ["ICDEditOutput", "ICDEditPipeline", "__version__"]

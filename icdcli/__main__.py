@@ -1,5 +1,5 @@
 """`python -m icdcli`: the same as the `icd` command."""
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 main(prog_name="icd")

@@ -7,7 +7,7 @@
 
 Defaults, methods and backends are the command line's: the model's edit recipe under whatever the
 call gives, the same P2P settings, the same image fitting, and a list of images is edited in batches
-through `icdcli.editing.edit_batch`, as `icd edit` edits several; `icd edit` and this class give the same
+through `icdcli.diffusion.editing.edit_batch`, as `icd edit` edits several; `icd edit` and this class give the same
 pixels for the same settings. What diffusers users reach for is here too: `torch_dtype`, `.to()`,
 `.device` / `.dtype`, `generator`, `callback_on_step_end`, `set_progress_bar_config`, `from_pipe`, and an
 output that indexes like a list of images.
@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, overload
 
 from PIL import Image
 
-from .recipe import P2POptions, ResolvedEdit, resolve_edit
+from icdcli.diffusion.recipe import P2POptions, ResolvedEdit, resolve_edit
 
 if TYPE_CHECKING:
     import torch
 
-    from .editing import EditJob, Inversion
-    from .model_api import EditModel
+    from icdcli.diffusion.editing import EditJob, Inversion
+    from icdcli.models.api import EditModel
 
 StepEndCallback = Callable[[Any, int, int, dict[str, Any]], "dict[str, Any] | None"]
 """`callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`, as diffusers calls it after each step."""
@@ -105,9 +105,9 @@ class ICDEditPipeline:
         """
         import torch
 
-        from .models import resolve_device
-        from .quiet import libraries_quieted
-        from .sources import ModelRequest, load_requested_model
+        from icdcli.core.quiet import libraries_quieted
+        from icdcli.models.runtime import resolve_device
+        from icdcli.models.sources import ModelRequest, load_requested_model
 
         chosen = _dtype(_one_dtype(torch_dtype, dtype))
         target = resolve_device(device)
@@ -117,7 +117,7 @@ class ICDEditPipeline:
             loaded.to(target, chosen)
         if backend == "torch":
             return cls(loaded, backend)
-        from .accelerated import accelerate, select_backend
+        from icdcli.backends.accelerated import accelerate, select_backend
 
         backend = select_backend(backend, device=loaded.device)
         return cls(accelerate(loaded, backend), backend)
@@ -140,8 +140,8 @@ class ICDEditPipeline:
         The VAE, text encoder(s) and tokenizer(s) are the pipeline's own modules, shared, not copied: this class
         sets them to eval mode without gradients, and moving either pipeline moves them for both. The forward and
         reverse UNets are new: each LoRA fused into a copy of the teacher UNet, as `icd` fuses released files
-        (`icdcli.models.build_teacher_unet`, `icdcli.lora.fuse_lora`), in the pipeline UNet's dtype and on its
-        device. The edit recipe is the family's release recipe.
+        (`icdcli.models.runtime.build_teacher_unet`, `icdcli.models.lora.fuse_lora`), in the pipeline UNet's dtype and
+        on its device. The edit recipe is the family's release recipe.
 
         Args:
             pipeline: the diffusers pipeline (its `vae`, `unet`, `text_encoder`, `tokenizer`, and for SDXL
@@ -157,12 +157,19 @@ class ICDEditPipeline:
         import copy
         import tempfile
 
-        from .errors import ModelSourceError
-        from .identity import made_from
-        from .lora import fuse_lora, read_lora
-        from .models import ICDModel, LoraSources, ModelInfo, _describe, build_teacher_unet, check_weights
-        from .quiet import libraries_quieted
-        from .recipe import SD15, SDXL
+        from icdcli.core.errors import ModelSourceError
+        from icdcli.core.quiet import libraries_quieted
+        from icdcli.diffusion.recipe import SD15, SDXL
+        from icdcli.models.identity import made_from
+        from icdcli.models.lora import fuse_lora, read_lora
+        from icdcli.models.runtime import (
+            ICDModel,
+            LoraSources,
+            ModelInfo,
+            _describe,
+            build_teacher_unet,
+            check_weights,
+        )
 
         family = SDXL if getattr(pipeline, "text_encoder_2", None) is not None else SD15
         suffixes = ("", "_2") if family == SDXL else ("",)
@@ -242,8 +249,8 @@ class ICDEditPipeline:
         """
         import torch
 
-        from .models import resolve_device
-        from .quiet import libraries_quieted
+        from icdcli.core.quiet import libraries_quieted
+        from icdcli.models.runtime import resolve_device
 
         for arg in args:
             if isinstance(arg, torch.dtype) or (isinstance(arg, str) and _named_dtype(arg) is not None):
@@ -255,7 +262,7 @@ class ICDEditPipeline:
         target = self.device if device is None else resolve_device(str(device))
         move = getattr(self.model, "to", None)  # an ICDModel's; an accelerated model's says why it cannot
         if move is None:
-            from .errors import ICDError
+            from icdcli.core.errors import ICDError
 
             raise ICDError(f"a model on {self.backend} cannot move: load it where it should run")
         with libraries_quieted():
@@ -299,7 +306,7 @@ class ICDEditPipeline:
     ) -> ICDEditOutput:
         """Edit `image` (or each of a list) from `source_prompt` to `target_prompt`.
 
-        A list of images is edited in batches of one working size (`icdcli.editing.edit_batch`, as `icd edit`
+        A list of images is edited in batches of one working size (`icdcli.diffusion.editing.edit_batch`, as `icd edit`
         edits several): each image's result is the one it would have alone.
 
         Args:
@@ -323,7 +330,7 @@ class ICDEditPipeline:
                 `latents` in it replaces them (same shape). With several batches, each runs its own steps.
             callback_on_step_end_tensor_inputs: which tensors the callback gets: `latents`.
         """
-        from .editing import EditJob, working_size
+        from icdcli.diffusion.editing import EditJob, working_size
 
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
@@ -368,14 +375,14 @@ class ICDEditPipeline:
         return ICDEditOutput([picture for picture in edited if picture is not None], settings, seeds)
 
     def _edit(self, jobs: list[EditJob], settings: ResolvedEdit, on_step: Any) -> list[Image.Image | Exception]:
-        from .editing import edit_batch
+        from icdcli.diffusion.editing import edit_batch
 
         if on_step is None:  # the command line's call, exactly
             return edit_batch(self.model, jobs, settings=settings.sampling)
         return edit_batch(self.model, jobs, settings=settings.sampling, callback=on_step)
 
     def _batch(self, size: tuple[int, int], given: int | None) -> int:
-        from .batch import default_batch_size
+        from icdcli.run.batch import default_batch_size
 
         if given is not None:
             if given < 1:
@@ -385,7 +392,7 @@ class ICDEditPipeline:
 
     def _decode_timesteps(self, settings: ResolvedEdit) -> list[int]:
         """The timestep each decode step starts from."""
-        from .sampler import p2p_pairs
+        from icdcli.diffusion.sampler import p2p_pairs
 
         ddim = settings.sampling.sampler == "ddim"
         pairs = p2p_pairs(None if ddim else self.model.info.reverse_boundaries, settings.sampling.ddim_steps)
@@ -399,8 +406,8 @@ class ICDEditPipeline:
         tensor_inputs: list[str],
         p2p: bool,
     ) -> Callable[[int, int, torch.Tensor], None] | None:
-        """The sampler's step callback (`icdcli.sampler.StepCallback`) that advances `bar` and calls `callback`
-        diffusers' way; None when neither would do anything."""
+        """The sampler's step callback (`icdcli.diffusion.sampler.StepCallback`) that advances `bar` and calls
+        `callback` diffusers' way; None when neither would do anything."""
         if callback is None and bar.disable:
             return None
 
@@ -434,7 +441,7 @@ class ICDEditPipeline:
         ddim_steps: int = 50,
     ) -> Inversion:
         """Invert `image` under `prompt` (what it shows) once, to edit it many times with `edit`
-        (`icdcli.editing.invert_for_edit`).
+        (`icdcli.diffusion.editing.invert_for_edit`).
 
         Args:
             image: a PIL image, any size.
@@ -442,7 +449,7 @@ class ICDEditPipeline:
             seed, generator: the seed of the noise added before inversion, as a call takes them; None: the recipe's.
             sampler: `icd`, or `ddim` for the teacher's DDIM inversion (`ddim_steps`).
         """
-        from .editing import invert_for_edit
+        from icdcli.diffusion.editing import invert_for_edit
 
         seeds = _generator_seeds(generator, 1)
         if seeds is not None and seed is not None:
@@ -465,7 +472,7 @@ class ICDEditPipeline:
         unguided: str = "source",
     ) -> ICDEditOutput:
         """Edit an inversion (`invert`) to `target_prompt`: the decode alone, the pixels a whole call with the same
-        settings gives (`icdcli.editing.edit_inversion`). The sampler and seed are the inversion's.
+        settings gives (`icdcli.diffusion.editing.edit_inversion`). The sampler and seed are the inversion's.
 
         Args:
             inversion: what `invert` returned, from this pipeline's model.
@@ -473,7 +480,7 @@ class ICDEditPipeline:
             method, guidance, tau, p2p: as a call takes them; None: the recipe's.
             unguided: prompt swap: the prompt of the unguided steps, `source` (preserves more) or `target`.
         """
-        from .editing import edit_inversion
+        from icdcli.diffusion.editing import edit_inversion
 
         info, made = self.model.info, inversion.settings
         settings = resolve_edit(info.edit, info.generate_guidance, sampler=made.sampler, method=method,

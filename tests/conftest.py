@@ -38,7 +38,7 @@ def sdxl_parts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def merged_dir(sd15_parts, tmp_path_factory) -> Path:
     """A merged-model folder (with teacher) made from the tiny SD1.5 parts."""
-    from icdcli.models import LoraSources, fuse_lora_model
+    from icdcli.models.runtime import LoraSources, fuse_lora_model
 
     sources = LoraSources(sd15_parts.base, sd15_parts.teacher_pt, sd15_parts.forward_lora, sd15_parts.reverse_lora)
     folder = tmp_path_factory.mktemp("merged") / "tiny-sd15"
@@ -48,7 +48,7 @@ def merged_dir(sd15_parts, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def merged_model(merged_dir):
-    from icdcli.models import load_merged
+    from icdcli.models.runtime import load_merged
 
     return load_merged(merged_dir, need_teacher=True)
 
@@ -56,7 +56,7 @@ def merged_model(merged_dir):
 @pytest.fixture(scope="module")
 def module_model(merged_dir):
     """The tiny merged model, loaded once per test module (its tests may change it: processors, execution)."""
-    from icdcli.models import load_merged
+    from icdcli.models.runtime import load_merged
 
     return load_merged(merged_dir, need_teacher=True)
 
@@ -64,7 +64,7 @@ def module_model(merged_dir):
 @pytest.fixture
 def one_model(module_model, monkeypatch):
     """Every command of the test loads this one model instead of reading it from disk again."""
-    import icdcli.sources
+    import icdcli.models.sources
 
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", lambda *args, **kwargs: module_model)
+    monkeypatch.setattr(icdcli.models.sources, "load_requested_model", lambda *args, **kwargs: module_model)
     return module_model

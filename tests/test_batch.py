@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.batch import (
+from icdcli.cli.main import main
+from icdcli.run.batch import (
     Item,
     Shard,
     decide,
@@ -26,8 +27,7 @@ from icdcli.batch import (
     shard_of,
     with_prompts,
 )
-from icdcli.cli import main
-from icdcli.planning import plan_items
+from icdcli.run.planning import plan_items
 
 PROMPTS = ["--src", "a cat", "--tgt", "a dog"]
 
@@ -381,7 +381,7 @@ def test_unreadable_and_non_utf8_names_and_damaged_weights(merged_dir, tmp_path,
 
 
 def test_long_prompt_warning_says_where_it_was_cut(merged_model, caplog):
-    from icdcli.models import warn_if_truncated
+    from icdcli.models.runtime import warn_if_truncated
 
     words = " ".join(f"w{i}" for i in range(200))
     with caplog.at_level("WARNING", logger="icd"):
@@ -391,7 +391,7 @@ def test_long_prompt_warning_says_where_it_was_cut(merged_model, caplog):
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale_and_returned_at_its_size(merged_dir, tmp_path):
-    from icdcli.images import load_image, original_size
+    from icdcli.io.images import load_image, original_size
 
     gradient = np.linspace(0, 255, 3000, dtype=np.uint8)[None, :, None].repeat(2000, 0).repeat(3, 2)
     Image.fromarray(gradient).save(tmp_path / "huge.jpg", quality=70)
@@ -408,7 +408,7 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tm
     for index in range(12):  # noise photos large enough that each takes a noticeable time to read and write
         _photo(photos / f"p{index:02d}.png", 640, 480, seed=index)
     out = tmp_path / "out"
-    icd = [sys.executable, "-c", "from icdcli.cli import main; main()"]
+    icd = [sys.executable, "-c", "from icdcli.cli.main import main; main()"]
     # batches of 2 after the first image: Ctrl-C finishes the batch in the networks, and 11 would be all the rest
     command = [*icd, "edit", str(photos), "-o", str(out), *PROMPTS, "--model", str(merged_dir), "--json",
                "--batch-size", "2"]  # fmt: skip
@@ -437,7 +437,7 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tm
 
 def _icd_process(command, **options):
     env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    icd = [sys.executable, "-c", "from icdcli.cli import main; main()"]
+    icd = [sys.executable, "-c", "from icdcli.cli.main import main; main()"]
     return subprocess.Popen([*icd, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             **options)  # fmt: skip
 
@@ -550,8 +550,8 @@ def test_damaged_onnx_file_says_what_to_do(tmp_path):
     pytest.importorskip("onnxruntime")
     import torch
 
+    from icdcli.core.errors import ICDError
     from icdcli.engines.onnxruntime import OrtGraph
-    from icdcli.errors import ICDError
 
     junk = tmp_path / "export" / "reverse_unet.onnx"
     junk.parent.mkdir()
@@ -566,9 +566,9 @@ def test_an_exported_graph_with_a_changed_byte_is_reported_at_load(tmp_path):
     pytest.importorskip("onnxruntime")
     import torch
 
-    from icdcli.digests import files_sha256
+    from icdcli.core.digests import files_sha256
+    from icdcli.core.errors import ICDError
     from icdcli.engines.onnxruntime import OrtGraph
-    from icdcli.errors import ICDError
     from icdcli.export.manifest import GraphSpec
 
     graph = tmp_path / "export" / "vae_decoder.onnx"
@@ -584,12 +584,12 @@ def test_an_exported_graph_with_a_changed_byte_is_reported_at_load(tmp_path):
 
 
 def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):
-    from icdcli import claims
+    from icdcli.run import claims
 
     output = tmp_path / "x-edit.png"
     mine = claims.claim(output)
     assert mine is not None and claims.claim_owner(output) == str(os.getpid())
-    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from icdcli.claims import "
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from icdcli.run.claims import "
                             f"claim; sys.exit(0 if claim(Path({str(output)!r})) is None else 1)"])  # fmt: skip
     assert other.returncode == 0  # another process cannot claim what this one holds
     assert claims.sweep(tmp_path) == []  # a held claim is not stale

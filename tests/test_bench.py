@@ -53,7 +53,7 @@ def test_bench_commands_print_json(merged_dir):
 
     from click.testing import CliRunner
 
-    from icdcli.cli import main
+    from icdcli.cli.main import main
 
     inversion = CliRunner().invoke(main, ["bench", "inversion", "--model", str(merged_dir), "--limit", "2", "--json"])
     assert inversion.exit_code == 0, inversion.output
@@ -81,7 +81,7 @@ def test_bench_latency_json(merged_dir):
     import pytest
     from click.testing import CliRunner
 
-    from icdcli.cli import main
+    from icdcli.cli.main import main
 
     pytest.importorskip("onnxruntime")
     # pinned to the CPU, where TensorRT cannot run (on a GPU it would be timed, not skipped)
@@ -108,7 +108,7 @@ def test_bench_inversion_lpips_column(merged_dir, tmp_path):
     from click.testing import CliRunner
     from test_pie import _lpips_file
 
-    from icdcli.cli import main
+    from icdcli.cli.main import main
 
     weights = _lpips_file(tmp_path)
     result = CliRunner().invoke(

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from icdcli.bench import gpu as bench_gpu_module
 from icdcli.bench.gpu import NOT_REACHED, STARTED, GpuOptions, bench_gpu
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 SMALL = ["--device", "cpu", "--width-scale", "0.125", "--size", "128", "--repeats", "1", "--eval-repeats", "1"]
 
@@ -195,24 +195,24 @@ def test_execution_modes_come_from_torch_speed_when_it_is_there(monkeypatch):
             self.modes.append(execution)
             return self
 
-    speed = types.ModuleType("icdcli.torch_speed")
+    speed = types.ModuleType("icdcli.backends.torch_speed")
     speed.TorchExecution = types.SimpleNamespace(from_mode=lambda mode: f"execution {mode}")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "icdcli.torch_speed", speed)
+    monkeypatch.setitem(sys.modules, "icdcli.backends.torch_speed", speed)
     model = Model()
     assert set_mode(model, "graphs") is None and set_mode(model, "eager") is None
     assert model.modes == ["execution graphs", "execution eager"]
     assert set_mode(object(), "compile") == NO_MODES and set_mode(object(), "eager") is None
-    monkeypatch.setitem(sys.modules, "icdcli.torch_speed", None)  # a build without the module
+    monkeypatch.setitem(sys.modules, "icdcli.backends.torch_speed", None)  # a build without the module
     assert set_mode(model, "compile") == NO_MODES
 
 
 def test_graph_mode_rows_run_and_a_p2p_row_gives_the_attention_back():
     """The rows' measuring under CUDA-graph bookkeeping (replayed eagerly off CUDA: `anywhere`), and the reverse
     UNet's own attention processors back after a P2P row, so the next mode's rows run what the first ones ran."""
+    from icdcli.backends.torch_speed import TorchExecution
     from icdcli.bench.gpu import Budget, Clocked, build_model, default_attention, measure_edit, measure_eval
     from icdcli.bench.scale_models import scale_tokenizer
-    from icdcli.p2p import has_p2p_processors
-    from icdcli.torch_speed import TorchExecution
+    from icdcli.diffusion.p2p import has_p2p_processors
 
     built = build_model("sd15", width=0.125, size=128, device=torch.device("cpu"), dtype=torch.float32, seed=2,
                         reference=False, tokenizer=scale_tokenizer())  # fmt: skip

@@ -9,9 +9,9 @@ from transformers import AutoTokenizer
 from icdcli.bench.inversion import bench_inversion
 from icdcli.bench.scenes import edit_pairs, heldout_scenes, source_attention_maps, word_region
 from icdcli.bench.shapes_edit import EDIT_METHODS, bench_localisation, bench_shapes_edit, blend_on_edited_word, mask_iou
-from icdcli.editing import SamplerSettings
-from icdcli.p2p import P2PSettings
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.diffusion.editing import SamplerSettings
+from icdcli.diffusion.p2p import P2PSettings
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.training.scenes import render_batch
 
 CAPTION = "a red circle on a blue background"
@@ -19,7 +19,7 @@ CAPTION = "a red circle on a blue background"
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    from icdcli.models import load_model_folder
+    from icdcli.models.runtime import load_model_folder
 
     with pytest.MonkeyPatch.context() as patch:  # the fused model goes to a cache of this module's own
         patch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("icd-cache")))
@@ -35,7 +35,7 @@ def _blob_maps(tokenizer, word: str, inside: np.ndarray, *, side: int) -> torch.
     """(side^2, L) maps where `word`'s tokens attend only inside `inside` (side x side) and every other token evenly."""
     length = tokenizer.model_max_length
     maps = torch.full((side * side, length), 1.0 / length)
-    from icdcli.p2p import word_indicator
+    from icdcli.diffusion.p2p import word_indicator
 
     tokens = word_indicator(tokenizer, CAPTION, [word]).bool()
     maps[:, tokens] = torch.from_numpy(inside.reshape(-1, 1).astype(np.float32))

@@ -8,8 +8,8 @@ import time
 
 from click.testing import CliRunner
 
-from icdcli.cli import main
-from icdcli.paths import USED_MARKER, cache_root
+from icdcli.cli.main import main
+from icdcli.core.paths import USED_MARKER, cache_root
 
 
 def _entry(kind: str, key: str, name: str, days_old: float, size: int = 1000) -> None:
@@ -50,7 +50,7 @@ def test_a_marker_refreshes_last_use():
 
 
 def test_loading_a_cached_fused_model_marks_it_used(sd15_parts):
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     request = ModelRequest(None, str(sd15_parts.base), str(sd15_parts.teacher_pt), str(sd15_parts.forward_lora),
                            str(sd15_parts.reverse_lora))  # fmt: skip
@@ -65,7 +65,7 @@ def test_a_model_that_runs_in_float16_is_cached_in_float16(sd15_parts):
     import torch
     from safetensors import safe_open
 
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     parts = (
         str(sd15_parts.base),

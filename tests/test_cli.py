@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 
 def _photo(path, width=40, height=24, seed=0):
@@ -27,7 +27,7 @@ def _listing(folder):
 
 def test_help_imports_nothing_heavy():
     code = (
-        "import sys; from click.testing import CliRunner; from icdcli.cli import main;"
+        "import sys; from click.testing import CliRunner; from icdcli.cli.main import main;"
         "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output;"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'tensorrt') if m in sys.modules];"
         "print(','.join(heavy))"
@@ -219,7 +219,7 @@ def test_unwritable_output_folder(merged_dir, tmp_path, monkeypatch):
 
 
 def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
-    monkeypatch.setattr("icdcli.sources.DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setattr("icdcli.models.sources.DEFAULT_MODEL_DIR", tmp_path / "absent")
     result = _run("edit", _photo(tmp_path / "p.png"), "--src", "a cat", "--tgt", "a dog")
     assert result.exit_code == 1 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -257,8 +257,8 @@ def _strict_lines(result):
 
 
 def test_generate_and_invert_replace_only_what_icd_made_with_the_same_parameters(merged_dir, tmp_path):
-    from icdcli.images import read_record
-    from icdcli.outputs import read_latent_record
+    from icdcli.io.images import read_record
+    from icdcli.run.outputs import read_latent_record
 
     photo = _photo(tmp_path / "photo.png")
     foreign = {name: tmp_path / name for name in ("mine.png", "mine.safetensors", "back.png")}
@@ -368,12 +368,12 @@ def test_an_unwritable_cache_says_what_to_set_and_falls_back_once(merged_dir, tm
     [((4096, 4096), "the largest square this machine can make is about"), ((18, 16), "multiples of 4")],
 )
 def test_sizes_are_checked_before_the_model_loads(merged_dir, tmp_path, monkeypatch, size, message):
-    import icdcli.sources
+    import icdcli.models.sources
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", no_loading)
+    monkeypatch.setattr(icdcli.models.sources, "load_requested_model", no_loading)
     result = _run("generate", "a cat", "--model", merged_dir, "--width", size[0], "--height", size[1], "-o",
                   tmp_path / "g.png", "--device", "cpu")  # fmt: skip
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
@@ -381,7 +381,7 @@ def test_sizes_are_checked_before_the_model_loads(merged_dir, tmp_path, monkeypa
 
 
 def test_the_largest_square_fits_and_the_next_does_not():
-    from icdcli.limits import Sizes, largest_square, needed_bytes
+    from icdcli.run.limits import Sizes, largest_square, needed_bytes
 
     sizes = Sizes(512, 64, 8)
     for budget in (2**30, 16 * 2**30, 80 * 2**30):
@@ -419,7 +419,7 @@ def test_messages_say_what_is_wrong_with_links_prompts_frames_and_unknown_words(
 
 
 def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
-    from icdcli.atomic import atomic_folder
+    from icdcli.io.atomic import atomic_folder
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -461,7 +461,7 @@ def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_di
 
 
 def test_staging_folders_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
-    from icdcli.atomic import atomic_folder
+    from icdcli.io.atomic import atomic_folder
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)  # fmt: skip

@@ -8,8 +8,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from icdcli.cli import main
-from icdcli.cli_train import variant_settings
+from icdcli.cli.main import main
+from icdcli.cli.train import variant_settings
 
 
 def test_variant_settings():
@@ -86,7 +86,7 @@ def test_a_missing_package_is_one_line_that_says_what_to_install(tmp_path, monke
 def test_ctrl_c_during_a_smoke_run_saves_and_exits_130(tmp_path):
     """A real SIGINT to `icd train --smoke` while its first stage trains: a checkpoint, the resume command, 130."""
     run = tmp_path / "run"
-    command = [sys.executable, "-c", "from icdcli.cli import main; main()", "train", str(run), "--smoke"]
+    command = [sys.executable, "-c", "from icdcli.cli.main import main; main()", "train", str(run), "--smoke"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
@@ -155,7 +155,7 @@ def test_v2_preset_has_step_targets_and_no_time_caps():
 def test_train_v2_smoke_runs_in_the_cache_and_packages_a_16x16_latent_model(tmp_path, monkeypatch):
     from PIL import Image
 
-    from icdcli.models import load_model_folder
+    from icdcli.models.runtime import load_model_folder
     from icdcli.training.scenes import Scene
 
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "cache"))

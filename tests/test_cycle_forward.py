@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.errors import ModelSourceError
-from icdcli.sampler import icd_encode
-from icdcli.schedule import NoiseSchedule, parse_boundaries, validate_boundaries
-from icdcli.sources import DEFAULT_MODEL_DIR, PRESETS, ModelRequest, load_requested_model
+from icdcli.cli.main import main
+from icdcli.core.errors import ModelSourceError
+from icdcli.diffusion.sampler import icd_encode
+from icdcli.diffusion.schedule import NoiseSchedule, parse_boundaries, validate_boundaries
+from icdcli.models.sources import DEFAULT_MODEL_DIR, PRESETS, ModelRequest, load_requested_model
 
 CYCLE_FILE = "finetuned_forward_model.safetensors"
 CYCLE = (0, 259, 519, 779)

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli.accelerated import AcceleratedModel, BackendFacts, accelerate, choose_backend, select_backend
-from icdcli.denoiser import Conditioning, ControlledEps, PromptEmbedding, UNetDenoiser
-from icdcli.editing import SamplerSettings, edit, generate
+from icdcli.backends.accelerated import AcceleratedModel, BackendFacts, accelerate, choose_backend, select_backend
+from icdcli.core.errors import ICDError
+from icdcli.diffusion.denoiser import Conditioning, ControlledEps, PromptEmbedding, UNetDenoiser
+from icdcli.diffusion.editing import SamplerSettings, edit, generate
 from icdcli.engines import tensorrt as trt_engine
 from icdcli.engines.base import GraphDenoiser, ShapeNotCovered
-from icdcli.errors import ICDError
 from icdcli.export.manifest import P2P_CONTROL_INPUTS, GraphSpec, Manifest, TensorSpec
 
 PIXEL_LEVELS = 2
@@ -120,9 +120,9 @@ def test_cfg_model_runs_batch_two_on_guided_steps(merged_model, tmp_path_factory
 
 @onnx_needed
 def test_export_on_first_use_only(merged_model, caplog, monkeypatch, tmp_path):
-    import icdcli.accelerated as accelerated
+    import icdcli.backends.accelerated as accelerated
     from icdcli import export as export_package
-    from icdcli.models import ICDModel
+    from icdcli.models.runtime import ICDModel
 
     calls = []
 
@@ -143,7 +143,7 @@ def test_export_on_first_use_only(merged_model, caplog, monkeypatch, tmp_path):
     assert len(calls) == 1 and folder == again
     assert "to ONNX (first use)" in caplog.text
     assert folder.parent.name == "onnx" and folder.name.endswith("-fp32")
-    from icdcli.cli_export import describe_cache
+    from icdcli.cli.export import describe_cache
 
     listed = describe_cache()["onnx"]
     assert [entry["path"] for entry in listed] == [str(folder)] and listed[0]["complete"]
@@ -177,7 +177,7 @@ class FakeTorch:
 
 
 def _control(length: int = 3, blend_queries: int | None = 4):
-    from icdcli.p2p import StepControl
+    from icdcli.diffusion.p2p import StepControl
 
     ones = torch.ones(length)
     return StepControl(ones, ones, torch.eye(length), ones, torch.ones(1), blend_queries=blend_queries)
@@ -241,7 +241,7 @@ def test_uncovered_shapes_fall_back_and_folded_graph_refuses_guidance():
 
 
 def test_embedding_graph_gets_the_guidance_embedding():
-    from icdcli.denoiser import guidance_scale_embedding
+    from icdcli.diffusion.denoiser import guidance_scale_embedding
 
     captured = {}
     denoiser = GraphDenoiser(lambda feeds: captured.update(feeds) or {"eps": feeds["sample"]}, fake_spec("embedding"))
@@ -345,7 +345,7 @@ def test_one_engine_per_graph_with_native_batched_landscape_and_portrait_profile
 @pytest.mark.parametrize("native, multiple", [(512, 64), (1024, 64), (32, 16), (512, 8)])
 def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
     """Every working size of a photo up to 4:1 either way lies in a profile of the VAE and of the UNets (item 1)."""
-    from icdcli.images import fit_size
+    from icdcli.io.images import fit_size
 
     manifest = tiny_manifest()
     manifest.info.update(native_size=native, size_multiple=multiple)
@@ -372,7 +372,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
 
 
 def test_photos_thinner_than_the_profiles_are_not_covered():
-    from icdcli.images import fit_size
+    from icdcli.io.images import fit_size
 
     profiles = request_of(trt_engine.plan_engines(tiny_manifest()), "vae_encoder").profiles
     w, h = fit_size(8000, 1000, native_size=512, multiple=64)
@@ -588,7 +588,7 @@ real_tensorrt = pytest.mark.skipif(
 
 @real_tensorrt
 def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
-    from icdcli.models import load_merged
+    from icdcli.models.runtime import load_merged
 
     model = load_merged(merged_dir, need_teacher=False).to("cuda", torch.float16)
     fast = accelerate(model, "tensorrt")
@@ -605,7 +605,7 @@ def test_tensorrt_edit_matches_torch(merged_dir, tmp_path_factory):
 def test_tensorrt_export_check(merged_dir, tmp_path):
     from click.testing import CliRunner
 
-    from icdcli.cli_export import export
+    from icdcli.cli.export import export
 
     out = tmp_path / "trt"
     arguments = ["--model", str(merged_dir), "--out", str(out), "--backend", "tensorrt", "--device", "cuda", "--check"]
@@ -620,7 +620,7 @@ def test_tensorrt_export_check(merged_dir, tmp_path):
 def test_export_command_help_and_tensorrt_error():
     from click.testing import CliRunner
 
-    from icdcli.cli_export import export
+    from icdcli.cli.export import export
 
     runner = CliRunner()
     result = runner.invoke(export, ["--help"])
@@ -634,7 +634,7 @@ def test_export_command_help_and_tensorrt_error():
 def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     from click.testing import CliRunner
 
-    from icdcli.cli_export import export
+    from icdcli.cli.export import export
     from icdcli.export import read_manifest
 
     out = tmp_path / "onnx-out"
@@ -738,7 +738,7 @@ class MovingModule:
 
 
 def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when_needed():
-    from icdcli.accelerated import OffloadingFallback
+    from icdcli.backends.accelerated import OffloadingFallback
 
     unet, torch_denoiser = MovingModule(), FakeTorch(lambda x: x * 0 - 1)
     fallback = OffloadingFallback(torch_denoiser, unet, torch.device("cuda", 1), "reverse")
@@ -766,8 +766,8 @@ def test_export_command_for_tensorrt_saves_its_sizes_and_builds_every_graph(merg
     """The CLI wiring of `icd export --backend tensorrt` (TensorRT itself stubbed: the fake-module tests cover it)."""
     from click.testing import CliRunner
 
-    import icdcli.accelerated as accelerated
-    from icdcli.cli_export import export
+    import icdcli.backends.accelerated as accelerated
+    from icdcli.cli.export import export
     from icdcli.export.manifest import read_engine_sizes
 
     monkeypatch.setattr(accelerated, "probe_backends", lambda device=None: facts(cuda=True, tensorrt=True))
@@ -792,7 +792,7 @@ def read_manifest_of(folder):
 def test_export_batch_option_takes_a_count_or_auto():
     import click
 
-    from icdcli.cli_export import BatchType
+    from icdcli.cli.export import BatchType
 
     assert BatchType().convert("4", None, None) == 4 and BatchType().convert("AUTO", None, None) == "auto"
     for bad in ("0", "two", "1.5"):

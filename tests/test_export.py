@@ -19,7 +19,7 @@ import torch
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (pip install 'icd[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="comparisons need onnxruntime (pip install 'icd[onnx]')")
 
-from icdcli.denoiser import guidance_scale_embedding  # noqa: E402
+from icdcli.diffusion.denoiser import guidance_scale_embedding  # noqa: E402
 from icdcli.export import export_model, model_fingerprint, read_manifest, stale_reason  # noqa: E402
 from icdcli.export.files import atomic_folder, file_lock  # noqa: E402
 from icdcli.export.manifest import DEFAULT_OPSET, GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED  # noqa: E402
@@ -44,7 +44,7 @@ def exported(tmp_path_factory, model, name: str, precision: str = "fp32") -> Pat
 
 
 def sdxl_model(sdxl_parts):
-    from icdcli.models import LoraSources, fuse_lora_model
+    from icdcli.models.runtime import LoraSources, fuse_lora_model
 
     parts = sdxl_parts
     return fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
@@ -54,7 +54,7 @@ def cfg_model(merged_model):
     """An SD1.5 model whose UNets have no guidance distillation (real CFG, batch 2 on guided steps)."""
     from tiny import make_teacher
 
-    from icdcli.models import ICDModel, ModelInfo
+    from icdcli.models.runtime import ICDModel, ModelInfo
 
     info = ModelInfo.from_json({**merged_model.info.to_json(), "guidance_distilled": False, "name": "tiny-cfg"})
     forward, reverse = make_teacher("sd15", 21, False), make_teacher("sd15", 22, False)
@@ -103,7 +103,7 @@ def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
 
 
 def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merged_model):
-    from icdcli.digests import files_sha256
+    from icdcli.core.digests import files_sha256
 
     data = json.loads((sd15_export / "manifest.json").read_text())
     assert data["precision"] == "fp32" and data["opset"] == DEFAULT_OPSET
@@ -399,7 +399,7 @@ def test_stale_reason_for_fp32_norm():
 def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
     from click.testing import CliRunner
 
-    from icdcli.cli_export import export
+    from icdcli.cli.export import export
 
     out = tmp_path / "checked"
     result = CliRunner().invoke(export, ["--model", str(merged_dir), "--out", str(out), "--no-p2p", "--check"])
@@ -428,7 +428,7 @@ def test_export_check_catches_a_wrong_graph(merged_model, sd15_export, tmp_path)
 def test_export_check_through_a_backends_runners(merged_model, sd15_export):
     """With runners (here ONNX Runtime's, as `--backend tensorrt --check` passes TensorRT's) the graphs run through
     them at the native size, batch 1."""
-    from icdcli.accelerated import torch_fallbacks
+    from icdcli.backends.accelerated import torch_fallbacks
     from icdcli.engines import onnxruntime as ort_engine
     from icdcli.export.check import check_export
 
@@ -469,9 +469,9 @@ def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
 
 def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir, tmp_path):
     """`icd edit` exports without the teacher; a later `--sampler ddim` adds only the teacher's graph."""
-    from icdcli.accelerated import ensure_exported
+    from icdcli.backends.accelerated import ensure_exported
     from icdcli.export.manifest import TEACHER, read_manifest
-    from icdcli.models import load_merged
+    from icdcli.models.runtime import load_merged
 
     folder = tmp_path / "export"
     ensure_exported(load_merged(merged_dir, need_teacher=False), precision="fp32", out_dir=folder)
@@ -547,7 +547,7 @@ def test_ensure_exported_follows_the_fp32_norm_default_and_keeps_an_explicit_cho
     merged_model, tmp_path, monkeypatch
 ):
     import icdcli.export.onnx as onnx_export
-    from icdcli.accelerated import ensure_exported
+    from icdcli.backends.accelerated import ensure_exported
     from icdcli.export.manifest import DEFAULT_FP32_NORM, EXPORT_FORMAT, GraphSpec, Manifest, write_manifest
 
     asked = []
@@ -580,7 +580,7 @@ def test_ensure_exported_follows_the_fp32_norm_default_and_keeps_an_explicit_cho
 def test_fp32_norm_flags_need_an_fp16_export():
     from click.testing import CliRunner
 
-    from icdcli.cli_export import export
+    from icdcli.cli.export import export
 
     for flag in ("--fp32-norm", "--no-fp32-norm"):
         result = CliRunner().invoke(export, [flag, "--precision", "fp32"])

@@ -9,8 +9,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.first_photo import looks_like_a_scene
+from icdcli.cli.main import main
+from icdcli.run.first_photo import looks_like_a_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

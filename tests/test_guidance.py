@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser, guidance_scale_embedding
+from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding, UNetDenoiser, guidance_scale_embedding
 
 
 def test_guidance_embedding_equals_diffusers_lcm():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 
 def _help(command: str) -> str:

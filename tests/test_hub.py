@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from icdcli import hub
-from icdcli.errors import ModelSourceError
-from icdcli.sources import ModelRequest, base_files, load_requested_model
+from icdcli.core.errors import ModelSourceError
+from icdcli.models import hub
+from icdcli.models.sources import ModelRequest, base_files, load_requested_model
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_first_contact_with_a_preset_answers_in_under_two_seconds_before_torch_l
         env.pop("HF_HUB_OFFLINE", None)
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the connection is refused
     code = (
-        "import sys\nfrom icdcli.cli import main\n"
+        "import sys\nfrom icdcli.cli.main import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
         "print('torch imported' if 'torch' in sys.modules else 'torch not imported', code)\n"
     )

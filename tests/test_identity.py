@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from icdcli.digests import file_sha256, file_stamp, files_sha256, json_sha256
-from icdcli.identity import ModelIdentity, model_fingerprint, model_hash
+from icdcli.core.digests import file_sha256, file_stamp, files_sha256, json_sha256
+from icdcli.models.identity import ModelIdentity, model_fingerprint, model_hash
 
 INFO = {"name": "m", "family": "sd15", "forward_boundaries": [19, 259], "reverse_boundaries": [259, 999],
         "guidance_distilled": True, "scaling_factor": 0.18215}  # fmt: skip
@@ -17,7 +17,7 @@ FUSED = ModelIdentity(INFO, {"base": "/some/where", "teacher": "sha256:ab", "rev
 
 
 def test_keys_keep_the_values_they_had_so_caches_and_records_stay_valid():
-    # computed by the three definitions this module replaced (export/manifest.py, icdcli/batch.py)
+    # computed by the three definitions this module replaced (export/manifest.py, icdcli/run/batch.py)
     assert FUSED.fingerprint() == "3a29d4fc81ced45f9243cd8ba4fde0eb26205da639b04ae7aaedb352c9fcaffa"
     assert FUSED.record_hash() == "sha256:fec5942cfa26bf78a049d0730a8ffea566a7a038ab06f5f887891e22f6878bcd"
 
@@ -62,7 +62,7 @@ def test_a_model_in_memory_is_identified_by_its_weights():
 
 
 def test_a_fused_model_and_its_cached_folder_are_one_model(sd15_parts, merged_model, merged_dir):
-    from icdcli.models import LoraSources, fuse_lora_model
+    from icdcli.models.runtime import LoraSources, fuse_lora_model
 
     parts = sd15_parts
     fused = fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))

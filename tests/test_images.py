@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icdcli.images import (
+from icdcli.io.images import (
     ImageInputError,
     atomic_path,
     fit_size,
@@ -90,7 +90,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     Image.new("RGB", (400, 300)).save(tmp_path / "big.png")
-    monkeypatch.setattr("icdcli.images.MAX_IMAGE_PIXELS", 100_000)
+    monkeypatch.setattr("icdcli.io.images.MAX_IMAGE_PIXELS", 100_000)
     with pytest.raises(ImageInputError, match="decompression bomb"):
         load_image(tmp_path / "big.png")
 
@@ -115,7 +115,7 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
 
 
 def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
-    from icdcli.images import read_record
+    from icdcli.io.images import read_record
 
     image = Image.fromarray(_gradient())
     for name in ("out.png", "out.jpg"):
@@ -129,7 +129,7 @@ def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
 def test_atomic_writes_leave_ordinary_file_permissions(tmp_path):
     import os
 
-    from icdcli.atomic import atomic_path
+    from icdcli.io.atomic import atomic_path
 
     target = tmp_path / "out.png"
     with atomic_path(target) as temporary:
@@ -142,9 +142,9 @@ def test_atomic_writes_leave_ordinary_file_permissions(tmp_path):
 def test_outputs_carry_a1111_parameters_and_relative_inputs(tmp_path):
     from click.testing import CliRunner
 
-    from icdcli.cli import main
-    from icdcli.images import read_record
-    from icdcli.sources import DEFAULT_MODEL_DIR
+    from icdcli.cli.main import main
+    from icdcli.io.images import read_record
+    from icdcli.models.sources import DEFAULT_MODEL_DIR
 
     example = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
     photos = tmp_path / "photos"

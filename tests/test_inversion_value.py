@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.editing import (
+from icdcli.cli.main import main
+from icdcli.diffusion.editing import (
     InversionError,
     SamplerSettings,
     edit,
@@ -21,8 +21,8 @@ from icdcli.editing import (
     load_inversion,
     save_inversion,
 )
-from icdcli.images import load_image, read_record
-from icdcli.recipe import P2POptions, resolve_edit
+from icdcli.diffusion.recipe import P2POptions, resolve_edit
+from icdcli.io.images import load_image, read_record
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
@@ -104,7 +104,7 @@ def test_the_source_is_encoded_once_and_every_target_once(model, monkeypatch):
 def test_an_inversion_made_otherwise_is_refused(model, merged_dir):
     from dataclasses import replace
 
-    from icdcli.models import load_merged
+    from icdcli.models.runtime import load_merged
 
     settings = SamplerSettings("icd", 50, 0)
     inversion = invert_for_edit(model, load_image(EXAMPLE), SOURCE, settings)

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from icdcli import graph_model
-from icdcli.accelerated import AcceleratedModel
-from icdcli.cli import main
-from icdcli.cli_common import load_model
-from icdcli.graph_model import DeferredTorchModel, TokenizerJson
-from icdcli.identity import model_hash
-from icdcli.models import ICDModel
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.backends import graph_model
+from icdcli.backends.accelerated import AcceleratedModel
+from icdcli.backends.graph_model import DeferredTorchModel, TokenizerJson
+from icdcli.cli.common import load_model
+from icdcli.cli.main import main
+from icdcli.models.identity import model_hash
+from icdcli.models.runtime import ICDModel
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 SRC, TGT = "a red circle on a blue background", "a yellow circle on a blue background"
@@ -90,7 +90,7 @@ def test_lean_edits_import_no_model_library_and_match_the_full_load(cache, tmp_p
     outputs = {method: (tmp_path / f"lean-{method}.png", tmp_path / f"full-{method}.png") for method in ("swap", "p2p")}
     runs = [edit_args(EXAMPLE, lean, "--method", method) for method, (lean, _) in outputs.items()]
     probe = (
-        "import sys\nfrom click.testing import CliRunner\nfrom icdcli.cli import main\n"
+        "import sys\nfrom click.testing import CliRunner\nfrom icdcli.cli.main import main\n"
         f"for args in {runs!r}:\n"
         "    result = CliRunner().invoke(main, args)\n    assert result.exit_code == 0, result.output\n"
         f"print(','.join(name for name in {MODEL_LIBRARIES!r} if name in sys.modules))"
@@ -129,7 +129,7 @@ def test_a_stale_export_is_not_used(cache):
 def _lean_arguments(*, need_teacher: bool) -> dict:
     import torch
 
-    from icdcli.sources import ModelRequest
+    from icdcli.models.sources import ModelRequest
 
     def must_not_load():
         raise AssertionError("the PyTorch model loaded")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli.editing import SamplerSettings, edit
-from icdcli.memory import AUTO_FRACTION, release_between_stages
-from icdcli.models import load_merged, set_memory_policy
-from icdcli.p2p import P2PSettings
+from icdcli.diffusion.editing import SamplerSettings, edit
+from icdcli.diffusion.p2p import P2PSettings
+from icdcli.models.memory import AUTO_FRACTION, release_between_stages
+from icdcli.models.runtime import load_merged, set_memory_policy
 
 SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
 
@@ -75,7 +75,7 @@ def test_a_released_unet_comes_back_on_the_models_device_and_dtype(merged_dir):
 
 
 def test_a_unet_without_a_folder_is_kept(merged_model):
-    from icdcli.models import ICDModel
+    from icdcli.models.runtime import ICDModel
 
     m = merged_model
     model = ICDModel(m.info, m.vae, m.text_encoders, m.tokenizers, m.forward_unet, m.reverse_unet, source=m.source)
@@ -84,7 +84,7 @@ def test_a_unet_without_a_folder_is_kept(merged_model):
 
 
 def test_onnxruntime_low_memory_closes_sessions_and_keeps_one_reverse_graph_open(merged_dir):
-    from icdcli.accelerated import accelerate
+    from icdcli.backends.accelerated import accelerate
     from icdcli.engines.onnxruntime import OrtGraph
 
     p2p = P2PSettings(cross_replace=0.5, self_replace=0.25)  # control ends early: the plain reverse graph runs after

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from icdcli.metrics import mse, psnr, ssim
+from icdcli.bench.metrics import mse, psnr, ssim
 
 
 def _pair(seed=0, size=32):

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from icdcli.denoiser import Conditioning, PromptEmbedding
-from icdcli.errors import ModelSourceError
-from icdcli.models import MODEL_JSON, LoraSources, load_merged
-from icdcli.recipe import release_guidance
-from icdcli.sources import ModelRequest, load_requested_model
+from icdcli.core.errors import ModelSourceError
+from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
+from icdcli.diffusion.recipe import release_guidance
+from icdcli.models.runtime import MODEL_JSON, LoraSources, load_merged
+from icdcli.models.sources import ModelRequest, load_requested_model
 
 
 def _parts_request(parts, teacher=None, model=None):
@@ -38,7 +38,7 @@ def _probe(model, unet, family):
         ),
         time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]]) if family == "sdxl" else None,
     )
-    from icdcli.denoiser import UNetDenoiser
+    from icdcli.diffusion.denoiser import UNetDenoiser
 
     return UNetDenoiser(unet)(x, 519, cond, guidance=6.0)
 
@@ -73,7 +73,7 @@ def test_fused_model_is_cached_and_reloaded_without_fusing(sd15_parts, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("the cached fused model should have been used")
 
-    monkeypatch.setattr("icdcli.models.fuse_lora_model", refuse)
+    monkeypatch.setattr("icdcli.models.runtime.fuse_lora_model", refuse)
     second = load_requested_model(_parts_request(sd15_parts), need_teacher=True)
     _assert_same_weights(second.reverse_unet, first.reverse_unet, atol=0)
     _assert_same_weights(second.teacher_unet, sd15_parts.teacher, atol=0)

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from close import assert_close_to_scale
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.denoiser import ControlledEps
-from icdcli.editing import SamplerSettings, decode, decode_p2p, invert
-from icdcli.p2p import (
+from icdcli.cli.main import main
+from icdcli.diffusion.denoiser import ControlledEps
+from icdcli.diffusion.editing import SamplerSettings, decode, decode_p2p, invert
+from icdcli.diffusion.p2p import (
     P2PError,
     P2PPlan,
     P2PSettings,
@@ -34,7 +34,7 @@ from icdcli.p2p import (
     self_replace_steps,
     word_token_positions,
 )
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 
 SOURCE = "a red circle on a blue background"
 EXAMPLE = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
@@ -244,7 +244,7 @@ def test_processors_without_control_are_the_fused_attention(merged_model):
 
 @pytest.fixture(scope="module")
 def default_model():
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     return load_requested_model(ModelRequest(None, None, None, None, None), need_teacher=True)
 
@@ -356,7 +356,7 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
     assert result.exit_code == 0, result.output
     line = json.loads(result.stdout.strip().splitlines()[0])
     assert line["method"] == "p2p"
-    from icdcli.images import read_record
+    from icdcli.io.images import read_record
 
     record = read_record(out)
     # the embedded model's recipe, and the flags
@@ -375,17 +375,17 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
 
 
 def test_replace_tail_from_flags_spec_rows_and_records_reaches_the_mapper(tmp_path, monkeypatch):
-    import icdcli.p2p
-    from icdcli.images import read_record
+    import icdcli.diffusion.p2p
+    from icdcli.io.images import read_record
 
     seen = []
-    real = icdcli.p2p.replacement_mapper
+    real = icdcli.diffusion.p2p.replacement_mapper
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("shift_tail", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(icdcli.p2p, "replacement_mapper", spy)
+    monkeypatch.setattr(icdcli.diffusion.p2p, "replacement_mapper", spy)
     target = "a yellow circle on a blue background"
     out = tmp_path / "release.png"
     args = ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", target, "-o", str(out)]
@@ -448,7 +448,7 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     source, target = "a red cat on a blue background", "a green dog on a blue background"
     x0 = model.encode_image(pixels)
-    from icdcli.editing import invert_latents
+    from icdcli.diffusion.editing import invert_latents
 
     latents = invert_latents(model, x0, source, size=(32, 32), settings=SamplerSettings())
     results = []
@@ -460,7 +460,7 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
 
 
 def test_layers_a_step_leaves_alone_keep_the_fused_kernel():
-    from icdcli.p2p import _touches
+    from icdcli.diffusion.p2p import _touches
 
     quiet = replace(_control(), cross_active=False, self_active=False)
     assert not _touches(quiet, True, 64) and not _touches(quiet, False, 64)
@@ -485,8 +485,8 @@ def make_plan_for_steps():
 def test_a_controlled_unet_step_returns_its_maps_once_the_caller_installed_the_processors():
     from tiny import make_teacher
 
-    from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
-    from icdcli.p2p import has_p2p_processors
+    from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+    from icdcli.diffusion.p2p import has_p2p_processors
 
     unet = make_teacher("sd15")
     denoiser = UNetDenoiser(unet)
@@ -551,9 +551,9 @@ class _FakePlan:
 
 
 def test_p2p_runs_in_the_sampler_loop_as_a_denoiser_wrapper_and_a_step_hook():
-    from icdcli.denoiser import Conditioning, PromptEmbedding
-    from icdcli.sampler import ddim_jump, p2p_decode
-    from icdcli.schedule import NoiseSchedule, reverse_pairs
+    from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
+    from icdcli.diffusion.sampler import ddim_jump, p2p_decode
+    from icdcli.diffusion.schedule import NoiseSchedule, reverse_pairs
 
     schedule, pairs = NoiseSchedule.stable_diffusion(), reverse_pairs((259, 519, 779, 999))
     maps = torch.rand(2, 4, 3)

@@ -15,12 +15,12 @@ import torch
 from close import assert_close_to_scale
 from PIL import Image
 
-from icdcli.editing import SamplerSettings, _conditioning, decode_p2p, invert
+from icdcli.diffusion.editing import SamplerSettings, _conditioning, decode_p2p, invert
+from icdcli.diffusion.p2p import P2PBatch, P2PSettings, make_plan
+from icdcli.diffusion.sampler import p2p_decode, p2p_pairs
+from icdcli.diffusion.schedule import NoiseSchedule
 from icdcli.export.manifest import P2P_CONTROL_INPUTS, REVERSE_P2P, GraphSpec
-from icdcli.p2p import P2PBatch, P2PSettings, make_plan
-from icdcli.sampler import p2p_decode, p2p_pairs
-from icdcli.schedule import NoiseSchedule
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
@@ -34,9 +34,9 @@ SETTINGS = P2PSettings(blend=("circle",), blend_threshold=0.95, amplify=(("yello
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from icdcli.accelerated import accelerate
+    from icdcli.backends.accelerated import accelerate
     from icdcli.export.onnx import export_model
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     model = load_requested_model(ModelRequest(None, None, None, None, None))
     folder = tmp_path_factory.mktemp("default-export") / "fp32"

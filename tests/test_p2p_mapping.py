@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from icdcli.p2p import (
+from icdcli.diffusion.p2p import (
     P2PError,
     P2PSettings,
     align_tokens,
@@ -180,7 +180,7 @@ def test_replace_tail_aligned_here_shifted_in_the_release(tokenizer):
 
 
 def test_an_edit_reaches_the_releases_tail_only_when_asked_and_records_it(tokenizer):
-    from icdcli.recipe import P2POptions, release_recipe
+    from icdcli.diffusion.recipe import P2POptions, release_recipe
 
     source, target = "a cat on the mat", "a dalmatian on the mat"
 
@@ -287,9 +287,9 @@ def test_step_rule_matches_the_release_table(steps, cross, self_, cross_steps, s
 def test_spec_rows_give_per_prompt_blend_words(tmp_path):
     from click.testing import CliRunner
 
-    from icdcli.cli import main
-    from icdcli.images import read_record
-    from icdcli.sources import DEFAULT_MODEL_DIR
+    from icdcli.cli.main import main
+    from icdcli.io.images import read_record
+    from icdcli.models.sources import DEFAULT_MODEL_DIR
 
     example = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
     source = "a red circle on a blue background"

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from icdcli.bench.pie_fixture import write_fixture
-from icdcli.cli_pie import pie
-from icdcli.errors import ICDError
-from icdcli.images import read_record
+from icdcli.cli.bench_pie import pie
+from icdcli.core.errors import ICDError
+from icdcli.io.images import read_record
 from icdcli.pie.dataset import (
     PieFormatError,
     decode_mask,
@@ -441,7 +441,9 @@ def test_p2p_replays_the_releases_replace_tail_when_asked(tmp_path):
 
 
 def test_p2p_without_prompt_to_prompt_says_so(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "icdcli.p2p", None)  # as in an icd without Prompt-to-Prompt: import fails
+    monkeypatch.setitem(
+        sys.modules, "icdcli.diffusion.p2p", None
+    )  # as in an icd without Prompt-to-Prompt: import fails
     root = tmp_path / "pie"
     write_fixture(root, 1)
     result = CliRunner().invoke(pie, ["--root", str(root), "--method", "p2p"])
@@ -477,7 +479,7 @@ def test_ctrl_c_scores_what_is_finished_and_the_rerun_does_the_rest(tmp_path):
     write_fixture(root, 16)
     folder = root.parent / "output" / "icd4-swap" / "annotation_images"
     # batches of 2 after the first item: Ctrl-C finishes the batch in the networks, and 15 would be all the rest
-    command = [sys.executable, "-c", "from icdcli.cli import main; main()", "bench", "pie", "--root", str(root),
+    command = [sys.executable, "-c", "from icdcli.cli.main import main; main()", "bench", "pie", "--root", str(root),
                "--json", "--batch-size", "2"]  # fmt: skip
     env = {**os.environ, "ICD_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
 

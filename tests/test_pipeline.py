@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.images import load_image
+from icdcli.cli.main import main
+from icdcli.diffusion.recipe import P2POptions
+from icdcli.io.images import load_image
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.pipeline import ICDEditPipeline
-from icdcli.recipe import P2POptions
-from icdcli.sources import DEFAULT_MODEL_DIR
 
 EXAMPLE = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"

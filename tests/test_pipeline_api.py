@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from icdcli.images import load_image
+from icdcli.diffusion.recipe import P2POptions
+from icdcli.io.images import load_image
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.pipeline import ICDEditOutput, ICDEditPipeline
-from icdcli.recipe import P2POptions
-from icdcli.sources import DEFAULT_MODEL_DIR
 
 EXAMPLES = DEFAULT_MODEL_DIR.parent.parent / "examples"
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
@@ -100,17 +100,17 @@ def test_a_generator_gives_what_its_seed_gives(pipe, pictures):
 
 
 def test_a_list_is_edited_in_batches_as_each_alone(pipe, pictures, monkeypatch):
-    import icdcli.editing
+    import icdcli.diffusion.editing
 
     alone = [pipe(picture, SOURCE, TARGET, seed=seed)[0] for picture, seed in zip(pictures, (3, 4, 5), strict=True)]
     batches: list[int] = []
-    batched = icdcli.editing.edit_batch
+    batched = icdcli.diffusion.editing.edit_batch
 
     def counting(model, jobs, **kwargs):
         batches.append(len(jobs))
         return batched(model, jobs, **kwargs)
 
-    monkeypatch.setattr(icdcli.editing, "edit_batch", counting)
+    monkeypatch.setattr(icdcli.diffusion.editing, "edit_batch", counting)
     generators = [torch.Generator().manual_seed(seed) for seed in (3, 4, 5)]
     together = pipe(pictures, SOURCE, TARGET, generator=generators)
     assert batches == [2, 1]  # the two 32x32 inputs in one network batch, the wide one in its own
@@ -269,7 +269,7 @@ def _relative_difference(first: torch.Tensor, second: torch.Tensor) -> float:
 def sd_pipeline(sd15_parts):
     from diffusers import StableDiffusionPipeline
 
-    from icdcli.quiet import libraries_quieted
+    from icdcli.core.quiet import libraries_quieted
 
     with libraries_quieted():
         return StableDiffusionPipeline.from_pretrained(sd15_parts.base, safety_checker=None)
@@ -304,7 +304,7 @@ def test_from_pipe_shares_the_pipelines_parts_and_fuses_as_icd_does(sd_pipeline,
 
 
 def test_from_pipe_without_a_teacher_fuses_into_a_copy_of_the_pipelines_unet(sd_pipeline, sd15_parts, pictures):
-    from icdcli.lora import fuse_lora, read_lora
+    from icdcli.models.lora import fuse_lora, read_lora
 
     pipe = ICDEditPipeline.from_pipe(
         sd_pipeline, forward_lora=sd15_parts.forward_lora, reverse_lora=sd15_parts.reverse_lora, name="mine"
@@ -325,7 +325,7 @@ def test_from_pipe_without_a_teacher_fuses_into_a_copy_of_the_pipelines_unet(sd_
 def test_from_pipe_takes_an_sdxl_pipeline(sdxl_parts, pictures):
     from diffusers import StableDiffusionXLPipeline
 
-    from icdcli.quiet import libraries_quieted
+    from icdcli.core.quiet import libraries_quieted
 
     with libraries_quieted():
         sdxl = StableDiffusionXLPipeline.from_pretrained(sdxl_parts.base)

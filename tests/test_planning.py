@@ -4,8 +4,8 @@ and default names that never land on an input or a file icd did not make."""
 import click
 import pytest
 
-from icdcli.batch import Item
-from icdcli.planning import output_target, plan_edit_outputs, plan_files
+from icdcli.run.batch import Item
+from icdcli.run.planning import output_target, plan_edit_outputs, plan_files
 
 
 def _item(path):

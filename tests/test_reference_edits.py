@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 REFERENCE = Path(__file__).parent / "data" / "reference_edits.npz"
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"

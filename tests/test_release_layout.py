@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 SETS = {
     "4steps_1": ((19, 259, 519, 779), (259, 519, 779, 999)),
@@ -93,8 +93,8 @@ def test_a_release_folder_says_which_file_takes_each_role(release, tmp_path):
 
 
 def test_release_folder_recipe_and_boundaries(release):
-    from icdcli.recipe import release_recipe
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.diffusion.recipe import release_recipe
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     family, forward, reverse, parts, tarball, _ = release
     model = load_requested_model(ModelRequest(model=str(tarball), base=str(parts.base)))
@@ -106,8 +106,8 @@ def test_release_folder_recipe_and_boundaries(release):
 
 
 def test_ambiguous_and_incomplete_release_folders(sd15_parts, tmp_path):
-    from icdcli.errors import ModelSourceError
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.core.errors import ModelSourceError
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     folder = tmp_path / "two-forward"
     folder.mkdir()
@@ -125,8 +125,8 @@ def test_ambiguous_and_incomplete_release_folders(sd15_parts, tmp_path):
 
 
 def test_a_release_folder_without_base_names_the_family_pipeline(sd15_parts, tmp_path, monkeypatch):
-    from icdcli.errors import ModelSourceError
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.core.errors import ModelSourceError
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     folder = tmp_path / "iCD-SD15_4steps_1"
@@ -141,8 +141,8 @@ def test_guidance_embedding_is_the_releases_embedding_of_w_minus_one():
     import torch
     from diffusers import LatentConsistencyModelPipeline
 
-    from icdcli.denoiser import guidance_scale_embedding
-    from icdcli.recipe import release_guidance
+    from icdcli.diffusion.denoiser import guidance_scale_embedding
+    from icdcli.diffusion.recipe import release_guidance
 
     for ours in (1.0, 8.0, 20.0):
         # the release embeds guidance_scale * 1000 with LCM's sinusoidal embedding (0 = unguided)
@@ -154,7 +154,7 @@ def test_guidance_embedding_is_the_releases_embedding_of_w_minus_one():
 
 
 def test_info_json_lists_every_preset_with_its_recipe():
-    from icdcli.sources import PRESETS
+    from icdcli.models.sources import PRESETS
 
     result = CliRunner().invoke(main, ["info", "--json"])
     assert result.exit_code == 0, result.output

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from icdcli.denoiser import Conditioning, PromptEmbedding
-from icdcli.sampler import ddim_invert, ddim_jump, ddim_sample, icd_decode, icd_encode
-from icdcli.schedule import RELEASED_CONFIGS, NoiseSchedule
+from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
+from icdcli.diffusion.sampler import ddim_invert, ddim_jump, ddim_sample, icd_decode, icd_encode
+from icdcli.diffusion.schedule import RELEASED_CONFIGS, NoiseSchedule
 
 
 class AnalyticDenoiser:

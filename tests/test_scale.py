@@ -77,8 +77,8 @@ def test_lora_files_have_the_release_keys_and_shapes(shrunk):
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors import safe_open
 
-    from icdcli.lora import read_lora
-    from icdcli.models import build_teacher_unet
+    from icdcli.models.lora import read_lora
+    from icdcli.models.runtime import build_teacher_unet
 
     teacher = build_teacher_unet(shrunk.base, shrunk.teacher)
     peft = get_peft_model(teacher, LoraConfig(r=LORA_RANK, lora_alpha=8, target_modules=list(LORA_TARGETS)))
@@ -115,8 +115,8 @@ def _live_cpu_bytes() -> int:
 def test_fusing_holds_two_unets_not_a_teacher_beside_them(shrunk, monkeypatch):
     """Fusing once held the teacher and two deep copies of it (three UNets: 10.3 GB for SD1.5, 31 GB for SDXL in
     fp32). Now each fused UNet reads the teacher's file into itself: at the second fuse only two UNets are alive."""
-    import icdcli.models as models
-    from icdcli.models import LoraSources, fuse_lora_model
+    import icdcli.models.runtime as models
+    from icdcli.models.runtime import LoraSources, fuse_lora_model
 
     unet_bytes = sum(t.numel() * 4 for t in torch.load(shrunk.teacher, weights_only=True).values())
     original, seen = models.fuse_lora, []
@@ -139,7 +139,7 @@ def test_fusing_holds_two_unets_not_a_teacher_beside_them(shrunk, monkeypatch):
 
 
 def test_an_edit_loads_no_teacher_and_ddim_adds_it_to_the_cache(shrunk, monkeypatch, tmp_path):
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
     request = ModelRequest(None, str(shrunk.base), str(shrunk.teacher), str(shrunk.forward_lora),
@@ -158,7 +158,7 @@ def test_an_edit_loads_no_teacher_and_ddim_adds_it_to_the_cache(shrunk, monkeypa
 
 def test_half_fused_cache_matches_the_fp32_fusion(shrunk, monkeypatch, tmp_path):
     """fp16/bf16 runs keep the fused cache in fp16 (SDXL's fp32 UNets alone are 20.6 GB): fused in fp32, then cast."""
-    from icdcli.models import LoraSources, fuse_lora_model
+    from icdcli.models.runtime import LoraSources, fuse_lora_model
 
     sources = LoraSources(shrunk.base, shrunk.teacher, shrunk.forward_lora, shrunk.reverse_lora)
     full = fuse_lora_model(sources, keep_teacher=False)
@@ -203,7 +203,7 @@ def test_stage_meter_attributes_memory_to_the_innermost_stage():
 def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
     """The command at shrunk width on PyTorch: files written once into the cache, fused through the user's flags'
     path, one warm-up and one timed edit; the JSON the docs' tables come from."""
-    from icdcli.cli import main
+    from icdcli.cli.main import main
 
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
     args = ["bench", "scale", "--arch", "sd15", "--width-scale", str(WIDTH), "--size", "64", "--repeats", "1",
@@ -279,7 +279,7 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     """SD1.5 at 512 px has 64x64 latents: explicit self-attention there would be (2, heads, 4096, 4096) per layer.
     Like the release, P2P rewrites self-attention only on maps of at most 32x32 queries (the 64x64 layers keep the
     fused kernel), and without local blend it stores no cross-attention maps at any resolution."""
-    import icdcli.p2p as p2p
+    import icdcli.diffusion.p2p as p2p
 
     unet = random_unet(unet_config("sd15", WIDTH, 512), 0)
     p2p.install_p2p_processors(unet)
@@ -313,12 +313,12 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
     or three times: ONNX Runtime folds at load by itself, so its exports skip it. And each session holds its graph's
     weights (3.4 GB per SD1.5 UNet), so on the CPU a session opens on first use: a swap edit never opens the reverse
     UNet's P2P graph, and a P2P edit whose every step reads the source branch (local blend) never the plain one."""
-    from icdcli.accelerated import accelerate
+    from icdcli.backends.accelerated import accelerate
     from icdcli.bench.latency import sample_image
-    from icdcli.editing import SamplerSettings, edit
+    from icdcli.diffusion.editing import SamplerSettings, edit
+    from icdcli.diffusion.recipe import P2POptions
     from icdcli.export.manifest import read_manifest
-    from icdcli.models import load_merged
-    from icdcli.recipe import P2POptions
+    from icdcli.models.runtime import load_merged
 
     def opened_by(p2p: object) -> set[str]:
         accelerated = accelerate(load_merged(merged_dir), "onnxruntime", export_dir=tmp_path / "export")
@@ -350,7 +350,7 @@ def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch
     model is read back from it, so its weights are file pages the kernel can drop and re-read, as on later runs -
     not 7 GB of private memory for the rest of the run."""
     from icdcli.bench.scale import current_memory
-    from icdcli.sources import ModelRequest, load_requested_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
 
     request = ModelRequest(None, str(shrunk.base), str(shrunk.teacher), str(shrunk.forward_lora),
                            str(shrunk.reverse_lora))  # fmt: skip

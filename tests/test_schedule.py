@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from icdcli.schedule import (
+from icdcli.diffusion.schedule import (
     RELEASED_CONFIGS,
     NoiseSchedule,
     alphas_cumprod,

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_hub import _cached_repo
 
-from icdcli import single_file
-from icdcli.cli import main
-from icdcli.errors import ModelSourceError
-from icdcli.single_file import checkpoint_family, config_files, find_config
+from icdcli.cli.main import main
+from icdcli.core.errors import ModelSourceError
+from icdcli.models import single_file
+from icdcli.models.single_file import checkpoint_family, config_files, find_config
 
 SD15_REPO, SDXL_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 

@@ -20,7 +20,7 @@ def _run_and_list_heavy(code: str) -> tuple[str, list[str]]:
 
 def test_info_reads_torch_facts_without_importing_torch():
     output, heavy = _run_and_list_heavy(
-        "from click.testing import CliRunner\nfrom icdcli.cli import main\n"
+        "from click.testing import CliRunner\nfrom icdcli.cli.main import main\n"
         "result = CliRunner().invoke(main, ['info', '--json'])\nassert result.exit_code == 0, result.output\n"
         "print(result.stdout)"
     )
@@ -31,5 +31,5 @@ def test_info_reads_torch_facts_without_importing_torch():
 
 
 def test_naming_a_model_source_imports_no_model_library():
-    _, heavy = _run_and_list_heavy("import icdcli.sources, icdcli.single_file, icdcli.export.manifest")
+    _, heavy = _run_and_list_heavy("import icdcli.models.sources, icdcli.models.single_file, icdcli.export.manifest")
     assert heavy == []

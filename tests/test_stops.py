@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
+from icdcli.cli.main import main
 
 
 def _photos(folder, count):
@@ -34,7 +34,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
                                                                           monkeypatch):  # fmt: skip
     """The claim file is created (a full disk still has inodes) but its line cannot be written: before, every
     read-ahead item left its `.icd-claim` behind and the next run reported them as a killed run's."""
-    import icdcli.claims
+    import icdcli.run.claims
 
     photos = _photos(tmp_path / "in", 6)
     out = tmp_path / "out"
@@ -45,7 +45,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(icdcli.claims.os, "write", full)
+    monkeypatch.setattr(icdcli.run.claims.os, "write", full)
     command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "-o", str(out)]
     result = CliRunner().invoke(main, [*command, "--json"])
     assert result.exit_code == 1 and "no space left" in result.stderr and "Traceback" not in result.output
@@ -54,7 +54,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
     assert summary["done"] + summary["skipped"] + summary["failed"] + summary["not_reached"] == 6, summary
     assert "not reached" in result.stderr
     assert _leftovers(out) == []  # no claim left behind
-    monkeypatch.setattr(icdcli.claims.os, "write", real_write)
+    monkeypatch.setattr(icdcli.run.claims.os, "write", real_write)
     again = CliRunner().invoke(main, command)
     assert again.exit_code == 0 and "killed" not in again.stderr, again.output
     assert sorted(p.name for p in out.iterdir()) == [f"p{index}-edit.png" for index in range(6)]
@@ -62,7 +62,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
 
 def test_a_fatal_write_failure_releases_every_claim_and_counts_the_rest(merged_dir, tmp_path, one_model,
                                                                        monkeypatch):  # fmt: skip
-    import icdcli.images
+    import icdcli.io.images
 
     photos = _photos(tmp_path / "in", 5)
     out = tmp_path / "out"
@@ -70,7 +70,7 @@ def test_a_fatal_write_failure_releases_every_claim_and_counts_the_rest(merged_d
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "x.png"))
 
-    monkeypatch.setattr(icdcli.images, "save_image", full)
+    monkeypatch.setattr(icdcli.io.images, "save_image", full)
     result = CliRunner().invoke(main, ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model",
                                        str(merged_dir), "-o", str(out), "--json", "--batch-size", "1"])  # fmt: skip
     assert result.exit_code == 1 and "no space left" in result.stderr
@@ -83,13 +83,13 @@ def test_a_fatal_write_failure_releases_every_claim_and_counts_the_rest(merged_d
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_start_up_edits_nothing(merged_dir, tmp_path, module_model, monkeypatch, signum, code):
     """Before, SIGTERM while the model loaded let the first image be edited although none had started."""
-    import icdcli.sources
+    import icdcli.models.sources
 
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signum)
         return module_model
 
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", loading)
+    monkeypatch.setattr(icdcli.models.sources, "load_requested_model", loading)
     photos = _photos(tmp_path / "in", 3)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model",
@@ -101,13 +101,13 @@ def test_a_signal_during_start_up_edits_nothing(merged_dir, tmp_path, module_mod
 
 
 def test_sigterm_while_jobs_load_the_model_exits_143(merged_dir, tmp_path, module_model, monkeypatch):
-    import icdcli.sources
+    import icdcli.models.sources
 
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return module_model
 
-    monkeypatch.setattr(icdcli.sources, "load_requested_model", loading)
+    monkeypatch.setattr(icdcli.models.sources, "load_requested_model", loading)
     photo = _photos(tmp_path / "in", 1) / "p0.png"
     line = json.dumps({"image": str(photo), "src": "a cat", "tgt": "a dog"}) + "\n"
     result = CliRunner().invoke(main, ["edit", "--jobs", "-", "--model", str(merged_dir)], input=line)

@@ -18,10 +18,10 @@ import torch
 from fake_tensorrt import ContractError, Record, fake_polygraphy, make_tensorrt
 from test_engines import GPU, tiny_manifest
 
-from icdcli.denoiser import Conditioning, PromptEmbedding
+from icdcli.core.errors import ICDError
+from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
 from icdcli.engines import tensorrt as trt_engine
 from icdcli.engines.base import BackendUnavailable, EngineFailed, ShapeNotCovered
-from icdcli.errors import ICDError
 
 CPU = torch.device("cpu")
 
@@ -247,7 +247,7 @@ def test_engines_are_found_again_and_rebuilt_only_when_inputs_change(monkeypatch
 
 
 def test_vae_and_text_fall_back_to_pytorch_in_the_accelerated_model(monkeypatch, tmp_path, merged_model, caplog):
-    from icdcli.accelerated import AcceleratedModel
+    from icdcli.backends.accelerated import AcceleratedModel
 
     fake = Fake(monkeypatch, tmp_path)
     fake.record.fail_build.update({"vae_decoder", "text_encoder"})
@@ -386,8 +386,8 @@ def test_contexts_then_engine_then_runtime_are_released(fake):
 
 
 def test_built_engines_are_listed_for_icd_info(monkeypatch, tmp_path):
-    from icdcli.cli_export import describe_cache
-    from icdcli.models import cache_root
+    from icdcli.cli.export import describe_cache
+    from icdcli.models.runtime import cache_root
 
     fake = Fake(monkeypatch, tmp_path)
     monkeypatch.setattr(trt_engine, "engines_root", lambda: cache_root() / "engines")
@@ -509,9 +509,9 @@ def test_close_releases_contexts_then_engine_then_runtime(fake):
 def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     from tiny import make_teacher
 
+    from icdcli.diffusion.p2p import StepControl, stack_controls
     from icdcli.export.manifest import GraphSpec
     from icdcli.export.onnx import p2p_unet_specs
-    from icdcli.p2p import StepControl, stack_controls
 
     inputs, outputs, guidance, _ = p2p_unet_specs(
         make_teacher("sd15"), latent_channels=4, text_length=12, dtype=torch.float32, latent_side=64
@@ -657,9 +657,9 @@ def test_an_edit_whose_engines_fail_completes_on_pytorch_with_one_note_per_graph
 ):
     from test_engines import pixel_gap, scene
 
-    from icdcli.accelerated import AcceleratedModel, torch_fallbacks
-    from icdcli.editing import SamplerSettings, edit
-    from icdcli.p2p import P2PSettings
+    from icdcli.backends.accelerated import AcceleratedModel, torch_fallbacks
+    from icdcli.diffusion.editing import SamplerSettings, edit
+    from icdcli.diffusion.p2p import P2PSettings
 
     fake = Fake(monkeypatch, tmp_path)
     fake_export_of(fake, merged_model)

@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.batch import default_batch_size, total_summary
 from icdcli.bench.scenes import edit_pairs
-from icdcli.cli import main
-from icdcli.cli_common import load_model
-from icdcli.editing import EditJob, SamplerSettings, edit_batch
-from icdcli.recipe import P2POptions
+from icdcli.cli.common import load_model
+from icdcli.cli.main import main
+from icdcli.diffusion.editing import EditJob, SamplerSettings, edit_batch
+from icdcli.diffusion.recipe import P2POptions
+from icdcli.run.batch import default_batch_size, total_summary
 
 MODEL_OPTIONS = {"model": None, "base": None, "teacher": None, "forward_lora": None, "reverse_lora": None,
                  "device": "cpu", "precision": None}  # fmt: skip
@@ -94,7 +94,7 @@ def test_the_first_full_group_is_read_while_the_first_item_runs_alone():
     so the networks do not then wait for a whole batch of files. Groups fill to their limit, results keep order."""
     import threading
 
-    from icdcli.edit_pipeline import BatchPipeline, Prepared
+    from icdcli.run.flow import BatchPipeline, Prepared
 
     read, lock, next_group_read = [], threading.Lock(), threading.Event()
 
@@ -253,8 +253,8 @@ def test_bench_throughput_refuses_what_its_arch_cannot_use(args, says):
 
 
 def test_the_sd15_spec_gives_each_photo_its_own_word_for_word_edit(tmp_path):
-    from icdcli.batch import read_spec
     from icdcli.bench.throughput import write_photo_spec
+    from icdcli.run.batch import read_spec
 
     rows = read_spec(write_photo_spec(tmp_path, 30, 128))
     assert len(rows) == 30 and len({row.seed for row in rows}) == 30

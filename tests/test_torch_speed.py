@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli.denoiser import DeviceCopies
-from icdcli.dtypes import vae_precision
-from icdcli.editing import EditJob, edit_batch
-from icdcli.memory import release_between_stages
-from icdcli.models import ICDModel
-from icdcli.p2p import P2PSettings
-from icdcli.recipe import SamplerSettings
-from icdcli.sources import ModelRequest, load_requested_model
-from icdcli.torch_speed import GraphedCalls, TorchExecution, eager_replay
+from icdcli.backends.torch_speed import GraphedCalls, TorchExecution, eager_replay
+from icdcli.core.dtypes import vae_precision
+from icdcli.diffusion.denoiser import DeviceCopies
+from icdcli.diffusion.editing import EditJob, edit_batch
+from icdcli.diffusion.p2p import P2PSettings
+from icdcli.diffusion.recipe import SamplerSettings
+from icdcli.models.memory import release_between_stages
+from icdcli.models.runtime import ICDModel
+from icdcli.models.sources import ModelRequest, load_requested_model
 
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
 
@@ -150,7 +150,7 @@ def test_device_copies_copy_each_object_and_value_once():
 
 
 def test_a_p2p_plan_gives_one_control_object_per_step(model):
-    from icdcli.p2p import P2PBatch, make_plan
+    from icdcli.diffusion.p2p import P2PBatch, make_plan
 
     plan = make_plan(model.tokenizers[0], SOURCE, TARGET, settings=P2PSettings(), num_steps=4, latent_side=8)
     assert plan.step(0) is plan.step(0) and plan.step(0) is not plan.step(3)

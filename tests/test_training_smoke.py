@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from icdcli.schedule import RELEASED_CONFIGS, forward_pairs, reverse_pairs
+from icdcli.diffusion.schedule import RELEASED_CONFIGS, forward_pairs, reverse_pairs
 from icdcli.training.checkpoints import Checkpointer, latest_checkpoint, list_checkpoints, resolve_resume
 from icdcli.training.common import TrainingInterrupted, read_log, records_until, window_means
 from icdcli.training.consistency import (
@@ -226,7 +226,7 @@ def test_guidance_distillation_trains_a_guided_unet(smoke_run):
 def test_guided_student_starts_equal_to_the_teacher(smoke_run):
     from diffusers import UNet2DConditionModel
 
-    from icdcli.denoiser import guidance_scale_embedding
+    from icdcli.diffusion.denoiser import guidance_scale_embedding
     from icdcli.training.guidance import guided_student
 
     teacher = UNet2DConditionModel.from_pretrained(smoke_run.teacher / "unet").eval()
@@ -243,7 +243,7 @@ def test_guided_student_starts_equal_to_the_teacher(smoke_run):
 def test_consistency_adapters_have_the_released_layout(smoke_run):
     from safetensors import safe_open
 
-    from icdcli.lora import read_lora
+    from icdcli.models.lora import read_lora
 
     log = smoke_run.consistency / "losses.jsonl"
     _falls(log, "forward_preservation")
@@ -384,7 +384,7 @@ def test_tensorboard_tracker_writes_the_losses(tmp_path):
 def test_variant_resumes_after_ctrl_c_and_exits_130(smoke_run, monkeypatch):
     from click.testing import CliRunner
 
-    from icdcli.cli import main
+    from icdcli.cli.main import main
 
     run = smoke_run.guidance.parent
     args = ["train", str(run), "--smoke", "--variant", "cd4", "--steps", "6"]

@@ -6,8 +6,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from icdcli.cli import main
-from icdcli.values import NUMBERS, NumberError, check_number, strict_json
+from icdcli.cli.main import main
+from icdcli.core.values import NUMBERS, NumberError, check_number, strict_json
 
 BAD = ["nan", "NaN", "inf", "-inf", "1e308", "-1e308", "99999999999999999999", "-1", "abc", "", "0x10", "1,5"]
 
@@ -99,8 +99,8 @@ def test_bad_amplify_and_shard_values_are_usage_errors_that_say_what_to_write(fl
 def test_a_non_finite_result_is_an_error_not_a_black_image():
     import torch
 
-    from icdcli.errors import ICDError
-    from icdcli.images import tensor_to_image
+    from icdcli.core.errors import ICDError
+    from icdcli.io.images import tensor_to_image
 
     pixels = torch.zeros(1, 3, 16, 16)
     assert tensor_to_image(pixels).size == (16, 16)

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from icdcli.weights_io import save_unet, write_safetensors
+from icdcli.models.weights_io import save_unet, write_safetensors
 
 
 def test_streamed_file_reads_back_exactly_with_its_metadata(tmp_path):
@@ -43,7 +43,7 @@ def test_a_saved_unet_loads_with_diffusers_unchanged(tmp_path, merged_model):
 def test_a_half_unet_folder_loads_in_half_without_a_widened_copy(tmp_path, merged_model):
     import copy
 
-    from icdcli.models import _load_unet, stored_dtype
+    from icdcli.models.runtime import _load_unet, stored_dtype
 
     half = copy.deepcopy(merged_model.reverse_unet).half()
     save_unet(half, tmp_path / "unet")

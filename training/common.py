@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from icdcli.atomic import atomic_path
-
-from .checkpoints import Checkpointer, checkpoint_step, clear_checkpoints, resolve_resume
-from .scenes import render_batch, scenes
+from icdcli.io.atomic import atomic_path
+from icdcli.training.checkpoints import Checkpointer, checkpoint_step, clear_checkpoints, resolve_resume
+from icdcli.training.scenes import render_batch, scenes
 
 LOG_NAME = "losses.jsonl"
 LOGS = "logs"

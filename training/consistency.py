@@ -42,10 +42,9 @@ from typing import Any
 
 import torch
 
-from icdcli.atomic import atomic_path
-from icdcli.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
-from icdcli.sampler import ddim_jump
-from icdcli.schedule import (
+from icdcli.diffusion.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
+from icdcli.diffusion.sampler import ddim_jump
+from icdcli.diffusion.schedule import (
     CLEAN,
     NUM_TRAIN_TIMESTEPS,
     RELEASED_CONFIGS,
@@ -53,10 +52,12 @@ from icdcli.schedule import (
     forward_pairs,
     validate_boundaries,
 )
-
-from .checkpoints import latest_checkpoint as latest_checkpoint  # re-exported: resume points of this stage
-from .checkpoints import resolve_resume as resolve_resume
-from .common import (
+from icdcli.io.atomic import atomic_path
+from icdcli.training.checkpoints import (
+    latest_checkpoint as latest_checkpoint,  # re-exported: resume points of this stage
+)
+from icdcli.training.checkpoints import resolve_resume as resolve_resume
+from icdcli.training.common import (
     PromptCache,
     announcer,
     build_latent_bank,
@@ -69,8 +70,8 @@ from .common import (
     start_stage,
     step_generator,
 )
-from .guidance import load_guided_unet
-from .teacher import load_teacher
+from icdcli.training.guidance import load_guided_unet
+from icdcli.training.teacher import load_teacher
 
 LORA_TARGETS: tuple[str, ...] = (
     "to_q",

@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from icdcli.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
-from icdcli.sampler import ddim_invert, ddim_sample, icd_decode, icd_encode
-from icdcli.schedule import NoiseSchedule
-
-from .common import PromptCache, setup_torch
-from .scenes import COLOURS, change_mask, edit_scene, render_batch, scenes, split_rng, to_uint8
-from .teacher import load_teacher, load_vae, psnr, vae_psnr
+from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
+from icdcli.diffusion.sampler import ddim_invert, ddim_sample, icd_decode, icd_encode
+from icdcli.diffusion.schedule import NoiseSchedule
+from icdcli.training.common import PromptCache, setup_torch
+from icdcli.training.scenes import COLOURS, change_mask, edit_scene, render_batch, scenes, split_rng, to_uint8
+from icdcli.training.teacher import load_teacher, load_vae, psnr, vae_psnr
 
 _PALETTE = np.asarray(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
@@ -114,8 +113,8 @@ def icd_quality(
     a caption with another shape colour (prompt swap, dynamic guidance), then check the colour
     came out right and the unchanged pixels stayed (PSNR outside the change mask).
     """
-    from .consistency import load_adapter
-    from .guidance import load_guided_unet
+    from icdcli.training.consistency import load_adapter
+    from icdcli.training.guidance import load_guided_unet
 
     setup_torch()
     meta = json.loads((Path(consistency_dir) / "icd_lora.json").read_text())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .scenes import Scene
+from icdcli.training.scenes import Scene
 
 MIN_SIDE = 8
 WORD_POSITIONS = (2, 3, 6)

@@ -27,11 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from icdcli.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
-from icdcli.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
-
-from .checkpoints import clear_checkpoints
-from .common import (
+from icdcli.diffusion.denoiser import GUIDANCE_EMBEDDING_DIM, guidance_scale_embedding
+from icdcli.diffusion.schedule import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from icdcli.training.checkpoints import clear_checkpoints
+from icdcli.training.common import (
     PromptCache,
     announcer,
     build_latent_bank,
@@ -42,7 +41,7 @@ from .common import (
     start_stage,
     step_generator,
 )
-from .teacher import load_teacher, save_pipeline, warmup_lambda
+from icdcli.training.teacher import load_teacher, save_pipeline, warmup_lambda
 
 COND_PROJ = "time_embedding.cond_proj.weight"
 

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from icdcli.atomic import atomic_folder
-from icdcli.recipe import EditRecipe
+from icdcli.diffusion.recipe import EditRecipe
+from icdcli.io.atomic import atomic_folder
 
 PIPELINE = "pipeline"
 PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")

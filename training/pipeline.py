@@ -18,11 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .common import TrainingInterrupted, announcer
-from .consistency import ConsistencyConfig, distill_consistency
-from .guidance import GuidanceConfig, distill_guidance
-from .stages import keep_stage, restore_stage
-from .teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
+from icdcli.training.common import TrainingInterrupted, announcer
+from icdcli.training.consistency import ConsistencyConfig, distill_consistency
+from icdcli.training.guidance import GuidanceConfig, distill_guidance
+from icdcli.training.stages import keep_stage, restore_stage
+from icdcli.training.teacher import TeacherConfig, VAEConfig, train_teacher, train_vae
 
 DONE = "train_config.json"
 PRESETS = ("v1", "v2")

@@ -29,10 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from icdcli.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, alphas_cumprod
-
-from .checkpoints import clear_checkpoints
-from .common import (
+from icdcli.diffusion.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from icdcli.training.checkpoints import clear_checkpoints
+from icdcli.training.common import (
     EMA,
     announcer,
     build_latent_bank,
@@ -44,8 +43,8 @@ from .common import (
     start_stage,
     step_generator,
 )
-from .scenes import render_batch, scenes, vocabulary
-from .tokenizer import build_word_tokenizer
+from icdcli.training.scenes import render_batch, scenes, vocabulary
+from icdcli.training.tokenizer import build_word_tokenizer
 
 MAX_TOKENS = 16
 
@@ -418,7 +417,7 @@ class Grounding:
 
     @classmethod
     def start(cls, config: TeacherConfig, unet: Any, latent_size: int, say: Any) -> Grounding:
-        from . import grounding
+        from icdcli.training import grounding
 
         sides = [
             latent_size >> k for k in range(len(config.block_out_channels)) if latent_size >> k >= grounding.MIN_SIDE
@@ -441,7 +440,7 @@ class Grounding:
             grounding.store.recording = False
 
     def loss(self, index: torch.Tensor, *, keep: torch.Tensor) -> torch.Tensor:
-        from .grounding import grounding_loss
+        from icdcli.training.grounding import grounding_loss
 
         masks = {side: masks[index] for side, masks in self.masks.items()}
         return grounding_loss(self.store.maps, masks, keep.to(self.store.maps[0].device))

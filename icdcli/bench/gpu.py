@@ -4,8 +4,9 @@ Models of the real architectures (`scale_models`' configs: the release's guidanc
 `time_cond_proj_dim=512`, its boundaries and edit recipe) are built in memory, directly on the device, with seeded
 random weights - the cost of a network does not depend on its weights' values, and nothing is read from disk. Each
 architecture then runs, in each execution mode (`eager`, `graphs`: CUDA graphs, `compile`: torch.compile; see
-`icdcli.torch_speed`), one UNet evaluation at batch 1 and 2 and a whole prompt-swap and Prompt-to-Prompt edit
-(`icdcli.editing.edit_batch`), timed between `torch.cuda.synchronize()` calls, with GPU peak memory reset per row.
+`icdcli.backends.torch_speed`), one UNet evaluation at batch 1 and 2 and a whole prompt-swap and Prompt-to-Prompt edit
+(`icdcli.diffusion.editing.edit_batch`), timed between `torch.cuda.synchronize()` calls, with GPU peak memory reset
+per row.
 Parity compares fp16 on the GPU with an fp32 copy of the same weights on the CPU: one evaluation, one whole edit.
 
 The report is written (atomically) after every step: a run that is killed or times out leaves every row it
@@ -32,10 +33,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..editing import Timings
-from ..errors import ICDError
-from ..recipe import SD15, SDXL
-from .scale import GB, SOURCE, TARGET
+from icdcli.bench.scale import GB, SOURCE, TARGET
+from icdcli.core.errors import ICDError
+from icdcli.diffusion.editing import Timings
+from icdcli.diffusion.recipe import SD15, SDXL
 
 FORMAT = 1
 ARCHS = (SD15, SDXL)
@@ -45,7 +46,7 @@ EVAL_BATCHES = (1, 2)
 EVAL_WARMUP = 3
 NOT_REACHED = "not reached: the run stopped before this step (killed, timed out or crashed)"
 STARTED = "started but did not finish: the run stopped during this step (killed, timed out or crashed)"
-NO_MODES = "execution modes not available in this build (icdcli.torch_speed / ICDModel.set_execution missing)"
+NO_MODES = "execution modes not available in this build (icdcli.backends.torch_speed / ICDModel.set_execution missing)"
 CPU_ONLY = {
     "graphs": "CUDA graphs need a CUDA device (--device cuda)",
     "compile": "torch.compile rows are measured on CUDA only (--device cuda)",
@@ -83,8 +84,8 @@ class GpuOptions:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Write `report` to `out` as strict JSON, atomically (a temporary file beside it, then renamed)."""
-    from ..atomic import atomic_path
-    from ..values import strict_json
+    from icdcli.core.values import strict_json
+    from icdcli.io.atomic import atomic_path
 
     with atomic_path(out) as temporary:
         temporary.write_text(strict_json(report, indent=2) + "\n")
@@ -191,7 +192,7 @@ def machine_facts(device: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(device name, device details, versions). On a CPU device nothing asks CUDA anything."""
     import torch
 
-    from .. import __version__
+    from icdcli import __version__
 
     versions: dict[str, Any] = {
         "icd": __version__,
@@ -205,7 +206,7 @@ def machine_facts(device: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
     }
     if device.type != "cuda":
-        from .latency import device_description
+        from icdcli.bench.latency import device_description
 
         return "cpu", {"description": device_description(device), "threads": torch.get_num_threads()}, versions
     versions["cudnn"] = torch.backends.cudnn.version()
@@ -222,7 +223,7 @@ def machine_facts(device: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def backend_presence(device: Any) -> dict[str, dict[str, Any]]:
     """TensorRT and ONNX Runtime's CUDA provider: present or absent here (and why). This bench times PyTorch only."""
-    from ..accelerated import backend_problem, probe_backends
+    from icdcli.backends.accelerated import backend_problem, probe_backends
 
     facts = probe_backends(device)
     untimed = "present, not timed here (icd bench gpu times PyTorch): icd bench scale --device cuda --backends {} does"
@@ -325,9 +326,9 @@ def build_model(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..models import ICDModel, ModelInfo
-    from ..recipe import release_recipe
-    from .scale_models import GUIDANCE_DIM, RELEASE, text_configs, unet_config, vae_config
+    from icdcli.bench.scale_models import GUIDANCE_DIM, RELEASE, text_configs, unet_config, vae_config
+    from icdcli.diffusion.recipe import release_recipe
+    from icdcli.models.runtime import ICDModel, ModelInfo
 
     release = RELEASE[arch]
     config = unet_config(arch, width, GUIDANCE_DIM)
@@ -379,9 +380,9 @@ def _cpu_copy(module: Any) -> Any:
 
 
 def _execution(mode: str) -> tuple[Any, str | None]:
-    """`icdcli.torch_speed.TorchExecution.from_mode(mode)`, or why the modes cannot be set in this build."""
+    """`icdcli.backends.torch_speed.TorchExecution.from_mode(mode)`, or why the modes cannot be set in this build."""
     try:
-        speed = importlib.import_module("icdcli.torch_speed")
+        speed = importlib.import_module("icdcli.backends.torch_speed")
         return speed.TorchExecution.from_mode(mode), None
     except (ImportError, AttributeError):
         return None, NO_MODES
@@ -411,14 +412,14 @@ def default_attention(unet: Any) -> Iterator[None]:
     finally:
         if saved is not None:
             unet.set_attn_processor(saved)
-            unet.__dict__.pop("_icd_p2p_installed", None)  # icdcli.p2p's mark that its processors are in
+            unet.__dict__.pop("_icd_p2p_installed", None)  # icdcli.diffusion.p2p's mark that its processors are in
 
 
 # --- the steps -----------------------------------------------------------------------------------------------
 
 
 def _eval_inputs(model: Any, batch: int, seed: int) -> tuple[Any, int, Any, float]:
-    from ..editing import seeded_noise
+    from icdcli.diffusion.editing import seeded_noise
 
     size = model.info.native_size
     factor = model.vae_scale_factor
@@ -446,9 +447,9 @@ def measure_eval(model: Any, batch: int, clock: Clocked, repeats: int, seed: int
 
 def edit_job(model: Any, method: str) -> Any:
     """The edit of the bench's photo by the release's recipe: prompt swap or Prompt-to-Prompt."""
-    from ..editing import EditJob
-    from ..recipe import P2POptions
-    from .latency import sample_image
+    from icdcli.bench.latency import sample_image
+    from icdcli.diffusion.editing import EditJob
+    from icdcli.diffusion.recipe import P2POptions
 
     info = model.info
     p2p = P2POptions().resolve(info.edit) if method == "p2p" else None
@@ -457,8 +458,8 @@ def edit_job(model: Any, method: str) -> Any:
 
 def run_edit(model: Any, job: Any, timings: Timings) -> Any:
     """One whole edit (VAE, text, forward and reverse steps); an error the edit met is raised."""
-    from ..editing import edit_batch
-    from ..recipe import SamplerSettings
+    from icdcli.diffusion.editing import edit_batch
+    from icdcli.diffusion.recipe import SamplerSettings
 
     (result,) = edit_batch(model, [job], settings=SamplerSettings("icd", seed=job.seed), timings=timings)
     if isinstance(result, Exception):
@@ -536,7 +537,7 @@ class GpuBench:
     def __init__(self, options: GpuOptions, say: Callable[[str], None], budget: Budget):
         import torch
 
-        from ..models import resolve_device
+        from icdcli.models.runtime import resolve_device
 
         self.options, self.say, self.budget = options, say, budget
         self.device = resolve_device(options.device)
@@ -652,7 +653,7 @@ class GpuBench:
             tokenizer = None
             for arch in self.options.archs:
                 if tokenizer is None:
-                    from .scale_models import scale_tokenizer
+                    from icdcli.bench.scale_models import scale_tokenizer
 
                     tokenizer = scale_tokenizer()
                 self.run_arch(arch, tokenizer)
@@ -664,7 +665,7 @@ class GpuBench:
         return self.report
 
     def run_arch(self, arch: str, tokenizer: Any) -> None:
-        from .scale_models import RELEASE
+        from icdcli.bench.scale_models import RELEASE
 
         options = self.options
         size = options.size or RELEASE[arch]["size"]
@@ -774,7 +775,7 @@ class GpuBench:
 
 def size_step(arch: str) -> int:
     """The side step of `arch`'s working sizes: the VAE's factor times the UNet's downsampling (64 SD1.5, 32 SDXL)."""
-    from .scale_models import unet_config, vae_config
+    from icdcli.bench.scale_models import unet_config, vae_config
 
     vae_scale = 2 ** (len(vae_config(arch)["block_out_channels"]) - 1)
     return int(vae_scale * 2 ** (len(unet_config(arch)["block_out_channels"]) - 1))

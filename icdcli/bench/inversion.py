@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 
-from icdcli.editing import SamplerSettings
-from icdcli.metrics import mse, psnr, ssim
-from icdcli.model_api import EditModel
+from icdcli.bench.metrics import mse, psnr, ssim
+from icdcli.bench.scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
+from icdcli.diffusion.editing import SamplerSettings
+from icdcli.models.api import EditModel
 from icdcli.training.scenes import render_batch
-
-from .scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
 
 
 @dataclass(frozen=True)

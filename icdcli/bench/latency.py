@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icdcli.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
-from icdcli.editing import SamplerSettings, edit
-from icdcli.recipe import P2POptions
+from icdcli.diffusion.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
+from icdcli.diffusion.editing import SamplerSettings, edit
+from icdcli.diffusion.recipe import P2POptions
 
 SOURCE = "a red square on a blue background"
 TARGET = "a green square on a blue background"
@@ -135,7 +135,7 @@ def measure_latency(
         progress: Called with a line per backend.
         methods: Which edit methods to time.
     """
-    from icdcli.accelerated import accelerate, backend_problem, probe_backends
+    from icdcli.backends.accelerated import accelerate, backend_problem, probe_backends
 
     say = progress or (lambda message: None)
     facts = probe_backends(model.device)

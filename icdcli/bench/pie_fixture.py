@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from icdcli.atomic import atomic_path
+from icdcli.io.atomic import atomic_path
 from icdcli.pie.dataset import EDIT_TYPES, IMAGES_FOLDER, MAPPING_FILE, encode_mask
 from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, edit_scene, scene_at, split_rng
 
@@ -116,9 +116,8 @@ def fixture_accuracy(root: Path, folder: Path, *, seed: int = 0) -> dict[str, An
     (`icdcli.bench.scenes.classify`); accuracy is the share of outputs closest to the right one, per type
     and overall. Only fixture folders written by `write_fixture` have the scenes this needs.
     """
+    from icdcli.bench.scenes import classify
     from icdcli.pie.dataset import output_path, read_mapping
-
-    from .scenes import classify
 
     hits: dict[str, list[bool]] = {}
     for item in read_mapping(root):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ICDError
+from icdcli.core.errors import ICDError
 
 SOURCE = "a photo of a red cat sitting on a blue background"
 TARGET = "a photo of a green cat sitting on a blue background"
@@ -44,7 +44,7 @@ class ScaleOptions:
     device: str = "cpu"
     width: float = 1.0
     seed: int = 0
-    low_memory: bool | None = None  # None: the size rule of icdcli.memory, as `icd edit` applies it
+    low_memory: bool | None = None  # None: the size rule of icdcli.models.memory, as `icd edit` applies it
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class TimedModel:
 
 
 def _request(task: dict[str, Any]) -> Any:
-    from ..sources import ModelRequest
+    from icdcli.models.sources import ModelRequest
 
     files = task["files"]
     request = ModelRequest(None, files["base"], files["teacher"], files["forward_lora"], files["reverse_lora"])
@@ -187,8 +187,8 @@ def _dtype(precision: str) -> Any:
 
 
 def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> Any:
-    from ..models import resolve_device, set_memory_policy
-    from ..sources import load_requested_model
+    from icdcli.models.runtime import resolve_device, set_memory_policy
+    from icdcli.models.sources import load_requested_model
 
     with meter.stage("load"):
         model = load_requested_model(_request(task), progress=say)
@@ -200,7 +200,7 @@ def _load(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -
 
 
 def _export_folder(model: Any, task: dict[str, Any], progress: Callable[[str], None]) -> Path:
-    from ..accelerated import ensure_exported
+    from icdcli.backends.accelerated import ensure_exported
 
     folder, _ = ensure_exported(model, precision="fp16" if task["precision"] == "fp16" else "fp32", progress=progress)
     return folder
@@ -224,13 +224,13 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     import numpy as np
     from tqdm import tqdm
 
-    from ..editing import SamplerSettings, Timings, edit
-    from ..recipe import P2POptions, guidance_and_tau
-    from .latency import sample_image
+    from icdcli.bench.latency import sample_image
+    from icdcli.diffusion.editing import SamplerSettings, Timings, edit
+    from icdcli.diffusion.recipe import P2POptions, guidance_and_tau
 
     model = _load(task, meter, say)
     if task["backend"] != "torch":
-        from ..accelerated import accelerate
+        from icdcli.backends.accelerated import accelerate
 
         with meter.stage("sessions"):
             model = accelerate(model, task["backend"], progress=say)
@@ -271,7 +271,7 @@ WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run
 
 def run_worker(task_path: Path) -> None:
     """Run the task in `task_path` and write its result beside it (`.result.json`)."""
-    from ..cli_common import quiet_libraries, setup_logging
+    from icdcli.cli.common import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()
@@ -353,7 +353,7 @@ def backend_skip_reason(backend: str, precision: str, device: str) -> str | None
     """Why a backend row cannot run here, or None."""
     import torch
 
-    from ..accelerated import backend_problem, probe_backends
+    from icdcli.backends.accelerated import backend_problem, probe_backends
 
     try:
         problem = backend_problem(backend, probe_backends(torch.device(device)))
@@ -369,7 +369,7 @@ def backend_skip_reason(backend: str, precision: str, device: str) -> str | None
 
 
 def _size_of(path: Path | None) -> float | None:
-    from ..export.files import folder_size
+    from icdcli.export.files import folder_size
 
     if path is None or not path.exists():
         return None
@@ -380,7 +380,7 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
     """Build (once) and run the scale benchmark; the report `icd bench scale --json` prints."""
     import tempfile
 
-    from .scale_models import RELEASE, scale_files
+    from icdcli.bench.scale_models import RELEASE, scale_files
 
     say = progress or (lambda message: None)
     if options.arch not in RELEASE:
@@ -474,8 +474,8 @@ def _run_backend(
 
 def _fused_cache_path(task: dict[str, Any]) -> Path:
     """Where the user's path keeps this model fused (`load_lora_cached`)."""
-    from ..models import LoraSources
-    from ..paths import cache_root
+    from icdcli.core.paths import cache_root
+    from icdcli.models.runtime import LoraSources
 
     files = task["files"]
     sources = LoraSources(

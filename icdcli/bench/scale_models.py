@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..recipe import SD15, SDXL
-from ..sources import release_lora_name
+from icdcli.diffusion.recipe import SD15, SDXL
+from icdcli.models.sources import release_lora_name
 
 ARCHS = (SD15, SDXL)
 LORA_RANK = 64
@@ -369,8 +369,8 @@ def scale_files(
     writing took (None when they were there)."""
     import time
 
-    from ..atomic import atomic_folder
-    from ..paths import cache_root
+    from icdcli.core.paths import cache_root
+    from icdcli.io.atomic import atomic_folder
 
     tag = arch if width >= 1 else f"{arch}-w{width:g}"
     folder = cache_root() / "scale" / tag

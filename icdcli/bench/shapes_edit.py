@@ -13,14 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from icdcli.editing import SamplerSettings
-from icdcli.metrics import psnr
-from icdcli.model_api import EditModel
-from icdcli.p2p import P2PSettings
-from icdcli.recipe import P2POptions
-from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, render_batch
-
-from .scenes import (
+from icdcli.bench.metrics import psnr
+from icdcli.bench.scenes import (
     ATTRIBUTE,
     GUIDED_W,
     batches,
@@ -33,6 +27,11 @@ from .scenes import (
     to_unit,
     word_region,
 )
+from icdcli.diffusion.editing import SamplerSettings
+from icdcli.diffusion.p2p import P2PSettings
+from icdcli.diffusion.recipe import P2POptions
+from icdcli.models.api import EditModel
+from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, render_batch
 
 
 @dataclass(frozen=True)

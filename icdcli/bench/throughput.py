@@ -25,16 +25,16 @@ from typing import Any
 
 import click
 
-from ..cli_common import load_model, model_options, reports_errors, say
-from ..cli_scale import width_scale_option
-from ..values import strict_json
+from icdcli.cli.bench_scale import width_scale_option
+from icdcli.cli.common import load_model, model_options, reports_errors, say
+from icdcli.core.values import strict_json
 
 
 def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
     """`count` held-out scenes as PNGs and a spec editing each to its one-attribute-changed copy."""
     from PIL import Image
 
-    from .scenes import edit_pairs
+    from icdcli.bench.scenes import edit_pairs
 
     rows = []
     for index, (source, target, _) in enumerate(edit_pairs(count, seed)[:count]):
@@ -88,9 +88,9 @@ def write_photo_spec(folder: Path, count: int, size: int) -> Path:
 
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
-    from ..batch import default_batch_size, read_spec
-    from ..edit_run import EditFlags, EditRun
-    from ..planning import plan_items
+    from icdcli.run.batch import default_batch_size, read_spec
+    from icdcli.run.planning import plan_items
+    from icdcli.run.runner import EditFlags, EditRun
 
     items = plan_items(read_spec(spec), out, spec_out=spec.parent)
     flags = EditFlags(None, None)  # the model's recipe
@@ -163,7 +163,7 @@ def measure_throughput(
 def sd15_model_options(model_opts: dict[str, Any], width: float, progress: Callable[[str], None]) -> dict[str, Any]:
     """The model options of `--arch sd15`: the scale files (written first when missing) as --base, --teacher,
     --forward-lora and --reverse-lora; the files' seconds to write (None: they were there)."""
-    from .scale_models import scale_files
+    from icdcli.bench.scale_models import scale_files
 
     given = [name for name in _OWN_MODEL if model_opts.get(name)]
     if given:
@@ -263,7 +263,7 @@ def throughput(images: int | None, batch_size: int | None, arch: str, backend: s
     if as_json:
         click.echo(strict_json(result))
         return
-    from .scenes import markdown_table
+    from icdcli.bench.scenes import markdown_table
 
     click.echo(f"{arch} at {result['size']} px on {result['backend']}; {images} images; model loaded in "
                f"{result['load_seconds']:.2f} s")  # fmt: skip

@@ -6,5 +6,5 @@
 - `scoring`: every metric of an output as the benchmark computes it, and the means per editing type;
 - `report`: the report as Markdown tables and the files beside the outputs.
 
-The click command is `icdcli.cli_pie`. Nothing here imports torch at import time.
+The click command is `icdcli.cli.bench_pie`. Nothing here imports torch at import time.
 """

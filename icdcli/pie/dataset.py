@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import display
-from ..errors import ICDError
-from ..texts import TextError, check_text
+from icdcli.core.errors import ICDError
+from icdcli.core.texts import TextError, check_text
+from icdcli.run.batch import display
 
 MAPPING_FILE = "mapping_file.json"
 IMAGES_FOLDER = "annotation_images"
@@ -151,7 +151,7 @@ def parse_item(key: str, raw: Any) -> PieItem:
 
 
 def _check_texts(where: str, raw: Mapping[str, Any]) -> None:
-    """An item's prompts, blend words and image path held to icd's text bounds (`icdcli.texts`), as every prompt a
+    """An item's prompts, blend words and image path held to icd's text bounds (`icdcli.core.texts`), as every prompt a
     user gives is: a PieFormatError naming the item and field otherwise."""
     fields = (("image_path", "path"), ("original_prompt", "prompt"), ("editing_prompt", "prompt"),
               ("blended_word", "word"))  # fmt: skip

@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..batch import Item
-from ..cli_common import Loaded
-from ..edit_run import EditFlags, EditRun, ItemOutcome, RunEnd
-from .dataset import PieItem, output_path, source_path
+from icdcli.cli.common import Loaded
+from icdcli.pie.dataset import PieItem, output_path, source_path
+from icdcli.run.batch import Item
+from icdcli.run.runner import EditFlags, EditRun, ItemOutcome, RunEnd
 
 
 class PieEditRun(EditRun):

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import display
-from ..errors import ICDError
+from icdcli.core.errors import ICDError
+from icdcli.run.batch import display
 
 # --- LPIPS (SqueezeNet 1.1 features, LPIPS v0.1 linear heads) -----------------------------------------
 
@@ -99,7 +99,7 @@ def _lpips_key(key: str) -> str:
 
 def load_lpips(path: Path):
     """LPIPS-squeeze from one local file: the state dict of `lpips.LPIPS(net="squeeze")` (.pth or .safetensors)."""
-    from ..models import load_state_dict
+    from icdcli.models.runtime import load_state_dict
 
     network = lpips_network()
     if not Path(path).is_file():

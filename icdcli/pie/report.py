@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..values import strict_json
+from icdcli.core.values import strict_json
 
 if TYPE_CHECKING:
-    from ..edit_run import ItemOutcome
+    from icdcli.run.runner import ItemOutcome
 
 # the benchmark's tables print these scaled (LPIPS x 10^3, ...); JSON keeps the raw values
 SCALES: dict[str, tuple[float, str]] = {
@@ -58,7 +58,7 @@ def markdown_tables(summary: Mapping[str, Any], metrics: Sequence[str], notes: M
 
 def write_report(folder: Path, report: Mapping[str, Any], markdown: str) -> tuple[Path, Path]:
     """`metrics.json` and `metrics.md` in the run's folder, each written atomically."""
-    from ..atomic import atomic_path
+    from icdcli.io.atomic import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = (folder / "metrics.json", folder / "metrics.md")

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ..batch import display
-from ..errors import ICDError
-from .dataset import EDIT_TYPES, PieItem, decode_mask, output_path, source_path
-from .networks import ClipScore, StructureDistance, load_clip, load_dino, load_lpips, lpips_distance
+from icdcli.core.errors import ICDError
+from icdcli.pie.dataset import EDIT_TYPES, PieItem, decode_mask, output_path, source_path
+from icdcli.pie.networks import ClipScore, StructureDistance, load_clip, load_dino, load_lpips, lpips_distance
+from icdcli.run.batch import display
 
 METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
 
@@ -36,7 +36,7 @@ def _unit(image: np.ndarray):
 
 def background_metrics(source: np.ndarray, edited: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:
     """PSNR, MSE and SSIM of the unedited region: both uint8 images times (1 - mask), then the whole-image metric."""
-    from ..metrics import mse, psnr, ssim
+    from icdcli.bench.metrics import mse, psnr, ssim
 
     keep = ~np.asarray(mask, dtype=bool)
     if not keep.any():
@@ -96,14 +96,14 @@ def load_scorers(lpips: Path | None, dino: Path | None, clip: Path | None) -> Sc
 
 
 def _rgb(path: Path) -> np.ndarray:
-    from ..images import load_image
+    from icdcli.io.images import load_image
 
     return np.asarray(load_image(path), dtype=np.uint8)
 
 
 def score_item(item: PieItem, root: Path, folder: Path, scorers: Scorers) -> dict[str, Any]:
     """Every metric of one item's output against its source; an `error` instead when it cannot be scored."""
-    from ..images import read_record
+    from icdcli.io.images import read_record
 
     out = output_path(folder, item)
     row: dict[str, Any] = {"key": item.key, "editing_type_id": item.editing_type_id}

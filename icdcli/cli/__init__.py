@@ -1,0 +1,1 @@
+"""The `icd` command line: one module per command (or group), the shared options and the console."""

@@ -1,0 +1,92 @@
+"""`icd bench scale`: SD1.5- and SDXL-sized models (random weights, the release's formats) end to end."""
+
+from __future__ import annotations
+
+import click
+
+from icdcli.cli.common import reports_errors, say, setup_logging
+from icdcli.core.values import strict_json
+
+width_scale_option = click.option(
+    "--width-scale",
+    "width",
+    type=click.FloatRange(min=0.01, max=1.0),
+    default=1.0,
+    hidden=True,
+    help="Shrink every channel count of the real-scale models (same blocks and key names): for tests.",
+)
+
+
+@click.command("scale")
+@click.option(
+    "--arch",
+    type=click.Choice(["sd15", "sdxl"]),
+    default="sd15",
+    show_default=True,
+    help="Architecture: SD1.5 (860M UNet, CLIP-L) or SDXL (2.6B UNet, CLIP-L + OpenCLIP-bigG).",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=64),
+    default=None,
+    help="Image side in pixels. Default: the architecture's (512 or 1024).",
+)
+@click.option("--backends", default="torch,onnxruntime", show_default=True, help="Comma-separated backends to run.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="UNet and text-encoder precision (the VAE stays fp32). fp16/bf16 also keep the fused cache in fp16.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["swap", "p2p"]),
+    default=None,
+    help="Edit by prompt swap or Prompt-to-Prompt. Default: the release's (p2p for SD1.5, swap for SDXL).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Timed edits per backend, after one warm-up.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random weights.")
+@click.option(
+    "--low-memory/--no-low-memory",
+    "low_memory",
+    default=None,
+    help="Free each UNet after its stage of the edit, as icd edit does. Default: icd edit's rule (by size).",
+)
+@width_scale_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print one JSON object: {"arch", "size", "rows": [{"backend", "precision", "seconds", '
+    '"peak_rss_gb"}], "parity": {"latents", "pixels"}, ...}.',
+)
+@reports_errors
+def scale(arch: str, size: int | None, backends: str, precision: str, method: str | None, repeats: int, device: str,
+          seed: int, low_memory: bool | None, width: float, as_json: bool) -> None:  # fmt: skip
+    """Run the real architectures end to end: seconds, peak memory, disk and backend parity per stage.
+
+    Writes once into icd's cache (and reuses) a base pipeline folder, a teacher .pt and two LoRA files with the
+    real SD1.5 or SDXL architectures, the release's key names, time_cond_proj_dim, rank 64 / alpha 8 and file
+    names - random seeded weights, since the cost of a network does not depend on its weights' values - then runs
+    them through the path --base/--teacher/--forward-lora/--reverse-lora take: fuse (cached), export (ONNX
+    Runtime), one warm-up and --repeats timed edits per backend, each stage in a process of its own so its peak
+    memory is its own. Needs tens of GB of disk at full size (SD1.5 ~30, SDXL ~60).
+    """
+    setup_logging()
+    from icdcli.bench.scale import ScaleOptions, bench_scale, markdown_report
+
+    options = ScaleOptions(
+        arch=arch, size=size, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+        precision=precision, method=method, repeats=repeats, device=device, width=width, seed=seed,
+        low_memory=low_memory,
+    )  # fmt: skip
+    report = bench_scale(options, progress=say)
+    click.echo(strict_json(report) if as_json else markdown_report(report))

@@ -1,0 +1,159 @@
+"""`icd cache list|prune`: what icd keeps in its cache (fused models, ONNX exports, TensorRT engines), and
+removing what has not been used for a while.
+
+Every entry is one folder: `merged/<key>` (a fused model), `bases/<key>` (a single-file base converted
+to a diffusers folder), `onnx/<key>` (an export of one model and precision), `engines/<key>` (the engines
+built from one export). An entry's last use is the newest
+time stamp of the folder and its `.used` marker, which loading refreshes. Heavy libraries are not
+imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from icdcli.core.paths import USED_MARKER, cache_root
+from icdcli.core.values import strict_json
+
+KINDS = {"merged": "fused model", "bases": "converted base", "onnx": "onnx export", "engines": "tensorrt engines"}
+BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
+
+
+@dataclass
+class CacheEntry:
+    kind: str
+    path: Path
+    name: str
+    bytes: int
+    last_used: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path), "name": self.name, "bytes": self.bytes,
+                "last_used": round(self.last_used, 3)}  # fmt: skip
+
+
+def _name(kind: str, folder: Path) -> str:
+    for candidate in ("icd.json", "manifest.json", "source.json"):
+        try:
+            data = json.loads((folder / candidate).read_text())
+        except (OSError, ValueError):
+            continue
+        info = data.get("info", data) if isinstance(data, dict) else {}
+        if isinstance(info, dict) and info.get("name"):
+            return str(info["name"]) + (f" ({data['precision']})" if kind == "onnx" and data.get("precision") else "")
+    return "?"
+
+
+def _entry(kind: str, folder: Path) -> CacheEntry:
+    size, newest = 0, folder.stat().st_mtime
+    for path in folder.rglob("*"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            size += stat.st_size
+        if path.name == USED_MARKER:
+            newest = max(newest, stat.st_mtime)
+    return CacheEntry(kind, folder, _name(kind, folder), size, newest)
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """Every entry in the cache under `root`, least recently used first."""
+    entries = []
+    for kind in KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        entries += [_entry(kind, p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _age(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:.0f} days ago" if days >= 1 else f"{seconds / 3600:.1f} hours ago"
+
+
+def _root() -> Path:
+    """The cache root, its path held to icd's path bound (`icdcli.core.texts`): ICD_CACHE_DIR is text a user gives."""
+    from icdcli.core.texts import TextError, check_text
+
+    root = cache_root()
+    try:
+        check_text("path", str(root), "ICD_CACHE_DIR")
+    except TextError as error:
+        raise click.ClickException(str(error)) from None
+    return root
+
+
+@click.group()
+def cache() -> None:
+    """List or prune icd's cache: fused models, ONNX exports and TensorRT engines (ICD_CACHE_DIR moves it)."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: root, entries, total bytes.")
+def cache_list(as_json: bool) -> None:
+    """Show every cache entry with its size and last use, least recently used first."""
+    root = _root()
+    entries = cache_entries(root)
+    total = sum(entry.bytes for entry in entries)
+    if as_json:
+        click.echo(strict_json({"root": str(root), "entries": [e.to_json() for e in entries], "bytes": total}))
+        return
+    now = time.time()
+    for entry in entries:
+        click.echo(f"{_human(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
+                   f"{entry.name:<24} {entry.path}")  # fmt: skip
+    click.echo(f"{len(entries)} entries, {_human(total)} in {root}")
+
+
+@cache.command("prune")
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0.0),
+    default=30.0,
+    show_default=True,
+    help="Remove entries not used for this many days.",
+)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry (not one in use right now).")
+@click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only entries of this kind.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) -> None:
+    """Remove cache entries not used for a while; they are made again when needed."""
+    now = time.time()
+    limit = 0.0 if everything else days * 86400
+    chosen = [
+        entry
+        for entry in cache_entries(_root())
+        if (kind is None or entry.kind == kind) and now - entry.last_used >= max(limit, BUSY_SECONDS)
+    ]
+    freed = 0
+    for entry in chosen:
+        if not dry_run:
+            try:
+                shutil.rmtree(entry.path)
+            except OSError as error:
+                click.echo(f"could not remove {entry.path}: {error.strerror or error}", err=True)
+                continue
+        freed += entry.bytes
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {KINDS[entry.kind]} {entry.name} ({_human(entry.bytes)})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {_human(freed)} ({len(chosen)} entries)")

@@ -1,0 +1,1 @@
+"""The editing method: noise schedule, samplers, the denoiser seam, recipes, inversion and editing, Prompt-to-Prompt."""

@@ -1,0 +1,1 @@
+"""Files in and out: reading and writing images, atomic writes."""

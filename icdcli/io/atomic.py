@@ -1,0 +1,76 @@
+"""Writes that either complete or leave nothing: a file or a folder staged beside its target, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from icdcli.run.claims import folder_beside, sweep, temporary_beside
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    with temporary_beside(target) as temporary:  # named and locked so a later run knows a dead one's leftovers
+        yield temporary
+        temporary.chmod(0o666 & ~_umask())  # made private; the result is an ordinary file
+        os.replace(temporary, target)
+
+
+# a folder icd wrote holds one of these: a model (icd.json) or an ONNX export (manifest.json)
+ICD_FOLDER_MARKERS = ("icd.json", "manifest.json")
+
+
+def _refuse_foreign_folder(target: Path, markers: tuple[str, ...] = ICD_FOLDER_MARKERS) -> None:
+    """An existing folder is replaced only when icd made it (one of `markers` is in it) or it is empty; a file is
+    never replaced by a folder."""
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder icd made; choose another path", str(target))
+    if any(target.iterdir()) and not any((target / marker).is_file() for marker in markers):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"exists and was not made by icd for this (no {' or '.join(markers)} in it); choose another path or "
+            "empty it",
+            str(target),
+        )
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, markers: tuple[str, ...] = ICD_FOLDER_MARKERS) -> Iterator[Path]:
+    """Yield a staging folder beside `target`; on success it replaces `target` in one rename.
+
+    A failed or interrupted write leaves the previous `target` (or nothing) in place, never half a folder. An
+    existing `target` is replaced only when it is empty or holds one of `markers` (what icd writes into such a
+    folder); anything else raises FileExistsError.
+    """
+    target = Path(target)
+    _refuse_foreign_folder(target, markers)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target.parent)  # staging folders of writes that were killed
+    with folder_beside(target) as staging:
+        staging.chmod(0o755)  # made private; the result is an ordinary folder
+        try:
+            yield staging
+            if target.exists():
+                with folder_beside(target, ".old") as retired:
+                    target.rename(retired / target.name)
+                    staging.rename(target)
+                    shutil.rmtree(retired, ignore_errors=True)
+            else:
+                staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,263 @@
+"""Reading photos of any mode and size, fitting them to a model, and writing results atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin
+
+from icdcli.core.digests import file_sha256 as file_sha256  # where the commands look for it
+from icdcli.core.errors import ICDError
+from icdcli.io.atomic import atomic_path
+
+MAX_IMAGE_PIXELS = 100_000_000
+MIN_SIDE = 16
+# decode a JPEG at 1/2, 1/4 or 1/8 scale when it holds over this many times the pixels the model works at
+DRAFT_FACTOR = 4
+ORIGINAL_SIZE = "icd_original_size"
+OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class ImageInputError(ICDError):
+    """An input image that cannot be used."""
+
+
+def _to_8bit_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited over white, 16-bit and float rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        peak = float(np.nanmax(array)) if array.size and not np.isnan(array).all() else 0.0
+        high = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+        if image.mode == "F" and peak <= 1.0:
+            high = 1.0
+        array = np.nan_to_num(array, nan=0.0, posinf=high, neginf=0.0)
+        array *= 255.0 / high
+        array += 0.5
+        image = Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _draft_scale(opened: Image.Image, work_pixels: int | None) -> float:
+    """How far below full size a JPEG may be decoded and still hold twice the model's working sides."""
+    if work_pixels is None or opened.format != "JPEG":
+        return 1.0
+    pixels = opened.width * opened.height
+    if pixels <= DRAFT_FACTOR * work_pixels:
+        return 1.0
+    return min(1.0, 2.0 * math.sqrt(work_pixels / pixels))
+
+
+def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
+    with Image.open(path) as opened:
+        full_size = opened.size
+        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        scale = _draft_scale(opened, work_pixels)
+        if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
+            width, height = (min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
+            wanted = (width, height)
+            opened.draft("RGB", wanted)
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            logging.getLogger("icd").warning("%s: animated (%d frames); its first frame is used", path, frames)
+        opened.load()
+        reduced = opened.size != full_size
+        image = ImageOps.exif_transpose(opened) or opened
+        image = _to_8bit_rgb(image)
+    if reduced:
+        image.info[ORIGINAL_SIZE] = (full_size[1], full_size[0]) if turned else full_size
+    return image
+
+
+def _missing(path: Path) -> str:
+    """Why a path that does not exist as a file is missing: no such file, a dangling link, or a link loop."""
+    import errno
+    import os
+
+    if not os.path.islink(path):
+        return f"{path}: no such file"
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path}: a symbolic link that loops back on itself; point it at an image"
+        if error.errno == errno.EACCES:
+            return f"{path}: a symbolic link into a folder that cannot be read (permission denied)"
+    return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn whatever reading `path` raises into an ImageInputError that says what is wrong."""
+    if not path.exists():
+        raise ImageInputError(_missing(path))
+    if path.is_dir():
+        raise ImageInputError(f"{path}: is a folder, not an image")
+    if not path.is_file():  # a FIFO, socket or device: opening it may block or never end
+        raise ImageInputError(f"{path}: not a regular file (a pipe, socket or device); give an image file")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoders warn about damaged metadata they skip: not the user's concern
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageInputError(
+            f"{path}: over {MAX_IMAGE_PIXELS // 1_000_000} megapixels, refused as a possible decompression bomb; "
+            "downscale it first"
+        ) from error
+    except PermissionError as error:
+        raise ImageInputError(f"{path}: not readable (permission denied); check its permissions") from error
+    except Image.UnidentifiedImageError as error:
+        raise ImageInputError(f"{path}: not an image file that can be read") from error
+    except MemoryError as error:
+        raise ImageInputError(f"{path}: too large to decode in the memory available; downscale it first") from error
+    except Exception as error:  # decoders of malformed files raise many types (OSError, SyntaxError, struct.error...)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageInputError(f"{path}: damaged or unreadable image ({reason[:200]})") from error
+
+
+def _check_sides(path: Path, size: tuple[int, int]) -> None:
+    if min(size) < MIN_SIDE:
+        raise ImageInputError(f"{path}: {size[0]}x{size[1]} is too small; both sides need >= {MIN_SIDE} px")
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """The size an image file declares, from its header alone; ImageInputError when it is not a usable image."""
+    path = Path(path)
+    with _reading(path), Image.open(path) as opened:
+        size = opened.size
+    _check_sides(path, size)
+    return size
+
+
+def load_image(path: str | Path, work_pixels: int | None = None) -> Image.Image:
+    """Open any image as 8-bit RGB with EXIF orientation applied; ImageInputError if it cannot be used.
+
+    With `work_pixels` (the pixels the model works at), a JPEG far larger than that is decoded at
+    a reduced scale, so memory stays bounded; `original_size` tells the size it had.
+    """
+    path = Path(path)
+    with _reading(path):
+        image = _open_decoded(path, work_pixels)
+    _check_sides(path, original_size(image))
+    return image
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """The size the image file had (larger than `image.size` when it was decoded at reduced scale)."""
+    width, height = image.info.get(ORIGINAL_SIZE, image.size)
+    return int(width), int(height)
+
+
+def read_record(path: str | Path, key: str = "icd") -> dict | None:
+    """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment); None if none."""
+    if not Path(path).is_file():  # a FIFO or device would block or never end
+        return None
+    try:
+        with Image.open(path) as opened:
+            text = opened.info.get(key)
+            if text is None and opened.format == "PNG":
+                text = getattr(opened, "text", {}).get(key)
+            if text is None and opened.format == "JPEG" and isinstance(opened.info.get("comment"), bytes):
+                text = opened.info["comment"].decode("utf-8", "replace")
+    except Exception:  # anything unreadable simply has no record
+        return None
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def fit_size(width: int, height: int, *, native_size: int, multiple: int) -> tuple[int, int]:
+    """The model's working size for a photo: about native_size**2 pixels, aspect kept, sides multiples of `multiple`."""
+    scale = math.sqrt(native_size * native_size / (width * height))
+    fitted_w = max(multiple, round(width * scale / multiple) * multiple)
+    fitted_h = max(multiple, round(height * scale / multiple) * multiple)
+    budget = native_size * native_size
+    if min(fitted_w, fitted_h) == multiple and fitted_w * fitted_h > 1.25 * budget:
+        # a very thin photo: the short side is at its minimum, so shorten the long side to keep the area
+        long_side = max(multiple, budget // multiple // multiple * multiple)
+        fitted_w, fitted_h = (long_side, multiple) if fitted_w > fitted_h else (multiple, long_side)
+    return fitted_w, fitted_h
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int]):
+    """RGB image -> float tensor (1, 3, H, W) in [-1, 1] at `size` (width, height)."""
+    import torch
+
+    resized = image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image
+    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_image(pixels, size: tuple[int, int] | None = None) -> Image.Image:
+    """Tensor (1, 3, H, W) or (3, H, W) in [-1, 1] -> RGB image, resized to `size` (width, height) if given."""
+    (image,) = tensors_to_images(pixels[:1] if pixels.ndim == 4 else pixels[None], [size])
+    if isinstance(image, ICDError):
+        raise image
+    return image
+
+
+def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image.Image | ICDError]:
+    """Tensor (B, 3, H, W) in [-1, 1] -> one RGB image per row, resized to its size (width, height) if given, or an
+    ICDError for a row that holds non-finite values. One conversion for the whole batch, then one image per row."""
+    # in NumPy, in float32 as torch would: small torch ops wake torch's thread pool, which waits for cores that the
+    # backend's threads hold (~10 ms a batch on 2 CPUs); rint rounds half to even, as torch.round does
+    values = pixels.detach().float().cpu().numpy()
+    finite = np.isfinite(values).reshape(len(values), -1).all(1).tolist()
+    levels = np.rint((np.clip(values, -1.0, 1.0) + np.float32(1.0)) * np.float32(127.5))
+    with np.errstate(invalid="ignore"):  # a non-finite row becomes an error below, not an image
+        arrays = np.ascontiguousarray(levels.astype(np.uint8).transpose(0, 2, 3, 1))
+    images: list[Image.Image | ICDError] = []
+    for array, is_finite, size in zip(arrays, finite, sizes, strict=True):
+        if not is_finite:
+            images.append(ICDError("the result holds non-finite values (NaN or infinity): nothing was written; "
+                                   "lower --guidance or --amplify"))  # fmt: skip
+            continue
+        image = Image.fromarray(array, "RGB")
+        if size is not None and image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        images.append(image)
+    return images
+
+
+def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None) -> Path:
+    """Write `image` atomically and return the path; PNG outputs carry `text` as tEXt chunks, JPEGs a single
+    entry as their comment.
+
+    Args:
+        image: The image to write.
+        target: The output path; its suffix picks the format.
+        text: Metadata to embed (e.g. the `icd` record).
+    """
+    target = Path(target)
+    fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
+    if fmt is None:
+        raise ICDError(f"{target}: unsupported output type; use one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    options: dict = {}
+    if fmt == "PNG" and text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
+    if fmt == "JPEG":
+        options["quality"] = 95
+        if text:  # a JPEG has one comment: icd's record travels there
+            options["comment"] = text.get("icd", next(iter(text.values()))).encode()
+    with atomic_path(target) as temporary:
+        image.save(temporary, format=fmt, **options)
+    return target

@@ -1,0 +1,223 @@
+"""Where every output of icd goes: one module for `icd edit` (files, folders, spec rows, `--jobs`), `icd invert`
+and `icd bench throughput`.
+
+The rules:
+- `-o` names a file only for a single input, when it is not an existing folder and does not end in a path
+  separator; otherwise it is a folder, created when its parent exists. An input is never an output.
+- Edits go to `<stem>-edit.png` beside the input, or under the `-o` folder mirroring the input's path relative
+  to the folder it was found in; they are deterministic (a rerun finds them, `icdcli.run.batch.decide` skips or
+  refuses them). Items whose default names clash are renamed; any other clash fails the items involved.
+- Other commands' default names (`plan_files`) never land on an input or on a file icd did not make: they take
+  the next free name instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from icdcli.cli.common import check_writable_folder
+from icdcli.run.batch import Item, display
+
+EDIT_SUFFIX = "-edit.png"
+
+
+def _same_file(path: Path, inputs: list[Path]) -> bool:
+    where = os.path.realpath(path)
+    return any(where == os.path.realpath(other) for other in inputs)
+
+
+def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = "-o") -> tuple[Path, bool]:
+    """Where `-o OUTPUT` points for `inputs`: (the path, True) for a file, (a folder that exists, False).
+
+    A file only for a `single` input, when OUTPUT is not a folder and does not end in a separator; a missing
+    folder is created when its parent exists. One-line errors for an output that is an input or cannot be made.
+    """
+    target = Path(output)
+    if single and not target.is_dir() and not output.endswith(("/", os.sep)):
+        check_writable_folder(target.parent)
+        if _same_file(target, inputs):  # a usage error (exit 2): the command line itself asks for it
+            raise click.UsageError(
+                f"{flag} {display(target)} is one of the inputs: choose another name, inputs are never replaced"
+            )
+        return target, True
+    if not target.exists():
+        if not target.parent.is_dir():
+            raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
+        try:
+            target.mkdir(exist_ok=True)  # shards may race to create it
+        except OSError as error:
+            raise click.ClickException(
+                f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
+            ) from None
+    check_writable_folder(target)
+    return target, False
+
+
+def plan_edit_outputs(
+    items: list[Item], output: str | None, *, spec: Path | None, batch: bool, anywhere: bool = False
+) -> list[Item]:
+    """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`).
+
+    Args:
+        items: The edits, from the command line or a spec.
+        output: The -o value (a file, or a folder ending in a separator); None: next to each input.
+        spec: The spec file the items came from, if any (its rows' outputs resolve against its folder).
+        batch: Whether several images may come (then -o names a folder).
+        anywhere: Allow outputs outside the input's or spec's folder.
+    """
+    spec_folder = spec.parent if spec is not None else None
+    if output is None:
+        return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere)
+    inputs = [item.image for item in items[:1] if item.image is not None]
+    target, is_file = output_target(output, inputs, single=not batch)
+    if is_file:  # -o: the user's own path
+        return plan_items([replace(items[0], output=target)], None, spec_out=spec_folder, anywhere=True)
+    return plan_items(items, target, spec_out=spec_folder, anywhere=anywhere)
+
+
+def _made_by_icd(path: Path) -> bool:
+    from icdcli.run.outputs import existing_record
+
+    return existing_record(path) is not None
+
+
+def unique_path(path: Path, taken: set[Path]) -> Path:
+    """`path`, or `stem-1`, `stem-2`, ... : the first that is neither `taken` (real paths) nor present."""
+    candidate, counter = path, 1
+    while Path(os.path.realpath(candidate)) in taken or os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+def plan_files(inputs: list[Path], output: str | None, *, suffix: str, flag: str = "-o") -> list[Path]:
+    """Where each input's result goes (`icd invert`: its latents, its reconstruction): `output_target` for the
+    option `flag`, else `<stem><suffix>` beside each input; a default name never lands on an input or a file icd
+    did not make."""
+    if output is not None:
+        target, is_file = output_target(output, inputs, single=len(inputs) == 1, flag=flag)
+        if is_file:
+            return [target]
+    taken = {Path(os.path.realpath(path)) for path in inputs}
+    planned = []
+    for path in inputs:
+        folder = Path(output) if output is not None else path.parent
+        check_writable_folder(folder)
+        chosen = folder / f"{path.stem}{suffix}"
+        if Path(os.path.realpath(chosen)) in taken or (os.path.lexists(chosen) and not _made_by_icd(chosen)):
+            chosen = unique_path(chosen, taken)
+        taken.add(Path(os.path.realpath(chosen)))
+        planned.append(chosen)
+    return planned
+
+
+def default_output(item: Item, folder: Path | None) -> Path:
+    """`<stem>-edit.png` beside the input, or under `folder` at the input's relative path."""
+    assert item.image is not None
+    name = f"{item.image.stem}{EDIT_SUFFIX}"
+    if folder is None:
+        return item.image.parent / name
+    relative = item.relative or Path(item.image.name)
+    return folder / relative.parent / name
+
+
+def _identity(path: Path) -> str:
+    return display(Path(os.path.abspath(path)))
+
+
+def escapes(output: Path, base: Path | None = None) -> bool:
+    """Whether a spec row's `output` would leave the folder `base` it is relative to: absolute, through `..`, or
+    (with `base`) through a symbolic link inside it that points outside (paths are resolved before they are
+    compared)."""
+    if output.is_absolute() or ".." in output.parts or output.anchor != "":
+        return True
+    if base is None:
+        return False
+    inside = os.path.realpath(base)
+    where = os.path.realpath(base / output)
+    return os.path.commonpath([inside, where]) != inside
+
+
+def plan_items(
+    items: list[Item], folder: Path | None, *, spec_out: Path | None = None, anywhere: bool = False
+) -> list[Item]:
+    """Every usable item with its output path decided.
+
+    A spec row's own `output` resolves against `folder` (-o) when given, else `spec_out` (the
+    spec's folder). When several items would write the same default name, spec rows (one image,
+    many edits) add their row number (`photo-edit-3.png`) and files their extension
+    (`photo-jpg-edit.png`, `photo-png-edit.png`). Any other clash, or an output that is an input,
+    fails the items involved.
+    """
+    inputs = {_identity(item.image) for item in items if item.image is not None}
+    planned: list[Item] = []
+    for item in items:
+        if item.error is not None:
+            planned.append(item)
+        elif (
+            item.output is not None
+            and not anywhere
+            and escapes(item.output, folder if folder is not None else (spec_out or Path(".")))
+        ):
+            planned.append(
+                replace(
+                    item,
+                    error=f"{item.label}: its output {display(item.output)} leaves the output folder; give a path "
+                    "inside it, or pass --any-output to allow this",
+                )
+            )
+        elif item.output is not None:
+            base = folder if folder is not None else (spec_out or Path("."))
+            planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
+        else:
+            planned.append(replace(item, output=default_output(item, folder)))
+    planned = _rename_clashes(planned, items)
+    seen: dict[str, Item] = {}
+    checked: list[Item] = []
+    for item in planned:
+        if item.error is None:
+            output = planned_output(item)
+            identity = _identity(output)
+            if identity in inputs:
+                item = replace(item, error=f"{item.label}: its output {display(output)} is an input; choose another -o")
+            elif identity in seen:
+                item = replace(
+                    item,
+                    error=f"{item.label}: {display(output)} is also the output of {seen[identity].label}; "
+                    "give the rows their own output, or edit them into different -o folders",
+                )
+            else:
+                seen[identity] = item
+        checked.append(item)
+    return checked
+
+
+def planned_output(item: Item) -> Path:
+    """The output of an item `plan_items` has planned (every item without an error has one)."""
+    assert item.output is not None, f"{item.label}: no output planned"
+    return item.output
+
+
+def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
+    """Default outputs that several items would share: spec rows add their row number, files their extension."""
+    counts: dict[str, int] = {}
+    for item in planned:
+        if item.error is None:
+            identity = _identity(planned_output(item))
+            counts[identity] = counts.get(identity, 0) + 1
+    renamed = []
+    for item, before in zip(planned, original, strict=True):
+        output = planned_output(item) if item.error is None else None
+        if output is not None and before.output is None and counts[_identity(output)] > 1:
+            if item.row is not None:
+                name = f"{output.stem}-{item.row}{output.suffix}"
+            else:
+                image = item.image or output
+                name = f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
+            item = replace(item, output=output.with_name(name))
+        renamed.append(item)
+    return renamed
