@@ -188,6 +188,7 @@ def _falls(path, key: str, window: int = 2) -> tuple[float, float]:
     return first, last
 
 
+@pytest.mark.slow
 def test_vae_trains_and_loads_back(smoke_run):
     from diffusers import AutoencoderKL
 
@@ -201,6 +202,7 @@ def test_vae_trains_and_loads_back(smoke_run):
     assert latents.shape == (1, 4, 8, 8)
 
 
+@pytest.mark.slow
 def test_teacher_trains_and_loads_as_a_pipeline(smoke_run):
     from diffusers import StableDiffusionPipeline
 
@@ -214,6 +216,7 @@ def test_teacher_trains_and_loads_as_a_pipeline(smoke_run):
     assert pipeline.tokenizer.unk_token_id not in tokens
 
 
+@pytest.mark.slow
 def test_guidance_distillation_trains_a_guided_unet(smoke_run):
     from diffusers import UNet2DConditionModel
 
@@ -223,6 +226,7 @@ def test_guidance_distillation_trains_a_guided_unet(smoke_run):
     assert unet.time_embedding.cond_proj.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_guided_student_starts_equal_to_the_teacher(smoke_run):
     from diffusers import UNet2DConditionModel
 
@@ -240,6 +244,7 @@ def test_guided_student_starts_equal_to_the_teacher(smoke_run):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.slow
 def test_consistency_adapters_have_the_released_layout(smoke_run):
     from safetensors import safe_open
 
@@ -263,6 +268,7 @@ def test_consistency_adapters_have_the_released_layout(smoke_run):
         assert any(up.abs().sum() > 0 for up in adapter.up.values()), "lora_B never moved from zero"
 
 
+@pytest.mark.slow
 def test_adapters_load_back_onto_the_guided_unet(smoke_run):
     from icdcli.training.consistency import load_adapter
     from icdcli.training.guidance import load_guided_unet
@@ -277,6 +283,7 @@ def test_adapters_load_back_onto_the_guided_unet(smoke_run):
     assert not torch.allclose(student, base)
 
 
+@pytest.mark.slow
 def test_consistency_resumes_from_its_latest_checkpoint(smoke_run):
     from icdcli.training.consistency import ConsistencyConfig, distill_consistency, latest_checkpoint
 
@@ -290,6 +297,7 @@ def test_consistency_resumes_from_its_latest_checkpoint(smoke_run):
     assert metrics["resumed_from"] == 20 and metrics["steps"] == 23
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_changes_memory_not_losses(smoke_run, tmp_path):
     from icdcli.training.consistency import ConsistencyConfig, distill_consistency
 
@@ -316,6 +324,7 @@ def test_stages_in_one_process_may_change_precision():
 # ---- resume, interrupts, trackers --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_stage_saves_on_ctrl_c_and_resumes_with_clean_logs(smoke_chain):
     from icdcli.training.pipeline import PipelineConfig
 
@@ -345,6 +354,7 @@ def _losses(folder) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if k != "time"} for r in read_log(folder / "losses.jsonl")]
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     """A second Ctrl-C (KeyboardInterrupt mid-step) falls back on the last periodic checkpoint; the rerun
     cuts the log back to it and continues with the same optimizer, schedule and data."""
@@ -381,6 +391,7 @@ def test_tensorboard_tracker_writes_the_losses(tmp_path):
     assert [e.step for e in events.Scalars("vae/loss")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_variant_resumes_after_ctrl_c_and_exits_130(smoke_run, monkeypatch):
     from click.testing import CliRunner
 
@@ -501,6 +512,7 @@ def test_ctrl_c_stops_the_loop_after_its_step_and_restores_the_handler(tmp_path)
     assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_finished_stages_are_kept_in_float16_and_restored_on_a_fresh_machine(smoke_run, tmp_path, monkeypatch):
     import shutil
 
@@ -546,7 +558,10 @@ def test_kept_configs_name_no_folder_of_the_training_machine(tmp_path):
     stage = tmp_path / "run" / "vae"
     stage.mkdir(parents=True)
     (stage / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "somewhere"), "a": 1}))
-    (stage / "train_config.json").write_text(json.dumps({"steps": 1}))
+    (stage / "train_config.json").write_text(json.dumps({"steps": 1, "teacher": str(tmp_path / "run" / "teacher")}))
     keep_stage(stage, tmp_path / "kept" / "vae")
     assert json.loads((tmp_path / "kept" / "vae" / "config.json").read_text()) == {"a": 1}
-    assert json.loads((tmp_path / "kept" / "vae" / "train_config.json").read_text()) == {"steps": 1}
+    assert json.loads((tmp_path / "kept" / "vae" / "train_config.json").read_text()) == {
+        "steps": 1,
+        "teacher": "../teacher",
+    }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -56,18 +57,29 @@ def _copy_tree(source: Path, target: Path, dtype: torch.dtype) -> None:
 
 
 def _copy_config(source: Path, target: Path) -> None:
-    """A diffusers/transformers config without `_name_or_path`: where it was loaded from on the machine that
-    trained it, which says nothing on another one (and names that machine's folders)."""
+    """A JSON config as it may travel: without `_name_or_path` (where diffusers/transformers loaded it from) and
+    with every absolute path of the training machine (a stage's `teacher` folder, say) named by its last part
+    beside the stage (`../teacher`): those folders say nothing on another machine, and name this one's."""
     try:
         data = json.loads(source.read_text())
     except ValueError:
         shutil.copy2(source, target)
         return
-    if isinstance(data, dict) and "_name_or_path" in data:
-        data.pop("_name_or_path")
-        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    else:
+    if not isinstance(data, dict):
         shutil.copy2(source, target)
+        return
+    portable = {key: _portable(value) for key, value in data.items() if key != "_name_or_path"}
+    if portable == data:
+        shutil.copy2(source, target)
+    else:
+        target.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
+
+
+def _portable(value: Any) -> Any:
+    """An absolute path as `../<its last part>`; anything else as it is."""
+    if isinstance(value, str) and len(value) > 1 and Path(value).is_absolute():
+        return f"../{Path(value).name}"
+    return value
 
 
 def _replace_folder(build: Path, folder: Path) -> None:
