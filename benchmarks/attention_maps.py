@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from icdcli.bench.scenes import ATTRIBUTE, batches, heldout_scenes, source_attention_maps, word_region
 from icdcli.bench.shapes_edit import WORD_KINDS, mask_iou
-from icdcli.diffusion.editing import SamplerSettings
-from icdcli.diffusion.p2p import P2PSettings, word_indicator, word_token_positions
-from icdcli.diffusion.recipe import P2POptions
+from icdcli.diffusion.p2p.tokens import word_indicator, word_token_positions
+from icdcli.diffusion.recipe import P2POptions, P2PSettings, SamplerSettings
 from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.training.scenes import render_batch
 
@@ -89,7 +88,7 @@ def measure(model, limit: int, batch: int) -> dict:
         scores: dict[str, list] = {kind: [] for kind in WORD_KINDS}
         mass = {"begin": 0.0, "words": 0.0, "end": 0.0, "padding": 0.0}
         flat: dict[str, list[float]] = {kind: [] for kind in WORD_KINDS}
-        with mock.patch("icdcli.diffusion.p2p.blend_resolution", lambda latent_side, side=side: side):
+        with mock.patch("icdcli.diffusion.p2p.plan.blend_resolution", lambda latent_side, side=side: side):
             for chunk in batches(items, batch):
                 pixels, captions = render_batch(chunk, size)
                 maps, got = source_attention_maps(
@@ -189,7 +188,7 @@ def main() -> None:
     if args.ideal:
         print(json.dumps(coverage_map_iou(args.limit), indent=1))
         return
-    from icdcli.models.runtime import load_model_folder
+    from icdcli.models.fusion import load_model_folder
 
     model = load_model_folder(args.model).to("cpu", torch.float32)
     report = measure(model, args.limit, args.batch)

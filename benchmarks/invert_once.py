@@ -18,8 +18,9 @@ import statistics
 import time
 from pathlib import Path
 
-from icdcli.diffusion.editing import SamplerSettings, edit, edit_inversion, invert_for_edit
-from icdcli.diffusion.recipe import resolve_edit
+from icdcli.diffusion.recipe import SamplerSettings, resolve_edit
+from icdcli.editing.edits import edit
+from icdcli.editing.inversion import edit_inversion, invert_for_edit
 from icdcli.io.images import load_image
 from icdcli.pipeline import ICDEditPipeline
 

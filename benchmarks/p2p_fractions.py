@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from icdcli.bench.scenes import classify, edit_pairs, p2p_roundtrip, roundtrip, to_unit
-from icdcli.diffusion.editing import SamplerSettings
-from icdcli.diffusion.p2p import P2PSettings
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
 from icdcli.models.sources import ModelRequest, load_requested_model
 from icdcli.training.scenes import render_batch
 

@@ -21,7 +21,7 @@ import argparse
 import csv
 import json
 
-from icdcli.diffusion.p2p import prompt_words, replacement_mapper, word_token_positions
+from icdcli.diffusion.p2p.tokens import prompt_words, replacement_mapper, word_token_positions
 
 
 def train_tokenizer(texts: list[str], merges: int, max_length: int = 77):

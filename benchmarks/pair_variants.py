@@ -16,8 +16,8 @@ import torch
 
 from icdcli.bench.metrics import psnr
 from icdcli.bench.scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
-from icdcli.diffusion.editing import SamplerSettings
-from icdcli.models.runtime import load_model_folder
+from icdcli.diffusion.recipe import SamplerSettings
+from icdcli.models.fusion import load_model_folder
 from icdcli.training.scenes import render_batch
 
 

@@ -34,7 +34,7 @@ from icdcli.export.manifest import (
 )
 
 if TYPE_CHECKING:
-    from icdcli.diffusion.p2p import StepControl
+    from icdcli.diffusion.p2p.control import StepControl
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -86,7 +86,7 @@ def stacked_control(control: StepControl) -> dict[str, torch.Tensor]:
 class GraphDenoiser:
     """An exported UNet graph behind the denoiser interface `denoiser(x, t, cond, guidance)`.
 
-    Guidance follows the graph (see `icdcli.export.onnx`): "embedding" graphs take w as `timestep_cond`
+    Guidance follows the graph (see `icdcli.export.signatures`): "embedding" graphs take w as `timestep_cond`
     (one batch-1 evaluation per step), "folded" graphs are the unguided forward model (w must be 1),
     "cfg" graphs run real classifier-free guidance with a batch of two on guided steps only.
     Attention control (Prompt-to-Prompt, `controlled`) runs in `p2p` (the runner of the reverse P2P graph,

@@ -61,7 +61,8 @@ def check_export(
     Runtime sessions."""
     from icdcli.engines.onnxruntime import has_cuda_provider, providers_for
     from icdcli.export.manifest import P2P_BATCH, P2P_PAIRS
-    from icdcli.export.onnx import BATCH, EXAMPLE_LATENT, HEIGHT, LATENT_H, LATENT_W, WIDTH, example_inputs, plan_graphs
+    from icdcli.export.onnx import plan_graphs
+    from icdcli.export.signatures import BATCH, EXAMPLE_LATENT, HEIGHT, LATENT_H, LATENT_W, WIDTH, example_inputs
 
     say = progress or (lambda message: None)
     precision = manifest.precision

@@ -24,7 +24,7 @@ ENGINE_SIZES = "engine_sizes.json"
 EXPORT_FORMAT = 5
 """Bump when graph signatures or what a graph computes change: every cached export then counts as stale (3: the P2P
 graph's pair axis; 4: the P2P graph's attention reads its probabilities once,
-`icdcli.diffusion.p2p.controlled_attention`;
+`icdcli.diffusion.p2p.attention.controlled_attention`;
 5: fp16 exports keep normalisation and the P2P softmax in fp32 by default, and run an SD1.5-family VAE in fp16
 inside float32 inputs and outputs, `icdcli.core.dtypes.vae_precision`)."""
 DEFAULT_FP32_NORM = True
@@ -38,7 +38,7 @@ FORWARD, REVERSE, TEACHER = "forward_unet", "reverse_unet", "teacher_unet"
 VAE_ENCODER, VAE_DECODER = "vae_encoder", "vae_decoder"
 UNET_GRAPHS = (FORWARD, REVERSE, TEACHER)
 REVERSE_P2P = "reverse_unet_p2p"
-"""The reverse UNet with Prompt-to-Prompt control as inputs and blend maps as an output (see export.onnx)."""
+"""The reverse UNet with Prompt-to-Prompt control as inputs and blend maps as an output (see export.signatures)."""
 P2P_CONTROL_INPUTS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
 P2P_BATCH = "p2p_batch"
 """Rows of the P2P graph: 2 per (source, target) pair, 4 with real CFG's unconditional rows."""
@@ -202,7 +202,7 @@ def default_export_dir(model: ICDModel, precision: str) -> Path:
 def versions() -> dict[str, str | None]:
     import importlib.metadata
 
-    from icdcli import __version__
+    from icdcli.core.version import __version__
 
     found: dict[str, str | None] = {"icd": __version__}
     for distribution in ("torch", "onnx", "onnxruntime", "diffusers", "transformers"):

@@ -7,13 +7,9 @@ stay light.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:  # the one version number is pyproject.toml's, as the installed distribution reports it
-    __version__ = version("icd")
-except PackageNotFoundError:  # a source tree run without installing
-    __version__ = "unknown"
+from icdcli.core.version import __version__
 
 if TYPE_CHECKING:
     from icdcli.pipeline import ICDEditOutput, ICDEditPipeline

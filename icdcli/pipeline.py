@@ -7,10 +7,14 @@
 
 Defaults, methods and backends are the command line's: the model's edit recipe under whatever the
 call gives, the same P2P settings, the same image fitting, and a list of images is edited in batches
-through `icdcli.diffusion.editing.edit_batch`, as `icd edit` edits several; `icd edit` and this class give the same
+through `icdcli.editing.edits.edit_batch`, as `icd edit` edits several; `icd edit` and this class give the same
 pixels for the same settings. What diffusers users reach for is here too: `torch_dtype`, `.to()`,
 `.device` / `.dtype`, `generator`, `callback_on_step_end`, `set_progress_bar_config`, `from_pipe`, and an
-output that indexes like a list of images.
+output that indexes like a list of images. `edit_many` edits files as `icd edit` does, outputs and records
+included, through its runner.
+
+The work is done below this class: in-memory batches in `icdcli.run.in_memory`, files in `icdcli.run.files`,
+models over a diffusers pipeline in `icdcli.models.from_pipe`.
 """
 
 from __future__ import annotations
@@ -18,24 +22,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from PIL import Image
 
-from icdcli.diffusion.recipe import P2POptions, ResolvedEdit, resolve_edit
+from icdcli.diffusion.recipe import EditRequest, P2POptions, ResolvedEdit, resolve_edit
+from icdcli.run.in_memory import CALLBACK_TENSOR_INPUTS, StepEndCallback
 
 if TYPE_CHECKING:
     import torch
 
-    from icdcli.diffusion.editing import EditJob, Inversion
+    from icdcli.editing.inversion import Inversion
     from icdcli.models.api import EditModel
+    from icdcli.run.files import EditedFiles
 
-StepEndCallback = Callable[[Any, int, int, dict[str, Any]], "dict[str, Any] | None"]
-"""`callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`, as diffusers calls it after each step."""
+__all__ = ["CALLBACK_TENSOR_INPUTS", "ICDEditOutput", "ICDEditPipeline", "PipelineBase", "StepEndCallback"]
 
-CALLBACK_TENSOR_INPUTS = ("latents",)
-"""The tensors a step-end callback may ask for (`callback_on_step_end_tensor_inputs`) and return changed."""
+_Pipeline = TypeVar("_Pipeline", bound="PipelineBase")
 
 
 @dataclass
@@ -67,13 +70,69 @@ class ICDEditOutput:
         return len(self.images)
 
 
-class ICDEditPipeline:
-    """An iCD model ready to edit; `from_pretrained` (or `from_pipe`) loads it, calling it edits."""
+class PipelineBase:
+    """What a diffusers pipeline has beside its calls (as `DiffusionPipeline` has it): the device and dtype the model
+    runs in, `to()`, and the progress bar of a call."""
 
     def __init__(self, model: EditModel, backend: str = "torch") -> None:
         self.model = model
         self.backend = backend
         self._progress_bar_config: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """The device the networks run on."""
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNets' and text encoders' dtype (the VAE's may differ: `model.vae_dtype`)."""
+        return self.model.dtype
+
+    def to(
+        self: _Pipeline, *args: Any, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ) -> _Pipeline:
+        """Move the model, as diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`
+        or `pipe.to(device=..., dtype=...)` do, and return this pipeline.
+
+        What is not given stays: a device alone keeps the dtype, a dtype alone the device. The VAE's dtype follows
+        the device, as on the command line (float32, or on CUDA float16 for SD1.5 and bfloat16 for SDXL). A model on
+        ONNX Runtime or TensorRT cannot move (its sessions are bound to a device): load it where it should run.
+        """
+        from icdcli.core.quiet import libraries_quieted
+        from icdcli.models.runtime import resolve_device
+
+        device, dtype = _placement(args, device, dtype)
+        target = self.device if device is None else resolve_device(str(device))
+        move = getattr(self.model, "to", None)  # an ICDModel's; an accelerated model's says why it cannot
+        if move is None:
+            from icdcli.core.errors import ICDError
+
+            raise ICDError(f"a model on {self.backend} cannot move: load it where it should run")
+        with libraries_quieted():
+            move(target, _dtype(dtype) or self.dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options of the tqdm bar a call draws over its decode steps (`disable=True` turns it off, `file=`,
+        `desc=`, `leave=` ...), replacing those set before. By default the bar is drawn on stderr when stderr is a
+        terminal and not otherwise (tqdm's `disable=None`); `disable=False` draws it anywhere."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, total: int) -> Any:
+        """A tqdm bar of `total` steps under this pipeline's configuration."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, **{"disable": None, "desc": "decoding", **self._progress_bar_config})
+
+
+class ICDEditPipeline(PipelineBase):
+    """An iCD model ready to edit; `from_pretrained` (or `from_pipe`) loads it, calling it edits."""
+
+    def __init__(self, model: EditModel, backend: str = "torch", label: str | None = None) -> None:
+        """`label`: the model's name in the records `edit_many` writes (`model`); default: its metadata's name."""
+        super().__init__(model, backend)
+        self.label = model.info.name if label is None else label
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -103,24 +162,12 @@ class ICDEditPipeline:
             dtype: the same as `torch_dtype` (an older name of it).
             backend: `torch`, `onnxruntime`, `tensorrt` or `auto` (the fastest present).
         """
-        import torch
-
-        from icdcli.core.quiet import libraries_quieted
-        from icdcli.models.runtime import resolve_device
-        from icdcli.models.sources import ModelRequest, load_requested_model
+        from icdcli.run.model import load_pretrained
 
         chosen = _dtype(_one_dtype(torch_dtype, dtype))
-        target = resolve_device(device)
-        half = chosen == torch.float16 or (chosen is None and target.type == "cuda")  # as the command line
-        with libraries_quieted():
-            loaded = load_requested_model(ModelRequest(model, base, teacher, forward_lora, reverse_lora, half=half))
-            loaded.to(target, chosen)
-        if backend == "torch":
-            return cls(loaded, backend)
-        from icdcli.backends.accelerated import accelerate, select_backend
-
-        backend = select_backend(backend, device=loaded.device)
-        return cls(accelerate(loaded, backend), backend)
+        loaded = load_pretrained(model, base=base, teacher=teacher, forward_lora=forward_lora,
+                                 reverse_lora=reverse_lora, device=device, dtype=chosen, backend=backend)  # fmt: skip
+        return cls(loaded.model, loaded.backend, loaded.label)
 
     @classmethod
     def from_pipe(
@@ -139,149 +186,17 @@ class ICDEditPipeline:
 
         The VAE, text encoder(s) and tokenizer(s) are the pipeline's own modules, shared, not copied: this class
         sets them to eval mode without gradients, and moving either pipeline moves them for both. The forward and
-        reverse UNets are new: each LoRA fused into a copy of the teacher UNet, as `icd` fuses released files
-        (`icdcli.models.runtime.build_teacher_unet`, `icdcli.models.lora.fuse_lora`), in the pipeline UNet's dtype and
-        on its device. The edit recipe is the family's release recipe.
-
-        Args:
-            pipeline: the diffusers pipeline (its `vae`, `unet`, `text_encoder`, `tokenizer`, and for SDXL
-                `text_encoder_2`, `tokenizer_2`).
-            forward_lora, reverse_lora: the released PEFT LoRA files (`iCD-SD15-forward_19_259_519_779.safetensors`).
-            teacher: the guidance-distilled teacher UNet state dict (.safetensors, or .pt read weights-only) the
-                LoRAs were trained on, in the pipeline UNet's architecture; None: the pipeline's UNet is the teacher.
-            forward_boundaries, reverse_boundaries: for LoRA files whose names do not carry them.
-            keep_teacher: also keep the teacher UNet, for `sampler="ddim"` (with `teacher=None` it is the
-                pipeline's UNet, kept at no cost).
-            name: the model's name in records; default: the reverse LoRA's folder.
+        reverse UNets are new: each LoRA (the released PEFT files) fused into a copy of the teacher UNet, as `icd`
+        fuses released files, in the pipeline UNet's dtype and on its device; the teacher is the state dict
+        `teacher`, or None: the pipeline's UNet. The edit recipe is the family's release recipe. The arguments:
+        `icdcli.models.from_pipe.model_from_pipe`.
         """
-        import copy
-        import tempfile
+        from icdcli.models.from_pipe import model_from_pipe
 
-        from icdcli.core.errors import ModelSourceError
-        from icdcli.core.quiet import libraries_quieted
-        from icdcli.diffusion.recipe import SD15, SDXL
-        from icdcli.models.identity import made_from
-        from icdcli.models.lora import fuse_lora, read_lora
-        from icdcli.models.runtime import (
-            ICDModel,
-            LoraSources,
-            ModelInfo,
-            _describe,
-            build_teacher_unet,
-            check_weights,
-        )
-
-        family = SDXL if getattr(pipeline, "text_encoder_2", None) is not None else SD15
-        suffixes = ("", "_2") if family == SDXL else ("",)
-        needed = ["vae", "unet", *(f"{part}{suffix}" for suffix in suffixes for part in ("text_encoder", "tokenizer"))]
-        missing = [part for part in needed if getattr(pipeline, part, None) is None]
-        if missing:
-            raise TypeError(f"from_pipe takes a diffusers Stable Diffusion (XL) pipeline; this one lacks {missing}")
-        unet = pipeline.unet
-        sources = LoraSources(
-            base=Path(getattr(pipeline.config, "_name_or_path", "") or "pipeline"),
-            teacher=None if teacher is None else Path(teacher),
-            forward_lora=Path(forward_lora),
-            reverse_lora=Path(reverse_lora),
-            name=name,
-            forward_boundaries=None if forward_boundaries is None else tuple(forward_boundaries),
-            reverse_boundaries=None if reverse_boundaries is None else tuple(reverse_boundaries),
-        )
-        for label, path in (("teacher", sources.teacher), ("forward_lora", sources.forward_lora),
-                            ("reverse_lora", sources.reverse_lora)):  # fmt: skip
-            if path is not None and not path.is_file():
-                raise ModelSourceError(f"{label} {path} does not exist")
-        forward_bounds, reverse_bounds = sources.boundaries()
-        dtype, device = unet.dtype, unet.device
-        unets: dict[str, Any] = {}
-        with libraries_quieted(), tempfile.TemporaryDirectory(prefix="icd-from-pipe-") as folder:
-            base = Path(folder)
-            unet.save_config(base / "unet")  # the architecture build_teacher_unet fills with the teacher's weights
-            for role, path in (("forward", sources.forward_lora), ("reverse", sources.reverse_lora)):
-                check_weights(path)
-                try:
-                    adapter = read_lora(path)
-                    if sources.teacher is None:
-                        unets[role] = fuse_lora(copy.deepcopy(unet), adapter)
-                    else:
-                        unets[role] = build_teacher_unet(base, sources.teacher, dtype=dtype, fuse=adapter)
-                except (ValueError, OSError) as error:
-                    raise ModelSourceError(f"cannot fuse {path}: {error}") from error
-            teacher_unet = unet if sources.teacher is None else None
-            if keep_teacher and sources.teacher is not None:
-                teacher_unet = build_teacher_unet(base, sources.teacher, dtype=dtype)
-            info_json = {
-                "name": name or sources.reverse_lora.parent.name,
-                "forward_boundaries": forward_bounds,
-                "reverse_boundaries": reverse_bounds,
-                "edit": sources.recipe(family, reverse_bounds).to_json(),
-                "made_from": made_from(sources),
-            }
-            info = ModelInfo.from_json(_describe(info_json, unets["reverse"], pipeline.vae, family))
-            encoders = [getattr(pipeline, f"text_encoder{suffix}") for suffix in suffixes]
-            tokenizers = [getattr(pipeline, f"tokenizer{suffix}") for suffix in suffixes]
-            model = ICDModel(info, pipeline.vae, encoders, tokenizers, unets["forward"], unets["reverse"],
-                             teacher_unet=teacher_unet, source=str(sources.reverse_lora.parent))  # fmt: skip
-            model.to(device, dtype, vae_dtype=pipeline.vae.dtype)
+        model = model_from_pipe(pipeline, forward_lora=forward_lora, reverse_lora=reverse_lora, teacher=teacher,
+                                forward_boundaries=forward_boundaries, reverse_boundaries=reverse_boundaries,
+                                keep_teacher=keep_teacher, name=name)  # fmt: skip
         return cls(model, "torch")
-
-    # --- where it runs -------------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        """The device the networks run on."""
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The UNets' and text encoders' dtype (the VAE's may differ: `model.vae_dtype`)."""
-        return self.model.dtype
-
-    def to(
-        self, *args: Any, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
-    ) -> ICDEditPipeline:
-        """Move the model, as diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`
-        or `pipe.to(device=..., dtype=...)` do, and return this pipeline.
-
-        What is not given stays: a device alone keeps the dtype, a dtype alone the device. The VAE's dtype follows
-        the device, as on the command line (float32, or on CUDA float16 for SD1.5 and bfloat16 for SDXL). A model on
-        ONNX Runtime or TensorRT cannot move (its sessions are bound to a device): load it where it should run.
-        """
-        import torch
-
-        from icdcli.core.quiet import libraries_quieted
-        from icdcli.models.runtime import resolve_device
-
-        for arg in args:
-            if isinstance(arg, torch.dtype) or (isinstance(arg, str) and _named_dtype(arg) is not None):
-                dtype = arg
-            elif isinstance(arg, (str, torch.device)):
-                device = arg
-            else:
-                raise TypeError(f"to() takes a device and/or a dtype, not {type(arg).__name__}")
-        target = self.device if device is None else resolve_device(str(device))
-        move = getattr(self.model, "to", None)  # an ICDModel's; an accelerated model's says why it cannot
-        if move is None:
-            from icdcli.core.errors import ICDError
-
-            raise ICDError(f"a model on {self.backend} cannot move: load it where it should run")
-        with libraries_quieted():
-            move(target, _dtype(dtype) or self.dtype)
-        return self
-
-    # --- progress ------------------------------------------------------------------------------------
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """Options of the tqdm bar a call draws over its decode steps (`disable=True` turns it off, `file=`,
-        `desc=`, `leave=` ...), replacing those set before. By default the bar is drawn on stderr when stderr is a
-        terminal and not otherwise (tqdm's `disable=None`); `disable=False` draws it anywhere."""
-        self._progress_bar_config = dict(kwargs)
-
-    def progress_bar(self, total: int) -> Any:
-        """A tqdm bar of `total` steps under this pipeline's configuration."""
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, **{"disable": None, "desc": "decoding", **self._progress_bar_config})
 
     # --- editing -------------------------------------------------------------------------------------
 
@@ -306,7 +221,7 @@ class ICDEditPipeline:
     ) -> ICDEditOutput:
         """Edit `image` (or each of a list) from `source_prompt` to `target_prompt`.
 
-        A list of images is edited in batches of one working size (`icdcli.diffusion.editing.edit_batch`, as `icd edit`
+        A list of images is edited in batches of one working size (`icdcli.editing.edits.edit_batch`, as `icd edit`
         edits several): each image's result is the one it would have alone.
 
         Args:
@@ -330,103 +245,28 @@ class ICDEditPipeline:
                 `latents` in it replaces them (same shape). With several batches, each runs its own steps.
             callback_on_step_end_tensor_inputs: which tensors the callback gets: `latents`.
         """
-        from icdcli.diffusion.editing import EditJob, working_size
+        from icdcli.run.in_memory import StepEnd, edit_images, image_seeds, per_image
 
-        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
-        unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs can hold {list(CALLBACK_TENSOR_INPUTS)}, not {unknown}"
-            )
+        step_end = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        step_end.names()  # a callback asking for what it cannot have fails before any work
         images = [image] if isinstance(image, Image.Image) else list(image)
         if not images:
             raise ValueError("no image to edit")
-        sources = _per_image(source_prompt, len(images), "source_prompt")
-        targets = _per_image(target_prompt, len(images), "target_prompt")
-        seeds = _generator_seeds(generator, len(images))
-        if seeds is not None and seed is not None:
-            raise ValueError("give seed or generator, not both")
-        info = self.model.info
-        settings = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method=method, guidance=guidance,
-                                tau=tau, seed=seed if seeds is None else seeds[0], p2p=p2p,
-                                ddim_steps=ddim_steps)  # fmt: skip
+        sources = per_image(source_prompt, len(images), "source_prompt")
+        targets = per_image(target_prompt, len(images), "target_prompt")
+        seeds = image_seeds(generator, seed, len(images))
+        settings = self._resolve(sampler, method, seed if seeds is None else seeds[0], ddim_steps, guidance=guidance,
+                                 tau=tau, p2p=p2p)  # fmt: skip
         seeds = seeds or [settings.seed] * len(images)
-        given = zip(images, sources, targets, seeds, strict=True)
-        jobs = [
-            EditJob(picture.convert("RGB"), source, target, settings.guidance, settings.tau, job_seed, settings.p2p,
-                    unguided)
-            for picture, source, target, job_seed in given
-        ]  # fmt: skip
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(working_size(self.model, job.image), []).append(index)
-        batches = [
-            chunk for size, indices in groups.items() for chunk in _chunks(indices, self._batch(size, batch_size))
-        ]
-        edited: list[Image.Image | None] = [None] * len(jobs)
-        steps = self._decode_timesteps(settings)
-        with self.progress_bar(len(batches) * len(steps)) as bar:
-            for batch in batches:
-                on_step = self._step_callback(steps, bar, callback_on_step_end, tensor_inputs, settings.p2p is not None)
-                for index, result in zip(batch, self._edit([jobs[i] for i in batch], settings, on_step), strict=True):
-                    if isinstance(result, Exception):
-                        raise result
-                    edited[index] = result
-        return ICDEditOutput([picture for picture in edited if picture is not None], settings, seeds)
+        edited = edit_images(self.model, images, sources, targets, settings, seeds=seeds, unguided=unguided,
+                             batch_size=batch_size, progress_bar=self.progress_bar, step_end=step_end)  # fmt: skip
+        return ICDEditOutput(edited, settings, seeds)
 
-    def _edit(self, jobs: list[EditJob], settings: ResolvedEdit, on_step: Any) -> list[Image.Image | Exception]:
-        from icdcli.diffusion.editing import edit_batch
-
-        if on_step is None:  # the command line's call, exactly
-            return edit_batch(self.model, jobs, settings=settings.sampling)
-        return edit_batch(self.model, jobs, settings=settings.sampling, callback=on_step)
-
-    def _batch(self, size: tuple[int, int], given: int | None) -> int:
-        from icdcli.run.batch import default_batch_size
-
-        if given is not None:
-            if given < 1:
-                raise ValueError(f"batch_size must be at least 1, got {given}")
-            return given
-        return default_batch_size(self.device.type, size[0] * size[1])
-
-    def _decode_timesteps(self, settings: ResolvedEdit) -> list[int]:
-        """The timestep each decode step starts from."""
-        from icdcli.diffusion.sampler import p2p_pairs
-
-        ddim = settings.sampling.sampler == "ddim"
-        pairs = p2p_pairs(None if ddim else self.model.info.reverse_boundaries, settings.sampling.ddim_steps)
-        return [t for t, _ in pairs]
-
-    def _step_callback(
-        self,
-        timesteps: list[int],
-        bar: Any,
-        callback: StepEndCallback | None,
-        tensor_inputs: list[str],
-        p2p: bool,
-    ) -> Callable[[int, int, torch.Tensor], None] | None:
-        """The sampler's step callback (`icdcli.diffusion.sampler.StepCallback`) that advances `bar` and calls
-        `callback` diffusers' way; None when neither would do anything."""
-        if callback is None and bar.disable:
-            return None
-
-        def on_step(index: int, reached: int, latents: torch.Tensor) -> None:
-            if callback is not None:
-                rows = latents[1::2] if p2p else latents  # a P2P decode's rows: (source, target) of each edit
-                given = {name: rows for name in tensor_inputs}
-                returned = callback(self, index, timesteps[index], given) or {}
-                changed = returned.get("latents")
-                if changed is not None and changed is not rows:
-                    if tuple(changed.shape) != tuple(rows.shape):
-                        raise ValueError(
-                            f"callback_on_step_end returned latents of shape {tuple(changed.shape)}, "
-                            f"not {tuple(rows.shape)}"
-                        )
-                    rows.copy_(changed)  # in place: the sampler goes on from this very tensor
-            bar.update(1)
-
-        return on_step
+    def _resolve(self, sampler: str, method: str, seed: int | None, ddim_steps: int, **given: Any) -> ResolvedEdit:
+        """The settings of an edit: `given` (guidance, tau, p2p; None: the recipe's) over the model's recipe."""
+        info = self.model.info
+        return resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method=method, seed=seed,
+                            ddim_steps=ddim_steps, **given)  # fmt: skip
 
     # --- invert once, edit many ----------------------------------------------------------------------
 
@@ -441,7 +281,7 @@ class ICDEditPipeline:
         ddim_steps: int = 50,
     ) -> Inversion:
         """Invert `image` under `prompt` (what it shows) once, to edit it many times with `edit`
-        (`icdcli.diffusion.editing.invert_for_edit`).
+        (`icdcli.editing.inversion.invert_for_edit`).
 
         Args:
             image: a PIL image, any size.
@@ -449,15 +289,11 @@ class ICDEditPipeline:
             seed, generator: the seed of the noise added before inversion, as a call takes them; None: the recipe's.
             sampler: `icd`, or `ddim` for the teacher's DDIM inversion (`ddim_steps`).
         """
-        from icdcli.diffusion.editing import invert_for_edit
+        from icdcli.editing.inversion import invert_for_edit
+        from icdcli.run.in_memory import image_seeds
 
-        seeds = _generator_seeds(generator, 1)
-        if seeds is not None and seed is not None:
-            raise ValueError("give seed or generator, not both")
-        info = self.model.info
-        chosen = seed if seeds is None else seeds[0]
-        settings = resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method="swap", seed=chosen,
-                                ddim_steps=ddim_steps)  # fmt: skip
+        seeds = image_seeds(generator, seed, 1)
+        settings = self._resolve(sampler, "swap", seed if seeds is None else seeds[0], ddim_steps)
         return invert_for_edit(self.model, image.convert("RGB"), prompt, settings.sampling)
 
     def edit(
@@ -472,7 +308,7 @@ class ICDEditPipeline:
         unguided: str = "source",
     ) -> ICDEditOutput:
         """Edit an inversion (`invert`) to `target_prompt`: the decode alone, the pixels a whole call with the same
-        settings gives (`icdcli.diffusion.editing.edit_inversion`). The sampler and seed are the inversion's.
+        settings gives (`icdcli.editing.inversion.edit_inversion`). The sampler and seed are the inversion's.
 
         Args:
             inversion: what `invert` returned, from this pipeline's model.
@@ -480,15 +316,77 @@ class ICDEditPipeline:
             method, guidance, tau, p2p: as a call takes them; None: the recipe's.
             unguided: prompt swap: the prompt of the unguided steps, `source` (preserves more) or `target`.
         """
-        from icdcli.diffusion.editing import edit_inversion
+        from icdcli.editing.inversion import edit_inversion
 
-        info, made = self.model.info, inversion.settings
-        settings = resolve_edit(info.edit, info.generate_guidance, sampler=made.sampler, method=method,
-                                guidance=guidance, tau=tau, seed=made.seed, p2p=p2p,
-                                ddim_steps=made.ddim_steps)  # fmt: skip
+        made = inversion.settings
+        settings = self._resolve(made.sampler, method, made.seed, made.ddim_steps, guidance=guidance, tau=tau, p2p=p2p)
         edited = edit_inversion(self.model, inversion, target_prompt, guidance=settings.guidance, tau=settings.tau,
                                 settings=settings.sampling, p2p=settings.p2p, unguided=unguided)  # fmt: skip
         return ICDEditOutput([edited], settings, [settings.seed])
+
+    # --- files, as icd edit edits them -----------------------------------------------------------------
+
+    def edit_many(
+        self,
+        images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
+        source_prompt: str | None = None,
+        target_prompt: str | None = None,
+        *,
+        spec: str | os.PathLike[str] | None = None,
+        output: str | os.PathLike[str] | None = None,
+        recursive: bool = False,
+        overwrite: bool = False,
+        method: str = "auto",
+        guidance: float | None = None,
+        tau: float | None = None,
+        seed: int | None = None,
+        sampler: str = "icd",
+        ddim_steps: int = 50,
+        p2p: P2POptions | None = None,
+        unguided: str = "source",
+        batch_size: int | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> EditedFiles:
+        """Edit image files as `icd edit IMAGE... [--spec SPEC] [-o OUTPUT]` does with the same settings, through its
+        runner (`icdcli.run.files.edit_files`): the same outputs, pixels and records, so that either finds the
+        other's outputs made (a rerun skips them) and claims keep concurrent runs apart.
+
+        Args:
+            images: image files, or folders of them (`recursive`: their subfolders too).
+            source_prompt, target_prompt: the prompts of every image, and of spec rows that give none.
+            spec: a .jsonl or .csv file, one edit per row (`icd edit --spec`).
+            output: a file for one input, else a folder; None: `NAME-edit.png` beside each input.
+            overwrite: replace existing outputs (else one made with the same settings is skipped, another refused).
+            method, guidance, tau, seed, sampler, ddim_steps, p2p, unguided, batch_size: as a call takes them.
+            notify: hears the lines `icd edit` prints (notes, what was written); default: the `icd` logger's INFO.
+
+        Returns each item's outcome (with the record `icd edit --json` prints) and the counts: a failed item fails
+        alone. Ctrl-C stops after the current batch, then raises KeyboardInterrupt.
+        """
+        from icdcli.run.files import edit_files
+        from icdcli.run.model import Loaded
+        from icdcli.run.report import Reporter
+
+        request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p or P2POptions())
+        return edit_files(Loaded(self.model, self.label, 0.0, self.backend), images, source_prompt, target_prompt,
+                          request=request, unguided=unguided, spec=spec, output=output, recursive=recursive,
+                          overwrite=overwrite, batch_size=batch_size,
+                          reporter=Reporter() if notify is None else Reporter(say=notify))  # fmt: skip
+
+
+def _placement(args: tuple[Any, ...], device: Any, dtype: Any) -> tuple[Any, Any]:
+    """The device and dtype of `to(*args, device=..., dtype=...)`: each positional one a device or a dtype (or its
+    name)."""
+    import torch
+
+    for arg in args:
+        if isinstance(arg, torch.dtype) or (isinstance(arg, str) and _named_dtype(arg) is not None):
+            dtype = arg
+        elif isinstance(arg, (str, torch.device)):
+            device = arg
+        else:
+            raise TypeError(f"to() takes a device and/or a dtype, not {type(arg).__name__}")
+    return device, dtype
 
 
 def _one_dtype(torch_dtype: Any, dtype: Any) -> Any:
@@ -519,27 +417,3 @@ def _dtype(value: Any) -> torch.dtype | None:
     if found is None:
         raise ValueError(f"{value!r} names no torch dtype: use float32, float16 or bfloat16")
     return found
-
-
-def _per_image(prompt: str | Sequence[str], count: int, label: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt] * count
-    prompts = list(prompt)
-    if len(prompts) != count:
-        raise ValueError(f"{label} holds {len(prompts)} prompts for {count} images: give one, or one per image")
-    return prompts
-
-
-def _generator_seeds(generator: Any, count: int) -> list[int] | None:
-    """Each image's seed from a generator (the same for all) or a list of them (one per image)."""
-    if generator is None:
-        return None
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != count:
-            raise ValueError(f"{len(generator)} generators for {count} images: give one, or one per image")
-        return [int(one.initial_seed()) for one in generator]
-    return [int(generator.initial_seed())] * count
-
-
-def _chunks(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[start : start + size] for start in range(0, len(indices), size)]

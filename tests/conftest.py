@@ -38,7 +38,7 @@ def sdxl_parts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def merged_dir(sd15_parts, tmp_path_factory) -> Path:
     """A merged-model folder (with teacher) made from the tiny SD1.5 parts."""
-    from icdcli.models.runtime import LoraSources, fuse_lora_model
+    from icdcli.models.fusion import LoraSources, fuse_lora_model
 
     sources = LoraSources(sd15_parts.base, sd15_parts.teacher_pt, sd15_parts.forward_lora, sd15_parts.reverse_lora)
     folder = tmp_path_factory.mktemp("merged") / "tiny-sd15"

@@ -403,6 +403,7 @@ def test_huge_jpeg_is_decoded_at_reduced_scale_and_returned_at_its_size(merged_d
     assert Image.open(tmp_path / "huge-edit.png").size == (3000, 2000)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_current_image_and_a_rerun_resumes(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(12):  # noise photos large enough that each takes a noticeable time to read and write
@@ -449,6 +450,7 @@ def _wait_for_output(process, out, count=1):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_exit_143_and_the_rerun_does_exactly_the_rest(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(10):
@@ -476,6 +478,7 @@ def test_sigterm_stops_like_ctrl_c_exit_143_and_the_rerun_does_exactly_the_rest(
     assert len(_files(out)) == 10
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tmp_path):
     photos = tmp_path / "photos"
     for index in range(2):
@@ -497,6 +500,7 @@ def _dead_pid():
     return int(finished.stdout)
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(6):
@@ -527,6 +531,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(merged_dir, tmp_
     assert _files(out) == [f"p{index}-edit.png" for index in range(6)]
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_output_folder_do_every_item_exactly_once(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(8):
@@ -584,12 +589,12 @@ def test_an_exported_graph_with_a_changed_byte_is_reported_at_load(tmp_path):
 
 
 def test_claims_share_outputs_between_processes_and_survive_file_systems_without_locks(tmp_path, monkeypatch):
-    from icdcli.run import claims
+    from icdcli.io import claims
 
     output = tmp_path / "x-edit.png"
     mine = claims.claim(output)
     assert mine is not None and claims.claim_owner(output) == str(os.getpid())
-    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from icdcli.run.claims import "
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from icdcli.io.claims import "
                             f"claim; sys.exit(0 if claim(Path({str(output)!r})) is None else 1)"])  # fmt: skip
     assert other.returncode == 0  # another process cannot claim what this one holds
     assert claims.sweep(tmp_path) == []  # a held claim is not stale

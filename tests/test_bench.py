@@ -34,6 +34,7 @@ def test_edit_pairs_change_exactly_one_attribute():
         assert change_mask(source, target).any()
 
 
+@pytest.mark.slow
 def test_benches_run_end_to_end_on_a_tiny_model(merged_model):
     inversion = bench_inversion({"cd4+lf+lr": merged_model}, merged_model, count=4, batch=4)
     names = [row["config"] for row in inversion["rows"]]
@@ -48,6 +49,7 @@ def test_benches_run_end_to_end_on_a_tiny_model(merged_model):
     assert "| method |" in markdown_table(edits["rows"], ["method", "kind", "accuracy"])
 
 
+@pytest.mark.slow
 def test_bench_commands_print_json(merged_dir):
     import json
 
@@ -75,6 +77,7 @@ def test_bench_commands_print_json(merged_dir):
     assert "| word_kind | iou |" in p2p_only.stdout
 
 
+@pytest.mark.slow
 def test_bench_latency_json(merged_dir):
     import json
 
@@ -102,6 +105,7 @@ def test_bench_latency_json(merged_dir):
     assert "tensorrt" in report["skipped"] and report["device"]
 
 
+@pytest.mark.slow
 def test_bench_inversion_lpips_column(merged_dir, tmp_path):
     import json
 

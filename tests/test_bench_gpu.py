@@ -13,7 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from icdcli.bench import gpu as bench_gpu_module
-from icdcli.bench.gpu import NOT_REACHED, STARTED, GpuOptions, bench_gpu
+from icdcli.bench.gpu import bench_gpu
+from icdcli.bench.gpu_report import NOT_REACHED, STARTED, GpuOptions
 from icdcli.cli.main import main
 
 SMALL = ["--device", "cpu", "--width-scale", "0.125", "--size", "128", "--repeats", "1", "--eval-repeats", "1"]
@@ -46,6 +47,7 @@ def no_cuda_calls(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, forbidden)
 
 
+@pytest.mark.slow
 def test_cpu_run_reports_every_field_and_skips_gpu_rows_with_reasons(tmp_path, no_cuda_calls):
     out = tmp_path / "gpu.json"
     result = CliRunner().invoke(main, ["bench", "gpu", *SMALL, "--json", "--out", str(out)])
@@ -80,6 +82,7 @@ def test_cpu_run_reports_every_field_and_skips_gpu_rows_with_reasons(tmp_path, n
         assert entry["status"] == "skipped" and "--device cuda" in entry["reason"]
 
 
+@pytest.mark.slow
 def test_readable_table_without_json(tmp_path):
     result = CliRunner().invoke(main, ["bench", "gpu", *SMALL, "--mode", "eager", "--mode", "graphs", "--no-parity"])
     assert result.exit_code == 0, result.output
@@ -110,6 +113,7 @@ def _recording_writes(monkeypatch) -> list[dict[str, Any]]:
     return snapshots
 
 
+@pytest.mark.slow
 def test_time_limit_skips_the_rest_and_every_step_rewrites_the_file(tmp_path, monkeypatch):
     snapshots = _recording_writes(monkeypatch)
     now = [0.0]
@@ -151,6 +155,7 @@ def test_a_run_killed_mid_step_leaves_the_rows_it_finished(tmp_path):
     assert rows["eager", "p2p", 1]["reason"] == NOT_REACHED
 
 
+@pytest.mark.slow
 def test_the_time_limit_interrupts_a_step_that_runs_past_it(tmp_path):
     now = [0.0]
 
@@ -166,10 +171,12 @@ def test_the_time_limit_interrupts_a_step_that_runs_past_it(tmp_path):
     assert rows["eager", "eval"]["status"] == "ran" and report["finished"] is True
 
 
+@pytest.mark.slow
 def test_parity_of_a_model_with_its_own_fp32_copy_is_exact():
     """The parity path (the CPU twin kept at build, one evaluation, one whole edit) finds no difference where
     there is none: same weights, device and dtype."""
-    from icdcli.bench.gpu import build_model, parity_edit, parity_eval
+    from icdcli.bench.gpu_models import build_model
+    from icdcli.bench.gpu_steps import parity_edit, parity_eval
     from icdcli.bench.scale_models import scale_tokenizer
 
     built = build_model("sd15", width=0.125, size=128, device=torch.device("cpu"), dtype=torch.float32, seed=1,
@@ -185,7 +192,7 @@ def test_execution_modes_come_from_torch_speed_when_it_is_there(monkeypatch):
     import sys
     import types
 
-    from icdcli.bench.gpu import NO_MODES, set_mode
+    from icdcli.bench.gpu_models import NO_MODES, set_mode
 
     class Model:
         def __init__(self) -> None:
@@ -195,24 +202,27 @@ def test_execution_modes_come_from_torch_speed_when_it_is_there(monkeypatch):
             self.modes.append(execution)
             return self
 
-    speed = types.ModuleType("icdcli.backends.torch_speed")
+    speed = types.ModuleType("icdcli.models.torch_speed")
     speed.TorchExecution = types.SimpleNamespace(from_mode=lambda mode: f"execution {mode}")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "icdcli.backends.torch_speed", speed)
+    monkeypatch.setitem(sys.modules, "icdcli.models.torch_speed", speed)
     model = Model()
     assert set_mode(model, "graphs") is None and set_mode(model, "eager") is None
     assert model.modes == ["execution graphs", "execution eager"]
     assert set_mode(object(), "compile") == NO_MODES and set_mode(object(), "eager") is None
-    monkeypatch.setitem(sys.modules, "icdcli.backends.torch_speed", None)  # a build without the module
+    monkeypatch.setitem(sys.modules, "icdcli.models.torch_speed", None)  # a build without the module
     assert set_mode(model, "compile") == NO_MODES
 
 
+@pytest.mark.slow
 def test_graph_mode_rows_run_and_a_p2p_row_gives_the_attention_back():
     """The rows' measuring under CUDA-graph bookkeeping (replayed eagerly off CUDA: `anywhere`), and the reverse
     UNet's own attention processors back after a P2P row, so the next mode's rows run what the first ones ran."""
-    from icdcli.backends.torch_speed import TorchExecution
-    from icdcli.bench.gpu import Budget, Clocked, build_model, default_attention, measure_edit, measure_eval
+    from icdcli.bench.gpu_machine import Budget, Clocked
+    from icdcli.bench.gpu_models import build_model, default_attention
+    from icdcli.bench.gpu_steps import measure_edit, measure_eval
     from icdcli.bench.scale_models import scale_tokenizer
-    from icdcli.diffusion.p2p import has_p2p_processors
+    from icdcli.diffusion.p2p.attention import has_p2p_processors
+    from icdcli.models.torch_speed import TorchExecution
 
     built = build_model("sd15", width=0.125, size=128, device=torch.device("cpu"), dtype=torch.float32, seed=2,
                         reference=False, tokenizer=scale_tokenizer())  # fmt: skip

@@ -9,8 +9,7 @@ from transformers import AutoTokenizer
 from icdcli.bench.inversion import bench_inversion
 from icdcli.bench.scenes import edit_pairs, heldout_scenes, source_attention_maps, word_region
 from icdcli.bench.shapes_edit import EDIT_METHODS, bench_localisation, bench_shapes_edit, blend_on_edited_word, mask_iou
-from icdcli.diffusion.editing import SamplerSettings
-from icdcli.diffusion.p2p import P2PSettings
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
 from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.training.scenes import render_batch
 
@@ -19,7 +18,7 @@ CAPTION = "a red circle on a blue background"
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    from icdcli.models.runtime import load_model_folder
+    from icdcli.models.fusion import load_model_folder
 
     with pytest.MonkeyPatch.context() as patch:  # the fused model goes to a cache of this module's own
         patch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("icd-cache")))
@@ -35,7 +34,7 @@ def _blob_maps(tokenizer, word: str, inside: np.ndarray, *, side: int) -> torch.
     """(side^2, L) maps where `word`'s tokens attend only inside `inside` (side x side) and every other token evenly."""
     length = tokenizer.model_max_length
     maps = torch.full((side * side, length), 1.0 / length)
-    from icdcli.diffusion.p2p import word_indicator
+    from icdcli.diffusion.p2p.tokens import word_indicator
 
     tokens = word_indicator(tokenizer, CAPTION, [word]).bool()
     maps[:, tokens] = torch.from_numpy(inside.reshape(-1, 1).astype(np.float32))
@@ -90,6 +89,7 @@ def test_source_attention_maps_are_local_blends_sums_of_softmax_rows(embedded):
         assert layers >= 4 and torch.allclose(sums, torch.full_like(sums, layers), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_vae_row_is_the_ceiling_of_the_inversion_table(embedded):
     result = bench_inversion({"cd4+lf+lr": embedded}, embedded, count=4, batch=4)
     rows = {row["config"]: row for row in result["rows"]}
@@ -98,6 +98,7 @@ def test_vae_row_is_the_ceiling_of_the_inversion_table(embedded):
     assert all(rows["vae"]["psnr"] > row["psnr"] for name, row in rows.items() if name != "vae")
 
 
+@pytest.mark.slow
 def test_shapes_edit_blend_row_and_localisation_on_the_embedded_model(embedded):
     methods = tuple(m for m in EDIT_METHODS if m.name in ("icd4-p2p", "icd4-p2p-blend"))
     result = bench_shapes_edit(embedded, count=3, batch=9, methods=methods)

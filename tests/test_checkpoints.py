@@ -11,9 +11,9 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-import icdcli.core.digests
+import icdcli.io.hash_cache
 from icdcli.cli.main import main
-from icdcli.core.digests import cached_file_sha256
+from icdcli.io.hash_cache import cached_file_sha256
 from icdcli.io.images import read_record
 from icdcli.models.checkpoints import ModelFiles, autov2, files_of
 from icdcli.run.outputs import a1111_parameters
@@ -50,8 +50,8 @@ def test_a_single_file_base_is_the_checkpoint_hashed_once(tmp_path, monkeypatch)
     converted.mkdir(parents=True)
     (converted / "source.json").write_text(json.dumps({"name": checkpoint.name, "source": str(checkpoint)}))
     reads = []
-    real = icdcli.core.digests.files_sha256
-    monkeypatch.setattr(icdcli.core.digests, "files_sha256", lambda paths: reads.append(paths) or real(paths))
+    real = icdcli.io.hash_cache.files_sha256
+    monkeypatch.setattr(icdcli.io.hash_cache, "files_sha256", lambda paths: reads.append(paths) or real(paths))
     made_from = {"base": str(converted), "forward_lora": "sha256:" + "1" * 64, "reverse_lora": "sha256:" + "2" * 64}
     files = files_of(made_from, "m")
     assert files.checkpoint == ("dreamshaper_8", _autov2(checkpoint))
@@ -71,8 +71,8 @@ def test_the_hash_cache_rereads_a_file_that_changed_and_survives_a_read_only_cac
     path.write_bytes(b"a" * 5000)
     cache = tmp_path / "cache" / "hashes.json"
     reads = []
-    real = icdcli.core.digests.files_sha256
-    monkeypatch.setattr(icdcli.core.digests, "files_sha256", lambda paths: reads.append(paths) or real(paths))
+    real = icdcli.io.hash_cache.files_sha256
+    monkeypatch.setattr(icdcli.io.hash_cache, "files_sha256", lambda paths: reads.append(paths) or real(paths))
     first = cached_file_sha256(path, cache_file=cache)
     assert first == hashlib.sha256(b"a" * 5000).hexdigest() and len(reads) == 1
     assert cached_file_sha256(path, cache_file=cache) == first and len(reads) == 1

@@ -224,6 +224,7 @@ def test_missing_default_model_explains_what_to_pass(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_edit_on_onnxruntime_matches_torch_and_says_so(merged_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     photo = _photo(tmp_path / "photo.png")

@@ -28,6 +28,7 @@ def test_variant_settings():
             variant_settings(bad)
 
 
+@pytest.mark.slow
 def test_train_smoke_packages_a_model_that_edits(tmp_path):
     """The whole chain at smoke scale, then a variant on the same teacher, both with TensorBoard; both packaged
     folders load and edit."""
@@ -83,6 +84,7 @@ def test_a_missing_package_is_one_line_that_says_what_to_install(tmp_path, monke
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_smoke_run_saves_and_exits_130(tmp_path):
     """A real SIGINT to `icd train --smoke` while its first stage trains: a checkpoint, the resume command, 130."""
     run = tmp_path / "run"
@@ -152,10 +154,11 @@ def test_v2_preset_has_step_targets_and_no_time_caps():
         PipelineConfig.preset("v3")
 
 
+@pytest.mark.slow
 def test_train_v2_smoke_runs_in_the_cache_and_packages_a_16x16_latent_model(tmp_path, monkeypatch):
     from PIL import Image
 
-    from icdcli.models.runtime import load_model_folder
+    from icdcli.models.fusion import load_model_folder
     from icdcli.training.scenes import Scene
 
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path / "cache"))

@@ -183,6 +183,7 @@ def embedded_from_zero(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_forward_boundary_of_0_edits_alike_in_pytorch_and_in_the_exported_graphs(embedded_from_zero, tmp_path):
     example = Path(__file__).parent.parent / "examples" / "red-circle.png"
     results = {}

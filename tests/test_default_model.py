@@ -7,8 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from icdcli.cli import main
-from icdcli.sources import DEFAULT_MODEL_DIR
+from icdcli.cli.main import main
+from icdcli.models.sources import DEFAULT_MODEL_DIR
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 COLOURS = {"red": (220, 40, 40), "yellow": (240, 220, 40), "blue": (40, 80, 220)}

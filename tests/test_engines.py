@@ -20,8 +20,12 @@ from PIL import Image
 from icdcli.backends.accelerated import AcceleratedModel, BackendFacts, accelerate, choose_backend, select_backend
 from icdcli.core.errors import ICDError
 from icdcli.diffusion.denoiser import Conditioning, ControlledEps, PromptEmbedding, UNetDenoiser
-from icdcli.diffusion.editing import SamplerSettings, edit, generate
+from icdcli.diffusion.recipe import SamplerSettings
+from icdcli.editing.edits import edit
+from icdcli.editing.generation import generate
 from icdcli.engines import tensorrt as trt_engine
+from icdcli.engines import tensorrt_lib as trt_lib
+from icdcli.engines import tensorrt_plan as trt_plan
 from icdcli.engines.base import GraphDenoiser, ShapeNotCovered
 from icdcli.export.manifest import P2P_CONTROL_INPUTS, GraphSpec, Manifest, TensorSpec
 
@@ -54,6 +58,7 @@ def ort_sd15(merged_model, tmp_path_factory):
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_accelerated_model_delegates_and_reports_backend(ort_sd15, merged_model):
     assert isinstance(ort_sd15, AcceleratedModel) and ort_sd15.backend == "onnxruntime"
     assert ort_sd15.info is merged_model.info and ort_sd15.tokenizers is merged_model.tokenizers
@@ -64,6 +69,7 @@ def test_accelerated_model_delegates_and_reports_backend(ort_sd15, merged_model)
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_cpu_sessions_block_instead_of_spinning(ort_sd15):
     """One thread pool per session: pools that spin after their run take the CPU from the next session's run."""
     for runner in ort_sd15.parts.runners.values():
@@ -73,6 +79,7 @@ def test_cpu_sessions_block_instead_of_spinning(ort_sd15):
 
 @onnx_needed
 @pytest.mark.parametrize("sampler", ["icd", "ddim"])
+@pytest.mark.slow
 def test_edit_on_onnxruntime_matches_torch(ort_sd15, merged_model, sampler):
     settings = SamplerSettings(sampler, ddim_steps=10, seed=3)
     args = (scene(), "a red square on a blue background", "a green square on a blue background")
@@ -81,12 +88,14 @@ def test_edit_on_onnxruntime_matches_torch(ort_sd15, merged_model, sampler):
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_generate_on_onnxruntime_matches_torch(ort_sd15, merged_model):
     options = {"guidance": 8.0, "tau": 1.0, "settings": SamplerSettings(seed=1)}
     assert pixel_gap(generate(ort_sd15, "a cat", **options), generate(merged_model, "a cat", **options)) <= PIXEL_LEVELS
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_sdxl_edit_on_onnxruntime_matches_torch(sdxl_parts, tmp_path_factory):
     from test_export import exported, sdxl_model
 
@@ -98,6 +107,7 @@ def test_sdxl_edit_on_onnxruntime_matches_torch(sdxl_parts, tmp_path_factory):
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_cfg_model_runs_batch_two_on_guided_steps(merged_model, tmp_path_factory):
     from test_export import cfg_model, exported
 
@@ -119,6 +129,7 @@ def test_cfg_model_runs_batch_two_on_guided_steps(merged_model, tmp_path_factory
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_export_on_first_use_only(merged_model, caplog, monkeypatch, tmp_path):
     import icdcli.backends.accelerated as accelerated
     from icdcli import export as export_package
@@ -177,7 +188,7 @@ class FakeTorch:
 
 
 def _control(length: int = 3, blend_queries: int | None = 4):
-    from icdcli.diffusion.p2p import StepControl
+    from icdcli.diffusion.p2p.control import StepControl
 
     ones = torch.ones(length)
     return StepControl(ones, ones, torch.eye(length), ones, torch.ones(1), blend_queries=blend_queries)
@@ -292,7 +303,7 @@ def test_select_backend_here():
 def tiny_manifest(guidance_distilled: bool = True) -> Manifest:
     from tiny import _text_encoder, make_teacher
 
-    from icdcli.export.onnx import text_specs, unet_specs, vae_specs
+    from icdcli.export.signatures import text_specs, unet_specs, vae_specs
     from icdcli.training.tokenizer import build_word_tokenizer
 
     unet = make_teacher("sd15", guidance_distilled=guidance_distilled)
@@ -310,13 +321,13 @@ def tiny_manifest(guidance_distilled: bool = True) -> Manifest:
 
 
 def test_build_mode_follows_the_tensorrt_version():
-    strongly, flag = trt_engine.BuildMode(True, False), trt_engine.BuildMode(False, True)
-    assert trt_engine.build_mode("10.12.0.36", "fp16") == strongly
-    assert trt_engine.build_mode("11.4.0.106", "fp16") == strongly  # TensorRT 11 has no BuilderFlag.FP16
-    assert trt_engine.build_mode("11.4.0", "fp32") == strongly
-    assert trt_engine.build_mode("10.11.0", "fp16") == flag
-    assert trt_engine.build_mode("10.0.1.6", "fp16") == flag
-    assert trt_engine.build_mode("10.11.0", "fp32") == trt_engine.BuildMode(False, False)
+    strongly, flag = trt_plan.BuildMode(True, False), trt_plan.BuildMode(False, True)
+    assert trt_plan.build_mode("10.12.0.36", "fp16") == strongly
+    assert trt_plan.build_mode("11.4.0.106", "fp16") == strongly  # TensorRT 11 has no BuilderFlag.FP16
+    assert trt_plan.build_mode("11.4.0", "fp32") == strongly
+    assert trt_plan.build_mode("10.11.0", "fp16") == flag
+    assert trt_plan.build_mode("10.0.1.6", "fp16") == flag
+    assert trt_plan.build_mode("10.11.0", "fp32") == trt_plan.BuildMode(False, False)
 
 
 def request_of(requests, graph):
@@ -324,7 +335,7 @@ def request_of(requests, graph):
 
 
 def test_one_engine_per_graph_with_native_batched_landscape_and_portrait_profiles():
-    requests = trt_engine.plan_engines(tiny_manifest())
+    requests = trt_plan.plan_engines(tiny_manifest())
     assert sorted(r.graph for r in requests) == sorted(tiny_manifest().graphs)
     reverse = request_of(requests, "reverse_unet")
     assert [label for label, _ in reverse.profiles] == ["native", "batched", "landscape", "portrait"]
@@ -333,7 +344,7 @@ def test_one_engine_per_graph_with_native_batched_landscape_and_portrait_profile
     assert reverse.labelled("batched")["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))
     low, opt, high = reverse.labelled("landscape")["sample"]
     assert low[2] <= 32 and high[2] == 64 and low[3] == 64 and high[3] >= 128  # width up to 2x native at 4:1
-    assert (low[0], opt[0], high[0]) == (1, 1, trt_engine.DEFAULT_BATCH)  # tuned for one image, holds two
+    assert (low[0], opt[0], high[0]) == (1, 1, trt_plan.DEFAULT_BATCH)  # tuned for one image, holds two
     assert reverse.labelled("portrait")["sample"] == tuple(s[:2] + (s[3], s[2]) for s in (low, opt, high))
     decoder = request_of(requests, "vae_decoder")
     assert [label for label, _ in decoder.profiles] == ["landscape", "portrait"]
@@ -349,7 +360,7 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
 
     manifest = tiny_manifest()
     manifest.info.update(native_size=native, size_multiple=multiple)
-    requests = trt_engine.plan_engines(manifest)
+    requests = trt_plan.plan_engines(manifest)
     graphs = {g: request_of(requests, g).profiles for g in ("vae_encoder", "vae_decoder", "reverse_unet")}
     factor = manifest.vae_scale_factor
     for step in range(0, 3001, 7):  # aspect 1 .. 4
@@ -364,23 +375,23 @@ def test_profiles_cover_every_size_the_image_fitting_gives(native, multiple):
                 },
             }  # fmt: skip
             for graph, profiles in graphs.items():
-                assert trt_engine.choose_profile(profiles, shapes[graph]) is not None, (graph, w, h)
+                assert trt_plan.choose_profile(profiles, shapes[graph]) is not None, (graph, w, h)
     # the 2.5:1 photo that fell outside the old profile of 3/2 native
     w, h = fit_size(2500, 1000, native_size=native, multiple=multiple)
     assert w >= native * 3 // 2
-    assert trt_engine.choose_profile(graphs["vae_encoder"], {"images": (1, 3, h, w)}) is not None
+    assert trt_plan.choose_profile(graphs["vae_encoder"], {"images": (1, 3, h, w)}) is not None
 
 
 def test_photos_thinner_than_the_profiles_are_not_covered():
     from icdcli.io.images import fit_size
 
-    profiles = request_of(trt_engine.plan_engines(tiny_manifest()), "vae_encoder").profiles
+    profiles = request_of(trt_plan.plan_engines(tiny_manifest()), "vae_encoder").profiles
     w, h = fit_size(8000, 1000, native_size=512, multiple=64)
-    assert trt_engine.choose_profile(profiles, {"images": (1, 3, h, w)}) is None
+    assert trt_plan.choose_profile(profiles, {"images": (1, 3, h, w)}) is None
 
 
 def test_cfg_models_get_batch_two_profiles_and_requested_sizes():
-    requests = trt_engine.plan_engines(tiny_manifest(False), height=768, width=384)
+    requests = trt_plan.plan_engines(tiny_manifest(False), height=768, width=384)
     reverse = request_of(requests, "reverse_unet")
     assert reverse.labelled("native")["sample"] == ((1, 4, 96, 48),) * 3
     low, opt, high = reverse.labelled("portrait")["sample"]
@@ -395,31 +406,31 @@ def test_cfg_models_get_batch_two_profiles_and_requested_sizes():
 
 
 def test_requested_sizes_beyond_the_fitted_ones_widen_their_profile():
-    reverse = request_of(trt_engine.plan_engines(tiny_manifest(), height=512, width=1600), "reverse_unet")
+    reverse = request_of(trt_plan.plan_engines(tiny_manifest(), height=512, width=1600), "reverse_unet")
     low, opt, high = reverse.labelled("landscape")["sample"]
     assert opt[2:] == (64, 200) and high[3] >= 200
     assert reverse.labelled("native")["sample"] == ((1, 4, 64, 200),) * 3
 
 
 def test_profile_choice_prefers_the_static_profile():
-    reverse = request_of(trt_engine.plan_engines(tiny_manifest(False)), "reverse_unet")
+    reverse = request_of(trt_plan.plan_engines(tiny_manifest(False)), "reverse_unet")
     shapes = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 12, 32)}
-    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, shapes)][0] == "native"
+    assert reverse.profiles[trt_plan.choose_profile(reverse.profiles, shapes)][0] == "native"
     batch_two = {name: (2, *shape[1:]) for name, shape in shapes.items()}
-    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, batch_two)][0] == "batched"
+    assert reverse.profiles[trt_plan.choose_profile(reverse.profiles, batch_two)][0] == "batched"
     wide_two = {**batch_two, "sample": (2, 4, 48, 96)}
-    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, wide_two)][0] == "landscape"
+    assert reverse.profiles[trt_plan.choose_profile(reverse.profiles, wide_two)][0] == "landscape"
     tall = {**shapes, "sample": (1, 4, 96, 48)}
-    assert reverse.profiles[trt_engine.choose_profile(reverse.profiles, tall)][0] == "portrait"
+    assert reverse.profiles[trt_plan.choose_profile(reverse.profiles, tall)][0] == "portrait"
     thin = {**shapes, "sample": (1, 4, 8, 512)}
-    assert trt_engine.choose_profile(reverse.profiles, thin) is None
+    assert trt_plan.choose_profile(reverse.profiles, thin) is None
 
 
 @pytest.mark.parametrize("native, latent", [(512, 64), (1024, 128)])  # SD1.5 at 512 px, SDXL at 1024 px
 def test_engines_for_64_and_128_latents_hold_batch_one_and_two(native, latent):
     manifest = tiny_manifest()
     manifest.info.update(native_size=native, size_multiple=64)
-    requests = trt_engine.plan_engines(manifest)
+    requests = trt_plan.plan_engines(manifest)
     reverse = request_of(requests, "reverse_unet").profiles
     decoder = request_of(requests, "vae_decoder").profiles
     for batch in (1, 2):
@@ -427,41 +438,41 @@ def test_engines_for_64_and_128_latents_hold_batch_one_and_two(native, latent):
             "sample": (batch, 4, latent, latent), "timestep": (batch,), "encoder_hidden_states": (batch, 12, 32),
             "timestep_cond": (batch, 512),
         }  # fmt: skip
-        chosen = trt_engine.choose_profile(reverse, unet)
+        chosen = trt_plan.choose_profile(reverse, unet)
         assert reverse[chosen][0] == ("native" if batch == 1 else "batched")
-        assert trt_engine.choose_profile(decoder, {"latents": (batch, 4, latent, latent)}) is not None
-        assert trt_engine.choose_profile(reverse, {**unet, "sample": (batch, 4, latent // 2, latent * 2)})
+        assert trt_plan.choose_profile(decoder, {"latents": (batch, 4, latent, latent)}) is not None
+        assert trt_plan.choose_profile(reverse, {**unet, "sample": (batch, 4, latent // 2, latent * 2)})
     three = {"sample": (3, 4, latent, latent), "timestep": (3,), "encoder_hidden_states": (3, 12, 32)}
-    assert trt_engine.choose_profile(reverse, {**three, "timestep_cond": (3, 512)}) is None  # beyond batch 2
+    assert trt_plan.choose_profile(reverse, {**three, "timestep_cond": (3, 512)}) is None  # beyond batch 2
 
 
 def test_memory_budget_arithmetic():
-    budget = trt_engine.MemoryBudget(device_bytes=1000, weight_bytes=100, bytes_per_position=10)
+    budget = trt_plan.MemoryBudget(device_bytes=1000, weight_bytes=100, bytes_per_position=10)
     assert budget.largest_batch(10) == 4  # 0.8 * 1000 - 100 = 700 bytes: 7 images of 100, down to a power of two
     assert budget.largest_batch(5) == 8  # 14 images of 50
-    assert budget.largest_batch(1) == trt_engine.MAX_BATCH  # 70 images, capped
+    assert budget.largest_batch(1) == trt_plan.MAX_BATCH  # 70 images, capped
     assert budget.largest_batch(71) == 1 and budget.largest_batch(10**6) == 1  # never below one image
-    assert trt_engine.MemoryBudget(1000, 900, 10).largest_batch(1) == 1  # weights alone beyond the headroom
-    assert [trt_engine.power_of_two_floor(n) for n in (1, 2, 3, 7, 8, 15, 16)] == [1, 2, 2, 4, 8, 8, 16]
+    assert trt_plan.MemoryBudget(1000, 900, 10).largest_batch(1) == 1  # weights alone beyond the headroom
+    assert [trt_plan.power_of_two_floor(n) for n in (1, 2, 3, 7, 8, 15, 16)] == [1, 2, 2, 4, 8, 8, 16]
     gib = 2**30
-    sdxl_on_24gb = trt_engine.MemoryBudget(24 * gib, 7 * 10**9, trt_engine.RULE_BYTES_PER_POSITION["fp16"])
+    sdxl_on_24gb = trt_plan.MemoryBudget(24 * gib, 7 * 10**9, trt_plan.RULE_BYTES_PER_POSITION["fp16"])
     assert sdxl_on_24gb.largest_batch(128 * 128) == 8  # (19.2 GiB - 6.5 GiB) / 1 GiB per image = 12 -> 8
-    sd15_on_h200 = trt_engine.MemoryBudget(141 * gib, int(3.5e9), trt_engine.RULE_BYTES_PER_POSITION["fp16"])
-    assert sd15_on_h200.largest_batch(64 * 64) == trt_engine.MAX_BATCH
+    sd15_on_h200 = trt_plan.MemoryBudget(141 * gib, int(3.5e9), trt_plan.RULE_BYTES_PER_POSITION["fp16"])
+    assert sd15_on_h200.largest_batch(64 * 64) == trt_plan.MAX_BATCH
 
 
 def test_profiles_from_a_memory_budget_follow_each_profiles_size():
     manifest = tiny_manifest()
     native = 64 * 64  # latent positions at 512 px; landscape and portrait reach twice that
-    budget = trt_engine.MemoryBudget(device_bytes=10_000 * native, weight_bytes=0, bytes_per_position=1000)
-    requests = trt_engine.plan_engines(manifest, budget=budget)  # room for 8 native images, 4 at the widest
+    budget = trt_plan.MemoryBudget(device_bytes=10_000 * native, weight_bytes=0, bytes_per_position=1000)
+    requests = trt_plan.plan_engines(manifest, budget=budget)  # room for 8 native images, 4 at the widest
     reverse = request_of(requests, "reverse_unet")
     assert reverse.labelled("native")["sample"][2][0] == 1
     assert reverse.labelled("batched")["sample"][2][0] == 8
     assert reverse.labelled("landscape")["sample"][2][0] == 4 and reverse.labelled("portrait")["sample"][2][0] == 4
-    pinned = request_of(trt_engine.plan_engines(manifest, max_batch=3, budget=budget), "reverse_unet")
+    pinned = request_of(trt_plan.plan_engines(manifest, max_batch=3, budget=budget), "reverse_unet")
     assert {pinned.labelled(label)["sample"][2][0] for label in ("batched", "landscape", "portrait")} == {3}
-    single = request_of(trt_engine.plan_engines(manifest, max_batch=1), "reverse_unet")
+    single = request_of(trt_plan.plan_engines(manifest, max_batch=1), "reverse_unet")
     assert [label for label, _ in single.profiles] == ["native", "landscape", "portrait"]  # no batched profile
 
 
@@ -474,49 +485,49 @@ def test_device_budget_reads_the_gpu_and_the_export(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=5e9))
     budget = trt_engine.device_budget(torch.device("cuda", 0), tmp_path, manifest)
     assert budget.device_bytes == 5 * 10**9 and budget.weight_bytes == 1000 * len(manifest.graphs)
-    assert budget.bytes_per_position == trt_engine.RULE_BYTES_PER_POSITION["fp16"]  # the tiny manifest is fp16
-    auto = trt_engine.resolve_sizes(tmp_path, height=None, width=None, max_batch=trt_engine.AUTO_BATCH)
-    assert auto == trt_engine.EngineSizes(batch=trt_engine.AUTO_BATCH) and auto.fixed_batch is None
-    assert trt_engine.EngineSizes.from_json(auto.to_json()) == auto  # recorded by `icd export --batch auto`
+    assert budget.bytes_per_position == trt_plan.RULE_BYTES_PER_POSITION["fp16"]  # the tiny manifest is fp16
+    auto = trt_engine.resolve_sizes(tmp_path, height=None, width=None, max_batch=trt_plan.AUTO_BATCH)
+    assert auto == trt_plan.EngineSizes(batch=trt_plan.AUTO_BATCH) and auto.fixed_batch is None
+    assert trt_plan.EngineSizes.from_json(auto.to_json()) == auto  # recorded by `icd export --batch auto`
 
 
-GPU = trt_engine.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
+GPU = trt_plan.DeviceFacts("NVIDIA H100 80GB HBM3", "9.0")
 
 
 def test_engine_cache_key_changes_with_every_input():
-    profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
-    mode = trt_engine.BuildMode(True, False)
-    base = trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
-    assert base == trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
+    profiles = trt_plan.plan_engines(tiny_manifest())[0].profiles
+    mode = trt_plan.BuildMode(True, False)
+    base = trt_plan.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
+    assert base == trt_plan.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.12.0", device=GPU)
     other_profiles = ((profiles[0][0], {**profiles[0][1], "sample": ((1, 4, 8, 8),) * 3}), *profiles[1:])
     variants = [
-        trt_engine.engine_cache_key("onnx-b", profiles, mode=mode, trt_version="10.12.0", device=GPU),
-        trt_engine.engine_cache_key("onnx-a", other_profiles, mode=mode, trt_version="10.12.0", device=GPU),
-        trt_engine.engine_cache_key(
-            "onnx-a", profiles, mode=trt_engine.BuildMode(False, True), trt_version="10.12.0", device=GPU
+        trt_plan.engine_cache_key("onnx-b", profiles, mode=mode, trt_version="10.12.0", device=GPU),
+        trt_plan.engine_cache_key("onnx-a", other_profiles, mode=mode, trt_version="10.12.0", device=GPU),
+        trt_plan.engine_cache_key(
+            "onnx-a", profiles, mode=trt_plan.BuildMode(False, True), trt_version="10.12.0", device=GPU
         ),
-        trt_engine.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.13.0", device=GPU),
-        trt_engine.engine_cache_key(
-            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_engine.DeviceFacts(GPU.name, "8.9")
+        trt_plan.engine_cache_key("onnx-a", profiles, mode=mode, trt_version="10.13.0", device=GPU),
+        trt_plan.engine_cache_key(
+            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_plan.DeviceFacts(GPU.name, "8.9")
         ),
-        trt_engine.engine_cache_key(
-            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_engine.DeviceFacts("NVIDIA H200", "9.0")
+        trt_plan.engine_cache_key(
+            "onnx-a", profiles, mode=mode, trt_version="10.12.0", device=trt_plan.DeviceFacts("NVIDIA H200", "9.0")
         ),
     ]
     assert len({base, *variants}) == 7
 
 
 def test_cache_keys_and_timing_cache_carry_the_build_format(monkeypatch, tmp_path):
-    profiles = trt_engine.plan_engines(tiny_manifest())[0].profiles
-    mode = trt_engine.BuildMode(True, False)
-    before = trt_engine.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU)
-    timing = trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU)
+    profiles = trt_plan.plan_engines(tiny_manifest())[0].profiles
+    mode = trt_plan.BuildMode(True, False)
+    before = trt_plan.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU)
+    timing = trt_plan.timing_cache_file(tmp_path, "10.12.0", GPU)
     assert "nvidia-h100-80gb-hbm3" in timing.name and "sm90" in timing.name and "10.12.0" in timing.name
-    other_gpu = trt_engine.timing_cache_file(tmp_path, "10.12.0", trt_engine.DeviceFacts("NVIDIA L4", "8.9"))
+    other_gpu = trt_plan.timing_cache_file(tmp_path, "10.12.0", trt_plan.DeviceFacts("NVIDIA L4", "8.9"))
     assert other_gpu != timing
-    monkeypatch.setattr(trt_engine, "BUILD_FORMAT", trt_engine.BUILD_FORMAT + 1)
-    assert trt_engine.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU) != before
-    assert trt_engine.timing_cache_file(tmp_path, "10.12.0", GPU) != timing
+    monkeypatch.setattr(trt_plan, "BUILD_FORMAT", trt_plan.BUILD_FORMAT + 1)
+    assert trt_plan.engine_cache_key("onnx", profiles, mode=mode, trt_version="10.12.0", device=GPU) != before
+    assert trt_plan.timing_cache_file(tmp_path, "10.12.0", GPU) != timing
 
 
 def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
@@ -524,16 +535,16 @@ def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
     from icdcli.export.manifest import read_engine_sizes, write_engine_sizes
 
     manifest = tiny_manifest()
-    mode = trt_engine.BuildMode(True, False)
+    mode = trt_plan.BuildMode(True, False)
 
     def keys(sizes):
-        requests = trt_engine.plan_engines(manifest, height=sizes.height, width=sizes.width, max_batch=sizes.batch)
+        requests = trt_plan.plan_engines(manifest, height=sizes.height, width=sizes.width, max_batch=sizes.batch)
         return {
-            r.graph: trt_engine.engine_cache_key("x", r.profiles, mode=mode, trt_version="10.12", device=GPU)
+            r.graph: trt_plan.engine_cache_key("x", r.profiles, mode=mode, trt_version="10.12", device=GPU)
             for r in requests
         }
 
-    exported = trt_engine.EngineSizes(768, 384, 2)
+    exported = trt_plan.EngineSizes(768, 384, 2)
     write_engine_sizes(tmp_path, exported.to_json())
     assert read_engine_sizes(tmp_path) == {"height": 768, "width": 384, "batch": 2}
     at_run_time = trt_engine.resolve_sizes(tmp_path, height=None, width=None, max_batch=None)
@@ -541,7 +552,7 @@ def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
     assert keys(trt_engine.resolve_sizes(tmp_path.parent, height=None, width=None, max_batch=None)) != keys(
         exported
     )  # nothing recorded
-    assert trt_engine.resolve_sizes(tmp_path, height=512, width=None, max_batch=None) == trt_engine.EngineSizes(
+    assert trt_engine.resolve_sizes(tmp_path, height=512, width=None, max_batch=None) == trt_plan.EngineSizes(
         512, None, None
     )
     (tmp_path / "engine_sizes.json").write_text("not json")
@@ -551,27 +562,28 @@ def test_saved_export_sizes_give_the_same_engines_at_run_time(tmp_path):
 def test_stale_and_foreign_engines_are_not_loaded(tmp_path):
     import json
 
-    request = trt_engine.plan_engines(tiny_manifest())[0]
-    plan = trt_engine.engine_file(tmp_path, request, "f" * 64)
+    request = trt_plan.plan_engines(tiny_manifest())[0]
+    plan = trt_plan.engine_file(tmp_path, request, "f" * 64)
     assert plan.name.startswith(f"{request.graph}-ffff")
-    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
+    assert trt_plan.stale_reason(trt_plan.read_meta(plan), "f" * 64) == "not built yet"
     plan.write_bytes(b"engine")
     plan.with_suffix(".json").write_text(json.dumps({"key": "e" * 64}))
-    assert "other" in trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64)
+    assert "other" in trt_plan.stale_reason(trt_plan.read_meta(plan), "f" * 64)
     plan.with_suffix(".json").write_text(json.dumps({"key": "f" * 64}))
-    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) is None
+    assert trt_plan.stale_reason(trt_plan.read_meta(plan), "f" * 64) is None
     plan.unlink()  # metadata without its engine (an interrupted copy) counts as not built
-    assert trt_engine.stale_reason(trt_engine.read_meta(plan), "f" * 64) == "not built yet"
+    assert trt_plan.stale_reason(trt_plan.read_meta(plan), "f" * 64) == "not built yet"
 
 
 def test_fitted_sides_and_version_parsing():
-    assert trt_engine.fitted_sides(512, 64, max_aspect=1.0) == (512, 512)
-    short, long = trt_engine.fitted_sides(512, 64)
+    assert trt_plan.fitted_sides(512, 64, max_aspect=1.0) == (512, 512)
+    short, long = trt_plan.fitted_sides(512, 64)
     assert short == 256 and long == 1024
-    assert trt_engine.parse_version("10.12.0.36") == (10, 12, 0)
-    assert trt_engine.parse_version("10.0.1b") == (10, 0, 1)
+    assert trt_plan.parse_version("10.12.0.36") == (10, 12, 0)
+    assert trt_plan.parse_version("10.0.1b") == (10, 0, 1)
 
 
+@pytest.mark.slow
 def test_tensorrt_backend_without_library_or_gpu_is_a_clear_error(merged_model):
     with pytest.raises(ICDError):
         accelerate(merged_model, "tensorrt")
@@ -581,7 +593,7 @@ def test_tensorrt_backend_without_library_or_gpu_is_a_clear_error(merged_model):
 
 
 real_tensorrt = pytest.mark.skipif(
-    not (trt_engine.is_importable() and torch.cuda.is_available()),
+    not (trt_lib.is_importable() and torch.cuda.is_available()),
     reason="needs TensorRT (pip install 'icd[tensorrt]') and a CUDA GPU; neither is required elsewhere",
 )
 
@@ -625,12 +637,13 @@ def test_export_command_help_and_tensorrt_error():
     runner = CliRunner()
     result = runner.invoke(export, ["--help"])
     assert result.exit_code == 0 and "--backend" in result.output and "timestep_cond" in result.output
-    if not (trt_engine.is_importable() and torch.cuda.is_available()):
+    if not (trt_lib.is_importable() and torch.cuda.is_available()):
         result = runner.invoke(export, ["--backend", "tensorrt"])
         assert result.exit_code != 0 and "tensorrt" in result.output.lower()
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_export_command_writes_an_export_folder(merged_dir, tmp_path):
     from click.testing import CliRunner
 
@@ -762,6 +775,7 @@ def test_torch_unet_leaves_the_gpu_once_its_graph_runs_and_returns_for_good_when
 
 
 @onnx_needed
+@pytest.mark.slow
 def test_export_command_for_tensorrt_saves_its_sizes_and_builds_every_graph(merged_dir, tmp_path, monkeypatch):
     """The CLI wiring of `icd export --backend tensorrt` (TensorRT itself stubbed: the fake-module tests cover it)."""
     from click.testing import CliRunner

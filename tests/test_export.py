@@ -21,9 +21,9 @@ ort = pytest.importorskip("onnxruntime", reason="comparisons need onnxruntime (p
 
 from icdcli.diffusion.denoiser import guidance_scale_embedding  # noqa: E402
 from icdcli.export import export_model, model_fingerprint, read_manifest, stale_reason  # noqa: E402
+from icdcli.export.cleanup import save_graph  # noqa: E402
 from icdcli.export.files import atomic_folder, file_lock  # noqa: E402
 from icdcli.export.manifest import DEFAULT_OPSET, GUIDANCE_CFG, GUIDANCE_EMBEDDING, GUIDANCE_FOLDED  # noqa: E402
-from icdcli.export.onnx import save_graph  # noqa: E402
 
 RTOL = 1e-4
 
@@ -44,7 +44,7 @@ def exported(tmp_path_factory, model, name: str, precision: str = "fp32") -> Pat
 
 
 def sdxl_model(sdxl_parts):
-    from icdcli.models.runtime import LoraSources, fuse_lora_model
+    from icdcli.models.fusion import LoraSources, fuse_lora_model
 
     parts = sdxl_parts
     return fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))
@@ -54,7 +54,8 @@ def cfg_model(merged_model):
     """An SD1.5 model whose UNets have no guidance distillation (real CFG, batch 2 on guided steps)."""
     from tiny import make_teacher
 
-    from icdcli.models.runtime import ICDModel, ModelInfo
+    from icdcli.models.info import ModelInfo
+    from icdcli.models.runtime import ICDModel
 
     info = ModelInfo.from_json({**merged_model.info.to_json(), "guidance_distilled": False, "name": "tiny-cfg"})
     forward, reverse = make_teacher("sd15", 21, False), make_teacher("sd15", 22, False)
@@ -91,6 +92,7 @@ def onnx_inputs(path: Path) -> dict[str, int]:
 # --- signatures and manifest ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
     forward = onnx_inputs(sd15_export / "forward_unet.onnx")
     reverse = onnx_inputs(sd15_export / "reverse_unet.onnx")
@@ -102,6 +104,7 @@ def test_forward_graph_has_no_timestep_cond_and_reverse_takes_it(sd15_export):
     assert manifest.graphs["reverse_unet"].input("timestep_cond").shape == ["batch", 512]
 
 
+@pytest.mark.slow
 def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merged_model):
     from icdcli.core.digests import files_sha256
 
@@ -123,6 +126,7 @@ def test_manifest_records_model_precision_versions_and_hashes(sd15_export, merge
     assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]}
 
 
+@pytest.mark.slow
 def test_sdxl_graphs_take_text_embeds_and_time_ids(sdxl_setup):
     _, folder = sdxl_setup
     assert list(onnx_inputs(folder / "forward_unet.onnx")) == [
@@ -163,6 +167,7 @@ def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
     assert [p.name for p in target.iterdir()] == ["again"]
 
 
+@pytest.mark.slow
 def test_external_data_round_trip(sd15_export, tmp_path):
     """Graphs over 2 GB keep weights in one external file: the same code path, forced on a small graph."""
     target = tmp_path / "vae_decoder.onnx"
@@ -185,6 +190,7 @@ def unet_reference(unet, sample, t, hidden, cond=None, pooled=None, time_ids=Non
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("batch, latent_hw", [(1, (8, 8)), (2, (16, 8))])
+@pytest.mark.slow
 def test_unet_graphs_match_torch(family, batch, latent_hw, merged_model, sd15_export, sdxl_setup):
     model, folder = (merged_model, sd15_export) if family == "sd15" else sdxl_setup
     generator = torch.Generator().manual_seed(batch)
@@ -207,6 +213,7 @@ def test_unet_graphs_match_torch(family, batch, latent_hw, merged_model, sd15_ex
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.slow
 def test_vae_and_text_graphs_match_torch(family, merged_model, sd15_export, sdxl_setup):
     model, folder = (merged_model, sd15_export) if family == "sd15" else sdxl_setup
     pixels = torch.rand(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -225,6 +232,7 @@ def test_vae_and_text_graphs_match_torch(family, merged_model, sd15_export, sdxl
         assert close(outputs[-1][1], expected.pooled) <= 1
 
 
+@pytest.mark.slow
 def test_cfg_unet_graph_serves_batch_one_and_two(merged_model, tmp_path_factory):
     model = cfg_model(merged_model)
     folder = exported(tmp_path_factory, model, "sd15-cfg")
@@ -243,6 +251,7 @@ def test_cfg_unet_graph_serves_batch_one_and_two(merged_model, tmp_path_factory)
         assert close(run(folder, "reverse_unet", **feeds)[0], expected) <= 1
 
 
+@pytest.mark.slow
 def test_fp16_export_types(merged_model, tmp_path_factory):
     """fp16 graphs are for TensorRT / CUDA: UNets and text encoders in fp16, the VAE's inputs and outputs fp32.
 
@@ -259,6 +268,7 @@ def test_fp16_export_types(merged_model, tmp_path_factory):
     assert next(merged_model.forward_unet.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
+@pytest.mark.slow
 def test_export_measured_error_is_tiny(merged_model, sd15_export):
     """Documents the measured fp32 error (docs/engines.md quotes it): far below the tolerance."""
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -298,7 +308,7 @@ def test_constant_folding_removes_constant_nodes_and_keeps_outputs(tmp_path, mon
         pytest.importorskip("polygraphy")
     else:
         monkeypatch.setitem(__import__("sys").modules, "polygraphy.backend.onnx", None)  # as if not installed
-    from icdcli.export.onnx import fold_constants
+    from icdcli.export.cleanup import fold_constants
 
     foldable_graph(tmp_path / "raw.onnx")
     folded, used = fold_constants(onnx.load(str(tmp_path / "raw.onnx")), large=False)
@@ -310,9 +320,12 @@ def test_constant_folding_removes_constant_nodes_and_keeps_outputs(tmp_path, mon
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * float(np.abs(before).max()))
 
 
+@pytest.mark.slow
 def test_sanitized_unet_graph_gives_the_same_outputs_on_onnxruntime(merged_model, tmp_path):
     """The reverse UNet traced raw, saved as it is and saved sanitised: same outputs on ONNX Runtime."""
-    from icdcli.export.onnx import UNetGraph, example_inputs, torch_export, unet_specs
+    from icdcli.export.graphs import UNetGraph
+    from icdcli.export.onnx import torch_export
+    from icdcli.export.signatures import example_inputs, unet_specs
 
     unet = merged_model.reverse_unet
     inputs, outputs, guidance = unet_specs(unet, "reverse_unet", latent_channels=4, text_length=12, dtype=torch.float32)
@@ -337,7 +350,7 @@ def test_sanitized_unet_graph_gives_the_same_outputs_on_onnxruntime(merged_model
 
 
 def test_norms_in_fp32_patches_only_while_open(merged_model):
-    from icdcli.export.onnx import norms_in_fp32
+    from icdcli.export.precision import norms_in_fp32
 
     unet = merged_model.forward_unet
     norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]
@@ -363,9 +376,12 @@ def elem_types(model) -> dict[str, int]:
     return types
 
 
+@pytest.mark.slow
 def test_fp16_export_with_fp32_norm_runs_normalisation_in_fp32(merged_model, tmp_path):
+    from icdcli.export.graphs import UNetGraph
     from icdcli.export.manifest import GraphSpec
-    from icdcli.export.onnx import UNetGraph, _cast, example_inputs, export_graph, unet_specs
+    from icdcli.export.onnx import _cast, export_graph
+    from icdcli.export.signatures import example_inputs, unet_specs
 
     inputs, outputs, guidance = unet_specs(
         merged_model.forward_unet, "forward_unet", latent_channels=4, text_length=12, dtype=torch.float16
@@ -396,6 +412,7 @@ def test_stale_reason_for_fp32_norm():
     assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, need_sanitized=True) is None
 
 
+@pytest.mark.slow
 def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
     from click.testing import CliRunner
 
@@ -412,6 +429,7 @@ def test_export_check_compares_every_graph_with_torch(merged_dir, tmp_path):
     assert result.exit_code != 0 and "--fp16" in result.output
 
 
+@pytest.mark.slow
 def test_export_check_catches_a_wrong_graph(merged_model, sd15_export, tmp_path):
     import shutil
 
@@ -425,6 +443,7 @@ def test_export_check_catches_a_wrong_graph(merged_model, sd15_export, tmp_path)
     assert not checks["teacher_unet"].passed and checks["teacher_unet"].error > 10 * checks["teacher_unet"].tolerance
 
 
+@pytest.mark.slow
 def test_export_check_through_a_backends_runners(merged_model, sd15_export):
     """With runners (here ONNX Runtime's, as `--backend tensorrt --check` passes TensorRT's) the graphs run through
     them at the native size, batch 1."""
@@ -457,7 +476,7 @@ def test_export_check_through_a_backends_runners(merged_model, sd15_export):
 def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
     """icd writes results (JSON) to stdout; polygraphy prints there unless told otherwise."""
     pytest.importorskip("polygraphy")
-    from icdcli.export.onnx import fold_constants
+    from icdcli.export.cleanup import fold_constants
 
     foldable_graph(tmp_path / "raw.onnx")
     fold_constants(onnx.load(str(tmp_path / "raw.onnx")), large=False)
@@ -467,6 +486,7 @@ def test_constant_folding_keeps_stdout_clean(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir, tmp_path):
     """`icd edit` exports without the teacher; a later `--sampler ddim` adds only the teacher's graph."""
     from icdcli.backends.accelerated import ensure_exported
@@ -488,6 +508,7 @@ def test_a_later_teacher_is_exported_beside_the_graphs_already_there(merged_dir,
     assert manifest.graphs[TEACHER].sha256 and (folder / manifest.graphs[TEACHER].file).is_file()
 
 
+@pytest.mark.slow
 def test_fp16_export_keeps_norms_and_the_explicit_p2p_softmax_in_fp32_and_runs_the_vae_in_fp16(
     merged_model, tmp_path_factory
 ):
@@ -514,7 +535,7 @@ def test_fp16_export_keeps_norms_and_the_explicit_p2p_softmax_in_fp32_and_runs_t
 
 
 def test_softmax_in_fp32_sets_upcast_only_while_open(merged_model):
-    from icdcli.export.onnx import softmax_in_fp32
+    from icdcli.export.precision import softmax_in_fp32
 
     unet = merged_model.reverse_unet
     layers = [m for m in unet.modules() if getattr(m, "upcast_softmax", None) is not None]
@@ -525,7 +546,9 @@ def test_softmax_in_fp32_sets_upcast_only_while_open(merged_model):
 
 
 def test_vae_graph_modules_compute_in_the_vae_precision_behind_float32(merged_model):
-    from icdcli.export.onnx import VaeDecoderGraph, VaeEncoderGraph, _cast, vae_graph_dtype
+    from icdcli.export.graphs import VaeDecoderGraph, VaeEncoderGraph
+    from icdcli.export.onnx import _cast
+    from icdcli.export.precision import vae_graph_dtype
 
     assert vae_graph_dtype("sd15", "fp16") == torch.float16
     assert vae_graph_dtype("sdxl", "fp16") == torch.float32  # overflows in fp16; graphs have no bfloat16

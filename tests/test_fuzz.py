@@ -362,13 +362,14 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_does_the_rest(
     merged_dir, tmp_path, one_model, monkeypatch, signum
 ):
     """The signal arrives inside the network (the item is dropped, or finished after one Ctrl-C) or while the
     output is written (finished), at each item in turn; the rerun does exactly what is missing. One item per network
     call (--batch-size 1), so that "the item in the network" is one item."""
-    import icdcli.diffusion.editing
+    import icdcli.editing.edits
     import icdcli.io.images
 
     photos = tmp_path / "in"
@@ -378,7 +379,7 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
     command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "--json",
                "--batch-size", "1"]  # fmt: skip
     expected_code = 143 if signum == signal.SIGTERM else 130
-    real_edit, real_save = icdcli.diffusion.editing.edit_batch, icdcli.io.images.save_image
+    real_edit, real_save = icdcli.editing.edits.edit_batch, icdcli.io.images.save_image
     for stage in ("network", "write"):
         for at in range(4):
             out = tmp_path / f"out-{stage}-{at}"
@@ -390,7 +391,7 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
                 _calls["n"] += 1
                 return real(*args, **kwargs)
 
-            network = (icdcli.diffusion.editing, "edit_batch", real_edit)
+            network = (icdcli.editing.edits, "edit_batch", real_edit)
             target = network if stage == "network" else (icdcli.io.images, "save_image", real_save)
             monkeypatch.setattr(target[0], target[1], lambda *a, _r=target[2], **k: signalled(_r, *a, **k))
             first = CliRunner().invoke(main, [*command, "-o", str(out)])
@@ -412,14 +413,14 @@ def test_a_signal_at_every_point_of_a_batch_leaves_whole_outputs_and_the_rerun_d
 
 
 def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir, tmp_path, one_model, monkeypatch):
-    import icdcli.diffusion.editing
+    import icdcli.editing.edits
 
     photos = tmp_path / "in"
     photos.mkdir()
     for index in range(6):
         _base(np.random.default_rng(index), 40, 24).save(photos / f"p{index}.png")
     surprises = {1: RuntimeError("a library's surprise"), 3: MemoryError(), 4: ZeroDivisionError("division by zero")}
-    real_edit, calls = icdcli.diffusion.editing.edit_batch, {"n": 0}
+    real_edit, calls = icdcli.editing.edits.edit_batch, {"n": 0}
 
     def surprising(*args, **kwargs):
         index, calls["n"] = calls["n"], calls["n"] + 1
@@ -427,7 +428,7 @@ def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir
             raise surprises[index]
         return real_edit(*args, **kwargs)
 
-    monkeypatch.setattr(icdcli.diffusion.editing, "edit_batch", surprising)
+    monkeypatch.setattr(icdcli.editing.edits, "edit_batch", surprising)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["edit", str(photos), "-o", str(out), "--src", "a cat", "--tgt", "a dog",
                                        "--model", str(merged_dir), "--json", "--batch-size", "1"])  # fmt: skip
@@ -441,16 +442,18 @@ def test_an_error_nobody_foresaw_fails_its_item_and_the_batch_goes_on(merged_dir
 @pytest.mark.parametrize("command", ["generate", "invert"])
 def test_sigterm_in_generate_and_invert_exits_143_and_leaves_nothing(merged_dir, tmp_path, one_model, monkeypatch,
                                                                        command):  # fmt: skip
-    import icdcli.diffusion.editing
+    import icdcli.editing.generation
+    import icdcli.editing.inversion
 
     name = "generate" if command == "generate" else "invert_for_edit"  # what each command calls
-    real = getattr(icdcli.diffusion.editing, name)
+    module = icdcli.editing.generation if command == "generate" else icdcli.editing.inversion
+    real = getattr(module, name)
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(icdcli.diffusion.editing, name, terminated)
+    monkeypatch.setattr(module, name, terminated)
     before = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(main, _command(command, tmp_path, merged_dir))
     assert result.exit_code == 143 and "terminated" in result.stderr and "Traceback" not in result.output

@@ -32,6 +32,7 @@ def test_grounding_loss_is_zero_inside_the_region_and_the_outside_share_squared_
     assert float(grounding_loss([flat], {8: masks}, torch.tensor([True]))) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_teacher_trains_with_the_grounding_loss(tmp_path):
     from dataclasses import replace
 

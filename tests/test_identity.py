@@ -62,7 +62,7 @@ def test_a_model_in_memory_is_identified_by_its_weights():
 
 
 def test_a_fused_model_and_its_cached_folder_are_one_model(sd15_parts, merged_model, merged_dir):
-    from icdcli.models.runtime import LoraSources, fuse_lora_model
+    from icdcli.models.fusion import LoraSources, fuse_lora_model
 
     parts = sd15_parts
     fused = fuse_lora_model(LoraSources(parts.base, parts.teacher_pt, parts.forward_lora, parts.reverse_lora))

@@ -12,16 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from icdcli.cli.main import main
-from icdcli.diffusion.editing import (
-    InversionError,
-    SamplerSettings,
-    edit,
-    edit_inversion,
-    invert_for_edit,
-    load_inversion,
-    save_inversion,
-)
-from icdcli.diffusion.recipe import P2POptions, resolve_edit
+from icdcli.diffusion.recipe import P2POptions, SamplerSettings, resolve_edit
+from icdcli.editing.edits import edit
+from icdcli.editing.inversion import InversionError, edit_inversion, invert_for_edit, load_inversion, save_inversion
 from icdcli.io.images import load_image, read_record
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
@@ -140,6 +133,7 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
+@pytest.mark.slow
 def test_icd_edit_latents_equals_icd_edit(case, tmp_path):
     flags = CLI_CASES[case]
     whole = _run("edit", EXAMPLE, "--src", SOURCE, "--tgt", TARGET, "-o", tmp_path / "whole.png", "--seed", 3,
@@ -176,6 +170,7 @@ def test_the_latent_file_holds_the_value_and_its_record(tmp_path):
     assert tuple(inversion.latents.shape) == (1, 4, 8, 8)
 
 
+@pytest.mark.slow
 def test_icd_edit_latents_refuses_what_it_cannot_use(tmp_path, merged_dir):
     latents = tmp_path / "l.safetensors"
     assert _run("invert", EXAMPLE, "--prompt", SOURCE, "-o", latents, "--device", "cpu").exit_code == 0
@@ -211,6 +206,7 @@ def test_icd_edit_latents_refuses_what_it_cannot_use(tmp_path, merged_dir):
         assert result.exit_code == 1 and expected in result.output, result.output
 
 
+@pytest.mark.slow
 def test_icd_edit_latents_never_replaces_what_it_did_not_make(tmp_path):
     latents = tmp_path / "l.safetensors"
     assert _run("invert", EXAMPLE, "--prompt", SOURCE, "-o", latents, "--device", "cpu").exit_code == 0

@@ -79,6 +79,7 @@ def full_load_edit(monkeypatch, args: list[str]) -> None:
         run_edit(args)
 
 
+@pytest.mark.slow
 def test_a_missing_export_takes_the_full_path_and_exports(exported):
     cache, loaded = exported
     assert isinstance(loaded.model, AcceleratedModel) and isinstance(loaded.model.model, ICDModel)
@@ -86,6 +87,7 @@ def test_a_missing_export_takes_the_full_path_and_exports(exported):
     assert "teacher_unet" in json.loads(manifest.read_text())["graphs"]
 
 
+@pytest.mark.slow
 def test_lean_edits_import_no_model_library_and_match_the_full_load(cache, tmp_path, monkeypatch):
     outputs = {method: (tmp_path / f"lean-{method}.png", tmp_path / f"full-{method}.png") for method in ("swap", "p2p")}
     runs = [edit_args(EXAMPLE, lean, "--method", method) for method, (lean, _) in outputs.items()]
@@ -103,6 +105,7 @@ def test_lean_edits_import_no_model_library_and_match_the_full_load(cache, tmp_p
         assert lean.read_bytes() == full.read_bytes(), method
 
 
+@pytest.mark.slow
 def test_lean_model_answers_as_the_full_load(cache):
     lean = load_model(model_options(), need_teacher=False, backend="onnxruntime").model
     full = load_model(model_options(), need_teacher=False, backend=None).model
@@ -115,6 +118,7 @@ def test_lean_model_answers_as_the_full_load(cache):
     assert lean.needs_negative(4.0) == full.needs_negative(4.0) and not lean.model.loaded
 
 
+@pytest.mark.slow
 def test_a_stale_export_is_not_used(cache):
     (manifest,) = cache.glob("onnx/*/manifest.json")
     text = manifest.read_text()
@@ -143,6 +147,7 @@ def _lean_arguments(*, need_teacher: bool) -> dict:
 @pytest.mark.parametrize(
     "extra", [("--method", "p2p"), ("--method", "p2p", "--sampler", "ddim", "--ddim-steps", "6")], ids=["wide", "ddim"]
 )
+@pytest.mark.slow
 def test_what_needs_pytorch_loads_it_then_and_edits_as_the_full_load(
     cache, wide_image, tmp_path, monkeypatch, caplog, extra
 ):
@@ -157,6 +162,7 @@ def test_what_needs_pytorch_loads_it_then_and_edits_as_the_full_load(
     assert lean.read_bytes() == full.read_bytes()
 
 
+@pytest.mark.slow
 def test_the_teacher_asked_for_loads_the_model_once(cache):
     model = load_model(model_options(), need_teacher=True, backend="onnxruntime").model
     assert isinstance(model.model, DeferredTorchModel) and not model.model.loaded
@@ -165,6 +171,7 @@ def test_the_teacher_asked_for_loads_the_model_once(cache):
     assert model.model.torch_model("again") is model.model.torch_model("again")
 
 
+@pytest.mark.slow
 def test_a_user_merged_folder_loads_lean_once_exported(merged_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
     options = model_options(model=str(merged_dir))

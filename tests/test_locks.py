@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from icdcli.export.files import file_lock
-from icdcli.run import claims
+from icdcli.io import claims
 
 
 def test_the_export_cache_lock_is_the_claims_lock():
@@ -47,7 +47,7 @@ def test_two_threads_take_the_lock_one_after_the_other(tmp_path):
 def test_a_process_waits_for_the_lock_another_process_holds(tmp_path):
     lock, marker = tmp_path / ".build.lock", tmp_path / "built"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from icdcli.run.claims import file_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from icdcli.io.claims import file_lock\n"
          f"with file_lock(Path({str(lock)!r})):\n    print('held', flush=True)\n    time.sleep(0.5)\n"
          f"    Path({str(marker)!r}).write_text('done')"],
         stdout=subprocess.PIPE, text=True,

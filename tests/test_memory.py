@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli.diffusion.editing import SamplerSettings, edit
-from icdcli.diffusion.p2p import P2PSettings
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
+from icdcli.editing.edits import edit
 from icdcli.models.memory import AUTO_FRACTION, release_between_stages
 from icdcli.models.runtime import load_merged, set_memory_policy
 
@@ -47,6 +47,7 @@ def test_the_rule_frees_between_stages_only_for_large_unets_unless_told():
 
 
 @pytest.mark.parametrize("p2p", [None, P2PSettings(cross_replace=0.5, self_replace=0.5, blend=("circle",))])
+@pytest.mark.slow
 def test_a_low_memory_edit_frees_each_unet_and_gives_the_same_pixels(merged_dir, p2p):
     torch.manual_seed(0)
     kept = set_memory_policy(load_merged(merged_dir).to("cpu", torch.float32), low_memory=False)
@@ -83,6 +84,7 @@ def test_a_unet_without_a_folder_is_kept(merged_model):
     assert model._unets["forward"] is m.forward_unet
 
 
+@pytest.mark.slow
 def test_onnxruntime_low_memory_closes_sessions_and_keeps_one_reverse_graph_open(merged_dir):
     from icdcli.backends.accelerated import accelerate
     from icdcli.engines.onnxruntime import OrtGraph

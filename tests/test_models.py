@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from icdcli.core.errors import ModelSourceError
+from icdcli.core.paths import MODEL_JSON
 from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
 from icdcli.diffusion.recipe import release_guidance
-from icdcli.models.runtime import MODEL_JSON, LoraSources, load_merged
+from icdcli.models.fusion import LoraSources
+from icdcli.models.runtime import load_merged
 from icdcli.models.sources import ModelRequest, load_requested_model
 
 
@@ -73,7 +75,7 @@ def test_fused_model_is_cached_and_reloaded_without_fusing(sd15_parts, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("the cached fused model should have been used")
 
-    monkeypatch.setattr("icdcli.models.runtime.fuse_lora_model", refuse)
+    monkeypatch.setattr("icdcli.models.fusion.fuse_lora_model", refuse)
     second = load_requested_model(_parts_request(sd15_parts), need_teacher=True)
     _assert_same_weights(second.reverse_unet, first.reverse_unet, atol=0)
     _assert_same_weights(second.teacher_unet, sd15_parts.teacher, atol=0)

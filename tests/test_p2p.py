@@ -16,24 +16,27 @@ from PIL import Image
 
 from icdcli.cli.main import main
 from icdcli.diffusion.denoiser import ControlledEps
-from icdcli.diffusion.editing import SamplerSettings, decode, decode_p2p, invert
-from icdcli.diffusion.p2p import (
-    P2PError,
-    P2PPlan,
-    P2PSettings,
-    StepControl,
+from icdcli.diffusion.p2p.attention import (
     attention_probabilities,
-    blend_mask,
-    blend_resolution,
     controlled_attention,
-    cross_replace_steps,
     edit_probabilities,
     install_p2p_processors,
+)
+from icdcli.diffusion.p2p.control import StepControl
+from icdcli.diffusion.p2p.plan import (
+    P2PPlan,
+    blend_mask,
+    blend_resolution,
+    cross_replace_steps,
     local_blend,
     make_plan,
     self_replace_steps,
-    word_token_positions,
 )
+from icdcli.diffusion.p2p.tokens import word_token_positions
+from icdcli.diffusion.recipe import P2PError, P2PSettings, SamplerSettings
+from icdcli.editing.edits import decode_p2p
+from icdcli.editing.generation import decode
+from icdcli.editing.inversion import invert
 from icdcli.models.sources import DEFAULT_MODEL_DIR
 
 SOURCE = "a red circle on a blue background"
@@ -374,18 +377,19 @@ def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
     assert refine.exit_code == 0 and "refines instead" in refine.output
 
 
+@pytest.mark.slow
 def test_replace_tail_from_flags_spec_rows_and_records_reaches_the_mapper(tmp_path, monkeypatch):
-    import icdcli.diffusion.p2p
+    import icdcli.diffusion.p2p.plan
     from icdcli.io.images import read_record
 
     seen = []
-    real = icdcli.diffusion.p2p.replacement_mapper
+    real = icdcli.diffusion.p2p.plan.replacement_mapper
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("shift_tail", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(icdcli.diffusion.p2p, "replacement_mapper", spy)
+    monkeypatch.setattr(icdcli.diffusion.p2p.plan, "replacement_mapper", spy)
     target = "a yellow circle on a blue background"
     out = tmp_path / "release.png"
     args = ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", target, "-o", str(out)]
@@ -448,7 +452,7 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     source, target = "a red cat on a blue background", "a green dog on a blue background"
     x0 = model.encode_image(pixels)
-    from icdcli.diffusion.editing import invert_latents
+    from icdcli.editing.generation import invert_latents
 
     latents = invert_latents(model, x0, source, size=(32, 32), settings=SamplerSettings())
     results = []
@@ -460,7 +464,7 @@ def test_p2p_on_tiny_models_of_both_families(family, merged_model, sdxl_parts):
 
 
 def test_layers_a_step_leaves_alone_keep_the_fused_kernel():
-    from icdcli.diffusion.p2p import _touches
+    from icdcli.diffusion.p2p.attention import _touches
 
     quiet = replace(_control(), cross_active=False, self_active=False)
     assert not _touches(quiet, True, 64) and not _touches(quiet, False, 64)
@@ -486,7 +490,7 @@ def test_a_controlled_unet_step_returns_its_maps_once_the_caller_installed_the_p
     from tiny import make_teacher
 
     from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding, UNetDenoiser
-    from icdcli.diffusion.p2p import has_p2p_processors
+    from icdcli.diffusion.p2p.attention import has_p2p_processors
 
     unet = make_teacher("sd15")
     denoiser = UNetDenoiser(unet)

@@ -15,10 +15,13 @@ import torch
 from close import assert_close_to_scale
 from PIL import Image
 
-from icdcli.diffusion.editing import SamplerSettings, _conditioning, decode_p2p, invert
-from icdcli.diffusion.p2p import P2PBatch, P2PSettings, make_plan
+from icdcli.diffusion.p2p.plan import P2PBatch, make_plan
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
 from icdcli.diffusion.sampler import p2p_decode, p2p_pairs
 from icdcli.diffusion.schedule import NoiseSchedule
+from icdcli.editing.edits import decode_p2p
+from icdcli.editing.inversion import invert
+from icdcli.editing.stages import conditioning_at as _conditioning
 from icdcli.export.manifest import P2P_CONTROL_INPUTS, REVERSE_P2P, GraphSpec
 from icdcli.models.sources import DEFAULT_MODEL_DIR
 
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
     reason="needs onnxruntime and onnx (pip install 'icd[onnx]')",
 )
+pytestmark = [pytestmark, pytest.mark.slow]  # every test here runs on the module's ONNX export
 
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
 EXAMPLE = DEFAULT_MODEL_DIR.parent.parent / "examples" / "red-circle.png"
@@ -173,8 +177,8 @@ def test_tensorrt_profiles_of_the_p2p_graph():
     from test_engines import tiny_manifest
     from tiny import make_teacher
 
-    from icdcli.engines import tensorrt as trt_engine
-    from icdcli.export.onnx import p2p_unet_specs
+    from icdcli.engines import tensorrt_plan as trt_plan
+    from icdcli.export.signatures import p2p_unet_specs
 
     for distilled, pairs, batch in ((True, None, (2, 2, 2)), (False, None, (2, 4, 4)), (True, 4, (2, 2, 8)),
                                     (False, 4, (2, 4, 16))):  # fmt: skip
@@ -184,7 +188,7 @@ def test_tensorrt_profiles_of_the_p2p_graph():
             unet, latent_channels=4, text_length=12, dtype=torch.float32, latent_side=64
         )
         manifest.graphs[REVERSE_P2P] = GraphSpec(REVERSE_P2P, "p2p.onnx", inputs, outputs, guidance, sha256="p")
-        requests = [r for r in trt_engine.plan_engines(manifest, max_batch=pairs) if r.graph == REVERSE_P2P]
+        requests = [r for r in trt_plan.plan_engines(manifest, max_batch=pairs) if r.graph == REVERSE_P2P]
         assert [len(r.profiles) for r in requests] == [1] and blend == 16
         profile = requests[0].profile
         assert profile["sample"] == tuple((b, 4, 64, 64) for b in batch)

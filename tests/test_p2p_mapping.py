@@ -13,22 +13,19 @@ import json
 import pytest
 import torch
 
-from icdcli.diffusion.p2p import (
-    P2PError,
-    P2PSettings,
+from icdcli.diffusion.p2p.plan import cross_replace_steps, make_plan, self_replace_steps
+from icdcli.diffusion.p2p.tokens import (
     align_tokens,
-    cross_replace_steps,
-    make_plan,
     new_words,
     prompt_token_ids,
     prompt_words,
     refinement_mapper,
     replacement_mapper,
     reweight_vector,
-    self_replace_steps,
     word_indicator,
     word_token_positions,
 )
+from icdcli.diffusion.recipe import P2PError, P2PSettings
 from icdcli.training.tokenizer import build_subword_tokenizer
 
 LENGTH = 16

@@ -470,6 +470,7 @@ def test_fixture_accuracy_tells_the_target_from_the_source(tmp_path):
     assert sorted(fixture_accuracy(root, perfect)["per_type"]) == ["0", "1", "6", "8"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_scores_what_is_finished_and_the_rerun_does_the_rest(tmp_path):
     import signal
     import subprocess

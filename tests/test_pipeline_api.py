@@ -100,17 +100,17 @@ def test_a_generator_gives_what_its_seed_gives(pipe, pictures):
 
 
 def test_a_list_is_edited_in_batches_as_each_alone(pipe, pictures, monkeypatch):
-    import icdcli.diffusion.editing
+    import icdcli.editing.edits
 
     alone = [pipe(picture, SOURCE, TARGET, seed=seed)[0] for picture, seed in zip(pictures, (3, 4, 5), strict=True)]
     batches: list[int] = []
-    batched = icdcli.diffusion.editing.edit_batch
+    batched = icdcli.editing.edits.edit_batch
 
     def counting(model, jobs, **kwargs):
         batches.append(len(jobs))
         return batched(model, jobs, **kwargs)
 
-    monkeypatch.setattr(icdcli.diffusion.editing, "edit_batch", counting)
+    monkeypatch.setattr(icdcli.editing.edits, "edit_batch", counting)
     generators = [torch.Generator().manual_seed(seed) for seed in (3, 4, 5)]
     together = pipe(pictures, SOURCE, TARGET, generator=generators)
     assert batches == [2, 1]  # the two 32x32 inputs in one network batch, the wide one in its own
@@ -236,6 +236,7 @@ def test_the_unguided_prompt_of_a_swap_can_be_the_target(pipe, pictures):
 # --- quiet loading ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loading_prints_no_library_warnings_or_bars(sd15_parts, tmp_path):
     parts = sd15_parts
     code = textwrap.dedent(f"""

@@ -1,9 +1,9 @@
 """Where outputs go: the one rule for -o (a file for one input, else a folder) shared by icd edit and icd invert,
 and default names that never land on an input or a file icd did not make."""
 
-import click
 import pytest
 
+from icdcli.core.errors import ICDError, ICDUsageError
 from icdcli.run.batch import Item
 from icdcli.run.planning import output_target, plan_edit_outputs, plan_files
 
@@ -19,9 +19,9 @@ def test_o_is_a_file_for_one_input_and_a_folder_otherwise(tmp_path):
     assert output_target(str(tmp_path / "made") + "/", [photo], single=True) == (tmp_path / "made", False)
     assert (tmp_path / "made").is_dir()
     assert output_target(str(tmp_path / "many"), [photo], single=False) == (tmp_path / "many", False)
-    with pytest.raises(click.ClickException, match="is one of the inputs"):
+    with pytest.raises(ICDUsageError, match="is one of the inputs"):  # the command line's usage error (exit 2)
         output_target(str(photo), [photo], single=True)
-    with pytest.raises(click.ClickException, match="neither does its parent"):
+    with pytest.raises(ICDError, match="neither does its parent"):
         output_target(str(tmp_path / "no" / "where") + "/", [photo], single=True)
 
 
@@ -29,11 +29,11 @@ def test_edit_and_invert_plan_with_the_same_rule(tmp_path):
     photo = tmp_path / "cat.png"
     photo.write_bytes(b"")
     for output in (str(photo), str(tmp_path / "missing" / "deeper") + "/"):
-        with pytest.raises(click.ClickException) as from_edit:
+        with pytest.raises(ICDError) as from_edit:
             plan_edit_outputs([_item(photo)], output, spec=None, batch=False)
-        with pytest.raises(click.ClickException) as from_invert:
+        with pytest.raises(ICDError) as from_invert:
             plan_files([photo], output, suffix=".latent.safetensors")
-        assert from_edit.value.message == from_invert.value.message
+        assert str(from_edit.value) == str(from_invert.value)
     (edited,) = plan_edit_outputs([_item(photo)], str(tmp_path / "out") + "/", spec=None, batch=False)
     assert edited.output == tmp_path / "out" / "cat-edit.png"
     assert plan_files([photo], str(tmp_path / "out"), suffix=".latent.safetensors") == [

@@ -39,7 +39,9 @@ def run_case(flags: list[str], out: Path) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=pytest.mark.slow) if "onnxruntime" in case else case for case in sorted(CASES)]
+)
 def test_edit_matches_its_reference(case, tmp_path):
     if "onnxruntime" in case:
         pytest.importorskip("onnxruntime")

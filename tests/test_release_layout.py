@@ -58,6 +58,7 @@ def _edit(photo, out, *flags) -> np.ndarray:
     return np.asarray(Image.open(out))
 
 
+@pytest.mark.slow
 def test_released_names_give_the_same_edit_as_hyphenated_names(release, tmp_path):
     family, forward, reverse, parts, tarball, photo = release
     reference = _edit(photo, tmp_path / "hyphen.png", "--base", parts.base, "--teacher", parts.teacher_pt,

@@ -78,7 +78,7 @@ def test_lora_files_have_the_release_keys_and_shapes(shrunk):
     from safetensors import safe_open
 
     from icdcli.models.lora import read_lora
-    from icdcli.models.runtime import build_teacher_unet
+    from icdcli.models.unets import build_teacher_unet
 
     teacher = build_teacher_unet(shrunk.base, shrunk.teacher)
     peft = get_peft_model(teacher, LoraConfig(r=LORA_RANK, lora_alpha=8, target_modules=list(LORA_TARGETS)))
@@ -112,11 +112,12 @@ def _live_cpu_bytes() -> int:
     return sum(storages.values())
 
 
+@pytest.mark.slow
 def test_fusing_holds_two_unets_not_a_teacher_beside_them(shrunk, monkeypatch):
     """Fusing once held the teacher and two deep copies of it (three UNets: 10.3 GB for SD1.5, 31 GB for SDXL in
     fp32). Now each fused UNet reads the teacher's file into itself: at the second fuse only two UNets are alive."""
-    import icdcli.models.runtime as models
-    from icdcli.models.runtime import LoraSources, fuse_lora_model
+    import icdcli.models.unets as models
+    from icdcli.models.fusion import LoraSources, fuse_lora_model
 
     unet_bytes = sum(t.numel() * 4 for t in torch.load(shrunk.teacher, weights_only=True).values())
     original, seen = models.fuse_lora, []
@@ -138,6 +139,7 @@ def test_fusing_holds_two_unets_not_a_teacher_beside_them(shrunk, monkeypatch):
     assert seen[1] - baseline < 2 * unet_bytes + others + adapter + unet_bytes // 2
 
 
+@pytest.mark.slow
 def test_an_edit_loads_no_teacher_and_ddim_adds_it_to_the_cache(shrunk, monkeypatch, tmp_path):
     from icdcli.models.sources import ModelRequest, load_requested_model
 
@@ -156,9 +158,10 @@ def test_an_edit_loads_no_teacher_and_ddim_adds_it_to_the_cache(shrunk, monkeypa
     assert torch.equal(again.teacher_unet.conv_in.weight, state["conv_in.weight"])
 
 
+@pytest.mark.slow
 def test_half_fused_cache_matches_the_fp32_fusion(shrunk, monkeypatch, tmp_path):
     """fp16/bf16 runs keep the fused cache in fp16 (SDXL's fp32 UNets alone are 20.6 GB): fused in fp32, then cast."""
-    from icdcli.models.runtime import LoraSources, fuse_lora_model
+    from icdcli.models.fusion import LoraSources, fuse_lora_model
 
     sources = LoraSources(shrunk.base, shrunk.teacher, shrunk.forward_lora, shrunk.reverse_lora)
     full = fuse_lora_model(sources, keep_teacher=False)
@@ -200,6 +203,7 @@ def test_stage_meter_attributes_memory_to_the_innermost_stage():
     assert len(meter.seconds["outer"]) == len(meter.seconds["inner"]) == 1
 
 
+@pytest.mark.slow
 def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
     """The command at shrunk width on PyTorch: files written once into the cache, fused through the user's flags'
     path, one warm-up and one timed edit; the JSON the docs' tables come from."""
@@ -240,8 +244,9 @@ def test_a_large_graph_is_written_without_reading_its_weights(layout, tmp_path, 
     import onnx
     import onnxruntime as ort
 
+    from icdcli.export.cleanup import EXTERNAL_ALIGNMENT, ort_optimize, save_graph
     from icdcli.export.manifest import TensorSpec
-    from icdcli.export.onnx import EXTERNAL_ALIGNMENT, ort_optimize, save_graph, torch_export
+    from icdcli.export.onnx import torch_export
 
     module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
     spec_in, spec_out = [TensorSpec("x", "float32", ["batch", 64])], [TensorSpec("y", "float32", ["batch", 64])]
@@ -279,7 +284,8 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     """SD1.5 at 512 px has 64x64 latents: explicit self-attention there would be (2, heads, 4096, 4096) per layer.
     Like the release, P2P rewrites self-attention only on maps of at most 32x32 queries (the 64x64 layers keep the
     fused kernel), and without local blend it stores no cross-attention maps at any resolution."""
-    import icdcli.diffusion.p2p as p2p
+    import icdcli.diffusion.p2p.attention as p2p
+    from icdcli.diffusion.p2p.control import StepControl
 
     unet = random_unet(unet_config("sd15", WIDTH, 512), 0)
     p2p.install_p2p_processors(unet)
@@ -292,7 +298,7 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
 
     monkeypatch.setattr(p2p, "controlled_attention", spy)
     length = 77
-    control = p2p.StepControl(
+    control = StepControl(
         cross_alpha=torch.ones(length), refine=torch.ones(length), mapper=torch.eye(length),
         reweight=torch.ones(length), self_replace=torch.ones(1),
     )  # fmt: skip
@@ -308,6 +314,7 @@ def test_p2p_at_64x64_latents_edits_self_attention_only_up_to_32x32_and_stores_n
     assert maps == []
 
 
+@pytest.mark.slow
 def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(merged_dir, tmp_path):
     """Two memory rules the SD1.5 run forced. Folding constants (for TensorRT) holds a graph's weights in memory two
     or three times: ONNX Runtime folds at load by itself, so its exports skip it. And each session holds its graph's
@@ -315,8 +322,8 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
     UNet's P2P graph, and a P2P edit whose every step reads the source branch (local blend) never the plain one."""
     from icdcli.backends.accelerated import accelerate
     from icdcli.bench.latency import sample_image
-    from icdcli.diffusion.editing import SamplerSettings, edit
-    from icdcli.diffusion.recipe import P2POptions
+    from icdcli.diffusion.recipe import P2POptions, SamplerSettings
+    from icdcli.editing.edits import edit
     from icdcli.export.manifest import read_manifest
     from icdcli.models.runtime import load_merged
 
@@ -345,6 +352,7 @@ def test_onnxruntime_folds_no_constants_and_opens_only_the_graphs_an_edit_runs(m
     assert opened_by(None) == shared | {"reverse_unet"}
 
 
+@pytest.mark.slow
 def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch, tmp_path):
     """Fusing builds the two UNets in private memory (7 GB at SD1.5 size in fp32); once they are in the cache the
     model is read back from it, so its weights are file pages the kernel can drop and re-read, as on later runs -

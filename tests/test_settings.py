@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from icdcli.core.values import NumberError
-from icdcli.diffusion.p2p import P2PSettings
-from icdcli.diffusion.recipe import EditRecipe, EditRequest, P2POptions, SamplerSettings, release_recipe
+from icdcli.diffusion.recipe import EditRecipe, EditRequest, P2POptions, P2PSettings, SamplerSettings, release_recipe
 
 INFO = SimpleNamespace(edit=release_recipe("sd15", (259, 519, 779, 999)), generate_guidance=8.0, num_steps=4)
 

@@ -34,7 +34,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
                                                                           monkeypatch):  # fmt: skip
     """The claim file is created (a full disk still has inodes) but its line cannot be written: before, every
     read-ahead item left its `.icd-claim` behind and the next run reported them as a killed run's."""
-    import icdcli.run.claims
+    import icdcli.io.claims
 
     photos = _photos(tmp_path / "in", 6)
     out = tmp_path / "out"
@@ -45,7 +45,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(icdcli.run.claims.os, "write", full)
+    monkeypatch.setattr(icdcli.io.claims.os, "write", full)
     command = ["edit", str(photos), "--src", "a cat", "--tgt", "a dog", "--model", str(merged_dir), "-o", str(out)]
     result = CliRunner().invoke(main, [*command, "--json"])
     assert result.exit_code == 1 and "no space left" in result.stderr and "Traceback" not in result.output
@@ -54,7 +54,7 @@ def test_a_full_disk_at_the_claims_leaves_no_claim_and_the_summary_adds_up(merge
     assert summary["done"] + summary["skipped"] + summary["failed"] + summary["not_reached"] == 6, summary
     assert "not reached" in result.stderr
     assert _leftovers(out) == []  # no claim left behind
-    monkeypatch.setattr(icdcli.run.claims.os, "write", real_write)
+    monkeypatch.setattr(icdcli.io.claims.os, "write", real_write)
     again = CliRunner().invoke(main, command)
     assert again.exit_code == 0 and "killed" not in again.stderr, again.output
     assert sorted(p.name for p in out.iterdir()) == [f"p{index}-edit.png" for index in range(6)]

@@ -21,6 +21,10 @@ from test_engines import GPU, tiny_manifest
 from icdcli.core.errors import ICDError
 from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
 from icdcli.engines import tensorrt as trt_engine
+from icdcli.engines import tensorrt_build as trt_build
+from icdcli.engines import tensorrt_lib as trt_lib
+from icdcli.engines import tensorrt_plan as trt_plan
+from icdcli.engines import tensorrt_run as trt_run
 from icdcli.engines.base import BackendUnavailable, EngineFailed, ShapeNotCovered
 
 CPU = torch.device("cpu")
@@ -47,8 +51,9 @@ class Fake:
         self.record = self.trt.record
         self.poly = fake_polygraphy(self.trt) if polygraphy else None
         monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
-        monkeypatch.setattr(trt_engine, "_LOGGER", None)
-        monkeypatch.setattr(trt_engine, "_polygraphy", lambda: self.poly)
+        monkeypatch.setattr(trt_lib, "_LOGGER", None)
+        for module in (trt_lib, trt_build):  # the logger's choice and the build's
+            monkeypatch.setattr(module, "polygraphy_backend", lambda: self.poly)
         monkeypatch.setattr(trt_engine, "engines_root", lambda: tmp_path / "engines")
         self.folder = tmp_path / "export"
         self.manifest = tiny_manifest()
@@ -63,7 +68,7 @@ class Fake:
 
         return run
 
-    def parts(self, sizes=trt_engine.EngineSizes(), build_now=(), next_backend=None, profiles=trt_engine.ALL_PROFILES,
+    def parts(self, sizes=trt_plan.EngineSizes(), build_now=(), next_backend=None, profiles=trt_plan.ALL_PROFILES,
               fallbacks=None):  # fmt: skip
         if fallbacks is None:
             fallbacks = {role: self.fallback(role) for role in ("forward_unet", "reverse_unet")}
@@ -113,7 +118,7 @@ def test_reverse_unet_builds_through_polygraphy_and_runs(fake):
     assert saved == config["load_timing_cache"]
     plans = list((fake.folder.parent / "engines" / fake.manifest.model_key).glob("reverse_unet-*.plan"))
     meta = json.loads(plans[0].with_suffix(".json").read_text())
-    assert len(plans) == 1 and meta["device"] == GPU.name and meta["build_format"] == trt_engine.BUILD_FORMAT
+    assert len(plans) == 1 and meta["device"] == GPU.name and meta["build_format"] == trt_plan.BUILD_FORMAT
     assert any("building TensorRT engine reverse_unet" in m for m in fake.messages)
 
 
@@ -242,7 +247,7 @@ def test_engines_are_found_again_and_rebuilt_only_when_inputs_change(monkeypatch
     assert len(fake.calls("engine_bytes_from_network")) == 2
     fake.parts(build_now=["reverse_unet", "vae_decoder"]).reverse(torch.randn(1, 4, 64, 64), 9, conditioning(), 2.0)
     assert len(fake.calls("engine_bytes_from_network")) == 2  # same sizes, same keys: loaded from the cache
-    fake.parts(trt_engine.EngineSizes(768, 512, None), build_now=["reverse_unet"])
+    fake.parts(trt_plan.EngineSizes(768, 512, None), build_now=["reverse_unet"])
     assert len(fake.calls("engine_bytes_from_network")) == 3  # other sizes: another engine
 
 
@@ -387,7 +392,7 @@ def test_contexts_then_engine_then_runtime_are_released(fake):
 
 def test_built_engines_are_listed_for_icd_info(monkeypatch, tmp_path):
     from icdcli.cli.export import describe_cache
-    from icdcli.models.runtime import cache_root
+    from icdcli.core.paths import cache_root
 
     fake = Fake(monkeypatch, tmp_path)
     monkeypatch.setattr(trt_engine, "engines_root", lambda: cache_root() / "engines")
@@ -411,7 +416,8 @@ def test_builds_loads_and_runs_happen_under_the_models_device(fake, monkeypatch)
         yield
         fake.record.log("leave device")
 
-    monkeypatch.setattr(trt_engine, "on_device", on_device)
+    for module in (trt_engine, trt_run):  # builds, then loads and runs
+        monkeypatch.setattr(module, "on_device", on_device)
     fake.parts().reverse(torch.randn(1, 4, 64, 64), 999, conditioning(), 8.0)
     depth, outside = 0, []
     for call in fake.record.calls:
@@ -509,9 +515,9 @@ def test_close_releases_contexts_then_engine_then_runtime(fake):
 def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     from tiny import make_teacher
 
-    from icdcli.diffusion.p2p import StepControl, stack_controls
+    from icdcli.diffusion.p2p.control import StepControl, stack_controls
     from icdcli.export.manifest import GraphSpec
-    from icdcli.export.onnx import p2p_unet_specs
+    from icdcli.export.signatures import p2p_unet_specs
 
     inputs, outputs, guidance, _ = p2p_unet_specs(
         make_teacher("sd15"), latent_channels=4, text_length=12, dtype=torch.float32, latent_side=64
@@ -519,7 +525,7 @@ def test_a_batch_of_p2p_pairs_runs_in_one_call_of_the_p2p_engine(fake):
     fake.manifest.graphs["reverse_unet_p2p"] = GraphSpec("reverse_unet_p2p", "p2p.onnx", inputs, outputs, guidance,
                                                          sha256="p2p")  # fmt: skip
     write_fake_graphs(fake.folder, fake.manifest)
-    parts = fake.parts(trt_engine.EngineSizes(batch=4))
+    parts = fake.parts(trt_plan.EngineSizes(batch=4))
     one = StepControl(torch.ones(12), torch.ones(12), torch.eye(12), torch.ones(12), torch.ones(1), blend_queries=256)
     control = stack_controls([one, one, one])
     x = torch.randn(6, 4, 64, 64)  # three (source, target) pairs
@@ -548,6 +554,7 @@ RUN_FAILURES = {
 
 
 @pytest.mark.parametrize("kind", sorted(RUN_FAILURES))
+@pytest.mark.slow
 def test_a_failure_after_load_drops_the_engine_and_pytorch_takes_every_later_step(fake, caplog, kind):
     attribute, message = RUN_FAILURES[kind]
     parts = fake.parts()
@@ -658,14 +665,14 @@ def test_an_edit_whose_engines_fail_completes_on_pytorch_with_one_note_per_graph
     from test_engines import pixel_gap, scene
 
     from icdcli.backends.accelerated import AcceleratedModel, torch_fallbacks
-    from icdcli.diffusion.editing import SamplerSettings, edit
-    from icdcli.diffusion.p2p import P2PSettings
+    from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
+    from icdcli.editing.edits import edit
 
     fake = Fake(monkeypatch, tmp_path)
     fake_export_of(fake, merged_model)
     attribute, _ = RUN_FAILURES[kind]
     getattr(fake.record, attribute).update(fake.manifest.graphs)
-    parts = fake.parts(fallbacks=torch_fallbacks(merged_model), profiles=trt_engine.NATIVE_FIRST)
+    parts = fake.parts(fallbacks=torch_fallbacks(merged_model), profiles=trt_plan.NATIVE_FIRST)
     accelerated = AcceleratedModel(merged_model, parts)
     args = (scene(), "a red square on a blue background", "a green square on a blue background")
     options = {"guidance": 7.0, "tau": 0.8, "settings": SamplerSettings(seed=3)}
@@ -688,23 +695,23 @@ def test_an_edit_whose_engines_fail_completes_on_pytorch_with_one_note_per_graph
 
 def test_native_first_plans_one_profile_at_the_working_size():
     manifest = tiny_manifest()
-    first = {r.graph: r for r in trt_engine.plan_engines(manifest, native_only=True)}
-    full = {r.graph: r for r in trt_engine.plan_engines(manifest)}
+    first = {r.graph: r for r in trt_plan.plan_engines(manifest, native_only=True)}
+    full = {r.graph: r for r in trt_plan.plan_engines(manifest)}
     reverse = first["reverse_unet"]
-    assert [label for label, _ in reverse.profiles] == ["native"] and reverse.kind == trt_engine.STATIC
+    assert [label for label, _ in reverse.profiles] == ["native"] and reverse.kind == trt_plan.STATIC
     assert reverse.profiles[0] == full["reverse_unet"].profiles[0]  # the full plan's static native profile
     assert first["vae_decoder"].profile["latents"] == ((1, 4, 64, 64),) * 3
     assert first["text_encoder"].profiles == full["text_encoder"].profiles  # one profile anyway
-    two = {r.graph: r for r in trt_engine.plan_engines(manifest, native_only=True, max_batch=2, height=768)}
+    two = {r.graph: r for r in trt_plan.plan_engines(manifest, native_only=True, max_batch=2, height=768)}
     assert two["reverse_unet"].profile["sample"] == ((1, 4, 96, 64), (1, 4, 96, 64), (2, 4, 96, 64))
-    cfg = {r.graph: r for r in trt_engine.plan_engines(tiny_manifest(guidance_distilled=False), native_only=True)}
+    cfg = {r.graph: r for r in trt_plan.plan_engines(tiny_manifest(guidance_distilled=False), native_only=True)}
     assert cfg["reverse_unet"].profile["sample"] == ((1, 4, 64, 64), (2, 4, 64, 64), (2, 4, 64, 64))  # CFG: 2 rows
     assert cfg["forward_unet"].profile["sample"] == ((1, 4, 64, 64),) * 3  # the forward UNet is never guided
 
 
 def test_native_first_builds_one_profile_then_the_rest_when_another_size_comes(monkeypatch, tmp_path, caplog):
     fake = Fake(monkeypatch, tmp_path)
-    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    parts = fake.parts(profiles=trt_plan.NATIVE_FIRST)
     x = torch.randn(1, 4, 64, 64)
     assert torch.allclose(parts.reverse(x, 999, conditioning(), 8.0), 0.5 * x)
     built = fake.calls("engine_bytes_from_network", "reverse_unet")
@@ -723,14 +730,14 @@ def test_native_first_builds_one_profile_then_the_rest_when_another_size_comes(m
     ]  # fmt: skip  # the one-profile engine, closed once the full one was built
     assert torch.allclose(parts.reverse(x, 519, conditioning(), 8.0), 0.5 * x)  # on the full engine's native profile
     assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 2
-    again = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    again = fake.parts(profiles=trt_plan.NATIVE_FIRST)
     again.reverse(x, 999, conditioning(), 8.0)  # the full engine is in the cache: loaded, nothing built
     assert len(fake.calls("engine_bytes_from_network", "reverse_unet")) == 2
     assert len(again.reverse.runner.engine.profiles) == 4
 
 
 def test_a_failed_wider_build_keeps_the_native_engine(fake):
-    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    parts = fake.parts(profiles=trt_plan.NATIVE_FIRST)
     x, wide = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 40, 104)
     parts.reverse(x, 999, conditioning(), 8.0)
     fake.record.fail_build.add("reverse_unet")
@@ -742,7 +749,7 @@ def test_a_failed_wider_build_keeps_the_native_engine(fake):
 
 
 def test_native_first_builds_nothing_wider_for_shapes_no_profile_holds(fake):
-    parts = fake.parts(profiles=trt_engine.NATIVE_FIRST)
+    parts = fake.parts(profiles=trt_plan.NATIVE_FIRST)
     thin = torch.randn(1, 4, 8, 512)
     assert torch.equal(parts.reverse(thin, 999, conditioning(), 8.0), thin * 0 - 1)
     built = fake.calls("engine_bytes_from_network", "reverse_unet")
@@ -750,7 +757,7 @@ def test_native_first_builds_nothing_wider_for_shapes_no_profile_holds(fake):
 
 
 def test_build_now_builds_the_first_engine_of_the_mode(fake):
-    fake.parts(build_now=["reverse_unet", "text_encoder"], profiles=trt_engine.NATIVE_FIRST)
+    fake.parts(build_now=["reverse_unet", "text_encoder"], profiles=trt_plan.NATIVE_FIRST)
     built = {c[1]: len(c[2]["config"].kwargs["profiles"]) for c in fake.calls("engine_bytes_from_network")}
     assert built == {"reverse_unet": 1, "text_encoder": 1}
     with pytest.raises(ICDError, match="unknown TensorRT profile mode 'some'"):

@@ -19,8 +19,8 @@ from PIL import Image
 from icdcli.bench.scenes import edit_pairs
 from icdcli.cli.common import load_model
 from icdcli.cli.main import main
-from icdcli.diffusion.editing import EditJob, SamplerSettings, edit_batch
-from icdcli.diffusion.recipe import P2POptions
+from icdcli.diffusion.recipe import P2POptions, SamplerSettings
+from icdcli.editing.edits import EditJob, edit_batch
 from icdcli.run.batch import default_batch_size, total_summary
 
 MODEL_OPTIONS = {"model": None, "base": None, "teacher": None, "forward_lora": None, "reverse_lora": None,
@@ -41,7 +41,7 @@ def _jobs(model, count, method):
     return jobs
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ["swap", "p2p"])
 def test_an_item_gives_the_same_result_alone_and_in_a_batch(backend, method):
     model = load_model(MODEL_OPTIONS, need_teacher=False, backend=backend).model
@@ -169,6 +169,7 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                     reason="accelerate's launcher is not installed")  # fmt: skip
+@pytest.mark.slow
 def test_accelerate_launch_splits_a_folder_over_two_processes(tmp_path):
     rows = _scenes(tmp_path / "in", 6)
     out = tmp_path / "out"
@@ -202,6 +203,7 @@ def _bench_throughput(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_bench_throughput_times_batch_1_against_a_larger_batch_over_the_same_edits():
     report = _bench_throughput("--images", "3", "--batch-size", "2", "--backend", "torch")
     assert (report["arch"], report["size"], report["images"], report["backend"]) == ("shapes32", 32, 3, "torch")
@@ -210,6 +212,7 @@ def test_bench_throughput_times_batch_1_against_a_larger_batch_over_the_same_edi
     assert report["load_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_bench_throughput_repeats_reports_the_median_of_runs_taken_in_turns():
     from icdcli.bench.throughput import median_row
 
@@ -222,6 +225,7 @@ def test_bench_throughput_repeats_reports_the_median_of_runs_taken_in_turns():
     assert median_row(runs[:1]) == runs[0]
 
 
+@pytest.mark.slow
 def test_bench_throughput_sd15_runs_the_real_architecture_through_the_users_flags(tmp_path, monkeypatch):
     """At shrunk width and 64 px: the scale files written into the cache, loaded as --base/--teacher/--forward-lora/
     --reverse-lora, two P2P edits of 64 px photos at batch 1 and at 4."""

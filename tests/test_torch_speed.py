@@ -8,15 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from icdcli.backends.torch_speed import GraphedCalls, TorchExecution, eager_replay
 from icdcli.core.dtypes import vae_precision
 from icdcli.diffusion.denoiser import DeviceCopies
-from icdcli.diffusion.editing import EditJob, edit_batch
-from icdcli.diffusion.p2p import P2PSettings
-from icdcli.diffusion.recipe import SamplerSettings
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
+from icdcli.editing.edits import EditJob, edit_batch
 from icdcli.models.memory import release_between_stages
 from icdcli.models.runtime import ICDModel
 from icdcli.models.sources import ModelRequest, load_requested_model
+from icdcli.models.torch_speed import GraphedCalls, TorchExecution, eager_replay
 
 SOURCE, TARGET = "a red circle on a blue background", "a yellow circle on a blue background"
 
@@ -81,6 +80,7 @@ def test_the_least_recently_used_graph_goes_past_the_limit():
 
 
 @pytest.mark.parametrize("method", ["swap", "p2p", "p2p-blend"])
+@pytest.mark.slow
 def test_edits_replayed_from_graphs_equal_eager_edits(model, method):
     p2p = None if method == "swap" else P2PSettings(blend_target=("circle",) if method == "p2p-blend" else ())
     settings = SamplerSettings()
@@ -109,6 +109,7 @@ def test_releasing_or_moving_a_unet_drops_its_graphs(model):
     assert model._fast == {}
 
 
+@pytest.mark.slow
 def test_compiled_unets_compile_once_per_shape_and_leave_p2p_steps_eager(model):
     eager = pixels(edit_batch(model, jobs(None), settings=SamplerSettings()))
     model.set_execution(TorchExecution(compile=True), compile_backend="eager", anywhere=True)
@@ -150,7 +151,7 @@ def test_device_copies_copy_each_object_and_value_once():
 
 
 def test_a_p2p_plan_gives_one_control_object_per_step(model):
-    from icdcli.diffusion.p2p import P2PBatch, make_plan
+    from icdcli.diffusion.p2p.plan import P2PBatch, make_plan
 
     plan = make_plan(model.tokenizers[0], SOURCE, TARGET, settings=P2PSettings(), num_steps=4, latent_side=8)
     assert plan.step(0) is plan.step(0) and plan.step(0) is not plan.step(3)

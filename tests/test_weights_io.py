@@ -43,7 +43,8 @@ def test_a_saved_unet_loads_with_diffusers_unchanged(tmp_path, merged_model):
 def test_a_half_unet_folder_loads_in_half_without_a_widened_copy(tmp_path, merged_model):
     import copy
 
-    from icdcli.models.runtime import _load_unet, stored_dtype
+    from icdcli.models.components import load_unet as _load_unet
+    from icdcli.models.components import stored_dtype
 
     half = copy.deepcopy(merged_model.reverse_unet).half()
     save_unet(half, tmp_path / "unet")

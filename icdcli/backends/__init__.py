@@ -1,1 +1,1 @@
-"""Backends that run a loaded model: ONNX Runtime and TensorRT graphs, and PyTorch's execution modes."""
+"""Backends that run a loaded model on ONNX Runtime or TensorRT graphs, beside PyTorch's own (`icdcli.models`)."""

@@ -1,7 +1,7 @@
 """Run a loaded `ICDModel` on ONNX Runtime or TensorRT: backend choice, export on first use, the wrapper.
 
 `AcceleratedModel` replaces the denoisers, prompt encoding and VAE of a model with backend-run versions and
-delegates everything else, so `icdcli.diffusion.editing.edit/invert/generate` run on it unchanged:
+delegates everything else, so the edits of `icdcli.editing` (`edit`, `invert`, `generate`) run on it unchanged:
 
     backend = select_backend("auto", model.device)
     model = accelerate(model, backend, progress=say)
@@ -27,12 +27,12 @@ from icdcli.diffusion.denoiser import (
     Guidance,
     PromptEmbedding,
 )
-from icdcli.models.api import prompt_conditioning
-from icdcli.models.runtime import ICDModel, ModelInfo, warn_if_truncated
+from icdcli.models.api import EditModel, prompt_conditioning
+from icdcli.models.info import ModelInfo
+from icdcli.models.runtime import ICDModel, warn_if_truncated
 
 if TYPE_CHECKING:
-    from icdcli.backends.graph_model import DeferredTorchModel
-    from icdcli.diffusion.p2p import StepControl
+    from icdcli.diffusion.p2p.control import StepControl
 
 logger = logging.getLogger("icd")
 
@@ -120,7 +120,7 @@ def default_precision(model: ICDModel) -> str:
 def lock_path(folder: Path) -> Path:
     """A lock file in the cache for an export folder, so no lock file is left beside a user's --out folder."""
     from icdcli.core.digests import text_sha256
-    from icdcli.models.runtime import cache_root
+    from icdcli.core.paths import cache_root
 
     digest = text_sha256(str(folder.resolve()))[:24]
     return cache_root() / "locks" / f"{digest}.lock"
@@ -159,9 +159,9 @@ def ensure_exported(
         for_tensorrt: See above.
     """
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
+    from icdcli.export.cleanup import sanitizer_available
     from icdcli.export.files import file_lock
     from icdcli.export.manifest import EXPORT_FORMAT, TEACHER_MISSING, model_fingerprint
-    from icdcli.export.onnx import sanitizer_available
 
     precision = precision or default_precision(model)
     folder = Path(out_dir) if out_dir is not None else default_export_dir(model, precision)
@@ -209,9 +209,9 @@ def ensure_exported(
 class AcceleratedModel:
     """An `EditModel` whose denoisers, text encoders and VAE run on a backend, composed over the `ICDModel` that
     supplies the metadata, the tokenizers and the PyTorch modules its graphs fall back to (or over a
-    `DeferredTorchModel`, which loads that `ICDModel` only when something needs it)."""
+    `icdcli.backends.graph_model.DeferredTorchModel`, which loads that `ICDModel` only when something needs it)."""
 
-    def __init__(self, model: ICDModel | DeferredTorchModel, parts: Any):
+    def __init__(self, model: EditModel, parts: Any):
         self.model = model
         self.parts = parts
         self.backend: str = parts.name

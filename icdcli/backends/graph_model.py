@@ -28,8 +28,9 @@ from icdcli.diffusion.recipe import SDXL
 if TYPE_CHECKING:
     from icdcli.backends.accelerated import AcceleratedModel
     from icdcli.diffusion.denoiser import Conditioning, ControlledDenoiser, ControlledEps, Guidance
-    from icdcli.diffusion.p2p import StepControl
-    from icdcli.models.runtime import ICDModel, ModelInfo
+    from icdcli.diffusion.p2p.control import StepControl
+    from icdcli.models.info import ModelInfo
+    from icdcli.models.runtime import ICDModel
     from icdcli.models.sources import ModelRequest
 
 logger = logging.getLogger("icd")
@@ -208,7 +209,8 @@ def merged_folder_info(request: ModelRequest) -> MergedFolder | None:
 
     A `lora` folder's networks are its fused-model cache's, with the folder's own edit recipe (as `load_lora_cached`).
     """
-    from icdcli.models.runtime import ModelInfo, lora_folder_sources
+    from icdcli.models.fusion import lora_folder_sources
+    from icdcli.models.info import ModelInfo
     from icdcli.models.sources import named_model_folder
 
     folder = named_model_folder(request)

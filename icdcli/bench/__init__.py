@@ -10,7 +10,9 @@
 - `scale_models`, `scale`: SD1.5/SDXL-architecture files in the release's formats with random weights, and their
   run end to end per backend (`icd bench scale`; each stage a worker process, `python -m icdcli.bench.scale`);
 - `gpu`: the PyTorch CUDA path at those sizes, models built in memory on the device, in eager, CUDA-graph and
-  torch.compile modes, with fp16-vs-fp32 parity (`icd bench gpu`; `benchmarks/gpu.sh` runs it on a lent GPU).
+  torch.compile modes, with fp16-vs-fp32 parity (`icd bench gpu`; `benchmarks/gpu.sh` runs it on a lent GPU); its
+  parts in `gpu_report` (options, rows, the JSON file, the table), `gpu_machine` (facts, timing, the time budget),
+  `gpu_models` (building the models on the device, execution modes) and `gpu_steps` (the timed rows, parity).
 
 The PIE-Bench runner is the `icdcli.pie` package; `benchmarks/` at the repository root holds one-off research
 scripts (P2P fractions and token mapping, variant pairing, start-up, the GPU run).

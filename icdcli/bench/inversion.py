@@ -14,7 +14,7 @@ import torch
 
 from icdcli.bench.metrics import mse, psnr, ssim
 from icdcli.bench.scenes import GUIDED_W, batches, heldout_scenes, roundtrip, to_unit
-from icdcli.diffusion.editing import SamplerSettings
+from icdcli.diffusion.recipe import SamplerSettings
 from icdcli.models.api import EditModel
 from icdcli.training.scenes import render_batch
 

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from icdcli.diffusion.denoiser import Conditioning, Denoiser, Guidance, PromptEmbedding, is_unguided, real_cfg
-from icdcli.diffusion.editing import SamplerSettings, edit
-from icdcli.diffusion.recipe import P2POptions
+from icdcli.diffusion.recipe import P2POptions, SamplerSettings
+from icdcli.editing.edits import edit
 
 SOURCE = "a red square on a blue background"
 TARGET = "a green square on a blue background"

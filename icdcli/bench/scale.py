@@ -225,8 +225,9 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     from tqdm import tqdm
 
     from icdcli.bench.latency import sample_image
-    from icdcli.diffusion.editing import SamplerSettings, Timings, edit
-    from icdcli.diffusion.recipe import P2POptions, guidance_and_tau
+    from icdcli.diffusion.recipe import P2POptions, SamplerSettings, guidance_and_tau
+    from icdcli.editing.edits import edit
+    from icdcli.editing.stages import Timings
 
     model = _load(task, meter, say)
     if task["backend"] != "torch":
@@ -271,9 +272,11 @@ WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run
 
 def run_worker(task_path: Path) -> None:
     """Run the task in `task_path` and write its result beside it (`.result.json`)."""
-    from icdcli.cli.common import quiet_libraries, setup_logging
+    import logging
 
-    setup_logging()
+    from icdcli.core.quiet import quiet_libraries
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")  # the icd logger, on stderr
     quiet_libraries()
     task = json.loads(task_path.read_text())
     meter = StageMeter(task_path.with_suffix(".status.json"))
@@ -475,7 +478,7 @@ def _run_backend(
 def _fused_cache_path(task: dict[str, Any]) -> Path:
     """Where the user's path keeps this model fused (`load_lora_cached`)."""
     from icdcli.core.paths import cache_root
-    from icdcli.models.runtime import LoraSources
+    from icdcli.models.fusion import LoraSources
 
     files = task["files"]
     sources = LoraSources(

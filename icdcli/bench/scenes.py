@@ -12,8 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icdcli.diffusion.editing import EditJob, SamplerSettings, decode, decode_p2p, decode_p2p_jobs, invert_latents
-from icdcli.diffusion.p2p import P2PSettings, blend_mask, word_indicator
+from icdcli.diffusion.p2p.plan import blend_mask
+from icdcli.diffusion.p2p.tokens import word_indicator
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
+from icdcli.editing.edits import EditJob, decode_p2p, decode_p2p_jobs
+from icdcli.editing.generation import decode, invert_latents
 from icdcli.models.api import EditModel
 from icdcli.training.scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, edit_scene, scenes, split_rng
 
@@ -140,7 +143,8 @@ def word_region(
     threshold: float,
 ) -> np.ndarray:
     """Where `word`'s map is above `threshold` of its maximum, at the image's size (bool HxW): P2P's local
-    blend region of that word (`icdcli.diffusion.p2p.blend_mask`), upsampled to the image instead of the latents."""
+    blend region of that word (`icdcli.diffusion.p2p.plan.blend_mask`), upsampled to the image instead of the
+    latents."""
     tokens = word_indicator(tokenizer, caption, [word])
     mask = blend_mask(source_map[None], tokens[None], size=side, latent_hw=image_hw, threshold=threshold)
     return mask[0, 0].bool().numpy()

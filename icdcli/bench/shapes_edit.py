@@ -27,9 +27,7 @@ from icdcli.bench.scenes import (
     to_unit,
     word_region,
 )
-from icdcli.diffusion.editing import SamplerSettings
-from icdcli.diffusion.p2p import P2PSettings
-from icdcli.diffusion.recipe import P2POptions
+from icdcli.diffusion.recipe import P2POptions, P2PSettings, SamplerSettings
 from icdcli.models.api import EditModel
 from icdcli.training.scenes import EDIT_KINDS, Scene, change_mask, render_batch
 

@@ -1,5 +1,5 @@
-"""`icd bench throughput`: images per second of `icd edit` over a spec of held-out scenes, batch 1 against a
-larger batch in the same run, and the model's load time.
+"""`icd bench throughput` (its command: `icdcli.cli.bench_throughput`): images per second of `icd edit` over a spec
+of held-out scenes, batch 1 against a larger batch in the same run, and the model's load time.
 
 The spec (written to a temporary folder) holds one edit per held-out scene of the embedded model's world:
 its caption to the caption of a copy with one attribute changed, as `icd bench shapes-edit` builds them.
@@ -19,15 +19,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import click
-
-from icdcli.cli.bench_scale import width_scale_option
-from icdcli.cli.common import load_model, model_options, reports_errors, say
-from icdcli.core.values import strict_json
+from icdcli.core.errors import ICDError
 
 
 def write_spec(folder: Path, count: int, seed: int = 0) -> Path:
@@ -89,20 +84,21 @@ def write_photo_spec(folder: Path, count: int, size: int) -> Path:
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
     from icdcli.run.batch import default_batch_size, read_spec
+    from icdcli.run.inputs import EditFlags
     from icdcli.run.planning import plan_items
-    from icdcli.run.runner import EditFlags, EditRun
+    from icdcli.run.runner import EditRun
 
     items = plan_items(read_spec(spec), out, spec_out=spec.parent)
     flags = EditFlags(None, None)  # the model's recipe
-    runner = EditRun(flags, {}, as_json=False, batch=True, overwrite=False, started=0.0, batch_size=batch_size)
+    runner = EditRun(flags, None, batch=True, overwrite=False, batch_size=batch_size)
     runner.adopt(loaded)
-    runner.quiet = True
+    runner.report.quiet = True
     started = time.perf_counter()
-    runner.started = runner.mark = started
+    runner.started = runner.steps.mark = started
     runner.pipeline().run(items)
     seconds = time.perf_counter() - started
     size = batch_size or default_batch_size(loaded.model.device.type, loaded.model.info.native_size**2)
-    tally = runner.tally
+    tally = runner.report.tally
     return {
         "batch_size": size,
         "images": tally.done,
@@ -168,7 +164,7 @@ def sd15_model_options(model_opts: dict[str, Any], width: float, progress: Calla
     given = [name for name in _OWN_MODEL if model_opts.get(name)]
     if given:
         flag = "--" + given[0].replace("_", "-")
-        raise click.ClickException(f"--arch sd15 brings its own models: leave out {flag} (or use --arch shapes32)")
+        raise ICDError(f"--arch sd15 brings its own models: leave out {flag} (or use --arch shapes32)")
     files, written = scale_files("sd15", width, progress=progress)
     paths = {"base": files.base, "teacher": files.teacher, "forward_lora": files.forward_lora,
              "reverse_lora": files.reverse_lora}  # fmt: skip
@@ -178,98 +174,3 @@ def sd15_model_options(model_opts: dict[str, Any], width: float, progress: Calla
 def _fresh(folder: Path) -> Path:
     folder.mkdir()
     return folder
-
-
-@click.command("throughput")
-@click.option(
-    "--images",
-    type=click.IntRange(min=1),
-    default=None,
-    help=f"Edits in the spec. Default: {SHAPES_IMAGES} (shapes32), {SD15_IMAGES} (sd15).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help=f"The batch size compared with batch 1. Default: icd edit's for this device (shapes32), {SD15_BATCH} (sd15).",
-)
-@click.option(
-    "--arch",
-    type=click.Choice(["shapes32", "sd15"]),
-    default="shapes32",
-    show_default=True,
-    help="shapes32: the embedded model on 32 px scenes. sd15: SD1.5-architecture models (random weights, the "
-    "release's formats, as icd bench scale writes them) on 512 px photos, Prompt-to-Prompt.",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]),
-    default="auto",
-    show_default=True,
-    envvar="ICD_BACKEND",
-    help="Where the networks run (as icd edit --backend).",
-)
-@click.option(
-    "--size",
-    type=click.IntRange(min=64),
-    default=None,
-    help="sd15: the photos' side in pixels, a multiple of 64. Default: 512.",
-)
-@click.option(
-    "--repeats",
-    "repeat",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Run each batch size N times, taking turns, and report the median (each row's `runs` lists them all): "
-    "steadier figures on a shared or busy machine.",
-)
-@width_scale_option
-@click.option("--json", "as_json", is_flag=True, help='One JSON object: {"arch", "load_seconds", "rows": '
-              '[{"batch_size", "images_per_second", ...}]}.')  # fmt: skip
-@model_options
-@reports_errors
-def throughput(images: int | None, batch_size: int | None, arch: str, backend: str, size: int | None, repeat: int,
-               width: float, as_json: bool, **model_opts: Any) -> None:  # fmt: skip
-    """Images per second of icd edit over a spec of edits: batch 1 against the default (or --batch-size).
-
-    Each row edits the same --images inputs (the model's recipe) into a fresh folder, reading and writing files
-    as icd edit does; the model loads once before the rows (load_seconds, which includes fusing and exporting on
-    first use). Time on an idle machine: other processes on the CPUs lower every row.
-    """
-    spec_writer: Callable[[Path, int], Path] = write_spec
-    extra: dict[str, Any] = {}
-    if arch == "sd15":
-        if size is not None and size % 64:
-            raise click.ClickException(f"--size {size}: SD1.5 works on sides that are multiples of 64, e.g. 512")
-        side = size or 512
-        model_opts = sd15_model_options(model_opts, width, say)
-        extra = {"width_scale": width, "files_seconds": model_opts.pop("files_seconds")}
-        model_opts["native_size"] = side
-        images, batch_size = images or SD15_IMAGES, batch_size or SD15_BATCH
-        spec_writer = partial(write_photo_spec, size=side)
-    elif size is not None or width != 1.0:
-        raise click.ClickException("--size and --width-scale are for --arch sd15; shapes32 runs at its 32 px")
-    images = images or SHAPES_IMAGES
-    loaded = load_model(model_opts, need_teacher=False, backend=backend)
-    # a 512 px edit takes a minute or more on a CPU: one warm-up edit opens the sessions all the same
-    warm_up = 1 if arch == "sd15" else 2
-    result = measure_throughput(
-        loaded, images, [1, batch_size], say, spec_writer=spec_writer, warm_up=warm_up, repeat=repeat
-    )
-    result = {"arch": arch, **result, **extra}
-    if as_json:
-        click.echo(strict_json(result))
-        return
-    from icdcli.bench.scenes import markdown_table
-
-    click.echo(f"{arch} at {result['size']} px on {result['backend']}; {images} images; model loaded in "
-               f"{result['load_seconds']:.2f} s")  # fmt: skip
-    click.echo(markdown_table(result["rows"], ["batch_size", "images", "seconds", "images_per_second"]))
-    if repeat > 1:
-        click.echo(f"(the median of {repeat} runs each; seconds: the median run's)")
-    first, last = result["rows"][0], result["rows"][-1]
-    if first["images_per_second"] > 0:
-        click.echo(f"speed-up: {last['images_per_second'] / first['images_per_second']:.2f}x")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from icdcli.cli.common import reports_errors, say, setup_logging
+from icdcli.cli.common import reports_errors
+from icdcli.cli.console import console, console_options, say
 
 
 @click.command("gpu")
@@ -66,6 +67,7 @@ from icdcli.cli.common import reports_errors, say, setup_logging
     help='Print one JSON object: {"device", "versions", "backends", "builds", "rows": [{"arch", "mode", "method", '
     '"batch", "status", "reason", "seconds", "peak_memory_gb", ...}], "parity": {"eval", "edit_pixels"}}.',
 )
+@console_options
 @reports_errors
 def gpu(archs: tuple[str, ...], device: str, width: float, size: int | None, modes: tuple[str, ...],
         repeats: int, eval_repeats: int, time_limit: float, parity: bool, seed: int, out: Path | None,
@@ -78,13 +80,15 @@ def gpu(archs: tuple[str, ...], device: str, width: float, size: int | None, mod
     driver and versions, and whether TensorRT and ONNX Runtime's CUDA provider are present. With --device
     cpu (and --width-scale < 1) every field is present and the GPU-only rows say why they were skipped.
     """
-    setup_logging()
-    from icdcli.bench.gpu import GpuOptions, bench_gpu, text_report
-    from icdcli.core.values import strict_json
+    from icdcli.bench.gpu import bench_gpu
+    from icdcli.bench.gpu_report import GpuOptions, text_report
 
     options = GpuOptions(
         archs=archs or ("sd15",), device=device, width=width, size=size, modes=modes or ("eager", "graphs", "compile"),
         repeats=repeats, eval_repeats=eval_repeats, time_limit=time_limit, seed=seed, parity=parity, out=out,
     )  # fmt: skip
     report = bench_gpu(options, progress=say)
-    click.echo(strict_json(report, indent=2) if as_json else text_report(report))
+    if as_json:
+        console().json(report, indent=2)
+    else:
+        console().report(text_report(report))

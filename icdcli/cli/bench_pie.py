@@ -1,6 +1,6 @@
 """`icd bench pie`: edit a PIE-Bench-format folder with one model and score the results.
 
-Registered on the `bench` group in cli.py. Heavy imports (torch, transformers) happen inside the command.
+Registered on the `bench` group by `icdcli.cli.bench`. Heavy imports (torch, transformers) happen inside the command.
 """
 
 from __future__ import annotations
@@ -12,24 +12,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from icdcli.cli.common import (
+from icdcli.cli.common import load_model, need_scikit_image, reports_errors
+from icdcli.cli.console import console, console_options, say
+from icdcli.cli.options import (
     TextPath,
     batch_size_option,
     edit_guidance_options,
-    load_model,
     model_options,
-    need_scikit_image,
     p2p_step_options,
     replace_tail_option,
-    reports_errors,
     sampler_options,
-    say,
     text_callback,
 )
 
 if TYPE_CHECKING:
     from icdcli.diffusion.recipe import ResolvedEdit
-    from icdcli.run.runner import RunEnd
+    from icdcli.run.report import RunEnd
 
 
 def default_out(root: Path) -> Path:
@@ -39,7 +37,7 @@ def default_out(root: Path) -> Path:
 
 def _check_p2p() -> None:
     try:
-        from icdcli.diffusion.p2p import P2PSettings  # noqa: F401
+        from icdcli.diffusion.p2p import plan  # noqa: F401
     except ImportError:
         raise click.ClickException(
             "--method p2p needs Prompt-to-Prompt (icdcli.diffusion.p2p), which this icd lacks: use --method swap, "
@@ -79,7 +77,8 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 
     from icdcli.pie.scoring import score_item
 
-    bar = tqdm(items, desc="scoring", unit="image", file=sys.stderr, disable=None, dynamic_ncols=True)
+    disable = console().bars_disabled
+    bar = tqdm(items, desc="scoring", unit="image", file=sys.stderr, disable=disable, dynamic_ncols=True)
     return [score_item(item, root, folder, scorers) for item in bar]
 
 
@@ -147,6 +146,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 )
 @sampler_options
 @model_options
+@console_options
 @reports_errors
 def pie(
     root: Path,
@@ -185,7 +185,7 @@ def pie(
     from icdcli.pie.editing import edit_items
     from icdcli.pie.report import edits_section
     from icdcli.pie.scoring import load_scorers
-    from icdcli.run.runner import EditFlags
+    from icdcli.run.inputs import EditFlags
 
     need_scikit_image()
     started = time.perf_counter()
@@ -205,7 +205,7 @@ def pie(
     )
     edit_seconds = time.perf_counter() - edit_started
     if end.interrupted:
-        say("interrupted: scoring what is finished (finished outputs will be skipped next time)")
+        console().error("interrupted: scoring what is finished (finished outputs will be skipped next time)")
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
              **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
     if settings.p2p is not None:
@@ -234,11 +234,13 @@ def _score(items: list, outcomes: list, *, root: Path, folder: Path, scorers: An
 
 def _publish(folder: Path, report: dict[str, Any], markdown: str, as_json: bool) -> None:
     """Write metrics.json and metrics.md beside the outputs; print the report (--json) or the tables."""
-    from icdcli.core.values import strict_json
     from icdcli.pie.report import write_report
 
     json_path, markdown_path = write_report(folder, report, markdown)
-    click.echo(strict_json(report) if as_json else markdown)
+    if as_json:
+        console().json(report)
+    else:
+        console().report(markdown)
     edits = report["edits"]
     say(
         f"{edits['done']} edited, {edits['skipped']} already there, {edits['failed']} failed; "

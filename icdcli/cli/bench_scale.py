@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from icdcli.cli.common import reports_errors, say, setup_logging
-from icdcli.core.values import strict_json
+from icdcli.cli.common import reports_errors
+from icdcli.cli.console import console, console_options, say
 
 width_scale_option = click.option(
     "--width-scale",
@@ -68,6 +68,7 @@ width_scale_option = click.option(
     help='Print one JSON object: {"arch", "size", "rows": [{"backend", "precision", "seconds", '
     '"peak_rss_gb"}], "parity": {"latents", "pixels"}, ...}.',
 )
+@console_options
 @reports_errors
 def scale(arch: str, size: int | None, backends: str, precision: str, method: str | None, repeats: int, device: str,
           seed: int, low_memory: bool | None, width: float, as_json: bool) -> None:  # fmt: skip
@@ -80,7 +81,6 @@ def scale(arch: str, size: int | None, backends: str, precision: str, method: st
     Runtime), one warm-up and --repeats timed edits per backend, each stage in a process of its own so its peak
     memory is its own. Needs tens of GB of disk at full size (SD1.5 ~30, SDXL ~60).
     """
-    setup_logging()
     from icdcli.bench.scale import ScaleOptions, bench_scale, markdown_report
 
     options = ScaleOptions(
@@ -89,4 +89,7 @@ def scale(arch: str, size: int | None, backends: str, precision: str, method: st
         low_memory=low_memory,
     )  # fmt: skip
     report = bench_scale(options, progress=say)
-    click.echo(strict_json(report) if as_json else markdown_report(report))
+    if as_json:
+        console().json(report)
+    else:
+        console().report(markdown_report(report))

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
+from icdcli.cli.console import console, console_options
 from icdcli.core.paths import USED_MARKER, cache_root
-from icdcli.core.values import strict_json
 
 KINDS = {"merged": "fused model", "bases": "converted base", "onnx": "onnx export", "engines": "tensorrt engines"}
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
@@ -103,25 +103,27 @@ def _root() -> Path:
 
 
 @click.group()
+@console_options
 def cache() -> None:
     """List or prune icd's cache: fused models, ONNX exports and TensorRT engines (ICD_CACHE_DIR moves it)."""
 
 
 @cache.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: root, entries, total bytes.")
+@console_options
 def cache_list(as_json: bool) -> None:
     """Show every cache entry with its size and last use, least recently used first."""
     root = _root()
     entries = cache_entries(root)
     total = sum(entry.bytes for entry in entries)
     if as_json:
-        click.echo(strict_json({"root": str(root), "entries": [e.to_json() for e in entries], "bytes": total}))
+        console().json({"root": str(root), "entries": [e.to_json() for e in entries], "bytes": total})
         return
     now = time.time()
     for entry in entries:
-        click.echo(f"{_human(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
-                   f"{entry.name:<24} {entry.path}")  # fmt: skip
-    click.echo(f"{len(entries)} entries, {_human(total)} in {root}")
+        console().report(f"{_human(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
+                         f"{entry.name:<24} {entry.path}")  # fmt: skip
+    console().report(f"{len(entries)} entries, {_human(total)} in {root}")
 
 
 @cache.command("prune")
@@ -136,6 +138,7 @@ def cache_list(as_json: bool) -> None:
 @click.option("--all", "everything", is_flag=True, help="Remove every entry (not one in use right now).")
 @click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only entries of this kind.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+@console_options
 def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) -> None:
     """Remove cache entries not used for a while; they are made again when needed."""
     now = time.time()
@@ -151,9 +154,9 @@ def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) 
             try:
                 shutil.rmtree(entry.path)
             except OSError as error:
-                click.echo(f"could not remove {entry.path}: {error.strerror or error}", err=True)
+                console().error(f"could not remove {entry.path}: {error.strerror or error}")
                 continue
         freed += entry.bytes
         verb = "would remove" if dry_run else "removed"
-        click.echo(f"{verb} {KINDS[entry.kind]} {entry.name} ({_human(entry.bytes)})")
-    click.echo(f"{'would free' if dry_run else 'freed'} {_human(freed)} ({len(chosen)} entries)")
+        console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({_human(entry.bytes)})")
+    console().report(f"{'would free' if dry_run else 'freed'} {_human(freed)} ({len(chosen)} entries)")

@@ -1,7 +1,8 @@
-"""Pieces shared by every `icd` command module: logging, error reporting, model options and loading.
+"""What the `icd` command modules share beyond their flags (`icdcli.cli.options`): error reporting, loading the
+requested model, and the checks and records of edit, invert and generate.
 
-Command modules (cli.py, cli_export.py, cli_train.py) and the edit runner (edit_run.py) import from here,
-never from each other, so any of them can be imported first.
+Command modules import from here and from `options` and `console`, never from each other, so any of them can be
+imported first.
 """
 
 from __future__ import annotations
@@ -9,65 +10,42 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from icdcli.core.quiet import quiet_libraries
-from icdcli.core.values import NumberError, NumberType, check_number
+from icdcli import __version__
+from icdcli.cli.console import console, say
+from icdcli.run.model import Loaded
 
 if TYPE_CHECKING:
     from icdcli.models.api import EditModel
 
-PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl, sd15-cycle"
 
+class _Failed(click.ClickException):
+    """An `ICDError` as click reports it; `reported` when --json has printed its line already."""
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (test runners swap it between invocations)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_logging() -> None:
-    logger = logging.getLogger("icd")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    # read by the libraries when (lazily) imported: keep their warnings and bars off our stderr
-    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def say(message: str) -> None:
-    click.echo(message, err=True)
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn icd's own errors into one-line click errors."""
+    """Turn icd's own errors into one-line click errors, the one place they become click's: an `ICDUsageError` a
+    usage error (exit 2), any other `ICDError` a one-line error (exit 1), with the same message."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from icdcli.core.errors import ICDError
+        from icdcli.core.errors import ICDError, ICDUsageError
 
         try:
             return command(*args, **kwargs)
+        except ICDUsageError as error:
+            raise click.UsageError(str(error)) from None
         except ICDError as error:
-            raise click.ClickException(str(error)) from None
+            raise _Failed(str(error), error.reported) from None
         except OSError as error:  # the file system said no: one line with the path and the reason
             raise click.ClickException(_os_error_line(error)) from None
 
@@ -83,258 +61,11 @@ def _os_error_line(error: OSError) -> str:
     return f"{path}: {reason}; check the path and its permissions" if path else f"{reason}; check paths and permissions"
 
 
-def text_callback(kind: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A click callback that holds a flag's or argument's text (one value or several) to the bound of its `kind`
-    (`icdcli.core.texts`): a prompt, a word or a path too long, or with a character it may not hold, is a usage
-    error."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        from icdcli.core.texts import TextError, check_text
-
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            text = os.fspath(item) if isinstance(item, os.PathLike) else item
-            try:
-                check_text(kind, text, "the value")
-            except TextError as error:
-                raise click.BadParameter(str(error), ctx, param) from None
-        return value
-
-    return callback
-
-
-class TextPath(click.Path):
-    """click.Path whose text is first held to the path bound of `icdcli.core.texts` (a NUL, or a path past 4,096
-    characters, is a usage error rather than an exception from the file system)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from icdcli.core.texts import TextError, check_text
-
-        text = os.fspath(value) if isinstance(value, os.PathLike) else value
-        try:
-            check_text("path", text, "the value")
-        except TextError as error:
-            self.fail(str(error), param, ctx)
-        return super().convert(value, param, ctx)
-
-
-class AmplifyType(click.ParamType):
-    """`--amplify WORD=FACTOR`: a word of the target prompt and the factor on its attention, as (word, factor)."""
-
-    name = "WORD=FACTOR"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
-        if isinstance(value, tuple):
-            return value
-        word, sep, factor = str(value).partition("=")
-        if not sep or not word.strip():
-            self.fail(f"{_shown(value)}: write WORD=FACTOR with a factor from 0 to 100, e.g. red=2", param, ctx)
-        from icdcli.core.texts import TextError, check_text
-
-        try:
-            check_text("word", word.strip(), "its word")
-        except TextError as error:
-            self.fail(str(error), param, ctx)
-        try:
-            return word.strip(), float(check_number("amplify", factor))
-        except NumberError as error:
-            self.fail(f"{_shown(value)}: {error}; write WORD=FACTOR, e.g. red=2", param, ctx)
-
-
-def _shown(value: Any) -> str:
-    from icdcli.core.texts import shown
-
-    return shown(repr(str(value)), 60)
-
-
-class ShardType(click.ParamType):
-    """`--shard I/N` or `auto` (RANK and WORLD_SIZE of a launcher), as an `icdcli.run.batch.Shard`."""
-
-    name = "I/N|auto"
-
-    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
-        return self.name
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from icdcli.run.batch import Shard, parse_shard
-
-        if isinstance(value, Shard):
-            return value
-        try:
-            return parse_shard(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-class BoundariesType(click.ParamType):
-    """A comma list of timesteps (`0,259,519,779`), checked by `icdcli.diffusion.schedule.parse_boundaries`."""
-
-    name = "boundaries"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
-        from icdcli.diffusion.schedule import parse_boundaries
-
-        try:
-            return parse_boundaries(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--model",
-            "model",
-            default=None,
-            callback=text_callback("path"),
-            metavar="NAME|PATH",
-            help=f"A preset ({PRESET_NAMES}), an icd model folder (icd.json inside), a release tarball's folder "
-            "(its LoRA files and teacher), or a hub id (org/repo) of either. Default: the embedded model.",
-        ),
-        click.option(
-            "--base",
-            default=None,
-            callback=text_callback("path"),
-            metavar="DIR|FILE",
-            help="Base pipeline: a diffusers folder, or a single-file SD1.5/SDXL checkpoint (.safetensors, converted "
-            "once and cached), with LoRA files or a release folder. Default: the family's hub id.",
-        ),
-        click.option(
-            "--base-config",
-            default=None,
-            callback=text_callback("path"),
-            metavar="DIR",
-            help="For a single-file --base: a diffusers layout of its configs and tokenizers. Default: one beside "
-            "the file, else the family's hub repository (cache first).",
-        ),
-        click.option(
-            "--teacher",
-            default=None,
-            callback=text_callback("path"),
-            metavar="FILE",
-            help="Guidance-distilled teacher UNet state dict (.safetensors, or .pt loaded weights-only).",
-        ),
-        click.option(
-            "--forward-lora",
-            default=None,
-            callback=text_callback("path"),
-            metavar="FILE",
-            help="Forward LoRA, e.g. iCD-SD15-forward_19_259_519_779.safetensors (or forward-19-259-519-779...).",
-        ),
-        click.option(
-            "--reverse-lora",
-            default=None,
-            callback=text_callback("path"),
-            metavar="FILE",
-            help="Reverse LoRA, e.g. iCD-SD15-reverse_259_519_779_999.safetensors.",
-        ),
-        click.option(
-            "--forward-boundaries",
-            type=BoundariesType(),
-            default=None,
-            metavar="T,T,...",
-            help="The forward model's boundaries, for a file whose name does not carry them (e.g. 0,259,519,779 for "
-            "Inverse-and-Edit's finetuned_forward_model.safetensors). A name that carries them must agree.",
-        ),
-        click.option(
-            "--reverse-boundaries",
-            type=BoundariesType(),
-            default=None,
-            metavar="T,T,...",
-            help="The reverse model's boundaries, for a file whose name does not carry them (e.g. 259,519,779,999).",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-            default="auto",
-            show_default=True,
-            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE runs in fp32, "
-            "on CUDA in fp16 (SD1.5) or bf16 (SDXL).",
-        ),
-        click.option(
-            "--low-memory/--no-low-memory",
-            "low_memory",
-            default=None,
-            help="Free each UNet's weights once its stage of an edit is over (peak: one UNet, not two; each batch "
-            "reads them again). Default: on when the two UNets exceed a quarter of this machine's memory, or on a "
-            "GPU half of its free memory.",
-        ),
-        click.option(
-            "--cuda-graphs/--no-cuda-graphs",
-            "cuda_graphs",
-            default=False,
-            help="PyTorch on CUDA: replay each UNet call from a CUDA graph (captured on first use; a call that "
-            "cannot be captured runs as before, with a note). Off until measured on a GPU (icd bench gpu).",
-        ),
-        click.option(
-            "--compile",
-            "compile_unets",
-            is_flag=True,
-            help="PyTorch on CUDA: torch.compile the UNets (the first call of each shape compiles, and says how "
-            "long it took; P2P steps stay eager). Its cache lives in icd's cache folder.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--seed",
-            type=NumberType("seed"),
-            default=None,
-            help="Seed of the noise: added to the image before inversion (edit, invert), or the starting noise "
-            "(generate). Default: the model's edit recipe (30 for the released SD1.5 recipe, 0 for the embedded "
-            "model) for edit and invert, 0 for generate.",
-        ),
-        click.option(
-            "--sampler",
-            type=click.Choice(["icd", "ddim"]),
-            default="icd",
-            show_default=True,
-            help="icd: the forward/reverse consistency models. ddim: the teacher's DDIM baseline.",
-        ),
-        click.option(
-            "--ddim-steps",
-            type=NumberType("ddim_steps"),
-            default=50,
-            show_default=True,
-            help="Steps of --sampler ddim.",
-        ),
-        click.option(
-            "--backend",
-            type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]),
-            default="auto",
-            show_default=True,
-            envvar="ICD_BACKEND",
-            help="Where the networks run. auto: TensorRT on a GPU when installed, else ONNX Runtime when installed, "
-            "else PyTorch (the first accelerated run exports the model to ONNX). Env: ICD_BACKEND.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def check_writable_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise click.ClickException(f"output folder {folder} is a file, not a folder: choose another -o")
-    if not folder.is_dir():
-        raise click.ClickException(f"output folder {folder} does not exist: create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.ClickException(f"output folder {folder} is not writable: choose another with -o")
-
-
 def _cache_problem() -> str | None:
     """Why icd's cache folder cannot be written (None when it can): a file is created in it and removed."""
     import tempfile
 
-    from icdcli.models.runtime import cache_root
+    from icdcli.core.paths import cache_root
 
     root = cache_root()
     try:
@@ -344,16 +75,6 @@ def _cache_problem() -> str | None:
     except OSError as error:
         return f"the cache folder {root} cannot be written ({error.strerror or type(error).__name__})"
     return None
-
-
-@dataclass
-class Loaded:
-    """A model ready to run, what the user called it, how long loading took, and the backend it runs on."""
-
-    model: EditModel
-    label: str
-    seconds: float
-    backend: str = "torch"
 
 
 def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str | None = None) -> Loaded:
@@ -384,8 +105,8 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
 
     import torch
 
-    from icdcli.backends.torch_speed import TorchExecution
     from icdcli.models.runtime import ICDModel, default_dtype, resolve_device, set_memory_policy
+    from icdcli.models.torch_speed import TorchExecution
 
     device = resolve_device(ctx_options["device"])
     precision = ctx_options["precision"]
@@ -412,7 +133,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
             say(f"backend: {chosen} (auto)")
 
     def load_torch() -> ICDModel:
-        quiet_libraries()
+        console().tune_libraries()
         loaded = load_requested_model(request, need_teacher=need_teacher, progress=say)
         if ctx_options.get("native_size"):  # another working size than the model's (icd bench throughput --size)
             loaded.info.native_size = int(ctx_options["native_size"])
@@ -432,138 +153,47 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
             low_memory=ctx_options.get("low_memory"), native_size=ctx_options.get("native_size"),
         )  # fmt: skip
         if lean is not None:
-            return Loaded(lean, request.label, time.perf_counter() - start, chosen)
+            return _loaded(lean, request.label, start, chosen)
     loaded = load_torch()
     model: EditModel = loaded
     if chosen != "torch":
         from icdcli.backends.accelerated import accelerate
 
         model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
-    return Loaded(model, request.label, time.perf_counter() - start, chosen)
+    return _loaded(model, request.label, start, chosen)
 
 
-def batch_size_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--batch-size N: images of one working size per network call (icd edit, icd bench pie)."""
-    return click.option(
-        "--batch-size",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Edit up to N images of one working size per network call. Default: by device and size (64 images of "
-        "32x32 on the CPU, 16 of 512x512 on a GPU); results do not depend on it.",
-    )(command)
+def _loaded(model: EditModel, label: str, start: float, backend: str) -> Loaded:
+    seconds = time.perf_counter() - start
+    logging.getLogger("icd").debug(
+        "model %s: loaded in %.2f s, on %s (%s, %s)", label, seconds, backend, model.device, model.dtype
+    )
+    return Loaded(model, label, seconds, backend)
 
 
-def p2p_step_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--cross-replace and --self-replace: the Prompt-to-Prompt step fractions (see icdcli.diffusion.p2p)."""
-    options = [
-        click.option(
-            "--cross-replace",
-            type=NumberType("cross_replace"),
-            default=None,
-            help="p2p: fraction of the steps whose cross-attention follows the source (with N steps, the first "
-            "int((N+1)*F)). Default: the model's (0.3 in the released SD1.5 recipe).",
-        ),
-        click.option(
-            "--self-replace",
-            type=NumberType("self_replace"),
-            default=None,
-            help="p2p: fraction of the steps whose self-attention (maps of up to 32x32) is the source's (the first "
-            "int(N*F)). Default: the model's (0.6 in the released SD1.5 recipe).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def model_loader(model_opts: dict[str, Any]) -> Callable[[bool], Loaded]:
+    """The model of `model_opts`, loaded on its --backend when a run first needs it (`icdcli.run.model.ModelLoader`:
+    given whether the teacher is needed). A shard's own GPU (`_cuda_if_present`) falls back to auto without CUDA."""
+
+    def load(need_teacher: bool) -> Loaded:
+        opts = dict(model_opts)
+        if opts.pop("_cuda_if_present", False):
+            import torch
+
+            if not torch.cuda.is_available():
+                opts["device"] = "auto"
+        return load_model(opts, need_teacher=need_teacher, backend=opts["backend"])
+
+    return load
 
 
-def replace_tail_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--replace-tail aligned|release: the rule of a P2P replace edit's tokens after the last changed word."""
-    return click.option(
-        "--replace-tail",
-        type=click.Choice(["aligned", "release"]),
-        default="aligned",
-        show_default=True,
-        help="p2p replace: the tokens after the last changed word read their own counterparts' maps (aligned, "
-        "icd's rule) or the maps the iCD release gives them, shifted when a changed word has another token count "
-        "(release: only to replay its results exactly; docs/p2p.md).",
-    )(command)
+def given_flags() -> frozenset[str]:
+    """The parameters of the running command given on its command line or by the environment (not defaults)."""
+    from click.core import ParameterSource
 
-
-def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--guidance and --tau of an edit (None: the model's recipe, `icdcli.diffusion.recipe.EditRequest.resolve`)."""
-    options = [
-        click.option(
-            "--guidance",
-            type=NumberType("guidance"),
-            default=None,
-            help="Classical CFG scale w (1 = none); the release's scripts write w - 1 (their guidance_scale 19 "
-            "is 20 here). Default: the model's edit guidance (icd; 20 for the released checkpoints), its "
-            "generation guidance (ddim).",
-        ),
-        click.option(
-            "--tau",
-            type=NumberType("tau"),
-            default=None,
-            help="Dynamic guidance: guide only at t <= tau*1000. Default: the model's (icd), 1 (ddim).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-MODEL_FLAGS = (
-    "model", "base", "base_config", "teacher", "forward_lora", "reverse_lora", "forward_boundaries",
-    "reverse_boundaries",
-)  # fmt: skip
-"""The options of `model_options` that choose the model (as opposed to where and how it runs)."""
-MODEL_SECTION = ("Model", list(MODEL_FLAGS))
-BACKEND_SECTION = ("Backend", ["backend", "device", "precision", "low_memory", "cuda_graphs", "compile_unets"])
-
-
-class SectionedCommand(click.Command):
-    """A command whose --help lists its options in named sections, then examples.
-
-    `sections` is a list of (title, parameter names); options in no section are listed last.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        sections: Sequence[tuple[str, list[str]]] = (),
-        examples: Sequence[str] = (),
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self.sections = list(sections)
-        self.examples = list(examples)
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
-        placed: set[str | None] = set()
-        for title, names in self.sections:
-            rows = [record for name in names if (record := records.get(name))]
-            placed.update(names)
-            if rows:
-                with formatter.section(title):
-                    formatter.write_dl(rows)
-        rest = [record for name, record in records.items() if record is not None and name not in placed]
-        if rest:
-            with formatter.section("Other options"):
-                formatter.write_dl(rest)
-
-    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        if self.examples:
-            with formatter.section("Examples"):
-                for line in self.examples:  # commands are not re-wrapped: they must stay pastable
-                    formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
-        super().format_epilog(ctx, formatter)
-
-
-overwrite_option = click.option(
-    "--overwrite", is_flag=True, help="Replace existing outputs (default: skip those made with the same parameters)."
-)
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
 def need_scikit_image() -> None:
@@ -572,3 +202,31 @@ def need_scikit_image() -> None:
 
     if importlib.util.find_spec("skimage") is None:
         raise click.ClickException("this benchmark scores SSIM with scikit-image: pip install 'icd[bench]'")
+
+
+def check_prompt(value: str, flag: str) -> str:
+    if not value or not value.strip():
+        raise click.UsageError(f"{flag} is empty: give a prompt that describes the image")
+    return value
+
+
+def note_unknown_prompt(model: Any, prompt: str, flag: str) -> None:
+    from icdcli.models.prompts import unknown_prompt_note
+
+    note = unknown_prompt_note(model, prompt, flag)
+    if note:
+        say(f"note: {note}")
+
+
+def model_record(loaded: Loaded) -> dict[str, Any]:
+    """What an output records about the model that made it."""
+    from icdcli.models.identity import model_hash
+
+    model = loaded.model
+    return {
+        "model": loaded.label,
+        "model_hash": model_hash(model),
+        "backend": loaded.backend,
+        "precision": str(model.dtype).removeprefix("torch."),
+        "icd_version": __version__,
+    }

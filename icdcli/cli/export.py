@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
-from icdcli.cli.common import TextPath, load_model, model_options, reports_errors, say
+from icdcli.cli.common import load_model, reports_errors
+from icdcli.cli.console import console_options, say
+from icdcli.cli.options import TextPath, model_options
 
 
 class BatchType(click.ParamType):
@@ -92,6 +94,7 @@ class BatchType(click.ParamType):
 )
 @click.option("--force", is_flag=True, help="Export again even when an up-to-date export exists.")
 @model_options
+@console_options
 @reports_errors
 def export(
     backend: str,
@@ -163,14 +166,15 @@ def export(
     if backend == "tensorrt":
         from icdcli.backends.accelerated import torch_fallbacks
         from icdcli.engines import tensorrt as trt_engine
+        from icdcli.engines.tensorrt_plan import ALL_PROFILES, NATIVE_FIRST, EngineSizes
         from icdcli.export.manifest import write_engine_sizes
 
-        sizes = trt_engine.EngineSizes(height, width, batch)
+        sizes = EngineSizes(height, width, batch)
         write_engine_sizes(folder, sizes.to_json())  # later runs build and find these same engines
         parts = trt_engine.load_parts(
             folder, manifest, model, fallbacks=torch_fallbacks(model), progress=say, height=height, width=width,
             max_batch=batch, build_now=list(manifest.graphs),
-            profiles=trt_engine.NATIVE_FIRST if native_only else trt_engine.ALL_PROFILES,
+            profiles=NATIVE_FIRST if native_only else ALL_PROFILES,
         )  # fmt: skip
         say(f"TensorRT engines: {trt_engine.engines_root() / manifest.model_key}")
         if check:

@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from icdcli.cli.common import TextPath, reports_errors, say
-from icdcli.core.values import NumberType
+from icdcli.cli.common import reports_errors
+from icdcli.cli.console import console, console_options, say
+from icdcli.cli.options import NumberType, TextPath
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)
@@ -146,6 +147,7 @@ def variant_settings(name: str) -> dict[str, Any]:
     help="Also keep each finished stage in DIR, float16 weights with its configs and checks (commit DIR to carry "
     "the run to another machine); a stage kept there and missing from RUN_DIR is restored instead of retrained.",
 )
+@console_options
 @click.pass_context
 @reports_errors
 def train(ctx: click.Context, **options: Any) -> None:
@@ -168,7 +170,7 @@ def train(ctx: click.Context, **options: Any) -> None:
         _train(TrainRequest(**options))
     except KeyboardInterrupt as stop:
         stage, step, checkpoint = (getattr(stop, key, None) for key in ("stage", "step", "checkpoint"))
-        say(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
+        console().error(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
         sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
 
 
@@ -205,7 +207,7 @@ def _train(request: TrainRequest) -> None:
     from icdcli.training.pipeline import DONE, PipelineConfig, resuming, run_pipeline
 
     config = PipelineConfig.preset(request.preset, smoke=request.smoke).updated(
-        seed=request.seed, show_progress=True, tracker=request.tracker
+        seed=request.seed, show_progress=not console().quiet, tracker=request.tracker
     )
     consistency = config.consistency
     if request.steps is not None:

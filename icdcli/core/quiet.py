@@ -2,7 +2,7 @@
 
 diffusers and transformers log a warning for each module cast with `.to()` ("There are modules in ... that should be
 kept in float32") and draw a bar for each weight file they load or write: noise about icd's own loading, not about
-the user's work. The command line quiets them for its whole run (`quiet_libraries`, through `icdcli.cli.common`); the
+the user's work. The command line quiets them for its whole run (`quiet_libraries`, through `icdcli.cli.console`); the
 Python API only while it loads or moves a model (`libraries_quieted`), and gives the caller's settings back after.
 
 No click and nothing heavy at import: both libraries are imported when the functions run.

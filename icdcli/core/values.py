@@ -1,9 +1,9 @@
 """The one check of every number icd takes, whatever gives it: a flag, a spec row or a recorded edit.
 
 Each number has one range here. `check_number` returns the value as its kind or raises `NumberError`
-with a message that names the number, its range and the value given; `NumberType` is the same check as a
-click parameter type, so a bad flag is a usage error. Every JSON icd prints goes through `strict_json`:
-no NaN or Infinity, which JSON does not have.
+with a message that names the number, its range and the value given; the command line's parameter type
+(`icdcli.cli.options.NumberType`) is the same check, so a bad flag is a usage error. Every JSON icd prints goes
+through `strict_json`: no NaN or Infinity, which JSON does not have.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import click
+from icdcli.core.errors import ICDUsageError
 
 SEED_MAX = 2**63 - 1
 
 
-class NumberError(ValueError):
+class NumberError(ICDUsageError, ValueError):
     """A number that is not of its kind or out of its range; the message says which and what is allowed."""
 
 
@@ -104,24 +104,6 @@ def check_number(name: str, value: Any) -> int | float:
 def _shown(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-class NumberType(click.ParamType):
-    """A click parameter checked by `check_number` (bad values are usage errors)."""
-
-    def __init__(self, name: str) -> None:
-        self.number = name
-        self.name = "integer" if NUMBERS[name].kind is int else "float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return check_number(self.number, value)
-        except NumberError as error:
-            self.fail(str(error), param, ctx)
-
-    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
-        bounds = NUMBERS[self.number]
-        return f"{self.name.upper()} {_plain(bounds.low)}..{_plain(bounds.high)}" if bounds.high < 1e6 else None
 
 
 def finite_or_none(value: Any) -> Any:

@@ -1,1 +1,1 @@
-"""The editing method: noise schedule, samplers, the denoiser seam, recipes, inversion and editing, Prompt-to-Prompt."""
+"""The editing method, below the models: noise schedule, samplers, the denoiser seam, recipes, Prompt-to-Prompt."""

@@ -6,9 +6,9 @@ integer timestep, `cond` the text conditioning and `guidance` the classical clas
 source row beside a guided target row). PyTorch UNets, ONNX Runtime sessions and TensorRT engines each
 implement it; the sampler never knows which one it drives.
 
-A `ControlledDenoiser` also runs a step under attention control (`icdcli.diffusion.p2p.StepControl`) and returns the
-cross-attention maps local blend reads with the noise prediction (`ControlledEps`). The sampler does not see
-it either: Prompt-to-Prompt wraps one into a plain denoiser (`icdcli.diffusion.p2p.P2PDenoiser`).
+A `ControlledDenoiser` also runs a step under attention control (`icdcli.diffusion.p2p.control.StepControl`) and
+returns the cross-attention maps local blend reads with the noise prediction (`ControlledEps`). The sampler does not
+see it either: Prompt-to-Prompt wraps one into a plain denoiser (`icdcli.diffusion.p2p.decode.P2PDenoiser`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from icdcli.diffusion.p2p import StepControl
+    from icdcli.diffusion.p2p.control import StepControl
 
 GUIDANCE_EMBEDDING_DIM = 512
 
@@ -258,7 +258,7 @@ class DeviceCopies:
 
 
 CONTROL_TENSORS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
-"""The tensor fields of `icdcli.diffusion.p2p.StepControl`: inputs of a controlled call."""
+"""The tensor fields of `icdcli.diffusion.p2p.control.StepControl`: inputs of a controlled call."""
 
 
 class UNetDenoiser:
@@ -271,7 +271,7 @@ class UNetDenoiser:
 
     Every call's inputs are put on the UNet's device first (small per-step tensors once per stage, see
     `DeviceCopies`); then the UNet runs eagerly, from a CUDA graph of the call (`graphs`, an
-    `icdcli.backends.torch_speed.GraphedCalls`) or compiled (`compiled`, a `CompiledCalls`; calls under attention
+    `icdcli.models.torch_speed.GraphedCalls`) or compiled (`compiled`, a `CompiledCalls`; calls under attention
     control stay eager).
     """
 
@@ -376,14 +376,14 @@ class UNetDenoiser:
         return self._guided(x, t, cond, guidance)
 
     def install_control(self) -> None:
-        from icdcli.diffusion.p2p import install_p2p_processors
+        from icdcli.diffusion.p2p.attention import install_p2p_processors
 
         install_p2p_processors(self.unet)
 
     def controlled(
         self, x: torch.Tensor, t: int, cond: Conditioning, guidance: Guidance, control: StepControl
     ) -> ControlledEps:
-        from icdcli.diffusion.p2p import has_p2p_processors
+        from icdcli.diffusion.p2p.attention import has_p2p_processors
 
         if not has_p2p_processors(self.unet):
             raise RuntimeError("attention control needs P2P's processors in this UNet: call install_control() first")

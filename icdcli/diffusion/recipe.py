@@ -32,7 +32,8 @@ def network_identity(info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in info.items() if key not in DEFAULT_KEYS}
 
 
-P2P_MODES = ("auto", "replace", "refine")
+REPLACE, REFINE = "replace", "refine"
+P2P_MODES = ("auto", REPLACE, REFINE)
 ALIGNED_TAIL, RELEASE_TAIL = "aligned", "release"
 REPLACE_TAILS = (ALIGNED_TAIL, RELEASE_TAIL)
 """Prompt-to-Prompt replace edits: the tokens after the last changed word read their own counterparts' maps
@@ -44,6 +45,79 @@ def check_replace_tail(value: Any, label: str = "replace_tail") -> str:
     if value not in REPLACE_TAILS:
         raise ValueError(f"{label} must be {' or '.join(REPLACE_TAILS)}, not {str(value)[:40]!r}")
     return str(value)
+
+
+class P2PError(ValueError):
+    """A Prompt-to-Prompt request that cannot be carried out as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class P2PSettings:
+    """What the user asks of a P2P edit.
+
+    `cross_replace` and `self_replace` are fractions of the decoding steps. Local blend keeps the
+    source outside the region of its words: `blend` are looked up in both prompts, `blend_source`
+    in the source prompt only and `blend_target` in the target only (the release's per-prompt form,
+    PIE-Bench's `blended_word`). `amplify` multiplies the target's attention to chosen words,
+    `amplify_new` to every word new in the target (stopwords excepted). `mode` is `auto` (replace
+    when the prompts have equal word counts, else refine), `replace` or `refine`. With
+    `strict_blend`, a per-prompt blend word missing from its prompt is an error; without, it adds
+    no region (what the release does). `replace_tail` is the rule of a replace edit's tokens after the last
+    changed word: `aligned` (icd's: each reads its own counterpart) or `release` (the release's shifted
+    positions, for exact replays of its results; see `icdcli.diffusion.p2p.tokens.replacement_mapper` and
+    docs/p2p.md).
+
+    The defaults are the library's (P2P's own 0.8 and 0.4); an edit's come from its model's recipe through
+    `P2POptions.resolve`. `to_record` is what an output keeps (read back by `P2POptions.from_record`).
+    """
+
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    blend: tuple[str, ...] = ()
+    amplify: tuple[tuple[str, float], ...] = ()
+    mode: str = "auto"
+    blend_threshold: float = BLEND_THRESHOLD
+    blend_source: tuple[str, ...] = ()
+    blend_target: tuple[str, ...] = ()
+    amplify_new: float = 1.0
+    strict_blend: bool = True
+    replace_tail: str = ALIGNED_TAIL
+
+    def __post_init__(self) -> None:
+        for name in ("cross_replace", "self_replace", "blend_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise P2PError(f"{name.replace('_', '-')} must be a fraction in [0, 1], got {value}")
+        factors = [self.amplify_new, *(factor for _, factor in self.amplify)]
+        if not all(0.0 <= factor < 1e6 for factor in factors):
+            raise P2PError(f"amplify factors must be finite and >= 0, got {factors}")
+        if self.mode not in P2P_MODES:
+            raise P2PError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
+        try:
+            check_replace_tail(self.replace_tail)
+        except ValueError as error:
+            raise P2PError(str(error)) from None
+
+    @property
+    def blends(self) -> bool:
+        return bool(self.blend or self.blend_source or self.blend_target)
+
+    def to_record(self) -> dict[str, Any]:
+        """The settings as JSON values (what an output's record keeps). `replace_tail` is kept only when it is the
+        release's: records of icd's default rule stay as they were before the choice existed (resume skips them)."""
+        tail = {"replace_tail": self.replace_tail} if self.replace_tail != ALIGNED_TAIL else {}
+        return {
+            "cross_replace": self.cross_replace,
+            "self_replace": self.self_replace,
+            "mode": self.mode,
+            "blend": list(self.blend),
+            "blend_source": list(self.blend_source),
+            "blend_target": list(self.blend_target),
+            "blend_threshold": self.blend_threshold,
+            "amplify": {word: factor for word, factor in self.amplify},
+            "amplify_new": self.amplify_new,
+            **tail,
+        }
 
 
 def release_guidance(classical: float) -> float:
@@ -145,7 +219,7 @@ class P2POptions:
     `replace_tail` is no recipe's: icd's aligned tail unless the release's is asked for (`REPLACE_TAILS`).
 
     `resolve` is the one place where they meet the model's recipe; `from_record` reads the record an output
-    keeps (`icdcli.diffusion.p2p.P2PSettings.to_record`), each number checked as its flag is.
+    keeps (`P2PSettings.to_record`), each number checked as its flag is.
     """
 
     cross_replace: float | None = None
@@ -160,9 +234,8 @@ class P2POptions:
     strict_blend: bool = True
     replace_tail: str = ALIGNED_TAIL
 
-    def resolve(self, recipe: EditRecipe) -> Any:
-        """The `icdcli.diffusion.p2p.P2PSettings` of an edit: these values where given, else the recipe's."""
-        from icdcli.diffusion.p2p import P2PSettings
+    def resolve(self, recipe: EditRecipe) -> P2PSettings:
+        """The `P2PSettings` of an edit: these values where given, else the recipe's."""
 
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
@@ -219,7 +292,7 @@ class ResolvedEdit:
     guidance: float
     tau: float
     seed: int
-    p2p: Any  # icdcli.diffusion.p2p.P2PSettings for p2p, else None
+    p2p: P2PSettings | None  # for p2p, else None
     sampling: SamplerSettings = field(default_factory=SamplerSettings)  # its seed is `seed`
 
     def record(self, num_steps: int) -> dict[str, Any]:

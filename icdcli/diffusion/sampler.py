@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 
 from icdcli.diffusion.denoiser import Conditioning, ControlledDenoiser, Denoiser, Guidance, mix_rows
-from icdcli.diffusion.p2p import ControlPlan, P2PDenoiser
+from icdcli.diffusion.p2p.decode import P2PDenoiser
+from icdcli.diffusion.p2p.plan import ControlPlan
 from icdcli.diffusion.schedule import (
     CLEAN,
     NoiseSchedule,
@@ -27,7 +28,8 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """Called after each step's jump with (step index, latents before, latents after); returns the latents the next
-step starts from (Prompt-to-Prompt's local blend and its source-branch cut, see `icdcli.diffusion.p2p.P2PDenoiser`)."""
+step starts from (Prompt-to-Prompt's local blend and its source-branch cut, see
+`icdcli.diffusion.p2p.decode.P2PDenoiser`)."""
 
 
 def ddim_jump(x: torch.Tensor, eps: torch.Tensor, t: int, s: int, schedule: NoiseSchedule) -> torch.Tensor:
@@ -226,8 +228,8 @@ def p2p_decode(
 
     `cond` holds the source and target prompts of each edit, interleaved (2P rows). Source branches run
     unguided, target branches under dynamic guidance (`guidance`, `tau`: one for all or (P,) tensors).
-    The plan (an `icdcli.diffusion.p2p.P2PPlan`, or a `P2PBatch` of P of them) gives each step's attention control,
-    collects the cross-attention maps the controlled steps return and applies local blend, through the
+    The plan (an `icdcli.diffusion.p2p.plan.P2PPlan`, or a `P2PBatch` of P of them) gives each step's attention
+    control, collects the cross-attention maps the controlled steps return and applies local blend, through the
     same loop as every other decode: `P2PDenoiser` is the denoiser, its `after_step` the step hook. From the
     first step after which nothing reads the source branches (no attention control, no local blend:
     `plan.reads_source`), only the target rows are decoded, without control: the source rows returned stop

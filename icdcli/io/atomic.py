@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from icdcli.run.claims import folder_beside, sweep, temporary_beside
+from icdcli.io.claims import folder_beside, sweep, temporary_beside
 
 
 def _umask() -> int:

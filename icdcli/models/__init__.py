@@ -1,1 +1,2 @@
-"""Models: the model API, the runtime model, loading from sources (hub, single files, LoRA), identity."""
+"""Models: the model API, metadata, the runtime model and its PyTorch execution modes, loading from sources (hub,
+single files, LoRA fusion), identity."""

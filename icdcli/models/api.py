@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from icdcli.diffusion.denoiser import Conditioning, Denoiser, PromptEmbedding
-    from icdcli.models.runtime import ModelInfo
+    from icdcli.models.info import ModelInfo
 
 DiffusersModule = Any
 """A diffusers or transformers model (UNet, VAE, CLIP): a torch module whose `config`, `save_pretrained` and

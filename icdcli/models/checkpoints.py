@@ -6,7 +6,7 @@ chunk gives instead:
 
 - `Model hash` and `Model`: the checkpoint, where the model's networks come from one file: the teacher (the UNet
   every edit runs, fused with the LoRAs), else a single-file `--base` (converted once; its file is hashed once and
-  the digest cached, `icdcli.core.digests.cached_file_sha256`). A model with neither (a merged folder icd wrote without
+  the digest cached, `icdcli.io.hash_cache.cached_file_sha256`). A model with neither (a merged folder icd wrote without
   a record of its files) gives no `Model hash`.
 - `Lora hashes`: `"name: hash, name2: hash2"` as A1111 writes it, the forward and reverse LoRA files by name
   (without extension) and AutoV2 hash.
@@ -56,7 +56,7 @@ def _stem(name: str) -> str:
 def _single_file_base(base: str | None) -> tuple[str, str] | None:
     """(name, AutoV2 hash) of the single file a converted `--base` folder came from (its `source.json`), when the
     file is still there; None for a diffusers folder given as it is."""
-    from icdcli.core.digests import cached_file_sha256
+    from icdcli.io.hash_cache import cached_file_sha256
 
     if not base:
         return None

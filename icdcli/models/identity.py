@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from icdcli.core.digests import file_sha256, file_stamp, json_sha256
 from icdcli.core.paths import MODEL_JSON
@@ -30,15 +30,40 @@ from icdcli.diffusion.recipe import network_identity
 
 if TYPE_CHECKING:
     from icdcli.models.api import EditModel
-    from icdcli.models.runtime import ICDModel, LoraSources
+    from icdcli.models.runtime import ICDModel
 
 SHA256 = "sha256:"
+
+
+class SourceFiles(Protocol):
+    """The files a model is fused from, as the keys read them (`icdcli.models.fusion.LoraSources` is one)."""
+
+    @property
+    def base(self) -> Path: ...
+
+    @property
+    def teacher(self) -> Path | None: ...
+
+    @property
+    def forward_lora(self) -> Path: ...
+
+    @property
+    def reverse_lora(self) -> Path: ...
+
+    @property
+    def forward_boundaries(self) -> tuple[int, ...] | None: ...
+
+    @property
+    def reverse_boundaries(self) -> tuple[int, ...] | None: ...
+
+    @property
+    def cache_half(self) -> bool: ...
 
 
 # --- before fusing: the source files --------------------------------------------------------------
 
 
-def sources_key(sources: LoraSources, *, version: int) -> str:
+def sources_key(sources: SourceFiles, *, version: int) -> str:
     """Name of the fused-model cache folder of `sources`: their files' stamps and the merged format's version.
 
     Args:
@@ -53,7 +78,7 @@ def sources_key(sources: LoraSources, *, version: int) -> str:
     return json_sha256([version, stamps])[:20] + ("-fp16" if sources.cache_half else "")
 
 
-def made_from(sources: LoraSources) -> dict[str, str]:
+def made_from(sources: SourceFiles) -> dict[str, str]:
     """What a fused model records it was made from: the base folder by path, every file read by content, and each
     file's name (`<role>_name`: what image browsers call a checkpoint or LoRA, `icdcli.models.checkpoints`; names are no
     digests, so the record hash stays the content's)."""

@@ -40,7 +40,7 @@ def config_files(family: str) -> list[str]:
 
 def read_header(path: Path) -> dict[str, Any]:
     """The tensor entries of a safetensors file's header (name -> dtype, shape, offsets)."""
-    from icdcli.models.runtime import safetensors_problem
+    from icdcli.models.components import safetensors_problem
 
     problem = safetensors_problem(path)
     if problem is not None:

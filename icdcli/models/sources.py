@@ -22,7 +22,8 @@ from icdcli.models.hub import fetch_command, hub_file, hub_snapshot, unavailable
 from icdcli.models.single_file import checkpoint_family, config_files, converted_base, find_config, read_header
 
 if TYPE_CHECKING:  # torch comes with these: imported where a model is loaded, so `icd info` stays light
-    from icdcli.models.runtime import ICDModel, LoraSources
+    from icdcli.models.fusion import LoraSources
+    from icdcli.models.runtime import ICDModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"
 DEFAULT_MODEL = "default"
@@ -254,7 +255,7 @@ def preset_sources(
             + (f", or fetch them where a network exists and pass --model {folder}{given}"
                f"{f' --base {folder}/base' if base is None else ''}:{fetch}" if commands else ".")
         )  # fmt: skip
-    from icdcli.models.runtime import LoraSources
+    from icdcli.models.fusion import LoraSources
 
     forward, reverse = files["--forward-lora"], files["--reverse-lora"]
     assert base is not None and forward is not None and reverse is not None, "missing parts raised above"
@@ -377,7 +378,7 @@ def release_folder_sources(
     folder: Path, request: ModelRequest, *, progress: Callable[[str], None] | None = None
 ) -> LoraSources | None:
     """Sources of a release tarball's folder (None if `folder` is not one); says which file takes each role."""
-    from icdcli.models.runtime import LoraSources
+    from icdcli.models.fusion import LoraSources
 
     found = find_release_files(folder)
     if found is None:
@@ -416,7 +417,7 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
             "loading from parts needs --base (a diffusers pipeline folder or a single-file checkpoint), "
             "--forward-lora and --reverse-lora; --teacher is the guidance-distilled UNet state dict (optional)"
         )
-    from icdcli.models.runtime import LoraSources
+    from icdcli.models.fusion import LoraSources
 
     base = _base(request, progress)
     forward = _local(request.forward_lora, "--forward-lora")
@@ -431,7 +432,7 @@ def _part_sources(request: ModelRequest, progress: Callable[[str], None] | None 
 def _load_cached(
     request: ModelRequest, sources: LoraSources, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
-    from icdcli.models.runtime import load_lora_cached
+    from icdcli.models.fusion import load_lora_cached
 
     return load_lora_cached(replace(sources, cache_half=request.half), need_teacher=need_teacher, progress=progress)
 
@@ -444,7 +445,7 @@ def _load_hub_model(
     repo: str, request: ModelRequest, need_teacher: bool, progress: Callable[[str], None] | None
 ) -> ICDModel:
     """`--model org/repo`: a hub repository holding an icd model folder or a release tarball's files."""
-    from icdcli.models.runtime import load_model_folder
+    from icdcli.models.fusion import load_model_folder
 
     folder = hub_snapshot(repo, ignore=HUB_IGNORE)
     if folder is None:
@@ -480,7 +481,7 @@ def load_requested_model(
         need_teacher: Load the teacher UNet too (the DDIM baseline needs it).
         progress: Called with a line for each stage of loading, fetching or fusing.
     """
-    from icdcli.models.runtime import load_model_folder
+    from icdcli.models.fusion import load_model_folder
 
     name = request.model
     if name in PRESETS:

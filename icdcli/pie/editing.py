@@ -1,23 +1,51 @@
 """PIE-Bench's edits, through `icd edit`'s runner: one pipeline for batching, resume, claims and Ctrl-C.
 
-`PieEditRun` is `EditRun` with the records PIE-Bench runs carry: the input's absolute path (the benchmark's
-folder, not beside the outputs), the item's id and editing type (`pie`), and the seconds of the edit
-(`seconds.edit`, inversion + decoding per item of its batch), which the report averages. Each item's
+`PieEditRun` is `EditRun` with the records PIE-Bench runs carry (its session, `PieSession`): the input's absolute
+path (the benchmark's folder, not beside the outputs), the item's id and editing type (`pie`), and the seconds of
+the edit (`seconds.edit`, inversion + decoding per item of its batch), which the report averages. Each item's
 `blended_word` is its Prompt-to-Prompt local blend; a word missing from its prompt adds no region, as the
 release does.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from icdcli.cli.common import Loaded
 from icdcli.pie.dataset import PieItem, output_path, source_path
 from icdcli.run.batch import Item
-from icdcli.run.runner import EditFlags, EditRun, ItemOutcome, RunEnd
+from icdcli.run.inputs import EditFlags
+from icdcli.run.model import Loaded
+from icdcli.run.report import ItemOutcome, RunEnd
+from icdcli.run.runner import EditRun
+from icdcli.run.session import EditSession
+
+
+class PieSession(EditSession):
+    """`EditSession` with PIE-Bench's records and blend words (see the module docstring)."""
+
+    def __init__(self, flags: EditFlags, loaded: Loaded, entries: dict[str, PieItem]) -> None:
+        super().__init__(flags, loaded)
+        self.entries = entries
+
+    def item_p2p(self, item: Item) -> Any:
+        blend = self.entries[item.key].blend
+        source, target = ((blend[0],), (blend[1],)) if blend else ((), ())
+        return replace(self.p2p, blend_source=source, blend_target=target, strict_blend=False)
+
+    def wanted(self, item: Item, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
+        entry = self.entries[item.key]
+        record = super().wanted(item, input_sha, size)
+        assert item.image is not None, "items with an image are the only ones edited"
+        record["input"] = str(item.image.absolute())
+        record["pie"] = {"key": entry.key, "editing_type_id": entry.editing_type_id}
+        return record
+
+    def stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
+        stages = {stage: round(value, 4) for stage, value in seconds.items() if stage != "batch_size"}
+        edit = sum(seconds.get(stage, 0.0) for stage in ("encode", "decode"))
+        return {**record, "seconds": {**stages, "edit": round(edit, 4)}}
 
 
 class PieEditRun(EditRun):
@@ -26,37 +54,14 @@ class PieEditRun(EditRun):
     def __init__(
         self, flags: EditFlags, loaded: Loaded, items: list[PieItem], *, overwrite: bool, batch_size: int | None = None
     ):
-        super().__init__(
-            flags,
-            {},
-            as_json=False,
-            batch=True,
-            overwrite=overwrite,
-            started=time.perf_counter(),
-            batch_size=batch_size,
-        )
+        super().__init__(flags, None, batch=True, overwrite=overwrite, batch_size=batch_size)
         self.entries = {item.key: item for item in items}
-        self.quiet = True  # a progress bar, no line per output
-        self.outcomes = []
+        self.report.quiet = True  # a progress bar, no line per output
+        self.report.outcomes = []
         self.adopt(loaded)
 
-    def _item_p2p(self, item: Item) -> Any:
-        blend = self.entries[item.key].blend
-        source, target = ((blend[0],), (blend[1],)) if blend else ((), ())
-        return replace(self.p2p, blend_source=source, blend_target=target, strict_blend=False)
-
-    def _wanted(self, item: Item, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
-        entry = self.entries[item.key]
-        record = super()._wanted(item, input_sha, size)
-        assert item.image is not None, "items with an image are the only ones edited"
-        record["input"] = str(item.image.absolute())
-        record["pie"] = {"key": entry.key, "editing_type_id": entry.editing_type_id}
-        return record
-
-    def _stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
-        stages = {stage: round(value, 4) for stage, value in seconds.items() if stage != "batch_size"}
-        edit = sum(seconds.get(stage, 0.0) for stage in ("encode", "decode"))
-        return {**record, "seconds": {**stages, "edit": round(edit, 4)}}
+    def make_session(self, loaded: Loaded) -> EditSession:
+        return PieSession(self.flags, loaded, self.entries)
 
 
 def edit_job(root: Path, folder: Path, item: PieItem) -> Item:
@@ -92,4 +97,4 @@ def edit_items(
     """
     run = PieEditRun(flags, loaded, items, overwrite=overwrite, batch_size=batch_size)
     end = run.edit([edit_job(root, folder, item) for item in items])
-    return list(run.outcomes or []), end
+    return list(run.report.outcomes or []), end

@@ -99,7 +99,7 @@ def _lpips_key(key: str) -> str:
 
 def load_lpips(path: Path):
     """LPIPS-squeeze from one local file: the state dict of `lpips.LPIPS(net="squeeze")` (.pth or .safetensors)."""
-    from icdcli.models.runtime import load_state_dict
+    from icdcli.models.unets import load_state_dict
 
     network = lpips_network()
     if not Path(path).is_file():

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from icdcli.core.values import strict_json
 
 if TYPE_CHECKING:
-    from icdcli.run.runner import ItemOutcome
+    from icdcli.run.report import ItemOutcome
 
 # the benchmark's tables print these scaled (LPIPS x 10^3, ...); JSON keeps the raw values
 SCALES: dict[str, tuple[float, str]] = {

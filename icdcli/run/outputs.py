@@ -1,5 +1,5 @@
 """The outputs of `icd generate` and `icd invert`: their parameter records, the one rule for an existing file,
-and the JSON line each command prints (`status`, `input`, `output`, and `error` on failure).
+and the text chunks an output image carries (the command line prints each result: `icdcli.cli.results`).
 
 The rule, shared with `icd edit` (icdcli.run.batch.decide): an existing file is replaced only with --overwrite;
 one made by icd with the same parameters is skipped; any other is refused.
@@ -7,14 +7,11 @@ one made by icd with the same parameters is skipped; any other is refused.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
+from icdcli.core.errors import ICDError
 
 if TYPE_CHECKING:
     from icdcli.models.checkpoints import ModelFiles
@@ -24,7 +21,7 @@ GENERATE_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "guida
 INVERT_FIELDS = ("command", "model_hash", "sampler", "steps", "prompt", "seed", "input_sha256")
 RECONSTRUCT_FIELDS = (*INVERT_FIELDS, "guidance", "tau")
 LATENT_FIELDS = (*INVERT_FIELDS, "format")
-"""A latent file's deciding fields: an inversion's, and the file format (`icdcli.diffusion.editing.INVERSION_FORMAT`),
+"""A latent file's deciding fields: an inversion's, and the file format (`icdcli.editing.inversion.INVERSION_FORMAT`),
 so a file of an older icd, which an edit cannot use, is not skipped as made already."""
 
 
@@ -53,64 +50,21 @@ def existing_record(path: Path) -> dict[str, Any] | None:
 def check_existing(
     path: Path, wanted: dict[str, Any], *, fields: tuple[str, ...], overwrite: bool, flag: str = "-o"
 ) -> str | None:
-    """None: make `path`. A reason: skip it (made with these parameters). ClickException: refused (the message
-    names `flag`, the option that chose the path)."""
+    """None: make `path`. A reason: skip it (made with these parameters). ICDError: refused (the message names
+    `flag`, the option that chose the path)."""
     import os
 
     from icdcli.run.batch import decide, display
 
     exists = os.path.lexists(path)
     if exists and path.is_dir():
-        raise click.ClickException(f"{display(path)} is a folder: give a file name with {flag}")
+        raise ICDError(f"{display(path)} is a folder: give a file name with {flag}")
     existing = existing_record(path) if exists and not overwrite else None
     maker = f"icd {wanted['command'].split('-')[0]}"
     decision = decide(exists, existing, wanted, overwrite=overwrite, fields=fields, maker=maker, flag=flag)
     if decision.action == "refuse":
-        raise click.ClickException(f"{display(path)} {decision.reason}")
+        raise ICDError(f"{display(path)} {decision.reason}")
     return decision.reason if decision.action == "skip" else None
-
-
-def emit(as_json: bool, record: dict[str, Any]) -> None:
-    """One result: a JSON line with --json, else a line of text on stderr."""
-    from icdcli.core.values import strict_json
-    from icdcli.run.batch import display
-
-    if as_json:
-        click.echo(strict_json(record))
-    elif record["status"] == "skipped":
-        click.echo(f"skipped {display(record['output'])}: {record['reason']} (--overwrite makes it again)", err=True)
-    else:
-        click.echo(f"wrote {display(record['output'])}", err=True)
-
-
-@contextlib.contextmanager
-def reported_failure(as_json: bool, input_: str | None, output: Path | str | None) -> Iterator[None]:
-    """With --json, a failure also prints its JSON line (status failed, error) before the one-line error, unless
-    the error says it was reported already (`reported`)."""
-    from icdcli.core.errors import ICDError
-    from icdcli.core.values import strict_json
-
-    try:
-        yield
-    except (click.ClickException, ICDError) as error:
-        if as_json and not getattr(error, "reported", False):
-            message = error.format_message() if isinstance(error, click.ClickException) else str(error)
-            line = {"status": "failed", "input": input_, "output": None if output is None else str(output)}
-            click.echo(strict_json({**line, "error": message}))
-        raise
-
-
-def reports_json_failures(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`reported_failure` around a command whose parameters are `as_json`, `output` and `images` or `spec`."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        images, spec = kwargs.get("images") or (), kwargs.get("spec")
-        given = str(next(iter(images))) if len(images) == 1 else None if spec is None else str(spec)
-        with reported_failure(bool(kwargs.get("as_json")), given, kwargs.get("output")):
-            return command(*args, **kwargs)
-
-    return wrapper
 
 
 def path_from(output: Path, path: Path) -> str:

@@ -17,12 +17,20 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import click
-
-from icdcli.cli.common import check_writable_folder
+from icdcli.core.errors import ICDError, ICDUsageError
 from icdcli.run.batch import Item, display
 
 EDIT_SUFFIX = "-edit.png"
+
+
+def check_writable_folder(folder: Path) -> None:
+    """The folder an output goes to exists, is a folder and can be written (ICDError saying which not)."""
+    if folder.exists() and not folder.is_dir():
+        raise ICDError(f"output folder {folder} is a file, not a folder: choose another -o")
+    if not folder.is_dir():
+        raise ICDError(f"output folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ICDError(f"output folder {folder} is not writable: choose another with -o")
 
 
 def _same_file(path: Path, inputs: list[Path]) -> bool:
@@ -40,17 +48,17 @@ def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = 
     if single and not target.is_dir() and not output.endswith(("/", os.sep)):
         check_writable_folder(target.parent)
         if _same_file(target, inputs):  # a usage error (exit 2): the command line itself asks for it
-            raise click.UsageError(
+            raise ICDUsageError(
                 f"{flag} {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
         return target, True
     if not target.exists():
         if not target.parent.is_dir():
-            raise click.ClickException(f"output folder {display(target)} does not exist and neither does its parent")
+            raise ICDError(f"output folder {display(target)} does not exist and neither does its parent")
         try:
             target.mkdir(exist_ok=True)  # shards may race to create it
         except OSError as error:
-            raise click.ClickException(
+            raise ICDError(
                 f"output folder {display(target)} cannot be created ({error.strerror or error}); choose another -o"
             ) from None
     check_writable_folder(target)

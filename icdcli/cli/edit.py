@@ -1,0 +1,343 @@
+"""`icd edit`: its flags and help, and the checks of what it was given; `icdcli.run` does the editing."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from icdcli.cli.common import check_prompt, given_flags, model_loader, reports_errors
+from icdcli.cli.console import console_options, say
+from icdcli.cli.options import (
+    BACKEND_SECTION,
+    MODEL_SECTION,
+    AmplifyType,
+    NumberType,
+    SectionedCommand,
+    ShardType,
+    TextPath,
+    batch_size_option,
+    edit_guidance_options,
+    model_options,
+    overwrite_option,
+    p2p_step_options,
+    replace_tail_option,
+    sampler_options,
+    text_callback,
+)
+from icdcli.cli.results import reporter, reports_json_failures
+from icdcli.diffusion.recipe import BLEND_THRESHOLD, EditRequest
+from icdcli.run.batch import Shard
+from icdcli.run.inputs import EditFlags, apply_record, collect_items, p2p_options
+from icdcli.run.latents import edit_latents
+from icdcli.run.planning import plan_edit_outputs
+from icdcli.run.runner import EditRun
+
+
+@click.command(
+    cls=SectionedCommand,
+    sections=[
+        ("Inputs and prompts", ["source", "target", "spec", "from_record", "latents", "recursive"]),
+        ("Editing", ["method", "unguided_prompt", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
+        ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
+                                             "blend_source", "blend_target", "blend_threshold", "amplify",
+                                             "amplify_new", "replace_tail"]),
+        ("Output and batch", ["output", "overwrite", "shard", "batch_size", "jobs", "as_json"]),
+        MODEL_SECTION,
+        BACKEND_SECTION,
+    ],
+    examples=[
+        "# cat.jpg -> cat-edit.png with the model's recipe",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog"',
+        "# a folder and its subfolders into edited/, one JSON line per image",
+        'icd edit photos/ -r --src "a cat" --tgt "a dog" -o edited/ --json',
+        "# Prompt-to-Prompt local blend: only the cat's / dog's region may change",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --blend-src cat --blend-tgt dog',
+        "# invert once, then edit the latents with any target (the decode alone; the same pixels as a whole edit)",
+        'icd invert cat.jpg --prompt "a cat" && icd edit --latents cat.latent.safetensors --tgt "a dog"',
+        "# one edit per row of a spec file",
+        "icd edit --spec edits.jsonl -o edited/",
+        "# a script's edits through one process with the model loaded: JSON lines in, JSON lines out",
+        'echo \'{"image": "cat.jpg", "src": "a cat", "tgt": "a dog"}\' | icd edit --jobs -',
+        "# the folder split over 2 processes (one GPU each, or CPU processes): see docs/batch.md",
+        "accelerate launch --multi_gpu --num_processes 2 -m icdcli edit photos/ -o edited/ --src ... --shard auto",
+        "# the released SD1.5 checkpoint, from a release tarball's folder and a local base pipeline",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --model iCD-SD15_4steps_1/ --base sd15-base/',
+    ],
+)  # fmt: skip
+@click.argument("images", nargs=-1, type=TextPath(path_type=Path))
+@click.option(
+    "--src",
+    "source",
+    default=None,
+    callback=text_callback("prompt"),
+    help="Prompt that describes the input image (or per row in --spec).",
+)
+@click.option(
+    "--tgt",
+    "target",
+    default=None,
+    callback=text_callback("prompt"),
+    help="Prompt that describes the wanted result (or per row in --spec).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=TextPath(),
+    default=None,
+    help="Output file (one input) or folder (mirrors the layout of folder inputs). "
+    "Default: IMAGE-edit.png beside each input.",
+)
+@click.option(
+    "--spec",
+    type=TextPath(path_type=Path),
+    default=None,
+    help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output, "
+    "blended_word, replace_tail.",
+)
+@click.option(
+    "--from",
+    "from_record",
+    type=TextPath(path_type=Path),
+    default=None,
+    metavar="OUTPUT.png",
+    help="Repeat the edit recorded in an output of icd edit; flags given override the record.",
+)
+@click.option(
+    "--latents",
+    type=TextPath(path_type=Path),
+    default=None,
+    metavar="FILE.safetensors",
+    help="Edit the latents icd invert wrote (the decode alone) with --tgt and any guidance, tau, method and P2P "
+    "settings; the source prompt, seed and sampler are the inversion's. Default output: NAME-edit.png beside it.",
+)
+@click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
+@overwrite_option
+@click.option(
+    "--shard",
+    type=ShardType(),
+    default=None,
+    help="Edit only shard I of N (0-based; by a stable hash of each item). auto: RANK/WORLD_SIZE from accelerate.",
+)
+@batch_size_option
+@click.option(
+    "--jobs",
+    "jobs",
+    type=click.Choice(["-"]),
+    default=None,
+    help="-: keep the model loaded and read edits from stdin, one JSON object per line (the fields of a .jsonl "
+    "spec row); one JSON result line per edit on stdout; a bad line gives a failed line, end of input ends.",
+)
+@click.option(
+    "--any-output",
+    is_flag=True,
+    help="Let a --spec row's output be any path (absolute, or leaving the output folder through ..).",
+)
+@edit_guidance_options
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "p2p", "swap"]),
+    default="auto",
+    show_default=True,
+    help="p2p: Prompt-to-Prompt, the target's attention taken from the source's (keeps layout and background). "
+    "swap: decode with the target prompt, the unguided steps (t > tau*1000) with the source prompt. auto: the "
+    "model's recipe (p2p for SD1.5-family models, swap for SDXL, as the paper edits).",
+)
+@click.option(
+    "--unguided-prompt",
+    type=click.Choice(["source", "target"]),
+    default=None,
+    help="swap: the prompt of the unguided steps (t > tau*1000): source preserves more (the default), target "
+    "edits more (the release's amplify_prompt).",
+)
+@p2p_step_options
+@click.option(
+    "--p2p-mode",
+    type=click.Choice(["auto", "replace", "refine"]),
+    default=None,
+    help="p2p: replace (word for word; equal word counts), refine (align the token sequences) or auto "
+    "(replace when the word counts are equal). Default: the model's (auto).",
+)
+@click.option(
+    "--blend",
+    "blend_words",
+    multiple=True,
+    callback=text_callback("word"),
+    metavar="WORD",
+    help="p2p local blend: only the region of these words may change (words of either prompt, matched exactly; "
+    "repeatable).",
+)
+@click.option(
+    "--blend-src",
+    "blend_source",
+    multiple=True,
+    callback=text_callback("word"),
+    metavar="WORD",
+    help="p2p local blend: words of the source prompt whose region may change (the release's per-prompt form).",
+)
+@click.option(
+    "--blend-tgt",
+    "blend_target",
+    multiple=True,
+    callback=text_callback("word"),
+    metavar="WORD",
+    help="p2p local blend: words of the target prompt whose region may change.",
+)
+@click.option(
+    "--blend-threshold",
+    type=NumberType("blend_threshold"),
+    default=BLEND_THRESHOLD,
+    show_default=True,
+    help="p2p local blend: part of its maximum above which a word's attention counts as its region.",
+)
+@click.option(
+    "--amplify",
+    type=AmplifyType(),
+    multiple=True,
+    help="p2p reweight: multiply the target's attention to WORD by FACTOR (repeatable), e.g. --amplify red=2.",
+)
+@click.option(
+    "--amplify-new",
+    type=NumberType("amplify"),
+    default=None,
+    metavar="FACTOR",
+    help="p2p reweight of every target word not in the source (English stopwords excepted); 1 = off. "
+    "Default: the model's (4 in the released SD1.5 recipe).",
+)
+@replace_tail_option
+@sampler_options
+@model_options
+@console_options
+@reports_json_failures
+@reports_errors
+def edit(
+    images: tuple[Path, ...],
+    source: str | None,
+    target: str | None,
+    output: str | None,
+    spec: Path | None,
+    from_record: Path | None,
+    latents: Path | None,
+    recursive: bool,
+    overwrite: bool,
+    shard: Shard | None,
+    batch_size: int | None,
+    jobs: str | None,
+    any_output: bool,
+    guidance: float | None,
+    tau: float | None,
+    method: str,
+    unguided_prompt: str | None,
+    cross_replace: float | None,
+    self_replace: float | None,
+    p2p_mode: str | None,
+    blend_words: tuple[str, ...],
+    blend_source: tuple[str, ...],
+    blend_target: tuple[str, ...],
+    blend_threshold: float,
+    amplify: tuple[tuple[str, float], ...],
+    amplify_new: float | None,
+    replace_tail: str,
+    seed: int | None,
+    sampler: str,
+    ddim_steps: int,
+    as_json: bool,
+    **model_opts: Any,
+) -> None:
+    """Edit IMAGE(s) from the --src description to the --tgt description.
+
+    The image is inverted with the source prompt by the forward model, then decoded by the reverse
+    model. With --method p2p (Prompt-to-Prompt) the source and target branches are decoded together
+    and the target's attention maps are taken from the source's, so layout and background stay;
+    prompts of equal word counts replace word for word, others are aligned token by token. With
+    --method swap the target prompt decodes the guided steps and the source prompt the unguided ones
+    (t > tau*1000). Images of any size are resized to the model's native area, edited, and returned
+    at their own size.
+
+    Defaults come from the model's edit recipe (icd info lists the presets'): the released SD1.5
+    checkpoints edit with p2p, guidance 20 (the release's scripts write 19: they count w - 1), tau
+    0.8, cross 0.3, self 0.6, amplify 4 on new words, seed 30. Flags given always win.
+
+    IMAGE may be a file or a folder (image files inside; -r descends). Each output PNG records its
+    parameters; a rerun skips outputs already made with the same ones. Ctrl-C stops after the
+    current image (twice: at once), exit code 130.
+    """
+    started = time.perf_counter()
+    p2p = p2p_options(
+        cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
+        blend_threshold, replace_tail,
+    )  # fmt: skip
+    request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
+    settings = EditFlags(source, target, request, unguided_prompt, given_flags())
+    if latents is not None:
+        if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
+            raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
+        if target is not None:
+            check_prompt(target, "--tgt")
+        edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),
+                     reporter=reporter(as_json), started=started)  # fmt: skip
+        return
+    expected_hash = None
+    if from_record is not None:
+        if spec is not None:
+            raise click.UsageError("--from repeats one edit: give it without --spec")
+        images, settings, expected_hash = apply_record(from_record, images, flags=settings, model_opts=model_opts)
+    if jobs is not None:
+        if images or spec is not None or from_record is not None or shard is not None:
+            raise click.UsageError("--jobs - reads every edit from stdin: give no IMAGE, --spec, --from or --shard")
+        runner = EditRun(settings, model_loader(model_opts), batch=True, overwrite=overwrite, reporter=reporter(True),
+                         started=started, batch_size=batch_size)  # fmt: skip
+        runner.run_jobs(sys.stdin, output=output, any_output=any_output)
+        return
+    if not images and spec is None:
+        raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
+    _check_edit_prompts(settings, spec)
+    items, batch = _collected_items(images, spec, recursive, settings)
+    items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output)
+    if shard is not None:
+        items, model_opts = _this_shard(items, shard, model_opts=model_opts)
+    runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,
+                     reporter=reporter(as_json), started=started, expected_hash=expected_hash,
+                     batch_size=batch_size)  # fmt: skip
+    runner.shard = (shard.index, shard.count) if shard is not None and shard.auto else None
+    runner.run(items)
+
+
+def _collected_items(
+    images: tuple[Path, ...], spec: Path | None, recursive: bool, settings: EditFlags
+) -> tuple[list[Any], bool]:
+    """The items to edit (and whether they are a batch), a bad spec or folder as a one-line error."""
+    from icdcli.run.batch import SpecError
+
+    try:
+        return collect_items(list(images), spec=spec, recursive=recursive, flags=settings)
+    except (SpecError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
+    """--src and --tgt are non-empty when given, and both given unless a --spec's rows give them."""
+    for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
+        if value is not None:
+            check_prompt(value, flag)
+    missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
+    if spec is None and missing:
+        raise click.UsageError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "
+            "--tgt the result (or give a --spec whose rows give src and tgt)"
+        )
+
+
+def _this_shard(items: list, shard: Shard, *, model_opts: dict[str, Any]) -> tuple[list, dict[str, Any]]:
+    """The items of this process's shard; under a launcher (--shard auto, LOCAL_RANK set) its own GPU."""
+    from icdcli.run.batch import select_shard
+
+    items = select_shard(items, shard.index, shard.count)
+    say(f"shard {shard.index}/{shard.count}: {len(items)} items")
+    if shard.auto and model_opts["device"] == "auto" and "LOCAL_RANK" in os.environ:
+        model_opts = {**model_opts, "device": f"cuda:{os.environ['LOCAL_RANK']}", "_cuda_if_present": True}
+    return items, model_opts

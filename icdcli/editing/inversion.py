@@ -1,0 +1,275 @@
+"""An inversion as a value: the inverted latent and what made it, checked against the model that edits it, kept in a
+.safetensors file; invert once (`invert_for_edit`), edit many (`edit_inversion`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from icdcli.core.errors import ICDError
+from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
+from icdcli.diffusion.sampler import StepCallback
+from icdcli.editing.edits import (
+    UNGUIDED_PROMPTS,
+    EditJob,
+    decode_p2p_rows,
+    decode_swap_rows,
+    p2p_plan,
+    pair_conditioning,
+    target_prompts,
+)
+from icdcli.editing.generation import invert_latents
+from icdcli.editing.stages import PromptTable, Timings, encode_prompts, invert_rows, working_size
+from icdcli.io.images import fit_size, image_to_tensor, tensors_to_images
+from icdcli.models.api import EditModel
+from icdcli.models.identity import model_hash
+
+INVERSION_FORMAT = 2
+"""The version of the inversion file (`save_inversion`): 2 records the model hash, boundaries and sizes."""
+
+
+class InversionError(ICDError):
+    """An inversion that cannot be edited with this model or these settings, or a file that is not one."""
+
+
+@dataclass
+class Inversion:
+    """The result of inverting an image: its noise latents and what they were made with.
+
+    A value: the latents, the source prompt, the working size (width, height) they decode to, the size of the
+    image they came from (`original_size`: what an edit of them returns), the sampler and seed (`settings`), and
+    the identity of the model that made them (`model_hash`, `icdcli.models.identity`) with its boundaries. `prompts`
+    caches the source prompt's encoding (in memory only, for this model), so an edit encodes only its target.
+    """
+
+    latents: torch.Tensor
+    prompt: str
+    size: tuple[int, int]
+    original_size: tuple[int, int]
+    settings: SamplerSettings
+    model_hash: str = ""
+    forward_boundaries: tuple[int, ...] = ()
+    reverse_boundaries: tuple[int, ...] = ()
+    model: str = ""
+    """The model's name (`model.info.name`) or the label it was loaded by: what an error names."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """What the command that made it records (the input file, its sha256 and size): kept in the file."""
+    prompts: PromptTable | None = field(default=None, repr=False, compare=False)
+
+
+def invert(
+    model: EditModel,
+    image: Image.Image,
+    prompt: str,
+    *,
+    settings: SamplerSettings,
+    callback: StepCallback | None = None,
+) -> Inversion:
+    """Encode an image into the noise latents that decode back to it under `prompt`.
+
+    Args:
+        model: The model (PyTorch or accelerated) whose forward steps (or DDIM teacher) invert.
+        image: The RGB photo; it is resized to the model's working size.
+        prompt: The prompt the inversion is conditioned on (the edit's source prompt).
+        settings: The sampler, its DDIM steps and the seed of the forward noise.
+        callback: Called after each step with its latents.
+    """
+    size = working_size(model, image)
+    x0 = model.encode_image(image_to_tensor(image, size))
+    latents = invert_latents(model, x0, prompt, size=size, settings=settings, callback=callback)
+    return Inversion(latents, prompt, size, image.size, settings)
+
+
+def invert_for_edit(model: EditModel, image: Image.Image, source: str, settings: SamplerSettings) -> Inversion:
+    """Invert `image` under its `source` prompt once, to edit it many times (`edit_inversion`).
+
+    Computes what a whole edit (`edit_batch`) computes before its decode, the same way (the source prompt
+    encoded alone, the same seeded noise), so an edit of the result gives the whole edit's pixels.
+
+    Args:
+        model: The model (PyTorch or accelerated) whose forward steps (or DDIM teacher) invert.
+        image: The RGB photo; it is resized to the model's working size (edits return its own size).
+        source: What the photo shows.
+        settings: The sampler, its DDIM steps and the seed of the forward noise.
+    """
+    size = working_size(model, image)
+    sources = encode_prompts(model, [source], size)
+    x0 = model.encode_image(torch.cat([image_to_tensor(image, size)]))
+    latents = invert_rows(model, x0, [settings.seed], settings, sources.conditioning([source]))
+    info = model.info
+    return Inversion(latents, source, size, image.size, settings, model_hash(model), tuple(info.forward_boundaries),
+                     tuple(info.reverse_boundaries), info.name, prompts=sources)  # fmt: skip
+
+
+def check_inversion(model: EditModel, inversion: Inversion, settings: SamplerSettings) -> None:
+    """InversionError unless `model` can decode `inversion` with `settings`: the model that made it, the working
+    size this model gives its image, the sampler (and DDIM steps) it was inverted with."""
+    again = "or invert the image again with this model"
+    if inversion.model_hash and inversion.model_hash != model_hash(model):
+        made_by = f"{inversion.model} " if inversion.model else ""
+        raise InversionError(
+            f"the latents were inverted by another model ({made_by}{inversion.model_hash[:19]}), not "
+            f"{model.info.name} ({model_hash(model)[:19]}): edit them with that model, {again}"
+        )
+    for role, bounds, here in (("forward", inversion.forward_boundaries, model.info.forward_boundaries),
+                               ("reverse", inversion.reverse_boundaries, model.info.reverse_boundaries)):  # fmt: skip
+        if bounds and tuple(bounds) != tuple(here):
+            raise InversionError(
+                f"the latents were made for {role} boundaries {list(bounds)}, this model's are {list(here)}: "
+                f"edit them with the model that made them, {again}"
+            )
+    width, height = inversion.size
+    expected_size = fit_size(*inversion.original_size, native_size=model.info.native_size,
+                             multiple=model.info.size_multiple)  # fmt: skip
+    factor = model.vae_scale_factor
+    shape = (model.latent_channels, height // factor, width // factor)
+    latents = inversion.latents
+    if expected_size != inversion.size or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+        raise InversionError(
+            f"the latents are {tuple(latents.shape)} at a {width}x{height} working size; this model edits a "
+            f"{inversion.original_size[0]}x{inversion.original_size[1]} image at {expected_size[0]}x{expected_size[1]} "
+            f"({shape} latents): {again}"
+        )
+    made = inversion.settings
+    if made.sampler != settings.sampler or (made.sampler == "ddim" and made.ddim_steps != settings.ddim_steps):
+        used = "icd" if made.sampler == "icd" else f"ddim --ddim-steps {made.ddim_steps}"
+        raise InversionError(
+            f"the latents were inverted with --sampler {used}: decode them with the same sampler, "
+            f"or invert the image again with --sampler {settings.sampler}"
+        )
+
+
+def edit_inversion(
+    model: EditModel,
+    inversion: Inversion,
+    target: str,
+    *,
+    guidance: float,
+    tau: float,
+    settings: SamplerSettings,
+    p2p: P2PSettings | None = None,
+    unguided: str = "source",
+    timings: Timings | None = None,
+) -> Image.Image:
+    """Edit an inverted image to `target`: the decode alone, pixel-identical to `edit` with the same settings.
+
+    Args:
+        model: The model that made the inversion (`check_inversion`).
+        inversion: What `invert_for_edit` (or `load_inversion`) gave; its source prompt's encoding is cached on it.
+        target: What the edited photo should show.
+        guidance: The classifier-free guidance scale of the decode.
+        tau: Decode steps with t > tau * 1000 run unguided.
+        settings: The sampler and its DDIM steps (the inversion's; its seed is not used).
+        p2p: Prompt-to-Prompt settings; None: prompt swap.
+        unguided: Prompt swap: the prompt of the unguided steps, "source" (preserves more) or "target" (edits more).
+        timings: Collects the seconds of the encode (the target prompt) and decode stages.
+
+    Returns the edited image at the inverted image's size. Raises InversionError (another model, size or
+    sampler), P2PError (P2P settings the prompts cannot use) or ICDError (a non-finite result).
+    """
+    if unguided not in UNGUIDED_PROMPTS:
+        raise ValueError(f"unguided must be one of {', '.join(UNGUIDED_PROMPTS)}, got {unguided!r}")
+    check_inversion(model, inversion, settings)
+    timings = timings or Timings()
+    size = inversion.size
+    job = EditJob(Image.new("RGB", (1, 1)), inversion.prompt, target, guidance, tau, inversion.settings.seed, p2p,
+                  unguided)  # fmt: skip
+    plan = p2p_plan(model, job, size, settings) if p2p is not None else None
+    with timings.stage("encode"):
+        cached = inversion.prompts
+        if cached is None or inversion.prompt not in cached.rows or _device(cached) != model.device:
+            cached = inversion.prompts = encode_prompts(model, [inversion.prompt], size)
+        prompts = target_prompts(model, [job], size, cached)
+    with timings.stage("decode"):
+        latents = inversion.latents.to(model.device)
+        if plan is not None:
+            decoded = decode_p2p_rows(
+                model, latents, [job], [plan], size, settings, cond=pair_conditioning(prompts, [job])
+            )
+        else:
+            decoded = decode_swap_rows(model, latents, [job], settings, prompts)
+        result = tensors_to_images(decoded, [inversion.original_size])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _device(prompts: PromptTable) -> torch.device:
+    return next(iter(prompts.rows.values())).hidden_states.device
+
+
+def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any] | None = None) -> None:
+    """Write `inversion` as a .safetensors file: the tensor `latents`, and what made it in the metadata (with
+    `record`, the command's parameter record, as JSON under `icd`). Writes `path` in place: callers that must
+    never leave half a file write to a temporary path and rename it (`icdcli.io.atomic`)."""
+    from safetensors.torch import save_file
+
+    from icdcli.core.values import strict_json
+    from icdcli.core.version import __version__
+
+    width, height = inversion.size
+    original_width, original_height = inversion.original_size
+    settings = inversion.settings
+    metadata = {
+        "format": str(INVERSION_FORMAT),
+        "prompt": inversion.prompt,
+        "model": inversion.model,
+        "model_hash": inversion.model_hash,
+        "sampler": settings.sampler,
+        "ddim_steps": str(settings.ddim_steps),
+        "seed": str(settings.seed),
+        "width": str(width),
+        "height": str(height),
+        "original_width": str(original_width),
+        "original_height": str(original_height),
+        "forward_boundaries": json.dumps(list(inversion.forward_boundaries)),
+        "reverse_boundaries": json.dumps(list(inversion.reverse_boundaries)),
+        "icd_version": __version__,
+        "icd": strict_json(record if record is not None else inversion.record),
+    }
+    save_file({"latents": inversion.latents.detach().cpu().contiguous()}, str(path), metadata)
+
+
+def load_inversion(path: str | Path) -> Inversion:
+    """The inversion `save_inversion` wrote (on the CPU; `edit_inversion` moves it); InversionError when `path` is
+    not such a file."""
+    from safetensors import safe_open
+
+    shown = str(path)
+    if not Path(path).is_file():
+        raise InversionError(f"{shown}: no such file; give a latent file that icd invert wrote")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            names = set(handle.keys())
+            latents = handle.get_tensor("latents") if "latents" in names else None
+    except Exception as error:  # safetensors raises its own error type for a damaged or foreign file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InversionError(
+            f"{shown} is not a latent file of icd invert ({reason}): make one with icd invert"
+        ) from None
+    if latents is None or "prompt" not in metadata:
+        raise InversionError(
+            f"{shown} is not a latent file of icd invert (no latents and prompt): make one with icd invert"
+        )
+    if metadata.get("format") != str(INVERSION_FORMAT):
+        raise InversionError(
+            f"{shown} was written by an older icd invert, without the model it was made by: invert the image "
+            "again (icd invert IMAGE --prompt ... --overwrite)"
+        )
+    try:
+        settings = SamplerSettings(metadata["sampler"], int(metadata["ddim_steps"]), int(metadata["seed"]))
+        size = int(metadata["width"]), int(metadata["height"])
+        original = int(metadata["original_width"]), int(metadata["original_height"])
+        forward = tuple(int(value) for value in json.loads(metadata["forward_boundaries"]))
+        reverse = tuple(int(value) for value in json.loads(metadata["reverse_boundaries"]))
+        record = json.loads(metadata.get("icd") or "{}")
+    except (KeyError, ValueError, TypeError) as error:
+        raise InversionError(f"{shown}: its metadata is damaged ({error}); invert the image again") from None
+    return Inversion(latents, metadata["prompt"], size, original, settings, metadata.get("model_hash", ""), forward,
+                     reverse, metadata.get("model", ""), record if isinstance(record, dict) else {})  # fmt: skip

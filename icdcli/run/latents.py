@@ -1,0 +1,128 @@
+"""`icd edit --latents FILE`: a new target on a saved inversion (`icd invert`), the decode alone."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from icdcli.core.errors import ICDError, ICDUsageError
+from icdcli.run.inputs import EditFlags
+from icdcli.run.model import ModelIdentity, ModelLoader
+from icdcli.run.outputs import image_text, path_from, recorded_path
+from icdcli.run.records import edit_record, match_fields
+from icdcli.run.report import Reporter
+
+
+def latents_output(latents: Path, output: str | None) -> Path:
+    """Where `icd edit --latents FILE` writes: -o (a file, or a folder to write into), else beside FILE, named
+    after it (`cat.latent.safetensors` -> `cat-edit.png`)."""
+    name = latents.name
+    for suffix in (".latent.safetensors", ".safetensors"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    default = f"{name}-edit.png"
+    if output is None:
+        return latents.parent / default
+    return Path(output) / default if Path(output).is_dir() else Path(output)
+
+
+def edit_latents(
+    latents: Path,
+    flags: EditFlags,
+    *,
+    output: str | None,
+    overwrite: bool,
+    load: ModelLoader,
+    reporter: Reporter,
+    started: float,
+) -> None:
+    """Decode a saved inversion under the target prompt, with any guidance, tau, method and P2P settings; the
+    output's record is the one a whole edit of the same input with the same settings writes (its pixels are the
+    same), plus the latent file it came from (`latents`). The source prompt, seed and sampler are the inversion's
+    (ICDUsageError for flags that ask for others).
+
+    Args:
+        load: loads the model (`icdcli.run.model.ModelLoader`), once the inversion and flags are checked.
+        reporter: hears the result (`Reporter.result`) and notes.
+    """
+    from icdcli.diffusion.recipe import P2PError
+    from icdcli.editing.inversion import InversionError, edit_inversion, load_inversion
+    from icdcli.editing.stages import Timings
+    from icdcli.io.images import OUTPUT_SUFFIXES, read_record, save_image
+    from icdcli.models.prompts import unknown_prompt_note
+    from icdcli.run.batch import decide, display
+
+    try:
+        inversion = load_inversion(latents)
+    except InversionError as error:
+        raise ICDError(f"--latents {error}") from None
+    if flags.target is None:
+        raise ICDUsageError("--tgt is needed: --latents holds the source prompt, --tgt describes the result")
+    if flags.source is not None and flags.source != inversion.prompt:
+        raise ICDUsageError(
+            f"--src {flags.source!r} is not the prompt the latents were inverted with ({inversion.prompt!r}): leave "
+            "--src out, or invert the image again with icd invert --prompt"
+        )
+    request = flags.request
+    made = inversion.settings
+    if request.seed is not None and request.seed != made.seed:
+        raise ICDUsageError(
+            f"--seed {request.seed}: the latents were inverted with seed {made.seed}; leave --seed out, or invert "
+            "the image again with icd invert --seed"
+        )
+    if "sampler" not in flags.given:  # the inversion's sampler (and DDIM steps) unless one is asked for
+        request = replace(request, sampler=made.sampler, ddim_steps=made.ddim_steps)
+    request = replace(request, seed=made.seed)
+    out = latents_output(latents, output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ICDUsageError(f"-o {out}: write an image ({', '.join(sorted(OUTPUT_SUFFIXES))})")
+    loaded = load(request.sampler == "ddim")
+    model = loaded.model
+    try:
+        resolved = request.resolve(model.info)
+    except ValueError as error:  # P2PError: values the model's recipe and the flags cannot combine
+        raise ICDError(str(error)) from None
+    identity = ModelIdentity.of(loaded)
+    recorded = inversion.record
+    image_path = recorded_path(latents, str(recorded["input"])) if recorded.get("input") else latents
+    input_size = recorded.get("input_size") or list(inversion.original_size)
+    wanted = edit_record(resolved, identity, src=inversion.prompt, tgt=flags.target, output=out, image=image_path,
+                         input_size=tuple(input_size), input_sha256=str(recorded.get("input_sha256", "")),
+                         p2p=resolved.p2p if resolved.method == "p2p" else None, unguided=flags.unguided)  # fmt: skip
+    wanted["latents"] = path_from(out, latents)
+    exists = os.path.lexists(out)
+    existing = read_record(out) if exists and not overwrite else None
+    decision = decide(exists, existing, wanted, overwrite=overwrite, fields=match_fields())
+    result: dict[str, Any] = {"input": str(latents), "output": str(out), "model": loaded.label,
+                              "backend": loaded.backend, "seed": resolved.seed}  # fmt: skip
+    if decision.action == "refuse":
+        raise ICDError(f"{display(out)} {decision.reason}")
+    if decision.action == "skip":
+        reporter.result({"status": "skipped", **result, "reason": decision.reason})
+        return
+    note = unknown_prompt_note(model, flags.target, "--tgt")
+    if note:
+        reporter.say(f"note: {note}")
+    timings = Timings({"load": loaded.seconds})
+    try:
+        edited = edit_inversion(model, inversion, flags.target, guidance=resolved.guidance, tau=resolved.tau,
+                                settings=resolved.sampling, p2p=resolved.p2p, unguided=flags.unguided or "source",
+                                timings=timings)  # fmt: skip
+    except InversionError as error:
+        raise ICDError(f"--latents {display(latents)}: {error} (icd invert IMAGE --prompt ...)") from None
+    except P2PError as error:
+        raise ICDError(str(error)) from None
+    if list(edited.size) != list(input_size):
+        from PIL import Image
+
+        edited = edited.resize((int(input_size[0]), int(input_size[1])), Image.Resampling.LANCZOS)
+    with timings.stage("write"):
+        save_image(edited, out, text=image_text(wanted, identity.files))
+    timings.seconds["total"] = time.perf_counter() - started
+    reporter.result({"status": "done", **result, "method": resolved.method, "guidance": resolved.guidance,
+                     "tau": resolved.tau, "src": inversion.prompt, "tgt": flags.target,
+                     "seconds": {k: round(v, 4) for k, v in timings.seconds.items()}})  # fmt: skip

@@ -1,0 +1,70 @@
+"""The record an edit's output carries (its `icd` text chunk), built in one place for every edit `icd edit` writes:
+the batch runner's (`icdcli.run.session`) and the decode of a saved inversion (`icdcli.run.latents`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from icdcli.run.batch import MATCH_FIELDS, parameter_record
+from icdcli.run.outputs import path_from
+
+if TYPE_CHECKING:
+    from icdcli.diffusion.recipe import P2PSettings, ResolvedEdit
+    from icdcli.run.model import ModelIdentity
+
+UNGUIDED_FIELD = "unguided_prompt"
+"""The record field of a swap whose unguided steps use the target prompt (absent: the source, icd's default)."""
+
+
+def match_fields() -> tuple[str, ...]:
+    """The fields of an edit's record that decide its pixels: the batch's, and the unguided prompt of a swap."""
+    return (*MATCH_FIELDS, UNGUIDED_FIELD)
+
+
+def unguided_record(method: str, unguided: str | None) -> dict[str, str]:
+    """What a record adds for the unguided prompt: only a swap whose unguided steps take the target."""
+    return {UNGUIDED_FIELD: "target"} if method == "swap" and unguided == "target" else {}
+
+
+def edit_record(
+    edit: ResolvedEdit,
+    model: ModelIdentity,
+    *,
+    src: str,
+    tgt: str,
+    output: Path,
+    image: Path,
+    input_size: tuple[int, int] | None,
+    input_sha256: str,
+    p2p: P2PSettings | None = None,
+    unguided: str | None = None,
+) -> dict[str, Any]:
+    """The record of `image` edited from `src` to `tgt` into `output` with `edit` on `model`.
+
+    Args:
+        p2p: the Prompt-to-Prompt settings of a `p2p` edit (None for a swap).
+        unguided: a swap's prompt of the unguided steps (`source` or `target`; None: the source).
+    """
+    from icdcli.core.version import __version__
+
+    record = parameter_record(
+        method=edit.method,
+        p2p=None if p2p is None else p2p.to_record(),
+        model=model.ref,
+        model_hash=model.hash,
+        backend=model.backend,
+        precision=model.precision,
+        sampler=edit.sampling.sampler,
+        steps=edit.sampling.steps(model.num_steps),
+        src=src,
+        tgt=tgt,
+        guidance=edit.guidance,
+        tau=edit.tau,
+        seed=edit.seed,
+        version=__version__,
+        input_path=path_from(output, image),
+        input_size=input_size,
+        input_sha256=input_sha256,
+    )
+    return {**record, **unguided_record(edit.method, unguided)}
