@@ -7,27 +7,14 @@ stay light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from icdcli.core.lazy import lazy_exports
 from icdcli.core.version import __version__
 
 if TYPE_CHECKING:
     from icdcli.pipeline import ICDEditOutput, ICDEditPipeline
 
-_LAZY = {"ICDEditPipeline": "pipeline", "ICDEditOutput": "pipeline"}
 __all__ = ["ICDEditOutput", "ICDEditPipeline", "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    """The package's exports, each imported from its module when first asked for (PEP 562)."""
-    if name in _LAZY:
-        from importlib import import_module
-
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {"ICDEditPipeline": "pipeline", "ICDEditOutput": "pipeline"})

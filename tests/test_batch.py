@@ -174,6 +174,7 @@ def test_resume_decisions():
 # --- the command on real files ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_folder_batch_mirrors_layout_resumes_and_summarises(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index, name in enumerate(["a.png", "b.jpg", "sub/a.png"]):
@@ -273,6 +274,7 @@ def test_a_record_with_bad_numbers_is_refused_in_one_line(merged_dir, tmp_path):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow
 def test_sharded_runs_cover_the_folder_exactly_once(merged_dir, tmp_path):
     photos = tmp_path / "photos"
     for index in range(7):
@@ -287,6 +289,7 @@ def test_sharded_runs_cover_the_folder_exactly_once(merged_dir, tmp_path):
     assert len(_files(out)) == 7
 
 
+@pytest.mark.slow
 def test_from_repeats_an_edit_exactly_and_flags_override(merged_dir, tmp_path):
     photo = _photo(tmp_path / "photo.png", 48, 32)
     first = _run("edit", photo, *PROMPTS, "--model", merged_dir, "--seed", 5, "--guidance", 3, "-o",

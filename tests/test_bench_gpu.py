@@ -139,6 +139,7 @@ def test_time_limit_skips_the_rest_and_every_step_rewrites_the_file(tmp_path, mo
     assert ran == sorted(ran) and ran[-1] == 2
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_step_leaves_the_rows_it_finished(tmp_path):
     def progress(message: str) -> None:  # stands for a kill (or crash) while the swap edit runs
         if message == "sd15 eager swap ...":

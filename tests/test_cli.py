@@ -257,6 +257,7 @@ def _strict_lines(result):
     return [json.loads(line, parse_constant=refuse) for line in result.stdout.strip().splitlines()]
 
 
+@pytest.mark.slow
 def test_generate_and_invert_replace_only_what_icd_made_with_the_same_parameters(merged_dir, tmp_path):
     from icdcli.io.images import read_record
     from icdcli.run.outputs import read_latent_record

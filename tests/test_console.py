@@ -40,6 +40,7 @@ def test_every_command_takes_quiet_and_verbose(path):
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_quiet_leaves_edit_and_invert_silent_and_keeps_their_errors(tmp_path):
     edited = _icd("edit", EXAMPLES / "red-circle.png", *PROMPTS, "-o", tmp_path / "edit.png")
     assert edited.exit_code == 0 and "wrote " in edited.stderr, edited.output  # the human lines -q removes
@@ -69,6 +70,7 @@ def test_verbose_adds_detail_to_what_an_edit_says(tmp_path):
     assert "icd edit: " not in plain.stderr and "wrote " in plain.stderr and "wrote " in verbose.stderr
 
 
+@pytest.mark.slow
 def test_json_is_the_same_under_quiet_and_verbose(tmp_path):
     records = {}
     for flags in ([], ["-q"], ["-v"]):

@@ -76,6 +76,7 @@ def test_edit_many_writes_the_pixels_and_records_icd_edit_writes(pipe, inputs, t
     assert [line["status"] for line in rerun] == ["skipped", "skipped", "summary"]
 
 
+@pytest.mark.slow
 def test_edit_many_takes_a_spec_as_icd_edit_does(pipe, inputs, tmp_path):
     spec = inputs / "edits.jsonl"
     (tmp_path / "cli").mkdir()

@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -82,6 +83,7 @@ def _cases(rng):
     return cases
 
 
+@pytest.mark.slow
 def test_two_hundred_malformed_inputs_in_one_batch(merged_dir, tmp_path):
     rng = np.random.default_rng(20241125)
     inputs = tmp_path / "inputs"
@@ -144,7 +146,6 @@ import os  # noqa: E402
 import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 from PIL import PngImagePlugin  # noqa: E402
 
 BAD_NUMBERS = ["nan", "-nan", "inf", "-inf", "Infinity", "1e308", "-1e308", "1e400", "99999999999999999999", "-1",

@@ -139,6 +139,7 @@ def test_atomic_writes_leave_ordinary_file_permissions(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+@pytest.mark.slow
 def test_outputs_carry_a1111_parameters_and_relative_inputs(tmp_path):
     from click.testing import CliRunner
 

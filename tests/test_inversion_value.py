@@ -222,6 +222,7 @@ def test_icd_edit_latents_never_replaces_what_it_did_not_make(tmp_path):
     assert other.exit_code == 1 and "tgt" in other.output, other.output  # another edit's output: refused
 
 
+@pytest.mark.slow
 def test_unguided_prompt_is_recorded_and_repeated(tmp_path):
     out = tmp_path / "e.png"
     flags = ["--src", SOURCE, "--tgt", TARGET, "--method", "swap", "--device", "cpu"]

@@ -351,6 +351,7 @@ def test_ddim_baseline_p2p_takes_one_teacher_call_per_ddim_step(default_model):
     assert both.shape[0] == 2 and torch.isfinite(both).all()
 
 
+@pytest.mark.slow
 def test_cli_p2p_edit_records_its_settings_and_explains_refine(tmp_path):
     out = tmp_path / "edit.png"
     args = ["edit", str(EXAMPLE), "--src", SOURCE, "--tgt", "a yellow circle on a blue background", "-o", str(out),

@@ -337,6 +337,7 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(pie, args, catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_runner_end_to_end_resumes_and_prints_json(tmp_path, dino_dir, clip_dir):
     root = tmp_path / "pie"
     write_fixture(root, 6)

@@ -37,6 +37,7 @@ def test_pipeline_equals_the_cli_with_the_models_recipe(pipe, tmp_path):
     assert np.array_equal(np.asarray(output.images[0]), _cli(tmp_path))
 
 
+@pytest.mark.slow
 def test_pipeline_equals_the_cli_with_explicit_settings(pipe, tmp_path):
     p2p = P2POptions(cross_replace=0.4, self_replace=0.6, amplify=(("yellow", 2.0),), blend_target=("circle",))
     output = pipe([load_image(EXAMPLE)], SOURCE, TARGET, guidance=3.0, tau=0.7, seed=5, p2p=p2p)

@@ -99,6 +99,7 @@ def test_a_generator_gives_what_its_seed_gives(pipe, pictures):
         pipe(pictures[:2], SOURCE, TARGET, generator=[torch.Generator().manual_seed(1)])
 
 
+@pytest.mark.slow
 def test_a_list_is_edited_in_batches_as_each_alone(pipe, pictures, monkeypatch):
     import icdcli.editing.edits
 

@@ -118,6 +118,7 @@ def downloaded(folder: Path, timeout: float = 60) -> Path:
     raise AssertionError(f"nothing was downloaded into {folder} in {timeout:.0f} s")
 
 
+@pytest.mark.slow
 def test_invert_then_two_edits_in_the_browser(server, browser, tmp_path):
     from PIL import Image
 

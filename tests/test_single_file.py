@@ -40,6 +40,7 @@ def _edit(photo, out, base, parts, *extra):
     return np.asarray(Image.open(out))
 
 
+@pytest.mark.slow
 def test_a_single_file_base_edits_exactly_as_its_folder(single, sd15_parts, tmp_path, monkeypatch):
     path, config = single
     photo = tmp_path / "photo.png"

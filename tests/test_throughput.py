@@ -124,6 +124,7 @@ def test_the_first_full_group_is_read_while_the_first_item_runs_alone():
     assert outcomes == [item * 10 for item in range(10)]
 
 
+@pytest.mark.slow
 def test_a_folder_in_batches_matches_one_at_a_time(tmp_path):
     rows = _scenes(tmp_path / "in", 6)
     prompts = ["--src", rows[0][1], "--tgt", rows[0][2]]
@@ -140,6 +141,7 @@ def test_a_folder_in_batches_matches_one_at_a_time(tmp_path):
         assert np.abs(one - batched).max() <= ROUNDING_LEVELS
 
 
+@pytest.mark.slow
 def test_jobs_from_stdin_one_result_line_each_and_bad_lines_do_not_stop(tmp_path, monkeypatch):
     rows = _scenes(tmp_path, 2)
     monkeypatch.chdir(tmp_path)

@@ -376,6 +376,7 @@ def test_a_resumed_stage_trains_as_an_uninterrupted_one(tmp_path, monkeypatch):
     assert [r["step"] for r in _losses(rerun)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_tensorboard_tracker_writes_the_losses(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
