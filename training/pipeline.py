@@ -26,7 +26,7 @@ from icdcli.training.teacher import TeacherConfig, VAEConfig, train_teacher, tra
 
 DONE = "train_config.json"
 PRESETS = ("v1", "v2")
-V2_STEPS = {"vae": 3000, "teacher": 2600, "guidance": 1200, "consistency": 800}
+V2_STEPS = {"vae": 3000, "teacher": 2600, "guidance": 1200, "consistency": 600}
 """Step targets of the v2 preset (the schedule in docs/training.md): each stage fits one stretch of work on a 2-core
 CPU (one thread), so that it finishes on the machine it started on and is kept (`--keep-stages`); the first plan
 (teacher 8,000, guidance 1,500, consistency 1,500 steps) was about 13 CPU-hours."""
