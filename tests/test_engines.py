@@ -287,7 +287,7 @@ def test_named_backends_that_cannot_run_say_what_to_do():
     with pytest.raises(ICDError, match="pip install 'icd\\[tensorrt\\]'"):
         choose_backend("tensorrt", facts(cuda=True))
     with pytest.raises(ICDError, match="unknown backend"):
-        choose_backend("openvino", facts())
+        choose_backend("directml", facts())
 
 
 def test_select_backend_here():

@@ -157,7 +157,7 @@ NUMBER_FLAGS = {
 }
 OTHER_BAD_FLAGS = [
     ("edit", "--method", "teleport"), ("edit", "--sampler", "euler"), ("edit", "--precision", "fp8"),
-    ("edit", "--backend", "openvino"), ("edit", "--shard", "3/2"), ("edit", "--shard", "x"),
+    ("edit", "--backend", "directml"), ("edit", "--shard", "3/2"), ("edit", "--shard", "x"),
     ("edit", "--shard", "-1/2"), ("edit", "--shard", "1/0"), ("edit", "--amplify", "dog"),
     ("edit", "--amplify", "=2"), ("edit", "--amplify", "dog=nan"), ("edit", "--amplify", "dog=inf"),
     ("edit", "--amplify", "dog=-1"), ("edit", "--amplify", "dog=1e308"), ("edit", "--amplify", "dog=x"),

@@ -1,4 +1,5 @@
-"""Run a loaded `ICDModel` on ONNX Runtime or TensorRT: backend choice, export on first use, the wrapper.
+"""Run a loaded `ICDModel` on ONNX Runtime, TensorRT or (opt-in, on the CPU) OpenVINO: backend choice, export on
+first use, the wrapper.
 
 `AcceleratedModel` replaces the denoisers, prompt encoding and VAE of a model with backend-run versions and
 delegates everything else, so the edits of `icdcli.editing` (`edit`, `invert`, `generate`) run on it unchanged:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("icd")
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 
 
 # --- backend choice ---------------------------------------------------------------------------------------
@@ -51,6 +52,7 @@ class BackendFacts:
     onnxruntime: bool
     onnxruntime_cuda: bool
     onnx: bool
+    openvino: bool = False
 
 
 def probe_backends(device: torch.device | str | None = None) -> BackendFacts:
@@ -59,13 +61,15 @@ def probe_backends(device: torch.device | str | None = None) -> BackendFacts:
 
     device = torch.device(device) if device is not None else None
     cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
-    found = {name: importlib.util.find_spec(name) is not None for name in ("tensorrt", "onnxruntime", "onnx")}
+    modules = ("tensorrt", "onnxruntime", "onnx", "openvino")
+    found = {name: importlib.util.find_spec(name) is not None for name in modules}
     return BackendFacts(
         cuda=cuda,
         tensorrt=found["tensorrt"],
         onnxruntime=found["onnxruntime"],
         onnxruntime_cuda=found["onnxruntime"] and cuda and ort_engine.has_cuda_provider(),
         onnx=found["onnx"],
+        openvino=found["openvino"],
     )
 
 
@@ -77,6 +81,12 @@ def backend_problem(name: str, facts: BackendFacts) -> str | None:
         if not (facts.onnxruntime and facts.onnx):
             gpu = " (or onnxruntime-gpu on a CUDA machine)" if facts.cuda else ""
             return f"--backend onnxruntime needs onnxruntime and onnx: pip install 'icd[onnx]'{gpu}"
+        return None
+    if name == "openvino":
+        if facts.cuda:
+            return "--backend openvino runs on the CPU only: use --device cpu, or another backend on the GPU"
+        if not (facts.openvino and facts.onnx):
+            return "--backend openvino needs openvino and onnx: pip install 'icd[openvino]'"
         return None
     if name == "tensorrt":
         if not facts.cuda:
@@ -91,7 +101,8 @@ def choose_backend(name: str, facts: BackendFacts) -> str:
     """The backend to run: `name` itself if it can run (else ICDError), or for "auto" the fastest present.
 
     auto: TensorRT on a CUDA device when importable; else onnxruntime (on CUDA only with its CUDA provider,
-    since a CPU session would be slower than torch on the GPU); else torch.
+    since a CPU session would be slower than torch on the GPU); else torch. Never OpenVINO: it is opt-in until
+    measured at SD1.5 size (issue #30).
     """
     if name != "auto":
         problem = backend_problem(name, facts)
@@ -106,7 +117,7 @@ def choose_backend(name: str, facts: BackendFacts) -> str:
 
 
 def select_backend(name: str = "auto", *, device: torch.device | str | None = None) -> str:
-    """The backend that will run for auto, tensorrt, onnxruntime or torch; ICDError if a named one cannot."""
+    """The backend that will run for auto, tensorrt, onnxruntime, openvino or torch; ICDError if a named one cannot."""
     return choose_backend(name, probe_backends(device))
 
 
@@ -416,7 +427,7 @@ def accelerate(
 
     Args:
         model: The PyTorch model.
-        backend: `torch`, `onnxruntime` or `tensorrt`.
+        backend: `torch`, `onnxruntime`, `tensorrt` or `openvino` (on the CPU; bf16 for a bfloat16 model, else fp32).
         progress: Called with a line per export or build step.
         export_dir: The ONNX export folder; None: the cache.
         offload_torch: Move each PyTorch UNet off the GPU once its graph runs (see `OffloadingFallback`); only
@@ -434,6 +445,15 @@ def accelerate(
         return AcceleratedModel(
             model, ort_engine.load_parts(folder, manifest, device=model.device, fallbacks=fallbacks)
         )
+    if backend == "openvino":
+        from icdcli.engines import openvino as ov_engine
+
+        ov_engine.check_device(model.device)  # before an export it could not run
+        folder, manifest = ensure_exported(model, precision="fp32", out_dir=export_dir, progress=progress)
+        fallbacks = torch_fallbacks(model, offload=offload_torch)
+        precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
+        parts = ov_engine.load_parts(folder, manifest, device=model.device, precision=precision, fallbacks=fallbacks)
+        return AcceleratedModel(model, parts)
     if backend == "tensorrt":
         from icdcli.engines import tensorrt as trt_engine
 

@@ -368,6 +368,19 @@ def backend_skip_reason(backend: str, precision: str, device: str) -> str | None
         return f"ONNX Runtime's CPU provider has no {precision} kernels for these graphs: use --precision fp32"
     if backend == "onnxruntime" and precision == "bf16":
         return "icd exports fp32 and fp16 graphs only"
+    if backend == "openvino":
+        return openvino_skip_reason(precision)
+    return None
+
+
+def openvino_skip_reason(precision: str) -> str | None:
+    """OpenVINO runs the fp32 export at fp32, or at bf16 where the CPU has it."""
+    from icdcli.engines.openvino import cpu_has_bf16
+
+    if precision == "fp16":
+        return "OpenVINO runs the fp32 export at fp32 or bf16 on the CPU: use --precision fp32 or bf16"
+    if precision == "bf16" and not cpu_has_bf16():
+        return "this CPU lacks bf16 (AVX512-BF16 or AMX): use --precision fp32"
     return None
 
 

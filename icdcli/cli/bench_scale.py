@@ -31,7 +31,12 @@ width_scale_option = click.option(
     default=None,
     help="Image side in pixels. Default: the architecture's (512 or 1024).",
 )
-@click.option("--backends", default="torch,onnxruntime", show_default=True, help="Comma-separated backends to run.")
+@click.option(
+    "--backends",
+    default="torch,onnxruntime",
+    show_default=True,
+    help="Comma-separated backends to run: torch, onnxruntime, openvino (CPU; bf16 with --precision bf16), tensorrt.",
+)
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),

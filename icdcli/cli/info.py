@@ -98,13 +98,25 @@ def _backends(torch_version: str | None) -> dict[str, dict[str, Any]]:
         ("onnxruntime", "onnxruntime", "onnxruntime"),
         ("onnxruntime-gpu", "onnxruntime", "onnxruntime-gpu"),
         ("tensorrt", "tensorrt", "tensorrt"),
+        ("openvino", "openvino", "openvino"),
     ):
         version = _version_of(distribution)
         backends[name] = {
             "importable": version is not None and importlib.util.find_spec(module) is not None,
             "version": version,
         }
+    backends["openvino"]["bf16"] = _openvino_bf16() if backends["openvino"]["importable"] else None
     return backends
+
+
+def _openvino_bf16() -> bool | None:
+    """Whether OpenVINO's CPU plugin can run bf16 here (None when it cannot be asked); without importing torch."""
+    try:
+        import openvino
+
+        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # OpenVINO's own errors for a CPU plugin it cannot load: info reports, never fails
+        return None
 
 
 def _report() -> dict[str, Any]:
@@ -135,7 +147,8 @@ def _text(report: dict[str, Any]) -> list[str]:
         f"CUDA: {'yes, ' + ', '.join(cuda['devices']) if cuda['available'] else 'not available'}",
     ]
     for name, entry in report["backends"].items():
-        lines.append(f"backend {name}: {'yes ' + entry['version'] if entry['importable'] else 'not installed'}")
+        bf16 = {True: " (bf16)", False: " (no bf16)"}.get(entry.get("bf16"), "")
+        lines.append(f"backend {name}: {'yes ' + entry['version'] + bf16 if entry['importable'] else 'not installed'}")
     lines.append(f"cache: {cache['root']} ({len(cache['fused_models'])} fused models)")
     lines += [f"  onnx export: {e['path']} ({e['model']}, {e['precision']})" for e in cache.get("onnx", [])]
     lines += [f"  tensorrt engine: {e.get('path', e)}" for e in cache.get("engines", [])]

@@ -264,12 +264,13 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--backend",
-            type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]),
+            type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino", "torch"]),
             default="auto",
             show_default=True,
             envvar="ICD_BACKEND",
             help="Where the networks run. auto: TensorRT on a GPU when installed, else ONNX Runtime when installed, "
-            "else PyTorch (the first accelerated run exports the model to ONNX). Env: ICD_BACKEND.",
+            "else PyTorch (the first accelerated run exports the model to ONNX). openvino: opt-in, CPU only "
+            "(bf16 with --precision bf16). Env: ICD_BACKEND.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
     ]

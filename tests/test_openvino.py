@@ -1,0 +1,131 @@
+"""The opt-in OpenVINO backend (issue #30): the embedded model's edits match ONNX Runtime's, bf16 runs where the CPU
+has it, CUDA is refused, `auto` never picks it and `icd info` lists it.
+
+The embedded model is exported once for the module (by the first ONNX Runtime edit); OpenVINO compiles that export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("openvino", reason="openvino is not installed (pip install 'icd[openvino]')")
+pytest.importorskip("onnxruntime", reason="the parity reference runs on onnxruntime (pip install 'icd[onnx]')")
+
+from icdcli.backends.accelerated import BackendFacts, backend_problem, choose_backend  # noqa: E402
+from icdcli.cli.main import main  # noqa: E402
+from icdcli.core.errors import ICDError  # noqa: E402
+from icdcli.engines import openvino as ov_engine  # noqa: E402
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
+SRC, TGT = "a red circle on a blue background", "a yellow circle on a blue background"
+METHODS = {"p2p-recipe": [], "swap": ["--method", "swap"]}
+# uint8 pixels, as written: fp32 OpenVINO and fp32 ONNX Runtime measured identical on the embedded model (mean 0,
+# max 0, both methods); the bounds leave room for other CPUs' kernels. bf16 measured mean 0.55, max 5 (P2P recipe)
+# and 0.69, 7 (swap), of 255.
+FP32_MEAN, FP32_MAX = 1.0, 8
+BF16_MEAN, BF16_MAX = 2.0, 16
+
+
+def facts(**overrides: bool) -> BackendFacts:
+    values = dict(cuda=False, tensorrt=False, onnxruntime=False, onnxruntime_cuda=False, onnx=True, openvino=True)
+    return BackendFacts(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture
+def shared_cache(cache, monkeypatch) -> Path:
+    """The module's cache: the export made by the first edit serves every later one."""
+    monkeypatch.setenv("ICD_CACHE_DIR", str(cache))
+    return cache
+
+
+def edit(out: Path, *flags: str) -> tuple[np.ndarray, dict]:
+    args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(out), "--device", "cpu", "--json", *flags]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[0])
+    return np.asarray(Image.open(out).convert("RGB"), dtype=np.float64), record
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    gap = np.abs(a - b)
+    return float(gap.mean()), float(gap.max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_openvino_edits_as_onnxruntime(method, shared_cache, tmp_path):
+    reference, _ = edit(tmp_path / "ort.png", "--backend", "onnxruntime", *METHODS[method])
+    edited, record = edit(tmp_path / "ov.png", "--backend", "openvino", *METHODS[method])
+    assert record["backend"] == "openvino"
+    mean, largest = difference(edited, reference)
+    assert mean <= FP32_MEAN and largest <= FP32_MAX, f"{method}: mean {mean:.3f}, max {largest}"
+
+
+@pytest.mark.slow
+def test_bf16_runs_where_the_cpu_has_it(shared_cache, tmp_path):
+    if not ov_engine.cpu_has_bf16():
+        args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(tmp_path / "bf16.png"), "--device", "cpu",
+                "--precision", "bf16", "--backend", "openvino"]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and "lacks bf16" in result.output
+        return
+    reference, _ = edit(tmp_path / "ort.png", "--backend", "onnxruntime")
+    edited, record = edit(tmp_path / "bf16.png", "--backend", "openvino", "--precision", "bf16")
+    assert record["backend"] == "openvino"
+    mean, largest = difference(edited, reference)
+    assert mean <= BF16_MEAN and largest <= BF16_MAX, f"bf16: mean {mean:.3f}, max {largest}"
+
+
+def test_a_cpu_without_bf16_is_told_in_one_line(monkeypatch):
+    monkeypatch.setattr(ov_engine, "cpu_has_bf16", lambda core=None: False)
+    with pytest.raises(ICDError) as error:
+        ov_engine.check_precision(object(), "bf16")
+    assert "lacks bf16" in str(error.value) and "\n" not in str(error.value)
+    ov_engine.check_precision(object(), "fp32")
+
+
+def test_precision_hints():
+    assert ov_engine.compile_config("fp32")["INFERENCE_PRECISION_HINT"] == "f32"
+    assert ov_engine.compile_config("bf16")["INFERENCE_PRECISION_HINT"] == "bf16"
+    with pytest.raises(ICDError):
+        ov_engine.compile_config("fp16")
+
+
+def test_cuda_is_refused_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(tmp_path / "out.png"), "--device", "cuda",
+            "--backend", "openvino"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    (line,) = [line for line in result.output.splitlines() if "openvino" in line]
+    assert "CPU only" in line
+    with pytest.raises(ICDError, match="CPU only"):
+        ov_engine.check_device(torch.device("cuda"))
+
+
+def test_backend_choice():
+    assert choose_backend("openvino", facts()) == "openvino"
+    assert choose_backend("auto", facts()) == "torch"  # opt-in: auto never picks it
+    assert choose_backend("auto", facts(onnxruntime=True)) == "onnxruntime"
+    assert "pip install 'icd[openvino]'" in (backend_problem("openvino", facts(openvino=False)) or "")
+    assert "CPU only" in (backend_problem("openvino", facts(cuda=True)) or "")
+
+
+def test_info_lists_openvino():
+    result = CliRunner().invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)["backends"]["openvino"]
+    assert entry["importable"] is True and entry["version"]
+    assert entry["bf16"] == ov_engine.cpu_has_bf16()
