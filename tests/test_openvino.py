@@ -2,11 +2,16 @@
 has it, CUDA is refused, `auto` never picks it and `icd info` lists it.
 
 The embedded model is exported once for the module (by the first ONNX Runtime edit); OpenVINO compiles that export.
+Whatever imports `openvino` runs in a child process (`python -m icdcli ...`): OpenVINO's runtime, once loaded, made
+the pytest process crash (SIGSEGV) in later tests that signal it (tests/test_stops.py), so it never loads here.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +55,23 @@ def shared_cache(cache, monkeypatch) -> Path:
     return cache
 
 
+def icd(*args: str) -> subprocess.CompletedProcess:
+    """`icd ARGS` in a child process (see the module's docstring), with this process's environment."""
+    return subprocess.run([sys.executable, "-m", "icdcli", *args], capture_output=True, text=True, env=dict(os.environ))
+
+
+def cpu_has_bf16() -> bool:
+    code = "from icdcli.engines.openvino import cpu_has_bf16; print(cpu_has_bf16())"
+    return (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "True"
+    )
+
+
 def edit(out: Path, *flags: str) -> tuple[np.ndarray, dict]:
     args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(out), "--device", "cpu", "--json", *flags]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    result = icd(*args)
+    assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[0])
     return np.asarray(Image.open(out).convert("RGB"), dtype=np.float64), record
 
@@ -75,11 +93,11 @@ def test_openvino_edits_as_onnxruntime(method, shared_cache, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_runs_where_the_cpu_has_it(shared_cache, tmp_path):
-    if not ov_engine.cpu_has_bf16():
+    if not cpu_has_bf16():
         args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(tmp_path / "bf16.png"), "--device", "cpu",
                 "--precision", "bf16", "--backend", "openvino"]  # fmt: skip
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code != 0 and "lacks bf16" in result.output
+        result = icd(*args)
+        assert result.returncode != 0 and "lacks bf16" in result.stderr
         return
     reference, _ = edit(tmp_path / "ort.png", "--backend", "onnxruntime")
     edited, record = edit(tmp_path / "bf16.png", "--backend", "openvino", "--precision", "bf16")
@@ -124,8 +142,12 @@ def test_backend_choice():
 
 
 def test_info_lists_openvino():
-    result = CliRunner().invoke(main, ["info", "--json"])
-    assert result.exit_code == 0, result.output
+    result = icd("info", "--json")
+    assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout)["backends"]["openvino"]
     assert entry["importable"] is True and entry["version"]
-    assert entry["bf16"] == ov_engine.cpu_has_bf16()
+    assert entry["bf16"] == cpu_has_bf16()
+
+
+def test_openvino_never_loads_in_this_process():
+    assert "openvino" not in sys.modules
