@@ -8,6 +8,7 @@ the pytest process crash (SIGSEGV) in later tests that signal it (tests/test_sto
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +21,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-pytest.importorskip("openvino", reason="openvino is not installed (pip install 'icd[openvino]')")
+if importlib.util.find_spec("openvino") is None:  # not importorskip: that would load openvino here
+    pytest.skip("openvino is not installed (pip install 'icd[openvino]')", allow_module_level=True)
 pytest.importorskip("onnxruntime", reason="the parity reference runs on onnxruntime (pip install 'icd[onnx]')")
 
 from icdcli.backends.accelerated import BackendFacts, backend_problem, choose_backend  # noqa: E402
@@ -151,3 +153,13 @@ def test_info_lists_openvino():
 
 def test_openvino_never_loads_in_this_process():
     assert "openvino" not in sys.modules
+
+
+def test_bf16_is_read_from_the_cpus_flags(tmp_path):
+    from icdcli.core.cpu import cpu_flags, cpu_has_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert cpu_has_bf16(frozenset({"fpu", "amx_bf16"})) is True and cpu_has_bf16(frozenset({"fpu"})) is False
+    assert cpu_flags(tmp_path / "missing") is None

@@ -9,6 +9,7 @@ import click
 
 from icdcli import __version__
 from icdcli.cli.console import console, console_options
+from icdcli.core.cpu import cpu_has_bf16
 
 
 def _torch_build() -> dict[str, str | None] | None:
@@ -105,18 +106,8 @@ def _backends(torch_version: str | None) -> dict[str, dict[str, Any]]:
             "importable": version is not None and importlib.util.find_spec(module) is not None,
             "version": version,
         }
-    backends["openvino"]["bf16"] = _openvino_bf16() if backends["openvino"]["importable"] else None
+    backends["openvino"]["bf16"] = cpu_has_bf16() if backends["openvino"]["importable"] else None
     return backends
-
-
-def _openvino_bf16() -> bool | None:
-    """Whether OpenVINO's CPU plugin can run bf16 here (None when it cannot be asked); without importing torch."""
-    try:
-        import openvino
-
-        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # OpenVINO's own errors for a CPU plugin it cannot load: info reports, never fails
-        return None
 
 
 def _report() -> dict[str, Any]:
