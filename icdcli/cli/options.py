@@ -17,6 +17,11 @@ from icdcli.run.inputs import MODEL_FLAGS
 
 PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl, sd15-cycle"
 
+BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+"""`--backend` of the commands that edit (icdcli.backends.accelerated.BACKENDS, without importing torch)."""
+MEASURED_BACKEND_CHOICES = tuple(name for name in BACKEND_CHOICES if name != "openvino")
+"""`--backend` where the opt-in OpenVINO backend is not wired yet (icd serve, icd bench throughput)."""
+
 
 class NumberType(click.ParamType):
     """A click parameter checked by `check_number` (bad values are usage errors)."""
@@ -264,7 +269,7 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--backend",
-            type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino", "torch"]),
+            type=click.Choice(BACKEND_CHOICES),
             default="auto",
             show_default=True,
             envvar="ICD_BACKEND",
