@@ -4,10 +4,22 @@ SD1.5-size measurement decides (issue #30).
 OpenVINO reads the ONNX export of `icdcli.export` as it is (the graphs and manifest ONNX Runtime runs) and compiles
 each graph for the CPU. The precision is OpenVINO's CPU inference hint: fp32 unless bf16 is asked for, since on a CPU
 with bf16 (AVX512-BF16, AMX) OpenVINO would otherwise pick bf16 by itself. Tensors cross as numpy arrays.
+
+int8 (`load_parts(precision="int8")`, `icd bench scale --backends openvino:int8`): NNCF's int8 weight compression
+(`nncf.compress_weights`, INT8_ASYM: per output channel, asymmetric) of each UNet graph as read, before it is compiled;
+the text encoder and VAE stay as exported, and so do the UNets' 1x1 convolutions (SD1.5's attention projections and
+channel shortcuts, 6% of its weights: OpenVINO's CPU plugin turns a compressed 1x1 convolution into a fully connected
+layer and then failed to compile an SD1.5-architecture P2P graph (shrunk, at 64 px)). The weights are stored in int8 and
+computed with at bf16 where the CPU has it, else fp32. nncf is optional: `pip install "icd[openvino-int8]"`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +28,14 @@ import torch
 from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts
-from icdcli.export.manifest import GraphSpec, Manifest
+from icdcli.export.manifest import REVERSE_P2P, UNET_GRAPHS, GraphSpec, Manifest
 
+PRECISIONS = ("fp32", "bf16", "int8")
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
-"""icd's precision names -> OpenVINO's INFERENCE_PRECISION_HINT values."""
+"""icd's precision names -> OpenVINO's INFERENCE_PRECISION_HINT values (int8 weights compute at one of them)."""
+INT8_INSTALL = 'pip install "icd[openvino-int8]"'
+COMPRESSED_GRAPHS = frozenset({*UNET_GRAPHS, REVERSE_P2P})
+"""The graphs int8 compresses: the UNets (most of the weights and nearly all the work); not the text encoder or VAE."""
 
 
 def is_importable() -> bool:
@@ -37,19 +53,56 @@ def cpu_has_bf16(core: Any = None) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def compile_config(precision: str) -> dict[str, str]:
-    """The CPU plugin's settings for graphs run at `precision` (fp32 or bf16), one edit at a time."""
-    if precision not in PRECISION_HINTS:
-        raise ICDError(f"--backend openvino runs fp32 or bf16, not {precision}")
-    return {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+def compute_precision(precision: str, *, bf16: bool = False) -> str:
+    """What graphs at `precision` compute in: int8 weights at bf16 where the CPU has it (`bf16`), else fp32."""
+    if precision not in PRECISIONS:
+        raise ICDError(f"--backend openvino runs {', '.join(PRECISIONS)}, not {precision}")
+    if precision == "int8":
+        return "bf16" if bf16 else "fp32"
+    return precision
+
+
+def compile_config(precision: str, *, bf16: bool = False) -> dict[str, str]:
+    """The CPU plugin's settings for graphs run at `precision` (fp32, bf16, or int8 weights computing at bf16 where
+    `bf16` says the CPU has it, else fp32), one edit at a time."""
+    hint = PRECISION_HINTS[compute_precision(precision, bf16=bf16)]
+    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+
+
+def nncf_importable() -> bool:
+    return importlib.util.find_spec("nncf") is not None
 
 
 def check_precision(core: Any, precision: str) -> None:
-    """bf16 needs a CPU with bf16 instructions: say so in one line rather than run it emulated."""
+    """bf16 needs a CPU with bf16 instructions (say so in one line rather than run it emulated); int8 needs nncf."""
     if precision == "bf16" and not cpu_has_bf16(core):
         raise ICDError(
             "this CPU lacks bf16 (AVX512-BF16 or AMX), so OpenVINO cannot run bf16 here: use --precision fp32"
         )
+    if precision == "int8" and not nncf_importable():
+        raise ICDError(f"OpenVINO int8 compresses weights with nncf, which is not installed: {INT8_INSTALL}")
+
+
+def pointwise_convolutions(model: Any) -> list[str]:
+    """Names of the 1x1 convolutions of an openvino.Model (weights of shape [out, in, 1, 1])."""
+    names = []
+    for op in model.get_ops():
+        if op.get_type_name() == "Convolution":
+            shape = op.input(1).get_partial_shape()
+            if shape.is_static and list(shape.to_shape())[2:] == [1, 1]:
+                names.append(op.get_friendly_name())
+    return names
+
+
+def compress_weights(model: Any) -> Any:
+    """`model` (an openvino.Model) with NNCF's int8 weight compression (INT8_ASYM) of all its weights but the 1x1
+    convolutions', its log and progress bar (which NNCF writes to stdout, where `--json` lines go) kept quiet."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    ignored = nncf.IgnoredScope(names=pointwise_convolutions(model), validate=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return nncf.compress_weights(model, ignored_scope=ignored)
 
 
 def check_device(device: torch.device) -> None:
@@ -61,11 +114,17 @@ class OpenVinoGraph:
     """One graph compiled by OpenVINO behind the runner interface: named torch tensors in and out.
 
     Compiled on first use, as ONNX Runtime opens its CPU sessions: an edit needs the reverse graph or its P2P twin,
-    never both; `release` frees the compiled graph until its next call."""
+    never both; `release` frees the compiled graph until its next call. With `compress` (int8), the graph is read,
+    compressed once and kept compressed (a quarter of its fp32 weights), so a call after `release` compiles again
+    without compressing again."""
 
-    def __init__(self, path: Path, spec: GraphSpec, *, core: Any, config: dict[str, str]):
-        self.path, self.spec, self.core, self.config = path, spec, core, config
+    def __init__(
+        self, path: Path, spec: GraphSpec, *, core: Any, config: dict[str, str],
+        compress: Callable[[Any], Any] | None = None,
+    ):  # fmt: skip
+        self.path, self.spec, self.core, self.config, self.compress = path, spec, core, config, compress
         self._compiled: Any = None
+        self._compressed: Any = None
         if not path.is_file():
             raise self._damaged(FileNotFoundError(f"{path.name} is missing"))
 
@@ -78,11 +137,31 @@ class OpenVinoGraph:
     @property
     def compiled(self) -> Any:
         if self._compiled is None:
+            source = str(self.path) if self.compress is None else self._compressed_model()
             try:
-                self._compiled = self.core.compile_model(str(self.path), "CPU", self.config)
+                self._compiled = self.core.compile_model(source, "CPU", self.config)
             except Exception as error:  # OpenVINO raises RuntimeError (and its own types) for unreadable graphs
-                raise self._damaged(error) from error
+                if self.compress is None:
+                    raise self._damaged(error) from error
+                raise self._not_int8(f"OpenVINO cannot compile the int8 {self.path.name}", error) from error
         return self._compiled
+
+    def _not_int8(self, what: str, error: Exception) -> ICDError:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        return ICDError(f"{what} ({(lines[-1] if lines else '')[:200]}): use --precision fp32 or bf16")
+
+    def _compressed_model(self) -> Any:
+        if self._compressed is None:
+            assert self.compress is not None
+            try:
+                read = self.core.read_model(str(self.path))
+            except Exception as error:  # as for compile_model
+                raise self._damaged(error) from error
+            try:
+                self._compressed = self.compress(read)
+            except Exception as error:  # nncf raises its own types and RuntimeError
+                raise self._not_int8(f"nncf cannot compress {self.path.name} to int8", error) from error
+        return self._compressed
 
     def release(self) -> None:
         """Drop the compiled graph, freeing its weights; the next call compiles it again."""
@@ -110,15 +189,18 @@ class OpenVinoDenoiser(GraphDenoiser):
 def load_parts(
     folder: Path, manifest: Manifest, *, device: torch.device, precision: str = "fp32", fallbacks: dict[str, Any]
 ) -> BackendParts:
-    """OpenVINO graphs for every graph of an export folder, run on the CPU at `precision` (fp32 or bf16)."""
+    """OpenVINO graphs for every graph of an export folder, run on the CPU at `precision`: fp32, bf16, or int8 (the
+    UNets' weights compressed by NNCF, computing at bf16 where the CPU has it, else fp32)."""
     import openvino
 
     check_device(device)
+    compute_precision(precision)  # an unknown precision: one line, before OpenVINO starts
     core = openvino.Core()
     check_precision(core, precision)
-    config = compile_config(precision)
+    config = compile_config(precision, bf16=precision == "int8" and cpu_has_bf16(core))
 
     def make_runner(spec: GraphSpec) -> OpenVinoGraph:
-        return OpenVinoGraph(folder / spec.file, spec, core=core, config=config)
+        compress = compress_weights if precision == "int8" and spec.name in COMPRESSED_GRAPHS else None
+        return OpenVinoGraph(folder / spec.file, spec, core=core, config=config, compress=compress)
 
     return assemble_parts("openvino", manifest, make_runner, denoiser_class=OpenVinoDenoiser, fallbacks=fallbacks)

@@ -4,6 +4,10 @@ the path a user's `--base/--teacher/--forward-lora/--reverse-lora` take - fuse, 
 Each stage runs in a process of its own (a *worker*: `python -m icdcli.bench.scale TASK.json`), so the peak resident
 memory it reports is that stage's alone, and a stage that runs out of memory is named rather than taking the
 report with it. Within a worker a sampling thread attributes resident memory to the innermost stage running.
+
+A row is a backend at a precision (`--backends name[:precision]`, `scale_rows`), run on its engine by
+`scale_engines` (OpenVINO at fp32, bf16 or int8 weights; ONNX Runtime's int8 graphs); each row's parity with the
+reference row and the tables are `scale_report`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from icdcli.bench.scale_report import markdown_report, parity, row_parity
+from icdcli.bench.scale_rows import RowSpec, backend_skip_reason, parse_rows, reference_label
 from icdcli.core.errors import ICDError
+
+__all__ = ["ScaleOptions", "backend_skip_reason", "bench_scale", "markdown_report", "parity", "row_parity"]
 
 SOURCE = "a photo of a red cat sitting on a blue background"
 TARGET = "a photo of a green cat sitting on a blue background"
@@ -37,7 +45,7 @@ class ScaleOptions:
 
     arch: str = "sd15"
     size: int | None = None
-    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    backends: tuple[str, ...] = ("torch", "onnxruntime")  # rows: `name` (at `precision`) or `name:precision`
     precision: str = "fp32"
     method: str | None = None  # None: the family's recipe (p2p for SD1.5, swap for SDXL)
     repeats: int = 2
@@ -231,10 +239,10 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
 
     model = _load(task, meter, say)
     if task["backend"] != "torch":
-        from icdcli.backends.accelerated import accelerate
+        from icdcli.bench.scale_engines import accelerate_row
 
         with meter.stage("sessions"):
-            model = accelerate(model, task["backend"], progress=say)
+            model = accelerate_row(model, task["backend"], task.get("row_precision", task["precision"]), say)
     timed = TimedModel(model, meter)
     guidance, tau = guidance_and_tau(model.info, "icd", guidance=None, tau=None)
     method = task["method"] or model.info.edit.method
@@ -252,12 +260,12 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
             meter.seconds.setdefault(name, []).append(seconds)
         return result
 
-    say(f"{task['backend']}: warm-up edit")
+    say(f"{task['label']}: warm-up edit")
     with meter.stage("warmup"):
         run()
     meter.seconds = {key: value for key, value in meter.seconds.items() if key in ("load", "sessions", "warmup")}
     result = None
-    for _ in tqdm(range(task["repeats"]), desc=f"{task['backend']} edits", unit="edit", file=sys.stderr):
+    for _ in tqdm(range(task["repeats"]), desc=f"{task['label']} edits", unit="edit", file=sys.stderr):
         result = run()
     out = Path(task["out"])
     np.save(out.with_suffix(".latents.npy"), timed.last_latents.numpy())
@@ -267,7 +275,19 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
     return {"method": method, "unet_evaluations_per_edit": evaluations, "low_memory": model.low_memory}
 
 
-WORKERS = {"prepare": worker_prepare, "export": worker_export, "run": worker_run}
+def worker_quantize(task: dict[str, Any], meter: StageMeter, say: Callable[[str], None]) -> dict[str, Any]:
+    """ONNX Runtime's int8 graphs of the export (`icdcli.bench.scale_engines`), or why the quantizer cannot."""
+    from icdcli.bench.scale_engines import quantized_export
+
+    with meter.stage("quantize"):
+        try:
+            folder = quantized_export(Path(task["export_dir"]), say)
+        except ICDError as error:
+            return {"skipped": str(error)}
+    return {"int8_dir": str(folder)}
+
+
+WORKERS = {"prepare": worker_prepare, "export": worker_export, "quantize": worker_quantize, "run": worker_run}
 
 
 def run_worker(task_path: Path) -> None:
@@ -290,6 +310,8 @@ def run_worker(task_path: Path) -> None:
 
     try:
         result = WORKERS[task["kind"]](task, meter, say)
+    except ICDError as error:  # what to do, said in one line: the report's failure names it
+        result = {"error": str(error)}
     finally:
         meter.close()
     seconds = {name: values for name, values in meter.seconds.items()}
@@ -319,10 +341,13 @@ def spawn(task: dict[str, Any], folder: Path, name: str) -> WorkerOutcome:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.run([sys.executable, "-m", "icdcli.bench.scale", str(task_path)], env=env, check=False)
     result_path = task_path.with_suffix(".result.json")
-    if process.returncode == 0 and result_path.is_file():
-        return WorkerOutcome(json.loads(result_path.read_text()))
     status = task_path.with_suffix(".status.json")
     stage = json.loads(status.read_text())["stage"] if status.is_file() else None
+    if process.returncode == 0 and result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if "error" in result:
+            return WorkerOutcome(None, f"{result['error']} (during stage {stage or 'start-up'})", stage)
+        return WorkerOutcome(result)
     if process.returncode in (-9, 137):
         why = "killed (SIGKILL: out of memory, most likely)"
     else:
@@ -352,38 +377,6 @@ def _edit_totals(seconds: dict[str, list[float]], repeats: int) -> dict[str, lis
     return totals
 
 
-def backend_skip_reason(backend: str, precision: str, device: str) -> str | None:
-    """Why a backend row cannot run here, or None."""
-    import torch
-
-    from icdcli.backends.accelerated import backend_problem, probe_backends
-
-    try:
-        problem = backend_problem(backend, probe_backends(torch.device(device)))
-    except ICDError as error:
-        return str(error)
-    if problem:
-        return problem
-    if backend == "onnxruntime" and precision != "fp32" and device == "cpu":
-        return f"ONNX Runtime's CPU provider has no {precision} kernels for these graphs: use --precision fp32"
-    if backend == "onnxruntime" and precision == "bf16":
-        return "icd exports fp32 and fp16 graphs only"
-    if backend == "openvino":
-        return openvino_skip_reason(precision)
-    return None
-
-
-def openvino_skip_reason(precision: str) -> str | None:
-    """OpenVINO runs the fp32 export at fp32, or at bf16 where the CPU has it."""
-    from icdcli.engines.openvino import cpu_has_bf16
-
-    if precision == "fp16":
-        return "OpenVINO runs the fp32 export at fp32 or bf16 on the CPU: use --precision fp32 or bf16"
-    if precision == "bf16" and not cpu_has_bf16():
-        return "this CPU lacks bf16 (AVX512-BF16 or AMX): use --precision fp32"
-    return None
-
-
 def _size_of(path: Path | None) -> float | None:
     from icdcli.export.files import folder_size
 
@@ -401,6 +394,7 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
     say = progress or (lambda message: None)
     if options.arch not in RELEASE:
         raise ICDError(f"unknown --arch {options.arch!r}: choose sd15 or sdxl")
+    rows = parse_rows(options.backends, options.precision)
     files, built = scale_files(options.arch, options.width, options.seed, say)
     size = options.size or RELEASE[options.arch]["size"]
     base_task = {
@@ -425,66 +419,129 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
         "rows": [],
         "skipped": {},
         "failures": {},
+        "disk_gb": {},
     }
+    runnable = []
+    for row in rows:
+        reason = backend_skip_reason(row.backend, row.precision, options.device)
+        if reason:
+            report["skipped"][row.label] = reason
+        else:
+            runnable.append(row)
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         folder = Path(scratch)
-        fused_cache = _fused_cache_path(base_task)
-        was_cached = fused_cache.is_dir()
-        say("fusing the LoRA files (the path of --base/--teacher/--forward-lora/--reverse-lora)")
-        prepared = spawn({**base_task, "kind": "prepare"}, folder, "prepare")
-        if prepared.result is None:
-            report["failures"]["fuse"] = prepared.failure
+        if not runnable or not _prepare_caches(runnable, base_task, folder, report, say):
             return report
-        stage = "load_cached" if was_cached else "fuse"
-        report["stages"][stage] = round(prepared.result["seconds"]["load"][0], 2)
-        report["stages"][f"{stage}_peak_rss_gb"] = prepared.result["peak_rss_gb"]
-        report["stages"][f"{stage}_peak_anon_gb"] = prepared.result["peak_anon_gb"]
-        report["disk_gb"] = {"fused_cache": _size_of(fused_cache)}
         outputs: dict[str, Path] = {}
-        for backend in options.backends:
-            reason = backend_skip_reason(backend, options.precision, options.device)
-            if reason:
-                report["skipped"][backend] = reason
-                continue
-            out = _run_backend(backend, base_task, folder, report, say)
+        for row in runnable:
+            out = _run_row(row, base_task, folder, report, say)
             if out is not None:
-                outputs[backend] = out
-        report["parity"] = parity(outputs)
+                outputs[row.label] = out
+        _add_parity(report, outputs, {row.label: row.precision for row in rows})
     return report
 
 
-def _run_backend(
-    backend: str, base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
+def _row_task(row: RowSpec, base_task: dict[str, Any]) -> dict[str, Any]:
+    """The worker task of a row: `precision` is what the PyTorch model loads at (and the fused cache's half flag and
+    the export's precision follow from it), `row_precision` what the backend runs."""
+    return {**base_task, "precision": row.load_precision, "row_precision": row.precision, "backend": row.backend,
+            "label": row.label}  # fmt: skip
+
+
+def _prepare_caches(
+    rows: list[RowSpec], base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
+) -> bool:
+    """Fuse the LoRA files into each fused cache the rows read (fp32, and half for fp16/bf16 PyTorch rows): stages
+    `fuse` or `load_cached` (with `_half` for the half cache when both are read). False when fusing failed."""
+    firsts = {row.half_cache: row for row in reversed(rows)}  # per cache, its first row
+    for half in dict.fromkeys(row.half_cache for row in rows):
+        task = _row_task(firsts[half], base_task)
+        suffix = "_half" if half and len(firsts) > 1 else ""
+        fused_cache = _fused_cache_path(task)
+        stage = ("load_cached" if fused_cache.is_dir() else "fuse") + suffix
+        say("fusing the LoRA files (the path of --base/--teacher/--forward-lora/--reverse-lora)")
+        prepared = spawn({**task, "kind": "prepare"}, folder, f"prepare{suffix}")
+        if prepared.result is None:
+            report["failures"]["fuse" + suffix] = prepared.failure
+            return False
+        report["stages"][stage] = round(prepared.result["seconds"]["load"][0], 2)
+        report["stages"][f"{stage}_peak_rss_gb"] = prepared.result["peak_rss_gb"]
+        report["stages"][f"{stage}_peak_anon_gb"] = prepared.result["peak_anon_gb"]
+        report["disk_gb"]["fused_cache" + suffix] = _size_of(fused_cache)
+    return True
+
+
+def _add_parity(report: dict[str, Any], outputs: dict[str, Path], precisions: dict[str, str]) -> None:
+    """Each row's parity against the reference row (the first fp32 row that ran, else the first), and the summary."""
+    reference = reference_label(list(outputs), precisions)
+    per_row = row_parity(outputs, reference)
+    for row in report["rows"]:
+        row["parity"] = per_row.get(row["row"])
+    report["parity"] = parity(outputs, reference)
+
+
+def _export(
+    row: RowSpec, task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Export for a graph backend (or find the export current), and for an int8 ONNX Runtime row quantize its UNets:
+    what the row records of it, or None where it failed or the quantizer cannot (noted in `report`)."""
+    name = row.label.replace(":", "-")
+    say(f"exporting for {row.label}")
+    exported = spawn({**task, "kind": "export"}, folder, f"export-{name}")
+    if exported.result is None:
+        report["failures"][f"{row.label} export"] = exported.failure
+        return None
+    export_dir = Path(exported.result["export_dir"])
+    found = {"seconds": {"export": exported.result["seconds"]["export"][0]},
+             "export_peak_rss_gb": exported.result["peak_rss_gb_by_stage"].get("export"),
+             "export_peak_anon_gb": exported.result["peak_anon_gb"]}  # fmt: skip
+    report["disk_gb"].setdefault("export", _size_of(export_dir))
+    if row.backend != "onnxruntime" or row.precision != "int8":
+        return found
+    say(f"quantizing for {row.label}")
+    quantized = spawn({**task, "kind": "quantize", "export_dir": str(export_dir)}, folder, f"quantize-{name}")
+    if quantized.result is None:
+        report["failures"][f"{row.label} quantize"] = quantized.failure
+        return None
+    if "skipped" in quantized.result:
+        report["skipped"][row.label] = quantized.result["skipped"]
+        return None
+    found["seconds"]["quantize"] = quantized.result["seconds"]["quantize"][0]
+    found["quantize_peak_rss_gb"] = quantized.result["peak_rss_gb"]
+    report["disk_gb"]["export_int8"] = _size_of(Path(quantized.result["int8_dir"]))
+    return found
+
+
+def _run_row(
+    row: RowSpec, base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
 ) -> Path | None:
-    """Export (when the backend needs it) and time one backend; adds its row (or failure) to `report`. Returns where
-    its last edit's arrays are, for the parity check."""
-    precision, repeats, size = base_task["precision"], base_task["repeats"], base_task["size"]
-    row: dict[str, Any] = {"backend": backend, "precision": precision}
+    """Export (when the backend needs it) and time one row; adds it (or its failure) to `report`. Returns where its
+    last edit's arrays are, for the parity check."""
+    task = _row_task(row, base_task)
+    repeats, size = task["repeats"], task["size"]
+    record: dict[str, Any] = {"backend": row.backend, "precision": row.precision, "row": row.label}
     extra: dict[str, Any] = {}
-    if backend != "torch":
-        say(f"exporting for {backend}")
-        exported = spawn({**base_task, "kind": "export"}, folder, f"export-{backend}")
-        if exported.result is None:
-            report["failures"][f"{backend} export"] = exported.failure
+    if row.exports:
+        found = _export(row, task, folder, report, say)
+        if found is None:
             return None
-        extra["export"] = exported.result["seconds"]["export"][0]
-        row["export_peak_rss_gb"] = exported.result["peak_rss_gb_by_stage"].get("export")
-        row["export_peak_anon_gb"] = exported.result["peak_anon_gb"]
-        report["disk_gb"]["export"] = _size_of(Path(exported.result["export_dir"]))
-    say(f"timing {backend}: a warm-up and {repeats} edits at {size} px")
-    out = folder / f"run-{backend}"
-    ran = spawn({**base_task, "kind": "run", "backend": backend, "out": str(out)}, folder, f"run-{backend}")
+        extra = found.pop("seconds")
+        record |= found
+    say(f"timing {row.label}: a warm-up and {repeats} edits at {size} px")
+    name = row.label.replace(":", "-")
+    out = folder / f"run-{name}"
+    ran = spawn({**task, "kind": "run", "out": str(out)}, folder, f"run-{name}")
     if ran.result is None:
-        report["failures"][backend] = ran.failure
+        report["failures"][row.label] = ran.failure
         return None
     seconds = _summary(ran.result["seconds"], repeats)
-    row["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
-    row |= {
+    record["seconds"] = {**{k: round(v, 2) for k, v in extra.items()}, **seconds}
+    record |= {
         key: ran.result[key]
         for key in ("method", "unet_evaluations_per_edit", "low_memory", "peak_rss_gb", "peak_anon_gb")
     }
-    row["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
-    report["rows"].append(row)
+    record["peak_rss_gb_by_stage"] = ran.result["peak_rss_gb_by_stage"]
+    report["rows"].append(record)
     return out
 
 
@@ -499,49 +556,6 @@ def _fused_cache_path(task: dict[str, Any]) -> Path:
         cache_half=task["precision"] in ("fp16", "bf16"),
     )  # fmt: skip
     return cache_root() / "merged" / sources.cache_key()
-
-
-def parity(outputs: dict[str, Path]) -> dict[str, Any]:
-    """Largest absolute difference of each backend's edit from the first backend's: latents and 0-255 pixels."""
-    import numpy as np
-
-    if len(outputs) < 2:
-        return {"latents": None, "pixels": None, "reference": next(iter(outputs), None)}
-    names = list(outputs)
-    reference = names[0]
-    load = {name: (np.load(path.with_suffix(".latents.npy")), np.load(path.with_suffix(".pixels.npy")))
-            for name, path in outputs.items()}  # fmt: skip
-    result: dict[str, Any] = {"reference": reference, "latents": 0.0, "pixels": 0}
-    for name in names[1:]:
-        latents = float(np.abs(load[name][0] - load[reference][0]).max())
-        pixels = int(np.abs(load[name][1].astype(np.int16) - load[reference][1].astype(np.int16)).max())
-        result["latents"] = max(result["latents"], latents)
-        result["pixels"] = max(result["pixels"], pixels)
-    return result
-
-
-TABLE_STAGES = ("load", "export", "text_encoder", "vae_encode", "unet_eval", "encode", "decode", "vae_decode", "edit")
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    """The report as the tables docs/benchmarks.md shows."""
-    head = ["backend", "precision", *[f"{s} s" for s in TABLE_STAGES], "peak RSS GB", "peak anon GB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in report["rows"]:
-        cells = [row["backend"] + (" (low memory)" if row.get("low_memory") else ""), row["precision"]]
-        cells += ["" if row["seconds"].get(s) is None else f"{row['seconds'][s]:.2f}" for s in TABLE_STAGES]
-        cells += [f"{row['peak_rss_gb']:.2f}", f"{row.get('peak_anon_gb') or 0:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    parity_line = report.get("parity") or {}
-    lines.append("")
-    lines.append(f"arch {report['arch']}, {report['size']} px, width x{report['width_scale']:g}; stages: "
-                 + ", ".join(f"{k} {v}" for k, v in report["stages"].items() if v is not None))  # fmt: skip
-    lines.append(f"disk GB: {report.get('disk_gb')}; files GB: {report['files_gb']}")
-    lines.append(f"parity vs {parity_line.get('reference')}: latents {parity_line.get('latents')}, "
-                 f"pixels {parity_line.get('pixels')}")  # fmt: skip
-    for name, reason in {**report["skipped"], **report["failures"]}.items():
-        lines.append(f"{name}: {reason}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
