@@ -2,7 +2,7 @@
 
     python benchmarks/p2p_fractions.py --limit 100 --kind shape
 
-Uses the embedded default model and the held-out shape edits of `icd bench shapes-edit` (seed 0).
+Uses the embedded default model (or --model DIR) and the held-out shape edits of `icd bench shapes-edit` (seed 0).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--kind", default="shape", choices=["colour", "shape", "background"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out scenes (tables use 0; choose on 1)")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--rows", default=None, help="only these rows, e.g. 0.8/0.4/1,0.3/0.6/4")
     args = parser.parse_args()
-    model = load_requested_model(ModelRequest(None, None, None, None, None))
+    model = load_requested_model(ModelRequest(args.model, None, None, None, None))
     pairs = [pair for pair in edit_pairs(args.limit, args.seed) if pair[2] == args.kind]
     rows = FRACTIONS
     if args.rows:

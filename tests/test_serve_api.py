@@ -27,7 +27,10 @@ pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx: pip ins
 from starlette.testclient import TestClient  # noqa: E402
 
 from icdcli import ICDEditPipeline  # noqa: E402
+from icdcli.models.sources import DEFAULT_MODEL_DIR  # noqa: E402
 from icdcli.serve import Limits, create_app  # noqa: E402
+
+DEFAULT_NAME = json.loads((DEFAULT_MODEL_DIR / "icd.json").read_text())["name"]
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "red-circle.png"
 SRC = "a red circle on a blue background"
@@ -144,7 +147,7 @@ def test_served_png_carries_its_record(client, inverted):
 def test_health_and_page(client):
     for path in ("/api", "/health"):
         described = client.get(path).json()
-        assert described["ready"] is True and described["model"]["name"] == "icd-shapes32"
+        assert described["ready"] is True and described["model"]["name"] == DEFAULT_NAME
         assert "guidance" in described["endpoints"]["POST /edit"]["fields"]
         assert described["limits"]["max_upload_bytes"] == LIMIT
     page = client.get("/")
@@ -390,7 +393,7 @@ def test_command_serves_then_stops_cleanly(tmp_path):
         assert url.startswith("http://127.0.0.1:") and "(model default on torch, cpu" in said
         assert [path.name for path in tmp_path.iterdir() if path.name.startswith("icd-serve-")]
         with urllib.request.urlopen(url + "api", timeout=60) as response:
-            assert json.loads(response.read())["model"]["name"] == "icd-shapes32"
+            assert json.loads(response.read())["model"]["name"] == DEFAULT_NAME
         rebound = urllib.request.Request(url + "api", headers={"Host": "attacker.example"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(rebound, timeout=60)

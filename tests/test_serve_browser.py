@@ -41,6 +41,10 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from icdcli.models.sources import DEFAULT_MODEL_DIR  # noqa: E402
+
+DEFAULT_NAME = json.loads((DEFAULT_MODEL_DIR / "icd.json").read_text())["name"]
+
 CLICK_UNTIL_SHOWN = """
 const [button, id, attribute, done] = arguments;
 const target = document.getElementById(id);
@@ -125,7 +129,7 @@ def test_invert_then_two_edits_in_the_browser(server, browser, tmp_path):
     wait = WebDriverWait(browser, 120, poll_frequency=0.02)
     started = time.perf_counter()
     browser.get(server.url)
-    wait.until(lambda d: "icd-shapes32" in d.find_element(By.ID, "model").text)
+    wait.until(lambda d: DEFAULT_NAME in d.find_element(By.ID, "model").text)
     page_seconds = time.perf_counter() - started
 
     browser.find_element(By.ID, "file").send_keys(str(EXAMPLE.resolve()))

@@ -21,15 +21,19 @@ PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.
 
 
 def _copy_half(source: Path, target: Path, half: bool) -> None:
-    """Copy a safetensors file, storing floating tensors as float16 when `half`; metadata is kept."""
+    """Copy a safetensors file, storing floating tensors as float16 when `half`; metadata is kept, and so are the
+    bytes where nothing changes."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    if not half or all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point()):
+        shutil.copyfile(source, target)  # the same bytes: a model packaged from kept stages shares their git blobs
+        return
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata=metadata)
 
 
