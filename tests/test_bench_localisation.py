@@ -80,10 +80,10 @@ def test_source_attention_maps_are_local_blends_sums_of_softmax_rows(embedded):
     maps, side = source_attention_maps(
         embedded, pixels, captions, settings=SamplerSettings("icd", 50, 0), guidance=4.0, tau=0.8, p2p=P2PSettings()
     )
-    assert side == 8 and len(maps) == 3
+    assert side == 16 and len(maps) == 3  # the embedded model's 16x16 latents: local blend reads its 16x16 maps
     for found in maps:
         assert found.shape == (side * side, embedded.tokenizers[0].model_max_length) and (found >= 0).all()
-        # each layer's head-averaged softmax rows sum to 1: over the steps and the 8x8 layers, a whole count
+        # each layer's head-averaged softmax rows sum to 1: over the steps and the 16x16 layers, a whole count
         sums = found.sum(-1)
         layers = float(sums[0].round())
         assert layers >= 4 and torch.allclose(sums, torch.full_like(sums, layers), rtol=1e-4)

@@ -167,7 +167,7 @@ def test_the_latent_file_holds_the_value_and_its_record(tmp_path):
     assert inversion.size == (32, 32) and inversion.original_size == Image.open(EXAMPLE).size
     assert inversion.model_hash.startswith("sha256:") and inversion.forward_boundaries
     assert inversion.record["command"] == "invert" and inversion.record["model_hash"] == inversion.model_hash
-    assert tuple(inversion.latents.shape) == (1, 4, 8, 8)
+    assert tuple(inversion.latents.shape) == (1, 4, 16, 16)  # the embedded model's 16x16 latents
 
 
 @pytest.mark.slow

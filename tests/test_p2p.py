@@ -328,13 +328,13 @@ def test_the_source_branch_ignores_the_target_and_its_guidance(default_model):
 
 def test_local_blend_holds_the_unmasked_latents_exactly(default_model):
     target = "a yellow circle on a blue background"
-    # This small model's word maps are nearly flat (0.8-1.0 of their maximum everywhere), so at P2P's
-    # threshold of 0.3 the mask is the whole image; a threshold near 1 keeps part of it.
-    _, both = _branches(default_model, target, 4.0, P2PSettings(blend=("circle",), blend_threshold=0.95))
+    # The embedded model's word maps localise (16x16 cross-attention): at P2P's threshold of 0.3 local blend edits
+    # the circle's region and holds the rest of the latent exactly; without blend every latent may change.
+    _, both = _branches(default_model, target, 4.0, P2PSettings(blend=("circle",)))
     same = (both[1] - both[0]).abs().amax(0) == 0
-    assert 0 < same.float().mean() < 1  # part of the latent kept exactly, part edited
-    _, flat = _branches(default_model, target, 4.0, P2PSettings(blend=("circle",)))
-    assert ((flat[1] - flat[0]).abs().amax(0) > 0).all()
+    assert 0.2 < same.float().mean() < 0.95, same.float().mean()  # part of the latent kept exactly, part edited
+    _, unblended = _branches(default_model, target, 4.0, P2PSettings())
+    assert ((unblended[1] - unblended[0]).abs().amax(0) > 0).float().mean() > 0.95
 
 
 def test_ddim_baseline_p2p_takes_one_teacher_call_per_ddim_step(default_model):

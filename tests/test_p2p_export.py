@@ -111,7 +111,7 @@ def test_other_sizes_fall_back_to_pytorch_attention(models):
     wide = replace(model.info, native_size=48)
     original = model.info
     try:
-        model.info = wide  # 12x12 latents: not the P2P graph's 8x8
+        model.info = wide  # 24x24 latents: not the P2P graph's 16x16
         inverted = invert(fast, image, SOURCE, settings=SamplerSettings())
         assert fast.reverse_denoiser._p2p_mismatch(inverted.latents) is not None
         options = dict(size=inverted.size, guidance=4.0, tau=0.8, settings=SamplerSettings(), p2p=SETTINGS)
