@@ -21,7 +21,10 @@ from icdcli.cli.console import console, say
 from icdcli.run.model import Loaded
 
 if TYPE_CHECKING:
+    import torch
+
     from icdcli.models.api import EditModel
+    from icdcli.models.sources import ModelRequest
 
 
 class _Failed(click.ClickException):
@@ -87,7 +90,8 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     Args:
         ctx_options: The values of `model_options` (model, base, teacher, LoRAs, device, precision ...).
         need_teacher: Also load the teacher UNet (the DDIM sampler needs it).
-        backend: `auto`, `torch`, `onnxruntime` or `tensorrt` (see `select_backend`); None: stay on torch.
+        backend: `auto`, `torch`, `onnxruntime`, `openvino` or `tensorrt` (see `select_run`: auto with precision
+            auto runs an SD-size model on PyTorch bf16 on a CPU with bf16 matrix instructions); None: stay on torch.
     """
     from icdcli.models.sources import ModelRequest, check_preset_files, load_requested_model
 
@@ -109,8 +113,6 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     from icdcli.models.torch_speed import TorchExecution
 
     device = resolve_device(ctx_options["device"])
-    precision = ctx_options["precision"]
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     cache_problem = _cache_problem()
     if cache_problem and backend not in (None, "auto", "torch"):
         from icdcli.core.errors import ICDError
@@ -120,17 +122,10 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     if cache_problem:
         say(f"note: {cache_problem}; set ICD_CACHE_DIR to a writable folder (models are fused anew on each run)")
     request.base_config = ctx_options.get("base_config")
-    request.half = dtype == torch.float16 or (dtype is None and device.type == "cuda")
-    chosen = "torch"
-    if backend is not None:
-        from icdcli.backends.accelerated import select_backend
-
-        chosen = select_backend(backend, device=device)
-        if chosen != "torch" and cache_problem:
-            say(f"note: backend torch instead of {chosen}, which needs a writable cache")
-            chosen = "torch"
-        elif backend == "auto":
-            say(f"backend: {chosen} (auto)")
+    chosen, precision = _choose(request, backend, ctx_options["precision"], device, cache_problem)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    # half precision runs read the fused cache in float16 (bf16 from it too): half the disk and memory of fp32's
+    request.half = dtype in (torch.float16, torch.bfloat16) or (dtype is None and device.type == "cuda")
 
     def load_torch() -> ICDModel:
         console().tune_libraries()
@@ -161,6 +156,29 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
 
         model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
     return _loaded(model, request.label, start, chosen)
+
+
+def _choose(
+    request: ModelRequest, backend: str | None, precision: str, device: torch.device, cache_problem: str | None
+) -> tuple[str, str]:
+    """The backend (`torch` when `backend` is None) and precision to load `request` on, said once when auto chose:
+    `select_run`, told whether the model is SD-size (`icdcli.models.size_class`) only where that can matter."""
+    if backend is None:
+        return "torch", precision
+    from icdcli.backends.accelerated import select_run
+
+    sd_size = None
+    if backend == "auto" and precision == "auto" and device.type == "cpu":
+        from icdcli.models.size_class import request_is_sd_size
+
+        sd_size = request_is_sd_size(request)
+    choice = select_run(backend, precision, device=device, sd_size=sd_size)
+    if choice.backend != "torch" and cache_problem:
+        say(f"note: backend torch instead of {choice.backend}, which needs a writable cache")
+        return "torch", choice.precision
+    if backend == "auto":
+        say(choice.line())
+    return choice.backend, choice.precision
 
 
 def _loaded(model: EditModel, label: str, start: float, backend: str) -> Loaded:

@@ -71,9 +71,10 @@ def _hub_report() -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @console_options
 def info(as_json: bool) -> None:
-    """Show the version, torch and CUDA, which backends can run, where models are cached, where the Hugging Face
-    hub cache is and whether it is offline, and the presets of the released checkpoints with their edit recipes
-    and whether their files are present."""
+    """Show the version, torch and CUDA, which backends can run, whether this CPU has bf16 matrix instructions and
+    what auto runs SD-size models on here, where models are cached, where the Hugging Face hub cache is and whether
+    it is offline, and the presets of the released checkpoints with their edit recipes and whether their files are
+    present."""
     report = _report()
     if as_json:
         console().json(report, indent=2)
@@ -110,6 +111,17 @@ def _backends(torch_version: str | None) -> dict[str, dict[str, Any]]:
     return backends
 
 
+def _cpu_report(backends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether this CPU has bf16 matrix instructions, and what `--backend auto` with `--precision auto` runs an SD-size
+    model on here (`icdcli.backends.accelerated.choose_run`, told without importing torch): PyTorch bf16 on such a
+    CPU, else auto's backend in fp32 (ONNX Runtime where it and onnx are importable, else PyTorch)."""
+    import importlib.util
+
+    bf16 = cpu_has_bf16()
+    onnxruntime = backends["onnxruntime"]["importable"] and importlib.util.find_spec("onnx") is not None
+    return {"bf16": bf16, "auto_large": "torch bf16" if bf16 else f"{'onnxruntime' if onnxruntime else 'torch'} fp32"}
+
+
 def _report() -> dict[str, Any]:
     import platform
 
@@ -121,6 +133,7 @@ def _report() -> dict[str, Any]:
     report["torch"] = (build or {}).get("__version__") or _version_of("torch")
     report["cuda"] = _gpu_report(build)
     report["backends"] = _backends(report["torch"])
+    report["cpu"] = _cpu_report(report["backends"])
     cache = cache_root()
     merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
     report["cache"] = {"root": str(cache), "fused_models": merged, **_exports_and_engines()}
@@ -140,6 +153,10 @@ def _text(report: dict[str, Any]) -> list[str]:
     for name, entry in report["backends"].items():
         bf16 = {True: " (bf16)", False: " (no bf16)"}.get(entry.get("bf16"), "")
         lines.append(f"backend {name}: {'yes ' + entry['version'] + bf16 if entry['importable'] else 'not installed'}")
+    cpu = report["cpu"]
+    has = {True: "yes", False: "no"}.get(cpu["bf16"], "unknown")
+    where = " with --device cpu" if cuda["available"] else ""
+    lines.append(f"cpu: bf16 {has}; auto runs SD-size models on {cpu['auto_large']}{where}")
     lines.append(f"cache: {cache['root']} ({len(cache['fused_models'])} fused models)")
     lines += [f"  onnx export: {e['path']} ({e['model']}, {e['precision']})" for e in cache.get("onnx", [])]
     lines += [f"  tensorrt engine: {e.get('path', e)}" for e in cache.get("engines", [])]

@@ -212,8 +212,10 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
             default="auto",
             show_default=True,
-            help="UNet and text-encoder precision; auto is fp16 on CUDA, fp32 elsewhere. The VAE runs in fp32, "
-            "on CUDA in fp16 (SD1.5) or bf16 (SDXL).",
+            help="UNet and text-encoder precision; auto is fp16 on CUDA; with --backend auto, bf16 on PyTorch for an "
+            "SD-size model (UNet weights of 500 MB or more) on a CPU with bf16 matrix instructions (icd info says; "
+            "fp32 opts out: ONNX Runtime fp32); fp32 elsewhere. The VAE runs in fp32, on CUDA in fp16 (SD1.5) or "
+            "bf16 (SDXL).",
         ),
         click.option(
             "--low-memory/--no-low-memory",
@@ -274,8 +276,9 @@ def sampler_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             envvar="ICD_BACKEND",
             help="Where the networks run. auto: TensorRT on a GPU when installed, else ONNX Runtime when installed, "
-            "else PyTorch (the first accelerated run exports the model to ONNX). openvino: opt-in, CPU only "
-            "(bf16 with --precision bf16). Env: ICD_BACKEND.",
+            "else PyTorch (the first accelerated run exports the model to ONNX); on a CPU with bf16 matrix "
+            "instructions an SD-size model runs on PyTorch bf16 (with --precision auto; --precision fp32 for ONNX "
+            "Runtime fp32). openvino: opt-in, CPU only (bf16 with --precision bf16). Env: ICD_BACKEND.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object per output on stdout."),
     ]
