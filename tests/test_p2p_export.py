@@ -73,10 +73,15 @@ def test_the_export_holds_a_p2p_graph_with_control_inputs_and_blend_maps(models)
     spec = models[1].reverse_denoiser.p2p[1]
     assert isinstance(spec, GraphSpec) and spec.name == REVERSE_P2P
     assert set(P2P_CONTROL_INPUTS) <= set(spec.input_names) and "timestep_cond" in spec.input_names
-    assert spec.input("sample").shape == ["p2p_batch", 4, 8, 8]  # static spatial size: the native latents
+    assert spec.input("sample").shape == ["p2p_batch", 4, 16, 16]  # static spatial size: the native latents
     assert spec.input("mapper").shape == ["p2p_pairs", 16, 16] and spec.input("self_replace").shape == ["p2p_pairs", 1]
     assert [o.name for o in spec.outputs] == ["eps", "blend_maps"]
-    assert spec.outputs[1].shape == ["p2p_pairs", 2, 64, 16]  # the pair axis leads, as on the control inputs
+    assert spec.outputs[1].shape == [
+        "p2p_pairs",
+        2,
+        256,
+        16,
+    ]  # 16x16 blend maps; the pair axis leads, as on the control inputs
 
 
 def test_p2p_on_onnxruntime_matches_pytorch_with_every_control(models, inversion):
