@@ -224,3 +224,17 @@ def test_a_hub_id_in_the_hub_cache_counts_by_its_files(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.chdir(tmp_path)  # no local folder of that name
     assert request_is_sd_size(ModelRequest("someone/big-icd")) is True
+
+
+def test_the_python_api_applies_the_rule_too(auto_on_bf16_cpu, monkeypatch):
+    import torch
+
+    from icdcli.run.model import load_pretrained
+
+    small = load_pretrained(None, device="cpu", backend="auto")
+    assert small.backend == _auto_before() and small.model.dtype == torch.float32
+    monkeypatch.setattr(size_class, "LARGE_UNET_BYTES", 1)  # the embedded model counts as SD-size
+    large = load_pretrained(None, device="cpu", backend="auto")
+    assert large.backend == "torch" and large.model.dtype == torch.bfloat16
+    named = load_pretrained(None, device="cpu", backend="auto", dtype=torch.float32)  # a named dtype wins
+    assert named.backend == _auto_before() and named.model.dtype == torch.float32

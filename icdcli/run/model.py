@@ -68,8 +68,9 @@ def load_pretrained(
     backend: str = "torch",
 ) -> Loaded:
     """Load a model as `icd edit --model ...` names it, onto `device` in `dtype` (a torch dtype; None: float16 on
-    CUDA, float32 elsewhere) and `backend` (`auto`: the fastest present), without the libraries' warnings and bars:
-    what `ICDEditPipeline.from_pretrained` runs."""
+    CUDA, float32 elsewhere) and `backend` (`auto`: the fastest present; with `dtype` None on a CPU with bf16 matrix
+    instructions, an SD-size model runs on torch bf16, as `icd edit` chooses), without the libraries' warnings and
+    bars: what `ICDEditPipeline.from_pretrained` runs."""
     import time
 
     import torch
@@ -80,8 +81,15 @@ def load_pretrained(
 
     start = time.perf_counter()
     target = resolve_device(device)
-    half = dtype == torch.float16 or (dtype is None and target.type == "cuda")  # as the command line
-    request = ModelRequest(model, base, teacher, forward_lora, reverse_lora, half=half)
+    request = ModelRequest(model, base, teacher, forward_lora, reverse_lora)
+    if backend == "auto" and dtype is None and target.type == "cpu":  # the command line's rule for auto and auto
+        from icdcli.backends.accelerated import select_run
+        from icdcli.models.size_class import request_is_sd_size
+
+        choice = select_run("auto", "auto", device=target, sd_size=request_is_sd_size(request))
+        backend, dtype = choice.backend, torch.bfloat16 if choice.precision == "bf16" else None
+    # as the command line: half precision runs read the fused cache in float16
+    request.half = dtype in (torch.float16, torch.bfloat16) or (dtype is None and target.type == "cuda")
     with libraries_quieted():
         loaded: Any = load_requested_model(request)
         loaded.to(target, dtype)
