@@ -109,7 +109,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
 
     import torch
 
-    from icdcli.models.runtime import ICDModel, default_dtype, resolve_device, set_memory_policy
+    from icdcli.models.runtime import ICDModel, default_dtype, reads_half_cache, resolve_device, set_memory_policy
     from icdcli.models.torch_speed import TorchExecution
 
     device = resolve_device(ctx_options["device"])
@@ -124,8 +124,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     request.base_config = ctx_options.get("base_config")
     chosen, precision = _choose(request, backend, ctx_options["precision"], device, cache_problem)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    # half precision runs read the fused cache in float16 (bf16 from it too): half the disk and memory of fp32's
-    request.half = dtype in (torch.float16, torch.bfloat16) or (dtype is None and device.type == "cuda")
+    request.half = reads_half_cache(dtype, device)
 
     def load_torch() -> ICDModel:
         console().tune_libraries()

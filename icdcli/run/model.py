@@ -76,7 +76,7 @@ def load_pretrained(
     import torch
 
     from icdcli.core.quiet import libraries_quieted
-    from icdcli.models.runtime import resolve_device
+    from icdcli.models.runtime import reads_half_cache, resolve_device
     from icdcli.models.sources import ModelRequest, load_requested_model
 
     start = time.perf_counter()
@@ -88,8 +88,7 @@ def load_pretrained(
 
         choice = select_run("auto", "auto", device=target, sd_size=request_is_sd_size(request))
         backend, dtype = choice.backend, torch.bfloat16 if choice.precision == "bf16" else None
-    # as the command line: half precision runs read the fused cache in float16
-    request.half = dtype in (torch.float16, torch.bfloat16) or (dtype is None and target.type == "cuda")
+    request.half = reads_half_cache(dtype, target)
     with libraries_quieted():
         loaded: Any = load_requested_model(request)
         loaded.to(target, dtype)
