@@ -18,7 +18,7 @@ from icdcli.core.digests import files_sha256
 from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
-from icdcli.export.manifest import REVERSE_P2P, UNET_GRAPHS, GraphSpec, Manifest
+from icdcli.export.manifest import GraphSpec, Manifest
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -59,9 +59,6 @@ def providers_for(device: torch.device) -> list[Any]:
     index = device_index(device)
     return [(CUDA_EP, cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream)), CPU_EP]
 
-
-ARENA_GRAPHS = frozenset({*UNET_GRAPHS, REVERSE_P2P})
-"""Graphs whose CPU sessions keep ONNX Runtime's memory arena: the UNets, closed after their stage in low memory."""
 
 HASHED_AT_LOAD = 256 << 20
 """Graphs up to this size (with their external data) are checked against their recorded sha256 at every load."""
@@ -131,10 +128,10 @@ class OrtGraph:
                 # per graph, torch between the runs and the reader and writer threads, spinning pools take the
                 # cores from the next run: on 2 cores, edits ran 2-5x slower than with blocking threads.
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                if self.spec is not None and self.spec.name not in ARENA_GRAPHS:
-                    # The text-encoder and VAE sessions stay open between edits, and an arena keeps their largest
-                    # activations (about 1.6 GB after a 512 px SD1.5 edit); without it they are freed after each run.
-                    options.enable_cpu_mem_arena = False
+                # No memory arena: it keeps each session's largest activations after its runs (the text encoder and
+                # VAE about 1.6 GB after a 512 px SD1.5 edit) and rounds a UNet's up (0.93 GB of the P2P reverse
+                # stage's 8.08 GB peak); without it an SD1.5 edit took 2% longer (docs/benchmarks.md, CPU engines).
+                options.enable_cpu_mem_arena = False
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=providers)
             except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs
