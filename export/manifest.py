@@ -37,6 +37,9 @@ PRECISIONS = ("fp32", "fp16")
 FORWARD, REVERSE, TEACHER = "forward_unet", "reverse_unet", "teacher_unet"
 VAE_ENCODER, VAE_DECODER = "vae_encoder", "vae_decoder"
 UNET_GRAPHS = (FORWARD, REVERSE, TEACHER)
+REQUIRED_GRAPHS = (FORWARD, REVERSE, VAE_ENCODER, VAE_DECODER)
+"""Graphs every usable export holds (and at least one text encoder): a folder without one of them, left by an export
+that stopped or a tool that wrote a part, is exported again rather than failing at load."""
 REVERSE_P2P = "reverse_unet_p2p"
 """The reverse UNet with Prompt-to-Prompt control as inputs and blend maps as an output (see export.signatures)."""
 P2P_CONTROL_INPUTS = ("cross_alpha", "refine", "mapper", "reweight", "self_replace")
@@ -163,7 +166,11 @@ def stale_reason(
     """
     if manifest is None:
         return "no export yet"
+    missing = [name for name in REQUIRED_GRAPHS if name not in manifest.graphs]
+    if not any(name.startswith("text_encoder") for name in manifest.graphs):
+        missing.append("text_encoder")
     checks = (
+        (bool(missing), f"the export lacks the {', '.join(missing)} graph{'s' if len(missing) > 1 else ''}"),
         (manifest.export_format != EXPORT_FORMAT, f"export format {manifest.export_format} != {EXPORT_FORMAT}"),
         (manifest.fingerprint != fingerprint, "the source model changed"),
         (manifest.precision != precision, f"precision {manifest.precision} != {precision}"),

@@ -138,16 +138,42 @@ def test_sdxl_graphs_take_text_embeds_and_time_ids(sdxl_setup):
     assert [o.name for o in manifest.graphs["text_encoder"].outputs] == ["hidden_states"]
 
 
+def whole_graphs() -> dict:
+    """Graph entries (names only) of an export that holds every graph an edit needs."""
+    return dict.fromkeys(("forward_unet", "reverse_unet", "vae_encoder", "vae_decoder", "text_encoder"))
+
+
 def test_stale_reasons():
     from icdcli.export.manifest import Manifest
 
-    manifest = Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, {})
+    manifest = Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, whole_graphs())
     assert stale_reason(None, "abc", "fp32", DEFAULT_OPSET) == "no export yet"
     assert stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET) is None
     assert "source model" in stale_reason(manifest, "xyz", "fp32", DEFAULT_OPSET)
     assert "precision" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET)
     assert "opset" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET + 1)
     assert "teacher" in stale_reason(manifest, "abc", "fp32", DEFAULT_OPSET, need_teacher=True)
+
+
+def test_an_export_missing_a_graph_an_edit_needs_is_stale():
+    """A folder left by an export that stopped (or holding only some graphs) is exported again, not failed at load."""
+    from icdcli.export.manifest import Manifest
+
+    for missing in ("forward_unet", "reverse_unet", "vae_encoder", "vae_decoder", "text_encoder"):
+        graphs = {name: spec for name, spec in whole_graphs().items() if name != missing}
+        reason = stale_reason(
+            Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, graphs), "abc", "fp32", DEFAULT_OPSET
+        )
+        assert reason == f"the export lacks the {missing} graph"
+    two_missing = Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, {"vae_encoder": None})
+    assert "forward_unet, reverse_unet, vae_decoder, text_encoder graphs" in stale_reason(
+        two_missing, "abc", "fp32", DEFAULT_OPSET
+    )
+    sdxl = {**whole_graphs(), "text_encoder_2": None}
+    assert (
+        stale_reason(Manifest("k", "abc", "fp32", DEFAULT_OPSET, {}, 2, 4, 12, sdxl), "abc", "fp32", DEFAULT_OPSET)
+        is None
+    )
 
 
 def test_atomic_folder_leaves_nothing_behind_on_failure(tmp_path):
@@ -403,7 +429,7 @@ def test_fp16_export_with_fp32_norm_runs_normalisation_in_fp32(merged_model, tmp
 def test_stale_reason_for_fp32_norm():
     from icdcli.export.manifest import Manifest
 
-    manifest = Manifest("k", "abc", "fp16", DEFAULT_OPSET, {}, 2, 4, 12, {})
+    manifest = Manifest("k", "abc", "fp16", DEFAULT_OPSET, {}, 2, 4, 12, whole_graphs())
     assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET) is None
     assert stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=False) is None
     assert "fp32" in stale_reason(manifest, "abc", "fp16", DEFAULT_OPSET, fp32_norm=True)
@@ -580,15 +606,16 @@ def test_ensure_exported_follows_the_fp32_norm_default_and_keeps_an_explicit_cho
         chosen = DEFAULT_FP32_NORM if fp32_norm is None else fp32_norm
         folder.mkdir(parents=True, exist_ok=True)
         fingerprint = model_fingerprint(model) if len(asked) != 2 else "an older model"
-        graphs = {"teacher_unet": GraphSpec("teacher_unet", "teacher_unet.onnx", [], [])}
+        graphs = {name: GraphSpec(name, f"{name}.onnx", [], []) for name in [*whole_graphs(), "teacher_unet"]}
         manifest = Manifest("k", fingerprint, precision, DEFAULT_OPSET, {}, 8, 4, 12, graphs, fp32_norm=chosen)
         write_manifest(folder, manifest)
         return folder
 
-    monkeypatch.setattr(onnx_export, "export_model", fake_export)
-    # where `ensure_exported` imports it from: the package's lazy attribute (which an earlier test's monkeypatch
-    # may have left bound to the real function)
+    # where `ensure_exported` imports it from: the package's lazy attribute, patched first, so that what monkeypatch
+    # restores is the real function (patched second, the lazy lookup would find the fake and leave it bound there for
+    # every later test in the process: their exports wrote a manifest and no graphs)
     monkeypatch.setattr("icdcli.export.export_model", fake_export, raising=False)
+    monkeypatch.setattr(onnx_export, "export_model", fake_export)
     folder = tmp_path / "export"
     _, manifest = ensure_exported(merged_model, precision="fp16", out_dir=folder)  # a new export: the default
     assert asked == [None] and manifest.fp32_norm is DEFAULT_FP32_NORM is True
