@@ -18,7 +18,7 @@ from icdcli.core.digests import files_sha256
 from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
-from icdcli.export.manifest import GraphSpec, Manifest
+from icdcli.export.manifest import UNET_GRAPHS, GraphSpec, Manifest
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -62,6 +62,12 @@ def providers_for(device: torch.device) -> list[Any]:
 
 HASHED_AT_LOAD = 256 << 20
 """Graphs up to this size (with their external data) are checked against their recorded sha256 at every load."""
+UNET_GRAPH_PREFIXES = tuple(UNET_GRAPHS)
+"""The UNet graphs and their P2P twins (`reverse_unet_p2p`) by name."""
+ARENA_UNETS_BELOW = 500 << 20
+"""UNet graphs smaller than this (with their external data: the embedded and test models) keep ONNX Runtime's CPU
+memory arena, whose reuse of small buffers is worth 4% of the embedded model's batch-64 throughput; larger ones (SD
+size) run without it, as the text encoder and VAE always do (`OrtGraph.keeps_arena`)."""
 
 
 def trim_freed_heap() -> None:
@@ -114,6 +120,16 @@ class OrtGraph:
         except Exception as error:  # the hash, a missing file, and protobuf and onnx's several types for a damaged file
             raise self._damaged(error) from error
 
+    def keeps_arena(self) -> bool:
+        """Whether this graph's CPU session keeps ONNX Runtime's memory arena: only a small UNet's. The arena keeps a
+        session's largest activations after its runs (the text encoder and VAE about 1.6 GB after a 512 px SD1.5 edit)
+        and rounds a UNet's up (0.93 GB of an SD1.5 P2P stage's 8.08 GB peak); without it an SD1.5 edit took 2% longer
+        (docs/benchmarks.md, CPU engines)."""
+        if self.spec is None or not self.spec.name.startswith(UNET_GRAPH_PREFIXES):
+            return False
+        files = [self.path] + ([self.path.parent / self.spec.external_data] if self.spec.external_data else [])
+        return sum(path.stat().st_size for path in files if path.exists()) < ARENA_UNETS_BELOW
+
     @property
     def session(self) -> Any:
         if self._session is None:
@@ -128,10 +144,7 @@ class OrtGraph:
                 # per graph, torch between the runs and the reader and writer threads, spinning pools take the
                 # cores from the next run: on 2 cores, edits ran 2-5x slower than with blocking threads.
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                # No memory arena: it keeps each session's largest activations after its runs (the text encoder and
-                # VAE about 1.6 GB after a 512 px SD1.5 edit) and rounds a UNet's up (0.93 GB of the P2P reverse
-                # stage's 8.08 GB peak); without it an SD1.5 edit took 2% longer (docs/benchmarks.md, CPU engines).
-                options.enable_cpu_mem_arena = False
+                options.enable_cpu_mem_arena = self.keeps_arena()
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=providers)
             except Exception as error:  # onnxruntime raises its own exception types for bad or unsupported graphs

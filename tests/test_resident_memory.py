@@ -92,15 +92,22 @@ def tiny_graph(folder: Path, name: str) -> GraphSpec:
     return GraphSpec(name, f"{name}.onnx", [spec], [TensorSpec("y", "float32", [1, 4])])
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "vae_decoder", "forward_unet", "reverse_unet_p2p"])
-def test_onnxruntime_cpu_sessions_run_without_the_arena(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "arena"),
+    [("text_encoder", False), ("vae_decoder", False), ("forward_unet", True), ("reverse_unet_p2p", True)],
+)
+def test_onnxruntime_cpu_sessions_keep_the_arena_only_for_small_unets(tmp_path, monkeypatch, name, arena):
     pytest.importorskip("onnxruntime")
-    from icdcli.engines.onnxruntime import OrtGraph
+    from icdcli.engines import onnxruntime as ort_engine
 
     spec = tiny_graph(tmp_path, name)
-    graph = OrtGraph(tmp_path / spec.file, spec, device=torch.device("cpu"), vae_scale_factor=8)
+    graph = ort_engine.OrtGraph(tmp_path / spec.file, spec, device=torch.device("cpu"), vae_scale_factor=8)
     out = graph({"x": torch.tensor([[-1.0, 0.0, 2.0, -3.0]])})
     assert out["y"].tolist() == [[0.0, 0.0, 2.0, 0.0]]
+    assert graph.session.get_session_options().enable_cpu_mem_arena is arena
+    # an SD-size UNet (its graph and weights at least ARENA_UNETS_BELOW) runs without it
+    monkeypatch.setattr(ort_engine, "ARENA_UNETS_BELOW", (tmp_path / spec.file).stat().st_size)
+    graph.release()
     assert graph.session.get_session_options().enable_cpu_mem_arena is False
 
 
