@@ -154,6 +154,17 @@ def test_int8_weights_edit_near_fp32(shared_cache, tmp_path):
         assert 0 < mean <= INT8_MEAN and largest <= INT8_MAX, f"int8 {method}: mean {mean:.3f}, max {largest}"
 
 
+@pytest.mark.slow
+def test_throughput_and_serve_take_openvino(shared_cache):
+    result = icd("bench", "throughput", "--backend", "openvino", "--images", "4", "--batch-size", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["backend"] == "openvino"
+    assert [row["failed"] for row in report["rows"]] == [0, 0]
+    assert all(row["images_per_second"] > 0 for row in report["rows"])
+    assert "openvino" in icd("serve", "--help").stdout
+
+
 def test_int8_compute_precision_and_hints():
     assert ov_engine.compute_precision("int8", bf16=True) == "bf16"
     assert ov_engine.compute_precision("int8", bf16=False) == "fp32"

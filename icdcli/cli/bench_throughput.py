@@ -22,7 +22,7 @@ from icdcli.bench.throughput import (
 from icdcli.cli.bench_scale import width_scale_option
 from icdcli.cli.common import load_model, reports_errors
 from icdcli.cli.console import console, console_options, say
-from icdcli.cli.options import MEASURED_BACKEND_CHOICES, model_options
+from icdcli.cli.options import BACKEND_CHOICES, model_options
 
 
 @click.command("throughput")
@@ -49,7 +49,7 @@ from icdcli.cli.options import MEASURED_BACKEND_CHOICES, model_options
 )
 @click.option(
     "--backend",
-    type=click.Choice(MEASURED_BACKEND_CHOICES),
+    type=click.Choice(BACKEND_CHOICES),
     default="auto",
     show_default=True,
     envvar="ICD_BACKEND",

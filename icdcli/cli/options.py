@@ -18,9 +18,8 @@ from icdcli.run.inputs import MODEL_FLAGS
 PRESET_NAMES = "sd15, sd15-tau0.7, sd15-3step, sdxl, sd15-cycle"
 
 BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
-"""`--backend` of the commands that edit (icdcli.backends.accelerated.BACKENDS, without importing torch)."""
-MEASURED_BACKEND_CHOICES = tuple(name for name in BACKEND_CHOICES if name != "openvino")
-"""`--backend` where the opt-in OpenVINO backend is not wired yet (icd serve, icd bench throughput)."""
+"""`--backend` of the commands that edit, serve and measure throughput (icdcli.backends.accelerated.BACKENDS, without
+importing torch)."""
 
 
 class NumberType(click.ParamType):

@@ -13,7 +13,7 @@ import click
 
 from icdcli.cli.common import load_model, reports_errors
 from icdcli.cli.console import console_options, say
-from icdcli.cli.options import BACKEND_SECTION, MEASURED_BACKEND_CHOICES, MODEL_SECTION, SectionedCommand, model_options
+from icdcli.cli.options import BACKEND_CHOICES, BACKEND_SECTION, MODEL_SECTION, SectionedCommand, model_options
 
 SERVE_MODULES = {"starlette": "starlette", "uvicorn": "uvicorn", "python-multipart": "python_multipart"}
 
@@ -77,7 +77,7 @@ def missing_serve_modules() -> list[str]:
 @click.option("--open/--no-open", "open_browser", default=False, help="Open the page in a web browser once served.")
 @click.option(
     "--backend",
-    type=click.Choice(MEASURED_BACKEND_CHOICES),
+    type=click.Choice(BACKEND_CHOICES),
     default="auto",
     show_default=True,
     envvar="ICD_BACKEND",
