@@ -196,6 +196,24 @@ def test_the_vae_stays_float32_on_the_cpu_and_runs_in_the_dtype_it_is_given(mode
     assert np.abs(halved - reference).mean() < 4  # the same edit, within bf16's rounding
 
 
+def test_a_cpu_bf16_run_decodes_in_bf16_and_encodes_in_fp32(model):
+    from icdcli.models.runtime import default_vae_decoder_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_vae_decoder_dtype(torch.float32, torch.bfloat16, cpu) == torch.bfloat16
+    assert default_vae_decoder_dtype(torch.float32, torch.float32, cpu) == torch.float32
+    assert default_vae_decoder_dtype(torch.float16, torch.float16, cuda) == torch.float16
+    reference = pixels(edit_batch(model, jobs(None, 1), settings=SamplerSettings()))
+    model.to("cpu", torch.bfloat16)
+    dtypes = {name: next(getattr(model.vae, name).parameters()).dtype for name in ("encoder", "decoder")}
+    assert dtypes == {"encoder": torch.float32, "decoder": torch.bfloat16}
+    assert model.vae_dtype == torch.float32 and model.vae_decoder_dtype == torch.bfloat16
+    halved = pixels(edit_batch(model, jobs(None, 1), settings=SamplerSettings()))
+    assert np.abs(halved - reference).mean() < 4  # the same edit, within bf16's rounding
+    model.to("cpu", torch.bfloat16, vae_dtype=torch.float32)  # a VAE dtype given is the whole VAE's
+    assert next(model.vae.decoder.parameters()).dtype == torch.float32 == model.vae_decoder_dtype
+
+
 def test_memory_rule_reads_free_gpu_memory_on_cuda():
     gib = 2**30
     # SDXL's two fp16 UNets (10.3 GB) on a host with 32 GB of RAM: released by the RAM rule ...

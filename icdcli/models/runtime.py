@@ -121,6 +121,15 @@ def default_vae_dtype(family: str, device: torch.device) -> torch.dtype:
     return getattr(torch, vae_precision(family, device.type, bf16=bf16))
 
 
+def default_vae_decoder_dtype(vae_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE decoder's dtype: the VAE's, but bf16 in a bf16 run on the CPU. The decoder is the costliest part of the
+    VAE there (an SD1.5 decode at 512 px 12.0 s of a 32.8 s bf16 edit in fp32, about half that in bf16) and its
+    rounding reaches only the pixels: at SD1.5 size the edit moved from 2.71 to 2.75 of 255 (mean) from ONNX Runtime
+    fp32's, within issue #30's 3; a bf16 encoder also moved the latents the whole edit starts from (2.80), so it stays
+    fp32 (docs/benchmarks.md, CPU engines)."""
+    return torch.bfloat16 if device.type == "cpu" and dtype == torch.bfloat16 else vae_dtype
+
+
 class _UNetSlot:
     """`model.<role>_unet`: the UNet of that role, read again from its folder when it was released."""
 
@@ -167,6 +176,7 @@ class ICDModel:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.vae_dtype = torch.float32
+        self.vae_decoder_dtype = torch.float32
         self.execution = TorchExecution()
         self.execution_notes: list[str] = []
         self._capture: Capture | None = None
@@ -205,11 +215,17 @@ class ICDModel:
         self, device: torch.device | str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None
     ) -> ICDModel:
         """Move the model: UNets and text encoders in `dtype` (default: fp16 on CUDA, else fp32), the VAE in
-        `vae_dtype` (default: `default_vae_dtype`, fp32 but on CUDA)."""
+        `vae_dtype` (default: `default_vae_dtype`, fp32 but on CUDA; its decoder by `default_vae_decoder_dtype`, bf16 in
+        a CPU bf16 run, unless `vae_dtype` is given)."""
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.vae_dtype = vae_dtype or default_vae_dtype(self.info.family, self.device)
         self.vae.to(self.device, self.vae_dtype)
+        self.vae_decoder_dtype = vae_dtype or default_vae_decoder_dtype(self.vae_dtype, self.dtype, self.device)
+        if self.vae_decoder_dtype != self.vae_dtype:
+            for part in (self.vae.decoder, getattr(self.vae, "post_quant_conv", None)):
+                if part is not None:
+                    part.to(self.device, self.vae_decoder_dtype)
         self._fast.clear()  # graphs and compiled code belong to the weights where they were
         if self.low_memory:  # converted when next read, one at a time: never both UNets' converted copies at once
             for role in self.unet_folders:
@@ -344,7 +360,7 @@ class ICDModel:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents -> pixels in [-1, 1]."""
-        scaled = (latents.float() / self.info.scaling_factor).to(self.device, self.vae_dtype)
+        scaled = (latents.float() / self.info.scaling_factor).to(self.device, self.vae_decoder_dtype)
         return self.vae.decode(scaled).sample.float().clamp(-1, 1)
 
     # --- saving -----------------------------------------------------------------------------
