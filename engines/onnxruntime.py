@@ -62,8 +62,6 @@ def providers_for(device: torch.device) -> list[Any]:
 
 HASHED_AT_LOAD = 256 << 20
 """Graphs up to this size (with their external data) are checked against their recorded sha256 at every load."""
-UNET_GRAPH_PREFIXES = tuple(UNET_GRAPHS)
-"""The UNet graphs and their P2P twins (`reverse_unet_p2p`) by name."""
 ARENA_UNETS_BELOW = 500 << 20
 """UNet graphs smaller than this (with their external data: the embedded and test models) keep ONNX Runtime's CPU
 memory arena, whose reuse of small buffers is worth 4% of the embedded model's batch-64 throughput; larger ones (SD
@@ -108,7 +106,7 @@ class OrtGraph:
         export recorded where the files are small enough to hash at every load (any changed byte, weights too; and
         no `import onnx`, about 0.6 s of a per-file edit's 3 s), else by reading the graph without its weights."""
         spec = self.spec
-        files = [self.path] + ([self.path.parent / spec.external_data] if spec and spec.external_data else [])
+        files = spec.files(self.path.parent) if spec is not None else [self.path]
         try:
             if spec is not None and spec.sha256 and sum(path.stat().st_size for path in files) <= HASHED_AT_LOAD:
                 if files_sha256(files) != spec.sha256:
@@ -125,9 +123,9 @@ class OrtGraph:
         session's largest activations after its runs (the text encoder and VAE about 1.6 GB after a 512 px SD1.5 edit)
         and rounds a UNet's up (0.93 GB of an SD1.5 P2P stage's 8.08 GB peak); without it an SD1.5 edit took 2% longer
         (docs/benchmarks.md, CPU engines)."""
-        if self.spec is None or not self.spec.name.startswith(UNET_GRAPH_PREFIXES):
+        if self.spec is None or not self.spec.name.startswith(UNET_GRAPHS):  # the P2P twin by its prefix too
             return False
-        files = [self.path] + ([self.path.parent / self.spec.external_data] if self.spec.external_data else [])
+        files = self.spec.files(self.path.parent)
         return sum(path.stat().st_size for path in files if path.exists()) < ARENA_UNETS_BELOW
 
     @property

@@ -132,7 +132,7 @@ class OpenVinoGraph:
         self._compiled: Any = None
         self._compressed: Any = None
         self._ran = False
-        self.weight_files = [path] + ([path.parent / spec.external_data] if spec.external_data else [])
+        self.weight_files = spec.files(path.parent)
         if not path.is_file():
             raise self._damaged(FileNotFoundError(f"{path.name} is missing"))
 

@@ -71,6 +71,10 @@ class GraphSpec:
     sha256: str = ""
     external_data: str | None = None
 
+    def files(self, folder: Path) -> list[Path]:
+        """The graph's files in its export `folder`: the `.onnx` and, for a large graph, its external weights."""
+        return [folder / self.file] + ([folder / self.external_data] if self.external_data else [])
+
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
 

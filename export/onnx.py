@@ -118,8 +118,7 @@ def export_graph(
         spec.external_data = save_graph(source, target, large=large, sanitize=sanitize)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    files = [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
-    spec.sha256 = files_sha256(files)
+    spec.sha256 = files_sha256(spec.files(folder))
     return spec
 
 

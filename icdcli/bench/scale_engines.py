@@ -81,10 +81,6 @@ def _sources(manifest: Manifest) -> dict[str, str]:
     return {name: spec.sha256 for name, spec in manifest.graphs.items() if name in QUANTIZED_GRAPHS}
 
 
-def _graph_files(folder: Path, spec: GraphSpec) -> list[Path]:
-    return [folder / spec.file] + ([folder / spec.external_data] if spec.external_data else [])
-
-
 def is_current(target: Path, export: Manifest) -> bool:
     """Whether `target` holds the int8 graphs of this very export (made from the same graph bytes, all present)."""
     manifest = read_manifest(target)
@@ -92,11 +88,11 @@ def is_current(target: Path, export: Manifest) -> bool:
         return False
     if manifest.info.get(INT8_SOURCE) != _sources(export) or manifest.graphs.keys() != export.graphs.keys():
         return False
-    return all(path.is_file() for spec in manifest.graphs.values() for path in _graph_files(target, spec))
+    return all(path.is_file() for spec in manifest.graphs.values() for path in spec.files(target))
 
 
 def _copy(export: Path, folder: Path, spec: GraphSpec) -> None:
-    for path in _graph_files(export, spec):
+    for path in spec.files(export):
         shutil.copyfile(path, folder / path.name)
 
 
@@ -136,7 +132,7 @@ def quantize_graph(export: Path, work: Path, spec: GraphSpec) -> GraphSpec:
         shutil.rmtree(scratch, ignore_errors=True)
     data = f"{spec.file}.data" if (work / f"{spec.file}.data").is_file() else None
     quantized = replace(spec, external_data=data)
-    return replace(quantized, sha256=files_sha256(_graph_files(work, quantized)))
+    return replace(quantized, sha256=files_sha256(quantized.files(work)))
 
 
 def quantized_export(export: Path, progress: Callable[[str], None] | None = None) -> Path:
