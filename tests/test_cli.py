@@ -69,6 +69,7 @@ def test_edit_json_record_and_output(merged_dir, tmp_path):
     assert {"input", "output", "model", "backend", "seed", "seconds"} <= record.keys()
     assert {"load", "encode", "decode", "total"} <= record["seconds"].keys()
     assert record["backend"] == "torch" and record["seed"] == 30 and record["steps"] == 4  # the SD1.5 release recipe
+    assert record["precision"] == "float32"  # what the output's own record says, repeated
     assert record["output"] == str(tmp_path / "photo-edit.png")
     edited = Image.open(record["output"])
     assert edited.size == (40, 24) and json.loads(edited.text["icd"])["tgt"] == "a dog"

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # every later item would fail the same way
 
+ECHOED_FIELDS = ("precision", "seed", "sampler", "method", "guidance", "tau", "steps", "src", "tgt")
+"""The fields of an output's record that its `--json` line repeats."""
+
 
 class ItemFailed(Exception):
     """One item cannot be made; `fatal` stops the whole run (a full disk, say)."""
@@ -271,7 +274,7 @@ class ItemSteps:
             "output": str(out),
             "model": loaded.label,
             "backend": loaded.backend,
-            **{key: record[key] for key in ("seed", "sampler", "method", "guidance", "tau", "steps", "src", "tgt")},
+            **{key: record[key] for key in ECHOED_FIELDS},
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
 
