@@ -17,6 +17,7 @@ import torch
 from icdcli.core.digests import files_sha256
 from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
+from icdcli.core.pages import trim_freed_heap
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
 from icdcli.export.manifest import UNET_GRAPHS, GraphSpec, Manifest
 
@@ -66,16 +67,6 @@ ARENA_UNETS_BELOW = 500 << 20
 """UNet graphs smaller than this (with their external data: the embedded and test models) keep ONNX Runtime's CPU
 memory arena, whose reuse of small buffers is worth 4% of the embedded model's batch-64 throughput; larger ones (SD
 size) run without it, as the text encoder and VAE always do (`OrtGraph.keeps_arena`)."""
-
-
-def trim_freed_heap() -> None:
-    """Give the heap a closed session freed back to the system (glibc's `malloc_trim`; elsewhere nothing): freed
-    weights of a UNet session otherwise stay in the process (about 1.7 GB after an SD1.5 edit)."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class OrtGraph:
