@@ -38,6 +38,7 @@ CASES = {
     "swap-unguided-target": ("swap", None, "target"),
     "p2p": ("p2p", None, "source"),
     "p2p-blend": ("p2p", P2POptions(blend_target=("circle",)), "source"),
+    "p2p-blend-keep-inversion": ("p2p", P2POptions(blend=("red", "yellow"), blend_keep="inversion"), "source"),
 }
 
 

@@ -550,7 +550,7 @@ class _FakePlan:
     def add_maps(self, maps):
         self.maps.append(maps)
 
-    def blend(self, x):
+    def blend(self, x, index):
         self.blended += 1
         return x
 

@@ -111,8 +111,12 @@ def test_json_base64_upload_is_the_same_inversion(client, inverted):
             {"p2p": {"cross_replace": 0.4, "self_replace": 0.2, "blend": ("circle",), "amplify": (("yellow", 2.0),),
                      "amplify_new": 1.0}},
         ),
+        (
+            {"blended_word": "red yellow", "blend_keep": "inversion"},
+            {"p2p": {"blend_source": ("red",), "blend_target": ("yellow",), "blend_keep": "inversion"}},
+        ),
     ],
-    ids=["swap", "p2p-blend-amplify"],
+    ids=["swap", "p2p-blend-amplify", "p2p-blend-keep-inversion"],
 )  # fmt: skip
 def test_edit_is_the_pipelines_edit(client, inverted, pipe, body, arguments):
     from icdcli.serve.parts import P2POptions
@@ -214,6 +218,7 @@ def test_bad_guidance_is_422(client, inverted, guidance):
         ("blend", "dog", ["dog", "in neither prompt"]),
         ("blended_word", "red", ["two words"]),
         ("replace_tail", "sideways", ["replace_tail must be aligned or release"]),
+        ("blend_keep", "photo", ["blend_keep must be source or inversion"]),
         ("tgt", "a\nyellow circle", ["newline"]),
         ("tgt", "x" * 1001, ["1,001 characters"]),
     ],

@@ -71,8 +71,11 @@ def p2p_roundtrip(
     (under one set of P2P settings for all, or one each)."""
     size = (pixels.shape[-1], pixels.shape[-2])
     per_image = [p2p] * len(captions) if isinstance(p2p, P2PSettings) else list(p2p)
+    keeps = any(each.keeps_inversion for each in per_image)
+    trajectory: dict[int, torch.Tensor] | None = {} if keeps else None
     with torch.no_grad():
-        latents = invert_latents(model, model.encode_image(pixels), captions, size=size, settings=settings)
+        x0 = model.encode_image(pixels)
+        latents = invert_latents(model, x0, captions, size=size, settings=settings, trajectory=trajectory)
         return torch.cat(
             [
                 decode_p2p(
@@ -85,6 +88,7 @@ def p2p_roundtrip(
                     tau=tau,
                     settings=settings,
                     p2p=each,
+                    trajectory=None if trajectory is None else {t: x[i : i + 1] for t, x in trajectory.items()},
                 )
                 for i, (source, target, each) in enumerate(zip(captions, target_captions, per_image, strict=True))
             ]

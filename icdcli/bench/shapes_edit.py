@@ -40,6 +40,7 @@ class EditMethod:
     tau: float | None  # None: the model's own tau
     editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe)
     blend: bool = False  # P2P with local blend on the edited word (its source and its target word)
+    blend_keep: str = "source"  # what local blend keeps outside the word's region (P2PSettings.blend_keep)
 
 
 EDIT_METHODS: tuple[EditMethod, ...] = (
@@ -48,6 +49,7 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
     EditMethod("icd4-p2p", "icd", None, None, "p2p"),
     EditMethod("ddim50-p2p", "ddim", GUIDED_W, 1.0, "p2p"),
     EditMethod("icd4-p2p-blend", "icd", None, None, "p2p", blend=True),
+    EditMethod("icd4-p2p-blend-inversion", "icd", None, None, "p2p", blend=True, blend_keep="inversion"),
 )
 WORD_KINDS: tuple[str, ...] = ("colour", "shape", "background")
 """Caption words whose maps are measured: the shape's colour word, the shape word, the background's colour word."""
@@ -88,7 +90,7 @@ def bench_shapes_edit(
         guidance = model.info.edit_guidance if method.guidance is None else method.guidance
         tau = model.info.tau if method.tau is None else method.tau
         settings = SamplerSettings(method.sampler, 50, seed)
-        p2p = P2POptions().resolve(model.info.edit)  # the model's recipe, as icd edit uses it
+        p2p = P2POptions(blend_keep=method.blend_keep).resolve(model.info.edit)  # the model's recipe, as icd edit
         per_kind: dict[str, dict[str, list[float]]] = {}
         for chunk in batches(pairs, batch):
             pixels, captions = render_batch([source for source, _, _ in chunk], size)

@@ -17,6 +17,7 @@ from icdcli.cli.console import console, console_options, say
 from icdcli.cli.options import (
     TextPath,
     batch_size_option,
+    blend_keep_option,
     edit_guidance_options,
     model_options,
     p2p_step_options,
@@ -65,6 +66,8 @@ def _run_folder(root: Path, out: Path | None, name: str | None, settings: Resolv
 
     sampling = settings.sampling
     run_name = name or method_name(sampling.sampler, sampling.steps(num_steps), settings.method)
+    if name is None and settings.p2p is not None and settings.p2p.blend_keep != "source":
+        run_name += f"-keep-{settings.p2p.blend_keep}"
     folder = (out if out is not None else default_out(root)) / run_name
     if folder.resolve() == root.resolve():
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
@@ -121,6 +124,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @edit_guidance_options
 @p2p_step_options
 @replace_tail_option
+@blend_keep_option
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @batch_size_option
 @click.option(
@@ -160,6 +164,7 @@ def pie(
     cross_replace: float | None,
     self_replace: float | None,
     replace_tail: str,
+    blend_keep: str,
     overwrite: bool,
     batch_size: int | None,
     lpips_path: Path | None,
@@ -193,7 +198,9 @@ def pie(
     if method == "p2p":
         _check_p2p()
     scorers = load_scorers(lpips_path, dino_path, clip_path)
-    p2p = P2POptions(cross_replace=cross_replace, self_replace=self_replace, replace_tail=replace_tail)
+    p2p = P2POptions(
+        cross_replace=cross_replace, self_replace=self_replace, replace_tail=replace_tail, blend_keep=blend_keep
+    )
     flags = EditFlags(None, None, EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p))
     loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
     info = loaded.model.info
@@ -210,6 +217,7 @@ def pie(
              **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
     if settings.p2p is not None:
         facts["replace_tail"] = settings.p2p.replace_tail
+        facts["blend_keep"] = settings.p2p.blend_keep
     scores, markdown = _score(items, outcomes, root=root, folder=folder, scorers=scorers)
     edits = edits_section(outcomes, total=len(items), seconds=edit_seconds, load_seconds=loaded.seconds)
     seconds = round(time.perf_counter() - started, 3)

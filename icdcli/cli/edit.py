@@ -21,6 +21,7 @@ from icdcli.cli.options import (
     ShardType,
     TextPath,
     batch_size_option,
+    blend_keep_option,
     edit_guidance_options,
     model_options,
     overwrite_option,
@@ -45,7 +46,7 @@ from icdcli.run.runner import EditRun
         ("Editing", ["method", "unguided_prompt", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
-                                             "amplify_new", "replace_tail"]),
+                                             "amplify_new", "replace_tail", "blend_keep"]),
         ("Output and batch", ["output", "overwrite", "shard", "batch_size", "jobs", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
@@ -209,6 +210,7 @@ from icdcli.run.runner import EditRun
     "Default: the model's (4 in the released SD1.5 recipe).",
 )
 @replace_tail_option
+@blend_keep_option
 @sampler_options
 @model_options
 @console_options
@@ -242,6 +244,7 @@ def edit(
     amplify: tuple[tuple[str, float], ...],
     amplify_new: float | None,
     replace_tail: str,
+    blend_keep: str,
     seed: int | None,
     sampler: str,
     ddim_steps: int,
@@ -269,7 +272,7 @@ def edit(
     started = time.perf_counter()
     p2p = p2p_options(
         cross_replace, self_replace, p2p_mode, blend_words, blend_source, blend_target, amplify, amplify_new,
-        blend_threshold, replace_tail,
+        blend_threshold, replace_tail, blend_keep,
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
     settings = EditFlags(source, target, request, unguided_prompt, given_flags())

@@ -334,6 +334,19 @@ def replace_tail_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def blend_keep_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--blend-keep source|inversion: what P2P's local blend keeps outside the edited region."""
+    return click.option(
+        "--blend-keep",
+        type=click.Choice(["source", "inversion"]),
+        default="source",
+        show_default=True,
+        help="p2p local blend: outside the blend words' region the result keeps the source branch (source: "
+        "P2P's and the release's rule) or the inversion's own latents at each step (inversion: the photo's own "
+        "latents at the end, so the rest of the image comes back as the VAE gives it).",
+    )(command)
+
+
 def edit_guidance_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--guidance and --tau of an edit (None: the model's recipe, `icdcli.diffusion.recipe.EditRequest.resolve`)."""
     options = [

@@ -38,12 +38,23 @@ ALIGNED_TAIL, RELEASE_TAIL = "aligned", "release"
 REPLACE_TAILS = (ALIGNED_TAIL, RELEASE_TAIL)
 """Prompt-to-Prompt replace edits: the tokens after the last changed word read their own counterparts' maps
 (`aligned`, icd's rule) or the release's shifted positions (`release`, for exact replays; docs/p2p.md)."""
+SOURCE_BRANCH, INVERSION_KEPT = "source", "inversion"
+BLEND_KEEPS = (SOURCE_BRANCH, INVERSION_KEPT)
+"""Local blend: outside the edited region the target keeps the source branch (`source`, P2P's and the release's
+rule) or the inversion's own latents at each step, the photo's own latents at the last (`inversion`)."""
 
 
 def check_replace_tail(value: Any, label: str = "replace_tail") -> str:
     """`value` when it names a replace-tail rule; ValueError saying which ones exist otherwise."""
     if value not in REPLACE_TAILS:
         raise ValueError(f"{label} must be {' or '.join(REPLACE_TAILS)}, not {str(value)[:40]!r}")
+    return str(value)
+
+
+def check_blend_keep(value: Any, label: str = "blend_keep") -> str:
+    """`value` when it names what local blend keeps outside the edited region; ValueError saying which exist."""
+    if value not in BLEND_KEEPS:
+        raise ValueError(f"{label} must be {' or '.join(BLEND_KEEPS)}, not {str(value)[:40]!r}")
     return str(value)
 
 
@@ -65,7 +76,9 @@ class P2PSettings:
     no region (what the release does). `replace_tail` is the rule of a replace edit's tokens after the last
     changed word: `aligned` (icd's: each reads its own counterpart) or `release` (the release's shifted
     positions, for exact replays of its results; see `icdcli.diffusion.p2p.tokens.replacement_mapper` and
-    docs/p2p.md).
+    docs/p2p.md). `blend_keep` is what local blend keeps outside the edited region: the source branch (`source`,
+    P2P's rule) or the inversion's latents at each step (`inversion`: the photo's own latents after the last step,
+    so the unchanged region decodes as the VAE gives it back).
 
     The defaults are the library's (P2P's own 0.8 and 0.4); an edit's come from its model's recipe through
     `P2POptions.resolve`. `to_record` is what an output keeps (read back by `P2POptions.from_record`).
@@ -82,6 +95,7 @@ class P2PSettings:
     amplify_new: float = 1.0
     strict_blend: bool = True
     replace_tail: str = ALIGNED_TAIL
+    blend_keep: str = SOURCE_BRANCH
 
     def __post_init__(self) -> None:
         for name in ("cross_replace", "self_replace", "blend_threshold"):
@@ -95,6 +109,7 @@ class P2PSettings:
             raise P2PError(f"P2P mode must be auto, replace or refine, got {self.mode!r}")
         try:
             check_replace_tail(self.replace_tail)
+            check_blend_keep(self.blend_keep)
         except ValueError as error:
             raise P2PError(str(error)) from None
 
@@ -102,10 +117,18 @@ class P2PSettings:
     def blends(self) -> bool:
         return bool(self.blend or self.blend_source or self.blend_target)
 
+    @property
+    def keeps_inversion(self) -> bool:
+        """Whether local blend keeps the inversion's latents outside the edited region (it needs them)."""
+        return self.blends and self.blend_keep == INVERSION_KEPT
+
     def to_record(self) -> dict[str, Any]:
         """The settings as JSON values (what an output's record keeps). `replace_tail` is kept only when it is the
-        release's: records of icd's default rule stay as they were before the choice existed (resume skips them)."""
+        release's, `blend_keep` only when it is `inversion`: records of the default rules stay as they were before the
+        choices existed (resume skips them)."""
         tail = {"replace_tail": self.replace_tail} if self.replace_tail != ALIGNED_TAIL else {}
+        if self.blend_keep != SOURCE_BRANCH:
+            tail["blend_keep"] = self.blend_keep
         return {
             "cross_replace": self.cross_replace,
             "self_replace": self.self_replace,
@@ -216,7 +239,8 @@ class SamplerSettings:
 class P2POptions:
     """Prompt-to-Prompt values the user gave (None: the recipe's), as flags, a spec or a record give them.
 
-    `replace_tail` is no recipe's: icd's aligned tail unless the release's is asked for (`REPLACE_TAILS`).
+    `replace_tail` is no recipe's: icd's aligned tail unless the release's is asked for (`REPLACE_TAILS`); nor is
+    `blend_keep`: the source branch unless the inversion's latents are asked for (`BLEND_KEEPS`).
 
     `resolve` is the one place where they meet the model's recipe; `from_record` reads the record an output
     keeps (`P2PSettings.to_record`), each number checked as its flag is.
@@ -233,6 +257,7 @@ class P2POptions:
     blend_threshold: float = BLEND_THRESHOLD
     strict_blend: bool = True
     replace_tail: str = ALIGNED_TAIL
+    blend_keep: str = SOURCE_BRANCH
 
     def resolve(self, recipe: EditRecipe) -> P2PSettings:
         """The `P2PSettings` of an edit: these values where given, else the recipe's."""
@@ -252,6 +277,7 @@ class P2POptions:
             amplify_new=pick(self.amplify_new, recipe.amplify),
             strict_blend=self.strict_blend,
             replace_tail=self.replace_tail,
+            blend_keep=self.blend_keep,
         )
 
     @classmethod
@@ -281,6 +307,7 @@ class P2POptions:
             blend_target=words("blend_target"),
             blend_threshold=float(check_number("blend_threshold", record.get("blend_threshold", BLEND_THRESHOLD))),
             replace_tail=check_replace_tail(record.get("replace_tail", ALIGNED_TAIL)),  # absent: icd's rule
+            blend_keep=check_blend_keep(record.get("blend_keep", SOURCE_BRANCH)),  # absent: P2P's rule
         )
 
 

@@ -134,13 +134,17 @@ def edit_batch(
             pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
             x0 = model.encode_image(pixels)
             seeds = [job.seed for job in chosen]
-            latents = invert_rows(model, x0, seeds, settings, sources.conditioning([job.source for job in chosen]))
+            trajectory: dict[int, torch.Tensor] | None = {} if keeps_inversion(chosen) else None
+            source_cond = sources.conditioning([job.source for job in chosen])
+            latents = invert_rows(model, x0, seeds, settings, source_cond, trajectory)
             prompts = target_prompts(model, chosen, size, sources)
         with timings.stage("decode"):
             if jobs[0].p2p is not None:
                 plan = planned(plans, runnable)
                 cond = pair_conditioning(prompts, chosen)
-                decoded = decode_p2p_rows(model, latents, chosen, plan, size, settings, callback, cond=cond)
+                decoded = decode_p2p_rows(
+                    model, latents, chosen, plan, size, settings, callback, cond=cond, trajectory=trajectory
+                )
             else:
                 decoded = decode_swap_rows(model, latents, chosen, settings, prompts, callback)
             # a job whose result is not finite gets its error; the others are kept
@@ -148,6 +152,11 @@ def edit_batch(
             for index, image in zip(runnable, images, strict=True):
                 results[index] = image
     return results  # type: ignore[return-value]
+
+
+def keeps_inversion(jobs: list[EditJob]) -> bool:
+    """Whether a job's local blend keeps the inversion's latents (its inversion must record them)."""
+    return any(job.p2p is not None and job.p2p.keeps_inversion for job in jobs)
 
 
 def target_prompts(model: EditModel, jobs: list[EditJob], size: tuple[int, int], sources: PromptTable) -> PromptTable:
@@ -230,9 +239,21 @@ def decode_p2p_rows(
     settings: SamplerSettings,
     callback: StepCallback | None = None,
     cond: Conditioning | None = None,
+    trajectory: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Target-branch pixels (P, 3, H, W) of P P2P edits decoded together (source and target rows interleaved);
-    `cond`: the rows' prompts, when the caller has encoded them."""
+    `cond`: the rows' prompts, when the caller has encoded them; `trajectory`: the inversion's latents (P rows) at
+    each timestep it landed on (`invert_rows`), which the edits whose local blend keeps the inversion need."""
+    if keeps_inversion(jobs):
+        if trajectory is None:
+            raise P2PError(
+                "local blend keeping the inversion (blend_keep inversion) needs the latents of the inversion's "
+                "steps: edit the image itself, or keep the source branch (--blend-keep source)"
+            )
+        landings = [s for _, s in p2p_steps(model, settings)]
+        for row, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
+            if job.p2p is not None and job.p2p.keeps_inversion:
+                plan.keep_inversion({t: x[row : row + 1] for t, x in trajectory.items()}, landings)
     denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
     if cond is None:
         cond = pair_conditioning(edit_conditioning(model, jobs, size), jobs)
@@ -258,14 +279,18 @@ def decode_p2p(
     settings: SamplerSettings,
     p2p: P2PSettings,
     callback: StepCallback | None = None,
+    trajectory: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode one image's noise latents as a P2P edit; returns the target branch's pixels (1, 3, H, W).
 
-    `callback` sees both branches' latents, (source, target), after each step."""
+    `callback` sees both branches' latents, (source, target), after each step; `trajectory` holds the inversion's
+    latents at its timesteps (`invert_latents`), which local blend keeping the inversion needs."""
     if latents.shape[0] != 1:
         raise ValueError(f"decode_p2p decodes one image; edit_batch decodes several, got a batch of {latents.shape[0]}")
     job = EditJob(Image.new("RGB", size), source_prompt, target_prompt, guidance, tau, settings.seed, p2p)
-    pixels, _ = decode_p2p_jobs(model, latents, [job], size=size, settings=settings, callback=callback)
+    pixels, _ = decode_p2p_jobs(
+        model, latents, [job], size=size, settings=settings, callback=callback, trajectory=trajectory
+    )
     return pixels
 
 
@@ -277,9 +302,10 @@ def decode_p2p_jobs(
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
+    trajectory: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[P2PPlan]]:
     """Decode the noise latents (P, C, h, w) of P P2P edits together, as `edit_batch` does: the target branches'
     pixels (P, 3, H, W) and each edit's plan, whose `map_sum` holds the maps local blend read (when it is on).
-    The jobs' images are not read; they share guidance and tau."""
+    The jobs' images are not read; they share guidance and tau. `trajectory`: as `decode_p2p_rows` takes it."""
     plans = [p2p_plan(model, job, size, settings) for job in jobs]
-    return decode_p2p_rows(model, latents, jobs, plans, size, settings, callback), plans
+    return decode_p2p_rows(model, latents, jobs, plans, size, settings, callback, trajectory=trajectory), plans

@@ -8,7 +8,7 @@ from PIL import Image
 from icdcli.diffusion.recipe import SamplerSettings
 from icdcli.diffusion.sampler import StepCallback, ddim_invert, icd_encode
 from icdcli.diffusion.schedule import NoiseSchedule
-from icdcli.editing.stages import conditioning_at, decode_rows, seeded_noise, stage_done
+from icdcli.editing.stages import conditioning_at, decode_rows, recording, seeded_noise, stage_done
 from icdcli.io.images import tensor_to_image
 from icdcli.models.api import EditModel
 
@@ -21,10 +21,13 @@ def invert_latents(
     size: tuple[int, int],
     settings: SamplerSettings,
     callback: StepCallback | None = None,
+    trajectory: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Clean latents (a batch, one prompt each or one for all) -> the noise latents that decode back to them."""
+    """Clean latents (a batch, one prompt each or one for all) -> the noise latents that decode back to them;
+    `trajectory` (when given) receives the latents of each timestep the inversion lands on (`recording`)."""
     cond = conditioning_at(model, prompt, size, 1.0)
     schedule = NoiseSchedule.stable_diffusion()
+    callback = recording(trajectory, x0, callback)
     if settings.sampler == "ddim":
         return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=callback)
     noise = seeded_noise(tuple(x0.shape), settings.seed).to(x0.device)

@@ -31,6 +31,8 @@ from icdcli.models.identity import model_hash
 
 INVERSION_FORMAT = 2
 """The version of the inversion file (`save_inversion`): 2 records the model hash, boundaries and sizes."""
+TRAJECTORY_PREFIX = "trajectory."
+"""The inversion file's tensors of the latents at each timestep the inversion landed on: `trajectory.259`, ..."""
 
 
 class InversionError(ICDError):
@@ -45,6 +47,8 @@ class Inversion:
     image they came from (`original_size`: what an edit of them returns), the sampler and seed (`settings`), and
     the identity of the model that made them (`model_hash`, `icdcli.models.identity`) with its boundaries. `prompts`
     caches the source prompt's encoding (in memory only, for this model), so an edit encodes only its target.
+    `trajectory` holds the latents of each timestep the inversion landed on, the clean ones at 0 (what local blend
+    keeping the inversion needs; kept in the file too); None for latents made without them.
     """
 
     latents: torch.Tensor
@@ -60,6 +64,7 @@ class Inversion:
     record: dict[str, Any] = field(default_factory=dict)
     """What the command that made it records (the input file, its sha256 and size): kept in the file."""
     prompts: PromptTable | None = field(default=None, repr=False, compare=False)
+    trajectory: dict[int, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 def invert(
@@ -100,10 +105,11 @@ def invert_for_edit(model: EditModel, image: Image.Image, source: str, settings:
     size = working_size(model, image)
     sources = encode_prompts(model, [source], size)
     x0 = model.encode_image(torch.cat([image_to_tensor(image, size)]))
-    latents = invert_rows(model, x0, [settings.seed], settings, sources.conditioning([source]))
+    trajectory: dict[int, torch.Tensor] = {}
+    latents = invert_rows(model, x0, [settings.seed], settings, sources.conditioning([source]), trajectory)
     info = model.info
     return Inversion(latents, source, size, image.size, settings, model_hash(model), tuple(info.forward_boundaries),
-                     tuple(info.reverse_boundaries), info.name, prompts=sources)  # fmt: skip
+                     tuple(info.reverse_boundaries), info.name, prompts=sources, trajectory=trajectory)  # fmt: skip
 
 
 def check_inversion(model: EditModel, inversion: Inversion, settings: SamplerSettings) -> None:
@@ -188,9 +194,17 @@ def edit_inversion(
     with timings.stage("decode"):
         latents = inversion.latents.to(model.device)
         if plan is not None:
-            decoded = decode_p2p_rows(
-                model, latents, [job], [plan], size, settings, cond=pair_conditioning(prompts, [job])
-            )
+            trajectory = None
+            if inversion.trajectory is not None:
+                trajectory = {t: x.to(model.device) for t, x in inversion.trajectory.items()}
+            elif job.p2p is not None and job.p2p.keeps_inversion:
+                raise InversionError(
+                    "these latents carry no inversion steps, which local blend keeping the inversion needs: invert "
+                    "the image again with this icd (icd invert ... --overwrite), or keep the source branch "
+                    "(--blend-keep source)"
+                )
+            cond = pair_conditioning(prompts, [job])
+            decoded = decode_p2p_rows(model, latents, [job], [plan], size, settings, cond=cond, trajectory=trajectory)
         else:
             decoded = decode_swap_rows(model, latents, [job], settings, prompts)
         result = tensors_to_images(decoded, [inversion.original_size])[0]
@@ -204,9 +218,10 @@ def _device(prompts: PromptTable) -> torch.device:
 
 
 def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any] | None = None) -> None:
-    """Write `inversion` as a .safetensors file: the tensor `latents`, and what made it in the metadata (with
-    `record`, the command's parameter record, as JSON under `icd`). Writes `path` in place: callers that must
-    never leave half a file write to a temporary path and rename it (`icdcli.io.atomic`)."""
+    """Write `inversion` as a .safetensors file: the tensor `latents` (and the trajectory's as `trajectory.T`), and
+    what made it in the metadata (with `record`, the command's parameter record, as JSON under `icd`). Writes `path`
+    in place: callers that must never leave half a file write to a temporary path and rename it (`icdcli.io.atomic`).
+    """
     from safetensors.torch import save_file
 
     from icdcli.core.values import strict_json
@@ -232,7 +247,10 @@ def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any
         "icd_version": __version__,
         "icd": strict_json(record if record is not None else inversion.record),
     }
-    save_file({"latents": inversion.latents.detach().cpu().contiguous()}, str(path), metadata)
+    tensors = {"latents": inversion.latents.detach().cpu().contiguous()}
+    for t, latents in (inversion.trajectory or {}).items():
+        tensors[f"{TRAJECTORY_PREFIX}{int(t)}"] = latents.detach().cpu().clone()  # one of them is `latents`
+    save_file(tensors, str(path), metadata)
 
 
 def load_inversion(path: str | Path) -> Inversion:
@@ -248,6 +266,7 @@ def load_inversion(path: str | Path) -> Inversion:
             metadata = handle.metadata() or {}
             names = set(handle.keys())
             latents = handle.get_tensor("latents") if "latents" in names else None
+            steps = {name: handle.get_tensor(name) for name in names if name.startswith(TRAJECTORY_PREFIX)}
     except Exception as error:  # safetensors raises its own error type for a damaged or foreign file
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise InversionError(
@@ -269,7 +288,9 @@ def load_inversion(path: str | Path) -> Inversion:
         forward = tuple(int(value) for value in json.loads(metadata["forward_boundaries"]))
         reverse = tuple(int(value) for value in json.loads(metadata["reverse_boundaries"]))
         record = json.loads(metadata.get("icd") or "{}")
+        trajectory = {int(name.removeprefix(TRAJECTORY_PREFIX)): x for name, x in steps.items()} if steps else None
     except (KeyError, ValueError, TypeError) as error:
         raise InversionError(f"{shown}: its metadata is damaged ({error}); invert the image again") from None
     return Inversion(latents, metadata["prompt"], size, original, settings, metadata.get("model_hash", ""), forward,
-                     reverse, metadata.get("model", ""), record if isinstance(record, dict) else {})  # fmt: skip
+                     reverse, metadata.get("model", ""), record if isinstance(record, dict) else {},
+                     trajectory=trajectory)  # fmt: skip

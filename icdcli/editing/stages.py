@@ -15,7 +15,7 @@ from PIL import Image
 from icdcli.diffusion.denoiser import Conditioning, PromptEmbedding
 from icdcli.diffusion.recipe import SamplerSettings
 from icdcli.diffusion.sampler import StepCallback, ddim_invert, ddim_sample, icd_decode, icd_encode
-from icdcli.diffusion.schedule import NoiseSchedule
+from icdcli.diffusion.schedule import CLEAN, NoiseSchedule
 from icdcli.io.images import fit_size
 from icdcli.models.api import EditModel
 
@@ -116,15 +116,41 @@ def conditioning_at(model: EditModel, prompt: str | list[str], size: tuple[int, 
     return model.conditioning(prompt, height, width, with_negative=model.needs_negative(guidance))
 
 
+def recording(
+    trajectory: dict[int, torch.Tensor] | None, x0: torch.Tensor, callback: StepCallback | None = None
+) -> StepCallback | None:
+    """`callback`, also keeping in `trajectory` (when given) the latents of each timestep an inversion lands on, and
+    `x0` at 0: the inversion's own latents, which local blend can keep outside the edited region."""
+    if trajectory is None:
+        return callback
+    trajectory[CLEAN] = x0
+
+    def record(index: int, t: int, latents: torch.Tensor) -> None:
+        trajectory[int(t)] = latents
+        if callback is not None:
+            callback(index, t, latents)
+
+    return record
+
+
 def invert_rows(
-    model: EditModel, x0: torch.Tensor, seeds: list[int], settings: SamplerSettings, cond: Conditioning
+    model: EditModel,
+    x0: torch.Tensor,
+    seeds: list[int],
+    settings: SamplerSettings,
+    cond: Conditioning,
+    trajectory: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Clean latents (B, C, h, w) -> their noise latents, each row's forward noise from its own seed."""
+    """Clean latents (B, C, h, w) -> their noise latents, each row's forward noise from its own seed.
+
+    `trajectory`, when given, receives the latents of every timestep the inversion lands on, the clean ones at 0
+    (what local blend keeps with `blend_keep="inversion"`)."""
     schedule = NoiseSchedule.stable_diffusion()
+    record = recording(trajectory, x0)
     if settings.sampler == "ddim":
-        return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule)
+        return ddim_invert(model.teacher_denoiser, x0, cond, settings.ddim_steps, schedule, callback=record)
     noise = torch.cat([seeded_noise((1, *x0.shape[1:]), seed) for seed in seeds]).to(x0.device)
-    latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule)
+    latents = icd_encode(model.forward_denoiser, x0, cond, model.info.forward_boundaries, noise, schedule, record)
     stage_done(model, "forward")
     return latents
 

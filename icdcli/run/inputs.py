@@ -12,7 +12,7 @@ from typing import Any
 from icdcli.core.errors import ICDError
 from icdcli.core.texts import check_text
 from icdcli.core.values import NumberError, check_number
-from icdcli.diffusion.recipe import ALIGNED_TAIL, BLEND_THRESHOLD, EditRequest, P2POptions
+from icdcli.diffusion.recipe import ALIGNED_TAIL, BLEND_THRESHOLD, SOURCE_BRANCH, EditRequest, P2POptions
 from icdcli.run.outputs import recorded_path
 from icdcli.run.records import UNGUIDED_FIELD
 from icdcli.run.report import log_line
@@ -25,7 +25,7 @@ MODEL_FLAGS = (
 
 _P2P_FLAGS = (
     "cross_replace", "self_replace", "p2p_mode", "blend_words", "blend_source", "blend_target", "blend_threshold",
-    "amplify", "amplify_new", "replace_tail",
+    "amplify", "amplify_new", "replace_tail", "blend_keep",
 )  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def p2p_options(
     amplify_new: float | None,
     blend_threshold: float = BLEND_THRESHOLD,
     replace_tail: str = ALIGNED_TAIL,
+    blend_keep: str = SOURCE_BRANCH,
 ) -> P2POptions:
     """The P2P values of the command line (a --blend value may hold several words); None: the model's."""
 
@@ -71,6 +72,7 @@ def p2p_options(
         blend_target=split(blend_target),
         blend_threshold=blend_threshold,
         replace_tail=replace_tail,
+        blend_keep=blend_keep,
     )
 
 

@@ -6,7 +6,7 @@ No web framework here: `ApiError` carries the HTTP status and the one-line messa
 response. Field names are a spec row's (`src`, `tgt`, `guidance`, `tau`, `seed`, `blended_word`,
 `replace_tail`) and, for what a row has no column for, the `icd edit` flag's with underscores (`method`,
 `unguided_prompt`, `cross_replace`, `self_replace`, `p2p_mode`, `blend`, `blend_src`, `blend_tgt`,
-`blend_threshold`, `amplify`, `amplify_new`).
+`blend_threshold`, `blend_keep`, `amplify`, `amplify_new`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ added before inversion (optional: the model's recipe)."""
 EDIT_FIELDS = (
     "inversion", "tgt", "method", "guidance", "tau", "unguided_prompt", "cross_replace", "self_replace", "p2p_mode",
     "blend", "blend_src", "blend_tgt", "blended_word", "blend_threshold", "amplify", "amplify_new", "replace_tail",
+    "blend_keep",
 )  # fmt: skip
 """`POST /edit`: an inversion id and the target prompt (both required), and the decode's settings (each optional:
 the model's recipe)."""
@@ -192,6 +193,7 @@ def edit_fields(given: Mapping[str, Any]) -> EditFields:
     except ValueError as error:
         raise ApiError(422, str(error)) from None
     threshold = number(given.get("blend_threshold"), "blend_threshold")
+    keep = choice(given.get("blend_keep"), "blend_keep", parts.BLEND_KEEPS, "source")
     p2p = parts.P2POptions(
         cross_replace=_float(number(given.get("cross_replace"), "cross_replace")),
         self_replace=_float(number(given.get("self_replace"), "self_replace")),
@@ -203,6 +205,7 @@ def edit_fields(given: Mapping[str, Any]) -> EditFields:
         blend_target=blend_target,
         blend_threshold=parts.BLEND_THRESHOLD if threshold is None else float(threshold),
         replace_tail=replace_tail,
+        blend_keep=keep,
     )
     return EditFields(
         inversion=inversion.strip(),

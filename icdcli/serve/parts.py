@@ -10,7 +10,14 @@ from __future__ import annotations
 from icdcli.core.errors import ICDError
 from icdcli.core.texts import TextError, check_text
 from icdcli.core.values import NumberError, check_number
-from icdcli.diffusion.recipe import BLEND_THRESHOLD, METHODS, P2P_MODES, P2POptions, check_replace_tail
+from icdcli.diffusion.recipe import (
+    BLEND_KEEPS,
+    BLEND_THRESHOLD,
+    METHODS,
+    P2P_MODES,
+    P2POptions,
+    check_replace_tail,
+)
 from icdcli.io.images import load_image, original_size
 from icdcli.models.checkpoints import model_files
 from icdcli.models.identity import model_hash
@@ -19,6 +26,7 @@ from icdcli.run.outputs import image_text
 from icdcli.run.records import unguided_record
 
 __all__ = [
+    "BLEND_KEEPS",
     "BLEND_THRESHOLD",
     "ICDError",
     "METHODS",

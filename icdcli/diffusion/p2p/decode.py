@@ -48,5 +48,5 @@ class P2PDenoiser:
         """The latents step `index + 1` starts from: local blend while the source rows are read, else the source
         rows as they were before the step and the target rows as it left them."""
         if self.plan.reads_source(index):
-            return self.plan.blend(after)
+            return self.plan.blend(after, index)
         return torch.stack([before[0::2], after[1::2]], dim=1).reshape(after.shape)

@@ -59,8 +59,8 @@ class ControlPlan(Protocol):
         """Accumulate the blend-resolution cross-attention maps one controlled step returned."""
         ...
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
-        """Local blend of the rows (source 1, target 1, ...) after a step, from the maps so far."""
+    def blend(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Local blend of the rows (source 1, target 1, ...) after step `index`, from the maps so far."""
         ...
 
 
@@ -78,6 +78,9 @@ class P2PPlan:
     blend_size: int
     blend_threshold: float = BLEND_THRESHOLD
     map_sum: torch.Tensor | None = None
+    kept: list[torch.Tensor | None] | None = None
+    """Per step, the latents (1, C, h, w) the target keeps outside the blend region after it (the inversion's at the
+    step's timestep, `keep_inversion`); None (or a step's None): the source branch's, P2P's rule."""
     _controls: dict[int, StepControl] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def step(self, index: int) -> StepControl:
@@ -111,8 +114,14 @@ class P2PPlan:
         step_sum = torch.stack([m.float() for m in maps]).sum(0)
         self.map_sum = step_sum if self.map_sum is None else self.map_sum + step_sum.to(self.map_sum.device)
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
-        """Local blend of the two branches (source row 0, target row 1) from the maps so far."""
+    def keep_inversion(self, trajectory: dict[int, torch.Tensor], landings: Sequence[int]) -> None:
+        """Keep the inversion's latents outside the blend region: after the step landing at `landings[i]`, the
+        target takes `trajectory[landings[i]]` there (a timestep the inversion did not pass keeps the source branch).
+        """
+        self.kept = [trajectory.get(int(s)) for s in landings]
+
+    def blend(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Local blend of the two branches (source row 0, target row 1) after step `index`, from the maps so far."""
         if self.blend_tokens is None or self.map_sum is None:
             return x
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -121,7 +130,8 @@ class P2PPlan:
         mask = blend_mask(
             self.map_sum, self.blend_tokens, size=self.blend_size, latent_hw=latent_hw, threshold=self.blend_threshold
         )
-        return local_blend(x, mask.to(x.device, x.dtype))
+        kept = self.kept[index] if self.kept is not None else None
+        return local_blend(x, mask.to(x.device, x.dtype), None if kept is None else kept.to(x.device, x.dtype))
 
 
 @dataclass
@@ -150,10 +160,10 @@ class P2PBatch:
         for pair, plan in enumerate(self.plans):
             plan.add_maps([m[2 * pair : 2 * pair + 2] for m in maps])
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
+    def blend(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if len(self.plans) == 1:
-            return self.plans[0].blend(x)
-        return torch.cat([plan.blend(x[2 * pair : 2 * pair + 2]) for pair, plan in enumerate(self.plans)])
+            return self.plans[0].blend(x, index)
+        return torch.cat([plan.blend(x[2 * pair : 2 * pair + 2], index) for pair, plan in enumerate(self.plans)])
 
 
 # --- local blend ----------------------------------------------------------------------------------
@@ -175,10 +185,11 @@ def blend_mask(
     return (maps > threshold).any(dim=0, keepdim=True).float()
 
 
-def local_blend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Keep the target branch (row 1) equal to the source (row 0) outside `mask`."""
+def local_blend(x: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the target branch (row 1) equal to `kept` outside `mask`: the source branch (row 0) when None."""
     source, target = x[0:1], x[1:2]
-    return torch.cat([source, source + mask * (target - source)])
+    outside = source if kept is None else kept
+    return torch.cat([source, outside + mask * (target - outside)])
 
 
 def blend_resolution(latent_side: int) -> int:
