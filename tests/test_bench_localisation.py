@@ -8,7 +8,14 @@ from transformers import AutoTokenizer
 
 from icdcli.bench.inversion import bench_inversion
 from icdcli.bench.scenes import edit_pairs, heldout_scenes, source_attention_maps, word_region
-from icdcli.bench.shapes_edit import EDIT_METHODS, bench_localisation, bench_shapes_edit, blend_on_edited_word, mask_iou
+from icdcli.bench.shapes_edit import (
+    EDIT_METHODS,
+    REFERENCES,
+    bench_localisation,
+    bench_shapes_edit,
+    blend_on_edited_word,
+    mask_iou,
+)
 from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
 from icdcli.models.sources import DEFAULT_MODEL_DIR
 from icdcli.training.scenes import render_batch
@@ -119,3 +126,16 @@ def test_shapes_edit_blend_row_and_localisation_on_the_embedded_model(embedded):
             and 0.0 < row["region"] <= 1.0
             and 3 * row["localised"] == pytest.approx(round(3 * row["localised"]))
         )
+
+
+@pytest.mark.slow
+def test_the_reference_rows_bound_what_an_edit_can_keep(embedded):
+    """`vae` is the source unedited (never the target's attribute) and keeps the most of it; the oracle latent blend
+    changes every edited attribute and keeps less: the VAE's receptive field carries the change across cells."""
+    methods = tuple(m for m in EDIT_METHODS if m.editing in REFERENCES)
+    result = bench_shapes_edit(embedded, count=6, batch=9, methods=methods, localisation=False)
+    rows = {(row["method"], row["kind"]): row for row in result["rows"]}
+    assert rows[("vae", "all")]["accuracy"] == 0.0
+    assert rows[("latent-blend-oracle", "all")]["accuracy"] >= 0.8
+    for kind in ("colour", "shape", "background", "all"):
+        assert rows[("vae", kind)]["psnr_background"] > rows[("latent-blend-oracle", kind)]["psnr_background"], kind

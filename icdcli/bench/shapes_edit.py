@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from icdcli.bench.metrics import psnr
 from icdcli.bench.scenes import (
@@ -38,7 +39,7 @@ class EditMethod:
     sampler: str
     guidance: float | None  # None: the model's own edit guidance
     tau: float | None  # None: the model's own tau
-    editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe)
+    editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe), or a reference: REFERENCES
     blend: bool = False  # P2P with local blend on the edited word (its source and its target word)
     blend_keep: str = "source"  # what local blend keeps outside the word's region (P2PSettings.blend_keep)
 
@@ -50,7 +51,13 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
     EditMethod("ddim50-p2p", "ddim", GUIDED_W, 1.0, "p2p"),
     EditMethod("icd4-p2p-blend", "icd", None, None, "p2p", blend=True),
     EditMethod("icd4-p2p-blend-inversion", "icd", None, None, "p2p", blend=True, blend_keep="inversion"),
+    EditMethod("vae", "icd", None, None, "vae"),
+    EditMethod("latent-blend-oracle", "icd", None, None, "latent-blend-oracle"),
 )
+REFERENCES = ("vae", "latent-blend-oracle")
+"""Rows that edit nothing, to read the others against: the source through the VAE alone (`vae`: the ceiling of the
+unchanged region), and the best any blend of latents can do (`latent-blend-oracle`: the source's own latents in
+every latent cell the edit leaves unchanged, the target's own in every cell with a changed pixel)."""
 WORD_KINDS: tuple[str, ...] = ("colour", "shape", "background")
 """Caption words whose maps are measured: the shape's colour word, the shape word, the background's colour word."""
 LOCALISED_IOU = 0.5
@@ -95,7 +102,9 @@ def bench_shapes_edit(
         for chunk in batches(pairs, batch):
             pixels, captions = render_batch([source for source, _, _ in chunk], size)
             targets = [target.caption() for _, target, _ in chunk]
-            if method.editing == "p2p":
+            if method.editing in REFERENCES:
+                edited = reference_edit(model, pixels, chunk, oracle=method.editing == "latent-blend-oracle")
+            elif method.editing == "p2p":
                 edited = p2p_roundtrip(
                     model,
                     pixels,
@@ -137,6 +146,23 @@ def bench_shapes_edit(
         say("shapes-edit: localisation")
         result["localisation"] = bench_localisation(model, heldout_scenes(count, seed), batch=batch, seed=seed)
     return result
+
+
+def reference_edit(
+    model: EditModel, pixels: torch.Tensor, chunk: list[tuple[Scene, Scene, str]], *, oracle: bool
+) -> torch.Tensor:
+    """The sources through the VAE alone, or (`oracle`) decoded from the source's latents outside the latent cells
+    with a changed pixel and the exactly rendered target's inside them (`REFERENCES`)."""
+    with torch.no_grad():
+        latents = model.encode_image(pixels)
+        if oracle:
+            size = pixels.shape[-1]
+            targets, _ = render_batch([target for _, target, _ in chunk], size)
+            changed = torch.stack([torch.from_numpy(change_mask(s, t, size=size)) for s, t, _ in chunk])[:, None]
+            factor = size // latents.shape[-1]
+            cells = (F.max_pool2d(changed.float(), factor) > 0).to(latents.dtype)
+            latents = latents + cells * (model.encode_image(targets.to(pixels.device)) - latents)
+        return model.decode_latents(latents)
 
 
 def blend_on_edited_word(p2p: P2PSettings, source: Scene, target: Scene, kind: str) -> P2PSettings:

@@ -107,9 +107,13 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     For each kind (colour, shape, background): PSNR to the target, PSNR of the unchanged region to
     the source, and attribute accuracy. Methods: icd4-swap and icd4-p2p (the model: prompt swap and
     Prompt-to-Prompt with the model's edit recipe), ddim50-swap and ddim50-p2p (its teacher: DDIM50
-    inversion, then 50 steps at w=8), icd4-p2p-blend (icd4-p2p with local blend on the edited word).
-    Then, per kind of caption word (the shape's colour, the shape, the background's colour), how well
-    its cross-attention map, as local blend thresholds it, covers its region (IoU).
+    inversion, then 50 steps at w=8), icd4-p2p-blend (icd4-p2p with local blend on the edited word),
+    icd4-p2p-blend-inversion (the same, keeping the inversion's latents outside the word's region). With
+    --method all, two references: vae (the source through the VAE alone: the unchanged region's ceiling) and
+    latent-blend-oracle (the source's latents where the edit changes no pixel of a latent cell, the exact
+    target's elsewhere: the best any blend of latents can do). Then, per kind of caption word (the shape's colour,
+    the shape, the background's colour), how well its cross-attention map, as local blend thresholds it, covers
+    its region (IoU).
     """
     from icdcli.bench.scenes import markdown_table
     from icdcli.bench.shapes_edit import EDIT_METHODS, bench_shapes_edit
