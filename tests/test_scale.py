@@ -204,16 +204,18 @@ def test_stage_meter_attributes_memory_to_the_innermost_stage():
 
 
 @pytest.mark.slow
-def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path):
+def test_bench_scale_runs_the_users_path_end_to_end(monkeypatch, tmp_path, capfd):
     """The command at shrunk width on PyTorch: files written once into the cache, fused through the user's flags'
-    path, one warm-up and one timed edit; the JSON the docs' tables come from."""
+    path, one warm-up and one timed edit; the JSON the docs' tables come from. Under -q its worker processes print
+    nothing either."""
     from icdcli.cli.main import main
 
     monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
     args = ["bench", "scale", "--arch", "sd15", "--width-scale", str(WIDTH), "--size", "64", "--repeats", "1",
-            "--backends", "torch", "--json"]  # fmt: skip
+            "--backends", "torch", "--json", "-q"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert capfd.readouterr().err == "", "the workers' stderr (they write to the terminal, not to CliRunner)"
     report = json.loads(result.stdout)
     assert (report["arch"], report["size"]) == ("sd15", 64) and report["failures"] == {}
     (row,) = report["rows"]

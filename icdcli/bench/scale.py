@@ -53,6 +53,7 @@ class ScaleOptions:
     width: float = 1.0
     seed: int = 0
     low_memory: bool | None = None  # None: the size rule of icdcli.models.memory, as `icd edit` applies it
+    verbosity: str = "normal"  # the workers' output: "quiet" (errors only), "normal" or "verbose" (debug detail)
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ def worker_run(task: dict[str, Any], meter: StageMeter, say: Callable[[str], Non
         run()
     meter.seconds = {key: value for key, value in meter.seconds.items() if key in ("load", "sessions", "warmup")}
     result = None
-    for _ in tqdm(range(task["repeats"]), desc=f"{task['label']} edits", unit="edit", file=sys.stderr):
+    quiet = True if task.get("verbosity") == "quiet" else None  # tqdm's disable: None, a bar only on a terminal
+    for _ in tqdm(range(task["repeats"]), desc=f"{task['label']} edits", unit="edit", file=sys.stderr, disable=quiet):
         result = run()
     out = Path(task["out"])
     np.save(out.with_suffix(".latents.npy"), timed.last_latents.numpy())
@@ -296,9 +298,12 @@ def run_worker(task_path: Path) -> None:
 
     from icdcli.core.quiet import quiet_libraries
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")  # the icd logger, on stderr
-    quiet_libraries()
     task = json.loads(task_path.read_text())
+    verbosity = task.get("verbosity", "normal")  # the parent command's -q / -v
+    level = {"quiet": logging.ERROR, "verbose": logging.DEBUG}.get(verbosity, logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")  # the icd logger, on stderr
+    if verbosity != "verbose":
+        quiet_libraries()
     meter = StageMeter(task_path.with_suffix(".status.json"))
     if task["device"].startswith("cuda"):
         import torch
@@ -306,7 +311,8 @@ def run_worker(task_path: Path) -> None:
         meter.synchronize = torch.cuda.synchronize
 
     def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        if verbosity != "quiet":
+            print(message, file=sys.stderr, flush=True)
 
     try:
         result = WORKERS[task["kind"]](task, meter, say)
@@ -406,6 +412,7 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
         "repeats": options.repeats,
         "seed": options.seed,
         "low_memory": options.low_memory,
+        "verbosity": options.verbosity,
     }
     report: dict[str, Any] = {
         "arch": options.arch,

@@ -124,7 +124,7 @@ def scale(arch: str, size: int | None, backends: tuple[str, ...], precision: str
     options = ScaleOptions(
         arch=arch, size=size, backends=backends,
         precision=precision, method=method, repeats=repeats, device=device, width=width, seed=seed,
-        low_memory=low_memory,
+        low_memory=low_memory, verbosity=console().verbosity.name.lower(),
     )  # fmt: skip
     report = bench_scale(options, progress=say)
     if as_json:
