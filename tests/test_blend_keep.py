@@ -66,10 +66,9 @@ def test_blend_keep_is_checked_recorded_and_read_back():
         P2POptions.from_record({**record, "blend_keep": "nothing"})
 
 
-def _decode_with_steps(model, photo, keep: str):
+def _decode_with_steps(model, photo, keep: str, settings: SamplerSettings = SamplerSettings("icd", 50, 0)):
     """The latents after each step of a P2P edit blending on the colour word, the inversion's trajectory, and the
     blend mask after the last step."""
-    settings = SamplerSettings("icd", 50, 0)
     size = (32, 32)
     p2p = P2POptions(blend_source=("red",), blend_target=("yellow",), blend_keep=keep).resolve(model.info.edit)
     recipe = model.info.edit
@@ -163,3 +162,17 @@ def test_icd_edit_records_blend_keep(tmp_path, photo):
     bad = CliRunner().invoke(main, ["edit", str(photo_path), "--src", SOURCE, "--tgt", TARGET, "--blend-keep", "x"])
     assert bad.exit_code == 2 and "--blend-keep" in bad.output
     assert json.loads(result.output.strip().splitlines()[-1])["status"] == "done"
+
+
+def test_ddim_decoding_keeps_the_ddim_inversions_latents(photo):
+    """DDIM's decoding steps land on the timesteps its inversion passed, then on 0."""
+    from icdcli.diffusion.schedule import ddim_timesteps
+    from icdcli.models.sources import ModelRequest, load_requested_model
+
+    with_teacher = load_requested_model(ModelRequest(None, None, None, None, None), need_teacher=True)
+    steps, trajectory, mask = _decode_with_steps(with_teacher, photo, "inversion", SamplerSettings("ddim", 6, 0))
+    assert 0 < int(mask.sum()) < mask.numel()
+    timesteps = ddim_timesteps(6)  # 1, 167, ..., 835
+    assert [t for t, _ in steps] == timesteps[::-1][1:] + [0] and set(trajectory) == {0, *timesteps}
+    t, last = steps[-1]
+    assert torch.equal(last[1][:, ~mask], trajectory[0][0][:, ~mask])
