@@ -176,3 +176,17 @@ def test_ddim_decoding_keeps_the_ddim_inversions_latents(photo):
     assert [t for t, _ in steps] == timesteps[::-1][1:] + [0] and set(trajectory) == {0, *timesteps}
     t, last = steps[-1]
     assert torch.equal(last[1][:, ~mask], trajectory[0][0][:, ~mask])
+
+
+def test_p2p_flags_on_a_swap_run_get_a_note(tmp_path, photo):
+    from icdcli.cli.main import main
+
+    photo_path = tmp_path / "photo.png"
+    photo.save(photo_path)
+    args = ["edit", str(photo_path), "--src", SOURCE, "--tgt", TARGET, "--blend", "red", "--blend-keep", "inversion",
+            "-o", str(tmp_path / "out.png"), "--device", "cpu"]  # fmt: skip
+    swap = CliRunner().invoke(main, [*args, "--method", "swap"])
+    assert swap.exit_code == 0, swap.output
+    assert "--blend, --blend-keep not used: this run edits by prompt swap" in swap.output
+    p2p = CliRunner().invoke(main, [*args, "--method", "p2p", "--overwrite"])
+    assert p2p.exit_code == 0 and "not used" not in p2p.output, p2p.output

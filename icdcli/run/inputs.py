@@ -29,6 +29,19 @@ _P2P_FLAGS = (
 )  # fmt: skip
 
 
+_FLAG_NAMES = {"blend_words": "--blend", "blend_source": "--blend-src", "blend_target": "--blend-tgt"}
+
+
+def unused_p2p_note(flags: EditFlags, method: str) -> str | None:
+    """A note when Prompt-to-Prompt flags were given to a run that edits by prompt swap (`method`: the resolved
+    method, one for the whole run); None otherwise."""
+    given = [name for name in _P2P_FLAGS if name in flags.given]
+    if not given or method == "p2p":
+        return None
+    shown = ", ".join(_FLAG_NAMES.get(name, "--" + name.replace("_", "-")) for name in given)
+    return f"{shown} not used: this run edits by prompt swap (give --method p2p for Prompt-to-Prompt)"
+
+
 @dataclass(frozen=True)
 class EditFlags:
     """The command line's edit: its prompts (None: each spec row's) and what it asks of every edit (the values

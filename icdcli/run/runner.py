@@ -17,7 +17,7 @@ from typing import Any
 
 from icdcli.core.errors import ICDError
 from icdcli.run.batch import display
-from icdcli.run.inputs import EditFlags
+from icdcli.run.inputs import EditFlags, unused_p2p_note
 from icdcli.run.model import Loaded, ModelLoader
 from icdcli.run.report import Reporter, RunEnd, RunFailed, RunReport
 from icdcli.run.session import EditSession
@@ -89,6 +89,9 @@ class EditRun:
     def adopt(self, loaded: Loaded) -> None:
         """Run on a loaded model: its recipe under the flags, and its identity for the records."""
         self._session = self.make_session(loaded)
+        note = unused_p2p_note(self.flags, self.flags.request.resolve(loaded.model.info).method)
+        if note:
+            logging.getLogger("icd").warning(note)
         if self.expected_hash and self.expected_hash != self._session.identity.hash:
             logging.getLogger("icd").warning(
                 "the model differs from the one that made the recorded edit: the result will differ"
