@@ -251,9 +251,9 @@ def decode_p2p_rows(
                 "steps: edit the image itself, or keep the source branch (--blend-keep source)"
             )
         landings = [s for _, s in p2p_steps(model, settings)]
-        for row, (job, plan) in enumerate(zip(jobs, plans, strict=True)):
+        for row, (job, each) in enumerate(zip(jobs, plans, strict=True)):
             if job.p2p is not None and job.p2p.keeps_inversion:
-                plan.keep_inversion({t: x[row : row + 1] for t, x in trajectory.items()}, landings)
+                each.keep_inversion({t: x[row : row + 1] for t, x in trajectory.items()}, landings)
     denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
     if cond is None:
         cond = pair_conditioning(edit_conditioning(model, jobs, size), jobs)
