@@ -190,3 +190,27 @@ def test_p2p_flags_on_a_swap_run_get_a_note(tmp_path, photo):
     assert "--blend, --blend-keep not used: this run edits by prompt swap" in swap.output
     p2p = CliRunner().invoke(main, [*args, "--method", "p2p", "--overwrite"])
     assert p2p.exit_code == 0 and "not used" not in p2p.output, p2p.output
+
+
+def test_a_batch_keeps_each_edits_own_inversion(model, photo):
+    """In one batch, each edit keeping the inversion keeps its own row's latents: the same pixels as alone."""
+    from icdcli.editing.edits import edit_batch
+    from icdcli.training.scenes import Scene
+
+    recipe = model.info.edit
+    other = Image.fromarray(Scene("square", "red", "green", 0.4, 0.6, 0.4).render(32))
+    other_source = "a red square on a green background"
+    keep = P2POptions(blend_source=("red",), blend_target=("yellow",), blend_keep="inversion").resolve(recipe)
+    plain = P2POptions(blend_source=("red",), blend_target=("yellow",)).resolve(recipe)
+    jobs = [
+        EditJob(photo, SOURCE, TARGET, recipe.guidance, recipe.tau, 0, keep),
+        EditJob(other, other_source, "a yellow square on a green background", recipe.guidance, recipe.tau, 1, keep),
+        EditJob(other, other_source, "a yellow square on a green background", recipe.guidance, recipe.tau, 1, plain),
+    ]
+    settings = SamplerSettings("icd", 50, 0)
+    together = edit_batch(model, jobs, settings=settings)
+    for job, result in zip(jobs, together, strict=True):
+        (alone,) = edit_batch(model, [job], settings=settings)
+        difference = np.abs(np.asarray(result).astype(int) - np.asarray(alone).astype(int))
+        assert difference.max() <= 1, difference.max()  # batching changes nothing beyond rounding
+    assert np.abs(np.asarray(together[1]).astype(int) - np.asarray(together[2]).astype(int)).max() > 0
