@@ -17,6 +17,7 @@ from icdcli.diffusion.p2p.tokens import word_indicator
 from icdcli.diffusion.recipe import P2PSettings, SamplerSettings
 from icdcli.editing.edits import EditJob, decode_p2p, decode_p2p_jobs
 from icdcli.editing.generation import decode, invert_latents
+from icdcli.editing.stages import trajectory_row
 from icdcli.models.api import EditModel
 from icdcli.training.scenes import COLOURS, EDIT_KINDS, SHAPES, Scene, edit_scene, scenes, split_rng
 
@@ -88,7 +89,7 @@ def p2p_roundtrip(
                     tau=tau,
                     settings=settings,
                     p2p=each,
-                    trajectory=None if trajectory is None else {t: x[i : i + 1] for t, x in trajectory.items()},
+                    trajectory=None if trajectory is None else trajectory_row(trajectory, i),
                 )
                 for i, (source, target, each) in enumerate(zip(captions, target_captions, per_image, strict=True))
             ]

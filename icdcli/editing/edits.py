@@ -23,6 +23,7 @@ from icdcli.editing.stages import (
     invert_rows,
     same_or_rows,
     stage_done,
+    trajectory_row,
     working_size,
 )
 from icdcli.io.images import image_to_tensor, tensors_to_images
@@ -253,7 +254,7 @@ def decode_p2p_rows(
         landings = [s for _, s in p2p_steps(model, settings)]
         for row, (job, each) in enumerate(zip(jobs, plans, strict=True)):
             if job.p2p is not None and job.p2p.keeps_inversion:
-                each.keep_inversion({t: x[row : row + 1] for t, x in trajectory.items()}, landings)
+                each.keep_inversion(trajectory_row(trajectory, row), landings)
     denoiser = controlled_denoiser(model.teacher_denoiser if settings.sampler == "ddim" else model.reverse_denoiser)
     if cond is None:
         cond = pair_conditioning(edit_conditioning(model, jobs, size), jobs)

@@ -133,6 +133,11 @@ def recording(
     return record
 
 
+def trajectory_row(trajectory: dict[int, torch.Tensor], row: int) -> dict[int, torch.Tensor]:
+    """One row's share (1, C, h, w) of a batch's inversion trajectory (`recording`)."""
+    return {t: latents[row : row + 1] for t, latents in trajectory.items()}
+
+
 def invert_rows(
     model: EditModel,
     x0: torch.Tensor,
