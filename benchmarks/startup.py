@@ -14,11 +14,15 @@ Rows:
                   load from the export (icdcli.backends.graph_model), its sessions opened on first use
   edit onnxruntime  `icd edit examples/red-circle.png ... --backend onnxruntime` end to end, one fresh process:
                   what a script that calls icd once per file pays per image
+  edit openvino   the same on `--backend openvino` (where openvino is installed), its compiled graphs in the cache
+  edit openvino, compiling  the same with ICD_OPENVINO_CACHE=0: every graph compiled anew, as each process did before
+                  compiled graphs were cached
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -67,11 +71,11 @@ EDIT = ["examples/red-circle.png", "--src", "a red circle on a blue background",
         "--tgt", "a yellow circle on a blue background", "--backend", "onnxruntime", "--overwrite"]  # fmt: skip
 
 
-def _icd(*args: str) -> tuple[float, float]:
+def _icd(*args: str, env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall and CPU seconds of one `icd ARGS` process."""
     before = os.times()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "icdcli", *args], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "icdcli", *args], check=True, capture_output=True, env=env)
     after = os.times()
     return time.perf_counter() - start, (after.children_user - before.children_user) + (
         after.children_system - before.children_system
@@ -84,15 +88,24 @@ def measure(runs: int) -> dict[str, object]:
     samples: dict[str, list[tuple[float, float]]] = {}
     folder = tempfile.mkdtemp(prefix="icd-startup-")
     _icd("edit", *EDIT, "-o", os.path.join(folder, "edit.png"))  # exports on first use
+    openvino = importlib.util.find_spec("openvino") is not None
+    on_openvino = [*EDIT[:-3], "--backend", "openvino", "--overwrite", "-o", os.path.join(folder, "openvino.png")]
+    if openvino:
+        _icd("edit", *on_openvino)  # compiles the graphs into the cache
     for _ in range(runs):
         samples.setdefault("info", []).append(_icd("info"))
         samples.setdefault("edit onnxruntime", []).append(_icd("edit", *EDIT, "-o", os.path.join(folder, "edit.png")))
+        if openvino:
+            samples.setdefault("edit openvino", []).append(_icd("edit", *on_openvino))
+            compiling = {**os.environ, "ICD_OPENVINO_CACHE": "0"}
+            samples.setdefault("edit openvino, compiling", []).append(_icd("edit", *on_openvino, env=compiling))
         for mode in ("split", "whole", "onnxruntime"):
             out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, env=env)
             for name, value in json.loads(out.stdout.decode().strip().splitlines()[-1]).items():
                 samples.setdefault(name, []).append(tuple(value))
     shutil.rmtree(folder, ignore_errors=True)
     order = ["info", "import torch", "libraries", "model build", "model load", "onnxruntime load", "edit onnxruntime"]
+    order += ["edit openvino", "edit openvino, compiling"] if openvino else []
     return {
         "runs": runs,
         "cpus": os.cpu_count(),

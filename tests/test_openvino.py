@@ -1,5 +1,6 @@
-"""The opt-in OpenVINO backend (issue #30): the embedded model's edits match ONNX Runtime's, bf16 runs where the CPU
-has it, int8 weights (NNCF) stay near fp32, CUDA is refused, `auto` never picks it and `icd info` lists it.
+"""The opt-in OpenVINO backend (issue #30): the embedded model's edits match ONNX Runtime's, a current export starts
+without the model libraries and its compiled graphs are reused, bf16 runs where the CPU has it, int8 weights (NNCF)
+stay near fp32, CUDA is refused, `auto` never picks it and `icd info` lists it.
 
 The embedded model is exported once for the module (by the first ONNX Runtime edit); OpenVINO compiles that export.
 Whatever imports `openvino` runs in a child process (`python -m icdcli ...`): OpenVINO's runtime, once loaded, made
@@ -116,6 +117,42 @@ def test_openvino_edits_as_onnxruntime(method, shared_cache, tmp_path):
     assert record["backend"] == "openvino"
     mean, largest = difference(edited, reference)
     assert mean <= FP32_MEAN and largest <= FP32_MAX, f"{method}: mean {mean:.3f}, max {largest}"
+
+
+LEAN_PROBE = """
+import sys
+from click.testing import CliRunner
+from icdcli.cli.main import main
+result = CliRunner().invoke(main, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(",".join(name for name in ("diffusers", "transformers") if name in sys.modules))
+"""
+COMPILED = {"forward_unet", "reverse_unet_p2p", "text_encoder", "vae_encoder", "vae_decoder"}
+"""The graphs of a P2P edit at the model's own size."""
+
+
+def compiled_graphs(cache: Path) -> dict[Path, int]:
+    return {blob: blob.stat().st_mtime_ns for blob in (cache / "openvino").glob("*/*/*.blob")}
+
+
+@pytest.mark.slow
+def test_a_current_export_starts_lean_and_reuses_its_compiled_graphs(shared_cache, tmp_path, monkeypatch):
+    edit(tmp_path / "export.png", "--backend", "onnxruntime")  # the export is current
+    args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(tmp_path / "lean.png"), "--device", "cpu",
+            "--backend", "openvino"]  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", LEAN_PROBE, *args], capture_output=True, text=True, env=dict(os.environ)
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "", f"the lean start imported {probe.stdout.strip()}"
+    compiled = compiled_graphs(shared_cache)
+    assert {blob.parent.name.rsplit("-", 2)[0] for blob in compiled} >= COMPILED  # <graph>-<settings>-<digest>
+    warm, _ = edit(tmp_path / "warm.png", "--backend", "openvino")
+    assert compiled_graphs(shared_cache) == compiled, "the second edit imports what the first compiled"
+    monkeypatch.setenv(ov_engine.CACHE_SETTING, "0")
+    cold, _ = edit(tmp_path / "cold.png", "--backend", "openvino")
+    lean = np.asarray(Image.open(tmp_path / "lean.png").convert("RGB"), dtype=np.float64)
+    assert np.array_equal(warm, cold) and np.array_equal(lean, warm)
 
 
 @pytest.mark.slow

@@ -374,3 +374,35 @@ def test_the_first_run_maps_the_fused_weights_from_the_cache(shrunk, monkeypatch
     assert touched == touched  # every weight page read
     unet_bytes = sum(p.numel() * p.element_size() for p in model.reverse_unet.parameters())
     assert current_memory()[1] - before < unet_bytes, "the fused UNets stayed in private memory"
+
+
+def test_rows_that_read_the_same_export_share_one_export_worker(tmp_path, monkeypatch):
+    """OpenVINO and int8 rows run the fp32 export the first graph row made: one worker loads the model to export (or
+    to find the export current), not one per row; a bf16 ONNX Runtime row loads another model and exports its own."""
+    from icdcli.bench import scale
+    from icdcli.bench.scale_rows import parse_row
+
+    spawned: list[str] = []
+
+    def fake_spawn(task, folder, name):
+        spawned.append(name)
+        if task["kind"] == "export":
+            result = {"export_dir": str(tmp_path / task["precision"]), "seconds": {"export": [1.5]},
+                      "peak_rss_gb_by_stage": {"export": 2.0}, "peak_anon_gb": 1.0}  # fmt: skip
+            return scale.WorkerOutcome(result)
+        return scale.WorkerOutcome(None, "not timed here")
+
+    monkeypatch.setattr(scale, "spawn", fake_spawn)
+    report: dict = {"failures": {}, "skipped": {}, "disk_gb": {}, "rows": []}
+    exports: dict = {}
+    base = {"repeats": 1, "size": 64}
+    found = {}
+    for entry in ("onnxruntime", "openvino", "openvino:bf16", "onnxruntime:bf16"):
+        row = parse_row(entry, "fp32")
+        found[row.label] = scale._export(row, scale._row_task(row, base), tmp_path, report, lambda line: None, exports)
+    assert spawned == ["export-onnxruntime", "export-onnxruntime-bf16"]
+    assert found["onnxruntime"]["seconds"] == {"export": 1.5} and "export_shared_with" not in found["onnxruntime"]
+    for label in ("openvino", "openvino:bf16"):
+        assert found[label] == {"seconds": {}, "export_shared_with": "onnxruntime"}
+    assert found["onnxruntime:bf16"]["seconds"] == {"export": 1.5}
+    assert report["failures"] == {}

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend started from a current export alone: no diffusers, no transformers, no weights read.
+"""ONNX Runtime (or OpenVINO) started from a current export alone: no diffusers, no transformers, no weights read.
 
 When a model folder's export is current (its fingerprint, precision and opset match, see `export.manifest`), every
 network of an edit runs from the graphs; the PyTorch model would only supply metadata and tokenizers, and building
@@ -378,9 +378,11 @@ def load_exported(
     dtype: torch.dtype,
     low_memory: bool | None = None,
     native_size: int | None = None,
+    backend: str = "onnxruntime",
 ) -> AcceleratedModel | None:
-    """The model of `request` on ONNX Runtime from its current export, PyTorch deferred; None when there is no current
-    export, or the request needs what only a full load can tell (then load as before: `load`, export, accelerate).
+    """The model of `request` on ONNX Runtime (or OpenVINO) from its current export, PyTorch deferred; None when there
+    is no current export, or the request needs what only a full load can tell (then load as before: `load`, export,
+    accelerate).
 
     Args:
         request: The model flags.
@@ -390,9 +392,10 @@ def load_exported(
         dtype: The UNets' and text encoders' dtype.
         low_memory: `--low-memory`; None decides by the UNets' size, as a full load does.
         native_size: Another working size than the model's.
+        backend: `onnxruntime`, or `openvino` (on the CPU; its graphs compute in bf16 for a bfloat16 `dtype`, as
+            `icdcli.backends.accelerated.accelerate` runs them).
     """
     from icdcli.backends.accelerated import AcceleratedModel, lock_path
-    from icdcli.engines import onnxruntime as ort_engine
     from icdcli.export import DEFAULT_OPSET, read_manifest, stale_reason
     from icdcli.export.files import file_lock
     from icdcli.export.manifest import export_dir
@@ -434,4 +437,13 @@ def load_exported(
         logger.info("low memory: each UNet's weights are freed once its stage of an edit is over")
     roles = ["forward_unet", "reverse_unet"] + (["teacher_unet"] if teacher else [])
     fallbacks = {role: DeferredFallback(model, role) for role in roles}
-    return AcceleratedModel(model, ort_engine.load_parts(exported, manifest, device=device, fallbacks=fallbacks))
+    if backend == "openvino":
+        from icdcli.engines import openvino as ov_engine
+
+        ov_precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        parts = ov_engine.load_parts(exported, manifest, device=device, precision=ov_precision, fallbacks=fallbacks)
+    else:
+        from icdcli.engines import onnxruntime as ort_engine
+
+        parts = ort_engine.load_parts(exported, manifest, device=device, fallbacks=fallbacks)
+    return AcceleratedModel(model, parts)

@@ -440,8 +440,9 @@ def bench_scale(options: ScaleOptions, progress: Callable[[str], None] | None = 
         if not runnable or not _prepare_caches(runnable, base_task, folder, report, say):
             return report
         outputs: dict[str, Path] = {}
+        exports: dict[str, tuple[str, dict[str, Any]]] = {}
         for row in runnable:
-            out = _run_row(row, base_task, folder, report, say)
+            out = _run_row(row, base_task, folder, report, say, exports)
             if out is not None:
                 outputs[row.label] = out
         _add_parity(report, outputs, {row.label: row.precision for row in rows})
@@ -488,20 +489,33 @@ def _add_parity(report: dict[str, Any], outputs: dict[str, Path], precisions: di
 
 
 def _export(
-    row: RowSpec, task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
-) -> dict[str, Any] | None:
+    row: RowSpec, task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None],
+    exports: dict[str, tuple[str, dict[str, Any]]],
+) -> dict[str, Any] | None:  # fmt: skip
     """Export for a graph backend (or find the export current), and for an int8 ONNX Runtime row quantize its UNets:
-    what the row records of it, or None where it failed or the quantizer cannot (noted in `report`)."""
+    what the row records of it, or None where it failed or the quantizer cannot (noted in `report`).
+
+    `exports` keeps, per PyTorch precision, the first row that exported and its worker's result: the rows after it
+    that load the model at the same precision run the same export (OpenVINO and int8 rows all read the fp32 one), so
+    no other worker loads the model to find it current; such a row records `export_shared_with` instead of seconds."""
     name = row.label.replace(":", "-")
-    say(f"exporting for {row.label}")
-    exported = spawn({**task, "kind": "export"}, folder, f"export-{name}")
-    if exported.result is None:
-        report["failures"][f"{row.label} export"] = exported.failure
-        return None
-    export_dir = Path(exported.result["export_dir"])
-    found = {"seconds": {"export": exported.result["seconds"]["export"][0]},
-             "export_peak_rss_gb": exported.result["peak_rss_gb_by_stage"].get("export"),
-             "export_peak_anon_gb": exported.result["peak_anon_gb"]}  # fmt: skip
+    shared = exports.get(row.load_precision)
+    if shared is not None:
+        first, result = shared
+        say(f"{row.label} runs the export made for {first}")
+        found: dict[str, Any] = {"seconds": {}, "export_shared_with": first}
+    else:
+        say(f"exporting for {row.label}")
+        exported = spawn({**task, "kind": "export"}, folder, f"export-{name}")
+        if exported.result is None:
+            report["failures"][f"{row.label} export"] = exported.failure
+            return None
+        result = exported.result
+        exports[row.load_precision] = (row.label, result)
+        found = {"seconds": {"export": result["seconds"]["export"][0]},
+                 "export_peak_rss_gb": result["peak_rss_gb_by_stage"].get("export"),
+                 "export_peak_anon_gb": result["peak_anon_gb"]}  # fmt: skip
+    export_dir = Path(result["export_dir"])
     report["disk_gb"].setdefault("export", _size_of(export_dir))
     if row.backend != "onnxruntime" or row.precision != "int8":
         return found
@@ -520,16 +534,17 @@ def _export(
 
 
 def _run_row(
-    row: RowSpec, base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None]
-) -> Path | None:
-    """Export (when the backend needs it) and time one row; adds it (or its failure) to `report`. Returns where its
-    last edit's arrays are, for the parity check."""
+    row: RowSpec, base_task: dict[str, Any], folder: Path, report: dict[str, Any], say: Callable[[str], None],
+    exports: dict[str, tuple[str, dict[str, Any]]],
+) -> Path | None:  # fmt: skip
+    """Export (when the backend needs it, see `_export` for `exports`) and time one row; adds it (or its failure) to
+    `report`. Returns where its last edit's arrays are, for the parity check."""
     task = _row_task(row, base_task)
     repeats, size = task["repeats"], task["size"]
     record: dict[str, Any] = {"backend": row.backend, "precision": row.precision, "row": row.label}
     extra: dict[str, Any] = {}
     if row.exports:
-        found = _export(row, task, folder, report, say)
+        found = _export(row, task, folder, report, say, exports)
         if found is None:
             return None
         extra = found.pop("seconds")

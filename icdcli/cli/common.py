@@ -139,12 +139,12 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
             loaded.set_execution(execution)  # its notes (eager off CUDA, compile times, failed captures) are logged
         return loaded
 
-    if chosen == "onnxruntime":
+    if chosen in ("onnxruntime", "openvino"):
         from icdcli.backends.graph_model import load_exported
 
         lean = load_exported(
             request, load_torch, need_teacher=need_teacher, device=device, dtype=dtype or default_dtype(device),
-            low_memory=ctx_options.get("low_memory"), native_size=ctx_options.get("native_size"),
+            low_memory=ctx_options.get("low_memory"), native_size=ctx_options.get("native_size"), backend=chosen,
         )  # fmt: skip
         if lean is not None:
             return _loaded(lean, request.label, start, chosen)
