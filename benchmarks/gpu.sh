@@ -4,9 +4,9 @@
 # peft installed; diffusers may come as a wheel carried with the repository; no network needed):
 #   benchmarks/gpu.sh [OUT_DIR]          # OUT_DIR defaults to $OUT (the device tool's), else ./gpu-out
 # Environment:
-#   DIFFUSERS_WHEEL  the diffusers wheel to install offline (default: the newest wheels/diffusers-*.whl or
-#                    shared/wheels/diffusers-*.whl, else any diffusers-*.whl up to 3 folders down); nothing is
-#                    installed when diffusers already imports
+#   DIFFUSERS_WHEEL  the diffusers wheel to install offline (default: every diffusers-*.whl under wheels/,
+#                    shared/wheels/ or up to 3 folders down, newest version first, until one imports: carry
+#                    0.42.1 and 0.35.2); nothing is installed when diffusers already imports
 #   GPU_SECONDS      the whole script's budget in seconds (default 480: 8 minutes)
 #   ARCHS            architectures of the main run (default: sd15)
 #   SKIP_INSTALL     set to 1 when diffusers and icd are installed already
@@ -64,13 +64,30 @@ if [ -n "${SKIP_INSTALL:-}" ]; then
 elif python3 -c "import diffusers" >/dev/null 2>&1; then
   echo "diffusers already importable: $(python3 -c 'import diffusers; print(diffusers.__version__)')" >>"$log"
 else
-  wheel=${DIFFUSERS_WHEEL:-$(ls -t wheels/diffusers-*.whl shared/wheels/diffusers-*.whl 2>/dev/null | head -1)}
-  [ -z "$wheel" ] && wheel=$(find . -maxdepth 3 -name 'diffusers-*.whl' -not -path './.git/*' 2>/dev/null | head -1)
-  if [ -n "$wheel" ] && [ -f "$wheel" ]; then
-    python3 -m pip install --no-index --no-deps "$wheel" >>"$log" 2>&1 || say "installing $wheel failed (see the log)"
+  # newest first: a diffusers that does not import beside this machine's huggingface_hub and transformers (0.42
+  # needs huggingface_hub >= 1.32) gives way to the next carried one (0.35 needs >= 0.34)
+  if [ -n "${DIFFUSERS_WHEEL:-}" ]; then
+    wheels=$DIFFUSERS_WHEEL
   else
-    say "no diffusers wheel found (set DIFFUSERS_WHEEL or put it under wheels/): the bench will fail to build models"
+    wheels=$(find wheels shared/wheels . -maxdepth 3 -name 'diffusers-*.whl' -not -path './.git/*' 2>/dev/null |
+      awk -F/ '!seen[$NF]++' | sort -t- -k2,2 -V -r)
   fi
+  imported=""
+  for wheel in $wheels; do
+    [ -f "$wheel" ] || continue
+    if ! python3 -m pip install --no-index --no-deps "$wheel" >>"$log" 2>&1; then
+      say "installing $wheel failed (see the log)"
+      continue
+    fi
+    if python3 -c "from diffusers import AutoencoderKL, UNet2DConditionModel" >>"$log" 2>&1; then
+      imported=$wheel
+      echo "diffusers from $wheel imports" >>"$log"
+      break
+    fi
+    say "diffusers from $wheel does not import here (see the log)"
+  done
+  [ -z "$imported" ] && say "no carried diffusers wheel imports (set DIFFUSERS_WHEEL or put wheels under wheels/):" \
+    "the bench will fail to build models"
 fi
 [ -z "${SKIP_INSTALL:-}" ] && { python3 -m pip install --no-index --no-deps --no-build-isolation -e . >>"$log" 2>&1 ||
   say "pip install -e . failed"; }
