@@ -189,7 +189,7 @@ def test_icd_cache_lists_and_prunes_compiled_graphs(export):
         os.utime(path, (old, old))
     pruned = CliRunner().invoke(main, ["cache", "prune", "--kind", "openvino"])
     assert pruned.exit_code == 0, pruned.output
-    assert "openvino compiled model" in pruned.output and not cached.parent.exists()
+    assert "removed openvino graphs model" in pruned.output and not cached.parent.exists()
 
 
 def test_graphs_over_the_size_bound_are_compiled_anew_each_time(export, monkeypatch):

@@ -27,7 +27,7 @@ KINDS = {
     "bases": "converted base",
     "onnx": "onnx export",
     "engines": "tensorrt engines",
-    "openvino": "openvino compiled",
+    "openvino": "openvino graphs",
 }
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
 
