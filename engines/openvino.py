@@ -26,22 +26,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from icdcli.core.digests import text_sha256
 from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.core.pages import pages_dropped
-from icdcli.core.paths import cache_root, mark_used
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts
+from icdcli.engines.prepared import graph_bytes, prepared_folder
 from icdcli.export.manifest import REVERSE_P2P, UNET_GRAPHS, GraphSpec, Manifest
 from icdcli.io.claims import file_lock
 
@@ -134,64 +130,12 @@ def compress_weights(model: Any) -> Any:
         return nncf.compress_weights(model, ignored_scope=ignored)
 
 
-def cache_enabled() -> bool:
-    return os.environ.get(CACHE_SETTING, "1").strip().lower() not in ("0", "off", "no", "false")
-
-
-def cache_entry(folder: Path) -> Path:
-    """The cache entry (`icd cache` lists and prunes it) of the compiled graphs of the export in `folder`: named after
-    the export's folder and a digest of its full path, since an export may live outside the cache (`icd export
-    --out`)."""
-    return cache_root() / CACHE_KIND / f"{folder.name}-{text_sha256(str(folder.resolve()))[:8]}"
-
-
-def graph_digest(folder: Path, spec: GraphSpec) -> str:
-    """What a compiled graph is a compilation of: the graph's sha256 as exported, and its files' sizes and modification
-    times as they are now (a file changed in place, even where the manifest was not rewritten, gives a new digest)."""
-    stats = []
-    for path in spec.files(folder):
-        stat = path.stat()
-        stats.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return text_sha256("|".join([spec.sha256, *stats]))[:16]
-
-
-def graph_bytes(folder: Path, spec: GraphSpec) -> float:
-    """The size of a graph's files (infinite where one is missing: nothing to cache)."""
-    try:
-        return sum(path.stat().st_size for path in spec.files(folder))
-    except OSError:
-        return float("inf")
-
-
-def settings_tag(config: dict[str, str]) -> str:
-    """A short name for the compile settings: OpenVINO's own key leaves some out (a graph compiled at f32 was imported
-    for a bf16 compile, and computed garbage), so each set of settings gets its own folder."""
-    return text_sha256(json.dumps(config, sort_keys=True))[:8]
-
-
 def compiled_cache(folder: Path, spec: GraphSpec, config: dict[str, str], name: str | None = None) -> Path | None:
-    """The folder to give OpenVINO as `CACHE_DIR` for `spec`'s graph in the export `folder` compiled with `config`,
-    made, with the folders of this graph's earlier versions at the same settings removed; None when caching is off
-    (`ICD_OPENVINO_CACHE`) or the cache cannot be written (the graph is then compiled as before)."""
-    if not cache_enabled():
-        return None
-    entry = cache_entry(folder)
-    try:
-        prefix = f"{spec.name}-{settings_tag(config)}-"
-        target = entry / (prefix + graph_digest(folder, spec))
-        with file_lock(entry / ".lock"):
-            for stale in entry.glob(prefix + "*"):
-                if stale != target and stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-            target.mkdir(parents=True, exist_ok=True)
-            source = entry / "source.json"
-            if not source.exists():
-                source.write_text(json.dumps({"export": str(folder.resolve()), "info": {"name": name or folder.name}}))
-    except OSError as error:
-        logger.debug("openvino: compiled graphs not cached (%s)", error)
-        return None
-    mark_used(entry)
-    return target
+    """The folder to give OpenVINO as `CACHE_DIR` for `spec`'s graph in the export `folder` compiled with `config`
+    (`icdcli.engines.prepared.prepared_folder`: the precision hint, which OpenVINO's own key leaves out, is in the
+    folder's name: a graph compiled at f32 was imported for a bf16 compile and computed garbage); None when caching is
+    off (`ICD_OPENVINO_CACHE`) or the cache cannot be written."""
+    return prepared_folder(CACHE_KIND, folder, spec, config, setting=CACHE_SETTING, name=name)
 
 
 def kept_compiled(folder: Path, spec: GraphSpec, config: dict[str, str], name: str | None = None) -> Path | None:

@@ -1,11 +1,11 @@
 """`icd cache list|prune`: what icd keeps in its cache (fused models, ONNX exports, TensorRT engines, OpenVINO's
-compiled graphs), and removing what has not been used for a while.
+compiled graphs, ONNX Runtime's optimized CPU graphs), and removing what has not been used for a while.
 
 Every entry is one folder: `merged/<key>` (a fused model), `bases/<key>` (a single-file base converted
 to a diffusers folder), `onnx/<key>` (an export of one model and precision), `engines/<key>` (the engines
-built from one export), `openvino/<key>` (the graphs OpenVINO compiled from one export). An entry's last
-use is the newest time stamp of the folder and its `.used` marker, which loading refreshes. Heavy libraries are
-not imported here.
+built from one export), `openvino/<key>` and `onnxruntime/<key>` (the graphs OpenVINO compiled, and ONNX Runtime
+optimized for the CPU, from one export). An entry's last use is the newest time stamp of the folder and its `.used`
+marker, which loading refreshes. Heavy libraries are not imported here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ KINDS = {
     "onnx": "onnx export",
     "engines": "tensorrt engines",
     "openvino": "openvino graphs",
+    "onnxruntime": "ort optimized",
 }
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
 
@@ -111,8 +112,8 @@ def _root() -> Path:
 @click.group()
 @console_options
 def cache() -> None:
-    """List or prune icd's cache: fused models, ONNX exports, TensorRT engines and OpenVINO's compiled graphs
-    (ICD_CACHE_DIR moves it)."""
+    """List or prune icd's cache: fused models, ONNX exports, TensorRT engines, OpenVINO's compiled graphs and ONNX
+    Runtime's optimized ones (ICD_CACHE_DIR moves it)."""
 
 
 @cache.command("list")
