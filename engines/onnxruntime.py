@@ -31,7 +31,7 @@ from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.core.pages import trim_freed_heap
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
-from icdcli.engines.prepared import prepared_folder
+from icdcli.engines.prepared import error_line, prepared_folder
 from icdcli.export.manifest import UNET_GRAPHS, GraphSpec, Manifest
 from icdcli.io.claims import file_lock
 
@@ -107,10 +107,6 @@ def clear_folder(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.name != ".lock":
             path.unlink(missing_ok=True)
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 class OrtGraph:
@@ -225,7 +221,7 @@ class OrtGraph:
                     return ort.InferenceSession(str(folder / OPTIMIZED), options, providers=providers)
                 except Exception as error:  # a damaged or foreign file: made again below
                     logger.warning("onnxruntime: the optimized %s in the cache does not open (%s): optimizing it "
-                                   "again", self.spec.name, first_line(error))  # fmt: skip
+                                   "again", self.spec.name, error_line(error))  # fmt: skip
                     clear_folder(folder)
             return self._save_optimized(folder, providers, plain)
 
@@ -245,7 +241,7 @@ class OrtGraph:
             clear_folder(folder)
             session = plain()
             logger.warning("onnxruntime: %s runs without its optimized form in the cache (%s)", self.spec.name,
-                           first_line(error))  # fmt: skip
+                           error_line(error))  # fmt: skip
             self.keep_optimized = False
             return session
 

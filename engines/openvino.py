@@ -37,7 +37,7 @@ from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.core.pages import pages_dropped
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts
-from icdcli.engines.prepared import graph_bytes, prepared_folder
+from icdcli.engines.prepared import error_line, graph_bytes, prepared_folder
 from icdcli.export.manifest import REVERSE_P2P, UNET_GRAPHS, GraphSpec, Manifest
 from icdcli.io.claims import file_lock
 
@@ -202,8 +202,7 @@ class OpenVinoGraph:
                 return self.core.compile_model(source, "CPU", {**self.config, "CACHE_DIR": str(self.cache)})
         except Exception as error:  # a cache that cannot be written or read (a full disk, say): compile as before
             compiled = self.core.compile_model(source, "CPU", self.config)  # a damaged graph fails here too
-            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            logger.warning("openvino: %s compiled without its cache (%s)", self.spec.name, reason)
+            logger.warning("openvino: %s compiled without its cache (%s)", self.spec.name, error_line(error))
             self.cache = None
             return compiled
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ from icdcli.io.claims import file_lock
 logger = logging.getLogger("icd")
 
 OFF_VALUES = ("0", "off", "no", "false")
+UNUSED_DAYS = 30
+"""A graph prepared with other settings (an engine version or a CPU since replaced) and not used for this long is
+removed when the graph is next prepared: it would otherwise keep its copy of the weights until the whole entry is
+pruned, which its use keeps from happening."""
+
+
+def error_line(error: Exception) -> str:
+    """An engine's error in one line: its first, at most 200 characters (its type where it says nothing)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def cache_enabled(setting: str) -> bool:
@@ -66,20 +76,24 @@ def settings_tag(settings: dict[str, Any]) -> str:
 def prepared_folder(
     kind: str, folder: Path, spec: GraphSpec, settings: dict[str, Any], *, setting: str, name: str | None = None
 ) -> Path | None:
-    """The folder (made) that holds `spec`'s graph of the export `folder` prepared with `settings`, the folders of
-    this graph's earlier versions at the same settings removed; None when the environment variable `setting` turns
-    the cache off or the cache cannot be written (the graph is then prepared as before, every time)."""
+    """The folder (made, its time stamp the time of this use) that holds `spec`'s graph of the export `folder`
+    prepared with `settings`. The folders of this graph's earlier versions at the same settings are removed, and those
+    at other settings not used for `UNUSED_DAYS`. None when the environment variable `setting` turns the cache off or
+    the cache cannot be written (the graph is then prepared as before, every time)."""
     if not cache_enabled(setting):
         return None
     entry = cache_entry(kind, folder)
     try:
         prefix = f"{spec.name}-{settings_tag(settings)}-"
         target = entry / (prefix + graph_digest(folder, spec))
+        unused_since = time.time() - UNUSED_DAYS * 86400
         with file_lock(entry / ".lock"):
-            for stale in entry.glob(prefix + "*"):
-                if stale != target and stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
+            for other in entry.glob(f"{spec.name}-*-*"):
+                stale = other.name.startswith(prefix) or other.stat().st_mtime < unused_since
+                if other != target and other.is_dir() and stale:
+                    shutil.rmtree(other, ignore_errors=True)
             target.mkdir(parents=True, exist_ok=True)
+            os.utime(target)
             source = entry / "source.json"
             if not source.exists():
                 source.write_text(json.dumps({"export": str(folder.resolve()), "info": {"name": name or folder.name}}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,16 @@ def test_graphs_over_the_size_bound_are_compiled_anew_each_time(export, monkeypa
     assert ov_engine.kept_compiled(folder, spec, F32) is None
     (folder / spec.external_data).unlink()
     assert ov_engine.kept_compiled(folder, spec, F32) is None  # a missing file: OpenVinoGraph says so in one line
+
+
+def test_other_settings_unused_for_a_month_are_removed(export):
+    # after an engine upgrade or a CPU change, the old copies of the weights go once no run has used them for 30 days
+    folder, spec = export
+    old = ov_engine.compiled_cache(folder, spec, BF16)
+    assert old is not None
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    fp32 = ov_engine.compiled_cache(folder, spec, F32)
+    assert fp32 is not None and fp32.is_dir() and not old.exists()
+    again = ov_engine.compiled_cache(folder, spec, BF16)
+    assert again is not None and fp32.is_dir()  # used just now: kept
