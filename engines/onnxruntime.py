@@ -16,6 +16,7 @@ first time takes about 12 s more and 3.4 GB of disk. `ICD_ORT_CACHE=0` turns it 
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import shutil
@@ -91,6 +92,7 @@ memory arena, whose reuse of small buffers is worth 4% of the embedded model's b
 size) run without it, as the text encoder and VAE always do (`OrtGraph.keeps_arena`)."""
 
 
+@functools.lru_cache(maxsize=1)
 def optimization_settings() -> dict[str, str]:
     """What an optimized CPU graph depends on besides the graph: ONNX Runtime's version and the CPU's instructions."""
     import onnxruntime as ort

@@ -78,6 +78,11 @@ def cpu_has_bf16(core: Any = None) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def precision_for(dtype: torch.dtype) -> str:
+    """The precision OpenVINO runs a model loaded at `dtype` in: bf16 for a bfloat16 model, else fp32."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def compute_precision(precision: str, *, bf16: bool = False) -> str:
     """What graphs at `precision` compute in: int8 weights at bf16 where the CPU has it (`bf16`), else fp32."""
     if precision not in PRECISIONS:

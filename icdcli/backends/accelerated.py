@@ -500,7 +500,7 @@ def accelerate(
         ov_engine.check_device(model.device)  # before an export it could not run
         folder, manifest = ensure_exported(model, precision="fp32", out_dir=export_dir, progress=progress)
         fallbacks = torch_fallbacks(model, offload=offload_torch)
-        precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
+        precision = ov_engine.precision_for(model.dtype)
         parts = ov_engine.load_parts(folder, manifest, device=model.device, precision=precision, fallbacks=fallbacks)
         return AcceleratedModel(model, parts)
     if backend == "tensorrt":

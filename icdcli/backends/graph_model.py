@@ -440,7 +440,7 @@ def load_exported(
     if backend == "openvino":
         from icdcli.engines import openvino as ov_engine
 
-        ov_precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        ov_precision = ov_engine.precision_for(dtype)
         parts = ov_engine.load_parts(exported, manifest, device=device, precision=ov_precision, fallbacks=fallbacks)
     else:
         from icdcli.engines import onnxruntime as ort_engine
