@@ -126,7 +126,7 @@ class OrtGraph:
         self._session: Any = None
         if device.type == "cuda":
             self.binding = CUDA_EP in self.session.get_providers()
-        else:  # opened on first use: an edit needs either the reverse graph or its P2P twin, never both (3.4 GB each)
+        else:  # opened on first use: a swap edit never opens the P2P twin of the reverse graph (3.4 GB each)
             self.binding = False
             self._check_file()
         self.index = device_index(device) if self.binding else 0
