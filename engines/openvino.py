@@ -24,6 +24,7 @@ memory, are not kept. `ICD_OPENVINO_CACHE=0` turns it off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -163,15 +164,15 @@ class OpenVinoGraph:
     compressed once and kept compressed (a quarter of its fp32 weights), so a call after `release` compiles again
     without compressing again. The compile and the first run, which read the mapped weight file, drop its pages as
     they go (`icdcli.core.pages`): an SD1.5 UNet then holds 4.0 GB resident instead of 7.5. With `cache` (a folder,
-    see `compiled_cache`) OpenVINO keeps the compiled graph there and imports it on later compiles; a compile that
-    fails with the cache is tried once more without it."""
+    see `compiled_cache`, or what finds it on the first compile) OpenVINO keeps the compiled graph there and imports
+    it on later compiles; a compile that fails with the cache is tried once more without it."""
 
     def __init__(
         self, path: Path, spec: GraphSpec, *, core: Any, config: dict[str, str],
-        compress: Callable[[Any], Any] | None = None, cache: Path | None = None,
+        compress: Callable[[Any], Any] | None = None, cache: Path | Callable[[], Path | None] | None = None,
     ):  # fmt: skip
         self.path, self.spec, self.core, self.config, self.compress = path, spec, core, config, compress
-        self.cache = cache if compress is None else None
+        self.cache = cache if compress is None else None  # a callable: the folder, found on the first compile
         self._compiled: Any = None
         self._compressed: Any = None
         self._ran = False
@@ -200,6 +201,8 @@ class OpenVinoGraph:
         return self._compiled
 
     def _compile(self, source: Any) -> Any:
+        if callable(self.cache):
+            self.cache = self.cache()
         if self.cache is None:
             return self.core.compile_model(source, "CPU", self.config)
         try:
@@ -273,9 +276,12 @@ def load_parts(
     check_precision(core, precision)
     config = compile_config(precision, bf16=precision == "int8" and cpu_has_bf16(core))
 
+    name = str(manifest.info.get("name") or folder.name)
+
     def make_runner(spec: GraphSpec) -> OpenVinoGraph:
         compress = compress_weights if precision == "int8" and spec.name in COMPRESSED_GRAPHS else None
-        cache = None if compress else kept_compiled(folder, spec, config, str(manifest.info.get("name") or folder.name))
+        # found on the first compile, so graphs an edit never runs (the teacher's) leave no folder in the cache
+        cache = None if compress else functools.partial(kept_compiled, folder, spec, config, name)
         return OpenVinoGraph(folder / spec.file, spec, core=core, config=config, compress=compress, cache=cache)
 
     return assemble_parts("openvino", manifest, make_runner, denoiser_class=OpenVinoDenoiser, fallbacks=fallbacks)
