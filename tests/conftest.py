@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,11 +15,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Module- and session-wide fixtures (which run before any test's own cache is set) never touch the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test sees its own fused-model cache, never the user's, and runs on PyTorch unless it says otherwise."""
-    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path_factory.mktemp("icd-cache")))
+    """Every test sees its own fused-model cache, never the user's, and runs on PyTorch unless it says otherwise.
+
+    The cache goes when the test ends: a whole run's fused models and exported graphs would fill gigabytes."""
+    cache = tmp_path_factory.mktemp("icd-cache")
+    monkeypatch.setenv("ICD_CACHE_DIR", str(cache))
     monkeypatch.setenv("ICD_BACKEND", "torch")
+    yield
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
