@@ -5,6 +5,7 @@ request (never a 500), the queue bound included."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -321,6 +322,20 @@ def test_temporary_folder_removed_at_shutdown_and_save_dir(pipe, tmp_path):
     (saved,) = tmp_path.iterdir()
     assert saved.name == f"a-yellow-circle-on-a-blue-background-{result['id']}.png"
     assert json.loads(Image.open(saved).text["icd"]) == result["record"]
+
+
+def test_a_full_disk_is_507_with_one_log_line(pipe, monkeypatch, caplog):
+    from icdcli.serve.engine import Editor
+
+    def full(self, data, name, work_pixels):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "uploads" / "x"))
+
+    monkeypatch.setattr(Editor, "_read_upload", full)
+    with TestClient(create_app(pipe), raise_server_exceptions=False) as client, caplog.at_level("ERROR", "icd"):
+        assert_error(post_photo(client), 507, "no space left on the server's disk")
+        assert client.get("/api").status_code == 200  # the server goes on
+    lines = [record for record in caplog.records if "no space left" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
 
 
 def test_large_uploads_stay_in_memory(pipe, monkeypatch):

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from icdcli.core.errors import no_space_error
+
 CHECKPOINTS = "checkpoints"
 STEP_FILE = "step.json"
 NAME = re.compile(r"^step-(\d+)$")
@@ -94,7 +96,15 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
+        try:
+            accelerator.save_state(str(staging))
+        except Exception as error:  # a full disk, in safetensors' or torch.save's words: the half-written one goes
+            full = no_space_error(error, self.root)
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            if full is None:
+                raise
+            raise full from error
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (staging / STEP_FILE).write_text(json.dumps({"step": step}) + "\n")

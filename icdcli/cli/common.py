@@ -7,6 +7,7 @@ imported first.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -41,7 +42,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from icdcli.core.errors import ICDError, ICDUsageError
+        from icdcli.core.errors import ICDError, ICDUsageError, space_errno
 
         try:
             return command(*args, **kwargs)
@@ -51,13 +52,23 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise _Failed(str(error), error.reported) from None
         except OSError as error:  # the file system said no: one line with the path and the reason
             raise click.ClickException(_os_error_line(error)) from None
+        except click.ClickException:
+            raise
+        except Exception as error:  # a library's own words for a full disk (safetensors, torch.save): one line too
+            code = space_errno(error)
+            if code is None:
+                raise
+            raise click.ClickException(_os_error_line(OSError(code, os.strerror(code)))) from None
 
     return wrapper
 
 
 def _os_error_line(error: OSError) -> str:
-    """An OSError as one line: the path it concerns, the reason, and what to check."""
+    """An OSError as one line: the path it concerns, the reason, and what to check (for a full disk: what to free)."""
     path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is used up"
+        return f"{path + ': ' if path else ''}{reason}; free space, or write to another disk, and run again"
     reason = error.strerror or str(error) or type(error).__name__
     if ";" in reason:  # the reason says what to do already
         return f"{path}: {reason}" if path else reason
@@ -153,7 +164,15 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
     if chosen != "torch":
         from icdcli.backends.accelerated import accelerate
 
-        model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
+        try:
+            model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
+        except OSError as error:  # auto's choice cannot export for want of disk: the edit runs on PyTorch
+            if backend != "auto" or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" ({error.filename})" if error.filename else ""
+            say(f"note: backend torch instead of {chosen}: no space left on the device for its export{where}; free "
+                f"space, or set ICD_CACHE_DIR to a folder on another disk, to run {chosen}")  # fmt: skip
+            chosen = "torch"
     return _loaded(model, request.label, start, chosen)
 
 

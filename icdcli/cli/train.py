@@ -172,6 +172,16 @@ def train(ctx: click.Context, **options: Any) -> None:
         stage, step, checkpoint = (getattr(stop, key, None) for key in ("stage", "step", "checkpoint"))
         console().error(interrupted_message(stage, step, checkpoint, resume_command(ctx)))
         sys.exit(exit_code(stop.__cause__ if isinstance(stop.__cause__, KeyboardInterrupt) else stop))
+    except Exception as error:
+        from icdcli.core.errors import space_errno
+
+        if space_errno(error) is None:
+            raise
+        where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+        raise click.ClickException(
+            f"no space left on the device{where}: finished stages and saved checkpoints are kept; free space and run "
+            f"{resume_command(ctx)} to continue"
+        ) from None
 
 
 def default_run_dir(preset: str) -> Path:

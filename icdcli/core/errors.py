@@ -5,6 +5,10 @@ errors in one place, an `ICDUsageError` into a usage error (exit 2), any other `
 (exit 1), with the same message.
 """
 
+from __future__ import annotations
+
+import os
+
 
 class ICDError(Exception):
     """A problem with the user's input, model or environment (not a bug in icd)."""
@@ -20,3 +24,59 @@ class ICDUsageError(ICDError):
 
 class ModelSourceError(ICDError):
     """A model cannot be found or loaded from what was given."""
+
+
+_NO_SPACE_TEXTS = {
+    "no space left on device": 28,  # ENOSPC, as libraries that drop the errno word it (safetensors: "os error 28")
+    "os error 28": 28,
+    "disk quota exceeded": 122,
+    "os error 122": 122,
+}
+_WRITE_FAILED_TEXTS = ("file write failed", "failed writing file")
+"""torch.save's words for a write the disk refused (PytorchStreamWriter), with no errno to say why."""
+_LOW_SPACE_BYTES = 64 * 2**20
+
+
+def space_errno(error: BaseException, where: str | os.PathLike[str] | None = None) -> int | None:
+    """ENOSPC or EDQUOT when `error`, or an error it was raised from, is a write that found no space left; None for
+    any other error. Libraries that raise their own types (safetensors, torch.save, ONNX) are read by their words;
+    torch.save's bare "file write failed" counts where the file system of `where` has under 64 MB left."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current.errno
+        text = str(current).lower()
+        for words, code in _NO_SPACE_TEXTS.items():
+            if words in text:
+                return errno.ENOSPC if code == 28 else errno.EDQUOT
+        if where is not None and any(words in text for words in _WRITE_FAILED_TEXTS) and _low_space(where):
+            return errno.ENOSPC
+        suppressed = current.__suppress_context__  # `raise ... from None`: the error it replaced was dealt with
+        current = current.__cause__ or (None if suppressed else current.__context__)
+    return None
+
+
+def _low_space(where: str | os.PathLike[str]) -> bool:
+    import shutil
+    from pathlib import Path
+
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free < _LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def no_space_error(error: BaseException, where: str | os.PathLike[str]) -> OSError | None:
+    """`error` as the OSError of a full disk at `where` (the file or folder being written; the path users know, not a
+    temporary one), or None when `error` is not about space (see `space_errno`)."""
+    code = space_errno(error, where)
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(where))

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from icdcli.core.errors import no_space_error
 from icdcli.io.claims import folder_beside, sweep, temporary_beside
 
 
@@ -22,10 +23,23 @@ def _umask() -> int:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
     target = Path(target)
-    with temporary_beside(target) as temporary:  # named and locked so a later run knows a dead one's leftovers
+    with _space_named(target), temporary_beside(target) as temporary:  # named, locked: a dead run's leftovers known
         yield temporary
         temporary.chmod(0o666 & ~_umask())  # made private; the result is an ordinary file
         os.replace(temporary, target)
+
+
+@contextlib.contextmanager
+def _space_named(target: Path) -> Iterator[None]:
+    """A full disk met while writing `target`, in whatever words the writer used (safetensors, torch.save, PIL, ONNX),
+    raised as the OSError of a full disk at `target`: the path the user gave, not the temporary one."""
+    try:
+        yield
+    except Exception as error:
+        full = no_space_error(error, target)
+        if full is None:
+            raise
+        raise full from error
 
 
 # a folder icd wrote holds one of these: a model (icd.json) or an ONNX export (manifest.json)
@@ -60,7 +74,7 @@ def atomic_folder(target: str | Path, markers: tuple[str, ...] = ICD_FOLDER_MARK
     _refuse_foreign_folder(target, markers)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target.parent)  # staging folders of writes that were killed
-    with folder_beside(target) as staging:
+    with _space_named(target), folder_beside(target) as staging:
         staging.chmod(0o755)  # made private; the result is an ordinary folder
         try:
             yield staging

@@ -10,6 +10,7 @@ steps (`icdcli.run.steps`), the lines it prints (`icdcli.run.report`), signals (
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -78,6 +79,11 @@ class EditRun:
                 raise RunError(str(error)) from None
             except OSError as error:
                 where = f" ({display(error.filename)})" if error.filename else ""
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise RunError(
+                        f"the model cannot be loaded: no space left on the device{where}; free space, or set "
+                        "ICD_CACHE_DIR to a folder on another disk, or use --backend torch"
+                    ) from None
                 raise RunError(
                     f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
                     "ICD_CACHE_DIR (a writable cache folder)"

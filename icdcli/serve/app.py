@@ -31,6 +31,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from icdcli.core.errors import space_errno
+
 from .engine import Editor, Limits
 from .fields import ApiError, edit_fields, invert_fields
 
@@ -113,6 +115,9 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 
 async def crash(request: Request, error: Exception) -> Response:
+    if space_errno(error) is not None:  # the server's disk, not the request: 507, and one line in the log
+        log.error("icd serve: %s %s: no space left on the device; free space on it", request.method, request.url.path)
+        return error_response(507, "no space left on the server's disk: free space there and try again")
     log.exception("icd serve: %s %s failed", request.method, request.url.path)
     return error_response(500, f"internal error ({type(error).__name__}): see the server's log")
 
