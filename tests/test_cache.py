@@ -88,3 +88,37 @@ def test_a_model_that_runs_in_float16_is_cached_in_float16(sd15_parts):
     # the fused weights agree with the float32 fusion to float16's precision
     for a, b in zip(half.reverse_unet.parameters(), full.reverse_unet.parameters(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=2e-3, atol=1e-4)
+
+
+def test_prune_to_a_size_removes_the_least_recently_used_first():
+    _entry("merged", "oldest", "a", 9, size=4000)
+    _entry("onnx", "middle", "b", 5, size=3000)
+    _entry("merged", "newer", "c", 1, size=2000)
+    _entry("merged", "busy", "d", 0, size=8000)  # in use: kept whatever the size
+    dry = CliRunner().invoke(main, ["cache", "prune", "--max-size", "12K", "--dry-run"])  # 17 KB in all
+    assert dry.exit_code == 0, dry.output
+    assert "would remove fused model a" in dry.output and "would remove onnx export b" in dry.output
+    assert "fused model c" not in dry.output and (cache_root() / "merged" / "oldest").is_dir()
+    kept = CliRunner().invoke(main, ["cache", "prune", "--max-size", "12000"])  # c and d fit: 10 KB
+    assert kept.exit_code == 0 and sorted(p.name for p in (cache_root() / "merged").iterdir()) == ["busy", "newer"]
+    assert not (cache_root() / "onnx" / "middle").exists() and "left, over" not in kept.output
+    tight = CliRunner().invoke(main, ["cache", "prune", "--max-size", "1k"])
+    assert tight.exit_code == 0 and sorted(p.name for p in (cache_root() / "merged").iterdir()) == ["busy"]
+    assert "over --max-size 1.0 KB: entries in use in the last 2 minutes are kept" in tight.output
+
+
+def test_prune_to_a_size_within_one_kind_and_with_an_age():
+    _entry("onnx", "export", "a", 3, size=6000)
+    _entry("merged", "fused", "b", 40, size=1000)
+    _entry("merged", "recent", "c", 2, size=6000)
+    pruned = CliRunner().invoke(main, ["cache", "prune", "--max-size", "0", "--kind", "onnx"])
+    assert pruned.exit_code == 0 and not (cache_root() / "onnx" / "export").exists()
+    assert sorted(p.name for p in (cache_root() / "merged").iterdir()) == ["fused", "recent"]  # other kinds untouched
+    both = CliRunner().invoke(main, ["cache", "prune", "--max-size", "1G", "--older-than", "30"])
+    assert both.exit_code == 0 and sorted(p.name for p in (cache_root() / "merged").iterdir()) == ["recent"]
+
+
+def test_a_size_that_is_not_one_is_a_usage_error():
+    for bad in ("lots", "20X", "-5G", "1e3"):
+        result = CliRunner().invoke(main, ["cache", "prune", "--max-size", bad])
+        assert result.exit_code == 2 and "is not a size" in result.output, (bad, result.output)

@@ -11,6 +11,7 @@ marker, which loading refreshes. Heavy libraries are not imported here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -134,6 +135,38 @@ def cache_list(as_json: bool) -> None:
     console().report(f"{len(entries)} entries, {_human(total)} in {root}")
 
 
+SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """A size such as 20G, 500M, 1.5T or 0 (binary units; a trailing B or iB is allowed): bytes, an int."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
+        if match is None:
+            self.fail(f"{value!r} is not a size: give a number with K, M, G or T (20G, 500M, 0)", param, ctx)
+        number, unit = match.groups()
+        return int(float(number) * SIZE_UNITS[unit.upper()])
+
+
+def over_size(entries: list[CacheEntry], max_bytes: int, removable: set[Path]) -> list[CacheEntry]:
+    """The least recently used of the `removable` entries whose removal brings `entries` to `max_bytes` or under
+    (all of them removable when it cannot: the others stay whatever their size)."""
+    total = sum(entry.bytes for entry in entries)
+    chosen = []
+    for entry in entries:  # least recently used first
+        if total <= max_bytes:
+            break
+        if entry.path in removable:
+            chosen.append(entry)
+            total -= entry.bytes
+    return chosen
+
+
 @cache.command("prune")
 @click.option(
     "--older-than",
@@ -141,21 +174,31 @@ def cache_list(as_json: bool) -> None:
     type=click.FloatRange(min=0.0),
     default=30.0,
     show_default=True,
-    help="Remove entries not used for this many days.",
+    help="Remove entries not used for this many days (with --max-size: only when given).",
+)
+@click.option(
+    "--max-size",
+    type=ByteSize(),
+    default=None,
+    help="Remove the least recently used entries until the cache (of --kind) holds at most SIZE: 20G, 500M.",
 )
 @click.option("--all", "everything", is_flag=True, help="Remove every entry (not one in use right now).")
 @click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only entries of this kind.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
 @console_options
-def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) -> None:
-    """Remove cache entries not used for a while; they are made again when needed."""
+def cache_prune(days: float, max_size: int | None, everything: bool, kind: str | None, dry_run: bool) -> None:
+    """Remove cache entries not used for a while, or the least recently used down to a size; they are made again
+    when needed. An entry used in the last two minutes (by another process, say) is never removed."""
     now = time.time()
+    by_age = everything or max_size is None or _given("days")
     limit = 0.0 if everything else days * 86400
-    chosen = [
-        entry
-        for entry in cache_entries(_root())
-        if (kind is None or entry.kind == kind) and now - entry.last_used >= max(limit, BUSY_SECONDS)
-    ]
+    entries = [entry for entry in cache_entries(_root()) if kind is None or entry.kind == kind]
+    idle = [entry for entry in entries if now - entry.last_used >= BUSY_SECONDS]
+    chosen = [entry for entry in idle if now - entry.last_used >= limit] if by_age else []
+    if max_size is not None:
+        taken = {entry.path for entry in chosen}
+        left = [entry for entry in entries if entry.path not in taken]
+        chosen += over_size(left, max_size, {entry.path for entry in idle} - taken)
     freed = 0
     for entry in chosen:
         if not dry_run:
@@ -168,3 +211,15 @@ def cache_prune(days: float, everything: bool, kind: str | None, dry_run: bool) 
         verb = "would remove" if dry_run else "removed"
         console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({_human(entry.bytes)})")
     console().report(f"{'would free' if dry_run else 'freed'} {_human(freed)} ({len(chosen)} entries)")
+    left_bytes = sum(entry.bytes for entry in entries) - freed
+    if max_size is not None and left_bytes > max_size:
+        console().report(f"{_human(left_bytes)} left, over --max-size {_human(max_size)}: entries in use in the last "
+                         f"{BUSY_SECONDS // 60} minutes are kept")  # fmt: skip
+
+
+def _given(name: str) -> bool:
+    """Whether the running command's parameter `name` was given (on the command line or by the environment)."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)

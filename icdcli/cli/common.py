@@ -171,7 +171,8 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
                 raise
             where = f" ({error.filename})" if error.filename else ""
             say(f"note: backend torch instead of {chosen}: no space left on the device for its export{where}; free "
-                f"space, or set ICD_CACHE_DIR to a folder on another disk, to run {chosen}")  # fmt: skip
+                f"space (icd cache prune --max-size SIZE), or set ICD_CACHE_DIR to a folder on another disk, to run "
+                f"{chosen}")  # fmt: skip
             chosen = "torch"
     return _loaded(model, request.label, start, chosen)
 

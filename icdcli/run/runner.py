@@ -81,8 +81,9 @@ class EditRun:
                 where = f" ({display(error.filename)})" if error.filename else ""
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise RunError(
-                        f"the model cannot be loaded: no space left on the device{where}; free space, or set "
-                        "ICD_CACHE_DIR to a folder on another disk, or use --backend torch"
+                        f"the model cannot be loaded: no space left on the device{where}; free space (icd cache "
+                        "prune --max-size SIZE keeps the cache to SIZE), set ICD_CACHE_DIR to a folder on another "
+                        "disk, or use --backend torch"
                     ) from None
                 raise RunError(
                     f"the model cannot be loaded: {error.strerror or error}{where}; check the model files and "
