@@ -165,6 +165,14 @@ def test_info_json():
     assert report["backends"]["torch"]["importable"] is True
     assert {"sd15", "sd15-3step", "sdxl"} <= {preset["name"] for preset in report["presets"]}
     assert "root" in report["cache"]
+    import shutil
+
+    from icdcli.core.paths import cache_root
+
+    free, now = report["cache"]["free_bytes"], shutil.disk_usage(cache_root().parent).free
+    assert isinstance(free, int) and abs(free - now) <= max(now, 2**30) * 0.1  # the cache's disk, as it was then
+    text = _run("info")
+    assert text.exit_code == 0 and f"cache: {cache_root()} (" in text.output and "GB free on its disk" in text.output
 
 
 def _bad_input_cases(tmp_path):

@@ -125,7 +125,7 @@ def _cpu_report(backends: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _report() -> dict[str, Any]:
     import platform
 
-    from icdcli.core.paths import MODEL_JSON, cache_root
+    from icdcli.core.paths import MODEL_JSON, cache_root, free_bytes
     from icdcli.models.sources import DEFAULT_MODEL_DIR, PRESETS, preset_files_report
 
     report: dict[str, Any] = {"icd": __version__, "python": platform.python_version()}
@@ -136,7 +136,8 @@ def _report() -> dict[str, Any]:
     report["cpu"] = _cpu_report(report["backends"])
     cache = cache_root()
     merged = sorted(p.name for p in (cache / "merged").iterdir()) if (cache / "merged").is_dir() else []
-    report["cache"] = {"root": str(cache), "fused_models": merged, **_exports_and_engines()}
+    report["cache"] = {"root": str(cache), "fused_models": merged, "free_bytes": free_bytes(cache),
+                       **_exports_and_engines()}  # fmt: skip
     report["default_model"] = str(DEFAULT_MODEL_DIR) if (DEFAULT_MODEL_DIR / MODEL_JSON).is_file() else None
     report["hub"] = _hub_report()
     report["presets"] = [{**preset.to_json(), "files": preset_files_report(preset)} for preset in PRESETS.values()]
@@ -157,7 +158,8 @@ def _text(report: dict[str, Any]) -> list[str]:
     has = {True: "yes", False: "no"}.get(cpu["bf16"], "unknown")
     where = " with --device cpu" if cuda["available"] else ""
     lines.append(f"cpu: bf16 {has}; auto runs SD-size models on {cpu['auto_large']}{where}")
-    lines.append(f"cache: {cache['root']} ({len(cache['fused_models'])} fused models)")
+    free = "" if cache["free_bytes"] is None else f", {cache['free_bytes'] / 2**30:.1f} GB free on its disk"
+    lines.append(f"cache: {cache['root']} ({len(cache['fused_models'])} fused models{free}; sizes: icd cache list)")
     lines += [f"  onnx export: {e['path']} ({e['model']}, {e['precision']})" for e in cache.get("onnx", [])]
     lines += [f"  tensorrt engine: {e.get('path', e)}" for e in cache.get("engines", [])]
     lines.append(f"default model: {report['default_model'] or 'not embedded in this installation'}")

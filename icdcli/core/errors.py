@@ -61,16 +61,10 @@ def space_errno(error: BaseException, where: str | os.PathLike[str] | None = Non
 
 
 def _low_space(where: str | os.PathLike[str]) -> bool:
-    import shutil
-    from pathlib import Path
+    from icdcli.core.paths import free_bytes
 
-    path = Path(where)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free < _LOW_SPACE_BYTES
-    except OSError:
-        return False
+    free = free_bytes(where)
+    return free is not None and free < _LOW_SPACE_BYTES
 
 
 def no_space_error(error: BaseException, where: str | os.PathLike[str]) -> OSError | None:

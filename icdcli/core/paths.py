@@ -21,3 +21,17 @@ def mark_used(folder: Path) -> None:
     """Record that a cache entry was used now (best effort: a read-only cache stays as it is)."""
     with contextlib.suppress(OSError):
         (folder / USED_MARKER).touch()
+
+
+def free_bytes(where: str | os.PathLike[str]) -> int | None:
+    """The space left on the file system that holds `where` (or would: its nearest existing folder); None when it
+    cannot be read."""
+    import shutil
+
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
