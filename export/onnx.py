@@ -42,6 +42,7 @@ from icdcli.export.manifest import (
     REVERSE,
     REVERSE_P2P,
     TEACHER,
+    VAE_DECODER,
     VAE_ENCODER,
     GraphSpec,
     Manifest,
@@ -184,6 +185,30 @@ def plan_graphs(
             )
         )
     return planned
+
+
+def estimated_bytes(model: ICDModel, precision: str, *, include_teacher: bool, p2p: bool | None = None) -> int:
+    """About the disk an export of `model` takes at its peak: every planned graph's weights at its precision, plus the
+    working copies of the largest while it is saved (traced, then optimized for fp32, then saved)."""
+    vae = model.vae
+    modules: dict[str, list[torch.nn.Module]] = {
+        FORWARD: [model.forward_unet], REVERSE: [model.reverse_unet], REVERSE_P2P: [model.reverse_unet],
+        VAE_ENCODER: [vae.encoder, getattr(vae, "quant_conv", None)],
+        VAE_DECODER: [vae.decoder, getattr(vae, "post_quant_conv", None)],
+    }  # fmt: skip
+    if model.teacher_unet is not None:
+        modules[TEACHER] = [model.teacher_unet]
+    for index, encoder in enumerate(model.text_encoders):
+        modules["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = [encoder]
+    element = precision_dtype(precision).itemsize
+    vae_element = vae_graph_dtype(model.info.family, precision).itemsize
+    sizes = []
+    for spec, _ in plan_graphs(model, precision, include_teacher=include_teacher, p2p=p2p):
+        parts = [module for module in modules.get(spec.name, []) if module is not None]
+        count = sum(tensor.numel() for part in parts for tensor in (*part.parameters(), *part.buffers()))
+        sizes.append(count * (vae_element if spec.name in (VAE_ENCODER, VAE_DECODER) else element))
+    copies = 2 if precision == "fp32" else 1  # fp32 graphs are optimized by ONNX Runtime on the way
+    return sum(sizes) + copies * max(sizes, default=0)
 
 
 def _example_sizes(vae_scale_factor: int) -> dict[str, int]:

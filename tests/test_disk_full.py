@@ -133,7 +133,8 @@ def test_an_automatic_backend_that_cannot_export_runs_the_edit_on_pytorch(tmp_pa
     args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(out), "--device", "cpu", "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "note: backend torch instead of onnxruntime: no space left on the device for its export" in result.stderr
+    assert "note: backend torch instead of onnxruntime: exporting to " in result.stderr
+    assert ": no space left on the device; free space (icd cache prune --max-size SIZE)" in result.stderr
     assert '"backend": "torch"' in result.stdout and out.is_file()
 
 
@@ -194,3 +195,33 @@ def test_train_on_a_full_disk_says_how_to_continue(tmp_path, monkeypatch):
         f"Error: no space left on the device ({where}): finished stages and saved checkpoints are kept; free space "
         f"and run icd train {tmp_path / 'run'} --smoke to continue"
     )
+
+
+def test_an_export_that_would_not_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import icdcli.core.paths
+
+    monkeypatch.setattr(icdcli.core.paths, "free_bytes", lambda where: 5 * 2**20)  # 5 MB: the export takes ~120
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["export", "--out", str(out)])
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert "exporting forward_unet" not in result.output  # refused before any tracing
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert line.startswith(f"Error: {out}: the ONNX export needs about ") and " MB and its disk has 5.0 MB free; " in (
+        line
+    )
+
+    edit = tmp_path / "edit.png"
+    args = ["edit", str(EXAMPLE), "--src", SRC, "--tgt", TGT, "-o", str(edit), "--backend", "onnxruntime"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "the model cannot be loaded: the ONNX export needs about" in refused.stderr
+
+
+def test_the_export_estimate_covers_what_an_export_writes(tmp_path):
+    from icdcli.export.onnx import estimated_bytes, export_model
+    from icdcli.models.sources import ModelRequest, load_requested_model
+
+    model = load_requested_model(ModelRequest(None, None, None, None, None))
+    estimate = estimated_bytes(model, "fp32", include_teacher=True)
+    folder = export_model(model, tmp_path / "export", precision="fp32")
+    written = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    assert written < estimate < 2 * written  # the graphs, plus the working copies of the largest

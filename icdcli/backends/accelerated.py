@@ -186,6 +186,22 @@ def lock_path(folder: Path) -> Path:
     return cache_root() / "locks" / f"{digest}.lock"
 
 
+def check_export_space(model: ICDModel, folder: Path, precision: str, *, p2p: bool | None = None) -> None:
+    """NotEnoughSpace (an OSError of a full disk) when the disk of `folder` has less free than an export of `model`
+    takes (`icdcli.export.onnx.estimated_bytes`): said before minutes of tracing, not after. The folder's own old
+    export, which the new one replaces only at the end, counts as taken."""
+    from icdcli.core.errors import NotEnoughSpace
+    from icdcli.core.paths import free_bytes
+    from icdcli.export.onnx import estimated_bytes
+
+    free = free_bytes(folder)
+    if free is None:
+        return
+    needed = estimated_bytes(model, precision, include_teacher=True, p2p=p2p)
+    if free < needed:
+        raise NotEnoughSpace("the ONNX export", folder, needed, free)
+
+
 def ensure_exported(
     model: ICDModel,
     *,
@@ -252,6 +268,7 @@ def ensure_exported(
             if fp32_norm is None and manifest is not None and manifest.export_format == EXPORT_FORMAT:
                 fp32_norm = manifest.fp32_norm  # exported again for another reason: the norms as they were chosen
             why = "first use" if reason == "no export yet" else reason
+            check_export_space(model, folder, precision, p2p=p2p)
             logger.info("exporting %s to ONNX (%s) in %s", model.info.name, why, folder)
             # constants are folded for TensorRT only: ONNX Runtime folds at load, and folding a graph over 2 GB holds
             # its weights in memory twice or more (a later TensorRT run exports again, folded)

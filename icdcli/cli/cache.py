@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from icdcli.cli.console import console, console_options
-from icdcli.core.paths import USED_MARKER, cache_root
+from icdcli.core.paths import USED_MARKER, cache_root, human_size
 
 KINDS = {
     "merged": "fused model",
@@ -84,15 +84,6 @@ def cache_entries(root: Path) -> list[CacheEntry]:
     return sorted(entries, key=lambda entry: entry.last_used)
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
 def _age(seconds: float) -> str:
     days = seconds / 86400
     return f"{days:.0f} days ago" if days >= 1 else f"{seconds / 3600:.1f} hours ago"
@@ -130,9 +121,9 @@ def cache_list(as_json: bool) -> None:
         return
     now = time.time()
     for entry in entries:
-        console().report(f"{_human(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
+        console().report(f"{human_size(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
                          f"{entry.name:<24} {entry.path}")  # fmt: skip
-    console().report(f"{len(entries)} entries, {_human(total)} in {root}")
+    console().report(f"{len(entries)} entries, {human_size(total)} in {root}")
 
 
 SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -209,12 +200,12 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
                 continue
         freed += entry.bytes
         verb = "would remove" if dry_run else "removed"
-        console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({_human(entry.bytes)})")
-    console().report(f"{'would free' if dry_run else 'freed'} {_human(freed)} ({len(chosen)} entries)")
+        console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({human_size(entry.bytes)})")
+    console().report(f"{'would free' if dry_run else 'freed'} {human_size(freed)} ({len(chosen)} entries)")
     left_bytes = sum(entry.bytes for entry in entries) - freed
     if max_size is not None and left_bytes > max_size:
-        console().report(f"{_human(left_bytes)} left, over --max-size {_human(max_size)}: entries in use in the last "
-                         f"{BUSY_SECONDS // 60} minutes are kept")  # fmt: skip
+        console().report(f"{human_size(left_bytes)} left, over --max-size {human_size(max_size)}: entries in use "
+                         f"in the last {BUSY_SECONDS // 60} minutes are kept")  # fmt: skip
 
 
 def _given(name: str) -> bool:

@@ -67,7 +67,9 @@ def _os_error_line(error: OSError) -> str:
     """An OSError as one line: the path it concerns, the reason, and what to check (for a full disk: what to free)."""
     path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is used up"
+        from icdcli.core.errors import space_reason
+
+        reason = space_reason(error)
         return f"{path + ': ' if path else ''}{reason}; free space, or write to another disk, and run again"
     reason = error.strerror or str(error) or type(error).__name__
     if ";" in reason:  # the reason says what to do already
@@ -169,9 +171,11 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         except OSError as error:  # auto's choice cannot export for want of disk: the edit runs on PyTorch
             if backend != "auto" or error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            where = f" ({error.filename})" if error.filename else ""
-            say(f"note: backend torch instead of {chosen}: no space left on the device for its export{where}; free "
-                f"space (icd cache prune --max-size SIZE), or set ICD_CACHE_DIR to a folder on another disk, to run "
+            from icdcli.core.errors import space_reason
+
+            where = f" to {error.filename}" if error.filename else ""
+            say(f"note: backend torch instead of {chosen}: exporting{where}: {space_reason(error)}; free space "
+                f"(icd cache prune --max-size SIZE), or set ICD_CACHE_DIR to a folder on another disk, to run "
                 f"{chosen}")  # fmt: skip
             chosen = "torch"
     return _loaded(model, request.label, start, chosen)

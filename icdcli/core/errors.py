@@ -74,3 +74,26 @@ def no_space_error(error: BaseException, where: str | os.PathLike[str]) -> OSErr
     if code is None:
         return None
     return OSError(code, os.strerror(code), str(where))
+
+
+class NotEnoughSpace(OSError):
+    """A write that would not fit, refused before it starts: `needed` and `free` bytes at `where`."""
+
+    def __init__(self, what: str, where: str | os.PathLike[str], needed: int, free: int):
+        import errno
+
+        from icdcli.core.paths import human_size
+
+        reason = f"{what} needs about {human_size(needed)} and its disk has {human_size(free)} free"
+        super().__init__(errno.ENOSPC, reason, str(where))
+        self.needed, self.free = needed, free
+
+
+def space_reason(error: OSError) -> str:
+    """What a full-disk OSError says, in icd's words: its own reason where icd gave one (`NotEnoughSpace`), else no
+    space left or the quota used up."""
+    import errno
+
+    if isinstance(error, NotEnoughSpace) and error.strerror:
+        return error.strerror
+    return "the disk quota is used up" if error.errno == errno.EDQUOT else "no space left on the device"

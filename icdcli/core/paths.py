@@ -35,3 +35,13 @@ def free_bytes(where: str | os.PathLike[str]) -> int | None:
         return shutil.disk_usage(path).free
     except OSError:
         return None
+
+
+def human_size(size: float) -> str:
+    """A number of bytes as people read it: 512 B, 3.4 KB, 114.0 MB, 20.7 GB (binary units)."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

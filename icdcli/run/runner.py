@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from icdcli.core.errors import ICDError
+from icdcli.core.errors import ICDError, space_reason
 from icdcli.run.batch import display
 from icdcli.run.inputs import EditFlags, unused_p2p_note
 from icdcli.run.model import Loaded, ModelLoader
@@ -81,7 +81,7 @@ class EditRun:
                 where = f" ({display(error.filename)})" if error.filename else ""
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise RunError(
-                        f"the model cannot be loaded: no space left on the device{where}; free space (icd cache "
+                        f"the model cannot be loaded: {space_reason(error)}{where}; free space (icd cache "
                         "prune --max-size SIZE keeps the cache to SIZE), set ICD_CACHE_DIR to a folder on another "
                         "disk, or use --backend torch"
                     ) from None
