@@ -32,7 +32,7 @@ from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.core.pages import trim_freed_heap
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts, axes_of, resolve_shape
-from icdcli.engines.prepared import error_line, prepared_folder
+from icdcli.engines.prepared import error_line, graph_bytes, no_room, prepared_folder
 from icdcli.export.manifest import UNET_GRAPHS, GraphSpec, Manifest
 from icdcli.io.claims import file_lock
 
@@ -231,6 +231,11 @@ class OrtGraph:
         import onnxruntime as ort
 
         clear_folder(folder)  # what an interrupted save left
+        full = no_room(folder, graph_bytes(self.path.parent, self.spec))
+        if full is not None:
+            logger.warning("onnxruntime: %s runs without its optimized form in the cache (%s)", self.spec.name, full)
+            self.keep_optimized = False
+            return plain()
         options = self._options(providers)
         options.optimized_model_filepath = str(folder / OPTIMIZED)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", OPTIMIZED_DATA)

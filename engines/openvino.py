@@ -38,7 +38,7 @@ from icdcli.core.dtypes import TORCH_DTYPES
 from icdcli.core.errors import ICDError
 from icdcli.core.pages import pages_dropped
 from icdcli.engines.base import BackendParts, GraphDenoiser, assemble_parts
-from icdcli.engines.prepared import error_line, graph_bytes, prepared_folder
+from icdcli.engines.prepared import error_line, graph_bytes, no_room, prepared_folder
 from icdcli.export.manifest import REVERSE_P2P, UNET_GRAPHS, GraphSpec, Manifest
 from icdcli.io.claims import file_lock
 
@@ -151,6 +151,11 @@ def kept_compiled(folder: Path, spec: GraphSpec, config: dict[str, str], name: s
     return compiled_cache(folder, spec, config, name)
 
 
+def kept_blobs(folder: Path) -> bool:
+    """Whether OpenVINO has kept a compiled graph in `folder` (its `.blob` files): importing it needs no space."""
+    return any(folder.glob("*.blob"))
+
+
 def check_device(device: torch.device) -> None:
     if device.type != "cpu":
         raise ICDError(f"--backend openvino runs on the CPU only, not {device}: use --device cpu or another backend")
@@ -177,6 +182,7 @@ class OpenVinoGraph:
         self._compressed: Any = None
         self._ran = False
         self.weight_files = spec.files(path.parent)
+        self.graph_bytes = graph_bytes(path.parent, spec)
         if not path.is_file():
             raise self._damaged(FileNotFoundError(f"{path.name} is missing"))
 
@@ -203,6 +209,10 @@ class OpenVinoGraph:
     def _compile(self, source: Any) -> Any:
         if callable(self.cache):
             self.cache = self.cache()
+            full = None if self.cache is None or kept_blobs(self.cache) else no_room(self.cache, self.graph_bytes)
+            if full is not None:
+                logger.warning("openvino: %s compiled without its cache (%s)", self.spec.name, full)
+                self.cache = None
         if self.cache is None:
             return self.core.compile_model(source, "CPU", self.config)
         try:

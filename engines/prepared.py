@@ -34,6 +34,22 @@ removed when the graph is next prepared: it would otherwise keep its copy of the
 pruned, which its use keeps from happening."""
 
 
+RESERVE_BYTES = 2**30
+"""Space a prepared graph leaves free on its disk: the edit's own outputs must still fit after it."""
+
+
+def no_room(folder: Path, needed: float) -> str | None:
+    """Why a prepared graph of about `needed` bytes is not written into `folder` (None when it fits with
+    `RESERVE_BYTES` to spare): a disk nearly full, where writing it would take the last of the space and fail."""
+    from icdcli.core.paths import free_bytes, human_size
+
+    free = free_bytes(folder)
+    if free is None or free - needed >= RESERVE_BYTES:
+        return None
+    kept = human_size(RESERVE_BYTES)
+    return f"{human_size(free)} free on its disk, about {human_size(needed)} needed and {kept} kept free"
+
+
 def error_line(error: Exception) -> str:
     """An engine's error in one line: its first, at most 200 characters (its type where it says nothing)."""
     return (str(error).splitlines() or [type(error).__name__])[0][:200]

@@ -162,6 +162,26 @@ def test_a_compile_failing_with_the_cache_runs_without_it_with_a_note(export, ca
     assert "CACHE_DIR" not in core.configs[-1]  # not tried again in this run
 
 
+def test_a_nearly_full_disk_compiles_without_writing_but_imports_a_kept_graph(export, monkeypatch, caplog):
+    import icdcli.core.paths
+
+    folder, spec = export
+    monkeypatch.setattr(icdcli.core.paths, "free_bytes", lambda where: 2**20)
+    core = FakeCore()
+    found = lambda: ov_engine.compiled_cache(folder, spec, F32)  # noqa: E731 (as load_parts: found on first compile)
+    graph = ov_engine.OpenVinoGraph(folder / spec.file, spec, core=core, config={}, cache=found)
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        graph({"x": torch.ones(1, 4)})
+    assert core.configs == [{}]
+    (note,) = [record.getMessage() for record in caplog.records]
+    assert note == "openvino: forward_unet compiled without its cache (1.0 MB free on its disk, about 10 B needed " \
+        "and 1.0 GB kept free)"  # fmt: skip
+    (found() / "123.blob").write_bytes(b"compiled")  # a graph compiled earlier, when there was room
+    again = ov_engine.OpenVinoGraph(folder / spec.file, spec, core=core, config={}, cache=found)
+    again({"x": torch.ones(1, 4)})
+    assert core.configs[-1] == {"CACHE_DIR": str(found())}
+
+
 def test_a_damaged_graph_is_still_told_in_one_line(export, caplog):
     folder, spec = export
     graph = ov_engine.OpenVinoGraph(

@@ -138,6 +138,27 @@ def test_a_graph_that_cannot_be_saved_runs_as_before_with_a_note(graph, monkeypa
     assert not runner.keep_optimized and not (prepared()[0] / ort_engine.COMPLETE).exists()
 
 
+def test_a_nearly_full_disk_is_left_its_space_and_a_kept_graph_still_opens(graph, monkeypatch, caplog, opened):
+    import icdcli.core.paths
+
+    folder, spec = graph
+    reference = plain_output(folder, spec, monkeypatch)
+    real_free = icdcli.core.paths.free_bytes
+    monkeypatch.setattr(icdcli.core.paths, "free_bytes", lambda where: 2**29)  # 512 MB: under the 1 GB kept free
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert_close(run(folder, spec), reference)
+    (note,) = [record.getMessage() for record in caplog.records]
+    assert note.startswith("onnxruntime: vae_decoder runs without its optimized form in the cache (512.0 MB free on")
+    assert not (prepared()[0] / ort_engine.COMPLETE).exists() and opened[-1] == str(folder / spec.file)
+    monkeypatch.setattr(icdcli.core.paths, "free_bytes", real_free)
+    run(folder, spec)  # room again: saved
+    monkeypatch.setattr(icdcli.core.paths, "free_bytes", lambda where: 0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="icd"):
+        assert_close(run(folder, spec), reference)
+    assert caplog.records == [] and opened[-1] == str(prepared()[0] / ort_engine.OPTIMIZED)  # opening takes no space
+
+
 def test_a_damaged_export_is_still_told_in_one_line(graph):
     folder, spec = graph
     runner = ort_engine.OrtGraph(folder / spec.file, spec, device=torch.device("cpu"), vae_scale_factor=8)
