@@ -191,7 +191,7 @@ def estimated_bytes(model: ICDModel, precision: str, *, include_teacher: bool, p
     """About the disk an export of `model` takes at its peak: every planned graph's weights at its precision, plus the
     working copies of the largest while it is saved (traced, then optimized for fp32, then saved)."""
     vae = model.vae
-    modules: dict[str, list[torch.nn.Module]] = {
+    modules: dict[str, list[torch.nn.Module | None]] = {
         FORWARD: [model.forward_unet], REVERSE: [model.reverse_unet], REVERSE_P2P: [model.reverse_unet],
         VAE_ENCODER: [vae.encoder, getattr(vae, "quant_conv", None)],
         VAE_DECODER: [vae.decoder, getattr(vae, "post_quant_conv", None)],
