@@ -68,6 +68,10 @@ def test_verbose_adds_detail_to_what_an_edit_says(tmp_path):
     assert "loaded in" not in plain.stderr and "loaded in" in verbose.stderr  # the model's loading, timed
     assert "icd edit: " in verbose.stderr.splitlines()[-1]  # the whole command, timed
     assert "icd edit: " not in plain.stderr and "wrote " in plain.stderr and "wrote " in verbose.stderr
+    (times,) = [line for line in verbose.stderr.splitlines() if line.startswith(f"DEBUG: {tmp_path / 'edit.png'}: ")]
+    stages = [part.split()[0] for part in times.split(": ", 2)[2].split(", ")]
+    assert stages[0] == "load" and {"encode", "decode", "write"} <= set(stages) and stages[-1] == "total", times
+    assert str(tmp_path) not in plain.stderr.replace(f"wrote {tmp_path / 'edit.png'}", "")  # -v's line alone
 
 
 @pytest.mark.slow
