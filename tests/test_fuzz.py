@@ -605,6 +605,15 @@ def test_paths_of_train_export_cache_and_bench_pie_are_bounded(tmp_path, monkeyp
             assert "ICD_CACHE_DIR" in result.stderr and "at most 4,096" in result.stderr
 
 
+def test_the_name_of_a_trained_model_is_bounded(tmp_path):
+    """icd train --name becomes the packaged model's name, in its records and PNG text: a model name's bound."""
+    for value in ("n" * 201, "a\tb", "a\nb", "a\x00b"):
+        result = CliRunner().invoke(main, ["train", "--smoke", str(tmp_path / "run"), "--name", value])
+        _assert_clean(result, codes=(2,))
+        assert "--name" in result.stderr and "a model name may" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before any training
+
+
 def test_bench_pie_prompts_from_its_mapping_file_are_bounded(tmp_path):
     """A PIE-Bench entry's prompts, blend words and image path are held to the bounds of icd edit's."""
     from icdcli.bench.pie_fixture import write_fixture

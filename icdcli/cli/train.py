@@ -17,7 +17,7 @@ import click
 
 from icdcli.cli.common import reports_errors
 from icdcli.cli.console import console, console_options, say
-from icdcli.cli.options import NumberType, TextPath
+from icdcli.cli.options import NumberType, TextPath, text_callback
 
 VARIANT = re.compile(r"^cd(?P<steps>[234])(?P<lf>\+lf)?(?P<lr>\+lr)?$")
 TWO_STEP = ((19, 499), (499, 999), 0.7)
@@ -131,7 +131,12 @@ def variant_settings(name: str) -> dict[str, Any]:
 )
 @click.option("--edit-guidance", type=NumberType("edit_guidance"), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
-@click.option("--name", default=None, help="Name recorded in the packaged model. Default: the run folder's name.")
+@click.option(
+    "--name",
+    default=None,
+    callback=text_callback("name"),
+    help="Name recorded in the packaged model (at most 200 characters). Default: the run folder's name.",
+)
 @click.option(
     "--tracker",
     type=click.Choice(sorted(TRACKER_PACKAGES)),

@@ -44,6 +44,7 @@ class TextRule:
 TEXTS: dict[str, TextRule] = {
     "prompt": TextRule(1000, True, "a prompt"),
     "word": TextRule(200, True, "a word"),
+    "name": TextRule(200, True, "a model name"),
     "path": TextRule(4096, False, "a path"),
 }
 
