@@ -38,3 +38,21 @@ def test_other_commands_group_model_and_backend(command):
 def test_generate_seed_and_size_help_say_what_they_are():
     text = " ".join(_help("generate").split())
     assert "multiple of the model's size step" in text and "the starting noise (generate)" in text
+
+
+def test_shell_completion_offers_commands_choices_presets_and_paths():
+    from click.shell_completion import BashComplete
+
+    from icdcli.cli.main import main
+
+    def offered(args: list[str], incomplete: str) -> list[tuple[str, str]]:
+        completer = BashComplete(main, {}, "icd", "_ICD_COMPLETE")
+        return [(item.type, item.value) for item in completer.get_completions(args, incomplete)]
+
+    assert ("plain", "edit") in offered([], "ed")
+    assert offered(["edit", "x.png"], "--met") == [("plain", "--method")]
+    assert offered(["edit", "x.png", "--backend"], "o") == [("plain", "onnxruntime"), ("plain", "openvino")]
+    assert offered(["edit", "x.png", "--model"], "sd15-t") == [("file", "sd15-t"), ("plain", "sd15-tau0.7")]
+    assert offered(["edit", "x.png", "--model"], "./my") == [("file", "./my")]  # not a preset: the shell's paths
+    for flag in ("--base", "--base-config", "--teacher", "--forward-lora", "--reverse-lora"):
+        assert offered(["export", flag], "w") == [("file", "w")], flag

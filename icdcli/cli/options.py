@@ -142,6 +142,24 @@ class BoundariesType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+def complete_model(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of --model: the presets that start with what is typed, else the shell's own paths (the path
+    item comes first: bash's completion script starts its list over at one)."""
+    from click.shell_completion import CompletionItem
+
+    presets = [name.strip() for name in PRESET_NAMES.split(",")]
+    return [CompletionItem(incomplete, type="file")] + [
+        CompletionItem(name) for name in presets if name.startswith(incomplete)
+    ]
+
+
+def complete_path(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of a path flag that click types as text (a folder or a file): the shell's own paths."""
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="file")]
+
+
 def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
@@ -149,6 +167,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "model",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_model,
             metavar="NAME|PATH",
             help=f"A preset ({PRESET_NAMES}), an icd model folder (icd.json inside), a release tarball's folder "
             "(its LoRA files and teacher), or a hub id (org/repo) of either. Default: the embedded model.",
@@ -157,6 +176,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--base",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_path,
             metavar="DIR|FILE",
             help="Base pipeline: a diffusers folder, or a single-file SD1.5/SDXL checkpoint (.safetensors, converted "
             "once and cached), with LoRA files or a release folder. Default: the family's hub id.",
@@ -165,6 +185,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--base-config",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_path,
             metavar="DIR",
             help="For a single-file --base: a diffusers layout of its configs and tokenizers. Default: one beside "
             "the file, else the family's hub repository (cache first).",
@@ -173,6 +194,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--teacher",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_path,
             metavar="FILE",
             help="Guidance-distilled teacher UNet state dict (.safetensors, or .pt loaded weights-only).",
         ),
@@ -180,6 +202,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--forward-lora",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_path,
             metavar="FILE",
             help="Forward LoRA, e.g. iCD-SD15-forward_19_259_519_779.safetensors (or forward-19-259-519-779...).",
         ),
@@ -187,6 +210,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--reverse-lora",
             default=None,
             callback=text_callback("path"),
+            shell_complete=complete_path,
             metavar="FILE",
             help="Reverse LoRA, e.g. iCD-SD15-reverse_259_519_779_999.safetensors.",
         ),
