@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -122,3 +123,22 @@ def test_a_size_that_is_not_one_is_a_usage_error():
     for bad in ("lots", "20X", "-5G", "1e3"):
         result = CliRunner().invoke(main, ["cache", "prune", "--max-size", bad])
         assert result.exit_code == 2 and "is not a size" in result.output, (bad, result.output)
+
+
+def test_graphs_prepared_from_an_export_that_is_gone_are_pruned_whatever_their_age(tmp_path):
+    export = cache_root() / "onnx" / "model-0123-fp32"
+    _entry("onnx", export.name, "model", 2)
+    for kind, key, source in (("onnxruntime", "live", export), ("openvino", "orphan", tmp_path / "gone-export"),
+                              ("onnxruntime", "unknown", None)):  # fmt: skip
+        _entry(kind, key, "model", 2)
+        if source is not None:
+            (cache_root() / kind / key / "source.json").write_text(json.dumps({"export": str(source)}))
+            os.utime(cache_root() / kind / key, (time.time() - 2 * 86400,) * 2)
+    listing = json.loads(CliRunner().invoke(main, ["cache", "list", "--json"]).stdout)
+    assert {Path(e["path"]).name: e["orphaned"] for e in listing["entries"]} == {
+        export.name: False, "live": False, "orphan": True, "unknown": False}  # fmt: skip
+    assert "model (export gone)" in CliRunner().invoke(main, ["cache", "list"]).output
+    pruned = CliRunner().invoke(main, ["cache", "prune"])  # 30 days by default: only the orphan goes
+    assert pruned.exit_code == 0 and "removed openvino graphs model (1.1 KB, its export is gone)" in pruned.output
+    assert not (cache_root() / "openvino" / "orphan").exists()
+    assert (cache_root() / "onnxruntime" / "live").is_dir() and (cache_root() / "onnxruntime" / "unknown").is_dir()

@@ -32,6 +32,8 @@ KINDS = {
     "onnxruntime": "ort optimized",
 }
 BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
+PREPARED_KINDS = ("openvino", "onnxruntime")
+"""Kinds whose entries were prepared from an export (`source.json` names it): of no use once it is gone."""
 
 
 @dataclass
@@ -41,10 +43,22 @@ class CacheEntry:
     name: str
     bytes: int
     last_used: float
+    orphaned: bool = False  # prepared from an export that is gone
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path), "name": self.name, "bytes": self.bytes,
-                "last_used": round(self.last_used, 3)}  # fmt: skip
+                "last_used": round(self.last_used, 3), "orphaned": self.orphaned}  # fmt: skip
+
+
+def _orphaned(kind: str, folder: Path) -> bool:
+    """Whether a prepared entry's export (its `source.json`) is gone: no manifest where it was."""
+    if kind not in PREPARED_KINDS:
+        return False
+    try:
+        export = json.loads((folder / "source.json").read_text())["export"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not known: kept, as before
+    return not (Path(str(export)) / "manifest.json").is_file()
 
 
 def _name(kind: str, folder: Path) -> str:
@@ -70,7 +84,7 @@ def _entry(kind: str, folder: Path) -> CacheEntry:
             size += stat.st_size
         if path.name == USED_MARKER:
             newest = max(newest, stat.st_mtime)
-    return CacheEntry(kind, folder, _name(kind, folder), size, newest)
+    return CacheEntry(kind, folder, _name(kind, folder), size, newest, _orphaned(kind, folder))
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:
@@ -121,8 +135,9 @@ def cache_list(as_json: bool) -> None:
         return
     now = time.time()
     for entry in entries:
+        name = f"{entry.name} (export gone)" if entry.orphaned else entry.name
         console().report(f"{human_size(entry.bytes):>9}  {_age(now - entry.last_used):>15}  {KINDS[entry.kind]:<16} "
-                         f"{entry.name:<24} {entry.path}")  # fmt: skip
+                         f"{name:<24} {entry.path}")  # fmt: skip
     console().report(f"{len(entries)} entries, {human_size(total)} in {root}")
 
 
@@ -179,13 +194,14 @@ def over_size(entries: list[CacheEntry], max_bytes: int, removable: set[Path]) -
 @console_options
 def cache_prune(days: float, max_size: int | None, everything: bool, kind: str | None, dry_run: bool) -> None:
     """Remove cache entries not used for a while, or the least recently used down to a size; they are made again
-    when needed. An entry used in the last two minutes (by another process, say) is never removed."""
+    when needed. Graphs prepared from an export that is gone go too. An entry used in the last two minutes (by
+    another process, say) is never removed."""
     now = time.time()
     by_age = everything or max_size is None or _given("days")
     limit = 0.0 if everything else days * 86400
     entries = [entry for entry in cache_entries(_root()) if kind is None or entry.kind == kind]
     idle = [entry for entry in entries if now - entry.last_used >= BUSY_SECONDS]
-    chosen = [entry for entry in idle if now - entry.last_used >= limit] if by_age else []
+    chosen = [entry for entry in idle if entry.orphaned or (by_age and now - entry.last_used >= limit)]
     if max_size is not None:
         taken = {entry.path for entry in chosen}
         left = [entry for entry in entries if entry.path not in taken]
@@ -200,7 +216,8 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
                 continue
         freed += entry.bytes
         verb = "would remove" if dry_run else "removed"
-        console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({human_size(entry.bytes)})")
+        gone = ", its export is gone" if entry.orphaned else ""
+        console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({human_size(entry.bytes)}{gone})")
     console().report(f"{'would free' if dry_run else 'freed'} {human_size(freed)} ({len(chosen)} entries)")
     left_bytes = sum(entry.bytes for entry in entries) - freed
     if max_size is not None and left_bytes > max_size:
