@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from icdcli.core.errors import ICDError
-from icdcli.core.paths import cache_root
+from icdcli.core.paths import cache_root, mark_used
 from icdcli.engines.base import BackendParts, Runner, assemble_parts
 from icdcli.engines.tensorrt_build import ensure_engine, is_cached
 from icdcli.engines.tensorrt_lib import device_facts, on_device, tensorrt_module
@@ -134,6 +134,8 @@ def engine_parts(
     trt = tensorrt_module()
     mode = build_mode(trt.__version__, manifest.precision)
     cache = engines_root() / manifest.model_key
+    if cache.is_dir():
+        mark_used(cache)  # `icd cache prune` goes by last use
     timing = timing_cache_file(engines_root(), trt.__version__, facts)
 
     def planned(native_only: bool) -> dict[str, EngineRequest]:

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from icdcli.cli.main import main
@@ -142,3 +143,64 @@ def test_graphs_prepared_from_an_export_that_is_gone_are_pruned_whatever_their_a
     assert pruned.exit_code == 0 and "removed openvino graphs model (1.1 KB, its export is gone)" in pruned.output
     assert not (cache_root() / "openvino" / "orphan").exists()
     assert (cache_root() / "onnxruntime" / "live").is_dir() and (cache_root() / "onnxruntime" / "unknown").is_dir()
+
+
+def test_the_max_size_setting_removes_the_least_recently_used_idle_entries(monkeypatch):
+    from icdcli.io.cache_entries import keep_within_max_size
+
+    _entry("merged", "old", "a", 9, size=50_000)
+    _entry("onnx", "older", "b", 20, size=50_000)
+    _entry("merged", "busy", "c", 0, size=50_000)
+    said: list[str] = []
+    keep_within_max_size(said.append)  # not set: nothing
+    monkeypatch.setenv("ICD_CACHE_MAX_SIZE", "110K")
+    keep_within_max_size(said.append)
+    assert said == [f"note: removed 1 least recently used cache entries (48.8 KB) to keep {cache_root()} within "
+                    "ICD_CACHE_MAX_SIZE=110.0 KB"]  # fmt: skip
+    assert sorted(p.name for p in (cache_root() / "merged").iterdir()) == ["busy", "old"]
+    assert not (cache_root() / "onnx" / "older").exists()
+
+
+def test_commands_that_load_a_model_keep_the_max_size(tmp_path, monkeypatch):
+    _entry("onnx", "older", "b", 20, size=50_000)
+    monkeypatch.setenv("ICD_CACHE_MAX_SIZE", "0")  # everything idle goes; what this run fuses is in use
+    out = tmp_path / "edit.png"
+    example = Path(__file__).parent.parent / "examples" / "red-circle.png"
+    args = ["edit", str(example), "--src", "a red circle on a blue background", "--tgt", "a yellow circle on a blue "
+            "background", "-o", str(out), "--backend", "torch"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and out.is_file(), result.output
+    assert "least recently used cache entries" in result.stderr and not (cache_root() / "onnx" / "older").exists()
+    assert any((cache_root() / "merged").iterdir())  # the model this run fused stays
+    monkeypatch.setenv("ICD_CACHE_MAX_SIZE", "lots")
+    bad = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert bad.exit_code == 1 and "ICD_CACHE_MAX_SIZE='lots': 'lots' is not a size" in bad.stderr, bad.output
+
+
+def test_sizes_are_read_as_people_write_them():
+    from icdcli.core.paths import parse_size
+
+    assert parse_size("20G") == 20 * 2**30 and parse_size("500m") == 500 * 2**20 and parse_size("1.5TiB") == 3 * 2**39
+    assert parse_size("4096") == 4096 and parse_size(" 0 ") == 0 and parse_size("2KB") == 2048
+
+
+def test_an_export_in_use_is_marked_used_so_pruning_by_age_keeps_it(tmp_path):
+    """An export made 40 days ago and used today stays; an export in a folder of the user's gets no marker."""
+    pytest.importorskip("onnxruntime")
+    example = Path(__file__).parent.parent / "examples" / "red-circle.png"
+    args = ["edit", str(example), "--src", "a red circle on a blue background", "--tgt", "a yellow circle on a blue "
+            "background", "--backend", "onnxruntime"]  # fmt: skip
+    assert CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.png")]).exit_code == 0
+    (export,) = (cache_root() / "onnx").iterdir()
+    stamp = time.time() - 40 * 86400
+    for path in (*export.rglob("*"), export):
+        os.utime(path, (stamp, stamp))
+    assert CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b.png")]).exit_code == 0  # the lean load reads it
+    assert (export / USED_MARKER).is_file()
+    pruned = CliRunner().invoke(main, ["cache", "prune", "--older-than", "30", "--kind", "onnx"])
+    assert pruned.exit_code == 0 and export.is_dir(), pruned.output
+
+    own = tmp_path / "my-export"
+    assert CliRunner().invoke(main, ["export", "--out", str(own)]).exit_code == 0
+    result = CliRunner().invoke(main, ["export", "--out", str(own)])  # current: found, not made again
+    assert result.exit_code == 0 and not (own / USED_MARKER).exists()

@@ -234,6 +234,7 @@ def ensure_exported(
         fp32_norm: See above.
         for_tensorrt: See above.
     """
+    from icdcli.core.paths import mark_cached_used
     from icdcli.export import DEFAULT_OPSET, default_export_dir, export_model, read_manifest, stale_reason
     from icdcli.export.cleanup import sanitizer_available
     from icdcli.export.files import file_lock
@@ -277,6 +278,7 @@ def ensure_exported(
                 p2p=p2p, fp32_norm=fp32_norm, sanitize=None if for_tensorrt else False,
             )  # fmt: skip
             manifest = read_manifest(folder)
+    mark_cached_used(folder)  # `icd cache prune` goes by last use
     return folder, manifest
 
 

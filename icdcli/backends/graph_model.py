@@ -396,6 +396,7 @@ def load_exported(
             `icdcli.backends.accelerated.accelerate` runs them).
     """
     from icdcli.backends.accelerated import AcceleratedModel, lock_path
+    from icdcli.core.paths import mark_cached_used
     from icdcli.export import DEFAULT_OPSET, read_manifest, stale_reason
     from icdcli.export.files import file_lock
     from icdcli.export.manifest import export_dir
@@ -426,6 +427,7 @@ def load_exported(
         if stale_reason(manifest, fingerprint, precision, DEFAULT_OPSET, need_teacher=teacher) is not None:
             return None
     assert manifest is not None, "a current export has a manifest"
+    mark_cached_used(exported)  # `icd cache prune` goes by last use
     if any(tokenizer.model_max_length != manifest.text_length for tokenizer in tokenizers):
         return None
     model = DeferredTorchModel(

@@ -1,101 +1,20 @@
 """`icd cache list|prune`: what icd keeps in its cache (fused models, ONNX exports, TensorRT engines, OpenVINO's
-compiled graphs, ONNX Runtime's optimized CPU graphs), and removing what has not been used for a while.
-
-Every entry is one folder: `merged/<key>` (a fused model), `bases/<key>` (a single-file base converted
-to a diffusers folder), `onnx/<key>` (an export of one model and precision), `engines/<key>` (the engines
-built from one export), `openvino/<key>` and `onnxruntime/<key>` (the graphs OpenVINO compiled, and ONNX Runtime
-optimized for the CPU, from one export). An entry's last use is the newest time stamp of the folder and its `.used`
-marker, which loading refreshes. Heavy libraries are not imported here.
+compiled graphs, ONNX Runtime's optimized CPU graphs; `icdcli.io.cache_entries`), and removing what has not been used
+for a while. Heavy libraries are not imported here.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from icdcli.cli.console import console, console_options
-from icdcli.core.paths import USED_MARKER, cache_root, human_size
-
-KINDS = {
-    "merged": "fused model",
-    "bases": "converted base",
-    "onnx": "onnx export",
-    "engines": "tensorrt engines",
-    "openvino": "openvino graphs",
-    "onnxruntime": "ort optimized",
-}
-BUSY_SECONDS = 120  # an entry touched this recently may be in use by another process: never pruned
-PREPARED_KINDS = ("openvino", "onnxruntime")
-"""Kinds whose entries were prepared from an export (`source.json` names it): of no use once it is gone."""
-
-
-@dataclass
-class CacheEntry:
-    kind: str
-    path: Path
-    name: str
-    bytes: int
-    last_used: float
-    orphaned: bool = False  # prepared from an export that is gone
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path), "name": self.name, "bytes": self.bytes,
-                "last_used": round(self.last_used, 3), "orphaned": self.orphaned}  # fmt: skip
-
-
-def _orphaned(kind: str, folder: Path) -> bool:
-    """Whether a prepared entry's export (its `source.json`) is gone: no manifest where it was."""
-    if kind not in PREPARED_KINDS:
-        return False
-    try:
-        export = json.loads((folder / "source.json").read_text())["export"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # not known: kept, as before
-    return not (Path(str(export)) / "manifest.json").is_file()
-
-
-def _name(kind: str, folder: Path) -> str:
-    for candidate in ("icd.json", "manifest.json", "source.json"):
-        try:
-            data = json.loads((folder / candidate).read_text())
-        except (OSError, ValueError):
-            continue
-        info = data.get("info", data) if isinstance(data, dict) else {}
-        if isinstance(info, dict) and info.get("name"):
-            return str(info["name"]) + (f" ({data['precision']})" if kind == "onnx" and data.get("precision") else "")
-    return "?"
-
-
-def _entry(kind: str, folder: Path) -> CacheEntry:
-    size, newest = 0, folder.stat().st_mtime
-    for path in folder.rglob("*"):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        if path.is_file():
-            size += stat.st_size
-        if path.name == USED_MARKER:
-            newest = max(newest, stat.st_mtime)
-    return CacheEntry(kind, folder, _name(kind, folder), size, newest, _orphaned(kind, folder))
-
-
-def cache_entries(root: Path) -> list[CacheEntry]:
-    """Every entry in the cache under `root`, least recently used first."""
-    entries = []
-    for kind in KINDS:
-        folder = root / kind
-        if not folder.is_dir():
-            continue
-        entries += [_entry(kind, p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    return sorted(entries, key=lambda entry: entry.last_used)
+from icdcli.core.paths import cache_root, human_size, parse_size
+from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, over_size
 
 
 def _age(seconds: float) -> str:
@@ -141,36 +60,18 @@ def cache_list(as_json: bool) -> None:
     console().report(f"{len(entries)} entries, {human_size(total)} in {root}")
 
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
 class ByteSize(click.ParamType):
-    """A size such as 20G, 500M, 1.5T or 0 (binary units; a trailing B or iB is allowed): bytes, an int."""
+    """A size such as 20G, 500M, 1.5T or 0 (`icdcli.core.paths.parse_size`): bytes, an int."""
 
     name = "SIZE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
-        if match is None:
-            self.fail(f"{value!r} is not a size: give a number with K, M, G or T (20G, 500M, 0)", param, ctx)
-        number, unit = match.groups()
-        return int(float(number) * SIZE_UNITS[unit.upper()])
-
-
-def over_size(entries: list[CacheEntry], max_bytes: int, removable: set[Path]) -> list[CacheEntry]:
-    """The least recently used of the `removable` entries whose removal brings `entries` to `max_bytes` or under
-    (all of them removable when it cannot: the others stay whatever their size)."""
-    total = sum(entry.bytes for entry in entries)
-    chosen = []
-    for entry in entries:  # least recently used first
-        if total <= max_bytes:
-            break
-        if entry.path in removable:
-            chosen.append(entry)
-            total -= entry.bytes
-    return chosen
+        try:
+            return parse_size(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 @cache.command("prune")
@@ -186,7 +87,8 @@ def over_size(entries: list[CacheEntry], max_bytes: int, removable: set[Path]) -
     "--max-size",
     type=ByteSize(),
     default=None,
-    help="Remove the least recently used entries until the cache (of --kind) holds at most SIZE: 20G, 500M.",
+    help="Remove the least recently used entries until the cache (of --kind) holds at most SIZE: 20G, 500M. "
+    f"({MAX_SIZE_SETTING}=SIZE does this whenever a command loads a model.)",
 )
 @click.option("--all", "everything", is_flag=True, help="Remove every entry (not one in use right now).")
 @click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only entries of this kind.")

@@ -205,6 +205,9 @@ def _choose(
 
 
 def _loaded(model: EditModel, label: str, start: float, backend: str) -> Loaded:
+    from icdcli.io.cache_entries import keep_within_max_size
+
+    keep_within_max_size(say)  # after the load: what it used or made is marked in use, and kept
     seconds = time.perf_counter() - start
     logging.getLogger("icd").debug(
         "model %s: loaded in %.2f s, on %s (%s, %s)", label, seconds, backend, model.device, model.dtype
