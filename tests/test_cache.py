@@ -204,3 +204,20 @@ def test_an_export_in_use_is_marked_used_so_pruning_by_age_keeps_it(tmp_path):
     assert CliRunner().invoke(main, ["export", "--out", str(own)]).exit_code == 0
     result = CliRunner().invoke(main, ["export", "--out", str(own)])  # current: found, not made again
     assert result.exit_code == 0 and not (own / USED_MARKER).exists()
+
+
+def test_graphs_prepared_from_an_export_in_use_are_in_use_too(monkeypatch):
+    """A load marks its export; the graphs prepared from it are marked only when an edit first runs them."""
+    from icdcli.io.cache_entries import keep_within_max_size
+
+    _entry("onnx", "export", "model", 0, size=1000)  # marked by this load
+    _entry("onnxruntime", "optimized", "model", 5, size=50_000)
+    (cache_root() / "onnxruntime" / "optimized" / "source.json").write_text(
+        json.dumps({"export": str(cache_root() / "onnx" / "export")})
+    )
+    _entry("merged", "other", "other", 3, size=50_000)
+    monkeypatch.setenv("ICD_CACHE_MAX_SIZE", "0")
+    keep_within_max_size(lambda line: None)
+    assert (cache_root() / "onnxruntime" / "optimized").is_dir() and not (cache_root() / "merged" / "other").exists()
+    pruned = CliRunner().invoke(main, ["cache", "prune", "--all", "--kind", "onnxruntime"])
+    assert pruned.exit_code == 0 and (cache_root() / "onnxruntime" / "optimized").is_dir(), pruned.output

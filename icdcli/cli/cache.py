@@ -14,7 +14,7 @@ import click
 
 from icdcli.cli.console import console, console_options
 from icdcli.core.paths import cache_root, human_size, parse_size
-from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, over_size
+from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, in_use, over_size
 
 
 def _age(seconds: float) -> str:
@@ -97,12 +97,14 @@ class ByteSize(click.ParamType):
 def cache_prune(days: float, max_size: int | None, everything: bool, kind: str | None, dry_run: bool) -> None:
     """Remove cache entries not used for a while, or the least recently used down to a size; they are made again
     when needed. Graphs prepared from an export that is gone go too. An entry used in the last two minutes (by
-    another process, say) is never removed."""
+    another process, say) is never removed, nor are the graphs prepared from an export in use."""
     now = time.time()
     by_age = everything or max_size is None or _given("days")
     limit = 0.0 if everything else days * 86400
-    entries = [entry for entry in cache_entries(_root()) if kind is None or entry.kind == kind]
-    idle = [entry for entry in entries if now - entry.last_used >= BUSY_SECONDS]
+    every = cache_entries(_root())
+    busy = in_use(every, now)
+    entries = [entry for entry in every if kind is None or entry.kind == kind]
+    idle = [entry for entry in entries if entry.path not in busy]
     chosen = [entry for entry in idle if entry.orphaned or (by_age and now - entry.last_used >= limit)]
     if max_size is not None:
         taken = {entry.path for entry in chosen}

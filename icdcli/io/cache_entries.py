@@ -49,15 +49,32 @@ class CacheEntry:
                 "last_used": round(self.last_used, 3), "orphaned": self.orphaned}  # fmt: skip
 
 
-def orphaned(kind: str, folder: Path) -> bool:
-    """Whether a prepared entry's export (its `source.json`) is gone: no manifest where it was."""
+def source_export(kind: str, folder: Path) -> Path | None:
+    """The export a prepared entry was prepared from (its `source.json`); None for other kinds, or where not known."""
     if kind not in PREPARED_KINDS:
-        return False
+        return None
     try:
-        export = json.loads((folder / "source.json").read_text())["export"]
+        return Path(str(json.loads((folder / "source.json").read_text())["export"]))
     except (OSError, ValueError, KeyError, TypeError):
-        return False  # not known: kept, as before
-    return not (Path(str(export)) / "manifest.json").is_file()
+        return None
+
+
+def orphaned(kind: str, folder: Path) -> bool:
+    """Whether a prepared entry's export is gone: no manifest where it was (an entry of unknown source is kept)."""
+    export = source_export(kind, folder)
+    return export is not None and not (export / "manifest.json").is_file()
+
+
+def in_use(entries: list[CacheEntry], now: float) -> set[Path]:
+    """The entries used in the last `BUSY_SECONDS`, and the graphs prepared from an export among them (an edit
+    prepares them only when it first runs a graph, after its load has marked the export)."""
+    busy = {entry.path for entry in entries if now - entry.last_used < BUSY_SECONDS}
+    busy_exports = {path.resolve() for path in busy}
+    for entry in entries:
+        export = source_export(entry.kind, entry.path)
+        if export is not None and export.resolve() in busy_exports:
+            busy.add(entry.path)
+    return busy
 
 
 def entry_name(kind: str, folder: Path) -> str:
@@ -135,8 +152,7 @@ def keep_within_max_size(say: Callable[[str], None]) -> None:
         return
     root = cache_root()
     entries = cache_entries(root)
-    now = time.time()
-    idle = {entry.path for entry in entries if now - entry.last_used >= BUSY_SECONDS}
+    idle = {entry.path for entry in entries} - in_use(entries, time.time())
     freed, removed = 0, 0
     for entry in over_size(entries, limit, idle):
         shutil.rmtree(entry.path, ignore_errors=True)
