@@ -35,6 +35,7 @@ from icdcli.diffusion.recipe import BLEND_THRESHOLD, EditRequest
 from icdcli.run.batch import Shard
 from icdcli.run.inputs import EditFlags, apply_record, collect_items, p2p_options
 from icdcli.run.latents import edit_latents
+from icdcli.run.piped import PIPE, check_piped, copy_to_stdout, piped_ends
 from icdcli.run.planning import plan_edit_outputs
 from icdcli.run.runner import EditRun
 
@@ -90,7 +91,7 @@ from icdcli.run.runner import EditRun
     "--output",
     type=TextPath(),
     default=None,
-    help="Output file (one input) or folder (mirrors the layout of folder inputs). "
+    help="Output file (one input) or folder (mirrors the layout of folder inputs); - writes the PNG to stdout. "
     "Default: IMAGE-edit.png beside each input.",
 )
 @click.option(
@@ -265,7 +266,8 @@ def edit(
     checkpoints edit with p2p, guidance 20 (the release's scripts write 19: they count w - 1), tau
     0.8, cross 0.3, self 0.6, amplify 4 on new words, seed 30. Flags given always win.
 
-    IMAGE may be a file or a folder (image files inside; -r descends). Each output PNG records its
+    IMAGE may be a file or a folder (image files inside; -r descends), or - for one image on stdin
+    (with -o FILE, or -o - for a pipe: cat a.jpg | icd edit - ... -o - > b.png). Each output PNG records its
     parameters; a rerun skips outputs already made with the same ones. Ctrl-C stops after the
     current image (twice: at once), exit code 130.
     """
@@ -283,6 +285,16 @@ def edit(
             check_prompt(target, "--tgt")
         edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),
                      reporter=reporter(as_json), started=started)  # fmt: skip
+        return
+    piped = [str(image) for image in images]
+    if PIPE in piped or output == PIPE:
+        many = (("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
+                ("--shard", shard is not None), ("-r", recursive))  # fmt: skip
+        others = [flag for flag, given in many if given]
+        check_piped(piped, output, as_json=as_json, others=others)
+        _check_edit_prompts(settings, None)
+        _edit_piped(piped[0], output, settings, model_opts, as_json=as_json, overwrite=overwrite,
+                    any_output=any_output, batch_size=batch_size, started=started)  # fmt: skip
         return
     expected_hash = None
     if from_record is not None:
@@ -308,6 +320,38 @@ def edit(
                      batch_size=batch_size)  # fmt: skip
     runner.shard = (shard.index, shard.count) if shard is not None and shard.auto else None
     runner.run(items)
+
+
+def _edit_piped(
+    image: str, output: str | None, settings: EditFlags, model_opts: dict[str, Any], *, as_json: bool,
+    overwrite: bool, any_output: bool, batch_size: int | None, started: float,
+) -> None:  # fmt: skip
+    """`icd edit -` (the image on stdin) and `-o -` (the edit on stdout): one item through the runner, its piped
+    ends named stdin and stdout in what it says (`icdcli.run.piped`)."""
+    from dataclasses import replace
+
+    from icdcli.core.errors import ICDError
+
+    with piped_ends(image, output, sys.stdin.buffer) as ends:
+        try:
+            items, _ = _collected_items((ends.image,), None, False, settings)
+            if image == PIPE:
+                items = [replace(item, recorded_input=PIPE) for item in items]
+            target = None if ends.output is None else str(ends.output)
+            items = plan_edit_outputs(items, target, spec=None, batch=False, anywhere=any_output)
+            runner = EditRun(settings, model_loader(model_opts), batch=False, overwrite=overwrite or output == PIPE,
+                             reporter=ends.reporter(reporter(as_json)), started=started,
+                             batch_size=batch_size)  # fmt: skip
+            runner.run(items)
+        except ICDError as error:  # its message names the piped ends as the user knows them
+            error.args = (ends.named(str(error)),)
+            raise
+        except click.UsageError:
+            raise
+        except click.ClickException as error:  # a spec or folder error of the one item, named alike
+            raise click.ClickException(ends.named(error.format_message())) from None
+        if output == PIPE and ends.output is not None:
+            copy_to_stdout(ends.output, sys.stdout.buffer)
 
 
 def _collected_items(

@@ -59,6 +59,7 @@ class Item:
     replace_tail: str | None = (
         None  # P2P replace: aligned or release (icdcli.diffusion.recipe.REPLACE_TAILS); None: the run's
     )
+    recorded_input: str | None = None  # what the output's record names the input (`-`: stdin); None: its path
 
 
 def display(path: str | os.PathLike[str]) -> str:

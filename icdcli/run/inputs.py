@@ -165,6 +165,8 @@ def apply_record(
         model_opts["model"] = None if model == DEFAULT_MODEL else model
         expected_hash = record.get("model_hash")
     if not images:
+        if record.get("input") == "-":
+            raise ICDError(f"--from {display(path)}: its input came on stdin; give the IMAGE file to edit")
         recorded = recorded_path(path, str(record.get("input", "")))
         if not recorded.is_file():
             raise ICDError(

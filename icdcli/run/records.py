@@ -39,12 +39,14 @@ def edit_record(
     input_sha256: str,
     p2p: P2PSettings | None = None,
     unguided: str | None = None,
+    recorded_input: str | None = None,
 ) -> dict[str, Any]:
     """The record of `image` edited from `src` to `tgt` into `output` with `edit` on `model`.
 
     Args:
         p2p: the Prompt-to-Prompt settings of a `p2p` edit (None for a swap).
         unguided: a swap's prompt of the unguided steps (`source` or `target`; None: the source).
+        recorded_input: what the record names the input (`-`: it came on stdin); None: its path from the output.
     """
     from icdcli.core.version import __version__
 
@@ -63,7 +65,7 @@ def edit_record(
         tau=edit.tau,
         seed=edit.seed,
         version=__version__,
-        input_path=path_from(output, image),
+        input_path=recorded_input if recorded_input is not None else path_from(output, image),
         input_size=input_size,
         input_sha256=input_sha256,
     )

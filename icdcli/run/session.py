@@ -47,8 +47,8 @@ class EditSession:
         edit = request.resolve(self.loaded.model.info)
         p2p = self.item_p2p(item) if edit.method == "p2p" else None
         return edit_record(edit, self.identity, src=item.src, tgt=item.tgt, output=item.output, image=item.image,
-                           input_size=size, input_sha256=input_sha, p2p=p2p,
-                           unguided=self.flags.unguided)  # fmt: skip
+                           input_size=size, input_sha256=input_sha, p2p=p2p, unguided=self.flags.unguided,
+                           recorded_input=item.recorded_input)  # fmt: skip
 
     def stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
         """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""
