@@ -95,3 +95,13 @@ def test_repeating_an_edit_whose_input_came_on_stdin_asks_for_the_image(tmp_path
     assert again.exit_code == 1 and "its input came on stdin; give the IMAGE file to edit" in again.stderr
     given = _icd("edit", EXAMPLE, "--from", out, "-o", tmp_path / "again.png", "--backend", "torch")
     assert given.exit_code == 0, given.output
+
+
+def test_generate_writes_its_png_to_stdout(tmp_path):
+    piped = _icd("generate", "a red circle on a blue background", "-o", "-", "--backend", "torch")
+    assert piped.exit_code == 0 and "wrote stdout" in piped.stderr, piped.output
+    out = tmp_path / "file.png"
+    to_file = _icd("generate", "a red circle on a blue background", "-o", out, "--backend", "torch")
+    assert to_file.exit_code == 0 and piped.stdout_bytes == out.read_bytes()  # the same PNG, record and all
+    refused = _icd("generate", "a red circle", "-o", "-", "--json")
+    assert refused.exit_code == 2 and "leave --json out" in refused.stderr

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from icdcli.cli.common import check_prompt, load_model, model_record, note_unknown_prompt, reports_errors
-from icdcli.cli.console import console_options
+from icdcli.cli.console import console_options, say
 from icdcli.cli.options import (
     BACKEND_SECTION,
     MODEL_SECTION,
@@ -27,6 +29,69 @@ from icdcli.cli.results import emit, reported_failure
 from icdcli.io.claims import sweep
 from icdcli.run.outputs import GENERATE_FIELDS, check_existing, existing_record, image_text
 from icdcli.run.planning import check_writable_folder, unique_path
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A generation with its model loaded: the record its PNG carries, and what runs it."""
+
+    loaded: Any
+    record: dict[str, Any]
+    text: dict[str, str]
+    prompt: str
+    guidance: float
+    tau: float
+    sampling: Any
+    size: tuple[int, int]
+
+    def run(self) -> tuple[Any, Any]:
+        """The image, and the timings of the load and the decode."""
+        from icdcli.editing.generation import generate as run_generate
+        from icdcli.editing.stages import Timings
+
+        timings = Timings({"load": self.loaded.seconds})
+        with timings.stage("decode"):
+            image = run_generate(self.loaded.model, self.prompt, guidance=self.guidance, tau=self.tau,
+                                 settings=self.sampling, size=self.size)  # fmt: skip
+        return image, timings
+
+
+def _planned(
+    prompt: str, guidance: float | None, tau: float, width: int | None, height: int | None, seed: int, sampler: str,
+    ddim_steps: int, model_opts: dict[str, Any],
+) -> _Planned:  # fmt: skip
+    """The model loaded for a generation, its size checked, and the generation's record."""
+    from icdcli.diffusion.recipe import SamplerSettings
+    from icdcli.models.checkpoints import model_files
+
+    loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
+    model = loaded.model
+    note_unknown_prompt(model, prompt, "PROMPT")
+    size = (width or model.info.native_size, height or model.info.native_size)
+    _check_size(size, model)
+    w = guidance if guidance is not None else model.info.generate_guidance
+    sampling = SamplerSettings(sampler, ddim_steps, seed)
+    steps = sampling.steps(model.info.num_steps)
+    record = {"command": "generate", **model_record(loaded), "sampler": sampler, "steps": steps,
+              "prompt": prompt, "guidance": float(w), "tau": float(tau), "seed": seed, "width": size[0],
+              "height": size[1]}  # fmt: skip
+    return _Planned(loaded, record, image_text(record, model_files(model)), prompt, float(w), tau, sampling, size)
+
+
+def _generate_to_stdout(
+    prompt: str, guidance: float | None, tau: float, width: int | None, height: int | None, seed: int, sampler: str,
+    ddim_steps: int, model_opts: dict[str, Any],
+) -> None:  # fmt: skip
+    """`icd generate PROMPT -o -`: the PNG, with its record, on stdout (for a pipe); a line on stderr says so."""
+    from icdcli.io.images import png_bytes
+
+    _check_size_before_loading(width, height, model_opts)
+    planned = _planned(prompt, guidance, tau, width, height, seed, sampler, ddim_steps, model_opts)
+    image, _ = planned.run()
+    data = png_bytes(image, text=planned.text)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    say("wrote stdout")
 
 
 def _check_output_folder(folder: Path) -> None:
@@ -94,7 +159,7 @@ def _slug(text: str) -> str:
     "--output",
     type=TextPath(),
     default=None,
-    help="Image to write. Default: a name made from the prompt, in the current folder.",
+    help="Image to write; - writes the PNG to stdout. Default: a name made from the prompt, in the current folder.",
 )
 @click.option(
     "--guidance",
@@ -149,6 +214,11 @@ def generate(
     started = time.perf_counter()
     check_prompt(prompt, "PROMPT")
     seed = 0 if seed is None else seed
+    if output == "-":
+        if as_json:
+            raise click.UsageError("-o - writes the image to stdout, where --json's records would go: leave --json out")
+        _generate_to_stdout(prompt, guidance, tau, width, height, seed, sampler, ddim_steps, model_opts)
+        return
     default_name = f"{_slug(prompt)}-s{seed}.png"
     target = Path(output) if output is not None else Path(default_name)
     if output is not None and (output.endswith(("/", os.sep)) or target.is_dir()):
@@ -157,34 +227,18 @@ def generate(
         _check_output_folder(target.parent)
         _check_size_before_loading(width, height, model_opts)
         sweep(target.parent)
-
-        from icdcli.diffusion.recipe import SamplerSettings
-        from icdcli.editing.generation import generate as run_generate
-        from icdcli.editing.stages import Timings
         from icdcli.io.images import save_image
-        from icdcli.models.checkpoints import model_files
 
-        loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=model_opts["backend"])
-        model = loaded.model
-        note_unknown_prompt(model, prompt, "PROMPT")
-        size = (width or model.info.native_size, height or model.info.native_size)
-        _check_size(size, model)
-        w = guidance if guidance is not None else model.info.generate_guidance
-        sampling = SamplerSettings(sampler, ddim_steps, seed)
-        steps = sampling.steps(model.info.num_steps)
-        record = {"command": "generate", **model_record(loaded), "sampler": sampler, "steps": steps,
-                  "prompt": prompt, "guidance": float(w), "tau": float(tau), "seed": seed, "width": size[0],
-                  "height": size[1]}  # fmt: skip
+        planned = _planned(prompt, guidance, tau, width, height, seed, sampler, ddim_steps, model_opts)
+        loaded = planned.loaded
         if target.name == default_name and os.path.lexists(target) and existing_record(target) is None:
             target = unique_path(target, set())  # a default name never replaces a file icd did not make
-        reason = check_existing(target, record, fields=GENERATE_FIELDS, overwrite=overwrite)
+        reason = check_existing(target, planned.record, fields=GENERATE_FIELDS, overwrite=overwrite)
         if reason is not None:
             emit(as_json, {"status": "skipped", "input": prompt, "output": str(target), "reason": reason})
             return
-        timings = Timings({"load": loaded.seconds})
-        with timings.stage("decode"):
-            image = run_generate(model, prompt, guidance=w, tau=tau, settings=sampling, size=size)
-        save_image(image, target, text=image_text(record, model_files(model)))
+        image, timings = planned.run()
+        save_image(image, target, text=planned.text)
     timings.seconds["total"] = time.perf_counter() - started
     emit(
         as_json,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
@@ -248,7 +250,21 @@ def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] |
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
         raise ICDError(f"{target}: unsupported output type; use one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
-    options: dict = {}
+    with atomic_path(target) as temporary:
+        image.save(temporary, format=fmt, **_save_options(fmt, text))
+    return target
+
+
+def png_bytes(image: Image.Image, *, text: dict[str, str] | None = None) -> bytes:
+    """`image` as the PNG `save_image` writes (its `text` as tEXt chunks), in memory: for stdout."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **_save_options("PNG", text))
+    return buffer.getvalue()
+
+
+def _save_options(fmt: str, text: dict[str, str] | None) -> dict[str, Any]:
+    """PIL's save options for `fmt`: PNGs carry `text` as tEXt chunks, JPEGs a single entry as their comment."""
+    options: dict[str, Any] = {}
     if fmt == "PNG" and text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
@@ -258,6 +274,4 @@ def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] |
         options["quality"] = 95
         if text:  # a JPEG has one comment: icd's record travels there
             options["comment"] = text.get("icd", next(iter(text.values()))).encode()
-    with atomic_path(target) as temporary:
-        image.save(temporary, format=fmt, **options)
-    return target
+    return options
