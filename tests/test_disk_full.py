@@ -95,12 +95,14 @@ def test_other_errors_pass_through_the_atomic_writes_unchanged(tmp_path):
 
 
 def test_invert_onto_a_full_disk_says_so_in_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
-    import safetensors.torch
+    import icdcli.editing.inversion
 
-    def full(*args, **kwargs):
+    def full(inversion, path, record=None):  # safetensors' own error, half a file written
+        Path(path).write_bytes(b"half")
         raise SafetensorError(SAFETENSORS_FULL)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    # patched where the command calls it: patching safetensors itself leaked into modules first imported meanwhile
+    monkeypatch.setattr(icdcli.editing.inversion, "save_inversion", full)
     out = tmp_path / "cat.latent.safetensors"
     out.write_bytes(b"an earlier inversion")
     result = CliRunner().invoke(main, ["invert", str(EXAMPLE), "--prompt", SRC, "-o", str(out), "--overwrite"])

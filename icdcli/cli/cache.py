@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from icdcli.cli.common import given_flags
 from icdcli.cli.console import console, console_options
 from icdcli.core.paths import cache_root, human_size, parse_size
 from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, in_use, over_size
@@ -99,7 +100,7 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
     when needed. Graphs prepared from an export that is gone go too. An entry used in the last two minutes (by
     another process, say) is never removed, nor are the graphs prepared from an export in use."""
     now = time.time()
-    by_age = everything or max_size is None or _given("days")
+    by_age = everything or max_size is None or "days" in given_flags()
     limit = 0.0 if everything else days * 86400
     every = cache_entries(_root())
     busy = in_use(every, now)
@@ -127,11 +128,3 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
     if max_size is not None and left_bytes > max_size:
         console().report(f"{human_size(left_bytes)} left, over --max-size {human_size(max_size)}: entries in use "
                          f"in the last {BUSY_SECONDS // 60} minutes are kept")  # fmt: skip
-
-
-def _given(name: str) -> bool:
-    """Whether the running command's parameter `name` was given (on the command line or by the environment)."""
-    from click.core import ParameterSource
-
-    source = click.get_current_context().get_parameter_source(name)
-    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)

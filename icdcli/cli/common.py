@@ -7,7 +7,6 @@ imported first.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -19,6 +18,7 @@ import click
 
 from icdcli import __version__
 from icdcli.cli.console import console, say
+from icdcli.core.errors import NO_SPACE_ERRNOS
 from icdcli.run.model import Loaded
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _os_error_line(error: OSError) -> str:
     """An OSError as one line: the path it concerns, the reason, and what to check (for a full disk: what to free)."""
     path = os.fsencode(error.filename).decode("utf-8", "backslashreplace") if error.filename else None
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in NO_SPACE_ERRNOS:
         from icdcli.core.errors import space_reason
 
         reason = space_reason(error)
@@ -169,7 +169,7 @@ def load_model(ctx_options: dict[str, Any], *, need_teacher: bool, backend: str 
         try:
             model = accelerate(loaded, chosen, progress=say, offload_torch=True)  # nothing else runs it on PyTorch
         except OSError as error:  # auto's choice cannot export for want of disk: the edit runs on PyTorch
-            if backend != "auto" or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if backend != "auto" or error.errno not in NO_SPACE_ERRNOS:
                 raise
             from icdcli.core.errors import space_reason
 

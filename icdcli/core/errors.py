@@ -7,6 +7,7 @@ errors in one place, an `ICDUsageError` into a usage error (exit 2), any other `
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -26,6 +27,8 @@ class ModelSourceError(ICDError):
     """A model cannot be found or loaded from what was given."""
 
 
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""A write that found no space left, or the disk quota used up."""
 _NO_SPACE_TEXTS = {
     "no space left on device": 28,  # ENOSPC, as libraries that drop the errno word it (safetensors: "os error 28")
     "os error 28": 28,
@@ -41,13 +44,11 @@ def space_errno(error: BaseException, where: str | os.PathLike[str] | None = Non
     """ENOSPC or EDQUOT when `error`, or an error it was raised from, is a write that found no space left; None for
     any other error. Libraries that raise their own types (safetensors, torch.save, ONNX) are read by their words;
     torch.save's bare "file write failed" counts where the file system of `where` has under 64 MB left."""
-    import errno
-
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
             return current.errno
         text = str(current).lower()
         for words, code in _NO_SPACE_TEXTS.items():
@@ -80,8 +81,6 @@ class NotEnoughSpace(OSError):
     """A write that would not fit, refused before it starts: `needed` and `free` bytes at `where`."""
 
     def __init__(self, what: str, where: str | os.PathLike[str], needed: int, free: int):
-        import errno
-
         from icdcli.core.paths import human_size
 
         reason = f"{what} needs about {human_size(needed)} and its disk has {human_size(free)} free"
@@ -92,8 +91,6 @@ class NotEnoughSpace(OSError):
 def space_reason(error: OSError) -> str:
     """What a full-disk OSError says, in icd's words: its own reason where icd gave one (`NotEnoughSpace`), else no
     space left or the quota used up."""
-    import errno
-
     if isinstance(error, NotEnoughSpace) and error.strerror:
         return error.strerror
     return "the disk quota is used up" if error.errno == errno.EDQUOT else "no space left on the device"

@@ -10,13 +10,12 @@ steps (`icdcli.run.steps`), the lines it prints (`icdcli.run.report`), signals (
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 import time
 from typing import Any
 
-from icdcli.core.errors import ICDError, space_reason
+from icdcli.core.errors import NO_SPACE_ERRNOS, ICDError, space_reason
 from icdcli.run.batch import display
 from icdcli.run.inputs import EditFlags, unused_p2p_note
 from icdcli.run.model import Loaded, ModelLoader
@@ -79,7 +78,7 @@ class EditRun:
                 raise RunError(str(error)) from None
             except OSError as error:
                 where = f" ({display(error.filename)})" if error.filename else ""
-                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                if error.errno in NO_SPACE_ERRNOS:
                     raise RunError(
                         f"the model cannot be loaded: {space_reason(error)}{where}; free space (icd cache "
                         "prune --max-size SIZE keeps the cache to SIZE), set ICD_CACHE_DIR to a folder on another "
