@@ -290,11 +290,12 @@ class ICDEditPipeline(PipelineBase):
             sampler: `icd`, or `ddim` for the teacher's DDIM inversion (`ddim_steps`).
         """
         from icdcli.editing.inversion import invert_for_edit
+        from icdcli.io.images import photo_rgb
         from icdcli.run.in_memory import image_seeds
 
         seeds = image_seeds(generator, seed, 1)
         settings = self._resolve(sampler, "swap", seed if seeds is None else seeds[0], ddim_steps)
-        return invert_for_edit(self.model, image.convert("RGB"), prompt, settings.sampling)
+        return invert_for_edit(self.model, photo_rgb(image), prompt, settings.sampling)
 
     def edit(
         self,

@@ -10,6 +10,7 @@ from icdcli.io.images import (
     fit_size,
     image_to_tensor,
     load_image,
+    photo_rgb,
     save_image,
     tensor_to_image,
 )
@@ -66,6 +67,58 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").size == (24, 40)
+
+
+def _p3_to_srgb(rgb, gamma=2.2):
+    """Display P3 pixels (with the test profile's gamma) in sRGB, by the colour spaces' published matrices (D65)."""
+    p3_to_xyz = np.array([[0.4866, 0.2657, 0.1982], [0.2290, 0.6917, 0.0793], [0.0, 0.0451, 1.0439]])
+    xyz_to_srgb = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    linear = np.clip(xyz_to_srgb @ p3_to_xyz @ ((np.asarray(rgb) / 255.0) ** gamma), 0.0, 1.0)
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055) * 255.0
+
+
+P3_COLOURS = [(128, 64, 32), (40, 160, 220), (230, 30, 90), (100, 200, 50)]
+
+
+def _swatches(colours, side=16):
+    return Image.fromarray(np.concatenate([np.full((side, side, 3), c, np.uint8) for c in colours], axis=1))
+
+
+def test_a_wide_gamut_photo_is_read_in_srgb(tmp_path):
+    from icc import display_p3
+
+    _swatches(P3_COLOURS + [(128, 128, 128)]).save(tmp_path / "p3.png", icc_profile=display_p3())
+    loaded = np.asarray(load_image(tmp_path / "p3.png"), dtype=np.float64)
+    for index, colour in enumerate(P3_COLOURS):
+        got = loaded[8, 16 * index + 8]
+        assert np.abs(got - _p3_to_srgb(colour)).max() <= 2.0, (colour, got)
+        assert np.abs(got - colour).max() >= 8  # read raw, the colour would have been wrong by this much
+    grey = loaded[8, 16 * len(P3_COLOURS) + 8]
+    assert np.ptp(grey) <= 1  # both spaces share D65: a grey stays grey
+
+
+def test_srgb_profiles_and_unusable_ones_leave_the_pixels_as_they_are(tmp_path, caplog):
+    from PIL import ImageCms
+
+    pixels = _gradient(40, 24)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(pixels).save(tmp_path / "srgb.png", icc_profile=srgb)
+    Image.fromarray(pixels).save(tmp_path / "damaged.png", icc_profile=b"not a colour profile at all" * 8)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "srgb.png")), pixels)
+    with caplog.at_level("WARNING", logger="icd"):
+        assert np.array_equal(np.asarray(load_image(tmp_path / "damaged.png")), pixels)
+    assert "damaged.png: its colour profile cannot be used" in caplog.text
+
+
+def test_images_given_in_memory_get_their_profile_applied_as_files_do(tmp_path):
+    from icc import display_p3
+
+    image = _swatches(P3_COLOURS)
+    image.save(tmp_path / "p3.png", icc_profile=display_p3())
+    image.info["icc_profile"] = display_p3()
+    assert np.array_equal(np.asarray(photo_rgb(image)), np.asarray(load_image(tmp_path / "p3.png")))
+    rgba = Image.new("RGBA", (16, 16), (10, 20, 30, 0))
+    assert np.asarray(photo_rgb(rgba)).min() == 255  # transparency over white, as files have it
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

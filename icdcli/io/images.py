@@ -52,6 +52,48 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _is_srgb(profile: Any) -> bool:
+    """Whether an ICC profile is sRGB by its name (IEC61966-2.1 and its variants): its pixels are used as they are."""
+    from PIL import ImageCms
+
+    return "srgb" in ImageCms.getProfileDescription(profile).lower()
+
+
+def to_srgb(image: Image.Image, label: str = "the image") -> Image.Image:
+    """`image` with its embedded ICC colour profile (Display P3, Adobe RGB, a CMYK press profile...) converted to
+    sRGB, the space the models were trained in: read as raw numbers, a wide-gamut photo comes back desaturated.
+    An image without a profile or with an sRGB one is returned as it is; an unreadable profile is noted and ignored.
+    """
+    icc = image.info.get("icc_profile")
+    modes = {"RGB": ("RGB ", "RGB"), "RGBA": ("RGB ", "RGBA"), "CMYK": ("CMYK", "RGB"), "L": ("GRAY", "RGB")}
+    if not icc or image.mode not in modes:
+        return image
+    from PIL import ImageCms
+
+    space, output_mode = modes[image.mode]
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _is_srgb(profile):
+            return image
+        if profile.profile.xcolor_space != space:
+            raise ValueError(f"a {profile.profile.xcolor_space.strip()} profile on {image.mode} pixels")
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        converted = ImageCms.profileToProfile(image, profile, srgb, outputMode=output_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        logging.getLogger("icd").warning("%s: its colour profile cannot be used (%s); its pixels are taken as sRGB",
+                                         label, reason)  # fmt: skip
+        return image
+    assert converted is not None
+    converted.info = {key: value for key, value in image.info.items() if key != "icc_profile"}
+    return converted
+
+
+def photo_rgb(image: Image.Image, label: str = "the image") -> Image.Image:
+    """Any PIL image as the 8-bit sRGB the models take: its colour profile applied, transparency over white."""
+    return _to_8bit_rgb(to_srgb(image, label))
+
+
 def _draft_scale(opened: Image.Image, work_pixels: int | None) -> float:
     """How far below full size a JPEG may be decoded and still hold twice the model's working sides."""
     if work_pixels is None or opened.format != "JPEG":
@@ -77,7 +119,7 @@ def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
         opened.load()
         reduced = opened.size != full_size
         image = ImageOps.exif_transpose(opened) or opened
-        image = _to_8bit_rgb(image)
+        image = photo_rgb(image, str(path))
     if reduced:
         image.info[ORIGINAL_SIZE] = (full_size[1], full_size[0]) if turned else full_size
     return image

@@ -129,11 +129,12 @@ def edit_images(
     results at the inputs' own sizes, in their order. `progress_bar(total)` makes the bar of the decode steps."""
     from icdcli.editing.edits import EditJob, edit_batch
     from icdcli.editing.stages import working_size
+    from icdcli.io.images import photo_rgb
 
     names = step_end.names()
     given = zip(images, sources, targets, seeds, strict=True)
     jobs = [
-        EditJob(picture.convert("RGB"), source, target, settings.guidance, settings.tau, seed, settings.p2p, unguided)
+        EditJob(photo_rgb(picture), source, target, settings.guidance, settings.tau, seed, settings.p2p, unguided)
         for picture, source, target, seed in given
     ]
     groups: dict[tuple[int, int], list[int]] = {}
