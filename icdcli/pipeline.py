@@ -134,8 +134,6 @@ class ICDEditPipeline(PipelineBase):
         super().__init__(model, backend)
         self.label = model.info.name if label is None else label
 
-    # --- loading ---------------------------------------------------------------------------------
-
     @classmethod
     def from_pretrained(
         cls,
@@ -215,6 +213,7 @@ class ICDEditPipeline(PipelineBase):
         ddim_steps: int = 50,
         p2p: P2POptions | None = None,
         unguided: str = "source",
+        mask_image: Image.Image | Sequence[Image.Image | None] | None = None,
         batch_size: int | None = None,
         callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSOR_INPUTS,
@@ -237,6 +236,8 @@ class ICDEditPipeline(PipelineBase):
             p2p: Prompt-to-Prompt values (step fractions, blend and amplify words); None: the recipe's.
             unguided: prompt swap: the prompt of the unguided steps, `source` (preserves more) or `target` (edits
                 more; the release's `amplify_prompt`).
+            mask_image: the region that may change, as `icd edit --mask` takes it (white may, black stays the
+                image's own pixels), one for all images or one (or None) per image; None: the whole image.
             batch_size: images per network call; None: by device and size, as on the command line.
             callback_on_step_end: called after each decode step as `callback(pipe, step, timestep,
                 callback_kwargs)`, `timestep` the one the step started from (999, 779, ... for the 4-step release)
@@ -245,7 +246,7 @@ class ICDEditPipeline(PipelineBase):
                 `latents` in it replaces them (same shape). With several batches, each runs its own steps.
             callback_on_step_end_tensor_inputs: which tensors the callback gets: `latents`.
         """
-        from icdcli.run.in_memory import StepEnd, edit_images, image_seeds, per_image
+        from icdcli.run.in_memory import StepEnd, edit_images, image_seeds, per_image, per_image_mask
 
         step_end = StepEnd(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
         step_end.names()  # a callback asking for what it cannot have fails before any work
@@ -259,7 +260,8 @@ class ICDEditPipeline(PipelineBase):
                                  tau=tau, p2p=p2p)  # fmt: skip
         seeds = seeds or [settings.seed] * len(images)
         edited = edit_images(self.model, images, sources, targets, settings, seeds=seeds, unguided=unguided,
-                             batch_size=batch_size, progress_bar=self.progress_bar, step_end=step_end)  # fmt: skip
+                             batch_size=batch_size, progress_bar=self.progress_bar, step_end=step_end,
+                             masks=per_image_mask(mask_image, len(images)))  # fmt: skip
         return ICDEditOutput(edited, settings, seeds)
 
     def _resolve(self, sampler: str, method: str, seed: int | None, ddim_steps: int, **given: Any) -> ResolvedEdit:

@@ -43,7 +43,7 @@ from icdcli.run.runner import EditRun
 @click.command(
     cls=SectionedCommand,
     sections=[
-        ("Inputs and prompts", ["source", "target", "spec", "from_record", "latents", "recursive"]),
+        ("Inputs and prompts", ["source", "target", "mask", "spec", "from_record", "latents", "recursive"]),
         ("Editing", ["method", "unguided_prompt", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
@@ -57,6 +57,8 @@ from icdcli.run.runner import EditRun
         'icd edit cat.jpg --src "a cat" --tgt "a dog"',
         "# a folder and its subfolders into edited/, one JSON line per image",
         'icd edit photos/ -r --src "a cat" --tgt "a dog" -o edited/ --json',
+        "# only the white part of mask.png may change; the rest keeps the photo's own pixels",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --mask mask.png',
         "# Prompt-to-Prompt local blend: only the cat's / dog's region may change",
         'icd edit cat.jpg --src "a cat" --tgt "a dog" --blend-src cat --blend-tgt dog',
         "# invert once, then edit the latents with any target (the decode alone; the same pixels as a whole edit)",
@@ -99,7 +101,16 @@ from icdcli.run.runner import EditRun
     type=TextPath(path_type=Path),
     default=None,
     help="A .jsonl or .csv file, one edit per row: image, src, tgt and optionally guidance, tau, seed, output, "
-    "blended_word, replace_tail.",
+    "blended_word, replace_tail, mask.",
+)
+@click.option(
+    "--mask",
+    type=TextPath(path_type=Path),
+    default=None,
+    metavar="MASK.png",
+    help="Edit only the white part of this image (the photo's shape, any size; grey changes partly, black and "
+    "transparent stay): outside it the result keeps the photo's own pixels. Applies to every IMAGE; a --spec row's "
+    "mask wins.",
 )
 @click.option(
     "--from",
@@ -223,6 +234,7 @@ def edit(
     target: str | None,
     output: str | None,
     spec: Path | None,
+    mask: Path | None,
     from_record: Path | None,
     latents: Path | None,
     recursive: bool,
@@ -277,10 +289,12 @@ def edit(
         blend_threshold, replace_tail, blend_keep,
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
-    settings = EditFlags(source, target, request, unguided_prompt, given_flags())
+    settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask)
     if latents is not None:
         if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
             raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
+        if mask is not None:
+            raise click.UsageError("--mask needs the photo itself (its pixels stay outside the mask): edit the IMAGE")
         if target is not None:
             check_prompt(target, "--tgt")
         edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),

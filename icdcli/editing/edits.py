@@ -15,6 +15,7 @@ from icdcli.diffusion.p2p.tokens import prompt_words
 from icdcli.diffusion.recipe import REFINE, P2PError, P2PSettings, SamplerSettings
 from icdcli.diffusion.sampler import StepCallback, p2p_decode, p2p_pairs
 from icdcli.diffusion.schedule import NoiseSchedule
+from icdcli.editing.region import RegionKeeper, latent_mask, paste_outside
 from icdcli.editing.stages import (
     PromptTable,
     Timings,
@@ -47,6 +48,9 @@ class EditJob:
     p2p: P2PSettings | None = None
     unguided: str = "source"
     """Prompt swap: the prompt of the unguided steps, "source" (preserves more) or "target" (edits more)."""
+    mask: Image.Image | None = None
+    """The region that may change: white where it may, black where the photo stays (`icdcli.editing.region`), at
+    the image's size; None: the whole image."""
 
 
 def edit(
@@ -61,6 +65,7 @@ def edit(
     timings: Timings | None = None,
     p2p: P2PSettings | None = None,
     unguided: str = "source",
+    mask: Image.Image | None = None,
 ) -> Image.Image:
     """Edit `image` from the source prompt to the target prompt: invert with the source prompt, then decode.
 
@@ -80,8 +85,9 @@ def edit(
         timings: Collects the seconds of the encode and decode stages.
         p2p: Prompt-to-Prompt settings; None: prompt swap.
         unguided: Prompt swap: the prompt of the unguided steps, "source" or "target".
+        mask: The region that may change (white; black stays the photo's), at the image's size; None: all of it.
     """
-    job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p, unguided)
+    job = EditJob(image, source_prompt, target_prompt, guidance, tau, settings.seed, p2p, unguided, mask)
     result = edit_batch(model, [job], settings=settings, timings=timings)[0]
     if isinstance(result, Exception):
         raise result
@@ -135,12 +141,17 @@ def edit_batch(
             pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
             x0 = model.encode_image(pixels)
             seeds = [job.seed for job in chosen]
-            trajectory: dict[int, torch.Tensor] | None = {} if keeps_inversion(chosen) else None
+            masked = any(job.mask is not None for job in chosen)
+            trajectory: dict[int, torch.Tensor] | None = {} if keeps_inversion(chosen) or masked else None
             source_cond = sources.conditioning([job.source for job in chosen])
             latents = invert_rows(model, x0, seeds, settings, source_cond, trajectory)
             prompts = target_prompts(model, chosen, size, sources)
         with timings.stage("decode"):
-            if jobs[0].p2p is not None:
+            p2p = jobs[0].p2p is not None
+            if masked:
+                assert trajectory is not None
+                callback = region_keeper(chosen, trajectory, tuple(x0.shape[-2:]), p2p=p2p, then=callback)
+            if p2p:
                 plan = planned(plans, runnable)
                 cond = pair_conditioning(prompts, chosen)
                 decoded = decode_p2p_rows(
@@ -151,8 +162,27 @@ def edit_batch(
             # a job whose result is not finite gets its error; the others are kept
             images = tensors_to_images(decoded, [jobs[index].image.size for index in runnable])
             for index, image in zip(runnable, images, strict=True):
-                results[index] = image
+                mask = jobs[index].mask
+                results[index] = (
+                    image
+                    if mask is None or isinstance(image, Exception)
+                    else paste_outside(jobs[index].image, image, mask)
+                )
     return results  # type: ignore[return-value]
+
+
+def region_keeper(
+    jobs: list[EditJob],
+    trajectory: dict[int, torch.Tensor],
+    latent_hw: tuple[int, ...],
+    *,
+    p2p: bool,
+    then: StepCallback | None,
+) -> RegionKeeper:
+    """The decode's step callback that holds each masked job's latents outside its mask on its inversion's."""
+    masks = [None if job.mask is None else latent_mask(job.mask, (latent_hw[0], latent_hw[1])) for job in jobs]
+    rows = [trajectory_row(trajectory, row) for row in range(len(jobs))]
+    return RegionKeeper(masks, rows, stride=2 if p2p else 1, offset=1 if p2p else 0, then=then)
 
 
 def keeps_inversion(jobs: list[EditJob]) -> bool:

@@ -200,6 +200,44 @@ def load_image(path: str | Path, work_pixels: int | None = None) -> Image.Image:
     return image
 
 
+MASK_ASPECT_TOLERANCE = 0.02
+"""How far a mask's aspect ratio may differ from its photo's (a mask saved at another resolution is resized)."""
+
+
+def load_mask(path: str | Path, photo_size: tuple[int, int], *, photo: str | Path | None = None) -> Image.Image:
+    """A mask file as 8-bit grey at `photo_size` (the photo's width, height), EXIF rotation applied: see
+    `photo_mask`; `photo` names the photo in the errors."""
+    path = Path(path)
+    with _reading(path), Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened) or opened
+        _check_sides(path, image.size)
+        return photo_mask(image, photo_size, label=str(path), photo=None if photo is None else str(photo))
+
+
+def photo_mask(image: Image.Image, photo_size: tuple[int, int], *, label: str = "the mask",
+               photo: str | None = None) -> Image.Image:  # fmt: skip
+    """A mask image as 8-bit grey at `photo_size`: white where the edit may change the photo, black where it must
+    not, grey partly; transparent parts count as black. A mask of another aspect ratio than the photo's (beyond
+    `MASK_ASPECT_TOLERANCE`), or black all over, is an ImageInputError."""
+    if image.mode in ("P", "PA") or "A" in image.mode:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    mask = _to_8bit_rgb(image).convert("L")
+    width, height = mask.size
+    photo_width, photo_height = photo_size
+    if abs((width / height) / (photo_width / photo_height) - 1.0) > MASK_ASPECT_TOLERANCE:
+        of = f" ({photo})" if photo is not None else ""
+        raise ImageInputError(
+            f"{label}: the mask is {width}x{height}, the photo{of} {photo_width}x{photo_height}; give a mask of the "
+            "photo's shape (white where it may change, black where it stays)"
+        )
+    if mask.getextrema()[1] == 0:
+        raise ImageInputError(f"{label}: the mask is black all over, so nothing may change; paint white where the "
+                              "photo may change")  # fmt: skip
+    return mask if mask.size == photo_size else mask.resize(photo_size, Image.Resampling.BILINEAR)
+
+
 def original_size(image: Image.Image) -> tuple[int, int]:
     """The size the image file had (larger than `image.size` when it was decoded at reduced scale)."""
     width, height = image.info.get(ORIGINAL_SIZE, image.size)

@@ -34,9 +34,11 @@ class PieSession(EditSession):
         source, target = ((blend[0],), (blend[1],)) if blend else ((), ())
         return replace(self.p2p, blend_source=source, blend_target=target, strict_blend=False)
 
-    def wanted(self, item: Item, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
+    def wanted(
+        self, item: Item, input_sha: str, size: tuple[int, int] | None, mask_sha: str | None = None
+    ) -> dict[str, Any]:
         entry = self.entries[item.key]
-        record = super().wanted(item, input_sha, size)
+        record = super().wanted(item, input_sha, size, mask_sha)
         assert item.image is not None, "items with an image are the only ones edited"
         record["input"] = str(item.image.absolute())
         record["pie"] = {"key": entry.key, "editing_type_id": entry.editing_type_id}

@@ -27,7 +27,7 @@ from typing import Any
 from icdcli.core.texts import LINE_BYTES, TEXTS, TextError, check_text, shown
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word", "replace_tail")
+SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word", "replace_tail", "mask")
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
 MATCH_FIELDS = (
@@ -60,6 +60,7 @@ class Item:
         None  # P2P replace: aligned or release (icdcli.diffusion.recipe.REPLACE_TAILS); None: the run's
     )
     recorded_input: str | None = None  # what the output's record names the input (`-`: stdin); None: its path
+    mask: Path | None = None  # the region that may change (white; icdcli.editing.region); None: the whole image
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -139,12 +140,12 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     def failed(message: str) -> Item:
         return Item(label, key, image=given, row=row, error=f"{label}: {message}")
 
-    for name in ("src", "tgt", "output", "blended_word", "replace_tail"):
+    for name in ("src", "tgt", "output", "blended_word", "replace_tail", "mask"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             return failed(f"{name} must be text, not {_shown_value(raw[name])}")
     try:
         for name, kind in (("image", "path"), ("output", "path"), ("src", "prompt"), ("tgt", "prompt"),
-                           ("blended_word", "word")):  # fmt: skip
+                           ("blended_word", "word"), ("mask", "path")):  # fmt: skip
             check_text(kind, raw.get(name), name)
         guidance = _number(raw.get("guidance"), "guidance")
         tau = _number(raw.get("tau"), "tau")
@@ -160,6 +161,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
     if ".." in relative.parts:
         relative = Path(image_path.name)
     output = raw.get("output")
+    mask = raw.get("mask")
     return Item(
         label=label,
         key=key,
@@ -174,6 +176,7 @@ def spec_row(raw: Any, row: int, spec: Path) -> Item:
         row=row,
         blended_word=raw.get("blended_word") or None,
         replace_tail=replace_tail,
+        mask=spec.parent / mask.strip() if mask and mask.strip() else None,
     )
 
 
@@ -224,7 +227,7 @@ def _csv_rows(text: str, spec: Path) -> Iterable[tuple[int, Any]]:
         found = ", ".join(fields) or "none"
         raise SpecError(
             f"{display(spec)}: the first line must name the columns: image, src, tgt and optionally guidance, "
-            f"tau, seed, output, blended_word, replace_tail (found: {found})"
+            f"tau, seed, output, blended_word, replace_tail, mask (found: {found})"
         )
     reader.fieldnames = fields
     while True:
@@ -264,6 +267,11 @@ def read_spec(spec: Path) -> list[Item]:
         else:
             items.append(spec_row(raw, number, spec))
     return items
+
+
+def with_mask(item: Item, mask: Path | None) -> Item:
+    """The item with the command line's mask where its row gives none."""
+    return item if mask is None or item.mask is not None or item.error is not None else replace(item, mask=mask)
 
 
 def with_prompts(item: Item, src: str | None, tgt: str | None) -> Item:

@@ -43,6 +43,18 @@ class StepEnd:
         return names
 
 
+def per_image_mask(
+    mask: Image.Image | Sequence[Image.Image | None] | None, count: int
+) -> list[Image.Image | None] | None:
+    """A call's `mask_image`: one for all images, or one (or None) per image."""
+    if mask is None or isinstance(mask, Image.Image):
+        return None if mask is None else [mask] * count
+    masks = list(mask)
+    if len(masks) != count:
+        raise ValueError(f"mask_image has {len(masks)} masks for {count} images: give one, or one per image")
+    return masks
+
+
 def per_image(prompt: str | Sequence[str], count: int, label: str) -> list[str]:
     """One prompt for every image, or a list with one per image."""
     if isinstance(prompt, str):
@@ -124,19 +136,22 @@ def edit_images(
     batch_size: int | None,
     progress_bar: Callable[[int], Any],
     step_end: StepEnd,
+    masks: Sequence[Image.Image | None] | None = None,
 ) -> list[Image.Image]:
     """Edit each image from its source prompt to its target with its seed, in batches of one working size; the
-    results at the inputs' own sizes, in their order. `progress_bar(total)` makes the bar of the decode steps."""
+    results at the inputs' own sizes, in their order. `progress_bar(total)` makes the bar of the decode steps;
+    `masks`: each image's region that may change (`icdcli.io.images.photo_mask`), or None."""
     from icdcli.editing.edits import EditJob, edit_batch
     from icdcli.editing.stages import working_size
-    from icdcli.io.images import photo_rgb
+    from icdcli.io.images import photo_mask, photo_rgb
 
     names = step_end.names()
-    given = zip(images, sources, targets, seeds, strict=True)
+    given = zip(images, sources, targets, seeds, masks or [None] * len(images), strict=True)
     jobs = [
-        EditJob(photo_rgb(picture), source, target, settings.guidance, settings.tau, seed, settings.p2p, unguided)
-        for picture, source, target, seed in given
-    ]
+        EditJob(photo_rgb(picture), source, target, settings.guidance, settings.tau, seed, settings.p2p, unguided,
+                None if mask is None else photo_mask(mask, picture.size, label=f"mask_image[{index}]"))
+        for index, (picture, source, target, seed, mask) in enumerate(given)
+    ]  # fmt: skip
     groups: dict[tuple[int, int], list[int]] = {}
     for index, job in enumerate(jobs):
         groups.setdefault(working_size(model, job.image), []).append(index)

@@ -14,7 +14,7 @@ from icdcli.core.texts import check_text
 from icdcli.core.values import NumberError, check_number
 from icdcli.diffusion.recipe import ALIGNED_TAIL, BLEND_THRESHOLD, SOURCE_BRANCH, EditRequest, P2POptions
 from icdcli.run.outputs import recorded_path
-from icdcli.run.records import UNGUIDED_FIELD
+from icdcli.run.records import MASK_FIELD, UNGUIDED_FIELD
 from icdcli.run.report import log_line
 
 MODEL_FLAGS = (
@@ -54,6 +54,8 @@ class EditFlags:
     """Prompt swap: the prompt of the unguided steps, "source" or "target"; None: "source" (or a record's)."""
     given: frozenset[str] = frozenset()
     """The parameters given on the command line (not defaults): they win over a recorded edit's (`apply_record`)."""
+    mask: Path | None = None
+    """The region every edit may change (white where it may; `icdcli.editing.region`) unless a row gives its own."""
 
 
 def p2p_options(
@@ -173,7 +175,21 @@ def apply_record(
                 f"--from {display(path)}: its input {display(recorded)} is not there; give the IMAGE to edit"
             )
         images = (recorded,)
-    return images, EditFlags(source, target, request, unguided, flags.given), expected_hash
+    mask = flags.mask if "mask" in flags.given else _recorded_mask(path, record)
+    return images, EditFlags(source, target, request, unguided, flags.given, mask), expected_hash
+
+
+def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
+    """The mask file a recorded edit was held to (None: it had none), which must still be there."""
+    from icdcli.run.batch import display
+
+    if not isinstance(record.get(MASK_FIELD), str):
+        return None
+    mask = recorded_path(path, record[MASK_FIELD])
+    if not mask.is_file():
+        raise ICDError(f"--from {display(path)}: its mask {display(mask)} is not there; give --mask (or the mask "
+                       "file back)")  # fmt: skip
+    return mask
 
 
 # --- files, folders and spec rows ----------------------------------------------------------------------------
@@ -200,12 +216,13 @@ def collect_items(
 
     Raises SpecError (a spec that cannot be read) and ICDError (nothing found); `notify` hears of repeats made once.
     """
-    from icdcli.run.batch import expand_inputs, read_spec, with_prompts
+    from icdcli.run.batch import expand_inputs, read_spec, with_mask, with_prompts
 
     items, any_folder = expand_inputs(images, recursive=recursive, skip=_is_icd_output)
     if spec is not None:
         items += read_spec(spec)
-    items = _drop_repeats([with_prompts(item, flags.source, flags.target) for item in items], notify)
+    items = _drop_repeats([with_mask(with_prompts(item, flags.source, flags.target), flags.mask) for item in items],
+                          notify)  # fmt: skip
     if not items:
         raise ICDError("no images found: folders are searched for image files (-r descends)")
     return items, any_folder or spec is not None or len(items) > 1
@@ -226,7 +243,7 @@ def _drop_repeats(items: list, notify: Callable[[str], None]) -> list:
         except (OSError, ValueError):
             where = str(item.image)
         identity = (where, item.src, item.tgt, item.guidance, item.tau, item.seed, item.output, item.blended_word,
-                    item.replace_tail)  # fmt: skip
+                    item.replace_tail, item.mask)  # fmt: skip
         if identity in seen:
             notify(f"note: {item.label} is the same edit as {seen[identity].label}: made once")
             continue

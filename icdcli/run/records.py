@@ -17,9 +17,14 @@ UNGUIDED_FIELD = "unguided_prompt"
 """The record field of a swap whose unguided steps use the target prompt (absent: the source, icd's default)."""
 
 
+MASK_FIELD, MASK_SHA_FIELD = "mask", "mask_sha256"
+"""The record fields of an edit held to a mask: its path from the output, and its digest (absent: no mask)."""
+
+
 def match_fields() -> tuple[str, ...]:
-    """The fields of an edit's record that decide its pixels: the batch's, and the unguided prompt of a swap."""
-    return (*MATCH_FIELDS, UNGUIDED_FIELD)
+    """The fields of an edit's record that decide its pixels: the batch's, the unguided prompt of a swap and the
+    mask's digest."""
+    return (*MATCH_FIELDS, UNGUIDED_FIELD, MASK_SHA_FIELD)
 
 
 def unguided_record(method: str, unguided: str | None) -> dict[str, str]:
@@ -40,6 +45,8 @@ def edit_record(
     p2p: P2PSettings | None = None,
     unguided: str | None = None,
     recorded_input: str | None = None,
+    mask: Path | None = None,
+    mask_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The record of `image` edited from `src` to `tgt` into `output` with `edit` on `model`.
 
@@ -47,6 +54,7 @@ def edit_record(
         p2p: the Prompt-to-Prompt settings of a `p2p` edit (None for a swap).
         unguided: a swap's prompt of the unguided steps (`source` or `target`; None: the source).
         recorded_input: what the record names the input (`-`: it came on stdin); None: its path from the output.
+        mask, mask_sha256: the mask file the edit is held to and its digest (None: no mask).
     """
     from icdcli.core.version import __version__
 
@@ -69,4 +77,5 @@ def edit_record(
         input_size=input_size,
         input_sha256=input_sha256,
     )
-    return {**record, **unguided_record(edit.method, unguided)}
+    masked = {} if mask is None else {MASK_FIELD: path_from(output, mask), MASK_SHA_FIELD: mask_sha256}
+    return {**record, **unguided_record(edit.method, unguided), **masked}

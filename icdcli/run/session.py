@@ -41,14 +41,18 @@ class EditSession:
             raise ItemFailed(f"{item.label}: blended_word must be two words, the source's and the target's")
         return replace(settings, blend_source=(words[0],), blend_target=(words[1],))
 
-    def wanted(self, item: Any, input_sha: str, size: tuple[int, int] | None) -> dict[str, Any]:
-        """The record of an item's output: what decides whether an existing one is already made."""
+    def wanted(
+        self, item: Any, input_sha: str, size: tuple[int, int] | None, mask_sha: str | None = None
+    ) -> dict[str, Any]:
+        """The record of an item's output: what decides whether an existing one is already made (`mask_sha`: the
+        digest of the item's mask file, when it has one)."""
         request = self.flags.request.overridden(guidance=item.guidance, tau=item.tau, seed=item.seed)
         edit = request.resolve(self.loaded.model.info)
         p2p = self.item_p2p(item) if edit.method == "p2p" else None
         return edit_record(edit, self.identity, src=item.src, tgt=item.tgt, output=item.output, image=item.image,
                            input_size=size, input_sha256=input_sha, p2p=p2p, unguided=self.flags.unguided,
-                           recorded_input=item.recorded_input)  # fmt: skip
+                           recorded_input=item.recorded_input, mask=getattr(item, "mask", None),
+                           mask_sha256=mask_sha)  # fmt: skip
 
     def stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
         """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""

@@ -68,6 +68,25 @@ def write_failure(error: OSError, out: Path) -> ItemFailed:
     return ItemFailed(f"{display(out)}: cannot write it ({reason}); check the folder or choose another -o")
 
 
+def fitted(mask: Any, image: Any) -> Any:
+    """The mask at the size the image was read at (smaller than the file's when a large JPEG was read reduced)."""
+    from PIL import Image
+
+    return mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.BILINEAR)
+
+
+def full_size_paste(photo: Path, edited: Any, mask: Any) -> Any:
+    """An edit of a photo read at reduced scale, given the file's full-size pixels outside its mask."""
+    from icdcli.editing.region import paste_outside
+    from icdcli.io.images import load_image
+
+    try:
+        full = load_image(photo)
+    except ICDError as error:
+        raise ItemFailed(str(error)) from None
+    return paste_outside(full, edited, mask)
+
+
 def make_folders(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; the ones created, outermost first."""
     missing = []
@@ -107,6 +126,8 @@ class Work:
     p2p: Any
     size: tuple[int, int]
     read_seconds: float
+    mask: Any = None
+    """The item's mask at the input's own size (`icdcli.io.images.load_mask`); None: it edits the whole image."""
 
 
 class ItemSteps:
@@ -136,13 +157,21 @@ class ItemSteps:
 
         if item.error is not None:
             raise ItemFailed(item.error)
+        mask = getattr(item, "mask", None)
+        mask_sha = None
+        reading = item.image
         try:
             probe_image(item.image)
             input_sha = file_sha256(item.image)
+            if mask is not None:
+                reading = mask
+                probe_image(mask)
+                mask_sha = file_sha256(mask)
         except ICDError as error:
-            raise ItemFailed(str(error)) from None
+            raise ItemFailed(f"mask {error}" if reading is mask else str(error)) from None
         except OSError as error:
-            raise ItemFailed(f"{display(item.image)}: cannot be read ({error.strerror or error})") from None
+            what = "mask " if reading is mask else ""
+            raise ItemFailed(f"{what}{display(reading)}: cannot be read ({error.strerror or error})") from None
         out = item.output
         created = make_folders(out.parent)
         try:
@@ -159,7 +188,7 @@ class ItemSteps:
             remove_empty(created)
 
         try:
-            work = self._read(item, input_sha)
+            work = self._read(item, input_sha, mask_sha)
         except BaseException:
             discard()
             raise
@@ -168,15 +197,15 @@ class ItemSteps:
             return work
         return Prepared(item, work, discard)
 
-    def _read(self, item: Any, input_sha: str) -> Work | str:
+    def _read(self, item: Any, input_sha: str, mask_sha: str | None = None) -> Work | str:
         """Decide on an output this process has claimed: why it is not needed, or its image and record."""
         from icdcli.editing.stages import working_size
-        from icdcli.io.images import load_image, original_size, read_record
+        from icdcli.io.images import load_image, load_mask, original_size, read_record
         from icdcli.run.batch import decide
 
         session = self.session()
         out = item.output
-        wanted = session.wanted(item, input_sha, None)
+        wanted = session.wanted(item, input_sha, None, mask_sha)
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not self.overwrite else None
         decision = decide(exists, existing, wanted, overwrite=self.overwrite, fields=match_fields())
@@ -188,11 +217,12 @@ class ItemSteps:
         started = time.perf_counter()
         try:
             image = load_image(item.image, model.info.native_size**2)
+            mask = None if mask_sha is None else load_mask(item.mask, original_size(image), photo=item.image)
         except ICDError as error:
             raise ItemFailed(str(error)) from None
         record = {**wanted, "input_size": list(original_size(image))}
         p2p = session.item_p2p(item) if record["method"] == "p2p" else None
-        return Work(image, record, p2p, working_size(model, image), time.perf_counter() - started)
+        return Work(image, record, p2p, working_size(model, image), time.perf_counter() - started, mask)
 
     def group_key(self, prepared: Any) -> tuple:
         work = prepared.data
@@ -219,7 +249,7 @@ class ItemSteps:
             self._note_photo(prepared.data.image)
         jobs = [
             EditJob(w.image, w.record["src"], w.record["tgt"], w.record["guidance"], w.record["tau"], w.record["seed"],
-                    w.p2p, w.record.get(UNGUIDED_FIELD, "source"))
+                    w.p2p, w.record.get(UNGUIDED_FIELD, "source"), None if w.mask is None else fitted(w.mask, w.image))
             for w in (prepared.data for prepared in group)
         ]  # fmt: skip
         settings = SamplerSettings(group[0].data.record["sampler"], session.flags.request.ddim_steps)
@@ -252,6 +282,8 @@ class ItemSteps:
             size = tuple(record["input_size"])
             if image.size != size:
                 image = image.resize(size, Image.Resampling.LANCZOS)
+                if work.mask is not None:  # read at reduced scale: the photo's own pixels come from the file
+                    image = full_size_paste(item.image, image, work.mask)
             try:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
