@@ -193,3 +193,16 @@ def test_a_jobs_line_gives_its_mask(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads(Image.open(tmp_path / "j.png").text["icd"])["mask"] == "right.png"
     assert np.array_equal(_pixels(tmp_path / "j.png")[:, : 64 - BAND], _pixels(EXAMPLE)[:, : 64 - BAND])
+
+
+def test_an_output_onto_the_mask_is_refused_even_with_overwrite(tmp_path):
+    mask = _half_mask(tmp_path / "right.png")
+    before = mask.read_bytes()
+    result = _icd("edit", EXAMPLE, *PROMPTS, "--mask", mask, "-o", mask, "--overwrite", "--backend", "torch")
+    assert result.exit_code == 2 and "is one of the inputs" in result.output
+    (tmp_path / "photo.png").write_bytes(EXAMPLE.read_bytes())
+    row = {"image": "photo.png", "src": PROMPTS[1], "tgt": PROMPTS[3], "mask": "right.png", "output": "right.png"}
+    (tmp_path / "edits.jsonl").write_text(json.dumps(row) + "\n")
+    result = _icd("edit", "--spec", tmp_path / "edits.jsonl", "--overwrite", "--backend", "torch")
+    assert result.exit_code == 1 and "is an input" in result.output
+    assert mask.read_bytes() == before

@@ -80,7 +80,7 @@ def plan_edit_outputs(
     spec_folder = spec.parent if spec is not None else None
     if output is None:
         return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere)
-    inputs = [item.image for item in items[:1] if item.image is not None]
+    inputs = [path for item in items[:1] for path in (item.image, item.mask) if path is not None]
     target, is_file = output_target(output, inputs, single=not batch)
     if is_file:  # -o: the user's own path
         return plan_items([replace(items[0], output=target)], None, spec_out=spec_folder, anywhere=True)
@@ -161,7 +161,7 @@ def plan_items(
     (`photo-jpg-edit.png`, `photo-png-edit.png`). Any other clash, or an output that is an input,
     fails the items involved.
     """
-    inputs = {_identity(item.image) for item in items if item.image is not None}
+    inputs = {_identity(path) for item in items for path in (item.image, item.mask) if path is not None}  # masks too
     planned: list[Item] = []
     for item in items:
         if item.error is not None:
