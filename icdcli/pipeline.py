@@ -151,14 +151,12 @@ class ICDEditPipeline(PipelineBase):
         """Load a model as `icd edit --model ...` does, without the libraries' loading warnings and bars.
 
         Args:
-            model: a preset name (`sd15`, `sdxl`, ...), a model or release folder, a hub id, or None for the
-                embedded model.
+            model: a preset (`sd15`, `sdxl`, ...), a model or release folder, a hub id; None: the embedded model.
             base, teacher, forward_lora, reverse_lora: parts by local path, as the flags of the same names.
             device: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`.
             torch_dtype: the UNets' and text encoders' dtype (`torch.float16`, or its name); None: float16 on CUDA,
                 float32 elsewhere. The VAE's follows the device, as on the command line.
-            dtype: the same as `torch_dtype` (an older name of it).
-            backend: `torch`, `onnxruntime`, `tensorrt` or `auto` (the fastest present).
+            dtype: an older name of `torch_dtype`. backend: `torch`, `onnxruntime`, `tensorrt` or `auto`.
         """
         from icdcli.run.model import load_pretrained
 
@@ -309,6 +307,7 @@ class ICDEditPipeline(PipelineBase):
         tau: float | None = None,
         p2p: P2POptions | None = None,
         unguided: str = "source",
+        mask_image: Image.Image | None = None,
     ) -> ICDEditOutput:
         """Edit an inversion (`invert`) to `target_prompt`: the decode alone, the pixels a whole call with the same
         settings gives (`icdcli.editing.inversion.edit_inversion`). The sampler and seed are the inversion's.
@@ -316,15 +315,17 @@ class ICDEditPipeline(PipelineBase):
         Args:
             inversion: what `invert` returned, from this pipeline's model.
             target_prompt: what the edited image should show.
-            method, guidance, tau, p2p: as a call takes them; None: the recipe's.
+            method, guidance, tau, p2p, mask_image: as a call takes them; None: the recipe's (no mask: all of it).
             unguided: prompt swap: the prompt of the unguided steps, `source` (preserves more) or `target`.
         """
         from icdcli.editing.inversion import edit_inversion
+        from icdcli.io.images import photo_mask
 
         made = inversion.settings
         settings = self._resolve(made.sampler, method, made.seed, made.ddim_steps, guidance=guidance, tau=tau, p2p=p2p)
+        mask = None if mask_image is None else photo_mask(mask_image, inversion.original_size, label="mask_image")
         edited = edit_inversion(self.model, inversion, target_prompt, guidance=settings.guidance, tau=settings.tau,
-                                settings=settings.sampling, p2p=settings.p2p, unguided=unguided)  # fmt: skip
+                                settings=settings.sampling, p2p=settings.p2p, unguided=unguided, mask=mask)  # fmt: skip
         return ICDEditOutput([edited], settings, [settings.seed])
 
     # --- files, as icd edit edits them -----------------------------------------------------------------

@@ -293,8 +293,6 @@ def edit(
     if latents is not None:
         if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
             raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
-        if mask is not None:
-            raise click.UsageError("--mask needs the photo itself (its pixels stay outside the mask): edit the IMAGE")
         if target is not None:
             check_prompt(target, "--tgt")
         edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from icdcli.editing.edits import (
     decode_swap_rows,
     p2p_plan,
     pair_conditioning,
+    region_keeper,
     target_prompts,
 )
 from icdcli.editing.generation import invert_latents
+from icdcli.editing.region import paste_outside
 from icdcli.editing.stages import PromptTable, Timings, encode_prompts, invert_rows, working_size
 from icdcli.io.images import fit_size, image_to_tensor, tensors_to_images
 from icdcli.models.api import EditModel
@@ -65,6 +67,8 @@ class Inversion:
     """What the command that made it records (the input file, its sha256 and size): kept in the file."""
     prompts: PromptTable | None = field(default=None, repr=False, compare=False)
     trajectory: dict[int, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
+    """The photo as it was inverted (in memory only, not in the file): what a masked edit keeps outside its mask."""
 
 
 def invert(
@@ -109,7 +113,8 @@ def invert_for_edit(model: EditModel, image: Image.Image, source: str, settings:
     latents = invert_rows(model, x0, [settings.seed], settings, sources.conditioning([source]), trajectory)
     info = model.info
     return Inversion(latents, source, size, image.size, settings, model_hash(model), tuple(info.forward_boundaries),
-                     tuple(info.reverse_boundaries), info.name, prompts=sources, trajectory=trajectory)  # fmt: skip
+                     tuple(info.reverse_boundaries), info.name, prompts=sources, trajectory=trajectory,
+                     image=image)  # fmt: skip
 
 
 def check_inversion(model: EditModel, inversion: Inversion, settings: SamplerSettings) -> None:
@@ -161,6 +166,7 @@ def edit_inversion(
     p2p: P2PSettings | None = None,
     unguided: str = "source",
     timings: Timings | None = None,
+    mask: Image.Image | None = None,
 ) -> Image.Image:
     """Edit an inverted image to `target`: the decode alone, pixel-identical to `edit` with the same settings.
 
@@ -174,6 +180,9 @@ def edit_inversion(
         p2p: Prompt-to-Prompt settings; None: prompt swap.
         unguided: Prompt swap: the prompt of the unguided steps, "source" (preserves more) or "target" (edits more).
         timings: Collects the seconds of the encode (the target prompt) and decode stages.
+        mask: The region that may change (`icdcli.editing.region`), at the inverted image's size: the decode keeps
+            the inversion's latents outside it, and the result the photo's pixels where the inversion has its
+            `image` (else the VAE's rendering of them).
 
     Returns the edited image at the inverted image's size. Raises InversionError (another model, size or
     sampler), P2PError (P2P settings the prompts cannot use) or ICDError (a non-finite result).
@@ -193,23 +202,33 @@ def edit_inversion(
         prompts = target_prompts(model, [job], size, cached)
     with timings.stage("decode"):
         latents = inversion.latents.to(model.device)
+        trajectory = None
+        if inversion.trajectory is not None:
+            trajectory = {t: x.to(model.device) for t, x in inversion.trajectory.items()}
+        elif mask is not None or (job.p2p is not None and job.p2p.keeps_inversion):
+            what = "an edit held to a mask" if mask is not None else "local blend keeping the inversion"
+            raise InversionError(
+                f"these latents carry no inversion steps, which {what} needs: invert the image again with this icd "
+                "(icd invert ... --overwrite)" + ("" if mask is not None else ", or keep the source branch "
+                                                 "(--blend-keep source)")
+            )  # fmt: skip
+        callback = None
+        if mask is not None:
+            assert trajectory is not None
+            masked = replace(job, mask=mask)
+            callback = region_keeper([masked], trajectory, tuple(latents.shape[-2:]), p2p=plan is not None, then=None)
         if plan is not None:
-            trajectory = None
-            if inversion.trajectory is not None:
-                trajectory = {t: x.to(model.device) for t, x in inversion.trajectory.items()}
-            elif job.p2p is not None and job.p2p.keeps_inversion:
-                raise InversionError(
-                    "these latents carry no inversion steps, which local blend keeping the inversion needs: invert "
-                    "the image again with this icd (icd invert ... --overwrite), or keep the source branch "
-                    "(--blend-keep source)"
-                )
             cond = pair_conditioning(prompts, [job])
-            decoded = decode_p2p_rows(model, latents, [job], [plan], size, settings, cond=cond, trajectory=trajectory)
+            decoded = decode_p2p_rows(model, latents, [job], [plan], size, settings, callback, cond=cond,
+                                      trajectory=trajectory)  # fmt: skip
         else:
-            decoded = decode_swap_rows(model, latents, [job], settings, prompts)
+            decoded = decode_swap_rows(model, latents, [job], settings, prompts, callback)
         result = tensors_to_images(decoded, [inversion.original_size])[0]
     if isinstance(result, Exception):
         raise result
+    if mask is not None and inversion.image is not None:
+        result = paste_outside(inversion.image.resize(result.size) if inversion.image.size != result.size
+                               else inversion.image, result, mask)  # fmt: skip
     return result
 
 

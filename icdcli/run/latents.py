@@ -30,6 +30,37 @@ def latents_output(latents: Path, output: str | None) -> Path:
     return Path(output) / default if Path(output).is_dir() else Path(output)
 
 
+def latents_mask(
+    mask: Path | None, out: Path, inversion: Any, photo: Path, size: tuple[int, int], reporter: Reporter
+) -> tuple[Any, str | None]:
+    """The mask of `icd edit --latents FILE --mask MASK` at the photo's size and its digest ((None, None): no mask).
+    The photo's own pixels, which the result keeps outside the mask, come from the inverted file when it is still
+    there unchanged (`inversion.image`); else a note says the result keeps the VAE's rendering of them there."""
+    from icdcli.io.images import file_sha256, load_image, load_mask
+    from icdcli.run.batch import display
+
+    if mask is None:
+        return None, None
+    if os.path.realpath(out) == os.path.realpath(mask):
+        raise ICDUsageError(f"-o {display(out)} is the mask: choose another name, inputs are never replaced")
+    try:
+        fitted, digest = load_mask(mask, size), file_sha256(mask)
+    except ICDError as error:
+        raise ICDError(f"mask {error}") from None
+    except OSError as error:
+        raise ICDError(f"mask {display(mask)}: cannot be read ({error.strerror or error})") from None
+    recorded = inversion.record.get("input_sha256")
+    try:
+        same = photo.is_file() and recorded is not None and file_sha256(photo) == recorded
+        inversion.image = load_image(photo) if same else None
+    except (ICDError, OSError):
+        inversion.image = None
+    if inversion.image is None:
+        reporter.say(f"note: the inverted photo {display(photo)} is not there as it was inverted: outside the mask "
+                     "the result keeps the VAE's rendering of it, not its own pixels")  # fmt: skip
+    return fitted, digest
+
+
 def edit_latents(
     latents: Path,
     flags: EditFlags,
@@ -90,9 +121,11 @@ def edit_latents(
     recorded = inversion.record
     image_path = recorded_path(latents, str(recorded["input"])) if recorded.get("input") else latents
     input_size = recorded.get("input_size") or list(inversion.original_size)
+    mask, mask_sha = latents_mask(flags.mask, out, inversion, image_path, tuple(input_size), reporter)
     wanted = edit_record(resolved, identity, src=inversion.prompt, tgt=flags.target, output=out, image=image_path,
                          input_size=tuple(input_size), input_sha256=str(recorded.get("input_sha256", "")),
-                         p2p=resolved.p2p if resolved.method == "p2p" else None, unguided=flags.unguided)  # fmt: skip
+                         p2p=resolved.p2p if resolved.method == "p2p" else None, unguided=flags.unguided,
+                         mask=flags.mask if mask is not None else None, mask_sha256=mask_sha)  # fmt: skip
     wanted["latents"] = path_from(out, latents)
     exists = os.path.lexists(out)
     existing = read_record(out) if exists and not overwrite else None
@@ -111,7 +144,7 @@ def edit_latents(
     try:
         edited = edit_inversion(model, inversion, flags.target, guidance=resolved.guidance, tau=resolved.tau,
                                 settings=resolved.sampling, p2p=resolved.p2p, unguided=flags.unguided or "source",
-                                timings=timings)  # fmt: skip
+                                timings=timings, mask=mask)  # fmt: skip
     except InversionError as error:
         raise ICDError(f"--latents {display(latents)}: {error} (icd invert IMAGE --prompt ...)") from None
     except P2PError as error:
