@@ -132,6 +132,39 @@ def test_edit_is_the_pipelines_edit(client, inverted, pipe, body, arguments):
     assert served.shape == expected.shape and np.array_equal(served, expected)
 
 
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_mask_holds_the_edit_to_its_region(client, inverted, pipe):
+    mask = Image.new("L", (64, 64), 0)  # another resolution than the photo's, the same shape
+    mask.paste(255, (32, 0, 64, 64))
+    data = _png(mask)
+    body = {"inversion": inverted["inversion"], "tgt": YELLOW, "mask": base64.b64encode(data).decode()}
+    response = post_edit(client, body)
+    assert response.status_code == 200, response.text
+    record = response.json()["record"]
+    assert record["mask"] == "(uploaded)" and record["mask_sha256"] == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    served = np.asarray(png_of(client, response.json()["image"]).convert("RGB"))
+    inversion = pipe.invert(Image.open(EXAMPLE).convert("RGB"), SRC)
+    assert np.array_equal(served, np.asarray(pipe.edit(inversion, YELLOW, mask_image=mask)[0]))
+    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+    assert np.array_equal(served[:, :56], photo[:, :56])  # outside the mask (and its feathered edge): the photo
+
+
+@pytest.mark.parametrize(
+    ("mask", "status", "words"),
+    [("@@not base64@@", 400, "mask: not base64"), (base64.b64encode(b"no image").decode(), 400, "mask: not an image"),
+     (base64.b64encode(_png(Image.new("L", (64, 32), 255))).decode(), 422, "the mask is 64x32, the photo"),
+     (base64.b64encode(_png(Image.new("L", (64, 64), 0))).decode(), 422, "black all over")],
+)  # fmt: skip
+def test_bad_masks_are_4xx(client, inverted, mask, status, words):
+    response = post_edit(client, {"inversion": inverted["inversion"], "tgt": YELLOW, "mask": mask})
+    assert_error(response, status, words)
+
+
 def test_served_png_carries_its_record(client, inverted):
     result = post_edit(client, {"inversion": inverted["inversion"], "tgt": YELLOW, "blended_word": "red yellow"}).json()
     response = client.get(result["image"])

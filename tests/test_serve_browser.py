@@ -182,3 +182,45 @@ def save_screenshot(browser, path: Path) -> None:
     shot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     shot.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+@pytest.mark.slow
+def test_a_painted_region_in_the_browser(server, browser):
+    """Paint the right part of the photo, edit: the result changes there and keeps the photo's own pixels left."""
+    import io
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    wait = WebDriverWait(browser, 120, poll_frequency=0.02)
+    browser.get(server.url)
+    wait.until(lambda d: DEFAULT_NAME in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "file").send_keys(str(EXAMPLE.resolve()))
+    type_into(browser, "src", SRC)
+    canvas = browser.find_element(By.ID, "region")
+    wait.until(lambda d: canvas.is_displayed())
+    assert not browser.find_element(By.ID, "clear-region").is_enabled()  # nothing painted yet
+    width, height = canvas.size["width"], canvas.size["height"]
+    browser.execute_script("document.getElementById('brush').value = 80")
+    stroke = ActionChains(browser).move_to_element_with_offset(canvas, int(width * 0.3), -int(height * 0.45))
+    stroke.click_and_hold().move_by_offset(0, int(height * 0.9)).release().perform()
+    assert browser.find_element(By.ID, "clear-region").is_enabled()
+
+    type_into(browser, "tgt", TARGETS[0])
+    click_until(browser, "edit", "result", "shown")
+    entry = browser.find_elements(By.CSS_SELECTOR, "#history .entry:not(.original)")[-1]
+    assert "painted region" in entry.find_element(By.CLASS_NAME, "settings").text
+    source = browser.find_element(By.ID, "result").get_attribute("src")
+    with urllib.request.urlopen(source) as response:
+        served = Image.open(io.BytesIO(response.read()))
+        record = json.loads(served.text["icd"])
+        pixels = np.asarray(served.convert("RGB"), dtype=np.int16)
+    assert record["mask"] == "(uploaded)" and record["mask_sha256"].startswith("sha256:")
+    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(pixels[:, :56], photo[:, :56])  # unpainted, beyond the feathered edge: the photo exactly
+    assert np.abs(pixels[:, 100:] - photo[:, 100:]).mean() > 2.0  # painted: edited
+
+    browser.find_element(By.ID, "clear-region").click()  # cleared: the next edit may change all of it
+    assert not browser.find_element(By.ID, "clear-region").is_enabled()

@@ -14,7 +14,7 @@ from icdcli.core.texts import check_text
 from icdcli.core.values import NumberError, check_number
 from icdcli.diffusion.recipe import ALIGNED_TAIL, BLEND_THRESHOLD, SOURCE_BRANCH, EditRequest, P2POptions
 from icdcli.run.outputs import recorded_path
-from icdcli.run.records import MASK_FIELD, UNGUIDED_FIELD
+from icdcli.run.records import MASK_FIELD, UNGUIDED_FIELD, UPLOADED_MASK
 from icdcli.run.report import log_line
 
 MODEL_FLAGS = (
@@ -185,6 +185,8 @@ def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
 
     if not isinstance(record.get(MASK_FIELD), str):
         return None
+    if record[MASK_FIELD] == UPLOADED_MASK:
+        raise ICDError(f"--from {display(path)}: its mask was uploaded to icd serve, not a file; give it with --mask")
     mask = recorded_path(path, record[MASK_FIELD])
     if not mask.is_file():
         raise ICDError(f"--from {display(path)}: its mask {display(mask)} is not there; give --mask (or the mask "

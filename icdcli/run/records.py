@@ -19,6 +19,13 @@ UNGUIDED_FIELD = "unguided_prompt"
 
 MASK_FIELD, MASK_SHA_FIELD = "mask", "mask_sha256"
 """The record fields of an edit held to a mask: its path from the output, and its digest (absent: no mask)."""
+UPLOADED_MASK = "(uploaded)"
+"""The `mask` of an edit whose mask came with an `icd serve` request, not from a file."""
+
+
+def mask_record(sha256: str) -> dict[str, str]:
+    """What the record of an edit held to an uploaded mask adds: the marker and the digest of its bytes."""
+    return {MASK_FIELD: UPLOADED_MASK, MASK_SHA_FIELD: f"sha256:{sha256}"}
 
 
 def match_fields() -> tuple[str, ...]:

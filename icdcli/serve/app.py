@@ -11,8 +11,6 @@ Every error is JSON, `{"error": "..."}`, with a 4xx status that says whose it is
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -34,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from icdcli.core.errors import space_errno
 
 from .engine import Editor, Limits
-from .fields import ApiError, edit_fields, invert_fields
+from .fields import ApiError, base64_image, edit_fields, invert_fields
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -197,7 +195,7 @@ async def upload(request: Request, limit: int) -> tuple[bytes, str, dict[str, An
         data, name, fields = await _form_upload(request, body)
     elif kind == "application/json":
         fields = json_object(body, "/invert")
-        data, name = _json_image(fields.pop("image", None)), "upload"
+        data, name = base64_image(fields.pop("image", None), "image", "the photo's PNG or JPEG bytes"), "upload"
     else:
         raise ApiError(415, f"/invert takes multipart/form-data (field image) or application/json (image as base64), "
                             f"not {kind or 'a body without a Content-Type'}")  # fmt: skip
@@ -234,16 +232,6 @@ async def _form_upload(request: Request, body: bytes) -> tuple[bytes, str, dict[
     return data, name, fields
 
 
-def _json_image(value: Any) -> bytes:
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(422, "image is needed: the photo's PNG or JPEG bytes as base64 (a data: URL is fine)")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "image: not base64; send the file's bytes as base64") from None
-
-
 # --- endpoints ----------------------------------------------------------------------------------------------
 
 
@@ -278,7 +266,8 @@ async def edit(request: Request) -> Response:
     editor = editor_of(request)
     if media_type(request) != "application/json":
         raise ApiError(415, "/edit takes application/json: an object of fields (GET /api lists them)")
-    fields = edit_fields(json_object(await bounded_body(request, FORM_OVERHEAD), "/edit"))
+    limit = FORM_OVERHEAD + editor.limits.max_upload_bytes * 4 // 3  # a mask travels as base64
+    fields = edit_fields(json_object(await bounded_body(request, limit), "/edit"))
     editor.find_inversion(fields.inversion)  # 404 before waiting in the queue
     result = await editor.submit(editor.edit, fields)
     return JSONResponse({**result, "wall_seconds": round(time.perf_counter() - started, 4)})

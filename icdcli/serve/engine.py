@@ -220,6 +220,21 @@ class Editor:
         finally:
             path.unlink(missing_ok=True)
 
+    def _read_mask(self, data: bytes, size: tuple[int, int]) -> Any:
+        """An edit's mask read as `icd edit --mask` reads a file (`icdcli.io.images.load_mask`), at the photo's size;
+        400 when it is no usable image, 422 when it does not fit the photo."""
+        uploads = self.folder / "uploads"
+        uploads.mkdir(exist_ok=True)
+        path = uploads / secrets.token_hex(8)
+        path.write_bytes(data)
+        try:
+            return parts.load_mask(path, size)
+        except parts.ICDError as error:
+            message = str(error).replace(f"{path}: ", "mask: ")
+            raise ApiError(422 if "the mask is" in message else 400, message) from None
+        finally:
+            path.unlink(missing_ok=True)
+
     # --- edits -----------------------------------------------------------------------------------------------
 
     def edit(self, fields: EditFields) -> dict[str, Any]:
@@ -227,9 +242,10 @@ class Editor:
         pipe = self.pipeline()
         stored = self.find_inversion(fields.inversion)
         self._inversions.move_to_end(stored.id)
+        mask = None if fields.mask is None else self._read_mask(fields.mask, stored.size)
         started = time.perf_counter()
         try:
-            output = pipe.edit(stored.inversion, fields.tgt, **fields.pipeline_arguments())
+            output = pipe.edit(stored.inversion, fields.tgt, **fields.pipeline_arguments(), mask_image=mask)
         except (ValueError, parts.ICDError) as error:  # P2PError: words not in their prompt; a non-finite result
             raise ApiError(422, str(error)) from None
         seconds = time.perf_counter() - started
@@ -239,6 +255,8 @@ class Editor:
 
             image = image.resize(stored.size, Image.Resampling.LANCZOS)
         record = self._record(stored, fields, output.settings)
+        if fields.mask is not None:
+            record.update(parts.mask_record(hashlib.sha256(fields.mask).hexdigest()))
         image_id = secrets.token_hex(8)
         self._store(image_id, image, record)
         return {"id": image_id, "image": f"/images/{image_id}.png", "seconds": round(seconds, 4),

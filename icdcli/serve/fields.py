@@ -6,11 +6,14 @@ No web framework here: `ApiError` carries the HTTP status and the one-line messa
 response. Field names are a spec row's (`src`, `tgt`, `guidance`, `tau`, `seed`, `blended_word`,
 `replace_tail`) and, for what a row has no column for, the `icd edit` flag's with underscores (`method`,
 `unguided_prompt`, `cross_replace`, `self_replace`, `p2p_mode`, `blend`, `blend_src`, `blend_tgt`,
-`blend_threshold`, `blend_keep`, `amplify`, `amplify_new`).
+`blend_threshold`, `blend_keep`, `amplify`, `amplify_new`, and `mask`: the region that may change, an image as
+base64, as `--mask` takes it).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +26,10 @@ added before inversion (optional: the model's recipe)."""
 EDIT_FIELDS = (
     "inversion", "tgt", "method", "guidance", "tau", "unguided_prompt", "cross_replace", "self_replace", "p2p_mode",
     "blend", "blend_src", "blend_tgt", "blended_word", "blend_threshold", "amplify", "amplify_new", "replace_tail",
-    "blend_keep",
+    "blend_keep", "mask",
 )  # fmt: skip
 """`POST /edit`: an inversion id and the target prompt (both required), and the decode's settings (each optional:
-the model's recipe)."""
+the model's recipe; no mask: the whole photo may change)."""
 METHOD_CHOICES = ("auto", *parts.METHODS)
 UNGUIDED_CHOICES = ("source", "target")
 
@@ -60,6 +63,8 @@ class EditFields:
     tau: float | None = None
     unguided: str = "source"
     p2p: Any = field(default_factory=lambda: parts.P2POptions())
+    mask: bytes | None = field(default=None, repr=False)
+    """The mask image's bytes (read where the edit runs); None: the whole photo may change."""
 
     def pipeline_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `ICDEditPipeline.edit` after the inversion and target prompt."""
@@ -207,7 +212,10 @@ def edit_fields(given: Mapping[str, Any]) -> EditFields:
         replace_tail=replace_tail,
         blend_keep=keep,
     )
+    mask = given.get("mask")
+    region = "a PNG of the photo's shape, white where it may change"
     return EditFields(
+        mask=None if _blank(mask) else base64_image(mask, "mask", region),
         inversion=inversion.strip(),
         tgt=tgt,
         method=choice(given.get("method"), "method", METHOD_CHOICES, "auto"),
@@ -216,6 +224,17 @@ def edit_fields(given: Mapping[str, Any]) -> EditFields:
         unguided=choice(given.get("unguided_prompt"), "unguided_prompt", UNGUIDED_CHOICES, "source"),
         p2p=p2p,
     )
+
+
+def base64_image(value: Any, name: str, what: str) -> bytes:
+    """An image sent in JSON as base64 (a `data:` URL is fine); 422 when absent, 400 when it is not base64."""
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(422, f"{name} is needed: {what}, as base64 (a data: URL is fine)")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{name}: not base64; send the file's bytes as base64") from None
 
 
 def _float(value: Any) -> float | None:

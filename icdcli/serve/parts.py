@@ -18,12 +18,12 @@ from icdcli.diffusion.recipe import (
     P2POptions,
     check_replace_tail,
 )
-from icdcli.io.images import load_image, original_size
+from icdcli.io.images import load_image, load_mask, original_size
 from icdcli.models.checkpoints import model_files
 from icdcli.models.identity import model_hash
 from icdcli.run.batch import parameter_record
 from icdcli.run.outputs import image_text
-from icdcli.run.records import unguided_record
+from icdcli.run.records import mask_record, unguided_record
 
 __all__ = [
     "BLEND_KEEPS",
@@ -39,6 +39,8 @@ __all__ = [
     "check_text",
     "image_text",
     "load_image",
+    "load_mask",
+    "mask_record",
     "model_files",
     "model_hash",
     "original_size",

@@ -4,6 +4,10 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { file: null, original: null, inversion: null, invertedFor: null, recipe: null, busy: false };
+// the painted region: `mask` (offscreen, white strokes on black) is what /edit gets; the canvas shows the photo
+// with the strokes over it
+const region = { photo: null, mask: null, painted: false, last: null };
+const REGION_SIDE = 360; // the longer side the photo is painted on, in canvas pixels
 
 function say(message, isError = false) {
   $("status").textContent = message;
@@ -82,7 +86,81 @@ function setFile(file) {
   $("history-original-image").src = state.original;
   $("history-original").hidden = false;
   $("inversion").textContent = "not inverted yet";
+  loadRegion(state.original);
   refresh();
+}
+
+// --- the region that may change -------------------------------------------------------------------------------
+
+function loadRegion(url) {
+  const photo = new Image();
+  photo.onload = () => {
+    const scale = REGION_SIDE / Math.max(photo.naturalWidth, photo.naturalHeight);
+    const canvas = $("region");
+    canvas.width = Math.max(1, Math.round(photo.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(photo.naturalHeight * scale));
+    region.photo = photo;
+    region.mask = document.createElement("canvas");
+    region.mask.width = canvas.width;
+    region.mask.height = canvas.height;
+    clearRegion();
+    canvas.hidden = false;
+    $("region-empty").hidden = true;
+  };
+  photo.src = url;
+}
+
+function clearRegion() {
+  if (!region.photo) return;
+  const mask = region.mask.getContext("2d");
+  mask.fillStyle = "#000";
+  mask.fillRect(0, 0, region.mask.width, region.mask.height);
+  region.painted = false;
+  drawRegion();
+  refresh();
+}
+
+function drawRegion() {
+  const canvas = $("region");
+  const view = canvas.getContext("2d");
+  view.globalCompositeOperation = "source-over";
+  view.drawImage(region.photo, 0, 0, canvas.width, canvas.height);
+  if (!region.painted) return;
+  const tint = document.createElement("canvas"); // the strokes in translucent red over the photo
+  tint.width = canvas.width;
+  tint.height = canvas.height;
+  const context = tint.getContext("2d");
+  context.drawImage(region.mask, 0, 0);
+  context.globalCompositeOperation = "multiply";
+  context.fillStyle = "#ff5050";
+  context.fillRect(0, 0, tint.width, tint.height);
+  view.globalAlpha = 0.55;
+  view.globalCompositeOperation = "screen";
+  view.drawImage(tint, 0, 0);
+  view.globalAlpha = 1;
+  view.globalCompositeOperation = "source-over";
+}
+
+function paintAt(event) {
+  const canvas = $("region");
+  const box = canvas.getBoundingClientRect();
+  const scale = canvas.width / box.width;
+  const point = { x: (event.clientX - box.left) * scale, y: (event.clientY - box.top) * scale };
+  const mask = region.mask.getContext("2d");
+  mask.strokeStyle = mask.fillStyle = "#fff";
+  mask.lineWidth = Number($("brush").value) * scale;
+  mask.lineCap = "round";
+  mask.beginPath();
+  mask.moveTo((region.last || point).x, (region.last || point).y);
+  mask.lineTo(point.x, point.y);
+  mask.stroke();
+  region.last = point;
+  region.painted = true;
+  drawRegion();
+}
+
+function regionMask() {
+  return region.painted ? region.mask.toDataURL("image/png") : null;
 }
 
 function invertKey() {
@@ -94,6 +172,7 @@ function inverted() {
 }
 
 function refresh() {
+  $("clear-region").disabled = state.busy || !region.painted;
   $("invert").disabled = state.busy || !state.file || !$("src").value.trim();
   $("edit").disabled = state.busy || !state.file || !$("src").value.trim() || !$("tgt").value.trim();
   $("history-original-src").textContent = $("src").value;
@@ -138,6 +217,8 @@ function editFields() {
     put("blend", "blend");
     put("amplify", "amplify");
   }
+  const mask = regionMask();
+  if (mask) fields.mask = mask;
   return fields;
 }
 
@@ -153,6 +234,7 @@ function settingsText(record) {
     if (p2p.amplify_new !== 1) parts.push(`new words ×${p2p.amplify_new}`);
   }
   if (record.unguided_prompt) parts.push(`unguided: ${record.unguided_prompt}`);
+  if (record.mask_sha256) parts.push("painted region");
   return parts.join(" · ");
 }
 
@@ -248,6 +330,22 @@ for (const name of ["dragleave", "drop"]) {
 $("drop").addEventListener("drop", (event) => setFile(event.dataTransfer.files[0]));
 for (const id of ["src", "tgt", "seed"]) $(id).addEventListener("input", refresh);
 $("method").addEventListener("change", showMethodFields);
+$("region").addEventListener("pointerdown", (event) => {
+  if (!region.photo) return;
+  $("region").setPointerCapture(event.pointerId);
+  region.last = null;
+  paintAt(event);
+});
+$("region").addEventListener("pointermove", (event) => {
+  if (region.last) paintAt(event);
+});
+for (const name of ["pointerup", "pointercancel"]) {
+  $("region").addEventListener(name, () => {
+    region.last = null;
+    refresh();
+  });
+}
+$("clear-region").addEventListener("click", clearRegion);
 $("invert").addEventListener("click", () => run(invert));
 $("edit").addEventListener("click", () => run(edit));
 $("src").addEventListener("keydown", (event) => {
