@@ -12,6 +12,7 @@ Files: the images (and, while they are read, the uploads) go to a temporary fold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,29 +210,31 @@ class Editor:
     def _read_upload(self, data: bytes, name: str, work_pixels: int) -> Any:
         """The upload read as `icd edit` reads a file (`icdcli.images.load_image`: any mode, EXIF rotation, size
         bounds); 400 with the reason when it is no usable image."""
-        uploads = self.folder / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / secrets.token_hex(8)
-        path.write_bytes(data)
-        try:
-            return parts.load_image(path, work_pixels)
-        except parts.ICDError as error:
-            raise ApiError(400, str(error).replace(str(path), f"image {name!r}")) from None
-        finally:
-            path.unlink(missing_ok=True)
+        with self._as_file(data) as path:
+            try:
+                return parts.load_image(path, work_pixels)
+            except parts.ICDError as error:
+                raise ApiError(400, str(error).replace(str(path), f"image {name!r}")) from None
 
     def _read_mask(self, data: bytes, size: tuple[int, int]) -> Any:
         """An edit's mask read as `icd edit --mask` reads a file (`icdcli.io.images.load_mask`), at the photo's size;
         400 when it is no usable image, 422 when it does not fit the photo."""
+        with self._as_file(data) as path:
+            try:
+                return parts.load_mask(path, size)
+            except parts.ICDError as error:
+                message = str(error).replace(f"{path}: ", "mask: ")
+                raise ApiError(422 if "the mask is" in message else 400, message) from None
+
+    @contextlib.contextmanager
+    def _as_file(self, data: bytes) -> Iterator[Path]:
+        """`data` as a file of the server's temporary folder while the block runs (images are read from files)."""
         uploads = self.folder / "uploads"
         uploads.mkdir(exist_ok=True)
         path = uploads / secrets.token_hex(8)
         path.write_bytes(data)
         try:
-            return parts.load_mask(path, size)
-        except parts.ICDError as error:
-            message = str(error).replace(f"{path}: ", "mask: ")
-            raise ApiError(422 if "the mask is" in message else 400, message) from None
+            yield path
         finally:
             path.unlink(missing_ok=True)
 
