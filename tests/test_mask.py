@@ -88,8 +88,10 @@ def test_masks_read_transparency_as_black_and_fit_the_photo(tmp_path):
     with pytest.raises(ImageInputError, match=r"the mask is 64x32, the photo 128x128; give a mask of the photo's"):
         load_mask(tmp_path / "wide.png", (128, 128))
     Image.new("RGB", (64, 64), (0, 0, 0)).save(tmp_path / "black.png")
-    with pytest.raises(ImageInputError, match="black all over, so nothing may change"):
-        load_mask(tmp_path / "black.png", (128, 128))
+    Image.new("P", (64, 64), 0).save(tmp_path / "palette.png")
+    for name in ("black.png", "palette.png"):
+        with pytest.raises(ImageInputError, match=rf"^\S*{name}: the mask is black all over, so nothing may change"):
+            load_mask(tmp_path / name, (128, 128))
 
 
 # --- icd edit --mask --------------------------------------------------------------------------------------------

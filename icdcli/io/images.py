@@ -157,6 +157,8 @@ def _reading(path: Path) -> Iterator[None]:
             warnings.simplefilter("ignore")  # decoders warn about damaged metadata they skip: not the user's concern
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
+    except ImageInputError:  # already says what is wrong (a mask that does not fit its photo, say)
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageInputError(
             f"{path}: over {MAX_IMAGE_PIXELS // 1_000_000} megapixels, refused as a possible decompression bomb; "
