@@ -63,23 +63,18 @@ class RegionKeeper:
             self.then(index, t, latents)
 
 
-def feathered(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """The mask at `size` (width, height) with a soft edge, (H, W, 1) in [0, 1]."""
+def feathered(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask at `size` (width, height) with a soft edge (`FEATHER_FRACTION`), 8-bit grey."""
     resized = mask.convert("L").resize(size, Image.Resampling.BILINEAR)
     radius = max(size) * FEATHER_FRACTION
-    if radius >= 0.5:
-        resized = resized.filter(ImageFilter.GaussianBlur(radius))
-    return np.asarray(resized, dtype=np.float32)[..., None] / 255.0
+    return resized.filter(ImageFilter.GaussianBlur(radius)) if radius >= 0.5 else resized
 
 
 def paste_outside(photo: Image.Image, edited: Image.Image, mask: Image.Image) -> Image.Image:
     """The edited image inside the mask and the photo's own pixels outside it, at the photo's size, through a
-    feathered edge (`FEATHER_FRACTION`): where the mask is black the photo comes back exactly."""
+    feathered edge: where the mask is black the photo comes back exactly. Composited in 8 bits (PIL), so a large
+    photo costs a few bytes a pixel, not float copies of it."""
     size = photo.size
     if edited.size != size:
         edited = edited.resize(size, Image.Resampling.LANCZOS)
-    weight = feathered(mask, size)
-    original = np.asarray(photo.convert("RGB"), dtype=np.float32)
-    changed = np.asarray(edited.convert("RGB"), dtype=np.float32)
-    mixed = original + weight * (changed - original)
-    return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8), "RGB")
+    return Image.composite(edited.convert("RGB"), photo.convert("RGB"), feathered(mask, size))
