@@ -65,8 +65,8 @@ def test_bench_commands_print_json(merged_dir):
     assert edits.exit_code == 0, edits.output
     rows = json.loads(edits.stdout)["rows"]
     assert {row["method"] for row in rows} == {
-        "icd4-swap", "ddim50-swap", "icd4-p2p", "ddim50-p2p", "icd4-p2p-blend", "icd4-p2p-blend-inversion", "vae",
-        "latent-blend-oracle",
+        "icd4-swap", "ddim50-swap", "icd4-p2p", "ddim50-p2p", "icd4-p2p-blend", "icd4-p2p-blend-inversion",
+        "icd4-swap-mask", "icd4-p2p-mask", "vae", "latent-blend-oracle",
     }  # fmt: skip
     assert {row["kind"] for row in rows} == {"colour", "shape", "background", "all"}
     localisation = json.loads(edits.stdout)["localisation"]

@@ -42,6 +42,7 @@ class EditMethod:
     editing: str = "swap"  # or "p2p" (Prompt-to-Prompt with the model's recipe), or a reference: REFERENCES
     blend: bool = False  # P2P with local blend on the edited word (its source and its target word)
     blend_keep: str = "source"  # what local blend keeps outside the word's region (P2PSettings.blend_keep)
+    mask: bool = False  # held to a painted region (`icd edit --mask`): the changed pixels, grown by MASK_MARGIN
 
 
 EDIT_METHODS: tuple[EditMethod, ...] = (
@@ -51,6 +52,8 @@ EDIT_METHODS: tuple[EditMethod, ...] = (
     EditMethod("ddim50-p2p", "ddim", GUIDED_W, 1.0, "p2p"),
     EditMethod("icd4-p2p-blend", "icd", None, None, "p2p", blend=True),
     EditMethod("icd4-p2p-blend-inversion", "icd", None, None, "p2p", blend=True, blend_keep="inversion"),
+    EditMethod("icd4-swap-mask", "icd", None, None, mask=True),
+    EditMethod("icd4-p2p-mask", "icd", None, None, "p2p", mask=True),
     EditMethod("vae", "icd", None, None, "vae"),
     EditMethod("latent-blend-oracle", "icd", None, None, "latent-blend-oracle"),
 )
@@ -58,6 +61,8 @@ REFERENCES = ("vae", "latent-blend-oracle")
 """Rows that edit nothing, to read the others against: the source through the VAE alone (`vae`: the ceiling of the
 unchanged region), and the best any blend of latents can do (`latent-blend-oracle`: the source's own latents in
 every latent cell the edit leaves unchanged, the target's own in every cell with a changed pixel)."""
+MASK_MARGIN = 2
+"""How far (pixels) the masked rows' region reaches past the pixels the edit changes: a region painted loosely."""
 WORD_KINDS: tuple[str, ...] = ("colour", "shape", "background")
 """Caption words whose maps are measured: the shape's colour word, the shape word, the background's colour word."""
 LOCALISED_IOU = 0.5
@@ -104,6 +109,9 @@ def bench_shapes_edit(
             targets = [target.caption() for _, target, _ in chunk]
             if method.editing in REFERENCES:
                 edited = reference_edit(model, pixels, chunk, oracle=method.editing == "latent-blend-oracle")
+            elif method.mask:
+                edited = masked_edit(model, chunk, settings=settings, guidance=guidance, tau=tau,
+                                     p2p=p2p if method.editing == "p2p" else None)  # fmt: skip
             elif method.editing == "p2p":
                 edited = p2p_roundtrip(
                     model,
@@ -163,6 +171,38 @@ def reference_edit(
             cells = (F.max_pool2d(changed.float(), factor) > 0).to(latents.dtype)
             latents = latents + cells * (model.encode_image(targets.to(pixels.device)) - latents)
         return model.decode_latents(latents)
+
+
+def masked_edit(
+    model: EditModel,
+    chunk: list[tuple[Scene, Scene, str]],
+    *,
+    settings: SamplerSettings,
+    guidance: float,
+    tau: float,
+    p2p: P2PSettings | None,
+) -> torch.Tensor:
+    """The sources edited as `icd edit --mask` edits them (`icdcli.editing.edits.edit_batch`), each held to the pixels
+    its edit changes grown by `MASK_MARGIN`: pixels (B, 3, H, W) in [-1, 1]."""
+    from PIL import Image, ImageFilter
+
+    from icdcli.editing.edits import EditJob, edit_batch
+
+    size = model.info.native_size
+    jobs = []
+    for source, target, _ in chunk:
+        changed = Image.fromarray(change_mask(source, target, size=size).astype(np.uint8) * 255)
+        region = changed.filter(ImageFilter.MaxFilter(2 * MASK_MARGIN + 1))
+        photo = Image.fromarray(source.render(size))
+        jobs.append(EditJob(photo, source.caption(), target.caption(), guidance, tau, settings.seed, p2p, mask=region))
+    with torch.no_grad():
+        results = edit_batch(model, jobs, settings=settings)
+    arrays = []
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+        arrays.append(torch.from_numpy(np.asarray(result, dtype=np.float32)).permute(2, 0, 1))
+    return torch.stack(arrays) / 127.5 - 1.0
 
 
 def blend_on_edited_word(p2p: P2PSettings, source: Scene, target: Scene, kind: str) -> P2PSettings:

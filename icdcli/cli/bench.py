@@ -108,7 +108,8 @@ def bench_shapes_edit_command(method: str, limit: int, batch: int, seed: int, as
     the source, and attribute accuracy. Methods: icd4-swap and icd4-p2p (the model: prompt swap and
     Prompt-to-Prompt with the model's edit recipe), ddim50-swap and ddim50-p2p (its teacher: DDIM50
     inversion, then 50 steps at w=8), icd4-p2p-blend (icd4-p2p with local blend on the edited word),
-    icd4-p2p-blend-inversion (the same, keeping the inversion's latents outside the word's region). With
+    icd4-p2p-blend-inversion (the same, keeping the inversion's latents outside the word's region), icd4-swap-mask
+    and icd4-p2p-mask (held to the changed pixels grown by 2 px, as --mask holds an edit). With
     --method all, two references: vae (the source through the VAE alone: the unchanged region's ceiling) and
     latent-blend-oracle (the source's latents where the edit changes no pixel of a latent cell, the exact
     target's elsewhere: the best any blend of latents can do). Then, per kind of caption word (the shape's colour,
