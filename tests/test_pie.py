@@ -426,6 +426,28 @@ def test_p2p_runs_with_each_items_blend_words(tmp_path):
         assert record["p2p"]["cross_replace"] == 0.3 and record["p2p"]["self_replace"] == 0.6  # the embedded recipe
 
 
+@pytest.mark.slow
+def test_mask_holds_each_edit_to_its_annotated_region(tmp_path):
+    root = tmp_path / "pie"
+    write_fixture(root, 4)
+    plain = _invoke(["--root", str(root), "--json"])
+    masked = _invoke(["--root", str(root), "--json", "--mask"])
+    assert plain.exit_code == 0 and masked.exit_code == 0, (plain.output, masked.output)
+    plain_report, masked_report = json.loads(plain.stdout), json.loads(masked.stdout)
+    assert masked_report["mask"] is True and plain_report["mask"] is False
+    folder = root.parent / "output" / "icd4-swap-mask"
+    assert masked_report["output"] == str(folder) and masked_report["edits"]["done"] == 4
+    for item in read_mapping(root):
+        record = read_record(output_path(folder, item))
+        assert Path(record["mask"]).name == f"{item.key}.png" and record["mask_sha256"].startswith("sha256:")
+        region = np.asarray(Image.open(folder / "masks" / f"{item.key}.png")) > 0
+        assert (region == decode_mask(list(item.mask), 32, 32, border=False)).all()
+        edited = np.asarray(Image.open(output_path(folder, item)).convert("RGB"))
+        source = np.asarray(Image.open(root / "annotation_images" / item.image_path).convert("RGB"))
+        assert (edited[~region] == source[~region]).all()  # outside the annotated region: the photo exactly
+    assert masked_report["overall"]["psnr"] > plain_report["overall"]["psnr"]
+
+
 def test_p2p_replays_the_releases_replace_tail_when_asked(tmp_path):
     root = tmp_path / "pie"
     write_fixture(root, 4)

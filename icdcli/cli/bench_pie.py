@@ -60,7 +60,9 @@ def _chosen_items(root: Path, types: tuple[str, ...], limit: int | None) -> tupl
     return items, chosen_types
 
 
-def _run_folder(root: Path, out: Path | None, name: str | None, settings: ResolvedEdit, num_steps: int) -> Path:
+def _run_folder(
+    root: Path, out: Path | None, name: str | None, settings: ResolvedEdit, num_steps: int, masked: bool = False
+) -> Path:
     """OUT/NAME, refused when it is the benchmark folder itself."""
     from icdcli.pie.dataset import method_name
 
@@ -68,6 +70,8 @@ def _run_folder(root: Path, out: Path | None, name: str | None, settings: Resolv
     run_name = name or method_name(sampling.sampler, sampling.steps(num_steps), settings.method)
     if name is None and settings.p2p is not None and settings.p2p.blend_keep != "source":
         run_name += f"-keep-{settings.p2p.blend_keep}"
+    if name is None and masked:
+        run_name += "-mask"
     folder = (out if out is not None else default_out(root)) / run_name
     if folder.resolve() == root.resolve():
         raise click.ClickException("--out and --name point at --root: its images would be replaced; choose another")
@@ -125,6 +129,13 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @p2p_step_options
 @replace_tail_option
 @blend_keep_option
+@click.option(
+    "--mask",
+    "masked",
+    is_flag=True,
+    help="Hold each edit to its annotated region (the item's mask, as icd edit --mask holds an edit): outside it the "
+    "result keeps the photo's own pixels. The run's default NAME gets -mask.",
+)
 @click.option("--overwrite", is_flag=True, help="Edit again items whose output exists (made with other settings).")
 @batch_size_option
 @click.option(
@@ -165,6 +176,7 @@ def pie(
     self_replace: float | None,
     replace_tail: str,
     blend_keep: str,
+    masked: bool,
     overwrite: bool,
     batch_size: int | None,
     lpips_path: Path | None,
@@ -205,16 +217,17 @@ def pie(
     loaded = load_model(model_opts, need_teacher=sampler == "ddim", backend=backend)
     info = loaded.model.info
     settings = flags.request.resolve(info)
-    folder = _run_folder(root, out, name, settings, info.num_steps)
+    folder = _run_folder(root, out, name, settings, info.num_steps, masked)
     edit_started = time.perf_counter()
     outcomes, end = edit_items(
-        items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite, batch_size=batch_size
+        items, root, folder, flags=flags, loaded=loaded, overwrite=overwrite, batch_size=batch_size, masked=masked
     )
     edit_seconds = time.perf_counter() - edit_started
     if end.interrupted:
         console().error("interrupted: scoring what is finished (finished outputs will be skipped next time)")
     facts = {"root": str(root), "output": str(folder), "model": loaded.label, "backend": loaded.backend,
-             **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None}  # fmt: skip
+             **settings.record(info.num_steps), "types": sorted(chosen_types) if chosen_types else None,
+             "mask": masked}  # fmt: skip
     if settings.p2p is not None:
         facts["replace_tail"] = settings.p2p.replace_tail
         facts["blend_keep"] = settings.p2p.blend_keep

@@ -66,8 +66,9 @@ class PieEditRun(EditRun):
         return PieSession(self.flags, loaded, self.entries)
 
 
-def edit_job(root: Path, folder: Path, item: PieItem) -> Item:
-    """One benchmark item as an edit of `icd edit`: its source image, prompts, blend words and output."""
+def edit_job(root: Path, folder: Path, item: PieItem, mask: Path | None = None) -> Item:
+    """One benchmark item as an edit of `icd edit`: its source image, prompts, blend words and output (and `mask`,
+    the file of its annotated region, when the edit is held to it)."""
     return Item(
         label=item.key,
         key=item.key,
@@ -76,7 +77,28 @@ def edit_job(root: Path, folder: Path, item: PieItem) -> Item:
         tgt=item.target_prompt,
         output=output_path(folder, item),
         blended_word=item.blended_word,
+        mask=mask,
     )
+
+
+def write_mask(root: Path, folder: Path, item: PieItem) -> Path | None:
+    """The item's annotated region as a mask file for `icd edit --mask` (`masks/<key>.png` in the run's folder,
+    white where the edit may change the photo); None when its image cannot be read (the edit then fails on it)."""
+    from PIL import Image
+
+    from icdcli.core.errors import ICDError
+    from icdcli.io.images import probe_image
+    from icdcli.pie.dataset import decode_mask
+
+    try:
+        width, height = probe_image(source_path(root, item))
+    except ICDError:
+        return None
+    path = folder / "masks" / f"{item.key}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    region = decode_mask(item.mask, height, width, border=False)
+    Image.fromarray(region.astype("uint8") * 255).save(path)
+    return path
 
 
 def edit_items(
@@ -88,6 +110,7 @@ def edit_items(
     loaded: Loaded,
     overwrite: bool,
     batch_size: int | None = None,
+    masked: bool = False,
 ) -> tuple[list[ItemOutcome], RunEnd]:
     """Edit every item into `folder` (outputs made with the same settings are skipped): the outcomes, in the
     items' order (those never run after a stop left out), and how the run ended.
@@ -96,7 +119,9 @@ def edit_items(
         items: the benchmark items to edit; root: the benchmark folder; folder: the run's folder.
         flags: the edit settings of the command line; loaded: the model; overwrite: replace other outputs.
         batch_size: items per network call (None: `icd edit`'s default).
+        masked: hold each edit to its annotated region (`write_mask`), as `icd edit --mask` does.
     """
     run = PieEditRun(flags, loaded, items, overwrite=overwrite, batch_size=batch_size)
-    end = run.edit([edit_job(root, folder, item) for item in items])
+    jobs = [edit_job(root, folder, item, write_mask(root, folder, item) if masked else None) for item in items]
+    end = run.edit(jobs)
     return list(run.report.outcomes or []), end
