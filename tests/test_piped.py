@@ -105,3 +105,22 @@ def test_generate_writes_its_png_to_stdout(tmp_path):
     assert to_file.exit_code == 0 and piped.stdout_bytes == out.read_bytes()  # the same PNG, record and all
     refused = _icd("generate", "a red circle", "-o", "-", "--json")
     assert refused.exit_code == 2 and "leave --json out" in refused.stderr
+
+
+def test_a_piped_outputs_record_names_its_files_by_absolute_paths(tmp_path, monkeypatch):
+    """Written from a private folder, the record cannot name the input or mask relative to the output's folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(EXAMPLE.read_bytes())
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (64, 0, 128, 128))
+    mask.save(tmp_path / "mask.png")
+    result = _icd("edit", "photo.png", *PROMPTS, "--mask", "mask.png", "-o", "-", "--backend", "torch")
+    assert result.exit_code == 0, result.stderr
+    (tmp_path / "piped.png").write_bytes(result.stdout_bytes)
+    record = json.loads(Image.open(tmp_path / "piped.png").text["icd"])
+    assert record["input"] == str(tmp_path / "photo.png") and record["mask"] == str(tmp_path / "mask.png")
+    again = _icd("edit", "--from", tmp_path / "piped.png", "-o", tmp_path / "again.png", "--backend", "torch")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "piped.png"))
+    )

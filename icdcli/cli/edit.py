@@ -349,6 +349,10 @@ def _edit_piped(
             items, _ = _collected_items((ends.image,), None, False, settings)
             if image == PIPE:
                 items = [replace(item, recorded_input=PIPE) for item in items]
+            if output == PIPE:  # written from a private folder: the record names the files by their absolute paths
+                items = [replace(item, recorded_input=item.recorded_input or os.path.abspath(item.image),
+                                 recorded_mask=None if item.mask is None else os.path.abspath(item.mask))
+                         for item in items]  # fmt: skip
             target = None if ends.output is None else str(ends.output)
             items = plan_edit_outputs(items, target, spec=None, batch=False, anywhere=any_output)
             runner = EditRun(settings, model_loader(model_opts), batch=False, overwrite=overwrite or output == PIPE,

@@ -61,6 +61,7 @@ class Item:
     )
     recorded_input: str | None = None  # what the output's record names the input (`-`: stdin); None: its path
     mask: Path | None = None  # the region that may change (white; icdcli.editing.region); None: the whole image
+    recorded_mask: str | None = None  # what the output's record names the mask; None: its path from the output
 
 
 def display(path: str | os.PathLike[str]) -> str:

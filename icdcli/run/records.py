@@ -54,6 +54,7 @@ def edit_record(
     recorded_input: str | None = None,
     mask: Path | None = None,
     mask_sha256: str | None = None,
+    recorded_mask: str | None = None,
 ) -> dict[str, Any]:
     """The record of `image` edited from `src` to `tgt` into `output` with `edit` on `model`.
 
@@ -61,7 +62,8 @@ def edit_record(
         p2p: the Prompt-to-Prompt settings of a `p2p` edit (None for a swap).
         unguided: a swap's prompt of the unguided steps (`source` or `target`; None: the source).
         recorded_input: what the record names the input (`-`: it came on stdin); None: its path from the output.
-        mask, mask_sha256: the mask file the edit is held to and its digest (None: no mask).
+        mask, mask_sha256: the mask file the edit is held to and its digest (None: no mask); recorded_mask: what the
+            record names it (None: its path from the output).
     """
     from icdcli.core.version import __version__
 
@@ -84,5 +86,6 @@ def edit_record(
         input_size=input_size,
         input_sha256=input_sha256,
     )
-    masked = {} if mask is None else {MASK_FIELD: path_from(output, mask), MASK_SHA_FIELD: mask_sha256}
+    where = recorded_mask if recorded_mask is not None else None if mask is None else path_from(output, mask)
+    masked = {} if mask is None else {MASK_FIELD: where, MASK_SHA_FIELD: mask_sha256}
     return {**record, **unguided_record(edit.method, unguided), **masked}

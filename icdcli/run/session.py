@@ -52,7 +52,7 @@ class EditSession:
         return edit_record(edit, self.identity, src=item.src, tgt=item.tgt, output=item.output, image=item.image,
                            input_size=size, input_sha256=input_sha, p2p=p2p, unguided=self.flags.unguided,
                            recorded_input=item.recorded_input, mask=getattr(item, "mask", None),
-                           mask_sha256=mask_sha)  # fmt: skip
+                           mask_sha256=mask_sha, recorded_mask=getattr(item, "recorded_mask", None))  # fmt: skip
 
     def stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
         """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""
