@@ -232,3 +232,34 @@ def test_outputs_carry_a1111_parameters_and_relative_inputs(tmp_path):
     assert np.array_equal(
         np.asarray(Image.open(moved / "again.png")), np.asarray(Image.open(moved / "edited" / "red-edit.png"))
     )
+
+
+def _photo_with_exif(path, orientation=6):
+    image = Image.fromarray(_gradient(64, 32))
+    exif = image.getexif()
+    exif[0x010F], exif[0x0110], exif[0x0132] = "Test Camera Co", "Model 7", "2026:12:07 10:00:00"
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, quality=95)
+    return path
+
+
+@pytest.mark.slow
+def test_keep_exif_copies_the_inputs_exif_upright(tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli.main import main
+
+    photo = _photo_with_exif(tmp_path / "photo.jpg")
+    prompts = ["--src", "a red circle on a blue background", "--tgt", "a green circle on a blue background"]
+    for name in ("kept.png", "kept.jpg", "kept.webp"):
+        result = CliRunner().invoke(main, ["edit", str(photo), *prompts, "-o", str(tmp_path / name), "--keep-exif",
+                                           "--backend", "torch"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name) as out:
+            exif = out.getexif()
+            assert out.size == (32, 64)  # turned as the EXIF said, once: the copied orientation is upright
+        assert exif[0x010F] == "Test Camera Co" and exif[0x0132] == "2026:12:07 10:00:00" and exif[0x0112] == 1
+    plain = tmp_path / "plain.png"
+    result = CliRunner().invoke(main, ["edit", str(photo), *prompts, "-o", str(plain), "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert not Image.open(plain).getexif()

@@ -358,12 +358,12 @@ def test_temporary_folder_removed_at_shutdown_and_save_dir(pipe, tmp_path):
 
 
 def test_a_full_disk_is_507_with_one_log_line(pipe, monkeypatch, caplog):
-    from icdcli.serve.engine import Editor
+    from icdcli.serve import engine
 
-    def full(self, data, name, work_pixels):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "uploads" / "x"))
+    def full(folder, data, name, work_pixels):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "uploads" / "x"))
 
-    monkeypatch.setattr(Editor, "_read_upload", full)
+    monkeypatch.setattr(engine, "read_upload", full)
     with TestClient(create_app(pipe), raise_server_exceptions=False) as client, caplog.at_level("ERROR", "icd"):
         assert_error(post_photo(client), 507, "no space left on the server's disk")
         assert client.get("/api").status_code == 200  # the server goes on

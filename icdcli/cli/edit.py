@@ -48,7 +48,7 @@ from icdcli.run.runner import EditRun
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
                                              "amplify_new", "replace_tail", "blend_keep"]),
-        ("Output and batch", ["output", "overwrite", "shard", "batch_size", "jobs", "as_json"]),
+        ("Output and batch", ["output", "overwrite", "keep_exif", "shard", "batch_size", "jobs", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
     ],
@@ -130,6 +130,12 @@ from icdcli.run.runner import EditRun
 )
 @click.option("-r", "--recursive", is_flag=True, help="Descend into subfolders of folder inputs.")
 @overwrite_option
+@click.option(
+    "--keep-exif",
+    is_flag=True,
+    help="Copy each input's EXIF (camera, lens, date, GPS ...) into its output, its orientation set upright. "
+    "Default: outputs carry only icd's record.",
+)
 @click.option(
     "--shard",
     type=ShardType(),
@@ -239,6 +245,7 @@ def edit(
     latents: Path | None,
     recursive: bool,
     overwrite: bool,
+    keep_exif: bool,
     shard: Shard | None,
     batch_size: int | None,
     jobs: str | None,
@@ -289,7 +296,7 @@ def edit(
         blend_threshold, replace_tail, blend_keep,
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
-    settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask)
+    settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask, keep_exif)
     if latents is not None:
         if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
             raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")

@@ -319,7 +319,9 @@ def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image
     return images
 
 
-def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None) -> Path:
+def save_image(
+    image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None, exif: bytes | None = None
+) -> Path:
     """Write `image` atomically and return the path; PNG outputs carry `text` as tEXt chunks, JPEGs a single
     entry as their comment.
 
@@ -327,14 +329,38 @@ def save_image(image: Image.Image, target: str | Path, *, text: dict[str, str] |
         image: The image to write.
         target: The output path; its suffix picks the format.
         text: Metadata to embed (e.g. the `icd` record).
+        exif: EXIF to embed (`input_exif`), in any of the formats.
     """
     target = Path(target)
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
         raise ICDError(f"{target}: unsupported output type; use one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    options = _save_options(fmt, text)
+    if exif:
+        options["exif"] = exif
     with atomic_path(target) as temporary:
-        image.save(temporary, format=fmt, **_save_options(fmt, text))
+        image.save(temporary, format=fmt, **options)
     return target
+
+
+ORIENTATION_TAG = 0x0112
+
+
+def input_exif(path: str | Path) -> bytes | None:
+    """The EXIF of an image file (camera, lens, date, GPS...) to copy into its edit, its orientation set upright (the
+    pixels icd reads are already turned); None when it has none or it cannot be read."""
+    try:
+        with warnings.catch_warnings(), Image.open(path) as opened:
+            warnings.simplefilter("ignore")
+            exif = opened.getexif()
+            if not exif:
+                return None
+            if ORIENTATION_TAG in exif:
+                exif[ORIENTATION_TAG] = 1
+            return exif.tobytes()
+    except Exception:  # damaged EXIF (decoders raise many types): the edit goes on without it
+        logging.getLogger("icd").warning("%s: its EXIF cannot be read; the output goes without it", path)
+        return None
 
 
 def png_bytes(image: Image.Image, *, text: dict[str, str] | None = None) -> bytes:

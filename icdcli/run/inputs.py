@@ -56,6 +56,8 @@ class EditFlags:
     """The parameters given on the command line (not defaults): they win over a recorded edit's (`apply_record`)."""
     mask: Path | None = None
     """The region every edit may change (white where it may; `icdcli.editing.region`) unless a row gives its own."""
+    keep_exif: bool = False
+    """Copy each input's EXIF into its output (`icdcli.io.images.input_exif`)."""
 
 
 def p2p_options(
@@ -176,7 +178,7 @@ def apply_record(
             )
         images = (recorded,)
     mask = flags.mask if "mask" in flags.given else _recorded_mask(path, record)
-    return images, EditFlags(source, target, request, unguided, flags.given, mask), expected_hash
+    return images, EditFlags(source, target, request, unguided, flags.given, mask, flags.keep_exif), expected_hash
 
 
 def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:

@@ -83,7 +83,7 @@ def edit_latents(
     from icdcli.diffusion.recipe import P2PError
     from icdcli.editing.inversion import InversionError, edit_inversion, load_inversion
     from icdcli.editing.stages import Timings
-    from icdcli.io.images import OUTPUT_SUFFIXES, read_record, save_image
+    from icdcli.io.images import OUTPUT_SUFFIXES, input_exif, read_record, save_image
     from icdcli.models.prompts import unknown_prompt_note
     from icdcli.run.batch import decide, display
 
@@ -154,7 +154,8 @@ def edit_latents(
 
         edited = edited.resize((int(input_size[0]), int(input_size[1])), Image.Resampling.LANCZOS)
     with timings.stage("write"):
-        save_image(edited, out, text=image_text(wanted, identity.files))
+        exif = input_exif(image_path) if flags.keep_exif and image_path.is_file() else None
+        save_image(edited, out, text=image_text(wanted, identity.files), exif=exif)
     timings.seconds["total"] = time.perf_counter() - started
     reporter.result({"status": "done", **result, "method": resolved.method, "guidance": resolved.guidance,
                      "tau": resolved.tau, "src": inversion.prompt, "tgt": flags.target,

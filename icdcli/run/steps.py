@@ -128,6 +128,8 @@ class Work:
     read_seconds: float
     mask: Any = None
     """The item's mask at the input's own size (`icdcli.io.images.load_mask`); None: it edits the whole image."""
+    exif: bytes | None = None
+    """The input's EXIF for its output (`--keep-exif`); None: none."""
 
 
 class ItemSteps:
@@ -200,7 +202,7 @@ class ItemSteps:
     def _read(self, item: Any, input_sha: str, mask_sha: str | None = None) -> Work | str:
         """Decide on an output this process has claimed: why it is not needed, or its image and record."""
         from icdcli.editing.stages import working_size
-        from icdcli.io.images import load_image, load_mask, original_size, read_record
+        from icdcli.io.images import input_exif, load_image, load_mask, original_size, read_record
         from icdcli.run.batch import decide
 
         session = self.session()
@@ -222,7 +224,8 @@ class ItemSteps:
             raise ItemFailed(str(error)) from None
         record = {**wanted, "input_size": list(original_size(image))}
         p2p = session.item_p2p(item) if record["method"] == "p2p" else None
-        return Work(image, record, p2p, working_size(model, image), time.perf_counter() - started, mask)
+        exif = input_exif(item.image) if getattr(session.flags, "keep_exif", False) else None
+        return Work(image, record, p2p, working_size(model, image), time.perf_counter() - started, mask, exif)
 
     def group_key(self, prepared: Any) -> tuple:
         work = prepared.data
@@ -288,7 +291,7 @@ class ItemSteps:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
                 stored = session.stored_record(record, shared)
-                save_image(image, out, text=image_text(stored, session.identity.files))
+                save_image(image, out, text=image_text(stored, session.identity.files), exif=work.exif)
             except ICDError as error:
                 raise ItemFailed(str(error)) from None
             except OSError as error:

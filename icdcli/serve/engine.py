@@ -196,7 +196,7 @@ class Editor:
         if key in self._inversions:
             self._inversions.move_to_end(key)
             return self._inversions[key], True
-        image = self._read_upload(data, name, pipe.model.info.native_size**2)
+        image = read_upload(self.folder, data, name, pipe.model.info.native_size**2)
         started = time.perf_counter()
         inversion = pipe.invert(image, fields.src, seed=fields.seed)
         seconds = time.perf_counter() - started
@@ -207,37 +207,6 @@ class Editor:
             self._inversions.popitem(last=False)
         return stored, False
 
-    def _read_upload(self, data: bytes, name: str, work_pixels: int) -> Any:
-        """The upload read as `icd edit` reads a file (`icdcli.images.load_image`: any mode, EXIF rotation, size
-        bounds); 400 with the reason when it is no usable image."""
-        with self._as_file(data) as path:
-            try:
-                return parts.load_image(path, work_pixels)
-            except parts.ICDError as error:
-                raise ApiError(400, str(error).replace(str(path), f"image {name!r}")) from None
-
-    def _read_mask(self, data: bytes, size: tuple[int, int]) -> Any:
-        """An edit's mask read as `icd edit --mask` reads a file (`icdcli.io.images.load_mask`), at the photo's size;
-        400 when it is no usable image, 422 when it does not fit the photo."""
-        with self._as_file(data) as path:
-            try:
-                return parts.load_mask(path, size)
-            except parts.ICDError as error:
-                message = str(error).replace(f"{path}: ", "mask: ")
-                raise ApiError(422 if "the mask is" in message else 400, message) from None
-
-    @contextlib.contextmanager
-    def _as_file(self, data: bytes) -> Iterator[Path]:
-        """`data` as a file of the server's temporary folder while the block runs (images are read from files)."""
-        uploads = self.folder / "uploads"
-        uploads.mkdir(exist_ok=True)
-        path = uploads / secrets.token_hex(8)
-        path.write_bytes(data)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
-
     # --- edits -----------------------------------------------------------------------------------------------
 
     def edit(self, fields: EditFields) -> dict[str, Any]:
@@ -245,7 +214,7 @@ class Editor:
         pipe = self.pipeline()
         stored = self.find_inversion(fields.inversion)
         self._inversions.move_to_end(stored.id)
-        mask = None if fields.mask is None else self._read_mask(fields.mask, stored.size)
+        mask = None if fields.mask is None else read_mask(self.folder, fields.mask, stored.size)
         started = time.perf_counter()
         try:
             output = pipe.edit(stored.inversion, fields.tgt, **fields.pipeline_arguments(), mask_image=mask)
@@ -320,6 +289,40 @@ class Editor:
             raise ApiError(404, f"no image {image_id!r} here (unknown, or dropped as the oldest of "
                                 f"{self.limits.max_images} kept)")  # fmt: skip
         return found
+
+
+def read_upload(folder: Path, data: bytes, name: str, work_pixels: int) -> Any:
+    """An uploaded photo read as `icd edit` reads a file (`icdcli.images.load_image`: any mode, EXIF rotation, size
+    bounds); 400 with the reason when it is no usable image."""
+    with as_file(folder, data) as path:
+        try:
+            return parts.load_image(path, work_pixels)
+        except parts.ICDError as error:
+            raise ApiError(400, str(error).replace(str(path), f"image {name!r}")) from None
+
+
+def read_mask(folder: Path, data: bytes, size: tuple[int, int]) -> Any:
+    """An edit's mask read as `icd edit --mask` reads a file (`icdcli.io.images.load_mask`), at the photo's size;
+    400 when it is no usable image, 422 when it does not fit the photo."""
+    with as_file(folder, data) as path:
+        try:
+            return parts.load_mask(path, size)
+        except parts.ICDError as error:
+            message = str(error).replace(f"{path}: ", "mask: ")
+            raise ApiError(422 if "the mask is" in message else 400, message) from None
+
+
+@contextlib.contextmanager
+def as_file(folder: Path, data: bytes) -> Iterator[Path]:
+    """`data` as a file in `folder`'s uploads while the block runs (images are read from files)."""
+    uploads = folder / "uploads"
+    uploads.mkdir(exist_ok=True)
+    path = uploads / secrets.token_hex(8)
+    path.write_bytes(data)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def download_name(image_id: str, record: dict[str, Any]) -> str:
