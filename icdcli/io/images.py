@@ -25,6 +25,7 @@ MIN_SIDE = 16
 DRAFT_FACTOR = 4
 ORIGINAL_SIZE = "icd_original_size"
 OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+ORIENTATION_TAG = 0x0112  # EXIF's orientation
 
 
 class ImageInputError(ICDError):
@@ -107,7 +108,7 @@ def _draft_scale(opened: Image.Image, work_pixels: int | None) -> float:
 def _open_decoded(path: Path, work_pixels: int | None) -> Image.Image:
     with Image.open(path) as opened:
         full_size = opened.size
-        turned = opened.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        turned = opened.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)  # orientations that swap the sides
         scale = _draft_scale(opened, work_pixels)
         if scale < 1.0:  # the JPEG decoder skips the detail the model would throw away
             width, height = (min(side, max(math.ceil(side * scale), 4 * MIN_SIDE)) for side in full_size)
@@ -341,9 +342,6 @@ def save_image(
     with atomic_path(target) as temporary:
         image.save(temporary, format=fmt, **options)
     return target
-
-
-ORIENTATION_TAG = 0x0112
 
 
 def input_exif(path: str | Path) -> bytes | None:
