@@ -328,8 +328,6 @@ class ICDEditPipeline(PipelineBase):
                                 settings=settings.sampling, p2p=settings.p2p, unguided=unguided, mask=mask)  # fmt: skip
         return ICDEditOutput([edited], settings, [settings.seed])
 
-    # --- files, as icd edit edits them -----------------------------------------------------------------
-
     def edit_many(
         self,
         images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = (),
@@ -348,6 +346,7 @@ class ICDEditPipeline(PipelineBase):
         ddim_steps: int = 50,
         p2p: P2POptions | None = None,
         unguided: str = "source",
+        mask: str | os.PathLike[str] | None = None,
         batch_size: int | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> EditedFiles:
@@ -362,6 +361,7 @@ class ICDEditPipeline(PipelineBase):
             output: a file for one input, else a folder; None: `NAME-edit.png` beside each input.
             overwrite: replace existing outputs (else one made with the same settings is skipped, another refused).
             method, guidance, tau, seed, sampler, ddim_steps, p2p, unguided, batch_size: as a call takes them.
+            mask: a mask file every image is held to, as `icd edit --mask` (a spec row's own `mask` wins).
             notify: hears the lines `icd edit` prints (notes, what was written); default: the `icd` logger's INFO.
 
         Returns each item's outcome (with the record `icd edit --json` prints) and the counts: a failed item fails
@@ -374,7 +374,7 @@ class ICDEditPipeline(PipelineBase):
         request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p or P2POptions())
         return edit_files(Loaded(self.model, self.label, 0.0, self.backend), images, source_prompt, target_prompt,
                           request=request, unguided=unguided, spec=spec, output=output, recursive=recursive,
-                          overwrite=overwrite, batch_size=batch_size,
+                          overwrite=overwrite, batch_size=batch_size, mask=mask,
                           reporter=Reporter() if notify is None else Reporter(say=notify))  # fmt: skip
 
 

@@ -240,3 +240,16 @@ def test_a_saved_inversion_edited_with_a_mask_is_the_whole_masked_edit(tmp_path)
     photo.unlink()  # without the photo, outside the mask is the VAE's rendering, and a note says so
     result = _icd(*latents, "-o", tmp_path / "vae.png", "--backend", "torch")
     assert result.exit_code == 0 and "is not there as it was inverted" in result.output
+
+
+@pytest.mark.slow
+def test_edit_many_takes_a_mask_as_the_command_does(tmp_path):
+    from icdcli import ICDEditPipeline
+
+    mask = _half_mask(tmp_path / "right.png")
+    by_command = tmp_path / "command.png"
+    assert _icd("edit", EXAMPLE, *PROMPTS, "--mask", mask, "-o", by_command, "--backend", "torch").exit_code == 0
+    pipe = ICDEditPipeline.from_pretrained(backend="torch")
+    made = pipe.edit_many(EXAMPLE, PROMPTS[1], PROMPTS[3], output=tmp_path / "api.png", mask=mask)
+    assert made.done == 1 and np.array_equal(_pixels(tmp_path / "api.png"), _pixels(by_command))
+    assert json.loads(Image.open(tmp_path / "api.png").text["icd"])["mask"] == "right.png"

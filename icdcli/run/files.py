@@ -45,6 +45,7 @@ def edit_files(
     batch_size: int | None = None,
     any_output: bool = False,
     reporter: Reporter = Reporter(),
+    mask: str | os.PathLike[str] | None = None,
 ) -> EditedFiles:
     """Edit `images` (files, or folders of them) and the rows of `spec` from `source` to `target` (a row's own
     prompts win) with the model `loaded`, as `icd edit IMAGE... [--spec SPEC] [-o OUTPUT]` does with the same
@@ -67,7 +68,7 @@ def edit_files(
         raise ValueError("give a source and a target prompt, or a spec whose rows give src and tgt")
     check_text("prompt", source, "the source prompt")
     check_text("prompt", target, "the target prompt")
-    flags = EditFlags(source, target, request, unguided)
+    flags = EditFlags(source, target, request, unguided, mask=None if mask is None else Path(mask))
     spec_path = None if spec is None else Path(spec)
     items, batch = collect_items(paths, spec=spec_path, recursive=recursive, flags=flags, notify=reporter.say)
     target_path = None if output is None else os.fspath(output)
