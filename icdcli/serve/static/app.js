@@ -93,7 +93,14 @@ function setFile(file) {
 // --- the region that may change -------------------------------------------------------------------------------
 
 function loadRegion(url) {
+  Object.assign(region, { photo: null, mask: null, painted: false, last: null }); // nothing of the last photo's
+  $("region").hidden = true;
+  $("region-empty").hidden = false;
+  $("region-empty").textContent = "loading the photo to paint on…";
   const photo = new Image();
+  photo.onerror = () => {
+    $("region-empty").textContent = "this browser cannot show the photo: the edit may change all of it";
+  };
   photo.onload = () => {
     const scale = REGION_SIDE / Math.max(photo.naturalWidth, photo.naturalHeight);
     const canvas = $("region");
