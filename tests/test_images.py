@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,49 @@ def test_keep_exif_copies_the_inputs_exif_upright(tmp_path):
     result = CliRunner().invoke(main, ["edit", str(photo), *prompts, "-o", str(plain), "--backend", "torch"])
     assert result.exit_code == 0, result.output
     assert not Image.open(plain).getexif()
+
+
+def _heic(path, image, **options):
+    pillow_heif = pytest.importorskip("pillow_heif", reason='HEIF needs pillow-heif: pip install -e ".[test]"')
+    pillow_heif.register_heif_opener()
+    image.save(path, format="HEIF", quality=95, **options)
+    return path
+
+
+def test_heic_photos_are_read_by_name_or_by_header(tmp_path):
+    example = Image.open(Path(__file__).parent.parent / "examples" / "red-circle.png").convert("RGB")
+    photo = _heic(tmp_path / "photo.heic", example)
+    loaded = np.asarray(load_image(photo), dtype=np.int16)
+    assert loaded.shape == (128, 128, 3) and np.abs(loaded - np.asarray(example, dtype=np.int16)).mean() < 4
+    upload = tmp_path / "upload"  # no suffix, as icd serve keeps an upload: found by its ftyp brand
+    upload.write_bytes(photo.read_bytes())
+    assert np.array_equal(np.asarray(load_image(upload)), np.asarray(load_image(photo)))
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    turned = _heic(tmp_path / "turned.heic", Image.fromarray(_gradient(64, 32)), exif=exif.tobytes())
+    assert load_image(turned).size == (32, 64)  # turned once, as displayed
+
+
+def test_heic_without_pillow_heif_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    import icdcli.io.images as images
+
+    photo = tmp_path / "photo.heic"
+    photo.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    monkeypatch.setattr(images, "_heif_opener", lambda: False)
+    with pytest.raises(ImageInputError, match=r"photo.heic: a HEIF \(HEIC\) photo; reading it needs pillow-heif: pip"):
+        load_image(photo)
+
+
+@pytest.mark.slow
+def test_icd_edit_takes_a_heic_photo_and_a_folder_of_them(tmp_path):
+    from click.testing import CliRunner
+
+    from icdcli.cli.main import main
+
+    example = Image.open(Path(__file__).parent.parent / "examples" / "red-circle.png").convert("RGB")
+    (tmp_path / "photos").mkdir()
+    _heic(tmp_path / "photos" / "a.heic", example)
+    prompts = ["--src", "a red circle on a blue background", "--tgt", "a green circle on a blue background"]
+    result = CliRunner().invoke(main, ["edit", str(tmp_path / "photos"), *prompts, "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "photos" / "a-edit.png").size == (128, 128)

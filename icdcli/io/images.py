@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -30,6 +31,35 @@ ORIENTATION_TAG = 0x0112  # EXIF's orientation
 
 class ImageInputError(ICDError):
     """An input image that cannot be used."""
+
+
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+"""ISO base media `ftyp` brands of HEIF images (an iPhone's photos): Pillow reads them with pillow-heif."""
+HEIF_INSTALL = 'pip install "icd[heif]" (pillow-heif)'
+
+
+def _is_heif(path: Path) -> bool:
+    """Whether a file is a HEIF/HEIC image, by its name or (for a file without one, an upload) its header."""
+    if path.suffix.lower() in HEIF_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Teach Pillow HEIF once, when pillow-heif is installed; whether it could."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
@@ -152,6 +182,8 @@ def _reading(path: Path) -> Iterator[None]:
         raise ImageInputError(f"{path}: is a folder, not an image")
     if not path.is_file():  # a FIFO, socket or device: opening it may block or never end
         raise ImageInputError(f"{path}: not a regular file (a pipe, socket or device); give an image file")
+    if _is_heif(path) and not _heif_opener():
+        raise ImageInputError(f"{path}: a HEIF (HEIC) photo; reading it needs pillow-heif: {HEIF_INSTALL}")
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():

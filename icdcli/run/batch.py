@@ -26,7 +26,9 @@ from typing import Any
 
 from icdcli.core.texts import LINE_BYTES, TEXTS, TextError, check_text, shown
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif"}
+)
 SPEC_FIELDS = ("image", "src", "tgt", "guidance", "tau", "seed", "output", "blended_word", "replace_tail", "mask")
 METHOD = "swap"
 # the fields of a record that decide the pixels of an output (backend, precision and version only round)
