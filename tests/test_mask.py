@@ -169,16 +169,27 @@ def test_a_large_jpeg_read_reduced_keeps_its_full_size_pixels_outside_the_mask(t
     assert np.array_equal(_pixels(out)[:, : 256 - band], full[:, : 256 - band])
 
 
-@pytest.mark.slow
-def test_the_pipeline_api_masks_as_the_command_does(tmp_path):
+@pytest.fixture(scope="module")
+def masked_by_command(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A mask and the pixels `icd edit --mask` makes of the example with it (PyTorch)."""
+    folder = tmp_path_factory.mktemp("by-command")
+    mask, out = _half_mask(folder / "right.png"), folder / "edit.png"
+    assert _icd("edit", EXAMPLE, *PROMPTS, "--mask", mask, "-o", out, "--backend", "torch").exit_code == 0
+    return mask, _pixels(out)
+
+
+@pytest.fixture(scope="module")
+def pipe():
     from icdcli import ICDEditPipeline
 
-    mask = _half_mask(tmp_path / "right.png")
-    out = tmp_path / "edit.png"
-    assert _icd("edit", EXAMPLE, *PROMPTS, "--mask", mask, "-o", out, "--backend", "torch").exit_code == 0
-    pipe = ICDEditPipeline.from_pretrained(backend="torch")
+    return ICDEditPipeline.from_pretrained(backend="torch")
+
+
+@pytest.mark.slow
+def test_the_pipeline_api_masks_as_the_command_does(masked_by_command, pipe):
+    mask, by_command = masked_by_command
     edited = pipe(Image.open(EXAMPLE), PROMPTS[1], PROMPTS[3], mask_image=Image.open(mask))[0]
-    assert np.array_equal(np.asarray(edited, dtype=np.int16), _pixels(out))
+    assert np.array_equal(np.asarray(edited, dtype=np.int16), by_command)
     with pytest.raises(ValueError, match="mask_image has 2 masks for 1 images"):
         pipe(Image.open(EXAMPLE), PROMPTS[1], PROMPTS[3], mask_image=[Image.open(mask)] * 2)
 
@@ -209,11 +220,8 @@ def test_an_output_onto_the_mask_is_refused_even_with_overwrite(tmp_path):
 
 
 @pytest.mark.slow
-def test_invert_once_then_masked_edits_give_the_whole_calls_pixels(tmp_path):
-    from icdcli import ICDEditPipeline
-
+def test_invert_once_then_masked_edits_give_the_whole_calls_pixels(tmp_path, pipe):
     mask = Image.open(_half_mask(tmp_path / "right.png"))
-    pipe = ICDEditPipeline.from_pretrained(backend="torch")
     photo = Image.open(EXAMPLE)
     inversion = pipe.invert(photo, PROMPTS[1])
     for method in ("swap", "p2p"):
@@ -243,13 +251,10 @@ def test_a_saved_inversion_edited_with_a_mask_is_the_whole_masked_edit(tmp_path)
 
 
 @pytest.mark.slow
-def test_edit_many_takes_a_mask_as_the_command_does(tmp_path):
-    from icdcli import ICDEditPipeline
-
-    mask = _half_mask(tmp_path / "right.png")
-    by_command = tmp_path / "command.png"
-    assert _icd("edit", EXAMPLE, *PROMPTS, "--mask", mask, "-o", by_command, "--backend", "torch").exit_code == 0
-    pipe = ICDEditPipeline.from_pretrained(backend="torch")
-    made = pipe.edit_many(EXAMPLE, PROMPTS[1], PROMPTS[3], output=tmp_path / "api.png", mask=mask)
-    assert made.done == 1 and np.array_equal(_pixels(tmp_path / "api.png"), _pixels(by_command))
+def test_edit_many_takes_a_mask_as_the_command_does(tmp_path, masked_by_command, pipe):
+    mask, by_command = masked_by_command
+    local = tmp_path / "right.png"
+    local.write_bytes(mask.read_bytes())
+    made = pipe.edit_many(EXAMPLE, PROMPTS[1], PROMPTS[3], output=tmp_path / "api.png", mask=local)
+    assert made.done == 1 and np.array_equal(_pixels(tmp_path / "api.png"), by_command)
     assert json.loads(Image.open(tmp_path / "api.png").text["icd"])["mask"] == "right.png"
