@@ -26,8 +26,7 @@ def latent_mask(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
     latents of everything the mask touches are free to change (the pixel composite then draws the exact edge)."""
     height, width = latent_hw
     small = np.asarray(mask.convert("L").resize((width, height), Image.Resampling.BOX), dtype=np.float32) / 255.0
-    grown = F.max_pool2d(torch.from_numpy(small)[None, None], 3, stride=1, padding=1)
-    return grown
+    return F.max_pool2d(torch.from_numpy(small)[None, None], 3, stride=1, padding=1)
 
 
 def keep_outside(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,8 +56,9 @@ class RegionKeeper:
                 continue
             row = self.stride * edit + self.offset
             current = latents[row : row + 1]
-            kept, mask = kept.to(current.device, current.dtype), mask.to(current.device, current.dtype)
-            current.copy_(keep_outside(current, kept, mask))
+            if mask.device != current.device or mask.dtype != current.dtype:  # moved once, not at every step
+                self.masks[edit] = mask = mask.to(current.device, current.dtype)
+            current.copy_(keep_outside(current, kept.to(current.device, current.dtype), mask))
         if self.then is not None:
             self.then(index, t, latents)
 
