@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,7 @@ def edit_inversion(
     timings = timings or Timings()
     size = inversion.size
     job = EditJob(Image.new("RGB", (1, 1)), inversion.prompt, target, guidance, tau, inversion.settings.seed, p2p,
-                  unguided)  # fmt: skip
+                  unguided, mask)  # fmt: skip
     plan = p2p_plan(model, job, size, settings) if p2p is not None else None
     with timings.stage("encode"):
         cached = inversion.prompts
@@ -206,17 +206,17 @@ def edit_inversion(
         if inversion.trajectory is not None:
             trajectory = {t: x.to(model.device) for t, x in inversion.trajectory.items()}
         elif mask is not None or (job.p2p is not None and job.p2p.keeps_inversion):
-            what = "an edit held to a mask" if mask is not None else "local blend keeping the inversion"
-            raise InversionError(
-                f"these latents carry no inversion steps, which {what} needs: invert the image again with this icd "
-                "(icd invert ... --overwrite)" + ("" if mask is not None else ", or keep the source branch "
-                                                 "(--blend-keep source)")
-            )  # fmt: skip
+            what, other = (
+                ("an edit held to a mask", "")
+                if mask is not None
+                else ("local blend keeping the inversion", ", or keep the source branch (--blend-keep source)")
+            )
+            raise InversionError(f"these latents carry no inversion steps, which {what} needs: invert the image "
+                                 f"again with this icd (icd invert ... --overwrite){other}")  # fmt: skip
         callback = None
         if mask is not None:
             assert trajectory is not None
-            masked = replace(job, mask=mask)
-            callback = region_keeper([masked], trajectory, tuple(latents.shape[-2:]), p2p=plan is not None, then=None)
+            callback = region_keeper([job], trajectory, tuple(latents.shape[-2:]), p2p=plan is not None, then=None)
         if plan is not None:
             cond = pair_conditioning(prompts, [job])
             decoded = decode_p2p_rows(model, latents, [job], [plan], size, settings, callback, cond=cond,

@@ -90,6 +90,14 @@ def _is_srgb(profile: Any) -> bool:
     return "srgb" in ImageCms.getProfileDescription(profile).lower()
 
 
+@functools.cache
+def _srgb_profile() -> Any:
+    """littlecms' sRGB, made once."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
 def to_srgb(image: Image.Image, label: str = "the image") -> Image.Image:
     """`image` with its embedded ICC colour profile (Display P3, Adobe RGB, a CMYK press profile...) converted to
     sRGB, the space the models were trained in: read as raw numbers, a wide-gamut photo comes back desaturated.
@@ -108,8 +116,7 @@ def to_srgb(image: Image.Image, label: str = "the image") -> Image.Image:
             return image
         if profile.profile.xcolor_space != space:
             raise ValueError(f"a {profile.profile.xcolor_space.strip()} profile on {image.mode} pixels")
-        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-        converted = ImageCms.profileToProfile(image, profile, srgb, outputMode=output_mode)
+        converted = ImageCms.profileToProfile(image, profile, _srgb_profile(), outputMode=output_mode)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         logging.getLogger("icd").warning("%s: its colour profile cannot be used (%s); its pixels are taken as sRGB",
