@@ -32,7 +32,7 @@ from icdcli.cli.options import (
 )
 from icdcli.cli.results import reporter, reports_json_failures
 from icdcli.diffusion.recipe import BLEND_THRESHOLD, EditRequest
-from icdcli.run.batch import Shard
+from icdcli.run.batch import IMAGE_SUFFIXES, Shard
 from icdcli.run.inputs import EditFlags, apply_record, collect_items, p2p_options
 from icdcli.run.latents import edit_latents
 from icdcli.run.piped import PIPE, check_piped, copy_to_stdout, piped_ends
@@ -83,10 +83,11 @@ from icdcli.run.runner import EditRun
 )
 @click.option(
     "--tgt",
-    "target",
-    default=None,
+    "targets",
+    multiple=True,
     callback=text_callback("prompt"),
-    help="Prompt that describes the wanted result (or per row in --spec).",
+    help="Prompt that describes the wanted result (or per row in --spec). Repeat it for several edits of each "
+    "image from one inversion: IMAGE-edit-1.png, IMAGE-edit-2.png, ... in the order given.",
 )
 @click.option(
     "-o",
@@ -237,7 +238,7 @@ from icdcli.run.runner import EditRun
 def edit(
     images: tuple[Path, ...],
     source: str | None,
-    target: str | None,
+    targets: tuple[str, ...],
     output: str | None,
     spec: Path | None,
     mask: Path | None,
@@ -296,7 +297,11 @@ def edit(
         blend_threshold, replace_tail, blend_keep,
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
+    target = targets[0] if len(targets) == 1 else None  # several: one item per target (collect_items)
     settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask, keep_exif)
+    if len(targets) > 1:
+        _check_several_targets(targets, output, latents=latents, spec=spec, from_record=from_record, jobs=jobs,
+                               piped=[str(image) for image in images])  # fmt: skip
     if latents is not None:
         if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
             raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
@@ -329,8 +334,8 @@ def edit(
         return
     if not images and spec is None:
         raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
-    _check_edit_prompts(settings, spec)
-    items, batch = _collected_items(images, spec, recursive, settings)
+    _check_edit_prompts(settings, spec, several=len(targets) > 1)
+    items, batch = _collected_items(images, spec, recursive, settings, targets)
     items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output)
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
@@ -378,23 +383,45 @@ def _edit_piped(
 
 
 def _collected_items(
-    images: tuple[Path, ...], spec: Path | None, recursive: bool, settings: EditFlags
+    images: tuple[Path, ...], spec: Path | None, recursive: bool, settings: EditFlags, targets: tuple[str, ...] = ()
 ) -> tuple[list[Any], bool]:
     """The items to edit (and whether they are a batch), a bad spec or folder as a one-line error."""
     from icdcli.run.batch import SpecError
 
     try:
-        return collect_items(list(images), spec=spec, recursive=recursive, flags=settings)
+        return collect_items(list(images), spec=spec, recursive=recursive, flags=settings, targets=targets)
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
 
-def _check_edit_prompts(settings: EditFlags, spec: Path | None) -> None:
+def _check_several_targets(
+    targets: tuple[str, ...], output: str | None, *, latents: Path | None, spec: Path | None,
+    from_record: Path | None, jobs: str | None, piped: list[str],
+) -> None:  # fmt: skip
+    """Several --tgt edit each IMAGE once per target into files of their own: not with what gives one edit."""
+    for target in targets:
+        check_prompt(target, "--tgt")
+    others = (("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
+              ("--latents", latents is not None), ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
+    given = [flag for flag, present in others if present]
+    if given:
+        raise click.UsageError(
+            f"several --tgt edit each IMAGE file once per target: not with {given[0]} (give one --tgt, or one "
+            "edit per row of a --spec)"
+        )
+    if output is not None and not Path(output).is_dir() and Path(output).suffix.lower() in IMAGE_SUFFIXES:
+        raise click.UsageError(
+            f"several --tgt write a file per target: -o {output} names one file; give -o a folder (edited/)"
+        )
+
+
+def _check_edit_prompts(settings: EditFlags, spec: Path | None, *, several: bool = False) -> None:
     """--src and --tgt are non-empty when given, and both given unless a --spec's rows give them."""
     for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")):
         if value is not None:
             check_prompt(value, flag)
-    missing = [flag for value, flag in ((settings.source, "--src"), (settings.target, "--tgt")) if value is None]
+    given = ((settings.source, "--src"), (settings.target or ("several" if several else None), "--tgt"))
+    missing = [flag for value, flag in given if value is None]
     if spec is None and missing:
         raise click.UsageError(
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} needed: --src describes the image, "

@@ -16,18 +16,18 @@ from icdcli.diffusion.recipe import REFINE, P2PError, P2PSettings, SamplerSettin
 from icdcli.diffusion.sampler import StepCallback, p2p_decode, p2p_pairs
 from icdcli.diffusion.schedule import NoiseSchedule
 from icdcli.editing.region import RegionKeeper, latent_mask, paste_outside
+from icdcli.editing.reuse import InversionCache, inverted_rows
 from icdcli.editing.stages import (
     PromptTable,
     Timings,
     decode_rows,
     encode_prompts,
-    invert_rows,
     same_or_rows,
     stage_done,
     trajectory_row,
     working_size,
 )
-from icdcli.io.images import image_to_tensor, tensors_to_images
+from icdcli.io.images import tensors_to_images
 from icdcli.models.api import EditModel
 
 UNGUIDED_PROMPTS = ("source", "target")
@@ -101,6 +101,7 @@ def edit_batch(
     settings: SamplerSettings,
     timings: Timings | None = None,
     callback: StepCallback | None = None,
+    inversions: InversionCache | None = None,
 ) -> list[Image.Image | Exception]:
     """Edit images of one working size together: one network call per step for the whole batch.
 
@@ -116,6 +117,9 @@ def edit_batch(
         timings: Collects the seconds of the encode and decode stages.
         callback: Called after each decode step with the latents (a P2P decode's: source and target rows
             interleaved); changing them in place changes the steps after.
+        inversions: Inversions of earlier batches to reuse, where this batch's new ones are kept
+            (`icdcli.editing.reuse`); jobs of one batch that share a photo, source and seed share one inversion
+            in any case.
     """
     timings = timings or Timings()
     if not jobs:
@@ -138,19 +142,17 @@ def edit_batch(
         chosen = [jobs[index] for index in runnable]
         with timings.stage("encode"):
             sources = encode_prompts(model, [job.source for job in chosen], size)
-            pixels = torch.cat([image_to_tensor(job.image, size) for job in chosen])
-            x0 = model.encode_image(pixels)
-            seeds = [job.seed for job in chosen]
             masked = any(job.mask is not None for job in chosen)
-            trajectory: dict[int, torch.Tensor] | None = {} if keeps_inversion(chosen) or masked else None
-            source_cond = sources.conditioning([job.source for job in chosen])
-            latents = invert_rows(model, x0, seeds, settings, source_cond, trajectory)
+            latents, trajectory = inverted_rows(
+                model, [job.image for job in chosen], [job.source for job in chosen], [job.seed for job in chosen],
+                size, settings, sources, trajectory=keeps_inversion(chosen) or masked, cache=inversions,
+            )  # fmt: skip
             prompts = target_prompts(model, chosen, size, sources)
         with timings.stage("decode"):
             p2p = jobs[0].p2p is not None
             if masked:
                 assert trajectory is not None
-                callback = region_keeper(chosen, trajectory, tuple(x0.shape[-2:]), p2p=p2p, then=callback)
+                callback = region_keeper(chosen, trajectory, tuple(latents.shape[-2:]), p2p=p2p, then=callback)
             if p2p:
                 plan = planned(plans, runnable)
                 cond = pair_conditioning(prompts, chosen)

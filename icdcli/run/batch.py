@@ -19,7 +19,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class Item:
     recorded_input: str | None = None  # what the output's record names the input (`-`: stdin); None: its path
     mask: Path | None = None  # the region that may change (white; icdcli.editing.region); None: the whole image
     recorded_mask: str | None = None  # what the output's record names the mask; None: its path from the output
+    variant: int | None = None  # which of several --tgt (1-based): the output is <stem>-edit-<variant>.png
 
 
 def display(path: str | os.PathLike[str]) -> str:
@@ -275,6 +276,18 @@ def read_spec(spec: Path) -> list[Item]:
 def with_mask(item: Item, mask: Path | None) -> Item:
     """The item with the command line's mask where its row gives none."""
     return item if mask is None or item.mask is not None or item.error is not None else replace(item, mask=mask)
+
+
+def per_target(items: list[Item], targets: Sequence[str]) -> list[Item]:
+    """Each item once per target (several --tgt), a photo's edits side by side: they share its inversion."""
+    expanded = []
+    for item in items:
+        if item.error is not None:
+            expanded.append(item)
+            continue
+        for number, target in enumerate(targets, start=1):
+            expanded.append(replace(item, tgt=target, variant=number, label=f"{item.label} (--tgt {number})"))
+    return expanded
 
 
 def with_prompts(item: Item, src: str | None, tgt: str | None) -> Item:

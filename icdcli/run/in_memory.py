@@ -142,6 +142,7 @@ def edit_images(
     results at the inputs' own sizes, in their order. `progress_bar(total)` makes the bar of the decode steps;
     `masks`: each image's region that may change (`icdcli.io.images.photo_mask`), or None."""
     from icdcli.editing.edits import EditJob, edit_batch
+    from icdcli.editing.reuse import model_inversions
     from icdcli.editing.stages import working_size
     from icdcli.io.images import photo_mask, photo_rgb
 
@@ -165,10 +166,11 @@ def edit_images(
         for batch in batches:
             on_step = step_callback(step_end, timesteps, bar, names, settings.p2p is not None)
             chosen = [jobs[index] for index in batch]
+            inversions = model_inversions(model)  # a photo edited again (another target) is not inverted again
             if on_step is None:  # the command line's call, exactly
-                results = edit_batch(model, chosen, settings=settings.sampling)
+                results = edit_batch(model, chosen, settings=settings.sampling, inversions=inversions)
             else:
-                results = edit_batch(model, chosen, settings=settings.sampling, callback=on_step)
+                results = edit_batch(model, chosen, settings=settings.sampling, callback=on_step, inversions=inversions)
             for index, result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     raise result

@@ -4,7 +4,7 @@ and a --spec (`collect_items`), and a recorded edit repeated with `--from` (`app
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,21 +215,25 @@ def collect_items(
     recursive: bool,
     flags: EditFlags,
     notify: Callable[[str], None] = log_line,
+    targets: Sequence[str] = (),
 ) -> tuple[list, bool]:
     """The items to edit (folder outputs of icd itself are left out) and whether this is a batch.
 
-    Raises SpecError (a spec that cannot be read) and ICDError (nothing found); `notify` hears of repeats made once.
+    With several `targets` (several --tgt), each image is edited once per target. Raises SpecError (a spec that
+    cannot be read) and ICDError (nothing found); `notify` hears of repeats made once.
     """
-    from icdcli.run.batch import expand_inputs, read_spec, with_mask, with_prompts
+    from icdcli.run.batch import expand_inputs, per_target, read_spec, with_mask, with_prompts
 
     items, any_folder = expand_inputs(images, recursive=recursive, skip=_is_icd_output)
     if spec is not None:
         items += read_spec(spec)
+    if len(targets) > 1:
+        items = per_target(items, targets)
     items = _drop_repeats([with_mask(with_prompts(item, flags.source, flags.target), flags.mask) for item in items],
                           notify)  # fmt: skip
     if not items:
         raise ICDError("no images found: folders are searched for image files (-r descends)")
-    return items, any_folder or spec is not None or len(items) > 1
+    return items, any_folder or spec is not None or len(items) > 1 or len(targets) > 1
 
 
 def _drop_repeats(items: list, notify: Callable[[str], None]) -> list:

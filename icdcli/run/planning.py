@@ -4,9 +4,10 @@ and `icd bench throughput`.
 The rules:
 - `-o` names a file only for a single input, when it is not an existing folder and does not end in a path
   separator; otherwise it is a folder, created when its parent exists. An input is never an output.
-- Edits go to `<stem>-edit.png` beside the input, or under the `-o` folder mirroring the input's path relative
-  to the folder it was found in; they are deterministic (a rerun finds them, `icdcli.run.batch.decide` skips or
-  refuses them). Items whose default names clash are renamed; any other clash fails the items involved.
+- Edits go to `<stem>-edit.png` (`<stem>-edit-N.png` for the Nth of several --tgt) beside the input, or under
+  the `-o` folder mirroring the input's path relative to the folder it was found in; they are deterministic (a
+  rerun finds them, `icdcli.run.batch.decide` skips or refuses them). Items whose default names clash are
+  renamed; any other clash fails the items involved.
 - Other commands' default names (`plan_files`) never land on an input or on a file icd did not make: they take
   the next free name instead.
 """
@@ -123,10 +124,15 @@ def plan_files(inputs: list[Path], output: str | None, *, suffix: str, flag: str
     return planned
 
 
+def edit_name(stem: str, variant: int | None) -> str:
+    """`<stem>-edit.png`, or for the Nth of several targets `<stem>-edit-N.png`."""
+    return f"{stem}{EDIT_SUFFIX}" if variant is None else f"{stem}-edit-{variant}.png"
+
+
 def default_output(item: Item, folder: Path | None) -> Path:
-    """`<stem>-edit.png` beside the input, or under `folder` at the input's relative path."""
+    """`<stem>-edit.png` (`edit_name`) beside the input, or under `folder` at the input's relative path."""
     assert item.image is not None
-    name = f"{item.image.stem}{EDIT_SUFFIX}"
+    name = edit_name(item.image.stem, item.variant)
     if folder is None:
         return item.image.parent / name
     relative = item.relative or Path(item.image.name)
@@ -225,7 +231,7 @@ def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
                 name = f"{output.stem}-{item.row}{output.suffix}"
             else:
                 image = item.image or output
-                name = f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}{EDIT_SUFFIX}"
+                name = edit_name(f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}", item.variant)
             item = replace(item, output=output.with_name(name))
         renamed.append(item)
     return renamed

@@ -243,6 +243,7 @@ class ItemSteps:
         """Edit a group of prepared items in one batch: per item (image, seconds per stage) or its failure."""
         from icdcli.diffusion.recipe import SamplerSettings
         from icdcli.editing.edits import EditJob, edit_batch
+        from icdcli.editing.reuse import model_inversions
         from icdcli.editing.stages import Timings
 
         session = self.session()
@@ -260,7 +261,7 @@ class ItemSteps:
         if self.interrupts is not None:
             self.interrupts.droppable = True  # SIGTERM may drop a batch that has not started writing
         try:
-            results = edit_batch(model, jobs, settings=settings, timings=timings)
+            results = edit_batch(model, jobs, settings=settings, timings=timings, inversions=model_inversions(model))
         finally:
             if self.interrupts is not None:
                 self.interrupts.droppable = False
