@@ -228,3 +228,24 @@ def test_a_scripts_edits_of_one_photo_through_jobs_invert_it_once(tmp_path, inve
     assert result.exit_code == 0, result.output
     assert [line["status"] for line in _json_lines(result.output)][:3] == ["done"] * 3
     assert sum(inverted_rows_seen) == 1
+
+
+def test_several_targets_decode_one_saved_inversion(tmp_path):
+    photo = tmp_path / "photo.png"
+    shutil.copy(EXAMPLE, photo)
+    assert _icd("invert", photo, "--prompt", SOURCE).exit_code == 0
+    latents = tmp_path / "photo.latent.safetensors"
+    result = _icd("edit", "--latents", latents, *_targets(*TARGETS[:2]), "--json")
+    assert result.exit_code == 0, result.output
+    lines = _json_lines(result.output)
+    assert [(Path(line["output"]).name, line["tgt"]) for line in lines] == [
+        ("photo-edit-1.png", TARGETS[0]), ("photo-edit-2.png", TARGETS[1])
+    ]  # fmt: skip
+    one = _icd("edit", "--latents", latents, "--tgt", TARGETS[1], "-o", tmp_path / "one.png")
+    assert one.exit_code == 0, one.output
+    assert _levels(Image.open(tmp_path / "one.png"), Image.open(tmp_path / "photo-edit-2.png")) == 0
+    refused = _icd("edit", "--latents", latents, *_targets(*TARGETS[:2]), "-o", tmp_path / "x.png")
+    assert refused.exit_code == 2 and "give -o a folder" in refused.output
+    into = _icd("edit", "--latents", latents, *_targets(*TARGETS[:2]), "-o", tmp_path / "edited")
+    assert into.exit_code == 0, into.output
+    assert sorted(path.name for path in (tmp_path / "edited").iterdir()) == ["photo-edit-1.png", "photo-edit-2.png"]

@@ -308,7 +308,7 @@ def edit(
         if target is not None:
             check_prompt(target, "--tgt")
         edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),
-                     reporter=reporter(as_json), started=started)  # fmt: skip
+                     reporter=reporter(as_json), started=started, targets=targets)  # fmt: skip
         return
     piped = [str(image) for image in images]
     if PIPE in piped or output == PIPE:
@@ -398,11 +398,12 @@ def _check_several_targets(
     targets: tuple[str, ...], output: str | None, *, latents: Path | None, spec: Path | None,
     from_record: Path | None, jobs: str | None, piped: list[str],
 ) -> None:  # fmt: skip
-    """Several --tgt edit each IMAGE once per target into files of their own: not with what gives one edit."""
+    """Several --tgt edit each IMAGE (or the --latents) once per target into files of their own: not with what
+    gives one edit."""
     for target in targets:
         check_prompt(target, "--tgt")
     others = (("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
-              ("--latents", latents is not None), ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
+              ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
     given = [flag for flag, present in others if present]
     if given:
         raise click.UsageError(
