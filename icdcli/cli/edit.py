@@ -43,12 +43,13 @@ from icdcli.run.runner import EditRun
 @click.command(
     cls=SectionedCommand,
     sections=[
-        ("Inputs and prompts", ["source", "target", "mask", "spec", "from_record", "latents", "recursive"]),
+        ("Inputs and prompts", ["source", "targets", "mask", "spec", "from_record", "latents", "recursive"]),
         ("Editing", ["method", "unguided_prompt", "guidance", "tau", "seed", "sampler", "ddim_steps"]),
         ("Prompt-to-Prompt (--method p2p)", ["cross_replace", "self_replace", "p2p_mode", "blend_words",
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
                                              "amplify_new", "replace_tail", "blend_keep"]),
-        ("Output and batch", ["output", "overwrite", "keep_exif", "shard", "batch_size", "jobs", "as_json"]),
+        ("Output and batch", ["output", "output_format", "quality", "overwrite", "keep_exif", "shard", "batch_size",
+                              "jobs", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
     ],
@@ -94,8 +95,8 @@ from icdcli.run.runner import EditRun
     "--output",
     type=TextPath(),
     default=None,
-    help="Output file (one input) or folder (mirrors the layout of folder inputs); - writes the PNG to stdout. "
-    "Default: IMAGE-edit.png beside each input.",
+    help="Output file (one input) or folder (mirrors the layout of folder inputs); - writes the image to stdout "
+    "(a PNG, or --format's). Default: IMAGE-edit.png (or --format's suffix) beside each input.",
 )
 @click.option(
     "--spec",
@@ -136,6 +137,20 @@ from icdcli.run.runner import EditRun
     is_flag=True,
     help="Copy each input's EXIF (camera, lens, date, GPS ...) into its output, its orientation set upright. "
     "Default: outputs carry only icd's record.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["png", "jpg", "webp"]),
+    default=None,
+    help="Format of the outputs icd names (IMAGE-edit.jpg, ...): png (lossless, the default), jpg or webp. All "
+    "three carry the edit's record (a rerun skips what is made). Default: png, or -o FILE's own suffix.",
+)
+@click.option(
+    "--quality",
+    type=NumberType("quality"),
+    default=None,
+    help="JPEG and WebP quality (--format jpg or webp, or -o FILE.jpg).  [default: 95 for jpg, 90 for webp]",
 )
 @click.option(
     "--shard",
@@ -247,6 +262,8 @@ def edit(
     recursive: bool,
     overwrite: bool,
     keep_exif: bool,
+    output_format: str | None,
+    quality: int | None,
     shard: Shard | None,
     batch_size: int | None,
     jobs: str | None,
@@ -298,7 +315,8 @@ def edit(
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
     target = targets[0] if len(targets) == 1 else None  # several: one item per target (collect_items)
-    settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask, keep_exif)
+    suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs or len(targets) > 1))
+    settings = EditFlags(source, target, request, unguided_prompt, given_flags(), mask, keep_exif, suffix, quality)
     if len(targets) > 1:
         _check_several_targets(targets, output, latents=latents, spec=spec, from_record=from_record, jobs=jobs,
                                piped=[str(image) for image in images])  # fmt: skip
@@ -336,7 +354,8 @@ def edit(
         raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec, several=len(targets) > 1)
     items, batch = _collected_items(images, spec, recursive, settings, targets)
-    items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output)
+    items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output,
+                              suffix=settings.suffix)  # fmt: skip
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
     runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,
@@ -356,7 +375,7 @@ def _edit_piped(
 
     from icdcli.core.errors import ICDError
 
-    with piped_ends(image, output, sys.stdin.buffer) as ends:
+    with piped_ends(image, output, sys.stdin.buffer, settings.suffix) as ends:
         try:
             items, _ = _collected_items((ends.image,), None, False, settings)
             if image == PIPE:
@@ -366,7 +385,8 @@ def _edit_piped(
                                  recorded_mask=None if item.mask is None else os.path.abspath(item.mask))
                          for item in items]  # fmt: skip
             target = None if ends.output is None else str(ends.output)
-            items = plan_edit_outputs(items, target, spec=None, batch=False, anywhere=any_output)
+            items = plan_edit_outputs(items, target, spec=None, batch=False, anywhere=any_output,
+                                      suffix=settings.suffix)  # fmt: skip
             runner = EditRun(settings, model_loader(model_opts), batch=False, overwrite=overwrite or output == PIPE,
                              reporter=ends.reporter(reporter(as_json)), started=started,
                              batch_size=batch_size)  # fmt: skip
@@ -392,6 +412,26 @@ def _collected_items(
         return collect_items(list(images), spec=spec, recursive=recursive, flags=settings, targets=targets)
     except (SpecError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+
+
+FORMAT_SUFFIXES = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg", ".webp": ".webp"}
+"""-o FILE's suffix -> the --format it is (the output formats of `icdcli.io.images.OUTPUT_SUFFIXES`)."""
+
+
+def output_suffix(output_format: str | None, quality: int | None, output: str | None, *, many: bool) -> str:
+    """The suffix of the outputs icd names, from --format (else -o FILE's own suffix, else .png); usage errors for
+    --format against -o FILE's suffix, and for --quality where every output is a PNG."""
+    named = None
+    if output not in (None, PIPE) and not Path(output).is_dir() and not output.endswith(("/", os.sep)):
+        named = FORMAT_SUFFIXES.get(Path(output).suffix.lower())
+    suffix = f".{output_format}" if output_format is not None else ".png"
+    if output_format is not None and named is not None and named != suffix:
+        raise click.UsageError(f"-o {output} and --format {output_format} disagree: give one of them")
+    if quality is not None and suffix == ".png" and named in (None, ".png") and not many:
+        raise click.UsageError(
+            "--quality sets JPEG and WebP quality; PNG outputs are lossless: add --format jpg or webp"
+        )
+    return suffix
 
 
 def _check_several_targets(

@@ -56,6 +56,7 @@ NUMBERS: dict[str, Bounds] = {
     "height": Bounds(int, 8, 16384),
     "minutes": Bounds(float, 0.1, 10080.0),
     "edit_guidance": Bounds(float, 1.0, 100.0),
+    "quality": Bounds(int, 1, 100),
 }
 
 

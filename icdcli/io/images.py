@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ DRAFT_FACTOR = 4
 ORIGINAL_SIZE = "icd_original_size"
 OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 ORIENTATION_TAG = 0x0112  # EXIF's orientation
+DEFAULT_QUALITY = {"JPEG": 95, "WEBP": 90}
+"""The quality of lossy outputs unless one is asked for (`--quality`): past what an edit of a photo can show."""
+XMP_RECORD = re.compile(r"<icd:record>(.*?)</icd:record>", re.DOTALL)
 
 
 class ImageInputError(ICDError):
@@ -287,7 +291,8 @@ def original_size(image: Image.Image) -> tuple[int, int]:
 
 
 def read_record(path: str | Path, key: str = "icd") -> dict | None:
-    """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment); None if none."""
+    """The JSON parameter record an output of icd carries (PNG text chunk `key`, JPEG comment, WebP XMP); None if
+    none."""
     if not Path(path).is_file():  # a FIFO or device would block or never end
         return None
     try:
@@ -297,6 +302,8 @@ def read_record(path: str | Path, key: str = "icd") -> dict | None:
                 text = getattr(opened, "text", {}).get(key)
             if text is None and opened.format == "JPEG" and isinstance(opened.info.get("comment"), bytes):
                 text = opened.info["comment"].decode("utf-8", "replace")
+            if text is None and opened.format == "WEBP":
+                text = _xmp_record(opened.info.get("xmp"))
     except Exception:  # anything unreadable simply has no record
         return None
     try:
@@ -360,22 +367,28 @@ def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image
 
 
 def save_image(
-    image: Image.Image, target: str | Path, *, text: dict[str, str] | None = None, exif: bytes | None = None
+    image: Image.Image,
+    target: str | Path,
+    *,
+    text: dict[str, str] | None = None,
+    exif: bytes | None = None,
+    quality: int | None = None,
 ) -> Path:
     """Write `image` atomically and return the path; PNG outputs carry `text` as tEXt chunks, JPEGs a single
-    entry as their comment.
+    entry as their comment, WebPs the `icd` entry in their XMP.
 
     Args:
         image: The image to write.
         target: The output path; its suffix picks the format.
         text: Metadata to embed (e.g. the `icd` record).
         exif: EXIF to embed (`input_exif`), in any of the formats.
+        quality: JPEG or WebP quality, 1-100 (PNG is lossless: not used); None: `DEFAULT_QUALITY`.
     """
     target = Path(target)
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
         raise ICDError(f"{target}: unsupported output type; use one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
-    options = _save_options(fmt, text)
+    options = _save_options(fmt, text, quality)
     if exif:
         options["exif"] = exif
     with atomic_path(target) as temporary:
@@ -407,16 +420,40 @@ def png_bytes(image: Image.Image, *, text: dict[str, str] | None = None) -> byte
     return buffer.getvalue()
 
 
-def _save_options(fmt: str, text: dict[str, str] | None) -> dict[str, Any]:
-    """PIL's save options for `fmt`: PNGs carry `text` as tEXt chunks, JPEGs a single entry as their comment."""
+def _save_options(fmt: str, text: dict[str, str] | None, quality: int | None = None) -> dict[str, Any]:
+    """PIL's save options for `fmt`: PNGs carry `text` as tEXt chunks, JPEGs a single entry as their comment, WebPs
+    the `icd` entry (else the first) in an XMP packet; JPEG and WebP at `quality` (None: `DEFAULT_QUALITY`)."""
     options: dict[str, Any] = {}
     if fmt == "PNG" and text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
         options["pnginfo"] = info
-    if fmt == "JPEG":
-        options["quality"] = 95
-        if text:  # a JPEG has one comment: icd's record travels there
-            options["comment"] = text.get("icd", next(iter(text.values()))).encode()
+    if fmt in DEFAULT_QUALITY:
+        options["quality"] = DEFAULT_QUALITY[fmt] if quality is None else quality
+    if fmt == "JPEG" and text:  # a JPEG has one comment: icd's record travels there
+        options["comment"] = text.get("icd", next(iter(text.values()))).encode()
+    if fmt == "WEBP" and text:
+        options["xmp"] = _record_xmp(text.get("icd", next(iter(text.values()))))
     return options
+
+
+def _record_xmp(record: str) -> bytes:
+    """An XMP packet that holds icd's JSON record as the text of its `icd:record` property."""
+    from xml.sax.saxutils import escape
+
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" xmlns:icd="urn:icd:record:1/">'
+        f"<icd:record>{escape(record)}</icd:record></rdf:Description></rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def _xmp_record(xmp: Any) -> str | None:
+    """The record `_record_xmp` put in an XMP packet (found by pattern, never parsed as XML), or None."""
+    from xml.sax.saxutils import unescape
+
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", "replace")
+    found = XMP_RECORD.search(xmp) if isinstance(xmp, str) else None
+    return None if found is None else unescape(found.group(1))

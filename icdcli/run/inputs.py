@@ -58,6 +58,10 @@ class EditFlags:
     """The region every edit may change (white where it may; `icdcli.editing.region`) unless a row gives its own."""
     keep_exif: bool = False
     """Copy each input's EXIF into its output (`icdcli.io.images.input_exif`)."""
+    suffix: str = ".png"
+    """The default outputs' format (`--format`): `.png`, `.jpg` or `.webp`."""
+    quality: int | None = None
+    """JPEG and WebP outputs' quality, 1-100; None: `icdcli.io.images.DEFAULT_QUALITY`."""
 
 
 def p2p_options(
@@ -178,7 +182,8 @@ def apply_record(
             )
         images = (recorded,)
     mask = flags.mask if "mask" in flags.given else _recorded_mask(path, record)
-    return images, EditFlags(source, target, request, unguided, flags.given, mask, flags.keep_exif), expected_hash
+    edit = EditFlags(source, target, request, unguided, flags.given, mask, flags.keep_exif, flags.suffix, flags.quality)
+    return images, edit, expected_hash
 
 
 def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
@@ -202,7 +207,7 @@ def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
 def _is_icd_output(path: Path) -> bool:
     from icdcli.io.images import read_record
 
-    if path.suffix.lower() != ".png":
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # the formats whose outputs carry a record
         return False
     record = read_record(path)
     return record is not None and "method" in record and "src" in record

@@ -55,7 +55,8 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
                 if raw is not None:
                     item = with_prompts(spec_row(raw, number, Path("-")), run.flags.source, run.flags.target)
                     item = with_mask(item, run.flags.mask)
-                    item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output)[0]
+                    item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output,
+                                      suffix=run.flags.suffix)[0]  # fmt: skip
                 run.pipeline(interrupts).run([item])
                 if interrupts.requested:
                     break

@@ -18,15 +18,15 @@ from icdcli.run.records import edit_record, match_fields
 from icdcli.run.report import Reporter
 
 
-def latents_output(latents: Path, output: str | None, variant: int | None = None) -> Path:
+def latents_output(latents: Path, output: str | None, variant: int | None = None, suffix: str = ".png") -> Path:
     """Where `icd edit --latents FILE` writes: -o (a file, or a folder to write into), else beside FILE, named
     after it (`cat.latent.safetensors` -> `cat-edit.png`; the Nth of several targets `cat-edit-N.png`)."""
     name = latents.name
-    for suffix in (".latent.safetensors", ".safetensors"):
-        if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
+    for ending in (".latent.safetensors", ".safetensors"):
+        if name.endswith(ending) and len(name) > len(ending):
+            name = name[: -len(ending)]
             break
-    default = edit_name(name, variant)
+    default = edit_name(name, variant, suffix)
     if output is None:
         return latents.parent / default
     if variant is not None:  # several targets: -o is a folder (the command line refuses a file's name)
@@ -119,7 +119,8 @@ def edit_latents(
     several = len(targets) > 1
     if several and output is not None:  # a folder, made when its parent is there
         output_target(output, [latents], single=False)
-    outs = [latents_output(latents, output, number if several else None) for number in range(1, len(targets) + 1)]
+    outs = [latents_output(latents, output, number if several else None, flags.suffix)
+            for number in range(1, len(targets) + 1)]  # fmt: skip
     if outs[0].suffix.lower() not in OUTPUT_SUFFIXES:
         raise ICDUsageError(f"-o {outs[0]}: write an image ({', '.join(sorted(OUTPUT_SUFFIXES))})")
     loaded = load(request.sampler == "ddim")
@@ -167,7 +168,7 @@ def edit_latents(
             edited = edited.resize((int(input_size[0]), int(input_size[1])), Image.Resampling.LANCZOS)
         with timings.stage("write"):
             exif = input_exif(image_path) if flags.keep_exif and image_path.is_file() else None
-            save_image(edited, out, text=image_text(wanted, identity.files), exif=exif)
+            save_image(edited, out, text=image_text(wanted, identity.files), exif=exif, quality=flags.quality)
         timings.seconds["total"] = time.perf_counter() - started
         started = time.perf_counter()  # the next target's total runs from here
         reporter.result({"status": "done", **result, "method": resolved.method, "guidance": resolved.guidance,

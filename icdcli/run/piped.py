@@ -24,7 +24,7 @@ from icdcli.run.report import Reporter
 PIPE = "-"
 MAX_STDIN_BYTES = 512 * 2**20
 """The most stdin may hold: far above any photo (100 megapixels as PNG are about 300 MB), a bound on memory."""
-INPUT_NAME, OUTPUT_NAME = "stdin", "stdin-edit.png"
+INPUT_NAME, OUTPUT_STEM = "stdin", "stdin-edit"
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,9 @@ def read_stdin(stream: BinaryIO, *, limit: int = MAX_STDIN_BYTES) -> bytes:
 
 
 @contextlib.contextmanager
-def piped_ends(image: str, output: str | None, stdin: BinaryIO) -> Iterator[PipedEnds]:
-    """The files the runner reads and writes for `image` and `output` where either is `-` (see the module)."""
+def piped_ends(image: str, output: str | None, stdin: BinaryIO, suffix: str = ".png") -> Iterator[PipedEnds]:
+    """The files the runner reads and writes for `image` and `output` where either is `-` (see the module); what
+    goes to stdout is written in the format of `suffix` (`--format`)."""
     with tempfile.TemporaryDirectory(prefix="icd-pipe-") as folder:
         names: dict[str, tuple[str, str]] = {}
         source = Path(image)
@@ -94,7 +95,7 @@ def piped_ends(image: str, output: str | None, stdin: BinaryIO) -> Iterator[Pipe
             names[str(source)] = names[display(source)] = ("stdin", PIPE)
         target = Path(output) if output is not None else None
         if output == PIPE:
-            target = Path(folder) / OUTPUT_NAME
+            target = Path(folder) / f"{OUTPUT_STEM}{suffix}"
             names[str(target)] = names[display(target)] = ("stdout", PIPE)
         yield PipedEnds(source, target, names)
 

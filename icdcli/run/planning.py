@@ -21,8 +21,6 @@ from pathlib import Path
 from icdcli.core.errors import ICDError, ICDUsageError
 from icdcli.run.batch import Item, display
 
-EDIT_SUFFIX = "-edit.png"
-
 
 def check_writable_folder(folder: Path) -> None:
     """The folder an output goes to exists, is a folder and can be written (ICDError saying which not)."""
@@ -67,7 +65,13 @@ def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = 
 
 
 def plan_edit_outputs(
-    items: list[Item], output: str | None, *, spec: Path | None, batch: bool, anywhere: bool = False
+    items: list[Item],
+    output: str | None,
+    *,
+    spec: Path | None,
+    batch: bool,
+    anywhere: bool = False,
+    suffix: str = ".png",
 ) -> list[Item]:
     """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`).
 
@@ -77,15 +81,16 @@ def plan_edit_outputs(
         spec: The spec file the items came from, if any (its rows' outputs resolve against its folder).
         batch: Whether several images may come (then -o names a folder).
         anywhere: Allow outputs outside the input's or spec's folder.
+        suffix: The default outputs' suffix (`--format`): `.png`, `.jpg` or `.webp`.
     """
     spec_folder = spec.parent if spec is not None else None
     if output is None:
-        return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere)
+        return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere, suffix=suffix)
     inputs = [path for item in items[:1] for path in (item.image, item.mask) if path is not None]
     target, is_file = output_target(output, inputs, single=not batch)
     if is_file:  # -o: the user's own path
         return plan_items([replace(items[0], output=target)], None, spec_out=spec_folder, anywhere=True)
-    return plan_items(items, target, spec_out=spec_folder, anywhere=anywhere)
+    return plan_items(items, target, spec_out=spec_folder, anywhere=anywhere, suffix=suffix)
 
 
 def _made_by_icd(path: Path) -> bool:
@@ -124,15 +129,15 @@ def plan_files(inputs: list[Path], output: str | None, *, suffix: str, flag: str
     return planned
 
 
-def edit_name(stem: str, variant: int | None) -> str:
-    """`<stem>-edit.png`, or for the Nth of several targets `<stem>-edit-N.png`."""
-    return f"{stem}{EDIT_SUFFIX}" if variant is None else f"{stem}-edit-{variant}.png"
+def edit_name(stem: str, variant: int | None, suffix: str = ".png") -> str:
+    """`<stem>-edit.png`, or for the Nth of several targets `<stem>-edit-N.png` (`suffix`: another format's)."""
+    return f"{stem}-edit{suffix}" if variant is None else f"{stem}-edit-{variant}{suffix}"
 
 
-def default_output(item: Item, folder: Path | None) -> Path:
+def default_output(item: Item, folder: Path | None, suffix: str = ".png") -> Path:
     """`<stem>-edit.png` (`edit_name`) beside the input, or under `folder` at the input's relative path."""
     assert item.image is not None
-    name = edit_name(item.image.stem, item.variant)
+    name = edit_name(item.image.stem, item.variant, suffix)
     if folder is None:
         return item.image.parent / name
     relative = item.relative or Path(item.image.name)
@@ -157,7 +162,12 @@ def escapes(output: Path, base: Path | None = None) -> bool:
 
 
 def plan_items(
-    items: list[Item], folder: Path | None, *, spec_out: Path | None = None, anywhere: bool = False
+    items: list[Item],
+    folder: Path | None,
+    *,
+    spec_out: Path | None = None,
+    anywhere: bool = False,
+    suffix: str = ".png",
 ) -> list[Item]:
     """Every usable item with its output path decided.
 
@@ -188,7 +198,7 @@ def plan_items(
             base = folder if folder is not None else (spec_out or Path("."))
             planned.append(replace(item, output=item.output if item.output.is_absolute() else base / item.output))
         else:
-            planned.append(replace(item, output=default_output(item, folder)))
+            planned.append(replace(item, output=default_output(item, folder, suffix)))
     planned = _rename_clashes(planned, items)
     seen: dict[str, Item] = {}
     checked: list[Item] = []
@@ -231,7 +241,8 @@ def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
                 name = f"{output.stem}-{item.row}{output.suffix}"
             else:
                 image = item.image or output
-                name = edit_name(f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}", item.variant)
+                name = edit_name(f"{image.stem}-{image.suffix.lstrip('.').lower() or 'file'}", item.variant,
+                                 output.suffix)  # fmt: skip
             item = replace(item, output=output.with_name(name))
         renamed.append(item)
     return renamed

@@ -292,7 +292,8 @@ class ItemSteps:
                 if not os.access(out.parent, os.W_OK | os.X_OK):
                     raise ItemFailed(f"output folder {display(out.parent)} is not writable: choose another with -o")
                 stored = session.stored_record(record, shared)
-                save_image(image, out, text=image_text(stored, session.identity.files), exif=work.exif)
+                save_image(image, out, text=image_text(stored, session.identity.files), exif=work.exif,
+                           quality=getattr(session.flags, "quality", None))  # fmt: skip
             except ICDError as error:
                 raise ItemFailed(str(error)) from None
             except OSError as error:
