@@ -237,9 +237,10 @@ def _device(prompts: PromptTable) -> torch.device:
 
 
 def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any] | None = None) -> None:
-    """Write `inversion` as a .safetensors file: the tensor `latents` (and the trajectory's as `trajectory.T`), and
-    what made it in the metadata (with `record`, the command's parameter record, as JSON under `icd`). Writes `path`
-    in place: callers that must never leave half a file write to a temporary path and rename it (`icdcli.io.atomic`).
+    """Write `inversion` as a .safetensors file: the tensor `latents` (and the trajectory's as `trajectory.T`, but
+    for its last step, which is `latents`: the metadata's `trajectory_final` names its timestep), and what made it
+    in the metadata (with `record`, the command's parameter record, as JSON under `icd`). Writes `path` in place:
+    callers that must never leave half a file write to a temporary path and rename it (`icdcli.io.atomic`).
     """
     from safetensors.torch import save_file
 
@@ -268,7 +269,11 @@ def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any
     }
     tensors = {"latents": inversion.latents.detach().cpu().contiguous()}
     for t, latents in (inversion.trajectory or {}).items():
-        tensors[f"{TRAJECTORY_PREFIX}{int(t)}"] = latents.detach().cpu().clone()  # one of them is `latents`
+        kept = latents.detach().cpu()
+        if "trajectory_final" not in metadata and torch.equal(kept, tensors["latents"]):
+            metadata["trajectory_final"] = str(int(t))  # the last step's latents are `latents`: stored once
+            continue
+        tensors[f"{TRAJECTORY_PREFIX}{int(t)}"] = kept.clone()
     save_file(tensors, str(path), metadata)
 
 
@@ -308,6 +313,8 @@ def load_inversion(path: str | Path) -> Inversion:
         reverse = tuple(int(value) for value in json.loads(metadata["reverse_boundaries"]))
         record = json.loads(metadata.get("icd") or "{}")
         trajectory = {int(name.removeprefix(TRAJECTORY_PREFIX)): x for name, x in steps.items()} if steps else None
+        if trajectory is not None and "trajectory_final" in metadata:
+            trajectory[int(metadata["trajectory_final"])] = latents
     except (KeyError, ValueError, TypeError) as error:
         raise InversionError(f"{shown}: its metadata is damaged ({error}); invert the image again") from None
     return Inversion(latents, metadata["prompt"], size, original, settings, metadata.get("model_hash", ""), forward,

@@ -11,6 +11,7 @@ forward UNet.
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,43 +52,51 @@ class InversionCache:
         self.entries: OrderedDict[InversionKey, Inverted] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
+        self.lock = threading.Lock()  # a pipeline may be called from several threads
 
     def get(self, key: InversionKey, *, trajectory: bool) -> Inverted | None:
         """The inversion stored under `key` (one with its trajectory when `trajectory`), or None."""
-        found = self.entries.get(key)
-        if found is None or (trajectory and found.trajectory is None):
-            return None
-        self.entries.move_to_end(key)
-        self.hits += 1
-        return found
+        with self.lock:
+            found = self.entries.get(key)
+            if found is None or (trajectory and found.trajectory is None):
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return found
 
     def put(self, key: InversionKey, inverted: Inverted) -> None:
         size = inverted.nbytes
         if size > self.limit:
             return
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        self.entries[key] = inverted
-        self.nbytes += size
-        while self.nbytes > self.limit:
-            _, dropped = self.entries.popitem(last=False)
-            self.nbytes -= dropped.nbytes
+        with self.lock:
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self.entries[key] = inverted
+            self.nbytes += size
+            while self.nbytes > self.limit:
+                _, dropped = self.entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
+        with self.lock:
+            self.entries.clear()
+            self.nbytes = 0
 
 
 _CACHES: weakref.WeakKeyDictionary[EditModel, InversionCache] = weakref.WeakKeyDictionary()
 
 
+_CACHES_LOCK = threading.Lock()
+
+
 def model_inversions(model: EditModel) -> InversionCache:
     """The inversion cache that lives as long as `model` (the pipeline's, across its calls)."""
-    cache = _CACHES.get(model)
-    if cache is None:
-        cache = _CACHES[model] = InversionCache()
-    return cache
+    with _CACHES_LOCK:
+        cache = _CACHES.get(model)
+        if cache is None:
+            cache = _CACHES[model] = InversionCache()
+        return cache
 
 
 def inversion_key(pixels: torch.Tensor, source: str, seed: int, settings: SamplerSettings) -> InversionKey:
