@@ -38,6 +38,7 @@ from icdcli.run.latents import edit_latents
 from icdcli.run.piped import PIPE, check_piped, copy_to_stdout, piped_ends
 from icdcli.run.planning import plan_edit_outputs
 from icdcli.run.runner import EditRun
+from icdcli.run.watch import watch_folders
 
 
 @click.command(
@@ -49,7 +50,7 @@ from icdcli.run.runner import EditRun
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
                                              "amplify_new", "replace_tail", "blend_keep"]),
         ("Output and batch", ["output", "output_format", "quality", "overwrite", "keep_exif", "shard", "batch_size",
-                              "jobs", "as_json"]),
+                              "jobs", "watch", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
     ],
@@ -168,6 +169,12 @@ from icdcli.run.runner import EditRun
     "spec row); one JSON result line per edit on stdout; a bad line gives a failed line, end of input ends.",
 )
 @click.option(
+    "--watch",
+    is_flag=True,
+    help="After the images in the IMAGE folders, keep the model loaded and edit each image file that appears in "
+    "them (or changes) until Ctrl-C: a hot folder. Files are read once nothing has written to them for a second.",
+)
+@click.option(
     "--any-output",
     is_flag=True,
     help="Let a --spec row's output be any path (absolute, or leaving the output folder through ..).",
@@ -267,6 +274,7 @@ def edit(
     shard: Shard | None,
     batch_size: int | None,
     jobs: str | None,
+    watch: bool,
     any_output: bool,
     guidance: float | None,
     tau: float | None,
@@ -320,6 +328,13 @@ def edit(
     if len(targets) > 1:
         _check_several_targets(targets, output, latents=latents, spec=spec, from_record=from_record, jobs=jobs,
                                piped=[str(image) for image in images])  # fmt: skip
+    if watch:
+        _check_watch(images, latents=latents, spec=spec, from_record=from_record, jobs=jobs, shard=shard, output=output)
+        _check_edit_prompts(settings, None, several=len(targets) > 1)
+        runner = EditRun(settings, model_loader(model_opts), batch=True, overwrite=overwrite,
+                         reporter=reporter(as_json), started=started, batch_size=batch_size)  # fmt: skip
+        watch_folders(runner, list(images), recursive=recursive, targets=targets, output=output, any_output=any_output)
+        return
     if latents is not None:
         if images or spec is not None or from_record is not None or jobs is not None or shard is not None:
             raise click.UsageError("--latents edits one saved inversion: no IMAGE, --spec, --from, --jobs or --shard")
@@ -432,6 +447,23 @@ def output_suffix(output_format: str | None, quality: int | None, output: str | 
             "--quality sets JPEG and WebP quality; PNG outputs are lossless: add --format jpg or webp"
         )
     return suffix
+
+
+def _check_watch(
+    images: tuple[Path, ...], *, latents: Path | None, spec: Path | None, from_record: Path | None,
+    jobs: str | None, shard: Shard | None, output: str | None,
+) -> None:  # fmt: skip
+    """--watch watches folders given as IMAGE, and takes nothing that edits another way."""
+    others = (("--latents", latents is not None), ("--spec", spec is not None), ("--from", from_record is not None),
+              ("--jobs", jobs is not None), ("--shard", shard is not None), ("-o -", output == PIPE))  # fmt: skip
+    given = [flag for flag, present in others if present]
+    if given:
+        raise click.UsageError(f"--watch edits what appears in IMAGE folders: not with {given[0]}")
+    if not images:
+        raise click.UsageError("--watch needs the folders to watch: give them as IMAGE")
+    files = [image for image in images if str(image) == PIPE or not image.is_dir()]
+    if files:
+        raise click.UsageError(f"--watch watches folders: {files[0]} is not one (give folders as IMAGE)")
 
 
 def _check_several_targets(

@@ -85,7 +85,8 @@ def list_folder(folder: Path, *, recursive: bool) -> list[Path]:
     return sorted(found, key=lambda path: os.fsencode(path))
 
 
-def _path_item(path: Path, relative: Path) -> Item:
+def path_item(path: Path, relative: Path) -> Item:
+    """The item of an image file found at `relative` under the folder it was found in."""
     return Item(label=display(path), key=display(path.absolute()), image=path, relative=relative)
 
 
@@ -104,9 +105,9 @@ def expand_inputs(
             any_folder = True
             for found in list_folder(path, recursive=recursive):
                 if skip is None or not skip(found):
-                    items.append(_path_item(found, found.relative_to(path)))
+                    items.append(path_item(found, found.relative_to(path)))
         else:
-            items.append(_path_item(path, Path(path.name)))
+            items.append(path_item(path, Path(path.name)))
     return items, any_folder
 
 

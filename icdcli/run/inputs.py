@@ -204,7 +204,7 @@ def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
 # --- files, folders and spec rows ----------------------------------------------------------------------------
 
 
-def _is_icd_output(path: Path) -> bool:
+def is_icd_output(path: Path) -> bool:
     from icdcli.io.images import read_record
 
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # the formats whose outputs carry a record
@@ -229,7 +229,7 @@ def collect_items(
     """
     from icdcli.run.batch import expand_inputs, per_target, read_spec, with_mask, with_prompts
 
-    items, any_folder = expand_inputs(images, recursive=recursive, skip=_is_icd_output)
+    items, any_folder = expand_inputs(images, recursive=recursive, skip=is_icd_output)
     if spec is not None:
         items += read_spec(spec)
     if len(targets) > 1:
