@@ -168,14 +168,14 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
 
-def test_records_travel_in_png_text_and_jpeg_comments(tmp_path):
+def test_records_travel_in_png_text_jpeg_comments_and_webp_xmp(tmp_path):
     from icdcli.io.images import read_record
 
     image = Image.fromarray(_gradient())
-    for name in ("out.png", "out.jpg"):
+    for name in ("out.png", "out.jpg", "out.webp"):
         save_image(image, tmp_path / name, text={"icd": '{"seed": 3}'})
         assert read_record(tmp_path / name) == {"seed": 3}
-    save_image(image, tmp_path / "plain.webp", text={"icd": '{"seed": 3}'})
+    image.save(tmp_path / "plain.webp")
     (tmp_path / "junk.png").write_bytes(b"junk")
     assert read_record(tmp_path / "plain.webp") is None and read_record(tmp_path / "junk.png") is None
 
