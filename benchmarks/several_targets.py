@@ -3,6 +3,8 @@ reused) against the same number of edits of as many different photos (an inversi
 
     python benchmarks/several_targets.py                            # the embedded model, PyTorch on the CPU
     python benchmarks/several_targets.py --backend onnxruntime --photos 8 --targets 4 --json
+    python benchmarks/several_targets.py --side 512 --photos 2 --targets 3 --repeats 1 \
+        --icd-args "--base B --teacher T --forward-lora F --reverse-lora R"   # an SD1.5-size model
 
 Both runs edit N*K items of the same size with the same method from a spec, one process each, the model loaded
 before the clock starts (`seconds - load_seconds` of the run's summary); each figure is the median of the repeats.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,10 +53,10 @@ def _spec(folder: Path, rows: list[tuple[Image.Image, str, str]], name: str) -> 
     return spec
 
 
-def _seconds(spec: Path, method: str, backend: str) -> float:
+def _seconds(spec: Path, method: str, backend: str, extra: list[str]) -> float:
     """Seconds per edit of one `icd edit --spec` run, the model's loading left out."""
     command = [sys.executable, "-m", "icdcli", "edit", "--spec", str(spec), "--method", method, "--backend", backend,
-               "--overwrite", "--json", "-q"]  # fmt: skip
+               "--overwrite", "--json", "-q", *extra]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
     summary = [json.loads(line) for line in done.stdout.splitlines() if '"summary"' in line][-1]
     if summary["failed"]:
@@ -68,8 +71,10 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=4, help="targets K of each photo")
     parser.add_argument("--side", type=int, default=128, help="the photos' side in pixels")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--icd-args", default="", help="more options of icd edit, e.g. the model's (--base ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    extra = shlex.split(args.icd_args)
     count = args.photos * args.targets
     scenes = _distinct_scenes(count, args.side)
     targets = [target for _, _, target in scenes[: args.targets]]
@@ -81,13 +86,14 @@ def main() -> None:
         for method in ("swap", "p2p"):
             times: dict[str, list[float]] = {"shared": [], "separate": []}
             for _ in range(args.repeats):  # interleaved, so that a busy moment touches both
-                times["shared"].append(_seconds(shared_spec, method, args.backend))
-                times["separate"].append(_seconds(separate_spec, method, args.backend))
+                times["shared"].append(_seconds(shared_spec, method, args.backend, extra))
+                times["separate"].append(_seconds(separate_spec, method, args.backend, extra))
             shared_s, separate_s = (statistics.median(times[key]) for key in ("shared", "separate"))
             saved = round(1 - shared_s / separate_s, 3)
             rows.append({"method": method, "edits": count, "per_edit_shared": round(shared_s, 4),
                          "per_edit_separate": round(separate_s, 4), "saved": saved})  # fmt: skip
-    result = {"backend": args.backend, "photos": args.photos, "targets": args.targets, "side": args.side, "rows": rows}
+    result = {"backend": args.backend, "photos": args.photos, "targets": args.targets, "side": args.side,
+              "icd_args": args.icd_args, "rows": rows}  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

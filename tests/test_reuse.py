@@ -249,3 +249,14 @@ def test_several_targets_decode_one_saved_inversion(tmp_path):
     into = _icd("edit", "--latents", latents, *_targets(*TARGETS[:2]), "-o", tmp_path / "edited")
     assert into.exit_code == 0, into.output
     assert sorted(path.name for path in (tmp_path / "edited").iterdir()) == ["photo-edit-1.png", "photo-edit-2.png"]
+
+
+def test_a_recorded_edit_repeated_with_another_target(tmp_path):
+    photo = tmp_path / "photo.png"
+    shutil.copy(EXAMPLE, photo)
+    assert _icd("edit", photo, "--src", SOURCE, "--tgt", TARGETS[0]).exit_code == 0
+    again = _icd("edit", "--from", tmp_path / "photo-edit.png", "--tgt", TARGETS[2], "-o", tmp_path / "again.png")
+    assert again.exit_code == 0, again.output
+    assert read_record(tmp_path / "again.png")["tgt"] == TARGETS[2]
+    same = _icd("edit", "--from", tmp_path / "photo-edit.png", "-o", tmp_path / "same.png")
+    assert same.exit_code == 0 and read_record(tmp_path / "same.png")["tgt"] == TARGETS[0]
