@@ -50,7 +50,7 @@ from icdcli.run.watch import watch_folders
                                              "blend_source", "blend_target", "blend_threshold", "amplify",
                                              "amplify_new", "replace_tail", "blend_keep"]),
         ("Output and batch", ["output", "output_format", "quality", "overwrite", "keep_exif", "shard", "batch_size",
-                              "jobs", "watch", "as_json"]),
+                              "jobs", "watch", "dry_run", "as_json"]),
         MODEL_SECTION,
         BACKEND_SECTION,
     ],
@@ -175,6 +175,12 @@ from icdcli.run.watch import watch_folders
     "them (or changes) until Ctrl-C: a hot folder. Files are read once nothing has written to them for a second.",
 )
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what would be edited (each input, its output, whether that exists) and check the inputs, without "
+    "loading a model or writing anything; exit 1 when an item could not run.",
+)
+@click.option(
     "--any-output",
     is_flag=True,
     help="Let a --spec row's output be any path (absolute, or leaving the output folder through ..).",
@@ -275,6 +281,7 @@ def edit(
     batch_size: int | None,
     jobs: str | None,
     watch: bool,
+    dry_run: bool,
     any_output: bool,
     guidance: float | None,
     tau: float | None,
@@ -329,6 +336,12 @@ def edit(
     if len(targets) > 1:
         _check_several_targets(targets, output, latents=latents, spec=spec, from_record=from_record, jobs=jobs,
                                piped=[str(image) for image in images])  # fmt: skip
+    if dry_run:
+        dry = (("--jobs", jobs is not None), ("--watch", watch), ("--latents", latents is not None),
+               ("IMAGE -", PIPE in [str(image) for image in images]), ("-o -", output == PIPE))  # fmt: skip
+        given = [flag for flag, present in dry if present]
+        if given:
+            raise click.UsageError(f"--dry-run plans files and folders: not with {given[0]}")
     if watch:
         _check_watch(images, latents=latents, spec=spec, from_record=from_record, jobs=jobs, shard=shard, output=output)
         _check_edit_prompts(settings, None, several=len(targets) > 1)
@@ -374,6 +387,9 @@ def edit(
                               suffix=settings.suffix)  # fmt: skip
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
+    if dry_run:
+        _report_dry_run(items, as_json=as_json)
+        return
     runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,
                      reporter=reporter(as_json), started=started, expected_hash=expected_hash,
                      batch_size=batch_size)  # fmt: skip
@@ -448,6 +464,33 @@ def output_suffix(output_format: str | None, quality: int | None, output: str | 
             "--quality sets JPEG and WebP quality; PNG outputs are lossless: add --format jpg or webp"
         )
     return suffix
+
+
+def _report_dry_run(items: list[Any], *, as_json: bool) -> None:
+    """Each planned item's input, output and whether it exists (or why it cannot run), then the counts; exit 1 when
+    an item cannot run. No model is loaded, nothing is written."""
+    from icdcli.run.batch import display
+    from icdcli.run.planning import dry_run
+
+    records = dry_run(items)
+    report = reporter(as_json)
+    for record in records:
+        if report.json is not None:
+            report.json(record)
+        elif record["status"] == "failed":
+            say(f"Error: {record['error']}")
+        else:
+            exists = " (exists: skipped when made with the same settings, else refused without --overwrite)"
+            say(f"{display(record['input'])} -> {display(record['output'])}{exists if record['exists'] else ''}")
+    planned = [record for record in records if record["status"] == "planned"]
+    failed = len(records) - len(planned)
+    existing = sum(record["exists"] for record in planned)
+    if report.json is not None:
+        report.json({"status": "summary", "planned": len(planned), "existing": existing, "failed": failed})
+    say(f"dry run: {len(planned)} edits planned ({existing} of their outputs exist), {failed} failed; nothing was "
+        "edited")  # fmt: skip
+    if failed:
+        sys.exit(1)
 
 
 def _check_watch(

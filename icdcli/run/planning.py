@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from icdcli.core.errors import ICDError, ICDUsageError
 from icdcli.run.batch import Item, display
@@ -246,3 +247,31 @@ def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
             item = replace(item, output=output.with_name(name))
         renamed.append(item)
     return renamed
+
+
+def dry_run(items: list[Item]) -> list[dict[str, Any]]:
+    """What `icd edit --dry-run` says of each planned item, without a model: its input and output and whether the
+    output exists (`planned`), or why it cannot run (`failed`: its row's or plan's error, an input or mask that is
+    not a usable image, read from its header)."""
+    from icdcli.io.images import probe_image
+
+    records: list[dict[str, Any]] = []
+    for item in items:
+        where = {"input": None if item.image is None else str(item.image),
+                 "output": None if item.output is None else str(item.output), "item": item.label}  # fmt: skip
+        error = item.error
+        for path, what in ((item.image, ""), (item.mask, "mask ")):
+            if error is not None or path is None:
+                continue
+            try:
+                probe_image(path)
+            except ICDError as problem:
+                error = f"{what}{problem}"
+            except OSError as problem:
+                error = f"{what}{display(path)}: cannot be read ({problem.strerror or problem})"
+        if error is not None:
+            records.append({"status": "failed", **where, "error": error})
+        else:
+            exists = item.output is not None and os.path.lexists(item.output)
+            records.append({"status": "planned", **where, "src": item.src, "tgt": item.tgt, "exists": exists})
+    return records
