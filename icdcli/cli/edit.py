@@ -339,9 +339,9 @@ def edit(
     if dry_run:
         dry = (("--jobs", jobs is not None), ("--watch", watch), ("--latents", latents is not None),
                ("IMAGE -", PIPE in [str(image) for image in images]), ("-o -", output == PIPE))  # fmt: skip
-        given = [flag for flag, present in dry if present]
-        if given:
-            raise click.UsageError(f"--dry-run plans files and folders: not with {given[0]}")
+        refused = [flag for flag, present in dry if present]
+        if refused:
+            raise click.UsageError(f"--dry-run plans files and folders: not with {refused[0]}")
     if watch:
         _check_watch(images, latents=latents, spec=spec, from_record=from_record, jobs=jobs, shard=shard, output=output)
         _check_edit_prompts(settings, None, several=len(targets) > 1)
