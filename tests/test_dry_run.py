@@ -61,6 +61,9 @@ def test_a_dry_run_of_good_inputs_exits_0_and_names_each_output(tmp_path, no_mod
     assert result.exit_code == 0, result.output
     assert "photo-edit-1.jpg" in result.stderr and "photo-edit-2.jpg" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]
+    into = _icd("edit", photo, *PROMPTS, "-o", tmp_path / "new-folder", "--dry-run")
+    assert into.exit_code == 0 and "new-folder" in into.stderr, into.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]  # the -o folder is not made
 
 
 @pytest.mark.parametrize("extra", [["--jobs", "-"], ["--watch"], ["-o", "-"]])

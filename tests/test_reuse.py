@@ -260,3 +260,14 @@ def test_a_recorded_edit_repeated_with_another_target(tmp_path):
     assert read_record(tmp_path / "again.png")["tgt"] == TARGETS[2]
     same = _icd("edit", "--from", tmp_path / "photo-edit.png", "-o", tmp_path / "same.png")
     assert same.exit_code == 0 and read_record(tmp_path / "same.png")["tgt"] == TARGETS[0]
+
+
+def test_the_throughput_benchmark_times_every_run_with_its_own_inversions(tmp_path, inverted_rows_seen):
+    from icdcli.bench.throughput import timed_run, write_spec
+
+    loaded = load_model(MODEL_OPTIONS, need_teacher=False, backend="torch")
+    spec = write_spec(tmp_path, 3)
+    for turn in range(2):
+        row = timed_run(loaded, spec, tmp_path / f"out-{turn}", batch_size=3)
+        assert row["images"] == 3
+    assert sum(inverted_rows_seen) == 6  # the second run did not take the first run's inversions

@@ -83,6 +83,7 @@ def write_photo_spec(folder: Path, count: int, size: int) -> Path:
 
 def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dict[str, Any]:
     """One `icd edit --spec SPEC -o OUT` run on the loaded model: its batch size, images/s and counts."""
+    from icdcli.editing.reuse import model_inversions
     from icdcli.run.batch import default_batch_size, read_spec
     from icdcli.run.inputs import EditFlags
     from icdcli.run.planning import plan_items
@@ -93,6 +94,7 @@ def timed_run(loaded: Any, spec: Path, out: Path, batch_size: int | None) -> dic
     runner = EditRun(flags, None, batch=True, overwrite=False, batch_size=batch_size)
     runner.adopt(loaded)
     runner.report.quiet = True
+    model_inversions(loaded.model).clear()  # each run inverts its photos itself, as a fresh `icd edit` does
     started = time.perf_counter()
     runner.started = runner.steps.mark = started
     runner.pipeline().run(items)

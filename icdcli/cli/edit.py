@@ -59,6 +59,10 @@ from icdcli.run.watch import watch_folders
         'icd edit cat.jpg --src "a cat" --tgt "a dog"',
         "# a folder and its subfolders into edited/, one JSON line per image",
         'icd edit photos/ -r --src "a cat" --tgt "a dog" -o edited/ --json',
+        "# one inversion, three edits: cat-edit-1.png, cat-edit-2.png, cat-edit-3.png",
+        'icd edit cat.jpg --src "a cat" --tgt "a dog" --tgt "a fox" --tgt "a tiger"',
+        "# a hot folder: edit what is in inbox/ and what arrives there, as JPEGs, until Ctrl-C",
+        'icd edit inbox/ --src "a cat" --tgt "a dog" -o outbox/ --format jpg --watch',
         "# only the white part of mask.png may change; the rest keeps the photo's own pixels",
         'icd edit cat.jpg --src "a cat" --tgt "a dog" --mask mask.png',
         "# Prompt-to-Prompt local blend: only the cat's / dog's region may change",
@@ -383,11 +387,14 @@ def edit(
         raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec, several=len(targets) > 1)
     items, batch = _collected_items(images, spec, recursive, settings, targets)
+    made_folder = output is not None and not os.path.lexists(output)  # planning makes a missing -o folder
     items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output,
                               suffix=settings.suffix)  # fmt: skip
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
     if dry_run:
+        if made_folder and output is not None and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)  # a dry run leaves no trace
         _report_dry_run(items, as_json=as_json)
         return
     runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,

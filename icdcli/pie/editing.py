@@ -121,6 +121,9 @@ def edit_items(
         batch_size: items per network call (None: `icd edit`'s default).
         masked: hold each edit to its annotated region (`write_mask`), as `icd edit --mask` does.
     """
+    from icdcli.editing.reuse import model_inversions
+
+    model_inversions(loaded.model).clear()  # a run's seconds per edit include its own inversions, as run alone
     run = PieEditRun(flags, loaded, items, overwrite=overwrite, batch_size=batch_size)
     jobs = [edit_job(root, folder, item, write_mask(root, folder, item) if masked else None) for item in items]
     end = run.edit(jobs)
