@@ -148,6 +148,9 @@ def test_the_pipeline_reuses_an_inversion_across_its_calls(inverted_rows_seen):
     assert _levels(first, second) > ROUNDING_LEVELS
     pipe(image, source, target, seed=4)
     assert inverted_rows_seen == [1, 1]
+    several = pipe([image] * 3, source, [target, other, target], seed=5).images
+    assert inverted_rows_seen == [1, 1, 1]  # one call, three edits of one photo: one inversion
+    assert _levels(several[0], several[2]) == 0 and _levels(several[0], several[1]) > ROUNDING_LEVELS
 
 
 # --- several --tgt, and --jobs: the command line's edits of one photo --------------------------------------------
