@@ -254,19 +254,13 @@ class ICDEditPipeline(PipelineBase):
         sources = per_image(source_prompt, len(images), "source_prompt")
         targets = per_image(target_prompt, len(images), "target_prompt")
         seeds = image_seeds(generator, seed, len(images))
-        settings = self._resolve(sampler, method, seed if seeds is None else seeds[0], ddim_steps, guidance=guidance,
-                                 tau=tau, p2p=p2p)  # fmt: skip
+        first = seed if seeds is None else seeds[0]
+        settings = _resolve(self.model, sampler, method, first, ddim_steps, guidance=guidance, tau=tau, p2p=p2p)
         seeds = seeds or [settings.seed] * len(images)
         edited = edit_images(self.model, images, sources, targets, settings, seeds=seeds, unguided=unguided,
                              batch_size=batch_size, progress_bar=self.progress_bar, step_end=step_end,
                              masks=per_image_mask(mask_image, len(images)))  # fmt: skip
         return ICDEditOutput(edited, settings, seeds)
-
-    def _resolve(self, sampler: str, method: str, seed: int | None, ddim_steps: int, **given: Any) -> ResolvedEdit:
-        """The settings of an edit: `given` (guidance, tau, p2p; None: the recipe's) over the model's recipe."""
-        info = self.model.info
-        return resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method=method, seed=seed,
-                            ddim_steps=ddim_steps, **given)  # fmt: skip
 
     # --- invert once, edit many ----------------------------------------------------------------------
 
@@ -294,7 +288,7 @@ class ICDEditPipeline(PipelineBase):
         from icdcli.run.in_memory import image_seeds
 
         seeds = image_seeds(generator, seed, 1)
-        settings = self._resolve(sampler, "swap", seed if seeds is None else seeds[0], ddim_steps)
+        settings = _resolve(self.model, sampler, "swap", seed if seeds is None else seeds[0], ddim_steps)
         return invert_for_edit(self.model, photo_rgb(image), prompt, settings.sampling)
 
     def edit(
@@ -322,7 +316,8 @@ class ICDEditPipeline(PipelineBase):
         from icdcli.io.images import photo_mask
 
         made = inversion.settings
-        settings = self._resolve(made.sampler, method, made.seed, made.ddim_steps, guidance=guidance, tau=tau, p2p=p2p)
+        settings = _resolve(self.model, made.sampler, method, made.seed, made.ddim_steps, guidance=guidance, tau=tau,
+                            p2p=p2p)  # fmt: skip
         mask = None if mask_image is None else photo_mask(mask_image, inversion.original_size, label="mask_image")
         edited = edit_inversion(self.model, inversion, target_prompt, guidance=settings.guidance, tau=settings.tau,
                                 settings=settings.sampling, p2p=settings.p2p, unguided=unguided, mask=mask)  # fmt: skip
@@ -349,6 +344,8 @@ class ICDEditPipeline(PipelineBase):
         mask: str | os.PathLike[str] | None = None,
         batch_size: int | None = None,
         notify: Callable[[str], None] | None = None,
+        output_format: str = "png",
+        quality: int | None = None,
     ) -> EditedFiles:
         """Edit image files as `icd edit IMAGE... [--spec SPEC] [-o OUTPUT]` does with the same settings, through its
         runner (`icdcli.run.files.edit_files`): the same outputs, pixels and records, so that either finds the
@@ -363,6 +360,7 @@ class ICDEditPipeline(PipelineBase):
             method, guidance, tau, seed, sampler, ddim_steps, p2p, unguided, batch_size: as a call takes them.
             mask: a mask file every image is held to, as `icd edit --mask` (a spec row's own `mask` wins).
             notify: hears the lines `icd edit` prints (notes, what was written); default: the `icd` logger's INFO.
+            output_format, quality: `png`, `jpg` or `webp` and the lossy ones' quality, as `--format`, `--quality`.
 
         Returns each item's outcome (with the record `icd edit --json` prints) and the counts: a failed item fails
         alone. Ctrl-C stops after the current batch, then raises KeyboardInterrupt.
@@ -374,8 +372,17 @@ class ICDEditPipeline(PipelineBase):
         request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p or P2POptions())
         return edit_files(Loaded(self.model, self.label, 0.0, self.backend), images, source_prompt, target_prompt,
                           request=request, unguided=unguided, spec=spec, output=output, recursive=recursive,
-                          overwrite=overwrite, batch_size=batch_size, mask=mask,
-                          reporter=Reporter() if notify is None else Reporter(say=notify))  # fmt: skip
+                          overwrite=overwrite, batch_size=batch_size, mask=mask, output_format=output_format,
+                          quality=quality, reporter=Reporter() if notify is None else Reporter(say=notify))  # fmt: skip
+
+
+def _resolve(
+    model: EditModel, sampler: str, method: str, seed: int | None, ddim_steps: int, **given: Any
+) -> ResolvedEdit:
+    """The settings of an edit: `given` (guidance, tau, p2p; None: the recipe's) over the model's recipe."""
+    info = model.info
+    return resolve_edit(info.edit, info.generate_guidance, sampler=sampler, method=method, seed=seed,
+                        ddim_steps=ddim_steps, **given)  # fmt: skip
 
 
 def _placement(args: tuple[Any, ...], device: Any, dtype: Any) -> tuple[Any, Any]:

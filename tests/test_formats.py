@@ -114,3 +114,18 @@ def test_quality_with_an_output_file_of_a_lossy_format(tmp_path):
     default = _icd("edit", _photo(tmp_path), *PROMPTS, "-o", tmp_path / "default.jpg")
     assert default.exit_code == 0, default.output
     assert (tmp_path / "small.jpg").stat().st_size < (tmp_path / "default.jpg").stat().st_size
+
+
+def test_the_pipelines_edit_many_writes_the_format_the_command_line_does(tmp_path):
+    from icdcli import ICDEditPipeline
+
+    photo = _photo(tmp_path)
+    pipe = ICDEditPipeline.from_pretrained(device="cpu", backend="torch")
+    done = pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="webp", quality=60)
+    assert done.done == 1 and (tmp_path / "photo-edit.webp").read_bytes().startswith(b"RIFF")
+    again = _icd("edit", photo, *PROMPTS, "--format", "webp", "--backend", "torch", "--json")
+    assert json.loads(again.output.splitlines()[0])["status"] == "skipped"  # the same edit, found made
+    with pytest.raises(ValueError, match="png, jpg or webp"):
+        pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="gif")
+    with pytest.raises(ValueError, match="quality"):
+        pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="jpg", quality=0)

@@ -46,6 +46,8 @@ def edit_files(
     any_output: bool = False,
     reporter: Reporter = Reporter(),
     mask: str | os.PathLike[str] | None = None,
+    output_format: str = "png",
+    quality: int | None = None,
 ) -> EditedFiles:
     """Edit `images` (files, or folders of them) and the rows of `spec` from `source` to `target` (a row's own
     prompts win) with the model `loaded`, as `icd edit IMAGE... [--spec SPEC] [-o OUTPUT]` does with the same
@@ -56,6 +58,7 @@ def edit_files(
     be read, ICDError when no image is found or an output cannot be planned.
     """
     from icdcli.core.texts import check_text
+    from icdcli.core.values import check_number
     from icdcli.run.inputs import collect_items
     from icdcli.run.planning import plan_edit_outputs
     from icdcli.run.runner import EditRun
@@ -68,11 +71,17 @@ def edit_files(
         raise ValueError("give a source and a target prompt, or a spec whose rows give src and tgt")
     check_text("prompt", source, "the source prompt")
     check_text("prompt", target, "the target prompt")
-    flags = EditFlags(source, target, request, unguided, mask=None if mask is None else Path(mask))
+    if output_format not in ("png", "jpg", "webp"):
+        raise ValueError(f"output_format is png, jpg or webp, not {output_format!r}")
+    if quality is not None:
+        check_number("quality", quality)
+    flags = EditFlags(source, target, request, unguided, mask=None if mask is None else Path(mask),
+                      suffix=f".{output_format}", quality=quality)  # fmt: skip
     spec_path = None if spec is None else Path(spec)
     items, batch = collect_items(paths, spec=spec_path, recursive=recursive, flags=flags, notify=reporter.say)
     target_path = None if output is None else os.fspath(output)
-    items = plan_edit_outputs(items, target_path, spec=spec_path, batch=batch, anywhere=any_output)
+    items = plan_edit_outputs(items, target_path, spec=spec_path, batch=batch, anywhere=any_output,
+                              suffix=flags.suffix)  # fmt: skip
     run = EditRun(flags, None, batch=True, overwrite=overwrite, reporter=reporter, started=started,
                   batch_size=batch_size)  # fmt: skip
     run.report.outcomes = []
