@@ -205,9 +205,10 @@ def _recorded_mask(path: Path, record: dict[str, Any]) -> Path | None:
 
 
 def is_icd_output(path: Path) -> bool:
-    from icdcli.io.images import read_record
+    """Whether `path` is an output of icd edit (a file of a format that carries a record, holding an edit's)."""
+    from icdcli.io.images import OUTPUT_SUFFIXES, read_record
 
-    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # the formats whose outputs carry a record
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
         return False
     record = read_record(path)
     return record is not None and "method" in record and "src" in record
