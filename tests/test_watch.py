@@ -121,3 +121,24 @@ def test_watch_watches_folders(tmp_path):
     for args, says in (([str(photo)], "is not one"), ([], "needs the folders")):
         result = CliRunner().invoke(main, ["edit", *args, "--watch", *PROMPTS])
         assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_a_full_disk_ends_the_watch_with_exit_1(tmp_path, monkeypatch):
+    import errno
+
+    import icdcli.io.images
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(EXAMPLES / "red-circle.png", source / "a.png")
+    os.utime(source / "a.png", (time.time() - 60, time.time() - 60))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "a-edit.png"))
+
+    monkeypatch.setattr(icdcli.io.images, "save_image", full)
+    result = CliRunner().invoke(main, ["edit", str(source), "--watch", *PROMPTS, "-o", str(out), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "no space left" in result.stderr.lower() and "stopped watching" in result.stderr
+    summary = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
+    assert summary["status"] == "summary" and summary["failed"] == 1

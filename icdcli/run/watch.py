@@ -2,7 +2,8 @@
 are looked at every `WATCH_INTERVAL` seconds; each image file that is new or changed, and has not been written to
 for `SETTLE_SECONDS` (so a file being copied in is not read half made), is edited as the first ones were. Outputs
 icd made (its own, landing in a watched folder) are left out, as in any folder run; a rerun skips what is made.
-Ctrl-C or SIGTERM ends it after the current batch, with the summary and exit code of a stopped run (130, 143).
+Ctrl-C or SIGTERM ends it after the current batch, with the summary and exit code of a stopped run (130, 143); a
+failure that stops any run (a full disk) ends it with exit code 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from icdcli.run.batch import display, list_folder
 from icdcli.run.inputs import EditFlags
-from icdcli.run.report import RunEnd
+from icdcli.run.report import RunEnd, RunFailed
 from icdcli.run.signals import Interrupts
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ def run_watch(run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found
     run.report.stream = True
     say = run.report.reporter.say
     total = 0
+    stopped = False  # a failure that stops any run (a full disk): the watch ends too
     with Interrupts(say) as interrupts:
         run.steps.interrupts = interrupts
         try:
@@ -79,19 +81,25 @@ def run_watch(run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found
             interrupts.droppable = False
             folders = ", ".join(display(folder) for folder in watch.folders)
             say(f"watching {folders} for new images every {interval:g} s (Ctrl-C stops)")
-            while not interrupts.requested:
+            while not interrupts.requested and not stopped:
                 ready = watch.ready()
                 items = make_items(ready) if ready else []
                 if items:
                     total += len(items)
                     run.steps.mark = time.perf_counter()  # an item's `total` seconds leave out the wait before it
-                    run.pipeline(interrupts).run(items)
-                _wait(interval, interrupts)
+                    pipeline = run.pipeline(interrupts)
+                    pipeline.run(items)
+                    stopped = pipeline.halted and not interrupts.requested  # a failure stopped it (`report`)
+                if not stopped:
+                    _wait(interval, interrupts)
         except KeyboardInterrupt as stop:
             sys.exit(exit_code(stop))
     seconds = time.perf_counter() - run.started
     load_seconds = run.loaded.seconds if run.loaded is not None else 0.0
-    run.report.summary(total, seconds, load_seconds, RunEnd(interrupted=True, stopped=False, code=interrupts.code))
+    end = RunEnd(interrupted=not stopped, stopped=stopped, code=interrupts.code)
+    run.report.summary(total, seconds, load_seconds, end)
+    if stopped:
+        raise RunFailed("stopped watching: fix the error above and watch again; finished outputs will be skipped")
     sys.exit(interrupts.code)
 
 
