@@ -130,8 +130,11 @@ def inverted_rows(
             hit = cache.get(key, trajectory=trajectory)
             if hit is not None:
                 found[key] = hit
-    first = {key: row for row, key in reversed(list(enumerate(keys))) if key not in found}
-    new = sorted(first.values())
+    first: dict[InversionKey, int] = {}  # each key not found, at the first row that has it
+    for row, key in enumerate(keys):
+        if key not in found:
+            first.setdefault(key, row)
+    new = list(first.values())
     if new:
         steps: dict[int, torch.Tensor] | None = {} if trajectory else None
         x0 = model.encode_image(torch.cat([pixels[row] for row in new]))
