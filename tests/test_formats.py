@@ -98,6 +98,7 @@ def test_format_reaches_stdout_saved_inversions_and_jobs(tmp_path):
         (["--format", "png", "-o", "x.jpg"], "-o x.jpg and --format png disagree"),
         (["--quality", "80"], "--quality sets JPEG and WebP quality"),
         (["--format", "png", "--quality", "80"], "PNG outputs are lossless"),
+        (["--tgt", "a green circle", "--quality", "80"], "PNG outputs are lossless"),  # several targets: PNGs
         (["--format", "gif"], "Invalid value for '--format'"),
         (["--format", "jpg", "--quality", "0"], "--quality"),
     ],

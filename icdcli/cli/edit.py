@@ -334,7 +334,7 @@ def edit(
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
     target = targets[0] if len(targets) == 1 else None  # several: one item per target (collect_items)
-    suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs or len(targets) > 1))
+    suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs))
     given = given_flags() | ({"target"} if targets else set())  # what a recorded edit's values give way to
     settings = EditFlags(source, target, request, unguided_prompt, given, mask, keep_exif, suffix, quality)
     if len(targets) > 1:
