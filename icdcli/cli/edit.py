@@ -323,7 +323,7 @@ def edit(
     0.8, cross 0.3, self 0.6, amplify 4 on new words, seed 30. Flags given always win.
 
     IMAGE may be a file or a folder (image files inside; -r descends), or - for one image on stdin
-    (with -o FILE, or -o - for a pipe: cat a.jpg | icd edit - ... -o - > b.png). Each output PNG records its
+    (with -o FILE, or -o - for a pipe: cat a.jpg | icd edit - ... -o - > b.png). Each output records its
     parameters; a rerun skips outputs already made with the same ones. Ctrl-C stops after the
     current image (twice: at once), exit code 130.
     """
