@@ -36,7 +36,7 @@ from icdcli.run.batch import IMAGE_SUFFIXES, Shard
 from icdcli.run.inputs import EditFlags, apply_record, collect_items, p2p_options
 from icdcli.run.latents import edit_latents
 from icdcli.run.piped import PIPE, check_piped, copy_to_stdout, piped_ends
-from icdcli.run.planning import plan_edit_outputs
+from icdcli.run.planning import OUTPUT_FORMATS, plan_edit_outputs
 from icdcli.run.runner import EditRun
 from icdcli.run.watch import watch_folders
 
@@ -146,7 +146,7 @@ from icdcli.run.watch import watch_folders
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["png", "jpg", "webp"]),
+    type=click.Choice(OUTPUT_FORMATS),
     default=None,
     help="Format of the outputs icd names (IMAGE-edit.jpg, ...): png (lossless, the default), jpg or webp. All "
     "three carry the edit's record (a rerun skips what is made). Default: png, or -o FILE's own suffix.",
@@ -337,13 +337,12 @@ def edit(
     suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs))
     given = given_flags() | ({"target"} if targets else set())  # what a recorded edit's values give way to
     settings = EditFlags(source, target, request, unguided_prompt, given, mask, keep_exif, suffix, quality)
+    piped = [str(image) for image in images]
     if len(targets) > 1:
-        _check_several_targets(targets, output, latents=latents, spec=spec, from_record=from_record, jobs=jobs,
-                               piped=[str(image) for image in images])  # fmt: skip
+        _check_several_targets(targets, output, spec=spec, from_record=from_record, jobs=jobs, piped=piped)
     if dry_run:
-        dry = (("--jobs", jobs is not None), ("--watch", watch), ("--latents", latents is not None),
-               ("IMAGE -", PIPE in [str(image) for image in images]), ("-o -", output == PIPE))  # fmt: skip
-        refused = [flag for flag, present in dry if present]
+        refused = _given(("--jobs", jobs is not None), ("--watch", watch), ("--latents", latents is not None),
+                         ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
         if refused:
             raise click.UsageError(f"--dry-run plans files and folders: not with {refused[0]}")
     if watch:
@@ -361,11 +360,9 @@ def edit(
         edit_latents(latents, settings, output=output, overwrite=overwrite, load=model_loader(model_opts),
                      reporter=reporter(as_json), started=started, targets=targets)  # fmt: skip
         return
-    piped = [str(image) for image in images]
     if PIPE in piped or output == PIPE:
-        many = (("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
-                ("--shard", shard is not None), ("-r", recursive))  # fmt: skip
-        others = [flag for flag, given in many if given]
+        others = _given(("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
+                        ("--shard", shard is not None), ("-r", recursive))  # fmt: skip
         check_piped(piped, output, as_json=as_json, others=others)
         _check_edit_prompts(settings, None)
         _edit_piped(piped[0], output, settings, model_opts, as_json=as_json, overwrite=overwrite,
@@ -387,14 +384,11 @@ def edit(
         raise click.UsageError("nothing to edit: give IMAGE files or folders, --spec FILE or --from OUTPUT.png")
     _check_edit_prompts(settings, spec, several=len(targets) > 1)
     items, batch = _collected_items(images, spec, recursive, settings, targets)
-    made_folder = output is not None and not os.path.lexists(output)  # planning makes a missing -o folder
     items = plan_edit_outputs(items, output, spec=spec, batch=batch or shard is not None, anywhere=any_output,
-                              suffix=settings.suffix)  # fmt: skip
+                              suffix=settings.suffix, create=not dry_run)  # fmt: skip
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
     if dry_run:
-        if made_folder and output is not None and os.path.isdir(output) and not os.listdir(output):
-            os.rmdir(output)  # a dry run leaves no trace
         _report_dry_run(items, as_json=as_json)
         return
     runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,
@@ -505,9 +499,9 @@ def _check_watch(
     jobs: str | None, shard: Shard | None, output: str | None,
 ) -> None:  # fmt: skip
     """--watch watches folders given as IMAGE, and takes nothing that edits another way."""
-    others = (("--latents", latents is not None), ("--spec", spec is not None), ("--from", from_record is not None),
-              ("--jobs", jobs is not None), ("--shard", shard is not None), ("-o -", output == PIPE))  # fmt: skip
-    given = [flag for flag, present in others if present]
+    given = _given(("--latents", latents is not None), ("--spec", spec is not None),
+                   ("--from", from_record is not None), ("--jobs", jobs is not None), ("--shard", shard is not None),
+                   ("-o -", output == PIPE))  # fmt: skip
     if given:
         raise click.UsageError(f"--watch edits what appears in IMAGE folders: not with {given[0]}")
     if not images:
@@ -517,17 +511,21 @@ def _check_watch(
         raise click.UsageError(f"--watch watches folders: {files[0]} is not one (give folders as IMAGE)")
 
 
+def _given(*flags: tuple[str, bool]) -> list[str]:
+    """The names of the flags given, of (name, whether given) pairs."""
+    return [name for name, present in flags if present]
+
+
 def _check_several_targets(
-    targets: tuple[str, ...], output: str | None, *, latents: Path | None, spec: Path | None,
-    from_record: Path | None, jobs: str | None, piped: list[str],
+    targets: tuple[str, ...], output: str | None, *, spec: Path | None, from_record: Path | None, jobs: str | None,
+    piped: list[str],
 ) -> None:  # fmt: skip
     """Several --tgt edit each IMAGE (or the --latents) once per target into files of their own: not with what
     gives one edit."""
     for target in targets:
         check_prompt(target, "--tgt")
-    others = (("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
-              ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
-    given = [flag for flag, present in others if present]
+    given = _given(("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
+                   ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
     if given:
         raise click.UsageError(
             f"several --tgt edit each IMAGE file once per target: not with {given[0]} (give one --tgt, or one "

@@ -60,7 +60,7 @@ def edit_files(
     from icdcli.core.texts import check_text
     from icdcli.core.values import check_number
     from icdcli.run.inputs import collect_items
-    from icdcli.run.planning import plan_edit_outputs
+    from icdcli.run.planning import OUTPUT_FORMATS, plan_edit_outputs
     from icdcli.run.runner import EditRun
 
     started = time.perf_counter()
@@ -71,8 +71,10 @@ def edit_files(
         raise ValueError("give a source and a target prompt, or a spec whose rows give src and tgt")
     check_text("prompt", source, "the source prompt")
     check_text("prompt", target, "the target prompt")
-    if output_format not in ("png", "jpg", "webp"):
-        raise ValueError(f"output_format is png, jpg or webp, not {output_format!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(
+            f"output_format is {', '.join(OUTPUT_FORMATS[:-1])} or {OUTPUT_FORMATS[-1]}, not {output_format!r}"
+        )
     if quality is not None:
         check_number("quality", quality)
     flags = EditFlags(source, target, request, unguided, mask=None if mask is None else Path(mask),

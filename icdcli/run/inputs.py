@@ -228,18 +228,25 @@ def collect_items(
     With several `targets` (several --tgt), each image is edited once per target. Raises SpecError (a spec that
     cannot be read) and ICDError (nothing found); `notify` hears of repeats made once.
     """
-    from icdcli.run.batch import expand_inputs, per_target, read_spec, with_mask, with_prompts
+    from icdcli.run.batch import expand_inputs, read_spec
 
     items, any_folder = expand_inputs(images, recursive=recursive, skip=is_icd_output)
     if spec is not None:
         items += read_spec(spec)
-    if len(targets) > 1:
-        items = per_target(items, targets)
-    items = _drop_repeats([with_mask(with_prompts(item, flags.source, flags.target), flags.mask) for item in items],
-                          notify)  # fmt: skip
+    items = _drop_repeats(edits_of(items, flags, targets), notify)
     if not items:
         raise ICDError("no images found: folders are searched for image files (-r descends)")
     return items, any_folder or spec is not None or len(items) > 1 or len(targets) > 1
+
+
+def edits_of(items: list, flags: EditFlags, targets: Sequence[str] = ()) -> list:
+    """The items with the command line's prompts and mask where they give none; with several `targets`, each item
+    once per target."""
+    from icdcli.run.batch import per_target, with_mask, with_prompts
+
+    if len(targets) > 1:
+        items = per_target(items, targets)
+    return [with_mask(with_prompts(item, flags.source, flags.target), flags.mask) for item in items]
 
 
 def _drop_repeats(items: list, notify: Callable[[str], None]) -> list:

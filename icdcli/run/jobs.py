@@ -24,7 +24,8 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
     The model loads once, before the first line is read. A line that cannot be used gives a failed line.
     """
     from icdcli.core.stopping import exit_code
-    from icdcli.run.batch import spec_row, with_mask, with_prompts
+    from icdcli.run.batch import spec_row
+    from icdcli.run.inputs import edits_of
     from icdcli.run.planning import plan_items
 
     folder = None
@@ -53,8 +54,7 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
                         raw = None
                         item = _job_error(number, f"not a JSON object ({error})")
                 if raw is not None:
-                    item = with_prompts(spec_row(raw, number, Path("-")), run.flags.source, run.flags.target)
-                    item = with_mask(item, run.flags.mask)
+                    (item,) = edits_of([spec_row(raw, number, Path("-"))], run.flags)
                     item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output,
                                       suffix=run.flags.suffix)[0]  # fmt: skip
                 run.pipeline(interrupts).run([item])

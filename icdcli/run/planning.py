@@ -22,6 +22,9 @@ from typing import Any
 from icdcli.core.errors import ICDError, ICDUsageError
 from icdcli.run.batch import Item, display
 
+OUTPUT_FORMATS = ("png", "jpg", "webp")
+"""The formats of the outputs icd names (`--format`): each carries the edit's record (`icdcli.io.images`)."""
+
 
 def check_writable_folder(folder: Path) -> None:
     """The folder an output goes to exists, is a folder and can be written (ICDError saying which not)."""
@@ -38,11 +41,14 @@ def _same_file(path: Path, inputs: list[Path]) -> bool:
     return any(where == os.path.realpath(other) for other in inputs)
 
 
-def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = "-o") -> tuple[Path, bool]:
+def output_target(
+    output: str, inputs: list[Path], *, single: bool, flag: str = "-o", create: bool = True
+) -> tuple[Path, bool]:
     """Where `-o OUTPUT` points for `inputs`: (the path, True) for a file, (a folder that exists, False).
 
     A file only for a `single` input, when OUTPUT is not a folder and does not end in a separator; a missing
-    folder is created when its parent exists. One-line errors for an output that is an input or cannot be made.
+    folder is created when its parent exists (not with `create` False: a dry run's plan, which only checks that it
+    could be). One-line errors for an output that is an input or cannot be made.
     """
     target = Path(output)
     if single and not target.is_dir() and not output.endswith(("/", os.sep)):
@@ -55,6 +61,8 @@ def output_target(output: str, inputs: list[Path], *, single: bool, flag: str = 
     if not target.exists():
         if not target.parent.is_dir():
             raise ICDError(f"output folder {display(target)} does not exist and neither does its parent")
+        if not create:
+            return target, False
         try:
             target.mkdir(exist_ok=True)  # shards may race to create it
         except OSError as error:
@@ -73,6 +81,7 @@ def plan_edit_outputs(
     batch: bool,
     anywhere: bool = False,
     suffix: str = ".png",
+    create: bool = True,
 ) -> list[Item]:
     """Every item of `icd edit` with its output decided (`output_target` for -o, then `plan_items`).
 
@@ -83,12 +92,13 @@ def plan_edit_outputs(
         batch: Whether several images may come (then -o names a folder).
         anywhere: Allow outputs outside the input's or spec's folder.
         suffix: The default outputs' suffix (`--format`): `.png`, `.jpg` or `.webp`.
+        create: Make a missing -o folder (False: a dry run's plan).
     """
     spec_folder = spec.parent if spec is not None else None
     if output is None:
         return plan_items(items, None, spec_out=spec_folder, anywhere=anywhere, suffix=suffix)
     inputs = [path for item in items[:1] for path in (item.image, item.mask) if path is not None]
-    target, is_file = output_target(output, inputs, single=not batch)
+    target, is_file = output_target(output, inputs, single=not batch, create=create)
     if is_file:  # -o: the user's own path
         return plan_items([replace(items[0], output=target)], None, spec_out=spec_folder, anywhere=True)
     return plan_items(items, target, spec_out=spec_folder, anywhere=anywhere, suffix=suffix)

@@ -114,16 +114,14 @@ def watched_items(
     found: list[Found], flags: EditFlags, *, targets: tuple[str, ...], output: str | None, any_output: bool
 ) -> list:
     """The planned items of the files `FolderWatch` found, as a folder run plans them (icd's own outputs left out)."""
-    from icdcli.run.batch import path_item, per_target, with_mask, with_prompts
-    from icdcli.run.inputs import is_icd_output
+    from icdcli.run.batch import path_item
+    from icdcli.run.inputs import edits_of, is_icd_output
     from icdcli.run.planning import plan_edit_outputs
 
     items = [path_item(path, path.relative_to(folder)) for folder, path in found if not is_icd_output(path)]
     if not items:
         return []
-    if len(targets) > 1:
-        items = per_target(items, targets)
-    items = [with_mask(with_prompts(item, flags.source, flags.target), flags.mask) for item in items]
+    items = edits_of(items, flags, targets)
     return plan_edit_outputs(items, output, spec=None, batch=True, anywhere=any_output, suffix=flags.suffix)
 
 
