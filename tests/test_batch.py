@@ -348,6 +348,7 @@ def test_full_disk_fails_cleanly_and_stops(merged_dir, tmp_path, monkeypatch):
     result = _run("edit", photos, "-o", out, *PROMPTS, "--model", merged_dir, "--json")
     assert result.exit_code == 1 and "no space left" in result.stderr and "Traceback" not in result.output
     assert [line["status"] for line in _lines(result)] == ["failed", "summary"]  # the run stops at a full disk
+    assert "stopped: fix the error above" in result.stderr, result.stderr
     assert _files(out) == []
 
 

@@ -124,6 +124,26 @@ def test_the_first_full_group_is_read_while_the_first_item_runs_alone():
     assert outcomes == [item * 10 for item in range(10)]
 
 
+def test_a_failure_reported_only_after_the_last_write_still_stops_the_run():
+    """The last group's writes are reported in the final drain: a report there that says stop makes `run` say so."""
+    import time
+
+    from icdcli.run.flow import BatchPipeline, ItemError, Prepared
+
+    def write(prepared, result):
+        time.sleep(0.3)  # still writing when the loop ends: reported in the drain
+        raise OSError(28, "No space left on device")
+
+    outcomes = []
+    pipeline = BatchPipeline(
+        prepare=lambda item: Prepared(item, item), group_key=lambda prepared: 0, batch_limit=lambda prepared: 4,
+        run_group=lambda group: [prepared.item for prepared in group], write=write,
+        report=lambda item, outcome: outcomes.append(outcome) or not isinstance(outcome, ItemError),
+    )  # fmt: skip
+    assert not pipeline.run([0])
+    assert pipeline.halted and len(outcomes) == 1 and isinstance(outcomes[0], ItemError)
+
+
 @pytest.mark.slow
 def test_a_folder_in_batches_matches_one_at_a_time(tmp_path):
     rows = _scenes(tmp_path / "in", 6)

@@ -114,13 +114,13 @@ class BatchPipeline:
                 key = next(iter(self.groups))
                 self._flush(key, writer)
                 self.stopped = self.stopped or self.should_stop()
-            return not self.stopped
         finally:
             self.draining = True
             self._abandon(reads)
             reader.shutdown(wait=True)
             writer.shutdown(wait=True)
             self._report_ready(wait=True)
+        return not self.stopped  # after the last writes' reports: one of them may have stopped the run
 
     def _fill(self, reads: deque, source: Any, reader: ThreadPoolExecutor) -> None:
         """Keep about two batches of items being read ahead (of the batch limit, once an item has told it: the items
