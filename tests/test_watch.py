@@ -69,6 +69,23 @@ def test_watched_items_leave_out_icds_outputs_and_mirror_subfolders(tmp_path):
     assert [(item.image.name, item.output) for item in items] == [("a.png", tmp_path / "out" / "sub" / "a-edit.png")]
 
 
+def test_a_file_arriving_later_whose_default_output_clashes_is_named_as_a_rerun_would(tmp_path):
+    """x.jpg is edited first; x.png arrives a look later: it goes to x-png-edit.png, as a folder run of both
+    would name it, rather than being refused for x-edit.png."""
+    clock = Clock()
+    watch = FolderWatch([tmp_path], recursive=False, settle=1.0, clock=clock)
+    flags = EditFlags(PROMPTS[1], PROMPTS[3])
+    _touch(tmp_path / "x.jpg", clock.now - 60)
+    first = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    assert [(item.image.name, item.output.name) for item in first] == [("x.jpg", "x-edit.png")]
+    _touch(tmp_path / "x.png", clock.now - 60)
+    later = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    assert [(item.image.name, item.output.name, item.error) for item in later] == [("x.png", "x-png-edit.png", None)]
+    _touch(tmp_path / "y.png", clock.now - 60)
+    alone = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    assert [(item.image.name, item.output.name) for item in alone] == [("y.png", "y-edit.png")]
+
+
 def test_watch_edits_what_is_there_then_what_arrives_until_ctrl_c(tmp_path, monkeypatch):
     monkeypatch.setattr(watch_module, "WATCH_INTERVAL", 0.2)
     source, out = tmp_path / "in", tmp_path / "out"

@@ -45,6 +45,7 @@ class FolderWatch:
     ) -> None:
         self.folders, self.recursive, self.settle, self.clock = folders, recursive, settle, clock
         self.handled: dict[Path, tuple[int, int]] = {}  # each file handed out, by (size, modification time)
+        self.found_in: dict[Path, Path] = {}  # each file handed out: the watched folder it was found in
 
     def ready(self) -> list[Found]:
         """The files to edit now: each handed out once per (size, modification time) it has had."""
@@ -60,13 +61,20 @@ class FolderWatch:
                 if self.handled.get(path) == stamp or now - stat.st_mtime < self.settle:
                     continue
                 self.handled[path] = stamp
+                self.found_in[path] = folder
                 found.append((folder, path))
         return found
 
+    def known(self) -> list[Found]:
+        """Every file handed out so far that is still there."""
+        return [(folder, path) for path, folder in self.found_in.items() if os.path.lexists(path)]
 
-def run_watch(run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found]], list], *, interval: float) -> None:
-    """Edit what `watch` finds (its items made by `make_items`) until Ctrl-C or SIGTERM; then the summary, and
-    the exit code of a stopped run."""
+
+def run_watch(
+    run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found], list[Found]], list], *, interval: float
+) -> None:
+    """Edit what `watch` finds (its items made by `make_items` from the files found now and all those found so
+    far) until Ctrl-C or SIGTERM; then the summary, and the exit code of a stopped run."""
     from icdcli.core.stopping import exit_code
 
     run.report.stream = True
@@ -83,7 +91,7 @@ def run_watch(run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found
             say(f"watching {folders} for new images every {interval:g} s (Ctrl-C stops)")
             while not interrupts.requested and not stopped:
                 ready = watch.ready()
-                items = make_items(ready) if ready else []
+                items = make_items(ready, watch.known()) if ready else []
                 if items:
                     total += len(items)
                     run.steps.mark = time.perf_counter()  # an item's `total` seconds leave out the wait before it
@@ -111,18 +119,29 @@ def _wait(seconds: float, interrupts: Interrupts) -> None:
 
 
 def watched_items(
-    found: list[Found], flags: EditFlags, *, targets: tuple[str, ...], output: str | None, any_output: bool
+    found: list[Found],
+    flags: EditFlags,
+    *,
+    targets: tuple[str, ...],
+    output: str | None,
+    any_output: bool,
+    known: list[Found] | None = None,
 ) -> list:
-    """The planned items of the files `FolderWatch` found, as a folder run plans them (icd's own outputs left out)."""
+    """The planned items of the files `FolderWatch` found, as a folder run holding every file `known` so far would
+    plan them (so `x.png` arriving after `x.jpg` was edited goes to `x-png-edit.png`, as a rerun would name it;
+    icd's own outputs left out)."""
     from icdcli.run.batch import path_item
     from icdcli.run.inputs import edits_of, is_icd_output
     from icdcli.run.planning import plan_edit_outputs
 
-    items = [path_item(path, path.relative_to(folder)) for folder, path in found if not is_icd_output(path)]
-    if not items:
+    new = {path for _, path in found}
+    earlier = [(folder, path) for folder, path in known or () if path not in new]
+    items = [path_item(path, path.relative_to(folder)) for folder, path in earlier + found if not is_icd_output(path)]
+    if not any(item.image in new for item in items):
         return []
     items = edits_of(items, flags, targets)
-    return plan_edit_outputs(items, output, spec=None, batch=True, anywhere=any_output, suffix=flags.suffix)
+    planned = plan_edit_outputs(items, output, spec=None, batch=True, anywhere=any_output, suffix=flags.suffix)
+    return [item for item in planned if item.image in new]
 
 
 def watch_folders(
@@ -140,7 +159,7 @@ def watch_folders(
     watch = FolderWatch(folders, recursive=recursive)
     interval = WATCH_INTERVAL if interval is None else interval
 
-    def make_items(found: list[Found]) -> list:
-        return watched_items(found, run.flags, targets=targets, output=output, any_output=any_output)
+    def make_items(found: list[Found], known: list[Found]) -> list:
+        return watched_items(found, run.flags, targets=targets, output=output, any_output=any_output, known=known)
 
     run_watch(run, watch, make_items, interval=interval)
