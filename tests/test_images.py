@@ -297,6 +297,44 @@ def test_heic_without_pillow_heif_is_one_line_saying_what_to_install(tmp_path, m
         load_image(photo)
 
 
+def _nclx(primaries, transfer):
+    return {"color_primaries": primaries, "transfer_characteristics": transfer, "matrix_coefficients": 6,
+            "full_range_flag": 1}  # fmt: skip
+
+
+def test_a_heic_whose_nclx_box_states_display_p3_is_read_in_srgb(tmp_path):
+    """Phones' HEIF photos often state their colour space by code points (an nclx box), with no ICC profile."""
+    photo = _heic(tmp_path / "p3.heic", _swatches(P3_COLOURS + [(128, 128, 128)]), nclx_profile=_nclx(12, 4))
+    raw = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float64)  # Pillow leaves the pixels as stored
+    loaded = np.asarray(load_image(photo), dtype=np.float64)
+    for index, colour in enumerate(P3_COLOURS):
+        stored, got = raw[8, 16 * index + 8], loaded[8, 16 * index + 8]
+        assert np.abs(got - _p3_to_srgb(stored, gamma=2.2)).max() <= 1.0, (colour, stored, got)
+        assert np.abs(got - stored).max() >= 8  # read raw, the colour would have been wrong by this much
+    grey = loaded[8, 16 * len(P3_COLOURS) + 8]
+    assert np.ptp(grey) <= 1
+
+
+@pytest.mark.parametrize("primaries, transfer, warns", [(1, 13, None), (2, 2, None), (9, 16, "an HDR (PQ) photo")])
+def test_heic_nclx_boxes_in_srgb_or_hdr_leave_the_pixels_as_they_are(tmp_path, caplog, primaries, transfer, warns):
+    photo = _heic(tmp_path / "photo.heic", _swatches(P3_COLOURS), nclx_profile=_nclx(primaries, transfer))
+    with caplog.at_level("WARNING", logger="icd"):
+        loaded = load_image(photo)
+    assert np.array_equal(np.asarray(loaded), np.asarray(Image.open(photo).convert("RGB")))
+    assert (warns in caplog.text) if warns else "colour" not in caplog.text
+
+
+def test_the_nclx_matrix_is_the_published_display_p3_to_srgb_one():
+    from icdcli.io.nclx import SRGB_PRIMARIES, to_srgb_matrix
+
+    published = np.array([[1.2249, -0.2247, 0.0], [-0.0420, 1.0419, 0.0], [-0.0197, -0.0786, 1.0979]])
+    display_p3 = (0.680, 0.320, 0.265, 0.690, 0.150, 0.060, 0.3127, 0.3290)
+    assert np.abs(to_srgb_matrix(display_p3) - published).max() < 2e-3
+    assert np.allclose(to_srgb_matrix(SRGB_PRIMARIES), np.eye(3), atol=1e-9)
+    dci_white = (*display_p3[:6], 0.314, 0.351)  # DCI-P3's white: adapted to D65, so white stays white
+    assert np.allclose(to_srgb_matrix(dci_white) @ np.ones(3), np.ones(3), rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_icd_edit_takes_a_heic_photo_and_a_folder_of_them(tmp_path):
     from click.testing import CliRunner

@@ -105,10 +105,13 @@ def _srgb_profile() -> Any:
 def to_srgb(image: Image.Image, label: str = "the image") -> Image.Image:
     """`image` with its embedded ICC colour profile (Display P3, Adobe RGB, a CMYK press profile...) converted to
     sRGB, the space the models were trained in: read as raw numbers, a wide-gamut photo comes back desaturated.
+    A HEIF photo's `nclx` colour box (primaries and transfer by code point, no profile) is converted the same way.
     An image without a profile or with an sRGB one is returned as it is; an unreadable profile is noted and ignored.
     """
     icc = image.info.get("icc_profile")
     modes = {"RGB": ("RGB ", "RGB"), "RGBA": ("RGB ", "RGBA"), "CMYK": ("CMYK", "RGB"), "L": ("GRAY", "RGB")}
+    if not icc and isinstance(image.info.get("nclx_profile"), dict):
+        return _nclx_to_srgb(image, label)
     if not icc or image.mode not in modes:
         return image
     from PIL import ImageCms
@@ -129,6 +132,24 @@ def to_srgb(image: Image.Image, label: str = "the image") -> Image.Image:
     assert converted is not None
     converted.info = {key: value for key, value in image.info.items() if key != "icc_profile"}
     return converted
+
+
+def _nclx_to_srgb(image: Image.Image, label: str) -> Image.Image:
+    """`to_srgb` for a photo whose colour space is stated by an `nclx` box (`icdcli.io.nclx`), not a profile."""
+    from icdcli.io.nclx import nclx_problem, nclx_to_srgb, needs_conversion
+
+    nclx = image.info["nclx_profile"]
+    if image.mode not in ("RGB", "RGBA") or not needs_conversion(nclx):
+        return image
+    problem = nclx_problem(nclx)
+    if problem is not None:
+        logging.getLogger("icd").warning("%s: %s; its pixels are taken as sRGB", label, problem)
+        return image
+    pixels = np.asarray(image)
+    converted = np.concatenate([nclx_to_srgb(pixels[..., :3], nclx), pixels[..., 3:]], axis=-1)
+    result = Image.fromarray(np.ascontiguousarray(converted), image.mode)
+    result.info = {key: value for key, value in image.info.items() if key != "nclx_profile"}
+    return result
 
 
 def photo_rgb(image: Image.Image, label: str = "the image") -> Image.Image:
