@@ -51,6 +51,13 @@ def test_train_smoke_packages_a_model_that_edits(tmp_path):
     assert (
         json.loads((run / "variants" / "cd2" / "icd.json").read_text())["reverse_lora"] == "reverse-499-999.safetensors"
     )
+    more = CliRunner().invoke(main, ["train", str(run), "--smoke", "--steps", "23"])  # a raised target: trains on
+    assert more.exit_code == 0, more.output
+    assert "consistency: finished at 20 steps; training on to 23 from" in more.output
+    metrics = json.loads((run / "consistency" / "train_config.json").read_text())["metrics"]
+    assert (metrics["resumed_from"], metrics["steps"]) == (20, 23)
+    again = CliRunner().invoke(main, ["train", str(run), "--smoke", "--steps", "23"])
+    assert again.exit_code == 0 and "consistency: finished earlier, kept" in again.output, again.output
     photo = tmp_path / "scene.png"
     Image.fromarray(Scene("circle", "red", "blue", 0.5, 0.5, 0.5).render(32)).save(photo)
     for folder in (run / "model", run / "variants" / "cd2"):
@@ -61,6 +68,35 @@ def test_train_smoke_packages_a_model_that_edits(tmp_path):
         )  # fmt: skip
         assert edited.exit_code == 0, edited.output
         assert Image.open(tmp_path / f"{folder.name}.png").size == (32, 32)
+
+
+def _finished_stage(folder, steps, checkpoint=None):
+    folder.mkdir(parents=True)
+    (folder / "train_config.json").write_text(json.dumps({"steps": steps, "metrics": {"steps": steps}}))
+    if checkpoint is not None:
+        (folder / "checkpoints" / f"step-{checkpoint}").mkdir(parents=True)
+        (folder / "checkpoints" / f"step-{checkpoint}" / "step.json").write_text(json.dumps({"step": checkpoint}))
+    return folder
+
+
+def test_a_finished_consistency_stage_trains_on_only_to_a_raised_step_target_from_its_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from icdcli.training.consistency import ConsistencyConfig
+    from icdcli.training.pipeline import consistency_continues
+
+    said = []
+    target = replace(ConsistencyConfig(), steps=800, time_budget_s=None)
+    stage = _finished_stage(tmp_path / "consistency", 600, checkpoint=600)
+    assert consistency_continues(stage, target, said.append)
+    assert said == [f"finished at 600 steps; training on to 800 from {stage / 'checkpoints' / 'step-600'}"]
+    assert not consistency_continues(stage, replace(target, steps=600), said.append)  # reached: kept
+    capped = replace(target, time_budget_s=1500.0)  # v1: a time cap finished it; the same command again keeps it
+    assert not consistency_continues(stage, capped, said.append)
+    assert consistency_continues(stage, capped, said.append, target=True)  # --steps given with --minutes
+    kept = _finished_stage(tmp_path / "kept", 600)  # restored from --keep-stages: no checkpoints
+    assert not consistency_continues(kept, target, said.append)
+    assert "its checkpoints are gone, so it cannot train on to 800; --force trains it again" in said[-1]
 
 
 @pytest.mark.parametrize(
@@ -170,6 +206,13 @@ def test_train_v2_smoke_runs_in_the_cache_and_packages_a_16x16_latent_model(tmp_
     model = load_model_folder(folder)
     assert model.info.native_size == 32 and model.vae_scale_factor == 2  # 16x16 latents
     assert model.text_encoders[0].config.num_hidden_layers == 0  # each token's state: its own word and position
+    more = CliRunner().invoke(main, ["train", str(run), "--smoke", "--steps", "23"])  # a raised target: trains on
+    assert more.exit_code == 0, more.output
+    assert "consistency: finished at 20 steps; training on to 23 from" in more.output
+    metrics = json.loads((run / "consistency" / "train_config.json").read_text())["metrics"]
+    assert (metrics["resumed_from"], metrics["steps"]) == (20, 23)
+    again = CliRunner().invoke(main, ["train", str(run), "--smoke", "--steps", "23"])
+    assert again.exit_code == 0 and "consistency: finished earlier, kept" in again.output, again.output
     photo = tmp_path / "scene.png"
     Image.fromarray(Scene("circle", "red", "blue", 0.5, 0.5, 0.5).render(32)).save(photo)
     edited = CliRunner().invoke(

@@ -7,17 +7,22 @@ Entry point:
 It writes `vae/`, `teacher/`, `guidance/` and `consistency/` under `out_dir`. A stage whose folder
 already holds its `train_config.json` is finished and is skipped, unless `force`, and so are the
 stages before it (a run folder holding only `guidance/` can train consistency stages); an interrupted
-stage resumes from its latest checkpoint (with `force`, every stage starts from scratch).
+stage resumes from its latest checkpoint (with `force`, every stage starts from scratch). A finished
+consistency stage whose step target has since been raised (`icd train --steps`) trains on from the
+checkpoint it keeps (`consistency_continues`).
 `PipelineConfig.smoke()` runs the chain in about a minute on two idle CPU cores.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from icdcli.training.checkpoints import latest_checkpoint
 from icdcli.training.common import TrainingInterrupted, announcer
 from icdcli.training.consistency import ConsistencyConfig, distill_consistency
 from icdcli.training.guidance import GuidanceConfig, distill_guidance
@@ -109,20 +114,58 @@ def resuming(stage: Any, force: bool) -> Any:
     return replace(stage, resume=None if force else (stage.resume or "latest"))
 
 
+def finished_steps(folder: Path) -> int | None:
+    """The steps a finished stage trained (the metrics of its `train_config.json`); None when unknown."""
+    try:
+        record = json.loads((folder / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    steps = metrics.get("steps") if isinstance(metrics, dict) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def consistency_continues(
+    folder: Path, config: ConsistencyConfig, say: Callable[[str], None], *, target: bool | None = None
+) -> bool:
+    """Whether the finished consistency stage in `folder` trains on to `config.steps`: it has fewer steps and keeps
+    the checkpoint to resume from (what it says either way). Only when `config.steps` is a target (`target`; None:
+    when the stage has no time cap): a stage a time cap finished (v1's default) is kept, so that running the
+    command again does not train again."""
+    done = finished_steps(folder)
+    target = config.time_budget_s is None if target is None else target
+    if not target or done is None or done >= config.steps:
+        return False
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        say(f"finished at {done} steps and kept: its checkpoints are gone, so it cannot train on to {config.steps}; "
+            "--force trains it again from scratch")  # fmt: skip
+        return False
+    say(f"finished at {done} steps; training on to {config.steps} from {checkpoint}")
+    return True
+
+
 def run_pipeline(
-    config: PipelineConfig, out_dir: str | Path, *, force: bool = False, keep: str | Path | None = None
+    config: PipelineConfig,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    keep: str | Path | None = None,
+    step_target: bool | None = None,
 ) -> PipelineOutputs:
-    """Train the chain into `out_dir`, each stage resumed or skipped as the module says.
+    """Train the chain into `out_dir`, each stage resumed or skipped as the module says (`step_target`: whether the
+    consistency stage's steps are a target to train a finished stage on to, see `consistency_continues`).
 
     With `keep` (a folder that outlives the machine, e.g. one under version control), each finished stage is also
     written there in float16 (`training.stages`), and a stage finished there but not in `out_dir` is restored from
-    it instead of trained again."""
+    it instead of trained again (a kept stage has no checkpoints: it cannot train on)."""
     out = Path(out_dir)
     paths = PipelineOutputs(out / "vae", out / "teacher", out / "guidance", out / "consistency")
     kept = None if keep is None else Path(keep)
 
     def keep_finished(path: Path) -> None:
-        if kept is not None and (path / DONE).exists() and (force or not (kept / path.name / DONE).exists()):
+        stale = kept is not None and finished_steps(kept / path.name) != finished_steps(path)  # trained on since
+        if kept is not None and (path / DONE).exists() and (force or stale or not (kept / path.name / DONE).exists()):
             announcer(True, path.name)(f"keeping the finished stage in {kept / path.name} (float16 weights)")
             keep_stage(path, kept / path.name)
 
@@ -151,7 +194,14 @@ def run_pipeline(
         distill_guidance(resuming(config.guidance, force), paths.teacher, paths.guidance)
         keep_finished(paths.guidance)
     consistency = config.consistency
-    if consistency is not None and pending(paths.consistency, consistency.show_progress):  # None: stop after guidance
+    if consistency is not None and (  # None: stop after guidance
+        force
+        or not (paths.consistency / DONE).exists()
+        or consistency_continues(
+            paths.consistency, consistency, announcer(consistency.show_progress, "consistency"), target=step_target
+        )
+        or pending(paths.consistency, consistency.show_progress)
+    ):
         distill_consistency(resuming(consistency, force), paths.guidance, paths.consistency)
         keep_finished(paths.consistency)
     return paths

@@ -127,7 +127,8 @@ def variant_settings(name: str) -> dict[str, Any]:
     type=click.IntRange(min=1),
     default=None,
     help="Consistency steps to train. Given without --minutes it lifts the default 25-minute cap, so that "
-    "runs (ablation variants, say) train exactly the same number of steps on any machine.",
+    "runs (ablation variants, say) train exactly the same number of steps on any machine. A consistency stage "
+    "that finished with fewer steps trains on to this many from its last checkpoint.",
 )
 @click.option("--edit-guidance", type=NumberType("edit_guidance"), default=8.0, show_default=True,
               help="Default --guidance of edits with the packaged model.")  # fmt: skip
@@ -217,9 +218,10 @@ class TrainRequest:
 
 
 def _train(request: TrainRequest) -> None:
+    from icdcli.training.common import announcer
     from icdcli.training.consistency import distill_consistency
     from icdcli.training.package import package_model
-    from icdcli.training.pipeline import DONE, PipelineConfig, resuming, run_pipeline
+    from icdcli.training.pipeline import DONE, PipelineConfig, consistency_continues, resuming, run_pipeline
 
     config = PipelineConfig.preset(request.preset, smoke=request.smoke).updated(
         seed=request.seed, show_progress=not console().quiet, tracker=request.tracker
@@ -231,14 +233,20 @@ def _train(request: TrainRequest) -> None:
         consistency = replace(consistency, time_budget_s=request.minutes * 60)
     config = replace(config, consistency=consistency)
     run_dir, variant = request.run_dir or default_run_dir(request.preset), request.variant
+    step_target = request.steps is not None or consistency.time_budget_s is None  # --steps: train on to them
     if variant is None:
-        paths = run_pipeline(config, run_dir, force=request.force, keep=request.keep_stages)
+        paths = run_pipeline(config, run_dir, force=request.force, keep=request.keep_stages, step_target=step_target)
         consistency_dir, model_dir = paths.consistency, run_dir / "model"
     else:
         paths = run_pipeline(replace(config, consistency=None), run_dir, force=False, keep=request.keep_stages)
         consistency_dir, model_dir = run_dir / f"consistency-{variant}", run_dir / "variants" / variant
-        if request.force or not (consistency_dir / DONE).is_file():
-            settings = replace(consistency, **variant_settings(variant))
+        settings = replace(consistency, **variant_settings(variant))
+        show = announcer(settings.show_progress, consistency_dir.name)
+        if (
+            request.force
+            or not (consistency_dir / DONE).is_file()
+            or consistency_continues(consistency_dir, settings, show, target=step_target)
+        ):
             distill_consistency(resuming(settings, request.force), paths.guidance, consistency_dir)
         else:
             say(f"{consistency_dir.name}: finished earlier, kept ({consistency_dir / DONE})")
