@@ -181,6 +181,14 @@ def test_jobs_from_stdin_one_result_line_each_and_bad_lines_do_not_stop(tmp_path
     assert out[4]["seed"] == 4
     again = CliRunner().invoke(main, ["edit", "--jobs", "-"], input=lines[0] + "\n")
     assert [json.loads(line)["status"] for line in again.stdout.splitlines()] == ["skipped"]
+    nulls = CliRunner().invoke(main, ["edit", "--jobs", "-", "--overwrite"], input=f"null\n{lines[0]}\nnull\n")
+    assert nulls.exit_code == 0 and "Traceback" not in nulls.output, nulls.output
+    results = [json.loads(line) for line in nulls.stdout.splitlines()]  # JSON null is a bad line, not the last job
+    assert [(line["status"], line["item"] if line["status"] == "failed" else line["output"]) for line in results] == [
+        ("failed", "-:1"),
+        ("done", "first.png"),
+        ("failed", "-:3"),
+    ]
 
 
 def _free_port() -> int:

@@ -24,9 +24,6 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
     The model loads once, before the first line is read. A line that cannot be used gives a failed line.
     """
     from icdcli.core.stopping import exit_code
-    from icdcli.run.batch import spec_row
-    from icdcli.run.inputs import edits_of
-    from icdcli.run.planning import plan_items
 
     folder = None
     if output is not None:
@@ -42,21 +39,12 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
             interrupts.droppable = False
             for number, line in enumerate(_bounded_lines(stream), start=1):
                 if line is None:
-                    raw = None
                     item = _job_error(number, f"the line is longer than {LINE_BYTES:,} characters (icd's text "
                                               "limits); shorten its prompts")  # fmt: skip
                 elif not line.strip():
                     continue
                 else:
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raw = None
-                        item = _job_error(number, f"not a JSON object ({error})")
-                if raw is not None:
-                    (item,) = edits_of([spec_row(raw, number, Path("-"))], run.flags)
-                    item = plan_items([item], folder, spec_out=Path("."), anywhere=any_output,
-                                      suffix=run.flags.suffix)[0]  # fmt: skip
+                    item = _job_item(run, line, number, folder, any_output=any_output)
                 run.pipeline(interrupts).run([item])
                 if interrupts.requested:
                     break
@@ -66,6 +54,20 @@ def run_jobs(run: EditRun, stream: Any, *, output: str | None, any_output: bool)
     run.report.reporter.say(run.report.tally.line(seconds, interrupts.requested))
     if interrupts.requested:
         sys.exit(interrupts.code)
+
+
+def _job_item(run: EditRun, line: str, number: int, folder: Path | None, *, any_output: bool) -> Any:
+    """The planned edit of one line of `--jobs -` (an item with its error when the line is not a usable job)."""
+    from icdcli.run.batch import spec_row
+    from icdcli.run.inputs import edits_of
+    from icdcli.run.planning import plan_items
+
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as error:
+        return _job_error(number, f"not a JSON object ({error})")
+    (item,) = edits_of([spec_row(raw, number, Path("-"))], run.flags)  # JSON null too: "a row must be an object"
+    return plan_items([item], folder, spec_out=Path("."), anywhere=any_output, suffix=run.flags.suffix)[0]
 
 
 def _bounded_lines(stream: Any) -> Iterator[str | None]:
