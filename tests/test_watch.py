@@ -56,6 +56,28 @@ def test_a_file_is_handed_out_once_it_has_settled_and_again_when_it_changes(tmp_
     assert {path.name for _, path in deep.ready()} == {"old.png", "new.png", "deep.png"}
 
 
+def test_a_file_dated_in_the_future_is_handed_out_once_two_looks_find_it_unchanged(tmp_path):
+    clock = Clock()
+    watch = FolderWatch([tmp_path], recursive=False, settle=1.0, clock=clock)
+    _touch(tmp_path / "ahead.png", clock.now + 3600)  # another machine's clock, an archive's times
+    assert watch.ready() == []
+    clock.now += 0.5
+    assert watch.ready() == []  # unchanged, but not yet for `settle` seconds
+    clock.now += 1.0
+    assert [path.name for _, path in watch.ready()] == ["ahead.png"]
+    assert watch.ready() == []
+
+
+def test_a_folder_watched_under_two_names_hands_each_file_out_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    clock = Clock()
+    _touch(tmp_path / "in" / "a.png", clock.now - 60)
+    watch = FolderWatch([tmp_path / "in", tmp_path / "alias", tmp_path / "in"], recursive=False, clock=clock)
+    assert [(folder.name, path.name) for folder, path in watch.ready()] == [("in", "a.png")]
+    assert watch.ready() == []
+
+
 def test_watched_items_leave_out_icds_outputs_and_mirror_subfolders(tmp_path):
     source = tmp_path / "in"
     (source / "sub").mkdir(parents=True)

@@ -8,6 +8,7 @@ failure that stops any run (a full disk) ends it with exit code 1.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -44,25 +45,37 @@ class FolderWatch:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.folders, self.recursive, self.settle, self.clock = folders, recursive, settle, clock
-        self.handled: dict[Path, tuple[int, int]] = {}  # each file handed out, by (size, modification time)
+        self.handled: dict[Path, tuple[int, int]] = {}  # each file handed out (by real path): (size, modification time)
+        self.looked: dict[Path, tuple[int, int]] = {}  # each file as the last look saw it
+        self.looked_at = -math.inf  # when (by `clock`)
         self.found_in: dict[Path, Path] = {}  # each file handed out: the watched folder it was found in
 
     def ready(self) -> list[Found]:
-        """The files to edit now: each handed out once per (size, modification time) it has had."""
+        """The files to edit now: each handed out once per (size, modification time) it has had, once it has not
+        been written to for `settle` seconds, or has not changed between two looks that far apart (a time in the
+        future: another machine's clock, an archive's times). A file seen through two watched names (a link, a
+        folder given twice) is handed out once."""
         now = self.clock()
         found: list[Found] = []
+        looked: dict[Path, tuple[int, int]] = {}
         for folder in self.folders:
             for path in list_folder(folder, recursive=self.recursive):
                 try:
                     stat = os.stat(path)
                 except OSError:  # gone since it was listed
                     continue
-                stamp = (stat.st_size, stat.st_mtime_ns)
-                if self.handled.get(path) == stamp or now - stat.st_mtime < self.settle:
+                real, stamp = Path(os.path.realpath(path)), (stat.st_size, stat.st_mtime_ns)
+                if real in looked:
                     continue
-                self.handled[path] = stamp
+                looked[real] = stamp
+                unchanged = self.looked.get(real) == stamp and now - self.looked_at >= self.settle
+                settled = now - stat.st_mtime >= self.settle or unchanged
+                if self.handled.get(real) == stamp or not settled:
+                    continue
+                self.handled[real] = stamp
                 self.found_in[path] = folder
                 found.append((folder, path))
+        self.looked, self.looked_at = looked, now
         return found
 
     def known(self) -> list[Found]:
