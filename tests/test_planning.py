@@ -25,6 +25,17 @@ def test_o_is_a_file_for_one_input_and_a_folder_otherwise(tmp_path):
         output_target(str(tmp_path / "no" / "where") + "/", [photo], single=True)
 
 
+@pytest.mark.parametrize("name", ["edited.png", "edited.JPG", "latents.safetensors"])
+def test_several_outputs_refuse_an_o_named_like_a_file_unless_it_ends_in_a_separator(tmp_path, name):
+    photo = tmp_path / "cat.png"
+    photo.write_bytes(b"")
+    with pytest.raises(ICDUsageError, match=f"-o {tmp_path / name} names a file, but there are several outputs"):
+        output_target(str(tmp_path / name), [photo], single=False)
+    assert not (tmp_path / name).exists()  # no folder named like a file
+    assert output_target(str(tmp_path / name) + "/", [photo], single=False) == (tmp_path / name, False)
+    assert output_target(str(tmp_path / name), [photo], single=False) == (tmp_path / name, False)  # exists now
+
+
 def test_edit_and_invert_plan_with_the_same_rule(tmp_path):
     photo = tmp_path / "cat.png"
     photo.write_bytes(b"")

@@ -223,6 +223,13 @@ def test_several_targets_refuse_what_makes_one_edit(tmp_path, extra, says):
     assert "Traceback" not in result.output
 
 
+def test_several_targets_take_a_folder_named_like_a_file_when_it_ends_in_a_separator(tmp_path):
+    result = _icd("edit", EXAMPLE, "--src", SOURCE, *_targets(*TARGETS[:2]), "-o", f"{tmp_path / 'edited.png'}/")
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "edited.png").iterdir()) == ["red-circle-edit-1.png",
+                                                                                 "red-circle-edit-2.png"]  # fmt: skip
+
+
 def test_a_scripts_edits_of_one_photo_through_jobs_invert_it_once(tmp_path, inverted_rows_seen):
     lines = [{"image": str(EXAMPLE), "src": SOURCE, "tgt": target, "output": str(tmp_path / f"{n}.png")}
              for n, target in enumerate(TARGETS)]  # fmt: skip

@@ -531,7 +531,12 @@ def _check_several_targets(
             f"several --tgt edit each IMAGE file once per target: not with {given[0]} (give one --tgt, or one "
             "edit per row of a --spec)"
         )
-    if output is not None and not Path(output).is_dir() and Path(output).suffix.lower() in IMAGE_SUFFIXES:
+    if (
+        output is not None
+        and not Path(output).is_dir()
+        and not output.endswith(("/", os.sep))
+        and Path(output).suffix.lower() in IMAGE_SUFFIXES
+    ):
         raise click.UsageError(
             f"several --tgt write a file per target: -o {output} names one file; give -o a folder (edited/)"
         )

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from icdcli.core.errors import ICDError, ICDUsageError
-from icdcli.run.batch import Item, display
+from icdcli.run.batch import IMAGE_SUFFIXES, Item, display
+
+FILE_SUFFIXES = IMAGE_SUFFIXES | {".safetensors"}
+"""Suffixes of what icd writes or reads as files: an -o ending in one, where a folder is wanted, is a mistake."""
 
 OUTPUT_FORMATS = ("png", "jpg", "webp")
 """The formats of the outputs icd names (`--format`): each carries the edit's record (`icdcli.io.images`)."""
@@ -47,7 +50,8 @@ def output_target(
     """Where `-o OUTPUT` points for `inputs`: (the path, True) for a file, (a folder that exists, False).
 
     A file only for a `single` input, when OUTPUT is not a folder and does not end in a separator; a missing
-    folder is created when its parent exists (not with `create` False: a dry run's plan, which only checks that it
+    folder named like a file (`edited.png`) is refused unless it ends in a separator, and is otherwise created
+    when its parent exists (not with `create` False: a dry run's plan, which only checks that it
     could be). One-line errors for an output that is an input or cannot be made.
     """
     target = Path(output)
@@ -58,6 +62,11 @@ def output_target(
                 f"{flag} {display(target)} is one of the inputs: choose another name, inputs are never replaced"
             )
         return target, True
+    if not target.exists() and not output.endswith(("/", os.sep)) and target.suffix.lower() in FILE_SUFFIXES:
+        raise ICDUsageError(
+            f"{flag} {output} names a file, but there are several outputs (a folder, several inputs or targets): "
+            f"give a folder ({flag} {target.with_suffix('')}/; a trailing / makes any name a folder)"
+        )
     if not target.exists():
         if not target.parent.is_dir():
             raise ICDError(f"output folder {display(target)} does not exist and neither does its parent")
