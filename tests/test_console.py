@@ -116,3 +116,21 @@ def test_the_icd_log_goes_through_the_console_at_its_level():
     assert lines[("-q",)] == ["ERROR: an error"]
     assert lines[("-v",)] == ["DEBUG: a detail", *lines[()]]
     assert logger.level == logging.NOTSET or logger.level <= logging.INFO  # the invocation's level is not left behind
+
+
+def test_a_note_is_said_once_per_command_and_warnings_every_time():
+    """A folder's edits share their prompts: the note a prompt pair gives is not repeated for every photo."""
+    logger = logging.getLogger("icd")
+
+    @click.command()
+    @console_options
+    def speak() -> None:
+        for _ in range(3):
+            logger.info("the prompts have 1 and 2 words")
+            logger.warning("a photo's profile cannot be used")
+        logger.info("another note")
+
+    for _ in range(2):  # each command says its notes anew
+        lines = CliRunner().invoke(speak, []).stderr.splitlines()
+        assert lines == ["the prompts have 1 and 2 words", *["WARNING: a photo's profile cannot be used"] * 3,
+                         "another note"]  # fmt: skip

@@ -223,6 +223,15 @@ def test_several_targets_refuse_what_makes_one_edit(tmp_path, extra, says):
     assert "Traceback" not in result.output
 
 
+def test_an_unreadable_photo_with_several_targets_is_said_once_and_counted_per_edit(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = _icd("edit", tmp_path, "--src", SOURCE, *_targets(*TARGETS), "--json")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("empty.png: not an image file") == 1, result.stderr
+    assert [line["status"] for line in _json_lines(result.stdout)] == ["failed"] * 3 + ["summary"]  # one per edit
+    assert "Error: 3 of 3 edits failed" in result.stderr
+
+
 def test_several_targets_take_a_folder_named_like_a_file_when_it_ends_in_a_separator(tmp_path):
     result = _icd("edit", EXAMPLE, "--src", SOURCE, *_targets(*TARGETS[:2]), "-o", f"{tmp_path / 'edited.png'}/")
     assert result.exit_code == 0, result.output

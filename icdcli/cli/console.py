@@ -42,6 +42,7 @@ class Console:
 
     def __init__(self, verbosity: Verbosity = Verbosity.NORMAL) -> None:
         self.verbosity = verbosity
+        self.noted: set[str] = set()  # the notes (INFO lines) said so far: each is said once
 
     @property
     def quiet(self) -> bool:
@@ -118,6 +119,10 @@ class _ConsoleHandler(logging.Handler):
             message = record.getMessage()
             if record.exc_info and _active.verbose:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
+            if record.levelno == logging.INFO:  # a note, once per command: a folder's edits share their prompts
+                if message in _active.noted:
+                    return
+                _active.noted.add(message)
             line = message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
             (_active.error if record.levelno >= logging.ERROR else _active.say)(line)
         except Exception:  # a log line must never end the command

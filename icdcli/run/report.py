@@ -94,6 +94,7 @@ class RunReport:
         self.stream = False  # flush stdout after each item (--jobs: its reader waits for each line)
         self.outcomes: list[ItemOutcome] | None = None  # every item's outcome, when a caller asks to keep them
         self.bar: Any = None
+        self.last_failure: tuple[Any, str] | None = None  # (image, message) of the last failed item
 
     @property
     def as_json(self) -> bool:
@@ -159,7 +160,9 @@ class RunReport:
                   "output": output, "error": message}  # fmt: skip
         self._keep(item, "failed", message, record)
         self.json(record)
-        if self.batch:
+        repeated = getattr(item, "variant", None) not in (None, 1) and self.last_failure == (item.image, message)
+        self.last_failure = (item.image, message)
+        if self.batch and not repeated:  # an unreadable photo fails each of its --tgt edits the same way: said once
             self.text(f"Error: {message}")
 
     def _keep(self, item: Any, status: str, error: str | None, record: dict[str, Any]) -> None:

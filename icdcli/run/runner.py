@@ -181,7 +181,8 @@ class EditRun:
         if end.stopped:
             raise RunFailed("stopped: fix the error above and run again; finished outputs will be skipped")
         if self.report.tally.failed:
-            raise RunFailed(f"{self.report.tally.failed} of {len(items)} inputs failed")
+            edits = "edits" if any(getattr(item, "variant", None) for item in items) else "inputs"  # several --tgt
+            raise RunFailed(f"{self.report.tally.failed} of {len(items)} {edits} failed")
 
     def run_jobs(self, stream: Any, *, output: str | None, any_output: bool) -> None:
         """`icd edit --jobs -`: one edit per JSON line of `stream` (`icdcli.run.jobs.run_jobs`)."""
