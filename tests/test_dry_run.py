@@ -46,9 +46,13 @@ def test_a_dry_run_plans_checks_and_writes_nothing(tmp_path, no_model):
     by_input = {Path(line["input"]).name: line for line in lines if "input" in line}
     assert by_input["a.png"]["status"] == "planned" and by_input["a.png"]["exists"] is False
     assert by_input["a.png"]["output"] == str(out / "a-edit.png") and by_input["a.png"]["tgt"] == PROMPTS[3]
-    assert by_input["b.png"]["exists"] is True
+    assert by_input["b.png"]["status"] == "failed" and "exists and was not made by icd" in by_input["b.png"]["error"]
     assert by_input["broken.jpg"]["status"] == "failed" and "broken.jpg" in by_input["broken.jpg"]["error"]
-    assert lines[-1] == {"status": "summary", "planned": 2, "existing": 1, "failed": 1}
+    assert lines[-1] == {"status": "summary", "planned": 1, "existing": 0, "failed": 2}
+    overwrite = _icd("edit", photos, *PROMPTS, "-o", out, "--dry-run", "--json", "--overwrite")
+    assert [json.loads(line) for line in overwrite.stdout.splitlines()][-1] == {
+        "status": "summary", "planned": 2, "existing": 1, "failed": 1
+    }  # fmt: skip
     assert sorted(path.name for path in out.iterdir()) == ["b-edit.png"]
     assert "nothing was edited" in result.stderr
 
@@ -61,7 +65,7 @@ def test_a_dry_run_of_good_inputs_exits_0_and_names_each_output(tmp_path, no_mod
     assert result.exit_code == 0, result.output
     assert "photo-edit-1.jpg" in result.stderr and "photo-edit-2.jpg" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]
-    into = _icd("edit", photo, *PROMPTS, "-o", tmp_path / "new-folder", "--dry-run")
+    into = _icd("edit", photo, *PROMPTS, "-o", f"{tmp_path / 'new-folder'}/", "--dry-run")
     assert into.exit_code == 0 and "new-folder" in into.stderr, into.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png"]  # the -o folder is not made
 
@@ -70,3 +74,28 @@ def test_a_dry_run_of_good_inputs_exits_0_and_names_each_output(tmp_path, no_mod
 def test_a_dry_run_is_for_files_and_folders(tmp_path, extra):
     result = _icd("edit", tmp_path, *PROMPTS, "--dry-run", *extra)
     assert result.exit_code == 2 and "--dry-run plans files and folders" in result.output, result.output
+
+
+def test_a_dry_run_fails_what_the_run_would_refuse_and_the_run_refuses_it_before_loading(tmp_path, no_model):
+    """An existing output icd did not make, an output type icd cannot write, an output that is a folder: the dry
+    run says so (exit 1), and the run itself fails them while planning, before any model loads."""
+    photo = tmp_path / "x.png"
+    shutil.copy(EXAMPLE, photo)
+    shutil.copy(EXAMPLE, tmp_path / "x-edit.png")  # the user's own file at the default output
+    foreign = _icd("edit", photo, *PROMPTS, "--dry-run")
+    assert foreign.exit_code == 1 and "x-edit.png exists and was not made by icd edit" in foreign.stderr
+    replaced = _icd("edit", photo, *PROMPTS, "--dry-run", "--overwrite")
+    assert replaced.exit_code == 0 and "(exists: replaced, --overwrite)" in replaced.stderr, replaced.output
+    for output, says in ((tmp_path / "out.tif", "out.tif: unsupported output type; use one of"),
+                         (tmp_path / "plain", "unsupported output type; use one of .jpeg, .jpg, .png, .webp; a folder "
+                                              "ends in /")):  # fmt: skip
+        for extra in (["--dry-run"], []):
+            result = _icd("edit", photo, *PROMPTS, "-o", output, *extra)
+            assert result.exit_code == 1 and says in result.stderr, result.output
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "x-edit.png").mkdir()
+    shutil.copy(EXAMPLE, tmp_path / "folder" / "x.png")
+    for extra in (["--dry-run"], ["--overwrite"]):
+        result = _icd("edit", tmp_path / "folder", *PROMPTS, *extra)
+        assert result.exit_code == 1 and "its output" in result.stderr and "is a folder" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "x-edit.png", "x.png"]

@@ -389,7 +389,7 @@ def edit(
     if shard is not None:
         items, model_opts = _this_shard(items, shard, model_opts=model_opts)
     if dry_run:
-        _report_dry_run(items, as_json=as_json)
+        _report_dry_run(items, as_json=as_json, overwrite=overwrite)
         return
     runner = EditRun(settings, model_loader(model_opts), batch=batch or shard is not None, overwrite=overwrite,
                      reporter=reporter(as_json), started=started, expected_hash=expected_hash,
@@ -467,13 +467,13 @@ def output_suffix(output_format: str | None, quality: int | None, output: str | 
     return suffix
 
 
-def _report_dry_run(items: list[Any], *, as_json: bool) -> None:
+def _report_dry_run(items: list[Any], *, as_json: bool, overwrite: bool) -> None:
     """Each planned item's input, output and whether it exists (or why it cannot run), then the counts; exit 1 when
     an item cannot run. No model is loaded, nothing is written."""
     from icdcli.run.batch import display
     from icdcli.run.planning import dry_run
 
-    records = dry_run(items)
+    records = dry_run(items, overwrite=overwrite)
     report = reporter(as_json)
     for record in records:
         if report.json is not None:
@@ -481,7 +481,9 @@ def _report_dry_run(items: list[Any], *, as_json: bool) -> None:
         elif record["status"] == "failed":
             say(f"Error: {record['error']}")
         else:
-            exists = " (exists: skipped when made with the same settings, else refused without --overwrite)"
+            exists = " (exists: replaced, --overwrite)"
+            if not overwrite:
+                exists = " (exists: skipped when made with the same settings, else refused without --overwrite)"
             say(f"{display(record['input'])} -> {display(record['output'])}{exists if record['exists'] else ''}")
     planned = [record for record in records if record["status"] == "planned"]
     failed = len(records) - len(planned)

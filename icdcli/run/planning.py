@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from icdcli.core.errors import ICDError, ICDUsageError
+from icdcli.io.images import OUTPUT_SUFFIXES
 from icdcli.run.batch import IMAGE_SUFFIXES, Item, display
 
 FILE_SUFFIXES = IMAGE_SUFFIXES | {".safetensors"}
@@ -228,6 +229,13 @@ def plan_items(
             identity = _identity(output)
             if identity in inputs:
                 item = replace(item, error=f"{item.label}: its output {display(output)} is an input; choose another -o")
+            elif output.suffix.lower() not in OUTPUT_SUFFIXES:
+                folder_hint = "; a folder ends in /" if not output.suffix else ""
+                item = replace(item, error=f"{item.label}: {display(output)}: unsupported output type; use one of "
+                                           f"{', '.join(sorted(OUTPUT_SUFFIXES))}{folder_hint}")  # fmt: skip
+            elif output.is_dir():
+                item = replace(item, error=f"{item.label}: its output {display(output)} is a folder; choose another "
+                                           "-o")  # fmt: skip
             elif identity in seen:
                 item = replace(
                     item,
@@ -268,11 +276,12 @@ def _rename_clashes(planned: list[Item], original: list[Item]) -> list[Item]:
     return renamed
 
 
-def dry_run(items: list[Item]) -> list[dict[str, Any]]:
+def dry_run(items: list[Item], *, overwrite: bool = False) -> list[dict[str, Any]]:
     """What `icd edit --dry-run` says of each planned item, without a model: its input and output and whether the
     output exists (`planned`), or why it cannot run (`failed`: its row's or plan's error, an input or mask that is
-    not a usable image, read from its header)."""
+    not a usable image, read from its header, an existing output icd did not make, without `overwrite`)."""
     from icdcli.io.images import probe_image
+    from icdcli.run.outputs import existing_record
 
     records: list[dict[str, Any]] = []
     for item in items:
@@ -288,9 +297,12 @@ def dry_run(items: list[Item]) -> list[dict[str, Any]]:
                 error = f"{what}{problem}"
             except OSError as problem:
                 error = f"{what}{display(path)}: cannot be read ({problem.strerror or problem})"
+        exists = error is None and item.output is not None and os.path.lexists(item.output)
+        if exists and not overwrite and item.output is not None and existing_record(item.output) is None:
+            error = (f"{item.label}: {display(item.output)} exists and was not made by icd edit; pass --overwrite "
+                     "to replace it, or choose another -o")  # fmt: skip
         if error is not None:
             records.append({"status": "failed", **where, "error": error})
         else:
-            exists = item.output is not None and os.path.lexists(item.output)
             records.append({"status": "planned", **where, "src": item.src, "tgt": item.tgt, "exists": exists})
     return records
