@@ -311,6 +311,12 @@ def test_from_repeats_an_edit_exactly_and_flags_override(merged_dir, tmp_path):
     assert not np.array_equal(pixels[0], np.asarray(Image.open(tmp_path / "six.png")))
     foreign = _run("edit", "--from", photo)
     assert foreign.exit_code == 1 and "no icd edit record" in foreign.stderr
+    missing = _run("edit", "--from", tmp_path / "missing.png")
+    assert missing.exit_code == 1 and "missing.png: no such file; give an image written by icd" in missing.stderr
+    folder = _run("edit", "--from", tmp_path)
+    assert folder.exit_code == 1 and "is a folder; give an image written by icd edit" in folder.stderr
+    piped = _run("edit", "--from", tmp_path / "first.png", "-o", "-")
+    assert piped.exit_code == 2 and "edit one piped image: leave out --from" in piped.stderr
 
 
 def test_from_takes_the_model_from_the_model_flags_base_config_included(tmp_path):

@@ -323,7 +323,7 @@ def test_an_input_given_twice_is_one_item(merged_dir, tmp_path):
     assert result.exit_code == 0, result.output
     lines = _strict_lines(result)
     assert [line["status"] for line in lines] == ["done", "summary"]
-    assert result.stderr.count("is the same edit as") == 2
+    assert result.stderr.count("is the same edit as") == 1  # both repeats read "photo.png ... photo.png": said once
     assert _listing(tmp_path / "out") == ["photo-edit.png"]
 
 

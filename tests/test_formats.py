@@ -70,6 +70,11 @@ def test_format_names_the_outputs_and_a_rerun_skips_them(tmp_path, fmt, magic):
     assert folder.exit_code == 0, folder.output
     lines = [json.loads(line) for line in folder.output.splitlines() if line.startswith("{")]
     assert [Path(line["input"]).name for line in lines if "input" in line] == ["photo.png"]
+    photo.unlink()  # a folder of icd's outputs only: nothing to edit, and it says why
+    only_outputs = _icd("edit", tmp_path, *PROMPTS, "--format", fmt)
+    assert only_outputs.exit_code == 1, only_outputs.output
+    assert "nothing to edit: the image file found is an output of icd, which folders leave out" in only_outputs.stderr
+    shutil.copy(EXAMPLE, photo)
     # --from repeats the edit a lossy output records
     repeated = _icd("edit", "--from", out, "-o", tmp_path / "again.png")
     assert repeated.exit_code == 0, repeated.output

@@ -302,7 +302,8 @@ def test_from_pipe_shares_the_pipelines_parts_and_fuses_as_icd_does(sd_pipeline,
         reverse_lora=str(parts.reverse_lora), device="cpu",
     )  # fmt: skip
     mine, theirs = pipe(pictures[0], TINY_SOURCE, TINY_TARGET), loaded(pictures[0], TINY_SOURCE, TINY_TARGET)
-    assert _same(mine[0], theirs[0]) and mine.settings == theirs.settings
+    # the two fusions agree to 1e-5 (above), so a pixel may round the other way (one level in 0.3% on an AMD EPYC)
+    assert _same_up_to_rounding(mine[0], theirs[0]) and mine.settings == theirs.settings
 
 
 def test_from_pipe_without_a_teacher_fuses_into_a_copy_of_the_pipelines_unet(sd_pipeline, sd15_parts, pictures):

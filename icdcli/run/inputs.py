@@ -154,9 +154,14 @@ def apply_record(
     from icdcli.models.sources import DEFAULT_MODEL, PRESETS
     from icdcli.run.batch import display
 
-    record = read_record(path) if path.is_file() else None
+    if not path.exists():
+        raise ICDError(f"--from {display(path)}: no such file; give an image written by icd edit")
+    if not path.is_file():
+        raise ICDError(f"--from {display(path)} is a folder; give an image written by icd edit")
+    record = read_record(path)
     if record is None or not {"src", "tgt", "seed"} <= record.keys():
-        raise ICDError(f"--from {display(path)}: no icd edit record in it; give a PNG written by icd edit")
+        raise ICDError(f"--from {display(path)}: no icd edit record in it; give an image written by icd edit (its "
+                       "PNG, JPEG or WebP output)")  # fmt: skip
     try:
         source, target, request = _recorded_request(record, flags)
         unguided = _recorded_unguided(record, flags)
@@ -230,10 +235,23 @@ def collect_items(
     """
     from icdcli.run.batch import expand_inputs, read_spec
 
-    items, any_folder = expand_inputs(images, recursive=recursive, skip=is_icd_output)
+    outputs: list[Path] = []
+
+    def left_out(path: Path) -> bool:
+        if is_icd_output(path):
+            outputs.append(path)
+            return True
+        return False
+
+    items, any_folder = expand_inputs(images, recursive=recursive, skip=left_out)
     if spec is not None:
         items += read_spec(spec)
     items = _drop_repeats(edits_of(items, flags, targets), notify)
+    if not items and outputs:
+        found, them = ("the image file found is an output", "it") if len(outputs) == 1 else (
+            f"the {len(outputs)} image files found are outputs", "them")  # fmt: skip
+        raise ICDError(f"nothing to edit: {found} of icd, which folders leave out; name {them} as IMAGE to edit "
+                       f"{them} again")  # fmt: skip
     if not items:
         raise ICDError("no images found: folders are searched for image files (-r descends)")
     return items, any_folder or spec is not None or len(items) > 1 or len(targets) > 1

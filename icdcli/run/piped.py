@@ -58,6 +58,8 @@ def check_piped(images: list[str], output: str | None, *, as_json: bool, others:
     """Usage errors of the piped forms: `-` is the only IMAGE, `-o -` has one input and no --json, and neither goes
     with the flags that edit many (`others`: those given, by name)."""
     reads_stdin = PIPE in images
+    if others and (reads_stdin or output == PIPE):
+        raise ICDUsageError(f"IMAGE - and -o - edit one piped image: leave out {', '.join(others)}")
     if reads_stdin and len(images) > 1:
         raise ICDUsageError("IMAGE - reads one image from stdin: give it alone")
     if output == PIPE and len(images) != 1:
@@ -66,8 +68,6 @@ def check_piped(images: list[str], output: str | None, *, as_json: bool, others:
         raise ICDUsageError("IMAGE - needs -o: a file to write, or - for stdout")
     if output == PIPE and as_json:
         raise ICDUsageError("-o - writes the image to stdout, where --json's records would go: leave --json out")
-    if others and (reads_stdin or output == PIPE):
-        raise ICDUsageError(f"IMAGE - and -o - edit one piped image: leave out {', '.join(others)}")
 
 
 def read_stdin(stream: BinaryIO, *, limit: int = MAX_STDIN_BYTES) -> bytes:
