@@ -79,6 +79,9 @@ def test_format_names_the_outputs_and_a_rerun_skips_them(tmp_path, fmt, magic):
     repeated = _icd("edit", "--from", out, "-o", tmp_path / "again.png")
     assert repeated.exit_code == 0, repeated.output
     assert read_record(tmp_path / "again.png")["tgt"] == PROMPTS[3]
+    into = _icd("edit", "--from", out, "-o", f"{tmp_path / 'again'}/")  # a name icd gives: the --from file's format
+    assert into.exit_code == 0, into.output
+    assert [path.name for path in (tmp_path / "again").iterdir()] == [f"photo-edit.{fmt}"]
 
 
 def test_format_reaches_stdout_saved_inversions_and_jobs(tmp_path):

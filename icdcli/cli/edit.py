@@ -334,7 +334,8 @@ def edit(
     )  # fmt: skip
     request = EditRequest(method, guidance, tau, seed, sampler, ddim_steps, p2p)
     target = targets[0] if len(targets) == 1 else None  # several: one item per target (collect_items)
-    suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs))
+    recorded = FORMAT_SUFFIXES.get(from_record.suffix.lower(), ".png") if from_record is not None else ".png"
+    suffix = output_suffix(output_format, quality, output, many=bool(spec or jobs), default=recorded)
     given = given_flags() | ({"target"} if targets else set())  # what a recorded edit's values give way to
     settings = EditFlags(source, target, request, unguided_prompt, given, mask, keep_exif, suffix, quality)
     piped = [str(image) for image in images]
@@ -451,13 +452,16 @@ FORMAT_SUFFIXES = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg", ".webp": ".w
 """-o FILE's suffix -> the --format it is (the output formats of `icdcli.io.images.OUTPUT_SUFFIXES`)."""
 
 
-def output_suffix(output_format: str | None, quality: int | None, output: str | None, *, many: bool) -> str:
-    """The suffix of the outputs icd names, from --format (else -o FILE's own suffix, else .png); usage errors for
-    --format against -o FILE's suffix, and for --quality where every output is a PNG."""
+def output_suffix(
+    output_format: str | None, quality: int | None, output: str | None, *, many: bool, default: str = ".png"
+) -> str:
+    """The suffix of the outputs icd names, from --format (else -o FILE's own suffix, else `default`: .png, or the
+    format of the --from output); usage errors for --format against -o FILE's suffix, and for --quality where every
+    output is a PNG."""
     named = None
     if output not in (None, PIPE) and not Path(output).is_dir() and not output.endswith(("/", os.sep)):
         named = FORMAT_SUFFIXES.get(Path(output).suffix.lower())
-    suffix = f".{output_format}" if output_format is not None else ".png"
+    suffix = f".{output_format}" if output_format is not None else default
     if output_format is not None and named is not None and named != suffix:
         raise click.UsageError(f"-o {output} and --format {output_format} disagree: give one of them")
     if quality is not None and suffix == ".png" and named in (None, ".png") and not many:
