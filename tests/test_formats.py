@@ -138,3 +138,18 @@ def test_the_pipelines_edit_many_writes_the_format_the_command_line_does(tmp_pat
         pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="gif")
     with pytest.raises(ValueError, match="quality"):
         pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="jpg", quality=0)
+
+
+def test_a_photo_longer_than_a_format_allows_fails_before_its_edit_and_in_the_dry_run(tmp_path):
+    from icdcli.io.images import format_problem
+
+    assert format_problem((16, 16383), Path("a.webp")) is None and format_problem((16, 65500), Path("a.jpeg")) is None
+    assert "at most 16,383 pixels a side" in format_problem((16, 16384), Path("a.webp"))
+    assert "at most 65,500 pixels a side" in format_problem((65501, 16), Path("a.jpg"))
+    assert format_problem((16, 100_000), Path("a.png")) is None
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (16, 17000), (200, 30, 30)).save(tall)
+    for extra in (["--dry-run"], []):
+        result = _icd("edit", tall, *PROMPTS, "--format", "webp", *extra)
+        assert result.exit_code == 1 and "16x17000 pixels cannot be written as WEBP" in result.stderr, result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tall.png"]

@@ -387,6 +387,22 @@ def tensors_to_images(pixels, sizes: list[tuple[int, int] | None]) -> list[Image
     return images
 
 
+SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500}
+"""The longest side each lossy output format can hold (libwebp's; libjpeg-turbo's)."""
+
+
+def format_problem(size: tuple[int, int], target: Path) -> str | None:
+    """Why an image of `size` (width, height) cannot be written as `target`'s format, or None."""
+    fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
+    limit = SIDE_LIMITS.get(fmt or "")
+    if limit is None or max(size) <= limit:
+        return None
+    return (
+        f"{size[0]}x{size[1]} pixels cannot be written as {fmt} (at most {limit:,} pixels a side); write a PNG "
+        "(--format png, or -o NAME.png)"
+    )
+
+
 def save_image(
     image: Image.Image,
     target: str | Path,
@@ -409,6 +425,9 @@ def save_image(
     fmt = OUTPUT_SUFFIXES.get(target.suffix.lower())
     if fmt is None:
         raise ICDError(f"{target}: unsupported output type; use one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    problem = format_problem(image.size, target)
+    if problem is not None:
+        raise ICDError(f"{target}: {problem}")
     options = _save_options(fmt, text, quality)
     if exif:
         options["exif"] = exif

@@ -280,7 +280,7 @@ def dry_run(items: list[Item], *, overwrite: bool = False) -> list[dict[str, Any
     """What `icd edit --dry-run` says of each planned item, without a model: its input and output and whether the
     output exists (`planned`), or why it cannot run (`failed`: its row's or plan's error, an input or mask that is
     not a usable image, read from its header, an existing output icd did not make, without `overwrite`)."""
-    from icdcli.io.images import probe_image
+    from icdcli.io.images import format_problem, probe_image
     from icdcli.run.outputs import existing_record
 
     records: list[dict[str, Any]] = []
@@ -292,7 +292,10 @@ def dry_run(items: list[Item], *, overwrite: bool = False) -> list[dict[str, Any
             if error is not None or path is None:
                 continue
             try:
-                probe_image(path)
+                size = probe_image(path)
+                problem = format_problem(size, item.output) if path == item.image and item.output else None
+                if problem is not None:
+                    error = f"{display(item.output)}: {problem}"
             except ICDError as problem:
                 error = f"{what}{problem}"
             except OSError as problem:

@@ -202,7 +202,7 @@ class ItemSteps:
     def _read(self, item: Any, input_sha: str, mask_sha: str | None = None) -> Work | str:
         """Decide on an output this process has claimed: why it is not needed, or its image and record."""
         from icdcli.editing.stages import working_size
-        from icdcli.io.images import input_exif, load_image, load_mask, original_size, read_record
+        from icdcli.io.images import format_problem, input_exif, load_image, load_mask, original_size, read_record
         from icdcli.run.batch import decide
 
         session = self.session()
@@ -222,6 +222,9 @@ class ItemSteps:
             mask = None if mask_sha is None else load_mask(item.mask, original_size(image), photo=item.image)
         except ICDError as error:
             raise ItemFailed(str(error)) from None
+        problem = format_problem(original_size(image), out)  # before the edit, not after it
+        if problem is not None:
+            raise ItemFailed(f"{display(out)}: {problem}")
         record = {**wanted, "input_size": list(original_size(image))}
         p2p = session.item_p2p(item) if record["method"] == "p2p" else None
         exif = input_exif(item.image) if getattr(session.flags, "keep_exif", False) else None
