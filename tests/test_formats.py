@@ -63,10 +63,10 @@ def test_format_names_the_outputs_and_a_rerun_skips_them(tmp_path, fmt, magic):
     out = tmp_path / f"photo-edit.{fmt}"
     assert out.read_bytes().startswith(magic)
     assert read_record(out)["tgt"] == PROMPTS[3]
-    again = _icd("edit", photo, *PROMPTS, "--format", fmt, "--json")
+    again = _icd("edit", photo, *PROMPTS, "--format", fmt, "--quality", 80, "--json")
     assert json.loads(again.output.splitlines()[0])["status"] == "skipped"
     # a folder run leaves icd's own outputs out of its inputs, whatever their format
-    folder = _icd("edit", tmp_path, *PROMPTS, "--format", fmt, "--json")
+    folder = _icd("edit", tmp_path, *PROMPTS, "--format", fmt, "--quality", 80, "--json")
     assert folder.exit_code == 0, folder.output
     lines = [json.loads(line) for line in folder.output.splitlines() if line.startswith("{")]
     assert [Path(line["input"]).name for line in lines if "input" in line] == ["photo.png"]
@@ -132,7 +132,7 @@ def test_the_pipelines_edit_many_writes_the_format_the_command_line_does(tmp_pat
     pipe = ICDEditPipeline.from_pretrained(device="cpu", backend="torch")
     done = pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="webp", quality=60)
     assert done.done == 1 and (tmp_path / "photo-edit.webp").read_bytes().startswith(b"RIFF")
-    again = _icd("edit", photo, *PROMPTS, "--format", "webp", "--backend", "torch", "--json")
+    again = _icd("edit", photo, *PROMPTS, "--format", "webp", "--quality", 60, "--backend", "torch", "--json")
     assert json.loads(again.output.splitlines()[0])["status"] == "skipped"  # the same edit, found made
     with pytest.raises(ValueError, match="png, jpg or webp"):
         pipe.edit_many(photo, PROMPTS[1], PROMPTS[3], output_format="gif")
@@ -153,3 +153,24 @@ def test_a_photo_longer_than_a_format_allows_fails_before_its_edit_and_in_the_dr
         result = _icd("edit", tall, *PROMPTS, "--format", "webp", *extra)
         assert result.exit_code == 1 and "16x17000 pixels cannot be written as WEBP" in result.stderr, result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tall.png"]
+
+
+def test_quality_and_keep_exif_are_recorded_so_a_rerun_with_other_ones_is_refused_and_from_repeats_them(tmp_path):
+    photo = _photo(tmp_path)
+    out = tmp_path / "photo-edit.webp"
+    assert _icd("edit", photo, *PROMPTS, "--format", "webp").exit_code == 0
+    assert "quality" not in read_record(out) and "keep_exif" not in read_record(out)  # the defaults: as before
+    same = _icd("edit", photo, *PROMPTS, "--format", "webp", "--quality", 90)  # WebP's default quality
+    assert same.exit_code == 0 and "skipped" in same.stderr, same.output
+    for extra, says in ((["--quality", 50], "quality None -> 50"), (["--keep-exif"], "keep_exif None -> True")):
+        other = _icd("edit", photo, *PROMPTS, "--format", "webp", *extra)
+        assert other.exit_code == 1 and f"exists with other parameters ({says})" in other.stderr, other.output
+    made = _icd("edit", photo, *PROMPTS, "--format", "webp", "--quality", 50, "--keep-exif", "--overwrite")
+    assert made.exit_code == 0, made.output
+    assert read_record(out)["quality"] == 50 and read_record(out)["keep_exif"] is True
+    repeated = _icd("edit", "--from", out, "-o", f"{tmp_path / 'again'}/")
+    assert repeated.exit_code == 0, repeated.output
+    again = read_record(tmp_path / "again" / "photo-edit.webp")
+    assert again["quality"] == 50 and again["keep_exif"] is True
+    with Image.open(out) as first, Image.open(tmp_path / "again" / "photo-edit.webp") as second:
+        assert np.array_equal(np.asarray(first), np.asarray(second))  # encoded at the recorded quality

@@ -153,6 +153,7 @@ def apply_record(
     from icdcli.io.images import read_record
     from icdcli.models.sources import DEFAULT_MODEL, PRESETS
     from icdcli.run.batch import display
+    from icdcli.run.records import EXIF_FIELD, QUALITY_FIELD
 
     if not path.exists():
         raise ICDError(f"--from {display(path)}: no such file; give an image written by icd edit")
@@ -187,7 +188,14 @@ def apply_record(
             )
         images = (recorded,)
     mask = flags.mask if "mask" in flags.given else _recorded_mask(path, record)
-    edit = EditFlags(source, target, request, unguided, flags.given, mask, flags.keep_exif, flags.suffix, flags.quality)
+    keep_exif = flags.keep_exif if "keep_exif" in flags.given else record.get(EXIF_FIELD) is True
+    quality = flags.quality
+    if "quality" not in flags.given and record.get(QUALITY_FIELD) is not None:
+        try:
+            quality = int(check_number("quality", record[QUALITY_FIELD]))
+        except NumberError as error:
+            raise ICDError(f"--from {display(path)}: its record is not usable ({error}); give --quality") from None
+    edit = EditFlags(source, target, request, unguided, flags.given, mask, keep_exif, flags.suffix, quality)
     return images, edit, expected_hash
 
 

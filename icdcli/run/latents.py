@@ -14,7 +14,7 @@ from icdcli.run.inputs import EditFlags
 from icdcli.run.model import ModelIdentity, ModelLoader
 from icdcli.run.outputs import image_text, path_from, recorded_path
 from icdcli.run.planning import edit_name, output_target
-from icdcli.run.records import edit_record, match_fields
+from icdcli.run.records import edit_record, file_record, match_fields
 from icdcli.run.report import Reporter
 
 
@@ -139,7 +139,7 @@ def edit_latents(
                              input_size=tuple(input_size), input_sha256=str(recorded.get("input_sha256", "")),
                              p2p=resolved.p2p if resolved.method == "p2p" else None, unguided=flags.unguided,
                              mask=flags.mask if mask is not None else None, mask_sha256=mask_sha)  # fmt: skip
-        wanted["latents"] = path_from(out, latents)
+        wanted.update(latents=path_from(out, latents), **file_record(out, quality=flags.quality))
         exists = os.path.lexists(out)
         existing = read_record(out) if exists and not overwrite else None
         decision = decide(exists, existing, wanted, overwrite=overwrite, fields=match_fields())

@@ -28,10 +28,28 @@ def mask_record(sha256: str) -> dict[str, str]:
     return {MASK_FIELD: UPLOADED_MASK, MASK_SHA_FIELD: f"sha256:{sha256}"}
 
 
+QUALITY_FIELD, EXIF_FIELD = "quality", "keep_exif"
+"""The record fields of how the file was written: a lossy output's --quality where it is not the format's default,
+and --keep-exif (absent: the default quality, no EXIF; so records written before them still match)."""
+
+
 def match_fields() -> tuple[str, ...]:
-    """The fields of an edit's record that decide its pixels: the batch's, the unguided prompt of a swap and the
-    mask's digest."""
-    return (*MATCH_FIELDS, UNGUIDED_FIELD, MASK_SHA_FIELD)
+    """The fields of an edit's record that decide its file: the batch's, the unguided prompt of a swap, the mask's
+    digest, a lossy output's quality and whether it carries the input's EXIF."""
+    return (*MATCH_FIELDS, UNGUIDED_FIELD, MASK_SHA_FIELD, QUALITY_FIELD, EXIF_FIELD)
+
+
+def file_record(output: Path | None, *, quality: int | None, keep_exif: bool = False) -> dict[str, Any]:
+    """What a record adds for how its file is written (see `QUALITY_FIELD`)."""
+    from icdcli.io.images import DEFAULT_QUALITY, OUTPUT_SUFFIXES
+
+    added: dict[str, Any] = {}
+    default = DEFAULT_QUALITY.get(OUTPUT_SUFFIXES.get(output.suffix.lower(), "")) if output is not None else None
+    if quality is not None and default is not None and quality != default:
+        added[QUALITY_FIELD] = quality
+    if keep_exif:
+        added[EXIF_FIELD] = True
+    return added
 
 
 def unguided_record(method: str, unguided: str | None) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from icdcli.run.inputs import EditFlags
 from icdcli.run.model import Loaded, ModelIdentity
-from icdcli.run.records import edit_record
+from icdcli.run.records import edit_record, file_record
 from icdcli.run.steps import ItemFailed, RunError
 
 
@@ -49,10 +49,11 @@ class EditSession:
         request = self.flags.request.overridden(guidance=item.guidance, tau=item.tau, seed=item.seed)
         edit = request.resolve(self.loaded.model.info)
         p2p = self.item_p2p(item) if edit.method == "p2p" else None
-        return edit_record(edit, self.identity, src=item.src, tgt=item.tgt, output=item.output, image=item.image,
-                           input_size=size, input_sha256=input_sha, p2p=p2p, unguided=self.flags.unguided,
-                           recorded_input=item.recorded_input, mask=getattr(item, "mask", None),
-                           mask_sha256=mask_sha, recorded_mask=getattr(item, "recorded_mask", None))  # fmt: skip
+        record = edit_record(edit, self.identity, src=item.src, tgt=item.tgt, output=item.output, image=item.image,
+                             input_size=size, input_sha256=input_sha, p2p=p2p, unguided=self.flags.unguided,
+                             recorded_input=item.recorded_input, mask=getattr(item, "mask", None),
+                             mask_sha256=mask_sha, recorded_mask=getattr(item, "recorded_mask", None))  # fmt: skip
+        return {**record, **file_record(item.output, quality=self.flags.quality, keep_exif=self.flags.keep_exif)}
 
     def stored_record(self, record: dict[str, Any], seconds: dict[str, Any]) -> dict[str, Any]:
         """The record an output carries, given the seconds of its batch per item (icd edit's: the record)."""
