@@ -293,13 +293,14 @@ def dry_run(items: list[Item], *, overwrite: bool = False) -> list[dict[str, Any
                 continue
             try:
                 size = probe_image(path)
-                problem = format_problem(size, item.output) if path == item.image and item.output else None
-                if problem is not None:
-                    error = f"{display(item.output)}: {problem}"
             except ICDError as problem:
                 error = f"{what}{problem}"
             except OSError as problem:
                 error = f"{what}{display(path)}: cannot be read ({problem.strerror or problem})"
+            else:
+                unwritable = format_problem(size, item.output) if path == item.image and item.output else None
+                if unwritable is not None and item.output is not None:
+                    error = f"{display(item.output)}: {unwritable}"
         exists = error is None and item.output is not None and os.path.lexists(item.output)
         if exists and not overwrite and item.output is not None and existing_record(item.output) is None:
             error = (f"{item.label}: {display(item.output)} exists and was not made by icd edit; pass --overwrite "
