@@ -23,6 +23,8 @@ def test_o_is_a_file_for_one_input_and_a_folder_otherwise(tmp_path):
         output_target(str(photo), [photo], single=True)
     with pytest.raises(ICDError, match="neither does its parent"):
         output_target(str(tmp_path / "no" / "where") + "/", [photo], single=True)
+    with pytest.raises(ICDError, match=r"output folder .*cat.png/sub cannot be made: .*cat.png is a file"):
+        output_target(str(photo / "sub") + "/", [photo], single=False)
 
 
 @pytest.mark.parametrize("name", ["edited.png", "edited.JPG", "latents.safetensors"])

@@ -69,6 +69,8 @@ def output_target(
             f"give a folder ({flag} {target.with_suffix('')}/; a trailing / makes any name a folder)"
         )
     if not target.exists():
+        if target.parent.exists() and not target.parent.is_dir():
+            raise ICDError(f"output folder {display(target)} cannot be made: {display(target.parent)} is a file")
         if not target.parent.is_dir():
             raise ICDError(f"output folder {display(target)} does not exist and neither does its parent")
         if not create:
