@@ -132,6 +132,22 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         return None
 
 
+def foreign_export_files(folder: Path) -> str | None:
+    """Why the existing `folder` is not an ONNX export icd may replace (a `manifest.json` that is not icd's, files
+    its manifest does not name), or None."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return f"exists and is not an icd export (no icd {MANIFEST} in it); choose another path or empty it"
+    known = {MANIFEST, ENGINE_SIZES} | {path.name for spec in manifest.graphs.values() for path in spec.files(folder)}
+    others = sorted(entry.name for entry in folder.iterdir() if entry.name not in known and entry.name[0] != ".")
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        return (
+            f"is an icd export that also holds files icd did not write ({shown}); move them out or choose another path"
+        )
+    return None
+
+
 def write_engine_sizes(folder: str | Path, sizes: dict[str, int | None]) -> Path:
     """Record the sizes engines were built for, so later runs build (and find in the cache) the same engines."""
     from icdcli.io.atomic import atomic_path

@@ -47,6 +47,7 @@ from icdcli.export.manifest import (
     GraphSpec,
     Manifest,
     TensorSpec,
+    foreign_export_files,
     model_fingerprint,
     model_key,
     versions,
@@ -261,7 +262,7 @@ def export_model(
     factor = model.vae_scale_factor
     sizes = _example_sizes(factor)
     graphs: dict[str, GraphSpec] = {}
-    with atomic_folder(out_dir, markers=(MANIFEST,)) as staging:  # never over a model folder or the user's own
+    with atomic_folder(out_dir, owned=foreign_export_files) as staging:  # never over a model folder or the user's
         for spec, build in plan_graphs(model, precision, include_teacher=include_teacher, p2p=p2p):
             say(f"exporting {spec.name} ({precision}, opset {opset})")
             module = build().eval()

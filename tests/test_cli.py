@@ -444,12 +444,23 @@ def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
         (staging / "icd.json").write_text('{"second": 1}')
     assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
     exported = _run("export", "--model", merged_dir, "--out", mine)
-    assert exported.exit_code == 1 and "not made by icd" in exported.stderr and "Traceback" not in exported.output
+    assert exported.exit_code == 1 and "is not an icd export" in exported.stderr and "Traceback" not in exported.output
     over_model = _run("export", "--model", merged_dir, "--out", model_folder)  # an export never replaces a model
     assert over_model.exit_code == 1 and "manifest.json" in over_model.stderr
+    (mine / "manifest.json").write_text('{"name": "my web app"}')  # a manifest.json that is not icd's
+    web = _run("export", "--model", merged_dir, "--out", mine)
+    assert web.exit_code == 1 and "is not an icd export (no icd manifest.json in it)" in web.stderr, web.output
     assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable"
+    made = _run("export", "--model", merged_dir, "--out", tmp_path / "export")
+    assert made.exit_code == 0, made.output
+    (tmp_path / "export" / "notes.txt").write_text("mine")  # the user's file inside icd's export
+    again = _run("export", "--model", merged_dir, "--out", tmp_path / "export", "--force")
+    assert again.exit_code == 1 and "also holds files icd did not write (notes.txt)" in again.stderr, again.output
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
+    (tmp_path / "export" / "notes.txt").unlink()
+    assert _run("export", "--model", merged_dir, "--out", tmp_path / "export", "--force").exit_code == 0
     assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]  # no staging folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine", "model"]  # no staging folders left
 
 
 def test_every_edit_failure_prints_one_json_line_with_the_common_shape(merged_dir, tmp_path):

@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from icdcli.core.errors import no_space_error
@@ -46,14 +46,24 @@ def _space_named(target: Path) -> Iterator[None]:
 ICD_FOLDER_MARKERS = ("icd.json", "manifest.json")
 
 
-def _refuse_foreign_folder(target: Path, markers: tuple[str, ...] = ICD_FOLDER_MARKERS) -> None:
-    """An existing folder is replaced only when icd made it (one of `markers` is in it) or it is empty; a file is
-    never replaced by a folder."""
+def _refuse_foreign_folder(
+    target: Path, markers: tuple[str, ...] = ICD_FOLDER_MARKERS, owned: Callable[[Path], str | None] | None = None
+) -> None:
+    """An existing folder is replaced only when icd made it (one of `markers` is in it; with `owned`, what it says
+    of the folder: None when icd made it and it holds nothing else, else why not and what to do) or it is empty;
+    a file is never replaced by a folder."""
     if not os.path.lexists(target):
         return
     if not target.is_dir() or target.is_symlink():
         raise FileExistsError(errno.EEXIST, "exists and is not a folder icd made; choose another path", str(target))
-    if any(target.iterdir()) and not any((target / marker).is_file() for marker in markers):
+    if not any(target.iterdir()):
+        return
+    if owned is not None:
+        problem = owned(target)
+        if problem is not None:
+            raise FileExistsError(errno.EEXIST, problem, str(target))
+        return
+    if not any((target / marker).is_file() for marker in markers):
         raise FileExistsError(
             errno.EEXIST,
             f"exists and was not made by icd for this (no {' or '.join(markers)} in it); choose another path or "
@@ -63,15 +73,20 @@ def _refuse_foreign_folder(target: Path, markers: tuple[str, ...] = ICD_FOLDER_M
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | Path, markers: tuple[str, ...] = ICD_FOLDER_MARKERS) -> Iterator[Path]:
+def atomic_folder(
+    target: str | Path,
+    markers: tuple[str, ...] = ICD_FOLDER_MARKERS,
+    owned: Callable[[Path], str | None] | None = None,
+) -> Iterator[Path]:
     """Yield a staging folder beside `target`; on success it replaces `target` in one rename.
 
     A failed or interrupted write leaves the previous `target` (or nothing) in place, never half a folder. An
     existing `target` is replaced only when it is empty or holds one of `markers` (what icd writes into such a
-    folder); anything else raises FileExistsError.
+    folder), or, with `owned`, when that finds it icd's and holding nothing else; anything else raises
+    FileExistsError.
     """
     target = Path(target)
-    _refuse_foreign_folder(target, markers)
+    _refuse_foreign_folder(target, markers, owned)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target.parent)  # staging folders of writes that were killed
     with _space_named(target), folder_beside(target) as staging:
