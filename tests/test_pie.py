@@ -530,3 +530,13 @@ def test_ctrl_c_scores_what_is_finished_and_the_rerun_does_the_rest(tmp_path):
     edits = json.loads(rerun.stdout)["edits"]
     assert (edits["skipped"], edits["done"], edits["not_run"]) == (len(finished), 16 - len(finished), 0)
     assert len(made()) == 16
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/elsewhere", "..", "a/b"])
+def test_bench_pie_name_is_a_folder_in_out_never_a_path_out_of_it(tmp_path, name):
+    from icdcli.cli.main import main
+
+    result = CliRunner().invoke(main, ["bench", "pie", "--root", str(tmp_path), "--out", str(tmp_path / "out"),
+                                       "--name", name])  # fmt: skip
+    assert result.exit_code == 2 and "is not a folder name" in result.output, result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

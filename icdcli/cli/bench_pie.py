@@ -5,6 +5,7 @@ Registered on the `bench` group by `icdcli.cli.bench`. Heavy imports (torch, tra
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,15 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
     return [score_item(item, root, folder, scorers) for item in bar]
 
 
+def _subfolder_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--name: one folder's name inside --out, never a path that leaves it."""
+    value = text_callback("path")(ctx, param, value)
+    if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value or os.sep in value):
+        raise click.BadParameter(f"{value!r} is not a folder name: give a name for this run's folder in --out "
+                                 "(no / or ..)", ctx, param)  # fmt: skip
+    return value
+
+
 @click.command("pie")
 @click.option(
     "--root",
@@ -106,8 +116,8 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 @click.option(
     "--name",
     default=None,
-    callback=text_callback("path"),
-    help="This run's subfolder of --out. Default: <sampler><steps>-<method>.",
+    callback=_subfolder_name,
+    help="This run's subfolder of --out (a name, not a path). Default: <sampler><steps>-<method>.",
 )
 @click.option(
     "--types",
