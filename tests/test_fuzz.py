@@ -484,15 +484,19 @@ def test_every_text_flag_is_bounded_and_refuses_control_characters(merged_dir, t
     count = 0
     for command, flag, kind in _text_flag_cases(tmp_path):
         base = _command(command, tmp_path, merged_dir)
-        values = ["x" * LONG[kind], "y" * 5_000_000] + (CONTROLS if kind != "path" else ["a\x00b"])
+        undecoded = ["\udcff cat", "a \ud800"]  # bytes that were not UTF-8 on the command line, half a UTF-16 pair
+        values = ["x" * LONG[kind], "y" * 5_000_000] + (CONTROLS + undecoded if kind != "path" else ["a\x00b"])
         for value in values:
             result = runner.invoke(main, [*base, flag, value])
             count += 1
             _assert_clean(result, codes=(2,))
             error = [line for line in result.stderr.splitlines() if line.startswith("Error")][0]
             assert flag in error and len(error) < 400, error  # names the flag, never echoes the text
-            assert ("at most" in error) if len(value) > 100 else ("control character" in error or "NUL" in error)
-    for value in ("p" * LONG["prompt"], "a\x00cat", "a\ncat", "a\x1b[31mcat"):  # generate's PROMPT argument
+            if value in undecoded:
+                assert "not UTF-8 text" in error, error
+            else:
+                assert ("at most" in error) if len(value) > 100 else ("control character" in error or "NUL" in error)
+    for value in ("p" * LONG["prompt"], "a\x00cat", "a\ncat", "a\x1b[31mcat", "\udcff circle"):  # generate's PROMPT
         result = runner.invoke(main, ["generate", value, "-o", str(tmp_path / "g.png"), "--model", str(merged_dir)])
         count += 1
         _assert_clean(result, codes=(2,))

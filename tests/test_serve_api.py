@@ -231,6 +231,17 @@ def test_unknown_field_is_422_listing_the_fields(client, inverted):
     assert_error(post_photo(client, steps="4"), 422, "'steps'", "src, seed")
 
 
+def test_json_nested_too_deep_is_400_and_a_prompt_that_is_not_text_is_422(client, inverted):
+    nested = "[" * 100_000 + "]" * 100_000
+    deep = json.dumps({"inversion": inverted["inversion"], "tgt": "x", "blend": None}).replace("null", nested)
+    for path in ("/edit", "/invert"):
+        response = client.post(path, content=deep, headers={"Content-Type": "application/json"})
+        assert_error(response, 400, "nested too deep")
+    half_pair = json.dumps({"inversion": inverted["inversion"], "tgt": "\ud800 circle"})  # JSON escapes a lone half
+    response = client.post("/edit", content=half_pair, headers={"Content-Type": "application/json"})
+    assert_error(response, 422, "not UTF-8 text")
+
+
 @pytest.mark.parametrize("guidance", ["NaN", "Infinity", "-Infinity", '"nan"', "101", "-1", '"x"', "true", "[]"])
 def test_bad_guidance_is_422(client, inverted, guidance):
     body = f'{{"inversion": "{inverted["inversion"]}", "tgt": "{YELLOW}", "guidance": {guidance}}}'

@@ -56,6 +56,9 @@ def _control_name(character: str) -> str:
     return _NAMES.get(character, f"control character U+{ord(character):04X}")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_text(kind: str, value: Any, label: str) -> Any:
     """`value` when it keeps the rule of `kind` (None and non-text values pass: their own checks say what they
     are); TextError naming `label` (the flag or field) otherwise."""
@@ -76,6 +79,12 @@ def check_text(kind: str, value: Any, label: str) -> Any:
                 "(U+0000-U+001F, U+007F-U+009F), which PNG text chunks and image browsers cannot keep: remove it"
             )
         raise TextError(f"{label} holds a NUL character, which no path can: remove it")
+    surrogate = _SURROGATE.search(value) if rule.controls else None
+    if surrogate is not None:  # bytes that were not UTF-8 (a shell's other encoding), or half of a UTF-16 pair
+        raise TextError(
+            f"{label} holds U+{ord(surrogate.group()):04X}, which is not a character: bytes that are not UTF-8 text, "
+            "or half of a UTF-16 pair; give it as UTF-8 text"
+        )
     return value
 
 

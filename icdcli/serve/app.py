@@ -178,6 +178,8 @@ def json_object(body: bytes, where: str) -> dict[str, Any]:
         given = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"{where}: the body is not JSON ({error})") from None
+    except RecursionError:  # arrays or objects nested past Python's recursion limit
+        raise ApiError(400, f"{where}: the body is not JSON icd reads (nested too deep)") from None
     if not isinstance(given, dict):
         raise ApiError(422, f"{where}: send a JSON object of fields, not {type(given).__name__}")
     return given
