@@ -496,3 +496,16 @@ def test_staging_folders_of_a_killed_write_are_removed_by_the_next_one(tmp_path)
         assert staging.name.startswith(".model.icd-") and staging.name.endswith(".part")
         (staging / "icd.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "model"]
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf"])
+@pytest.mark.parametrize(
+    "args",
+    [["serve", "--max-upload-mb"], ["cache", "prune", "--older-than"], ["bench", "gpu", "--width-scale"],
+     ["bench", "scale", "--width-scale"]],
+)  # fmt: skip
+def test_float_options_refuse_nan_and_infinity(args, value, tmp_path, monkeypatch):
+    monkeypatch.setenv("ICD_CACHE_DIR", str(tmp_path))
+    result = _run(*args, value)
+    said = ("is not a finite number", "is not in the range")  # inf meets an upper bound first where there is one
+    assert result.exit_code == 2 and any(words in result.stderr for words in said), result.output

@@ -8,6 +8,7 @@ import click
 
 from icdcli.cli.common import reports_errors
 from icdcli.cli.console import console, console_options, say
+from icdcli.cli.options import FiniteFloatRange
 
 
 @click.command("gpu")
@@ -22,7 +23,7 @@ from icdcli.cli.console import console, console_options, say
 @click.option(
     "--width-scale",
     "width",
-    type=click.FloatRange(min=0.01, max=1.0),
+    type=FiniteFloatRange(min=0.01, max=1.0),
     default=1.0,
     show_default=True,
     help="Shrink every channel count of the models (same blocks): below 1 for CPU checks and tests.",
@@ -46,7 +47,7 @@ from icdcli.cli.console import console, console_options, say
 )
 @click.option(
     "--time-limit",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=420.0,
     show_default=True,
     help="Seconds for the whole run: steps that would not fit are skipped (with the reason), one that runs past "

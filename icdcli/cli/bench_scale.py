@@ -6,11 +6,12 @@ import click
 
 from icdcli.cli.common import reports_errors
 from icdcli.cli.console import console, console_options, say
+from icdcli.cli.options import FiniteFloatRange
 
 width_scale_option = click.option(
     "--width-scale",
     "width",
-    type=click.FloatRange(min=0.01, max=1.0),
+    type=FiniteFloatRange(min=0.01, max=1.0),
     default=1.0,
     hidden=True,
     help="Shrink every channel count of the real-scale models (same blocks and key names): for tests.",

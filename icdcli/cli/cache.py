@@ -14,6 +14,7 @@ import click
 
 from icdcli.cli.common import given_flags
 from icdcli.cli.console import console, console_options
+from icdcli.cli.options import FiniteFloatRange
 from icdcli.core.paths import cache_root, human_size, parse_size
 from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, in_use, over_size
 
@@ -79,7 +80,7 @@ class ByteSize(click.ParamType):
 @click.option(
     "--older-than",
     "days",
-    type=click.FloatRange(min=0.0),
+    type=FiniteFloatRange(min=0.0),
     default=30.0,
     show_default=True,
     help="Remove entries not used for this many days (with --max-size: only when given).",

@@ -6,6 +6,7 @@ a bad value is a usage error (exit 2) that names the flag. Nothing heavy is impo
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +62,16 @@ def text_callback(kind: str) -> Callable[[click.Context, click.Parameter, Any], 
         return value
 
     return callback
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that refuses NaN and infinities (NaN compares false with both bounds, so passes them)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class TextPath(click.Path):

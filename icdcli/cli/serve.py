@@ -13,7 +13,14 @@ import click
 
 from icdcli.cli.common import load_model, reports_errors
 from icdcli.cli.console import console_options, say
-from icdcli.cli.options import BACKEND_CHOICES, BACKEND_SECTION, MODEL_SECTION, SectionedCommand, model_options
+from icdcli.cli.options import (
+    BACKEND_CHOICES,
+    BACKEND_SECTION,
+    MODEL_SECTION,
+    FiniteFloatRange,
+    SectionedCommand,
+    model_options,
+)
 
 SERVE_MODULES = {"starlette": "starlette", "uvicorn": "uvicorn", "python-multipart": "python_multipart"}
 
@@ -55,7 +62,7 @@ def missing_serve_modules() -> list[str]:
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True, help="Port (0: a free one).")
 @click.option(
     "--max-upload-mb",
-    type=click.FloatRange(0.01, 1024),
+    type=FiniteFloatRange(0.01, 1024),
     default=20.0,
     show_default=True,
     help="Largest photo an upload may be, in MiB (larger: 413).",
