@@ -221,3 +221,32 @@ def test_graphs_prepared_from_an_export_in_use_are_in_use_too(monkeypatch):
     assert (cache_root() / "onnxruntime" / "optimized").is_dir() and not (cache_root() / "merged" / "other").exists()
     pruned = CliRunner().invoke(main, ["cache", "prune", "--all", "--kind", "onnxruntime"])
     assert pruned.exit_code == 0 and (cache_root() / "onnxruntime" / "optimized").is_dir(), pruned.output
+
+
+def test_prune_counts_what_it_removed_exits_1_when_a_removal_fails_and_never_follows_a_link(tmp_path, monkeypatch):
+    import shutil
+
+    _entry("merged", "old", "old-model", 40)
+    _entry("onnx", "stuck", "stuck-export", 40)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mine.txt").write_text("keep")
+    link = cache_root() / "merged" / "link"
+    link.symlink_to(outside)
+    stamp = time.time() - 40 * 86400
+    for path in (outside / "mine.txt", outside):
+        os.utime(path, (stamp, stamp))
+    os.utime(link, (stamp, stamp), follow_symlinks=False)
+    real_rmtree = shutil.rmtree
+
+    def stuck(path, *args, **kwargs):
+        if Path(path).name == "stuck":
+            raise PermissionError(13, "Permission denied")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    pruned = CliRunner().invoke(main, ["cache", "prune", "--all"])
+    assert pruned.exit_code == 1 and "1 of 3 entries could not be removed" in pruned.stderr, pruned.output
+    assert "freed" in pruned.stdout and "(2 entries)" in pruned.stdout
+    assert not os.path.lexists(link) and (outside / "mine.txt").read_text() == "keep"
+    assert (cache_root() / "onnx" / "stuck").is_dir() and not (cache_root() / "merged" / "old").exists()

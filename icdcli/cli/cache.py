@@ -112,20 +112,26 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
         taken = {entry.path for entry in chosen}
         left = [entry for entry in entries if entry.path not in taken]
         chosen += over_size(left, max_size, {entry.path for entry in idle} - taken)
-    freed = 0
+    freed, removed, failed = 0, 0, 0
     for entry in chosen:
         if not dry_run:
             try:
-                shutil.rmtree(entry.path)
+                if entry.path.is_symlink():  # a link put in the cache: it goes, what it points to stays
+                    entry.path.unlink()
+                else:
+                    shutil.rmtree(entry.path)
             except OSError as error:
                 console().error(f"could not remove {entry.path}: {error.strerror or error}")
+                failed += 1
                 continue
-        freed += entry.bytes
+        freed, removed = freed + entry.bytes, removed + 1
         verb = "would remove" if dry_run else "removed"
         gone = ", its export is gone" if entry.orphaned else ""
         console().report(f"{verb} {KINDS[entry.kind]} {entry.name} ({human_size(entry.bytes)}{gone})")
-    console().report(f"{'would free' if dry_run else 'freed'} {human_size(freed)} ({len(chosen)} entries)")
+    console().report(f"{'would free' if dry_run else 'freed'} {human_size(freed)} ({removed} entries)")
     left_bytes = sum(entry.bytes for entry in entries) - freed
     if max_size is not None and left_bytes > max_size:
         console().report(f"{human_size(left_bytes)} left, over --max-size {human_size(max_size)}: entries in use "
                          f"in the last {BUSY_SECONDS // 60} minutes are kept")  # fmt: skip
+    if failed:
+        raise click.ClickException(f"{failed} of {len(chosen)} entries could not be removed (see above)")
