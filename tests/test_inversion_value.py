@@ -205,6 +205,28 @@ def test_icd_edit_latents_refuses_what_it_cannot_use(tmp_path, merged_dir):
     for path, expected in ((foreign, "not a latent file"), (old, "older icd invert"), (missing, "no such file")):
         result = _run("edit", "--latents", path, "--tgt", TARGET, "--device", "cpu")
         assert result.exit_code == 1 and expected in result.output, result.output
+    from safetensors import safe_open
+
+    with safe_open(str(latents), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    damaged = {  # a hand-edited file: one line saying so, never a traceback or a 10-gigapixel image
+        "width -5": ({"original_width": "-5"}, {}, "image size -5x"),
+        "10 gigapixels": ({"original_width": "100000", "original_height": "100000"}, {}, "image size 100000x100000"),
+        "two latents": ({}, {"latents": tensors["latents"].repeat(2, 1, 1, 1)}, "not one image's"),
+        "trajectory": (
+            {},
+            {name: x[..., :2, :2].contiguous() for name, x in tensors.items() if name != "latents"},
+            "trajectory",
+        ),
+        "bell": ({"prompt": "a \x07 circle"}, {}, "control character"),
+    }
+    for name, (meta, swapped, expected) in damaged.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({**tensors, **swapped}, str(path), {**metadata, **meta})
+        result = _run("edit", "--latents", path, "--tgt", TARGET, "--device", "cpu", "-o", tmp_path / "o.png")
+        assert result.exit_code == 1 and "Traceback" not in result.output, (name, result.output)
+        assert expected in result.output and "invert the image again" in result.output, (name, result.output)
+    assert not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.slow

@@ -277,6 +277,35 @@ def save_inversion(inversion: Inversion, path: str | Path, record: dict[str, Any
     save_file(tensors, str(path), metadata)
 
 
+def _inversion_problem(
+    latents: torch.Tensor,
+    trajectory: dict[int, torch.Tensor] | None,
+    size: tuple[int, int],
+    original: tuple[int, int],
+    prompt: str,
+) -> str | None:
+    """What is wrong with a latent file's contents (what icd invert never writes), or None."""
+    from icdcli.core.texts import TextError, check_text
+    from icdcli.io.images import MAX_IMAGE_PIXELS, MIN_SIDE
+
+    if latents.ndim != 4 or latents.shape[0] != 1:
+        return f"its latents have the shape {tuple(latents.shape)}, not one image's (1, C, H, W)"
+    if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+        return "its latents are not finite floating-point numbers"
+    if any(x.shape != latents.shape for x in (trajectory or {}).values()):
+        return "its trajectory's latents do not have the shape of its latents"
+    if min(size) < 1 or size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return f"its working size {size[0]}x{size[1]} is damaged"
+    if min(original) < MIN_SIDE or original[0] * original[1] > MAX_IMAGE_PIXELS:
+        return (f"its image size {original[0]}x{original[1]} is damaged (icd reads {MIN_SIDE} px sides to "
+                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels)")  # fmt: skip
+    try:
+        check_text("prompt", prompt, "its prompt")
+    except TextError as error:
+        return str(error)
+    return None
+
+
 def load_inversion(path: str | Path) -> Inversion:
     """The inversion `save_inversion` wrote (on the CPU; `edit_inversion` moves it); InversionError when `path` is
     not such a file."""
@@ -317,6 +346,9 @@ def load_inversion(path: str | Path) -> Inversion:
             trajectory[int(metadata["trajectory_final"])] = latents
     except (KeyError, ValueError, TypeError) as error:
         raise InversionError(f"{shown}: its metadata is damaged ({error}); invert the image again") from None
+    problem = _inversion_problem(latents, trajectory, size, original, metadata["prompt"])
+    if problem is not None:
+        raise InversionError(f"{shown}: {problem}; invert the image again")
     return Inversion(latents, metadata["prompt"], size, original, settings, metadata.get("model_hash", ""), forward,
                      reverse, metadata.get("model", ""), record if isinstance(record, dict) else {},
                      trajectory=trajectory)  # fmt: skip
