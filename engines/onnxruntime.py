@@ -172,7 +172,8 @@ class OrtGraph:
         options = ort.SessionOptions()
         level = ort.GraphOptimizationLevel
         options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        # errors reach icd as exceptions, said in one line; ONNX Runtime's own copy of them only with -v
+        options.log_severity_level = 3 if logger.isEnabledFor(logging.DEBUG) else 4
         if providers == [CPU_EP]:
             # Each session has its own pool of CPU threads, which by default spin after a run. With one session
             # per graph, torch between the runs and the reader and writer threads, spinning pools take the

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -509,3 +510,30 @@ def test_float_options_refuse_nan_and_infinity(args, value, tmp_path, monkeypatc
     result = _run(*args, value)
     said = ("is not a finite number", "is not in the range")  # inf meets an upper bound first where there is one
     assert result.exit_code == 2 and any(words in result.stderr for words in said), result.output
+
+
+def test_running_out_of_memory_is_one_line_whatever_library_says_it():
+    from icdcli.cli.common import reports_errors
+    from icdcli.core.errors import memory_failure
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda's, by name
+        pass
+
+    onnxruntime = RuntimeError(
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+        "running MatMul node. Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+        "AllocateRawInternal Failed to allocate memory for requested buffer of size 137438953472"
+    )
+    for error in (MemoryError(), OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), onnxruntime):
+        message = memory_failure(error)
+        assert message is not None and message.startswith("out of memory") and "--width/--height" in message
+
+        @click.command()
+        @reports_errors
+        def command(error=error):
+            raise error
+
+        result = CliRunner().invoke(command, [])
+        assert result.exit_code == 1 and "Traceback" not in result.output and "Error: out of memory" in result.output
+    assert "of size 137438953472)" in memory_failure(onnxruntime)
+    assert memory_failure(RuntimeError("shapes do not match")) is None

@@ -42,7 +42,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from icdcli.core.errors import ICDError, ICDUsageError, space_errno
+        from icdcli.core.errors import ICDError, ICDUsageError, memory_failure, space_errno
 
         try:
             return command(*args, **kwargs)
@@ -54,11 +54,14 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(_os_error_line(error)) from None
         except click.ClickException:
             raise
-        except Exception as error:  # a library's own words for a full disk (safetensors, torch.save): one line too
+        except Exception as error:  # a library's own words for a full disk or for no memory left: one line too
             code = space_errno(error)
-            if code is None:
+            if code is not None:
+                raise click.ClickException(_os_error_line(OSError(code, os.strerror(code)))) from None
+            memory = memory_failure(error)
+            if memory is None:
                 raise
-            raise click.ClickException(_os_error_line(OSError(code, os.strerror(code)))) from None
+            raise click.ClickException(memory) from None
 
     return wrapper
 

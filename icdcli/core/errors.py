@@ -94,3 +94,19 @@ def space_reason(error: OSError) -> str:
     if isinstance(error, NotEnoughSpace) and error.strerror:
         return error.strerror
     return "the disk quota is used up" if error.errno == errno.EDQUOT else "no space left on the device"
+
+
+_MEMORY_WORDS = ("failed to allocate memory", "out of memory", "cannot allocate memory", "bad_alloc")
+
+
+def memory_failure(error: BaseException) -> str | None:
+    """A one-line message when `error` says memory ran out (MemoryError, torch's OutOfMemoryError, ONNX Runtime's
+    or OpenVINO's failed allocation, whose words may come deep in a long message), else None."""
+    text = " ".join(str(error).split())
+    found = next((text.lower().find(words) for words in _MEMORY_WORDS if words in text.lower()), -1)
+    named = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+    if found < 0 and not named:
+        return None
+    said = f" ({text[max(found, 0) :][:120]})" if text else ""
+    return (f"out of memory{said}: give a smaller image (--width/--height, or a smaller photo), --low-memory, or "
+            "another --backend")  # fmt: skip
