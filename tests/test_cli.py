@@ -146,6 +146,8 @@ def test_invert_and_reconstruct(merged_dir, tmp_path):
     # 40x24 fits the tiny model's 16x16 area as 20x12 pixels -> 10x6 latents (VAE factor 2)
     assert tuple(latents.shape) == (1, 4, 6, 10)
     assert Image.open(tmp_path / "back.png").size == (40, 24)
+    said = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "--reconstruct", tmp_path / "again.png")
+    assert said.exit_code == 0 and "wrote" in said.stderr and "again.png" in said.stderr, said.output
     bad = _run("invert", photo, "--prompt", "a cat", "--model", merged_dir, "-o", tmp_path / "latent.bin")
     assert bad.exit_code != 0 and ".safetensors" in bad.output
 

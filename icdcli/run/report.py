@@ -41,6 +41,8 @@ class Reporter:
             self.say(f"skipped {display(record['output'])}: {record['reason']} (--overwrite makes it again)")
         else:
             self.say(f"wrote {display(record['output'])}")
+            if record.get("reconstruction"):  # icd invert --reconstruct
+                self.say(f"wrote {display(record['reconstruction'])}")
             log_stage_times(record)
 
 
