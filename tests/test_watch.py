@@ -98,13 +98,15 @@ def test_a_file_arriving_later_whose_default_output_clashes_is_named_as_a_rerun_
     watch = FolderWatch([tmp_path], recursive=False, settle=1.0, clock=clock)
     flags = EditFlags(PROMPTS[1], PROMPTS[3])
     _touch(tmp_path / "x.jpg", clock.now - 60)
-    first = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    first = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False)
     assert [(item.image.name, item.output.name) for item in first] == [("x.jpg", "x-edit.png")]
+    known = [(tmp_path, tmp_path / "x.jpg")]
     _touch(tmp_path / "x.png", clock.now - 60)
-    later = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    later = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=known)
     assert [(item.image.name, item.output.name, item.error) for item in later] == [("x.png", "x-png-edit.png", None)]
+    known.append((tmp_path, tmp_path / "x.png"))
     _touch(tmp_path / "y.png", clock.now - 60)
-    alone = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=watch.known())
+    alone = watched_items(watch.ready(), flags, targets=(), output=None, any_output=False, known=known)
     assert [(item.image.name, item.output.name) for item in alone] == [("y.png", "y-edit.png")]
 
 

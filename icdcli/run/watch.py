@@ -48,7 +48,6 @@ class FolderWatch:
         self.handled: dict[Path, tuple[int, int]] = {}  # each file handed out (by real path): (size, modification time)
         self.looked: dict[Path, tuple[int, int]] = {}  # each file as the last look saw it
         self.looked_at = -math.inf  # when (by `clock`)
-        self.found_in: dict[Path, Path] = {}  # each file handed out: the watched folder it was found in
 
     def ready(self) -> list[Found]:
         """The files to edit now: each handed out once per (size, modification time) it has had, once it has not
@@ -73,21 +72,14 @@ class FolderWatch:
                 if self.handled.get(real) == stamp or not settled:
                     continue
                 self.handled[real] = stamp
-                self.found_in[path] = folder
                 found.append((folder, path))
         self.looked, self.looked_at = looked, now
         return found
 
-    def known(self) -> list[Found]:
-        """Every file handed out so far that is still there."""
-        return [(folder, path) for path, folder in self.found_in.items() if os.path.lexists(path)]
 
-
-def run_watch(
-    run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found], list[Found]], list], *, interval: float
-) -> None:
-    """Edit what `watch` finds (its items made by `make_items` from the files found now and all those found so
-    far) until Ctrl-C or SIGTERM; then the summary, and the exit code of a stopped run."""
+def run_watch(run: EditRun, watch: FolderWatch, make_items: Callable[[list[Found]], list], *, interval: float) -> None:
+    """Edit what `watch` finds (its items made by `make_items`) until Ctrl-C or SIGTERM; then the summary, and
+    the exit code of a stopped run."""
     from icdcli.core.stopping import exit_code
 
     run.report.stream = True
@@ -104,7 +96,7 @@ def run_watch(
             say(f"watching {folders} for new images every {interval:g} s (Ctrl-C stops)")
             while not interrupts.requested and not stopped:
                 ready = watch.ready()
-                items = make_items(ready, watch.known()) if ready else []
+                items = make_items(ready) if ready else []
                 if items:
                     total += len(items)
                     run.steps.mark = time.perf_counter()  # an item's `total` seconds leave out the wait before it
@@ -140,19 +132,19 @@ def watched_items(
     any_output: bool,
     known: list[Found] | None = None,
 ) -> list:
-    """The planned items of the files `FolderWatch` found, as a folder run holding every file `known` so far would
-    plan them (so `x.png` arriving after `x.jpg` was edited goes to `x-png-edit.png`, as a rerun would name it;
-    icd's own outputs left out)."""
+    """The planned items of the files `FolderWatch` found (icd's own outputs left out), as a folder run that also
+    holds the input files `known` from earlier looks would plan them: so `x.png` arriving after `x.jpg` was edited
+    goes to `x-png-edit.png`, as a rerun would name it."""
     from icdcli.run.batch import path_item
     from icdcli.run.inputs import edits_of, is_icd_output
     from icdcli.run.planning import plan_edit_outputs
 
-    new = {path for _, path in found}
-    earlier = [(folder, path) for folder, path in known or () if path not in new]
-    items = [path_item(path, path.relative_to(folder)) for folder, path in earlier + found if not is_icd_output(path)]
-    if not any(item.image in new for item in items):
+    new = {path for _, path in found if not is_icd_output(path)}
+    if not new:
         return []
-    items = edits_of(items, flags, targets)
+    found = [(folder, path) for folder, path in found if path in new]
+    earlier = [(folder, path) for folder, path in known or () if path not in new]
+    items = edits_of([path_item(path, path.relative_to(folder)) for folder, path in earlier + found], flags, targets)
     planned = plan_edit_outputs(items, output, spec=None, batch=True, anywhere=any_output, suffix=flags.suffix)
     return [item for item in planned if item.image in new]
 
@@ -172,7 +164,13 @@ def watch_folders(
     watch = FolderWatch(folders, recursive=recursive)
     interval = WATCH_INTERVAL if interval is None else interval
 
-    def make_items(found: list[Found], known: list[Found]) -> list:
-        return watched_items(found, run.flags, targets=targets, output=output, any_output=any_output, known=known)
+    inputs: dict[Path, Path] = {}  # the input files of earlier looks (never icd's outputs), by their watched folder
+
+    def make_items(found: list[Found]) -> list:
+        known = [(folder, path) for path, folder in inputs.items() if os.path.lexists(path)]
+        items = watched_items(found, run.flags, targets=targets, output=output, any_output=any_output, known=known)
+        edited = {item.image for item in items}
+        inputs.update((path, folder) for folder, path in found if path in edited)
+        return items
 
     run_watch(run, watch, make_items, interval=interval)
