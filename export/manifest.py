@@ -7,6 +7,7 @@ source model (fingerprint), precision, opset and export format; anything else me
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,7 +135,12 @@ def read_manifest(folder: str | Path) -> Manifest | None:
 
 def foreign_export_files(folder: Path) -> str | None:
     """Why the existing `folder` is not an ONNX export icd may replace (a `manifest.json` that is not icd's, files
-    its manifest does not name), or None."""
+    its manifest does not name), or None. Folders in icd's cache are icd's whatever they hold (an export an older
+    icd wrote is replaced when it is stale)."""
+    from icdcli.core.paths import cache_root
+
+    if Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(cache_root())):
+        return None
     manifest = read_manifest(folder)
     if manifest is None:
         return f"exists and is not an icd export (no icd {MANIFEST} in it); choose another path or empty it"

@@ -462,6 +462,13 @@ def test_a_folder_icd_did_not_make_is_never_replaced(merged_dir, tmp_path):
     assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
     (tmp_path / "export" / "notes.txt").unlink()
     assert _run("export", "--model", merged_dir, "--out", tmp_path / "export", "--force").exit_code == 0
+    from icdcli.core.paths import cache_root
+
+    assert _run("export", "--model", merged_dir).exit_code == 0  # into icd's cache: icd's folder, whatever it holds
+    (cached,) = (cache_root() / "onnx").iterdir()
+    (cached / "left-by-an-older-icd.json").write_text("{}")
+    assert _run("export", "--model", merged_dir, "--force").exit_code == 0
+    assert not (cached / "left-by-an-older-icd.json").exists()
     assert json.loads((model_folder / "icd.json").read_text()) == {"second": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine", "model"]  # no staging folders left
 
