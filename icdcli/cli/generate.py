@@ -178,7 +178,7 @@ def _slug(text: str) -> str:
     "--width",
     type=NumberType("width"),
     default=None,
-    help="Width in pixels, a multiple of the model's size step (64 for SD1.5/SDXL, 16 for the embedded model). "
+    help="Width in pixels, a multiple of the model's size step (64 for SD1.5/SDXL, 8 for the embedded model). "
     "Default: the model's native size.",
 )
 @click.option(
