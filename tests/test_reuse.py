@@ -215,7 +215,6 @@ def test_several_targets_of_several_photos_go_to_a_folder(tmp_path):
         (["--spec", "rows.jsonl"], "not with --spec"),
         (["-o", "-"], "not with -o -"),
         (["--from", "photo-edit.png"], "not with --from"),
-        (["--tgt", TARGETS[0]], f"--tgt {TARGETS[0]!r} is given twice: each target is edited once"),
     ],
 )
 def test_several_targets_refuse_what_makes_one_edit(tmp_path, extra, says):

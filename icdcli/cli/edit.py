@@ -528,10 +528,8 @@ def _check_several_targets(
 ) -> None:  # fmt: skip
     """Several --tgt edit each IMAGE (or the --latents) once per target into files of their own: not with what
     gives one edit."""
-    for number, target in enumerate(targets):
+    for target in targets:
         check_prompt(target, "--tgt")
-        if target in targets[:number]:
-            raise click.UsageError(f"--tgt {target!r} is given twice: each target is edited once")
     given = _given(("--spec", spec is not None), ("--from", from_record is not None), ("--jobs", jobs is not None),
                    ("IMAGE -", PIPE in piped), ("-o -", output == PIPE))  # fmt: skip
     if given:
