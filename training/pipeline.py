@@ -194,12 +194,9 @@ def run_pipeline(
         distill_guidance(resuming(config.guidance, force), paths.teacher, paths.guidance)
         keep_finished(paths.guidance)
     consistency = config.consistency
+    say_consistency = announcer(consistency is not None and consistency.show_progress, "consistency")
     if consistency is not None and (  # None: stop after guidance
-        force
-        or not (paths.consistency / DONE).exists()
-        or consistency_continues(
-            paths.consistency, consistency, announcer(consistency.show_progress, "consistency"), target=step_target
-        )
+        (not force and consistency_continues(paths.consistency, consistency, say_consistency, target=step_target))
         or pending(paths.consistency, consistency.show_progress)
     ):
         distill_consistency(resuming(consistency, force), paths.guidance, paths.consistency)

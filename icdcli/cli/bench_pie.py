@@ -5,7 +5,6 @@ Registered on the `bench` group by `icdcli.cli.bench`. Heavy imports (torch, tra
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -93,7 +92,7 @@ def _score_all(items: list, root: Path, folder: Path, scorers: Any) -> list[dict
 def _subfolder_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--name: one folder's name inside --out, never a path that leaves it."""
     value = text_callback("path")(ctx, param, value)
-    if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value or os.sep in value):
+    if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value):
         raise click.BadParameter(f"{value!r} is not a folder name: give a name for this run's folder in --out "
                                  "(no / or ..)", ctx, param)  # fmt: skip
     return value

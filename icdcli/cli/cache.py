@@ -5,7 +5,6 @@ for a while. Heavy libraries are not imported here.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,15 @@ from icdcli.cli.common import given_flags
 from icdcli.cli.console import console, console_options
 from icdcli.cli.options import FiniteFloatRange
 from icdcli.core.paths import cache_root, human_size, parse_size
-from icdcli.io.cache_entries import BUSY_SECONDS, KINDS, MAX_SIZE_SETTING, cache_entries, in_use, over_size
+from icdcli.io.cache_entries import (
+    BUSY_SECONDS,
+    KINDS,
+    MAX_SIZE_SETTING,
+    cache_entries,
+    in_use,
+    over_size,
+    remove_entry,
+)
 
 
 def _age(seconds: float) -> str:
@@ -116,10 +123,7 @@ def cache_prune(days: float, max_size: int | None, everything: bool, kind: str |
     for entry in chosen:
         if not dry_run:
             try:
-                if entry.path.is_symlink():  # a link put in the cache: it goes, what it points to stays
-                    entry.path.unlink()
-                else:
-                    shutil.rmtree(entry.path)
+                remove_entry(entry.path)
             except OSError as error:
                 console().error(f"could not remove {entry.path}: {error.strerror or error}")
                 failed += 1

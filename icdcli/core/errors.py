@@ -103,7 +103,8 @@ def memory_failure(error: BaseException) -> str | None:
     """A one-line message when `error` says memory ran out (MemoryError, torch's OutOfMemoryError, ONNX Runtime's
     or OpenVINO's failed allocation, whose words may come deep in a long message), else None."""
     text = " ".join(str(error).split())
-    found = next((text.lower().find(words) for words in _MEMORY_WORDS if words in text.lower()), -1)
+    lowered = text.lower()
+    found = max((lowered.find(words) for words in _MEMORY_WORDS), default=-1)
     named = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
     if found < 0 and not named:
         return None

@@ -145,6 +145,15 @@ def max_size() -> int | None:
         raise ICDError(f"{MAX_SIZE_SETTING}={value!r}: {error}") from None
 
 
+def remove_entry(path: Path) -> None:
+    """Remove a cache entry's folder; a link someone put in the cache goes without what it points to. OSError when
+    it cannot be removed."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 def keep_within_max_size(say: Callable[[str], None]) -> None:
     """Remove the least recently used idle entries past `ICD_CACHE_MAX_SIZE`, if it is set, with one note."""
     limit = max_size()
@@ -155,9 +164,11 @@ def keep_within_max_size(say: Callable[[str], None]) -> None:
     idle = {entry.path for entry in entries} - in_use(entries, time.time())
     freed, removed = 0, 0
     for entry in over_size(entries, limit, idle):
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if not entry.path.exists():
-            freed, removed = freed + entry.bytes, removed + 1
+        try:
+            remove_entry(entry.path)
+        except OSError:  # left for `icd cache prune`, which says why
+            continue
+        freed, removed = freed + entry.bytes, removed + 1
     if removed:
         say(f"note: removed {removed} least recently used cache entries ({human_size(freed)}) to keep {root} within "
             f"{MAX_SIZE_SETTING}={human_size(limit)}")  # fmt: skip
